@@ -1,0 +1,94 @@
+package bpf
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"unsafe"
+
+	"github.com/procgate/procgate/ruleset"
+)
+
+// Hook names a kernel attach point (enum hook in procgate.c).
+type Hook uint8
+
+const (
+	HookConnect4 Hook = 1
+	HookConnect6 Hook = 2
+	HookSendmsg4 Hook = 3
+	HookSendmsg6 Hook = 4
+)
+
+func (h Hook) String() string {
+	switch h {
+	case HookConnect4:
+		return "connect4"
+	case HookConnect6:
+		return "connect6"
+	case HookSendmsg4:
+		return "sendmsg4"
+	case HookSendmsg6:
+		return "sendmsg6"
+	}
+	return fmt.Sprintf("hook(%d)", uint8(h))
+}
+
+// Event is one audit record from the kernel.
+type Event struct {
+	MonotonicNS uint64 // bpf_ktime_get_ns: CLOCK_MONOTONIC
+	CgroupID    uint64
+	PID, TID    uint32
+	UID, GID    uint32
+	AppID       uint32 // 0: unbound
+	Generation  uint32
+	Allowed     bool
+	Reason      ruleset.Reason
+	Hook        Hook
+	Dest        ruleset.Dest
+	Comm        string
+}
+
+// EventSize is the size of struct audit_event.
+const EventSize = int(unsafe.Sizeof(procgateAuditEvent{}))
+
+// DecodeEvent parses one ring buffer record. It checks sizes and fields, as
+// the bytes come from a map any root process may write to.
+func DecodeEvent(raw []byte) (Event, error) {
+	if len(raw) < EventSize {
+		return Event{}, fmt.Errorf("audit event is %d bytes, want %d", len(raw), EventSize)
+	}
+	var e procgateAuditEvent
+	if err := binary.Read(bytes.NewReader(raw[:EventSize]), binary.NativeEndian, &e); err != nil {
+		return Event{}, fmt.Errorf("decode audit event: %w", err)
+	}
+	out := Event{
+		MonotonicNS: e.TsNs, CgroupID: e.CgroupId, PID: e.Pid, TID: e.Tid, UID: e.Uid, GID: e.Gid,
+		AppID: e.AppId, Generation: e.Generation, Allowed: e.Allowed != 0,
+		Reason: ruleset.Reason(e.Reason), Hook: Hook(e.Hook),
+	}
+	switch e.Proto {
+	case 1:
+		out.Dest.Proto = ruleset.TCP
+	case 2:
+		out.Dest.Proto = ruleset.UDP
+	}
+	out.Dest.Port = e.Port
+	switch e.Family {
+	case 4:
+		out.Dest.Addr = netip.AddrFrom4([4]byte(e.Addr[:4]))
+	case 6:
+		out.Dest.Addr = netip.AddrFrom16(e.Addr)
+	default:
+		return Event{}, fmt.Errorf("audit event: address family %d", e.Family)
+	}
+	comm := make([]byte, 0, len(e.Comm))
+	for _, c := range e.Comm {
+		if c == 0 {
+			break
+		}
+		comm = append(comm, byte(c))
+	}
+	out.Comm = string(comm)
+	return out, nil
+}

@@ -1,0 +1,132 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"math/rand/v2"
+	"net/netip"
+	"testing"
+
+	"github.com/procgate/procgate/ruleset"
+)
+
+// kernelModel evaluates encoded tables the way procgate.c does: longest
+// prefix match in the internal and grant tries, binary search of port ranges.
+type kernelModel struct {
+	t   *tables
+	ids map[string]uint32
+}
+
+func (m kernelModel) decide(app string, d ruleset.Dest) (bool, ruleset.Reason) {
+	a := d.Addr.Unmap()
+	internal := false
+	if a.Is4() {
+		for _, k := range m.t.internalV4 {
+			internal = internal || netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.Prefixlen)).Contains(a)
+		}
+	} else {
+		for _, k := range m.t.internalV6 {
+			internal = internal || netip.PrefixFrom(netip.AddrFrom16(k.Addr), int(k.Prefixlen)).Contains(a)
+		}
+	}
+	if !internal {
+		return true, ruleset.ReasonNotInternal
+	}
+	id, ok := m.ids[app]
+	if !ok {
+		return false, ruleset.ReasonUnbound
+	}
+	var be [4]byte
+	binary.BigEndian.PutUint32(be[:], id)
+	nid := binary.NativeEndian.Uint32(be[:])
+	var best *procgateGrantValue
+	bestLen := -1
+	if a.Is4() {
+		for k, v := range m.t.grantV4 {
+			if k.AppId == nid && netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.Prefixlen)-32).Contains(a) && int(k.Prefixlen) > bestLen {
+				best, bestLen = &v, int(k.Prefixlen)
+			}
+		}
+	} else {
+		for k, v := range m.t.grantV6 {
+			if k.AppId == nid && netip.PrefixFrom(netip.AddrFrom16(k.Addr), int(k.Prefixlen)-32).Contains(a) && int(k.Prefixlen) > bestLen {
+				best, bestLen = &v, int(k.Prefixlen)
+			}
+		}
+	}
+	if best == nil {
+		return false, ruleset.ReasonNoGrant
+	}
+	first, count := best.TcpFirst, best.TcpCount
+	if d.Proto == ruleset.UDP {
+		first, count = best.UdpFirst, best.UdpCount
+	}
+	lo, hi := first, first+count
+	for lo < hi {
+		mid := lo + (hi-lo)/2
+		r := m.t.ports[mid]
+		switch {
+		case d.Port < r.Lo:
+			hi = mid
+		case d.Port > r.Hi:
+			lo = mid + 1
+		default:
+			return true, ruleset.ReasonGranted
+		}
+	}
+	return false, ruleset.ReasonPort
+}
+
+// TestEncodingMatchesDecide checks the encoding (prefix push-down, port
+// merging, app keys) against the reference decision without a kernel.
+func TestEncodingMatchesDecide(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for p := range 200 {
+		rs := randomRuleset(rng, 1+rng.IntN(4))
+		ids := appIDs(rs)
+		tb, err := encode(Generation{Rules: rs, AppIDs: ids})
+		if err != nil {
+			t.Fatalf("policy %d: encode: %v", p, err)
+		}
+		m := kernelModel{tb, ids}
+		for range 500 {
+			d := randomDest(rng)
+			app := ""
+			if i := rng.IntN(len(rs.Apps) + 1); i < len(rs.Apps) {
+				app = rs.Apps[i].Name
+			}
+			want := rs.Decide(app, d)
+			allow, reason := m.decide(app, d)
+			if allow != want.Allow || reason != want.Reason {
+				t.Fatalf("policy %d app %q dest %s: model %v/%s, Decide %v/%s\nruleset: %+v", p, app, d, allow, reason, want.Allow, want.Reason, rs)
+			}
+		}
+	}
+}
+
+func TestMergeRanges(t *testing.T) {
+	r := func(lo, hi uint16) ruleset.PortRange { return ruleset.PortRange{Lo: lo, Hi: hi} }
+	for _, tc := range []struct {
+		name string
+		in   []ruleset.PortRange
+		want []ruleset.PortRange
+	}{
+		{"empty", nil, nil},
+		{"exact ports stay exact", []ruleset.PortRange{r(443, 443), r(80, 80)}, []ruleset.PortRange{r(80, 80), r(443, 443)}},
+		{"adjacent join", []ruleset.PortRange{r(1, 2), r(3, 4)}, []ruleset.PortRange{r(1, 4)}},
+		{"overlap join", []ruleset.PortRange{r(10, 20), r(15, 30), r(40, 40)}, []ruleset.PortRange{r(10, 30), r(40, 40)}},
+		{"contained", []ruleset.PortRange{r(0, 65535), r(22, 22)}, []ruleset.PortRange{r(0, 65535)}},
+		{"gap of one stays", []ruleset.PortRange{r(1, 2), r(4, 5)}, []ruleset.PortRange{r(1, 2), r(4, 5)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := mergeRanges(tc.in)
+			if len(got) != len(tc.want) {
+				t.Fatalf("got %v, want %v", got, tc.want)
+			}
+			for i := range got {
+				if got[i] != tc.want[i] {
+					t.Fatalf("got %v, want %v", got, tc.want)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,85 @@
+package bpf
+
+import (
+	"math/rand/v2"
+	"net/netip"
+
+	"github.com/procgate/procgate/ruleset"
+)
+
+// randomRuleset makes a policy whose prefixes crowd a few small address
+// spaces, so that random destinations often fall inside internal prefixes,
+// inside grants, on their edges, and in overlaps of several grants.
+func randomRuleset(rng *rand.Rand, apps int) *ruleset.Ruleset {
+	rs := &ruleset.Ruleset{}
+	for range 1 + rng.IntN(6) {
+		rs.Internal = append(rs.Internal, ruleset.InternalPrefix{Prefix: randomPrefix(rng)})
+	}
+	for a := range apps {
+		app := ruleset.App{Name: "app" + string(rune('a'+a)), AuditAllow: rng.IntN(2) == 0}
+		for i := range rng.IntN(8) {
+			g := ruleset.Grant{Index: i, Prefix: randomPrefix(rng), Proto: ruleset.Proto(1 + rng.IntN(3))}
+			for range 1 + rng.IntN(4) {
+				lo := uint16(rng.IntN(40))
+				hi := lo
+				if rng.IntN(3) == 0 {
+					hi = lo + uint16(rng.IntN(10))
+				}
+				if rng.IntN(20) == 0 {
+					lo, hi = 0, 65535
+				}
+				g.Ports = append(g.Ports, ruleset.PortRange{Lo: lo, Hi: hi})
+			}
+			app.Grants = append(app.Grants, g)
+		}
+		rs.Apps = append(rs.Apps, app)
+	}
+	return rs
+}
+
+// randomPrefix draws from 10.0.0.0/16 or fd00::/112 so that prefixes overlap.
+func randomPrefix(rng *rand.Rand) netip.Prefix {
+	if rng.IntN(2) == 0 {
+		a := [4]byte{10, 0, byte(rng.IntN(4)), byte(rng.IntN(256))}
+		return netip.PrefixFrom(netip.AddrFrom4(a), 16+rng.IntN(17)).Masked()
+	}
+	var a [16]byte
+	a[0] = 0xfd
+	a[14], a[15] = byte(rng.IntN(4)), byte(rng.IntN(256))
+	return netip.PrefixFrom(netip.AddrFrom16(a), 112+rng.IntN(17)).Masked()
+}
+
+// randomDest is near the prefixes above most of the time, elsewhere sometimes,
+// and now and then an IPv4-mapped IPv6 address.
+func randomDest(rng *rand.Rand) ruleset.Dest {
+	d := ruleset.Dest{Proto: ruleset.Proto(1 + rng.IntN(2)), Port: uint16(1 + rng.IntN(45))}
+	switch rng.IntN(10) {
+	case 0:
+		d.Addr = netip.AddrFrom4([4]byte{byte(11 + rng.IntN(200)), byte(rng.IntN(256)), byte(rng.IntN(256)), byte(1 + rng.IntN(250))})
+	case 1:
+		var a [16]byte
+		a[0], a[1], a[15] = 0x20, 0x01, byte(1+rng.IntN(250))
+		d.Addr = netip.AddrFrom16(a)
+	case 2, 3, 4:
+		var a [16]byte
+		a[0] = 0xfd
+		a[14], a[15] = byte(rng.IntN(4)), byte(rng.IntN(256))
+		d.Addr = netip.AddrFrom16(a)
+	default:
+		a := netip.AddrFrom4([4]byte{10, 0, byte(rng.IntN(4)), byte(rng.IntN(256))})
+		if rng.IntN(8) == 0 {
+			a = netip.AddrFrom16(a.As16()) // ::ffff:10.0.x.y
+		}
+		d.Addr = a
+	}
+	return d
+}
+
+// appIDs numbers apps from 1 in policy order.
+func appIDs(rs *ruleset.Ruleset) map[string]uint32 {
+	ids := map[string]uint32{}
+	for i, a := range rs.Apps {
+		ids[a.Name] = uint32(i + 1)
+	}
+	return ids
+}

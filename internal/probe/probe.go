@@ -1,0 +1,224 @@
+// Package probe makes real connection attempts and reports whether the kernel
+// let them through, for tests and benchmarks that check verdicts from a
+// process placed in a cgroup and a network namespace of their own.
+//
+// A prober is a child process (usually the test binary re-executed) that
+// reads one attempt per line on stdin and answers one line on stdout, so that
+// a test can drive thousands of attempts through one process in the app's
+// cgroup.
+package probe
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/ruleset"
+)
+
+// Method is the syscall path an attempt takes.
+type Method string
+
+const (
+	Connect    Method = "connect"     // TCP: non-blocking connect(); UDP: connect()
+	SendTo     Method = "sendto"      // UDP: sendto() on an unconnected socket
+	Mapped     Method = "mapped"      // like Connect, from an AF_INET6 socket to ::ffff:a.b.c.d
+	MappedSend Method = "mapped-send" // like SendTo, from an AF_INET6 socket to ::ffff:a.b.c.d
+)
+
+// Verdict is what the kernel said.
+type Verdict string
+
+const (
+	Allowed Verdict = "allowed" // the attempt got past the hooks (any result but EPERM)
+	Denied  Verdict = "denied"  // EPERM
+)
+
+// Try makes one attempt and reports the verdict. Errors other than EPERM
+// (refused, unreachable) mean the hooks let it through.
+func Try(d ruleset.Dest, m Method) (Verdict, error) {
+	err := attempt(d, m)
+	switch {
+	case err == nil:
+		return Allowed, nil
+	case errors.Is(err, unix.EPERM):
+		return Denied, nil
+	case errors.Is(err, unix.EINPROGRESS), errors.Is(err, unix.ECONNREFUSED),
+		errors.Is(err, unix.ENETUNREACH), errors.Is(err, unix.EHOSTUNREACH):
+		return Allowed, nil
+	}
+	return "", fmt.Errorf("%s %s: %w", m, d, err)
+}
+
+func attempt(d ruleset.Dest, m Method) error {
+	addr := d.Addr
+	family := unix.AF_INET
+	if m == Mapped || m == MappedSend {
+		addr = netip.AddrFrom16(addr.Unmap().As16())
+		family = unix.AF_INET6
+	} else if addr.Is6() && !addr.Is4In6() {
+		family = unix.AF_INET6
+	} else {
+		addr = addr.Unmap()
+	}
+	typ := unix.SOCK_STREAM
+	if d.Proto == ruleset.UDP {
+		typ = unix.SOCK_DGRAM
+	}
+	fd, err := unix.Socket(family, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket: %w", err)
+	}
+	defer unix.Close(fd)
+	if typ == unix.SOCK_STREAM {
+		// RST on close: thousands of attempts must not pile up in TIME_WAIT.
+		_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	}
+	if family == unix.AF_INET6 {
+		_ = unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0)
+	}
+	var sa unix.Sockaddr
+	if family == unix.AF_INET {
+		sa = &unix.SockaddrInet4{Port: int(d.Port), Addr: addr.As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Port: int(d.Port), Addr: addr.As16()}
+	}
+	if typ == unix.SOCK_DGRAM && (m == SendTo || m == MappedSend) {
+		return unix.Sendto(fd, []byte("probe"), 0, sa)
+	}
+	return unix.Connect(fd, sa)
+}
+
+// Serve answers attempts: each input line is "METHOD DEST" (DEST as
+// ruleset.ParseDest reads it), each output line the verdict or "error: ...".
+func Serve(in io.Reader, out io.Writer) error {
+	sc := bufio.NewScanner(in)
+	w := bufio.NewWriter(out)
+	for sc.Scan() {
+		method, dest, ok := strings.Cut(sc.Text(), " ")
+		if !ok {
+			fmt.Fprintf(w, "error: want METHOD DEST, got %q\n", sc.Text())
+		} else if d, err := ruleset.ParseDest(dest); err != nil {
+			fmt.Fprintf(w, "error: %v\n", err)
+		} else if v, err := Try(d, Method(method)); err != nil {
+			fmt.Fprintf(w, "error: %v\n", err)
+		} else {
+			fmt.Fprintln(w, v)
+		}
+		if err := w.Flush(); err != nil {
+			return err
+		}
+	}
+	return sc.Err()
+}
+
+// EnvNetNS names the network namespace a prober child enters before serving.
+const EnvNetNS = "PROCGATE_PROBE_NETNS"
+
+// EnvServe makes a binary that calls MaybeServe act as a prober.
+const EnvServe = "PROCGATE_PROBE_SERVE"
+
+// MaybeServe turns the current process into a prober when EnvServe is set:
+// call it first in TestMain (or main). It enters EnvNetNS on a locked thread,
+// serves stdin, and exits.
+func MaybeServe() {
+	if os.Getenv(EnvServe) == "" {
+		return
+	}
+	runtime.LockOSThread() // the namespace is per thread; never leave this one
+	if ns := os.Getenv(EnvNetNS); ns != "" {
+		f, err := os.Open(ns)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "prober:", err)
+			os.Exit(2)
+		}
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			fmt.Fprintf(os.Stderr, "prober: setns %s: %v\n", ns, err)
+			os.Exit(2)
+		}
+		f.Close()
+	}
+	if err := Serve(os.Stdin, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "prober:", err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+// Prober is a running prober child.
+type Prober struct {
+	cmd *exec.Cmd
+	in  io.WriteCloser
+	out *bufio.Reader
+}
+
+// Start runs the current executable as a prober in cgroupDir (created into
+// it with clone3(CLONE_INTO_CGROUP), so it never runs elsewhere) and netns.
+// Extra SysProcAttr settings (credentials) may be given.
+func Start(cgroupDir, netns string, attr *syscall.SysProcAttr) (*Prober, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find own executable: %w", err)
+	}
+	cg, err := os.Open(cgroupDir)
+	if err != nil {
+		return nil, fmt.Errorf("open cgroup %s: %w", cgroupDir, err)
+	}
+	defer cg.Close()
+	if attr == nil {
+		attr = &syscall.SysProcAttr{}
+	}
+	attr.UseCgroupFD, attr.CgroupFD = true, int(cg.Fd())
+	attr.Pdeathsig = syscall.SIGKILL
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), EnvServe+"=1", EnvNetNS+"="+netns)
+	cmd.SysProcAttr = attr
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start prober in %s: %w", cgroupDir, err)
+	}
+	return &Prober{cmd: cmd, in: in, out: bufio.NewReader(out)}, nil
+}
+
+// Pid is the prober's process id.
+func (p *Prober) Pid() int { return p.cmd.Process.Pid }
+
+// Try asks the prober for one attempt.
+func (p *Prober) Try(d ruleset.Dest, m Method) (Verdict, error) {
+	if _, err := fmt.Fprintf(p.in, "%s %s\n", m, d); err != nil {
+		return "", fmt.Errorf("prober %d: %w", p.Pid(), err)
+	}
+	line, err := p.out.ReadString('\n')
+	if err != nil {
+		return "", fmt.Errorf("prober %d: read answer: %w", p.Pid(), err)
+	}
+	line = strings.TrimSpace(line)
+	switch Verdict(line) {
+	case Allowed, Denied:
+		return Verdict(line), nil
+	}
+	return "", fmt.Errorf("prober %d: %s", p.Pid(), line)
+}
+
+// Close ends the prober and waits for it.
+func (p *Prober) Close() error {
+	p.in.Close()
+	return p.cmd.Wait()
+}

@@ -1,0 +1,300 @@
+// Package ruleset is the kernel-neutral form of a procgate policy: the single
+// source of truth that the eBPF backend encodes, that `explain` evaluates, and
+// that tests compare both against.
+//
+// A Ruleset is plain data. policy.Compile produces one from a YAML file; the
+// daemon may derive another from it (revocations) before a backend applies it.
+package ruleset
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// Proto is a set of transport protocols.
+type Proto uint8
+
+const (
+	TCP  Proto = 1 << 0
+	UDP  Proto = 1 << 1
+	Both       = TCP | UDP
+)
+
+func (p Proto) String() string {
+	switch p {
+	case TCP:
+		return "tcp"
+	case UDP:
+		return "udp"
+	case Both:
+		return "tcp+udp"
+	case 0:
+		return "none"
+	}
+	return "proto(" + strconv.Itoa(int(p)) + ")"
+}
+
+// PortRange is an inclusive range of ports; an exact port is Lo == Hi.
+type PortRange struct {
+	Lo, Hi uint16
+}
+
+// AllPorts is the range a grant without a port list covers.
+var AllPorts = PortRange{0, 65535}
+
+func (r PortRange) String() string {
+	if r.Lo == r.Hi {
+		return strconv.Itoa(int(r.Lo))
+	}
+	return strconv.Itoa(int(r.Lo)) + "-" + strconv.Itoa(int(r.Hi))
+}
+
+// Contains reports whether port lies in r.
+func (r PortRange) Contains(port uint16) bool { return r.Lo <= port && port <= r.Hi }
+
+// Source is where a rule was written, so that decisions can name it.
+type Source struct {
+	File string
+	Line int
+}
+
+func (s Source) String() string {
+	if s.File == "" {
+		return ""
+	}
+	return s.File + ":" + strconv.Itoa(s.Line)
+}
+
+// Grant lets an app reach a prefix with some protocols and ports.
+type Grant struct {
+	// Index is the grant's position in the app's allow list, from 0; it is
+	// what `revoke --grant N` names.
+	Index  int
+	Prefix netip.Prefix // masked; IPv4 prefixes are 4-byte (never 4in6)
+	Proto  Proto
+	Ports  []PortRange // sorted by Lo, each as written (never widened); never empty
+	Source Source
+}
+
+// Covers reports whether g allows d.
+func (g Grant) Covers(d Dest) bool {
+	if g.Proto&d.Proto == 0 || !g.Prefix.Contains(d.Addr) {
+		return false
+	}
+	for _, r := range g.Ports {
+		if r.Contains(d.Port) {
+			return true
+		}
+	}
+	return false
+}
+
+func (g Grant) String() string {
+	ports := make([]string, len(g.Ports))
+	for i, r := range g.Ports {
+		ports[i] = r.String()
+	}
+	return fmt.Sprintf("#%d %s %s ports %s", g.Index, g.Prefix, g.Proto, strings.Join(ports, ","))
+}
+
+// Exe is a binary that holds an app's grants.
+type Exe struct {
+	Path   string // absolute, as written
+	SHA256 string // lowercase hex, optional
+}
+
+// App is a principal: processes in its cgroup (or a descendant) hold its grants.
+type App struct {
+	Name  string
+	Exe   []Exe    // empty: any binary
+	Users []string // user names, or "@group"
+	// AuditAllow asks for an audit event on every allowed internal attempt,
+	// not only on denials.
+	AuditAllow bool
+	Grants     []Grant
+	Source     Source
+}
+
+// InternalPrefix is a protected destination range.
+type InternalPrefix struct {
+	Prefix netip.Prefix // masked; IPv4 prefixes are 4-byte
+	Source Source
+}
+
+// Ruleset is a whole compiled policy.
+type Ruleset struct {
+	Internal []InternalPrefix
+	Apps     []App
+	// Interfaces whose routes are internal; followed live by the daemon, which
+	// adds their routes to Internal before applying.
+	Interfaces []string
+}
+
+// App returns the app called name, or nil.
+func (rs *Ruleset) App(name string) *App {
+	for i := range rs.Apps {
+		if rs.Apps[i].Name == name {
+			return &rs.Apps[i]
+		}
+	}
+	return nil
+}
+
+// Dest is one connection attempt's destination.
+type Dest struct {
+	Addr  netip.Addr
+	Proto Proto // exactly one of TCP, UDP; 0 for other transports
+	Port  uint16
+}
+
+// Normalize decides IPv4-mapped IPv6 addresses as IPv4, as the kernel hooks do.
+func (d Dest) Normalize() Dest {
+	d.Addr = d.Addr.Unmap()
+	return d
+}
+
+func (d Dest) String() string {
+	return netip.AddrPortFrom(d.Addr, d.Port).String() + "/" + d.Proto.String()
+}
+
+// ParseDest parses ADDR:PORT[/tcp|udp]; without a protocol it is tcp.
+func ParseDest(s string) (Dest, error) {
+	proto := TCP
+	if i := strings.LastIndexByte(s, '/'); i >= 0 {
+		switch strings.ToLower(s[i+1:]) {
+		case "tcp":
+			proto = TCP
+		case "udp":
+			proto = UDP
+		default:
+			return Dest{}, fmt.Errorf("destination %q: protocol must be tcp or udp", s)
+		}
+		s = s[:i]
+	}
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil {
+		return Dest{}, fmt.Errorf("destination %q: want ADDR:PORT or [V6ADDR]:PORT: %w", s, err)
+	}
+	return Dest{Addr: ap.Addr(), Proto: proto, Port: ap.Port()}, nil
+}
+
+// Reason says why a decision came out as it did.
+type Reason uint8
+
+// The values are shared with the eBPF programs (bpf/procgate.c, enum reason).
+const (
+	ReasonNotInternal Reason = 1 // destination outside every internal prefix
+	ReasonGranted     Reason = 2 // a grant of the app covers it
+	ReasonUnbound     Reason = 3 // internal, and no app claims the process
+	ReasonNoGrant     Reason = 4 // internal, app has no grant for this address
+	ReasonPort        Reason = 5 // internal, app has grants for the address but not this proto/port
+	ReasonNoPolicy    Reason = 6 // kernel state missing or inconsistent: fail closed
+)
+
+func (r Reason) String() string {
+	switch r {
+	case ReasonNotInternal:
+		return "not-internal"
+	case ReasonGranted:
+		return "granted"
+	case ReasonUnbound:
+		return "unbound"
+	case ReasonNoGrant:
+		return "no-grant"
+	case ReasonPort:
+		return "port-not-granted"
+	case ReasonNoPolicy:
+		return "no-policy"
+	}
+	return "reason(" + strconv.Itoa(int(r)) + ")"
+}
+
+// Decision is the verdict for one attempt and what it rests on.
+type Decision struct {
+	Allow    bool
+	Reason   Reason
+	App      string          // "" for the unbound principal
+	Internal *InternalPrefix // the internal prefix that matched, if any
+	Grants   []Grant         // every grant that covers the destination
+}
+
+func (d Decision) String() string {
+	verdict := "deny"
+	if d.Allow {
+		verdict = "allow"
+	}
+	var b strings.Builder
+	b.WriteString(verdict + " (" + d.Reason.String() + ")")
+	if d.Internal != nil {
+		fmt.Fprintf(&b, " internal %s", d.Internal.Prefix)
+		if s := d.Internal.Source.String(); s != "" {
+			b.WriteString(" [" + s + "]")
+		}
+	}
+	for _, g := range d.Grants {
+		fmt.Fprintf(&b, "; grant %s", g)
+		if s := g.Source.String(); s != "" {
+			b.WriteString(" [" + s + "]")
+		}
+	}
+	return b.String()
+}
+
+// Decide is the decision function of DESIGN.md:
+//
+//	allow(p, d) = d ∉ Internal ∨ (principal(p) ≠ ⊥ ∧ ∃ grant g of principal(p): g covers d)
+//
+// app is the principal's name, "" for unbound. An app name the ruleset does not
+// know is treated as unbound.
+func (rs *Ruleset) Decide(app string, d Dest) Decision {
+	d = d.Normalize()
+	var in *InternalPrefix
+	for i := range rs.Internal {
+		p := &rs.Internal[i]
+		if p.Prefix.Contains(d.Addr) && (in == nil || p.Prefix.Bits() > in.Prefix.Bits()) {
+			in = p
+		}
+	}
+	if in == nil {
+		return Decision{Allow: true, Reason: ReasonNotInternal, App: app}
+	}
+	a := rs.App(app)
+	if a == nil {
+		return Decision{Reason: ReasonUnbound, Internal: in}
+	}
+	dec := Decision{App: app, Internal: in, Reason: ReasonNoGrant}
+	for _, g := range a.Grants {
+		if g.Covers(d) {
+			dec.Grants = append(dec.Grants, g)
+		} else if g.Prefix.Contains(d.Addr) {
+			dec.Reason = ReasonPort
+		}
+	}
+	if len(dec.Grants) > 0 {
+		dec.Allow, dec.Reason = true, ReasonGranted
+	}
+	return dec
+}
+
+// Clone returns a deep copy, so that a derived ruleset (a revocation) never
+// aliases the policy it came from.
+func (rs *Ruleset) Clone() *Ruleset {
+	out := &Ruleset{
+		Internal:   slices.Clone(rs.Internal),
+		Interfaces: slices.Clone(rs.Interfaces),
+		Apps:       make([]App, len(rs.Apps)),
+	}
+	for i, a := range rs.Apps {
+		a.Exe = slices.Clone(a.Exe)
+		a.Users = slices.Clone(a.Users)
+		a.Grants = slices.Clone(a.Grants)
+		for j := range a.Grants {
+			a.Grants[j].Ports = slices.Clone(a.Grants[j].Ports)
+		}
+		out.Apps[i] = a
+	}
+	return out
+}
