@@ -46,42 +46,57 @@ type Generation struct {
 	AuditRate uint32
 }
 
-// tables are the contents of one generation's inner maps.
+// Layout constants shared with procgate.c.
+const (
+	tagSlot      = 1 << 31 // TAG_SLOT
+	tagV6        = 1 << 30 // TAG_V6
+	portsPerSlot = 1 << 18 // PORTS_PER_SLOT
+)
+
+// tables are one generation's entries, for one slot.
 type tables struct {
-	internalV4 []procgateLpmV4Key
-	internalV6 []procgateLpmV6Key
-	grantV4    map[procgateGrantV4Key]procgateGrantValue
-	grantV6    map[procgateGrantV6Key]procgateGrantValue
-	ports      []procgatePortRange
-	apps       map[uint64]procgateAppInfo
-	info       procgateGenerationInfo
+	rules map[procgateRuleKey]procgateRuleValue
+	ports []procgatePortRange // indexes from slot * portsPerSlot
+	apps  map[procgateAppKey]procgateAppInfo
+	info  procgateGenerationInfo
 }
 
-// encode turns a generation into map contents. It is pure, so the encoding
-// can be checked against ruleset.Decide without a kernel (see model_test.go).
-func encode(g Generation) (*tables, error) {
+// ruleKey builds a trie key. The tag is stored big-endian so the trie
+// compares it as the key's leading bits; the C side uses bpf_htonl.
+func ruleKey(slot uint32, appID uint32, p netip.Prefix) procgateRuleKey {
+	tag := appID
+	if slot == 1 {
+		tag |= tagSlot
+	}
+	k := procgateRuleKey{Prefixlen: 32 + uint32(p.Bits())}
+	if p.Addr().Is4() {
+		a := p.Addr().As4()
+		copy(k.Addr[:], a[:])
+	} else {
+		tag |= tagV6
+		k.Addr = p.Addr().As16()
+	}
+	var be [4]byte
+	binary.BigEndian.PutUint32(be[:], tag)
+	k.Tag = binary.NativeEndian.Uint32(be[:])
+	return k
+}
+
+// encode turns a generation into map entries for slot. It is pure, so the
+// encoding can be checked against ruleset.Decide without a kernel
+// (model_test.go).
+func encode(g Generation, slot uint32) (*tables, error) {
 	t := &tables{
-		grantV4: map[procgateGrantV4Key]procgateGrantValue{},
-		grantV6: map[procgateGrantV6Key]procgateGrantValue{},
-		apps:    map[uint64]procgateAppInfo{},
-		info:    procgateGenerationInfo{AuditRate: g.AuditRate},
+		rules: map[procgateRuleKey]procgateRuleValue{},
+		apps:  map[procgateAppKey]procgateAppInfo{},
+		info:  procgateGenerationInfo{AuditRate: g.AuditRate, Slot: slot},
 	}
 	if t.info.AuditRate == 0 {
 		t.info.AuditRate = 100
 	}
 	for _, p := range g.Rules.Internal {
-		pfx := p.Prefix.Masked()
-		if pfx.Addr().Is4() {
-			k := procgateLpmV4Key{Prefixlen: uint32(pfx.Bits())}
-			k.Addr = pfx.Addr().As4()
-			t.internalV4 = append(t.internalV4, k)
-		} else {
-			k := procgateLpmV6Key{Prefixlen: uint32(pfx.Bits())}
-			k.Addr = pfx.Addr().As16()
-			t.internalV6 = append(t.internalV6, k)
-		}
+		t.rules[ruleKey(slot, 0, p.Prefix.Masked())] = procgateRuleValue{}
 	}
-
 	ports := newPortTable()
 	for _, app := range g.Rules.Apps {
 		id, ok := g.AppIDs[app.Name]
@@ -89,20 +104,14 @@ func encode(g Generation) (*tables, error) {
 			return nil, fmt.Errorf("app %q: no valid app id (have %d)", app.Name, id)
 		}
 		for pfx, u := range unionByPrefix(app.Grants) {
-			v := procgateGrantValue{}
+			v := procgateRuleValue{}
 			v.TcpFirst, v.TcpCount = ports.add(u.tcp)
 			v.UdpFirst, v.UdpCount = ports.add(u.udp)
-			var be [4]byte
-			binary.BigEndian.PutUint32(be[:], id)
-			// The key's app_id is compared as bytes by the trie, so store it
-			// big-endian and read it back natively: the C side uses bpf_htonl.
-			nid := binary.NativeEndian.Uint32(be[:])
-			if pfx.Addr().Is4() {
-				t.grantV4[procgateGrantV4Key{Prefixlen: 32 + uint32(pfx.Bits()), AppId: nid, Addr: pfx.Addr().As4()}] = v
-			} else {
-				t.grantV6[procgateGrantV6Key{Prefixlen: 32 + uint32(pfx.Bits()), AppId: nid, Addr: pfx.Addr().As16()}] = v
-			}
+			t.rules[ruleKey(slot, id, pfx)] = v
 		}
+	}
+	if len(ports.ranges) > portsPerSlot {
+		return nil, fmt.Errorf("policy needs %d distinct port ranges, the kernel map holds %d", len(ports.ranges), portsPerSlot)
 	}
 	t.ports = ports.ranges
 
@@ -115,14 +124,15 @@ func encode(g Generation) (*tables, error) {
 		if b.Level < 0 || b.Level >= maxCgroupLevel {
 			return nil, fmt.Errorf("app %q: cgroup level %d outside 0..%d", b.App, b.Level, maxCgroupLevel-1)
 		}
-		if prev, dup := t.apps[b.CgroupID]; dup && prev.AppId != g.AppIDs[b.App] {
+		key := procgateAppKey{CgroupId: b.CgroupID, Slot: slot}
+		if prev, dup := t.apps[key]; dup && prev.AppId != g.AppIDs[b.App] {
 			return nil, fmt.Errorf("cgroup %d bound to two apps", b.CgroupID)
 		}
 		var flags uint32
 		if app.AuditAllow {
 			flags |= appFlagAuditAllow
 		}
-		t.apps[b.CgroupID] = procgateAppInfo{AppId: g.AppIDs[b.App], Flags: flags}
+		t.apps[key] = procgateAppInfo{AppId: g.AppIDs[b.App], Flags: flags}
 		minLevel, maxLevel = min(minLevel, b.Level), max(maxLevel, b.Level)
 	}
 	if len(g.Bindings) == 0 {

@@ -1,13 +1,13 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"runtime"
-	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -28,21 +28,18 @@ var hooks = []struct {
 }
 
 // objects is what the daemon loads: programs and the pinned maps. The
-// *_inner templates of procgate.c are left out, so they are never created.
+// generation_info_inner template of procgate.c is left out, so it is never
+// created.
 type objects struct {
 	AuthorizeConnect4 *ebpf.Program `ebpf:"authorize_connect4"`
 	AuthorizeConnect6 *ebpf.Program `ebpf:"authorize_connect6"`
 	AuthorizeSendmsg4 *ebpf.Program `ebpf:"authorize_sendmsg4"`
 	AuthorizeSendmsg6 *ebpf.Program `ebpf:"authorize_sendmsg6"`
 
-	InternalV4      *ebpf.Map `ebpf:"internal_v4"`
-	InternalV6      *ebpf.Map `ebpf:"internal_v6"`
-	GrantV4         *ebpf.Map `ebpf:"grant_v4"`
-	GrantV6         *ebpf.Map `ebpf:"grant_v6"`
+	PolicyCurrent   *ebpf.Map `ebpf:"policy_current"`
+	Rules           *ebpf.Map `ebpf:"rules"`
 	PortRanges      *ebpf.Map `ebpf:"port_ranges"`
 	AppByCgroup     *ebpf.Map `ebpf:"app_by_cgroup"`
-	PolicyInfo      *ebpf.Map `ebpf:"policy_info"`
-	PolicyActive    *ebpf.Map `ebpf:"policy_active"`
 	VerdictCounters *ebpf.Map `ebpf:"verdict_counters"`
 	AuditBudgets    *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents     *ebpf.Map `ebpf:"audit_events"`
@@ -51,8 +48,7 @@ type objects struct {
 func (o *objects) close() {
 	for _, c := range []interface{ Close() error }{
 		o.AuthorizeConnect4, o.AuthorizeConnect6, o.AuthorizeSendmsg4, o.AuthorizeSendmsg6,
-		o.InternalV4, o.InternalV6, o.GrantV4, o.GrantV6, o.PortRanges, o.AppByCgroup,
-		o.PolicyInfo, o.PolicyActive, o.VerdictCounters, o.AuditBudgets, o.AuditEvents,
+		o.PolicyCurrent, o.Rules, o.PortRanges, o.AppByCgroup, o.VerdictCounters, o.AuditBudgets, o.AuditEvents,
 	} {
 		if c != nil {
 			c.Close()
@@ -80,6 +76,15 @@ type Enforcer struct {
 	// Adopted is true when the enforcer took over pinned state left by an
 	// earlier daemon; the generation in force then was kept.
 	Adopted bool
+	// written holds the keys this process wrote to each slot, so that a slot
+	// can be cleared without walking the maps. nil: unknown (adopted state),
+	// and the slot is cleared by iteration.
+	written [2]*slotKeys
+}
+
+type slotKeys struct {
+	rules []procgateRuleKey
+	apps  []procgateAppKey
 }
 
 // Open loads the programs and pinned maps, and makes sure each hook's link is
@@ -101,7 +106,7 @@ func Open(opts Options) (*Enforcer, error) {
 		return nil, fmt.Errorf("load embedded BPF objects: %w", err)
 	}
 	e := &Enforcer{opts: opts, specs: specs}
-	_, statErr := os.Stat(filepath.Join(opts.BPFDir, "policy_active"))
+	_, statErr := os.Stat(filepath.Join(opts.BPFDir, "policy_current"))
 	e.Adopted = statErr == nil
 	err = specs.LoadAndAssign(&e.objs, &ebpf.CollectionOptions{
 		Maps: ebpf.MapOptions{PinPath: opts.BPFDir},
@@ -169,176 +174,144 @@ func (e *Enforcer) Close() error {
 	return nil
 }
 
+// current reads the generation in force; ok is false when there is none.
+func (e *Enforcer) current() (info procgateGenerationInfo, ok bool, err error) {
+	var inner *ebpf.Map
+	if err := e.objs.PolicyCurrent.Lookup(uint32(0), &inner); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return info, false, nil
+		}
+		return info, false, fmt.Errorf("read policy_current: %w", err)
+	}
+	defer inner.Close()
+	if err := inner.Lookup(uint32(0), &info); err != nil {
+		return info, false, fmt.Errorf("read generation info: %w", err)
+	}
+	return info, true, nil
+}
+
 // Generation returns the generation in force (0: none yet).
 func (e *Enforcer) Generation() (uint32, error) {
-	var gen uint32
-	if err := e.objs.PolicyActive.Lookup(uint32(0), &gen); err != nil {
-		return 0, fmt.Errorf("read policy_active: %w", err)
-	}
-	return gen, nil
+	info, _, err := e.current()
+	return info.Generation, err
 }
 
 // Apply installs g as the next generation and switches to it in one step.
-// When Apply returns, no decision uses the previous generation any more.
+// When Apply returns, no decision uses the previous generation any more. On
+// error the generation in force is unchanged.
 // Apply is not safe for concurrent use; the daemon serializes reloads.
 func (e *Enforcer) Apply(g Generation) (uint32, error) {
-	t, err := encode(g)
+	cur, ok, err := e.current()
+	if err != nil {
+		return 0, err
+	}
+	slot := uint32(0)
+	if ok {
+		slot = (cur.Slot + 1) & 1
+	}
+	next := cur.Generation + 1
+	t, err := encode(g, slot)
 	if err != nil {
 		return 0, fmt.Errorf("encode policy: %w", err)
 	}
-	cur, err := e.Generation()
-	if err != nil {
-		return 0, err
-	}
-	next := cur + 1
-	if next == 0 {
-		next = 2 // 0 means "no policy"; keep the slot parity alternating
-	}
-	slot := next & 1
 	t.info.Generation = next
 
-	inner, err := e.buildInner(t)
-	if err != nil {
+	// The idle slot is read by no decision: the previous Apply waited for
+	// its readers before returning. So it can be rewritten in any order.
+	if err := e.clearSlot(slot); err != nil {
 		return 0, err
 	}
-	defer func() {
-		for _, m := range inner {
-			m.Close() // the outer map holds its own reference
+	written := &slotKeys{}
+	e.written[slot] = written
+	for k, v := range t.rules {
+		if err := e.objs.Rules.Put(&k, &v); err != nil {
+			return 0, fmt.Errorf("write rule %d/%d of generation %d: %w", len(written.rules), len(t.rules), next, err)
 		}
-	}()
-	// The idle slot is not read by any decision (policy_active points at
-	// the other one and the last Apply waited for readers to finish), so
-	// filling it in any order is safe.
-	outers := e.outers()
-	for i, o := range outers {
-		if err := o.Put(slot, inner[i]); err != nil {
-			return 0, fmt.Errorf("install generation %d map %d into slot %d: %w", next, i, slot, err)
+		written.rules = append(written.rules, k)
+	}
+	if n := len(t.ports); n > 0 {
+		idx := make([]uint32, n)
+		for i := range idx {
+			idx[i] = slot*portsPerSlot + uint32(i)
+		}
+		if _, err := e.objs.PortRanges.BatchUpdate(idx, t.ports, nil); err != nil {
+			return 0, fmt.Errorf("write %d port ranges of generation %d: %w", n, next, err)
 		}
 	}
-	if err := e.objs.PolicyActive.Put(uint32(0), next); err != nil {
+	for k, v := range t.apps {
+		if err := e.objs.AppByCgroup.Put(&k, &v); err != nil {
+			return 0, fmt.Errorf("write app binding of cgroup %d: %w", k.CgroupId, err)
+		}
+		written.apps = append(written.apps, k)
+	}
+
+	info, err := ebpf.NewMap(e.specs.Maps["policy_current"].InnerMap)
+	if err != nil {
+		return 0, fmt.Errorf("create generation info map: %w", err)
+	}
+	defer info.Close() // policy_current holds its own reference
+	if err := info.Put(uint32(0), &t.info); err != nil {
+		return 0, fmt.Errorf("write generation info: %w", err)
+	}
+	// The switch. It returns after an RCU grace period, so from here on no
+	// decision reads the previous slot.
+	if err := e.objs.PolicyCurrent.Put(uint32(0), info); err != nil {
 		return 0, fmt.Errorf("switch to generation %d: %w", next, err)
-	}
-	// Any update of a map-of-maps makes the kernel wait for running
-	// programs (synchronize_rcu in maybe_wait_bpf_programs). Re-putting the
-	// same inner map is such an update: after it, no decision is still
-	// reading the old slot, so the next Apply may overwrite it.
-	if err := outers[len(outers)-1].Put(slot, inner[len(inner)-1]); err != nil {
-		return 0, fmt.Errorf("wait for readers of generation %d: %w", cur, err)
 	}
 	return next, nil
 }
 
-// outers lists the map-of-maps in the order buildInner returns inner maps.
-func (e *Enforcer) outers() []*ebpf.Map {
-	return []*ebpf.Map{e.objs.InternalV4, e.objs.InternalV6, e.objs.GrantV4, e.objs.GrantV6,
-		e.objs.PortRanges, e.objs.AppByCgroup, e.objs.PolicyInfo}
-}
-
-func (e *Enforcer) buildInner(t *tables) (maps []*ebpf.Map, err error) {
-	defer func() {
-		if err != nil {
-			for _, m := range maps {
-				m.Close()
-			}
-			maps = nil
-		}
-	}()
-	type fill struct {
-		name    string
-		n       int
-		keys    any
-		values  any
-		outName string
-	}
-	v4k, v4v := sortedKV(t.grantV4)
-	v6k, v6v := sortedKV(t.grantV6)
-	appK, appV := sortedKV(t.apps)
-	portIdx := make([]uint32, len(t.ports))
-	for i := range portIdx {
-		portIdx[i] = uint32(i)
-	}
-	ones := func(n int) []uint32 { return slices.Repeat([]uint32{1}, n) }
-	fills := []fill{
-		{"internal_v4", len(t.internalV4), t.internalV4, ones(len(t.internalV4)), "internal_v4"},
-		{"internal_v6", len(t.internalV6), t.internalV6, ones(len(t.internalV6)), "internal_v6"},
-		{"grant_v4", len(v4k), v4k, v4v, "grant_v4"},
-		{"grant_v6", len(v6k), v6k, v6v, "grant_v6"},
-		{"port_ranges", len(t.ports), portIdx, t.ports, "port_ranges"},
-		{"app_by_cgroup", len(appK), appK, appV, "app_by_cgroup"},
-		{"policy_info", 1, []uint32{0}, []procgateGenerationInfo{t.info}, "policy_info"},
-	}
-	for _, f := range fills {
-		spec := e.specs.Maps[f.outName].InnerMap.Copy()
-		spec.Name = f.name
-		if spec.Type != ebpf.Array || f.name == "port_ranges" {
-			spec.MaxEntries = uint32(max(f.n, 1))
-		}
-		m, err := ebpf.NewMap(spec)
-		if err != nil {
-			return maps, fmt.Errorf("create %s map for %d entries: %w", f.name, f.n, err)
-		}
-		maps = append(maps, m)
-		if f.n == 0 {
-			continue
-		}
-		if err := putAll(m, f.keys, f.values, f.n); err != nil {
-			return maps, fmt.Errorf("fill %s map (%d entries): %w", f.name, f.n, err)
+// clearSlot deletes a slot's entries, by the keys this process wrote or, for
+// adopted state, by walking the maps.
+func (e *Enforcer) clearSlot(slot uint32) error {
+	keys := e.written[slot]
+	if keys == nil {
+		var err error
+		if keys, err = e.scanSlot(slot); err != nil {
+			return err
 		}
 	}
-	return maps, nil
-}
-
-// putAll writes entries with BPF_MAP_UPDATE_BATCH where the map type has it
-// (one syscall per chunk), and one by one where it does not (LPM tries).
-func putAll(m *ebpf.Map, keys, values any, n int) error {
-	if _, err := m.BatchUpdate(keys, values, nil); err == nil {
-		return nil
-	} else if !errors.Is(err, ebpf.ErrNotSupported) {
-		return err
+	for _, k := range keys.rules {
+		if err := e.objs.Rules.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("clear rules of slot %d: %w", slot, err)
+		}
 	}
-	return putEach(m, keys, values, n)
-}
-
-func putEach(m *ebpf.Map, keys, values any, n int) error {
-	switch ks := keys.(type) {
-	case []procgateLpmV4Key:
-		for i := range n {
-			if err := m.Put(&ks[i], values.([]uint32)[i]); err != nil {
-				return err
-			}
+	for _, k := range keys.apps {
+		if err := e.objs.AppByCgroup.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("clear app bindings of slot %d: %w", slot, err)
 		}
-	case []procgateLpmV6Key:
-		for i := range n {
-			if err := m.Put(&ks[i], values.([]uint32)[i]); err != nil {
-				return err
-			}
-		}
-	case []procgateGrantV4Key:
-		for i := range n {
-			if err := m.Put(&ks[i], &values.([]procgateGrantValue)[i]); err != nil {
-				return err
-			}
-		}
-	case []procgateGrantV6Key:
-		for i := range n {
-			if err := m.Put(&ks[i], &values.([]procgateGrantValue)[i]); err != nil {
-				return err
-			}
-		}
-	default:
-		return fmt.Errorf("no element-wise writer for %T", keys)
 	}
+	e.written[slot] = nil
 	return nil
 }
 
-func sortedKV[K comparable, V any](m map[K]V) ([]K, []V) {
-	ks := make([]K, 0, len(m))
-	vs := make([]V, 0, len(m))
-	for k, v := range m {
-		ks = append(ks, k)
-		vs = append(vs, v)
+func (e *Enforcer) scanSlot(slot uint32) (*slotKeys, error) {
+	keys := &slotKeys{}
+	var rk procgateRuleKey
+	var rv procgateRuleValue
+	it := e.objs.Rules.Iterate()
+	for it.Next(&rk, &rv) {
+		var be [4]byte
+		binary.NativeEndian.PutUint32(be[:], rk.Tag)
+		if binary.BigEndian.Uint32(be[:])>>31 == slot {
+			keys.rules = append(keys.rules, rk)
+		}
 	}
-	return ks, vs
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("walk rules: %w", err)
+	}
+	var ak procgateAppKey
+	var av procgateAppInfo
+	it = e.objs.AppByCgroup.Iterate()
+	for it.Next(&ak, &av) {
+		if ak.Slot == slot {
+			keys.apps = append(keys.apps, ak)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("walk app bindings: %w", err)
+	}
+	return keys, nil
 }
 
 // Counters returns the kernel's per-app counters, summed over CPUs: for each

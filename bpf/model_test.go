@@ -1,8 +1,7 @@
 package bpf
 
 import (
-	"encoding/binary"
-	"math/rand/v2"
+		"math/rand/v2"
 	"net/netip"
 	"testing"
 
@@ -16,44 +15,31 @@ type kernelModel struct {
 	ids map[string]uint32
 }
 
-func (m kernelModel) decide(app string, d ruleset.Dest) (bool, ruleset.Reason) {
-	a := d.Addr.Unmap()
-	internal := false
-	if a.Is4() {
-		for _, k := range m.t.internalV4 {
-			internal = internal || netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.Prefixlen)).Contains(a)
-		}
-	} else {
-		for _, k := range m.t.internalV6 {
-			internal = internal || netip.PrefixFrom(netip.AddrFrom16(k.Addr), int(k.Prefixlen)).Contains(a)
+func (m kernelModel) lookup(appID uint32, a netip.Addr) (procgateRuleValue, bool) {
+	bits := 32
+	if a.Is6() {
+		bits = 128
+	}
+	for l := bits; l >= 0; l-- {
+		p, _ := a.Prefix(l)
+		if v, ok := m.t.rules[ruleKey(m.t.info.Slot, appID, p)]; ok {
+			return v, true
 		}
 	}
-	if !internal {
+	return procgateRuleValue{}, false
+}
+
+func (m kernelModel) decide(app string, d ruleset.Dest) (bool, ruleset.Reason) {
+	a := d.Addr.Unmap()
+	if _, internal := m.lookup(0, a); !internal {
 		return true, ruleset.ReasonNotInternal
 	}
 	id, ok := m.ids[app]
 	if !ok {
 		return false, ruleset.ReasonUnbound
 	}
-	var be [4]byte
-	binary.BigEndian.PutUint32(be[:], id)
-	nid := binary.NativeEndian.Uint32(be[:])
-	var best *procgateGrantValue
-	bestLen := -1
-	if a.Is4() {
-		for k, v := range m.t.grantV4 {
-			if k.AppId == nid && netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.Prefixlen)-32).Contains(a) && int(k.Prefixlen) > bestLen {
-				best, bestLen = &v, int(k.Prefixlen)
-			}
-		}
-	} else {
-		for k, v := range m.t.grantV6 {
-			if k.AppId == nid && netip.PrefixFrom(netip.AddrFrom16(k.Addr), int(k.Prefixlen)-32).Contains(a) && int(k.Prefixlen) > bestLen {
-				best, bestLen = &v, int(k.Prefixlen)
-			}
-		}
-	}
-	if best == nil {
+	best, ok := m.lookup(id, a)
+	if !ok {
 		return false, ruleset.ReasonNoGrant
 	}
 	first, count := best.TcpFirst, best.TcpCount
@@ -83,7 +69,7 @@ func TestEncodingMatchesDecide(t *testing.T) {
 	for p := range 200 {
 		rs := randomRuleset(rng, 1+rng.IntN(4))
 		ids := appIDs(rs)
-		tb, err := encode(Generation{Rules: rs, AppIDs: ids})
+		tb, err := encode(Generation{Rules: rs, AppIDs: ids}, uint32(p%2))
 		if err != nil {
 			t.Fatalf("policy %d: encode: %v", p, err)
 		}

@@ -7,14 +7,14 @@
 //
 //   allow(p, d) = d not internal || (principal(p) && some grant of p covers d)
 //
-// Policy generations. Everything a decision reads lives in per-generation
-// inner maps, reached through ARRAY_OF_MAPS outers with two slots. A decision
-// reads policy_active once and uses slot (generation & 1) for every lookup,
-// so it sees one generation whole. The loader fills the idle slot, flips
-// policy_active, then updates an outer map: the kernel runs synchronize_rcu()
-// after any update of a map-of-maps (maybe_wait_bpf_programs, since 5.x), so
-// when that returns no decision still uses the old slot and the next reload
-// may overwrite it.
+// Policy generations. Every entry a decision reads carries a slot (0 or 1):
+// rules and app_by_cgroup in their keys, port_ranges by index. A decision
+// reads the generation in force once (policy_current) and uses its slot for
+// every lookup, so it sees one generation whole. The loader clears and fills
+// the idle slot, then replaces policy_current's inner map: the kernel runs
+// synchronize_rcu() after an update of a map-of-maps (maybe_wait_bpf_programs),
+// so when that update returns no decision still reads the old slot, and the
+// next reload may reuse it. One RCU grace period per reload.
 //
 // Kernel assumptions: cgroup sock_addr hooks may call
 // bpf_get_current_{cgroup_id,ancestor_cgroup_id,pid_tgid,uid_gid,comm}
@@ -65,43 +65,42 @@ enum hook {
 
 #define APP_AUDIT_ALLOW 1
 
-struct lpm_v4_key {
+// One trie holds every generation's internal prefixes and grants. The tag
+// (big-endian, so it is the key's leading 32 bits and always matched whole)
+// is slot << 31 | is_v6 << 30 | app_id, with app_id 0 for the internal set;
+// prefixlen = 32 + the prefix's length, IPv4 addresses in addr[0..3].
+struct rule_key {
 	__u32 prefixlen;
-	__u8 addr[4];
-};
-
-struct lpm_v6_key {
-	__u32 prefixlen;
+	__u32 tag;
 	__u8 addr[16];
 };
 
-// Grant tries are keyed by app first: prefixlen = 32 + the prefix's length,
-// so a lookup only ever matches the app's own grants.
-struct grant_v4_key {
-	__u32 prefixlen;
-	__u32 app_id; // big-endian, so that it is the key's leading 32 bits
-	__u8 addr[4];
-};
+#define TAG_SLOT (1U << 31)
+#define TAG_V6 (1U << 30)
 
-struct grant_v6_key {
-	__u32 prefixlen;
-	__u32 app_id;
-	__u8 addr[16];
-};
-
-// The union of every grant of one app that contains this prefix: the loader
-// pushes less specific grants down into more specific ones, so the longest
-// match alone decides. Ports are sorted disjoint ranges in port_ranges.
-struct grant_value {
+// For a grant entry: the union of every grant of the app that contains this
+// prefix. The loader pushes less specific grants down into more specific
+// ones, so the longest match alone decides. Ports are sorted disjoint ranges
+// at port_ranges[slot * PORTS_PER_SLOT + first ...]. Internal-set entries
+// carry zeros.
+struct rule_value {
 	__u32 tcp_first;
 	__u32 tcp_count;
 	__u32 udp_first;
 	__u32 udp_count;
 };
 
+#define PORTS_PER_SLOT (1U << 18)
+
 struct port_range {
 	__u16 lo;
 	__u16 hi;
+};
+
+struct app_key {
+	__u64 cgroup_id;
+	__u32 slot;
+	__u32 pad;
 };
 
 struct app_info {
@@ -111,9 +110,11 @@ struct app_info {
 
 struct generation_info {
 	__u32 generation;
+	__u32 slot;
 	__u32 min_level; // shallowest and deepest cgroup level of any app cgroup
 	__u32 max_level;
 	__u32 audit_rate; // events per second per app
+	__u32 pad;
 };
 
 struct audit_event {
@@ -142,90 +143,51 @@ struct audit_budget {
 	__u32 pad;
 };
 
-// ---- inner map templates (the loader creates one set per generation) ----
-
-struct internal_v4_map {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct lpm_v4_key);
-	__type(value, __u32);
-	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} internal_v4_inner SEC(".maps");
-
-struct internal_v6_map {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct lpm_v6_key);
-	__type(value, __u32);
-	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} internal_v6_inner SEC(".maps");
-
-struct grant_v4_map {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct grant_v4_key);
-	__type(value, struct grant_value);
-	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} grant_v4_inner SEC(".maps");
-
-struct grant_v6_map {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct grant_v6_key);
-	__type(value, struct grant_value);
-	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} grant_v6_inner SEC(".maps");
-
-struct port_ranges_map {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct port_range);
-	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_INNER_MAP); // sizes differ per generation
-} port_ranges_inner SEC(".maps");
-
-struct app_by_cgroup_map {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u64);
-	__type(value, struct app_info);
-	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} app_by_cgroup_inner SEC(".maps");
-
+// The generation in force. Replacing the inner map is the switch: the kernel
+// runs synchronize_rcu() after any update of a map-of-maps, so when the
+// update returns no decision still reads the previous slot.
 struct generation_info_map {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
 	__type(value, struct generation_info);
 	__uint(max_entries, 1);
-} policy_info_inner SEC(".maps");
+} generation_info_inner SEC(".maps");
 
-// ---- outers: two slots each, pinned by name so enforcement outlives the daemon ----
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct generation_info_map);
+} policy_current SEC(".maps");
 
-#define OUTER(name, inner_type)                                                \
-	struct {                                                               \
-		__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);                      \
-		__uint(max_entries, 2);                                        \
-		__type(key, __u32);                                            \
-		__uint(pinning, LIBBPF_PIN_BY_NAME);                           \
-		__array(values, struct inner_type);                            \
-	} name SEC(".maps")
+// Caps, not allocations: without preallocation, memory follows the policy.
+// Two generations live side by side during a reload.
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct rule_key);
+	__type(value, struct rule_value);
+	__uint(max_entries, 4 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} rules SEC(".maps");
 
-OUTER(internal_v4, internal_v4_map);
-OUTER(internal_v6, internal_v6_map);
-OUTER(grant_v4, grant_v4_map);
-OUTER(grant_v6, grant_v6_map);
-OUTER(port_ranges, port_ranges_map);
-OUTER(app_by_cgroup, app_by_cgroup_map);
-OUTER(policy_info, generation_info_map);
-
-// The generation in force; its low bit is the slot.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
-	__type(value, __u32);
-	__uint(max_entries, 1);
+	__type(value, struct port_range);
+	__uint(max_entries, 2 * PORTS_PER_SLOT);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} policy_active SEC(".maps");
+} port_ranges SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct app_key);
+	__type(value, struct app_info);
+	__uint(max_entries, 2 * 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} app_by_cgroup SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -251,8 +213,6 @@ struct {
 
 // Forces bpf2go to emit Go types for structs only the loader uses.
 const struct audit_event *unused_audit_event __attribute__((unused));
-const struct grant_v4_key *unused_grant_v4_key __attribute__((unused));
-const struct grant_v6_key *unused_grant_v6_key __attribute__((unused));
 
 struct dest {
 	__u8 addr[16];
@@ -327,11 +287,11 @@ static __always_inline void audit(const struct dest *d, __u32 app_id, __u64 cgro
 
 // The deepest app cgroup among the calling task's cgroup and its ancestors.
 // Only levels where some app cgroup lives are probed.
-static __always_inline struct app_info *principal(void *apps, const struct generation_info *info, __u64 *cgroup_id)
+static __always_inline struct app_info *principal(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
 {
-	__u64 id = bpf_get_current_cgroup_id();
-	*cgroup_id = id;
-	struct app_info *a = bpf_map_lookup_elem(apps, &id);
+	struct app_key key = { .cgroup_id = bpf_get_current_cgroup_id(), .slot = slot };
+	*cgroup_id = key.cgroup_id;
+	struct app_info *a = bpf_map_lookup_elem(&app_by_cgroup, &key);
 	if (a)
 		return a;
 	__u32 max = info->max_level;
@@ -341,25 +301,27 @@ static __always_inline struct app_info *principal(void *apps, const struct gener
 		__u32 level = max - i;
 		if (level < info->min_level)
 			break;
-		__u64 anc = bpf_get_current_ancestor_cgroup_id(level);
-		if (!anc)
+		key.cgroup_id = bpf_get_current_ancestor_cgroup_id(level);
+		if (!key.cgroup_id)
 			continue; // the task's cgroup is shallower than this level
-		a = bpf_map_lookup_elem(apps, &anc);
+		a = bpf_map_lookup_elem(&app_by_cgroup, &key);
 		if (a)
 			return a;
 	}
 	return NULL;
 }
 
-// Binary search of sorted disjoint ranges [first, first+count).
-static __always_inline int port_allowed(void *ranges, __u32 first, __u32 count, __u16 port)
+// Binary search of sorted disjoint ranges [first, first+count) of a slot.
+static __always_inline int port_allowed(__u32 slot, __u32 first, __u32 count, __u16 port)
 {
+	__u32 base = slot * PORTS_PER_SLOT;
 	__u32 lo = first, hi = first + count; // candidates in [lo, hi)
 	for (int i = 0; i < PORT_SEARCH_STEPS; i++) {
 		if (lo >= hi)
 			return 0;
 		__u32 mid = lo + (hi - lo) / 2;
-		struct port_range *r = bpf_map_lookup_elem(ranges, &mid);
+		__u32 idx = base + mid;
+		struct port_range *r = bpf_map_lookup_elem(&port_ranges, &idx);
 		if (!r)
 			return 0;
 		if (port < r->lo)
@@ -376,45 +338,28 @@ static __always_inline int port_allowed(void *ranges, __u32 first, __u32 count, 
 static __always_inline int decide(struct dest *d, __u8 hook)
 {
 	__u32 zero = 0;
-	__u32 *gen = bpf_map_lookup_elem(&policy_active, &zero);
-	if (!gen)
-		return 0;
-	__u32 generation = *gen;
-	__u32 slot = generation & 1;
-
-	void *info_map = bpf_map_lookup_elem(&policy_info, &slot);
-	void *internal = bpf_map_lookup_elem(d->family == 4 ? (void *)&internal_v4 : (void *)&internal_v6, &slot);
-	if (!info_map || !internal)
-		goto no_policy;
-	struct generation_info *info = bpf_map_lookup_elem(info_map, &zero);
-	if (!info || info->generation != generation)
-		goto no_policy;
-
-	void *is_internal;
-	if (d->family == 4) {
-		struct lpm_v4_key k = { .prefixlen = 32 };
-		__builtin_memcpy(k.addr, d->addr, 4);
-		is_internal = bpf_map_lookup_elem(internal, &k);
-	} else {
-		struct lpm_v6_key k = { .prefixlen = 128 };
-		__builtin_memcpy(k.addr, d->addr, 16);
-		is_internal = bpf_map_lookup_elem(internal, &k);
-	}
-
-	void *apps = bpf_map_lookup_elem(&app_by_cgroup, &slot);
-	if (!apps)
-		goto no_policy;
 	__u64 cgroup_id = 0;
-	struct app_info *app = 0;
-	if (!is_internal) {
+	void *current = bpf_map_lookup_elem(&policy_current, &zero);
+	if (!current)
+		goto no_policy;
+	struct generation_info *info = bpf_map_lookup_elem(current, &zero);
+	if (!info)
+		goto no_policy;
+	__u32 slot = info->slot & 1;
+	__u32 generation = info->generation;
+	__u32 family_tag = (slot ? TAG_SLOT : 0) | (d->family == 6 ? TAG_V6 : 0);
+
+	struct rule_key k = { .prefixlen = 32 + (d->family == 4 ? 32 : 128), .tag = bpf_htonl(family_tag) };
+	__builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
+	if (!bpf_map_lookup_elem(&rules, &k)) {
 		// Count per app even for external traffic: cheap (per-CPU array)
 		// and it tells an operator the hook sees the app at all.
-		app = principal(apps, info, &cgroup_id);
-		count(app ? app->app_id : 0, COUNT_EXTERNAL);
+		struct app_info *a = principal(slot, info, &cgroup_id);
+		count(a ? a->app_id : 0, COUNT_EXTERNAL);
 		return 1;
 	}
 
-	app = principal(apps, info, &cgroup_id);
+	struct app_info *app = principal(slot, info, &cgroup_id);
 	if (!app) {
 		count(0, COUNT_DENY);
 		audit(d, 0, cgroup_id, generation, info->audit_rate, 0, REASON_UNBOUND, hook);
@@ -423,30 +368,16 @@ static __always_inline int decide(struct dest *d, __u8 hook)
 	__u32 app_id = app->app_id;
 	__u32 app_flags = app->flags;
 
-	struct grant_value *g;
-	void *grants = bpf_map_lookup_elem(d->family == 4 ? (void *)&grant_v4 : (void *)&grant_v6, &slot);
-	if (!grants)
-		goto no_policy;
-	if (d->family == 4) {
-		struct grant_v4_key k = { .prefixlen = 64, .app_id = bpf_htonl(app_id) };
-		__builtin_memcpy(k.addr, d->addr, 4);
-		g = bpf_map_lookup_elem(grants, &k);
-	} else {
-		struct grant_v6_key k = { .prefixlen = 160, .app_id = bpf_htonl(app_id) };
-		__builtin_memcpy(k.addr, d->addr, 16);
-		g = bpf_map_lookup_elem(grants, &k);
-	}
+	k.tag = bpf_htonl(family_tag | (app_id & 0xffff));
+	struct rule_value *g = bpf_map_lookup_elem(&rules, &k);
 	__u8 reason = REASON_NO_GRANT;
 	if (g) {
 		reason = REASON_PORT;
-		void *ranges = bpf_map_lookup_elem(&port_ranges, &slot);
-		if (!ranges)
-			goto no_policy;
 		int ok = 0;
 		if (d->proto == PROTO_TCP)
-			ok = port_allowed(ranges, g->tcp_first, g->tcp_count, d->port);
+			ok = port_allowed(slot, g->tcp_first, g->tcp_count, d->port);
 		else if (d->proto == PROTO_UDP)
-			ok = port_allowed(ranges, g->udp_first, g->udp_count, d->port);
+			ok = port_allowed(slot, g->udp_first, g->udp_count, d->port);
 		if (ok) {
 			count(app_id, COUNT_ALLOW);
 			if (app_flags & APP_AUDIT_ALLOW)
@@ -459,10 +390,10 @@ static __always_inline int decide(struct dest *d, __u8 hook)
 	return 0;
 
 no_policy:
-	// Fail closed: without a whole policy we cannot tell internal from
-	// external, so nothing below the attach point may connect.
+	// Fail closed: without a policy we cannot tell internal from external,
+	// so nothing below the attach point may connect.
 	count(0, COUNT_DENY);
-	audit(d, 0, bpf_get_current_cgroup_id(), generation, 1000, 0, REASON_NO_POLICY, hook);
+	audit(d, 0, bpf_get_current_cgroup_id(), 0, 1000, 0, REASON_NO_POLICY, hook);
 	return 0;
 }
 

@@ -19,6 +19,13 @@ type procgateAppInfo struct {
 	Flags uint32
 }
 
+type procgateAppKey struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	Slot     uint32
+	Pad      uint32
+}
+
 type procgateAuditBudget struct {
 	_      structs.HostLayout
 	Window uint64
@@ -50,43 +57,11 @@ type procgateAuditEvent struct {
 type procgateGenerationInfo struct {
 	_          structs.HostLayout
 	Generation uint32
+	Slot       uint32
 	MinLevel   uint32
 	MaxLevel   uint32
 	AuditRate  uint32
-}
-
-type procgateGrantV4Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	AppId     uint32
-	Addr      [4]uint8
-}
-
-type procgateGrantV6Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	AppId     uint32
-	Addr      [16]uint8
-}
-
-type procgateGrantValue struct {
-	_        structs.HostLayout
-	TcpFirst uint32
-	TcpCount uint32
-	UdpFirst uint32
-	UdpCount uint32
-}
-
-type procgateLpmV4Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      [4]uint8
-}
-
-type procgateLpmV6Key struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      [16]uint8
+	Pad        uint32
 }
 
 type procgatePortRange struct {
@@ -95,35 +70,38 @@ type procgatePortRange struct {
 	Hi uint16
 }
 
+type procgateRuleKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Tag       uint32
+	Addr      [16]uint8
+}
+
+type procgateRuleValue struct {
+	_        structs.HostLayout
+	TcpFirst uint32
+	TcpCount uint32
+	UdpFirst uint32
+	UdpCount uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	procgateMapAppByCgroup        = "app_by_cgroup"
-	procgateMapAppByCgroupInner   = "app_by_cgroup_inner"
-	procgateMapAuditBudgets       = "audit_budgets"
-	procgateMapAuditEvents        = "audit_events"
-	procgateMapGrantV4            = "grant_v4"
-	procgateMapGrantV4Inner       = "grant_v4_inner"
-	procgateMapGrantV6            = "grant_v6"
-	procgateMapGrantV6Inner       = "grant_v6_inner"
-	procgateMapInternalV4         = "internal_v4"
-	procgateMapInternalV4Inner    = "internal_v4_inner"
-	procgateMapInternalV6         = "internal_v6"
-	procgateMapInternalV6Inner    = "internal_v6_inner"
-	procgateMapPolicyActive       = "policy_active"
-	procgateMapPolicyInfo         = "policy_info"
-	procgateMapPolicyInfoInner    = "policy_info_inner"
-	procgateMapPortRanges         = "port_ranges"
-	procgateMapPortRangesInner    = "port_ranges_inner"
-	procgateMapVerdictCounters    = "verdict_counters"
-	procgateProgAuthorizeConnect4 = "authorize_connect4"
-	procgateProgAuthorizeConnect6 = "authorize_connect6"
-	procgateProgAuthorizeSendmsg4 = "authorize_sendmsg4"
-	procgateProgAuthorizeSendmsg6 = "authorize_sendmsg6"
-	procgateVarUnusedAuditEvent   = "unused_audit_event"
-	procgateVarUnusedGrantV4Key   = "unused_grant_v4_key"
-	procgateVarUnusedGrantV6Key   = "unused_grant_v6_key"
+	procgateMapAppByCgroup         = "app_by_cgroup"
+	procgateMapAuditBudgets        = "audit_budgets"
+	procgateMapAuditEvents         = "audit_events"
+	procgateMapGenerationInfoInner = "generation_info_inner"
+	procgateMapPolicyCurrent       = "policy_current"
+	procgateMapPortRanges          = "port_ranges"
+	procgateMapRules               = "rules"
+	procgateMapVerdictCounters     = "verdict_counters"
+	procgateProgAuthorizeConnect4  = "authorize_connect4"
+	procgateProgAuthorizeConnect6  = "authorize_connect6"
+	procgateProgAuthorizeSendmsg4  = "authorize_sendmsg4"
+	procgateProgAuthorizeSendmsg6  = "authorize_sendmsg6"
+	procgateVarUnusedAuditEvent    = "unused_audit_event"
 )
 
 // loadProcgate returns the embedded CollectionSpec for procgate.
@@ -178,24 +156,14 @@ type procgateProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type procgateMapSpecs struct {
-	AppByCgroup      *ebpf.MapSpec `ebpf:"app_by_cgroup"`
-	AppByCgroupInner *ebpf.MapSpec `ebpf:"app_by_cgroup_inner"`
-	AuditBudgets     *ebpf.MapSpec `ebpf:"audit_budgets"`
-	AuditEvents      *ebpf.MapSpec `ebpf:"audit_events"`
-	GrantV4          *ebpf.MapSpec `ebpf:"grant_v4"`
-	GrantV4Inner     *ebpf.MapSpec `ebpf:"grant_v4_inner"`
-	GrantV6          *ebpf.MapSpec `ebpf:"grant_v6"`
-	GrantV6Inner     *ebpf.MapSpec `ebpf:"grant_v6_inner"`
-	InternalV4       *ebpf.MapSpec `ebpf:"internal_v4"`
-	InternalV4Inner  *ebpf.MapSpec `ebpf:"internal_v4_inner"`
-	InternalV6       *ebpf.MapSpec `ebpf:"internal_v6"`
-	InternalV6Inner  *ebpf.MapSpec `ebpf:"internal_v6_inner"`
-	PolicyActive     *ebpf.MapSpec `ebpf:"policy_active"`
-	PolicyInfo       *ebpf.MapSpec `ebpf:"policy_info"`
-	PolicyInfoInner  *ebpf.MapSpec `ebpf:"policy_info_inner"`
-	PortRanges       *ebpf.MapSpec `ebpf:"port_ranges"`
-	PortRangesInner  *ebpf.MapSpec `ebpf:"port_ranges_inner"`
-	VerdictCounters  *ebpf.MapSpec `ebpf:"verdict_counters"`
+	AppByCgroup         *ebpf.MapSpec `ebpf:"app_by_cgroup"`
+	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
+	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
+	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
+	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
+	Rules               *ebpf.MapSpec `ebpf:"rules"`
+	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
 }
 
 // procgateVariableSpecs contains global variables before they are loaded into the kernel.
@@ -203,8 +171,6 @@ type procgateMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type procgateVariableSpecs struct {
 	UnusedAuditEvent *ebpf.VariableSpec `ebpf:"unused_audit_event"`
-	UnusedGrantV4Key *ebpf.VariableSpec `ebpf:"unused_grant_v4_key"`
-	UnusedGrantV6Key *ebpf.VariableSpec `ebpf:"unused_grant_v6_key"`
 }
 
 // procgateObjects contains all objects after they have been loaded into the kernel.
@@ -227,45 +193,25 @@ func (o *procgateObjects) Close() error {
 //
 // It can be passed to loadProcgateObjects or ebpf.CollectionSpec.LoadAndAssign.
 type procgateMaps struct {
-	AppByCgroup      *ebpf.Map `ebpf:"app_by_cgroup"`
-	AppByCgroupInner *ebpf.Map `ebpf:"app_by_cgroup_inner"`
-	AuditBudgets     *ebpf.Map `ebpf:"audit_budgets"`
-	AuditEvents      *ebpf.Map `ebpf:"audit_events"`
-	GrantV4          *ebpf.Map `ebpf:"grant_v4"`
-	GrantV4Inner     *ebpf.Map `ebpf:"grant_v4_inner"`
-	GrantV6          *ebpf.Map `ebpf:"grant_v6"`
-	GrantV6Inner     *ebpf.Map `ebpf:"grant_v6_inner"`
-	InternalV4       *ebpf.Map `ebpf:"internal_v4"`
-	InternalV4Inner  *ebpf.Map `ebpf:"internal_v4_inner"`
-	InternalV6       *ebpf.Map `ebpf:"internal_v6"`
-	InternalV6Inner  *ebpf.Map `ebpf:"internal_v6_inner"`
-	PolicyActive     *ebpf.Map `ebpf:"policy_active"`
-	PolicyInfo       *ebpf.Map `ebpf:"policy_info"`
-	PolicyInfoInner  *ebpf.Map `ebpf:"policy_info_inner"`
-	PortRanges       *ebpf.Map `ebpf:"port_ranges"`
-	PortRangesInner  *ebpf.Map `ebpf:"port_ranges_inner"`
-	VerdictCounters  *ebpf.Map `ebpf:"verdict_counters"`
+	AppByCgroup         *ebpf.Map `ebpf:"app_by_cgroup"`
+	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
+	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
+	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
+	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
+	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
+	Rules               *ebpf.Map `ebpf:"rules"`
+	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
 }
 
 func (m *procgateMaps) Close() error {
 	return _ProcgateClose(
 		m.AppByCgroup,
-		m.AppByCgroupInner,
 		m.AuditBudgets,
 		m.AuditEvents,
-		m.GrantV4,
-		m.GrantV4Inner,
-		m.GrantV6,
-		m.GrantV6Inner,
-		m.InternalV4,
-		m.InternalV4Inner,
-		m.InternalV6,
-		m.InternalV6Inner,
-		m.PolicyActive,
-		m.PolicyInfo,
-		m.PolicyInfoInner,
+		m.GenerationInfoInner,
+		m.PolicyCurrent,
 		m.PortRanges,
-		m.PortRangesInner,
+		m.Rules,
 		m.VerdictCounters,
 	)
 }
@@ -275,8 +221,6 @@ func (m *procgateMaps) Close() error {
 // It can be passed to loadProcgateObjects or ebpf.CollectionSpec.LoadAndAssign.
 type procgateVariables struct {
 	UnusedAuditEvent *ebpf.Variable `ebpf:"unused_audit_event"`
-	UnusedGrantV4Key *ebpf.Variable `ebpf:"unused_grant_v4_key"`
-	UnusedGrantV6Key *ebpf.Variable `ebpf:"unused_grant_v6_key"`
 }
 
 // procgatePrograms contains all programs after they have been loaded into the kernel.

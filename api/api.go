@@ -1,0 +1,255 @@
+// Package api is the daemon's local API: JSON messages over a unix stream
+// socket, one request per connection. The daemon checks the peer's
+// credentials (SO_PEERCRED) on every request.
+//
+// A request is one JSON line. The answer is one JSON line, except for
+// streaming requests (events --follow, run), which answer with a line per
+// record or state change. `run` passes the caller's stdin, stdout and stderr
+// with the request line (SCM_RIGHTS) and may send Signal lines afterwards.
+package api
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+)
+
+// DefaultSocket is where the daemon listens unless told otherwise.
+const DefaultSocket = "/run/procgate/procgate.sock"
+
+// SocketFromEnv is the socket a client uses: the flag, else $PROCGATE_SOCKET,
+// else DefaultSocket.
+func SocketFromEnv(flag string) string {
+	if flag != "" {
+		return flag
+	}
+	if s := os.Getenv("PROCGATE_SOCKET"); s != "" {
+		return s
+	}
+	return DefaultSocket
+}
+
+// Ops.
+const (
+	OpStatus  = "status"
+	OpExplain = "explain"
+	OpRevoke  = "revoke"
+	OpEvents  = "events"
+	OpRun     = "run"
+	OpAppInfo = "app-info"
+	OpReload  = "reload"
+)
+
+// MaxRequestBytes bounds a request line: the daemon reads no more.
+const MaxRequestBytes = 1 << 20
+
+// Request is every request; each op reads the fields it names.
+type Request struct {
+	Op string `json:"op"`
+
+	App string `json:"app,omitempty"` // explain, revoke, run, app-info
+	// explain
+	Dest string `json:"dest,omitempty"`
+	PID  int    `json:"pid,omitempty"`
+	// revoke
+	Grant   *int `json:"grant,omitempty"`
+	Restore bool `json:"restore,omitempty"`
+	// events
+	Follow bool `json:"follow,omitempty"`
+	Last   int  `json:"last,omitempty"`
+	// run
+	Argv []string `json:"argv,omitempty"`
+	Env  []string `json:"env,omitempty"`
+	Dir  string   `json:"dir,omitempty"`
+	// Signal, sent on a run connection after the request: relay it.
+	Signal int `json:"signal,omitempty"`
+}
+
+// Decode reads one request line, refusing unknown fields and oversize input.
+func Decode(r io.Reader) (Request, error) {
+	line, err := bufio.NewReaderSize(io.LimitReader(r, MaxRequestBytes), 4096).ReadBytes('\n')
+	if err != nil && !(errors.Is(err, io.EOF) && len(line) > 0) {
+		return Request{}, fmt.Errorf("read request: %w", err)
+	}
+	return DecodeLine(line)
+}
+
+// DecodeLine parses one request.
+func DecodeLine(line []byte) (Request, error) {
+	var req Request
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return Request{}, fmt.Errorf("decode request: %w", err)
+	}
+	switch req.Op {
+	case OpStatus, OpExplain, OpRevoke, OpEvents, OpRun, OpAppInfo, OpReload:
+	case "":
+		return Request{}, errors.New("request has no op")
+	default:
+		return Request{}, fmt.Errorf("unknown op %q", req.Op)
+	}
+	if len(req.Argv) > 4096 || len(req.Env) > 4096 {
+		return Request{}, errors.New("request argv or env too long")
+	}
+	return req, nil
+}
+
+// Status is the answer to OpStatus.
+type Status struct {
+	Generation   uint32          `json:"generation"`
+	Policy       string          `json:"policy"`
+	PolicySHA256 string          `json:"policy_sha256"`
+	LoadedAt     time.Time       `json:"loaded_at"`
+	LastError    string          `json:"last_error,omitempty"` // last rejected reload, kept until a good one
+	CgroupRoot   string          `json:"cgroup_root"`
+	BPFDir       string          `json:"bpf_dir"`
+	Hooks        map[string]bool `json:"hooks"`
+	Adopted      bool            `json:"adopted"`
+	Internal     []string        `json:"internal"`
+	Apps         []AppStatus     `json:"apps"`
+	Unbound      Counters        `json:"unbound"`
+	Audit        AuditStats      `json:"audit"`
+}
+
+// AppStatus is one app in Status.
+type AppStatus struct {
+	Name     string   `json:"name"`
+	ID       uint32   `json:"id"`
+	Cgroup   string   `json:"cgroup"`
+	Grants   []string `json:"grants"`
+	Revoked  []string `json:"revoked,omitempty"` // "all" or grant numbers
+	Counters Counters `json:"counters"`
+}
+
+// Counters are the kernel's per-principal decision counts.
+type Counters struct {
+	Allow      uint64 `json:"allow"`
+	Deny       uint64 `json:"deny"`
+	External   uint64 `json:"external"`
+	AuditDrops uint64 `json:"audit_drops"`
+}
+
+// AuditStats summarizes the audit reader.
+type AuditStats struct {
+	Events       uint64 `json:"events"`
+	DecodeErrors uint64 `json:"decode_errors"`
+	Dropped      uint64 `json:"dropped"`
+	Log          string `json:"log"`
+}
+
+// Explain is the answer to OpExplain.
+type Explain struct {
+	App      string `json:"app"` // "" unbound
+	Dest     string `json:"dest"`
+	Allow    bool   `json:"allow"`
+	Reason   string `json:"reason"`
+	Decision string `json:"decision"` // human form with the rules behind it
+}
+
+// Revoke is the answer to OpRevoke.
+type Revoke struct {
+	Generation uint32 `json:"generation"`
+	Revoked    string `json:"revoked"`
+	// SocketsEnded counts live sockets destroyed (live-socket revocation
+	// comes with issue 4; until then always 0).
+	SocketsEnded int `json:"sockets_ended"`
+}
+
+// AppInfo is the answer to OpAppInfo: what a root caller needs to launch
+// an app itself.
+type AppInfo struct {
+	Name   string   `json:"name"`
+	Cgroup string   `json:"cgroup"`
+	Exe    []string `json:"exe,omitempty"`
+	SHA256 []string `json:"sha256,omitempty"`
+	Users  []string `json:"users,omitempty"`
+}
+
+// RunState is a line on a run connection: first Started, last Exited.
+type RunState struct {
+	Started int  `json:"started,omitempty"` // child pid
+	Exited  bool `json:"exited,omitempty"`
+	Code    int  `json:"code"`
+	Signal  int  `json:"signal,omitempty"`
+}
+
+// Response wraps every answer line.
+type Response struct {
+	Error   string          `json:"error,omitempty"`
+	Status  *Status         `json:"status,omitempty"`
+	Explain *Explain        `json:"explain,omitempty"`
+	Revoke  *Revoke         `json:"revoke,omitempty"`
+	Event   json.RawMessage `json:"event,omitempty"`
+	AppInfo *AppInfo        `json:"app_info,omitempty"`
+	Run     *RunState       `json:"run,omitempty"`
+	Reload  *uint32         `json:"reload,omitempty"` // new generation
+}
+
+// Client talks to a daemon.
+type Client struct {
+	Socket string
+}
+
+// Dial opens a connection and sends req.
+func (c Client) Dial(req Request) (*net.UnixConn, *bufio.Reader, error) {
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: c.Socket, Net: "unix"})
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to procgate daemon at %s (is it running? set --socket or PROCGATE_SOCKET): %w", c.Socket, err)
+	}
+	if err := WriteLine(conn, req); err != nil {
+		conn.Close()
+		return nil, nil, err
+	}
+	return conn, bufio.NewReader(conn), nil
+}
+
+// Do sends req and reads one response.
+func (c Client) Do(req Request) (*Response, error) {
+	conn, r, err := c.Dial(req)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	return ReadResponse(r)
+}
+
+// ReadResponse reads one response line; a response with Error set becomes
+// an error.
+func ReadResponse(r *bufio.Reader) (*Response, error) {
+	line, err := r.ReadBytes('\n')
+	if err != nil {
+		if errors.Is(err, io.EOF) && len(line) == 0 {
+			return nil, io.EOF
+		}
+		if !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("read daemon response: %w", err)
+		}
+	}
+	var resp Response
+	if err := json.Unmarshal(line, &resp); err != nil {
+		return nil, fmt.Errorf("decode daemon response: %w", err)
+	}
+	if resp.Error != "" {
+		return &resp, errors.New(resp.Error)
+	}
+	return &resp, nil
+}
+
+// WriteLine writes v as one JSON line.
+func WriteLine(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if _, err := w.Write(append(b, '\n')); err != nil {
+		return fmt.Errorf("write to daemon socket: %w", err)
+	}
+	return nil
+}
