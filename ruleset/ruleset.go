@@ -131,6 +131,10 @@ type Ruleset struct {
 	// Interfaces whose routes are internal; followed live by the daemon, which
 	// adds their routes to Internal before applying.
 	Interfaces []string
+	// AuditRate caps the audit events the kernel emits per second per app
+	// (policy `audit.rate`, default 100), so that a process hammering a denied
+	// destination cannot flood the ring buffer and hide other apps' events.
+	AuditRate uint32
 }
 
 // App returns the app called name, or nil.
@@ -286,6 +290,7 @@ func (rs *Ruleset) Clone() *Ruleset {
 		Internal:   slices.Clone(rs.Internal),
 		Interfaces: slices.Clone(rs.Interfaces),
 		Apps:       make([]App, len(rs.Apps)),
+		AuditRate:  rs.AuditRate,
 	}
 	for i, a := range rs.Apps {
 		a.Exe = slices.Clone(a.Exe)
