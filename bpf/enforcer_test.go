@@ -1,0 +1,255 @@
+package bpf
+
+import (
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/probe"
+	"github.com/procgate/procgate/ruleset"
+)
+
+func TestMain(m *testing.M) {
+	probe.MaybeServe()
+	os.Exit(m.Run())
+}
+
+// world is a test cgroup with the enforcer attached, a cgroup per app name,
+// and a network namespace in which every address is local.
+type world struct {
+	t       *testing.T
+	root    string
+	netns   string
+	mount   string
+	e       *Enforcer
+	cgroups map[string]string // app name -> the cgroup its prober runs in
+}
+
+func newWorld(t *testing.T, apps ...string) *world {
+	t.Helper()
+	nstest.RequireRoot(t)
+	mount, err := cgroups.Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &world{t: t, root: nstest.Cgroup(t), netns: nstest.NetNS(t), mount: mount, cgroups: map[string]string{}}
+	nstest.AnyIPLoopback(t, w.netns)
+	for i, app := range apps {
+		dir := nstest.ChildCgroup(t, w.root, app)
+		w.cgroups[app] = dir
+		if i%2 == 1 {
+			// Every other app's processes run two levels below the app
+			// cgroup: the principal is found among the ancestors.
+			dir = nstest.ChildCgroup(t, nstest.ChildCgroup(t, dir, "worker"), "deeper")
+		}
+		w.cgroups[app+"/run"] = dir
+	}
+	w.cgroups["/unbound"] = nstest.ChildCgroup(t, w.root, "unbound")
+	bpffs := nstest.BPFFS(t)
+	w.e, err = Open(Options{BPFDir: filepath.Join(bpffs, "procgate"), CgroupDir: w.root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		w.e.Close()
+		if _, err := Uninstall(filepath.Join(bpffs, "procgate")); err != nil {
+			t.Errorf("uninstall: %v", err)
+		}
+	})
+	return w
+}
+
+// apply binds every app of rs that has a cgroup in the world and installs it.
+func (w *world) apply(rs *ruleset.Ruleset) uint32 {
+	w.t.Helper()
+	g := Generation{Rules: rs, AppIDs: appIDs(rs)}
+	for _, a := range rs.Apps {
+		dir, ok := w.cgroups[a.Name]
+		if !ok {
+			continue
+		}
+		id, err := cgroups.ID(dir)
+		if err != nil {
+			w.t.Fatal(err)
+		}
+		level, err := cgroups.Level(w.mount, dir)
+		if err != nil {
+			w.t.Fatal(err)
+		}
+		g.Bindings = append(g.Bindings, Binding{App: a.Name, CgroupID: id, Level: level})
+	}
+	gen, err := w.e.Apply(g)
+	if err != nil {
+		w.t.Fatalf("apply: %v", err)
+	}
+	return gen
+}
+
+func (w *world) prober(app string) *probe.Prober {
+	w.t.Helper()
+	dir := w.cgroups["/unbound"]
+	if app != "" {
+		dir = w.cgroups[app+"/run"]
+	}
+	p, err := probe.Start(dir, w.netns, nil)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(func() { p.Close() })
+	return p
+}
+
+// methodsFor lists the syscall paths that reach a destination: connect for
+// both protocols, sendto for UDP, and the IPv4-mapped forms for IPv4.
+func methodsFor(d ruleset.Dest) []probe.Method {
+	ms := []probe.Method{probe.Connect}
+	if d.Proto == ruleset.UDP {
+		ms = append(ms, probe.SendTo)
+	}
+	if d.Addr.Unmap().Is4() {
+		ms = append(ms, probe.Mapped)
+		if d.Proto == ruleset.UDP {
+			ms = append(ms, probe.MappedSend)
+		}
+	}
+	return ms
+}
+
+// TestKernelMatchesDecide is the decision equivalence test: on random
+// policies and destinations, the verdict a real connect()/sendto() gets from
+// the kernel equals ruleset.Decide (which `explain` uses) and the Go model of
+// the encoding.
+func TestKernelMatchesDecide(t *testing.T) {
+	apps := []string{"appa", "appb", "appc"}
+	w := newWorld(t, apps...)
+	probers := map[string]*probe.Prober{"": w.prober("")}
+	for _, a := range apps {
+		probers[a] = w.prober(a)
+	}
+	// Before any policy, generation 0 means "no policy": fail closed.
+	if v, err := probers["appa"].Try(ruleset.Dest{Addr: netip.MustParseAddr("192.0.2.1"), Proto: ruleset.TCP, Port: 80}, probe.Connect); err != nil || v != probe.Allowed {
+		// Not attached yet: nothing enforces, so this must pass.
+		t.Fatalf("before attach: %v %v", v, err)
+	}
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := probers["appa"].Try(ruleset.Dest{Addr: netip.MustParseAddr("192.0.2.1"), Proto: ruleset.TCP, Port: 80}, probe.Connect); err != nil || v != probe.Denied {
+		t.Fatalf("attached without a policy: got %v %v, want denied (fail closed)", v, err)
+	}
+
+	rng := rand.New(rand.NewPCG(7, 11))
+	const policies, dests = 50, 1000
+	var checked, allowed int
+	for p := range policies {
+		rs := randomRuleset(rng, 1+rng.IntN(3))
+		ids := appIDs(rs)
+		w.apply(rs)
+		tb, err := encode(Generation{Rules: rs, AppIDs: ids}, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		model := kernelModel{tb, ids}
+		for range dests {
+			d := randomDest(rng)
+			app := []string{"", "appa", "appb", "appc"}[rng.IntN(4)]
+			ms := methodsFor(d)
+			m := ms[rng.IntN(len(ms))]
+			got, err := probers[app].Try(d, m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := rs.Decide(app, d)
+			if modelAllow, _ := model.decide(app, d); modelAllow != want.Allow {
+				t.Fatalf("policy %d: model and Decide disagree on %s for %q", p, d, app)
+			}
+			if (got == probe.Allowed) != want.Allow {
+				t.Fatalf("policy %d, app %q, %s via %s: kernel %s, Decide %s\npolicy: %+v", p, app, d, m, got, want, rs)
+			}
+			checked++
+			if want.Allow {
+				allowed++
+			}
+		}
+	}
+	t.Logf("%d attempts on %d policies agreed (%d allowed, %d denied)", checked, policies, allowed, checked-allowed)
+	if allowed == 0 || allowed == checked {
+		t.Fatalf("the random cases are one-sided (%d of %d allowed): the test would not catch a constant verdict", allowed, checked)
+	}
+}
+
+// TestReloadIsAtomic reloads many times with unrelated changes while an
+// allowed and a denied app connect in loops: no attempt may see anything but
+// the verdict both generations agree on.
+func TestReloadIsAtomic(t *testing.T) {
+	w := newWorld(t, "granted", "other")
+	target := ruleset.Dest{Addr: netip.MustParseAddr("10.9.0.1"), Proto: ruleset.TCP, Port: 5432}
+	base := func(extra int) *ruleset.Ruleset {
+		rs := &ruleset.Ruleset{
+			Internal: []ruleset.InternalPrefix{{Prefix: netip.MustParsePrefix("10.0.0.0/8")}},
+			Apps: []ruleset.App{
+				{Name: "granted", Grants: []ruleset.Grant{{Prefix: netip.MustParsePrefix("10.9.0.0/24"), Proto: ruleset.TCP, Ports: []ruleset.PortRange{{Lo: 5432, Hi: 5432}}}}},
+				{Name: "other"},
+			},
+		}
+		// Unrelated changes: more internal prefixes and grants elsewhere.
+		for i := range extra {
+			pfx := netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 16, byte(i / 256), byte(i)}), 32)
+			rs.Internal = append(rs.Internal, ruleset.InternalPrefix{Prefix: pfx})
+			rs.Apps[1].Grants = append(rs.Apps[1].Grants, ruleset.Grant{Index: i, Prefix: pfx, Proto: ruleset.Both, Ports: []ruleset.PortRange{{Lo: 1, Hi: 1000}}})
+		}
+		return rs
+	}
+	w.apply(base(0))
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	type loop struct {
+		app   string
+		want  probe.Verdict
+		tries atomic.Int64
+		wrong atomic.Int64
+	}
+	loops := []*loop{{app: "granted", want: probe.Allowed}, {app: "other", want: probe.Denied}, {app: "", want: probe.Denied}}
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	for _, l := range loops {
+		p := w.prober(l.app)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for !stop.Load() {
+				v, err := p.Try(target, probe.Connect)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				l.tries.Add(1)
+				if v != l.want {
+					l.wrong.Add(1)
+				}
+			}
+		}()
+	}
+	const reloads = 1000
+	for i := range reloads {
+		w.apply(base(i % 50))
+	}
+	stop.Store(true)
+	wg.Wait()
+	for _, l := range loops {
+		t.Logf("app %q: %d attempts during %d reloads, %d wrong", l.app, l.tries.Load(), reloads, l.wrong.Load())
+		if l.wrong.Load() != 0 {
+			t.Errorf("app %q saw %d wrong verdicts", l.app, l.wrong.Load())
+		}
+		if l.tries.Load() < reloads/10 {
+			t.Errorf("app %q made only %d attempts: the loop did not overlap the reloads", l.app, l.tries.Load())
+		}
+	}
+}
