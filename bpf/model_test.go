@@ -1,7 +1,7 @@
 package bpf
 
 import (
-		"math/rand/v2"
+	"math/rand/v2"
 	"net/netip"
 	"testing"
 
