@@ -91,6 +91,9 @@ func unescapeMount(s string) string {
 	return b.String()
 }
 
+// fileidKernfs is the file handle type of kernfs nodes (include/linux/exportfs.h).
+const fileidKernfs = 0xfe
+
 // ID returns the id of the cgroup at dir as bpf_get_current_cgroup_id() and
 // bpf_get_current_ancestor_cgroup_id() report it: the kernfs node id, which
 // the kernel also hands out as the cgroup's file handle (FILEID_KERNFS, since
@@ -101,8 +104,8 @@ func ID(dir string) (uint64, error) {
 		return 0, fmt.Errorf("cgroup id of %s: %w", dir, err)
 	}
 	b := h.Bytes()
-	if len(b) != 8 {
-		return 0, fmt.Errorf("cgroup id of %s: file handle of %d bytes, want 8 (not a cgroup2 directory?)", dir, len(b))
+	if h.Type() != fileidKernfs || len(b) != 8 {
+		return 0, fmt.Errorf("cgroup id of %s: not a cgroup2 directory (file handle type %#x)", dir, h.Type())
 	}
 	return binary.NativeEndian.Uint64(b), nil
 }
