@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -80,6 +81,9 @@ type Enforcer struct {
 	// can be cleared without walking the maps. nil: unknown (adopted state),
 	// and the slot is cleared by iteration.
 	written [2]*slotKeys
+	// clearing is closed when the background clear of the idle slot, begun
+	// by the last Apply, is done; Apply and Close wait for it.
+	clearing chan error
 }
 
 type slotKeys struct {
@@ -108,6 +112,10 @@ func Open(opts Options) (*Enforcer, error) {
 	e := &Enforcer{opts: opts, specs: specs}
 	_, statErr := os.Stat(filepath.Join(opts.BPFDir, "policy_current"))
 	e.Adopted = statErr == nil
+	if !e.Adopted {
+		// Fresh maps: both slots are empty, no need to walk them.
+		e.written = [2]*slotKeys{{}, {}}
+	}
 	err = specs.LoadAndAssign(&e.objs, &ebpf.CollectionOptions{
 		Maps: ebpf.MapOptions{PinPath: opts.BPFDir},
 	})
@@ -166,6 +174,7 @@ func (e *Enforcer) Attach() error {
 // Close releases this process' handles. Pinned links and maps stay, so
 // enforcement holds after the daemon exits (fail closed).
 func (e *Enforcer) Close() error {
+	_ = e.waitClear()
 	for _, l := range e.links {
 		l.Close()
 	}
@@ -210,6 +219,7 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 		slot = (cur.Slot + 1) & 1
 	}
 	next := cur.Generation + 1
+	start := time.Now()
 	t, err := encode(g, slot)
 	if err != nil {
 		return 0, fmt.Errorf("encode policy: %w", err)
@@ -218,31 +228,33 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 
 	// The idle slot is read by no decision: the previous Apply waited for
 	// its readers before returning. So it can be rewritten in any order.
-	if err := e.clearSlot(slot); err != nil {
+	encoded := time.Now()
+	if err := e.waitClear(); err != nil {
 		return 0, err
 	}
-	written := &slotKeys{}
-	e.written[slot] = written
-	for k, v := range t.rules {
-		if err := e.objs.Rules.Put(&k, &v); err != nil {
-			return 0, fmt.Errorf("write rule %d/%d of generation %d: %w", len(written.rules), len(t.rules), next, err)
-		}
-		written.rules = append(written.rules, k)
+	if err := e.clearSlot(slot); err != nil { // no-op unless adopted or the last clear failed
+		return 0, err
+	}
+	cleared := time.Now()
+	rk, rv := splitKV(t.rules)
+	ak, av := splitKV(t.apps)
+	// Recorded before writing, so that a failed Apply still lets the next
+	// one clear whatever part of the slot did get written.
+	e.written[slot] = &slotKeys{rules: rk, apps: ak}
+	if err := putBatch(e.objs.Rules, rk, rv); err != nil {
+		return 0, fmt.Errorf("write %d rules of generation %d: %w", len(rk), next, err)
 	}
 	if n := len(t.ports); n > 0 {
 		idx := make([]uint32, n)
 		for i := range idx {
 			idx[i] = slot*portsPerSlot + uint32(i)
 		}
-		if _, err := e.objs.PortRanges.BatchUpdate(idx, t.ports, nil); err != nil {
+		if err := putBatch(e.objs.PortRanges, idx, t.ports); err != nil {
 			return 0, fmt.Errorf("write %d port ranges of generation %d: %w", n, next, err)
 		}
 	}
-	for k, v := range t.apps {
-		if err := e.objs.AppByCgroup.Put(&k, &v); err != nil {
-			return 0, fmt.Errorf("write app binding of cgroup %d: %w", k.CgroupId, err)
-		}
-		written.apps = append(written.apps, k)
+	if err := putBatch(e.objs.AppByCgroup, ak, av); err != nil {
+		return 0, fmt.Errorf("write %d app bindings of generation %d: %w", len(ak), next, err)
 	}
 
 	info, err := ebpf.NewMap(e.specs.Maps["policy_current"].InnerMap)
@@ -255,10 +267,32 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	}
 	// The switch. It returns after an RCU grace period, so from here on no
 	// decision reads the previous slot.
+	written := time.Now()
 	if err := e.objs.PolicyCurrent.Put(uint32(0), info); err != nil {
 		return 0, fmt.Errorf("switch to generation %d: %w", next, err)
 	}
+	e.opts.Log.Debug("generation applied", "generation", next, "slot", slot, "rules", len(rk), "port_ranges", len(t.ports),
+		"app_bindings", len(ak), "encode", encoded.Sub(start), "clear", cleared.Sub(encoded), "write", written.Sub(cleared),
+		"switch", time.Since(written))
+	// No decision reads the old slot any more: empty it now, in the
+	// background, so that the next Apply finds it ready.
+	if ok {
+		old := cur.Slot & 1
+		done := make(chan error, 1)
+		e.clearing = done
+		go func() { done <- e.clearSlot(old) }()
+	}
 	return next, nil
+}
+
+// waitClear waits for the background clear begun by the last Apply.
+func (e *Enforcer) waitClear() error {
+	if e.clearing == nil {
+		return nil
+	}
+	err := <-e.clearing
+	e.clearing = nil
+	return err
 }
 
 // clearSlot deletes a slot's entries, by the keys this process wrote or, for
@@ -271,17 +305,13 @@ func (e *Enforcer) clearSlot(slot uint32) error {
 			return err
 		}
 	}
-	for _, k := range keys.rules {
-		if err := e.objs.Rules.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("clear rules of slot %d: %w", slot, err)
-		}
+	if err := deleteBatch(e.objs.Rules, keys.rules); err != nil {
+		return fmt.Errorf("clear rules of slot %d: %w", slot, err)
 	}
-	for _, k := range keys.apps {
-		if err := e.objs.AppByCgroup.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("clear app bindings of slot %d: %w", slot, err)
-		}
+	if err := deleteBatch(e.objs.AppByCgroup, keys.apps); err != nil {
+		return fmt.Errorf("clear app bindings of slot %d: %w", slot, err)
 	}
-	e.written[slot] = nil
+	e.written[slot] = &slotKeys{} // known empty
 	return nil
 }
 
@@ -312,6 +342,46 @@ func (e *Enforcer) scanSlot(slot uint32) (*slotKeys, error) {
 		return nil, fmt.Errorf("walk app bindings: %w", err)
 	}
 	return keys, nil
+}
+
+// putBatch writes entries with BPF_MAP_UPDATE_BATCH (one syscall; LPM tries
+// have it since 6.x), or one by one where the kernel lacks it.
+func putBatch[K, V any](m *ebpf.Map, keys []K, values []V) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	_, err := m.BatchUpdate(keys, values, nil)
+	if !errors.Is(err, ebpf.ErrNotSupported) {
+		return err
+	}
+	for i := range keys {
+		if err := m.Put(&keys[i], &values[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// deleteBatch deletes keys; keys already gone are fine.
+func deleteBatch[K any](m *ebpf.Map, keys []K) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	_, err := m.BatchDelete(keys, nil)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, ebpf.ErrNotSupported) && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return err
+	}
+	// One by one: either the kernel lacks batch deletes, or the batch
+	// stopped at a missing key.
+	for i := range keys {
+		if err := m.Delete(&keys[i]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return err
+		}
+	}
+	return nil
 }
 
 // Counters returns the kernel's per-app counters, summed over CPUs: for each
@@ -399,4 +469,15 @@ func checkBPFFS(dir string) error {
 		return fmt.Errorf("create BPF pin directory %s: %w", dir, err)
 	}
 	return nil
+}
+
+// splitKV turns a map into parallel key and value slices for batch calls.
+func splitKV[K comparable, V any](m map[K]V) ([]K, []V) {
+	ks := make([]K, 0, len(m))
+	vs := make([]V, 0, len(m))
+	for k, v := range m {
+		ks = append(ks, k)
+		vs = append(vs, v)
+	}
+	return ks, vs
 }

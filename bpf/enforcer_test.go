@@ -1,13 +1,16 @@
 package bpf
 
 import (
+	"log/slog"
 	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/procgate/procgate/cgroups"
 	"github.com/procgate/procgate/internal/nstest"
@@ -52,7 +55,7 @@ func newWorld(t *testing.T, apps ...string) *world {
 	}
 	w.cgroups["/unbound"] = nstest.ChildCgroup(t, w.root, "unbound")
 	bpffs := nstest.BPFFS(t)
-	w.e, err = Open(Options{BPFDir: filepath.Join(bpffs, "procgate"), CgroupDir: w.root})
+	w.e, err = Open(Options{BPFDir: filepath.Join(bpffs, "procgate"), CgroupDir: w.root, Log: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -252,4 +255,71 @@ func TestReloadIsAtomic(t *testing.T) {
 			t.Errorf("app %q made only %d attempts: the loop did not overlap the reloads", l.app, l.tries.Load())
 		}
 	}
+}
+
+// TestMillionPrefixes checks the maps hold a policy of 1,000,000 internal
+// prefixes and 100,000 grants, that it decides right, and that a reload of
+// it replaces it whole.
+func TestMillionPrefixes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: large policy")
+	}
+	w := newWorld(t, "big")
+	rs := &ruleset.Ruleset{Apps: []ruleset.App{{Name: "big"}}}
+	for i := range 1_000_000 {
+		// 10.x.y.z/32 for i in [0, 1M): 10.0.0.0 .. 10.15.66.63
+		a := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+		rs.Internal = append(rs.Internal, ruleset.InternalPrefix{Prefix: netip.PrefixFrom(a, 32)})
+		if i%10 == 0 {
+			rs.Apps[0].Grants = append(rs.Apps[0].Grants, ruleset.Grant{Index: i / 10, Prefix: netip.PrefixFrom(a, 32), Proto: ruleset.TCP, Ports: []ruleset.PortRange{{Lo: 443, Hi: 443}}})
+		}
+	}
+	start := time.Now()
+	w.apply(rs)
+	t.Logf("applied 1,000,000 prefixes and 100,000 grants in %v", time.Since(start))
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	big, unbound := w.prober("big"), w.prober("")
+	for _, tc := range []struct {
+		p    *probe.Prober
+		addr string
+		port uint16
+		want probe.Verdict
+	}{
+		{big, "10.0.0.10", 443, probe.Allowed},
+		{big, "10.15.66.54", 443, probe.Allowed}, // i = 999,990
+		{big, "10.15.66.61", 443, probe.Denied},  // internal, no grant
+		{big, "10.0.0.10", 444, probe.Denied},
+		{big, "10.15.66.64", 443, probe.Allowed}, // past the last internal prefix
+		{unbound, "10.7.7.7", 443, probe.Denied},
+	} {
+		d := ruleset.Dest{Addr: netip.MustParseAddr(tc.addr), Proto: ruleset.TCP, Port: tc.port}
+		if got, err := tc.p.Try(d, probe.Connect); err != nil || got != tc.want {
+			t.Errorf("%s: got %v %v, want %v", d, got, err, tc.want)
+		}
+	}
+	// Reload to a small policy: the big one must be gone, not merged.
+	start = time.Now()
+	w.apply(&ruleset.Ruleset{Internal: []ruleset.InternalPrefix{{Prefix: netip.MustParsePrefix("192.168.0.0/16")}}, Apps: []ruleset.App{{Name: "big"}}})
+	w.apply(&ruleset.Ruleset{Internal: []ruleset.InternalPrefix{{Prefix: netip.MustParsePrefix("192.168.0.0/16")}}, Apps: []ruleset.App{{Name: "big"}}})
+	t.Logf("replaced it twice with a small policy in %v", time.Since(start))
+	if got, _ := unbound.Try(ruleset.Dest{Addr: netip.MustParseAddr("10.7.7.7"), Proto: ruleset.TCP, Port: 443}, probe.Connect); got != probe.Allowed {
+		t.Errorf("old internal prefix still enforced after reload: %v", got)
+	}
+	if got, _ := unbound.Try(ruleset.Dest{Addr: netip.MustParseAddr("192.168.1.1"), Proto: ruleset.TCP, Port: 443}, probe.Connect); got != probe.Denied {
+		t.Errorf("new internal prefix not enforced: %v", got)
+	}
+}
+
+// testLogger sends the enforcer's log to the test log.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
 }
