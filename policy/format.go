@@ -1,0 +1,194 @@
+package policy
+
+import (
+	"bytes"
+	"fmt"
+	"reflect"
+	"strconv"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/procgate/procgate/ruleset"
+)
+
+// Format writes rs as policy YAML such that Parse reads back rs apart from
+// Source. rs must be in the form Parse produces (masked 4-byte IPv4 prefixes,
+// ports sorted and deduplicated, grant indexes equal to positions, names and
+// paths valid, AuditRate in range); otherwise Format says what differs instead
+// of writing a file that would mean something else.
+func Format(rs *ruleset.Ruleset) ([]byte, error) {
+	if rs == nil {
+		return nil, fmt.Errorf("format policy: no ruleset")
+	}
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(policyNode(rs)); err != nil {
+		return nil, fmt.Errorf("encode policy: %w", err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("encode policy: %w", err)
+	}
+	out := buf.Bytes()
+	back, _, err := Parse("formatted", out)
+	if err != nil {
+		return nil, fmt.Errorf("ruleset cannot be written as a policy:\n%w", err)
+	}
+	if d := diff(rs, back); d != "" {
+		return nil, fmt.Errorf("ruleset is not in the form a policy compiles to: %s", d)
+	}
+	return out, nil
+}
+
+func scalar(tag, v string) *yaml.Node { return &yaml.Node{Kind: yaml.ScalarNode, Tag: tag, Value: v} }
+func text(v string) *yaml.Node        { return scalar("!!str", v) }
+func number(v int) *yaml.Node         { return scalar("!!int", strconv.Itoa(v)) }
+
+func mapping(style yaml.Style, kv ...*yaml.Node) *yaml.Node {
+	return &yaml.Node{Kind: yaml.MappingNode, Style: style, Content: kv}
+}
+
+func flowList[T any](items []T, node func(T) *yaml.Node) *yaml.Node {
+	n := &yaml.Node{Kind: yaml.SequenceNode, Style: yaml.FlowStyle, Content: []*yaml.Node{}}
+	for _, it := range items {
+		n.Content = append(n.Content, node(it))
+	}
+	return n
+}
+
+func policyNode(rs *ruleset.Ruleset) *yaml.Node {
+	internal := mapping(0, text("prefixes"), flowList(rs.Internal, func(p ruleset.InternalPrefix) *yaml.Node {
+		return text(p.Prefix.String())
+	}))
+	if len(rs.Interfaces) > 0 {
+		internal.Content = append(internal.Content, text("interfaces"), flowList(rs.Interfaces, text))
+	}
+	top := mapping(0, text("version"), number(Version), text("internal"), internal)
+	if rs.AuditRate != DefaultAuditRate {
+		top.Content = append(top.Content, text("audit"), mapping(0, text("rate"), number(int(rs.AuditRate))))
+	}
+	apps := &yaml.Node{Kind: yaml.SequenceNode, Content: []*yaml.Node{}}
+	for _, a := range rs.Apps {
+		apps.Content = append(apps.Content, appNode(a))
+	}
+	top.Content = append(top.Content, text("apps"), apps)
+	return top
+}
+
+func appNode(a ruleset.App) *yaml.Node {
+	n := mapping(0, text("name"), text(a.Name))
+	if len(a.Exe) > 0 {
+		n.Content = append(n.Content, text("exe"), exeNode(a.Exe))
+	}
+	if len(a.Users) > 0 {
+		n.Content = append(n.Content, text("users"), flowList(a.Users, text))
+	}
+	if a.AuditAllow {
+		n.Content = append(n.Content, text("audit"), text("all"))
+	}
+	allow := &yaml.Node{Kind: yaml.SequenceNode, Content: []*yaml.Node{}}
+	if len(a.Grants) == 0 {
+		allow.Style = yaml.FlowStyle
+	}
+	for _, g := range a.Grants {
+		allow.Content = append(allow.Content, grantNode(g))
+	}
+	n.Content = append(n.Content, text("allow"), allow)
+	return n
+}
+
+// exeNode writes a flow list of paths when no exe is pinned by hash, and a
+// block list (with one {path, sha256} per line) when one is.
+func exeNode(exes []ruleset.Exe) *yaml.Node {
+	item := func(e ruleset.Exe) *yaml.Node {
+		if e.SHA256 == "" {
+			return text(e.Path)
+		}
+		return mapping(yaml.FlowStyle, text("path"), text(e.Path), text("sha256"), text(e.SHA256))
+	}
+	n := flowList(exes, item)
+	for _, e := range exes {
+		if e.SHA256 != "" {
+			n.Style = 0
+		}
+	}
+	return n
+}
+
+func grantNode(g ruleset.Grant) *yaml.Node {
+	n := mapping(0, text("to"), text(g.Prefix.String()))
+	switch g.Proto {
+	case ruleset.Both:
+	case ruleset.TCP:
+		n.Content = append(n.Content, text("proto"), text("tcp"))
+	case ruleset.UDP:
+		n.Content = append(n.Content, text("proto"), text("udp"))
+	default:
+		// Unrepresentable; written as is so that the read-back check names it.
+		n.Content = append(n.Content, text("proto"), text(g.Proto.String()))
+	}
+	if len(g.Ports) != 1 || g.Ports[0] != ruleset.AllPorts {
+		n.Content = append(n.Content, text("ports"), flowList(g.Ports, func(r ruleset.PortRange) *yaml.Node {
+			if r.Lo == r.Hi {
+				return number(int(r.Lo))
+			}
+			return text(r.String())
+		}))
+	}
+	return n
+}
+
+// diff names the first part of want that reads back differently, or "".
+func diff(want, got *ruleset.Ruleset) string {
+	a, b := withoutSources(want), withoutSources(got)
+	type part struct {
+		name      string
+		want, got any
+	}
+	parts := []part{
+		{"internal prefixes", a.Internal, b.Internal},
+		{"interfaces", a.Interfaces, b.Interfaces},
+		{"audit rate", a.AuditRate, b.AuditRate},
+		{"number of apps", len(a.Apps), len(b.Apps)},
+	}
+	for _, p := range parts {
+		if !reflect.DeepEqual(p.want, p.got) {
+			return fmt.Sprintf("%s %v reads back as %v", p.name, p.want, p.got)
+		}
+	}
+	for i := range a.Apps {
+		if !reflect.DeepEqual(a.Apps[i], b.Apps[i]) {
+			return fmt.Sprintf("apps[%d] %+v reads back as %+v", i, a.Apps[i], b.Apps[i])
+		}
+	}
+	return ""
+}
+
+// withoutSources returns a copy of rs without sources and with empty lists as nil,
+// the form in which a ruleset and its formatted read-back must be equal.
+func withoutSources(rs *ruleset.Ruleset) *ruleset.Ruleset {
+	c := rs.Clone()
+	for i := range c.Internal {
+		c.Internal[i].Source = ruleset.Source{}
+	}
+	c.Internal = nilIfEmpty(c.Internal)
+	c.Interfaces = nilIfEmpty(c.Interfaces)
+	c.Apps = nilIfEmpty(c.Apps)
+	for i := range c.Apps {
+		a := &c.Apps[i]
+		a.Source = ruleset.Source{}
+		a.Exe, a.Users, a.Grants = nilIfEmpty(a.Exe), nilIfEmpty(a.Users), nilIfEmpty(a.Grants)
+		for j := range a.Grants {
+			a.Grants[j].Source = ruleset.Source{}
+			a.Grants[j].Ports = nilIfEmpty(a.Grants[j].Ports)
+		}
+	}
+	return c
+}
+
+func nilIfEmpty[T any](s []T) []T {
+	if len(s) == 0 {
+		return nil
+	}
+	return s
+}

@@ -1,0 +1,777 @@
+// Package policy reads procgate's YAML policy (version 1, see DESIGN.md and
+// procgate.schema.json), checks it, and compiles it to a *ruleset.Ruleset.
+//
+// Parsing walks the YAML node tree by hand instead of decoding into structs:
+// only the node tree knows the line and column of every value, and a walk can
+// report every mistake in the file at once instead of stopping at the first.
+package policy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/procgate/procgate/ruleset"
+)
+
+// Version is the only policy format version this package reads.
+const Version = 1
+
+// Audit rate bounds: events per second per app that the kernel may emit.
+const (
+	DefaultAuditRate = 100
+	MaxAuditRate     = 1000000
+)
+
+// The keys each mapping accepts. They are the single list the parser checks
+// keys against, and the schema test compares procgate.schema.json to them, so
+// the schema cannot drift from the parser.
+var (
+	topKeys      = []string{"version", "internal", "audit", "apps"}
+	internalKeys = []string{"prefixes", "interfaces"}
+	auditKeys    = []string{"rate"}
+	appKeys      = []string{"name", "exe", "users", "audit", "allow"}
+	exeKeys      = []string{"path", "sha256"}
+	grantKeys    = []string{"to", "proto", "ports"}
+)
+
+// Patterns shared with procgate.schema.json (the schema test checks they match).
+const (
+	namePattern = `^[a-z0-9][a-z0-9._-]{0,62}$`
+	userPattern = `^@?[a-z_][a-z0-9_.-]*\$?$`
+)
+
+var (
+	nameRE = regexp.MustCompile(namePattern)
+	userRE = regexp.MustCompile(userPattern)
+)
+
+// Error is one mistake in a policy file. Line and Col are 1-based; 0 means
+// unknown. Field is the path of the value, such as apps[0].allow[1].ports[2].
+type Error struct {
+	File      string
+	Line, Col int
+	Field     string
+	Msg       string
+}
+
+func (e Error) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		b.WriteString(":" + strconv.Itoa(e.Line))
+		if e.Col > 0 {
+			b.WriteString(":" + strconv.Itoa(e.Col))
+		}
+	}
+	b.WriteString(": ")
+	if e.Field != "" {
+		b.WriteString(e.Field + ": ")
+	}
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+// Errors is every mistake found in one policy file, in file order.
+type Errors struct {
+	List []Error
+}
+
+// Error prints one mistake per line.
+func (e *Errors) Error() string {
+	lines := make([]string, len(e.List))
+	for i, err := range e.List {
+		lines[i] = err.Error()
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Warning is something legal that is probably not what the author meant.
+type Warning struct {
+	File  string
+	Line  int
+	Field string
+	Msg   string
+}
+
+func (w Warning) String() string {
+	return w.File + ":" + strconv.Itoa(w.Line) + ": " + w.Field + ": " + w.Msg
+}
+
+// Load reads and compiles the policy file at path.
+func Load(path string) (*ruleset.Ruleset, []Warning, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read policy %s: %w", path, err)
+	}
+	return Parse(path, data)
+}
+
+// Parse compiles policy text; file names it in errors, warnings and sources.
+// On failure the error is an *Errors holding every mistake found, and the
+// warnings found so far are still returned.
+func Parse(file string, data []byte) (*ruleset.Ruleset, []Warning, error) {
+	p := &parser{file: file}
+	var rs *ruleset.Ruleset
+	if root := p.document(data); root != nil {
+		rs = p.policy(root)
+	}
+	if len(p.errs) > 0 {
+		slices.SortStableFunc(p.errs, func(a, b Error) int {
+			if a.Line != b.Line {
+				return a.Line - b.Line
+			}
+			return a.Col - b.Col
+		})
+		return nil, p.warns, &Errors{List: p.errs}
+	}
+	return rs, p.warns, nil
+}
+
+type parser struct {
+	file  string
+	errs  []Error
+	warns []Warning
+}
+
+func (p *parser) errorf(n *yaml.Node, field, format string, args ...any) {
+	e := Error{File: p.file, Field: field, Msg: fmt.Sprintf(format, args...)}
+	if n != nil {
+		e.Line, e.Col = n.Line, n.Column
+	}
+	p.errs = append(p.errs, e)
+}
+
+func (p *parser) warnf(n *yaml.Node, field, format string, args ...any) {
+	p.warns = append(p.warns, Warning{File: p.file, Line: n.Line, Field: field, Msg: fmt.Sprintf(format, args...)})
+}
+
+var yamlLineRE = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
+
+// document decodes the one YAML document of a policy and returns its root
+// node, or nil after recording why it cannot.
+func (p *parser) document(data []byte) *yaml.Node {
+	docs, err := decode(data)
+	if err != nil {
+		p.yamlError(data, err)
+		return nil
+	}
+	if len(docs) == 0 || len(docs[0].Content) != 1 {
+		p.errorf(nil, "", "empty policy; want at least \"version: %d\"", Version)
+		return nil
+	}
+	if len(docs) > 1 {
+		// Reported, and the first document still checked: a stray "---"
+		// should not hide the other mistakes.
+		p.errorf(docs[1], "", "more than one YAML document; a policy is one document")
+	}
+	return docs[0].Content[0]
+}
+
+// decode returns the first two documents of data (two are enough to know
+// that there are too many).
+func decode(data []byte) (docs []*yaml.Node, err error) {
+	// yaml.v3 is third-party code fed with untrusted text: a panic in it must
+	// become an error in the file, not a crash of the daemon reloading it.
+	defer func() {
+		if r := recover(); r != nil {
+			docs, err = nil, fmt.Errorf("yaml: parser failed: %v", r)
+		}
+	}()
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	for len(docs) < 2 {
+		var doc yaml.Node
+		if err := dec.Decode(&doc); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return nil, err
+		}
+		docs = append(docs, &doc)
+	}
+	return docs, nil
+}
+
+// splitYAMLError returns the line a yaml.v3 syntax error names (0 if none)
+// and its message.
+func splitYAMLError(err error) (int, string) {
+	msg := err.Error()
+	if m := yamlLineRE.FindStringSubmatch(msg); m != nil {
+		line, _ := strconv.Atoi(m[1])
+		return line, m[2]
+	}
+	return 0, strings.TrimPrefix(msg, "yaml: ")
+}
+
+// maxErrorScan bounds the prefixes problemLine tries, so that a huge file
+// costs a bounded number of re-parses.
+const maxErrorScan = 64
+
+func (p *parser) yamlError(data []byte, err error) {
+	line, msg := splitYAMLError(err)
+	if line > 0 {
+		line = problemLine(data, line, msg)
+	}
+	p.errs = append(p.errs, Error{File: p.file, Line: line, Msg: "invalid YAML: " + msg})
+}
+
+// problemLine finds the line of a YAML syntax error. For parser errors
+// yaml.v3 names the line before the enclosing construct (a 0-based line of
+// where the construct starts), not the line of the problem, so that an
+// indentation mistake deep in a mapping is reported at the top of the file.
+// The problem is at or after the reported line; it is on the last line of the
+// shortest prefix of the file that fails with the same message.
+func problemLine(data []byte, reported int, msg string) int {
+	lines := bytes.SplitAfter(data, []byte("\n"))
+	for k := reported; k <= len(lines) && k < reported+maxErrorScan; k++ {
+		_, err := decode(bytes.Join(lines[:k], nil))
+		if err == nil {
+			continue
+		}
+		if _, m := splitYAMLError(err); m == msg {
+			return k
+		}
+	}
+	return reported
+}
+
+func join(field, key string) string {
+	if field == "" {
+		return key
+	}
+	return field + "." + key
+}
+
+func index(field string, i int) string { return field + "[" + strconv.Itoa(i) + "]" }
+
+// describe names a node's kind for "want X, not Y" messages.
+func describe(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.MappingNode:
+		return "a mapping"
+	case yaml.SequenceNode:
+		return "a list"
+	case yaml.AliasNode:
+		return "an alias"
+	}
+	if n.ShortTag() == "!!null" {
+		return "null"
+	}
+	return strconv.Quote(n.Value)
+}
+
+// fields checks that n is a mapping whose keys are all in keys, each once, and
+// returns the value node of each key present. ok is false when n is not a
+// mapping at all, so that callers do not pile "missing" errors on top.
+func (p *parser) fields(n *yaml.Node, field string, keys []string) (vals map[string]*yaml.Node, ok bool) {
+	if n.Kind != yaml.MappingNode {
+		p.errorf(n, field, "want a mapping with keys %s, not %s", strings.Join(keys, ", "), describe(n))
+		return nil, false
+	}
+	vals = make(map[string]*yaml.Node)
+	keyNodes := make(map[string]*yaml.Node)
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		if k.Kind != yaml.ScalarNode {
+			p.errorf(k, field, "keys must be plain names, not %s", describe(k))
+			continue
+		}
+		name := k.Value
+		switch first, dup := keyNodes[name]; {
+		case dup:
+			p.errorf(k, join(field, name), "duplicate field (first at line %d)", first.Line)
+		case !slices.Contains(keys, name):
+			p.errorf(k, join(field, name), "unknown field; want one of %s", strings.Join(keys, ", "))
+		default:
+			keyNodes[name], vals[name] = k, v
+		}
+	}
+	return vals, true
+}
+
+// require records a missing required key, located at its mapping.
+func (p *parser) require(vals map[string]*yaml.Node, n *yaml.Node, field, key string) bool {
+	if _, ok := vals[key]; !ok {
+		p.errorf(n, join(field, key), "missing (required)")
+		return false
+	}
+	return true
+}
+
+// list returns the items of a sequence node.
+func (p *parser) list(n *yaml.Node, field string) ([]*yaml.Node, bool) {
+	if n.Kind != yaml.SequenceNode {
+		p.errorf(n, field, "want a list, not %s", describe(n))
+		return nil, false
+	}
+	return n.Content, true
+}
+
+// str returns a scalar's text as written. Any plain scalar is taken as text
+// (an app may be called 2024 or yes), but null and custom tags are refused:
+// they are almost always a mistake in a security policy.
+func (p *parser) str(n *yaml.Node, field string) (string, bool) {
+	if n.Kind != yaml.ScalarNode {
+		p.errorf(n, field, "want a string, not %s", describe(n))
+		return "", false
+	}
+	switch n.ShortTag() {
+	case "!!str", "!!int", "!!float", "!!bool", "!!timestamp":
+		return n.Value, true
+	case "!!null":
+		p.errorf(n, field, "want a string, not null")
+	default:
+		p.errorf(n, field, "unsupported YAML tag %s", n.Tag)
+	}
+	return "", false
+}
+
+// integer returns an !!int scalar's value.
+func (p *parser) integer(n *yaml.Node, field string) (int64, bool) {
+	var v int64
+	if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!int" || n.Decode(&v) != nil {
+		p.errorf(n, field, "want an integer, not %s", describe(n))
+		return 0, false
+	}
+	return v, true
+}
+
+// seen remembers the line of the first occurrence of each value in a list, to
+// report repeats with both places.
+type seen map[string]int
+
+func (p *parser) once(s seen, n *yaml.Node, field, what, key string) bool {
+	if first, dup := s[key]; dup {
+		p.errorf(n, field, "duplicate %s %s (first at line %d)", what, key, first)
+		return false
+	}
+	s[key] = n.Line
+	return true
+}
+
+func (p *parser) source(n *yaml.Node) ruleset.Source {
+	return ruleset.Source{File: p.file, Line: n.Line}
+}
+
+// grantCheck is a grant kept for the pass after the whole file is read, when
+// the internal prefixes are known wherever they were written.
+type grantCheck struct {
+	to     *yaml.Node
+	field  string
+	prefix netip.Prefix
+}
+
+func (p *parser) policy(root *yaml.Node) *ruleset.Ruleset {
+	vals, ok := p.fields(root, "", topKeys)
+	if !ok {
+		return nil
+	}
+	rs := &ruleset.Ruleset{AuditRate: DefaultAuditRate}
+	if p.require(vals, root, "", "version") {
+		if v, ok := p.integer(vals["version"], "version"); ok && v != Version {
+			p.errorf(vals["version"], "version", "unsupported version %d; want %d", v, Version)
+		}
+	}
+	internalOK := false
+	if p.require(vals, root, "", "internal") {
+		before := len(p.errs)
+		rs.Internal, rs.Interfaces = p.internal(vals["internal"], "internal")
+		internalOK = len(p.errs) == before
+		if internalOK && len(rs.Internal) == 0 && len(rs.Interfaces) == 0 {
+			p.warnf(vals["internal"], "internal", "no prefixes and no interfaces: nothing is internal, so the policy denies nothing")
+		}
+	}
+	if n, ok := vals["audit"]; ok {
+		rs.AuditRate = p.audit(n, "audit")
+	}
+	var checks []grantCheck
+	if n, ok := vals["apps"]; ok {
+		rs.Apps, checks = p.apps(n, "apps")
+	}
+	if internalOK {
+		p.warnOutside(rs, checks)
+	}
+	return rs
+}
+
+// warnOutside flags grants that overlap no internal prefix: they are legal but
+// change nothing, because non-internal destinations are allowed to everyone.
+func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
+	for _, c := range checks {
+		if slices.ContainsFunc(rs.Internal, func(in ruleset.InternalPrefix) bool { return in.Prefix.Overlaps(c.prefix) }) {
+			continue
+		}
+		if len(rs.Interfaces) > 0 {
+			p.warnf(c.to, c.field, "%s is outside every internal prefix; it has an effect only where routes via %s make it internal",
+				c.prefix, strings.Join(rs.Interfaces, ", "))
+		} else {
+			p.warnf(c.to, c.field, "%s is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)", c.prefix)
+		}
+	}
+}
+
+func (p *parser) internal(n *yaml.Node, field string) (prefixes []ruleset.InternalPrefix, ifaces []string) {
+	vals, ok := p.fields(n, field, internalKeys)
+	if !ok {
+		return nil, nil
+	}
+	if n, ok := vals["prefixes"]; ok {
+		items, _ := p.list(n, join(field, "prefixes"))
+		dups := seen{}
+		for i, item := range items {
+			f := index(join(field, "prefixes"), i)
+			if pf, ok := p.prefix(item, f); ok && p.once(dups, item, f, "prefix", pf.String()) {
+				prefixes = append(prefixes, ruleset.InternalPrefix{Prefix: pf, Source: p.source(item)})
+			}
+		}
+	}
+	if n, ok := vals["interfaces"]; ok {
+		items, _ := p.list(n, join(field, "interfaces"))
+		dups := seen{}
+		for i, item := range items {
+			f := index(join(field, "interfaces"), i)
+			name, ok := p.str(item, f)
+			if !ok {
+				continue
+			}
+			if msg := checkInterface(name); msg != "" {
+				p.errorf(item, f, "%s", msg)
+			} else if p.once(dups, item, f, "interface", name) {
+				ifaces = append(ifaces, name)
+			}
+		}
+	}
+	return prefixes, ifaces
+}
+
+// checkInterface applies the kernel's rules for a link name (dev_valid_name):
+// 1 to 15 bytes, not "." or "..", no '/', ':' or whitespace.
+func checkInterface(name string) string {
+	bad := len(name) == 0 || len(name) > 15 || name == "." || name == ".." ||
+		strings.ContainsAny(name, "/: \t\n\v\f\r")
+	if bad {
+		return fmt.Sprintf("invalid interface name %q: want 1-15 characters, no '/', ':' or whitespace", name)
+	}
+	return ""
+}
+
+func (p *parser) audit(n *yaml.Node, field string) uint32 {
+	vals, ok := p.fields(n, field, auditKeys)
+	if !ok {
+		return DefaultAuditRate
+	}
+	if n, ok := vals["rate"]; ok {
+		f := join(field, "rate")
+		if v, ok := p.integer(n, f); ok {
+			if v < 1 || v > MaxAuditRate {
+				p.errorf(n, f, "rate %d out of range 1-%d", v, MaxAuditRate)
+			} else {
+				return uint32(v)
+			}
+		}
+	}
+	return DefaultAuditRate
+}
+
+func (p *parser) apps(n *yaml.Node, field string) (apps []ruleset.App, checks []grantCheck) {
+	items, _ := p.list(n, field)
+	names := seen{}
+	for i, item := range items {
+		f := index(field, i)
+		app, c, ok := p.app(item, f, names)
+		if ok {
+			apps = append(apps, app)
+		}
+		checks = append(checks, c...)
+	}
+	return apps, checks
+}
+
+func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []grantCheck, bool) {
+	app := ruleset.App{Source: p.source(n)}
+	vals, ok := p.fields(n, field, appKeys)
+	if !ok {
+		return app, nil, false
+	}
+	if p.require(vals, n, field, "name") {
+		f := join(field, "name")
+		if name, ok := p.str(vals["name"], f); ok {
+			if !nameRE.MatchString(name) {
+				p.errorf(vals["name"], f, "invalid app name %q: want %s", name, namePattern)
+			} else if first, dup := names[name]; dup {
+				p.errorf(vals["name"], f, "duplicate app %q (first at line %d)", name, first)
+			} else {
+				names[name] = vals["name"].Line
+				app.Name = name
+			}
+		}
+	}
+	if n, ok := vals["exe"]; ok {
+		app.Exe = p.exes(n, join(field, "exe"))
+	}
+	if n, ok := vals["users"]; ok {
+		app.Users = p.users(n, join(field, "users"))
+	}
+	if n, ok := vals["audit"]; ok {
+		f := join(field, "audit")
+		if mode, ok := p.str(n, f); ok {
+			switch mode {
+			case "deny":
+			case "all":
+				app.AuditAllow = true
+			default:
+				p.errorf(n, f, "invalid audit mode %q: want deny or all", mode)
+			}
+		}
+	}
+	var checks []grantCheck
+	if n, ok := vals["allow"]; ok {
+		f := join(field, "allow")
+		items, _ := p.list(n, f)
+		for i, item := range items {
+			g, c, ok := p.grant(item, index(f, i))
+			if ok {
+				g.Index = i
+				app.Grants = append(app.Grants, g)
+				checks = append(checks, c)
+			}
+		}
+	}
+	return app, checks, true
+}
+
+func (p *parser) exes(n *yaml.Node, field string) []ruleset.Exe {
+	items, _ := p.list(n, field)
+	var exes []ruleset.Exe
+	dups := seen{}
+	for i, item := range items {
+		f := index(field, i)
+		exe, ok := p.exe(item, f)
+		key := exe.Path
+		if exe.SHA256 != "" {
+			key += " sha256 " + exe.SHA256
+		}
+		if ok && p.once(dups, item, f, "exe", key) {
+			exes = append(exes, exe)
+		}
+	}
+	return exes
+}
+
+// exe reads an exe item: a path, or {path, sha256}.
+func (p *parser) exe(n *yaml.Node, field string) (ruleset.Exe, bool) {
+	pathNode, pathField := n, field
+	var exe ruleset.Exe
+	ok := true
+	if n.Kind == yaml.MappingNode {
+		vals, _ := p.fields(n, field, exeKeys)
+		if !p.require(vals, n, field, "path") {
+			return exe, false
+		}
+		pathNode, pathField = vals["path"], join(field, "path")
+		if h, present := vals["sha256"]; present {
+			exe.SHA256, ok = p.sha256(h, join(field, "sha256"))
+		}
+	}
+	s, strOK := p.str(pathNode, pathField)
+	if !strOK {
+		return exe, false
+	}
+	switch {
+	case !path.IsAbs(s) || strings.ContainsRune(s, 0):
+		p.errorf(pathNode, pathField, "exe path %q must be absolute", s)
+		return exe, false
+	case path.Clean(s) != s:
+		p.errorf(pathNode, pathField, "exe path %q is not clean; did you mean %s?", s, path.Clean(s))
+		return exe, false
+	}
+	exe.Path = s
+	return exe, ok
+}
+
+func (p *parser) sha256(n *yaml.Node, field string) (string, bool) {
+	s, ok := p.str(n, field)
+	if !ok {
+		return "", false
+	}
+	h := strings.ToLower(s)
+	if len(h) != 64 || strings.Trim(h, "0123456789abcdef") != "" {
+		p.errorf(n, field, "invalid sha256 %q: want 64 hex digits", s)
+		return "", false
+	}
+	return h, true
+}
+
+func (p *parser) users(n *yaml.Node, field string) []string {
+	items, _ := p.list(n, field)
+	var users []string
+	dups := seen{}
+	for i, item := range items {
+		f := index(field, i)
+		u, ok := p.str(item, f)
+		if !ok {
+			continue
+		}
+		if !userRE.MatchString(u) {
+			p.errorf(item, f, "invalid user %q: want a user name or @group", u)
+		} else if p.once(dups, item, f, "user", u) {
+			users = append(users, u)
+		}
+	}
+	return users
+}
+
+func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, bool) {
+	g := ruleset.Grant{Proto: ruleset.Both, Ports: []ruleset.PortRange{ruleset.AllPorts}, Source: p.source(n)}
+	var c grantCheck
+	vals, ok := p.fields(n, field, grantKeys)
+	if !ok {
+		return g, c, false
+	}
+	before := len(p.errs)
+	if p.require(vals, n, field, "to") {
+		c = grantCheck{to: vals["to"], field: join(field, "to")}
+		c.prefix, _ = p.prefix(vals["to"], c.field)
+		g.Prefix = c.prefix
+	}
+	if n, ok := vals["proto"]; ok {
+		f := join(field, "proto")
+		if s, ok := p.str(n, f); ok {
+			switch s {
+			case "tcp":
+				g.Proto = ruleset.TCP
+			case "udp":
+				g.Proto = ruleset.UDP
+			case "both":
+				g.Proto = ruleset.Both
+			default:
+				p.errorf(n, f, "invalid proto %q: want tcp, udp or both (omit for both)", s)
+			}
+		}
+	}
+	if n, ok := vals["ports"]; ok {
+		g.Ports = p.ports(n, join(field, "ports"))
+	}
+	return g, c, len(p.errs) == before
+}
+
+func (p *parser) ports(n *yaml.Node, field string) []ruleset.PortRange {
+	items, ok := p.list(n, field)
+	if ok && len(items) == 0 {
+		p.errorf(n, field, "empty port list; omit ports for all ports")
+	}
+	var out []ruleset.PortRange
+	for i, item := range items {
+		if r, ok := p.portRange(item, index(field, i)); ok {
+			out = append(out, r)
+		}
+	}
+	// Exact as written: sorted and deduplicated, never merged or widened.
+	slices.SortFunc(out, func(a, b ruleset.PortRange) int {
+		if a.Lo != b.Lo {
+			return int(a.Lo) - int(b.Lo)
+		}
+		return int(a.Hi) - int(b.Hi)
+	})
+	return slices.Compact(out)
+}
+
+// portRange reads a port (an integer, or its digits as a string) or a range
+// "lo-hi".
+func (p *parser) portRange(n *yaml.Node, field string) (ruleset.PortRange, bool) {
+	if n.Kind == yaml.ScalarNode && n.ShortTag() == "!!int" {
+		v, ok := p.integer(n, field)
+		if !ok {
+			return ruleset.PortRange{}, false
+		}
+		if v < 0 || v > 65535 {
+			p.errorf(n, field, "port %s out of range 0-65535", n.Value)
+			return ruleset.PortRange{}, false
+		}
+		return ruleset.PortRange{Lo: uint16(v), Hi: uint16(v)}, true
+	}
+	if n.Kind != yaml.ScalarNode {
+		p.errorf(n, field, "want a port or a range \"lo-hi\", not %s", describe(n))
+		return ruleset.PortRange{}, false
+	}
+	s, ok := p.str(n, field)
+	if !ok {
+		return ruleset.PortRange{}, false
+	}
+	loText, hiText, isRange := strings.Cut(s, "-")
+	if !isRange {
+		hiText = loText
+	}
+	if !digits(loText) || !digits(hiText) {
+		p.errorf(n, field, "invalid port %q: want a number 0-65535 or a range \"lo-hi\"", s)
+		return ruleset.PortRange{}, false
+	}
+	var bounds [2]uint16
+	for i, t := range []string{loText, hiText} {
+		v, err := strconv.ParseUint(t, 10, 16)
+		if err != nil {
+			p.errorf(n, field, "port %s out of range 0-65535", t)
+			return ruleset.PortRange{}, false
+		}
+		bounds[i] = uint16(v)
+	}
+	if lo, hi := bounds[0], bounds[1]; lo <= hi {
+		return ruleset.PortRange{Lo: lo, Hi: hi}, true
+	}
+	p.errorf(n, field, "port range %s is reversed; did you mean %d-%d?", s, bounds[1], bounds[0])
+	return ruleset.PortRange{}, false
+}
+
+func digits(s string) bool { return s != "" && strings.Trim(s, "0123456789") == "" }
+
+// prefix reads a prefix or a bare address (a full-length prefix). IPv4-mapped
+// IPv6 prefixes of /96 or longer become IPv4, as the kernel hooks decide
+// mapped addresses as IPv4. Host bits must be clear: 10.1.2.3/24 is more often
+// a typo for a host than a deliberate network.
+func (p *parser) prefix(n *yaml.Node, field string) (netip.Prefix, bool) {
+	s, ok := p.str(n, field)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	pf, msg := parsePrefix(s)
+	if msg != "" {
+		p.errorf(n, field, "%s", msg)
+		return netip.Prefix{}, false
+	}
+	return pf, true
+}
+
+func parsePrefix(s string) (netip.Prefix, string) {
+	var pf netip.Prefix
+	if strings.Contains(s, "/") {
+		var err error
+		if pf, err = netip.ParsePrefix(s); err != nil {
+			return pf, fmt.Sprintf("invalid prefix %q: want ADDRESS/BITS or an address", s)
+		}
+	} else {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return pf, fmt.Sprintf("invalid address %q: want ADDRESS/BITS or an address", s)
+		}
+		if a.Zone() != "" {
+			return pf, fmt.Sprintf("invalid address %q: zones are not allowed", s)
+		}
+		pf = netip.PrefixFrom(a, a.BitLen())
+	}
+	if pf.Addr().Is4In6() && pf.Bits() >= 96 {
+		pf = netip.PrefixFrom(pf.Addr().Unmap(), pf.Bits()-96)
+	}
+	if m := pf.Masked(); m != pf {
+		return pf, fmt.Sprintf("host bits set in %s; did you mean %s?", s, m)
+	}
+	return pf, ""
+}

@@ -1,0 +1,352 @@
+package policy
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/procgate/procgate/ruleset"
+)
+
+func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+func ports(rs ...ruleset.PortRange) []ruleset.PortRange { return rs }
+
+func port1(p uint16) ruleset.PortRange { return ruleset.PortRange{Lo: p, Hi: p} }
+
+var allPorts = ports(ruleset.AllPorts)
+
+const hash = "3f79bb7b435b05321651daefd374cdc681dc06faa65e374e38337b88ca046dea"
+
+func TestLoadValid(t *testing.T) {
+	tests := []struct {
+		file  string
+		want  func(src func(int) ruleset.Source) *ruleset.Ruleset
+		warns []string
+	}{
+		{
+			file: "testdata/example.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal: []ruleset.InternalPrefix{
+						{Prefix: pfx("10.0.0.0/8"), Source: src(15)},
+						{Prefix: pfx("172.16.0.0/12"), Source: src(16)},
+						{Prefix: pfx("fd00::/8"), Source: src(17)},
+					},
+					Interfaces: []string{"wg0"},
+					AuditRate:  100,
+					Apps: []ruleset.App{
+						{
+							Name: "psql-prod", Source: src(28),
+							Exe:   []ruleset.Exe{{Path: "/usr/bin/psql"}},
+							Users: []string{"alice", "@dba"},
+							Grants: []ruleset.Grant{
+								{Index: 0, Prefix: pfx("10.1.2.0/24"), Proto: ruleset.TCP, Ports: ports(port1(5432)), Source: src(32)},
+							},
+						},
+						{
+							Name: "intranet-browser", Source: src(38),
+							Exe:        []ruleset.Exe{{Path: "/usr/lib/firefox-esr/firefox-esr", SHA256: hash}},
+							Users:      []string{"@staff"},
+							AuditAllow: true,
+							Grants: []ruleset.Grant{
+								{Index: 0, Prefix: pfx("fd00:1::/64"), Proto: ruleset.Both, Ports: ports(port1(443), ruleset.PortRange{Lo: 8000, Hi: 8100}), Source: src(45)},
+								{Index: 1, Prefix: pfx("10.20.0.10/32"), Proto: ruleset.Both, Ports: allPorts, Source: src(47)},
+							},
+						},
+						{
+							Name: "resolver", Source: src(50),
+							Users: []string{"@users"},
+							Grants: []ruleset.Grant{
+								{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.Both, Ports: ports(port1(53)), Source: src(53)},
+								{Index: 1, Prefix: pfx("10.0.1.53/32"), Proto: ruleset.Both, Ports: ports(port1(53)), Source: src(55)},
+							},
+						},
+						{Name: "quarantine", Source: src(60)},
+					},
+				}
+			},
+		},
+		{
+			file: "testdata/valid/minimal.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal:  []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8"), Source: src(3)}},
+					AuditRate: DefaultAuditRate,
+				}
+			},
+		},
+		{
+			file: "testdata/valid/normalize.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal: []ruleset.InternalPrefix{
+						{Prefix: pfx("10.0.0.0/8"), Source: src(4)},
+						{Prefix: pfx("fd00::/8"), Source: src(4)},
+						{Prefix: pfx("192.168.1.1/32"), Source: src(4)},
+					},
+					AuditRate: MaxAuditRate,
+					Apps: []ruleset.App{{
+						Name: "web.v2_a-b", Source: src(8),
+						Exe:   []ruleset.Exe{{Path: "/opt/web/bin/web"}, {Path: "/opt/web/bin/web", SHA256: hash}},
+						Users: []string{"root", "_svc", "deploy$", "@wheel"},
+						Grants: []ruleset.Grant{
+							{Index: 0, Prefix: pfx("10.9.0.1/32"), Proto: ruleset.UDP, Source: src(15), Ports: ports(
+								port1(80), port1(443), ruleset.PortRange{Lo: 8000, Hi: 8100}, ruleset.PortRange{Lo: 8050, Hi: 8060})},
+							{Index: 1, Prefix: pfx("fd00:1::/64"), Proto: ruleset.Both, Ports: allPorts, Source: src(18)},
+							{Index: 2, Prefix: pfx("10.0.0.0/8"), Proto: ruleset.Both, Ports: allPorts, Source: src(20)},
+						},
+					}},
+				}
+			},
+		},
+		{
+			file: "testdata/valid/warnings.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal:  []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8"), Source: src(11)}},
+					AuditRate: DefaultAuditRate,
+					Apps: []ruleset.App{{
+						Name: "app", Source: src(4),
+						Grants: []ruleset.Grant{
+							{Index: 0, Prefix: pfx("192.0.2.0/24"), Proto: ruleset.Both, Ports: allPorts, Source: src(6)},
+							{Index: 1, Prefix: pfx("0.0.0.0/0"), Proto: ruleset.TCP, Ports: allPorts, Source: src(7)},
+							{Index: 2, Prefix: pfx("2001:db8::1/128"), Proto: ruleset.Both, Ports: allPorts, Source: src(9)},
+						},
+					}},
+				}
+			},
+			warns: []string{
+				"testdata/valid/warnings.yaml:6: apps[0].allow[0].to: 192.0.2.0/24 is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)",
+				"testdata/valid/warnings.yaml:9: apps[0].allow[2].to: 2001:db8::1/128 is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)",
+			},
+		},
+		{
+			file: "testdata/valid/interfaces.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Interfaces: []string{"wg0", "tun.corp-1"},
+					AuditRate:  DefaultAuditRate,
+					Apps: []ruleset.App{{
+						Name: "vpn-client", Source: src(6),
+						Grants: []ruleset.Grant{
+							{Index: 0, Prefix: pfx("198.51.100.0/24"), Proto: ruleset.UDP, Ports: ports(port1(51820)), Source: src(9)},
+						},
+					}},
+				}
+			},
+			warns: []string{
+				"testdata/valid/interfaces.yaml:9: apps[0].allow[0].to: 198.51.100.0/24 is outside every internal prefix; it has an effect only where routes via wg0, tun.corp-1 make it internal",
+			},
+		},
+		{
+			file: "testdata/valid/empty-internal.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{AuditRate: DefaultAuditRate}
+			},
+			warns: []string{
+				"testdata/valid/empty-internal.yaml:2: internal: no prefixes and no interfaces: nothing is internal, so the policy denies nothing",
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(filepath.Base(tt.file), func(t *testing.T) {
+			got, warns, err := Load(tt.file)
+			if err != nil {
+				t.Fatalf("Load: %v", err)
+			}
+			want := tt.want(func(line int) ruleset.Source { return ruleset.Source{File: tt.file, Line: line} })
+			if !reflect.DeepEqual(got, want) {
+				t.Errorf("ruleset:\n got %+v\nwant %+v", got, want)
+			}
+			var ws []string
+			for _, w := range warns {
+				ws = append(ws, w.String())
+			}
+			if !reflect.DeepEqual(ws, tt.warns) {
+				t.Errorf("warnings:\n got %q\nwant %q", ws, tt.warns)
+			}
+		})
+	}
+}
+
+// wantErrors reads the "# want: " comments at the end of an invalid example:
+// the exact error lines, with FILE standing for the file's path.
+func wantErrors(t *testing.T, file string, data []byte) []string {
+	t.Helper()
+	var want []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "# want: "); ok {
+			want = append(want, strings.ReplaceAll(rest, "FILE", file))
+		}
+	}
+	if len(want) == 0 {
+		t.Fatalf("%s has no \"# want: \" lines", file)
+	}
+	return want
+}
+
+func TestLoadInvalid(t *testing.T) {
+	files, err := filepath.Glob("testdata/invalid/*.yaml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no invalid examples: %v", err)
+	}
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			data, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := wantErrors(t, file, data)
+			rs, _, err := Load(file)
+			if rs != nil {
+				t.Errorf("Load returned a ruleset with the error")
+			}
+			checkErrors(t, err, want)
+		})
+	}
+}
+
+// checkErrors asserts that err is an *Errors printing exactly want.
+func checkErrors(t *testing.T, err error, want []string) {
+	t.Helper()
+	var errs *Errors
+	if !errors.As(err, &errs) {
+		t.Fatalf("error %v (%T) is not *Errors", err, err)
+	}
+	if len(errs.List) != len(want) {
+		t.Errorf("got %d errors, want %d", len(errs.List), len(want))
+	}
+	if got := err.Error(); got != strings.Join(want, "\n") {
+		t.Errorf("errors:\n%s\nwant:\n%s", got, strings.Join(want, "\n"))
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	const head = "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\n"
+	tests := []struct {
+		name string
+		data string
+		want []string
+	}{
+		{"tab indentation", "version: 1\ninternal:\n\tprefixes: []\n",
+			[]string{"p.yaml:3: invalid YAML: found character that cannot start any token"}},
+		{"mapping value in a scalar", head + "apps:\n  - name: a: b\n",
+			[]string{"p.yaml:5: invalid YAML: mapping values are not allowed in this context"}},
+		{"bad indentation deep in an app", head + "apps:\n  - name: a\n    allow:\n      - to: 10.0.0.1\n     ports: [1]\n",
+			[]string{"p.yaml:8: invalid YAML: did not find expected key"}},
+		{"empty input", "", []string{`p.yaml: empty policy; want at least "version: 1"`}},
+		{"null document", "~\n", []string{"p.yaml:1:1: want a mapping with keys version, internal, audit, apps, not null"}},
+		{"key that is not a name", head + "[a]: 1\n",
+			[]string{"p.yaml:4:1: keys must be plain names, not a list"}},
+		{"version not an integer", "version: 1.0\ninternal: {}\n",
+			[]string{`p.yaml:1:10: version: want an integer, not "1.0"`}},
+		{"custom tag", head + "apps:\n  - name: !custom a\n",
+			[]string{"p.yaml:5:11: apps[0].name: unsupported YAML tag !custom"}},
+		{"name that is a number is text", head + "apps:\n  - name: 2024\n    users: [alice]\n    allow:\n      - to: 10.0.0.0/8\n        ports: [70000-70001]\n",
+			[]string{"p.yaml:9:17: apps[0].allow[0].ports[0]: port 70000 out of range 0-65535"}},
+		{"huge integer port", head + "apps:\n  - name: a\n    allow:\n      - to: 10.0.0.0/8\n        ports: [99999999999999999999, 0x10000]\n",
+			[]string{
+				"p.yaml:8:17: apps[0].allow[0].ports[0]: port 99999999999999999999 out of range 0-65535",
+				"p.yaml:8:39: apps[0].allow[0].ports[1]: port 0x10000 out of range 0-65535",
+			}},
+		{"grant errors and a missing version together", "internal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: a\n    allow:\n      - to: 10.0.0.1/8\n        proto: sctp\n",
+			[]string{
+				"p.yaml:1:1: version: missing (required)",
+				"p.yaml:6:13: apps[0].allow[0].to: host bits set in 10.0.0.1/8; did you mean 10.0.0.0/8?",
+				`p.yaml:7:16: apps[0].allow[0].proto: invalid proto "sctp": want tcp, udp or both (omit for both)`,
+			}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rs, _, err := Parse("p.yaml", []byte(tt.data))
+			if rs != nil {
+				t.Errorf("Parse returned a ruleset with the error")
+			}
+			checkErrors(t, err, tt.want)
+		})
+	}
+}
+
+func TestLoadUnreadable(t *testing.T) {
+	dir := t.TempDir()
+	tests := []struct {
+		name, path string
+	}{
+		{"missing file", filepath.Join(dir, "nope.yaml")},
+		{"directory", dir},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rs, _, err := Load(tt.path)
+			if err == nil || rs != nil {
+				t.Fatalf("Load(%s) = %v, %v; want an error", tt.path, rs, err)
+			}
+			if want := "read policy " + tt.path + ": "; !strings.HasPrefix(err.Error(), want) {
+				t.Errorf("error %q does not start with %q", err, want)
+			}
+			var errs *Errors
+			if errors.As(err, &errs) {
+				t.Errorf("an unreadable file is not a policy mistake, got *Errors")
+			}
+		})
+	}
+}
+
+func TestErrorString(t *testing.T) {
+	tests := []struct {
+		err  Error
+		want string
+	}{
+		{Error{File: "p.yaml", Line: 12, Col: 17, Field: "apps[0].allow[1].ports[2]", Msg: "port 70000 out of range 0-65535"},
+			"p.yaml:12:17: apps[0].allow[1].ports[2]: port 70000 out of range 0-65535"},
+		{Error{File: "p.yaml", Line: 3, Msg: "invalid YAML: x"}, "p.yaml:3: invalid YAML: x"},
+		{Error{File: "p.yaml", Msg: "empty policy"}, "p.yaml: empty policy"},
+	}
+	for _, tt := range tests {
+		if got := tt.err.Error(); got != tt.want {
+			t.Errorf("got %q, want %q", got, tt.want)
+		}
+	}
+	errs := &Errors{List: []Error{tests[0].err, tests[1].err}}
+	if got, want := errs.Error(), tests[0].want+"\n"+tests[1].want; got != want {
+		t.Errorf("Errors.Error() = %q, want %q", got, want)
+	}
+}
+
+func TestParsePrefix(t *testing.T) {
+	tests := []struct {
+		in, want, msg string
+	}{
+		{in: "10.1.2.0/24", want: "10.1.2.0/24"},
+		{in: "10.1.2.3", want: "10.1.2.3/32"},
+		{in: "fd00::1", want: "fd00::1/128"},
+		{in: "::ffff:10.1.2.3", want: "10.1.2.3/32"},
+		{in: "::ffff:10.0.0.0/104", want: "10.0.0.0/8"},
+		{in: "::ffff:0.0.0.0/96", want: "0.0.0.0/0"},
+		// Shorter than /96 reaches beyond the mapped range: stays IPv6.
+		{in: "::ffff:0:0/95", msg: "host bits set in ::ffff:0:0/95; did you mean ::fffe:0:0/95?"},
+		{in: "::/0", want: "::/0"},
+		{in: "10.1.2.3/24", msg: "host bits set in 10.1.2.3/24; did you mean 10.1.2.0/24?"},
+		{in: "::ffff:10.1.2.3/120", msg: "host bits set in ::ffff:10.1.2.3/120; did you mean 10.1.2.0/24?"},
+		{in: "10.0.0.0/33", msg: `invalid prefix "10.0.0.0/33": want ADDRESS/BITS or an address`},
+		{in: "fe80::1%eth0", msg: `invalid address "fe80::1%eth0": zones are not allowed`},
+		{in: "", msg: `invalid address "": want ADDRESS/BITS or an address`},
+	}
+	for _, tt := range tests {
+		got, msg := parsePrefix(tt.in)
+		if msg != tt.msg {
+			t.Errorf("parsePrefix(%q) message %q, want %q", tt.in, msg, tt.msg)
+			continue
+		}
+		if tt.msg == "" {
+			if got != pfx(tt.want) || (got.Addr().Is4() != pfx(tt.want).Addr().Is4()) {
+				t.Errorf("parsePrefix(%q) = %v, want %v", tt.in, got, tt.want)
+			}
+		}
+	}
+}
