@@ -1,0 +1,220 @@
+package launch
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/ruleset"
+)
+
+// Spec says what to launch and how.
+type Spec struct {
+	App ruleset.App
+	// CgroupDir is the app's cgroup. The process is created in it by clone3
+	// with CLONE_INTO_CGROUP (Linux 5.7+), so no instruction of it runs
+	// anywhere else.
+	CgroupDir string
+	// Argv[0] is looked up in the PATH of Env unless it contains a slash; a
+	// relative path is taken from Dir.
+	Argv []string
+	Env  []string // the caller's environment; Start scrubs it (ScrubEnv)
+	Dir  string   // working directory, entered as the caller; empty: "/"
+	// Cred is the identity to run as; nil keeps this process' identity.
+	Cred *Cred
+	// Stdio are the process' stdin, stdout and stderr; nil entries are
+	// /dev/null. Start does not close them.
+	Stdio [3]*os.File
+	// NetNS is a network namespace file to run in; empty inherits this
+	// process' namespace.
+	NetNS string
+}
+
+// Cred is a user identity: the caller's uid, gid and supplementary groups.
+type Cred struct {
+	UID, GID uint32
+	Groups   []uint32
+}
+
+// defaultPath is searched when Env has no PATH, as execvp(3) would.
+const defaultPath = "/usr/local/bin:/usr/bin:/bin"
+
+// Process is a launched application process.
+type Process struct {
+	cmd *exec.Cmd
+}
+
+// Exit is how a process ended.
+type Exit struct {
+	Code   int            // exit status; 0 when killed by a signal
+	Signal syscall.Signal // the signal that killed it, 0 when it exited
+}
+
+// ShellCode is the status a shell would report: 128+signal, or the code.
+func (e Exit) ShellCode() int {
+	if e.Signal != 0 {
+		return 128 + int(e.Signal)
+	}
+	return e.Code
+}
+
+// Start checks and starts spec. The process runs in its own session, so
+// that signals meant for the launcher's process group (a terminal's ^C, a
+// daemon's stop) do not reach it; relay them with Signal. It gets no
+// controlling terminal: taking the caller's would take it from the caller.
+func Start(spec Spec) (*Process, error) {
+	if len(spec.Argv) == 0 || spec.Argv[0] == "" {
+		return nil, fmt.Errorf("launch app %s: empty command", spec.App.Name)
+	}
+	if spec.CgroupDir == "" {
+		return nil, fmt.Errorf("launch app %s: no cgroup", spec.App.Name)
+	}
+	env := ScrubEnv(spec.Env)
+	dir := spec.Dir
+	if dir == "" {
+		dir = "/"
+	}
+	path, err := lookPath(spec.Argv[0], env, dir)
+	if err != nil {
+		return nil, fmt.Errorf("launch app %s: %w", spec.App.Name, err)
+	}
+	uid := uint32(os.Geteuid())
+	attr := &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true}
+	if spec.Cred != nil {
+		uid = spec.Cred.UID
+		attr.Credential = &syscall.Credential{Uid: spec.Cred.UID, Gid: spec.Cred.GID, Groups: spec.Cred.Groups}
+	}
+	exe, err := CheckExe(spec.App, path, uid)
+	if err != nil {
+		return nil, err
+	}
+
+	cg, err := os.OpenFile(spec.CgroupDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("launch app %s: open cgroup: %w", spec.App.Name, err)
+	}
+	defer cg.Close()
+	attr.CgroupFD = int(cg.Fd())
+
+	var stdio [3]*os.File
+	for i, f := range spec.Stdio {
+		if f == nil {
+			if f, err = os.OpenFile(os.DevNull, os.O_RDWR, 0); err != nil {
+				return nil, fmt.Errorf("launch app %s: %w", spec.App.Name, err)
+			}
+			defer f.Close()
+		}
+		stdio[i] = f
+	}
+	cmd := &exec.Cmd{
+		Path:        exe,
+		Args:        spec.Argv,
+		Env:         env,
+		Dir:         dir,
+		Stdin:       stdio[0],
+		Stdout:      stdio[1],
+		Stderr:      stdio[2],
+		SysProcAttr: attr,
+	}
+	if spec.NetNS == "" {
+		err = cmd.Start()
+	} else {
+		err = startInNetNS(cmd, spec.NetNS)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("launch app %s: start %s in %s: %w", spec.App.Name, exe, spec.CgroupDir, err)
+	}
+	return &Process{cmd: cmd}, nil
+}
+
+// startInNetNS starts cmd from an OS thread switched into the namespace at
+// nsPath: the child is forked from that thread and inherits its namespace.
+// With *os.File stdio, exec.Cmd starts no copying goroutines that could run
+// elsewhere. The thread is never unlocked, so the Go runtime discards it
+// instead of running other goroutines in the namespace.
+func startInNetNS(cmd *exec.Cmd, nsPath string) error {
+	ns, err := netns.GetFromPath(nsPath)
+	if err != nil {
+		return fmt.Errorf("open netns: %w", err)
+	}
+	defer ns.Close()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := netns.Set(ns); err != nil {
+			done <- fmt.Errorf("enter netns %s: %w", nsPath, err)
+			return
+		}
+		done <- cmd.Start()
+	}()
+	return <-done
+}
+
+// lookPath finds file as execvp(3) would with env's PATH, except that a
+// relative result is made absolute against dir, the child's working
+// directory, rather than this process'.
+func lookPath(file string, env []string, dir string) (string, error) {
+	if strings.Contains(file, "/") {
+		if !filepath.IsAbs(file) {
+			file = filepath.Join(dir, file)
+		}
+		return file, nil
+	}
+	pathEnv := defaultPath
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+			pathEnv = v
+		}
+	}
+	for _, d := range filepath.SplitList(pathEnv) {
+		if d == "" {
+			d = "." // POSIX: an empty PATH entry is the working directory
+		}
+		if !filepath.IsAbs(d) {
+			d = filepath.Join(dir, d)
+		}
+		p := filepath.Join(d, file)
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode().Perm()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s: not found in PATH %s", file, pathEnv)
+}
+
+// Pid is the process id.
+func (p *Process) Pid() int { return p.cmd.Process.Pid }
+
+// Signal sends sig to the process. It goes through a pidfd, so it never
+// reaches another process that reused the pid.
+func (p *Process) Signal(sig syscall.Signal) error {
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		return fmt.Errorf("signal pid %d: %w", p.Pid(), err)
+	}
+	return nil
+}
+
+// Wait waits for the process to end and says how it did. The error is for
+// failures to wait, not for a non-zero exit.
+func (p *Process) Wait() (Exit, error) {
+	err := p.cmd.Wait()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		return Exit{}, fmt.Errorf("wait pid %d: %w", p.Pid(), err)
+	}
+	ws, ok := p.cmd.ProcessState.Sys().(syscall.WaitStatus)
+	if !ok {
+		return Exit{Code: p.cmd.ProcessState.ExitCode()}, nil
+	}
+	if ws.Signaled() {
+		return Exit{Signal: ws.Signal()}, nil
+	}
+	return Exit{Code: ws.ExitStatus()}, nil
+}
