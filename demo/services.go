@@ -1,0 +1,196 @@
+package demo
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"sync"
+	"time"
+)
+
+const (
+	// maxLine bounds what Dial reads, so a misbehaving peer cannot make it
+	// buffer without end.
+	maxLine = 4096
+	// udpEchoProbe is what Dial sends to a UDP service.
+	udpEchoProbe = "ping"
+)
+
+// services are the demo's servers, run as goroutines on sockets opened in
+// their namespaces.
+type services struct {
+	log     *slog.Logger
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	closers []io.Closer
+}
+
+// serveTCP listens on port in ns (both address families) and answers every
+// connection with banner(peer) and closes it.
+func (s *services) serveTCP(ns, role string, port uint16, banner func(peer netip.AddrPort) string) error {
+	var ln net.Listener
+	err := inNS(ns, func() error {
+		var err error
+		ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("listen tcp :%d in %s: %w", port, role, err)
+	}
+	s.track(ln)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				if !errors.Is(err, net.ErrClosed) {
+					s.log.Warn("demo service stopped", "ns", role, "port", port, "err", err)
+				}
+				return
+			}
+			peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+			peer = netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port())
+			// One short write into an empty socket buffer does not block, so
+			// answering inline keeps the service to a single goroutine.
+			if _, err := io.WriteString(c, banner(peer)); err != nil {
+				s.log.Debug("demo service write", "ns", role, "peer", peer, "err", err)
+			}
+			c.Close()
+		}
+	}()
+	return nil
+}
+
+// serveUDPEcho listens on port in ns (both address families) and sends every
+// datagram back to its sender.
+func (s *services) serveUDPEcho(ns, role string, port uint16) error {
+	var pc net.PacketConn
+	err := inNS(ns, func() error {
+		var err error
+		pc, err = net.ListenPacket("udp", fmt.Sprintf(":%d", port))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("listen udp :%d in %s: %w", port, role, err)
+	}
+	s.track(pc)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		buf := make([]byte, 64<<10)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				if !errors.Is(err, net.ErrClosed) {
+					s.log.Warn("demo service stopped", "ns", role, "port", port, "err", err)
+				}
+				return
+			}
+			if _, err := pc.WriteTo(buf[:n], from); err != nil {
+				s.log.Debug("demo echo write", "ns", role, "peer", from, "err", err)
+			}
+		}
+	}()
+	return nil
+}
+
+func (s *services) track(c io.Closer) {
+	s.mu.Lock()
+	s.closers = append(s.closers, c)
+	s.mu.Unlock()
+}
+
+// close stops every service and waits for their goroutines.
+func (s *services) close() error {
+	s.mu.Lock()
+	closers := s.closers
+	s.closers = nil
+	s.mu.Unlock()
+	var errs []error
+	for _, c := range closers {
+		if err := c.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, fmt.Errorf("stop demo service: %w", err))
+		}
+	}
+	s.wg.Wait()
+	return errors.Join(errs...)
+}
+
+// Dial connects to addr from a socket created in the network namespace nsPath
+// and returns what the service says. For "tcp" (or "tcp4", "tcp6") that is the
+// first line it sends; for "udp" (or "udp4", "udp6") Dial sends "ping" and
+// returns the reply. The trailing newline is removed. timeout bounds the whole
+// exchange. Errors wrap the syscall's errno, so a denial by procgate's hooks
+// matches errors.Is(err, syscall.EPERM).
+func Dial(nsPath string, network string, addr netip.AddrPort, timeout time.Duration) (banner string, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return dialContext(ctx, nsPath, network, addr)
+}
+
+func dialContext(ctx context.Context, nsPath, network string, addr netip.AddrPort) (string, error) {
+	var udp bool
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+	case "udp", "udp4", "udp6":
+		udp = true
+	default:
+		return "", fmt.Errorf("dial %s %s: unsupported network", network, addr)
+	}
+	var banner string
+	err := inNS(nsPath, func() error {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, network, addr.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		if deadline, ok := ctx.Deadline(); ok {
+			if err := c.SetDeadline(deadline); err != nil {
+				return err
+			}
+		}
+		if udp {
+			if _, err := io.WriteString(c, udpEchoProbe); err != nil {
+				return err
+			}
+			buf := make([]byte, maxLine)
+			n, err := c.Read(buf)
+			if err != nil {
+				return err
+			}
+			banner = string(buf[:n])
+			return nil
+		}
+		line, err := bufio.NewReader(io.LimitReader(c, maxLine)).ReadString('\n')
+		if err != nil && !(errors.Is(err, io.EOF) && line != "") {
+			return err
+		}
+		banner = strings.TrimSuffix(line, "\n")
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("dial %s %s from %s: %w", network, addr, nsPath, err)
+	}
+	return banner, nil
+}
+
+// StartIn starts cmd (cmd.Start) with its process in the network namespace
+// nsPath, and nothing else of it changed: a forked child inherits the
+// namespace of the thread that forks it, so cmd is started from a thread
+// inside nsPath. Unlike `nsenter --net` it needs no helper binary, and it
+// composes with cmd.SysProcAttr (for example CgroupFD with UseCgroupFD).
+func StartIn(nsPath string, cmd *exec.Cmd) error {
+	if err := inNS(nsPath, cmd.Start); err != nil {
+		return fmt.Errorf("start %s in %s: %w", cmd.Path, nsPath, err)
+	}
+	return nil
+}
