@@ -45,6 +45,12 @@ var (
 	grantKeys    = []string{"to", "proto", "ports"}
 )
 
+// The words proto and an app's audit take, also listed in the schema.
+var (
+	protoWords = map[string]ruleset.Proto{"tcp": ruleset.TCP, "udp": ruleset.UDP, "both": ruleset.Both}
+	auditWords = map[string]bool{"deny": false, "all": true} // value: AuditAllow
+)
+
 // Patterns shared with procgate.schema.json (the schema test checks they match).
 const (
 	namePattern = `^[a-z0-9][a-z0-9._-]{0,62}$`
@@ -524,11 +530,9 @@ func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []gra
 	if n, ok := vals["audit"]; ok {
 		f := join(field, "audit")
 		if mode, ok := p.str(n, f); ok {
-			switch mode {
-			case "deny":
-			case "all":
-				app.AuditAllow = true
-			default:
+			if all, known := auditWords[mode]; known {
+				app.AuditAllow = all
+			} else {
 				p.errorf(n, f, "invalid audit mode %q: want deny or all", mode)
 			}
 		}
@@ -646,14 +650,9 @@ func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, b
 	if n, ok := vals["proto"]; ok {
 		f := join(field, "proto")
 		if s, ok := p.str(n, f); ok {
-			switch s {
-			case "tcp":
-				g.Proto = ruleset.TCP
-			case "udp":
-				g.Proto = ruleset.UDP
-			case "both":
-				g.Proto = ruleset.Both
-			default:
+			if proto, known := protoWords[s]; known {
+				g.Proto = proto
+			} else {
 				p.errorf(n, f, "invalid proto %q: want tcp, udp or both (omit for both)", s)
 			}
 		}
