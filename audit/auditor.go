@@ -20,6 +20,8 @@ type Source interface {
 	Close() error
 }
 
+var _ Source = (*ringbuf.Reader)(nil)
+
 // Options configure an Auditor.
 type Options struct {
 	// LogPath is the JSON-lines log, appended to and created 0600; empty
