@@ -1,0 +1,372 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/procgate/procgate/api"
+	"github.com/procgate/procgate/audit"
+	"github.com/procgate/procgate/bpf"
+	"github.com/procgate/procgate/daemon"
+	"github.com/procgate/procgate/policy"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// run parses the command line and runs the command it names.
+func run(args []string) error {
+	root := &cobra.Command{
+		Use:   "procgate",
+		Short: "Per-application authorization of internal routes, enforced with cgroup v2 + eBPF",
+		Long: `procgate decides, per application, which processes may use the routes to
+internal networks. Processes an app claims get its grants (prefix, protocol,
+ports); every other process keeps the internet and loses the internal network.
+Every connect() and UDP sendmsg() is decided in the kernel.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	var socket string
+	root.PersistentFlags().StringVar(&socket, "socket", "", "daemon API socket (default $PROCGATE_SOCKET or "+api.DefaultSocket+")")
+	client := func() api.Client { return api.Client{Socket: api.SocketFromEnv(socket)} }
+
+	root.AddCommand(
+		daemonCmd(),
+		uninstallCmd(),
+		runCmd(client),
+		validateCmd(),
+		statusCmd(client),
+		explainCmd(client),
+		eventsCmd(client),
+		revokeCmd(client),
+		reloadCmd(client),
+		dialCmd(),
+		demoCmd(),
+	)
+	root.SetArgs(args)
+	return root.Execute()
+}
+
+func newLogger(format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+func daemonCmd() *cobra.Command {
+	var cfg daemon.Config
+	var logFormat, logLevel string
+	cmd := &cobra.Command{
+		Use:   "daemon --policy FILE [flags]",
+		Short: "Enforce a policy: load and pin the eBPF programs, reload on change, serve the local API",
+		Example: `  procgate daemon --policy /etc/procgate/policy.yaml
+  procgate daemon --policy p.yaml --cgroup-root /sys/fs/cgroup/unified/procgate-lab \
+      --bpf-dir /sys/fs/bpf/procgate-lab --socket /run/procgate-lab.sock --metrics-addr 127.0.0.1:9464`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(logFormat, logLevel)
+			if err != nil {
+				return err
+			}
+			cfg.Log = log
+			sock, _ := cmd.Flags().GetString("socket")
+			cfg.Socket = api.SocketFromEnv(sock)
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			return daemon.Run(ctx, cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.PolicyPath, "policy", "", "policy file (YAML); required")
+	f.StringVar(&cfg.CgroupRoot, "cgroup-root", "", "cgroup2 directory whose subtree is enforced (default: the whole cgroup2 hierarchy)")
+	f.StringVar(&cfg.StateDir, "state-dir", daemon.DefaultStateDir, "directory for app ids, revocations and the audit log")
+	f.StringVar(&cfg.BPFDir, "bpf-dir", daemon.DefaultBPFDir, "bpffs directory where programs, maps and links are pinned")
+	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address (off by default)")
+	f.DurationVar(&cfg.PollInterval, "poll", time.Second, "how often to check the policy file for changes")
+	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	_ = cmd.MarkFlagRequired("policy")
+	return cmd
+}
+
+func uninstallCmd() *cobra.Command {
+	var dir string
+	cmd := &cobra.Command{
+		Use:   "uninstall [--bpf-dir DIR]",
+		Short: "Detach and remove everything a daemon pinned (stop the daemon first)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			removed, err := bpf.Uninstall(dir)
+			for _, r := range removed {
+				fmt.Fprintln(cmd.OutOrStdout(), "removed", r)
+			}
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "uninstalled %s: hooks detached, maps removed\n", dir)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "bpf-dir", daemon.DefaultBPFDir, "bpffs directory the daemon pinned into")
+	return cmd
+}
+
+func validateCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:     "validate FILE",
+		Short:   "Check a policy file and explain every error with file:line",
+		Example: "  procgate validate /etc/procgate/policy.yaml",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			rs, warnings, err := policy.Load(args[0])
+			for _, w := range warnings {
+				fmt.Fprintln(cmd.ErrOrStderr(), "warning:", w.String())
+			}
+			if err != nil {
+				fmt.Fprintln(cmd.ErrOrStderr(), err)
+				return exitCode(1)
+			}
+			grants := 0
+			for _, a := range rs.Apps {
+				grants += len(a.Grants)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: ok: %d internal prefixes, %d apps, %d grants\n", args[0], len(rs.Internal), len(rs.Apps), grants)
+			return nil
+		},
+	}
+}
+
+func statusCmd(client func() api.Client) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show attached hooks, the policy generation, apps and their counters",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			resp, err := client().Do(api.Request{Op: api.OpStatus})
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(resp.Status)
+			}
+			printStatus(cmd.OutOrStdout(), resp.Status)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func printStatus(w io.Writer, st *api.Status) {
+	var hooks []string
+	for _, h := range []string{"connect4", "connect6", "sendmsg4", "sendmsg6"} {
+		mark := "-"
+		if st.Hooks[h] {
+			mark = "+"
+		}
+		hooks = append(hooks, mark+h)
+	}
+	fmt.Fprintf(w, "generation %d, policy %s (sha256 %.12s), loaded %s\n", st.Generation, st.Policy, st.PolicySHA256, st.LoadedAt.Format(time.RFC3339))
+	if st.LastError != "" {
+		fmt.Fprintf(w, "LAST RELOAD REJECTED (generation %d stays in force): %s\n", st.Generation, st.LastError)
+	}
+	fmt.Fprintf(w, "hooks %s on %s (pinned in %s", strings.Join(hooks, " "), st.CgroupRoot, st.BPFDir)
+	if st.Adopted {
+		fmt.Fprint(w, ", adopted from an earlier daemon")
+	}
+	fmt.Fprintln(w, ")")
+	fmt.Fprintf(w, "internal %s\n", strings.Join(st.Internal, " "))
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "APP\tALLOW\tDENY\tEXTERNAL\tGRANTS\tREVOKED")
+	fmt.Fprintf(tw, "(unbound)\t%d\t%d\t%d\t-\t-\n", st.Unbound.Allow, st.Unbound.Deny, st.Unbound.External)
+	for _, a := range st.Apps {
+		rev := strings.Join(a.Revoked, ",")
+		if rev == "" {
+			rev = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\n", a.Name, a.Counters.Allow, a.Counters.Deny, a.Counters.External, len(a.Grants), rev)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "audit: %d events, %d decode errors, %d dropped; log %s\n", st.Audit.Events, st.Audit.DecodeErrors, st.Audit.Dropped, st.Audit.Log)
+}
+
+func explainCmd(client func() api.Client) *cobra.Command {
+	var app, policyFile string
+	var pid int
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "explain (--app NAME | --pid PID) ADDR:PORT[/tcp|udp]",
+		Short: "Show the decision for a destination and the rule or reason behind it",
+		Example: `  procgate explain --app psql-prod 10.1.2.3:5432/tcp
+  procgate explain --pid 4242 '[fd00:1::5]:443'
+  procgate explain --policy policy.yaml --app psql-prod 10.1.2.3:5432   # offline, without a daemon`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if (app == "") == (pid == 0) && !(policyFile != "" && pid == 0) {
+				return fmt.Errorf("give exactly one of --app NAME or --pid PID")
+			}
+			var ex *api.Explain
+			if policyFile != "" {
+				if pid != 0 {
+					return fmt.Errorf("--pid needs the daemon (it knows the app cgroups); drop --policy")
+				}
+				rs, _, err := policy.Load(policyFile)
+				if err != nil {
+					return err
+				}
+				d, err := ruleset.ParseDest(args[0])
+				if err != nil {
+					return err
+				}
+				if app != "" && rs.App(app) == nil {
+					return fmt.Errorf("no app %q in %s", app, policyFile)
+				}
+				dec := rs.Decide(app, d)
+				ex = &api.Explain{App: app, Dest: d.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}
+			} else {
+				resp, err := client().Do(api.Request{Op: api.OpExplain, App: app, PID: pid, Dest: args[0]})
+				if err != nil {
+					return err
+				}
+				ex = resp.Explain
+			}
+			if asJSON {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(ex)
+			}
+			who := ex.App
+			if who == "" {
+				who = "(unbound)"
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s -> %s: %s\n", who, ex.Dest, ex.Decision)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&app, "app", "", "app name")
+	f.IntVar(&pid, "pid", 0, "decide for this process (its cgroup says which app, if any)")
+	f.StringVar(&policyFile, "policy", "", "decide from this policy file instead of asking the daemon")
+	f.BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func eventsCmd(client func() api.Client) *cobra.Command {
+	var follow, asJSON bool
+	var last int
+	cmd := &cobra.Command{
+		Use:   "events [--follow] [--json] [--last N]",
+		Short: "Show audit events: time, verdict, pid, comm, exe, uid, app, destination, rule",
+		Example: `  procgate events --last 20
+  procgate events --follow --json | jq 'select(.verdict=="deny")'`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			conn, r, err := client().Dial(api.Request{Op: api.OpEvents, Follow: follow, Last: last})
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			out := cmd.OutOrStdout()
+			for {
+				resp, err := api.ReadResponse(r)
+				if err == io.EOF {
+					return nil
+				}
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					fmt.Fprintln(out, string(resp.Event))
+					continue
+				}
+				var rec audit.Record
+				if err := json.Unmarshal(resp.Event, &rec); err != nil {
+					return fmt.Errorf("decode event: %w", err)
+				}
+				fmt.Fprintln(out, rec.Text())
+			}
+		},
+	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new events")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON lines")
+	cmd.Flags().IntVar(&last, "last", 100, "print this many past events first (0: all)")
+	return cmd
+}
+
+func revokeCmd(client func() api.Client) *cobra.Command {
+	var app string
+	var grant int
+	var restore bool
+	cmd := &cobra.Command{
+		Use:   "revoke --app NAME [--grant N] [--restore]",
+		Short: "Withdraw an app's grants now (all, or grant N); --restore gives them back",
+		Example: `  procgate revoke --app psql-prod
+  procgate revoke --app psql-prod --grant 1
+  procgate revoke --app psql-prod --restore`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			req := api.Request{Op: api.OpRevoke, App: app, Restore: restore}
+			if cmd.Flags().Changed("grant") {
+				req.Grant = &grant
+			}
+			resp, err := client().Do(req)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: %s; generation %d in force\n", app, resp.Revoke.Revoked, resp.Revoke.Generation)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&app, "app", "", "app name (required)")
+	cmd.Flags().IntVar(&grant, "grant", 0, "only this grant (its position in the app's allow list, from 0)")
+	cmd.Flags().BoolVar(&restore, "restore", false, "undo an earlier revoke")
+	_ = cmd.MarkFlagRequired("app")
+	return cmd
+}
+
+func reloadCmd(client func() api.Client) *cobra.Command {
+	return &cobra.Command{
+		Use:   "reload",
+		Short: "Make the daemon re-read its policy now (as SIGHUP does) and say whether it took it",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			resp, err := client().Do(api.Request{Op: api.OpReload})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "policy loaded: generation %d in force\n", *resp.Reload)
+			return nil
+		},
+	}
+}
+
+func demoCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "demo",
+		Short: "Show the whole story in throw-away namespaces (needs root), then remove everything",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			_ = ctx
+			return fmt.Errorf("demo: not wired yet")
+		},
+	}
+}

@@ -1,0 +1,590 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/procgate/procgate/api"
+	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/probe"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// The test binary doubles as procgate: re-executed with envAsMain it runs
+// main(), so the tests drive the real CLI and a real daemon process.
+const envAsMain = "PROCGATE_TEST_AS_MAIN"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(envAsMain) == "1" {
+		os.Args = append([]string{"procgate"}, os.Args[1:]...)
+		main()
+		os.Exit(0)
+	}
+	probe.MaybeServe()
+	os.Exit(m.Run())
+}
+
+// e2e is one daemon with its own cgroup subtree, bpffs, state, socket and
+// a network namespace where every address is local.
+type e2e struct {
+	t       *testing.T
+	bin     string // a copy of the test binary any user may execute
+	dir     string // world-readable scratch dir (socket, policy)
+	policy  string
+	socket  string
+	state   string
+	bpfDir  string
+	cgroup  string
+	netns   string
+	daemon  *exec.Cmd
+	dlog    *bytes.Buffer
+	dlogMu  sync.Mutex
+	stopped chan struct{}
+}
+
+func newE2E(t *testing.T, policyYAML string) *e2e {
+	t.Helper()
+	nstest.RequireRoot(t)
+	dir, err := os.MkdirTemp("", "procgate-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	// Other users (the launcher tests run as nobody) must reach the socket
+	// and execute the binary.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "procgate")
+	data, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e := &e2e{
+		t: t, bin: bin, dir: dir,
+		policy: filepath.Join(dir, "policy.yaml"),
+		socket: filepath.Join(dir, "procgate.sock"),
+		state:  filepath.Join(dir, "state"),
+		bpfDir: filepath.Join(nstest.BPFFS(t), "procgate"),
+		cgroup: nstest.Cgroup(t),
+		netns:  nstest.NetNS(t),
+	}
+	nstest.AnyIPLoopback(t, e.netns)
+	e.writePolicy(policyYAML)
+	e.startDaemon()
+	t.Cleanup(func() {
+		e.stopDaemon(syscall.SIGTERM)
+		if _, err := os.Stat(e.bpfDir); err == nil {
+			if out, err := e.procgate("uninstall", "--bpf-dir", e.bpfDir); err != nil {
+				t.Errorf("uninstall: %v\n%s", err, out)
+			}
+		}
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", e.daemonLog())
+		}
+	})
+	return e
+}
+
+func (e *e2e) writePolicy(y string) {
+	e.t.Helper()
+	// Write and rename, as editors and config management do, so the
+	// daemon never reads half a file.
+	tmp := e.policy + ".tmp"
+	if err := os.WriteFile(tmp, []byte(y), 0o644); err != nil {
+		e.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, e.policy); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *e2e) daemonLog() string {
+	e.dlogMu.Lock()
+	defer e.dlogMu.Unlock()
+	return e.dlog.String()
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	b  *bytes.Buffer
+}
+
+func (w lockedWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (e *e2e) startDaemon() {
+	e.t.Helper()
+	if e.dlog == nil {
+		e.dlog = &bytes.Buffer{}
+	}
+	cmd := exec.Command(e.bin, "daemon", "--policy", e.policy, "--cgroup-root", e.cgroup,
+		"--state-dir", e.state, "--bpf-dir", e.bpfDir, "--socket", e.socket, "--poll", "100ms", "--log-level", "debug")
+	cmd.Env = append(os.Environ(), envAsMain+"=1")
+	cmd.Stdout = lockedWriter{&e.dlogMu, e.dlog}
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.daemon = cmd
+	e.stopped = make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(e.stopped)
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := (api.Client{Socket: e.socket}).Do(api.Request{Op: api.OpStatus}); err == nil {
+			return
+		}
+		select {
+		case <-e.stopped:
+			e.t.Fatalf("daemon exited at start:\n%s", e.daemonLog())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("daemon did not serve %s within 10s:\n%s", e.socket, e.daemonLog())
+		}
+	}
+}
+
+func (e *e2e) stopDaemon(sig syscall.Signal) {
+	if e.daemon == nil {
+		return
+	}
+	_ = e.daemon.Process.Signal(sig)
+	select {
+	case <-e.stopped:
+	case <-time.After(10 * time.Second):
+		e.t.Errorf("daemon did not stop on %v", sig)
+		_ = e.daemon.Process.Kill()
+		<-e.stopped
+	}
+	e.daemon = nil
+}
+
+// procgate runs the CLI as root and returns its combined output.
+func (e *e2e) procgate(args ...string) (string, error) {
+	return e.procgateAs(nil, nil, args...)
+}
+
+// procgateAs runs the CLI with credentials (nil: root) and extra env.
+func (e *e2e) procgateAs(cred *syscall.Credential, env []string, args ...string) (string, error) {
+	cmd := exec.Command(e.bin, append([]string{"--socket", e.socket}, args...)...)
+	cmd.Env = append(append(os.Environ(), envAsMain+"=1"), env...)
+	cmd.Dir = e.dir
+	if cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	}
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func (e *e2e) status() *api.Status {
+	e.t.Helper()
+	resp, err := (api.Client{Socket: e.socket}).Do(api.Request{Op: api.OpStatus})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return resp.Status
+}
+
+// prober starts a prober in app's cgroup ("" for an unbound process in a
+// sibling cgroup of the apps').
+func (e *e2e) prober(app string) *probe.Prober {
+	e.t.Helper()
+	dir := filepath.Join(e.cgroup, "procgate.apps", app)
+	if app == "" {
+		dir = nstest.ChildCgroup(e.t, e.cgroup, fmt.Sprintf("unbound-%d", time.Now().UnixNano()))
+	}
+	p, err := probe.Start(dir, e.netns, nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { p.Close() })
+	return p
+}
+
+func mustTry(t *testing.T, p *probe.Prober, dest string, want probe.Verdict) {
+	t.Helper()
+	d, err := ruleset.ParseDest(dest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := p.Try(d, probe.Connect)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != want {
+		t.Fatalf("%s: got %s, want %s", dest, got, want)
+	}
+}
+
+const basePolicy = `version: 1
+internal:
+  prefixes: [10.0.0.0/8, fd00::/8]
+apps:
+  - name: db
+    users: [nobody]
+    allow:
+      - to: 10.1.2.0/24
+        proto: tcp
+        ports: [5432]
+      - to: fd00:1::/64
+        ports: [443, 8000-8100]
+  - name: other
+    allow:
+      - to: 10.9.0.0/16
+        proto: udp
+        ports: [53]
+`
+
+func TestDaemonEnforcesReloadsAndRevokes(t *testing.T) {
+	e := newE2E(t, basePolicy)
+	db, other, unbound := e.prober("db"), e.prober("other"), e.prober("")
+
+	t.Run("verdicts", func(t *testing.T) {
+		for _, tc := range []struct {
+			p    *probe.Prober
+			dest string
+			want probe.Verdict
+		}{
+			{db, "10.1.2.3:5432/tcp", probe.Allowed},
+			{db, "10.1.2.3:5433/tcp", probe.Denied},
+			{db, "10.1.3.3:5432/tcp", probe.Denied},
+			{db, "[fd00:1::7]:8080/tcp", probe.Allowed},
+			{db, "192.0.2.1:5432/tcp", probe.Allowed}, // not internal
+			{other, "10.1.2.3:5432/tcp", probe.Denied},
+			{unbound, "10.1.2.3:5432/tcp", probe.Denied},
+			{unbound, "198.51.100.7:443/tcp", probe.Allowed},
+		} {
+			mustTry(t, tc.p, tc.dest, tc.want)
+		}
+	})
+
+	t.Run("explain agrees", func(t *testing.T) {
+		out, err := e.procgate("explain", "--app", "db", "10.1.2.3:5432/tcp")
+		if err != nil || !strings.Contains(out, "allow (granted)") || !strings.Contains(out, "policy.yaml:") {
+			t.Fatalf("explain: %v\n%s", err, out)
+		}
+		out, err = e.procgate("explain", "--pid", fmt.Sprint(unbound.Pid()), "10.1.2.3:5432/tcp")
+		if err != nil || !strings.Contains(out, "deny (unbound)") {
+			t.Fatalf("explain --pid: %v\n%s", err, out)
+		}
+	})
+
+	t.Run("status", func(t *testing.T) {
+		out, err := e.procgate("status")
+		if err != nil {
+			t.Fatalf("status: %v\n%s", err, out)
+		}
+		for _, want := range []string{"+connect4 +connect6 +sendmsg4 +sendmsg6", "db", "other", "(unbound)"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("status lacks %q:\n%s", want, out)
+			}
+		}
+		st := e.status()
+		if st.Unbound.Deny == 0 {
+			t.Errorf("unbound deny counter is 0 after a denial")
+		}
+	})
+
+	t.Run("events show the denial", func(t *testing.T) {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			out, err := e.procgate("events", "--json", "--last", "0")
+			if err != nil {
+				t.Fatalf("events: %v\n%s", err, out)
+			}
+			if strings.Contains(out, `"dest":"10.1.2.3:5432/tcp"`) && strings.Contains(out, `"reason":"unbound"`) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no denial event for the unbound prober:\n%s", out)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	})
+
+	t.Run("bad policies keep the old one", func(t *testing.T) {
+		good := e.status().Generation
+		for _, tc := range []struct {
+			name, policy, want string
+		}{
+			{"malformed yaml", "version: 1\ninternal: [\n", "policy.yaml:"},
+			{"missing app name", "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - allow: []\n", "policy.yaml:5"},
+			{"bad prefix", "version: 1\ninternal:\n  prefixes: [10.0.0.300/8]\n", "policy.yaml:3"},
+			{"port 70000", strings.Replace(basePolicy, "[5432]", "[70000]", 1), "policy.yaml:10"},
+			{"unreadable file", "", "read policy"},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				if tc.policy == "" {
+					os.Remove(e.policy)
+				} else {
+					e.writePolicy(tc.policy)
+				}
+				out, err := e.procgate("reload")
+				if err == nil || !strings.Contains(out, tc.want) {
+					t.Fatalf("reload of a bad policy: err=%v, want message with %q:\n%s", err, tc.want, out)
+				}
+				st := e.status()
+				if st.Generation != good || st.LastError == "" {
+					t.Fatalf("generation %d (want %d kept), last error %q", st.Generation, good, st.LastError)
+				}
+				mustTry(t, db, "10.1.2.3:5432/tcp", probe.Allowed)
+				mustTry(t, unbound, "10.1.2.3:5432/tcp", probe.Denied)
+			})
+		}
+		e.writePolicy(basePolicy)
+		if out, err := e.procgate("reload"); err != nil {
+			t.Fatalf("reload good policy: %v\n%s", err, out)
+		}
+	})
+
+	t.Run("file change reloads", func(t *testing.T) {
+		before := e.status().Generation
+		e.writePolicy(strings.Replace(basePolicy, "[5432]", "[5432, 6432]", 1))
+		deadline := time.Now().Add(5 * time.Second)
+		for e.status().Generation == before {
+			if time.Now().After(deadline) {
+				t.Fatalf("policy change not picked up:\n%s", e.daemonLog())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		mustTry(t, db, "10.1.2.3:6432/tcp", probe.Allowed)
+	})
+
+	t.Run("revoke and restore", func(t *testing.T) {
+		out, err := e.procgate("revoke", "--app", "db")
+		if err != nil {
+			t.Fatalf("revoke: %v\n%s", err, out)
+		}
+		// Denied as soon as revoke has returned.
+		mustTry(t, db, "10.1.2.3:5432/tcp", probe.Denied)
+		mustTry(t, db, "[fd00:1::7]:8080/tcp", probe.Denied)
+		if out, err := e.procgate("revoke", "--app", "db", "--restore"); err != nil {
+			t.Fatalf("restore: %v\n%s", err, out)
+		}
+		mustTry(t, db, "10.1.2.3:5432/tcp", probe.Allowed)
+		if out, err := e.procgate("revoke", "--app", "db", "--grant", "1"); err != nil {
+			t.Fatalf("revoke grant: %v\n%s", err, out)
+		}
+		mustTry(t, db, "10.1.2.3:5432/tcp", probe.Allowed)
+		mustTry(t, db, "[fd00:1::7]:8080/tcp", probe.Denied)
+		if out, err := e.procgate("revoke", "--app", "nosuch"); err == nil || !strings.Contains(out, "no app") {
+			t.Fatalf("revoke of an unknown app: %v\n%s", err, out)
+		}
+		if out, err := e.procgate("revoke", "--app", "db", "--restore"); err != nil {
+			t.Fatalf("restore: %v\n%s", err, out)
+		}
+	})
+
+	t.Run("daemon killed: enforcement holds; restart adopts without a gap", func(t *testing.T) {
+		type loop struct {
+			p          *probe.Prober
+			dest       string
+			want       probe.Verdict
+			tries, bad atomic.Int64
+		}
+		loops := []*loop{
+			{p: db, dest: "10.1.2.3:5432/tcp", want: probe.Allowed},
+			{p: unbound, dest: "10.1.2.3:5432/tcp", want: probe.Denied},
+		}
+		var stop atomic.Bool
+		var wg sync.WaitGroup
+		for _, l := range loops {
+			d, _ := ruleset.ParseDest(l.dest)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for !stop.Load() {
+					v, err := l.p.Try(d, probe.Connect)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					l.tries.Add(1)
+					if v != l.want {
+						l.bad.Add(1)
+					}
+				}
+			}()
+		}
+		e.stopDaemon(syscall.SIGKILL)
+		time.Sleep(200 * time.Millisecond) // attempts with no daemon at all
+		e.startDaemon()
+		time.Sleep(200 * time.Millisecond)
+		stop.Store(true)
+		wg.Wait()
+		for _, l := range loops {
+			if l.bad.Load() != 0 || l.tries.Load() == 0 {
+				t.Errorf("%s: %d wrong of %d attempts across kill and restart", l.dest, l.bad.Load(), l.tries.Load())
+			}
+		}
+		if st := e.status(); !st.Adopted {
+			t.Errorf("restarted daemon did not adopt the pinned state: %+v", st)
+		}
+	})
+
+	t.Run("uninstall detaches", func(t *testing.T) {
+		e.stopDaemon(syscall.SIGTERM)
+		mustTry(t, unbound, "10.1.2.3:5432/tcp", probe.Denied) // still pinned after a clean stop
+		if out, err := e.procgate("uninstall", "--bpf-dir", e.bpfDir); err != nil {
+			t.Fatalf("uninstall: %v\n%s", err, out)
+		}
+		mustTry(t, unbound, "10.1.2.3:5432/tcp", probe.Allowed)
+	})
+}
+
+// nobody is the unprivileged caller of the launcher tests (Debian's uid 65534).
+var nobody = &syscall.Credential{Uid: 65534, Gid: 65534}
+
+func TestRunLauncher(t *testing.T) {
+	e := newE2E(t, `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+apps:
+  - name: shell
+    users: [nobody]
+    allow:
+      - to: 10.1.2.0/24
+        ports: [22]
+  - name: rootonly
+    allow: []
+  - name: pinned
+    users: [nobody]
+    exe: [/usr/bin/env]
+`)
+	for _, tc := range []struct {
+		name     string
+		cred     *syscall.Credential
+		env      []string
+		args     []string
+		wantCode int
+		want     []string // in the output
+		wantNot  []string
+	}{
+		{"nobody runs a listed app, in its cgroup", nobody, nil,
+			[]string{"run", "--app", "shell", "--", "cat", "/proc/self/cgroup"}, 0,
+			[]string{"procgate.apps/shell"}, nil},
+		{"the child runs as the caller", nobody, nil,
+			[]string{"run", "--app", "shell", "--", "id", "-u"}, 0, []string{"65534"}, nil},
+		{"user not listed is refused", nobody, nil,
+			[]string{"run", "--app", "rootonly", "--", "true"}, 1, []string{"nobody", "rootonly"}, nil},
+		{"wrong binary is refused", nobody, nil,
+			[]string{"run", "--app", "pinned", "--", "/bin/true"}, 1, []string{"/usr/bin/env"}, nil},
+		{"pinned binary runs", nobody, nil,
+			[]string{"run", "--app", "pinned", "--", "/usr/bin/env"}, 0, []string{"PATH="}, nil},
+		{"loader variables are scrubbed", nobody, []string{"LD_PRELOAD=/tmp/evil.so", "LD_LIBRARY_PATH=/tmp", "GCONV_PATH=/tmp", "KEEP_ME=1"},
+			[]string{"run", "--app", "pinned", "--", "/usr/bin/env"}, 0, []string{"KEEP_ME=1"}, []string{"\nLD_PRELOAD=", "\nLD_LIBRARY_PATH=", "\nGCONV_PATH="}},
+		{"exit code relayed", nobody, nil,
+			[]string{"run", "--app", "shell", "--", "sh", "-c", "exit 7"}, 7, nil, nil},
+		{"root runs directly", nil, nil,
+			[]string{"run", "--app", "rootonly", "--", "sh", "-c", "cat /proc/self/cgroup; exit 3"}, 3, []string{"procgate.apps/rootonly"}, nil},
+		{"unknown app", nobody, nil,
+			[]string{"run", "--app", "nosuch", "--", "true"}, 1, []string{"no app \"nosuch\""}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := e.procgateAs(tc.cred, tc.env, tc.args...)
+			code := 0
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				code = ee.ExitCode()
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			if code != tc.wantCode {
+				t.Fatalf("exit code %d, want %d; output:\n%s", code, tc.wantCode, out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("output lacks %q:\n%s", w, out)
+				}
+			}
+			for _, w := range tc.wantNot {
+				if strings.Contains(out, w) {
+					t.Errorf("output has %q:\n%s", w, out)
+				}
+			}
+		})
+	}
+
+	t.Run("signals relayed", func(t *testing.T) {
+		for _, cred := range []*syscall.Credential{nobody, nil} {
+			cmd := exec.Command(e.bin, "--socket", e.socket, "run", "--app", "shell", "--",
+				"sh", "-c", `trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done`)
+			cmd.Env = append(os.Environ(), envAsMain+"=1")
+			if cred != nil {
+				cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+			}
+			stdout, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 6)
+			if _, err := io.ReadFull(stdout, buf); err != nil || string(buf) != "ready\n" {
+				t.Fatalf("child did not start: %q %v", buf, err)
+			}
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			rest, _ := io.ReadAll(stdout)
+			err = cmd.Wait()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != 42 || !strings.Contains(string(rest), "got-term") {
+				t.Fatalf("as %v: SIGTERM not relayed: %v, output %q", cred, err, rest)
+			}
+		}
+	})
+
+	t.Run("killed by a signal is relayed as that signal", func(t *testing.T) {
+		out, err := e.procgateAs(nobody, nil, "run", "--app", "shell", "--", "sh", "-c", "kill -USR1 $$")
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) {
+			t.Fatalf("want the client killed by SIGUSR1, got %v\n%s", err, out)
+		}
+		ws := ee.Sys().(syscall.WaitStatus)
+		if !ws.Signaled() || ws.Signal() != syscall.SIGUSR1 {
+			t.Fatalf("client status %v, want killed by SIGUSR1\n%s", ws, out)
+		}
+	})
+
+	t.Run("app processes hold the grant", func(t *testing.T) {
+		// The launched process is what the kernel decides for: run the
+		// dial command inside the app and outside, in the test netns.
+		for _, tc := range []struct {
+			app  string
+			want string
+		}{
+			{"shell", "connection refused"}, // allowed: nothing listens, RST
+			{"rootonly", "denied"},
+		} {
+			out, _ := e.procgateAs(nil, nil, "run", "--app", tc.app, "--", "nsenter", "--net="+e.netns, e.bin, "dial", "--timeout", "1s", "10.1.2.3:22")
+			if !strings.Contains(out, tc.want) {
+				t.Errorf("app %s dialing 10.1.2.3:22: want %q in:\n%s", tc.app, tc.want, out)
+			}
+		}
+	})
+}

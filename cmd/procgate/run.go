@@ -1,0 +1,227 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/spf13/cobra"
+
+	"github.com/procgate/procgate/api"
+	"github.com/procgate/procgate/launch"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// relayed are the signals `run` passes on to the app: what a terminal or a
+// supervisor sends to the process it started.
+var relayed = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT,
+	syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGCONT}
+
+func runCmd(client func() api.Client) *cobra.Command {
+	var app string
+	cmd := &cobra.Command{
+		Use:   "run --app NAME [--] CMD [ARGS...]",
+		Short: "Run CMD as application NAME: in its cgroup, environment scrubbed, binary checked",
+		Long: `Runs CMD as application NAME, for the calling user, with the caller's stdin,
+stdout and stderr, signals relayed and the exit status returned.
+
+Root starts the process itself; any other user asks the daemon, which checks
+the user against the app's users: list and starts the process as that user
+(uid, gid, groups) directly inside the app's cgroup. Loader variables
+(LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, GCONV_PATH, ...) are removed, and the
+binary must be one of the app's exe: (root-owned, not writable by the caller,
+sha256 if given).`,
+		Example: `  procgate run --app psql-prod -- psql -h 10.1.2.3 prod
+  procgate run --app ops -- procgate dial 10.1.2.3:22`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if os.Geteuid() == 0 {
+				return runAsRoot(client(), app, args)
+			}
+			return runViaDaemon(client(), app, args)
+		},
+	}
+	cmd.Flags().StringVar(&app, "app", "", "application name (required)")
+	cmd.Flags().SetInterspersed(false)
+	_ = cmd.MarkFlagRequired("app")
+	return cmd
+}
+
+func runAsRoot(c api.Client, name string, argv []string) error {
+	resp, err := c.Do(api.Request{Op: api.OpAppInfo, App: name})
+	if err != nil {
+		return err
+	}
+	info := resp.AppInfo
+	app := ruleset.App{Name: info.Name, Users: info.Users}
+	for i, p := range info.Exe {
+		app.Exe = append(app.Exe, ruleset.Exe{Path: p, SHA256: info.SHA256[i]})
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		return fmt.Errorf("current directory: %w", err)
+	}
+	// Catch signals before the child exists, so none is lost in between.
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, relayed...)
+	defer signal.Stop(sigs)
+	proc, err := launch.Start(launch.Spec{
+		App: app, CgroupDir: info.Cgroup, Argv: argv, Env: os.Environ(), Dir: dir,
+		Stdio: [3]*os.File{os.Stdin, os.Stdout, os.Stderr},
+	})
+	if err != nil {
+		return err
+	}
+	go func() {
+		for s := range sigs {
+			_ = proc.Signal(s.(syscall.Signal))
+		}
+	}()
+	exit, err := proc.Wait()
+	if err != nil {
+		return err
+	}
+	return exitLike(exit.Code, exit.Signal)
+}
+
+func runViaDaemon(c api.Client, name string, argv []string) error {
+	dir, err := os.Getwd()
+	if err != nil {
+		return fmt.Errorf("current directory: %w", err)
+	}
+	req := api.Request{Op: api.OpRun, App: name, Argv: argv, Env: os.Environ(), Dir: dir}
+	conn, err := dialRaw(c.Socket)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	line, err := jsonLine(req)
+	if err != nil {
+		return err
+	}
+	if err := launch.SendWithFds(conn, line, os.Stdin, os.Stdout, os.Stderr); err != nil {
+		return fmt.Errorf("send run request: %w", err)
+	}
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, relayed...)
+	defer signal.Stop(sigs)
+	go func() {
+		for s := range sigs {
+			_ = api.WriteLine(conn, api.Request{Op: api.OpRun, Signal: int(s.(syscall.Signal))})
+		}
+	}()
+	r := bufio.NewReader(conn)
+	for {
+		resp, err := api.ReadResponse(r)
+		if err != nil {
+			return err
+		}
+		if resp.Run != nil && resp.Run.Exited {
+			return exitLike(resp.Run.Code, syscall.Signal(resp.Run.Signal))
+		}
+	}
+}
+
+// exitLike ends procgate as the child ended: same code, or the same signal
+// (re-raised with its default action), so shells and supervisors see the
+// child's status.
+func exitLike(code int, sig syscall.Signal) error {
+	if sig == 0 {
+		return exitCode(code)
+	}
+	signal.Reset(sig)
+	// Go's runtime keeps its own handler even after Reset, and ignores some
+	// signals (SIGUSR1, SIGUSR2) it was not asked to notify: restore the
+	// kernel's default action before raising.
+	act := struct {
+		handler  uintptr // SIG_DFL
+		flags    uint64
+		restorer uintptr
+		mask     uint64
+	}{}
+	_, _, _ = syscall.RawSyscall6(syscall.SYS_RT_SIGACTION, uintptr(sig), uintptr(unsafe.Pointer(&act)), 0, 8, 0, 0)
+	_ = syscall.Kill(os.Getpid(), sig)
+	time.Sleep(100 * time.Millisecond) // a signal whose default is to ignore falls through
+	return exitCode(128 + int(sig))
+}
+
+func dialCmd() *cobra.Command {
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:   "dial ADDR:PORT[/tcp|udp]",
+		Short: "Try one connection from this process and print what came back (to test a policy)",
+		Long: `Connects (TCP) or sends one datagram and waits for an answer (UDP) and prints
+the first line received, or the error: "operation not permitted" is procgate's
+denial. Run it under 'procgate run' to see what an app may reach.`,
+		Example: `  procgate run --app psql-prod -- procgate dial 10.1.2.3:5432
+  procgate dial '[fd00:1::5]:53/udp'`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			d, err := ruleset.ParseDest(args[0])
+			if err != nil {
+				return err
+			}
+			line, err := dial(d, timeout)
+			if err != nil {
+				if errors.Is(err, syscall.EPERM) {
+					return fmt.Errorf("%s: denied: %w", d, err)
+				}
+				return fmt.Errorf("%s: %w", d, err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: %s\n", d, line)
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Second, "give up after this long")
+	return cmd
+}
+
+func dialRaw(socket string) (*net.UnixConn, error) {
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("connect to procgate daemon at %s (is it running? set --socket or PROCGATE_SOCKET): %w", socket, err)
+	}
+	return conn, nil
+}
+
+func jsonLine(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
+}
+
+// dial makes one attempt to d and returns the first line the peer sends.
+func dial(d ruleset.Dest, timeout time.Duration) (string, error) {
+	network := "tcp"
+	if d.Proto == ruleset.UDP {
+		network = "udp"
+	}
+	conn, err := net.DialTimeout(network, netip.AddrPortFrom(d.Addr, d.Port).String(), timeout)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(timeout))
+	if network == "udp" {
+		if _, err := conn.Write([]byte("ping\n")); err != nil {
+			return "", err
+		}
+	}
+	buf := make([]byte, 512)
+	n, err := conn.Read(buf)
+	if err != nil && n == 0 {
+		return "", err
+	}
+	return strings.TrimSpace(strings.SplitN(string(buf[:n]), "\n", 2)[0]), nil
+}

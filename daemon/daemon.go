@@ -1,0 +1,615 @@
+// Package daemon wires procgate together: it loads the policy, keeps the
+// kernel's generation in step with it (reload on change and SIGHUP, keep the
+// old one when the new one is invalid), creates app cgroups, reads audit
+// events, and serves the local API.
+package daemon
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/api"
+	"github.com/procgate/procgate/audit"
+	"github.com/procgate/procgate/bpf"
+	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/policy"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// Defaults of the contract in DESIGN.md.
+const (
+	DefaultStateDir = "/var/lib/procgate"
+	DefaultBPFDir   = "/sys/fs/bpf/procgate"
+	// AppsDir is the directory below the cgroup root holding app cgroups.
+	AppsDir = "procgate.apps"
+)
+
+// Config is the daemon's command line.
+type Config struct {
+	PolicyPath  string
+	CgroupRoot  string // "" means the whole cgroup2 hierarchy
+	StateDir    string
+	BPFDir      string
+	Socket      string
+	MetricsAddr string
+	// PollInterval is how often the policy file is checked for changes.
+	PollInterval time.Duration
+	Log          *slog.Logger
+	// Ready, if set, is called once the daemon enforces and serves.
+	Ready func()
+}
+
+// Daemon is a running procgate daemon.
+type Daemon struct {
+	cfg     Config
+	log     *slog.Logger
+	enf     *bpf.Enforcer
+	appDirs cgroups.AppDirs
+	mount   string
+	auditor *audit.Auditor
+
+	// mu guards the fields below and serializes reloads: one generation is
+	// built and applied at a time.
+	mu         sync.Mutex
+	policy     *ruleset.Ruleset // as the file says
+	effective  *ruleset.Ruleset // what the kernel enforces: policy minus revocations
+	byGen      map[uint32]*ruleset.Ruleset
+	ids        *appIDs
+	revoked    *revocations
+	gen        uint32
+	policyHash string
+	loadedAt   time.Time
+	lastErr    string
+}
+
+func (c *Config) setDefaults() error {
+	if c.PolicyPath == "" {
+		return errors.New("no policy file given (--policy FILE)")
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.BPFDir == "" {
+		c.BPFDir = DefaultBPFDir
+	}
+	if c.Socket == "" {
+		c.Socket = api.DefaultSocket
+	}
+	if c.PollInterval == 0 {
+		c.PollInterval = time.Second
+	}
+	if c.Log == nil {
+		c.Log = slog.Default()
+	}
+	return nil
+}
+
+// Run enforces the policy until ctx ends. Enforcement outlives it: the
+// programs, maps and links stay pinned in BPFDir.
+func Run(ctx context.Context, cfg Config) error {
+	if err := cfg.setDefaults(); err != nil {
+		return err
+	}
+	d := &Daemon{cfg: cfg, log: cfg.Log, byGen: map[uint32]*ruleset.Ruleset{}}
+	mount, err := cgroups.Mount()
+	if err != nil {
+		return err
+	}
+	d.mount = mount
+	if cfg.CgroupRoot == "" {
+		cfg.CgroupRoot = mount
+		d.cfg.CgroupRoot = mount
+	}
+	if err := checkCgroupDir(cfg.CgroupRoot); err != nil {
+		return err
+	}
+	d.appDirs = cgroups.AppDirs{Base: filepath.Join(cfg.CgroupRoot, AppsDir)}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("create state dir %s: %w", cfg.StateDir, err)
+	}
+	if d.ids, err = loadAppIDs(filepath.Join(cfg.StateDir, "app-ids.json")); err != nil {
+		return err
+	}
+	if d.revoked, err = loadRevocations(filepath.Join(cfg.StateDir, "revocations.json")); err != nil {
+		return err
+	}
+	// An invalid policy at start is fatal; whatever is pinned keeps
+	// enforcing the last good generation meanwhile.
+	rs, hash, err := loadPolicy(cfg.PolicyPath, d.log)
+	if err != nil {
+		return err
+	}
+
+	if err := mountBPFFS(cfg.BPFDir, d.log); err != nil {
+		return err
+	}
+	d.enf, err = bpf.Open(bpf.Options{BPFDir: cfg.BPFDir, CgroupDir: cfg.CgroupRoot, Log: d.log})
+	if err != nil {
+		return err
+	}
+	defer d.enf.Close()
+	if d.enf.Adopted {
+		gen, _ := d.enf.Generation()
+		d.log.Info("adopting pinned enforcement", "bpf_dir", cfg.BPFDir, "generation", gen)
+	}
+	// The first generation goes in before the hooks are attached, so a fresh
+	// install never has a moment of "no policy" (which denies everything).
+	d.mu.Lock()
+	err = d.install(rs, hash)
+	d.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := d.enf.Attach(); err != nil {
+		return err
+	}
+	d.log.Info("enforcing", "policy", cfg.PolicyPath, "generation", d.gen, "cgroup_root", cfg.CgroupRoot, "bpf_dir", cfg.BPFDir)
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+
+	events, err := d.enf.Events()
+	if err != nil {
+		return err
+	}
+	d.auditor, err = audit.New(events, audit.Options{
+		LogPath:  filepath.Join(cfg.StateDir, "audit.jsonl"),
+		Annotate: d.annotate,
+		Log:      d.log,
+	})
+	if err != nil {
+		events.Close()
+		return err
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := d.auditor.Run(ctx); err != nil && ctx.Err() == nil {
+			d.log.Error("audit reader stopped", "err", err)
+		}
+	}()
+	defer events.Close()
+
+	ln, err := listen(cfg.Socket)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(cfg.Socket)
+	defer ln.Close()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		d.serve(ctx, ln)
+	}()
+
+	if cfg.MetricsAddr != "" {
+		srv, err := d.serveMetrics(cfg.MetricsAddr)
+		if err != nil {
+			return err
+		}
+		defer srv.Close()
+	}
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	if cfg.Ready != nil {
+		cfg.Ready()
+	}
+	tick := time.NewTicker(cfg.PollInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			d.log.Info("stopping; enforcement stays pinned", "bpf_dir", cfg.BPFDir, "generation", d.generation())
+			ln.Close()
+			return nil
+		case <-hup:
+			d.log.Info("SIGHUP: reloading policy", "policy", cfg.PolicyPath)
+			_, _ = d.Reload(true)
+		case <-tick.C:
+			_, _ = d.Reload(false)
+		}
+	}
+}
+
+func (d *Daemon) generation() uint32 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.gen
+}
+
+// loadPolicy reads and compiles the policy file and hashes its bytes.
+func loadPolicy(path string, log *slog.Logger) (*ruleset.Ruleset, string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, "", fmt.Errorf("read policy: %w", err)
+	}
+	rs, warnings, err := policy.Parse(path, data)
+	if err != nil {
+		return nil, "", err
+	}
+	for _, w := range warnings {
+		log.Warn("policy", "warning", w.String())
+	}
+	sum := sha256.Sum256(data)
+	return rs, hex.EncodeToString(sum[:]), nil
+}
+
+// Reload re-reads the policy file. Unless force is set, an unchanged file
+// (same bytes) is left alone. An invalid file leaves the generation in force
+// and is reported once per change of the file.
+func (d *Daemon) Reload(force bool) (uint32, error) {
+	data, readErr := os.ReadFile(d.cfg.PolicyPath)
+	sum := sha256.Sum256(data)
+	hash := hex.EncodeToString(sum[:])
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if readErr == nil && hash == d.policyHash && !force {
+		return d.gen, nil
+	}
+	if readErr != nil && !force && d.lastErr != "" {
+		return d.gen, nil // already reported
+	}
+	var rs *ruleset.Ruleset
+	var err error
+	if readErr != nil {
+		err = fmt.Errorf("read policy: %w", readErr)
+	} else {
+		var warnings []policy.Warning
+		rs, warnings, err = policy.Parse(d.cfg.PolicyPath, data)
+		for _, w := range warnings {
+			d.log.Warn("policy", "warning", w.String())
+		}
+	}
+	if err == nil {
+		err = d.install(rs, hash)
+	}
+	if err != nil {
+		if d.lastErr != err.Error() || force {
+			d.log.Error("policy rejected; the previous generation stays in force", "policy", d.cfg.PolicyPath, "generation", d.gen, "err", err)
+		}
+		d.lastErr = err.Error()
+		// Remember the bad bytes so the poller does not retry them each tick.
+		if readErr == nil {
+			d.policyHash = hash
+		}
+		return d.gen, err
+	}
+	d.lastErr = ""
+	d.log.Info("policy loaded", "policy", d.cfg.PolicyPath, "generation", d.gen, "apps", len(rs.Apps), "internal", len(rs.Internal))
+	return d.gen, nil
+}
+
+// install makes rs (minus revocations) the generation in force. d.mu held.
+func (d *Daemon) install(rs *ruleset.Ruleset, hash string) error {
+	eff := d.revoked.apply(rs)
+	gen, err := d.applyEffective(eff)
+	if err != nil {
+		return err
+	}
+	d.policy, d.policyHash, d.loadedAt = rs, hash, time.Now()
+	d.gen = gen
+	return nil
+}
+
+// applyEffective builds the bindings for eff and applies it. d.mu held.
+func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
+	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate}
+	for _, app := range eff.Apps {
+		id, err := d.ids.get(app.Name)
+		if err != nil {
+			return 0, err
+		}
+		g.AppIDs[app.Name] = id
+		dir, err := d.appDirs.Ensure(app.Name)
+		if err != nil {
+			return 0, fmt.Errorf("app %s: %w", app.Name, err)
+		}
+		cgID, err := cgroups.ID(dir)
+		if err != nil {
+			return 0, fmt.Errorf("app %s: %w", app.Name, err)
+		}
+		level, err := cgroups.Level(d.mount, dir)
+		if err != nil {
+			return 0, fmt.Errorf("app %s: %w", app.Name, err)
+		}
+		g.Bindings = append(g.Bindings, bpf.Binding{App: app.Name, CgroupID: cgID, Level: level})
+	}
+	if err := d.ids.save(); err != nil {
+		return 0, err
+	}
+	gen, err := d.enf.Apply(g)
+	if err != nil {
+		return 0, fmt.Errorf("apply generation: %w", err)
+	}
+	d.effective = eff
+	d.gen = gen
+	d.byGen[gen] = eff
+	// Events of a few generations back may still be in the ring buffer.
+	for old := range d.byGen {
+		if old+8 < gen {
+			delete(d.byGen, old)
+		}
+	}
+	return gen, nil
+}
+
+// annotate names the app and the rule of a kernel event from the ruleset of
+// the generation that decided it.
+func (d *Daemon) annotate(e bpf.Event) (string, string) {
+	d.mu.Lock()
+	rs := d.byGen[e.Generation]
+	if rs == nil {
+		rs = d.effective
+	}
+	d.mu.Unlock()
+	app := d.ids.name(e.AppID)
+	if rs == nil {
+		return app, ""
+	}
+	dec := rs.Decide(app, e.Dest)
+	rule := ""
+	if len(dec.Grants) > 0 {
+		rule = "grant " + dec.Grants[0].String()
+	} else if dec.Internal != nil {
+		rule = "internal " + dec.Internal.Prefix.String()
+		if s := dec.Internal.Source.String(); s != "" {
+			rule += " [" + s + "]"
+		}
+	}
+	return app, rule
+}
+
+func (d *Daemon) serveMetrics(addr string) (*http.Server, error) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(audit.NewCollector(d.counterSource, d.auditor))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen for metrics on %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: audit.Handler(reg), ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	d.log.Info("serving metrics", "addr", ln.Addr().String())
+	return srv, nil
+}
+
+// counterSource reads the kernel's counters per app name ("" unbound).
+func (d *Daemon) counterSource() (map[string][4]uint64, error) {
+	d.mu.Lock()
+	names := []string{""}
+	ids := []uint32{0}
+	if d.policy != nil {
+		for _, a := range d.policy.Apps {
+			if id, ok := d.ids.lookup(a.Name); ok {
+				names = append(names, a.Name)
+				ids = append(ids, id)
+			}
+		}
+	}
+	d.mu.Unlock()
+	raw, err := d.enf.Counters(ids)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string][4]uint64, len(ids))
+	for i, id := range ids {
+		out[names[i]] = raw[id]
+	}
+	return out, nil
+}
+
+// mountBPFFS mounts the system's bpffs at /sys/fs/bpf when the pin dir is
+// below it and nothing is mounted there yet (as systemd does at boot). Other
+// locations are the operator's to mount.
+func mountBPFFS(pinDir string, log *slog.Logger) error {
+	const sysBPF = "/sys/fs/bpf"
+	if filepath.Dir(filepath.Clean(pinDir)) != sysBPF {
+		return nil
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(sysBPF, &fs); err != nil || fs.Type == unix.BPF_FS_MAGIC {
+		return nil // bpf.Open explains a missing directory
+	}
+	if err := unix.Mount("bpf", sysBPF, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs on %s: %w", sysBPF, err)
+	}
+	log.Info("mounted bpffs", "path", sysBPF)
+	return nil
+}
+
+func checkCgroupDir(dir string) error {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err != nil {
+		return fmt.Errorf("cgroup root %s: %w", dir, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return fmt.Errorf("cgroup root %s is not a cgroup2 directory", dir)
+	}
+	return nil
+}
+
+// listen opens the API socket, replacing a stale one but never a live one.
+func listen(path string) (*net.UnixListener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("create socket dir: %w", err)
+	}
+	if c, err := net.Dial("unix", path); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("another daemon is serving %s", path)
+	}
+	_ = os.Remove(path)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	ln.SetUnlinkOnClose(false)
+	// Anyone may connect: each request is checked against the peer's
+	// credentials (run: the app's users; revoke, reload, events: root).
+	if err := os.Chmod(path, 0o666); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// appIDs keeps app ids stable across reloads and restarts, so that kernel
+// counters and audit records stay with their app.
+type appIDs struct {
+	path   string
+	mu     sync.Mutex
+	ByName map[string]uint32 `json:"by_name"`
+}
+
+func loadAppIDs(path string) (*appIDs, error) {
+	a := &appIDs{path: path, ByName: map[string]uint32{}}
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return a, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read app ids: %w", err)
+	}
+	if err := json.Unmarshal(data, a); err != nil {
+		return nil, fmt.Errorf("parse app ids %s: %w", path, err)
+	}
+	if a.ByName == nil {
+		a.ByName = map[string]uint32{}
+	}
+	return a, nil
+}
+
+func (a *appIDs) get(name string) (uint32, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if id, ok := a.ByName[name]; ok {
+		return id, nil
+	}
+	used := map[uint32]bool{}
+	for _, id := range a.ByName {
+		used[id] = true
+	}
+	for id := uint32(1); id < bpf.MaxApps; id++ {
+		if !used[id] {
+			a.ByName[name] = id
+			return id, nil
+		}
+	}
+	return 0, fmt.Errorf("no free app id for %q (%d apps known)", name, len(a.ByName))
+}
+
+func (a *appIDs) lookup(name string) (uint32, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	id, ok := a.ByName[name]
+	return id, ok
+}
+
+func (a *appIDs) name(id uint32) string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for n, i := range a.ByName {
+		if i == id {
+			return n
+		}
+	}
+	return ""
+}
+
+func (a *appIDs) save() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return writeJSON(a.path, a)
+}
+
+// revocations are withdrawals made with `procgate revoke`; they hold across
+// reloads and restarts until `revoke --restore`.
+type revocations struct {
+	path   string
+	Apps   map[string]bool  `json:"apps"`
+	Grants map[string][]int `json:"grants"`
+}
+
+func loadRevocations(path string) (*revocations, error) {
+	r := &revocations{path: path}
+	data, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("read revocations: %w", err)
+	}
+	if err == nil {
+		if err := json.Unmarshal(data, r); err != nil {
+			return nil, fmt.Errorf("parse revocations %s: %w", path, err)
+		}
+	}
+	if r.Apps == nil {
+		r.Apps = map[string]bool{}
+	}
+	if r.Grants == nil {
+		r.Grants = map[string][]int{}
+	}
+	return r, nil
+}
+
+// apply returns rs without the revoked grants.
+func (r *revocations) apply(rs *ruleset.Ruleset) *ruleset.Ruleset {
+	out := rs.Clone()
+	for i := range out.Apps {
+		a := &out.Apps[i]
+		if r.Apps[a.Name] {
+			a.Grants = nil
+			continue
+		}
+		if gs := r.Grants[a.Name]; len(gs) > 0 {
+			a.Grants = slices.DeleteFunc(a.Grants, func(g ruleset.Grant) bool { return slices.Contains(gs, g.Index) })
+		}
+	}
+	return out
+}
+
+func (r *revocations) describe(app string) []string {
+	if r.Apps[app] {
+		return []string{"all"}
+	}
+	var out []string
+	for _, g := range r.Grants[app] {
+		out = append(out, fmt.Sprintf("#%d", g))
+	}
+	return out
+}
+
+func (r *revocations) save() error { return writeJSON(r.path, r) }
+
+// writeJSON replaces path atomically, so a crash never leaves half a file.
+func writeJSON(path string, v any) error {
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, append(data, '\n'), 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("replace %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,453 @@
+package daemon
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/api"
+	"github.com/procgate/procgate/audit"
+	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/launch"
+	"github.com/procgate/procgate/ruleset"
+)
+
+func (d *Daemon) serve(ctx context.Context, ln *net.UnixListener) {
+	for {
+		conn, err := ln.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			d.log.Warn("accept on API socket", "err", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		go d.handle(ctx, conn)
+	}
+}
+
+// peer is who sent a request, as the kernel says (SO_PEERCRED,
+// SO_PEERGROUPS), never as the request says.
+type peer struct {
+	uid, gid uint32
+	pid      int32
+	groups   []uint32
+}
+
+func peerOf(conn *net.UnixConn) (peer, error) {
+	cred, err := launch.PeerCred(conn)
+	if err != nil {
+		return peer{}, err
+	}
+	p := peer{uid: cred.Uid, gid: cred.Gid, pid: cred.Pid}
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return peer{}, err
+	}
+	var gerr error
+	raw.Control(func(fd uintptr) {
+		buf := make([]uint32, 1024)
+		n := uint32(len(buf) * 4)
+		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_PEERGROUPS,
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
+		if e != 0 {
+			gerr = fmt.Errorf("SO_PEERGROUPS: %w", e)
+			return
+		}
+		p.groups = slices.Clone(buf[:n/4])
+	})
+	return p, gerr
+}
+
+func (d *Daemon) handle(ctx context.Context, conn *net.UnixConn) {
+	defer conn.Close()
+	p, err := peerOf(conn)
+	if err != nil {
+		d.log.Warn("API peer credentials", "err", err)
+		return
+	}
+	// The request line comes with the caller's stdio for `run` (SCM_RIGHTS),
+	// so the first read takes the ancillary data too.
+	buf := make([]byte, 64<<10)
+	n, files, err := launch.RecvWithFds(conn, buf, 3)
+	if err != nil {
+		d.log.Warn("API read", "err", err, "uid", p.uid, "pid", p.pid)
+		return
+	}
+	line := buf[:n]
+	rest := bufio.NewReader(conn)
+	if !bytes.Contains(line, []byte{'\n'}) {
+		more, err := rest.ReadBytes('\n')
+		if err != nil && len(more) == 0 {
+			closeAll(files)
+			return
+		}
+		line = append(line, more...)
+		if len(line) > api.MaxRequestBytes {
+			closeAll(files)
+			_ = api.WriteLine(conn, api.Response{Error: "request too large"})
+			return
+		}
+	}
+	first, extra, _ := bytes.Cut(line, []byte{'\n'})
+	req, err := api.DecodeLine(first)
+	if err != nil {
+		closeAll(files)
+		_ = api.WriteLine(conn, api.Response{Error: err.Error()})
+		return
+	}
+	if req.Op != api.OpRun {
+		closeAll(files)
+		files = nil
+	}
+	d.log.Debug("API request", "op", req.Op, "uid", p.uid, "pid", p.pid)
+	resp := d.dispatch(ctx, conn, p, req, files, bufio.NewReader(io.MultiReader(bytes.NewReader(extra), rest)))
+	if resp != nil {
+		_ = api.WriteLine(conn, resp)
+	}
+}
+
+func closeAll(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}
+
+func errResp(format string, args ...any) *api.Response {
+	return &api.Response{Error: fmt.Sprintf(format, args...)}
+}
+
+// dispatch answers one request. Streaming ops write their own lines and
+// return nil.
+func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req api.Request, files []*os.File, more *bufio.Reader) *api.Response {
+	rootOnly := func() *api.Response {
+		if p.uid != 0 {
+			return errResp("%s needs root (caller uid %d)", req.Op, p.uid)
+		}
+		return nil
+	}
+	switch req.Op {
+	case api.OpStatus:
+		st, err := d.status()
+		if err != nil {
+			return errResp("%v", err)
+		}
+		return &api.Response{Status: st}
+	case api.OpExplain:
+		ex, err := d.explain(req)
+		if err != nil {
+			return errResp("%v", err)
+		}
+		return &api.Response{Explain: ex}
+	case api.OpRevoke:
+		if r := rootOnly(); r != nil {
+			return r
+		}
+		rv, err := d.revoke(req)
+		if err != nil {
+			return errResp("%v", err)
+		}
+		return &api.Response{Revoke: rv}
+	case api.OpReload:
+		if r := rootOnly(); r != nil {
+			return r
+		}
+		gen, err := d.Reload(true)
+		if err != nil {
+			return errResp("policy rejected, generation %d stays in force: %v", gen, err)
+		}
+		return &api.Response{Reload: &gen}
+	case api.OpEvents:
+		if r := rootOnly(); r != nil {
+			return r
+		}
+		d.streamEvents(ctx, conn, req)
+		return nil
+	case api.OpAppInfo:
+		info, err := d.appInfo(req.App)
+		if err != nil {
+			return errResp("%v", err)
+		}
+		return &api.Response{AppInfo: info}
+	case api.OpRun:
+		d.run(conn, p, req, files, more)
+		return nil
+	}
+	return errResp("unknown op %q", req.Op)
+}
+
+func (d *Daemon) status() (*api.Status, error) {
+	counters, err := d.counterSource()
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st := &api.Status{
+		Generation: d.gen, Policy: d.cfg.PolicyPath, PolicySHA256: d.policyHash, LoadedAt: d.loadedAt,
+		LastError: d.lastErr, CgroupRoot: d.cfg.CgroupRoot, BPFDir: d.cfg.BPFDir,
+		Hooks: d.enf.Attached(), Adopted: d.enf.Adopted,
+		Unbound: toCounters(counters[""]),
+	}
+	for _, p := range d.effective.Internal {
+		st.Internal = append(st.Internal, p.Prefix.String())
+	}
+	for _, a := range d.policy.Apps {
+		id, _ := d.ids.lookup(a.Name)
+		as := api.AppStatus{Name: a.Name, ID: id, Cgroup: filepath.Join(d.appDirs.Base, a.Name),
+			Revoked: d.revoked.describe(a.Name), Counters: toCounters(counters[a.Name])}
+		for _, g := range a.Grants {
+			as.Grants = append(as.Grants, g.String())
+		}
+		st.Apps = append(st.Apps, as)
+	}
+	if d.auditor != nil {
+		s := d.auditor.Stats()
+		st.Audit = api.AuditStats{Events: s.Events, DecodeErrors: s.DecodeErrors, Dropped: s.Dropped,
+			Log: filepath.Join(d.cfg.StateDir, "audit.jsonl")}
+	}
+	return st, nil
+}
+
+func toCounters(c [4]uint64) api.Counters {
+	return api.Counters{Allow: c[0], Deny: c[1], External: c[2], AuditDrops: c[3]}
+}
+
+// appOfPID finds the app whose cgroup holds pid (or an ancestor of its
+// cgroup), as the kernel would: "" when none.
+func (d *Daemon) appOfPID(pid int) (string, error) {
+	dir, err := cgroups.OfPID(pid)
+	if err != nil {
+		return "", err
+	}
+	rel, err := filepath.Rel(d.appDirs.Base, dir)
+	if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+		return "", nil
+	}
+	name, _, _ := strings.Cut(rel, string(filepath.Separator))
+	if d.effective.App(name) == nil {
+		return "", nil
+	}
+	return name, nil
+}
+
+func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
+	dest, err := ruleset.ParseDest(req.Dest)
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	app := req.App
+	if req.PID != 0 {
+		if app, err = d.appOfPID(req.PID); err != nil {
+			return nil, err
+		}
+	} else if d.effective.App(app) == nil {
+		return nil, fmt.Errorf("no app %q in the policy %s", app, d.cfg.PolicyPath)
+	}
+	dec := d.effective.Decide(app, dest)
+	return &api.Explain{App: app, Dest: dest.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}, nil
+}
+
+func (d *Daemon) revoke(req api.Request) (*api.Revoke, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	app := d.policy.App(req.App)
+	if app == nil {
+		return nil, fmt.Errorf("no app %q in the policy %s", req.App, d.cfg.PolicyPath)
+	}
+	saved := *d.revoked
+	saved.Apps, saved.Grants = cloneMap(d.revoked.Apps), cloneMap(d.revoked.Grants)
+	what := "all grants"
+	switch {
+	case req.Restore && req.Grant == nil:
+		delete(d.revoked.Apps, req.App)
+		delete(d.revoked.Grants, req.App)
+		what = "restored all grants"
+	case req.Restore:
+		d.revoked.Grants[req.App] = slices.DeleteFunc(slices.Clone(d.revoked.Grants[req.App]), func(g int) bool { return g == *req.Grant })
+		what = fmt.Sprintf("restored grant #%d", *req.Grant)
+	case req.Grant != nil:
+		if *req.Grant < 0 || *req.Grant >= len(app.Grants) {
+			return nil, fmt.Errorf("app %s has grants #0..#%d, not #%d", req.App, len(app.Grants)-1, *req.Grant)
+		}
+		if !slices.Contains(d.revoked.Grants[req.App], *req.Grant) {
+			d.revoked.Grants[req.App] = append(d.revoked.Grants[req.App], *req.Grant)
+		}
+		what = fmt.Sprintf("grant #%d", *req.Grant)
+	default:
+		d.revoked.Apps[req.App] = true
+	}
+	gen, err := d.applyEffective(d.revoked.apply(d.policy))
+	if err != nil {
+		*d.revoked = saved
+		return nil, err
+	}
+	if err := d.revoked.save(); err != nil {
+		d.log.Error("revocation is in force but not saved; it will not survive a restart", "err", err)
+	}
+	d.log.Info("revoked", "app", req.App, "what", what, "generation", gen)
+	return &api.Revoke{Generation: gen, Revoked: what}, nil
+}
+
+func cloneMap[K comparable, V any](m map[K]V) map[K]V {
+	out := make(map[K]V, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+func (d *Daemon) appInfo(name string) (*api.AppInfo, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	app := d.policy.App(name)
+	if app == nil {
+		return nil, fmt.Errorf("no app %q in the policy %s", name, d.cfg.PolicyPath)
+	}
+	info := &api.AppInfo{Name: name, Cgroup: filepath.Join(d.appDirs.Base, name), Users: app.Users}
+	for _, e := range app.Exe {
+		info.Exe = append(info.Exe, e.Path)
+		info.SHA256 = append(info.SHA256, e.SHA256)
+	}
+	return info, nil
+}
+
+func (d *Daemon) streamEvents(ctx context.Context, conn *net.UnixConn, req api.Request) {
+	var live <-chan audit.Record
+	var cancel func()
+	if req.Follow {
+		// Subscribe before reading the log so nothing falls between them.
+		live, cancel = d.auditor.Subscribe(256)
+		defer cancel()
+	}
+	recs, err := audit.ReadLog(filepath.Join(d.cfg.StateDir, "audit.jsonl"), req.Last)
+	if err != nil {
+		_ = api.WriteLine(conn, errResp("%v", err))
+		return
+	}
+	for _, r := range recs {
+		if err := writeEvent(conn, r); err != nil {
+			return
+		}
+	}
+	if !req.Follow {
+		return
+	}
+	// A closed client shows up as a failed write or as EOF on read.
+	gone := make(chan struct{})
+	go func() {
+		var b [1]byte
+		conn.Read(b[:])
+		close(gone)
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-gone:
+			return
+		case r := <-live:
+			if err := writeEvent(conn, r); err != nil {
+				return
+			}
+		}
+	}
+}
+
+func writeEvent(conn *net.UnixConn, r audit.Record) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	return api.WriteLine(conn, api.Response{Event: b})
+}
+
+// run starts an app for the peer: as the peer's uid, gids and groups, with
+// its stdio, in the app's cgroup; it relays signals and the exit status.
+func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.File, more *bufio.Reader) {
+	defer closeAll(files)
+	fail := func(format string, args ...any) {
+		msg := fmt.Sprintf(format, args...)
+		d.log.Warn("run refused", "app", req.App, "uid", p.uid, "pid", p.pid, "reason", msg)
+		_ = api.WriteLine(conn, errResp("%s", msg))
+	}
+	if len(files) != 3 {
+		fail("run needs the caller's stdin, stdout and stderr (got %d descriptors)", len(files))
+		return
+	}
+	if len(req.Argv) == 0 {
+		fail("run needs a command")
+		return
+	}
+	d.mu.Lock()
+	var app ruleset.App
+	a := d.policy.App(req.App)
+	if a != nil {
+		app = *a
+	}
+	d.mu.Unlock()
+	if a == nil {
+		fail("no app %q in the policy %s", req.App, d.cfg.PolicyPath)
+		return
+	}
+	if err := launch.Authorize(app, p.uid); err != nil {
+		fail("%v", err)
+		return
+	}
+	proc, err := launch.Start(launch.Spec{
+		App:       app,
+		CgroupDir: filepath.Join(d.appDirs.Base, app.Name),
+		Argv:      req.Argv,
+		Env:       req.Env,
+		Dir:       req.Dir,
+		Cred:      &launch.Cred{UID: p.uid, GID: p.gid, Groups: p.groups},
+		Stdio:     [3]*os.File{files[0], files[1], files[2]},
+	})
+	if err != nil {
+		fail("%v", err)
+		return
+	}
+	closeAll(files) // the child has its own copies
+	files = nil
+	d.log.Info("run", "app", app.Name, "uid", p.uid, "pid", proc.Pid(), "argv0", req.Argv[0])
+	if err := api.WriteLine(conn, api.Response{Run: &api.RunState{Started: proc.Pid()}}); err != nil {
+		_ = proc.Signal(syscall.SIGHUP)
+	}
+	go func() {
+		for {
+			line, err := more.ReadBytes('\n')
+			if err != nil {
+				// The caller went away: like a closed terminal.
+				_ = proc.Signal(syscall.SIGHUP)
+				return
+			}
+			var r api.Request
+			if json.Unmarshal(line, &r) == nil && r.Signal > 0 && r.Signal < 65 {
+				_ = proc.Signal(syscall.Signal(r.Signal))
+			}
+		}
+	}()
+	exit, err := proc.Wait()
+	if err != nil {
+		_ = api.WriteLine(conn, errResp("wait for pid %d: %v", proc.Pid(), err))
+		return
+	}
+	_ = api.WriteLine(conn, api.Response{Run: &api.RunState{Exited: true, Code: exit.Code, Signal: int(exit.Signal)}})
+}
