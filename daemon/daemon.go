@@ -77,6 +77,9 @@ type Daemon struct {
 	policyHash string
 	loadedAt   time.Time
 	lastErr    string
+	// routes are the destinations routed via internal.interfaces when last
+	// looked at; they are part of the internal set.
+	routes []ruleset.InternalPrefix
 }
 
 func (c *Config) setDefaults() error {
@@ -228,6 +231,7 @@ func Run(ctx context.Context, cfg Config) error {
 			_, _ = d.Reload(true)
 		case <-tick.C:
 			_, _ = d.Reload(false)
+			d.refreshRoutes()
 		}
 	}
 }
@@ -300,16 +304,45 @@ func (d *Daemon) Reload(force bool) (uint32, error) {
 	return d.gen, nil
 }
 
-// install makes rs (minus revocations) the generation in force. d.mu held.
+// install makes rs (minus revocations, plus the routes of its interfaces)
+// the generation in force. d.mu held.
 func (d *Daemon) install(rs *ruleset.Ruleset, hash string) error {
-	eff := d.revoked.apply(rs)
-	gen, err := d.applyEffective(eff)
+	routes, err := interfaceRoutes(rs.Interfaces)
 	if err != nil {
 		return err
 	}
-	d.policy, d.policyHash, d.loadedAt = rs, hash, time.Now()
+	gen, err := d.applyEffective(withRoutes(d.revoked.apply(rs), routes))
+	if err != nil {
+		return err
+	}
+	d.policy, d.policyHash, d.loadedAt, d.routes = rs, hash, time.Now(), routes
 	d.gen = gen
 	return nil
+}
+
+// refreshRoutes follows internal.interfaces: when the routes via them
+// change, a new generation with the new internal set goes in.
+func (d *Daemon) refreshRoutes() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.policy == nil || len(d.policy.Interfaces) == 0 {
+		return
+	}
+	routes, err := interfaceRoutes(d.policy.Interfaces)
+	if err != nil {
+		d.log.Error("cannot read routes of internal interfaces; keeping the last known ones", "interfaces", d.policy.Interfaces, "err", err)
+		return
+	}
+	if samePrefixes(routes, d.routes) {
+		return
+	}
+	gen, err := d.applyEffective(withRoutes(d.revoked.apply(d.policy), routes))
+	if err != nil {
+		d.log.Error("routes via internal interfaces changed, but applying them failed", "err", err)
+		return
+	}
+	d.routes = routes
+	d.log.Info("routes via internal interfaces changed", "interfaces", d.policy.Interfaces, "routes", len(routes), "generation", gen)
 }
 
 // applyEffective builds the bindings for eff and applies it. d.mu held.

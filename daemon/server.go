@@ -294,7 +294,7 @@ func (d *Daemon) revoke(req api.Request) (*api.Revoke, error) {
 	default:
 		d.revoked.Apps[req.App] = true
 	}
-	gen, err := d.applyEffective(d.revoked.apply(d.policy))
+	gen, err := d.applyEffective(withRoutes(d.revoked.apply(d.policy), d.routes))
 	if err != nil {
 		*d.revoked = saved
 		return nil, err

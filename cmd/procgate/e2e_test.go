@@ -48,12 +48,20 @@ type e2e struct {
 	cgroup  string
 	netns   string
 	daemon  *exec.Cmd
+	inNetns bool
 	dlog    *bytes.Buffer
 	dlogMu  sync.Mutex
 	stopped chan struct{}
 }
 
 func newE2E(t *testing.T, policyYAML string) *e2e {
+	t.Helper()
+	return newE2EIn(t, policyYAML, false)
+}
+
+// newE2EIn starts the daemon inside the test's network namespace when
+// inNetns is set, so that it sees the namespace's links and routes.
+func newE2EIn(t *testing.T, policyYAML string, inNetns bool) *e2e {
 	t.Helper()
 	nstest.RequireRoot(t)
 	dir, err := os.MkdirTemp("", "procgate-e2e-")
@@ -87,6 +95,7 @@ func newE2E(t *testing.T, policyYAML string) *e2e {
 		cgroup: nstest.Cgroup(t),
 		netns:  nstest.NetNS(t),
 	}
+	e.inNetns = inNetns
 	nstest.AnyIPLoopback(t, e.netns)
 	e.writePolicy(policyYAML)
 	e.startDaemon()
@@ -139,8 +148,12 @@ func (e *e2e) startDaemon() {
 	if e.dlog == nil {
 		e.dlog = &bytes.Buffer{}
 	}
-	cmd := exec.Command(e.bin, "daemon", "--policy", e.policy, "--cgroup-root", e.cgroup,
-		"--state-dir", e.state, "--bpf-dir", e.bpfDir, "--socket", e.socket, "--poll", "100ms", "--log-level", "debug")
+	args := []string{e.bin, "daemon", "--policy", e.policy, "--cgroup-root", e.cgroup,
+		"--state-dir", e.state, "--bpf-dir", e.bpfDir, "--socket", e.socket, "--poll", "100ms", "--log-level", "debug"}
+	if e.inNetns {
+		args = append([]string{"nsenter", "--net=" + e.netns}, args...)
+	}
+	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Env = append(os.Environ(), envAsMain+"=1")
 	cmd.Stdout = lockedWriter{&e.dlogMu, e.dlog}
 	cmd.Stderr = cmd.Stdout
@@ -587,4 +600,71 @@ apps:
 			}
 		}
 	})
+}
+
+// TestInterfaceRoutesAreInternal follows internal.interfaces: routes via the
+// link are internal as soon as they appear, and no longer once removed.
+func TestInterfaceRoutesAreInternal(t *testing.T) {
+	// The daemon starts before wg0 exists, as when the VPN comes up later.
+	e := newE2EIn(t, `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+  interfaces: [wg0]
+apps:
+  - name: vpn-app
+    allow:
+      - to: 100.70.0.0/16
+        ports: [443]
+`, true)
+	ns := e.netns
+	route := func(add bool, dst string) {
+		t.Helper()
+		args := []string{"--net=" + ns, "ip", "route", "add", dst, "dev", "wg0"}
+		if !add {
+			args[3] = "del"
+		}
+		if out, err := exec.Command("nsenter", args...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+	}
+	for _, args := range [][]string{
+		{"ip", "link", "add", "wg0", "type", "veth", "peer", "name", "wg0peer"},
+		{"ip", "link", "set", "wg0", "up"},
+		{"ip", "link", "set", "wg0peer", "up"},
+	} {
+		if out, err := exec.Command("nsenter", append([]string{"--net=" + ns}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+	}
+	route(true, "100.70.0.0/16")
+	unbound, app := e.prober(""), e.prober("vpn-app")
+	waitVerdict := func(p *probe.Prober, dest string, want probe.Verdict) {
+		t.Helper()
+		d, _ := ruleset.ParseDest(dest)
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			got, err := p.Try(d, probe.Connect)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got == want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: still %s after 5s, want %s\n%s", dest, got, want, e.daemonLog())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitVerdict(unbound, "100.70.1.1:443/tcp", probe.Denied)
+	waitVerdict(app, "100.70.1.1:443/tcp", probe.Allowed)
+	waitVerdict(unbound, "100.80.1.1:443/tcp", probe.Allowed)
+	route(true, "100.80.0.0/16")
+	waitVerdict(unbound, "100.80.1.1:443/tcp", probe.Denied)
+	route(false, "100.70.0.0/16")
+	waitVerdict(unbound, "100.70.1.1:443/tcp", probe.Allowed)
+	out, err := e.procgate("status")
+	if err != nil || !strings.Contains(out, "100.80.0.0/16") {
+		t.Fatalf("status does not list the route's prefix as internal: %v\n%s", err, out)
+	}
 }
