@@ -35,26 +35,11 @@ type services struct {
 // serveTCP listens on port in ns (both address families) and answers every
 // connection with banner(peer) and closes it.
 func (s *services) serveTCP(ns, role string, port uint16, banner func(peer netip.AddrPort) string) error {
-	var ln net.Listener
-	err := inNS(ns, func() error {
-		var err error
-		ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port))
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("listen tcp :%d in %s: %w", port, role, err)
-	}
-	s.track(ln)
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
+	return serve(s, ns, role, "tcp", port, net.Listen, func(ln net.Listener) error {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
-				if !errors.Is(err, net.ErrClosed) {
-					s.log.Warn("demo service stopped", "ns", role, "port", port, "err", err)
-				}
-				return
+				return err
 			}
 			peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
 			peer = netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port())
@@ -65,40 +50,44 @@ func (s *services) serveTCP(ns, role string, port uint16, banner func(peer netip
 			}
 			c.Close()
 		}
-	}()
-	return nil
+	})
 }
 
 // serveUDPEcho listens on port in ns (both address families) and sends every
 // datagram back to its sender.
 func (s *services) serveUDPEcho(ns, role string, port uint16) error {
-	var pc net.PacketConn
-	err := inNS(ns, func() error {
-		var err error
-		pc, err = net.ListenPacket("udp", fmt.Sprintf(":%d", port))
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("listen udp :%d in %s: %w", port, role, err)
-	}
-	s.track(pc)
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
+	return serve(s, ns, role, "udp", port, net.ListenPacket, func(pc net.PacketConn) error {
 		buf := make([]byte, 64<<10)
 		for {
 			n, from, err := pc.ReadFrom(buf)
 			if err != nil {
-				if !errors.Is(err, net.ErrClosed) {
-					s.log.Warn("demo service stopped", "ns", role, "port", port, "err", err)
-				}
-				return
+				return err
 			}
 			if _, err := pc.WriteTo(buf[:n], from); err != nil {
 				s.log.Debug("demo echo write", "ns", role, "peer", from, "err", err)
 			}
 		}
-	}()
+	})
+}
+
+// serve opens a socket with listen on a thread in ns, so that it belongs to
+// ns, and runs loop on it in a goroutine until close.
+func serve[C io.Closer](s *services, ns, role, network string, port uint16, listen func(network, address string) (C, error), loop func(C) error) error {
+	var c C
+	err := inNS(ns, func() error {
+		var err error
+		c, err = listen(network, fmt.Sprintf(":%d", port))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("listen %s :%d in %s: %w", network, port, role, err)
+	}
+	s.track(c)
+	s.wg.Go(func() {
+		if err := loop(c); !errors.Is(err, net.ErrClosed) {
+			s.log.Warn("demo service stopped", "ns", role, "network", network, "port", port, "err", err)
+		}
+	})
 	return nil
 }
 

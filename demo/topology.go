@@ -281,22 +281,21 @@ func (t *Topology) build(ctx context.Context) error {
 		}
 	}()
 	for r := range numRoles {
-		err := inNS(t.path(r), func() error {
-			var err error
-			handles[r], err = netlink.NewHandle(unix.NETLINK_ROUTE)
-			return err
-		})
-		if err != nil {
-			return fmt.Errorf("netlink in %s: %w", r, err)
-		}
-		if err := setUp(handles[r], "lo"); err != nil {
-			return fmt.Errorf("%s: %w", r, err)
-		}
 		settings := commonSysctls
 		if r == gateway {
 			settings = append(slices.Clip(settings), gatewaySysctls...)
 		}
-		if err := inNS(t.path(r), func() error { return writeSysctls(settings) }); err != nil {
+		err := inNS(t.path(r), func() error {
+			var err error
+			if handles[r], err = netlink.NewHandle(unix.NETLINK_ROUTE); err != nil {
+				return fmt.Errorf("netlink: %w", err)
+			}
+			return writeSysctls(settings)
+		})
+		if err != nil {
+			return fmt.Errorf("%s: %w", r, err)
+		}
+		if err := setUp(handles[r], "lo"); err != nil {
 			return fmt.Errorf("%s: %w", r, err)
 		}
 	}
@@ -334,7 +333,13 @@ func (t *Topology) build(ctx context.Context) error {
 		}
 	}
 
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	if err := t.startServices(); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
 		return err
 	}
 	return t.checkTunnel(ctx)

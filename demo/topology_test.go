@@ -159,8 +159,9 @@ func (c *cancelAfter) Err() error {
 
 func TestUpCleansUpWhenCanceled(t *testing.T) {
 	nstest.RequireRoot(t)
-	// Up checks ctx before each of the four namespaces and after the veths.
-	for _, checks := range []int{0, 1, 3, 4} {
+	// Up checks ctx before each of the four namespaces (checks 0-3), after
+	// the veths (4), with the tunnel up (5) and with the services running (6).
+	for _, checks := range []int{0, 1, 3, 4, 5, 6} {
 		t.Run(fmt.Sprintf("after %d checks", checks), func(t *testing.T) {
 			topo, err := Up(&cancelAfter{Context: context.Background(), n: checks}, testLogger(t))
 			if err == nil {
