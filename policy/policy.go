@@ -218,14 +218,10 @@ func splitYAMLError(err error) (int, string) {
 	return 0, strings.TrimPrefix(msg, "yaml: ")
 }
 
-// maxErrorScan bounds the prefixes problemLine tries, so that a huge file
-// costs a bounded number of re-parses.
-const maxErrorScan = 64
-
 func (p *parser) yamlError(data []byte, err error) {
 	line, msg := splitYAMLError(err)
 	if line > 0 {
-		line = problemLine(data, line, msg)
+		line = problemLine(data, msg)
 	}
 	p.errs = append(p.errs, Error{File: p.file, Line: line, Msg: "invalid YAML: " + msg})
 }
@@ -233,21 +229,40 @@ func (p *parser) yamlError(data []byte, err error) {
 // problemLine finds the line of a YAML syntax error. For parser errors
 // yaml.v3 names the line before the enclosing construct (a 0-based line of
 // where the construct starts), not the line of the problem, so that an
-// indentation mistake deep in a mapping is reported at the top of the file.
-// The problem is at or after the reported line; it is on the last line of the
-// shortest prefix of the file that fails with the same message.
-func problemLine(data []byte, reported int, msg string) int {
-	lines := bytes.SplitAfter(data, []byte("\n"))
-	for k := reported; k <= len(lines) && k < reported+maxErrorScan; k++ {
-		_, err := decode(bytes.Join(lines[:k], nil))
-		if err == nil {
-			continue
-		}
-		if _, m := splitYAMLError(err); m == msg {
-			return k
+// indentation mistake deep in a mapping would be reported at the top of the
+// file. The problem is on the line whose addition makes a prefix of the file
+// fail with the same message; a binary search finds such a line with a
+// logarithmic number of re-parses (the empty prefix parses, the whole file
+// fails).
+func problemLine(data []byte, msg string) int {
+	// ends[k] is the length of the first k lines.
+	ends := []int{0}
+	for i, c := range data {
+		if c == '\n' {
+			ends = append(ends, i+1)
 		}
 	}
-	return reported
+	if ends[len(ends)-1] < len(data) {
+		ends = append(ends, len(data))
+	}
+	fails := func(k int) bool {
+		_, err := decode(data[:ends[k]])
+		if err == nil {
+			return false
+		}
+		_, m := splitYAMLError(err)
+		return m == msg
+	}
+	ok, bad := 0, len(ends)-1
+	for bad-ok > 1 {
+		mid := ok + (bad-ok)/2
+		if fails(mid) {
+			bad = mid
+		} else {
+			ok = mid
+		}
+	}
+	return bad
 }
 
 func join(field, key string) string {
@@ -347,6 +362,21 @@ func (p *parser) integer(n *yaml.Node, field string) (int64, bool) {
 	if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!int" || n.Decode(&v) != nil {
 		p.errorf(n, field, "want an integer, not %s", describe(n))
 		return 0, false
+	}
+	return v, true
+}
+
+// word reads one of a fixed set of words; want lists them for the error.
+func word[T any](p *parser, n *yaml.Node, field, what string, words map[string]T, want string) (T, bool) {
+	var zero T
+	s, ok := p.str(n, field)
+	if !ok {
+		return zero, false
+	}
+	v, known := words[s]
+	if !known {
+		p.errorf(n, field, "invalid %s %q: want %s", what, s, want)
+		return zero, false
 	}
 	return v, true
 }
@@ -528,14 +558,7 @@ func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []gra
 		app.Users = p.users(n, join(field, "users"))
 	}
 	if n, ok := vals["audit"]; ok {
-		f := join(field, "audit")
-		if mode, ok := p.str(n, f); ok {
-			if all, known := auditWords[mode]; known {
-				app.AuditAllow = all
-			} else {
-				p.errorf(n, f, "invalid audit mode %q: want deny or all", mode)
-			}
-		}
+		app.AuditAllow, _ = word(p, n, join(field, "audit"), "audit mode", auditWords, "deny or all")
 	}
 	var checks []grantCheck
 	if n, ok := vals["allow"]; ok {
@@ -576,7 +599,9 @@ func (p *parser) exe(n *yaml.Node, field string) (ruleset.Exe, bool) {
 	pathNode, pathField := n, field
 	var exe ruleset.Exe
 	ok := true
-	if n.Kind == yaml.MappingNode {
+	switch n.Kind {
+	case yaml.ScalarNode:
+	case yaml.MappingNode:
 		vals, _ := p.fields(n, field, exeKeys)
 		if !p.require(vals, n, field, "path") {
 			return exe, false
@@ -585,6 +610,9 @@ func (p *parser) exe(n *yaml.Node, field string) (ruleset.Exe, bool) {
 		if h, present := vals["sha256"]; present {
 			exe.SHA256, ok = p.sha256(h, join(field, "sha256"))
 		}
+	default:
+		p.errorf(n, field, "want a path or {path: PATH, sha256: HASH}, not %s", describe(n))
+		return exe, false
 	}
 	s, strOK := p.str(pathNode, pathField)
 	if !strOK {
@@ -648,13 +676,8 @@ func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, b
 		g.Prefix = c.prefix
 	}
 	if n, ok := vals["proto"]; ok {
-		f := join(field, "proto")
-		if s, ok := p.str(n, f); ok {
-			if proto, known := protoWords[s]; known {
-				g.Proto = proto
-			} else {
-				p.errorf(n, f, "invalid proto %q: want tcp, udp or both (omit for both)", s)
-			}
+		if proto, ok := word(p, n, join(field, "proto"), "proto", protoWords, "tcp, udp or both (omit for both)"); ok {
+			g.Proto = proto
 		}
 	}
 	if n, ok := vals["ports"]; ok {
