@@ -34,6 +34,16 @@ func interfaceRoutes(names []string) ([]ruleset.InternalPrefix, error) {
 			return nil, fmt.Errorf("list routes via %s: %w", name, err)
 		}
 		src := ruleset.Source{File: "route via " + name}
+		// The kernel adds a host route for an address put on the link
+		// (the tunnel's own address): that is this host, not a network.
+		own := map[netip.Addr]bool{}
+		if addrs, err := netlink.AddrList(link, netlink.FAMILY_ALL); err == nil {
+			for _, a := range addrs {
+				if ip, ok := netip.AddrFromSlice(a.IP); ok {
+					own[ip.Unmap()] = true
+				}
+			}
+		}
 		for _, r := range routes {
 			// Local and broadcast routes of the link's own addresses are
 			// not routes to other networks.
@@ -59,6 +69,9 @@ func interfaceRoutes(names []string) ([]ruleset.InternalPrefix, error) {
 			if pfx.Addr().IsLinkLocalUnicast() {
 				continue // fe80::/64 on every link, not a route to a network
 			}
+			if pfx.IsSingleIP() && own[pfx.Addr()] {
+				continue
+			}
 			out = append(out, ruleset.InternalPrefix{Prefix: pfx, Source: src})
 		}
 	}
@@ -68,13 +81,18 @@ func interfaceRoutes(names []string) ([]ruleset.InternalPrefix, error) {
 	return slices.CompactFunc(out, func(a, b ruleset.InternalPrefix) bool { return a.Prefix == b.Prefix }), nil
 }
 
-// withRoutes returns rs with the routes of its interfaces added to Internal.
+// withRoutes returns rs with the routes of its interfaces added to Internal
+// (those the policy does not list already).
 func withRoutes(rs *ruleset.Ruleset, routes []ruleset.InternalPrefix) *ruleset.Ruleset {
 	if len(routes) == 0 {
 		return rs
 	}
 	out := rs.Clone()
-	out.Internal = append(out.Internal, routes...)
+	for _, r := range routes {
+		if !slices.ContainsFunc(out.Internal, func(p ruleset.InternalPrefix) bool { return p.Prefix == r.Prefix }) {
+			out.Internal = append(out.Internal, r)
+		}
+	}
 	return out
 }
 

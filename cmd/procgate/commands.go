@@ -19,6 +19,7 @@ import (
 	"github.com/procgate/procgate/audit"
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/daemon"
+	"github.com/procgate/procgate/demo"
 	"github.com/procgate/procgate/policy"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -365,8 +366,7 @@ func demoCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			_ = ctx
-			return fmt.Errorf("demo: not wired yet")
+			return demo.Run(ctx, cmd.OutOrStdout())
 		},
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,8 @@ import (
 	"time"
 
 	"github.com/procgate/procgate/api"
+	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/demo"
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
@@ -666,5 +669,47 @@ apps:
 	out, err := e.procgate("status")
 	if err != nil || !strings.Contains(out, "100.80.0.0/16") {
 		t.Fatalf("status does not list the route's prefix as internal: %v\n%s", err, out)
+	}
+}
+
+// TestDemo runs `procgate demo` and checks it tells the story: the granted
+// app reaches the internal service, the others are denied, the internet
+// stays open, the events show the denials, and nothing is left behind.
+func TestDemo(t *testing.T) {
+	nstest.RequireRoot(t)
+	t.Setenv(envAsMain, "1") // the demo re-executes this binary as procgate
+	var out bytes.Buffer
+	if err := demo.Run(context.Background(), &out); err != nil {
+		t.Fatalf("demo: %v\n%s", err, out.String())
+	}
+	text := out.String()
+	for _, want := range []string{
+		"corp-db         internal db    10.20.0.10:5432/tcp   ALLOWED  internal-db: hello 100.64.0.2",
+		"corp-db         internal db v6 [fd20::10]:5432/tcp   ALLOWED",
+		"corp-db         internet web   198.51.100.10:80/tcp  ALLOWED  internet-web: hello",
+		"browser         internal db    10.20.0.10:5432/tcp   DENIED   EPERM",
+		"browser         internet web   198.51.100.10:80/tcp  ALLOWED",
+		"shell (no app)  internal db    10.20.0.10:5432/tcp   DENIED   EPERM",
+		"corp-db  internal db 10.20.0.10:5432/tcp  DENIED",
+		"deny  app=browser",
+		"deny  app=- ",
+		"cleaned up",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("demo output lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("demo output:\n%s", text)
+	}
+	mount, err := cgroups.Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(mount, "procgate-demo-*")); len(left) > 0 {
+		t.Errorf("demo left cgroups behind: %v", left)
+	}
+	if left, _ := filepath.Glob(filepath.Join(demo.BaseDir, "*")); len(left) > 0 {
+		t.Errorf("demo left namespaces behind: %v", left)
 	}
 }
