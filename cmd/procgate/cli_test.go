@@ -1,0 +1,70 @@
+package main
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// procgateCLI runs this test binary as procgate, without a daemon.
+func procgateCLI(t *testing.T, args ...string) (string, int) {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Env = append(os.Environ(), envAsMain+"=1")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return string(out), ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return string(out), 0
+}
+
+func TestCLIWithoutDaemon(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.yaml")
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(good, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: db\n    allow:\n      - to: 10.1.2.0/24\n        proto: tcp\n        ports: [5432]\n"), 0o644)
+	os.WriteFile(bad, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: db\n    allow:\n      - to: 10.1.2.3/24\n        ports: [70000]\n"), 0o644)
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		wantCode int
+		want     []string
+	}{
+		{"validate ok", []string{"validate", good}, 0, []string{"ok: 1 internal prefixes, 1 apps, 1 grants"}},
+		{"validate names every error with file:line", []string{"validate", bad}, 1,
+			[]string{bad + ":7:", "10.1.2.0/24", bad + ":8:", "70000"}},
+		{"validate missing file", []string{"validate", filepath.Join(dir, "nope.yaml")}, 1, []string{"nope.yaml"}},
+		{"explain offline allow", []string{"explain", "--policy", good, "--app", "db", "10.1.2.3:5432"}, 0,
+			[]string{"db -> 10.1.2.3:5432/tcp: allow (granted)", good + ":7"}},
+		{"explain offline unbound", []string{"explain", "--policy", good, "--app", "", "10.1.2.3:5432"}, 0,
+			[]string{"(unbound) -> 10.1.2.3:5432/tcp: deny (unbound)"}},
+		{"explain bad destination", []string{"explain", "--policy", good, "--app", "db", "10.1.2.3"}, 1, []string{"ADDR:PORT"}},
+		{"client without daemon says so", []string{"--socket", filepath.Join(dir, "none.sock"), "status"}, 1,
+			[]string{"is it running?"}},
+		{"run needs --app", []string{"run", "--", "true"}, 1, []string{"app"}},
+		{"help lists the commands", []string{"help"}, 0,
+			[]string{"daemon", "uninstall", "run", "validate", "status", "explain", "events", "revoke", "demo"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, code := procgateCLI(t, tc.args...)
+			if code != tc.wantCode {
+				t.Fatalf("exit %d, want %d:\n%s", code, tc.wantCode, out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("output lacks %q:\n%s", w, out)
+				}
+			}
+		})
+	}
+}

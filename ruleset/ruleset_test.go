@@ -1,0 +1,92 @@
+package ruleset
+
+import (
+	"net/netip"
+	"testing"
+)
+
+func TestParseDest(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		want    Dest
+		wantErr bool
+	}{
+		{"10.1.2.3:5432", Dest{netip.MustParseAddr("10.1.2.3"), TCP, 5432}, false},
+		{"10.1.2.3:53/udp", Dest{netip.MustParseAddr("10.1.2.3"), UDP, 53}, false},
+		{"[fd00::1]:443/TCP", Dest{netip.MustParseAddr("fd00::1"), TCP, 443}, false},
+		{"[::ffff:10.1.2.3]:22", Dest{netip.MustParseAddr("::ffff:10.1.2.3"), TCP, 22}, false},
+		{"10.1.2.3", Dest{}, true},
+		{"10.1.2.3:70000", Dest{}, true},
+		{"10.1.2.3:22/icmp", Dest{}, true},
+		{"fd00::1:443", Dest{}, true},
+	} {
+		got, err := ParseDest(tc.in)
+		if (err != nil) != tc.wantErr || got != tc.want {
+			t.Errorf("ParseDest(%q) = %v, %v; want %v, error %v", tc.in, got, err, tc.want, tc.wantErr)
+		}
+	}
+}
+
+func TestDecide(t *testing.T) {
+	p := netip.MustParsePrefix
+	rs := &Ruleset{
+		Internal: []InternalPrefix{{Prefix: p("10.0.0.0/8")}, {Prefix: p("10.1.0.0/16")}, {Prefix: p("fd00::/8")}},
+		Apps: []App{
+			{Name: "db", Grants: []Grant{
+				{Index: 0, Prefix: p("10.1.2.0/24"), Proto: TCP, Ports: []PortRange{{5432, 5432}}},
+				{Index: 1, Prefix: p("10.0.0.0/8"), Proto: UDP, Ports: []PortRange{{53, 53}}},
+				{Index: 2, Prefix: p("10.1.2.3/32"), Proto: Both, Ports: []PortRange{{8000, 8100}}},
+				{Index: 3, Prefix: p("fd00:1::/64"), Proto: Both, Ports: []PortRange{AllPorts}},
+			}},
+			{Name: "none"},
+		},
+	}
+	d := func(s string) Dest {
+		x, err := ParseDest(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return x
+	}
+	for _, tc := range []struct {
+		app, dest string
+		allow     bool
+		reason    Reason
+		grants    int
+		internal  string
+	}{
+		{"db", "10.1.2.9:5432", true, ReasonGranted, 1, "10.1.0.0/16"},
+		{"db", "10.1.2.9:5433", false, ReasonPort, 0, "10.1.0.0/16"},
+		{"db", "10.1.3.9:5432", false, ReasonPort, 0, "10.1.0.0/16"},     // the /8 udp grant contains it
+		{"db", "10.1.3.9:53/udp", true, ReasonGranted, 1, "10.1.0.0/16"}, // less specific grant still counts
+		{"db", "10.1.2.3:8050/udp", true, ReasonGranted, 1, "10.1.0.0/16"},
+		{"db", "10.1.2.3:53/udp", true, ReasonGranted, 1, "10.1.0.0/16"},        // union of overlapping grants
+		{"db", "[::ffff:10.1.2.9]:5432", true, ReasonGranted, 1, "10.1.0.0/16"}, // IPv4-mapped is IPv4
+		{"db", "[fd00:1::5]:1/udp", true, ReasonGranted, 1, "fd00::/8"},
+		{"db", "[fd00:2::5]:1/udp", false, ReasonNoGrant, 0, "fd00::/8"},
+		{"db", "192.0.2.1:5432", true, ReasonNotInternal, 0, ""},
+		{"none", "10.1.2.9:5432", false, ReasonNoGrant, 0, "10.1.0.0/16"},
+		{"", "10.1.2.9:5432", false, ReasonUnbound, 0, "10.1.0.0/16"},
+		{"unknown-app", "10.1.2.9:5432", false, ReasonUnbound, 0, "10.1.0.0/16"},
+		{"", "[2001:db8::1]:443", true, ReasonNotInternal, 0, ""},
+	} {
+		got := rs.Decide(tc.app, d(tc.dest))
+		internal := ""
+		if got.Internal != nil {
+			internal = got.Internal.Prefix.String()
+		}
+		if got.Allow != tc.allow || got.Reason != tc.reason || len(got.Grants) != tc.grants || internal != tc.internal {
+			t.Errorf("Decide(%q, %s) = %s; want allow=%v reason=%s grants=%d internal=%q", tc.app, tc.dest, got, tc.allow, tc.reason, tc.grants, tc.internal)
+		}
+	}
+}
+
+func TestCloneIsDeep(t *testing.T) {
+	rs := &Ruleset{Apps: []App{{Name: "a", Grants: []Grant{{Ports: []PortRange{{1, 1}}}}}}, AuditRate: 7}
+	c := rs.Clone()
+	c.Apps[0].Grants[0].Ports[0].Lo = 9
+	c.Apps[0].Name = "b"
+	if rs.Apps[0].Grants[0].Ports[0].Lo != 1 || rs.Apps[0].Name != "a" || c.AuditRate != 7 {
+		t.Fatalf("Clone aliases its source or drops fields: %+v / %+v", rs, c)
+	}
+}
