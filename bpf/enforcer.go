@@ -142,6 +142,15 @@ func (e *Enforcer) Attach() error {
 	for _, h := range hooks {
 		pin := filepath.Join(e.opts.BPFDir, "link_"+h.name)
 		prog := h.prog(&e.objs)
+		// Pinned for inspection (`bpftool prog show pinned`); the link holds
+		// the program in place either way.
+		progPin := filepath.Join(e.opts.BPFDir, "prog_"+h.name)
+		if err := os.Remove(progPin); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("replace pinned program %s: %w", progPin, err)
+		}
+		if err := prog.Pin(progPin); err != nil {
+			return fmt.Errorf("pin %s program at %s: %w", h.name, progPin, err)
+		}
 		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 			info, err := l.Info()
 			if err == nil && info.Cgroup() != nil && info.Cgroup().CgroupId != st.Ino {

@@ -1,13 +1,16 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -355,6 +358,86 @@ func TestDaemonEnforcesReloadsAndRevokes(t *testing.T) {
 				t.Fatalf("no denial event for the unbound prober:\n%s", out)
 			}
 			time.Sleep(50 * time.Millisecond)
+		}
+	})
+
+	t.Run("explain equals the kernel", func(t *testing.T) {
+		// The daemon's explain (ruleset.Decide on the generation it gave the
+		// kernel) against real attempts, on destinations around the grants.
+		rng := rand.New(rand.NewPCG(3, 5))
+		probers := map[string]*probe.Prober{"db": db, "other": other, "": unbound}
+		c := api.Client{Socket: e.socket}
+		for range 300 {
+			var d ruleset.Dest
+			if rng.IntN(3) == 0 {
+				a := [16]byte{0xfd, 0, 0, byte(rng.IntN(3))}
+				a[15] = byte(rng.IntN(256))
+				d.Addr = netip.AddrFrom16(a)
+			} else {
+				d.Addr = netip.AddrFrom4([4]byte{10, byte(rng.IntN(10)), byte(rng.IntN(4)), byte(rng.IntN(256))})
+			}
+			d.Proto = ruleset.Proto(1 + rng.IntN(2))
+			d.Port = []uint16{53, 443, 5432, 5433, 8000, 8100, 8101}[rng.IntN(7)]
+			app := []string{"db", "other", ""}[rng.IntN(3)]
+			req := api.Request{Op: api.OpExplain, App: app, Dest: d.String()}
+			if app == "" {
+				req = api.Request{Op: api.OpExplain, PID: unbound.Pid(), Dest: d.String()}
+			}
+			resp, err := c.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := probe.Connect
+			if d.Proto == ruleset.UDP && rng.IntN(2) == 0 {
+				m = probe.SendTo
+			}
+			got, err := probers[app].Try(d, m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (got == probe.Allowed) != resp.Explain.Allow {
+				t.Fatalf("app %q %s via %s: kernel %s, explain %s", app, d, m, got, resp.Explain.Decision)
+			}
+		}
+	})
+
+	t.Run("events --follow streams new events", func(t *testing.T) {
+		cmd := exec.Command(e.bin, "--socket", e.socket, "events", "--follow", "--json", "--last", "0")
+		cmd.Env = append(os.Environ(), envAsMain+"=1")
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		}()
+		time.Sleep(200 * time.Millisecond) // let it reach the live part
+		mustTry(t, other, "10.7.7.7:7777/tcp", probe.Denied)
+		lines := make(chan string)
+		go func() {
+			sc := bufio.NewScanner(stdout)
+			for sc.Scan() {
+				lines <- sc.Text()
+			}
+			close(lines)
+		}()
+		timeout := time.After(5 * time.Second)
+		for {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					t.Fatal("events --follow ended")
+				}
+				if strings.Contains(l, `"dest":"10.7.7.7:7777/tcp"`) && strings.Contains(l, `"app":"other"`) {
+					return
+				}
+			case <-timeout:
+				t.Fatal("no live event within 5s")
+			}
 		}
 	})
 
