@@ -1,0 +1,424 @@
+// SPDX-License-Identifier: (MIT OR GPL-2.0)
+//
+// The decision function's data and code, shared by every program of
+// procgate.c: the maps of a policy generation, principal lookup, the
+// internal-prefix and grant lookups, counters and audit.
+//
+// Policy generations. Every entry a decision reads carries a slot (0 or 1):
+// rules and app_by_cgroup in their keys, port_ranges by index. A decision
+// reads the generation in force once (policy_current) and uses its slot for
+// every lookup, so it sees one generation whole. The loader clears and fills
+// the idle slot, then replaces policy_current's inner map: the kernel runs
+// synchronize_rcu() after an update of a map-of-maps (maybe_wait_bpf_programs),
+// so when that update returns no decision still reads the old slot, and the
+// next reload may reuse it. One RCU grace period per reload.
+//
+// Kernel assumptions: cgroup sock_addr hooks may call
+// bpf_get_current_{cgroup_id,ancestor_cgroup_id,pid_tgid,uid_gid,comm}
+// (6.1+ via cgroup_current_func_proto); ring buffer (5.8+); batch updates of
+// LPM tries (the loader falls back to single updates).
+
+#ifndef PROCGATE_DECISION_H
+#define PROCGATE_DECISION_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define MAX_CGROUP_LEVEL 32
+#define MAX_APPS 65536
+#define PORT_SEARCH_STEPS 18 // log2(max port ranges) + 1, bounds the search loop
+
+#ifndef IPPROTO_MPTCP
+#define IPPROTO_MPTCP 262
+#endif
+
+enum reason {
+	REASON_NOT_INTERNAL = 1,
+	REASON_GRANTED = 2,
+	REASON_UNBOUND = 3,
+	REASON_NO_GRANT = 4,
+	REASON_PORT = 5,
+	REASON_NO_POLICY = 6,
+};
+
+// Counter slots per app id: index app_id * COUNTER_SLOTS + slot.
+enum counter_slot {
+	COUNT_ALLOW = 0,      // internal destination, granted
+	COUNT_DENY = 1,       // internal destination, denied
+	COUNT_EXTERNAL = 2,   // not internal, passed
+	COUNT_AUDIT_DROP = 3, // audit event not sent (rate limit or full ring)
+	COUNTER_SLOTS = 4,
+};
+
+enum hook {
+	HOOK_CONNECT4 = 1,
+	HOOK_CONNECT6 = 2,
+	HOOK_SENDMSG4 = 3,
+	HOOK_SENDMSG6 = 4,
+};
+
+#define PROTO_TCP 1
+#define PROTO_UDP 2
+
+#define APP_AUDIT_ALLOW 1
+
+// One trie holds every generation's internal prefixes and grants. The tag
+// (big-endian, so it is the key's leading 32 bits and always matched whole)
+// is slot << 31 | is_v6 << 30 | app_id, with app_id 0 for the internal set;
+// prefixlen = 32 + the prefix's length, IPv4 addresses in addr[0..3].
+struct rule_key {
+	__u32 prefixlen;
+	__u32 tag;
+	__u8 addr[16];
+};
+
+#define TAG_SLOT (1U << 31)
+#define TAG_V6 (1U << 30)
+
+// For a grant entry: the union of every grant of the app that contains this
+// prefix. The loader pushes less specific grants down into more specific
+// ones, so the longest match alone decides. Ports are sorted disjoint ranges
+// at port_ranges[slot * PORTS_PER_SLOT + first ...]. Internal-set entries
+// carry zeros.
+struct rule_value {
+	__u32 tcp_first;
+	__u32 tcp_count;
+	__u32 udp_first;
+	__u32 udp_count;
+};
+
+#define PORTS_PER_SLOT (1U << 18)
+
+struct port_range {
+	__u16 lo;
+	__u16 hi;
+};
+
+struct app_key {
+	__u64 cgroup_id;
+	__u32 slot;
+	__u32 pad;
+};
+
+struct app_info {
+	__u32 app_id;
+	__u32 flags;
+};
+
+struct generation_info {
+	__u32 generation;
+	__u32 slot;
+	__u32 min_level; // shallowest and deepest cgroup level of any app cgroup
+	__u32 max_level;
+	__u32 audit_rate; // events per second per app
+	__u32 pad;
+};
+
+struct audit_event {
+	__u64 ts_ns; // CLOCK_MONOTONIC (bpf_ktime_get_ns)
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u32 gid;
+	__u32 app_id;
+	__u32 generation;
+	__u8 allowed;
+	__u8 reason;
+	__u8 hook;
+	__u8 proto; // PROTO_TCP, PROTO_UDP, 0 other
+	__u16 port; // host order
+	__u8 family; // 4 or 6 (as decided: IPv4-mapped is 4)
+	__u8 pad;
+	__u8 addr[16]; // IPv4 in the first 4 bytes
+	char comm[16];
+};
+
+struct audit_budget {
+	__u64 window; // second (ktime / 1e9) the count belongs to
+	__u32 count;
+	__u32 pad;
+};
+
+// The generation in force. Replacing the inner map is the switch: the kernel
+// runs synchronize_rcu() after any update of a map-of-maps, so when the
+// update returns no decision still reads the previous slot.
+struct generation_info_map {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct generation_info);
+	__uint(max_entries, 1);
+} generation_info_inner SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct generation_info_map);
+} policy_current SEC(".maps");
+
+// Caps, not allocations: without preallocation, memory follows the policy.
+// Two generations live side by side during a reload.
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct rule_key);
+	__type(value, struct rule_value);
+	__uint(max_entries, 4 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct port_range);
+	__uint(max_entries, 2 * PORTS_PER_SLOT);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} port_ranges SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct app_key);
+	__type(value, struct app_info);
+	__uint(max_entries, 2 * 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} app_by_cgroup SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, MAX_APPS * COUNTER_SLOTS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} verdict_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); // app id
+	__type(value, struct audit_budget);
+	__uint(max_entries, MAX_APPS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} audit_budgets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} audit_events SEC(".maps");
+
+// Forces bpf2go to emit Go types for structs only the loader uses.
+const struct audit_event *unused_audit_event __attribute__((unused));
+
+struct dest {
+	__u8 addr[16];
+	__u16 port;
+	__u8 family;
+	__u8 proto;
+};
+
+static __always_inline void count(__u32 app_id, __u32 slot)
+{
+	__u32 key = app_id * COUNTER_SLOTS + slot;
+	__u64 *v = bpf_map_lookup_elem(&verdict_counters, &key);
+	if (v)
+		*v += 1;
+}
+
+// Kernel-side rate limit per app: a denial storm must not flood the ring
+// buffer or the daemon. Races between CPUs only blur the limit slightly.
+static __always_inline int audit_allowed(__u32 app_id, __u32 rate)
+{
+	__u64 window = bpf_ktime_get_ns() / 1000000000ULL;
+	struct audit_budget *b = bpf_map_lookup_elem(&audit_budgets, &app_id);
+	if (!b) {
+		struct audit_budget fresh = { .window = window, .count = 1 };
+		bpf_map_update_elem(&audit_budgets, &app_id, &fresh, BPF_NOEXIST);
+		return 1;
+	}
+	if (b->window != window) {
+		b->window = window;
+		b->count = 1;
+		return 1;
+	}
+	if (b->count >= rate)
+		return 0;
+	__sync_fetch_and_add(&b->count, 1);
+	return 1;
+}
+
+static __always_inline void audit(const struct dest *d, __u32 app_id, __u64 cgroup_id, __u32 generation,
+				  __u32 rate, __u8 allowed, __u8 reason, __u8 hook)
+{
+	if (!audit_allowed(app_id, rate)) {
+		count(app_id, COUNT_AUDIT_DROP);
+		return;
+	}
+	struct audit_event *e = bpf_ringbuf_reserve(&audit_events, sizeof(*e), 0);
+	if (!e) {
+		count(app_id, COUNT_AUDIT_DROP);
+		return;
+	}
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u64 uid_gid = bpf_get_current_uid_gid();
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = cgroup_id;
+	e->pid = pid_tgid >> 32;
+	e->tid = (__u32)pid_tgid;
+	e->uid = (__u32)uid_gid;
+	e->gid = uid_gid >> 32;
+	e->app_id = app_id;
+	e->generation = generation;
+	e->allowed = allowed;
+	e->reason = reason;
+	e->hook = hook;
+	e->proto = d->proto;
+	e->port = d->port;
+	e->family = d->family;
+	e->pad = 0;
+	__builtin_memcpy(e->addr, d->addr, sizeof(e->addr));
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	bpf_ringbuf_submit(e, 0);
+}
+
+// The deepest app cgroup among the calling task's cgroup and its ancestors.
+// Only levels where some app cgroup lives are probed.
+static __always_inline struct app_info *principal(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
+{
+	struct app_key key = { .cgroup_id = bpf_get_current_cgroup_id(), .slot = slot };
+	*cgroup_id = key.cgroup_id;
+	struct app_info *a = bpf_map_lookup_elem(&app_by_cgroup, &key);
+	if (a)
+		return a;
+	__u32 max = info->max_level;
+	for (__u32 i = 0; i < MAX_CGROUP_LEVEL; i++) {
+		if (i > max)
+			break;
+		__u32 level = max - i;
+		if (level < info->min_level)
+			break;
+		key.cgroup_id = bpf_get_current_ancestor_cgroup_id(level);
+		if (!key.cgroup_id)
+			continue; // the task's cgroup is shallower than this level
+		a = bpf_map_lookup_elem(&app_by_cgroup, &key);
+		if (a)
+			return a;
+	}
+	return NULL;
+}
+
+// Binary search of sorted disjoint ranges [first, first+count) of a slot.
+static __always_inline int port_allowed(__u32 slot, __u32 first, __u32 count, __u16 port)
+{
+	__u32 base = slot * PORTS_PER_SLOT;
+	__u32 lo = first, hi = first + count; // candidates in [lo, hi)
+	for (int i = 0; i < PORT_SEARCH_STEPS; i++) {
+		if (lo >= hi)
+			return 0;
+		__u32 mid = lo + (hi - lo) / 2;
+		__u32 idx = base + mid;
+		struct port_range *r = bpf_map_lookup_elem(&port_ranges, &idx);
+		if (!r)
+			return 0;
+		if (port < r->lo)
+			hi = mid;
+		else if (port > r->hi)
+			lo = mid + 1;
+		else
+			return 1;
+	}
+	return 0;
+}
+
+// current_generation is the generation in force, NULL when there is none.
+static __always_inline struct generation_info *current_generation(void)
+{
+	__u32 zero = 0;
+	void *current = bpf_map_lookup_elem(&policy_current, &zero);
+	if (!current)
+		return NULL;
+	return bpf_map_lookup_elem(current, &zero);
+}
+
+static __always_inline __u32 family_tag(__u32 slot, const struct dest *d)
+{
+	return (slot ? TAG_SLOT : 0) | (d->family == 6 ? TAG_V6 : 0);
+}
+
+// is_internal: does the destination fall in an internal prefix of the slot?
+static __always_inline int is_internal(__u32 slot, const struct dest *d)
+{
+	struct rule_key k = { .prefixlen = 32 + (d->family == 4 ? 32 : 128), .tag = bpf_htonl(family_tag(slot, d)) };
+	__builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
+	return bpf_map_lookup_elem(&rules, &k) != NULL;
+}
+
+// grant_allows: does a grant of app_id cover the destination? Sets *reason
+// for a denial (REASON_NO_GRANT or REASON_PORT).
+static __always_inline int grant_allows(__u32 slot, __u32 app_id, const struct dest *d, __u8 *reason)
+{
+	struct rule_key k = { .prefixlen = 32 + (d->family == 4 ? 32 : 128),
+			      .tag = bpf_htonl(family_tag(slot, d) | (app_id & 0xffff)) };
+	__builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
+	struct rule_value *g = bpf_map_lookup_elem(&rules, &k);
+	*reason = REASON_NO_GRANT;
+	if (!g)
+		return 0;
+	*reason = REASON_PORT;
+	if (d->proto == PROTO_TCP)
+		return port_allowed(slot, g->tcp_first, g->tcp_count, d->port);
+	if (d->proto == PROTO_UDP)
+		return port_allowed(slot, g->udp_first, g->udp_count, d->port);
+	return 0;
+}
+
+// decide is the decision function for the calling task; it counts and
+// audits. Returns 1 to let the syscall go on, 0 for EPERM.
+static __always_inline int decide(struct dest *d, __u8 hook)
+{
+	__u64 cgroup_id = 0;
+	struct generation_info *info = current_generation();
+	if (!info)
+		goto no_policy;
+	__u32 slot = info->slot & 1;
+	__u32 generation = info->generation;
+
+	if (!is_internal(slot, d)) {
+		// Count per app even for external traffic: cheap (per-CPU array)
+		// and it tells an operator the hook sees the app at all.
+		struct app_info *a = principal(slot, info, &cgroup_id);
+		count(a ? a->app_id : 0, COUNT_EXTERNAL);
+		return 1;
+	}
+
+	struct app_info *app = principal(slot, info, &cgroup_id);
+	if (!app) {
+		count(0, COUNT_DENY);
+		audit(d, 0, cgroup_id, generation, info->audit_rate, 0, REASON_UNBOUND, hook);
+		return 0;
+	}
+	__u32 app_id = app->app_id;
+	__u32 app_flags = app->flags;
+	__u8 reason;
+	if (grant_allows(slot, app_id, d, &reason)) {
+		count(app_id, COUNT_ALLOW);
+		if (app_flags & APP_AUDIT_ALLOW)
+			audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_GRANTED, hook);
+		return 1;
+	}
+	count(app_id, COUNT_DENY);
+	audit(d, app_id, cgroup_id, generation, info->audit_rate, 0, reason, hook);
+	return 0;
+
+no_policy:
+	// Fail closed: without a policy we cannot tell internal from external,
+	// so nothing below the attach point may connect.
+	count(0, COUNT_DENY);
+	audit(d, 0, bpf_get_current_cgroup_id(), 0, 1000, 0, REASON_NO_POLICY, hook);
+	return 0;
+}
+
+#endif // PROCGATE_DECISION_H
