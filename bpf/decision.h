@@ -41,6 +41,8 @@ enum reason {
 	REASON_NO_GRANT = 4,
 	REASON_PORT = 5,
 	REASON_NO_POLICY = 6,
+	REASON_RAW_SOCKET = 7, // raw IP or packet socket in an app cgroup
+	REASON_PROTO = 8,      // internal, and not TCP or UDP (ICMP, raw IP): no grant can cover it
 };
 
 // Counter slots per app id: index app_id * COUNTER_SLOTS + slot.
@@ -57,7 +59,17 @@ enum hook {
 	HOOK_CONNECT6 = 2,
 	HOOK_SENDMSG4 = 3,
 	HOOK_SENDMSG6 = 4,
+	HOOK_EGRESS4 = 5, // cgroup_skb egress backstop
+	HOOK_EGRESS6 = 6,
+	HOOK_SOCK_CREATE = 7,
 };
+
+// How a principal's cgroup is found: the calling task's (sock_addr hooks,
+// sock_create), or the cgroup of the socket that sent a packet (cgroup_skb).
+// The kind is a constant after inlining, so each program type keeps only the
+// helpers it may call.
+#define WHO_TASK 0
+#define WHO_SKB 1
 
 #define PROTO_TCP 1
 #define PROTO_UDP 2
@@ -250,8 +262,10 @@ static __always_inline int audit_allowed(__u32 app_id, __u32 rate)
 	return 1;
 }
 
-static __always_inline void audit(const struct dest *d, __u32 app_id, __u64 cgroup_id, __u32 generation,
-				  __u32 rate, __u8 allowed, __u8 reason, __u8 hook)
+// audit_as sends an event; with who == WHO_SKB there is no reliable calling
+// task (a packet may leave from softirq), so pid, uid and comm stay empty.
+static __always_inline void audit_as(int who, const struct dest *d, __u32 app_id, __u64 cgroup_id, __u32 generation,
+				     __u32 rate, __u8 allowed, __u8 reason, __u8 hook)
 {
 	if (!audit_allowed(app_id, rate)) {
 		count(app_id, COUNT_AUDIT_DROP);
@@ -262,14 +276,18 @@ static __always_inline void audit(const struct dest *d, __u32 app_id, __u64 cgro
 		count(app_id, COUNT_AUDIT_DROP);
 		return;
 	}
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u64 uid_gid = bpf_get_current_uid_gid();
+	__builtin_memset(e, 0, sizeof(*e));
+	if (who == WHO_TASK) {
+		__u64 pid_tgid = bpf_get_current_pid_tgid();
+		__u64 uid_gid = bpf_get_current_uid_gid();
+		e->pid = pid_tgid >> 32;
+		e->tid = (__u32)pid_tgid;
+		e->uid = (__u32)uid_gid;
+		e->gid = uid_gid >> 32;
+		bpf_get_current_comm(e->comm, sizeof(e->comm));
+	}
 	e->ts_ns = bpf_ktime_get_ns();
 	e->cgroup_id = cgroup_id;
-	e->pid = pid_tgid >> 32;
-	e->tid = (__u32)pid_tgid;
-	e->uid = (__u32)uid_gid;
-	e->gid = uid_gid >> 32;
 	e->app_id = app_id;
 	e->generation = generation;
 	e->allowed = allowed;
@@ -278,17 +296,36 @@ static __always_inline void audit(const struct dest *d, __u32 app_id, __u64 cgro
 	e->proto = d->proto;
 	e->port = d->port;
 	e->family = d->family;
-	e->pad = 0;
 	__builtin_memcpy(e->addr, d->addr, sizeof(e->addr));
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	bpf_ringbuf_submit(e, 0);
 }
 
-// The deepest app cgroup among the calling task's cgroup and its ancestors.
-// Only levels where some app cgroup lives are probed.
-static __always_inline struct app_info *principal(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
+static __always_inline void audit(const struct dest *d, __u32 app_id, __u64 cgroup_id, __u32 generation, __u32 rate,
+				  __u8 allowed, __u8 reason, __u8 hook)
 {
-	struct app_key key = { .cgroup_id = bpf_get_current_cgroup_id(), .slot = slot };
+	audit_as(WHO_TASK, d, app_id, cgroup_id, generation, rate, allowed, reason, hook);
+}
+
+static __always_inline __u64 cgroup_of(int who, void *ctx)
+{
+	if (who == WHO_SKB)
+		return bpf_skb_cgroup_id(ctx);
+	return bpf_get_current_cgroup_id();
+}
+
+static __always_inline __u64 ancestor_of(int who, void *ctx, int level)
+{
+	if (who == WHO_SKB)
+		return bpf_skb_ancestor_cgroup_id(ctx, level);
+	return bpf_get_current_ancestor_cgroup_id(level);
+}
+
+// principal_of is the deepest app cgroup among the cgroup and its ancestors.
+// Only levels where some app cgroup lives are probed.
+static __always_inline struct app_info *principal_of(int who, void *ctx, __u32 slot, const struct generation_info *info,
+						     __u64 *cgroup_id)
+{
+	struct app_key key = { .cgroup_id = cgroup_of(who, ctx), .slot = slot };
 	*cgroup_id = key.cgroup_id;
 	struct app_info *a = bpf_map_lookup_elem(&app_by_cgroup, &key);
 	if (a)
@@ -300,14 +337,20 @@ static __always_inline struct app_info *principal(__u32 slot, const struct gener
 		__u32 level = max - i;
 		if (level < info->min_level)
 			break;
-		key.cgroup_id = bpf_get_current_ancestor_cgroup_id(level);
+		key.cgroup_id = ancestor_of(who, ctx, level);
 		if (!key.cgroup_id)
-			continue; // the task's cgroup is shallower than this level
+			continue; // the cgroup is shallower than this level
 		a = bpf_map_lookup_elem(&app_by_cgroup, &key);
 		if (a)
 			return a;
 	}
 	return NULL;
+}
+
+// principal is the calling task's app, or NULL.
+static __always_inline struct app_info *principal(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
+{
+	return principal_of(WHO_TASK, NULL, slot, info, cgroup_id);
 }
 
 // Binary search of sorted disjoint ranges [first, first+count) of a slot.

@@ -14,10 +14,13 @@ import (
 type Hook uint8
 
 const (
-	HookConnect4 Hook = 1
-	HookConnect6 Hook = 2
-	HookSendmsg4 Hook = 3
-	HookSendmsg6 Hook = 4
+	HookConnect4   Hook = 1
+	HookConnect6   Hook = 2
+	HookSendmsg4   Hook = 3
+	HookSendmsg6   Hook = 4
+	HookEgress4    Hook = 5 // cgroup_skb egress backstop
+	HookEgress6    Hook = 6
+	HookSockCreate Hook = 7
 )
 
 func (h Hook) String() string {
@@ -30,6 +33,12 @@ func (h Hook) String() string {
 		return "sendmsg4"
 	case HookSendmsg6:
 		return "sendmsg6"
+	case HookEgress4:
+		return "egress4"
+	case HookEgress6:
+		return "egress6"
+	case HookSockCreate:
+		return "sock_create"
 	}
 	return fmt.Sprintf("hook(%d)", uint8(h))
 }

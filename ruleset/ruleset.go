@@ -196,6 +196,8 @@ const (
 	ReasonNoGrant     Reason = 4 // internal, app has no grant for this address
 	ReasonPort        Reason = 5 // internal, app has grants for the address but not this proto/port
 	ReasonNoPolicy    Reason = 6 // kernel state missing or inconsistent: fail closed
+	ReasonRawSocket   Reason = 7 // a raw IP or packet socket in an app cgroup
+	ReasonProto       Reason = 8 // internal, and neither TCP nor UDP: no grant covers it
 )
 
 func (r Reason) String() string {
@@ -212,6 +214,10 @@ func (r Reason) String() string {
 		return "port-not-granted"
 	case ReasonNoPolicy:
 		return "no-policy"
+	case ReasonRawSocket:
+		return "raw-socket"
+	case ReasonProto:
+		return "proto-not-grantable"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }
