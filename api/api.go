@@ -111,11 +111,20 @@ type Status struct {
 	CgroupRoot   string          `json:"cgroup_root"`
 	BPFDir       string          `json:"bpf_dir"`
 	Hooks        map[string]bool `json:"hooks"`
+	Guards       []Guard         `json:"guards"`
 	Adopted      bool            `json:"adopted"`
 	Internal     []string        `json:"internal"`
 	Apps         []AppStatus     `json:"apps"`
 	Unbound      Counters        `json:"unbound"`
 	Audit        AuditStats      `json:"audit"`
+}
+
+// Guard is one protection and whether this kernel gives it.
+type Guard struct {
+	Name   string `json:"name"`
+	What   string `json:"what"`
+	Active bool   `json:"active"`
+	Why    string `json:"why,omitempty"`
 }
 
 // AppStatus is one app in Status.

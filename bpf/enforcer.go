@@ -20,12 +20,38 @@ import (
 var hooks = []struct {
 	name   string
 	attach ebpf.AttachType
-	prog   func(*objects) *ebpf.Program
+	prog   func(*Enforcer) *ebpf.Program
 }{
-	{"connect4", ebpf.AttachCGroupInet4Connect, func(o *objects) *ebpf.Program { return o.AuthorizeConnect4 }},
-	{"connect6", ebpf.AttachCGroupInet6Connect, func(o *objects) *ebpf.Program { return o.AuthorizeConnect6 }},
-	{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, func(o *objects) *ebpf.Program { return o.AuthorizeSendmsg4 }},
-	{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, func(o *objects) *ebpf.Program { return o.AuthorizeSendmsg6 }},
+	{"connect4", ebpf.AttachCGroupInet4Connect, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeConnect4 }},
+	{"connect6", ebpf.AttachCGroupInet6Connect, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeConnect6 }},
+	{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeSendmsg4 }},
+	{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeSendmsg6 }},
+	{"sock_create", ebpf.AttachCGroupInetSockCreate, func(e *Enforcer) *ebpf.Program { return e.harden.GuardSockCreate }},
+	{"egress", ebpf.AttachCGroupInetEgress, func(e *Enforcer) *ebpf.Program { return e.harden.BackstopEgress }},
+	// Optional: needs the bpf LSM; nil (and not attached) without it.
+	{"lsm_socket_create", ebpf.AttachLSMCgroup, func(e *Enforcer) *ebpf.Program { return e.lsm.GuardPacketSocket }},
+}
+
+// HookNames lists the attach points in a stable order.
+func HookNames() []string {
+	names := make([]string, len(hooks))
+	for i, h := range hooks {
+		names[i] = h.name
+	}
+	return names
+}
+
+// backstops are the backstops of harden.c; they share the pinned maps
+// of the main object.
+type backstops struct {
+	GuardSockCreate *ebpf.Program `ebpf:"guard_sock_create"`
+	BackstopEgress  *ebpf.Program `ebpf:"backstop_egress"`
+}
+
+// lsmGuards need the bpf LSM (lsm= on the kernel command line lists bpf);
+// without it they are not loaded and Guards says so.
+type lsmGuards struct {
+	GuardPacketSocket *ebpf.Program `ebpf:"guard_packet_socket"`
 }
 
 // objects is what the daemon loads: programs and the pinned maps. The
@@ -70,10 +96,14 @@ type Options struct {
 // Enforcer is the eBPF backend: pinned maps and links that enforce a
 // generation even when no process holds them open.
 type Enforcer struct {
-	opts  Options
-	objs  objects
-	specs *ebpf.CollectionSpec
-	links []link.Link
+	opts   Options
+	objs   objects
+	harden backstops
+	lsm    lsmGuards
+	// lsmErr says why the LSM guards are missing (nil: loaded).
+	lsmErr error
+	specs  *ebpf.CollectionSpec
+	links  []link.Link
 	// Adopted is true when the enforcer took over pinned state left by an
 	// earlier daemon; the generation in force then was kept.
 	Adopted bool
@@ -125,6 +155,28 @@ func Open(opts Options) (*Enforcer, error) {
 		}
 		return nil, fmt.Errorf("load BPF programs and maps (pinned in %s): %w", opts.BPFDir, err)
 	}
+	hspecs, err := loadHarden()
+	if err != nil {
+		e.objs.close()
+		return nil, fmt.Errorf("load embedded backstop objects: %w", err)
+	}
+	// After the main object: its maps are pinned now, and these programs
+	// find them there.
+	err = hspecs.LoadAndAssign(&e.harden, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+	if err != nil {
+		e.objs.close()
+		return nil, fmt.Errorf("load backstop programs (sock_create, egress): %w", err)
+	}
+	if err := hspecs.LoadAndAssign(&e.lsm, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}}); err != nil {
+		e.lsmErr = err
+	}
+	for _, g := range e.Guards() {
+		if g.Active {
+			opts.Log.Info("guard active", "guard", g.Name, "what", g.What)
+		} else {
+			opts.Log.Warn("guard NOT active", "guard", g.Name, "what", g.What, "why", g.Why)
+		}
+	}
 	return e, nil
 }
 
@@ -141,7 +193,10 @@ func (e *Enforcer) Attach() error {
 	}
 	for _, h := range hooks {
 		pin := filepath.Join(e.opts.BPFDir, "link_"+h.name)
-		prog := h.prog(&e.objs)
+		prog := h.prog(e)
+		if prog == nil {
+			continue // an optional guard this kernel lacks; Guards says so
+		}
 		// Pinned for inspection (`bpftool prog show pinned`); the link holds
 		// the program in place either way.
 		progPin := filepath.Join(e.opts.BPFDir, "prog_"+h.name)
@@ -189,6 +244,11 @@ func (e *Enforcer) Close() error {
 	}
 	e.links = nil
 	e.objs.close()
+	for _, p := range []*ebpf.Program{e.harden.GuardSockCreate, e.harden.BackstopEgress, e.lsm.GuardPacketSocket} {
+		if p != nil {
+			p.Close()
+		}
+	}
 	return nil
 }
 
@@ -391,6 +451,31 @@ func deleteBatch[K any](m *ebpf.Map, keys []K) error {
 		}
 	}
 	return nil
+}
+
+// Guard is one protection and whether this kernel gives it.
+type Guard struct {
+	Name   string
+	What   string
+	Active bool
+	Why    string // when not active
+}
+
+// Guards lists what is guarded on this kernel, for the start-up log and
+// `procgate status`.
+func (e *Enforcer) Guards() []Guard {
+	gs := []Guard{
+		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
+		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
+		{Name: "raw-sockets", What: "no raw IP sockets inside app cgroups", Active: true},
+		{Name: "packet-sockets", What: "no AF_PACKET sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil},
+		{Name: "app-tracing", What: "no ptrace, process_vm_writev, /proc/PID/mem or pidfd_getfd of app processes by others (BPF LSM)",
+			Why: "not built yet (issue 4)"},
+	}
+	if e.lsmErr != nil {
+		gs[3].Why = "BPF LSM programs cannot be loaded on this kernel: " + e.lsmErr.Error()
+	}
+	return gs
 }
 
 // Counters returns the kernel's per-app counters, summed over CPUs: for each

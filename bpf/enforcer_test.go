@@ -323,3 +323,89 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
 	return len(p), nil
 }
+
+// TestBackstops tries the paths around connect() and UDP sendmsg(): ping
+// sockets, raw sockets, another IP protocol, packet sockets. The egress
+// backstop must stop what reaches an internal destination without a grant,
+// sock_create must refuse raw and packet sockets inside app cgroups, and
+// nothing may change for external destinations or accepted connections.
+func TestBackstops(t *testing.T) {
+	w := newWorld(t, "granted", "other")
+	// Ping sockets are off by default: let every group open them here.
+	if err := nstest.InNS(t, w.netns, func() error {
+		return os.WriteFile("/proc/sys/net/ipv4/ping_group_range", []byte("0 2147483647"), 0o644)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	w.apply(&ruleset.Ruleset{
+		Internal: []ruleset.InternalPrefix{{Prefix: netip.MustParsePrefix("10.0.0.0/8")}, {Prefix: netip.MustParsePrefix("fd00::/8")}},
+		Apps: []ruleset.App{
+			{Name: "granted", Grants: []ruleset.Grant{
+				{Prefix: netip.MustParsePrefix("10.1.0.0/16"), Proto: ruleset.Both, Ports: []ruleset.PortRange{ruleset.AllPorts}},
+				{Prefix: netip.MustParsePrefix("fd00:1::/64"), Proto: ruleset.Both, Ports: []ruleset.PortRange{ruleset.AllPorts}},
+			}},
+			{Name: "other"},
+		},
+	})
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	unbound, granted := w.prober(""), w.prober("granted")
+	d := func(s string) ruleset.Dest { return ruleset.Dest{Addr: netip.MustParseAddr(s), Proto: ruleset.TCP} }
+	for _, tc := range []struct {
+		name string
+		p    *probe.Prober
+		m    probe.Method
+		dest ruleset.Dest
+		want probe.Verdict
+	}{
+		{"ping socket, unbound, internal", unbound, probe.Ping, d("10.1.2.3"), probe.Denied},
+		{"ping socket, unbound, internal v6", unbound, probe.Ping, d("fd00:1::3"), probe.Denied},
+		{"ping socket, unbound, external", unbound, probe.Ping, d("192.0.2.7"), probe.Allowed},
+		{"ping socket, granted app: no grant covers ICMP", granted, probe.Ping, d("10.1.2.3"), probe.Denied},
+		{"raw ICMP, unbound root, internal", unbound, probe.RawICMP, d("10.1.2.3"), probe.Denied},
+		{"raw ICMPv6, unbound root, internal", unbound, probe.RawICMP, d("fd00:1::3"), probe.Denied},
+		{"raw ICMP, unbound root, external", unbound, probe.RawICMP, d("192.0.2.7"), probe.Allowed},
+		{"raw protocol 253, unbound root, internal", unbound, probe.RawProto, d("10.1.2.3"), probe.Denied},
+		{"raw protocol 253, unbound root, external", unbound, probe.RawProto, d("192.0.2.7"), probe.Allowed},
+		{"raw socket inside an app cgroup", granted, probe.RawICMP, d("192.0.2.7"), probe.Denied},
+		{"packet socket inside an app cgroup", granted, probe.Packet, d("192.0.2.7"), probe.Denied},
+		{"packet socket outside app cgroups", unbound, probe.Packet, d("192.0.2.7"), probe.Allowed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.m == probe.Packet && tc.want == probe.Denied {
+				for _, g := range w.e.Guards() {
+					if g.Name == "packet-sockets" && !g.Active {
+						t.Skipf("kernel feature missing: BPF LSM programs do not load here (%s)", g.Why)
+					}
+				}
+			}
+			got, err := tc.p.Try(tc.dest, tc.m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tc.want {
+				t.Fatalf("got %s, want %s", got, tc.want)
+			}
+		})
+	}
+
+	t.Run("an unbound server answers a client at an internal address", func(t *testing.T) {
+		// The server's SYN-ACK and data go to an internal address from a
+		// socket of no app: an answer, not an attempt.
+		// The server listens on an internal address; the (granted) client's
+		// source address is then that address too, so every answer of the
+		// unbound server goes to an internal destination.
+		addr, wait, err := probe.StartServer(w.cgroups["/unbound"], w.netns, "10.1.9.9:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ap := netip.MustParseAddrPort(addr)
+		if got, err := granted.Try(ruleset.Dest{Addr: ap.Addr(), Proto: ruleset.TCP, Port: ap.Port()}, probe.Banner); err != nil || got != probe.Allowed {
+			t.Fatalf("connect to the server: %v %v", got, err)
+		}
+		if err := wait(); err != nil {
+			t.Fatalf("server: %v", err)
+		}
+	})
+}

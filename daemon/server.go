@@ -204,6 +204,9 @@ func (d *Daemon) status() (*api.Status, error) {
 		Hooks: d.enf.Attached(), Adopted: d.enf.Adopted,
 		Unbound: toCounters(counters[""]),
 	}
+	for _, g := range d.enf.Guards() {
+		st.Guards = append(st.Guards, api.Guard{Name: g.Name, What: g.What, Active: g.Active, Why: g.Why})
+	}
 	for _, p := range d.effective.Internal {
 		st.Internal = append(st.Internal, p.Prefix.String())
 	}

@@ -179,7 +179,7 @@ func statusCmd(client func() api.Client) *cobra.Command {
 
 func printStatus(w io.Writer, st *api.Status) {
 	var hooks []string
-	for _, h := range []string{"connect4", "connect6", "sendmsg4", "sendmsg6"} {
+	for _, h := range bpf.HookNames() {
 		mark := "-"
 		if st.Hooks[h] {
 			mark = "+"
@@ -195,6 +195,11 @@ func printStatus(w io.Writer, st *api.Status) {
 		fmt.Fprint(w, ", adopted from an earlier daemon")
 	}
 	fmt.Fprintln(w, ")")
+	for _, g := range st.Guards {
+		if !g.Active {
+			fmt.Fprintf(w, "NOT GUARDED: %s (%s)\n", g.What, g.Why)
+		}
+	}
 	fmt.Fprintf(w, "internal %s\n", strings.Join(st.Internal, " "))
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "APP\tALLOW\tDENY\tEXTERNAL\tGRANTS\tREVOKED")

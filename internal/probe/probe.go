@@ -13,12 +13,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -33,6 +35,12 @@ const (
 	SendTo     Method = "sendto"      // UDP: sendto() on an unconnected socket
 	Mapped     Method = "mapped"      // like Connect, from an AF_INET6 socket to ::ffff:a.b.c.d
 	MappedSend Method = "mapped-send" // like SendTo, from an AF_INET6 socket to ::ffff:a.b.c.d
+	// Paths around connect() and UDP sendmsg(), for the backstops:
+	Ping     Method = "ping"      // ICMP echo from an ICMP datagram (ping) socket
+	RawICMP  Method = "raw-icmp"  // ICMP echo from a raw socket (needs CAP_NET_RAW)
+	RawProto Method = "raw-proto" // a raw socket of IP protocol 253 (experimental), sendto
+	Packet   Method = "packet"    // an AF_PACKET socket (creation is the attempt)
+	Banner   Method = "banner"    // TCP: blocking connect, then read a line (a server answered)
 )
 
 // Verdict is what the kernel said.
@@ -60,6 +68,12 @@ func Try(d ruleset.Dest, m Method) (Verdict, error) {
 }
 
 func attempt(d ruleset.Dest, m Method) error {
+	switch m {
+	case Ping, RawICMP, RawProto, Packet:
+		return attemptRaw(d, m)
+	case Banner:
+		return banner(d)
+	}
 	addr := d.Addr
 	family := unix.AF_INET
 	if m == Mapped || m == MappedSend {
@@ -96,6 +110,89 @@ func attempt(d ruleset.Dest, m Method) error {
 		return unix.Sendto(fd, []byte("probe"), 0, sa)
 	}
 	return unix.Connect(fd, sa)
+}
+
+// attemptRaw sends one packet from a socket that bypasses the connect and
+// sendmsg hooks; the egress and sock_create backstops must stop it.
+func attemptRaw(d ruleset.Dest, m Method) error {
+	addr := d.Addr.Unmap()
+	if m == Packet {
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		return unix.Close(fd)
+	}
+	family, typ, proto := unix.AF_INET, unix.SOCK_DGRAM, unix.IPPROTO_ICMP
+	echo := []byte{8, 0, 0, 0, 0, 1, 0, 1} // ICMP echo request; ping sockets fix the id and checksum
+	if addr.Is6() {
+		family, proto = unix.AF_INET6, unix.IPPROTO_ICMPV6
+		echo[0] = 128
+	}
+	switch m {
+	case RawICMP:
+		typ = unix.SOCK_RAW
+		if addr.Is4() {
+			sum := ^uint16(0x0800 + 0x0001 + 0x0001)
+			echo[2], echo[3] = byte(sum>>8), byte(sum)
+		}
+	case RawProto:
+		typ, proto = unix.SOCK_RAW, 253
+	}
+	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, proto)
+	if err != nil {
+		return fmt.Errorf("socket: %w", err)
+	}
+	defer unix.Close(fd)
+	var sa unix.Sockaddr
+	if addr.Is6() {
+		sa = &unix.SockaddrInet6{Addr: addr.As16()} // the kernel sums ICMPv6 itself
+	} else {
+		sa = &unix.SockaddrInet4{Addr: addr.As4()}
+	}
+	if err := unix.Sendto(fd, echo, 0, sa); err != nil {
+		return err
+	}
+	if m != Ping {
+		return nil
+	}
+	// A dropped IPv6 ping is not reported to the sender (the kernel ignores
+	// the error of icmpv6_push_pending_frames): the echo reply is the proof.
+	// Destinations in the test namespaces are local, so the kernel answers.
+	tv := unix.NsecToTimeval((500 * time.Millisecond).Nanoseconds())
+	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	buf := make([]byte, 64)
+	for {
+		n, _, err := unix.Recvfrom(fd, buf, 0)
+		if err != nil {
+			if errors.Is(err, unix.EAGAIN) {
+				return fmt.Errorf("no echo reply: %w", unix.EPERM)
+			}
+			return err
+		}
+		if n > 0 && (buf[0] == 0 || buf[0] == 129) { // echo reply, v4 or v6
+			return nil
+		}
+	}
+}
+
+// banner connects (blocking, with a timeout) and reads one line: the peer
+// really answered.
+func banner(d ruleset.Dest) error {
+	c, err := net.DialTimeout("tcp", netip.AddrPortFrom(d.Addr, d.Port).String(), 2*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return fmt.Errorf("read banner: %w", err)
+	}
+	if line == "" {
+		return errors.New("empty banner")
+	}
+	return nil
 }
 
 // Serve answers attempts: each input line is "METHOD DEST" (DEST as
@@ -147,11 +244,71 @@ func MaybeServe() {
 		}
 		f.Close()
 	}
+	if addr := os.Getenv(EnvListen); addr != "" {
+		if err := listenOnce(addr, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, "prober:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	if err := Serve(os.Stdin, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "prober:", err)
 		os.Exit(1)
 	}
 	os.Exit(0)
+}
+
+// EnvListen makes a prober child a one-connection TCP server on that address
+// instead: it prints the bound address, accepts once, writes "hello\n".
+const EnvListen = "PROCGATE_PROBE_LISTEN"
+
+func listenOnce(addr string, out io.Writer) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	fmt.Fprintln(out, ln.Addr().String())
+	c, err := ln.Accept()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_, err = c.Write([]byte("hello\n"))
+	return err
+}
+
+// StartServer runs a one-connection TCP server (see EnvListen) in cgroupDir
+// and netns, and returns the address it listens on. wait reports how the
+// server ended.
+func StartServer(cgroupDir, netns, addr string) (bound string, wait func() error, err error) {
+	self, err := os.Executable()
+	if err != nil {
+		return "", nil, err
+	}
+	cg, err := os.Open(cgroupDir)
+	if err != nil {
+		return "", nil, err
+	}
+	defer cg.Close()
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), EnvServe+"=1", EnvNetNS+"="+netns, EnvListen+"="+addr)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd()), Pdeathsig: syscall.SIGKILL}
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return "", nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return "", nil, err
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		return "", nil, fmt.Errorf("server did not start: %w", err)
+	}
+	return strings.TrimSpace(line), cmd.Wait, nil
 }
 
 // Prober is a running prober child.

@@ -1,0 +1,239 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (MIT OR GPL-2.0)
+//
+// Backstops for the paths the sock_addr hooks of procgate.c do not see.
+//
+// - guard_sock_create: no raw IP or packet sockets inside app cgroups. Such a
+//   socket sends what it likes without connect() or a UDP sendmsg(): a
+//   CAP_NET_RAW holder in an app (root run as an app) could reach any port of
+//   any internal host. Processes outside app cgroups need CAP_NET_RAW for
+//   them anyway, which an unprivileged attacker lacks.
+// - backstop_egress: every packet a socket below the attach point sends to an
+//   internal destination is decided again, by the socket's cgroup: new TCP
+//   connections (SYN without ACK, including TCP Fast Open), every UDP and
+//   UDP-Lite datagram, ICMP echo requests, and any other IP protocol. This
+//   catches raw sockets, ping sockets, and whatever a future syscall path
+//   does without the connect hooks. Packets of established TCP connections
+//   pass untouched, so bulk traffic pays one header read and one trie lookup
+//   at most.
+//
+// Both share the maps of decision.h with procgate.c through pinning.
+
+#include "decision.h"
+
+char __license[] SEC("license") = "Dual MIT/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define AF_PACKET 17
+#define SOCK_RAW 3
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define IPPROTO_ICMPV6 58
+#define NEXTHDR_FRAGMENT 44
+#define ICMP_ECHO 8
+#define ICMPV6_ECHO_REQUEST 128
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+
+SEC("cgroup/sock_create")
+int guard_sock_create(struct bpf_sock *ctx)
+{
+	if (ctx->family != AF_PACKET && ctx->type != SOCK_RAW)
+		return 1;
+	struct generation_info *info = current_generation();
+	if (!info)
+		return 1; // the connect hooks already deny everything
+	__u64 cgroup_id;
+	struct app_info *app = principal(info->slot & 1, info, &cgroup_id);
+	if (!app)
+		return 1;
+	__u32 app_id = app->app_id;
+	struct dest d = { .family = 4 };
+	count(app_id, COUNT_DENY);
+	audit(&d, app_id, cgroup_id, info->generation, info->audit_rate, 0, REASON_RAW_SOCKET, HOOK_SOCK_CREATE);
+	return 0;
+}
+
+// Leading bytes of the headers this program reads; only what it needs.
+struct ip4_head {
+	__u8 ver_ihl;
+	__u8 tos;
+	__u16 tot_len;
+	__u16 id;
+	__u16 frag_off;
+	__u8 ttl;
+	__u8 protocol;
+	__u16 check;
+	__u8 saddr[4];
+	__u8 daddr[4];
+};
+
+struct ip6_head {
+	__u32 ver_tc_flow;
+	__u16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+struct ip6_frag {
+	__u8 nexthdr;
+	__u8 reserved;
+	__u16 frag_off; // offset << 3 | flags
+	__u32 id;
+};
+
+// l4 is what the backstop needs from the transport header.
+struct l4 {
+	__u16 sport;
+	__u16 dport;
+	__u8 tcp_flags;
+	__u8 icmp_type;
+};
+
+static __always_inline int load_l4(struct __sk_buff *skb, __u32 off, __u8 proto, struct l4 *l)
+{
+	switch (proto) {
+	case IPPROTO_TCP: {
+		__u8 h[14];
+		if (bpf_skb_load_bytes(skb, off, h, sizeof(h)))
+			return -1;
+		l->dport = (h[2] << 8) | h[3];
+		l->tcp_flags = h[13];
+		return 0;
+	}
+	case IPPROTO_UDP:
+	case IPPROTO_UDPLITE: {
+		__u8 h[4];
+		if (bpf_skb_load_bytes(skb, off, h, sizeof(h)))
+			return -1;
+		l->dport = (h[2] << 8) | h[3];
+		return 0;
+	}
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		return bpf_skb_load_bytes(skb, off, &l->icmp_type, 1) ? -1 : 0;
+	}
+	return 0;
+}
+
+SEC("cgroup_skb/egress")
+int backstop_egress(struct __sk_buff *skb)
+{
+	struct dest d = {};
+	struct l4 l = {};
+	__u8 proto;
+	__u8 hook;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct ip4_head ip;
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
+			return 1;
+		// A later fragment carries no transport header; its first
+		// fragment was decided.
+		if (bpf_ntohs(ip.frag_off) & 0x1fff)
+			return 1;
+		d.family = 4;
+		__builtin_memcpy(d.addr, ip.daddr, 4);
+		proto = ip.protocol;
+		if (load_l4(skb, (ip.ver_ihl & 0x0f) * 4, proto, &l))
+			return 1;
+		hook = HOOK_EGRESS4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ip6_head ip;
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
+			return 1;
+		d.family = 6;
+		__builtin_memcpy(d.addr, ip.daddr, 16);
+		proto = ip.nexthdr;
+		__u32 off = sizeof(ip);
+		if (proto == NEXTHDR_FRAGMENT) {
+			struct ip6_frag f;
+			if (bpf_skb_load_bytes(skb, off, &f, sizeof(f)))
+				return 1;
+			if (bpf_ntohs(f.frag_off) & ~7)
+				return 1; // a later fragment
+			proto = f.nexthdr;
+			off += sizeof(f);
+		}
+		if (load_l4(skb, off, proto, &l))
+			return 1;
+		hook = HOOK_EGRESS6;
+	} else {
+		return 1;
+	}
+
+	struct generation_info *info = current_generation();
+	if (!info)
+		return 1; // the connect hooks already deny everything
+	__u32 slot = info->slot & 1;
+	if (!is_internal(slot, &d))
+		return 1;
+
+	switch (proto) {
+	case IPPROTO_TCP:
+		// Only new connections: packets of an established one were
+		// decided at its SYN, and replies of accepted connections are
+		// no connection attempt at all.
+		if ((l.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+			return 1;
+		d.proto = PROTO_TCP;
+		d.port = l.dport;
+		break;
+	case IPPROTO_UDP:
+	case IPPROTO_UDPLITE:
+		d.proto = PROTO_UDP;
+		d.port = l.dport;
+		break;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		// Echo requests reach a host; errors and replies the kernel
+		// sends on its own are answers, not attempts.
+		if (l.icmp_type != ICMP_ECHO && l.icmp_type != ICMPV6_ECHO_REQUEST)
+			return 1;
+		break;
+	}
+
+	__u64 cgroup_id;
+	struct app_info *app = principal_of(WHO_SKB, skb, slot, info, &cgroup_id);
+	if (!app) {
+		count(0, COUNT_DENY);
+		audit_as(WHO_SKB, &d, 0, cgroup_id, info->generation, info->audit_rate, 0, REASON_UNBOUND, hook);
+		return 0;
+	}
+	__u32 app_id = app->app_id;
+	__u8 reason = REASON_PROTO;
+	if (d.proto && grant_allows(slot, app_id, &d, &reason))
+		return 1; // counted when the connect or sendmsg hook allowed it
+	count(app_id, COUNT_DENY);
+	audit_as(WHO_SKB, &d, app_id, cgroup_id, info->generation, info->audit_rate, 0, reason, hook);
+	return 0;
+}
+
+// guard_packet_socket: no packet sockets inside app cgroups. AF_PACKET never
+// runs cgroup/sock_create (that hook is for inet sockets only), so this is a
+// BPF LSM hook attached to the same cgroup (lsm_cgroup, 6.0+, needs the bpf
+// LSM active). Arguments come as the hook's: socket_create(family, type,
+// protocol, kern).
+SEC("lsm_cgroup/socket_create")
+int guard_packet_socket(unsigned long long *ctx)
+{
+	int family = (int)ctx[0];
+	int kern = (int)ctx[3];
+	if (kern || family != AF_PACKET)
+		return 1;
+	struct generation_info *info = current_generation();
+	if (!info)
+		return 1;
+	__u64 cgroup_id;
+	struct app_info *app = principal(info->slot & 1, info, &cgroup_id);
+	if (!app)
+		return 1;
+	__u32 app_id = app->app_id;
+	struct dest d = { .family = 4 };
+	count(app_id, COUNT_DENY);
+	audit(&d, app_id, cgroup_id, info->generation, info->audit_rate, 0, REASON_RAW_SOCKET, HOOK_SOCK_CREATE);
+	return 0;
+}
