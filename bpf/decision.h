@@ -25,6 +25,7 @@
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #define MAX_CGROUP_LEVEL 32
 #define MAX_APPS 65536
@@ -43,6 +44,7 @@ enum reason {
 	REASON_NO_POLICY = 6,
 	REASON_RAW_SOCKET = 7, // raw IP or packet socket in an app cgroup
 	REASON_PROTO = 8,      // internal, and not TCP or UDP (ICMP, raw IP): no grant can cover it
+	REASON_EXE = 9,        // the app pins binaries and the task runs another one
 };
 
 // Counter slots per app id: index app_id * COUNTER_SLOTS + slot.
@@ -75,6 +77,7 @@ enum hook {
 #define PROTO_UDP 2
 
 #define APP_AUDIT_ALLOW 1
+#define APP_EXE_PINNED 2 // only the binaries in app_exes hold the app's grants
 
 // One trie holds every generation's internal prefixes and grants. The tag
 // (big-endian, so it is the key's leading 32 bits and always matched whole)
@@ -199,6 +202,44 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } app_by_cgroup SEC(".maps");
+
+// The binaries of apps with exe:, by the file the kernel runs (inode and
+// device as the kernel encodes them), so a rename or a symlink changes
+// nothing and an exec of another binary loses the grants at once.
+struct exe_key {
+	__u32 slot;
+	__u32 app_id;
+	__u64 ino;
+	__u64 dev;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct exe_key);
+	__type(value, __u8);
+	__uint(max_entries, 2 * 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} app_exes SEC(".maps");
+
+// Just the kernel fields the exe check reads (CO-RE: offsets come from the
+// running kernel's BTF when the program loads).
+struct super_block___pg {
+	__u32 s_dev;
+} __attribute__((preserve_access_index));
+struct inode___pg {
+	unsigned long i_ino;
+	struct super_block___pg *i_sb;
+} __attribute__((preserve_access_index));
+struct file___pg {
+	struct inode___pg *f_inode;
+} __attribute__((preserve_access_index));
+struct mm_struct___pg {
+	struct file___pg *exe_file;
+} __attribute__((preserve_access_index));
+struct task_struct___pg {
+	struct mm_struct___pg *mm;
+} __attribute__((preserve_access_index));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -418,6 +459,18 @@ static __always_inline int grant_allows(__u32 slot, __u32 app_id, const struct d
 	return 0;
 }
 
+// exe_allowed: does the calling task run one of the app's binaries?
+// Needs bpf_get_current_task and bpf_probe_read_kernel (CAP_PERFMON loaders;
+// a kernel locked down for confidentiality refuses them).
+static __always_inline int exe_allowed(__u32 slot, __u32 app_id)
+{
+	struct task_struct___pg *task = (struct task_struct___pg *)bpf_get_current_task();
+	struct exe_key k = { .slot = slot, .app_id = app_id };
+	k.ino = BPF_CORE_READ(task, mm, exe_file, f_inode, i_ino);
+	k.dev = BPF_CORE_READ(task, mm, exe_file, f_inode, i_sb, s_dev);
+	return k.ino && bpf_map_lookup_elem(&app_exes, &k) != NULL;
+}
+
 // decide is the decision function for the calling task; it counts and
 // audits. Returns 1 to let the syscall go on, 0 for EPERM.
 static __always_inline int decide(struct dest *d, __u8 hook)
@@ -446,6 +499,11 @@ static __always_inline int decide(struct dest *d, __u8 hook)
 	__u32 app_id = app->app_id;
 	__u32 app_flags = app->flags;
 	__u8 reason;
+	if ((app_flags & APP_EXE_PINNED) && !exe_allowed(slot, app_id)) {
+		count(app_id, COUNT_DENY);
+		audit(d, app_id, cgroup_id, generation, info->audit_rate, 0, REASON_EXE, hook);
+		return 0;
+	}
 	if (grant_allows(slot, app_id, d, &reason)) {
 		count(app_id, COUNT_ALLOW);
 		if (app_flags & APP_AUDIT_ALLOW)

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"slices"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/procgate/procgate/ruleset"
 )
 
@@ -22,8 +24,11 @@ const (
 	counterSlots
 )
 
-// appFlagAuditAllow is APP_AUDIT_ALLOW in procgate.c.
-const appFlagAuditAllow = 1
+// App flags (APP_* in decision.h).
+const (
+	appFlagAuditAllow = 1
+	appFlagExePinned  = 2
+)
 
 // maxCgroupLevel is MAX_CGROUP_LEVEL in procgate.c: app cgroups deeper than
 // this cannot be found as ancestors.
@@ -44,6 +49,25 @@ type Generation struct {
 	Bindings []Binding
 	// AuditRate is the kernel's limit of audit events per second per app.
 	AuditRate uint32
+	// Exes are the files of the binaries of apps with exe: (resolved by
+	// the caller). An app with exe: and no file here holds its grants in
+	// no process.
+	Exes map[string][]FileID
+}
+
+// FileID is a file as the kernel names it: inode number and the device of
+// its filesystem in the kernel's encoding (MKDEV: major << 20 | minor).
+type FileID struct {
+	Dev, Ino uint64
+}
+
+// FileIDOf stats path (following symlinks) for its FileID.
+func FileIDOf(path string) (FileID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return FileID{}, fmt.Errorf("stat %s: %w", path, err)
+	}
+	return FileID{Dev: uint64(unix.Major(st.Dev))<<20 | uint64(unix.Minor(st.Dev)), Ino: st.Ino}, nil
 }
 
 // Layout constants shared with procgate.c.
@@ -58,6 +82,7 @@ type tables struct {
 	rules map[procgateRuleKey]procgateRuleValue
 	ports []procgatePortRange // indexes from slot * portsPerSlot
 	apps  map[procgateAppKey]procgateAppInfo
+	exes  []procgateExeKey
 	info  procgateGenerationInfo
 }
 
@@ -132,8 +157,19 @@ func encode(g Generation, slot uint32) (*tables, error) {
 		if app.AuditAllow {
 			flags |= appFlagAuditAllow
 		}
+		if len(app.Exe) > 0 {
+			flags |= appFlagExePinned
+		}
 		t.apps[key] = procgateAppInfo{AppId: g.AppIDs[b.App], Flags: flags}
 		minLevel, maxLevel = min(minLevel, b.Level), max(maxLevel, b.Level)
+	}
+	for _, app := range g.Rules.Apps {
+		if len(app.Exe) == 0 {
+			continue
+		}
+		for _, f := range g.Exes[app.Name] {
+			t.exes = append(t.exes, procgateExeKey{Slot: slot, AppId: g.AppIDs[app.Name], Ino: f.Ino, Dev: f.Dev})
+		}
 	}
 	if len(g.Bindings) == 0 {
 		minLevel, maxLevel = 1, 0 // the ancestor walk probes nothing

@@ -67,6 +67,7 @@ type objects struct {
 	Rules           *ebpf.Map `ebpf:"rules"`
 	PortRanges      *ebpf.Map `ebpf:"port_ranges"`
 	AppByCgroup     *ebpf.Map `ebpf:"app_by_cgroup"`
+	AppExes         *ebpf.Map `ebpf:"app_exes"`
 	VerdictCounters *ebpf.Map `ebpf:"verdict_counters"`
 	AuditBudgets    *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents     *ebpf.Map `ebpf:"audit_events"`
@@ -75,7 +76,7 @@ type objects struct {
 func (o *objects) close() {
 	for _, c := range []interface{ Close() error }{
 		o.AuthorizeConnect4, o.AuthorizeConnect6, o.AuthorizeSendmsg4, o.AuthorizeSendmsg6,
-		o.PolicyCurrent, o.Rules, o.PortRanges, o.AppByCgroup, o.VerdictCounters, o.AuditBudgets, o.AuditEvents,
+		o.PolicyCurrent, o.Rules, o.PortRanges, o.AppByCgroup, o.AppExes, o.VerdictCounters, o.AuditBudgets, o.AuditEvents,
 	} {
 		if c != nil {
 			c.Close()
@@ -119,6 +120,7 @@ type Enforcer struct {
 type slotKeys struct {
 	rules []procgateRuleKey
 	apps  []procgateAppKey
+	exes  []procgateExeKey
 }
 
 // Open loads the programs and pinned maps, and makes sure each hook's link is
@@ -309,7 +311,7 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	ak, av := splitKV(t.apps)
 	// Recorded before writing, so that a failed Apply still lets the next
 	// one clear whatever part of the slot did get written.
-	e.written[slot] = &slotKeys{rules: rk, apps: ak}
+	e.written[slot] = &slotKeys{rules: rk, apps: ak, exes: t.exes}
 	if err := putBatch(e.objs.Rules, rk, rv); err != nil {
 		return 0, fmt.Errorf("write %d rules of generation %d: %w", len(rk), next, err)
 	}
@@ -324,6 +326,9 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	}
 	if err := putBatch(e.objs.AppByCgroup, ak, av); err != nil {
 		return 0, fmt.Errorf("write %d app bindings of generation %d: %w", len(ak), next, err)
+	}
+	if err := putBatch(e.objs.AppExes, t.exes, make([]uint8, len(t.exes))); err != nil {
+		return 0, fmt.Errorf("write %d app binaries of generation %d: %w", len(t.exes), next, err)
 	}
 
 	info, err := ebpf.NewMap(e.specs.Maps["policy_current"].InnerMap)
@@ -380,6 +385,9 @@ func (e *Enforcer) clearSlot(slot uint32) error {
 	if err := deleteBatch(e.objs.AppByCgroup, keys.apps); err != nil {
 		return fmt.Errorf("clear app bindings of slot %d: %w", slot, err)
 	}
+	if err := deleteBatch(e.objs.AppExes, keys.exes); err != nil {
+		return fmt.Errorf("clear app binaries of slot %d: %w", slot, err)
+	}
 	e.written[slot] = &slotKeys{} // known empty
 	return nil
 }
@@ -409,6 +417,17 @@ func (e *Enforcer) scanSlot(slot uint32) (*slotKeys, error) {
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("walk app bindings: %w", err)
+	}
+	var ek procgateExeKey
+	var ev uint8
+	it = e.objs.AppExes.Iterate()
+	for it.Next(&ek, &ev) {
+		if ek.Slot == slot {
+			keys.exes = append(keys.exes, ek)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("walk app binaries: %w", err)
 	}
 	return keys, nil
 }

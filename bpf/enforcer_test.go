@@ -87,6 +87,16 @@ func (w *world) apply(rs *ruleset.Ruleset) uint32 {
 		}
 		g.Bindings = append(g.Bindings, Binding{App: a.Name, CgroupID: id, Level: level})
 	}
+	for _, a := range rs.Apps {
+		for _, x := range a.Exe {
+			if id, err := FileIDOf(x.Path); err == nil {
+				if g.Exes == nil {
+					g.Exes = map[string][]FileID{}
+				}
+				g.Exes[a.Name] = append(g.Exes[a.Name], id)
+			}
+		}
+	}
 	gen, err := w.e.Apply(g)
 	if err != nil {
 		w.t.Fatalf("apply: %v", err)
@@ -408,4 +418,64 @@ func TestBackstops(t *testing.T) {
 			t.Fatalf("server: %v", err)
 		}
 	})
+}
+
+// TestExePinning: in an app with exe:, only processes running one of those
+// binaries hold the grants; the same code from another file does not.
+func TestExePinning(t *testing.T) {
+	w := newWorld(t, "pinned", "elsewhere")
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	grant := []ruleset.Grant{{Prefix: netip.MustParsePrefix("10.1.0.0/16"), Proto: ruleset.Both, Ports: []ruleset.PortRange{ruleset.AllPorts}}}
+	w.apply(&ruleset.Ruleset{
+		Internal: []ruleset.InternalPrefix{{Prefix: netip.MustParsePrefix("10.0.0.0/8")}},
+		Apps: []ruleset.App{
+			{Name: "pinned", Exe: []ruleset.Exe{{Path: self}}, Grants: grant},
+			{Name: "elsewhere", Exe: []ruleset.Exe{{Path: "/bin/true"}}, Grants: grant},
+		},
+	})
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	// A copy of this binary: the same code, another file.
+	data, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copyPath := filepath.Join(t.TempDir(), "prober-copy")
+	if err := os.WriteFile(copyPath, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	copied, err := probe.StartExe(copyPath, w.cgroups["pinned/run"], w.netns, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer copied.Close()
+	internal := ruleset.Dest{Addr: netip.MustParseAddr("10.1.2.3"), Proto: ruleset.TCP, Port: 443}
+	external := ruleset.Dest{Addr: netip.MustParseAddr("192.0.2.1"), Proto: ruleset.TCP, Port: 443}
+	for _, tc := range []struct {
+		name string
+		p    *probe.Prober
+		d    ruleset.Dest
+		want probe.Verdict
+	}{
+		{"the pinned binary holds the grant", w.prober("pinned"), internal, probe.Allowed},
+		{"another binary in the same app cgroup does not", copied, internal, probe.Denied},
+		{"an app pinned to another binary does not", w.prober("elsewhere"), internal, probe.Denied},
+		{"outside internal prefixes exe does not matter", copied, external, probe.Allowed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, m := range []probe.Method{probe.Connect, probe.Mapped} {
+				got, err := tc.p.Try(tc.d, m)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got != tc.want {
+					t.Fatalf("%s via %s: got %s, want %s", tc.d, m, got, tc.want)
+				}
+			}
+		})
+	}
 }

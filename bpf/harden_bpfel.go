@@ -33,6 +33,14 @@ type hardenAuditBudget struct {
 	Pad    uint32
 }
 
+type hardenExeKey struct {
+	_     structs.HostLayout
+	Slot  uint32
+	AppId uint32
+	Ino   uint64
+	Dev   uint64
+}
+
 type hardenGenerationInfo struct {
 	_          structs.HostLayout
 	Generation uint32
@@ -69,6 +77,7 @@ type hardenRuleValue struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	hardenMapAppByCgroup         = "app_by_cgroup"
+	hardenMapAppExes             = "app_exes"
 	hardenMapAuditBudgets        = "audit_budgets"
 	hardenMapAuditEvents         = "audit_events"
 	hardenMapGenerationInfoInner = "generation_info_inner"
@@ -134,6 +143,7 @@ type hardenProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type hardenMapSpecs struct {
 	AppByCgroup         *ebpf.MapSpec `ebpf:"app_by_cgroup"`
+	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
@@ -171,6 +181,7 @@ func (o *hardenObjects) Close() error {
 // It can be passed to loadHardenObjects or ebpf.CollectionSpec.LoadAndAssign.
 type hardenMaps struct {
 	AppByCgroup         *ebpf.Map `ebpf:"app_by_cgroup"`
+	AppExes             *ebpf.Map `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
@@ -183,6 +194,7 @@ type hardenMaps struct {
 func (m *hardenMaps) Close() error {
 	return _HardenClose(
 		m.AppByCgroup,
+		m.AppExes,
 		m.AuditBudgets,
 		m.AuditEvents,
 		m.GenerationInfoInner,

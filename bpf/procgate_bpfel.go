@@ -54,6 +54,14 @@ type procgateAuditEvent struct {
 	Comm       [16]int8
 }
 
+type procgateExeKey struct {
+	_     structs.HostLayout
+	Slot  uint32
+	AppId uint32
+	Ino   uint64
+	Dev   uint64
+}
+
 type procgateGenerationInfo struct {
 	_          structs.HostLayout
 	Generation uint32
@@ -90,6 +98,7 @@ type procgateRuleValue struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	procgateMapAppByCgroup         = "app_by_cgroup"
+	procgateMapAppExes             = "app_exes"
 	procgateMapAuditBudgets        = "audit_budgets"
 	procgateMapAuditEvents         = "audit_events"
 	procgateMapGenerationInfoInner = "generation_info_inner"
@@ -157,6 +166,7 @@ type procgateProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type procgateMapSpecs struct {
 	AppByCgroup         *ebpf.MapSpec `ebpf:"app_by_cgroup"`
+	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
@@ -194,6 +204,7 @@ func (o *procgateObjects) Close() error {
 // It can be passed to loadProcgateObjects or ebpf.CollectionSpec.LoadAndAssign.
 type procgateMaps struct {
 	AppByCgroup         *ebpf.Map `ebpf:"app_by_cgroup"`
+	AppExes             *ebpf.Map `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
@@ -206,6 +217,7 @@ type procgateMaps struct {
 func (m *procgateMaps) Close() error {
 	return _ProcgateClose(
 		m.AppByCgroup,
+		m.AppExes,
 		m.AuditBudgets,
 		m.AuditEvents,
 		m.GenerationInfoInner,

@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sync"
 	"syscall"
@@ -80,6 +81,9 @@ type Daemon struct {
 	// routes are the destinations routed via internal.interfaces when last
 	// looked at; they are part of the internal set.
 	routes []ruleset.InternalPrefix
+	// exes are the files of pinned binaries in the generation in force; a
+	// package upgrade replaces a binary's file, and the next poll follows.
+	exes map[string][]bpf.FileID
 }
 
 func (c *Config) setDefaults() error {
@@ -232,6 +236,7 @@ func Run(ctx context.Context, cfg Config) error {
 		case <-tick.C:
 			_, _ = d.Reload(false)
 			d.refreshRoutes()
+			d.refreshExes()
 		}
 	}
 }
@@ -320,6 +325,43 @@ func (d *Daemon) install(rs *ruleset.Ruleset, hash string) error {
 	return nil
 }
 
+// resolveExes finds the files of the apps' pinned binaries. A binary that
+// is missing holds nothing: the app's grants are then in no process.
+func (d *Daemon) resolveExes(rs *ruleset.Ruleset) map[string][]bpf.FileID {
+	out := map[string][]bpf.FileID{}
+	for _, app := range rs.Apps {
+		for _, x := range app.Exe {
+			id, err := bpf.FileIDOf(x.Path)
+			if err != nil {
+				d.log.Warn("pinned binary not found; no process of the app holds its grants through it", "app", app.Name, "exe", x.Path, "err", err)
+				continue
+			}
+			out[app.Name] = append(out[app.Name], id)
+		}
+	}
+	return out
+}
+
+// refreshExes follows pinned binaries that were replaced (upgrades write a
+// new file): the new file holds the grants from the next generation on.
+func (d *Daemon) refreshExes() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.effective == nil {
+		return
+	}
+	now := d.resolveExes(d.effective)
+	if reflect.DeepEqual(now, d.exes) {
+		return
+	}
+	gen, err := d.applyEffective(d.effective)
+	if err != nil {
+		d.log.Error("pinned binaries changed, but applying them failed", "err", err)
+		return
+	}
+	d.log.Info("pinned binaries changed on disk", "generation", gen)
+}
+
 // refreshRoutes follows internal.interfaces: when the routes via them
 // change, a new generation with the new internal set goes in.
 func (d *Daemon) refreshRoutes() {
@@ -347,7 +389,7 @@ func (d *Daemon) refreshRoutes() {
 
 // applyEffective builds the bindings for eff and applies it. d.mu held.
 func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
-	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate}
+	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate, Exes: d.resolveExes(eff)}
 	for _, app := range eff.Apps {
 		id, err := d.ids.get(app.Name)
 		if err != nil {
@@ -377,6 +419,7 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 	}
 	d.effective = eff
 	d.gen = gen
+	d.exes = g.Exes
 	d.byGen[gen] = eff
 	// Events of a few generations back may still be in the ring buffer.
 	for old := range d.byGen {

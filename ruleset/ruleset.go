@@ -198,6 +198,7 @@ const (
 	ReasonNoPolicy    Reason = 6 // kernel state missing or inconsistent: fail closed
 	ReasonRawSocket   Reason = 7 // a raw IP or packet socket in an app cgroup
 	ReasonProto       Reason = 8 // internal, and neither TCP nor UDP: no grant covers it
+	ReasonExe         Reason = 9 // the app pins binaries (exe:) and the process runs another
 )
 
 func (r Reason) String() string {
@@ -218,6 +219,8 @@ func (r Reason) String() string {
 		return "raw-socket"
 	case ReasonProto:
 		return "proto-not-grantable"
+	case ReasonExe:
+		return "exe-not-pinned"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }

@@ -326,6 +326,12 @@ func Start(cgroupDir, netns string, attr *syscall.SysProcAttr) (*Prober, error) 
 	if err != nil {
 		return nil, fmt.Errorf("find own executable: %w", err)
 	}
+	return StartExe(self, cgroupDir, netns, attr)
+}
+
+// StartExe is Start with another copy of the prober binary (tests of exe
+// pinning run the same code from a file with another inode).
+func StartExe(self, cgroupDir, netns string, attr *syscall.SysProcAttr) (*Prober, error) {
 	cg, err := os.Open(cgroupDir)
 	if err != nil {
 		return nil, fmt.Errorf("open cgroup %s: %w", cgroupDir, err)
