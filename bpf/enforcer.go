@@ -491,8 +491,12 @@ func (e *Enforcer) Guards() []Guard {
 		{Name: "app-tracing", What: "no ptrace, process_vm_writev, /proc/PID/mem or pidfd_getfd of app processes by others (BPF LSM)",
 			Why: "not built yet (issue 4)"},
 	}
-	if e.lsmErr != nil {
-		gs[3].Why = "BPF LSM programs cannot be loaded on this kernel: " + e.lsmErr.Error()
+	switch {
+	case e.lsmErr == nil:
+	case errors.Is(e.lsmErr, unix.EPERM):
+		gs[3].Why = "this kernel refuses BPF LSM programs (EPERM on load: no BPF trampolines or the bpf LSM is off)"
+	default:
+		gs[3].Why = "BPF LSM program did not load: " + e.lsmErr.Error()
 	}
 	return gs
 }
