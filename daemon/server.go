@@ -21,6 +21,7 @@ import (
 
 	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/audit"
+	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/cgroups"
 	"github.com/procgate/procgate/launch"
 	"github.com/procgate/procgate/ruleset"
@@ -265,7 +266,19 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 		return nil, fmt.Errorf("no app %q in the policy %s", app, d.cfg.PolicyPath)
 	}
 	dec := d.effective.Decide(app, dest)
-	return &api.Explain{App: app, Dest: dest.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}, nil
+	ex := &api.Explain{App: app, Dest: dest.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}
+	// As the kernel does: in an app with exe:, a process running another
+	// binary holds none of the grants.
+	if a := d.effective.App(app); req.PID != 0 && a != nil && len(a.Exe) > 0 && dec.Reason != ruleset.ReasonNotInternal {
+		exe := fmt.Sprintf("/proc/%d/exe", req.PID)
+		id, err := bpf.FileIDOf(exe)
+		if err != nil || !slices.Contains(d.exes[app], id) {
+			target, _ := os.Readlink(exe)
+			ex.Allow, ex.Reason = false, ruleset.ReasonExe.String()
+			ex.Decision = fmt.Sprintf("deny (%s): the process runs %s, not one of the app's exe:", ruleset.ReasonExe, target)
+		}
+	}
+	return ex, nil
 }
 
 func (d *Daemon) revoke(req api.Request) (*api.Revoke, error) {

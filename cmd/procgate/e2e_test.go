@@ -934,3 +934,41 @@ func freeLoopbackPort(t *testing.T) string {
 	defer ln.Close()
 	return ln.Addr().String()
 }
+
+// TestExePinnedApp: the kernel and explain agree that only the app's
+// binaries hold its grants.
+func TestExePinnedApp(t *testing.T) {
+	nstest.RequireRoot(t)
+	// The policy pins the copy of the test binary that newE2E makes; the
+	// original test binary is "another binary".
+	e := newE2E(t, "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: pinned\n    exe: [/nonexistent/pin]\n    allow:\n      - to: 10.1.0.0/16\n")
+	e.writePolicy(strings.Replace(e.policyText(), "/nonexistent/pin", e.bin, 1))
+	if out, err := e.procgate("reload"); err != nil {
+		t.Fatalf("reload: %v\n%s", err, out)
+	}
+	cg := filepath.Join(e.cgroup, "procgate.apps", "pinned")
+	pinned, err := probe.StartExe(e.bin, cg, e.netns, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pinned.Close()
+	other := e.prober("pinned") // the original test binary
+	for _, tc := range []struct {
+		name    string
+		p       *probe.Prober
+		want    probe.Verdict
+		explain string
+	}{
+		{"pinned binary", pinned, probe.Allowed, "allow (granted)"},
+		{"another binary in the app's cgroup", other, probe.Denied, "deny (exe-not-pinned)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mustTry(t, tc.p, "10.1.2.3:22/tcp", tc.want)
+			out, err := e.procgate("explain", "--pid", fmt.Sprint(tc.p.Pid()), "10.1.2.3:22/tcp")
+			if err != nil || !strings.Contains(out, tc.explain) {
+				t.Fatalf("explain --pid: %v, want %q in:\n%s", err, tc.explain, out)
+			}
+		})
+	}
+	waitEvent(t, e, `"reason":"exe-not-pinned"`, `"app":"pinned"`)
+}
