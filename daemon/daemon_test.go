@@ -1,0 +1,92 @@
+package daemon
+
+import (
+	"net/netip"
+	"path/filepath"
+	"testing"
+
+	"github.com/procgate/procgate/ruleset"
+)
+
+func TestRevocationsApply(t *testing.T) {
+	p := netip.MustParsePrefix
+	rs := &ruleset.Ruleset{Apps: []ruleset.App{
+		{Name: "a", Grants: []ruleset.Grant{{Index: 0, Prefix: p("10.0.0.0/8")}, {Index: 1, Prefix: p("10.1.0.0/16")}, {Index: 2, Prefix: p("fd00::/8")}}},
+		{Name: "b", Grants: []ruleset.Grant{{Index: 0, Prefix: p("10.2.0.0/16")}}},
+	}}
+	for _, tc := range []struct {
+		name   string
+		apps   map[string]bool
+		grants map[string][]int
+		want   map[string][]int // app -> remaining grant indexes
+	}{
+		{"nothing revoked", nil, nil, map[string][]int{"a": {0, 1, 2}, "b": {0}}},
+		{"whole app", map[string]bool{"a": true}, nil, map[string][]int{"a": {}, "b": {0}}},
+		{"one grant keeps its index", nil, map[string][]int{"a": {1}}, map[string][]int{"a": {0, 2}, "b": {0}}},
+		{"unknown app is ignored", map[string]bool{"zzz": true}, map[string][]int{"zzz": {0}}, map[string][]int{"a": {0, 1, 2}, "b": {0}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &revocations{Apps: tc.apps, Grants: tc.grants}
+			if r.Apps == nil {
+				r.Apps = map[string]bool{}
+			}
+			if r.Grants == nil {
+				r.Grants = map[string][]int{}
+			}
+			out := r.apply(rs)
+			for app, want := range tc.want {
+				got := out.App(app).Grants
+				if len(got) != len(want) {
+					t.Fatalf("app %s: %d grants, want %v", app, len(got), want)
+				}
+				for i, g := range got {
+					if g.Index != want[i] {
+						t.Fatalf("app %s: grant indexes %v, want %v", app, got, want)
+					}
+				}
+			}
+			if len(rs.Apps[0].Grants) != 3 {
+				t.Fatal("apply changed the policy it was given")
+			}
+		})
+	}
+}
+
+func TestAppIDsStableAcrossRestarts(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "app-ids.json")
+	ids, err := loadAppIDs(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := ids.get("a")
+	b, _ := ids.get("b")
+	if a == b || a == 0 || b == 0 {
+		t.Fatalf("ids a=%d b=%d", a, b)
+	}
+	if err := ids.save(); err != nil {
+		t.Fatal(err)
+	}
+	again, err := loadAppIDs(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a2, _ := again.get("a"); a2 != a {
+		t.Fatalf("a: %d after restart, was %d", a2, a)
+	}
+	c, _ := again.get("c")
+	if c == a || c == b {
+		t.Fatalf("new app reused an id: %d", c)
+	}
+	if again.name(b) != "b" {
+		t.Fatalf("name(%d) = %q", b, again.name(b))
+	}
+}
+
+func TestWithRoutes(t *testing.T) {
+	p := netip.MustParsePrefix
+	rs := &ruleset.Ruleset{Internal: []ruleset.InternalPrefix{{Prefix: p("10.0.0.0/8")}}}
+	out := withRoutes(rs, []ruleset.InternalPrefix{{Prefix: p("10.0.0.0/8")}, {Prefix: p("100.64.0.0/10")}})
+	if len(out.Internal) != 2 || out.Internal[1].Prefix != p("100.64.0.0/10") || len(rs.Internal) != 1 {
+		t.Fatalf("withRoutes: %v (policy now %v)", out.Internal, rs.Internal)
+	}
+}
