@@ -1,0 +1,87 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/procgate/procgate/internal/nstest"
+)
+
+func TestMain(m *testing.M) {
+	maybeClient()
+	os.Exit(m.Run())
+}
+
+// TestSmoke runs every phase with a smoke test's counts and checks that the
+// run measured every variant, saw no wrong verdict, wrote its files and
+// left nothing behind.
+func TestSmoke(t *testing.T) {
+	nstest.RequireRoot(t)
+	out := t.TempDir()
+	if err := run(options{tiny: true, out: out, phases: allPhases}); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(filepath.Join(out, "results.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r results
+	if err := json.Unmarshal(data, &r); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, l := range r.Latency {
+		seen[l.Phase+"/"+l.Variant] = true
+		if l.Wrong != 0 {
+			t.Errorf("%+v: %d wrong verdicts, first: %s", l.latKey, l.Wrong, l.WrongAt)
+		}
+		if l.N == 0 || l.P50 <= 0 || l.P99 < l.P50 {
+			t.Errorf("%+v: implausible summary %+v", l.latKey, l.summary)
+		}
+	}
+	for _, v := range allVariants() {
+		for _, p := range []string{phaseLatency, phaseScaling} {
+			if !seen[p+"/"+v.Name] {
+				t.Errorf("no %s results for %s", p, v.Name)
+			}
+		}
+	}
+	if r.Reload == nil || r.Reload.Wrong != 0 || r.Reload.Reloads < 20 || r.Reload.FlipAllowed == 0 || r.Reload.FlipDenied == 0 {
+		t.Errorf("reload phase: %+v", r.Reload)
+	}
+	tunnel := 0
+	for _, tp := range r.Throughput {
+		if tp.Median <= 0 {
+			t.Errorf("throughput %+v: nothing measured", tp)
+		}
+		if tp.Topo == topoTunnel {
+			tunnel++
+		}
+	}
+	if tunnel != 2*len(tunnelVariants) {
+		t.Errorf("%d tunnel throughput results, want %d", tunnel, 2*len(tunnelVariants))
+	}
+	report, err := os.ReadFile(filepath.Join(out, "REPORT.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"## Targets", "## Revocation", "scaling-p50.svg", "throughput.svg"} {
+		if !strings.Contains(string(report), want) {
+			t.Errorf("REPORT.md lacks %q", want)
+		}
+	}
+	for _, svg := range []string{"latency-loopback-tcp.svg", "scaling-p50.svg", "load-time.svg", "throughput.svg"} {
+		b, err := os.ReadFile(filepath.Join(out, svg))
+		if err != nil || !strings.HasPrefix(string(b), "<svg") {
+			t.Errorf("plot %s: %v", svg, err)
+		}
+	}
+	left, _ := filepath.Glob(filepath.Join(runDir, "*"))
+	mount, _ := filepath.Glob("/sys/fs/cgroup/*/procgate-bench-*")
+	if len(left)+len(mount) > 0 {
+		t.Errorf("left behind: %v %v", left, mount)
+	}
+}

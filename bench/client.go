@@ -1,0 +1,467 @@
+package main
+
+import (
+	"encoding/gob"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strconv"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// A client is the bench binary re-executed in a hidden mode: a process in a
+// variant's cgroup and network namespace (and, for the uid-based variants,
+// with the app's uid) that makes attempts with raw syscalls in a tight loop
+// on the coordinator's request, so that what is timed is the syscall and
+// the kernel's enforcement, nothing else.
+
+// envClient makes the bench binary a client; its value is the uid to take
+// ("" or "0": stay root).
+const envClient = "PROCGATE_BENCH_CLIENT"
+
+type op string
+
+const (
+	opLatency op = "latency" // time each attempt to Dests, check every verdict
+	opVerify  op = "verify"  // attempt Checks until told to stop, count verdicts
+	opStop    op = "stop"    // ends a running verify
+	opBulk    op = "bulk"    // TCP bulk send to Dests[0] for Duration
+	opRR      op = "rr"      // 1-byte request/response with Dests[0] for Duration
+)
+
+type proto string
+
+const (
+	tcp proto = "tcp"
+	udp proto = "udp"
+)
+
+type request struct {
+	Op       op
+	Proto    proto
+	Dests    []netip.AddrPort
+	N        int  // timed attempts
+	Warmup   int  // untimed attempts first
+	Allow    bool // expected verdict of every attempt (latency)
+	Checks   []check
+	Duration time.Duration
+}
+
+// check is one destination of a verify loop and the verdicts it may get.
+type check struct {
+	Dest  netip.AddrPort
+	Proto proto
+	Must  verdictRule
+}
+
+type verdictRule uint8
+
+const (
+	mustAllow verdictRule = iota
+	mustDeny
+	eitherVerdict // differs between the two policies being switched
+)
+
+type response struct {
+	Err       string
+	Latencies []uint32 // ns, one per timed attempt
+	Wrong     int      // attempts with the unexpected verdict
+	WrongDesc string   // the first of them
+	Attempts  int64
+	Allowed   []int64 // verify: per check
+	Denied    []int64
+	Bytes     int64
+	Trans     int64
+	Elapsed   time.Duration
+}
+
+// maybeClient turns the process into a client when envClient is set: call
+// it first in main and TestMain.
+func maybeClient() {
+	v, ok := os.LookupEnv(envClient)
+	if !ok {
+		return
+	}
+	if err := serveClient(v, os.Stdin, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "bench client:", err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+func serveClient(uid string, in io.Reader, out io.Writer) error {
+	if id, err := strconv.Atoi(uid); err == nil && id != 0 {
+		// After the process was placed in its namespace and cgroup, which
+		// needs root. Go applies set*id to every thread.
+		if err := syscall.Setgroups(nil); err != nil {
+			return err
+		}
+		if err := syscall.Setresgid(id, id, id); err != nil {
+			return err
+		}
+		if err := syscall.Setresuid(id, id, id); err != nil {
+			return err
+		}
+	}
+	dec, enc := gob.NewDecoder(in), gob.NewEncoder(out)
+	reqs := make(chan request)
+	var stop atomic.Bool
+	go func() {
+		defer close(reqs)
+		for {
+			var r request
+			if err := dec.Decode(&r); err != nil {
+				return
+			}
+			if r.Op == opStop {
+				stop.Store(true)
+				continue
+			}
+			reqs <- r
+		}
+	}()
+	for r := range reqs {
+		stop.Store(false)
+		resp := handle(r, &stop)
+		if err := enc.Encode(resp); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func handle(r request, stop *atomic.Bool) (resp response) {
+	start := time.Now()
+	defer func() { resp.Elapsed = time.Since(start) }()
+	var err error
+	switch r.Op {
+	case opLatency:
+		err = latencyLoop(r, &resp)
+	case opVerify:
+		err = verifyLoop(r, stop, &resp)
+	case opBulk:
+		err = bulk(r, &resp)
+	case opRR:
+		err = requestResponse(r, &resp)
+	default:
+		err = fmt.Errorf("unknown op %q", r.Op)
+	}
+	if err != nil {
+		resp.Err = err.Error()
+	}
+	return resp
+}
+
+func sockaddr(ap netip.AddrPort) unix.Sockaddr {
+	return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+}
+
+// allowed reads a verdict from an attempt's error: EPERM (procgate,
+// nftables drop), EACCES (prohibit routes), EINVAL (blackhole routes) are
+// denials; ECONNREFUSED is a denial only when refusedDenies (a listener
+// exists, so only an nftables `reject with tcp reset` refuses).
+func allowed(err error, refusedDenies bool) (bool, error) {
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.EPERM), errors.Is(err, unix.EACCES), errors.Is(err, unix.EINVAL):
+		return false, nil
+	case errors.Is(err, unix.ECONNREFUSED):
+		return !refusedDenies, nil
+	}
+	return false, err
+}
+
+var lingerRST = &unix.Linger{Onoff: 1, Linger: 0}
+
+// tcpConnect makes one blocking connect from a fresh socket and returns its
+// error and how long connect() took. SO_LINGER {1, 0}: the close sends RST,
+// so hundreds of thousands of attempts leave no TIME_WAIT behind.
+func tcpConnect(sa unix.Sockaddr) (time.Duration, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("socket: %w", err)
+	}
+	defer unix.Close(fd)
+	if err := unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, lingerRST); err != nil {
+		return 0, fmt.Errorf("SO_LINGER: %w", err)
+	}
+	// A dropped SYN would block for minutes; a bound, not a measurement.
+	tv := unix.NsecToTimeval(int64(2 * time.Second))
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
+		return 0, fmt.Errorf("SO_SNDTIMEO: %w", err)
+	}
+	t0 := time.Now()
+	err = unix.Connect(fd, sa)
+	if errors.Is(err, unix.EINTR) {
+		// A signal interrupted the wait, not the connection: it goes on,
+		// and its outcome is in SO_ERROR once the socket is writable.
+		err = awaitConnect(fd)
+	}
+	return time.Since(t0), err
+}
+
+func awaitConnect(fd int) error {
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+	for {
+		n, err := unix.Poll(pfd, 2000)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return unix.ETIMEDOUT
+		}
+		soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		if err != nil {
+			return err
+		}
+		if soErr != 0 {
+			return unix.Errno(soErr)
+		}
+		return nil
+	}
+}
+
+func udpSocket() (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	return fd, nil
+}
+
+var payload = []byte("procgate-bench")
+
+func udpSend(fd int, sa unix.Sockaddr) (time.Duration, error) {
+	t0 := time.Now()
+	err := unix.Sendto(fd, payload, 0, sa)
+	return time.Since(t0), err
+}
+
+func latencyLoop(r request, resp *response) error {
+	if len(r.Dests) == 0 {
+		return errors.New("no destinations")
+	}
+	sas := make([]unix.Sockaddr, len(r.Dests))
+	for i, d := range r.Dests {
+		sas[i] = sockaddr(d)
+	}
+	attempt := func(sa unix.Sockaddr) (time.Duration, error) { return tcpConnect(sa) }
+	if r.Proto == udp {
+		fd, err := udpSocket()
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		attempt = func(sa unix.Sockaddr) (time.Duration, error) { return udpSend(fd, sa) }
+	}
+	resp.Latencies = make([]uint32, 0, r.N)
+	for i := range r.Warmup + r.N {
+		k := i % len(sas)
+		d, err := attempt(sas[k])
+		ok, err := allowed(err, true)
+		if err != nil {
+			return fmt.Errorf("%s %s: %w", r.Proto, r.Dests[k], err)
+		}
+		if ok != r.Allow {
+			if resp.Wrong == 0 {
+				resp.WrongDesc = fmt.Sprintf("%s %s: allowed=%v, want %v", r.Proto, r.Dests[k], ok, r.Allow)
+			}
+			resp.Wrong++
+		}
+		if i >= r.Warmup {
+			resp.Latencies = append(resp.Latencies, uint32(min(d.Nanoseconds(), 1<<32-1)))
+		}
+	}
+	resp.Attempts = int64(r.Warmup + r.N)
+	return nil
+}
+
+// verifyLoop cycles through the checks until stop is set, UDP sends and
+// TCP connects (to a port without a listener, so an allowed connect is
+// refused at once), and counts verdicts per check.
+func verifyLoop(r request, stop *atomic.Bool, resp *response) error {
+	fd, err := udpSocket()
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	sas := make([]unix.Sockaddr, len(r.Checks))
+	for i, c := range r.Checks {
+		sas[i] = sockaddr(c.Dest)
+	}
+	resp.Allowed = make([]int64, len(r.Checks))
+	resp.Denied = make([]int64, len(r.Checks))
+	for !stop.Load() {
+		for i, c := range r.Checks {
+			var err error
+			if c.Proto == udp {
+				_, err = udpSend(fd, sas[i])
+			} else {
+				_, err = tcpConnect(sas[i])
+			}
+			ok, err := allowed(err, false)
+			if err != nil {
+				return fmt.Errorf("%s %s: %w", c.Proto, c.Dest, err)
+			}
+			resp.Attempts++
+			if ok {
+				resp.Allowed[i]++
+			} else {
+				resp.Denied[i]++
+			}
+			if (c.Must == mustAllow && !ok) || (c.Must == mustDeny && ok) {
+				if resp.Wrong == 0 {
+					resp.WrongDesc = fmt.Sprintf("%s %s: allowed=%v", c.Proto, c.Dest, ok)
+				}
+				resp.Wrong++
+			}
+		}
+	}
+	return nil
+}
+
+func dialTCP(d netip.AddrPort) (*net.TCPConn, error) {
+	c, err := net.DialTimeout("tcp4", d.String(), 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+func bulk(r request, resp *response) error {
+	c, err := dialTCP(r.Dests[0])
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	buf := make([]byte, 128<<10)
+	deadline := time.Now().Add(r.Duration)
+	for time.Now().Before(deadline) {
+		n, err := c.Write(buf)
+		resp.Bytes += int64(n)
+		if err != nil {
+			return fmt.Errorf("bulk write: %w", err)
+		}
+	}
+	return nil
+}
+
+func requestResponse(r request, resp *response) error {
+	c, err := dialTCP(r.Dests[0])
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := c.SetNoDelay(true); err != nil {
+		return err
+	}
+	b := []byte{1}
+	deadline := time.Now().Add(r.Duration)
+	for resp.Trans&255 != 0 || time.Now().Before(deadline) {
+		if _, err := c.Write(b); err != nil {
+			return fmt.Errorf("rr write: %w", err)
+		}
+		if _, err := io.ReadFull(c, b); err != nil {
+			return fmt.Errorf("rr read: %w", err)
+		}
+		resp.Trans++
+	}
+	return nil
+}
+
+// client is the coordinator's handle on a client process.
+type client struct {
+	name string
+	cmd  *exec.Cmd
+	enc  *gob.Encoder
+	dec  *gob.Decoder
+	in   io.Closer
+}
+
+// startClient starts a client in cgroup dir and the namespace at ns, with
+// uid (0: root).
+func startClient(name, cgroupDir, ns string, uid int) (*client, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find own executable: %w", err)
+	}
+	cg, err := os.Open(cgroupDir)
+	if err != nil {
+		return nil, fmt.Errorf("open cgroup %s: %w", cgroupDir, err)
+	}
+	defer cg.Close()
+	cmd := exec.Command(self)
+	// No asynchronous preemption: its signals interrupt blocking connects
+	// and add noise to what is timed.
+	cmd.Env = append(os.Environ(), envClient+"="+strconv.Itoa(uid), "GODEBUG=asyncpreemptoff=1")
+	// Created in the cgroup (clone3), so it never runs anywhere else. No
+	// Pdeathsig: it fires when the forking *thread* ends, and the Go runtime
+	// ends threads whose goroutine exits locked (newNetNS does), which
+	// would kill clients at random. A client whose parent is gone exits at
+	// its next read or write of the pipes; cleanup kills the cgroup.
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := inNS(ns, cmd.Start); err != nil {
+		return nil, fmt.Errorf("start client %s: %w", name, err)
+	}
+	return &client{name: name, cmd: cmd, enc: gob.NewEncoder(in), dec: gob.NewDecoder(out), in: in}, nil
+}
+
+func (c *client) send(r request) error {
+	if err := c.enc.Encode(r); err != nil {
+		return fmt.Errorf("client %s: send %s: %w", c.name, r.Op, err)
+	}
+	return nil
+}
+
+func (c *client) receive() (response, error) {
+	var resp response
+	if err := c.dec.Decode(&resp); err != nil {
+		return resp, fmt.Errorf("client %s: read answer: %w", c.name, err)
+	}
+	if resp.Err != "" {
+		return resp, fmt.Errorf("client %s: %s", c.name, resp.Err)
+	}
+	return resp, nil
+}
+
+func (c *client) do(r request) (response, error) {
+	if err := c.send(r); err != nil {
+		return response{}, err
+	}
+	return c.receive()
+}
+
+// close ends the client; its cgroup's cleanup kills it if it hangs.
+func (c *client) close() error {
+	c.in.Close()
+	done := make(chan error, 1)
+	go func() { done <- c.cmd.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(5 * time.Second):
+		_ = c.cmd.Process.Kill()
+		return <-done
+	}
+}

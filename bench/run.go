@@ -1,0 +1,226 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"time"
+
+	"github.com/procgate/procgate/bpf"
+	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/ruleset"
+)
+
+const (
+	phaseLatency    = "latency"
+	phaseScaling    = "scaling"
+	phaseReload     = "reload"
+	phaseThroughput = "throughput"
+)
+
+var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput}
+
+type options struct {
+	quick   bool
+	out     string
+	phases  []string
+	verbose bool
+	// tiny shrinks every count to a smoke test's (set by the test only).
+	tiny bool
+}
+
+// config is how much of everything a run does.
+type config struct {
+	Mode       string `json:"mode"`
+	MatrixSize int    `json:"matrix_prefixes"`
+	Sizes      []int  `json:"scaling_prefixes"`
+	Rounds     int    `json:"rounds"`
+	// Attempts per point and variant, over all rounds.
+	Attempts int `json:"attempts_per_point"`
+	Warmup   int `json:"warmup_per_batch"`
+	// Reloads and ReloadAttempts are the reload phase's goals; it stops at
+	// ReloadLimit if the attempts take longer.
+	ReloadSize     int           `json:"reload_prefixes"`
+	Reloads        int           `json:"reload_goal"`
+	ReloadAttempts int64         `json:"reload_attempts_goal"`
+	ReloadLimit    time.Duration `json:"reload_time_limit_ns"`
+	ReloadTimings  int           `json:"reload_timings_per_size"`
+	TputRounds     int           `json:"throughput_rounds"`
+	TputDuration   time.Duration `json:"throughput_batch_ns"`
+}
+
+func configFor(o options) config {
+	switch {
+	case o.tiny:
+		return config{Mode: "smoke", MatrixSize: 100, Sizes: []int{10, 1000}, Rounds: 2, Attempts: 400, Warmup: 20,
+			ReloadSize: 100, Reloads: 20, ReloadAttempts: 1000, ReloadLimit: 5 * time.Second, ReloadTimings: 2,
+			TputRounds: 1, TputDuration: 200 * time.Millisecond}
+	case o.quick:
+		return config{Mode: "quick", MatrixSize: 100, Sizes: []int{10, 1000, 5000, 100000}, Rounds: 3, Attempts: 6000, Warmup: 200,
+			ReloadSize: 1000, Reloads: 200, ReloadAttempts: 500_000, ReloadLimit: 10 * time.Second, ReloadTimings: 3,
+			TputRounds: 2, TputDuration: 500 * time.Millisecond}
+	}
+	return config{Mode: "full", MatrixSize: 100, Sizes: []int{10, 100, 1000, 5000, 100000, 1000000}, Rounds: 10, Attempts: 200_000, Warmup: 1000,
+		ReloadSize: 1000, Reloads: 1000, ReloadAttempts: 10_000_000, ReloadLimit: 100 * time.Second, ReloadTimings: 5,
+		TputRounds: 5, TputDuration: 2 * time.Second}
+}
+
+// bench is one run.
+type bench struct {
+	cfg      config
+	log      *slog.Logger
+	host     *host
+	enf      *bpf.Enforcer
+	variants []*variant
+	res      *results
+}
+
+func (b *bench) appCgroup(variant string, app int) string {
+	return filepath.Join(b.host.cgroup, variant, appName(app))
+}
+
+func (b *bench) cgroupLevel(dir string) (int, error) { return cgroups.Level(b.host.mount, dir) }
+
+func run(o options) (err error) {
+	if os.Geteuid() != 0 {
+		return errors.New("needs root: it makes network namespaces, cgroups and BPF programs")
+	}
+	for _, p := range o.phases {
+		if !slices.Contains(allPhases, p) {
+			return fmt.Errorf("unknown phase %q (have %v)", p, allPhases)
+		}
+	}
+	level := slog.LevelInfo
+	if o.verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	b := &bench{cfg: configFor(o), log: log, variants: allVariants()}
+	b.res = newResults(b.cfg, b.variants)
+	start := time.Now()
+	if b.host, err = newHost(log); err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := b.host.close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("clean up: %w", cerr))
+		}
+	}()
+	// An interrupt ends the clients at once (a batch may run for seconds);
+	// the phase then fails and every cleanup runs on the way out.
+	stopKill := context.AfterFunc(ctx, func() {
+		log.Warn("interrupted: ending clients and cleaning up")
+		_ = os.WriteFile(filepath.Join(b.host.cgroup, "cgroup.kill"), []byte("1"), 0)
+	})
+	defer stopKill()
+	if err := b.setup(); err != nil {
+		return err
+	}
+	phases := map[string]func(context.Context) error{
+		phaseLatency:    b.latencyPhase,
+		phaseScaling:    b.scalingPhase,
+		phaseReload:     b.reloadPhase,
+		phaseThroughput: b.throughputPhase,
+	}
+	for _, p := range allPhases {
+		if !slices.Contains(o.phases, p) {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		t0 := time.Now()
+		log.Info("phase start", "phase", p)
+		if err := phases[p](ctx); err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("phase %s: %w", p, ctx.Err())
+			}
+			return fmt.Errorf("phase %s: %w", p, err)
+		}
+		b.res.Meta.PhaseSeconds[p] = round3(time.Since(t0).Seconds())
+		log.Info("phase done", "phase", p, "took", time.Since(t0).Round(time.Millisecond))
+	}
+	b.res.Meta.TotalSeconds = round3(time.Since(start).Seconds())
+	return b.res.write(o.out)
+}
+
+// setup makes every variant's app cgroups and opens procgate on its own.
+func (b *bench) setup() error {
+	for _, v := range b.variants {
+		for a := range maxApps {
+			if _, err := b.host.mkCgroup(filepath.Join(v.Name, appName(a))); err != nil {
+				return err
+			}
+		}
+	}
+	dir := filepath.Join(b.host.bpffs, "procgate")
+	enf, err := bpf.Open(bpf.Options{BPFDir: dir, CgroupDir: filepath.Join(b.host.cgroup, vProcgate), Log: b.log.With("component", "bpf")})
+	if err != nil {
+		return err
+	}
+	b.enf = enf
+	b.host.undo.push(func() error {
+		enf.Close()
+		_, err := bpf.Uninstall(dir)
+		return err
+	})
+	// A policy before attaching: an attached enforcer without one denies
+	// everything below it.
+	pol, err := newPolicy(b.cfg.MatrixSize)
+	if err != nil {
+		return err
+	}
+	if _, err := b.applyProcgate(pol.ruleset(), pol); err != nil {
+		return err
+	}
+	if err := enf.Attach(); err != nil {
+		return err
+	}
+	for _, g := range enf.Guards() {
+		b.res.Meta.ProcgateGuards = append(b.res.Meta.ProcgateGuards, fmt.Sprintf("%s: active=%v", g.Name, g.Active))
+	}
+	return nil
+}
+
+// applyProcgate installs rs (derived from pol) with app i bound to the
+// procgate variant's app cgroup i, and returns what it cost: wall time of
+// Apply and the process's CPU time meanwhile.
+func (b *bench) applyProcgate(rs *ruleset.Ruleset, pol *benchPolicy) (loadStats, error) {
+	g := bpf.Generation{Rules: rs, AppIDs: pol.appIDs(), AuditRate: 100}
+	for a := range pol.apps {
+		dir := b.appCgroup(vProcgate, a)
+		id, err := cgroups.ID(dir)
+		if err != nil {
+			return loadStats{}, err
+		}
+		level, err := b.cgroupLevel(dir)
+		if err != nil {
+			return loadStats{}, err
+		}
+		g.Bindings = append(g.Bindings, bpf.Binding{App: appName(a), CgroupID: id, Level: level})
+	}
+	cpu0 := processCPU()
+	t0 := time.Now()
+	if _, err := b.enf.Apply(g); err != nil {
+		return loadStats{}, fmt.Errorf("procgate apply of %d prefixes: %w", pol.size, err)
+	}
+	return loadStats{Seconds: time.Since(t0).Seconds(), CPUSeconds: processCPU() - cpu0}, nil
+}
+
+// processCPU is this process's user+system CPU time so far, in seconds.
+func processCPU() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return tvSeconds(ru.Utime) + tvSeconds(ru.Stime)
+}

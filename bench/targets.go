@@ -1,0 +1,180 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"slices"
+)
+
+// targetResult is one of the issue's targets, judged on this run.
+type targetResult struct {
+	Name   string `json:"name"`
+	Target string `json:"target"`
+	Value  string `json:"value"`
+	// Met is nil when the run did not measure it.
+	Met *bool  `json:"met"`
+	Gap string `json:"gap,omitempty"` // by how much it was missed
+}
+
+func boolp(b bool) *bool { return &b }
+
+func (r *results) lat(phase string, t topo, p proto, c class, size int, variant string) (latResult, bool) {
+	for _, l := range r.Latency {
+		if l.Phase == phase && l.Topo == t && l.Proto == p && l.Class == c && l.Size == size && l.Variant == variant {
+			return l, true
+		}
+	}
+	return latResult{}, false
+}
+
+func pct(ratio float64) string { return fmt.Sprintf("%+.1f%%", (ratio-1)*100) }
+
+// evaluate judges every target against the baseline of the same run.
+func (r *results) evaluate() []targetResult {
+	var out []targetResult
+	// Overhead of the internal-allow path.
+	for _, t := range []topo{topoLoopback, topoVeth} {
+		for _, p := range []proto{tcp, udp} {
+			tr := targetResult{Name: fmt.Sprintf("internal-allow overhead, %s %s", t, p), Target: "p50 and p99 within +5% of baseline"}
+			if l, ok := r.lat(phaseLatency, t, p, classAllow, r.Config.MatrixSize, vProcgate); ok {
+				tr.Value = fmt.Sprintf("p50 %s (%.2f µs vs %.2f), p99 %s", pct(l.P50Ratio), l.P50, l.P50-l.AddedP50, pct(l.P99Ratio))
+				worst := math.Max(l.P50Ratio, l.P99Ratio)
+				tr.Met = boolp(worst <= 1.05)
+				if !*tr.Met {
+					tr.Gap = fmt.Sprintf("%.1f points over", (worst-1.05)*100)
+				}
+			}
+			out = append(out, tr)
+		}
+	}
+	out = append(out, r.flatness(), r.versusNft(), r.tunnel(), r.reloadCorrect(), r.reloadTime(), r.verdictsCorrect())
+	return out
+}
+
+// flatness: procgate's p50 (as a ratio to the baseline of the same size)
+// at every size against the smallest size.
+func (r *results) flatness() targetResult {
+	tr := targetResult{Name: "flat scaling", Target: "procgate p50 within ±5% from the smallest to the largest policy"}
+	var sizes []int
+	norm := map[int]float64{}
+	for _, l := range r.Latency {
+		if l.Phase == phaseScaling && l.Variant == vProcgate && l.P50Ratio > 0 {
+			sizes = append(sizes, l.Size)
+			norm[l.Size] = l.P50Ratio
+		}
+	}
+	if len(sizes) < 2 {
+		return tr
+	}
+	slices.Sort(sizes)
+	ref := norm[sizes[0]]
+	worst, at := 0.0, 0
+	for _, s := range sizes {
+		if d := norm[s]/ref - 1; math.Abs(d) > math.Abs(worst) {
+			worst, at = d, s
+		}
+	}
+	tr.Target = fmt.Sprintf("procgate p50 (relative to baseline) within ±5%% from %d to %d prefixes", sizes[0], sizes[len(sizes)-1])
+	tr.Value = fmt.Sprintf("largest change %+.1f%% (at %d prefixes)", worst*100, at)
+	tr.Met = boolp(math.Abs(worst) <= 0.05)
+	if !*tr.Met {
+		tr.Gap = fmt.Sprintf("%.1f points beyond ±5%%", (math.Abs(worst)-0.05)*100)
+	}
+	return tr
+}
+
+func (r *results) versusNft() targetResult {
+	const size = 5000
+	tr := targetResult{Name: "procgate vs nftables at 5,000 prefixes", Target: "procgate's added p50 ≤ 1/10 of the best nftables configuration's"}
+	pg, ok := r.lat(phaseScaling, topoLoopback, tcp, classAllow, size, vProcgate)
+	if !ok {
+		return tr
+	}
+	best, bestName := math.Inf(1), ""
+	for _, v := range []string{vNftCgroupSet, vNftCgroupRules, vNftUIDSet} {
+		if l, ok := r.lat(phaseScaling, topoLoopback, tcp, classAllow, size, v); ok && l.AddedP50 < best {
+			best, bestName = l.AddedP50, v
+		}
+	}
+	if bestName == "" {
+		return tr
+	}
+	tr.Value = fmt.Sprintf("procgate +%.3f µs, best nftables (%s) +%.3f µs: ratio %.3f", pg.AddedP50, bestName, best, pg.AddedP50/best)
+	tr.Met = boolp(pg.AddedP50 <= best/10)
+	if !*tr.Met {
+		tr.Gap = fmt.Sprintf("%.3f µs over a tenth", pg.AddedP50-best/10)
+	}
+	return tr
+}
+
+func (r *results) tunnel() targetResult {
+	tr := targetResult{Name: "tunnel throughput", Target: "procgate ≥ 99% of baseline over the wireguard-go tunnel (bulk and request/response)"}
+	worst := math.Inf(1)
+	var parts []string
+	for _, t := range r.Throughput {
+		if t.Topo == topoTunnel && t.Variant == vProcgate {
+			worst = math.Min(worst, t.Ratio)
+			parts = append(parts, fmt.Sprintf("%s %.1f%%", t.Workload, t.Ratio*100))
+		}
+	}
+	if len(parts) == 0 {
+		return tr
+	}
+	tr.Value = fmt.Sprint(parts)
+	tr.Met = boolp(worst >= 0.99)
+	if !*tr.Met {
+		tr.Gap = fmt.Sprintf("%.1f points under", (0.99-worst)*100)
+	}
+	return tr
+}
+
+func (r *results) reloadCorrect() targetResult {
+	tr := targetResult{Name: "no wrong verdict during reloads", Target: "0 wrong verdicts"}
+	if r.Reload == nil {
+		return tr
+	}
+	rl := r.Reload
+	tr.Value = fmt.Sprintf("%d wrong in %d attempts during %d reloads", rl.Wrong, rl.Attempt, rl.Reloads)
+	tr.Met = boolp(rl.Wrong == 0)
+	if rl.Wrong > 0 {
+		tr.Gap = rl.WrongAt
+	}
+	return tr
+}
+
+func (r *results) reloadTime() targetResult {
+	const size = 100000
+	tr := targetResult{Name: "reload time", Target: "a reload of 100,000 prefixes (and 100,000 grants) < 1 s"}
+	for _, l := range r.Loads {
+		if l.Variant == vProcgate && l.Size == size {
+			tr.Value = fmt.Sprintf("%.3f s (median of %d)", l.Reload.Seconds, r.Config.ReloadTimings)
+			tr.Met = boolp(l.Reload.Seconds < 1)
+			if !*tr.Met {
+				tr.Gap = fmt.Sprintf("%.3f s over", l.Reload.Seconds-1)
+			}
+		}
+	}
+	return tr
+}
+
+// verdictsCorrect: every timed attempt of every variant got the verdict
+// the policy gives (a fast wrong answer is no result).
+func (r *results) verdictsCorrect() targetResult {
+	tr := targetResult{Name: "verdicts of the latency runs", Target: "every attempt of every variant decided as the policy says"}
+	var wrong, n int
+	var first string
+	for _, l := range r.Latency {
+		wrong += l.Wrong
+		n += l.N
+		if l.Wrong > 0 && first == "" {
+			first = fmt.Sprintf("%s %s/%s %s %s: %s", l.Variant, l.Topo, l.Proto, l.Class, fmt.Sprint(l.Size), l.WrongAt)
+		}
+	}
+	if n == 0 {
+		return tr
+	}
+	tr.Value = fmt.Sprintf("%d wrong of %d", wrong, n)
+	tr.Met = boolp(wrong == 0)
+	tr.Gap = first
+	return tr
+}

@@ -1,0 +1,172 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/procgate/procgate/demo"
+)
+
+type tputResult struct {
+	Topo     topo      `json:"path"`
+	Workload string    `json:"workload"`
+	Variant  string    `json:"variant"`
+	Unit     string    `json:"unit"`
+	Rounds   []float64 `json:"rounds"`
+	Median   float64   `json:"median"`
+	// Ratio is Median over the baseline's median in the same run.
+	Ratio  float64 `json:"ratio"`
+	Spread float64 `json:"round_spread"`
+}
+
+const (
+	workloadBulk = "tcp-bulk"
+	workloadRR   = "tcp-rr"
+)
+
+// tputVariants are measured for throughput; the rule-per-prefix variant
+// differs from the set one only in new connections, which bulk and
+// request/response traffic hardly makes.
+var tputVariants = []string{vBaseline, vProcgate, vNftCgroupSet, vNftUIDSet, vRouteUID}
+
+// tunnelVariants share the laptop namespace of one demo topology: the
+// nftables table is loaded there only during its own batches.
+var tunnelVariants = []string{vBaseline, vProcgate, vNftCgroupSet}
+
+func (b *bench) throughputPhase(ctx context.Context) error {
+	pol, err := newPolicy(b.cfg.MatrixSize)
+	if err != nil {
+		return err
+	}
+	if _, err := b.applyProcgate(pol.ruleset(), pol); err != nil {
+		return err
+	}
+	w, err := b.buildWorld(pol, pickVariants(b.variants, tputVariants...), []topo{topoVeth})
+	if err != nil {
+		return err
+	}
+	defer w.close()
+	res, err := b.tput(ctx, w.lanes, hostIn(pol.grants[0][0]))
+	if err != nil {
+		return err
+	}
+	b.res.Throughput = append(b.res.Throughput, res...)
+	if err := w.close(); err != nil {
+		return err
+	}
+	return b.tunnelThroughput(ctx, pol)
+}
+
+// tunnelThroughput measures through demo's wireguard-go tunnel: the laptop
+// reaches the internal service 10.20.0.10 over wg0, an internal prefix
+// granted to app0.
+func (b *bench) tunnelThroughput(ctx context.Context, pol *benchPolicy) (err error) {
+	topo, err := demo.Up(ctx, b.log.With("component", "demo"))
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, topo.Close()) }()
+	pol.internal = append(pol.internal, topo.InternalPrefix)
+	pol.grants[0] = append(pol.grants[0], netip.PrefixFrom(topo.InternalAddr.Addr(), 32))
+	if _, err := b.applyProcgate(pol.ruleset(), pol); err != nil {
+		return err
+	}
+	srv, err := startServers(topo.Internal, false)
+	if err != nil {
+		return err
+	}
+	defer srv.close()
+	var lanes []*lane
+	defer func() {
+		for _, l := range lanes {
+			err = errors.Join(err, l.cl.close())
+		}
+	}()
+	for _, v := range pickVariants(b.variants, tunnelVariants...) {
+		l := &lane{v: v, topo: topoTunnel, clientNS: topo.Laptop}
+		if l.cl, err = b.startLaneClient(v, topoTunnel, topo.Laptop); err != nil {
+			return err
+		}
+		if v.install != nil {
+			l.before = func() error { _, err := v.install(b, l, pol); return err }
+			l.after = func() error { return removeNft(topo.Laptop) }
+		}
+		lanes = append(lanes, l)
+	}
+	res, err := b.tput(ctx, lanes, topo.InternalAddr.Addr())
+	if err != nil {
+		return err
+	}
+	b.res.Throughput = append(b.res.Throughput, res...)
+	return nil
+}
+
+// tput runs bulk and request/response batches on every lane, interleaved
+// and rotated per round as measure does.
+func (b *bench) tput(ctx context.Context, lanes []*lane, dst netip.Addr) ([]tputResult, error) {
+	type key struct{ workload, variant string }
+	rounds := map[key][]float64{}
+	for r := range b.cfg.TputRounds {
+		b.log.Info("throughput round", "path", lanes[0].topo, "round", r+1, "of", b.cfg.TputRounds)
+		for _, wl := range []string{workloadBulk, workloadRR} {
+			for i := range lanes {
+				l := lanes[(i+r)%len(lanes)]
+				if err := ctx.Err(); err != nil {
+					return nil, err
+				}
+				v, err := l.tputBatch(wl, dst, b.cfg)
+				if err != nil {
+					return nil, fmt.Errorf("%s %s: %w", wl, l, err)
+				}
+				k := key{wl, l.v.Name}
+				rounds[k] = append(rounds[k], v)
+			}
+		}
+	}
+	var out []tputResult
+	for _, wl := range []string{workloadBulk, workloadRR} {
+		base := quantileF(slices.Sorted(slices.Values(rounds[key{wl, vBaseline}])), 0.5)
+		for _, l := range lanes {
+			rs := rounds[key{wl, l.v.Name}]
+			sorted := slices.Sorted(slices.Values(rs))
+			med := quantileF(sorted, 0.5)
+			t := tputResult{Topo: l.topo, Workload: wl, Variant: l.v.Name, Rounds: rs, Median: round3(med), Ratio: ratio(med, base)}
+			t.Unit = "Mbit/s"
+			if wl == workloadRR {
+				t.Unit = "transactions/s"
+			}
+			if med > 0 {
+				t.Spread = round3((sorted[len(sorted)-1] - sorted[0]) / med)
+			}
+			out = append(out, t)
+		}
+	}
+	return out, nil
+}
+
+func (l *lane) tputBatch(wl string, dst netip.Addr, cfg config) (v float64, err error) {
+	if l.before != nil {
+		if err := l.before(); err != nil {
+			return 0, err
+		}
+	}
+	if l.after != nil {
+		defer func() { err = errors.Join(err, l.after()) }()
+	}
+	req := request{Op: opBulk, Dests: []netip.AddrPort{netip.AddrPortFrom(dst, bulkPort)}, Duration: cfg.TputDuration}
+	if wl == workloadRR {
+		req.Op, req.Dests = opRR, []netip.AddrPort{netip.AddrPortFrom(dst, rrPort)}
+	}
+	resp, err := l.cl.do(req)
+	if err != nil {
+		return 0, err
+	}
+	secs := resp.Elapsed.Seconds()
+	if wl == workloadRR {
+		return round3(float64(resp.Trans) / secs), nil
+	}
+	return round3(float64(resp.Bytes) * 8 / secs / 1e6), nil
+}
