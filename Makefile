@@ -6,7 +6,7 @@ PKGS    := ./...
 # root test fails instead of passing silently.
 TESTFLAGS ?= -count=1 -timeout 15m
 
-.PHONY: all build test test-short demo bench generate check-generate fmt vet clean
+.PHONY: all build test test-short demo bench bench-quick generate check-generate fmt vet clean
 
 all: build
 
@@ -24,8 +24,15 @@ test-short:
 demo: build
 	./$(BIN) demo
 
+# Benchmarks against nftables and policy routing, in namespaces of their own
+# (needs root): results, report and plots in bench/results/.
 bench: build
-	@echo "benchmarks: see issue 5 (not built yet)"; exit 1
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/bench ./bench
+	./bin/bench
+
+bench-quick: build
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/bench ./bench
+	./bin/bench --quick --out bench/results/quick
 
 # Regenerate the eBPF objects (needs clang, llvm, libbpf-dev).
 generate:
