@@ -115,6 +115,10 @@ type Enforcer struct {
 	// clearing is closed when the background clear of the idle slot, begun
 	// by the last Apply, is done; Apply and Close wait for it.
 	clearing chan error
+	// sweep ends live sockets a new generation denies (sweep.go); applied
+	// is the generation this process applied last, for its sock_diag path.
+	sweep   *sweeper
+	applied *Generation
 }
 
 type slotKeys struct {
@@ -172,6 +176,7 @@ func Open(opts Options) (*Enforcer, error) {
 	if err := hspecs.LoadAndAssign(&e.lsm, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}}); err != nil {
 		e.lsmErr = err
 	}
+	e.sweep = openSweeper(opts.BPFDir, opts.Log)
 	for _, g := range e.Guards() {
 		if g.Active {
 			opts.Log.Info("guard active", "guard", g.Name, "what", g.What)
@@ -246,6 +251,8 @@ func (e *Enforcer) Close() error {
 	}
 	e.links = nil
 	e.objs.close()
+	e.sweep.close()
+	e.sweep = nil
 	for _, p := range []*ebpf.Program{e.harden.GuardSockCreate, e.harden.BackstopEgress, e.lsm.GuardPacketSocket} {
 		if p != nil {
 			p.Close()
@@ -356,6 +363,7 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 		e.clearing = done
 		go func() { done <- e.clearSlot(old) }()
 	}
+	e.applied = &g
 	return next, nil
 }
 

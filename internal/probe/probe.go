@@ -244,6 +244,9 @@ func MaybeServe() {
 		}
 		f.Close()
 	}
+	if os.Getenv(EnvHold) != "" {
+		os.Exit(serveHold(os.Stdin, os.Stdout))
+	}
 	if addr := os.Getenv(EnvListen); addr != "" {
 		if err := listenOnce(addr, os.Stdout); err != nil {
 			fmt.Fprintln(os.Stderr, "prober:", err)
@@ -330,8 +333,9 @@ func Start(cgroupDir, netns string, attr *syscall.SysProcAttr) (*Prober, error) 
 }
 
 // StartExe is Start with another copy of the prober binary (tests of exe
-// pinning run the same code from a file with another inode).
-func StartExe(self, cgroupDir, netns string, attr *syscall.SysProcAttr) (*Prober, error) {
+// pinning run the same code from a file with another inode), and extra
+// environment variables for the child.
+func StartExe(self, cgroupDir, netns string, attr *syscall.SysProcAttr, env ...string) (*Prober, error) {
 	cg, err := os.Open(cgroupDir)
 	if err != nil {
 		return nil, fmt.Errorf("open cgroup %s: %w", cgroupDir, err)
@@ -343,7 +347,7 @@ func StartExe(self, cgroupDir, netns string, attr *syscall.SysProcAttr) (*Prober
 	attr.UseCgroupFD, attr.CgroupFD = true, int(cg.Fd())
 	attr.Pdeathsig = syscall.SIGKILL
 	cmd := exec.Command(self)
-	cmd.Env = append(os.Environ(), EnvServe+"=1", EnvNetNS+"="+netns)
+	cmd.Env = append(append(os.Environ(), EnvServe+"=1", EnvNetNS+"="+netns), env...)
 	cmd.SysProcAttr = attr
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()

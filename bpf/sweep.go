@@ -1,0 +1,272 @@
+package bpf
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// SweepMethod is how live sockets are found and ended.
+type SweepMethod string
+
+const (
+	// SweepAuto uses the socket iterators where the kernel has them, and
+	// sock_diag otherwise.
+	SweepAuto SweepMethod = ""
+	// SweepIterator: iter/tcp and iter/udp programs that call
+	// bpf_sock_destroy (6.5+), deciding from the pinned maps.
+	SweepIterator SweepMethod = "iterator"
+	// SweepNetlink: a sock_diag dump, decided in Go with ruleset.Decide,
+	// and SOCK_DESTROY requests (CONFIG_INET_DIAG_DESTROY; cgroup ids in the
+	// dump need 5.7+).
+	SweepNetlink SweepMethod = "netlink"
+)
+
+// SweepOptions says which sockets a sweep may end besides those of apps.
+type SweepOptions struct {
+	// Fence is the cgroup directory that holds every app cgroup (the
+	// daemon's <cgroup-root>/procgate.apps). A socket made below it that no
+	// app of the generation claims belonged to an app since removed from the
+	// policy: it counts as a principal without grants. "": none.
+	Fence  string
+	Method SweepMethod
+}
+
+// EndedSocket is one socket a sweep ended, or failed to end.
+type EndedSocket struct {
+	Proto    ruleset.Proto // TCP or UDP
+	Local    netip.AddrPort
+	Peer     netip.AddrPort // IPv4-mapped peers as IPv4
+	CgroupID uint64         // where the socket was made
+	AppID    uint32         // 0: below the fence, in no app of the generation
+	Err      error          // nil: ended
+}
+
+// SweepResult is what a sweep did.
+type SweepResult struct {
+	Method SweepMethod
+	Ended  []EndedSocket
+	Failed []EndedSocket
+	// Conntrack counts connection-tracking entries of ended flows removed.
+	Conntrack int
+	Took      time.Duration
+}
+
+// sweeper holds the programs of sweep.c; they share the pinned maps of the
+// main object.
+type sweeper struct {
+	objs sweepObjects
+	// err says why the iterators are missing (nil: loaded).
+	err error
+	run uint32
+}
+
+// openSweeper loads the iterators after the main object has pinned its maps.
+// A kernel without socket iterators or bpf_sock_destroy leaves err set, and
+// sweeps use sock_diag.
+func openSweeper(bpfDir string, log *slog.Logger) *sweeper {
+	s := &sweeper{}
+	spec, err := loadSweep()
+	if err == nil {
+		err = spec.LoadAndAssign(&s.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: bpfDir}})
+	}
+	if err != nil {
+		s.err = err
+		log.Warn("socket iterators not available; live sockets are ended through sock_diag", "err", err)
+	}
+	return s
+}
+
+func (s *sweeper) close() {
+	if s != nil && s.err == nil {
+		s.objs.Close()
+	}
+}
+
+// Sweep ends the live sockets of the calling thread's network namespace
+// that the generation in force no longer allows: TCP connections (any state
+// but listening, TIME_WAIT and half-open accepted ones) and connected UDP
+// sockets of app processes whose peer is internal and not covered by a
+// grant of their app, IPv4 and IPv6; then the conntrack entries of those
+// flows. Sockets of processes in no app (unless below opts.Fence), sockets
+// to external destinations, and connections the app accepted are left
+// alone. A connect() decided under the previous generation that has not yet
+// put its socket in the kernel's tables when the walk passes is missed.
+func (e *Enforcer) Sweep(opts SweepOptions) (SweepResult, error) {
+	start := time.Now()
+	res := SweepResult{Method: opts.Method}
+	if res.Method == SweepAuto {
+		res.Method = SweepIterator
+		if e.sweep == nil || e.sweep.err != nil {
+			res.Method = SweepNetlink
+		}
+	}
+	var fence fenceRef
+	if opts.Fence != "" {
+		var err error
+		if fence, err = fenceOf(opts.Fence); err != nil {
+			return res, err
+		}
+	}
+	var found []EndedSocket
+	var err error
+	switch res.Method {
+	case SweepIterator:
+		if e.sweep == nil || e.sweep.err != nil {
+			return res, fmt.Errorf("socket iterators not loaded: %w", e.sweepErr())
+		}
+		found, err = e.sweep.sweep(fence)
+	case SweepNetlink:
+		found, err = e.sweepNetlink(fence)
+	default:
+		return res, fmt.Errorf("unknown sweep method %q", res.Method)
+	}
+	for _, s := range found {
+		if s.Err != nil {
+			res.Failed = append(res.Failed, s)
+		} else {
+			res.Ended = append(res.Ended, s)
+		}
+	}
+	if len(res.Ended) > 0 {
+		n, ctErr := deleteConntrack(res.Ended)
+		res.Conntrack = n
+		if ctErr != nil {
+			e.opts.Log.Debug("conntrack entries of ended sockets not removed", "err", ctErr)
+		}
+	}
+	res.Took = time.Since(start)
+	return res, err
+}
+
+func (e *Enforcer) sweepErr() error {
+	if e.sweep == nil {
+		return errors.New("enforcer closed")
+	}
+	return e.sweep.err
+}
+
+// fenceRef is the fence as the kernel names cgroups.
+type fenceRef struct {
+	id    uint64
+	level int
+}
+
+func fenceOf(dir string) (fenceRef, error) {
+	mount, err := cgroups.Mount()
+	if err != nil {
+		return fenceRef{}, err
+	}
+	id, err := cgroups.ID(dir)
+	if err != nil {
+		return fenceRef{}, fmt.Errorf("sweep fence: %w", err)
+	}
+	level, err := cgroups.Level(mount, dir)
+	if err != nil {
+		return fenceRef{}, fmt.Errorf("sweep fence: %w", err)
+	}
+	return fenceRef{id: id, level: level}, nil
+}
+
+// sweep runs both iterators once.
+func (s *sweeper) sweep(fence fenceRef) ([]EndedSocket, error) {
+	s.run++
+	cfg := sweepSweepConfig{FenceId: fence.id, FenceLevel: uint32(fence.level), Run: s.run}
+	if err := s.objs.SweepRun.Put(uint32(0), &cfg); err != nil {
+		return nil, fmt.Errorf("write sweep settings: %w", err)
+	}
+	var out []EndedSocket
+	for _, it := range []struct {
+		name string
+		prog *ebpf.Program
+	}{{"tcp", s.objs.SweepTcp}, {"udp", s.objs.SweepUdp}} {
+		recs, err := readIter(it.prog)
+		if err != nil {
+			return out, fmt.Errorf("walk %s sockets: %w", it.name, err)
+		}
+		out = append(out, recs...)
+	}
+	return out, nil
+}
+
+// readIter drives an iterator to its end and decodes its records. A socket
+// whose destroy failed has an ended record and then a failed one.
+func readIter(prog *ebpf.Program) ([]EndedSocket, error) {
+	l, err := link.AttachIter(link.IterOptions{Program: prog})
+	if err != nil {
+		return nil, fmt.Errorf("create iterator: %w", err)
+	}
+	defer l.Close()
+	r, err := l.Open()
+	if err != nil {
+		return nil, fmt.Errorf("open iterator: %w", err)
+	}
+	defer r.Close()
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return nil, fmt.Errorf("read iterator: %w", err)
+	}
+	var rec sweepSweepRecord
+	size := binary.Size(rec)
+	if len(data)%size != 0 {
+		return nil, fmt.Errorf("iterator output of %d bytes is no whole number of %d-byte records", len(data), size)
+	}
+	var out []EndedSocket
+	rd := bytes.NewReader(data)
+	for rd.Len() > 0 {
+		if err := binary.Read(rd, binary.NativeEndian, &rec); err != nil {
+			return nil, fmt.Errorf("decode iterator record: %w", err)
+		}
+		s := endedOf(rec)
+		switch rec.Kind {
+		case recordEnded:
+			out = append(out, s)
+		case recordFailed:
+			if n := len(out); n > 0 && out[n-1].Local == s.Local && out[n-1].Peer == s.Peer && out[n-1].Proto == s.Proto {
+				out[n-1].Err = s.Err
+			} else {
+				out = append(out, s)
+			}
+		default:
+			return nil, fmt.Errorf("iterator record of unknown kind %d", rec.Kind)
+		}
+	}
+	return out, nil
+}
+
+// Kinds of sweep_record (sweep.c).
+const (
+	recordEnded  = 1
+	recordFailed = 2
+)
+
+func endedOf(rec sweepSweepRecord) EndedSocket {
+	s := EndedSocket{Proto: ruleset.TCP, CgroupID: rec.CgroupId, AppID: rec.AppId}
+	if rec.Proto == protoUDP {
+		s.Proto = ruleset.UDP
+	}
+	addr := func(b [16]byte) netip.Addr {
+		if rec.Family == 4 {
+			return netip.AddrFrom4([4]byte(b[:4]))
+		}
+		return netip.AddrFrom16(b)
+	}
+	s.Local = netip.AddrPortFrom(addr(rec.Saddr), rec.Sport)
+	s.Peer = netip.AddrPortFrom(addr(rec.Daddr), rec.Dport)
+	if rec.Kind == recordFailed {
+		s.Err = unix.Errno(-rec.Err)
+	}
+	return s
+}

@@ -1,0 +1,319 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/netip"
+	"path/filepath"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// The sock_diag fallback, for kernels without socket iterators or
+// bpf_sock_destroy: dump the namespace's sockets with their cgroup ids
+// (INET_DIAG_CGROUP_ID, 5.7+), decide each in Go with the ruleset of the
+// generation this process applied last, and end the doomed ones with
+// SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY). The cookie in each request makes
+// sure a socket closed since the dump, whose addresses a new one took, is
+// left alone. Same choice of sockets as sweep.c.
+
+// TCP states (include/net/tcp_states.h).
+const (
+	tcpEstablished = 1
+	tcpTimeWait    = 6
+	tcpClose       = 7
+	tcpListen      = 10
+	tcpNewSynRecv  = 12
+)
+
+const (
+	inetDiagCgroupID = 21 // INET_DIAG_CGROUP_ID attribute
+	protoUDP         = 2  // PROTO_UDP of decision.h
+)
+
+// inetDiagReq is struct inet_diag_req_v2; id is struct inet_diag_sockid.
+type inetDiagReq struct {
+	Family   uint8
+	Protocol uint8
+	Ext      uint8
+	Pad      uint8
+	States   uint32
+	ID       inetDiagSockID
+}
+
+type inetDiagSockID struct {
+	Sport  [2]byte // big-endian
+	Dport  [2]byte
+	Src    [16]byte
+	Dst    [16]byte
+	If     uint32
+	Cookie [2]uint32
+}
+
+// inetDiagMsg is struct inet_diag_msg.
+type inetDiagMsg struct {
+	Family  uint8
+	State   uint8
+	Timer   uint8
+	Retrans uint8
+	ID      inetDiagSockID
+	Expires uint32
+	Rqueue  uint32
+	Wqueue  uint32
+	UID     uint32
+	Inode   uint32
+}
+
+type diagSocket struct {
+	msg      inetDiagMsg
+	cgroupID uint64
+	hasCg    bool
+}
+
+func (s diagSocket) addrs() (local, peer netip.AddrPort) {
+	addr := func(b [16]byte) netip.Addr {
+		if s.msg.Family == unix.AF_INET {
+			return netip.AddrFrom4([4]byte(b[:4]))
+		}
+		return netip.AddrFrom16(b).Unmap()
+	}
+	return netip.AddrPortFrom(addr(s.msg.ID.Src), binary.BigEndian.Uint16(s.msg.ID.Sport[:])),
+		netip.AddrPortFrom(addr(s.msg.ID.Dst), binary.BigEndian.Uint16(s.msg.ID.Dport[:]))
+}
+
+// owner is the principal of the sockets made in one cgroup.
+type owner struct {
+	app    string // "" none
+	fenced bool
+}
+
+func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
+	g := e.applied
+	if g == nil {
+		return nil, errors.New("sweep through sock_diag: no generation applied by this process yet")
+	}
+	owners, err := cgroupOwners(e.opts.CgroupDir, g.Bindings, fence)
+	if err != nil {
+		return nil, err
+	}
+	c, err := dialDiag()
+	if err != nil {
+		return nil, err
+	}
+	defer c.close()
+
+	listening := map[uint16]bool{}
+	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		socks, err := diagDump(c, fam, unix.IPPROTO_TCP, 1<<tcpListen)
+		if err != nil {
+			return nil, err
+		}
+		for _, s := range socks {
+			local, _ := s.addrs()
+			listening[local.Port()] = true
+		}
+	}
+	tcpStates := uint32(1<<(tcpNewSynRecv+1)-1) &^ (1<<tcpListen | 1<<tcpTimeWait | 1<<tcpClose | 1<<tcpNewSynRecv | 1)
+	var out []EndedSocket
+	for _, q := range []struct {
+		proto  uint8
+		states uint32
+		rs     ruleset.Proto
+	}{{unix.IPPROTO_TCP, tcpStates, ruleset.TCP}, {unix.IPPROTO_UDP, 1 << tcpEstablished, ruleset.UDP}} {
+		for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
+			socks, err := diagDump(c, fam, q.proto, q.states)
+			if err != nil {
+				return out, err
+			}
+			for _, s := range socks {
+				if !s.hasCg {
+					return out, errors.New("sweep through sock_diag: the kernel names no cgroup of sockets (needs 5.7+)")
+				}
+				local, peer := s.addrs()
+				if q.proto == unix.IPPROTO_TCP && listening[local.Port()] {
+					continue // accepted
+				}
+				o, ok := owners[s.cgroupID]
+				if !ok || (o.app == "" && !o.fenced) {
+					continue
+				}
+				if g.Rules.Decide(o.app, ruleset.Dest{Addr: peer.Addr(), Proto: q.rs, Port: peer.Port()}).Allow {
+					continue
+				}
+				ended := EndedSocket{Proto: q.rs, Local: local, Peer: peer, CgroupID: s.cgroupID, AppID: g.AppIDs[o.app]}
+				ended.Err = diagDestroy(c, fam, q.proto, s.msg.ID)
+				out = append(out, ended)
+			}
+		}
+	}
+	return out, nil
+}
+
+func diagDump(c *diagConn, family, proto uint8, states uint32) ([]diagSocket, error) {
+	req, err := binary.Append(nil, binary.NativeEndian, inetDiagReq{Family: family, Protocol: proto, States: states,
+		ID: inetDiagSockID{Cookie: [2]uint32{^uint32(0), ^uint32(0)}}})
+	if err != nil {
+		return nil, err
+	}
+	var out []diagSocket
+	size := binary.Size(inetDiagMsg{})
+	err = c.do(unix.SOCK_DIAG_BY_FAMILY, unix.NLM_F_DUMP, req, func(data []byte) error {
+		if len(data) < size {
+			return fmt.Errorf("short message of %d bytes", len(data))
+		}
+		var s diagSocket
+		if _, err := binary.Decode(data[:size], binary.NativeEndian, &s.msg); err != nil {
+			return err
+		}
+		// Attributes: struct nlattr {u16 len; u16 type}, 4-byte aligned.
+		for a := data[nlAlign(size):]; len(a) >= unix.SizeofRtAttr; {
+			l := int(binary.NativeEndian.Uint16(a[0:2]))
+			typ := binary.NativeEndian.Uint16(a[2:4]) & 0x3fff // without NLA_F_NESTED, NLA_F_NET_BYTEORDER
+			if l < unix.SizeofRtAttr || l > len(a) {
+				return fmt.Errorf("attribute of length %d in %d bytes", l, len(a))
+			}
+			if typ == inetDiagCgroupID && l >= unix.SizeofRtAttr+8 {
+				s.cgroupID, s.hasCg = binary.NativeEndian.Uint64(a[4:12]), true
+			}
+			a = a[min(nlAlign(l), len(a)):]
+		}
+		out = append(out, s)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag dump (family %d, protocol %d): %w", family, proto, err)
+	}
+	return out, nil
+}
+
+func diagDestroy(c *diagConn, family, proto uint8, id inetDiagSockID) error {
+	req, err := binary.Append(nil, binary.NativeEndian, inetDiagReq{Family: family, Protocol: proto, States: ^uint32(0), ID: id})
+	if err != nil {
+		return err
+	}
+	return c.do(unix.SOCK_DESTROY, unix.NLM_F_ACK, req, nil)
+}
+
+func nlAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
+
+// diagConn is a NETLINK_SOCK_DIAG socket in the calling thread's network
+// namespace; requests run one at a time.
+type diagConn struct {
+	fd  int
+	seq uint32
+	buf []byte
+}
+
+func dialDiag() (*diagConn, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return nil, fmt.Errorf("open sock_diag socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("bind sock_diag socket: %w", err)
+	}
+	return &diagConn{fd: fd, buf: make([]byte, 1<<16)}, nil
+}
+
+func (c *diagConn) close() { unix.Close(c.fd) }
+
+// do sends one request and reads its answer: each message of a dump goes to
+// each (until NLMSG_DONE); an error or acknowledgement ends it.
+func (c *diagConn) do(typ uint16, flags uint16, payload []byte, each func([]byte) error) error {
+	c.seq++
+	hdr := unix.NlMsghdr{Len: uint32(unix.NLMSG_HDRLEN + len(payload)), Type: typ, Flags: unix.NLM_F_REQUEST | flags, Seq: c.seq}
+	msg, err := binary.Append(nil, binary.NativeEndian, hdr)
+	if err != nil {
+		return err
+	}
+	msg = append(msg, payload...)
+	if err := unix.Sendto(c.fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return fmt.Errorf("send: %w", err)
+	}
+	for {
+		n, _, err := unix.Recvfrom(c.fd, c.buf, 0)
+		if err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			return fmt.Errorf("receive: %w", err)
+		}
+		msgs, err := syscall.ParseNetlinkMessage(c.buf[:n])
+		if err != nil {
+			return fmt.Errorf("parse answer: %w", err)
+		}
+		for _, m := range msgs {
+			if m.Header.Seq != c.seq {
+				continue // a late answer to an earlier request
+			}
+			switch m.Header.Type {
+			case unix.NLMSG_DONE:
+				return nil
+			case unix.NLMSG_ERROR:
+				if len(m.Data) < 4 {
+					return errors.New("short netlink error message")
+				}
+				if code := int32(binary.NativeEndian.Uint32(m.Data[:4])); code != 0 {
+					return unix.Errno(-code)
+				}
+				return nil // the acknowledgement
+			}
+			if each != nil {
+				if err := each(m.Data); err != nil {
+					return err
+				}
+			}
+		}
+	}
+}
+
+// cgroupOwners maps the id of every cgroup below root to the principal of
+// the sockets made in it: the deepest bound app among it and its ancestors,
+// and whether it lies below the fence.
+func cgroupOwners(root string, bindings []Binding, fence fenceRef) (map[uint64]owner, error) {
+	apps := make(map[uint64]string, len(bindings))
+	for _, b := range bindings {
+		apps[b.CgroupID] = b.App
+	}
+	byPath := map[string]owner{}
+	out := map[uint64]owner{}
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil // removed while walking
+			}
+			return err
+		}
+		if !d.IsDir() {
+			return nil
+		}
+		id, err := cgroups.ID(path)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return fs.SkipDir
+			}
+			return err
+		}
+		o := byPath[filepath.Dir(path)]
+		if app, ok := apps[id]; ok {
+			o.app = app
+		}
+		if fence.id != 0 && id == fence.id {
+			o.fenced = true
+		}
+		byPath[path] = o
+		out[id] = o
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("walk cgroups below %s: %w", root, err)
+	}
+	return out, nil
+}

@@ -1,0 +1,287 @@
+package probe
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/ruleset"
+)
+
+// EnvHold makes a prober child a holder: it opens connections on request
+// and keeps them, so that a test can see which of them the kernel ends.
+const EnvHold = "PROCGATE_PROBE_HOLD"
+
+// Holder is a running holder child.
+type Holder struct {
+	p *Prober
+}
+
+// StartHolder runs the current executable as a holder in cgroupDir (from
+// its first instruction) and netns.
+func StartHolder(cgroupDir, netns string) (*Holder, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find own executable: %w", err)
+	}
+	p, err := StartExe(self, cgroupDir, netns, nil, EnvHold+"=1")
+	if err != nil {
+		return nil, err
+	}
+	return &Holder{p: p}, nil
+}
+
+// Pid is the holder's process id.
+func (h *Holder) Pid() int { return h.p.Pid() }
+
+// Close ends the holder (its sockets close with it) and waits for it.
+func (h *Holder) Close() error { return h.p.Close() }
+
+func (h *Holder) ask(line string) (string, error) {
+	if _, err := fmt.Fprintln(h.p.in, line); err != nil {
+		return "", fmt.Errorf("holder %d: %w", h.Pid(), err)
+	}
+	ans, err := h.p.out.ReadString('\n')
+	if err != nil {
+		return "", fmt.Errorf("holder %d: read answer: %w", h.Pid(), err)
+	}
+	ans = strings.TrimSpace(ans)
+	if rest, ok := strings.CutPrefix(ans, "ok"); ok {
+		return strings.TrimSpace(rest), nil
+	}
+	return "", fmt.Errorf("holder %d: %s: %s", h.Pid(), line, ans)
+}
+
+// Open makes n connections to d, by Connect (TCP: a blocking connect, so
+// each is established on return; UDP: connect) or Mapped (the same from an
+// AF_INET6 socket to the IPv4-mapped address), and keeps them as group.
+func (h *Holder) Open(group string, d ruleset.Dest, m Method, n int) error {
+	_, err := h.ask(fmt.Sprintf("open %s %s %s %d", group, m, d, n))
+	return err
+}
+
+// Listen accepts TCP connections on addr and keeps them as group; it returns
+// the address bound.
+func (h *Holder) Listen(group, addr string) (string, error) {
+	return h.ask(fmt.Sprintf("listen %s %s", group, addr))
+}
+
+// HoldState is what became of a group's sockets.
+type HoldState struct {
+	Alive int `json:"alive"`
+	Ended int `json:"ended"`
+	// Errors counts, per error, what the owner saw on its next read of an
+	// ended socket ("ECONNABORTED", "ECONNRESET", "EOF", "ENOTCONN").
+	Errors map[string]int `json:"errors,omitempty"`
+}
+
+// State reads every socket of group once, without blocking.
+func (h *Holder) State(group string) (HoldState, error) {
+	var st HoldState
+	ans, err := h.ask("state " + group)
+	if err != nil {
+		return st, err
+	}
+	if err := json.Unmarshal([]byte(ans), &st); err != nil {
+		return st, fmt.Errorf("holder %d: state %q: %w", h.Pid(), ans, err)
+	}
+	return st, nil
+}
+
+// held is one socket of a holder; err is the first sign of its end.
+type held struct {
+	fd  int
+	err error
+}
+
+type holder struct {
+	mu     sync.Mutex
+	groups map[string][]*held
+}
+
+func serveHold(in io.Reader, out io.Writer) int {
+	h := &holder{groups: map[string][]*held{}}
+	sc := bufio.NewScanner(in)
+	w := bufio.NewWriter(out)
+	for sc.Scan() {
+		ans, err := h.do(strings.Fields(sc.Text()))
+		if err != nil {
+			fmt.Fprintf(w, "error: %v\n", err)
+		} else {
+			fmt.Fprintf(w, "ok %s\n", ans)
+		}
+		if err := w.Flush(); err != nil {
+			return 1
+		}
+	}
+	return 0
+}
+
+func (h *holder) do(f []string) (string, error) {
+	switch {
+	case len(f) == 5 && f[0] == "open":
+		d, err := ruleset.ParseDest(f[3])
+		if err != nil {
+			return "", err
+		}
+		n, err := strconv.Atoi(f[4])
+		if err != nil {
+			return "", err
+		}
+		for range n {
+			fd, err := dial(d, Method(f[2]))
+			if err != nil {
+				return "", fmt.Errorf("%s %s: %w", f[2], d, err)
+			}
+			h.add(f[1], fd)
+		}
+		return "", nil
+	case len(f) == 3 && f[0] == "listen":
+		return h.listen(f[1], f[2])
+	case len(f) == 2 && f[0] == "state":
+		h.mu.Lock()
+		socks := h.groups[f[1]]
+		h.mu.Unlock()
+		st := HoldState{Errors: map[string]int{}}
+		for _, s := range socks {
+			if s.err == nil {
+				s.err = ended(s.fd)
+			}
+			if s.err == nil {
+				st.Alive++
+				continue
+			}
+			st.Ended++
+			name := "EOF"
+			var errno unix.Errno
+			if errors.As(s.err, &errno) {
+				name = unix.ErrnoName(errno)
+			}
+			st.Errors[name]++
+		}
+		b, err := json.Marshal(st)
+		return string(b), err
+	}
+	return "", fmt.Errorf("want open GROUP METHOD DEST N, listen GROUP ADDR or state GROUP, got %q", strings.Join(f, " "))
+}
+
+func (h *holder) add(group string, fd int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.groups[group] = append(h.groups[group], &held{fd: fd})
+}
+
+func (h *holder) listen(group, addr string) (string, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return "", err
+	}
+	family := unix.AF_INET6
+	var sa unix.Sockaddr = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	if ap.Addr().Is4() {
+		family, sa = unix.AF_INET, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return "", err
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		unix.Close(fd)
+		return "", err
+	}
+	if err := unix.Listen(fd, 4096); err != nil {
+		unix.Close(fd)
+		return "", err
+	}
+	bound, err := unix.Getsockname(fd)
+	if err != nil {
+		unix.Close(fd)
+		return "", err
+	}
+	go func() {
+		for {
+			c, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC)
+			if err != nil {
+				return
+			}
+			h.add(group, c)
+		}
+	}()
+	switch b := bound.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(b.Addr), uint16(b.Port)).String(), nil
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(b.Addr), uint16(b.Port)).String(), nil
+	}
+	return "", fmt.Errorf("unexpected bound address %T", bound)
+}
+
+// dial makes one connection and returns its descriptor.
+func dial(d ruleset.Dest, m Method) (int, error) {
+	addr := d.Addr.Unmap()
+	family := unix.AF_INET
+	if m == Mapped {
+		family = unix.AF_INET6
+	} else if addr.Is6() {
+		family = unix.AF_INET6
+	}
+	typ := unix.SOCK_STREAM
+	if d.Proto == ruleset.UDP {
+		typ = unix.SOCK_DGRAM
+	}
+	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	if typ == unix.SOCK_STREAM {
+		// RST on close: the holder's exit must not leave thousands of
+		// connections in TIME_WAIT.
+		_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	}
+	var sa unix.Sockaddr
+	if family == unix.AF_INET6 {
+		_ = unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0)
+		sa = &unix.SockaddrInet6{Port: int(d.Port), Addr: addr.As16()}
+	} else {
+		sa = &unix.SockaddrInet4{Port: int(d.Port), Addr: addr.As4()}
+	}
+	if err := unix.Connect(fd, sa); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	if typ == unix.SOCK_DGRAM {
+		// A flow is more than a connect(): one datagram, so that the
+		// kernel tracks it as a firewall would see it.
+		if _, err := unix.Write(fd, []byte("hold")); err != nil {
+			unix.Close(fd)
+			return -1, fmt.Errorf("send: %w", err)
+		}
+	}
+	return fd, nil
+}
+
+// ended tells whether a socket was ended, as its owner finds out: the error
+// its next read returns (it is reported once), or no peer any more.
+func ended(fd int) error {
+	var b [1]byte
+	n, _, err := unix.Recvfrom(fd, b[:], unix.MSG_DONTWAIT|unix.MSG_PEEK)
+	switch {
+	case err == nil && n == 0:
+		return io.EOF
+	case err == nil, errors.Is(err, unix.EAGAIN):
+		if _, err := unix.Getpeername(fd); err != nil {
+			return err
+		}
+		return nil
+	}
+	return err
+}
