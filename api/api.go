@@ -166,8 +166,8 @@ type Explain struct {
 type Revoke struct {
 	Generation uint32 `json:"generation"`
 	Revoked    string `json:"revoked"`
-	// SocketsEnded counts live sockets destroyed (live-socket revocation
-	// comes with issue 4; until then always 0).
+	// SocketsEnded counts the app's live sockets (TCP, connected UDP) to
+	// destinations no longer allowed that were ended.
 	SocketsEnded int `json:"sockets_ended"`
 }
 
@@ -199,6 +199,9 @@ type Response struct {
 	AppInfo *AppInfo        `json:"app_info,omitempty"`
 	Run     *RunState       `json:"run,omitempty"`
 	Reload  *uint32         `json:"reload,omitempty"` // new generation
+	// SocketsEnded (reload) counts the live sockets the new generation
+	// ended.
+	SocketsEnded int `json:"sockets_ended,omitempty"`
 }
 
 // Client talks to a daemon.

@@ -499,6 +499,12 @@ func (e *Enforcer) Guards() []Guard {
 		{Name: "app-tracing", What: "no ptrace, process_vm_writev, /proc/PID/mem or pidfd_getfd of app processes by others (BPF LSM)",
 			Why: "not built yet (issue 4)"},
 	}
+	sweepHow := "socket iterators and bpf_sock_destroy"
+	if e.sweep == nil || e.sweep.err != nil {
+		sweepHow = "sock_diag SOCK_DESTROY (no socket iterators with bpf_sock_destroy here)"
+	}
+	gs = append(gs, Guard{Name: "live-sockets", Active: true,
+		What: "after each new generation, app sockets (TCP, connected UDP) to destinations it no longer allows are ended, by " + sweepHow})
 	switch {
 	case e.lsmErr == nil:
 	case errors.Is(e.lsmErr, unix.EPERM):

@@ -165,11 +165,7 @@ func (w *world) holder(cgroup string) *probe.Holder {
 
 func mustOpen(t testing.TB, h *probe.Holder, group, dest string, m probe.Method, n int) {
 	t.Helper()
-	d, err := ruleset.ParseDest(dest)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := h.Open(group, d, m, n); err != nil {
+	if err := h.Open(group, dest, m, n); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -202,30 +198,10 @@ type group struct {
 func checkGroups(t *testing.T, when string, groups []group) {
 	t.Helper()
 	for _, g := range groups {
-		st, err := g.h.State(g.name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := g.want()
-		if st.Alive != want.Alive || st.Ended != want.Ended {
-			t.Errorf("%s: group %s: %d alive, %d ended (%v); want %d alive, %d ended", when, g.name, st.Alive, st.Ended, st.Errors, want.Alive, want.Ended)
-		}
-		for e := range st.Errors {
-			// The owner's next read: ECONNABORTED (bpf_sock_destroy and
-			// SOCK_DESTROY), or ENOTCONN after it was read once.
-			if e != "ECONNABORTED" && e != "ENOTCONN" {
-				t.Errorf("%s: group %s: an ended socket said %s", when, g.name, e)
-			}
+		if err := g.h.Expect(g.name, g.n, g.ended); err != nil {
+			t.Errorf("%s: %v", when, err)
 		}
 	}
-}
-
-// want is what the group's state must be.
-func (g group) want() probe.HoldState {
-	if g.ended {
-		return probe.HoldState{Ended: g.n}
-	}
-	return probe.HoldState{Alive: g.n}
 }
 
 // conntrackFlows lists the namespace's tracked flows as "proto src:sport dst:dport".

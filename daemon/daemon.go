@@ -84,6 +84,8 @@ type Daemon struct {
 	// exes are the files of pinned binaries in the generation in force; a
 	// package upgrade replaces a binary's file, and the next poll follows.
 	exes map[string][]bpf.FileID
+	// ended counts the live sockets the sweep after the last Apply ended.
+	ended int
 }
 
 func (c *Config) setDefaults() error {
@@ -305,7 +307,7 @@ func (d *Daemon) Reload(force bool) (uint32, error) {
 		return d.gen, err
 	}
 	d.lastErr = ""
-	d.log.Info("policy loaded", "policy", d.cfg.PolicyPath, "generation", d.gen, "apps", len(rs.Apps), "internal", len(rs.Internal))
+	d.log.Info("policy loaded", "policy", d.cfg.PolicyPath, "generation", d.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", d.ended)
 	return d.gen, nil
 }
 
@@ -421,6 +423,7 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 	d.gen = gen
 	d.exes = g.Exes
 	d.byGen[gen] = eff
+	d.ended = d.sweep(gen)
 	// Events of a few generations back may still be in the ring buffer.
 	for old := range d.byGen {
 		if old+8 < gen {

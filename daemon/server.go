@@ -168,11 +168,11 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 		if r := rootOnly(); r != nil {
 			return r
 		}
-		gen, err := d.Reload(true)
+		gen, ended, err := d.reloadNow()
 		if err != nil {
 			return errResp("policy rejected, generation %d stays in force: %v", gen, err)
 		}
-		return &api.Response{Reload: &gen}
+		return &api.Response{Reload: &gen, SocketsEnded: ended}
 	case api.OpEvents:
 		if r := rootOnly(); r != nil {
 			return r
@@ -318,8 +318,8 @@ func (d *Daemon) revoke(req api.Request) (*api.Revoke, error) {
 	if err := d.revoked.save(); err != nil {
 		d.log.Error("revocation is in force but not saved; it will not survive a restart", "err", err)
 	}
-	d.log.Info("revoked", "app", req.App, "what", what, "generation", gen)
-	return &api.Revoke{Generation: gen, Revoked: what}, nil
+	d.log.Info("revoked", "app", req.App, "what", what, "generation", gen, "sockets_ended", d.ended)
+	return &api.Revoke{Generation: gen, Revoked: what, SocketsEnded: d.ended}, nil
 }
 
 func cloneMap[K comparable, V any](m map[K]V) map[K]V {

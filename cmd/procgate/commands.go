@@ -336,7 +336,7 @@ func revokeCmd(client func() api.Client) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: %s; generation %d in force\n", app, resp.Revoke.Revoked, resp.Revoke.Generation)
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: %s; generation %d in force; %d live sockets ended\n", app, resp.Revoke.Revoked, resp.Revoke.Generation, resp.Revoke.SocketsEnded)
 			return nil
 		},
 	}
@@ -357,7 +357,7 @@ func reloadCmd(client func() api.Client) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "policy loaded: generation %d in force\n", *resp.Reload)
+			fmt.Fprintf(cmd.OutOrStdout(), "policy loaded: generation %d in force; %d live sockets ended\n", *resp.Reload, resp.SocketsEnded)
 			return nil
 		},
 	}

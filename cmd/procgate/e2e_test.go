@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -971,4 +972,167 @@ func TestExePinnedApp(t *testing.T) {
 		})
 	}
 	waitEvent(t, e, `"reason":"exe-not-pinned"`, `"app":"pinned"`)
+}
+
+const livePolicy = `version: 1
+internal:
+  prefixes: [10.0.0.0/8, fd00::/8]
+apps:
+  - name: db
+    allow:
+      - to: 10.1.2.0/24
+        proto: tcp
+        ports: [5432]
+      - to: fd00:1::/64
+        ports: [443, 53]
+      - to: 10.9.0.0/16
+        proto: udp
+        ports: [53]
+  - name: other
+    allow:
+      - to: 10.1.2.0/24
+        proto: tcp
+        ports: [5432, 7000]
+  - name: gone
+    allow:
+      - to: 10.0.0.0/8
+`
+
+// TestLiveSocketRevocation: revoke (a grant, all grants) and reloads (a
+// grant removed, an app removed) end exactly the live sockets of the app
+// whose destinations the new generation denies, TCP and connected UDP, IPv4,
+// IPv6 and IPv4-mapped; the owner reads ECONNABORTED. External connections,
+// connections the app accepted, and other apps' and non-apps' sockets stay;
+// the CLI reports the count.
+func TestLiveSocketRevocation(t *testing.T) {
+	// The sweep walks the daemon's network namespace: run it in the test's.
+	// No polling: each reload below is the one the CLI asks for.
+	e := newE2EWith(t, livePolicy, true, "--poll", "1h")
+	holder := func(dir string) *probe.Holder {
+		t.Helper()
+		h, err := probe.StartHolder(dir, e.netns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { h.Close() })
+		return h
+	}
+	open := func(h *probe.Holder, group, dest string, m probe.Method, n int) {
+		t.Helper()
+		if err := h.Open(group, dest, m, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Servers: a process of no app (outside procgate.apps), so that its
+	// accepted connections are nobody's to lose.
+	servers := holder(nstest.ChildCgroup(t, e.cgroup, "servers"))
+	for _, a := range []string{"0.0.0.0:5432", "[::]:443", "0.0.0.0:80", "[::]:53/udp"} {
+		if _, err := servers.Listen("serve", a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	app := func(name string) string { return filepath.Join(e.cgroup, "procgate.apps", name) }
+	db, other, gone := holder(app("db")), holder(app("other")), holder(app("gone"))
+	open(db, "tcp4", "10.1.2.3:5432/tcp", probe.Connect, 3)
+	open(db, "mapped", "10.1.2.4:5432/tcp", probe.Mapped, 1)
+	open(db, "tcp6", "[fd00:1::5]:443/tcp", probe.Connect, 2)
+	open(db, "udp4", "10.9.0.1:53/udp", probe.Connect, 2)
+	open(db, "udp6", "[fd00:1::6]:53/udp", probe.Connect, 1)
+	open(db, "external", "192.0.2.10:80/tcp", probe.Connect, 1)
+	// other connects to a server db runs: db's side was accepted, not
+	// made by db, and stays whatever db loses.
+	bound, err := db.Listen("accepted", "10.1.2.3:7000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	open(other, "todb", bound+"/tcp", probe.Connect, 2)
+	open(other, "tcp4", "10.1.2.3:5432/tcp", probe.Connect, 2)
+	open(gone, "tcp4", "10.1.2.3:5432/tcp", probe.Connect, 2)
+
+	type group struct {
+		h     *probe.Holder
+		name  string
+		n     int
+		ended bool
+	}
+	groups := []*group{
+		{h: db, name: "tcp4", n: 3}, {h: db, name: "mapped", n: 1}, {h: db, name: "tcp6", n: 2},
+		{h: db, name: "udp4", n: 2}, {h: db, name: "udp6", n: 1}, {h: db, name: "external", n: 1},
+		{h: db, name: "accepted", n: 2}, {h: other, name: "todb", n: 2}, {h: other, name: "tcp4", n: 2},
+		{h: gone, name: "tcp4", n: 2},
+	}
+	check := func(when string) {
+		t.Helper()
+		for _, g := range groups {
+			if err := g.h.Expect(g.name, g.n, g.ended); err != nil {
+				t.Errorf("%s: %v", when, err)
+			}
+		}
+	}
+	end := func(h *probe.Holder, names ...string) {
+		for _, g := range groups {
+			if g.h == h && slices.Contains(names, g.name) {
+				g.ended = true
+			}
+		}
+	}
+	check("before any revocation")
+
+	for _, step := range []struct {
+		name string
+		do   func() (string, error)
+		ends func()
+		want string
+	}{
+		{
+			name: "revoke --grant 0",
+			do:   func() (string, error) { return e.procgate("revoke", "--app", "db", "--grant", "0") },
+			ends: func() { end(db, "tcp4", "mapped") },
+			want: "db: grant #0; generation 2 in force; 4 live sockets ended\n",
+		},
+		{
+			name: "reload without grant #1",
+			do: func() (string, error) {
+				e.writePolicy(strings.Replace(livePolicy, "      - to: fd00:1::/64\n        ports: [443, 53]\n", "", 1))
+				return e.procgate("reload")
+			},
+			ends: func() { end(db, "tcp6", "udp6") },
+			want: "policy loaded: generation 3 in force; 3 live sockets ended\n",
+		},
+		{
+			name: "revoke all of db",
+			do:   func() (string, error) { return e.procgate("revoke", "--app", "db") },
+			ends: func() { end(db, "udp4") },
+			want: "db: all grants; generation 4 in force; 2 live sockets ended\n",
+		},
+		{
+			name: "reload without the app gone",
+			do: func() (string, error) {
+				p := strings.Replace(livePolicy, "      - to: fd00:1::/64\n        ports: [443, 53]\n", "", 1)
+				e.writePolicy(strings.Replace(p, "  - name: gone\n    allow:\n      - to: 10.0.0.0/8\n", "", 1))
+				return e.procgate("reload")
+			},
+			ends: func() { end(gone, "tcp4") },
+			want: "policy loaded: generation 5 in force; 2 live sockets ended\n",
+		},
+		{
+			name: "restore db",
+			do:   func() (string, error) { return e.procgate("revoke", "--app", "db", "--restore") },
+			ends: func() {},
+			want: "db: restored all grants; generation 6 in force; 0 live sockets ended\n",
+		},
+	} {
+		out, err := step.do()
+		if err != nil {
+			t.Fatalf("%s: %v\n%s", step.name, err, out)
+		}
+		if out != step.want {
+			t.Errorf("%s: said %q, want %q", step.name, out, step.want)
+		}
+		step.ends()
+		check(step.name)
+	}
+	if log := e.daemonLog(); !strings.Contains(log, "live sockets ended") || !strings.Contains(log, "sockets_ended=3") {
+		t.Errorf("the daemon did not log the sweeps:\n%s", log)
+	}
 }

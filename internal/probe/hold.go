@@ -61,16 +61,18 @@ func (h *Holder) ask(line string) (string, error) {
 	return "", fmt.Errorf("holder %d: %s: %s", h.Pid(), line, ans)
 }
 
-// Open makes n connections to d, by Connect (TCP: a blocking connect, so
-// each is established on return; UDP: connect) or Mapped (the same from an
-// AF_INET6 socket to the IPv4-mapped address), and keeps them as group.
-func (h *Holder) Open(group string, d ruleset.Dest, m Method, n int) error {
-	_, err := h.ask(fmt.Sprintf("open %s %s %s %d", group, m, d, n))
+// Open makes n connections to dest (as ruleset.ParseDest reads it), by
+// Connect (TCP: a blocking connect, so each is established on return; UDP:
+// connect and one datagram) or Mapped (the same from an AF_INET6 socket to
+// the IPv4-mapped address), and keeps them as group.
+func (h *Holder) Open(group, dest string, m Method, n int) error {
+	_, err := h.ask(fmt.Sprintf("open %s %s %s %d", group, m, dest, n))
 	return err
 }
 
 // Listen accepts TCP connections on addr and keeps them as group; it returns
-// the address bound.
+// the address bound. With addr "ADDR:PORT/udp" it binds a UDP socket, which
+// it keeps (as the one socket of group) and never reads.
 func (h *Holder) Listen(group, addr string) (string, error) {
 	return h.ask(fmt.Sprintf("listen %s %s", group, addr))
 }
@@ -95,6 +97,29 @@ func (h *Holder) State(group string) (HoldState, error) {
 		return st, fmt.Errorf("holder %d: state %q: %w", h.Pid(), ans, err)
 	}
 	return st, nil
+}
+
+// Expect checks that group has n sockets, all alive or all ended; an
+// ended socket must have said ECONNABORTED, as bpf_sock_destroy and
+// SOCK_DESTROY make it say (or ENOTCONN: that was read at an earlier State).
+func (h *Holder) Expect(group string, n int, ended bool) error {
+	st, err := h.State(group)
+	if err != nil {
+		return err
+	}
+	want := HoldState{Alive: n}
+	if ended {
+		want = HoldState{Ended: n}
+	}
+	if st.Alive != want.Alive || st.Ended != want.Ended {
+		return fmt.Errorf("holder %d, group %s: %d alive, %d ended %v; want %d alive, %d ended", h.Pid(), group, st.Alive, st.Ended, st.Errors, want.Alive, want.Ended)
+	}
+	for e := range st.Errors {
+		if e != "ECONNABORTED" && e != "ENOTCONN" {
+			return fmt.Errorf("holder %d, group %s: an ended socket said %s", h.Pid(), group, e)
+		}
+	}
+	return nil
 }
 
 // held is one socket of a holder; err is the first sign of its end.
@@ -181,6 +206,7 @@ func (h *holder) add(group string, fd int) {
 }
 
 func (h *holder) listen(group, addr string) (string, error) {
+	addr, udp := strings.CutSuffix(addr, "/udp")
 	ap, err := netip.ParseAddrPort(addr)
 	if err != nil {
 		return "", err
@@ -190,32 +216,33 @@ func (h *holder) listen(group, addr string) (string, error) {
 	if ap.Addr().Is4() {
 		family, sa = unix.AF_INET, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
 	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	typ := unix.SOCK_STREAM
+	if udp {
+		typ = unix.SOCK_DGRAM
+	}
+	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return "", err
 	}
-	if err := unix.Bind(fd, sa); err != nil {
-		unix.Close(fd)
-		return "", err
+	if family == unix.AF_INET6 {
+		_ = unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0) // and IPv4
 	}
-	if err := unix.Listen(fd, 4096); err != nil {
-		unix.Close(fd)
-		return "", err
+	if err = unix.Bind(fd, sa); err == nil && !udp {
+		err = unix.Listen(fd, 4096)
 	}
-	bound, err := unix.Getsockname(fd)
+	var bound unix.Sockaddr
+	if err == nil {
+		bound, err = unix.Getsockname(fd)
+	}
 	if err != nil {
 		unix.Close(fd)
 		return "", err
 	}
-	go func() {
-		for {
-			c, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC)
-			if err != nil {
-				return
-			}
-			h.add(group, c)
-		}
-	}()
+	if udp {
+		h.add(group, fd)
+	} else {
+		go h.accept(group, fd)
+	}
 	switch b := bound.(type) {
 	case *unix.SockaddrInet4:
 		return netip.AddrPortFrom(netip.AddrFrom4(b.Addr), uint16(b.Port)).String(), nil
@@ -223,6 +250,16 @@ func (h *holder) listen(group, addr string) (string, error) {
 		return netip.AddrPortFrom(netip.AddrFrom16(b.Addr), uint16(b.Port)).String(), nil
 	}
 	return "", fmt.Errorf("unexpected bound address %T", bound)
+}
+
+func (h *holder) accept(group string, fd int) {
+	for {
+		c, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC)
+		if err != nil {
+			return
+		}
+		h.add(group, c)
+	}
 }
 
 // dial makes one connection and returns its descriptor.
