@@ -68,6 +68,9 @@ type SweepResult struct {
 // main object.
 type sweeper struct {
 	objs sweepObjects
+	// tcp and udp are the iterator links; each read of a new file from
+	// them is one walk.
+	tcp, udp *link.Iter
 	// err says why the iterators are missing (nil: loaded).
 	err error
 	run uint32
@@ -82,7 +85,14 @@ func openSweeper(bpfDir string, log *slog.Logger) *sweeper {
 	if err == nil {
 		err = spec.LoadAndAssign(&s.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: bpfDir}})
 	}
+	if err == nil {
+		s.tcp, err = link.AttachIter(link.IterOptions{Program: s.objs.SweepTcp})
+	}
+	if err == nil {
+		s.udp, err = link.AttachIter(link.IterOptions{Program: s.objs.SweepUdp})
+	}
 	if err != nil {
+		s.close()
 		s.err = err
 		log.Warn("socket iterators not available; live sockets are ended through sock_diag", "err", err)
 	}
@@ -90,9 +100,15 @@ func openSweeper(bpfDir string, log *slog.Logger) *sweeper {
 }
 
 func (s *sweeper) close() {
-	if s != nil && s.err == nil {
-		s.objs.Close()
+	if s == nil {
+		return
 	}
+	for _, l := range []*link.Iter{s.tcp, s.udp} {
+		if l != nil {
+			l.Close()
+		}
+	}
+	s.objs.Close()
 }
 
 // Sweep ends the live sockets of the calling thread's network namespace
@@ -190,9 +206,9 @@ func (s *sweeper) sweep(fence fenceRef) ([]EndedSocket, error) {
 	var out []EndedSocket
 	for _, it := range []struct {
 		name string
-		prog *ebpf.Program
-	}{{"tcp", s.objs.SweepTcp}, {"udp", s.objs.SweepUdp}} {
-		recs, err := readIter(it.prog)
+		link *link.Iter
+	}{{"tcp", s.tcp}, {"udp", s.udp}} {
+		recs, err := readIter(it.link)
 		if err != nil {
 			return out, fmt.Errorf("walk %s sockets: %w", it.name, err)
 		}
@@ -203,12 +219,7 @@ func (s *sweeper) sweep(fence fenceRef) ([]EndedSocket, error) {
 
 // readIter drives an iterator to its end and decodes its records. A socket
 // whose destroy failed has an ended record and then a failed one.
-func readIter(prog *ebpf.Program) ([]EndedSocket, error) {
-	l, err := link.AttachIter(link.IterOptions{Program: prog})
-	if err != nil {
-		return nil, fmt.Errorf("create iterator: %w", err)
-	}
-	defer l.Close()
+func readIter(l *link.Iter) ([]EndedSocket, error) {
 	r, err := l.Open()
 	if err != nil {
 		return nil, fmt.Errorf("open iterator: %w", err)

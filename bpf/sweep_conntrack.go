@@ -1,69 +1,93 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"net"
-	"net/netip"
 
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/procgate/procgate/ruleset"
 )
 
-// flowKey is a connection as conntrack's original direction names it: for
-// a socket that made the connection, its local and peer addresses.
-type flowKey struct {
-	proto        uint8
-	src, dst     netip.Addr
-	sport, dport uint16
-}
-
-// flowSet matches the conntrack entries of a set of flows in one pass over
-// the table (the library's filters would be tried one by one per entry).
-type flowSet map[flowKey]bool
-
-func (f flowSet) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
-	return f[flowKey{
-		proto: flow.Forward.Protocol,
-		src:   addrOf(flow.Forward.SrcIP), dst: addrOf(flow.Forward.DstIP),
-		sport: flow.Forward.SrcPort, dport: flow.Forward.DstPort,
-	}]
-}
-
-func addrOf(ip net.IP) netip.Addr {
-	a, _ := netip.AddrFromSlice(ip)
-	return a.Unmap()
-}
+// ctnetlink message and attributes (linux/netfilter/nfnetlink_conntrack.h).
+const (
+	ctDelete       = 1<<8 | 2 // NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
+	ctaTupleOrig   = 1
+	ctaTupleIP     = 1
+	ctaTupleProto  = 2
+	ctaIPv4Src     = 1
+	ctaIPv4Dst     = 2
+	ctaIPv6Src     = 3
+	ctaIPv6Dst     = 4
+	ctaProtoNum    = 1
+	ctaProtoSrc    = 2
+	ctaProtoDst    = 3
+	nlaFlagNested  = 0x8000
+	nfnetlinkV0    = 0
+	nfgenmsgLength = 4
+)
 
 // deleteConntrack removes the conntrack entries of ended sockets in the
 // calling thread's network namespace, so that no state of an ended flow
 // lingers (a "ct state established" rule would still pass its packets).
-// Without conntrack (no module, or nothing tracked) there is nothing to do.
+// Each entry is deleted by its original tuple, which for a socket that made
+// the connection is its local and peer address: one request per flow, no
+// walk of the kernel's table (shared by all namespaces, so a dump costs
+// milliseconds even when empty). Entries in conntrack zones other than the
+// default one are not found. Without conntrack there is nothing to do.
 func deleteConntrack(ended []EndedSocket) (int, error) {
-	set := flowSet{}
-	families := map[netlink.InetFamily]bool{}
+	c, err := dialNetlink(unix.NETLINK_NETFILTER)
+	if err != nil {
+		if errors.Is(err, unix.EPROTONOSUPPORT) {
+			return 0, nil // no nfnetlink: no conntrack
+		}
+		return 0, err
+	}
+	defer c.close()
+	var n int
 	for _, s := range ended {
-		proto := uint8(unix.IPPROTO_TCP)
-		if s.Proto == ruleset.UDP {
-			proto = unix.IPPROTO_UDP
-		}
-		set[flowKey{proto: proto, src: s.Local.Addr().Unmap(), dst: s.Peer.Addr().Unmap(), sport: s.Local.Port(), dport: s.Peer.Port()}] = true
-		fam := netlink.InetFamily(unix.AF_INET6)
-		if s.Peer.Addr().Unmap().Is4() {
-			fam = unix.AF_INET
-		}
-		families[fam] = true
-	}
-	var total int
-	var errs []error
-	for fam := range families {
-		n, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, fam, set)
-		total += int(n)
-		if err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EPROTONOSUPPORT) && !errors.Is(err, unix.EOPNOTSUPP) {
-			errs = append(errs, fmt.Errorf("delete conntrack entries (family %d): %w", fam, err))
+		err := c.do(ctDelete, unix.NLM_F_ACK, ctTuple(s), nil)
+		switch {
+		case err == nil:
+			n++
+		case errors.Is(err, unix.ENOENT):
+			// Not tracked.
+		case errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.EPROTONOSUPPORT):
+			return n, nil // no conntrack for this family
+		default:
+			return n, fmt.Errorf("delete conntrack entry of %s %s -> %s: %w", s.Proto, s.Local, s.Peer, err)
 		}
 	}
-	return total, errors.Join(errs...)
+	return n, nil
+}
+
+// ctTuple is the payload of a delete: struct nfgenmsg, then CTA_TUPLE_ORIG.
+func ctTuple(s EndedSocket) []byte {
+	local, peer := s.Local.Addr().Unmap(), s.Peer.Addr().Unmap()
+	family, src, dst := uint8(unix.AF_INET6), uint16(ctaIPv6Src), uint16(ctaIPv6Dst)
+	if peer.Is4() {
+		family, src, dst = unix.AF_INET, ctaIPv4Src, ctaIPv4Dst
+	}
+	proto := uint8(unix.IPPROTO_TCP)
+	if s.Proto == ruleset.UDP {
+		proto = unix.IPPROTO_UDP
+	}
+	ports := func(p uint16) []byte { return binary.BigEndian.AppendUint16(nil, p) }
+	ip := append(nlAttr(src, local.AsSlice()), nlAttr(dst, peer.AsSlice())...)
+	l4 := append(append(nlAttr(ctaProtoNum, []byte{proto}), nlAttr(ctaProtoSrc, ports(s.Local.Port()))...), nlAttr(ctaProtoDst, ports(s.Peer.Port()))...)
+	tuple := append(nlAttr(ctaTupleIP|nlaFlagNested, ip), nlAttr(ctaTupleProto|nlaFlagNested, l4)...)
+	msg := []byte{family, nfnetlinkV0, 0, 0} // nfgenmsg: family, version, res_id (big-endian 0)
+	return append(msg[:nfgenmsgLength], nlAttr(ctaTupleOrig|nlaFlagNested, tuple)...)
+}
+
+// nlAttr is one netlink attribute, padded to 4 bytes.
+func nlAttr(typ uint16, data []byte) []byte {
+	b := binary.NativeEndian.AppendUint16(nil, uint16(unix.SizeofRtAttr+len(data)))
+	b = binary.NativeEndian.AppendUint16(b, typ)
+	b = append(b, data...)
+	for len(b)%unix.NLMSG_ALIGNTO != 0 {
+		b = append(b, 0)
+	}
+	return b
 }

@@ -102,7 +102,7 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 	if err != nil {
 		return nil, err
 	}
-	c, err := dialDiag()
+	c, err := dialNetlink(unix.NETLINK_SOCK_DIAG)
 	if err != nil {
 		return nil, err
 	}
@@ -155,7 +155,7 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 	return out, nil
 }
 
-func diagDump(c *diagConn, family, proto uint8, states uint32) ([]diagSocket, error) {
+func diagDump(c *nlConn, family, proto uint8, states uint32) ([]diagSocket, error) {
 	req, err := binary.Append(nil, binary.NativeEndian, inetDiagReq{Family: family, Protocol: proto, States: states,
 		ID: inetDiagSockID{Cookie: [2]uint32{^uint32(0), ^uint32(0)}}})
 	if err != nil {
@@ -192,7 +192,7 @@ func diagDump(c *diagConn, family, proto uint8, states uint32) ([]diagSocket, er
 	return out, nil
 }
 
-func diagDestroy(c *diagConn, family, proto uint8, id inetDiagSockID) error {
+func diagDestroy(c *nlConn, family, proto uint8, id inetDiagSockID) error {
 	req, err := binary.Append(nil, binary.NativeEndian, inetDiagReq{Family: family, Protocol: proto, States: ^uint32(0), ID: id})
 	if err != nil {
 		return err
@@ -202,31 +202,31 @@ func diagDestroy(c *diagConn, family, proto uint8, id inetDiagSockID) error {
 
 func nlAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
 
-// diagConn is a NETLINK_SOCK_DIAG socket in the calling thread's network
-// namespace; requests run one at a time.
-type diagConn struct {
+// nlConn is a netlink socket in the calling thread's network namespace;
+// requests run one at a time.
+type nlConn struct {
 	fd  int
 	seq uint32
 	buf []byte
 }
 
-func dialDiag() (*diagConn, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+func dialNetlink(protocol int) (*nlConn, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, protocol)
 	if err != nil {
-		return nil, fmt.Errorf("open sock_diag socket: %w", err)
+		return nil, fmt.Errorf("open netlink socket (protocol %d): %w", protocol, err)
 	}
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("bind sock_diag socket: %w", err)
+		return nil, fmt.Errorf("bind netlink socket (protocol %d): %w", protocol, err)
 	}
-	return &diagConn{fd: fd, buf: make([]byte, 1<<16)}, nil
+	return &nlConn{fd: fd, buf: make([]byte, 1<<16)}, nil
 }
 
-func (c *diagConn) close() { unix.Close(c.fd) }
+func (c *nlConn) close() { unix.Close(c.fd) }
 
 // do sends one request and reads its answer: each message of a dump goes to
 // each (until NLMSG_DONE); an error or acknowledgement ends it.
-func (c *diagConn) do(typ uint16, flags uint16, payload []byte, each func([]byte) error) error {
+func (c *nlConn) do(typ uint16, flags uint16, payload []byte, each func([]byte) error) error {
 	c.seq++
 	hdr := unix.NlMsghdr{Len: uint32(unix.NLMSG_HDRLEN + len(payload)), Type: typ, Flags: unix.NLM_F_REQUEST | flags, Seq: c.seq}
 	msg, err := binary.Append(nil, binary.NativeEndian, hdr)

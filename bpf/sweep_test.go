@@ -227,6 +227,11 @@ func conntrackFlows(t *testing.T, ns string) []string {
 	return out
 }
 
+func addrOf(ip net.IP) netip.Addr {
+	a, _ := netip.AddrFromSlice(ip)
+	return a.Unmap()
+}
+
 func flowOf(s EndedSocket) string {
 	proto := 6
 	if s.Proto == ruleset.UDP {
