@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 )
 
@@ -18,9 +19,18 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "short run (under 2 minutes): fewer attempts, rounds and sizes")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for results.json, REPORT.md and the plots")
 	phases := flag.String("phases", strings.Join(allPhases, ","), "phases to run, comma-separated")
+	sizes := flag.String("sizes", "", "policy sizes of the scaling phase, comma-separated (default: the mode's)")
 	flag.BoolVar(&o.verbose, "v", false, "log progress in detail")
 	flag.Parse()
 	o.phases = strings.Split(*phases, ",")
+	for _, f := range strings.FieldsFunc(*sizes, func(r rune) bool { return r == ',' }) {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "bench: -sizes: %v\n", err)
+			os.Exit(2)
+		}
+		o.sizes = append(o.sizes, n)
+	}
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)

@@ -63,7 +63,7 @@ func (r *results) plots() (map[string]string, error) {
 		out["load-time.svg"] = c.svg()
 	}
 	if len(r.Throughput) > 0 {
-		c := bars{title: "Throughput relative to baseline (median of rounds; range of rounds)", ylabel: "% of baseline", refLine: 99}
+		c := bars{title: "Throughput relative to baseline (median of per-round ratios; range of rounds)", ylabel: "% of baseline", refLine: 99}
 		type grp struct {
 			t  topo
 			wl string
@@ -176,11 +176,15 @@ func (r *results) markdown(plots map[string]string) string {
 		w("| %s | %s | %s | %s |", t.Name, t.Target, t.Value, met)
 	}
 	w("")
+	if nf := r.noiseFloor(); nf != "" {
+		w("%s", nf)
+		w("")
+	}
 	w("## What is measured")
 	w("")
 	w("Policy at size N: N internal prefixes (every other /29 of 10.0.0.0/8) and N grants, grant i to app i mod 10 (tcp+udp, ports 5432 and 8000-8100). The client is app0, a process in its own cgroup (and, for uid-based variants, with app0's uid): *internal-allow* destinations are in app0's grants, *internal-deny* in app1's, *external* in 198.51.100.0/24; each batch cycles through up to %d destinations spread over the policy.", destsPerClass)
 	w("Latency is the time of one blocking `connect()` (fresh socket, SO_LINGER {1,0}) or one `sendto()` (one unconnected socket), raw syscalls in a tight loop in a re-executed bench process; servers run in the bench process, outside every enforced cgroup. *loopback*: client and servers in one namespace where every destination is local; *veth*: the client's namespace routes them over a veth pair to the server's.")
-	w("Rounds: %d; attempts per point and variant: %d (plus %d warm-up per batch); spread = (max − min) / median of the per-round medians.", r.Config.Rounds, r.Config.Attempts, r.Config.Warmup)
+	w("Attempts per point and variant: %d, in rounds of %d per variant (plus %d untimed warm-up attempts per batch), the variants of a point back to back in each round. p50 and p99 are over all attempts; a ratio to the baseline is the median over rounds of that round's ratio, so that a slow spell of the machine (this is a 2-vCPU VM with neighbours) divides out; spread = (p90 − p10) / median of the per-round medians.", r.Config.Attempts, r.Config.Batch, r.Config.Warmup)
 	w("")
 	w("| variant | how |")
 	w("|---|---|")
@@ -348,4 +352,30 @@ func (r *results) costSection(w func(string, ...any)) {
 	w("")
 	w("Loader CPU per reload at that size: %.3f s (user+system, median reload); the daemon does this work only on a reload, and nothing per connection: decisions run in the kernel.", largest.Reload.CPUSeconds)
 	w("")
+}
+
+// noiseFloor says how far the control lane, identical to the baseline,
+// came out from it: differences of that size are noise, not enforcement.
+func (r *results) noiseFloor() string {
+	var p50, p99 float64
+	var n int
+	for _, l := range r.Latency {
+		if l.Variant == vControl && l.P50Ratio > 0 {
+			p50 = max(p50, abs(l.P50Ratio-1))
+			p99 = max(p99, abs(l.P99Ratio-1))
+			n++
+		}
+	}
+	if n == 0 {
+		return ""
+	}
+	return fmt.Sprintf("**Noise floor**: the control lane (`%s`, a second baseline, identical to it) came out within ±%.1f%% of the baseline at p50 and ±%.1f%% at p99 over its %d latency points: smaller differences are not measured by this run.",
+		vControl, p50*100, p99*100, n)
+}
+
+func abs(v float64) float64 {
+	if v < 0 {
+		return -v
+	}
+	return v
 }

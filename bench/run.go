@@ -12,6 +12,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/cgroups"
 	"github.com/procgate/procgate/ruleset"
@@ -31,6 +34,8 @@ type options struct {
 	out     string
 	phases  []string
 	verbose bool
+	// sizes replace the mode's scaling sizes when given.
+	sizes []int
 	// tiny shrinks every count to a smoke test's (set by the test only).
 	tiny bool
 }
@@ -40,9 +45,10 @@ type config struct {
 	Mode       string `json:"mode"`
 	MatrixSize int    `json:"matrix_prefixes"`
 	Sizes      []int  `json:"scaling_prefixes"`
-	Rounds     int    `json:"rounds"`
-	// Attempts per point and variant, over all rounds.
+	// Attempts per point and variant, over all rounds; a round makes Batch
+	// of them on every variant in turn, after Warmup untimed ones.
 	Attempts int `json:"attempts_per_point"`
+	Batch    int `json:"batch"`
 	Warmup   int `json:"warmup_per_batch"`
 	// Reloads and ReloadAttempts are the reload phase's goals; it stops at
 	// ReloadLimit if the attempts take longer.
@@ -58,17 +64,17 @@ type config struct {
 func configFor(o options) config {
 	switch {
 	case o.tiny:
-		return config{Mode: "smoke", MatrixSize: 100, Sizes: []int{10, 1000}, Rounds: 2, Attempts: 400, Warmup: 20,
+		return config{Mode: "smoke", MatrixSize: 100, Sizes: []int{10, 1000}, Attempts: 400, Batch: 200, Warmup: 10,
 			ReloadSize: 100, Reloads: 20, ReloadAttempts: 1000, ReloadLimit: 5 * time.Second, ReloadTimings: 2,
 			TputRounds: 1, TputDuration: 200 * time.Millisecond}
 	case o.quick:
-		return config{Mode: "quick", MatrixSize: 100, Sizes: []int{10, 1000, 5000, 100000}, Rounds: 3, Attempts: 6000, Warmup: 200,
+		return config{Mode: "quick", MatrixSize: 100, Sizes: []int{10, 1000, 5000, 100000}, Attempts: 6000, Batch: 500, Warmup: 50,
 			ReloadSize: 1000, Reloads: 200, ReloadAttempts: 500_000, ReloadLimit: 10 * time.Second, ReloadTimings: 3,
-			TputRounds: 2, TputDuration: 500 * time.Millisecond}
+			TputRounds: 3, TputDuration: 400 * time.Millisecond}
 	}
-	return config{Mode: "full", MatrixSize: 100, Sizes: []int{10, 100, 1000, 5000, 100000, 1000000}, Rounds: 10, Attempts: 200_000, Warmup: 1000,
-		ReloadSize: 1000, Reloads: 1000, ReloadAttempts: 10_000_000, ReloadLimit: 100 * time.Second, ReloadTimings: 5,
-		TputRounds: 5, TputDuration: 2 * time.Second}
+	return config{Mode: "full", MatrixSize: 100, Sizes: []int{10, 100, 1000, 5000, 100000, 1000000}, Attempts: 200_000, Batch: 2000, Warmup: 100,
+		ReloadSize: 1000, Reloads: 1000, ReloadAttempts: 10_000_000, ReloadLimit: 70 * time.Second, ReloadTimings: 3,
+		TputRounds: 5, TputDuration: time.Second}
 }
 
 // bench is one run.
@@ -105,6 +111,14 @@ func run(o options) (err error) {
 	defer stop()
 
 	b := &bench{cfg: configFor(o), log: log, variants: allVariants()}
+	if len(o.sizes) > 0 {
+		for _, n := range o.sizes {
+			if n < 2 || n > maxPolicy {
+				return fmt.Errorf("policy size %d outside 2..%d", n, maxPolicy)
+			}
+		}
+		b.cfg.Sizes = o.sizes
+	}
 	b.res = newResults(b.cfg, b.variants)
 	start := time.Now()
 	if b.host, err = newHost(log); err != nil {
@@ -185,28 +199,59 @@ func (b *bench) setup() error {
 	if err := enf.Attach(); err != nil {
 		return err
 	}
+	if err := b.attachHooksOnly(dir); err != nil {
+		return err
+	}
 	for _, g := range enf.Guards() {
 		b.res.Meta.ProcgateGuards = append(b.res.Meta.ProcgateGuards, fmt.Sprintf("%s: active=%v", g.Name, g.Active))
 	}
 	return nil
 }
 
-// applyProcgate installs rs (derived from pol) with app i bound to the
-// procgate variant's app cgroup i, and returns what it cost: wall time of
+// attachHooksOnly attaches the enforcer's own connect and sendmsg programs
+// (pinned in dir for inspection) to the hooks-only variant's cgroup, and
+// nothing else: the same maps, so the same policy, without the backstops.
+func (b *bench) attachHooksOnly(dir string) error {
+	cg := filepath.Join(b.host.cgroup, vProcgateHooks)
+	for _, h := range []struct {
+		name   string
+		attach ebpf.AttachType
+	}{
+		{"connect4", ebpf.AttachCGroupInet4Connect}, {"connect6", ebpf.AttachCGroupInet6Connect},
+		{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg}, {"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
+	} {
+		prog, err := ebpf.LoadPinnedProgram(filepath.Join(dir, "prog_"+h.name), nil)
+		if err != nil {
+			return fmt.Errorf("load pinned %s program: %w", h.name, err)
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: h.attach, Program: prog})
+		prog.Close()
+		if err != nil {
+			return fmt.Errorf("attach %s to %s: %w", h.name, cg, err)
+		}
+		b.host.undo.push(l.Close)
+	}
+	return nil
+}
+
+// applyProcgate installs rs (derived from pol) with app i bound to app
+// cgroup i of both procgate variants, and returns what it cost: wall time of
 // Apply and the process's CPU time meanwhile.
 func (b *bench) applyProcgate(rs *ruleset.Ruleset, pol *benchPolicy) (loadStats, error) {
 	g := bpf.Generation{Rules: rs, AppIDs: pol.appIDs(), AuditRate: 100}
 	for a := range pol.apps {
-		dir := b.appCgroup(vProcgate, a)
-		id, err := cgroups.ID(dir)
-		if err != nil {
-			return loadStats{}, err
+		for _, v := range []string{vProcgate, vProcgateHooks} {
+			dir := b.appCgroup(v, a)
+			id, err := cgroups.ID(dir)
+			if err != nil {
+				return loadStats{}, err
+			}
+			level, err := b.cgroupLevel(dir)
+			if err != nil {
+				return loadStats{}, err
+			}
+			g.Bindings = append(g.Bindings, bpf.Binding{App: appName(a), CgroupID: id, Level: level})
 		}
-		level, err := b.cgroupLevel(dir)
-		if err != nil {
-			return loadStats{}, err
-		}
-		g.Bindings = append(g.Bindings, bpf.Binding{App: appName(a), CgroupID: id, Level: level})
 	}
 	cpu0 := processCPU()
 	t0 := time.Now()

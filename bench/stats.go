@@ -8,14 +8,17 @@ import (
 // samples collects one point's latencies over the rounds of a run.
 type samples struct {
 	all      []uint32
-	roundP50 []float64
+	roundP50 []float64 // ns, per round
+	roundP99 []float64
 	wrong    int
 	wrongAt  string
 }
 
 func (s *samples) add(resp response) {
 	s.all = append(s.all, resp.Latencies...)
-	s.roundP50 = append(s.roundP50, quantile(slices.Sorted(slices.Values(resp.Latencies)), 0.5))
+	sorted := slices.Sorted(slices.Values(resp.Latencies))
+	s.roundP50 = append(s.roundP50, quantile(sorted, 0.5))
+	s.roundP99 = append(s.roundP99, quantile(sorted, 0.99))
 	if resp.Wrong > 0 && s.wrong == 0 {
 		s.wrongAt = resp.WrongDesc
 	}
@@ -37,7 +40,7 @@ type summary struct {
 	// RoundP50 are the medians of each round: their spread shows how much
 	// the machine drifted during the run.
 	RoundP50 []float64 `json:"round_p50_us"`
-	// Spread is (max - min) / median of RoundP50.
+	// Spread is (p90 - p10) / median of RoundP50.
 	Spread float64 `json:"round_spread"`
 	Wrong  int     `json:"wrong_verdicts"`
 	// WrongAt describes the first wrong verdict.
@@ -62,13 +65,34 @@ func (s *samples) summary() summary {
 	for _, r := range s.roundP50 {
 		out.RoundP50 = append(out.RoundP50, us(r))
 	}
-	if len(out.RoundP50) > 0 {
-		lo, hi := slices.Min(out.RoundP50), slices.Max(out.RoundP50)
-		if med := quantileF(slices.Sorted(slices.Values(out.RoundP50)), 0.5); med > 0 {
-			out.Spread = round3((hi - lo) / med)
+	out.Spread = spread(out.RoundP50)
+	return out
+}
+
+// spread is (p90 - p10) / median of vs: how much rounds differ, robust to
+// a stray round.
+func spread(vs []float64) float64 {
+	sorted := slices.Sorted(slices.Values(vs))
+	med := quantileF(sorted, 0.5)
+	if med == 0 {
+		return 0
+	}
+	return round3((quantileF(sorted, 0.9) - quantileF(sorted, 0.1)) / med)
+}
+
+// pairedRatio is the median over rounds of a[r]/b[r]: each round's
+// variant and baseline ran back to back, so a slow phase of the machine
+// (a busy neighbour of this VM) divides out instead of landing on
+// whichever variant happened to run then.
+func pairedRatio(a, b []float64) float64 {
+	var rs []float64
+	for i := range min(len(a), len(b)) {
+		if b[i] > 0 {
+			rs = append(rs, a[i]/b[i])
 		}
 	}
-	return out
+	slices.Sort(rs)
+	return round3(quantileF(rs, 0.5))
 }
 
 // quantile of sorted values, nearest rank.

@@ -13,11 +13,11 @@ import (
 var palette = []string{"#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#b07aa1", "#76b7b2", "#edc948", "#9c755f"}
 
 const (
-	chartW, chartH                     = 860, 420
-	padL, padR, padT, padB             = 70, 190, 40, 60
-	plotW, plotH                       = chartW - padL - padR, chartH - padT - padB
-	fontAttrs                          = `font-family="sans-serif" font-size="12"`
-	noValue                    float64 = -1
+	chartW, chartH                 = 860, 420
+	padL, padR, padT, padB         = 70, 190, 40, 60
+	plotW, plotH                   = chartW - padL - padR, chartH - padT - padB
+	fontAttrs                      = `font-family="sans-serif" font-size="12"`
+	noValue                float64 = -1
 )
 
 type svgDoc struct{ b strings.Builder }

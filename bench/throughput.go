@@ -17,7 +17,7 @@ type tputResult struct {
 	Unit     string    `json:"unit"`
 	Rounds   []float64 `json:"rounds"`
 	Median   float64   `json:"median"`
-	// Ratio is Median over the baseline's median in the same run.
+	// Ratio is the median over rounds of the round's ratio to the baseline.
 	Ratio  float64 `json:"ratio"`
 	Spread float64 `json:"round_spread"`
 }
@@ -27,14 +27,14 @@ const (
 	workloadRR   = "tcp-rr"
 )
 
-// tputVariants are measured for throughput; the rule-per-prefix variant
-// differs from the set one only in new connections, which bulk and
-// request/response traffic hardly makes.
-var tputVariants = []string{vBaseline, vProcgate, vNftCgroupSet, vNftUIDSet, vRouteUID}
+// tputVariants are measured for throughput; the other nftables variants
+// differ from nft-cgroup-set only in how a new connection is matched, which
+// bulk and request/response traffic hardly makes.
+var tputVariants = []string{vBaseline, vControl, vProcgate, vProcgateHooks, vNftCgroupSet, vRouteUID}
 
 // tunnelVariants share the laptop namespace of one demo topology: the
 // nftables table is loaded there only during its own batches.
-var tunnelVariants = []string{vBaseline, vProcgate, vNftCgroupSet}
+var tunnelVariants = []string{vBaseline, vControl, vProcgate, vProcgateHooks, vNftCgroupSet}
 
 func (b *bench) throughputPhase(ctx context.Context) error {
 	pol, err := newPolicy(b.cfg.MatrixSize)
@@ -128,18 +128,15 @@ func (b *bench) tput(ctx context.Context, lanes []*lane, dst netip.Addr) ([]tput
 	}
 	var out []tputResult
 	for _, wl := range []string{workloadBulk, workloadRR} {
-		base := quantileF(slices.Sorted(slices.Values(rounds[key{wl, vBaseline}])), 0.5)
+		base := rounds[key{wl, vBaseline}]
 		for _, l := range lanes {
 			rs := rounds[key{wl, l.v.Name}]
-			sorted := slices.Sorted(slices.Values(rs))
-			med := quantileF(sorted, 0.5)
-			t := tputResult{Topo: l.topo, Workload: wl, Variant: l.v.Name, Rounds: rs, Median: round3(med), Ratio: ratio(med, base)}
+			med := quantileF(slices.Sorted(slices.Values(rs)), 0.5)
+			t := tputResult{Topo: l.topo, Workload: wl, Variant: l.v.Name, Rounds: rs, Median: round3(med),
+				Ratio: pairedRatio(rs, base), Spread: spread(rs)}
 			t.Unit = "Mbit/s"
 			if wl == workloadRR {
 				t.Unit = "transactions/s"
-			}
-			if med > 0 {
-				t.Spread = round3((sorted[len(sorted)-1] - sorted[0]) / med)
 			}
 			out = append(out, t)
 		}

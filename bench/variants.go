@@ -15,6 +15,9 @@ type variant struct {
 	Desc string
 	// MaxSize is the largest policy the variant is measured at (0: all).
 	MaxSize int
+	// control variants only show the measurement's noise; the scaling phase
+	// leaves them out.
+	control bool
 	// uidBased variants tell apps apart by uid: their clients run as the
 	// app's uid. All others run as root (the uid does not change their
 	// connect path).
@@ -35,7 +38,9 @@ type loadStats struct {
 
 const (
 	vBaseline       = "baseline"
+	vControl        = "baseline-aa"
 	vProcgate       = "procgate"
+	vProcgateHooks  = "procgate-hooks-only"
 	vNftCgroupSet   = "nft-cgroup-set"
 	vNftCgroupRules = "nft-cgroup-rules"
 	vNftUIDSet      = "nft-uid-set"
@@ -51,13 +56,18 @@ const ruleVariantMax = 5000
 func allVariants() []*variant {
 	return []*variant{
 		{Name: vBaseline, Desc: "no enforcement"},
+		{Name: vControl, Desc: "control: a second, identical baseline lane; its ratio to the baseline is this run's noise floor", control: true},
 		{Name: vProcgate, Desc: "procgate: eBPF cgroup connect4/6, sendmsg4/6 (+ sock_create, egress backstop), as bpf.Open/Apply/Attach install it"},
+		{Name: vProcgateHooks, Desc: "diagnostic: procgate's connect4/6 and sendmsg4/6 programs alone (no egress backstop, no sock_create guard) on a cgroup of their own, same maps and policy: what the backstops add"},
 		{Name: vNftCgroupSet, Desc: "nftables output chain: ct state established first, internal set, `socket cgroupv2` goto per-app chain with an interval set of the app's prefixes", install: installNft},
 		{Name: vNftCgroupRules, Desc: "as nft-cgroup-set, but one rule per granted prefix in the per-app chain", MaxSize: ruleVariantMax, install: installNft},
 		{Name: vNftUIDSet, Desc: "as nft-cgroup-set, but apps told apart by `meta skuid` (one uid per app)", uidBased: true, install: installNft},
 		{Name: vRouteUID, Desc: "policy routing: `ip rule uidrange` per app to a table of its granted prefixes, then blackhole routes for every internal prefix (no ports, no protocols)", uidBased: true, install: installRoutes},
 	}
 }
+
+// enforcing is false for the baseline and its control.
+func (v *variant) enforcing() bool { return v.Name != vBaseline && !v.control }
 
 func pickVariants(all []*variant, names ...string) []*variant {
 	var out []*variant

@@ -54,16 +54,24 @@ type world struct {
 func (b *bench) buildWorld(pol *benchPolicy, variants []*variant, topos []topo) (*world, error) {
 	w := &world{nsg: netnsGroup{h: b.host}}
 	for _, t := range topos {
-		for _, v := range variants {
-			if v.MaxSize > 0 && pol.size > v.MaxSize {
-				continue
-			}
-			if err := b.buildLane(w, pol, v, t); err != nil {
-				return nil, errors.Join(fmt.Errorf("%s/%s at %d prefixes: %w", v.Name, t, pol.size, err), w.close())
-			}
+		if err := b.addLanes(w, pol, variants, t); err != nil {
+			return nil, err
 		}
 	}
 	return w, nil
+}
+
+// addLanes adds a lane per variant in topology t to w; on error it closes w.
+func (b *bench) addLanes(w *world, pol *benchPolicy, variants []*variant, t topo) error {
+	for _, v := range variants {
+		if v.MaxSize > 0 && pol.size > v.MaxSize {
+			continue
+		}
+		if err := b.buildLane(w, pol, v, t); err != nil {
+			return errors.Join(fmt.Errorf("%s/%s at %d prefixes: %w", v.Name, t, pol.size, err), w.close())
+		}
+	}
+	return nil
 }
 
 // buildLane adds a lane to w; on error, w.close removes what it made.
