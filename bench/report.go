@@ -163,8 +163,8 @@ func (r *results) markdown(plots map[string]string) string {
 	w("")
 	w("## Targets")
 	w("")
-	w("| target | goal | this run | met |")
-	w("|---|---|---|---|")
+	w("| target | goal | this run | met | parts |")
+	w("|---|---|---|---|---|")
 	for _, t := range r.Targets {
 		met := "not measured"
 		if t.Met != nil {
@@ -173,7 +173,7 @@ func (r *results) markdown(plots map[string]string) string {
 				met = "**no**: " + t.Gap
 			}
 		}
-		w("| %s | %s | %s | %s |", t.Name, t.Target, t.Value, met)
+		w("| %s | %s | %s | %s | %s |", t.Name, t.Target, t.Value, met, t.Why)
 	}
 	w("")
 	if nf := r.noiseFloor(); nf != "" {

@@ -14,6 +14,8 @@ type targetResult struct {
 	// Met is nil when the run did not measure it.
 	Met *bool  `json:"met"`
 	Gap string `json:"gap,omitempty"` // by how much it was missed
+	// Why splits the result into its parts, where the run measured them.
+	Why string `json:"why,omitempty"`
 }
 
 func boolp(b bool) *bool { return &b }
@@ -42,6 +44,10 @@ func (r *results) evaluate() []targetResult {
 				tr.Met = boolp(worst <= 1.05)
 				if !*tr.Met {
 					tr.Gap = fmt.Sprintf("%.1f points over", (worst-1.05)*100)
+				}
+				if h, ok := r.lat(phaseLatency, t, p, classAllow, r.Config.MatrixSize, vProcgateHooks); ok {
+					tr.Why = fmt.Sprintf("connect/sendmsg programs alone (%s): p50 %s, p99 %s; the egress backstop and sock_create guard add the rest",
+						vProcgateHooks, pct(h.P50Ratio), pct(h.P99Ratio))
 				}
 			}
 			out = append(out, tr)
@@ -76,6 +82,14 @@ func (r *results) flatness() targetResult {
 	}
 	tr.Target = fmt.Sprintf("procgate p50 (relative to baseline) within ±5%% from %d to %d prefixes", sizes[0], sizes[len(sizes)-1])
 	tr.Value = fmt.Sprintf("largest change %+.1f%% (at %d prefixes)", worst*100, at)
+	lo, okLo := r.lat(phaseScaling, topoLoopback, tcp, classAllow, sizes[0], vProcgateHooks)
+	hi, okHi := r.lat(phaseScaling, topoLoopback, tcp, classAllow, at, vProcgateHooks)
+	pgLo, _ := r.lat(phaseScaling, topoLoopback, tcp, classAllow, sizes[0], vProcgate)
+	pgHi, _ := r.lat(phaseScaling, topoLoopback, tcp, classAllow, at, vProcgate)
+	if okLo && okHi {
+		tr.Why = fmt.Sprintf("added p50 grows from +%.2f to +%.2f µs; the connect program alone from +%.2f to +%.2f µs (its LPM trie lookups, 2 per connect, 3 more in the egress backstop, get slower as the trie grows)",
+			pgLo.AddedP50, pgHi.AddedP50, lo.AddedP50, hi.AddedP50)
+	}
 	tr.Met = boolp(math.Abs(worst) <= 0.05)
 	if !*tr.Met {
 		tr.Gap = fmt.Sprintf("%.1f points beyond ±5%%", (math.Abs(worst)-0.05)*100)
