@@ -1,0 +1,478 @@
+package perimeter
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/pki"
+)
+
+// The e2e topology: two external hosts and a protected server, each on its
+// own link to the router, which runs the gateway (API on 10.9.0.1).
+//
+//	client 198.51.100.10 2001:db8:c::10 ─┐
+//	other  203.0.113.10  2001:db8:e::10 ─┼─ router (::1 / .1 on each link) ── server 10.9.0.5 fd09::5
+var (
+	client4, client6 = "198.51.100.10", "2001:db8:c::10"
+	other4, other6   = "203.0.113.10", "2001:db8:e::10"
+	server4, server6 = "10.9.0.5", "fd09::5"
+	routerAPI        = "10.9.0.1"
+	e2eProtect       = []netip.Prefix{netip.MustParsePrefix("10.9.0.0/24"), netip.MustParsePrefix("fd09::/64")}
+)
+
+const (
+	auxPort = 40000 // TCP: a greeting server
+	udpPort = 40001 // UDP: an echo server
+)
+
+const e2eRules = `host srv1 10.9.0.5,fd09::5
+allow srv1 * * * * self 40000-40100
+deny * mallory * * * * *
+`
+
+type topology struct {
+	client, other, router, server string
+}
+
+func nsHandle(t *testing.T, ns string) *netlink.Handle {
+	t.Helper()
+	h, err := netns.GetFromPath(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	nh, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nh
+}
+
+// link joins the host namespace ns to the router with a veth, gives each
+// end one IPv4 and one IPv6 address (host first, router second, without
+// duplicate address detection so that they work at once), and routes
+// everything from the host via the router.
+func link(t *testing.T, ns, router, name string, host, gw [2]string) {
+	t.Helper()
+	nstest.Veth(t, ns, "eth0", router, name)
+	for _, side := range []struct {
+		ns, dev string
+		addrs   [2]string
+	}{{ns, "eth0", host}, {router, name, gw}} {
+		h := nsHandle(t, side.ns)
+		l, err := h.LinkByName(side.dev)
+		for i, s := range side.addrs {
+			bits := []string{"/24", "/64"}[i]
+			var a *netlink.Addr
+			if err == nil {
+				a, err = netlink.ParseAddr(s + bits)
+			}
+			if err == nil {
+				a.Flags = unix.IFA_F_NODAD
+				err = h.AddrAdd(l, a)
+			}
+		}
+		h.Close()
+		if err != nil {
+			t.Fatalf("addresses %v on %s: %v", side.addrs, side.dev, err)
+		}
+	}
+	h := nsHandle(t, ns)
+	defer h.Close()
+	for _, g := range gw {
+		if err := h.RouteAdd(&netlink.Route{Gw: net.ParseIP(g)}); err != nil {
+			t.Fatalf("default route via %s: %v", g, err)
+		}
+	}
+}
+
+func newTopology(t *testing.T) topology {
+	t.Helper()
+	top := topology{client: nstest.NetNS(t), other: nstest.NetNS(t), router: nstest.NetNS(t), server: nstest.NetNS(t)}
+	link(t, top.client, top.router, "r-client", [2]string{client4, client6}, [2]string{"198.51.100.1", "2001:db8:c::1"})
+	link(t, top.other, top.router, "r-other", [2]string{other4, other6}, [2]string{"203.0.113.1", "2001:db8:e::1"})
+	link(t, top.server, top.router, "r-server", [2]string{server4, server6}, [2]string{routerAPI, "fd09::1"})
+	err := nstest.InNS(t, top.router, func() error {
+		// net sysctls belong to the namespace of the thread that opens them.
+		return errors.Join(
+			os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0),
+			os.WriteFile("/proc/sys/net/ipv6/conf/all/forwarding", []byte("1"), 0))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return top
+}
+
+// dialIn dials from a thread in the namespace ns; the socket stays there.
+// The thread is never returned to the Go scheduler (as in nstest.InNS).
+func dialIn(ns, network, addr string, timeout time.Duration) (net.Conn, error) {
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		h, err := netns.GetFromPath(ns)
+		if err == nil {
+			err = netns.Set(h)
+			h.Close()
+		}
+		if err != nil {
+			done <- result{nil, err}
+			return
+		}
+		c, err := net.DialTimeout(network, addr, timeout)
+		done <- result{c, err}
+	}()
+	r := <-done
+	return r.c, r.err
+}
+
+// serve runs, on every address of ns, a TCP server that greets each
+// connection on auxPort and a UDP echo server on udpPort.
+func serve(t *testing.T, ns string) {
+	t.Helper()
+	var ln net.Listener
+	var pc net.PacketConn
+	err := nstest.InNS(t, ns, func() (err error) {
+		if ln, err = net.Listen("tcp", ":40000"); err != nil {
+			return err
+		}
+		pc, err = net.ListenPacket("udp", ":40001")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); pc.Close(); wg.Wait() })
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("hello\n"))
+			c.Close()
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:n], from)
+		}
+	}()
+}
+
+type e2e struct {
+	top   topology
+	cfg   GatewayConfig
+	gw    *Gateway
+	agent *Client
+	log   *syncBuffer
+}
+
+// syncBuffer is a log sink the gateway's goroutines may write at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func startE2E(t *testing.T) *e2e {
+	t.Helper()
+	nstest.RequireRoot(t)
+	top := newTopology(t)
+	serve(t, top.server)
+
+	ca, err := pki.NewCA("e2e CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair := func(name string, u pki.Usage, hosts ...string) tls.Certificate {
+		is, err := ca.Issue(pki.IssueRequest{Name: name, Usage: u, Hosts: hosts, Validity: time.Hour})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := is.Pair()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	rules := filepath.Join(t.TempDir(), "site.rules")
+	if err := os.WriteFile(rules, []byte(e2eRules), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	logs := &syncBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("gateway log:\n%s", logs)
+		}
+	})
+	e := &e2e{top: top, log: logs, cfg: GatewayConfig{
+		RulesPath: rules, NetNS: top.router, Lease: 30 * time.Second, Protect: e2eProtect,
+		TLS: pki.ServerTLS(pair("gateway", pki.Server, routerAPI), ca.Pool()),
+		Log: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}}
+	e.start(t)
+	t.Cleanup(func() {
+		if err := e.gw.Close(); err != nil {
+			t.Errorf("close gateway: %v", err)
+		}
+	})
+	agentTLS := pki.ClientTLS(pair("srv1", pki.Client), ca.Pool())
+	e.agent = NewClient("https://"+e.gw.Addr().String(), agentTLS)
+	// The agent runs on the server: its requests leave from there.
+	e.agent.HTTP.Transport.(*http.Transport).DialContext = func(_ context.Context, network, addr string) (net.Conn, error) {
+		return dialIn(top.server, network, addr, 10*time.Second)
+	}
+	return e
+}
+
+// start starts the gateway, its API on a fixed port of the router so that
+// a restarted gateway is found where the agent knows it.
+func (e *e2e) start(t *testing.T) {
+	t.Helper()
+	err := nstest.InNS(t, e.top.router, func() (err error) {
+		e.cfg.Listener, err = net.Listen("tcp", net.JoinHostPort(routerAPI, "8443"))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.gw, err = StartGateway(e.cfg); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// blockTimeout is how long a connection attempt that the router drops is
+// given. That it failed is checked by the router's drop counter too, so a
+// slow machine cannot make the test pass wrongly.
+const blockTimeout = 500 * time.Millisecond
+
+// exchange connects from ns to addr over network and returns what the
+// server answers: its greeting (tcp) or the echo of a datagram (udp).
+func exchange(ns, network, addr string, timeout time.Duration) (string, error) {
+	c, err := dialIn(ns, network, addr, timeout)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	if network == "udp" {
+		if _, err := c.Write([]byte("hello\n")); err != nil {
+			return "", err
+		}
+		buf := make([]byte, 64)
+		n, err := c.Read(buf)
+		return string(buf[:n]), err
+	}
+	b, err := io.ReadAll(c)
+	return string(b), err
+}
+
+// mustBlock checks that traffic from ns to addr is dropped by the gateway's
+// default-drop rule.
+func (e *e2e) mustBlock(t *testing.T, ns, network, addr, when string) {
+	t.Helper()
+	before, err := e.gw.Table().Dropped()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := exchange(ns, network, addr, blockTimeout)
+	if err == nil {
+		t.Fatalf("%s: %s %s answered %q, want the router to drop it", when, network, addr, got)
+	}
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("%s: %v, want a timeout (a drop)", when, err)
+	}
+	after, err := e.gw.Table().Dropped()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after <= before {
+		t.Fatalf("%s: no answer, but the drop rules counted nothing (%d → %d)", when, before, after)
+	}
+}
+
+// mustPass checks that the server answers traffic from ns to addr.
+func (e *e2e) mustPass(t *testing.T, ns, network, addr, when string) {
+	t.Helper()
+	if got, err := exchange(ns, network, addr, 10*time.Second); err != nil || got != "hello\n" {
+		t.Fatalf("%s: %s %s answered %q, %v", when, network, addr, got, err)
+	}
+}
+
+func waitEmpty(t *testing.T, tab *Table, why string) {
+	t.Helper()
+	// Waiting for the kernel is not a timing assertion: the deadline only
+	// bounds a hang.
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		els, err := tab.Elements()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(els) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the kernel still holds %v: %s", els, why)
+		}
+	}
+}
+
+func TestGatewayEndToEnd(t *testing.T) {
+	e := startE2E(t)
+	ctx := context.Background()
+	aux := net.JoinHostPort(server4, "40000")
+	hole := Target{Proto: "tcp", Peer: client4, Host: server4, Port: auxPort}
+
+	e.mustBlock(t, e.top.client, "tcp", aux, "before any hole")
+	h, err := e.agent.Open(ctx, Request{Target: hole, User: "alice"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.Delegate != "srv1" || h.Rule == "" {
+		t.Errorf("opened %+v", h)
+	}
+	e.mustPass(t, e.top.client, "tcp", aux, "through the hole")
+	e.mustBlock(t, e.top.other, "tcp", aux, "another external host while the client's hole is open")
+	holes, err := e.agent.List(ctx)
+	if err != nil || len(holes) != 1 || holes[0].Packets < 2 {
+		t.Errorf("listed %+v, %v; want the hole with the packets of a connection counted", holes, err)
+	}
+
+	if res, err := e.agent.Close(ctx, []Target{hole}); err != nil || len(res.Closed) != 1 {
+		t.Fatalf("close: %+v, %v", res, err)
+	}
+	e.mustBlock(t, e.top.client, "tcp", aux, "after the close")
+
+	refusals := []struct {
+		name string
+		req  Request
+		rule string
+		msg  string
+	}{
+		{"denied user", Request{Target: hole, User: "mallory"}, e.cfg.RulesPath + ":3", "denied by " + e.cfg.RulesPath + ":3"},
+		{"port no rule allows", Request{Target: Target{Proto: "tcp", Peer: client4, Host: server4, Port: 22}, User: "alice"}, "", "no allow rule matched"},
+	}
+	for _, r := range refusals {
+		_, err := e.agent.Open(ctx, r.req)
+		var apiErr *APIError
+		if !errors.As(err, &apiErr) || apiErr.Status != 403 || apiErr.Rule != r.rule || !strings.Contains(apiErr.Message, r.msg) {
+			t.Errorf("%s: %v (%+v), want 403 naming %q", r.name, err, apiErr, r.msg)
+		}
+		if !strings.Contains(e.log.String(), `"msg":"pinhole refused","delegate":"srv1","user":"`+r.req.User+`"`) {
+			t.Errorf("%s: no audit record of the refusal", r.name)
+		}
+	}
+	e.mustBlock(t, e.top.client, "tcp", aux, "after the refusals")
+
+	// A dead agent: it opens a hole with a short lease and never renews.
+	if _, err := e.agent.Open(ctx, Request{Target: hole, User: "alice", LeaseSeconds: 1}); err != nil {
+		t.Fatal(err)
+	}
+	waitEmpty(t, e.gw.Table(), "the lease ran out")
+	e.mustBlock(t, e.top.client, "tcp", aux, "after the lease ran out")
+}
+
+// TestGatewayIPv6UDP checks the other set and the other protocol: the
+// ip6 lookup's register layout and a UDP hole.
+func TestGatewayIPv6UDP(t *testing.T) {
+	e := startE2E(t)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		network, peer, other, host string
+		port                       int
+	}{
+		{"tcp", client6, other6, server6, auxPort},
+		{"udp", client4, other4, server4, udpPort},
+		{"udp", client6, other6, server6, udpPort},
+	} {
+		addr := net.JoinHostPort(tc.host, strconv.Itoa(tc.port))
+		name := tc.network + " " + addr
+		e.mustBlock(t, e.top.client, tc.network, addr, name+" before the hole")
+		hole := Target{Proto: tc.network, Peer: tc.peer, Host: tc.host, Port: tc.port}
+		if _, err := e.agent.Open(ctx, Request{Target: hole, User: "alice"}); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		e.mustPass(t, e.top.client, tc.network, addr, name+" through the hole")
+		e.mustBlock(t, e.top.other, tc.network, addr, name+" from the other host")
+	}
+}
+
+// TestGatewayRestart stops the gateway with two holes open and starts a new
+// one: it adopts both from the kernel; the agent's sync claims one (the
+// other was closed while the gateway was down), and the kernel ends with
+// exactly that one.
+func TestGatewayRestart(t *testing.T) {
+	e := startE2E(t)
+	ctx := context.Background()
+	tcpHole := Target{Proto: "tcp", Peer: client4, Host: server4, Port: auxPort}
+	udpHole := Target{Proto: "udp", Peer: client4, Host: server4, Port: udpPort}
+	for _, h := range []Target{tcpHole, udpHole} {
+		if _, err := e.agent.Open(ctx, Request{Target: h, User: "alice"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.gw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.mustPass(t, e.top.client, "tcp", net.JoinHostPort(server4, "40000"), "while the gateway is down")
+	e.start(t)
+	if holes, err := e.agent.List(ctx); err != nil || len(holes) != 2 {
+		t.Fatalf("after the restart the gateway lists %+v, %v; want both holes adopted", holes, err)
+	}
+	res, err := e.agent.Sync(ctx, []Request{{Target: udpHole, User: "alice"}})
+	if err != nil || len(res.Holes) != 1 || len(res.Closed) != 1 {
+		t.Fatalf("sync: %+v, %v", res, err)
+	}
+	els, err := e.gw.Table().Elements()
+	if err != nil || len(els) != 1 || els[0].Key.Target() != udpHole {
+		t.Fatalf("kernel after the sync: %+v, %v; want the udp hole only", els, err)
+	}
+	e.mustPass(t, e.top.client, "udp", net.JoinHostPort(server4, "40001"), "the claimed hole")
+	e.mustBlock(t, e.top.client, "tcp", net.JoinHostPort(server4, "40000"), "the hole no agent claimed")
+}

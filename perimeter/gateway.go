@@ -1,0 +1,139 @@
+package perimeter
+
+import (
+	"cmp"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// GatewayConfig is what `procgate gateway` runs with.
+type GatewayConfig struct {
+	RulesPath string
+	// Listen is the API's address (host:port); Listener, if set, is used
+	// instead (a socket made in another network namespace, in tests).
+	Listen   string
+	Listener net.Listener
+	Protect  []netip.Prefix
+	// TLS is the server side of the mTLS (pki.ServerConfig).
+	TLS   *tls.Config
+	Lease time.Duration
+	// Table and NetNS are as in TableConfig.
+	Table string
+	NetNS string
+	Log   *slog.Logger
+}
+
+// Gateway is a running perimeter controller: table, controller, API.
+type Gateway struct {
+	rulesPath string
+	log       *slog.Logger
+	table     *Table
+	ctrl      *Controller
+	srv       *http.Server
+	ln        net.Listener
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	serveErr  error
+}
+
+// sweepEvery is how often the controller forgets expired holes; the kernel
+// closes them by their timeouts on its own, so this only bounds how long a
+// listing may show a hole that is already closed.
+const sweepEvery = time.Second
+
+// StartGateway loads the rules, installs (or adopts) the table, and serves
+// the API until Close.
+func StartGateway(cfg GatewayConfig) (*Gateway, error) {
+	if cfg.TLS == nil {
+		return nil, errors.New("gateway: a TLS configuration is required (mTLS only)")
+	}
+	log := cmp.Or(cfg.Log, slog.Default())
+	rules, err := LoadRules(cfg.RulesPath)
+	if err != nil {
+		return nil, err
+	}
+	table, err := OpenTable(TableConfig{Name: cfg.Table, NetNS: cfg.NetNS, Protect: cfg.Protect})
+	if err != nil {
+		return nil, err
+	}
+	ctrl, err := NewController(ControllerConfig{Rules: rules, Table: table, Protect: cfg.Protect, Lease: cfg.Lease, Log: log})
+	if err != nil {
+		table.Close()
+		return nil, err
+	}
+	ln := cfg.Listener
+	if ln == nil {
+		if ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+			table.Close()
+			return nil, fmt.Errorf("gateway: listen on %s: %w", cfg.Listen, err)
+		}
+	}
+	g := &Gateway{rulesPath: cfg.RulesPath, log: log, table: table, ctrl: ctrl, ln: ln}
+	g.srv = &http.Server{
+		Handler:           (&Server{C: ctrl, Log: log}).Handler(),
+		TLSConfig:         cfg.TLS,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	g.cancel = cancel
+	g.wg.Add(2)
+	go func() {
+		defer g.wg.Done()
+		if err := g.srv.ServeTLS(ln, "", ""); !errors.Is(err, http.ErrServerClosed) {
+			g.serveErr = err
+			log.Error("gateway API stopped", "error", err)
+		}
+	}()
+	go func() {
+		defer g.wg.Done()
+		ctrl.Run(ctx, sweepEvery)
+	}()
+	log.Info("gateway started", "listen", ln.Addr().String(), "rules", cfg.RulesPath, "rule_count", len(rules.List),
+		"protect", fmt.Sprint(cfg.Protect), "table", cmp.Or(cfg.Table, DefaultTableName), "lease", cmp.Or(cfg.Lease, DefaultLease))
+	return g, nil
+}
+
+// Addr is where the API listens.
+func (g *Gateway) Addr() net.Addr { return g.ln.Addr() }
+
+// Controller is the gateway's controller.
+func (g *Gateway) Controller() *Controller { return g.ctrl }
+
+// Table is the gateway's nftables table.
+func (g *Gateway) Table() *Table { return g.table }
+
+// Reload reads the rules file again. A file with errors is refused whole
+// and the rules in force stay.
+func (g *Gateway) Reload() error {
+	rules, err := LoadRules(g.rulesPath)
+	if err == nil {
+		err = g.ctrl.SetRules(rules)
+	}
+	if err != nil {
+		g.log.Error("rules not reloaded; the old rules stay in force", "rules", g.rulesPath, "error", err.Error())
+		return err
+	}
+	g.log.Info("rules reloaded", "rules", g.rulesPath, "rule_count", len(rules.List))
+	return nil
+}
+
+// Close stops the API and the sweeper. The table and its holes stay in the
+// kernel: a restarted gateway adopts them, and their leases close them if
+// none does.
+func (g *Gateway) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := g.srv.Shutdown(ctx)
+	g.cancel()
+	g.wg.Wait()
+	return errors.Join(err, g.serveErr, g.table.Close())
+}
