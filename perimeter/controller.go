@@ -258,10 +258,10 @@ func (c *Controller) heldBy(user string, k Key, now time.Time) int {
 
 // leaseFor is the lease a request of seconds gets.
 func (c *Controller) leaseFor(seconds int) time.Duration {
-	if seconds == 0 {
+	if seconds == 0 || seconds > int(c.lease/time.Second) { // compared in seconds: no overflow
 		return c.lease
 	}
-	return min(time.Duration(seconds)*time.Second, c.lease)
+	return time.Duration(seconds) * time.Second
 }
 
 // checkHost refuses a hole for a host outside the protected ranges: the

@@ -286,6 +286,11 @@ func TestRenewCloseSweep(t *testing.T) {
 	if _, err := c.Open("srv2", Request{Target: b.Target(), User: "carol", LeaseSeconds: 10}); err != nil {
 		t.Fatal(err)
 	}
+	for asked, want := range map[int]time.Duration{0: time.Minute, 1: time.Second, 60: time.Minute, 61: time.Minute, 1 << 62: time.Minute} {
+		if got := c.leaseFor(asked); got != want {
+			t.Errorf("lease for %d seconds asked: %v, want %v", asked, got, want)
+		}
+	}
 	c.clock.advance(50 * time.Second)
 	if n := c.Sweep(); n != 1 {
 		t.Errorf("sweep removed %d holes, want b, whose 10s lease ran out", n)

@@ -3,7 +3,6 @@ package perimeter
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"errors"
 	"io"
 	"log/slog"
@@ -229,17 +228,6 @@ func startE2E(t *testing.T) *e2e {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pair := func(name string, u pki.Usage, hosts ...string) tls.Certificate {
-		is, err := ca.Issue(pki.IssueRequest{Name: name, Usage: u, Hosts: hosts, Validity: time.Hour})
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, err := is.Pair()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
 	rules := filepath.Join(t.TempDir(), "site.rules")
 	if err := os.WriteFile(rules, []byte(e2eRules), 0o644); err != nil {
 		t.Fatal(err)
@@ -252,7 +240,7 @@ func startE2E(t *testing.T) *e2e {
 	})
 	e := &e2e{top: top, log: logs, cfg: GatewayConfig{
 		RulesPath: rules, NetNS: top.router, Lease: 30 * time.Second, Protect: e2eProtect,
-		TLS: pki.ServerTLS(pair("gateway", pki.Server, routerAPI), ca.Pool()),
+		TLS: pki.ServerTLS(issuePair(t, ca, "gateway", pki.Server, routerAPI), ca.Pool()),
 		Log: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}}
 	e.start(t)
@@ -261,7 +249,7 @@ func startE2E(t *testing.T) *e2e {
 			t.Errorf("close gateway: %v", err)
 		}
 	})
-	agentTLS := pki.ClientTLS(pair("srv1", pki.Client), ca.Pool())
+	agentTLS := pki.ClientTLS(issuePair(t, ca, "srv1", pki.Client), ca.Pool())
 	e.agent = NewClient("https://"+e.gw.Addr().String(), agentTLS)
 	// The agent runs on the server: its requests leave from there.
 	e.agent.HTTP.Transport.(*http.Transport).DialContext = func(_ context.Context, network, addr string) (net.Conn, error) {

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"log"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -34,26 +35,30 @@ func newAPIFixture(t *testing.T) *apiFixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pair := func(name string, u pki.Usage, hosts ...string) tls.Certificate {
-		is, err := ca.Issue(pki.IssueRequest{Name: name, Usage: u, Hosts: hosts, Validity: time.Hour})
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, err := is.Pair()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
 	srv := httptest.NewUnstartedServer((&Server{C: c.Controller, Log: slog.New(slog.NewTextHandler(io.Discard, nil))}).Handler())
-	srv.TLS = pki.ServerTLS(pair("gateway", pki.Server, "127.0.0.1"), ca.Pool())
+	srv.TLS = pki.ServerTLS(issuePair(t, ca, "gateway", pki.Server, "127.0.0.1"), ca.Pool())
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // handshake failures are the point of some tests
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
 	f := &apiFixture{testController: c, url: srv.URL, clients: map[string]*Client{}, ca: ca}
 	for _, name := range []string{"srv1", "srv2"} {
-		f.clients[name] = NewClient(srv.URL, pki.ClientTLS(pair(name, pki.Client), ca.Pool()))
+		f.clients[name] = NewClient(srv.URL, pki.ClientTLS(issuePair(t, ca, name, pki.Client), ca.Pool()))
 	}
 	return f
+}
+
+// issuePair issues a certificate of ca for a tls.Config.
+func issuePair(t testing.TB, ca *pki.CA, name string, u pki.Usage, hosts ...string) tls.Certificate {
+	t.Helper()
+	is, err := ca.Issue(pki.IssueRequest{Name: name, Usage: u, Hosts: hosts, Validity: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := is.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 func TestAPI(t *testing.T) {

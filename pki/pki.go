@@ -67,42 +67,51 @@ type Issued struct {
 // for the gateway's rules (see perimeter), or a host name.
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}$`)
 
-func serial() (*big.Int, error) {
-	s, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+// newCert makes a key and a certificate for it from tmpl, filling in the
+// serial number and the validity period: signed by parent and ending no
+// later than parent, or self-signed if parent is nil.
+func newCert(tmpl *x509.Certificate, validity time.Duration, parent *CA) (*x509.Certificate, *ecdsa.PrivateKey, error) {
+	name := tmpl.Subject.CommonName
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("make serial number: %w", err)
+		return nil, nil, fmt.Errorf("generate key for %s: %w", name, err)
 	}
-	return s, nil
+	tmpl.SerialNumber, err = rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return nil, nil, fmt.Errorf("make serial number for %s: %w", name, err)
+	}
+	now := time.Now()
+	tmpl.NotBefore = now.Add(-time.Minute) // tolerate a little clock skew
+	tmpl.NotAfter = now.Add(validity)
+	signer, signerKey := tmpl, key
+	if parent != nil {
+		signer, signerKey = parent.Cert, parent.Key
+		if tmpl.NotAfter.After(parent.Cert.NotAfter) {
+			tmpl.NotAfter = parent.Cert.NotAfter
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
+	if err != nil {
+		return nil, nil, fmt.Errorf("sign certificate for %s: %w", name, err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, nil, fmt.Errorf("parse certificate for %s: %w", name, err)
+	}
+	return cert, key, nil
 }
 
 // NewCA makes a self-signed CA named name, valid for validity.
 func NewCA(name string, validity time.Duration) (*CA, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, fmt.Errorf("generate CA key: %w", err)
-	}
-	sn, err := serial()
-	if err != nil {
-		return nil, err
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber:          sn,
+	cert, key, err := newCert(&x509.Certificate{
 		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             now.Add(-time.Minute), // tolerate a little clock skew
-		NotAfter:              now.Add(validity),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		MaxPathLenZero:        true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	}, validity, nil)
 	if err != nil {
-		return nil, fmt.Errorf("sign CA certificate: %w", err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("parse CA certificate: %w", err)
+		return nil, err
 	}
 	return &CA{Cert: cert, Key: key}, nil
 }
@@ -135,24 +144,9 @@ func (ca *CA) Issue(req IssueRequest) (*Issued, error) {
 	if req.Usage&Server != 0 && len(req.Hosts) == 0 {
 		return nil, fmt.Errorf("server certificate %s: name at least one DNS name or IP address the clients dial", req.Name)
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, fmt.Errorf("generate key for %s: %w", req.Name, err)
-	}
-	sn, err := serial()
-	if err != nil {
-		return nil, err
-	}
-	now := time.Now()
 	tmpl := &x509.Certificate{
-		SerialNumber: sn,
-		Subject:      pkix.Name{CommonName: req.Name},
-		NotBefore:    now.Add(-time.Minute),
-		NotAfter:     now.Add(req.Validity),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-	}
-	if tmpl.NotAfter.After(ca.Cert.NotAfter) {
-		tmpl.NotAfter = ca.Cert.NotAfter
+		Subject:  pkix.Name{CommonName: req.Name},
+		KeyUsage: x509.KeyUsageDigitalSignature,
 	}
 	if req.Usage&Client != 0 {
 		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageClientAuth)
@@ -167,16 +161,16 @@ func (ca *CA) Issue(req IssueRequest) (*Issued, error) {
 			tmpl.DNSNames = append(tmpl.DNSNames, h)
 		}
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
+	cert, key, err := newCert(tmpl, req.Validity, ca)
 	if err != nil {
-		return nil, fmt.Errorf("sign certificate for %s: %w", req.Name, err)
+		return nil, err
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return nil, fmt.Errorf("encode key for %s: %w", req.Name, err)
 	}
 	return &Issued{
-		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}),
 		KeyPEM:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
 	}, nil
 }

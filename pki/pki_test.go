@@ -177,3 +177,24 @@ func TestParseUsage(t *testing.T) {
 		t.Error("ParseUsage accepted ca")
 	}
 }
+
+func TestIssuedEndsWithTheCA(t *testing.T) {
+	ca, err := NewCA("short", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	is, err := ca.Issue(IssueRequest{Name: "srv1", Usage: Client, Validity: 365 * 24 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := is.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pair.Leaf.NotAfter.After(ca.Cert.NotAfter) {
+		t.Errorf("certificate ends %v, after its CA (%v)", pair.Leaf.NotAfter, ca.Cert.NotAfter)
+	}
+	if pair.Leaf.SerialNumber.Cmp(ca.Cert.SerialNumber) == 0 {
+		t.Error("certificate and CA share a serial number")
+	}
+}
