@@ -52,6 +52,8 @@ Every connect() and UDP sendmsg() is decided in the kernel.`,
 		reloadCmd(client),
 		dialCmd(),
 		demoCmd(),
+		gatewayCmd(),
+		pkiCmd(),
 	)
 	root.SetArgs(args)
 	return root.Execute()
