@@ -78,6 +78,7 @@ type response struct {
 	Attempts  int64
 	Allowed   []int64 // verify: per check
 	Denied    []int64
+	Dropped   []int64 // verify: TCP connects without any answer (counted in Denied too)
 	Bytes     int64
 	Trans     int64
 	Elapsed   time.Duration
@@ -119,6 +120,7 @@ func serveClient(uid string, in io.Reader, out io.Writer) error {
 		for {
 			var r request
 			if err := dec.Decode(&r); err != nil {
+				stop.Store(true) // the coordinator is gone: end a running verify
 				return
 			}
 			if r.Op == opStop {
@@ -165,14 +167,18 @@ func sockaddr(ap netip.AddrPort) unix.Sockaddr {
 }
 
 // allowed reads a verdict from an attempt's error: EPERM (procgate,
-// nftables drop), EACCES (prohibit routes), EINVAL (blackhole routes) are
-// denials; ECONNREFUSED is a denial only when refusedDenies (a listener
+// nftables drop), EACCES (prohibit routes), EINVAL (blackhole routes),
+// ECONNABORTED (procgate ended the socket) are denials; ECONNREFUSED is a denial only when refusedDenies (a listener
 // exists, so only an nftables `reject with tcp reset` refuses).
 func allowed(err error, refusedDenies bool) (bool, error) {
 	switch {
 	case err == nil:
 		return true, nil
 	case errors.Is(err, unix.EPERM), errors.Is(err, unix.EACCES), errors.Is(err, unix.EINVAL):
+		return false, nil
+	case errors.Is(err, unix.ECONNABORTED):
+		// procgate's live-socket revocation ended the connecting socket
+		// after a reload withdrew its destination.
 		return false, nil
 	case errors.Is(err, unix.ECONNREFUSED):
 		return !refusedDenies, nil
@@ -182,10 +188,14 @@ func allowed(err error, refusedDenies bool) (bool, error) {
 
 var lingerRST = &unix.Linger{Onoff: 1, Linger: 0}
 
+// verifyTimeout bounds a verify connect to a port without a listener, which
+// is refused in microseconds unless its SYN is dropped.
+const verifyTimeout = 100 * time.Millisecond
+
 // tcpConnect makes one blocking connect from a fresh socket and returns its
 // error and how long connect() took. SO_LINGER {1, 0}: the close sends RST,
 // so hundreds of thousands of attempts leave no TIME_WAIT behind.
-func tcpConnect(sa unix.Sockaddr) (time.Duration, error) {
+func tcpConnect(sa unix.Sockaddr, timeout time.Duration) (time.Duration, error) {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return 0, fmt.Errorf("socket: %w", err)
@@ -195,7 +205,8 @@ func tcpConnect(sa unix.Sockaddr) (time.Duration, error) {
 		return 0, fmt.Errorf("SO_LINGER: %w", err)
 	}
 	// A dropped SYN would block for minutes; a bound, not a measurement.
-	tv := unix.NsecToTimeval(int64(2 * time.Second))
+	// When it expires, connect fails with EINPROGRESS.
+	tv := unix.NsecToTimeval(int64(timeout))
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
 		return 0, fmt.Errorf("SO_SNDTIMEO: %w", err)
 	}
@@ -257,7 +268,7 @@ func latencyLoop(r request, resp *response) error {
 	for i, d := range r.Dests {
 		sas[i] = sockaddr(d)
 	}
-	attempt := func(sa unix.Sockaddr) (time.Duration, error) { return tcpConnect(sa) }
+	attempt := func(sa unix.Sockaddr) (time.Duration, error) { return tcpConnect(sa, 2*time.Second) }
 	if r.Proto == udp {
 		fd, err := udpSocket()
 		if err != nil {
@@ -303,6 +314,7 @@ func verifyLoop(r request, stop *atomic.Bool, resp *response) error {
 	}
 	resp.Allowed = make([]int64, len(r.Checks))
 	resp.Denied = make([]int64, len(r.Checks))
+	resp.Dropped = make([]int64, len(r.Checks))
 	for round := 0; !stop.Load(); round++ {
 		for i, c := range r.Checks {
 			var err error
@@ -311,15 +323,21 @@ func verifyLoop(r request, stop *atomic.Bool, resp *response) error {
 			} else if round%4 == 0 {
 				// A connect costs several sends: fewer of them, so that
 				// the attempts' count is not all one path.
-				_, err = tcpConnect(sas[i])
+				_, err = tcpConnect(sas[i], verifyTimeout)
 			} else {
 				continue
+			}
+			resp.Attempts++
+			if errors.Is(err, unix.EINPROGRESS) {
+				// No answer at all: the SYN was dropped, which only the
+				// egress backstop does here. A denial, but a silent one.
+				resp.Dropped[i]++
+				err = unix.EPERM
 			}
 			ok, err := allowed(err, false)
 			if err != nil {
 				return fmt.Errorf("%s %s: %w", c.Proto, c.Dest, err)
 			}
-			resp.Attempts++
 			if ok {
 				resp.Allowed[i]++
 			} else {

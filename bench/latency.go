@@ -133,11 +133,12 @@ func (b *bench) latencyPhase(ctx context.Context) error {
 	}
 	defer w.close()
 	// One rule per prefix differs from the set only in how app0's chain is
-	// walked, which the loopback lanes and the scaling phase show; leaving
-	// it out over veth keeps the full run within its time.
+	// walked, and the hooks-only diagnostic only in the backstop, which the
+	// loopback lanes and the scaling phase show; leaving them out over veth
+	// keeps the full run within its time.
 	var vethVariants []*variant
 	for _, v := range b.variants {
-		if v.Name != vNftCgroupRules {
+		if v.Name != vNftCgroupRules && v.Name != vProcgateHooks {
 			vethVariants = append(vethVariants, v)
 		}
 	}

@@ -28,6 +28,11 @@ type reloadResult struct {
 	// verdicts must show up, or the reloads changed nothing.
 	FlipAllowed int64 `json:"flip_allowed"`
 	FlipDenied  int64 `json:"flip_denied"`
+	// Dropped are TCP connects that got no answer within 100 ms: their SYN
+	// was dropped by the egress backstop (only the switched destination
+	// may see that: connect4 allowed it under one generation, egress denied
+	// its SYN under the next).
+	Dropped int64 `json:"dropped_connects"`
 	// Apply times of the reloads, milliseconds.
 	ApplyP50 float64 `json:"apply_p50_ms"`
 	ApplyP99 float64 `json:"apply_p99_ms"`
@@ -153,6 +158,7 @@ func (b *bench) reloadPhase(ctx context.Context) error {
 			}
 			res.Wrong += resp.Wrong
 			for i := range checks {
+				res.Dropped += resp.Dropped[i]
 				if flip[i] && reloads > 0 {
 					res.FlipAllowed += resp.Allowed[i]
 					res.FlipDenied += resp.Denied[i]

@@ -275,10 +275,12 @@ func (r *results) reloadSection(w func(string, ...any), plots map[string]string)
 		w("procgate switched between two policies of %d prefixes (they differ in one grant of app0) %d times while %d clients in app0's cgroup made %d attempts (UDP sendto and TCP connect to allowed, denied, external and the switched destination) and checked each verdict.",
 			rl.Size, rl.Reloads, rl.Clients, rl.Attempt)
 		w("")
-		w("| reloads | attempts | attempts/s during reloads | attempts/s without | wrong verdicts | switched dest allowed / denied | apply p50 / p99 / max ms | goal met |")
-		w("|---|---|---|---|---|---|---|---|")
-		w("| %d | %d | %.0f | %.0f | %d | %d / %d | %.2f / %.2f / %.2f | %v |", rl.Reloads, rl.Attempt, rl.AttemptsPerSec, rl.IdlePerSec, rl.Wrong,
-			rl.FlipAllowed, rl.FlipDenied, rl.ApplyP50, rl.ApplyP99, rl.ApplyMax, rl.GoalMet)
+		w("| reloads | attempts | attempts/s during reloads | attempts/s without | wrong verdicts | switched dest allowed / denied | connects dropped silently | apply p50 / p99 / max ms | goal met |")
+		w("|---|---|---|---|---|---|---|---|---|")
+		w("| %d | %d | %.0f | %.0f | %d | %d / %d | %d | %.2f / %.2f / %.2f | %v |", rl.Reloads, rl.Attempt, rl.AttemptsPerSec, rl.IdlePerSec, rl.Wrong,
+			rl.FlipAllowed, rl.FlipDenied, rl.Dropped, rl.ApplyP50, rl.ApplyP99, rl.ApplyMax, rl.GoalMet)
+		w("")
+		w("A connect is *dropped silently* when it gets no answer within %s: connect4 allowed it under one generation and the egress backstop dropped its SYN under the next (the switched destination only; it is a denial, but the application sees a hang instead of EPERM).", verifyTimeout)
 		if !rl.GoalMet {
 			w("")
 			w("The goal (%d reloads and %d attempts) was not reached within %s; the table shows what was done.", r.Config.Reloads, r.Config.ReloadAttempts, r.Config.ReloadLimit)

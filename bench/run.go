@@ -79,6 +79,8 @@ func configFor(o options) config {
 
 // bench is one run.
 type bench struct {
+	// ctx ends with an interrupt; long set-ups check it between steps.
+	ctx      context.Context
 	cfg      config
 	log      *slog.Logger
 	host     *host
@@ -110,7 +112,7 @@ func run(o options) (err error) {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	b := &bench{cfg: configFor(o), log: log, variants: allVariants()}
+	b := &bench{ctx: ctx, cfg: configFor(o), log: log, variants: allVariants()}
 	if len(o.sizes) > 0 {
 		for _, n := range o.sizes {
 			if n < 2 || n > maxPolicy {

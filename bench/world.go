@@ -67,7 +67,11 @@ func (b *bench) addLanes(w *world, pol *benchPolicy, variants []*variant, t topo
 		if v.MaxSize > 0 && pol.size > v.MaxSize {
 			continue
 		}
-		if err := b.buildLane(w, pol, v, t); err != nil {
+		err := b.ctx.Err()
+		if err == nil {
+			err = b.buildLane(w, pol, v, t)
+		}
+		if err != nil {
 			return errors.Join(fmt.Errorf("%s/%s at %d prefixes: %w", v.Name, t, pol.size, err), w.close())
 		}
 	}
