@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"sort"
@@ -36,6 +37,11 @@ import (
 // The test binary doubles as the attack program: re-executed with
 // envAsMain it runs main() (run, one, holder).
 const envAsMain = "PROCGATE_ATTACK_AS_MAIN"
+
+// envOnly, a regexp, runs only the techniques it matches (and the
+// controls): for debugging one technique, or a run under -race, where each
+// technique's process takes a second.
+const envOnly = "PROCGATE_ATTACK_ONLY"
 
 func TestMain(m *testing.M) {
 	if os.Getenv(envAsMain) == "1" {
@@ -484,10 +490,21 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 	nonce := strings.ReplaceAll(r.name, "-", "") + fmt.Sprint(time.Now().UnixNano()%1e6)
 	w.nonceApp[nonce] = r.app
 	mark := w.target.Mark()
-	cmd := exec.Command(w.bin, "run",
+	args := []string{"run",
 		"-role", r.name, "-nonce", nonce, "-oracle", w.oracle, "-holder", w.holder,
 		"-target4", r.target4, "-target6", r.target6, "-ifname", "pga",
-		"-internal", internalFlag(w.rs))
+		"-internal", internalFlag(w.rs)}
+	ran := techniques
+	if only := os.Getenv(envOnly); only != "" {
+		// The controls always run: without them no result means anything.
+		re, err := regexp.Compile("^control-|" + only)
+		if err != nil {
+			t.Fatalf("%s: %v", envOnly, err)
+		}
+		args = append(args, "-only", re.String())
+		ran = slices.DeleteFunc(slices.Clone(techniques), func(tech technique) bool { return !re.MatchString(tech.name) })
+	}
+	cmd := exec.Command(w.bin, args...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	w.start(t, cmd, w.cgroupOf(r), r.uid)
@@ -498,8 +515,8 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 	if err != nil {
 		t.Fatalf("attack output: %v\n%s", err, stdout.String())
 	}
-	if sum.Total != len(techniques) || len(results) != len(techniques) {
-		t.Fatalf("%d results (summary %d), want one per technique (%d)", len(results), sum.Total, len(techniques))
+	if sum.Total != len(ran) || len(results) != len(ran) {
+		t.Fatalf("%d results (summary %d), want one per technique (%d)", len(results), sum.Total, len(ran))
 	}
 	t.Logf("%s: %d techniques, %d reached, %d blocked, %d unavailable", r.name, sum.Total, sum.Reached, sum.Blocked, sum.Unavailable)
 	byName := map[string]result{}
@@ -510,14 +527,14 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 	}
 
 	// Controls prove that the target hears this role at all.
-	for _, tech := range techniques {
+	for _, tech := range ran {
 		if tech.class == classControl && byName[tech.name].Result != Reached {
 			t.Errorf("control %s did not reach the target: nothing this role sends would be seen (%s)", tech.name, byName[tech.name].Detail)
 		}
 	}
 	// A role attacking its own grant proves each ordinary path works.
 	if r.ownGrant {
-		for _, tech := range techniques {
+		for _, tech := range ran {
 			if res := byName[tech.name]; tech.grantable && res.Result == Blocked {
 				t.Errorf("%s is granted %s but %s did not reach it: the technique or the target is broken (%s)", r.name, res.Dest, tech.name, res.Detail)
 			}
@@ -540,7 +557,7 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 		t.Errorf("UNEXPECTED REACH: %s as %s reached %s (%s); attacker said %s: %s", v.technique, r.name, v.rec, v.why, byName[v.technique].Result, byName[v.technique].Detail)
 	}
 	for _, g := range gaps {
-		if g.role != r.name || found[g.technique] {
+		if _, tried := byName[g.technique]; g.role != r.name || found[g.technique] || !tried {
 			continue
 		}
 		if byName[g.technique].Result == Unavailable {

@@ -83,41 +83,64 @@ func ptraceInject(a attempt, pid int, dst unix.Sockaddr, token []byte, timeout t
 
 // seizeThreadInSyscall attaches to the threads of pid one by one until one
 // is stopped inside a system call, and returns it with its registers. The
-// others are released again.
+// others are released again. A thread waiting in futex(2) is preferred (an
+// idle Go thread): its wait restarts plainly, where a sleep would restart
+// through the restart block.
 func seizeThreadInSyscall(pid int) (int, unix.PtraceRegs, error) {
 	tasks, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
 	if err != nil {
 		return 0, unix.PtraceRegs{}, err
 	}
-	for _, t := range tasks {
-		tid, err := strconv.Atoi(t.Name())
-		if err != nil {
-			continue
+	for _, want := range []func(nr uint64) bool{
+		func(nr uint64) bool { return nr == unix.SYS_FUTEX },
+		func(uint64) bool { return true },
+	} {
+		for _, t := range tasks {
+			tid, err := strconv.Atoi(t.Name())
+			if err != nil {
+				continue
+			}
+			regs, ok, err := seizeIfInSyscall(tid, want)
+			if err != nil {
+				return 0, unix.PtraceRegs{}, err
+			}
+			if ok {
+				return tid, regs, nil
+			}
 		}
-		if err := unix.PtraceSeize(tid); err != nil {
-			return 0, unix.PtraceRegs{}, err
-		}
-		if err := unix.PtraceInterrupt(tid); err != nil {
-			_ = unix.PtraceDetach(tid)
-			return 0, unix.PtraceRegs{}, err
-		}
-		if err := waitStop(tid); err != nil {
-			_ = unix.PtraceDetach(tid)
-			return 0, unix.PtraceRegs{}, err
-		}
-		var regs unix.PtraceRegs
-		if err := unix.PtraceGetRegs(tid, &regs); err != nil {
-			_ = unix.PtraceDetach(tid)
-			return 0, unix.PtraceRegs{}, err
-		}
-		insn := make([]byte, 2)
-		_, perr := unix.PtracePeekText(tid, uintptr(regs.Rip-2), insn)
-		if perr == nil && int64(regs.Orig_rax) >= 0 && insn[0] == 0x0f && insn[1] == 0x05 {
-			return tid, regs, nil
-		}
-		_ = unix.PtraceDetach(tid)
 	}
 	return 0, unix.PtraceRegs{}, errors.New("no thread stopped in a system call")
+}
+
+// seizeIfInSyscall attaches to tid and stops it; if it stopped inside a
+// system call that want accepts, it stays attached and its registers are
+// returned, else it is released.
+func seizeIfInSyscall(tid int, want func(nr uint64) bool) (unix.PtraceRegs, bool, error) {
+	var regs unix.PtraceRegs
+	if err := unix.PtraceSeize(tid); err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return regs, false, nil // the thread is gone
+		}
+		return regs, false, err
+	}
+	err := unix.PtraceInterrupt(tid)
+	if err == nil {
+		err = waitStop(tid)
+	}
+	if err == nil {
+		err = unix.PtraceGetRegs(tid, &regs)
+	}
+	if err != nil {
+		_ = unix.PtraceDetach(tid)
+		return regs, false, err
+	}
+	insn := make([]byte, 2)
+	_, perr := unix.PtracePeekText(tid, uintptr(regs.Rip-2), insn)
+	if perr == nil && int64(regs.Orig_rax) >= 0 && want(regs.Orig_rax) && insn[0] == 0x0f && insn[1] == 0x05 {
+		return regs, true, nil
+	}
+	_ = unix.PtraceDetach(tid)
+	return regs, false, nil
 }
 
 // waitStop waits for the stop PTRACE_INTERRUPT asked for. A signal that

@@ -75,6 +75,7 @@ type target struct {
 	recs    []record
 	log     io.Writer
 	closers []io.Closer
+	closed  bool
 	wg      sync.WaitGroup
 }
 
@@ -93,7 +94,7 @@ func startTarget(cfg targetConfig) (_ *target, err error) {
 	if err != nil {
 		return nil, err
 	}
-	t.closers = append(t.closers, capture)
+	t.track(capture)
 	t.goRun(func() { t.captureLoop(capture) })
 
 	// Dual-stack listeners: IPv4 arrives as ::ffff:a.b.c.d.
@@ -101,16 +102,16 @@ func startTarget(cfg targetConfig) (_ *target, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("target: listen tcp: %w", err)
 	}
-	t.closers = append(t.closers, tcp)
+	t.track(tcp)
 	t.goRun(func() { t.accept(tcp) })
 	udp, err := net.ListenPacket("udp", fmt.Sprintf("[::]:%d", cfg.UDPPort))
 	if err != nil {
 		return nil, fmt.Errorf("target: listen udp: %w", err)
 	}
-	t.closers = append(t.closers, udp)
+	t.track(udp)
 	t.goRun(func() { drainPackets(udp) })
 	if lite, err := listenUDPLite(cfg.UDPPort); err == nil {
-		t.closers = append(t.closers, lite)
+		t.track(lite)
 		t.goRun(func() { drainFile(lite) })
 	} // without UDP-Lite the capture still sees the datagrams
 
@@ -125,10 +126,23 @@ func startTarget(cfg targetConfig) (_ *target, err error) {
 			ln.Close()
 			return nil, fmt.Errorf("target: oracle socket: %w", err)
 		}
-		t.closers = append(t.closers, ln)
+		t.track(ln)
 		t.goRun(func() { t.serveOracle(ln) })
 	}
 	return t, nil
+}
+
+// track registers c to be closed by Close; after Close it closes c at once
+// and returns false.
+func (t *target) track(c io.Closer) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		c.Close()
+		return false
+	}
+	t.closers = append(t.closers, c)
+	return true
 }
 
 func (t *target) goRun(f func()) {
@@ -143,7 +157,7 @@ func (t *target) goRun(f func()) {
 func (t *target) Close() error {
 	t.mu.Lock()
 	closers := t.closers
-	t.closers = nil
+	t.closers, t.closed = nil, true
 	t.mu.Unlock()
 	for _, c := range closers {
 		c.Close()
@@ -191,7 +205,7 @@ func (t *target) WaitToken(token string, limit time.Duration) bool {
 				return true
 			}
 		}
-		if time.Now().After(deadline) || t.closers == nil {
+		if time.Now().After(deadline) || t.closed {
 			return false
 		}
 		t.changed.Wait()
@@ -410,14 +424,9 @@ func (t *target) accept(ln net.Listener) {
 		if err != nil {
 			return
 		}
-		t.mu.Lock()
-		if t.closers == nil {
-			t.mu.Unlock()
-			c.Close()
+		if !t.track(c) {
 			return
 		}
-		t.closers = append(t.closers, c)
-		t.mu.Unlock()
 		t.goRun(func() { _, _ = io.Copy(io.Discard, c) })
 	}
 }
