@@ -150,6 +150,18 @@ func (b *bench) latencyPhase(ctx context.Context) error {
 		return err
 	}
 	b.res.Latency = append(b.res.Latency, res...)
+	for _, l := range w.lanes {
+		if l.v.Name != vProcgate {
+			continue
+		}
+		for _, p := range []proto{tcp, udp} {
+			for _, c := range allClasses {
+				if err := b.latencyCost(phaseLatency, l, pol, p, c); err != nil {
+					return err
+				}
+			}
+		}
+	}
 	return w.close()
 }
 
@@ -204,6 +216,11 @@ func (b *bench) scalingPhase(ctx context.Context) error {
 			}
 		}
 		res, err := b.measure(ctx, w, pol, phaseScaling, []proto{tcp}, []class{classAllow})
+		for _, l := range w.lanes {
+			if err == nil && l.v.Name == vProcgate {
+				err = b.latencyCost(phaseScaling, l, pol, tcp, classAllow)
+			}
+		}
 		cerr := w.close()
 		if err != nil {
 			return err

@@ -37,7 +37,9 @@ type reloadResult struct {
 	ApplyP50 float64 `json:"apply_p50_ms"`
 	ApplyP99 float64 `json:"apply_p99_ms"`
 	ApplyMax float64 `json:"apply_max_ms"`
-	GoalMet  bool    `json:"goal_met"`
+	// SlowestApply is where the slowest reload spent its time.
+	SlowestApply string `json:"slowest_apply"`
+	GoalMet      bool   `json:"goal_met"`
 }
 
 // withoutFirstGrant is rs with app0's first grant gone.
@@ -168,6 +170,7 @@ func (b *bench) reloadPhase(ctx context.Context) error {
 		return attempts, elapsed, applies, errors.Join(append(errs, applyErr)...)
 	}
 
+	b.applies.takeSlowest()
 	idle, idleTime, _, err := segment(0, time.Second)
 	if err != nil {
 		return err
@@ -204,6 +207,7 @@ func (b *bench) reloadPhase(ctx context.Context) error {
 	res.ApplyP50 = ms(applies[len(applies)/2])
 	res.ApplyP99 = ms(applies[min(len(applies)-1, len(applies)*99/100)])
 	res.ApplyMax = ms(applies[len(applies)-1])
+	res.SlowestApply = b.applies.takeSlowest()
 	b.res.Reload = &res
 	if res.FlipAllowed == 0 || res.FlipDenied == 0 {
 		return fmt.Errorf("the destination granted only in one policy was allowed %d and denied %d times: the reloads did not take effect",

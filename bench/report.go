@@ -197,6 +197,8 @@ func (r *results) markdown(plots map[string]string) string {
 	}
 	w("")
 	r.latencySection(w, plots)
+	r.bpfCostSection(w, phaseLatency, "Where procgate's time goes",
+		"BPF run time of procgate's programs during one extra batch of %d attempts per row, from the kernel's statistics (BPF_ENABLE_STATS, on only for these batches; timing adds a few tens of ns per run): how often each program ran per attempt and how long each run took.", r.Config.Batch)
 	r.scalingSection(w, plots)
 	r.reloadSection(w, plots)
 	r.throughputSection(w, plots)
@@ -266,6 +268,8 @@ func (r *results) scalingSection(w func(string, ...any), plots map[string]string
 	w("")
 	img(w, plots, "scaling-p50.svg")
 	img(w, plots, "scaling-p99.svg")
+	r.bpfCostSection(w, phaseScaling, "procgate's programs by policy size",
+		"BPF run time per TCP connect to an allowed destination, loopback, one extra batch of %d attempts per size.", r.Config.Batch)
 }
 
 func (r *results) reloadSection(w func(string, ...any), plots map[string]string) {
@@ -279,6 +283,10 @@ func (r *results) reloadSection(w func(string, ...any), plots map[string]string)
 		w("|---|---|---|---|---|---|---|---|---|")
 		w("| %d | %d | %.0f | %.0f | %d | %d / %d | %d | %.2f / %.2f / %.2f | %v |", rl.Reloads, rl.Attempt, rl.AttemptsPerSec, rl.IdlePerSec, rl.Wrong,
 			rl.FlipAllowed, rl.FlipDenied, rl.Dropped, rl.ApplyP50, rl.ApplyP99, rl.ApplyMax, rl.GoalMet)
+		if rl.SlowestApply != "" {
+			w("")
+			w("The slowest reload: %s (the *switch* is the map-of-maps update, which waits for an RCU grace period).", rl.SlowestApply)
+		}
 		w("")
 		w("A connect is *dropped silently* when it gets no answer within %s: connect4 allowed it under one generation and the egress backstop dropped its SYN under the next (the switched destination only; it is a denial, but the application sees a hang instead of EPERM).", verifyTimeout)
 		if !rl.GoalMet {
@@ -326,6 +334,8 @@ func (r *results) throughputSection(w func(string, ...any), plots map[string]str
 	}
 	w("")
 	img(w, plots, "throughput.svg")
+	r.bpfCostSection(w, phaseThroughput, "procgate's programs during throughput",
+		"One extra batch per workload with the kernel's BPF statistics on: BPF run time per second of the batch, that is the share of one CPU procgate's programs took, which bounds what they can cost a CPU-bound path. (The tunnel's own wireguard-go sockets are outside the enforced cgroup here; attached at the cgroup root, their datagrams would pass sendmsg4 and egress as external traffic too: see the UDP external rows above for the cost per datagram.)")
 }
 
 func (r *results) costSection(w func(string, ...any)) {
@@ -380,4 +390,38 @@ func abs(v float64) float64 {
 		return -v
 	}
 	return v
+}
+
+func (r *results) bpfCostSection(w func(string, ...any), phase, title, intro string, args ...any) {
+	var rows []bpfCost
+	for _, c := range r.BPFCost {
+		if c.Phase == phase {
+			rows = append(rows, c)
+		}
+	}
+	if len(rows) == 0 {
+		return
+	}
+	w("### %s", title)
+	w("")
+	w(intro, args...)
+	w("")
+	per := "attempt"
+	if rows[0].Unit == "second" {
+		per = "second (ns = CPU share × 10⁹)"
+	}
+	w("| batch | prefixes | BPF ns per %s | programs: runs per %s × ns per run |", per, rows[0].Unit)
+	w("|---|---|---|---|")
+	for _, c := range rows {
+		var parts []string
+		for _, p := range c.Progs {
+			parts = append(parts, fmt.Sprintf("%s %.2f × %.0f", p.Program, p.RunsPer, p.NsPerRun))
+		}
+		total := fmt.Sprintf("%.0f", c.Total)
+		if c.Unit == "second" {
+			total = fmt.Sprintf("%.0f (%.2f%% of a CPU)", c.Total, c.Total/1e7)
+		}
+		w("| %s | %d | %s | %s |", c.What, c.Size, total, strings.Join(parts, ", "))
+	}
+	w("")
 }

@@ -70,11 +70,11 @@ func configFor(o options) config {
 	case o.quick:
 		return config{Mode: "quick", MatrixSize: 100, Sizes: []int{10, 1000, 5000, 100000}, Attempts: 6000, Batch: 500, Warmup: 50,
 			ReloadSize: 1000, Reloads: 200, ReloadAttempts: 500_000, ReloadLimit: 10 * time.Second, ReloadTimings: 3,
-			TputRounds: 3, TputDuration: 400 * time.Millisecond}
+			TputRounds: 6, TputDuration: 200 * time.Millisecond}
 	}
 	return config{Mode: "full", MatrixSize: 100, Sizes: []int{10, 100, 1000, 5000, 100000, 1000000}, Attempts: 200_000, Batch: 2000, Warmup: 100,
 		ReloadSize: 1000, Reloads: 1000, ReloadAttempts: 10_000_000, ReloadLimit: 70 * time.Second, ReloadTimings: 3,
-		TputRounds: 5, TputDuration: time.Second}
+		TputRounds: 20, TputDuration: 250 * time.Millisecond}
 }
 
 // bench is one run.
@@ -85,6 +85,7 @@ type bench struct {
 	log      *slog.Logger
 	host     *host
 	enf      *bpf.Enforcer
+	applies  *applyLog // the enforcer's log, which remembers the slowest Apply
 	variants []*variant
 	res      *results
 }
@@ -179,7 +180,9 @@ func (b *bench) setup() error {
 		}
 	}
 	dir := filepath.Join(b.host.bpffs, "procgate")
-	enf, err := bpf.Open(bpf.Options{BPFDir: dir, CgroupDir: filepath.Join(b.host.cgroup, vProcgate), Log: b.log.With("component", "bpf")})
+	b.applies = newApplyLog(b.log.Handler())
+	enf, err := bpf.Open(bpf.Options{BPFDir: dir, CgroupDir: filepath.Join(b.host.cgroup, vProcgate),
+		Log: slog.New(b.applies).With("component", "bpf")})
 	if err != nil {
 		return err
 	}

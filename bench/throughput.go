@@ -117,13 +117,31 @@ func (b *bench) tput(ctx context.Context, lanes []*lane, dst netip.Addr) ([]tput
 				if err := ctx.Err(); err != nil {
 					return nil, err
 				}
-				v, err := l.tputBatch(wl, dst, b.cfg)
+				v, _, err := l.tputBatch(wl, dst, b.cfg)
 				if err != nil {
 					return nil, fmt.Errorf("%s %s: %w", wl, l, err)
 				}
 				k := key{wl, l.v.Name}
 				rounds[k] = append(rounds[k], v)
 			}
+		}
+	}
+	// What procgate's programs cost during one more batch of each workload:
+	// their run time per second of the batch is the share of a CPU they
+	// took, a bound on what they can cost a CPU-bound path.
+	for _, l := range lanes {
+		if l.v.Name != vProcgate {
+			continue
+		}
+		for _, wl := range []string{workloadBulk, workloadRR} {
+			cost, err := b.withBPFStats(phaseThroughput, fmt.Sprintf("%s %s", l.topo, wl), b.cfg.MatrixSize, "second", func() (float64, error) {
+				_, secs, err := l.tputBatch(wl, dst, b.cfg)
+				return secs, err
+			})
+			if err != nil {
+				return nil, err
+			}
+			b.res.BPFCost = append(b.res.BPFCost, *cost)
 		}
 	}
 	var out []tputResult
@@ -144,10 +162,12 @@ func (b *bench) tput(ctx context.Context, lanes []*lane, dst netip.Addr) ([]tput
 	return out, nil
 }
 
-func (l *lane) tputBatch(wl string, dst netip.Addr, cfg config) (v float64, err error) {
+// tputBatch runs one batch and returns its rate (Mbit/s or transactions/s)
+// and how long it ran.
+func (l *lane) tputBatch(wl string, dst netip.Addr, cfg config) (v, secs float64, err error) {
 	if l.before != nil {
 		if err := l.before(); err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 	}
 	if l.after != nil {
@@ -159,11 +179,11 @@ func (l *lane) tputBatch(wl string, dst netip.Addr, cfg config) (v float64, err 
 	}
 	resp, err := l.cl.do(req)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	secs := resp.Elapsed.Seconds()
+	secs = resp.Elapsed.Seconds()
 	if wl == workloadRR {
-		return round3(float64(resp.Trans) / secs), nil
+		return round3(float64(resp.Trans) / secs), secs, nil
 	}
-	return round3(float64(resp.Bytes) * 8 / secs / 1e6), nil
+	return round3(float64(resp.Bytes) * 8 / secs / 1e6), secs, nil
 }
