@@ -20,6 +20,7 @@ func main() {
 	flag.StringVar(&o.out, "out", "bench/results", "directory for results.json, REPORT.md and the plots")
 	phases := flag.String("phases", strings.Join(allPhases, ","), "phases to run, comma-separated")
 	sizes := flag.String("sizes", "", "policy sizes of the scaling phase, comma-separated (default: the mode's)")
+	flag.StringVar(&o.from, "from", "", "measure nothing: write the report and plots again from this results.json")
 	flag.BoolVar(&o.verbose, "v", false, "log progress in detail")
 	flag.Parse()
 	o.phases = strings.Split(*phases, ",")

@@ -109,3 +109,17 @@ func (r *results) write(dir string) error {
 	}
 	return os.WriteFile(filepath.Join(dir, "REPORT.md"), []byte(r.markdown(plots)), 0o644)
 }
+
+// rewrite writes the report and plots of an earlier run's results.json
+// into dir again (after a change of the report, not of what is measured).
+func rewrite(from, dir string) error {
+	data, err := os.ReadFile(from)
+	if err != nil {
+		return err
+	}
+	var r results
+	if err := json.Unmarshal(data, &r); err != nil {
+		return fmt.Errorf("%s: %w", from, err)
+	}
+	return r.write(dir)
+}

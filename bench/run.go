@@ -34,6 +34,8 @@ type options struct {
 	out     string
 	phases  []string
 	verbose bool
+	// from is a results.json to write the report from, measuring nothing.
+	from string
 	// sizes replace the mode's scaling sizes when given.
 	sizes []int
 	// tiny shrinks every count to a smoke test's (set by the test only).
@@ -97,6 +99,9 @@ func (b *bench) appCgroup(variant string, app int) string {
 func (b *bench) cgroupLevel(dir string) (int, error) { return cgroups.Level(b.host.mount, dir) }
 
 func run(o options) (err error) {
+	if o.from != "" {
+		return rewrite(o.from, o.out)
+	}
 	if os.Geteuid() != 0 {
 		return errors.New("needs root: it makes network namespaces, cgroups and BPF programs")
 	}
