@@ -7,14 +7,24 @@ import (
 	"strings"
 )
 
+// variantColors fixes each variant's color across all charts.
+func (r *results) variantColors() map[string]string {
+	out := map[string]string{}
+	for i, n := range r.variantNames() {
+		out[n] = palette[i%len(palette)]
+	}
+	return out
+}
+
 // latency plot per path and protocol, scaling, reload time, throughput.
 func (r *results) plots() (map[string]string, error) {
 	out := map[string]string{}
 	names := r.variantNames()
+	colors := r.variantColors()
 	for _, t := range []topo{topoLoopback, topoVeth} {
 		for _, p := range []proto{tcp, udp} {
 			c := bars{title: fmt.Sprintf("%s %s latency at %d prefixes: p50 bars, round-median range, ◆ p99", t, callName(p), r.Config.MatrixSize),
-				ylabel: "µs", series: names}
+				ylabel: "µs", series: names, colors: colors}
 			for _, cl := range allClasses {
 				c.groups = append(c.groups, string(cl))
 			}
@@ -39,12 +49,19 @@ func (r *results) plots() (map[string]string, error) {
 		}
 	}
 	for _, q := range []struct {
-		file, name string
-		get        func(latResult) float64
-	}{{"scaling-p50.svg", "p50", func(l latResult) float64 { return l.P50 }}, {"scaling-p99.svg", "p99", func(l latResult) float64 { return l.P99 }}} {
-		c := lines{title: "TCP connect to an allowed internal destination, loopback: " + q.name, xlabel: "internal prefixes (and grants)",
-			ylabel: q.name + " µs", logX: true, logY: true}
+		file, title, ylabel string
+		get                 func(latResult) float64
+	}{
+		{"scaling-p50.svg", "TCP connect, allowed internal destination, loopback: p50 added to the baseline's", "added p50 µs",
+			func(l latResult) float64 { return l.AddedP50 }},
+		{"scaling-p99.svg", "TCP connect, allowed internal destination, loopback: p99 against the baseline's", "p99, % of baseline",
+			func(l latResult) float64 { return 100 * l.P99Ratio }},
+	} {
+		c := lines{title: q.title, xlabel: "internal prefixes (and grants)", ylabel: q.ylabel, logX: true, colors: colors}
 		for _, v := range names {
+			if v == vBaseline {
+				continue
+			}
 			s := lineSeries{name: v}
 			for _, l := range r.Latency {
 				if l.Phase == phaseScaling && l.Variant == v {
@@ -63,7 +80,7 @@ func (r *results) plots() (map[string]string, error) {
 		out["load-time.svg"] = c.svg()
 	}
 	if len(r.Throughput) > 0 {
-		c := bars{title: "Throughput relative to baseline (median of per-round ratios; range of rounds)", ylabel: "% of baseline", refLine: 99}
+		c := bars{title: "Throughput relative to baseline (median of per-round ratios; whiskers: their quartiles)", ylabel: "% of baseline", refLine: 99, colors: colors}
 		type grp struct {
 			t  topo
 			wl string
@@ -90,7 +107,8 @@ func (r *results) plots() (map[string]string, error) {
 					continue
 				}
 				val = append(val, 100*t.Ratio)
-				lo, hi = append(lo, 100*slices.Min(t.Rounds)/base.Median), append(hi, 100*slices.Max(t.Rounds)/base.Median)
+				rs := roundRatios(t.Rounds, base.Rounds)
+				lo, hi = append(lo, 100*quantileF(rs, 0.25)), append(hi, 100*quantileF(rs, 0.75))
 			}
 			c.val, c.lo, c.hi = append(c.val, val), append(c.lo, lo), append(c.hi, hi)
 		}

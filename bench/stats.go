@@ -85,6 +85,11 @@ func spread(vs []float64) float64 {
 // (a busy neighbour of this VM) divides out instead of landing on
 // whichever variant happened to run then.
 func pairedRatio(a, b []float64) float64 {
+	return round3(quantileF(roundRatios(a, b), 0.5))
+}
+
+// roundRatios are a[r]/b[r], sorted.
+func roundRatios(a, b []float64) []float64 {
 	var rs []float64
 	for i := range min(len(a), len(b)) {
 		if b[i] > 0 {
@@ -92,7 +97,7 @@ func pairedRatio(a, b []float64) float64 {
 		}
 	}
 	slices.Sort(rs)
-	return round3(quantileF(rs, 0.5))
+	return rs
 }
 
 // quantile of sorted values, nearest rank.

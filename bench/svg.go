@@ -42,13 +42,27 @@ func (d *svgDoc) line(x1, y1, x2, y2 float64, color string, width float64, dash 
 	fmt.Fprintf(&d.b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-width="%.1f"%s/>`+"\n", x1, y1, x2, y2, color, width, extra)
 }
 
-func (d *svgDoc) legend(names []string, dashed map[string]bool) {
+func (d *svgDoc) legend(names, colors []string, dashed map[string]bool) {
 	for i, n := range names {
 		y := float64(padT + 10 + 18*i)
 		x := float64(chartW - padR + 15)
-		d.line(x, y-4, x+22, y-4, palette[i%len(palette)], 3, dashed[n])
+		d.line(x, y-4, x+22, y-4, colors[i], 3, dashed[n])
 		d.text(x+28, y, "start", 12, n)
 	}
+}
+
+// seriesColors gives each name its color in fixed (by name, when given
+// there), so that one variant looks the same in every chart.
+func seriesColors(names []string, fixed map[string]string) []string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		if c, ok := fixed[n]; ok {
+			out[i] = c
+		} else {
+			out[i] = palette[i%len(palette)]
+		}
+	}
+	return out
 }
 
 func (d *svgDoc) String() string { return d.b.String() + "</svg>\n" }
@@ -137,6 +151,7 @@ type bars struct {
 	groups, series  []string
 	val, lo, hi, mk [][]float64
 	refLine         float64 // drawn dashed when > 0
+	colors          map[string]string
 }
 
 func (c bars) svg() string {
@@ -152,6 +167,7 @@ func (c bars) svg() string {
 	if c.refLine > 0 {
 		d.line(padL, y.px(c.refLine), padL+plotW, y.px(c.refLine), "#333", 1, true)
 	}
+	colors := seriesColors(c.series, c.colors)
 	gw := float64(plotW) / float64(len(c.groups))
 	bw := gw * 0.8 / float64(len(c.series))
 	for g, name := range c.groups {
@@ -164,7 +180,7 @@ func (c bars) svg() string {
 			}
 			x := x0 + float64(s)*bw
 			fmt.Fprintf(&d.b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"/>`+"\n",
-				x, y.px(v), bw*0.9, y.px(0)-y.px(v), palette[s%len(palette)])
+				x, y.px(v), bw*0.9, y.px(0)-y.px(v), colors[s])
 			cx := x + bw*0.45
 			if c.lo != nil && c.hi != nil {
 				d.line(cx, y.px(c.lo[s][g]), cx, y.px(c.hi[s][g]), "#222", 1.2, false)
@@ -175,7 +191,7 @@ func (c bars) svg() string {
 			}
 		}
 	}
-	d.legend(c.series, nil)
+	d.legend(c.series, colors, nil)
 	return d.String()
 }
 
@@ -191,6 +207,7 @@ type lines struct {
 	title, xlabel, ylabel string
 	logX, logY            bool
 	series                []lineSeries
+	colors                map[string]string
 }
 
 func (c lines) svg() string {
@@ -206,7 +223,7 @@ func (c lines) svg() string {
 		return d.String()
 	}
 	if !c.logY {
-		ylo, yhi = 0, upperBound(yhi)
+		ylo, yhi = math.Min(0, ylo*1.1), upperBound(yhi)
 	} else {
 		ylo, yhi = math.Pow(10, math.Floor(math.Log10(ylo))), math.Pow(10, math.Ceil(math.Log10(yhi)))
 	}
@@ -225,6 +242,9 @@ func (c lines) svg() string {
 	dashed := map[string]bool{}
 	for i, s := range c.series {
 		names[i], dashed[s.name] = s.name, s.dashed
+	}
+	colors := seriesColors(names, c.colors)
+	for i, s := range c.series {
 		var path strings.Builder
 		for j, p := range s.points {
 			cmd := "L"
@@ -232,14 +252,14 @@ func (c lines) svg() string {
 				cmd = "M"
 			}
 			fmt.Fprintf(&path, "%s%.1f %.1f ", cmd, x.px(p.x), y.px(p.y))
-			fmt.Fprintf(&d.b, `<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>`+"\n", x.px(p.x), y.px(p.y), palette[i%len(palette)])
+			fmt.Fprintf(&d.b, `<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>`+"\n", x.px(p.x), y.px(p.y), colors[i])
 		}
 		dash := ""
 		if s.dashed {
 			dash = ` stroke-dasharray="6 4"`
 		}
-		fmt.Fprintf(&d.b, `<path d="%s" fill="none" stroke="%s" stroke-width="2"%s/>`+"\n", path.String(), palette[i%len(palette)], dash)
+		fmt.Fprintf(&d.b, `<path d="%s" fill="none" stroke="%s" stroke-width="2"%s/>`+"\n", path.String(), colors[i], dash)
 	}
-	d.legend(names, dashed)
+	d.legend(names, colors, dashed)
 	return d.String()
 }
