@@ -94,6 +94,39 @@ func appNode(a ruleset.App) *yaml.Node {
 		allow.Content = append(allow.Content, grantNode(g))
 	}
 	n.Content = append(n.Content, text("allow"), allow)
+	if a.Inbound != nil {
+		n.Content = append(n.Content, text("inbound"), mapping(0, text("dynamic"), dynamicNode(a.Inbound)))
+	}
+	return n
+}
+
+func portList(rs []ruleset.PortRange) *yaml.Node {
+	return flowList(rs, func(r ruleset.PortRange) *yaml.Node {
+		if r.Lo == r.Hi {
+			return number(int(r.Lo))
+		}
+		return text(r.String())
+	})
+}
+
+func dynamicNode(in *ruleset.Inbound) *yaml.Node {
+	n := mapping(0)
+	if len(in.Control) > 0 {
+		n.Content = append(n.Content, text("control"), portList(in.Control))
+	}
+	n.Content = append(n.Content, text("ports"), portList(in.Ports))
+	switch in.Proto {
+	case ruleset.Both:
+	case ruleset.TCP:
+		n.Content = append(n.Content, text("proto"), text("tcp"))
+	case ruleset.UDP:
+		n.Content = append(n.Content, text("proto"), text("udp"))
+	default:
+		n.Content = append(n.Content, text("proto"), text(in.Proto.String()))
+	}
+	if in.Lease != 0 {
+		n.Content = append(n.Content, text("lease"), text(in.Lease.String()))
+	}
 	return n
 }
 
@@ -128,12 +161,7 @@ func grantNode(g ruleset.Grant) *yaml.Node {
 		n.Content = append(n.Content, text("proto"), text(g.Proto.String()))
 	}
 	if len(g.Ports) != 1 || g.Ports[0] != ruleset.AllPorts {
-		n.Content = append(n.Content, text("ports"), flowList(g.Ports, func(r ruleset.PortRange) *yaml.Node {
-			if r.Lo == r.Hi {
-				return number(int(r.Lo))
-			}
-			return text(r.String())
-		}))
+		n.Content = append(n.Content, text("ports"), portList(g.Ports))
 	}
 	return n
 }
@@ -181,6 +209,10 @@ func withoutSources(rs *ruleset.Ruleset) *ruleset.Ruleset {
 		for j := range a.Grants {
 			a.Grants[j].Source = ruleset.Source{}
 			a.Grants[j].Ports = nilIfEmpty(a.Grants[j].Ports)
+		}
+		if a.Inbound != nil {
+			a.Inbound.Source = ruleset.Source{}
+			a.Inbound.Control = nilIfEmpty(a.Inbound.Control)
 		}
 	}
 	return c

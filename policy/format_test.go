@@ -6,8 +6,10 @@ import (
 	"net/netip"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/procgate/procgate/ruleset"
 )
@@ -201,6 +203,19 @@ func randomRuleset(r *rand.Rand) *ruleset.Ruleset {
 				Ports:  randomPorts(r),
 			})
 		}
+		if r.IntN(3) == 0 {
+			in := &ruleset.Inbound{Ports: slices.Clone(randomPorts(r)), Proto: []ruleset.Proto{ruleset.TCP, ruleset.UDP, ruleset.Both}[r.IntN(3)]}
+			if in.Ports[0].Lo == 0 {
+				in.Ports[0].Lo = 1
+			}
+			if in.Proto == ruleset.UDP && r.IntN(2) == 0 {
+				in.Control = ports(port1(21)) // may overlap: only TCP aux ports clash with control ports
+			}
+			if r.IntN(2) == 0 {
+				in.Lease = time.Duration(1+r.IntN(3600)) * time.Second
+			}
+			a.Inbound = in
+		}
 		rs.Apps = append(rs.Apps, a)
 	}
 	return rs
@@ -244,7 +259,14 @@ func randomPorts(r *rand.Rand) []ruleset.PortRange {
 	if len(out) == 0 {
 		out = ports(port1(65535))
 	}
-	return out
+	// Equal starts sort by end, as the parser sorts them.
+	slices.SortStableFunc(out, func(a, b ruleset.PortRange) int {
+		if a.Lo != b.Lo {
+			return int(a.Lo) - int(b.Lo)
+		}
+		return int(a.Hi) - int(b.Hi)
+	})
+	return slices.Compact(out)
 }
 
 func TestFormatRoundTripRandom(t *testing.T) {

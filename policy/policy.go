@@ -18,6 +18,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -40,7 +41,9 @@ var (
 	topKeys      = []string{"version", "internal", "audit", "apps"}
 	internalKeys = []string{"prefixes", "interfaces"}
 	auditKeys    = []string{"rate"}
-	appKeys      = []string{"name", "exe", "users", "audit", "allow"}
+	appKeys      = []string{"name", "exe", "users", "audit", "allow", "inbound"}
+	inboundKeys  = []string{"dynamic"}
+	dynamicKeys  = []string{"control", "ports", "proto", "lease"}
 	exeKeys      = []string{"path", "sha256"}
 	grantKeys    = []string{"to", "proto", "ports"}
 )
@@ -49,6 +52,12 @@ var (
 var (
 	protoWords = map[string]ruleset.Proto{"tcp": ruleset.TCP, "udp": ruleset.UDP, "both": ruleset.Both}
 	auditWords = map[string]bool{"deny": false, "all": true} // value: AuditAllow
+)
+
+// Bounds of an inbound lease (whole seconds, as the gateway takes them).
+const (
+	MinLease = time.Second
+	MaxLease = 24 * time.Hour
 )
 
 // Patterns shared with procgate.schema.json (the schema test checks they match).
@@ -573,7 +582,101 @@ func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []gra
 			}
 		}
 	}
+	if n, ok := vals["inbound"]; ok {
+		app.Inbound = p.inbound(n, join(field, "inbound"))
+	}
 	return app, checks, true
+}
+
+// inbound reads `inbound: {dynamic: {control, ports, proto, lease}}`.
+func (p *parser) inbound(n *yaml.Node, field string) *ruleset.Inbound {
+	vals, ok := p.fields(n, field, inboundKeys)
+	if !ok || !p.require(vals, n, field, "dynamic") {
+		return nil
+	}
+	dn, f := vals["dynamic"], join(field, "dynamic")
+	dv, ok := p.fields(dn, f, dynamicKeys)
+	if !ok {
+		return nil
+	}
+	before := len(p.errs)
+	in := &ruleset.Inbound{Proto: ruleset.Both, Source: p.source(dn)}
+	if n, ok := dv["control"]; ok {
+		in.Control = p.servicePorts(n, join(f, "control"))
+	}
+	if p.require(dv, dn, f, "ports") {
+		in.Ports = p.servicePorts(dv["ports"], join(f, "ports"))
+	}
+	if n, ok := dv["proto"]; ok {
+		if proto, ok := word(p, n, join(f, "proto"), "proto", protoWords, "tcp, udp or both (omit for both)"); ok {
+			in.Proto = proto
+		}
+	}
+	if n, ok := dv["lease"]; ok {
+		in.Lease = p.lease(n, join(f, "lease"))
+	}
+	// A control port that is also an auxiliary port would give every peer
+	// of the service a hole to it: certainly not what was meant.
+	for _, c := range in.Control {
+		for _, a := range in.Ports {
+			if in.Proto&ruleset.TCP != 0 && c.Lo <= a.Hi && a.Lo <= c.Hi {
+				p.errorf(dv["control"], join(f, "control"), "control ports %s overlap auxiliary ports %s", c, a)
+			}
+		}
+	}
+	if len(p.errs) != before {
+		return nil
+	}
+	return in
+}
+
+// servicePorts reads a non-empty list of ports and ranges a service binds:
+// port 0 (any port) is no port.
+func (p *parser) servicePorts(n *yaml.Node, field string) []ruleset.PortRange {
+	items, ok := p.list(n, field)
+	if ok && len(items) == 0 {
+		p.errorf(n, field, "empty port list; want at least one port")
+	}
+	var out []ruleset.PortRange
+	for i, item := range items {
+		f := index(field, i)
+		r, ok := p.portRange(item, f)
+		if !ok {
+			continue
+		}
+		if r.Lo == 0 {
+			p.errorf(item, f, "port 0 is not a port a service binds; want 1-65535")
+			continue
+		}
+		out = append(out, r)
+	}
+	slices.SortFunc(out, func(a, b ruleset.PortRange) int {
+		if a.Lo != b.Lo {
+			return int(a.Lo) - int(b.Lo)
+		}
+		return int(a.Hi) - int(b.Hi)
+	})
+	return slices.Compact(out)
+}
+
+// lease reads a duration in whole seconds ("30s", "2m").
+func (p *parser) lease(n *yaml.Node, field string) time.Duration {
+	s, ok := p.str(n, field)
+	if !ok {
+		return 0
+	}
+	d, err := time.ParseDuration(s)
+	switch {
+	case err != nil:
+		p.errorf(n, field, "invalid lease %q: want a duration such as 30s or 2m", s)
+	case d%time.Second != 0:
+		p.errorf(n, field, "lease %s is not a whole number of seconds", s)
+	case d < MinLease || d > MaxLease:
+		p.errorf(n, field, "lease %s out of range %s-%s", s, MinLease, MaxLease)
+	default:
+		return d
+	}
+	return 0
 }
 
 func (p *parser) exes(n *yaml.Node, field string) []ruleset.Exe {

@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/procgate/procgate/ruleset"
 )
@@ -141,6 +142,31 @@ func TestLoadValid(t *testing.T) {
 			},
 			warns: []string{
 				"testdata/valid/interfaces.yaml:9: apps[0].allow[0].to: 198.51.100.0/24 is outside every internal prefix; it has an effect only where routes via wg0, tun.corp-1 make it internal",
+			},
+		},
+		{
+			file: "testdata/valid/inbound.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal:  []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8"), Source: src(3)}},
+					AuditRate: DefaultAuditRate,
+					Apps: []ruleset.App{
+						{
+							Name: "ftp", Source: src(5), Exe: []ruleset.Exe{{Path: "/usr/sbin/vsftpd"}},
+							Inbound: &ruleset.Inbound{Control: ports(port1(21)), Ports: ports(ruleset.PortRange{Lo: 40000, Hi: 40100}),
+								Proto: ruleset.TCP, Lease: 30 * time.Second, Source: src(9)},
+						},
+						{
+							Name: "bulk", Source: src(13),
+							Inbound: &ruleset.Inbound{Control: ports(port1(990), port1(2121)), Ports: ports(port1(5000), ruleset.PortRange{Lo: 6000, Hi: 6010}),
+								Proto: ruleset.Both, Source: src(16)},
+						},
+						{
+							Name: "named", Source: src(18),
+							Inbound: &ruleset.Inbound{Ports: ports(port1(7000)), Proto: ruleset.UDP, Lease: 2 * time.Minute, Source: src(21)},
+						},
+					},
+				}
 			},
 		},
 		{

@@ -58,6 +58,8 @@ func TestSchemaFieldsMatchParser(t *testing.T) {
 		{"/properties/audit", at(t, s, "properties", "audit"), auditKeys},
 		{"/$defs/app", at(t, s, "$defs", "app"), appKeys},
 		{"/$defs/grant", at(t, s, "$defs", "grant"), grantKeys},
+		{"/$defs/app/properties/inbound", at(t, s, "$defs", "app", "properties", "inbound"), inboundKeys},
+		{"/$defs/dynamic", at(t, s, "$defs", "dynamic"), dynamicKeys},
 		{"/$defs/exe/oneOf/1", exeObject, exeKeys},
 	}
 	for _, tt := range tests {
@@ -90,6 +92,7 @@ func TestSchemaValuesMatchParser(t *testing.T) {
 		{"app name pattern", at(t, app, "name")["pattern"], namePattern},
 		{"user pattern", at(t, app, "users", "items")["pattern"], userPattern},
 		{"proto words", enum(at(t, grant, "proto")), sortedKeys(protoWords)},
+		{"inbound proto words", enum(at(t, s, "$defs", "dynamic", "properties", "proto")), sortedKeys(protoWords)},
 		{"audit words", enum(at(t, app, "audit")), sortedKeys(auditWords)},
 		{"version", at(t, s, "properties", "version")["const"], float64(Version)},
 		{"audit rate default", rate["default"], float64(DefaultAuditRate)},
@@ -296,6 +299,11 @@ func TestSchemaRejectsInvalidFiles(t *testing.T) {
 		{"bad-version.yaml", "$.version: 2 is not 1"},
 		{"version-string.yaml", "$.version: 1 is not 1"},
 		{"bad-proto.yaml", "$.apps[0].allow[0].proto: icmp is not one of [tcp udp both]"},
+		{"bad-inbound.yaml", "$.apps[0].inbound.dynamic.ports: fewer than 1 items"},
+		{"bad-inbound.yaml", `$.apps[1].inbound: unknown field "static"`},
+		{"bad-inbound.yaml", `$.apps[2].inbound.dynamic: unknown field "any"`},
+		{"bad-inbound.yaml", "$.apps[3].inbound.dynamic: missing required ports"},
+		{"bad-inbound.yaml", `$.apps[0].inbound.dynamic.lease: "1.5s" does not match`},
 		{"empty-ports.yaml", "$.apps[0].allow[0].ports: fewer than 1 items"},
 		{"port-out-of-range.yaml", "$.apps[0].allow[1].ports[2]: 70000 matches 0 alternatives of oneOf, want 1"},
 		{"bad-sha256.yaml", "$.apps[0].exe[0]: map[path:/usr/bin/psql sha256:3f79bb7b435b05321651daefd374cdc681dc06faa65e374e38337b88ca046de] matches 0 alternatives"},

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Proto is a set of transport protocols.
@@ -115,7 +116,47 @@ type App struct {
 	// not only on denials.
 	AuditAllow bool
 	Grants     []Grant
-	Source     Source
+	// Inbound, when set, lets the app's peers in through dynamic
+	// pinholes (policy `inbound: dynamic:`); nil: no pinholes.
+	Inbound *Inbound
+	Source  Source
+}
+
+// Inbound is an app's dynamic inbound spec: the pinhole agent opens a hole
+// in the perimeter (and on the host) for the peers of the app's live
+// control connections, on an auxiliary port, while the app has it bound
+// (UDP) or listens on it (TCP).
+type Inbound struct {
+	// Control are TCP ports the app serves control connections on; the
+	// peers connected to them are the ones that get holes. Empty: holes
+	// only for peers named through the local API.
+	Control []PortRange
+	// Ports are the auxiliary ports: a TCP listen or UDP bind on one of
+	// them opens holes while it lasts. Never empty.
+	Ports []PortRange
+	// Proto is the protocols of auxiliary ports that open holes: TCP, UDP
+	// or Both.
+	Proto Proto
+	// Lease is the lease asked of the gateway; 0 is the gateway's default.
+	Lease  time.Duration
+	Source Source
+}
+
+// IsControl reports whether a TCP port is one of the control ports.
+func (in *Inbound) IsControl(port uint16) bool { return inRanges(in.Control, port) }
+
+// IsAux reports whether proto (TCP or UDP) and port name an auxiliary port.
+func (in *Inbound) IsAux(proto Proto, port uint16) bool {
+	return in.Proto&proto != 0 && port != 0 && inRanges(in.Ports, port)
+}
+
+func inRanges(rs []PortRange, port uint16) bool {
+	for _, r := range rs {
+		if r.Contains(port) {
+			return true
+		}
+	}
+	return false
 }
 
 // InternalPrefix is a protected destination range.
@@ -307,6 +348,12 @@ func (rs *Ruleset) Clone() *Ruleset {
 		a.Grants = slices.Clone(a.Grants)
 		for j := range a.Grants {
 			a.Grants[j].Ports = slices.Clone(a.Grants[j].Ports)
+		}
+		if a.Inbound != nil {
+			in := *a.Inbound
+			in.Control = slices.Clone(in.Control)
+			in.Ports = slices.Clone(in.Ports)
+			a.Inbound = &in
 		}
 		out.Apps[i] = a
 	}
