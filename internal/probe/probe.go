@@ -296,13 +296,14 @@ func StartServer(cgroupDir, netns, addr string) (bound string, wait func() error
 	defer cg.Close()
 	cmd := exec.Command(self)
 	cmd.Env = append(os.Environ(), EnvServe+"=1", EnvNetNS+"="+netns, EnvListen+"="+addr)
+	// Pdeathsig is safe only because start forks on the spawner thread.
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd()), Pdeathsig: syscall.SIGKILL}
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return "", nil, err
 	}
-	if err := cmd.Start(); err != nil {
+	if err := start(cmd); err != nil {
 		return "", nil, err
 	}
 	line, err := bufio.NewReader(out).ReadString('\n')
@@ -345,6 +346,7 @@ func StartExe(self, cgroupDir, netns string, attr *syscall.SysProcAttr, env ...s
 		attr = &syscall.SysProcAttr{}
 	}
 	attr.UseCgroupFD, attr.CgroupFD = true, int(cg.Fd())
+	// Pdeathsig is safe only because start forks on the spawner thread.
 	attr.Pdeathsig = syscall.SIGKILL
 	cmd := exec.Command(self)
 	cmd.Env = append(append(os.Environ(), EnvServe+"=1", EnvNetNS+"="+netns), env...)
@@ -358,7 +360,7 @@ func StartExe(self, cgroupDir, netns string, attr *syscall.SysProcAttr, env ...s
 	if err != nil {
 		return nil, err
 	}
-	if err := cmd.Start(); err != nil {
+	if err := start(cmd); err != nil {
 		return nil, fmt.Errorf("start prober in %s: %w", cgroupDir, err)
 	}
 	return &Prober{cmd: cmd, in: in, out: bufio.NewReader(out)}, nil
