@@ -11,32 +11,25 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
-
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/pki"
 )
 
-// The e2e topology: two external hosts and a protected server, each on its
-// own link to the router, which runs the gateway (API on 10.9.0.1).
-//
-//	client 198.51.100.10 2001:db8:c::10 ─┐
-//	other  203.0.113.10  2001:db8:e::10 ─┼─ router (::1 / .1 on each link) ── server 10.9.0.5 fd09::5
+// The e2e topology is nstest.Site: two external hosts and a protected
+// server, each on its own link to the router, which runs the gateway (API on
+// 10.9.0.1).
 var (
-	client4, client6 = "198.51.100.10", "2001:db8:c::10"
-	other4, other6   = "203.0.113.10", "2001:db8:e::10"
-	server4, server6 = "10.9.0.5", "fd09::5"
-	routerAPI        = "10.9.0.1"
-	e2eProtect       = []netip.Prefix{netip.MustParsePrefix("10.9.0.0/24"), netip.MustParsePrefix("fd09::/64")}
+	client4, client6 = nstest.Client4, nstest.Client6
+	other4, other6   = nstest.Other4, nstest.Other6
+	server4, server6 = nstest.Server4, nstest.Server6
+	routerAPI        = nstest.RouterToServer4
+	e2eProtect       = []netip.Prefix{netip.MustParsePrefix(nstest.ServerPrefix4), netip.MustParsePrefix(nstest.ServerPrefix6)}
 )
 
 const (
@@ -53,100 +46,15 @@ type topology struct {
 	client, other, router, server string
 }
 
-func nsHandle(t *testing.T, ns string) *netlink.Handle {
-	t.Helper()
-	h, err := netns.GetFromPath(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return nh
-}
-
-// link joins the host namespace ns to the router with a veth, gives each
-// end one IPv4 and one IPv6 address (host first, router second, without
-// duplicate address detection so that they work at once), and routes
-// everything from the host via the router.
-func link(t *testing.T, ns, router, name string, host, gw [2]string) {
-	t.Helper()
-	nstest.Veth(t, ns, "eth0", router, name)
-	for _, side := range []struct {
-		ns, dev string
-		addrs   [2]string
-	}{{ns, "eth0", host}, {router, name, gw}} {
-		h := nsHandle(t, side.ns)
-		l, err := h.LinkByName(side.dev)
-		for i, s := range side.addrs {
-			bits := []string{"/24", "/64"}[i]
-			var a *netlink.Addr
-			if err == nil {
-				a, err = netlink.ParseAddr(s + bits)
-			}
-			if err == nil {
-				a.Flags = unix.IFA_F_NODAD
-				err = h.AddrAdd(l, a)
-			}
-		}
-		h.Close()
-		if err != nil {
-			t.Fatalf("addresses %v on %s: %v", side.addrs, side.dev, err)
-		}
-	}
-	h := nsHandle(t, ns)
-	defer h.Close()
-	for _, g := range gw {
-		if err := h.RouteAdd(&netlink.Route{Gw: net.ParseIP(g)}); err != nil {
-			t.Fatalf("default route via %s: %v", g, err)
-		}
-	}
-}
-
 func newTopology(t *testing.T) topology {
 	t.Helper()
-	top := topology{client: nstest.NetNS(t), other: nstest.NetNS(t), router: nstest.NetNS(t), server: nstest.NetNS(t)}
-	link(t, top.client, top.router, "r-client", [2]string{client4, client6}, [2]string{"198.51.100.1", "2001:db8:c::1"})
-	link(t, top.other, top.router, "r-other", [2]string{other4, other6}, [2]string{"203.0.113.1", "2001:db8:e::1"})
-	link(t, top.server, top.router, "r-server", [2]string{server4, server6}, [2]string{routerAPI, "fd09::1"})
-	err := nstest.InNS(t, top.router, func() error {
-		// net sysctls belong to the namespace of the thread that opens them.
-		return errors.Join(
-			os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0),
-			os.WriteFile("/proc/sys/net/ipv6/conf/all/forwarding", []byte("1"), 0))
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return top
+	s := nstest.NewSite(t)
+	return topology{client: s.Client, other: s.Other, router: s.Router, server: s.Server}
 }
 
-// dialIn dials from a thread in the namespace ns; the socket stays there.
-// The thread is never returned to the Go scheduler (as in nstest.InNS).
+// dialIn dials from a thread in the namespace ns.
 func dialIn(ns, network, addr string, timeout time.Duration) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		h, err := netns.GetFromPath(ns)
-		if err == nil {
-			err = netns.Set(h)
-			h.Close()
-		}
-		if err != nil {
-			done <- result{nil, err}
-			return
-		}
-		c, err := net.DialTimeout(network, addr, timeout)
-		done <- result{c, err}
-	}()
-	r := <-done
-	return r.c, r.err
+	return nstest.DialIn(ns, network, addr, timeout)
 }
 
 // serve runs, on every address of ns, a TCP server that greets each
