@@ -1,0 +1,275 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/perimeter"
+	"github.com/procgate/procgate/pki"
+)
+
+// siteRules let srv1 (the server's agent) open holes to itself on the aux
+// range, and "site" (the test, standing for the site's static firewall)
+// let the control ports in: the gateway drops every new inbound connection
+// to the protected range that no hole admits, and it has no static rules.
+const siteRules = `host srv1 10.9.0.5,fd09::5
+allow srv1 * * * * self 40000-40100
+allow site * tcp * * 10.9.0.5 21,4600
+deny * mallory * * * * *
+`
+
+// perimeterSite is nstest.Site with a gateway in the router (in this
+// process), a PKI on disk and the API's clients.
+type perimeterSite struct {
+	nstest.Site
+	gw  *perimeter.Gateway
+	pki string // ca.crt, srv1.crt/.key (the agent), ftp.crt/.key (vsftpd)
+	// srv1 is a client with the agent's certificate, dialing from the
+	// server; site holds the static holes.
+	srv1, site *perimeter.Client
+	log        *lockedBuffer
+	gwURL      string
+}
+
+func newPerimeterSite(t *testing.T, lease time.Duration) *perimeterSite {
+	t.Helper()
+	nstest.RequireRoot(t)
+	s := &perimeterSite{Site: nstest.NewSite(t), log: &lockedBuffer{}}
+	s.pki = filepath.Join(t.TempDir(), "pki")
+	if _, err := pki.Init(s.pki, "site CA", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []pki.IssueRequest{
+		{Name: "gateway", Usage: pki.Server, Hosts: []string{nstest.RouterToServer4}},
+		{Name: "srv1", Usage: pki.Client},
+		{Name: "site", Usage: pki.Client},
+		{Name: "ftp", Usage: pki.Server, Hosts: []string{nstest.Server4}},
+	} {
+		r.Validity = time.Hour
+		if _, _, err := pki.IssueFiles(s.pki, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rules := filepath.Join(t.TempDir(), "site.rules")
+	if err := os.WriteFile(rules, []byte(siteRules), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	serverTLS, err := pki.ServerConfig(s.files("gateway"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := perimeter.GatewayConfig{
+		RulesPath: rules, NetNS: s.Router, Lease: lease,
+		Protect: []netip.Prefix{netip.MustParsePrefix(nstest.ServerPrefix4), netip.MustParsePrefix(nstest.ServerPrefix6)},
+		TLS:     serverTLS,
+		Log:     slog.New(slog.NewJSONHandler(s.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+	err = nstest.InNS(t, s.Router, func() (err error) {
+		cfg.Listener, err = net.Listen("tcp", net.JoinHostPort(nstest.RouterToServer4, "8443"))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.gw, err = perimeter.StartGateway(cfg); err != nil {
+		t.Fatal(err)
+	}
+	s.gwURL = "https://" + s.gw.Addr().String()
+	t.Cleanup(func() {
+		if err := s.gw.Close(); err != nil {
+			t.Errorf("close gateway: %v", err)
+		}
+		if t.Failed() {
+			t.Logf("gateway log:\n%s", s.log.String())
+		}
+	})
+	s.srv1, s.site = s.client(t, "srv1"), s.client(t, "site")
+	return s
+}
+
+func (s *perimeterSite) files(name string) pki.Files {
+	return pki.Files{Cert: filepath.Join(s.pki, name+".crt"), Key: filepath.Join(s.pki, name+".key"), CA: filepath.Join(s.pki, pki.CACertFile)}
+}
+
+// client is an API client with name's certificate, dialing from the server.
+func (s *perimeterSite) client(t *testing.T, name string) *perimeter.Client {
+	t.Helper()
+	conf, err := pki.ClientConfig(s.files(name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := perimeter.NewClient(s.gwURL, conf)
+	c.HTTP.Transport.(*http.Transport).DialContext = func(_ context.Context, network, addr string) (net.Conn, error) {
+		return nstest.DialIn(s.Server, network, addr, 10*time.Second)
+	}
+	return c
+}
+
+// allowService keeps a hole for peer to the server's port open for the
+// rest of the test, as the site's static firewall would: the test renews
+// it as long as it runs.
+func (s *perimeterSite) allowService(t *testing.T, peer string, port int) {
+	t.Helper()
+	target := perimeter.Target{Proto: "tcp", Peer: peer, Host: nstest.Server4, Port: port}
+	if _, err := s.site.Open(context.Background(), perimeter.Request{Target: target, User: "site"}); err != nil {
+		t.Fatalf("open the static hole for %+v: %v", target, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tick := time.NewTicker(2 * time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				s.site.Renew(ctx, []perimeter.Target{target}, 0)
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); wg.Wait() })
+}
+
+// agentHoles are the holes the agent (srv1) holds, from the gateway.
+func (s *perimeterSite) agentHoles(t *testing.T) []perimeter.Hole {
+	t.Helper()
+	holes, err := s.gw.Controller().List("srv1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return holes
+}
+
+// waitHole waits until the agent holds a hole for peer to the server's
+// port (want) or holds none to that port (!want), and returns it. The
+// deadline only bounds a hang; it is not a timing assertion.
+func (s *perimeterSite) waitHole(t *testing.T, proto, peer string, port int, want bool, why string) perimeter.Hole {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		holes := s.agentHoles(t)
+		i := slices.IndexFunc(holes, func(h perimeter.Hole) bool {
+			return int(h.Port) == port && h.Proto.String() == proto && (!want || h.Peer.String() == peer)
+		})
+		if want == (i >= 0) {
+			if want {
+				return holes[i]
+			}
+			return perimeter.Hole{}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: after 30s the gateway lists %+v; want a %s hole from %s to port %d: %v", why, holes, proto, peer, port, want)
+		}
+	}
+}
+
+// waitNoAgentHoles waits until neither the controller nor the kernel holds
+// any hole of the agent.
+func (s *perimeterSite) waitNoAgentHoles(t *testing.T, why string) {
+	t.Helper()
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		holes := s.agentHoles(t)
+		els, err := s.gw.Table().Elements()
+		if err != nil {
+			t.Fatal(err)
+		}
+		agentEls := slices.DeleteFunc(els, func(e perimeter.Element) bool { return e.Key.Port < 40000 })
+		if len(holes) == 0 && len(agentEls) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: after 60s the gateway lists %+v and the kernel holds %+v", why, holes, agentEls)
+		}
+	}
+}
+
+// blockTimeout is how long a connection the router drops is given; that
+// it was dropped is checked by the drop rule's counter too.
+const blockTimeout = 500 * time.Millisecond
+
+// mustBlock checks that a TCP connection from ns to addr is dropped by the
+// gateway's default drop.
+func (s *perimeterSite) mustBlock(t *testing.T, ns, addr, why string) {
+	t.Helper()
+	before, err := s.gw.Table().Dropped()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := nstest.DialIn(ns, "tcp", addr, blockTimeout)
+	if err == nil {
+		c.Close()
+		t.Fatalf("%s: %s accepted a connection, want the router to drop it", why, addr)
+	}
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("%s: %v, want a timeout (a drop)", why, err)
+	}
+	after, err := s.gw.Table().Dropped()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after <= before {
+		t.Fatalf("%s: no answer, but the drop rules counted nothing (%d → %d)", why, before, after)
+	}
+}
+
+// startInServer runs args in the server's namespace until the test ends
+// and returns a function that stops it early. Its output goes to the test
+// log when the test fails.
+func (s *perimeterSite) startInServer(t *testing.T, args ...string) (stop func()) {
+	t.Helper()
+	cmd := exec.Command("nsenter", append([]string{"--net=" + s.Server}, args...)...)
+	cmd.Env = append(os.Environ(), envAsMain+"=1")
+	out := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cmd.Process.Kill()
+			<-done
+		})
+	}
+	t.Cleanup(func() {
+		stop()
+		if t.Failed() {
+			t.Logf("%v:\n%s", args, out.String())
+		}
+	})
+	return stop
+}
+
+// waitListen waits until something in the server accepts TCP on port.
+func (s *perimeterSite) waitListen(t *testing.T, port int) {
+	t.Helper()
+	addr := net.JoinHostPort(nstest.Server4, strconv.Itoa(port))
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		c, err := nstest.DialIn(s.Server, "tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing listens on %s after 20s: %v", addr, err)
+		}
+	}
+}
