@@ -89,7 +89,7 @@ func DecodeEvent(raw []byte) (Event, error) {
 	case 6:
 		out.Dest.Addr = netip.AddrFrom16(e.Addr)
 	default:
-		return Event{}, fmt.Errorf("audit event: address family %d", e.Family)
+		return Event{}, fmt.Errorf("audit event of hook %s, reason %s: address family %d", out.Hook, out.Reason, e.Family)
 	}
 	comm := make([]byte, 0, len(e.Comm))
 	for _, c := range e.Comm {

@@ -50,7 +50,12 @@ int guard_sock_create(struct bpf_sock *ctx)
 	if (!app)
 		return 1;
 	__u32 app_id = app->app_id;
-	struct dest d = { .family = 4 };
+	// The event has no destination: the unspecified address of the
+	// socket's family. The family comes from ctx on purpose: with a
+	// constant dest, clang 14's BPF backend lowered audit()'s copy of
+	// d->addr from the constant and dropped every other store to the event
+	// (an event of zeros but pid, uid and comm: "address family 0").
+	struct dest d = { .family = ctx->family == AF_INET6 ? 6 : 4 };
 	count(app_id, COUNT_DENY);
 	audit(&d, app_id, cgroup_id, info->generation, info->audit_rate, 0, REASON_RAW_SOCKET, HOOK_SOCK_CREATE);
 	return 0;
@@ -233,6 +238,8 @@ int guard_packet_socket(unsigned long long *ctx)
 		return 1;
 	__u32 app_id = app->app_id;
 	struct dest d = { .family = 4 };
+	// Not a constant to the compiler: see guard_sock_create.
+	asm volatile("" : : "r"(&d) : "memory");
 	count(app_id, COUNT_DENY);
 	audit(&d, app_id, cgroup_id, info->generation, info->audit_rate, 0, REASON_RAW_SOCKET, HOOK_SOCK_CREATE);
 	return 0;
