@@ -33,8 +33,8 @@ type holeSource interface {
 	// done: the server's listener on port is gone.
 	done(t *testing.T, peer string, port int)
 	// anyPort: a client whose data port the test cannot see beforehand
-	// (curl) is about to connect; undo is called after it.
-	anyPort(t *testing.T, peer string) (undo func())
+	// (curl, bulk) is about to connect over proto; undo is called after it.
+	anyPort(t *testing.T, proto, peer string) (undo func())
 }
 
 type apiStandIn struct{ s *perimeterSite }
@@ -57,11 +57,13 @@ func (a apiStandIn) done(t *testing.T, peer string, port int) {
 	}
 }
 
-func (a apiStandIn) anyPort(t *testing.T, peer string) func() {
+func (a apiStandIn) anyPort(t *testing.T, proto, peer string) func() {
 	t.Helper()
 	var reqs []perimeter.Request
 	for p := 40000; p <= 40100; p++ {
-		reqs = append(reqs, perimeter.Request{Target: a.target(peer, p), User: "alice"})
+		target := a.target(peer, p)
+		target.Proto = proto
+		reqs = append(reqs, perimeter.Request{Target: target, User: "alice"})
 	}
 	if _, err := a.s.srv1.Sync(context.Background(), reqs); err != nil {
 		t.Fatal(err)
@@ -123,7 +125,7 @@ func ftpThroughPerimeter(t *testing.T, s *perimeterSite, site *ftpsite.Site, hol
 	url := "ftp://" + nstest.Server4 + "/"
 
 	t.Run("curl lists and downloads", func(t *testing.T) {
-		undo := holes.anyPort(t, nstest.Client4)
+		undo := holes.anyPort(t, "tcp", nstest.Client4)
 		list, err := curl.List(ctx, url)
 		if err != nil {
 			t.Fatal(err)
