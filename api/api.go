@@ -179,6 +179,9 @@ type AppInfo struct {
 	Exe    []string `json:"exe,omitempty"`
 	SHA256 []string `json:"sha256,omitempty"`
 	Users  []string `json:"users,omitempty"`
+	// KeepCaps are the app's keep_caps: the launcher leaves them in the
+	// bounding set.
+	KeepCaps []string `json:"keep_caps,omitempty"`
 }
 
 // RunState is a line on a run connection: first Started, last Exited.

@@ -337,7 +337,7 @@ func (d *Daemon) appInfo(name string) (*api.AppInfo, error) {
 	if app == nil {
 		return nil, fmt.Errorf("no app %q in the policy %s", name, d.cfg.PolicyPath)
 	}
-	info := &api.AppInfo{Name: name, Cgroup: filepath.Join(d.appDirs.Base, name), Users: app.Users}
+	info := &api.AppInfo{Name: name, Cgroup: filepath.Join(d.appDirs.Base, name), Users: app.Users, KeepCaps: app.KeepCaps}
 	for _, e := range app.Exe {
 		info.Exe = append(info.Exe, e.Path)
 		info.SHA256 = append(info.SHA256, e.SHA256)

@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 
@@ -124,38 +123,29 @@ func Start(spec Spec) (*Process, error) {
 		Stderr:      stdio[2],
 		SysProcAttr: attr,
 	}
-	if spec.NetNS == "" {
-		err = cmd.Start()
-	} else {
-		err = startInNetNS(cmd, spec.NetNS)
+	var enter func() error
+	if spec.NetNS != "" {
+		ns, err := netns.GetFromPath(spec.NetNS)
+		if err != nil {
+			return nil, fmt.Errorf("launch app %s: open netns: %w", spec.App.Name, err)
+		}
+		defer ns.Close()
+		enter = func() error {
+			if err := netns.Set(ns); err != nil {
+				return fmt.Errorf("enter netns %s: %w", spec.NetNS, err)
+			}
+			return nil
+		}
 	}
+	// Forked from a thread of its own: the child inherits that thread's
+	// namespace and reduced capabilities, which no other goroutine ever
+	// sees. With *os.File stdio, exec.Cmd starts no copying goroutines that
+	// could run elsewhere.
+	err = onConfinedThread(ConfinementOf(spec.App), enter, cmd.Start)
 	if err != nil {
 		return nil, fmt.Errorf("launch app %s: start %s in %s: %w", spec.App.Name, exe, spec.CgroupDir, err)
 	}
 	return &Process{cmd: cmd}, nil
-}
-
-// startInNetNS starts cmd from an OS thread switched into the namespace at
-// nsPath: the child is forked from that thread and inherits its namespace.
-// With *os.File stdio, exec.Cmd starts no copying goroutines that could run
-// elsewhere. The thread is never unlocked, so the Go runtime discards it
-// instead of running other goroutines in the namespace.
-func startInNetNS(cmd *exec.Cmd, nsPath string) error {
-	ns, err := netns.GetFromPath(nsPath)
-	if err != nil {
-		return fmt.Errorf("open netns: %w", err)
-	}
-	defer ns.Close()
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := netns.Set(ns); err != nil {
-			done <- fmt.Errorf("enter netns %s: %w", nsPath, err)
-			return
-		}
-		done <- cmd.Start()
-	}()
-	return <-done
 }
 
 // lookPath finds file as execvp(3) would with env's PATH, except that a

@@ -167,3 +167,87 @@ func TestShellCode(t *testing.T) {
 		}
 	}
 }
+
+// statusField reads a field of /proc/PID/status output.
+func statusField(t *testing.T, status, name string) string {
+	t.Helper()
+	for _, line := range strings.Split(status, "\n") {
+		if v, ok := strings.CutPrefix(line, name+":"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	t.Fatalf("no %s in %q", name, status)
+	return ""
+}
+
+// TestConfinement: an app's processes, root included, lack the capabilities
+// that lead around the hooks (bounding, inheritable and ambient sets) but
+// those the app keeps; no_new_privs is set exactly for apps that pin
+// binaries which do not gain privilege at exec.
+func TestConfinement(t *testing.T) {
+	cg := nstest.Cgroup(t)
+	grep, err := filepath.EvalSymlinks("/usr/bin/grep")
+	if err != nil {
+		t.Skipf("no grep binary: %v", err)
+	}
+	argv := []string{grep, "-E", "^(Cap|NoNewPrivs)", "/proc/self/status"}
+	all := uint64(0)
+	for _, name := range ruleset.LauncherDrops {
+		all |= 1 << capBit(t, name)
+	}
+	tests := []struct {
+		name    string
+		app     ruleset.App
+		cred    *launch.Cred
+		keep    uint64 // bits of LauncherDrops that stay
+		wantNNP string
+	}{
+		{name: "root", app: ruleset.App{Name: "t"}, wantNNP: "0"},
+		{name: "root, keep net_admin", app: ruleset.App{Name: "t", KeepCaps: []string{"net_admin"}},
+			keep: 1 << unix.CAP_NET_ADMIN, wantNNP: "0"},
+		{name: "root, pinned binary", app: ruleset.App{Name: "t", Exe: []ruleset.Exe{{Path: grep}}}, wantNNP: "1"},
+		{name: "nobody", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: 65534, GID: 65534}, wantNNP: "0"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			out, exit := run(t, launch.Spec{App: tt.app, CgroupDir: cg, Argv: argv, Cred: tt.cred})
+			if exit != (launch.Exit{}) {
+				t.Fatalf("exit %+v: %q", exit, out)
+			}
+			for _, set := range []string{"CapBnd", "CapInh", "CapAmb", "CapEff", "CapPrm"} {
+				v, err := strconv.ParseUint(statusField(t, out, set), 16, 64)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := v & all; got&^tt.keep != 0 {
+					t.Errorf("%s %#x holds dropped capabilities %#x", set, v, got&^tt.keep)
+				}
+				if set == "CapBnd" && v&tt.keep != tt.keep {
+					t.Errorf("CapBnd %#x lacks the kept capabilities %#x", v, tt.keep)
+				}
+			}
+			if tt.cred == nil {
+				// Root keeps what is not dropped: the list is a list, not "all".
+				bnd, _ := strconv.ParseUint(statusField(t, out, "CapBnd"), 16, 64)
+				if bnd&(1<<unix.CAP_NET_BIND_SERVICE) == 0 || bnd&(1<<unix.CAP_SETUID) == 0 {
+					t.Errorf("CapBnd %#x lost capabilities the launcher does not drop", bnd)
+				}
+			}
+			if got := statusField(t, out, "NoNewPrivs"); got != tt.wantNNP {
+				t.Errorf("NoNewPrivs %s, want %s", got, tt.wantNNP)
+			}
+		})
+	}
+}
+
+func capBit(t *testing.T, name string) uint {
+	t.Helper()
+	bits := map[string]uint{"net_raw": unix.CAP_NET_RAW, "net_admin": unix.CAP_NET_ADMIN, "sys_admin": unix.CAP_SYS_ADMIN,
+		"bpf": unix.CAP_BPF, "perfmon": unix.CAP_PERFMON, "sys_ptrace": unix.CAP_SYS_PTRACE, "sys_module": unix.CAP_SYS_MODULE,
+		"sys_rawio": unix.CAP_SYS_RAWIO, "mknod": unix.CAP_MKNOD, "sys_boot": unix.CAP_SYS_BOOT}
+	b, ok := bits[name]
+	if !ok {
+		t.Fatalf("capability %q of LauncherDrops unknown to the test", name)
+	}
+	return b
+}

@@ -83,6 +83,9 @@ func appNode(a ruleset.App) *yaml.Node {
 	if len(a.Users) > 0 {
 		n.Content = append(n.Content, text("users"), flowList(a.Users, text))
 	}
+	if len(a.KeepCaps) > 0 {
+		n.Content = append(n.Content, text("keep_caps"), flowList(a.KeepCaps, text))
+	}
 	if a.AuditAllow {
 		n.Content = append(n.Content, text("audit"), text("all"))
 	}
@@ -205,7 +208,7 @@ func withoutSources(rs *ruleset.Ruleset) *ruleset.Ruleset {
 	for i := range c.Apps {
 		a := &c.Apps[i]
 		a.Source = ruleset.Source{}
-		a.Exe, a.Users, a.Grants = nilIfEmpty(a.Exe), nilIfEmpty(a.Users), nilIfEmpty(a.Grants)
+		a.Exe, a.Users, a.KeepCaps, a.Grants = nilIfEmpty(a.Exe), nilIfEmpty(a.Users), nilIfEmpty(a.KeepCaps), nilIfEmpty(a.Grants)
 		for j := range a.Grants {
 			a.Grants[j].Source = ruleset.Source{}
 			a.Grants[j].Ports = nilIfEmpty(a.Grants[j].Ports)

@@ -41,7 +41,7 @@ var (
 	topKeys      = []string{"version", "internal", "audit", "apps"}
 	internalKeys = []string{"prefixes", "interfaces"}
 	auditKeys    = []string{"rate"}
-	appKeys      = []string{"name", "exe", "users", "audit", "allow", "inbound"}
+	appKeys      = []string{"name", "exe", "users", "keep_caps", "audit", "allow", "inbound"}
 	inboundKeys  = []string{"dynamic"}
 	dynamicKeys  = []string{"control", "ports", "proto", "lease"}
 	exeKeys      = []string{"path", "sha256"}
@@ -566,6 +566,9 @@ func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []gra
 	if n, ok := vals["users"]; ok {
 		app.Users = p.users(n, join(field, "users"))
 	}
+	if n, ok := vals["keep_caps"]; ok {
+		app.KeepCaps = p.keepCaps(n, join(field, "keep_caps"))
+	}
 	if n, ok := vals["audit"]; ok {
 		app.AuditAllow, _ = word(p, n, join(field, "audit"), "audit mode", auditWords, "deny or all")
 	}
@@ -763,6 +766,29 @@ func (p *parser) users(n *yaml.Node, field string) []string {
 		}
 	}
 	return users
+}
+
+// keepCaps reads keep_caps: names of ruleset.LauncherDrops, as in
+// capabilities(7) without the cap_ prefix, lower case.
+func (p *parser) keepCaps(n *yaml.Node, field string) []string {
+	items, _ := p.list(n, field)
+	var caps []string
+	dups := seen{}
+	for i, item := range items {
+		f := index(field, i)
+		c, ok := p.str(item, f)
+		if !ok {
+			continue
+		}
+		if short := strings.TrimPrefix(strings.ToLower(c), "cap_"); short != c && slices.Contains(ruleset.LauncherDrops, short) {
+			p.errorf(item, f, "invalid capability %q: write it %s", c, short)
+		} else if !slices.Contains(ruleset.LauncherDrops, c) {
+			p.errorf(item, f, "invalid capability %q: the launcher drops only %s, so only these can be kept", c, strings.Join(ruleset.LauncherDrops, ", "))
+		} else if p.once(dups, item, f, "capability", c) {
+			caps = append(caps, c)
+		}
+	}
+	return caps
 }
 
 func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, bool) {

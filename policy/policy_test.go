@@ -82,6 +82,16 @@ func TestLoadValid(t *testing.T) {
 			},
 		},
 		{
+			file: "testdata/valid/keep-caps.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal:  []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8"), Source: src(3)}},
+					AuditRate: DefaultAuditRate,
+					Apps:      []ruleset.App{{Name: "vpn", Source: src(6), KeepCaps: []string{"net_admin", "net_raw"}}},
+				}
+			},
+		},
+		{
 			file: "testdata/valid/normalize.yaml",
 			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
 				return &ruleset.Ruleset{

@@ -14,6 +14,8 @@ import (
 	"unicode/utf8"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/procgate/procgate/ruleset"
 )
 
 func loadSchema(t *testing.T) map[string]any {
@@ -94,6 +96,7 @@ func TestSchemaValuesMatchParser(t *testing.T) {
 		{"proto words", enum(at(t, grant, "proto")), sortedKeys(protoWords)},
 		{"inbound proto words", enum(at(t, s, "$defs", "dynamic", "properties", "proto")), sortedKeys(protoWords)},
 		{"audit words", enum(at(t, app, "audit")), sortedKeys(auditWords)},
+		{"keep_caps names", enum(at(t, app, "keep_caps", "items")), slices.Sorted(slices.Values(ruleset.LauncherDrops))},
 		{"version", at(t, s, "properties", "version")["const"], float64(Version)},
 		{"audit rate default", rate["default"], float64(DefaultAuditRate)},
 		{"audit rate maximum", rate["maximum"], float64(MaxAuditRate)},

@@ -119,7 +119,28 @@ type App struct {
 	// Inbound, when set, lets the app's peers in through dynamic
 	// pinholes (policy `inbound: dynamic:`); nil: no pinholes.
 	Inbound *Inbound
-	Source  Source
+	// KeepCaps names capabilities of LauncherDrops that the launcher
+	// leaves in the app's bounding set (policy `keep_caps:`).
+	KeepCaps []string
+	Source   Source
+}
+
+// LauncherDrops are the capabilities the launcher (`procgate run`, and the
+// daemon launching for a user) removes from an app's bounding, inheritable
+// and ambient sets, by name without the CAP_ prefix, lower case: each gives
+// a path around the hooks. Root launched into an app keeps the others.
+// SECURITY.md says why each is here.
+var LauncherDrops = []string{
+	"net_raw",     // raw IP and AF_PACKET sockets, AF_XDP: packets below the hooks
+	"net_admin",   // TUN/TAP injection, routes, nftables, tc, XDP, TCP_REPAIR
+	"sys_admin",   // bpf() and detaching procgate, namespaces, mounts, setns
+	"bpf",         // loading and attaching BPF programs, reading procgate's maps
+	"perfmon",     // tracing BPF programs, perf events
+	"sys_ptrace",  // ptrace, pidfd_getfd, process_vm_writev of other users' app processes
+	"sys_module",  // kernel modules
+	"sys_rawio",   // /dev/mem, I/O ports
+	"mknod",       // device nodes (a /dev/mem or TUN node where the caller can write)
+	"sys_boot",    // kexec_load: another kernel
 }
 
 // Inbound is an app's dynamic inbound spec: the pinhole agent opens a hole
@@ -345,6 +366,7 @@ func (rs *Ruleset) Clone() *Ruleset {
 	for i, a := range rs.Apps {
 		a.Exe = slices.Clone(a.Exe)
 		a.Users = slices.Clone(a.Users)
+		a.KeepCaps = slices.Clone(a.KeepCaps)
 		a.Grants = slices.Clone(a.Grants)
 		for j := range a.Grants {
 			a.Grants[j].Ports = slices.Clone(a.Grants[j].Ports)

@@ -62,7 +62,7 @@ func runAsRoot(c api.Client, name string, argv []string) error {
 		return err
 	}
 	info := resp.AppInfo
-	app := ruleset.App{Name: info.Name, Users: info.Users}
+	app := ruleset.App{Name: info.Name, Users: info.Users, KeepCaps: info.KeepCaps}
 	for i, p := range info.Exe {
 		app.Exe = append(app.Exe, ruleset.Exe{Path: p, SHA256: info.SHA256[i]})
 	}
