@@ -131,16 +131,16 @@ type App struct {
 // a path around the hooks. Root launched into an app keeps the others.
 // SECURITY.md says why each is here.
 var LauncherDrops = []string{
-	"net_raw",     // raw IP and AF_PACKET sockets, AF_XDP: packets below the hooks
-	"net_admin",   // TUN/TAP injection, routes, nftables, tc, XDP, TCP_REPAIR
-	"sys_admin",   // bpf() and detaching procgate, namespaces, mounts, setns
-	"bpf",         // loading and attaching BPF programs, reading procgate's maps
-	"perfmon",     // tracing BPF programs, perf events
-	"sys_ptrace",  // ptrace, pidfd_getfd, process_vm_writev of other users' app processes
-	"sys_module",  // kernel modules
-	"sys_rawio",   // /dev/mem, I/O ports
-	"mknod",       // device nodes (a /dev/mem or TUN node where the caller can write)
-	"sys_boot",    // kexec_load: another kernel
+	"net_raw",    // raw IP and AF_PACKET sockets, AF_XDP: packets below the hooks
+	"net_admin",  // TUN/TAP injection, routes, nftables, tc, XDP, TCP_REPAIR
+	"sys_admin",  // bpf() and detaching procgate, namespaces, mounts, setns
+	"bpf",        // loading and attaching BPF programs, reading procgate's maps
+	"perfmon",    // tracing BPF programs, perf events
+	"sys_ptrace", // ptrace, pidfd_getfd, process_vm_writev of other users' app processes
+	"sys_module", // kernel modules
+	"sys_rawio",  // /dev/mem, I/O ports
+	"mknod",      // device nodes (a /dev/mem or TUN node where the caller can write)
+	"sys_boot",   // kexec_load: another kernel
 }
 
 // Inbound is an app's dynamic inbound spec: the pinhole agent opens a hole
