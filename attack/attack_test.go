@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -30,6 +31,7 @@ import (
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/daemon"
 	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/launch"
 	"github.com/procgate/procgate/policy"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -90,12 +92,17 @@ type role struct {
 	// granted-other, another internal host (nothing may).
 	target4, target6 string
 	ownGrant         bool
+	// launcher: started as `procgate run` starts an app (launch.Start:
+	// capabilities dropped, loader variables scrubbed) rather than placed in
+	// the cgroup directly, as a systemd unit or a container runtime would.
+	launcher bool
 }
 
 var roles = []role{
 	{name: "unbound", uid: nobody, target4: "10.1.2.3", target6: "fd00:1::3"},
 	{name: "app-nogrant", app: "nogrant", uid: nobody, target4: "10.1.2.3", target6: "fd00:1::3"},
 	{name: "root-in-app", app: "nogrant", uid: 0, target4: "10.1.2.3", target6: "fd00:1::3"},
+	{name: "root-via-run", app: "nogrant", uid: 0, target4: "10.1.2.3", target6: "fd00:1::3", launcher: true},
 	{name: "granted", app: "granted", uid: nobody, target4: "10.1.2.3", target6: "fd00:1::3", ownGrant: true},
 	{name: "granted-other", app: "granted", uid: nobody, target4: "10.1.2.4", target6: "fd00:1::4"},
 }
@@ -429,6 +436,45 @@ func (w *world) start(t *testing.T, cmd *exec.Cmd, cgroupDir string, uid int) {
 	}
 }
 
+// launch runs the attack program with args as root through the launcher,
+// as `procgate run --app APP` run by root does, in nsA, and waits for it.
+func (w *world) launch(t *testing.T, r role, args []string, stdout, stderr *bytes.Buffer) {
+	t.Helper()
+	app := w.rs.App(r.app)
+	if app == nil {
+		t.Fatalf("no app %q in the policy", r.app)
+	}
+	var files [3]*os.File
+	readers := make([]*os.File, 2)
+	for i := range readers {
+		rd, wr, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rd.Close()
+		readers[i], files[i+1] = rd, wr
+	}
+	proc, err := launch.Start(launch.Spec{
+		App: *app, CgroupDir: w.cgroupOf(r), Argv: append([]string{w.bin}, args...),
+		Env: append(os.Environ(), envAsMain+"=1"), Dir: w.dir, Stdio: files, NetNS: w.nsA,
+	})
+	files[1].Close()
+	files[2].Close()
+	if err != nil {
+		t.Fatalf("launch as %s: %v", r.name, err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := io.Copy(stderr, readers[1]); done <- err }()
+	if _, err := io.Copy(stdout, readers[0]); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	exit, err := proc.Wait()
+	if err != nil || exit != (launch.Exit{}) {
+		t.Fatalf("attack as %s: %v %+v\nstderr:\n%s", r.name, err, exit, stderr.String())
+	}
+}
+
 // nsThread runs functions on one OS thread that stays in a network
 // namespace for the whole test. Processes are started from it rather than
 // from nstest.InNS, whose thread ends after each call: a child's
@@ -504,12 +550,16 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 		args = append(args, "-only", re.String())
 		ran = slices.DeleteFunc(slices.Clone(techniques), func(tech technique) bool { return !re.MatchString(tech.name) })
 	}
-	cmd := exec.Command(w.bin, args...)
 	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	w.start(t, cmd, w.cgroupOf(r), r.uid)
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("attack as %s: %v\nstderr:\n%s", r.name, err, stderr.String())
+	if r.launcher {
+		w.launch(t, r, args, &stdout, &stderr)
+	} else {
+		cmd := exec.Command(w.bin, args...)
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		w.start(t, cmd, w.cgroupOf(r), r.uid)
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("attack as %s: %v\nstderr:\n%s", r.name, err, stderr.String())
+		}
 	}
 	results, sum, err := parseRun(stdout.Bytes())
 	if err != nil {
