@@ -64,11 +64,21 @@ func TestSmoke(t *testing.T) {
 	if tunnel != 2*len(tunnelVariants) {
 		t.Errorf("%d tunnel throughput results, want %d", tunnel, 2*len(tunnelVariants))
 	}
+	if p := r.Pinhole; p == nil || p.OpenLatency.N == 0 || p.OpenLive != p.OpenChecked || len(p.Updates) < 3 ||
+		p.Transfer == nil || len(p.Transfer.Pinhole) == 0 || p.Transfer.HolePackets == 0 || p.Transfer.Dropped == 0 {
+		t.Errorf("pinhole phase: %+v", r.Pinhole)
+	} else {
+		for _, u := range p.Updates {
+			if u.Updates == 0 || u.PerSec <= 0 {
+				t.Errorf("pinhole update rate %+v: nothing measured", u)
+			}
+		}
+	}
 	report, err := os.ReadFile(filepath.Join(out, "REPORT.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"## Targets", "## Revocation", "scaling-p50.svg", "throughput.svg"} {
+	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "scaling-p50.svg", "throughput.svg"} {
 		if !strings.Contains(string(report), want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}

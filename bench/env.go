@@ -293,33 +293,38 @@ func anyIPLocal(path string, prefixes ...netip.Prefix) error {
 // from inside a so the links never exist in the bench's own namespace. The
 // pair goes with the namespaces.
 func vethPair(a, b string, aAddr, bAddr netip.Prefix) error {
+	return vethNamed(a, "veth0", b, "veth0", aAddr, bAddr)
+}
+
+// vethNamed is vethPair with the links' names (a router has several).
+func vethNamed(a, aName, b, bName string, aAddr, bAddr netip.Prefix) error {
 	peer, err := netns.GetFromPath(b)
 	if err != nil {
 		return fmt.Errorf("open netns %s: %w", b, err)
 	}
 	defer peer.Close()
 	err = withHandle(a, func(nh *netlink.Handle) error {
-		v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "veth0"}, PeerName: "veth0", PeerNamespace: netlink.NsFd(int(peer))}
+		v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: aName}, PeerName: bName, PeerNamespace: netlink.NsFd(int(peer))}
 		if err := nh.LinkAdd(v); err != nil {
-			return fmt.Errorf("add veth: %w", err)
+			return fmt.Errorf("add veth %s/%s: %w", aName, bName, err)
 		}
-		return addrUp(nh, aAddr)
+		return addrUp(nh, aName, aAddr)
 	})
 	if err != nil {
 		return err
 	}
-	return withHandle(b, func(nh *netlink.Handle) error { return addrUp(nh, bAddr) })
+	return withHandle(b, func(nh *netlink.Handle) error { return addrUp(nh, bName, bAddr) })
 }
 
-func addrUp(nh *netlink.Handle, addr netip.Prefix) error {
-	l, err := nh.LinkByName("veth0")
+func addrUp(nh *netlink.Handle, name string, addr netip.Prefix) error {
+	l, err := nh.LinkByName(name)
 	if err != nil {
-		return fmt.Errorf("find veth0: %w", err)
+		return fmt.Errorf("find %s: %w", name, err)
 	}
 	if err := nh.AddrAdd(l, &netlink.Addr{IPNet: ipNet(addr)}); err != nil {
-		return fmt.Errorf("add %s to veth0: %w", addr, err)
+		return fmt.Errorf("add %s to %s: %w", addr, name, err)
 	}
-	return linkUp(nh, "veth0")
+	return linkUp(nh, name)
 }
 
 // routeVia routes prefixes via gw in the namespace at path.

@@ -220,6 +220,7 @@ func (r *results) markdown(plots map[string]string) string {
 	r.scalingSection(w, plots)
 	r.reloadSection(w, plots)
 	r.throughputSection(w, plots)
+	r.pinholeSection(w)
 	w("## Revocation")
 	w("")
 	w("*Placeholder*: revocation timing (how long after `procgate revoke` new attempts and live sockets are cut) is being built in its own issue and will be measured here.")

@@ -21,6 +21,7 @@ type results struct {
 	Loads      []loadResult   `json:"loads"`
 	Reload     *reloadResult  `json:"reload,omitempty"`
 	Throughput []tputResult   `json:"throughput"`
+	Pinhole    *pinholeResult `json:"pinhole,omitempty"`
 	BPFCost    []bpfCost      `json:"bpf_cost"`
 	Targets    []targetResult `json:"targets"`
 	Notes      []string       `json:"notes"`

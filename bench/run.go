@@ -27,7 +27,7 @@ const (
 	phaseThroughput = "throughput"
 )
 
-var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput}
+var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phasePinhole}
 
 type options struct {
 	quick   bool
@@ -61,6 +61,15 @@ type config struct {
 	ReloadTimings  int           `json:"reload_timings_per_size"`
 	TputRounds     int           `json:"throughput_rounds"`
 	TputDuration   time.Duration `json:"throughput_batch_ns"`
+	// The pinhole phase: holes opened one at a time for the latency; the
+	// batch sizes, set sizes and time per size of the update rates; the
+	// transfer's size and rounds.
+	PinholeOpens   int           `json:"pinhole_opens"`
+	UpdateBatches  []int         `json:"pinhole_update_batches"`
+	UpdateExisting []int         `json:"pinhole_update_existing"`
+	UpdateDuration time.Duration `json:"pinhole_update_ns"`
+	TransferBytes  int64         `json:"pinhole_transfer_bytes"`
+	TransferRounds int           `json:"pinhole_transfer_rounds"`
 }
 
 func configFor(o options) config {
@@ -68,15 +77,21 @@ func configFor(o options) config {
 	case o.tiny:
 		return config{Mode: "smoke", MatrixSize: 100, Sizes: []int{10, 1000}, Attempts: 400, Batch: 200, Warmup: 10,
 			ReloadSize: 100, Reloads: 20, ReloadAttempts: 1000, ReloadLimit: 5 * time.Second, ReloadTimings: 2,
-			TputRounds: 1, TputDuration: 200 * time.Millisecond}
+			TputRounds: 1, TputDuration: 200 * time.Millisecond,
+			PinholeOpens: 30, UpdateBatches: []int{1, 100}, UpdateExisting: []int{0}, UpdateDuration: 50 * time.Millisecond,
+			TransferBytes: 8 << 20, TransferRounds: 2}
 	case o.quick:
 		return config{Mode: "quick", MatrixSize: 100, Sizes: []int{10, 1000, 5000, 100000}, Attempts: 6000, Batch: 500, Warmup: 50,
 			ReloadSize: 1000, Reloads: 200, ReloadAttempts: 500_000, ReloadLimit: 10 * time.Second, ReloadTimings: 3,
-			TputRounds: 6, TputDuration: 200 * time.Millisecond}
+			TputRounds: 6, TputDuration: 200 * time.Millisecond,
+			PinholeOpens: 300, UpdateBatches: []int{1, 100, 1000}, UpdateExisting: []int{0}, UpdateDuration: 200 * time.Millisecond,
+			TransferBytes: 100 << 20, TransferRounds: 40}
 	}
 	return config{Mode: "full", MatrixSize: 100, Sizes: []int{10, 100, 1000, 5000, 100000, 1000000}, Attempts: 200_000, Batch: 2000, Warmup: 100,
 		ReloadSize: 1000, Reloads: 1000, ReloadAttempts: 10_000_000, ReloadLimit: 70 * time.Second, ReloadTimings: 3,
-		TputRounds: 20, TputDuration: 250 * time.Millisecond}
+		TputRounds: 20, TputDuration: 250 * time.Millisecond,
+		PinholeOpens: 2000, UpdateBatches: []int{1, 10, 100, 1000, 10_000}, UpdateExisting: []int{0, 100_000}, UpdateDuration: time.Second,
+		TransferBytes: 100 << 20, TransferRounds: 200}
 }
 
 // bench is one run.
@@ -152,6 +167,7 @@ func run(o options) (err error) {
 		phaseScaling:    b.scalingPhase,
 		phaseReload:     b.reloadPhase,
 		phaseThroughput: b.throughputPhase,
+		phasePinhole:    b.pinholePhase,
 	}
 	for _, p := range allPhases {
 		if !slices.Contains(o.phases, p) {

@@ -55,6 +55,7 @@ func (r *results) evaluate() []targetResult {
 		}
 	}
 	out = append(out, r.flatness(), r.versusNft(), r.tunnel(), r.reloadCorrect(), r.reloadTime(), r.verdictsCorrect())
+	out = append(out, r.pinholeTargets()...)
 	return out
 }
 
