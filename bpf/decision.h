@@ -102,7 +102,14 @@ struct rule_value {
 	__u32 tcp_count;
 	__u32 udp_first;
 	__u32 udp_count;
+	__u32 flags; // RULE_*
 };
+
+// A grant entry whose prefix lies inside one internal prefix: a destination
+// that matches it is internal, and the decision needs no lookup of the
+// internal set (the common case, a granted connect, then costs one trie
+// lookup instead of two).
+#define RULE_INSIDE_INTERNAL 1
 
 #define PORTS_PER_SLOT (1U << 18)
 
@@ -263,15 +270,104 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } audit_events SEC(".maps");
 
-// Forces bpf2go to emit Go types for structs only the loader uses.
-const struct audit_event *unused_audit_event __attribute__((unused));
-
 struct dest {
 	__u8 addr[16];
 	__u16 port;
 	__u8 family;
 	__u8 proto;
+	__u32 pad; // zero: dests are compared as three words (same_dest)
+} __attribute__((aligned(8)));
+
+// Verdicts the egress backstop may reuse instead of deciding a packet again.
+// An entry says: in generation `generation`, sending to `d` was allowed for
+// a socket of app `app_id` (0: d is not internal, which holds for every
+// principal). The backstop uses it only when generation and destination
+// match exactly, and for an app only when the socket's own principal is
+// that app, so a hit gives the verdict a full decision would give; after a
+// reload every entry is stale at once. Entries are read and written under
+// their spin lock: a torn entry could pair one generation with another
+// generation's destination.
+//
+// Two places hold them:
+// - verdict_handoff, one entry per CPU, written by the connect and sendmsg
+//   hooks for the socket (cookie) they just allowed: the packet that call
+//   sends next (the SYN, the datagram) leaves on the same CPU unless the
+//   task migrated in between, and then it is decided in full. No
+//   allocation, so a fresh TCP socket per connect costs nothing more
+//   (socket storage would cost an allocation per socket).
+// - verdict_cache, socket storage, written by the backstop itself when it
+//   allows a UDP datagram that no hook saw: the next datagrams of a
+//   connected UDP socket go to the same place.
+struct verdict_entry {
+	struct bpf_spin_lock lock;
+	__u32 generation;
+	__u64 cookie; // verdict_handoff: the socket's cookie
+	__u32 app_id;
+	__u32 pad;
+	struct dest d;
 };
+
+#define HANDOFF_CPUS 1024 // CPUs with a higher id get no handoff
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct verdict_entry);
+	__uint(max_entries, HANDOFF_CPUS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} verdict_handoff SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__type(key, int);
+	__type(value, struct verdict_entry);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} verdict_cache SEC(".maps");
+
+static __always_inline int same_dest(const struct dest *a, const struct dest *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
+}
+
+static __always_inline void put_verdict(struct verdict_entry *v, __u64 cookie, const struct dest *d, __u32 generation,
+					__u32 app_id)
+{
+	bpf_spin_lock(&v->lock);
+	v->generation = generation;
+	v->cookie = cookie;
+	v->app_id = app_id;
+	v->d = *d;
+	bpf_spin_unlock(&v->lock);
+}
+
+// verdict_matches: does the entry hold an allowed verdict of this
+// generation for d (and, in the handoff, for the socket of cookie_of(ctx))?
+// *app_id is the principal the backstop must then check (0: none needed).
+// A first look without the lock skips the usual miss cheaply (another
+// destination, the socket's cookie never asked for); only the locked copy
+// counts.
+static __always_inline int verdict_matches(struct verdict_entry *v, void *skb, int handoff, const struct dest *d,
+					   __u32 generation, __u32 *app_id)
+{
+	if (v->generation != generation || !same_dest(&v->d, d))
+		return 0;
+	__u64 cookie = handoff ? bpf_get_socket_cookie(skb) : 0;
+	struct dest got;
+	__u32 gen;
+	__u64 ck;
+	bpf_spin_lock(&v->lock);
+	gen = v->generation;
+	ck = v->cookie;
+	*app_id = v->app_id;
+	got = v->d;
+	bpf_spin_unlock(&v->lock);
+	return gen == generation && ck == cookie && same_dest(&got, d);
+}
+
+// Forces bpf2go to emit Go types for structs only the loader uses.// Forces bpf2go to emit Go types for structs only the loader uses.
+const struct audit_event *unused_audit_event __attribute__((unused));
 
 static __always_inline void count(__u32 app_id, __u32 slot)
 {
@@ -440,14 +536,19 @@ static __always_inline int is_internal(__u32 slot, const struct dest *d)
 	return bpf_map_lookup_elem(&rules, &k) != NULL;
 }
 
-// grant_allows: does a grant of app_id cover the destination? Sets *reason
-// for a denial (REASON_NO_GRANT or REASON_PORT).
-static __always_inline int grant_allows(__u32 slot, __u32 app_id, const struct dest *d, __u8 *reason)
+// grant_of is app_id's longest matching grant entry for the destination.
+static __always_inline struct rule_value *grant_of(__u32 slot, __u32 app_id, const struct dest *d)
 {
 	struct rule_key k = { .prefixlen = 32 + (d->family == 4 ? 32 : 128),
 			      .tag = bpf_htonl(family_tag(slot, d) | (app_id & 0xffff)) };
 	__builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
-	struct rule_value *g = bpf_map_lookup_elem(&rules, &k);
+	return bpf_map_lookup_elem(&rules, &k);
+}
+
+// ports_allow: do the grant entry's ports of the destination's protocol
+// cover its port? Sets *reason for a denial.
+static __always_inline int ports_allow(__u32 slot, const struct rule_value *g, const struct dest *d, __u8 *reason)
+{
 	*reason = REASON_NO_GRANT;
 	if (!g)
 		return 0;
@@ -457,6 +558,13 @@ static __always_inline int grant_allows(__u32 slot, __u32 app_id, const struct d
 	if (d->proto == PROTO_UDP)
 		return port_allowed(slot, g->udp_first, g->udp_count, d->port);
 	return 0;
+}
+
+// grant_allows: does a grant of app_id cover the destination? Sets *reason
+// for a denial (REASON_NO_GRANT or REASON_PORT).
+static __always_inline int grant_allows(__u32 slot, __u32 app_id, const struct dest *d, __u8 *reason)
+{
+	return ports_allow(slot, grant_of(slot, app_id, d), d, reason);
 }
 
 // exe_allowed: does the calling task run one of the app's binaries?
@@ -471,55 +579,128 @@ static __always_inline int exe_allowed(__u32 slot, __u32 app_id)
 	return k.ino && bpf_map_lookup_elem(&app_exes, &k) != NULL;
 }
 
+// What the tries say about one destination for one principal in one
+// generation: the result of the decision's trie lookups, which depends on
+// nothing else. Cached per (generation, app, address) in dest_lookups, an
+// LRU hash, so that the next connect to the same host costs one hash lookup
+// instead of two walks of a trie whose depth grows with the policy
+// (microseconds at a million prefixes, with cold caches). Exact: an entry
+// is the lookups' result for its key, and a generation's tries never change
+// while it is in force; entries of older generations are never read again
+// and age out.
+struct lookup_key {
+	__u32 generation;
+	__u32 app_id; // 0: an unbound task (only the internal set is asked)
+	__u8 addr[16];
+	__u8 family;
+	__u8 pad[7];
+};
+
+struct lookup_result {
+	struct rule_value grant; // the longest matching grant entry, if has_grant
+	__u8 internal;
+	__u8 has_grant;
+	__u8 pad[2];
+};
+
+#define LOOKUP_CACHE_ENTRIES 16384 // a host's working set of destinations
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lookup_key);
+	__type(value, struct lookup_result);
+	__uint(max_entries, LOOKUP_CACHE_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dest_lookups SEC(".maps");
+
+// lookup_dest fills r with the trie lookups' result for d and app_id (0:
+// unbound). An app's grant is looked up first, because a grant entry
+// inside an internal prefix also answers "is it internal".
+static __always_inline void lookup_dest(__u32 slot, __u32 generation, __u32 app_id, const struct dest *d,
+					struct lookup_result *r)
+{
+	struct lookup_key k = { .generation = generation, .app_id = app_id, .family = d->family };
+	__builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
+	struct lookup_result *c = bpf_map_lookup_elem(&dest_lookups, &k);
+	if (c) {
+		*r = *c;
+		return;
+	}
+	__builtin_memset(r, 0, sizeof(*r));
+	if (app_id) {
+		struct rule_value *g = grant_of(slot, app_id, d);
+		if (g) {
+			r->grant = *g;
+			r->has_grant = 1;
+		}
+	}
+	r->internal = (r->has_grant && (r->grant.flags & RULE_INSIDE_INTERNAL)) || is_internal(slot, d);
+	bpf_map_update_elem(&dest_lookups, &k, r, BPF_ANY); // full: LRU evicts
+}
+
+// A verdict: allowed or not, and for an allowed one what the verdict cache
+// may remember (see struct verdict_entry).
+struct verdict {
+	int allow;
+	__u32 generation;
+	__u32 app_id; // of an allowed internal destination; 0: not internal
+};
+
 // decide is the decision function for the calling task; it counts and
-// audits. Returns 1 to let the syscall go on, 0 for EPERM.
-static __always_inline int decide(struct dest *d, __u8 hook)
+// audits. v->allow is 1 to let the syscall go on, 0 for EPERM.
+static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 {
 	__u64 cgroup_id = 0;
+	v->allow = 0;
+	v->generation = 0;
+	v->app_id = 0;
 	struct generation_info *info = current_generation();
 	if (!info)
 		goto no_policy;
 	__u32 slot = info->slot & 1;
 	__u32 generation = info->generation;
-
-	if (!is_internal(slot, d)) {
-		// Count per app even for external traffic: cheap (per-CPU array)
-		// and it tells an operator the hook sees the app at all.
-		struct app_info *a = principal(slot, info, &cgroup_id);
-		count(a ? a->app_id : 0, COUNT_EXTERNAL);
-		return 1;
-	}
+	v->generation = generation;
 
 	struct app_info *app = principal(slot, info, &cgroup_id);
-	if (!app) {
+	__u32 app_id = app ? app->app_id : 0;
+	__u32 app_flags = app ? app->flags : 0;
+	struct lookup_result r;
+	lookup_dest(slot, generation, app_id, d, &r);
+	if (!r.internal) {
+		// Counted per app even for external traffic: cheap (per-CPU
+		// array) and it tells an operator the hook sees the app at all.
+		count(app_id, COUNT_EXTERNAL);
+		v->allow = 1;
+		return;
+	}
+	if (!app_id) {
 		count(0, COUNT_DENY);
 		audit(d, 0, cgroup_id, generation, info->audit_rate, 0, REASON_UNBOUND, hook);
-		return 0;
+		return;
 	}
-	__u32 app_id = app->app_id;
-	__u32 app_flags = app->flags;
 	__u8 reason;
 	if ((app_flags & APP_EXE_PINNED) && !exe_allowed(slot, app_id)) {
 		count(app_id, COUNT_DENY);
 		audit(d, app_id, cgroup_id, generation, info->audit_rate, 0, REASON_EXE, hook);
-		return 0;
+		return;
 	}
-	if (grant_allows(slot, app_id, d, &reason)) {
+	if (ports_allow(slot, r.has_grant ? &r.grant : NULL, d, &reason)) {
 		count(app_id, COUNT_ALLOW);
 		if (app_flags & APP_AUDIT_ALLOW)
 			audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_GRANTED, hook);
-		return 1;
+		v->allow = 1;
+		v->app_id = app_id;
+		return;
 	}
 	count(app_id, COUNT_DENY);
 	audit(d, app_id, cgroup_id, generation, info->audit_rate, 0, reason, hook);
-	return 0;
+	return;
 
 no_policy:
 	// Fail closed: without a policy we cannot tell internal from external,
 	// so nothing below the attach point may connect.
 	count(0, COUNT_DENY);
 	audit(d, 0, bpf_get_current_cgroup_id(), 0, 1000, 0, REASON_NO_POLICY, hook);
-	return 0;
 }
 
 #endif // PROCGATE_DECISION_H

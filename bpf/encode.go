@@ -75,7 +75,48 @@ const (
 	tagSlot      = 1 << 31 // TAG_SLOT
 	tagV6        = 1 << 30 // TAG_V6
 	portsPerSlot = 1 << 18 // PORTS_PER_SLOT
+	// ruleInsideInternal (RULE_INSIDE_INTERNAL) marks a grant entry whose
+	// prefix lies inside an internal prefix: the kernel then skips the
+	// internal-set lookup for destinations it matches.
+	ruleInsideInternal = 1
 )
+
+// prefixSet answers "does some prefix of the set contain p" with one map
+// lookup per distinct prefix length of the set (few in real policies),
+// not one per bit.
+type prefixSet struct {
+	has  map[netip.Prefix]bool
+	bits [2]map[int]bool // distinct lengths, IPv4 and IPv6
+}
+
+func newPrefixSet() *prefixSet {
+	return &prefixSet{has: map[netip.Prefix]bool{}, bits: [2]map[int]bool{{}, {}}}
+}
+
+func family(a netip.Addr) int {
+	if a.Is4() {
+		return 0
+	}
+	return 1
+}
+
+func (s *prefixSet) add(p netip.Prefix) {
+	s.has[p] = true
+	s.bits[family(p.Addr())][p.Bits()] = true
+}
+
+func (s *prefixSet) containsPrefix(p netip.Prefix) bool {
+	for bits := range s.bits[family(p.Addr())] {
+		if bits > p.Bits() {
+			continue
+		}
+		anc, _ := p.Addr().Prefix(bits)
+		if s.has[anc] {
+			return true
+		}
+	}
+	return false
+}
 
 // tables are one generation's entries, for one slot.
 type tables struct {
@@ -119,8 +160,10 @@ func encode(g Generation, slot uint32) (*tables, error) {
 	if t.info.AuditRate == 0 {
 		t.info.AuditRate = 100
 	}
+	internal := newPrefixSet()
 	for _, p := range g.Rules.Internal {
 		t.rules[ruleKey(slot, 0, p.Prefix.Masked())] = procgateRuleValue{}
+		internal.add(p.Prefix.Masked())
 	}
 	ports := newPortTable()
 	for _, app := range g.Rules.Apps {
@@ -132,6 +175,9 @@ func encode(g Generation, slot uint32) (*tables, error) {
 			v := procgateRuleValue{}
 			v.TcpFirst, v.TcpCount = ports.add(u.tcp)
 			v.UdpFirst, v.UdpCount = ports.add(u.udp)
+			if internal.containsPrefix(pfx) {
+				v.Flags |= ruleInsideInternal
+			}
 			t.rules[ruleKey(slot, id, pfx)] = v
 		}
 	}

@@ -479,3 +479,72 @@ func TestExePinning(t *testing.T) {
 		})
 	}
 }
+
+// TestVerdictCachesFollowGenerations: the egress backstop reuses verdicts
+// (the hooks' handoff, a connected UDP socket's last datagram) only within
+// the generation that made them. A connected UDP socket's datagrams pass no
+// hook, so after a reload that revokes its grant (and no sweep) only the
+// backstop stands between them and the destination.
+func TestVerdictCachesFollowGenerations(t *testing.T) {
+	w := newWorld(t, "granted", "other")
+	const granted = "version: 1\ninternal:\n  prefixes: [10.0.0.0/8, fd00::/8]\napps:\n  - name: granted\n    allow:\n      - to: 10.1.0.0/16\n      - to: fd00:1::/64\n  - name: other\n"
+	revoked := strings.Replace(granted, "      - to: 10.1.0.0/16\n      - to: fd00:1::/64\n", "      - to: 10.9.0.0/16\n", 1)
+	// A peer for the datagrams: without one, ICMP port unreachable would
+	// fail the next send on a connected socket.
+	startServers(t, w.netns, []string{"[::]:5432"}, []string{"[::]:5000"})
+	w.apply(mustPolicy(t, granted))
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	h := w.holder(w.cgroups["granted/run"])
+	for _, dest := range []string{"10.1.2.3:5000/udp", "[fd00:1::3]:5000/udp", "[::ffff:10.1.2.4]:5000/udp"} {
+		method := probe.Connect
+		if strings.Contains(dest, "::ffff:") {
+			method = probe.Mapped
+			dest = "10.1.2.4:5000/udp"
+		}
+		mustOpen(t, h, dest, dest, method, 2)
+	}
+	send := func(when string, wantSent int, wantDenied int) {
+		t.Helper()
+		for _, group := range []string{"10.1.2.3:5000/udp", "[fd00:1::3]:5000/udp", "10.1.2.4:5000/udp"} {
+			// Twice: the first datagram of a generation is decided in
+			// full, the next one may come from the socket's cache.
+			for range 2 {
+				r, err := h.Send(group)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if r.Sent != wantSent || r.Errors["EPERM"] != wantDenied {
+					t.Fatalf("%s, %s: sent %d, errors %v; want %d sent, %d EPERM", when, group, r.Sent, r.Errors, wantSent, wantDenied)
+				}
+			}
+		}
+	}
+	send("granted", 2, 0)
+	w.apply(mustPolicy(t, revoked))
+	send("after the revoking reload", 0, 2)
+	w.apply(mustPolicy(t, granted))
+	send("granted again", 2, 0)
+
+	// TCP: the connect hook hands its verdict to the backstop for the SYN;
+	// a new generation's verdicts are the new generation's.
+	p := w.prober("granted")
+	d := ruleset.Dest{Addr: netip.MustParseAddr("10.1.2.3"), Proto: ruleset.TCP, Port: 5432}
+	for i, rs := range []string{granted, revoked, granted, revoked} {
+		w.apply(mustPolicy(t, rs))
+		want := probe.Allowed
+		if i%2 == 1 {
+			want = probe.Denied
+		}
+		for _, m := range []probe.Method{probe.Connect, probe.Mapped} {
+			got, err := p.Try(d, m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != want {
+				t.Fatalf("policy %d, %s: got %s, want %s", i, m, got, want)
+			}
+		}
+	}
+}

@@ -125,6 +125,18 @@ static __always_inline int load_l4(struct __sk_buff *skb, __u32 off, __u8 proto,
 	return 0;
 }
 
+// remember keeps an allowed verdict of a UDP datagram no hook saw (a
+// connected socket's) for the socket's next datagrams. Only for internal
+// destinations: there a full decision costs two trie lookups and a port
+// search, more than the allocation of the socket's storage once; an
+// external one costs a lookup that ends near the trie's root.
+static __always_inline void remember(struct bpf_sock *sk, const struct dest *d, __u32 generation, __u32 app_id)
+{
+	struct verdict_entry *v = bpf_sk_storage_get(&verdict_cache, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (v)
+		put_verdict(v, 0, d, generation, app_id);
+}
+
 SEC("cgroup_skb/egress")
 int backstop_egress(struct __sk_buff *skb)
 {
@@ -170,13 +182,8 @@ int backstop_egress(struct __sk_buff *skb)
 		return 1;
 	}
 
-	struct generation_info *info = current_generation();
-	if (!info)
-		return 1; // the connect hooks already deny everything
-	__u32 slot = info->slot & 1;
-	if (!is_internal(slot, &d))
-		return 1;
-
+	// What is no attempt at all passes before any map lookup: most packets
+	// are of established TCP connections.
 	switch (proto) {
 	case IPPROTO_TCP:
 		// Only new connections: packets of an established one were
@@ -201,19 +208,61 @@ int backstop_egress(struct __sk_buff *skb)
 		break;
 	}
 
+	struct generation_info *info = current_generation();
+	if (!info)
+		return 1; // the connect hooks already deny everything
+	__u32 slot = info->slot & 1;
+	__u32 generation = info->generation;
+
+	// The connect or sendmsg hook usually decided this very packet a moment
+	// ago (verdict_handoff), and a connected UDP socket's datagrams go where
+	// its first one went (verdict_cache): a matching verdict of this
+	// generation stands.
+	struct bpf_sock *sk = skb->sk;
+	if (sk)
+		sk = bpf_sk_fullsock(sk);
+	if (sk && d.proto) {
+		__u32 cached_app = 0;
+		int hit = 0;
+		__u32 cpu = bpf_get_smp_processor_id();
+		struct verdict_entry *v = bpf_map_lookup_elem(&verdict_handoff, &cpu);
+		if (v)
+			hit = verdict_matches(v, skb, 1, &d, generation, &cached_app);
+		if (!hit && d.proto == PROTO_UDP) {
+			v = bpf_sk_storage_get(&verdict_cache, sk, 0, 0);
+			if (v)
+				hit = verdict_matches(v, skb, 0, &d, generation, &cached_app);
+		}
+		if (hit) {
+			if (!cached_app)
+				return 1; // not internal
+			__u64 cgroup_id;
+			struct app_info *a = principal_of(WHO_SKB, skb, slot, info, &cgroup_id);
+			if (a && a->app_id == cached_app)
+				return 1;
+		}
+	}
+
+	if (!is_internal(slot, &d))
+		return 1;
+
 	__u64 cgroup_id;
 	struct app_info *app = principal_of(WHO_SKB, skb, slot, info, &cgroup_id);
 	if (!app) {
 		count(0, COUNT_DENY);
-		audit_as(WHO_SKB, &d, 0, cgroup_id, info->generation, info->audit_rate, 0, REASON_UNBOUND, hook);
+		audit_as(WHO_SKB, &d, 0, cgroup_id, generation, info->audit_rate, 0, REASON_UNBOUND, hook);
 		return 0;
 	}
 	__u32 app_id = app->app_id;
 	__u8 reason = REASON_PROTO;
-	if (d.proto && grant_allows(slot, app_id, &d, &reason))
-		return 1; // counted when the connect or sendmsg hook allowed it
+	if (d.proto && grant_allows(slot, app_id, &d, &reason)) {
+		// Counted when the connect or sendmsg hook allowed it.
+		if (sk && d.proto == PROTO_UDP)
+			remember(sk, &d, generation, app_id);
+		return 1;
+	}
 	count(app_id, COUNT_DENY);
-	audit_as(WHO_SKB, &d, app_id, cgroup_id, info->generation, info->audit_rate, 0, reason, hook);
+	audit_as(WHO_SKB, &d, app_id, cgroup_id, generation, info->audit_rate, 0, reason, hook);
 	return 0;
 }
 

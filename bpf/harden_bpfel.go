@@ -51,6 +51,23 @@ type hardenGenerationInfo struct {
 	Pad        uint32
 }
 
+type hardenLookupKey struct {
+	_          structs.HostLayout
+	Generation uint32
+	AppId      uint32
+	Addr       [16]uint8
+	Family     uint8
+	Pad        [7]uint8
+}
+
+type hardenLookupResult struct {
+	_        structs.HostLayout
+	Grant    hardenRuleValue
+	Internal uint8
+	HasGrant uint8
+	Pad      [2]uint8
+}
+
 type hardenPortRange struct {
 	_  structs.HostLayout
 	Lo uint16
@@ -70,6 +87,27 @@ type hardenRuleValue struct {
 	TcpCount uint32
 	UdpFirst uint32
 	UdpCount uint32
+	Flags    uint32
+}
+
+type hardenVerdictEntry struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Generation uint32
+	Cookie     uint64
+	AppId      uint32
+	Pad        uint32
+	D          struct {
+		_      structs.HostLayout
+		Addr   [16]uint8
+		Port   uint16
+		Family uint8
+		Proto  uint8
+		Pad    uint32
+	}
 }
 
 // Names of all BPF objects in the ELF.
@@ -80,11 +118,14 @@ const (
 	hardenMapAppExes             = "app_exes"
 	hardenMapAuditBudgets        = "audit_budgets"
 	hardenMapAuditEvents         = "audit_events"
+	hardenMapDestLookups         = "dest_lookups"
 	hardenMapGenerationInfoInner = "generation_info_inner"
 	hardenMapPolicyCurrent       = "policy_current"
 	hardenMapPortRanges          = "port_ranges"
 	hardenMapRules               = "rules"
+	hardenMapVerdictCache        = "verdict_cache"
 	hardenMapVerdictCounters     = "verdict_counters"
+	hardenMapVerdictHandoff      = "verdict_handoff"
 	hardenProgBackstopEgress     = "backstop_egress"
 	hardenProgGuardPacketSocket  = "guard_packet_socket"
 	hardenProgGuardSockCreate    = "guard_sock_create"
@@ -146,11 +187,14 @@ type hardenMapSpecs struct {
 	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
+	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
+	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
+	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // hardenVariableSpecs contains global variables before they are loaded into the kernel.
@@ -184,11 +228,14 @@ type hardenMaps struct {
 	AppExes             *ebpf.Map `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
+	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
+	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
+	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *hardenMaps) Close() error {
@@ -197,11 +244,14 @@ func (m *hardenMaps) Close() error {
 		m.AppExes,
 		m.AuditBudgets,
 		m.AuditEvents,
+		m.DestLookups,
 		m.GenerationInfoInner,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,
+		m.VerdictCache,
 		m.VerdictCounters,
+		m.VerdictHandoff,
 	)
 }
 

@@ -31,14 +31,21 @@ func (m kernelModel) lookup(appID uint32, a netip.Addr) (procgateRuleValue, bool
 
 func (m kernelModel) decide(app string, d ruleset.Dest) (bool, ruleset.Reason) {
 	a := d.Addr.Unmap()
-	if _, internal := m.lookup(0, a); !internal {
-		return true, ruleset.ReasonNotInternal
-	}
-	id, ok := m.ids[app]
-	if !ok {
+	id, bound := m.ids[app]
+	if !bound {
+		if _, internal := m.lookup(0, a); !internal {
+			return true, ruleset.ReasonNotInternal
+		}
 		return false, ruleset.ReasonUnbound
 	}
+	// As decide() in decision.h: the grant first; a grant entry inside an
+	// internal prefix stands for the internal-set lookup.
 	best, ok := m.lookup(id, a)
+	if !ok || best.Flags&ruleInsideInternal == 0 {
+		if _, internal := m.lookup(0, a); !internal {
+			return true, ruleset.ReasonNotInternal
+		}
+	}
 	if !ok {
 		return false, ruleset.ReasonNoGrant
 	}

@@ -26,13 +26,33 @@ static __always_inline __u8 proto_of(struct bpf_sock_addr *ctx)
 	return 0;
 }
 
+// verdict_of decides, and hands an allowed verdict to the egress backstop,
+// which sees the packet this call sends next (verdict_handoff).
+static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d, __u8 hook)
+{
+	struct verdict v;
+	decide(d, hook, &v);
+	if (!v.allow)
+		return 0;
+	// Only internal verdicts: for an external destination the backstop's
+	// own check is one trie lookup that ends near the root, cheaper than
+	// the handoff.
+	if (!v.app_id)
+		return 1;
+	__u32 cpu = bpf_get_smp_processor_id();
+	struct verdict_entry *h = bpf_map_lookup_elem(&verdict_handoff, &cpu);
+	if (h)
+		put_verdict(h, bpf_get_socket_cookie(ctx), d, v.generation, v.app_id);
+	return 1;
+}
+
 static __always_inline int decide4(struct bpf_sock_addr *ctx, __u8 hook)
 {
 	struct dest d = { .family = 4, .proto = proto_of(ctx) };
 	__u32 ip = ctx->user_ip4;
 	__builtin_memcpy(d.addr, &ip, 4);
 	d.port = bpf_ntohs((__u16)ctx->user_port);
-	return decide(&d, hook);
+	return verdict_of(ctx, &d, hook);
 }
 
 static __always_inline int decide6(struct bpf_sock_addr *ctx, __u8 hook)
@@ -45,14 +65,14 @@ static __always_inline int decide6(struct bpf_sock_addr *ctx, __u8 hook)
 	if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
 		d.family = 4;
 		__builtin_memcpy(d.addr, &w3, 4);
-		return decide(&d, hook);
+		return verdict_of(ctx, &d, hook);
 	}
 	d.family = 6;
 	__builtin_memcpy(&d.addr[0], &w0, 4);
 	__builtin_memcpy(&d.addr[4], &w1, 4);
 	__builtin_memcpy(&d.addr[8], &w2, 4);
 	__builtin_memcpy(&d.addr[12], &w3, 4);
-	return decide(&d, hook);
+	return verdict_of(ctx, &d, hook);
 }
 
 SEC("cgroup/connect4")

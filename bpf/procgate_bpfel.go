@@ -72,6 +72,23 @@ type procgateGenerationInfo struct {
 	Pad        uint32
 }
 
+type procgateLookupKey struct {
+	_          structs.HostLayout
+	Generation uint32
+	AppId      uint32
+	Addr       [16]uint8
+	Family     uint8
+	Pad        [7]uint8
+}
+
+type procgateLookupResult struct {
+	_        structs.HostLayout
+	Grant    procgateRuleValue
+	Internal uint8
+	HasGrant uint8
+	Pad      [2]uint8
+}
+
 type procgatePortRange struct {
 	_  structs.HostLayout
 	Lo uint16
@@ -91,6 +108,27 @@ type procgateRuleValue struct {
 	TcpCount uint32
 	UdpFirst uint32
 	UdpCount uint32
+	Flags    uint32
+}
+
+type procgateVerdictEntry struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Generation uint32
+	Cookie     uint64
+	AppId      uint32
+	Pad        uint32
+	D          struct {
+		_      structs.HostLayout
+		Addr   [16]uint8
+		Port   uint16
+		Family uint8
+		Proto  uint8
+		Pad    uint32
+	}
 }
 
 // Names of all BPF objects in the ELF.
@@ -101,11 +139,14 @@ const (
 	procgateMapAppExes             = "app_exes"
 	procgateMapAuditBudgets        = "audit_budgets"
 	procgateMapAuditEvents         = "audit_events"
+	procgateMapDestLookups         = "dest_lookups"
 	procgateMapGenerationInfoInner = "generation_info_inner"
 	procgateMapPolicyCurrent       = "policy_current"
 	procgateMapPortRanges          = "port_ranges"
 	procgateMapRules               = "rules"
+	procgateMapVerdictCache        = "verdict_cache"
 	procgateMapVerdictCounters     = "verdict_counters"
+	procgateMapVerdictHandoff      = "verdict_handoff"
 	procgateProgAuthorizeConnect4  = "authorize_connect4"
 	procgateProgAuthorizeConnect6  = "authorize_connect6"
 	procgateProgAuthorizeSendmsg4  = "authorize_sendmsg4"
@@ -169,11 +210,14 @@ type procgateMapSpecs struct {
 	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
+	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
+	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
+	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // procgateVariableSpecs contains global variables before they are loaded into the kernel.
@@ -207,11 +251,14 @@ type procgateMaps struct {
 	AppExes             *ebpf.Map `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
+	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
+	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
+	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *procgateMaps) Close() error {
@@ -220,11 +267,14 @@ func (m *procgateMaps) Close() error {
 		m.AppExes,
 		m.AuditBudgets,
 		m.AuditEvents,
+		m.DestLookups,
 		m.GenerationInfoInner,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,
+		m.VerdictCache,
 		m.VerdictCounters,
+		m.VerdictHandoff,
 	)
 }
 

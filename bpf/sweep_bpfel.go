@@ -51,6 +51,23 @@ type sweepGenerationInfo struct {
 	Pad        uint32
 }
 
+type sweepLookupKey struct {
+	_          structs.HostLayout
+	Generation uint32
+	AppId      uint32
+	Addr       [16]uint8
+	Family     uint8
+	Pad        [7]uint8
+}
+
+type sweepLookupResult struct {
+	_        structs.HostLayout
+	Grant    sweepRuleValue
+	Internal uint8
+	HasGrant uint8
+	Pad      [2]uint8
+}
+
 type sweepPortRange struct {
 	_  structs.HostLayout
 	Lo uint16
@@ -70,6 +87,7 @@ type sweepRuleValue struct {
 	TcpCount uint32
 	UdpFirst uint32
 	UdpCount uint32
+	Flags    uint32
 }
 
 type sweepSweepConfig struct {
@@ -94,6 +112,26 @@ type sweepSweepRecord struct {
 	Daddr    [16]uint8
 }
 
+type sweepVerdictEntry struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Generation uint32
+	Cookie     uint64
+	AppId      uint32
+	Pad        uint32
+	D          struct {
+		_      structs.HostLayout
+		Addr   [16]uint8
+		Port   uint16
+		Family uint8
+		Proto  uint8
+		Pad    uint32
+	}
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -102,13 +140,16 @@ const (
 	sweepMapAppExes             = "app_exes"
 	sweepMapAuditBudgets        = "audit_budgets"
 	sweepMapAuditEvents         = "audit_events"
+	sweepMapDestLookups         = "dest_lookups"
 	sweepMapGenerationInfoInner = "generation_info_inner"
 	sweepMapPolicyCurrent       = "policy_current"
 	sweepMapPortRanges          = "port_ranges"
 	sweepMapRules               = "rules"
 	sweepMapSweepListenPorts    = "sweep_listen_ports"
 	sweepMapSweepRun            = "sweep_run"
+	sweepMapVerdictCache        = "verdict_cache"
 	sweepMapVerdictCounters     = "verdict_counters"
+	sweepMapVerdictHandoff      = "verdict_handoff"
 	sweepProgSweepTcp           = "sweep_tcp"
 	sweepProgSweepUdp           = "sweep_udp"
 	sweepVarUnusedAuditEvent    = "unused_audit_event"
@@ -169,13 +210,16 @@ type sweepMapSpecs struct {
 	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
+	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SweepListenPorts    *ebpf.MapSpec `ebpf:"sweep_listen_ports"`
 	SweepRun            *ebpf.MapSpec `ebpf:"sweep_run"`
+	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
+	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // sweepVariableSpecs contains global variables before they are loaded into the kernel.
@@ -210,13 +254,16 @@ type sweepMaps struct {
 	AppExes             *ebpf.Map `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
+	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SweepListenPorts    *ebpf.Map `ebpf:"sweep_listen_ports"`
 	SweepRun            *ebpf.Map `ebpf:"sweep_run"`
+	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
+	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *sweepMaps) Close() error {
@@ -225,13 +272,16 @@ func (m *sweepMaps) Close() error {
 		m.AppExes,
 		m.AuditBudgets,
 		m.AuditEvents,
+		m.DestLookups,
 		m.GenerationInfoInner,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,
 		m.SweepListenPorts,
 		m.SweepRun,
+		m.VerdictCache,
 		m.VerdictCounters,
+		m.VerdictHandoff,
 	)
 }
 

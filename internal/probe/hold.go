@@ -99,6 +99,27 @@ func (h *Holder) State(group string) (HoldState, error) {
 	return st, nil
 }
 
+// SendResult counts what one write on each socket of a group gave: sent,
+// or the error (by name, e.g. "EPERM" when the kernel refused it).
+type SendResult struct {
+	Sent   int            `json:"sent"`
+	Errors map[string]int `json:"errors,omitempty"`
+}
+
+// Send writes one small payload on every socket of group (for connected
+// UDP sockets: one datagram that no connect or sendmsg hook sees).
+func (h *Holder) Send(group string) (SendResult, error) {
+	var r SendResult
+	ans, err := h.ask("send " + group)
+	if err != nil {
+		return r, err
+	}
+	if err := json.Unmarshal([]byte(ans), &r); err != nil {
+		return r, fmt.Errorf("holder %d: send %q: %w", h.Pid(), ans, err)
+	}
+	return r, nil
+}
+
 // Expect checks that group has n sockets, all alive or all ended; an
 // ended socket must have said ECONNABORTED, as bpf_sock_destroy and
 // SOCK_DESTROY make it say (or ENOTCONN: that was read at an earlier State).
@@ -172,6 +193,25 @@ func (h *holder) do(f []string) (string, error) {
 		return "", nil
 	case len(f) == 3 && f[0] == "listen":
 		return h.listen(f[1], f[2])
+	case len(f) == 2 && f[0] == "send":
+		h.mu.Lock()
+		socks := h.groups[f[1]]
+		h.mu.Unlock()
+		r := SendResult{Errors: map[string]int{}}
+		for _, s := range socks {
+			if _, err := unix.Write(s.fd, []byte("more")); err != nil {
+				name := err.Error()
+				var errno unix.Errno
+				if errors.As(err, &errno) {
+					name = unix.ErrnoName(errno)
+				}
+				r.Errors[name]++
+				continue
+			}
+			r.Sent++
+		}
+		b, err := json.Marshal(r)
+		return string(b), err
 	case len(f) == 2 && f[0] == "state":
 		h.mu.Lock()
 		socks := h.groups[f[1]]
@@ -196,7 +236,7 @@ func (h *holder) do(f []string) (string, error) {
 		b, err := json.Marshal(st)
 		return string(b), err
 	}
-	return "", fmt.Errorf("want open GROUP METHOD DEST N, listen GROUP ADDR or state GROUP, got %q", strings.Join(f, " "))
+	return "", fmt.Errorf("want open GROUP METHOD DEST N, listen GROUP ADDR, send GROUP or state GROUP, got %q", strings.Join(f, " "))
 }
 
 func (h *holder) add(group string, fd int) {
