@@ -76,6 +76,16 @@ func newE2E(t *testing.T, policyYAML string) *e2e {
 func newE2EWith(t *testing.T, policyYAML string, inNetns bool, daemonFlags ...string) *e2e {
 	t.Helper()
 	nstest.RequireRoot(t)
+	ns := nstest.NetNS(t)
+	nstest.AnyIPLoopback(t, ns)
+	return newE2EIn(t, policyYAML, ns, inNetns, daemonFlags...)
+}
+
+// newE2EIn is newE2EWith in the network namespace ns, which the caller
+// made (and set up: links, routes).
+func newE2EIn(t *testing.T, policyYAML, ns string, inNetns bool, daemonFlags ...string) *e2e {
+	t.Helper()
+	nstest.RequireRoot(t)
 	dir, err := os.MkdirTemp("", "procgate-e2e-")
 	if err != nil {
 		t.Fatal(err)
@@ -105,10 +115,9 @@ func newE2EWith(t *testing.T, policyYAML string, inNetns bool, daemonFlags ...st
 		state:  filepath.Join(dir, "state"),
 		bpfDir: filepath.Join(nstest.BPFFS(t), "procgate"),
 		cgroup: nstest.Cgroup(t),
-		netns:  nstest.NetNS(t),
+		netns:  ns,
 	}
 	e.inNetns, e.daemonFlags = inNetns, daemonFlags
-	nstest.AnyIPLoopback(t, e.netns)
 	e.writePolicy(policyYAML)
 	e.startDaemon()
 	t.Cleanup(func() {
