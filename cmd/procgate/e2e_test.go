@@ -702,7 +702,15 @@ apps:
 			{"shell", "connection refused"}, // allowed: nothing listens, RST
 			{"rootonly", "denied"},
 		} {
-			out, _ := e.procgateAs(nil, nil, "run", "--app", tc.app, "--", "nsenter", "--net="+e.netns, e.bin, "dial", "--timeout", "1s", "10.1.2.3:22")
+			// Launched from the test's namespace: the launcher drops
+			// CAP_SYS_ADMIN, so nothing in the app can enter one itself.
+			var out string
+			if err := nstest.InNS(t, e.netns, func() error {
+				out, _ = e.procgateAs(nil, nil, "run", "--app", tc.app, "--", e.bin, "dial", "--timeout", "1s", "10.1.2.3:22")
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
 			if !strings.Contains(out, tc.want) {
 				t.Errorf("app %s dialing 10.1.2.3:22: want %q in:\n%s", tc.app, tc.want, out)
 			}
