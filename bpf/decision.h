@@ -484,10 +484,46 @@ static __always_inline struct app_info *principal_of(int who, void *ctx, __u32 s
 	return NULL;
 }
 
-// principal is the calling task's app, or NULL.
+// Processes that entered an app cgroup through a migration or a
+// clone3(CLONE_INTO_CGROUP) made from inside another app, or by a process
+// so marked (migrate.c marks them, and their children). Root in one app
+// cannot become another by writing its cgroup.procs. By process (tgid); the
+// value is the start time of the process' leader, so that a reused pid is
+// never taken for a marked one.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);   // tgid
+	__type(value, __u64); // group_leader->start_time
+	__uint(max_entries, 1 << 16);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} migrated_tasks SEC(".maps");
+
+struct task_struct___mig {
+	int tgid;
+	__u64 start_time;
+	struct task_struct___mig *group_leader;
+} __attribute__((preserve_access_index));
+
+// migrated: is the calling task's process marked in migrated_tasks?
+static __always_inline int migrated(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u64 *start = bpf_map_lookup_elem(&migrated_tasks, &tgid);
+	if (!start)
+		return 0;
+	struct task_struct___mig *task = (struct task_struct___mig *)bpf_get_current_task();
+	return *start == BPF_CORE_READ(task, group_leader, start_time);
+}
+
+// principal is the calling task's app, or NULL. A process marked in
+// migrated_tasks has none: it holds no app's grants.
 static __always_inline struct app_info *principal(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
 {
-	return principal_of(WHO_TASK, NULL, slot, info, cgroup_id);
+	struct app_info *a = principal_of(WHO_TASK, NULL, slot, info, cgroup_id);
+	if (a && migrated())
+		return NULL;
+	return a;
 }
 
 // Binary search of sorted disjoint ranges [first, first+count) of a slot.

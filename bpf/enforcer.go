@@ -54,6 +54,30 @@ type lsmGuards struct {
 	GuardPacketSocket *ebpf.Program `ebpf:"guard_packet_socket"`
 }
 
+// migrationGuard marks processes moved into an app cgroup from inside
+// another app (migrate.c); tp_btf programs, attached to the whole host,
+// optional: without them Guards says so.
+type migrationGuard struct {
+	MarkMigration *ebpf.Program `ebpf:"mark_migration"`
+	MarkFork      *ebpf.Program `ebpf:"mark_fork"`
+	ForgetExit    *ebpf.Program `ebpf:"forget_exit"`
+}
+
+// tracingHooks are migrate.c's programs, named as their pinned links.
+func (e *Enforcer) tracingHooks() []struct {
+	name string
+	prog *ebpf.Program
+} {
+	return []struct {
+		name string
+		prog *ebpf.Program
+	}{
+		{"migrate_attach_task", e.migrate.MarkMigration},
+		{"migrate_fork", e.migrate.MarkFork},
+		{"migrate_exit", e.migrate.ForgetExit},
+	}
+}
+
 // objects is what the daemon loads: programs and the pinned maps. The
 // generation_info_inner template of procgate.c is left out, so it is never
 // created.
@@ -103,8 +127,12 @@ type Enforcer struct {
 	lsm    lsmGuards
 	// lsmErr says why the LSM guards are missing (nil: loaded).
 	lsmErr error
-	specs  *ebpf.CollectionSpec
-	links  []link.Link
+	// migrate and its links; migrateErr says why they are missing.
+	migrate    migrationGuard
+	migrateErr error
+	tracing    []link.Link
+	specs      *ebpf.CollectionSpec
+	links      []link.Link
 	// Adopted is true when the enforcer took over pinned state left by an
 	// earlier daemon; the generation in force then was kept.
 	Adopted bool
@@ -176,6 +204,11 @@ func Open(opts Options) (*Enforcer, error) {
 	if err := hspecs.LoadAndAssign(&e.lsm, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}}); err != nil {
 		e.lsmErr = err
 	}
+	mspecs, err := loadMigrate()
+	if err == nil {
+		err = mspecs.LoadAndAssign(&e.migrate, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+	}
+	e.migrateErr = err
 	e.sweep = openSweeper(opts.BPFDir, opts.Log)
 	for _, g := range e.Guards() {
 		if g.Active {
@@ -239,6 +272,42 @@ func (e *Enforcer) Attach() error {
 		}
 		e.links = append(e.links, l)
 	}
+	if e.migrateErr == nil {
+		e.migrateErr = e.attachTracing()
+		if e.migrateErr != nil {
+			e.opts.Log.Warn("guard NOT active", "guard", "cgroup-migration", "why", e.migrateErr)
+		}
+	}
+	return nil
+}
+
+// attachTracing attaches migrate.c's programs and pins their links.
+// Tracing links cannot be updated in place: a new link is attached before
+// an adopted one is let go, so that no migration goes unseen in between.
+func (e *Enforcer) attachTracing() error {
+	for _, h := range e.tracingHooks() {
+		l, err := link.AttachTracing(link.TracingOptions{Program: h.prog})
+		if err != nil {
+			return fmt.Errorf("attach %s: %w", h.name, err)
+		}
+		pin := filepath.Join(e.opts.BPFDir, "link_"+h.name)
+		if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+			err = old.Unpin()
+			old.Close()
+			if err != nil {
+				l.Close()
+				return fmt.Errorf("unpin the earlier %s link: %w", h.name, err)
+			}
+		} else if !errors.Is(err, os.ErrNotExist) {
+			l.Close()
+			return fmt.Errorf("load pinned link %s: %w", pin, err)
+		}
+		if err := l.Pin(pin); err != nil {
+			l.Close()
+			return fmt.Errorf("pin %s link at %s: %w", h.name, pin, err)
+		}
+		e.tracing = append(e.tracing, l)
+	}
 	return nil
 }
 
@@ -246,14 +315,15 @@ func (e *Enforcer) Attach() error {
 // enforcement holds after the daemon exits (fail closed).
 func (e *Enforcer) Close() error {
 	_ = e.waitClear()
-	for _, l := range e.links {
+	for _, l := range append(e.links, e.tracing...) {
 		l.Close()
 	}
-	e.links = nil
+	e.links, e.tracing = nil, nil
 	e.objs.close()
 	e.sweep.close()
 	e.sweep = nil
-	for _, p := range []*ebpf.Program{e.harden.GuardSockCreate, e.harden.BackstopEgress, e.lsm.GuardPacketSocket} {
+	for _, p := range []*ebpf.Program{e.harden.GuardSockCreate, e.harden.BackstopEgress, e.lsm.GuardPacketSocket,
+		e.migrate.MarkMigration, e.migrate.MarkFork, e.migrate.ForgetExit} {
 		if p != nil {
 			p.Close()
 		}
@@ -498,6 +568,11 @@ func (e *Enforcer) Guards() []Guard {
 		{Name: "packet-sockets", What: "no AF_PACKET sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil},
 		{Name: "app-tracing", What: "no ptrace, process_vm_writev, /proc/PID/mem or pidfd_getfd of app processes by others (BPF LSM)",
 			Why: "not built yet (issue 4)"},
+		{Name: "cgroup-migration", What: "processes moved or cloned into an app cgroup from inside another app hold no grants (tp_btf cgroup_attach_task, sched_process_fork)",
+			Active: e.migrateErr == nil},
+	}
+	if e.migrateErr != nil {
+		gs[len(gs)-1].Why = "tp_btf programs did not load or attach: " + e.migrateErr.Error()
 	}
 	sweepHow := "socket iterators and bpf_sock_destroy"
 	if e.sweep == nil || e.sweep.err != nil {

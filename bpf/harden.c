@@ -46,7 +46,10 @@ int guard_sock_create(struct bpf_sock *ctx)
 	if (!info)
 		return 1; // the connect hooks already deny everything
 	__u64 cgroup_id;
-	struct app_info *app = principal(info->slot & 1, info, &cgroup_id);
+	// By cgroup alone, marks of migrate.c aside: a marked process' sockets
+	// still belong to the app's cgroup, where the egress backstop would
+	// take a raw socket's packets for the app's.
+	struct app_info *app = principal_of(WHO_TASK, NULL, info->slot & 1, info, &cgroup_id);
 	if (!app)
 		return 1;
 	__u32 app_id = app->app_id;
@@ -282,7 +285,10 @@ int guard_packet_socket(unsigned long long *ctx)
 	if (!info)
 		return 1;
 	__u64 cgroup_id;
-	struct app_info *app = principal(info->slot & 1, info, &cgroup_id);
+	// By cgroup alone, marks of migrate.c aside: a marked process' sockets
+	// still belong to the app's cgroup, where the egress backstop would
+	// take a raw socket's packets for the app's.
+	struct app_info *app = principal_of(WHO_TASK, NULL, info->slot & 1, info, &cgroup_id);
 	if (!app)
 		return 1;
 	__u32 app_id = app->app_id;

@@ -120,6 +120,7 @@ const (
 	hardenMapAuditEvents         = "audit_events"
 	hardenMapDestLookups         = "dest_lookups"
 	hardenMapGenerationInfoInner = "generation_info_inner"
+	hardenMapMigratedTasks       = "migrated_tasks"
 	hardenMapPolicyCurrent       = "policy_current"
 	hardenMapPortRanges          = "port_ranges"
 	hardenMapRules               = "rules"
@@ -189,6 +190,7 @@ type hardenMapSpecs struct {
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
@@ -230,6 +232,7 @@ type hardenMaps struct {
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
+	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
@@ -246,6 +249,7 @@ func (m *hardenMaps) Close() error {
 		m.AuditEvents,
 		m.DestLookups,
 		m.GenerationInfoInner,
+		m.MigratedTasks,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,

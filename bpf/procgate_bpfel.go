@@ -141,6 +141,7 @@ const (
 	procgateMapAuditEvents         = "audit_events"
 	procgateMapDestLookups         = "dest_lookups"
 	procgateMapGenerationInfoInner = "generation_info_inner"
+	procgateMapMigratedTasks       = "migrated_tasks"
 	procgateMapPolicyCurrent       = "policy_current"
 	procgateMapPortRanges          = "port_ranges"
 	procgateMapRules               = "rules"
@@ -212,6 +213,7 @@ type procgateMapSpecs struct {
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
@@ -253,6 +255,7 @@ type procgateMaps struct {
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
+	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
@@ -269,6 +272,7 @@ func (m *procgateMaps) Close() error {
 		m.AuditEvents,
 		m.DestLookups,
 		m.GenerationInfoInner,
+		m.MigratedTasks,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,

@@ -142,6 +142,7 @@ const (
 	sweepMapAuditEvents         = "audit_events"
 	sweepMapDestLookups         = "dest_lookups"
 	sweepMapGenerationInfoInner = "generation_info_inner"
+	sweepMapMigratedTasks       = "migrated_tasks"
 	sweepMapPolicyCurrent       = "policy_current"
 	sweepMapPortRanges          = "port_ranges"
 	sweepMapRules               = "rules"
@@ -212,6 +213,7 @@ type sweepMapSpecs struct {
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
@@ -256,6 +258,7 @@ type sweepMaps struct {
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
+	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
@@ -274,6 +277,7 @@ func (m *sweepMaps) Close() error {
 		m.AuditEvents,
 		m.DestLookups,
 		m.GenerationInfoInner,
+		m.MigratedTasks,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,
