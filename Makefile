@@ -36,11 +36,11 @@ bench-quick: build
 
 # Regenerate the eBPF objects (needs clang, llvm, libbpf-dev).
 generate:
-	$(GO) generate ./bpf/...
+	$(GO) generate ./bpf/... ./pinhole/...
 
 # CI: regenerating must succeed and compile; objects are committed.
 check-generate: generate
-	$(GO) build ./bpf/...
+	$(GO) build ./bpf/... ./pinhole/...
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

@@ -1,0 +1,261 @@
+package pinhole
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/perimeter"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// hooks are pinhole.c's attach points, named as their pinned links
+// (link_pinhole_NAME in the BPF directory, beside the enforcer's).
+var hooks = []struct {
+	name   string
+	attach ebpf.AttachType
+	prog   func(*pinholeObjects) *ebpf.Program
+}{
+	{"post_bind4", ebpf.AttachCGroupInet4PostBind, func(o *pinholeObjects) *ebpf.Program { return o.ObservePostBind4 }},
+	{"post_bind6", ebpf.AttachCGroupInet6PostBind, func(o *pinholeObjects) *ebpf.Program { return o.ObservePostBind6 }},
+	{"sockops", ebpf.AttachCGroupSockOps, func(o *pinholeObjects) *ebpf.Program { return o.ObserveSockops }},
+	{"sock_release", ebpf.AttachCgroupInetSockRelease, func(o *pinholeObjects) *ebpf.Program { return o.ObserveSockRelease }},
+	{"ingress", ebpf.AttachCGroupInetIngress, func(o *pinholeObjects) *ebpf.Program { return o.GuardIngress }},
+}
+
+// HookNames lists the pinned link names of the pinhole programs.
+func HookNames() []string {
+	var out []string
+	for _, h := range hooks {
+		out = append(out, "pinhole_"+h.name)
+	}
+	return out
+}
+
+// Kernel is the eBPF side: it observes the dynamic apps' sockets and guards
+// their auxiliary ports on the host. Its maps and links are pinned in the
+// BPF directory like the enforcer's, so `procgate uninstall` removes them.
+type Kernel struct {
+	objs  pinholeObjects
+	links []link.Link
+	rd    *ringbuf.Reader
+	// ports are the pinhole_ports keys written last, to delete the stale.
+	ports map[pinholePortKey]uint8
+	apps  map[uint64]uint32
+}
+
+// Binding is a dynamic app as the kernel sees it.
+type Binding struct {
+	AppID    uint32
+	CgroupID uint64
+	Inbound  *ruleset.Inbound
+}
+
+// OpenKernel loads pinhole.c with its maps pinned in bpfDir and attaches (or
+// adopts and updates) its programs on cgroupDir, the subtree the daemon
+// enforces.
+func OpenKernel(bpfDir, cgroupDir string, log *slog.Logger) (*Kernel, error) {
+	spec, err := loadPinhole()
+	if err != nil {
+		return nil, fmt.Errorf("load embedded pinhole BPF objects: %w", err)
+	}
+	k := &Kernel{}
+	if err := spec.LoadAndAssign(&k.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: bpfDir}}); err != nil {
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("pinned pinhole maps in %s come from an incompatible procgate version (run `procgate uninstall --bpf-dir %s` first): %w", bpfDir, bpfDir, err)
+		}
+		return nil, fmt.Errorf("load pinhole programs and maps (pinned in %s): %w", bpfDir, err)
+	}
+	if err := k.attach(bpfDir, cgroupDir); err != nil {
+		k.Close()
+		return nil, err
+	}
+	if k.rd, err = ringbuf.NewReader(k.objs.PinholeEvents); err != nil {
+		k.Close()
+		return nil, fmt.Errorf("open pinhole ring buffer: %w", err)
+	}
+	k.ports, k.apps = map[pinholePortKey]uint8{}, map[uint64]uint32{}
+	log.Info("pinhole observation attached", "cgroup_root", cgroupDir, "hooks", HookNames())
+	return k, nil
+}
+
+func (k *Kernel) attach(bpfDir, cgroupDir string) error {
+	var st unix.Stat_t
+	if err := unix.Stat(cgroupDir, &st); err != nil {
+		return fmt.Errorf("stat cgroup %s: %w", cgroupDir, err)
+	}
+	for _, h := range hooks {
+		pin := filepath.Join(bpfDir, "link_pinhole_"+h.name)
+		prog := h.prog(&k.objs)
+		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+			info, err := l.Info()
+			if err == nil && info.Cgroup() != nil && info.Cgroup().CgroupId != st.Ino {
+				l.Close()
+				return fmt.Errorf("pinned link %s is attached to cgroup id %d, not %s (id %d): uninstall first or use the same --cgroup-root",
+					pin, info.Cgroup().CgroupId, cgroupDir, st.Ino)
+			}
+			if err := l.Update(prog); err != nil {
+				l.Close()
+				return fmt.Errorf("update pinned link %s to the new %s program: %w", pin, h.name, err)
+			}
+			k.links = append(k.links, l)
+			continue
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("load pinned link %s: %w", pin, err)
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupDir, Attach: h.attach, Program: prog})
+		if err != nil {
+			return fmt.Errorf("attach pinhole %s to %s: %w", h.name, cgroupDir, err)
+		}
+		if err := l.Pin(pin); err != nil {
+			l.Close()
+			return fmt.Errorf("pin pinhole %s link at %s: %w", h.name, pin, err)
+		}
+		k.links = append(k.links, l)
+	}
+	return nil
+}
+
+// SetApps makes the kernel watch exactly these dynamic apps.
+func (k *Kernel) SetApps(bs []Binding) error {
+	apps := map[uint64]uint32{}
+	ports := map[pinholePortKey]uint8{}
+	for _, b := range bs {
+		apps[b.CgroupID] = b.AppID
+		put := func(rs []ruleset.PortRange, proto ruleset.Proto, what uint8) {
+			for _, r := range rs {
+				for p := uint32(r.Lo); p <= uint32(r.Hi); p++ {
+					if proto&ruleset.TCP != 0 {
+						ports[pinholePortKey{AppId: b.AppID, Port: uint16(p), Proto: 1}] = what
+					}
+					if proto&ruleset.UDP != 0 {
+						ports[pinholePortKey{AppId: b.AppID, Port: uint16(p), Proto: 2}] = what
+					}
+				}
+			}
+		}
+		put(b.Inbound.Control, ruleset.TCP, 1)
+		put(b.Inbound.Ports, b.Inbound.Proto, 2)
+	}
+	var errs []error
+	for key, what := range ports {
+		if k.ports[key] != what {
+			errs = append(errs, k.objs.PinholePorts.Put(key, what))
+		}
+	}
+	for id, app := range apps {
+		if old, ok := k.apps[id]; !ok || old != app {
+			errs = append(errs, k.objs.PinholeApps.Put(id, pinholePinholeApp{AppId: app}))
+		}
+	}
+	for key := range k.ports {
+		if _, ok := ports[key]; !ok {
+			_ = k.objs.PinholePorts.Delete(key)
+		}
+	}
+	for id := range k.apps {
+		if _, ok := apps[id]; !ok {
+			_ = k.objs.PinholeApps.Delete(id)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("write dynamic apps to the kernel: %w", err)
+	}
+	k.ports, k.apps = ports, apps
+	return nil
+}
+
+func allowKey(h perimeter.Key) pinholeAllowKey {
+	k := pinholeAllowKey{Port: h.Port, Proto: 1, Family: 4}
+	if h.Proto == perimeter.UDP {
+		k.Proto = 2
+	}
+	peer := h.Peer.Unmap()
+	if peer.Is4() {
+		a := peer.As4()
+		copy(k.Peer[:], a[:])
+	} else {
+		k.Family = 6
+		a := peer.As16()
+		copy(k.Peer[:], a[:])
+	}
+	return k
+}
+
+// Allow lets the hole's peer in to its port on this host.
+func (k *Kernel) Allow(h perimeter.Key) error {
+	if err := k.objs.PinholeAllow.Put(allowKey(h), uint8(1)); err != nil {
+		return fmt.Errorf("host guard: allow %s: %w", h, err)
+	}
+	return nil
+}
+
+// Revoke undoes Allow.
+func (k *Kernel) Revoke(h perimeter.Key) error {
+	if err := k.objs.PinholeAllow.Delete(allowKey(h)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("host guard: revoke %s: %w", h, err)
+	}
+	return nil
+}
+
+// Reset empties the host guard's allow list (a starting agent holds no hole).
+func (k *Kernel) Reset() error {
+	var key pinholeAllowKey
+	var keys []pinholeAllowKey
+	var v uint8
+	it := k.objs.PinholeAllow.Iterate()
+	for it.Next(&key, &v) {
+		keys = append(keys, key)
+	}
+	for _, key := range keys {
+		_ = k.objs.PinholeAllow.Delete(key)
+	}
+	return it.Err()
+}
+
+// Drops is how many packets the host guard dropped.
+func (k *Kernel) Drops() (uint64, error) {
+	var per []uint64
+	if err := k.objs.PinholeDrops.Lookup(uint32(0), &per); err != nil {
+		return 0, fmt.Errorf("read host guard drops: %w", err)
+	}
+	var n uint64
+	for _, v := range per {
+		n += v
+	}
+	return n, nil
+}
+
+// Read blocks for the next event; ringbuf.ErrClosed after Close.
+func (k *Kernel) Read() (Event, error) {
+	for {
+		rec, err := k.rd.Read()
+		if err != nil {
+			return Event{}, err
+		}
+		ev, err := DecodeEvent(rec.RawSample)
+		if err != nil {
+			continue // a sample this build cannot read: never fatal
+		}
+		return ev, nil
+	}
+}
+
+// Close releases this process' handles; the pinned links and maps stay.
+func (k *Kernel) Close() error {
+	if k.rd != nil {
+		k.rd.Close()
+	}
+	for _, l := range k.links {
+		l.Close()
+	}
+	k.links = nil
+	return k.objs.Close()
+}

@@ -1,0 +1,136 @@
+package pinhole
+
+import (
+	"log/slog"
+	"net/netip"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/pinholetest"
+	"github.com/procgate/procgate/perimeter"
+	"github.com/procgate/procgate/ruleset"
+)
+
+func TestMain(m *testing.M) {
+	pinholetest.Serve()
+	os.Exit(m.Run())
+}
+
+// nextEvent reads events until want comes; a kernel that never sends it
+// fails the test when the test binary's -timeout ends.
+func nextEvent(t *testing.T, events <-chan Event, kind Kind, proto perimeter.Proto, port uint16) Event {
+	t.Helper()
+	for e := range events {
+		if e.Kind == kind && e.Proto == proto && e.Local.Port() == port {
+			return e
+		}
+		t.Logf("skipped event %s", e)
+	}
+	t.Fatalf("event stream ended before %s %s %d", kind, proto, port)
+	return Event{}
+}
+
+func TestKernelObservesAndGuards(t *testing.T) {
+	nstest.RequireRoot(t)
+	cg := nstest.Cgroup(t)
+	appDir := nstest.ChildCgroup(t, cg, "app")
+	other := nstest.ChildCgroup(t, cg, "other")
+	ns := nstest.NetNS(t)
+	k, err := OpenKernel(nstest.BPFFS(t), cg, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	id, err := cgroups.ID(appDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := &ruleset.Inbound{Control: []ruleset.PortRange{{Lo: 2121, Hi: 2121}}, Ports: []ruleset.PortRange{{Lo: 40000, Hi: 40010}}, Proto: ruleset.Both}
+	if err := k.SetApps([]Binding{{AppID: 7, CgroupID: id, Inbound: in}}); err != nil {
+		t.Fatal(err)
+	}
+	events := make(chan Event, 64)
+	go func() {
+		defer close(events)
+		for {
+			e, err := k.Read()
+			if err != nil {
+				return
+			}
+			events <- e
+		}
+	}()
+
+	// A process outside the app binding the same ports is not seen.
+	bystander := pinholetest.Start(t, other, ns)
+	bystander.Do("listen 40005")
+	bystander.Do("bind 40005")
+
+	srv := pinholetest.Start(t, appDir, ns)
+	pid := srv.Do("pid")
+	srv.Do("control 2121")
+	c, err := pinholetest.DialIn(ns, "tcp", "127.0.0.1:2121", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctl := nextEvent(t, events, ControlOpen, perimeter.TCP, 2121)
+	if want := c.LocalAddr().(interface{ AddrPort() netip.AddrPort }); ctl.Remote != want.AddrPort() || ctl.AppID != 7 || ctl.Local.Addr() != netip.MustParseAddr("127.0.0.1") {
+		t.Errorf("control open %s: want remote %s, app 7, local 127.0.0.1", ctl, want.AddrPort())
+	}
+	if got := ctl.TGID; itoa(got) != pid {
+		t.Errorf("control open tgid %d, want the server's pid %s", got, pid)
+	}
+
+	srv.Do("listen 40001")
+	tcpAux := nextEvent(t, events, AuxOpen, perimeter.TCP, 40001)
+	srv.Do("bind 40002")
+	udpAux := nextEvent(t, events, AuxOpen, perimeter.UDP, 40002)
+	if itoa(tcpAux.TGID) != pid || itoa(udpAux.TGID) != pid {
+		t.Errorf("aux opens %s, %s: want tgid %s", tcpAux, udpAux, pid)
+	}
+
+	// The host guard: nobody gets in before a hole, the hole's peer after.
+	for _, tt := range []struct{ network, addr string }{{"tcp", "127.0.0.1:40001"}, {"udp", "127.0.0.1:40002"}} {
+		if out, err := pinholetest.Exchange(ns, tt.network, tt.addr, 300*time.Millisecond); err == nil {
+			t.Errorf("%s %s answered %q without a hole", tt.network, tt.addr, out)
+		}
+	}
+	drops, err := k.Drops()
+	if err != nil || drops == 0 {
+		t.Errorf("host guard drops = %d, %v; want some", drops, err)
+	}
+	lo := netip.MustParseAddr("127.0.0.1")
+	for _, h := range []perimeter.Key{{Peer: lo, Proto: perimeter.TCP, Host: lo, Port: 40001}, {Peer: lo, Proto: perimeter.UDP, Host: lo, Port: 40002}} {
+		if err := k.Allow(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tt := range []struct{ network, addr, want string }{{"tcp", "127.0.0.1:40001", "data\n"}, {"udp", "127.0.0.1:40002", "ping\n"}} {
+		if out, err := pinholetest.Exchange(ns, tt.network, tt.addr, 5*time.Second); err != nil || out != tt.want {
+			t.Errorf("%s %s through the hole: %q, %v; want %q", tt.network, tt.addr, out, err, tt.want)
+		}
+	}
+	// The bystander's sockets are not guarded.
+	if out, err := pinholetest.Exchange(ns, "tcp", "127.0.0.1:40005", 5*time.Second); err != nil {
+		t.Errorf("bystander's port: %q, %v", out, err)
+	}
+
+	srv.Do("close 40001")
+	if e := nextEvent(t, events, AuxClose, perimeter.TCP, 40001); e.Cookie != tcpAux.Cookie {
+		t.Errorf("aux close cookie %d, want the listen's %d", e.Cookie, tcpAux.Cookie)
+	}
+	srv.Kill() // a crash releases the rest
+	if e := nextEvent(t, events, AuxClose, perimeter.UDP, 40002); e.Cookie != udpAux.Cookie {
+		t.Errorf("aux close cookie %d, want the bind's %d", e.Cookie, udpAux.Cookie)
+	}
+	if e := nextEvent(t, events, ControlClose, perimeter.TCP, 2121); e.Cookie != ctl.Cookie {
+		t.Errorf("control close cookie %d, want %d", e.Cookie, ctl.Cookie)
+	}
+}
+
+func itoa(v uint32) string { return strconv.FormatUint(uint64(v), 10) }
