@@ -8,10 +8,12 @@ import (
 	"testing"
 
 	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/probe"
 )
 
 func TestMain(m *testing.M) {
 	maybeClient()
+	probe.MaybeServe()
 	os.Exit(m.Run())
 }
 
@@ -71,6 +73,20 @@ func TestSmoke(t *testing.T) {
 		for _, u := range p.Updates {
 			if u.Updates == 0 || u.PerSec <= 0 {
 				t.Errorf("pinhole update rate %+v: nothing measured", u)
+			}
+		}
+	}
+	if rv := r.Revocation; rv == nil || len(rv.Revokes) == 0 || len(rv.Sweeps) == 0 {
+		t.Errorf("revocation phase: %+v", rv)
+	} else {
+		for _, s := range rv.Sweeps {
+			if s.Ended < s.Sockets || s.Alive != 0 {
+				t.Errorf("sweep %+v: not every revoked socket ended", s)
+			}
+		}
+		for _, rt := range rv.Revokes {
+			if rt.LastAllowedMs > rt.ApplyMs {
+				t.Errorf("revocation %+v: an attempt begun after Apply returned was allowed", rt)
 			}
 		}
 	}

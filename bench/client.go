@@ -35,6 +35,9 @@ const (
 	opStop    op = "stop"    // ends a running verify
 	opBulk    op = "bulk"    // TCP bulk send to Dests[0] for Duration
 	opRR      op = "rr"      // 1-byte request/response with Dests[0] for Duration
+	// opUntilDenied sends UDP datagrams to Dests[0] until one is denied
+	// (or Duration passes) and says when, on CLOCK_MONOTONIC.
+	opUntilDenied op = "until-denied"
 )
 
 type proto string
@@ -82,6 +85,10 @@ type response struct {
 	Bytes     int64
 	Trans     int64
 	Elapsed   time.Duration
+	// until-denied: CLOCK_MONOTONIC ns at the return of the first denied
+	// attempt (0: none) and at the start of the last allowed one.
+	FirstDenied int64
+	LastAllowed int64
 }
 
 // maybeClient turns the process into a client when envClient is set: call
@@ -153,6 +160,8 @@ func handle(r request, stop *atomic.Bool) (resp response) {
 		err = bulk(r, &resp)
 	case opRR:
 		err = requestResponse(r, &resp)
+	case opUntilDenied:
+		err = untilDenied(r, &resp)
 	default:
 		err = fmt.Errorf("unknown op %q", r.Op)
 	}
@@ -352,6 +361,47 @@ func verifyLoop(r request, stop *atomic.Bool, resp *response) error {
 		}
 	}
 	return nil
+}
+
+// monotonic is CLOCK_MONOTONIC in ns, comparable across processes (Go's
+// own monotonic readings are not).
+func monotonic() int64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return ts.Nano()
+}
+
+func untilDenied(r request, resp *response) error {
+	if len(r.Dests) == 0 {
+		return errors.New("no destination")
+	}
+	fd, err := udpSocket()
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	sa := sockaddr(r.Dests[0])
+	deadline := monotonic() + r.Duration.Nanoseconds()
+	for {
+		t := monotonic()
+		if t > deadline {
+			return nil
+		}
+		_, err := udpSend(fd, sa)
+		ok, err := allowed(err, false)
+		if err != nil {
+			return fmt.Errorf("udp %s: %w", r.Dests[0], err)
+		}
+		resp.Attempts++
+		if !ok {
+			// When it returned: the denial was in force by then (its
+			// start may precede the switch when the client was
+			// preempted in the syscall).
+			resp.FirstDenied = monotonic()
+			return nil
+		}
+		resp.LastAllowed = t
+	}
 }
 
 func dialTCP(d netip.AddrPort) (*net.TCPConn, error) {

@@ -11,10 +11,13 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/procgate/procgate/internal/probe"
 )
 
 func main() {
 	maybeClient()
+	probe.MaybeServe() // the revocation phase's socket holders
 	var o options
 	flag.BoolVar(&o.quick, "quick", false, "short run (under 2 minutes): fewer attempts, rounds and sizes")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for results.json, REPORT.md and the plots")

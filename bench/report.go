@@ -221,10 +221,7 @@ func (r *results) markdown(plots map[string]string) string {
 	r.reloadSection(w, plots)
 	r.throughputSection(w, plots)
 	r.pinholeSection(w)
-	w("## Revocation")
-	w("")
-	w("*Placeholder*: revocation timing (how long after `procgate revoke` new attempts and live sockets are cut) is being built in its own issue and will be measured here.")
-	w("")
+	r.revocationSection(w)
 	r.costSection(w)
 	if len(r.Notes) > 0 {
 		w("## Notes")

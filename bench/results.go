@@ -14,17 +14,18 @@ import (
 // results is everything a run measured; results.json is this, and
 // REPORT.md is written from it.
 type results struct {
-	Meta       meta           `json:"meta"`
-	Config     config         `json:"config"`
-	Variants   []variantInfo  `json:"variants"`
-	Latency    []latResult    `json:"latency"`
-	Loads      []loadResult   `json:"loads"`
-	Reload     *reloadResult  `json:"reload,omitempty"`
-	Throughput []tputResult   `json:"throughput"`
-	Pinhole    *pinholeResult `json:"pinhole,omitempty"`
-	BPFCost    []bpfCost      `json:"bpf_cost"`
-	Targets    []targetResult `json:"targets"`
-	Notes      []string       `json:"notes"`
+	Meta       meta              `json:"meta"`
+	Config     config            `json:"config"`
+	Variants   []variantInfo     `json:"variants"`
+	Latency    []latResult       `json:"latency"`
+	Loads      []loadResult      `json:"loads"`
+	Reload     *reloadResult     `json:"reload,omitempty"`
+	Throughput []tputResult      `json:"throughput"`
+	Pinhole    *pinholeResult    `json:"pinhole,omitempty"`
+	Revocation *revocationResult `json:"revocation,omitempty"`
+	BPFCost    []bpfCost         `json:"bpf_cost"`
+	Targets    []targetResult    `json:"targets"`
+	Notes      []string          `json:"notes"`
 }
 
 type meta struct {

@@ -25,9 +25,10 @@ const (
 	phaseScaling    = "scaling"
 	phaseReload     = "reload"
 	phaseThroughput = "throughput"
+	phaseRevocation = "revocation"
 )
 
-var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phasePinhole}
+var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole}
 
 type options struct {
 	quick   bool
@@ -70,6 +71,10 @@ type config struct {
 	UpdateDuration time.Duration `json:"pinhole_update_ns"`
 	TransferBytes  int64         `json:"pinhole_transfer_bytes"`
 	TransferRounds int           `json:"pinhole_transfer_rounds"`
+	// The revocation phase: revocations timed under a sending client, and
+	// the live-socket counts of the sweeps.
+	Revokes      int   `json:"revokes"`
+	SweepSockets []int `json:"sweep_sockets"`
 }
 
 func configFor(o options) config {
@@ -79,19 +84,19 @@ func configFor(o options) config {
 			ReloadSize: 100, Reloads: 20, ReloadAttempts: 1000, ReloadLimit: 5 * time.Second, ReloadTimings: 2,
 			TputRounds: 1, TputDuration: 200 * time.Millisecond,
 			PinholeOpens: 30, UpdateBatches: []int{1, 100}, UpdateExisting: []int{0}, UpdateDuration: 50 * time.Millisecond,
-			TransferBytes: 8 << 20, TransferRounds: 2}
+			TransferBytes: 8 << 20, TransferRounds: 2, Revokes: 2, SweepSockets: []int{10}}
 	case o.quick:
 		return config{Mode: "quick", MatrixSize: 100, Sizes: []int{10, 1000, 5000, 100000}, Attempts: 6000, Batch: 500, Warmup: 50,
 			ReloadSize: 1000, Reloads: 200, ReloadAttempts: 500_000, ReloadLimit: 10 * time.Second, ReloadTimings: 3,
 			TputRounds: 6, TputDuration: 200 * time.Millisecond,
 			PinholeOpens: 300, UpdateBatches: []int{1, 100, 1000}, UpdateExisting: []int{0}, UpdateDuration: 200 * time.Millisecond,
-			TransferBytes: 100 << 20, TransferRounds: 40}
+			TransferBytes: 100 << 20, TransferRounds: 40, Revokes: 5, SweepSockets: []int{10, 1000, 10000}}
 	}
 	return config{Mode: "full", MatrixSize: 100, Sizes: []int{10, 100, 1000, 5000, 100000, 1000000}, Attempts: 200_000, Batch: 2000, Warmup: 100,
 		ReloadSize: 1000, Reloads: 1000, ReloadAttempts: 10_000_000, ReloadLimit: 70 * time.Second, ReloadTimings: 3,
 		TputRounds: 20, TputDuration: 250 * time.Millisecond,
 		PinholeOpens: 2000, UpdateBatches: []int{1, 10, 100, 1000, 10_000}, UpdateExisting: []int{0, 100_000}, UpdateDuration: time.Second,
-		TransferBytes: 100 << 20, TransferRounds: 200}
+		TransferBytes: 100 << 20, TransferRounds: 200, Revokes: 20, SweepSockets: []int{10, 1000, 10000}}
 }
 
 // bench is one run.
@@ -167,6 +172,7 @@ func run(o options) (err error) {
 		phaseScaling:    b.scalingPhase,
 		phaseReload:     b.reloadPhase,
 		phaseThroughput: b.throughputPhase,
+		phaseRevocation: b.revocationPhase,
 		phasePinhole:    b.pinholePhase,
 	}
 	for _, p := range allPhases {

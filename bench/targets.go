@@ -54,7 +54,7 @@ func (r *results) evaluate() []targetResult {
 			out = append(out, tr)
 		}
 	}
-	out = append(out, r.flatness(), r.versusNft(), r.tunnel(), r.reloadCorrect(), r.reloadTime(), r.verdictsCorrect())
+	out = append(out, r.flatness(), r.versusNft(), r.tunnel(), r.reloadCorrect(), r.reloadTime(), r.revocationTarget(), r.verdictsCorrect())
 	out = append(out, r.pinholeTargets()...)
 	return out
 }
@@ -89,7 +89,7 @@ func (r *results) flatness() targetResult {
 	pgLo, _ := r.lat(phaseScaling, topoLoopback, tcp, classAllow, sizes[0], vProcgate)
 	pgHi, _ := r.lat(phaseScaling, topoLoopback, tcp, classAllow, at, vProcgate)
 	if okLo && okHi {
-		tr.Why = fmt.Sprintf("added p50 grows from +%.2f to +%.2f µs; the connect program alone from +%.2f to +%.2f µs (its LPM trie lookups, 2 per connect, 3 more in the egress backstop, get slower as the trie grows)",
+		tr.Why = fmt.Sprintf("added p50 goes from +%.2f to +%.2f µs; the connect program alone from +%.2f to +%.2f µs (a connect walks the LPM trie, whose depth grows with the policy, only for a destination missing from the per-destination lookup cache: a batch's 64 destinations stay cached; the egress backstop takes the connect's verdict)",
 			pgLo.AddedP50, pgHi.AddedP50, lo.AddedP50, hi.AddedP50)
 	}
 	tr.Met = boolp(math.Abs(worst) <= 0.05)
