@@ -567,7 +567,7 @@ func (e *Enforcer) Guards() []Guard {
 		{Name: "raw-sockets", What: "no raw IP sockets inside app cgroups", Active: true},
 		{Name: "packet-sockets", What: "no AF_PACKET sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil},
 		{Name: "app-tracing", What: "no ptrace, process_vm_writev, /proc/PID/mem or pidfd_getfd of app processes by others (BPF LSM)",
-			Why: "not built yet (issue 4)"},
+			Why: "needs a BPF LSM ptrace_access_check program, which kernels without BPF trampolines refuse; root started by procgate run has no CAP_SYS_PTRACE, and kernel.yama.ptrace_scope >= 1 stops the same uid"},
 		{Name: "cgroup-migration", What: "processes moved or cloned into an app cgroup from inside another app hold no grants (tp_btf cgroup_attach_task, sched_process_fork)",
 			Active: e.migrateErr == nil},
 	}
