@@ -37,21 +37,12 @@
 // 64 bits (a u64 since 6.3, two u32 before: the same bits on little-endian).
 
 #include "decision.h"
+#include "cgroup_principal.h"
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
-struct kernfs_node___mg {
-	__u64 id;
-} __attribute__((preserve_access_index));
-
-struct cgroup___mg {
-	struct kernfs_node___mg *kn;
-	int level;
-	struct cgroup___mg *ancestors[];
-} __attribute__((preserve_access_index));
-
 struct css_set___mg {
-	struct cgroup___mg *dfl_cgrp;
+	struct cgroup___cg *dfl_cgrp;
 } __attribute__((preserve_access_index));
 
 struct atomic___mg {
@@ -86,38 +77,6 @@ struct task_struct___mg {
 
 #define CAP_SYS_ADMIN 21
 
-// cgroup_principal is principal_of for a cgroup pointer: the deepest app
-// cgroup among cg and its ancestors.
-static __always_inline struct app_info *cgroup_principal(struct cgroup___mg *cg, __u32 slot,
-							 const struct generation_info *info)
-{
-	struct app_key key = { .cgroup_id = BPF_CORE_READ(cg, kn, id), .slot = slot };
-	struct app_info *a = bpf_map_lookup_elem(&app_by_cgroup, &key);
-	if (a)
-		return a;
-	int own = BPF_CORE_READ(cg, level);
-	__u32 max = info->max_level;
-	for (__u32 i = 0; i < MAX_CGROUP_LEVEL; i++) {
-		if (i > max)
-			break;
-		__u32 level = max - i;
-		if (level < info->min_level)
-			break;
-		if ((int)level > own)
-			continue; // the cgroup is shallower than this level
-		__u32 at = level & (MAX_CGROUP_LEVEL - 1);
-		struct cgroup___mg *anc = NULL;
-		bpf_core_read(&anc, sizeof(anc), &cg->ancestors[at]);
-		if (!anc)
-			continue;
-		key.cgroup_id = BPF_CORE_READ(anc, kn, id);
-		a = bpf_map_lookup_elem(&app_by_cgroup, &key);
-		if (a)
-			return a;
-	}
-	return NULL;
-}
-
 // trusted: may the calling task place processes in app cgroups? Not
 // marked, and CAP_SYS_ADMIN effective in the initial user namespace.
 static __always_inline int trusted(void)
@@ -144,7 +103,7 @@ static __always_inline void mark(struct task_struct___mg *t)
 // the caller is not trusted and cg belongs to an app; except a move within
 // the caller's own app, where the caller's cgroup is still its own (not
 // when it moved itself: then it already is at the destination).
-static __always_inline void judge(struct task_struct___mg *t, struct cgroup___mg *cg, int self)
+static __always_inline void judge(struct task_struct___mg *t, struct cgroup___cg *cg, int self)
 {
 	if (trusted()) {
 		__u32 tgid = BPF_CORE_READ(t, tgid);
@@ -155,7 +114,8 @@ static __always_inline void judge(struct task_struct___mg *t, struct cgroup___mg
 	if (!info)
 		return; // no policy: the hooks deny every internal destination
 	__u32 slot = info->slot & 1;
-	struct app_info *to = cgroup_principal(cg, slot, info);
+	__u64 to_id;
+	struct app_info *to = cgroup_principal(cg, slot, info, &to_id);
 	if (!to)
 		return;
 	if (!self) {
@@ -172,7 +132,7 @@ int mark_migration(unsigned long long *ctx)
 {
 	struct task_struct___mg *t = (struct task_struct___mg *)ctx[2];
 	int self = BPF_CORE_READ(t, tgid) == (int)(bpf_get_current_pid_tgid() >> 32);
-	judge(t, (struct cgroup___mg *)ctx[0], self);
+	judge(t, (struct cgroup___cg *)ctx[0], self);
 	return 0;
 }
 
@@ -186,8 +146,8 @@ int mark_fork(unsigned long long *ctx)
 	}
 	// Only a clone3(CLONE_INTO_CGROUP) puts the child elsewhere than its
 	// parent.
-	struct cgroup___mg *cg = BPF_CORE_READ(child, cgroups, dfl_cgrp);
-	if (BPF_CORE_READ(cg, kn, id) == bpf_get_current_cgroup_id())
+	struct cgroup___cg *cg = BPF_CORE_READ(child, cgroups, dfl_cgrp);
+	if (cgroup_id_of(cg) == bpf_get_current_cgroup_id())
 		return 0;
 	judge(child, cg, 0);
 	return 0;

@@ -28,6 +28,7 @@
 //   grants are about the connections an app makes, not those it answers.
 
 #include "decision.h"
+#include "cgroup_principal.h"
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
@@ -46,18 +47,8 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 // running kernel's BTF when the programs load). Kernel assumptions: struct
 // sock_cgroup_data holds a struct cgroup pointer (5.15+) and struct cgroup
 // has ancestors[] (6.0+); both older than bpf_sock_destroy.
-struct kernfs_node___sw {
-	__u64 id;
-} __attribute__((preserve_access_index));
-
-struct cgroup___sw {
-	struct kernfs_node___sw *kn;
-	int level;
-	struct cgroup___sw *ancestors[];
-} __attribute__((preserve_access_index));
-
 struct sock_cgroup_data___sw {
-	struct cgroup___sw *cgroup;
+	struct cgroup___cg *cgroup;
 } __attribute__((preserve_access_index));
 
 struct in6_addr___sw {
@@ -152,11 +143,6 @@ struct sweep_record {
 // Forces bpf2go to emit the Go type.
 const struct sweep_record *unused_sweep_record __attribute__((unused));
 
-static __always_inline __u64 cgroup_id_of(struct cgroup___sw *cg)
-{
-	return BPF_CORE_READ(cg, kn, id);
-}
-
 // sock_principal is principal_of for a socket: the deepest app cgroup among
 // the socket's cgroup and its ancestors. *fenced is set when the cgroup is
 // below the fence.
@@ -165,43 +151,15 @@ static __always_inline struct app_info *sock_principal(struct sock___sw *sk, __u
 						       const struct sweep_config *cfg, __u64 *cgroup_id,
 						       int *fenced)
 {
-	struct cgroup___sw *cg = BPF_CORE_READ(sk, sk_cgrp_data.cgroup);
+	struct cgroup___cg *cg = BPF_CORE_READ(sk, sk_cgrp_data.cgroup);
 	if (!cg)
 		return NULL;
-	struct app_key key = { .cgroup_id = cgroup_id_of(cg), .slot = slot };
-	*cgroup_id = key.cgroup_id;
 	int own = BPF_CORE_READ(cg, level);
 	if (cfg->fence_id && own >= (int)cfg->fence_level && cfg->fence_level < MAX_CGROUP_LEVEL) {
-		// The index is computed outside bpf_core_read: everything inside
-		// it is relocated against kernel types.
-		__u32 at = cfg->fence_level & (MAX_CGROUP_LEVEL - 1);
-		struct cgroup___sw *anc = NULL;
-		bpf_core_read(&anc, sizeof(anc), &cg->ancestors[at]);
+		struct cgroup___cg *anc = ancestor_at(cg, cfg->fence_level);
 		*fenced = anc && cgroup_id_of(anc) == cfg->fence_id;
 	}
-	struct app_info *a = bpf_map_lookup_elem(&app_by_cgroup, &key);
-	if (a)
-		return a;
-	__u32 max = info->max_level;
-	for (__u32 i = 0; i < MAX_CGROUP_LEVEL; i++) {
-		if (i > max)
-			break;
-		__u32 level = max - i;
-		if (level < info->min_level)
-			break;
-		if ((int)level > own)
-			continue; // the cgroup is shallower than this level
-		__u32 at = level & (MAX_CGROUP_LEVEL - 1);
-		struct cgroup___sw *anc = NULL;
-		bpf_core_read(&anc, sizeof(anc), &cg->ancestors[at]);
-		if (!anc)
-			continue;
-		key.cgroup_id = cgroup_id_of(anc);
-		a = bpf_map_lookup_elem(&app_by_cgroup, &key);
-		if (a)
-			return a;
-	}
-	return NULL;
+	return cgroup_principal(cg, slot, info, cgroup_id);
 }
 
 // is_v4_mapped: ::ffff:a.b.c.d
