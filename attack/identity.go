@@ -305,11 +305,40 @@ func (e *env) scmRightsTry(which holderFD) attempt {
 // pidfdGetfdTry copies one of the holder's descriptors with pidfd_getfd(2),
 // which asks for ptrace access to the holder.
 func (e *env) pidfdGetfdTry(which holderFD) attempt {
+	return e.pidfdGetfdAs(which, false)
+}
+
+// setuidPidfdGetfdTry is pidfdGetfdTry by root that first becomes the
+// holder's user: root without CAP_SYS_PTRACE (as the launcher leaves it)
+// keeps CAP_SETUID, and the same uid needs no capability to trace the
+// holder where Yama does not stop it. Only this technique's process
+// changes user.
+func (e *env) setuidPidfdGetfdTry(which holderFD) attempt {
+	if os.Geteuid() != 0 {
+		return attempt{Dest: e.holderDest(which)}.unavailable("become the holder's user", errors.New("not root"))
+	}
+	return e.pidfdGetfdAs(which, true)
+}
+
+func (e *env) pidfdGetfdAs(which holderFD, asHolderUser bool) attempt {
 	info, h, a, ok := e.askHolder(attempt{Dest: e.holderDest(which)})
 	if !ok {
 		return a
 	}
 	defer h.Close()
+	if asHolderUser {
+		var st unix.Stat_t
+		if err := unix.Stat("/proc/"+strconv.Itoa(info.Pid), &st); err != nil {
+			return a.failed("find the holder's user", err)
+		}
+		// Group first, while still root; Go applies both to every thread.
+		if err := syscall.Setgid(int(st.Gid)); err != nil {
+			return a.failed("setgid", err)
+		}
+		if err := syscall.Setuid(int(st.Uid)); err != nil {
+			return a.failed("setuid", err)
+		}
+	}
 	pidfd, err := unix.PidfdOpen(info.Pid, 0)
 	if err != nil {
 		return a.failed("pidfd_open", err)

@@ -187,6 +187,7 @@ var techniques = []technique{
 	{name: "pidfd-getfd-udp-connected", class: classIdentity, try: func(e *env) attempt { return e.pidfdGetfdTry(useUDP) }},
 	{name: "pidfd-getfd-udp-unconnected-sendto", class: classIdentity, try: func(e *env) attempt { return e.pidfdGetfdTry(useFreeUDP) }},
 	{name: "pidfd-getfd-tcp-unconnected-connect", class: classIdentity, try: func(e *env) attempt { return e.pidfdGetfdTry(useFreeTCP) }},
+	{name: "setuid-pidfd-getfd-udp-connected", class: classIdentity, try: func(e *env) attempt { return e.setuidPidfdGetfdTry(useUDP) }},
 	{name: "proc-pid-fd-open", class: classIdentity, try: func(e *env) attempt { return e.procFDTry() }},
 	{name: "process-vm-writev-send-buffer", class: classIdentity, try: func(e *env) attempt { return e.memWriteTry(false) }},
 	{name: "proc-pid-mem-write-send-buffer", class: classIdentity, try: func(e *env) attempt { return e.memWriteTry(true) }},
