@@ -81,17 +81,10 @@ const (
 	ruleInsideInternal = 1
 )
 
-// prefixSet answers "does some prefix of the set contain p" with one map
-// lookup per distinct prefix length of the set (few in real policies),
-// not one per bit.
-type prefixSet struct {
-	has  map[netip.Prefix]bool
-	bits [2]map[int]bool // distinct lengths, IPv4 and IPv6
-}
-
-func newPrefixSet() *prefixSet {
-	return &prefixSet{has: map[netip.Prefix]bool{}, bits: [2]map[int]bool{{}, {}}}
-}
+// internalLengths are the distinct prefix lengths of the internal set, per
+// family (0: IPv4, 1: IPv6): "does an internal prefix contain p" then takes
+// one lookup per length (few in real policies), not one per bit.
+type internalLengths [2][129]bool
 
 func family(a netip.Addr) int {
 	if a.Is4() {
@@ -100,18 +93,16 @@ func family(a netip.Addr) int {
 	return 1
 }
 
-func (s *prefixSet) add(p netip.Prefix) {
-	s.has[p] = true
-	s.bits[family(p.Addr())][p.Bits()] = true
-}
-
-func (s *prefixSet) containsPrefix(p netip.Prefix) bool {
-	for bits := range s.bits[family(p.Addr())] {
-		if bits > p.Bits() {
+// insideInternal: is p inside an internal prefix of t (whose internal
+// entries are written, and whose lengths are ls)?
+func (t *tables) insideInternal(ls *internalLengths, slot uint32, p netip.Prefix) bool {
+	f := family(p.Addr())
+	for bits := p.Bits(); bits >= 0; bits-- {
+		if !ls[f][bits] {
 			continue
 		}
 		anc, _ := p.Addr().Prefix(bits)
-		if s.has[anc] {
+		if _, ok := t.rules[ruleKey(slot, 0, anc)]; ok {
 			return true
 		}
 	}
@@ -160,10 +151,10 @@ func encode(g Generation, slot uint32) (*tables, error) {
 	if t.info.AuditRate == 0 {
 		t.info.AuditRate = 100
 	}
-	internal := newPrefixSet()
+	var lengths internalLengths
 	for _, p := range g.Rules.Internal {
 		t.rules[ruleKey(slot, 0, p.Prefix.Masked())] = procgateRuleValue{}
-		internal.add(p.Prefix.Masked())
+		lengths[family(p.Prefix.Addr())][p.Prefix.Bits()] = true
 	}
 	ports := newPortTable()
 	for _, app := range g.Rules.Apps {
@@ -175,7 +166,7 @@ func encode(g Generation, slot uint32) (*tables, error) {
 			v := procgateRuleValue{}
 			v.TcpFirst, v.TcpCount = ports.add(u.tcp)
 			v.UdpFirst, v.UdpCount = ports.add(u.udp)
-			if internal.containsPrefix(pfx) {
+			if t.insideInternal(&lengths, slot, pfx) {
 				v.Flags |= ruleInsideInternal
 			}
 			t.rules[ruleKey(slot, id, pfx)] = v
