@@ -596,7 +596,12 @@ apps:
   - name: pinned
     users: [nobody]
     exe: [/usr/bin/env]
+  - name: vpn
+    keep_caps: [net_admin]
+    allow: []
 `)
+	// Bits 12 (net_admin) and 13 (net_raw) of the bounding set.
+	bset := []string{"sh", "-c", `b=$(grep CapBnd /proc/self/status | cut -f2); echo "bits=$(( (0x$b >> 12) & 1 ))$(( (0x$b >> 13) & 1 ))"`}
 	for _, tc := range []struct {
 		name     string
 		cred     *syscall.Credential
@@ -623,6 +628,12 @@ apps:
 			[]string{"run", "--app", "shell", "--", "sh", "-c", "exit 7"}, 7, nil, nil},
 		{"root runs directly", nil, nil,
 			[]string{"run", "--app", "rootonly", "--", "sh", "-c", "cat /proc/self/cgroup; exit 3"}, 3, []string{"procgate.apps/rootonly"}, nil},
+		{"root launched: net_admin and net_raw out of the bounding set", nil, nil,
+			append([]string{"run", "--app", "rootonly", "--"}, bset...), 0, []string{"bits=00"}, nil},
+		{"keep_caps keeps net_admin", nil, nil,
+			append([]string{"run", "--app", "vpn", "--"}, bset...), 0, []string{"bits=10"}, nil},
+		{"launched for a user by the daemon: dropped too", nobody, nil,
+			append([]string{"run", "--app", "shell", "--"}, bset...), 0, []string{"bits=00"}, nil},
 		{"unknown app", nobody, nil,
 			[]string{"run", "--app", "nosuch", "--", "true"}, 1, []string{"no app \"nosuch\""}, nil},
 	} {
