@@ -93,7 +93,7 @@ func benchSweep(b *testing.B, method SweepMethod, n int) {
 		apply(strings.Replace(granted, "    allow:\n      - to: 10.1.2.0/24\n", "", 1))
 		var res SweepResult
 		b.StartTimer()
-		err = inNS(b, ns, func() error {
+		err = nstest.InNS(b, ns, func() error {
 			var err error
 			res, err = e.Sweep(SweepOptions{Method: method})
 			return err

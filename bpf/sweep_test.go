@@ -5,14 +5,12 @@ import (
 	"net"
 	"net/netip"
 	"os/exec"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/procgate/procgate/cgroups"
 	"github.com/procgate/procgate/internal/nstest"
@@ -20,44 +18,6 @@ import (
 	"github.com/procgate/procgate/policy"
 	"github.com/procgate/procgate/ruleset"
 )
-
-// inNS runs fn on a thread in the namespace at path and brings the thread
-// back to its namespace afterwards. nstest.InNS discards the thread instead,
-// and a thread's exit kills the children it started with Pdeathsig (the
-// holders): the Go runtime may have forked one from it.
-func inNS(t testing.TB, path string, fn func() error) error {
-	t.Helper()
-	target, err := netns.GetFromPath(path)
-	if err != nil {
-		t.Fatalf("open netns %s: %v", path, err)
-	}
-	defer target.Close()
-	type result struct{ enter, fn, leave error }
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			done <- result{enter: err}
-			return // the thread stays locked and is discarded
-		}
-		defer orig.Close()
-		if err := netns.Set(target); err != nil {
-			done <- result{enter: err}
-			return
-		}
-		r := result{fn: fn()}
-		if r.leave = netns.Set(orig); r.leave == nil {
-			runtime.UnlockOSThread()
-		}
-		done <- r
-	}()
-	r := <-done
-	if r.enter != nil || r.leave != nil {
-		t.Fatalf("netns %s: enter: %v, leave: %v", path, r.enter, r.leave)
-	}
-	return r.fn
-}
 
 func mustPolicy(t testing.TB, y string) *ruleset.Ruleset {
 	t.Helper()
@@ -83,7 +43,7 @@ func startServers(t testing.TB, ns string, tcp, udp []string) *servers {
 	t.Helper()
 	s := &servers{t: t}
 	t.Cleanup(s.close)
-	if err := inNS(t, ns, func() error {
+	if err := nstest.InNS(t, ns, func() error {
 		for _, a := range tcp {
 			ln, err := net.Listen("tcp", a)
 			if err != nil {
@@ -122,7 +82,7 @@ func startServers(t testing.TB, ns string, tcp, udp []string) *servers {
 // the namespace, and keeps the connection.
 func (s *servers) dialFrom(ns, src, dst string, n int) {
 	s.t.Helper()
-	if err := inNS(s.t, ns, func() error {
+	if err := nstest.InNS(s.t, ns, func() error {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
 		for range n {
 			c, err := d.Dial("tcp", dst)
@@ -174,7 +134,7 @@ func mustOpen(t testing.TB, h *probe.Holder, group, dest string, m probe.Method,
 func (w *world) sweepIn(opts SweepOptions) SweepResult {
 	w.t.Helper()
 	var res SweepResult
-	if err := inNS(w.t, w.netns, func() error {
+	if err := nstest.InNS(w.t, w.netns, func() error {
 		var err error
 		res, err = w.e.Sweep(opts)
 		return err
@@ -208,7 +168,7 @@ func checkGroups(t *testing.T, when string, groups []group) {
 func conntrackFlows(t *testing.T, ns string) []string {
 	t.Helper()
 	var out []string
-	if err := inNS(t, ns, func() error {
+	if err := nstest.InNS(t, ns, func() error {
 		for _, fam := range []netlink.InetFamily{2, 10} {
 			flows, err := netlink.ConntrackTableList(netlink.ConntrackTable, fam)
 			if err != nil {
