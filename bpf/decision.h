@@ -281,16 +281,18 @@ struct dest {
 // Verdicts the egress backstop may reuse instead of deciding a packet again.
 // An entry says: in generation `generation`, sending to `d` was allowed for
 // a socket of app `app_id` (0: d is not internal, which holds for every
-// principal). The backstop uses it only when generation and destination
-// match exactly, and for an app only when the socket's own principal is
-// that app, so a hit gives the verdict a full decision would give; after a
-// reload every entry is stale at once. Entries are read and written under
-// their spin lock: a torn entry could pair one generation with another
-// generation's destination.
+// principal), and a socket of cgroup `cgroup_id` has that principal. A
+// verdict depends on nothing else, so it is the same for every socket of
+// that principal, whichever socket it was made for. The backstop uses an
+// entry only when generation and destination match exactly, and for an app
+// only when the packet's socket is of that cgroup or, looked up, of that
+// app; after a reload every entry is stale at once. Entries are read and
+// written under their spin lock: a torn entry could pair one generation
+// with another generation's destination.
 //
 // Two places hold them:
 // - verdict_handoff, one entry per CPU, written by the connect and sendmsg
-//   hooks for the socket (cookie) they just allowed: the packet that call
+//   hooks when they allow an internal destination: the packet that call
 //   sends next (the SYN, the datagram) leaves on the same CPU unless the
 //   task migrated in between, and then it is decided in full. No
 //   allocation, so a fresh TCP socket per connect costs nothing more
@@ -301,7 +303,7 @@ struct dest {
 struct verdict_entry {
 	struct bpf_spin_lock lock;
 	__u32 generation;
-	__u64 cookie; // verdict_handoff: the socket's cookie
+	__u64 cgroup_id; // a cgroup whose principal is app_id in this generation
 	__u32 app_id;
 	__u32 pad;
 	struct dest d;
@@ -331,42 +333,44 @@ static __always_inline int same_dest(const struct dest *a, const struct dest *b)
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
 }
 
-static __always_inline void put_verdict(struct verdict_entry *v, __u64 cookie, const struct dest *d, __u32 generation,
-					__u32 app_id)
+static __always_inline void put_verdict(struct verdict_entry *v, __u64 cgroup_id, const struct dest *d,
+					__u32 generation, __u32 app_id)
 {
 	bpf_spin_lock(&v->lock);
 	v->generation = generation;
-	v->cookie = cookie;
+	v->cgroup_id = cgroup_id;
 	v->app_id = app_id;
 	v->d = *d;
 	bpf_spin_unlock(&v->lock);
 }
 
+// A verdict_entry as read: what the backstop checks the packet against.
+struct verdict_copy {
+	__u64 cgroup_id;
+	__u32 app_id;
+};
+
 // verdict_matches: does the entry hold an allowed verdict of this
-// generation for d (and, in the handoff, for the socket of cookie_of(ctx))?
-// *app_id is the principal the backstop must then check (0: none needed).
-// A first look without the lock skips the usual miss cheaply (another
-// destination, the socket's cookie never asked for); only the locked copy
-// counts.
-static __always_inline int verdict_matches(struct verdict_entry *v, void *skb, int handoff, const struct dest *d,
-					   __u32 generation, __u32 *app_id)
+// generation for d? Fills c for the principal check. A first look without
+// the lock skips the usual miss (another destination) cheaply; only the
+// locked copy counts.
+static __always_inline int verdict_matches(struct verdict_entry *v, const struct dest *d, __u32 generation,
+					   struct verdict_copy *c)
 {
 	if (v->generation != generation || !same_dest(&v->d, d))
 		return 0;
-	__u64 cookie = handoff ? bpf_get_socket_cookie(skb) : 0;
 	struct dest got;
 	__u32 gen;
-	__u64 ck;
 	bpf_spin_lock(&v->lock);
 	gen = v->generation;
-	ck = v->cookie;
-	*app_id = v->app_id;
+	c->cgroup_id = v->cgroup_id;
+	c->app_id = v->app_id;
 	got = v->d;
 	bpf_spin_unlock(&v->lock);
-	return gen == generation && ck == cookie && same_dest(&got, d);
+	return gen == generation && same_dest(&got, d);
 }
 
-// Forces bpf2go to emit Go types for structs only the loader uses.// Forces bpf2go to emit Go types for structs only the loader uses.
+// Forces bpf2go to emit Go types for structs only the loader uses.
 const struct audit_event *unused_audit_event __attribute__((unused));
 
 static __always_inline void count(__u32 app_id, __u32 slot)
@@ -680,6 +684,7 @@ struct verdict {
 	int allow;
 	__u32 generation;
 	__u32 app_id; // of an allowed internal destination; 0: not internal
+	__u64 cgroup_id; // the calling task's
 };
 
 // decide is the decision function for the calling task; it counts and
@@ -690,6 +695,7 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 	v->allow = 0;
 	v->generation = 0;
 	v->app_id = 0;
+	v->cgroup_id = 0;
 	struct generation_info *info = current_generation();
 	if (!info)
 		goto no_policy;
@@ -726,6 +732,7 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 			audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_GRANTED, hook);
 		v->allow = 1;
 		v->app_id = app_id;
+		v->cgroup_id = cgroup_id;
 		return;
 	}
 	count(app_id, COUNT_DENY);

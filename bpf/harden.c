@@ -148,11 +148,12 @@ static __always_inline int load_l4(struct __sk_buff *skb, __u32 off, __u8 proto,
 // destinations: there a full decision costs two trie lookups and a port
 // search, more than the allocation of the socket's storage once; an
 // external one costs a lookup that ends near the trie's root.
-static __always_inline void remember(struct bpf_sock *sk, const struct dest *d, __u32 generation, __u32 app_id)
+static __always_inline void remember(struct bpf_sock *sk, __u64 cgroup_id, const struct dest *d, __u32 generation,
+				     __u32 app_id)
 {
 	struct verdict_entry *v = bpf_sk_storage_get(&verdict_cache, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (v)
-		put_verdict(v, 0, d, generation, app_id);
+		put_verdict(v, cgroup_id, d, generation, app_id);
 }
 
 SEC("cgroup_skb/egress")
@@ -240,23 +241,27 @@ int backstop_egress(struct __sk_buff *skb)
 	if (sk)
 		sk = bpf_sk_fullsock(sk);
 	if (sk && d.proto) {
-		__u32 cached_app = 0;
+		struct verdict_copy c = {};
 		int hit = 0;
 		__u32 cpu = bpf_get_smp_processor_id();
 		struct verdict_entry *v = bpf_map_lookup_elem(&verdict_handoff, &cpu);
 		if (v)
-			hit = verdict_matches(v, skb, 1, &d, generation, &cached_app);
+			hit = verdict_matches(v, &d, generation, &c);
 		if (!hit && d.proto == PROTO_UDP) {
 			v = bpf_sk_storage_get(&verdict_cache, sk, 0, 0);
 			if (v)
-				hit = verdict_matches(v, skb, 0, &d, generation, &cached_app);
+				hit = verdict_matches(v, &d, generation, &c);
 		}
 		if (hit) {
-			if (!cached_app)
+			if (!c.app_id)
 				return 1; // not internal
+			// The same cgroup has the same principal in a generation
+			// (the usual case: the socket's maker connected it).
+			if (bpf_skb_cgroup_id(skb) == c.cgroup_id)
+				return 1;
 			__u64 cgroup_id;
 			struct app_info *a = principal_of(WHO_SKB, skb, slot, info, &cgroup_id);
-			if (a && a->app_id == cached_app)
+			if (a && a->app_id == c.app_id)
 				return 1;
 		}
 	}
@@ -276,7 +281,7 @@ int backstop_egress(struct __sk_buff *skb)
 	if (d.proto && grant_allows(slot, app_id, &d, &reason)) {
 		// Counted when the connect or sendmsg hook allowed it.
 		if (sk && d.proto == PROTO_UDP)
-			remember(sk, &d, generation, app_id);
+			remember(sk, cgroup_id, &d, generation, app_id);
 		return 1;
 	}
 	count(app_id, COUNT_DENY);

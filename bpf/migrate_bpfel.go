@@ -97,7 +97,7 @@ type migrateVerdictEntry struct {
 		Val uint32
 	}
 	Generation uint32
-	Cookie     uint64
+	CgroupId   uint64
 	AppId      uint32
 	Pad        uint32
 	D          struct {

@@ -118,7 +118,7 @@ type procgateVerdictEntry struct {
 		Val uint32
 	}
 	Generation uint32
-	Cookie     uint64
+	CgroupId   uint64
 	AppId      uint32
 	Pad        uint32
 	D          struct {

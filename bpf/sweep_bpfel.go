@@ -119,7 +119,7 @@ type sweepVerdictEntry struct {
 		Val uint32
 	}
 	Generation uint32
-	Cookie     uint64
+	CgroupId   uint64
 	AppId      uint32
 	Pad        uint32
 	D          struct {
