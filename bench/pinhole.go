@@ -77,7 +77,11 @@ type transferRes struct {
 	Ratio     float64 `json:"ratio"`
 	RatioOpen float64 `json:"ratio_to_no_firewall"`
 	AARatio   float64 `json:"aa_ratio"`
-	Spread    float64 `json:"round_spread"`
+	// RatioCI and AACI are 95% bootstrap intervals of those medians: what
+	// this machine's noise lets the run tell apart.
+	RatioCI [2]float64 `json:"ratio_ci95"`
+	AACI    [2]float64 `json:"aa_ratio_ci95"`
+	Spread  float64    `json:"round_spread"`
 	// HolePackets is the hole's counter after the rounds: the transfers
 	// went through it.
 	HolePackets uint64 `json:"hole_packets"`
@@ -526,9 +530,31 @@ func (b *bench) phTransfer(ctx context.Context, res *pinholeResult, lanes map[st
 	tr.MedianOpen, tr.MedianStateful, tr.MedianPinhole = med(tr.Open), med(tr.Stateful), med(tr.Pinhole)
 	tr.Ratio, tr.RatioOpen = pairedRatio(tr.Pinhole, tr.Stateful), pairedRatio(tr.Pinhole, tr.Open)
 	tr.AARatio = pairedRatio(tr.Control, tr.Open)
+	tr.RatioCI, tr.AACI = medianCI(roundRatios(tr.Pinhole, tr.Stateful)), medianCI(roundRatios(tr.Control, tr.Open))
 	tr.Spread = spread(tr.Open)
 	res.Transfer = tr
 	return nil
+}
+
+// medianCI is a 95% percentile-bootstrap interval of the median of vs
+// (fixed seed: the same data give the same interval).
+func medianCI(vs []float64) [2]float64 {
+	if len(vs) == 0 {
+		return [2]float64{}
+	}
+	rng := rand.New(rand.NewPCG(6, 6))
+	const resamples = 2000
+	meds := make([]float64, resamples)
+	buf := make([]float64, len(vs))
+	for i := range meds {
+		for j := range buf {
+			buf[j] = vs[rng.IntN(len(vs))]
+		}
+		slices.Sort(buf)
+		meds[i] = quantileF(buf, 0.5)
+	}
+	slices.Sort(meds)
+	return [2]float64{round3(quantileF(meds, 0.025)), round3(quantileF(meds, 0.975))}
 }
 
 // pinholeTargets judges issue 6's goals on this run.
@@ -564,7 +590,8 @@ func (r *results) pinholeTargets() []targetResult {
 		if !*xfer.Met {
 			xfer.Gap = fmt.Sprintf("%.1f points over", (t.Ratio-1.01)*100)
 		}
-		xfer.Why = fmt.Sprintf("%d rounds, spread of the open lane %.1f%%; the hole counted %d packets", len(t.Open), t.Spread*100, t.HolePackets)
+		xfer.Why = fmt.Sprintf("%d rounds; 95%% interval of the median ratio %s to %s, of the A/A control %s to %s (spread of the open lane %.0f%%)",
+			len(t.Open), pct(t.RatioCI[0]), pct(t.RatioCI[1]), pct(t.AACI[0]), pct(t.AACI[1]), t.Spread*100)
 	}
 	return []targetResult{upd, xfer}
 }
@@ -597,6 +624,9 @@ func (r *results) pinholeSection(w func(string, ...any)) {
 	if t := p.Transfer; t != nil {
 		w("**Transfer overhead**: %d MB over one TCP connection from the server to the client, through four lanes of client — router — server: *open* and *control* route through a router without any nftables table (conntrack off), *stateful* through a wide-open stateful firewall (policy accept, `ct state established,related accept`: conntrack on), *pinhole* through the gateway's table (default drop for the server's range), let in by one hole for the client and port %d. %d rounds after a warm-up round, the lanes in a rotated order each round; ratios are medians over rounds of the round's ratio. A probe to a port without a hole was dropped by the pinhole lane's router (its drop rule counted %d packets), and the hole counted %d packets (GSO super-packets: the veths pass up to 64 KiB at once).",
 			t.Bytes>>20, phDataPort, len(t.Open), t.Dropped, t.HolePackets)
+		w("")
+		w("The 95%% bootstrap interval of the median ratio is %s to %s for pinhole against stateful, %s to %s for the A/A control: differences inside the A/A interval are this machine's noise, not the firewall's.",
+			pct(t.RatioCI[0]), pct(t.RatioCI[1]), pct(t.AACI[0]), pct(t.AACI[1]))
 		w("")
 		w("| lane | median s | p10 s | p90 s | ratio |")
 		w("|---|---|---|---|---|")
