@@ -1,0 +1,687 @@
+package pinhole
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/user"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/procgate/procgate/perimeter"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// Gateway is the perimeter gateway's API (perimeter.Client).
+type Gateway interface {
+	Open(ctx context.Context, req perimeter.Request) (perimeter.Hole, error)
+	Renew(ctx context.Context, holes []perimeter.Target, leaseSeconds int) (perimeter.RenewResult, error)
+	Close(ctx context.Context, holes []perimeter.Target) (perimeter.CloseResult, error)
+	List(ctx context.Context) ([]perimeter.Hole, error)
+	Sync(ctx context.Context, holes []perimeter.Request) (perimeter.SyncResult, error)
+}
+
+var _ Gateway = (*perimeter.Client)(nil)
+
+// Guard is the host's own guard of auxiliary ports (Kernel): only the
+// peers of open holes get in.
+type Guard interface {
+	Allow(perimeter.Key) error
+	Revoke(perimeter.Key) error
+}
+
+// Source gives kernel events (Kernel); Read fails once the source is closed.
+type Source interface {
+	Read() (Event, error)
+}
+
+// App is a dynamic app as the agent knows it.
+type App struct {
+	Name    string
+	ID      uint32
+	Inbound *ruleset.Inbound
+}
+
+// Notice is something the audit log keeps: a hole opened, closed or refused.
+type Notice struct {
+	Action string // "open", "close", "refuse"
+	App    string
+	User   string
+	UID    uint32
+	PID    uint32
+	Key    perimeter.Key
+	Reason string
+	Rule   string
+}
+
+// Config is what an Agent works with.
+type Config struct {
+	Gateway Gateway
+	Guard   Guard
+	Source  Source
+	Log     *slog.Logger
+	// Notify receives every open, close and refusal (the daemon writes them
+	// to the audit log); nil: none.
+	Notify func(Notice)
+	// UserName names a uid for the gateway's rules; default: the passwd
+	// name, else "uid-N".
+	UserName func(uid uint32) string
+	// Alive reports whether a process still exists; default: /proc/PID.
+	Alive func(pid uint32) bool
+	// Tick is how often leases, dead requesters and retries are looked at
+	// (default 1s).
+	Tick time.Duration
+	// Now is the clock (tests); default time.Now.
+	Now func() time.Time
+}
+
+// state of a hole.
+const (
+	stateOpen    = "open"
+	stateRefused = "refused"
+	statePending = "pending" // wanted, not (yet) open at the gateway
+)
+
+type control struct {
+	app        uint32
+	tgid       uint32
+	peer, host netip.Addr
+}
+
+type auxSock struct {
+	app, tgid, uid uint32
+	proto          perimeter.Proto
+	port           uint16
+}
+
+// named is a peer an app named through the local API for one of its ports.
+type named struct {
+	app, pid, uid uint32
+	peer, host    netip.Addr
+	proto         perimeter.Proto
+	port          uint16
+	bound         bool // an auxiliary socket was seen on the port since
+}
+
+type hole struct {
+	key      perimeter.Key
+	app      string
+	uid, pid uint32
+	user     string
+	lease    int // seconds asked; 0 the gateway's default
+	state    string
+	reason   string // why refused
+	opened   time.Time
+	renewed  time.Time
+	expires  time.Time
+}
+
+// Status is one hole as `procgate pinholes` shows it.
+type Status struct {
+	App     string          `json:"app"`
+	User    string          `json:"user"`
+	PID     uint32          `json:"pid,omitempty"`
+	Proto   perimeter.Proto `json:"proto"`
+	Peer    netip.Addr      `json:"peer"`
+	Host    netip.Addr      `json:"host"`
+	Port    uint16          `json:"port"`
+	State   string          `json:"state"`
+	Reason  string          `json:"reason,omitempty"`
+	Opened  time.Time       `json:"opened,omitzero"`
+	Expires time.Time       `json:"expires,omitzero"`
+	Packets uint64          `json:"packets"`
+	Bytes   uint64          `json:"bytes"`
+}
+
+// Agent holds the holes the apps' sockets need. Its state lives in the Run
+// goroutine; other goroutines reach it through do.
+type Agent struct {
+	cfg      Config
+	log      *slog.Logger
+	apps     map[uint32]App
+	controls map[uint64]control
+	// withControl are the processes that held a control connection of
+	// their own: their auxiliary ports are for their own peers only.
+	withControl map[uint32]bool
+	auxes    map[uint64]auxSock
+	named    []*named
+	holes    map[perimeter.Key]*hole
+	needSync bool
+	events   chan Event
+	calls    chan func(context.Context)
+}
+
+// New makes an agent; Run runs it.
+func New(cfg Config) *Agent {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.UserName == nil {
+		cfg.UserName = userName
+	}
+	if cfg.Alive == nil {
+		cfg.Alive = func(pid uint32) bool {
+			_, err := os.Stat("/proc/" + strconv.FormatUint(uint64(pid), 10))
+			return err == nil
+		}
+	}
+	if cfg.Tick == 0 {
+		cfg.Tick = time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Agent{
+		cfg: cfg, log: cfg.Log,
+		apps: map[uint32]App{}, controls: map[uint64]control{}, auxes: map[uint64]auxSock{}, withControl: map[uint32]bool{},
+		holes:  map[perimeter.Key]*hole{},
+		events: make(chan Event, 4096), calls: make(chan func(context.Context)),
+	}
+}
+
+func userName(uid uint32) string {
+	if u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10)); err == nil && u.Username != "" {
+		return u.Username
+	}
+	return "uid-" + strconv.FormatUint(uint64(uid), 10)
+}
+
+// Run syncs the gateway to no holes (a starting agent holds none: what an
+// earlier run left open closes now, not at the end of its lease), then
+// follows events until ctx ends. The holes stay open at the gateway until
+// their leases end, so a restarted daemon does not cut transfers short.
+func (a *Agent) Run(ctx context.Context) error {
+	go func() {
+		for {
+			e, err := a.cfg.Source.Read()
+			if err != nil {
+				close(a.events)
+				return
+			}
+			select {
+			case a.events <- e:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	a.needSync = true
+	a.reconcile(ctx)
+	tick := time.NewTicker(a.cfg.Tick)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case e, ok := <-a.events:
+			if !ok {
+				return errors.New("pinhole event source closed")
+			}
+			a.handle(e)
+			// Take whatever else is queued, then talk to the gateway once:
+			// the holes of a burst go in one request.
+			for more := true; more; {
+				select {
+				case e, ok := <-a.events:
+					if !ok {
+						return errors.New("pinhole event source closed")
+					}
+					a.handle(e)
+				default:
+					more = false
+				}
+			}
+			a.reconcile(ctx)
+		case f := <-a.calls:
+			f(ctx)
+		case <-tick.C:
+			a.tick(ctx)
+		}
+	}
+}
+
+// do runs f in the Run goroutine and waits for it.
+func (a *Agent) do(ctx context.Context, f func(context.Context)) error {
+	done := make(chan struct{})
+	select {
+	case a.calls <- func(c context.Context) { f(c); close(done) }:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// SetApps sets the dynamic apps (after a policy load). Holes of apps no
+// longer dynamic close.
+func (a *Agent) SetApps(ctx context.Context, apps []App) error {
+	return a.do(ctx, func(ctx context.Context) {
+		a.apps = map[uint32]App{}
+		for _, app := range apps {
+			a.apps[app.ID] = app
+		}
+		a.reconcile(ctx)
+	})
+}
+
+func (a *Agent) handle(e Event) {
+	a.log.Debug("pinhole event", "event", e.String())
+	switch e.Kind {
+	case ControlOpen:
+		a.controls[e.Cookie] = control{app: e.AppID, tgid: e.TGID, peer: e.Remote.Addr().Unmap(), host: e.Local.Addr().Unmap()}
+		a.withControl[e.TGID] = true
+	case ControlClose:
+		delete(a.controls, e.Cookie)
+	case AuxOpen:
+		a.auxes[e.Cookie] = auxSock{app: e.AppID, tgid: e.TGID, uid: e.UID, proto: e.Proto, port: e.Local.Port()}
+		for _, n := range a.named {
+			if n.app == e.AppID && n.proto == e.Proto && n.port == e.Local.Port() {
+				n.bound = true
+			}
+		}
+	case AuxClose:
+		delete(a.auxes, e.Cookie)
+	}
+}
+
+type want struct {
+	app      string
+	uid, pid uint32
+	lease    int
+}
+
+// desired is every hole the observed sockets and named peers need now.
+func (a *Agent) desired() map[perimeter.Key]want {
+	out := map[perimeter.Key]want{}
+	add := func(peer, host netip.Addr, proto perimeter.Proto, port uint16, app App, uid, pid uint32) {
+		// Never a hole for "any", for the host itself, or for a family the
+		// host address is not of.
+		if !peer.IsValid() || peer.IsUnspecified() || peer.IsLoopback() || peer.IsMulticast() ||
+			!host.IsValid() || host.IsUnspecified() || peer.Is4() != host.Is4() || port == 0 {
+			return
+		}
+		k := perimeter.Key{Peer: peer, Proto: proto, Host: host, Port: port}
+		if _, ok := out[k]; !ok {
+			out[k] = want{app: app.Name, uid: uid, pid: pid, lease: int(app.Inbound.Lease / time.Second)}
+		}
+	}
+	cookies := slices.Sorted(mapsKeys(a.auxes)) // deterministic owners of shared holes
+	for _, c := range cookies {
+		x := a.auxes[c]
+		app, ok := a.apps[x.app]
+		if !ok || !app.Inbound.IsAux(protoSet(x.proto), x.port) {
+			continue
+		}
+		// The peers of the same process's control connections; if it never
+		// had one (a server that forks a process per session, whose control
+		// connections its parent accepted), those of the app.
+		var peers []control
+		for _, c := range a.controls {
+			if c.app == x.app && c.tgid == x.tgid {
+				peers = append(peers, c)
+			}
+		}
+		if !a.withControl[x.tgid] {
+			for _, c := range a.controls {
+				if c.app == x.app {
+					peers = append(peers, c)
+				}
+			}
+		}
+		for _, c := range peers {
+			add(c.peer, c.host, x.proto, x.port, app, x.uid, x.tgid)
+		}
+	}
+	for _, n := range a.named {
+		app, ok := a.apps[n.app]
+		if !ok {
+			continue
+		}
+		for _, x := range a.auxes {
+			if x.app == n.app && x.proto == n.proto && x.port == n.port {
+				add(n.peer, n.host, n.proto, n.port, app, n.uid, n.pid)
+				break
+			}
+		}
+	}
+	return out
+}
+
+func mapsKeys[K comparable, V any](m map[K]V) func(func(K) bool) {
+	return func(yield func(K) bool) {
+		for k := range m {
+			if !yield(k) {
+				return
+			}
+		}
+	}
+}
+
+func protoSet(p perimeter.Proto) ruleset.Proto {
+	if p == perimeter.UDP {
+		return ruleset.UDP
+	}
+	return ruleset.TCP
+}
+
+func (a *Agent) request(k perimeter.Key, w want) perimeter.Request {
+	return perimeter.Request{Target: k.Target(), User: a.cfg.UserName(w.uid), LeaseSeconds: w.lease}
+}
+
+// reconcile brings the gateway and the host guard to the desired holes.
+func (a *Agent) reconcile(ctx context.Context) {
+	wants := a.desired()
+	var closes []*hole
+	for k, h := range a.holes {
+		if _, ok := wants[k]; !ok {
+			closes = append(closes, h)
+		}
+	}
+	var opens []perimeter.Key
+	for k := range wants {
+		if _, ok := a.holes[k]; !ok {
+			opens = append(opens, k)
+		}
+	}
+	slices.SortFunc(opens, func(x, y perimeter.Key) int { return compareKeys(x, y) })
+	for _, k := range opens {
+		w := wants[k]
+		a.holes[k] = &hole{key: k, app: w.app, uid: w.uid, pid: w.pid, user: a.cfg.UserName(w.uid), lease: w.lease, state: statePending}
+	}
+	if len(closes) > 0 {
+		a.close(ctx, closes)
+	}
+	switch {
+	case a.needSync || len(opens) > 1:
+		// One request for a batch of new holes: the gateway's sync opens
+		// them (and keeps the others) in one transaction.
+		a.sync(ctx, wants)
+	case len(opens) == 1:
+		a.open(ctx, a.holes[opens[0]])
+	}
+}
+
+func compareKeys(x, y perimeter.Key) int {
+	if c := x.Peer.Compare(y.Peer); c != 0 {
+		return c
+	}
+	if c := x.Host.Compare(y.Host); c != 0 {
+		return c
+	}
+	if x.Port != y.Port {
+		return int(x.Port) - int(y.Port)
+	}
+	return int(x.Proto) - int(y.Proto)
+}
+
+func (a *Agent) notify(action string, h *hole, reason, rule string) {
+	level := slog.LevelInfo
+	if action == "refuse" {
+		level = slog.LevelWarn
+	}
+	a.log.Log(context.Background(), level, "pinhole "+action, "app", h.app, "user", h.user, "pid", h.pid,
+		"proto", h.key.Proto.String(), "peer", h.key.Peer.String(), "host", h.key.Host.String(), "port", h.key.Port,
+		"reason", reason, "rule", rule)
+	if a.cfg.Notify != nil {
+		a.cfg.Notify(Notice{Action: action, App: h.app, User: h.user, UID: h.uid, PID: h.pid, Key: h.key, Reason: reason, Rule: rule})
+	}
+}
+
+func (a *Agent) opened(h *hole, g perimeter.Hole) {
+	was := h.state
+	now := a.cfg.Now()
+	h.state, h.reason, h.renewed, h.expires = stateOpen, "", now, g.Expires
+	if h.expires.IsZero() || !h.expires.After(now) {
+		h.expires = now.Add(time.Duration(max(h.lease, 1)) * time.Second)
+	}
+	if was != stateOpen {
+		h.opened = now
+		if err := a.cfg.Guard.Allow(h.key); err != nil {
+			a.log.Error("host guard", "err", err)
+		}
+		a.notify("open", h, "", g.Rule)
+	}
+}
+
+func (a *Agent) refused(h *hole, reason, rule string) {
+	if h.state == stateOpen {
+		if err := a.cfg.Guard.Revoke(h.key); err != nil {
+			a.log.Error("host guard", "err", err)
+		}
+	}
+	if h.state != stateRefused || h.reason != reason {
+		a.notify("refuse", h, reason, rule)
+	}
+	h.state, h.reason = stateRefused, reason
+}
+
+func (a *Agent) open(ctx context.Context, h *hole) {
+	g, err := a.cfg.Gateway.Open(ctx, a.request(h.key, want{uid: h.uid, lease: h.lease}))
+	var apiErr *perimeter.APIError
+	switch {
+	case err == nil:
+		a.opened(h, g)
+	case errors.As(err, &apiErr) && apiErr.Status < 500:
+		a.refused(h, apiErr.Message, apiErr.Rule)
+	default:
+		a.log.Warn("gateway unreachable; will sync", "err", err)
+		a.needSync = true
+	}
+}
+
+func (a *Agent) sync(ctx context.Context, wants map[perimeter.Key]want) {
+	var reqs []perimeter.Request
+	keys := slices.SortedFunc(mapsKeys(wants), compareKeys)
+	for _, k := range keys {
+		if h := a.holes[k]; h != nil && h.state == stateRefused && !a.needSync {
+			continue // refused by the rules: asked again at a sync only
+		}
+		reqs = append(reqs, a.request(k, wants[k]))
+	}
+	res, err := a.cfg.Gateway.Sync(ctx, reqs)
+	if err != nil {
+		a.log.Warn("gateway sync failed; will retry", "err", err, "holes", len(reqs))
+		a.needSync = true
+		return
+	}
+	a.needSync = false
+	for _, g := range res.Holes {
+		if h := a.holes[g.Key]; h != nil {
+			a.opened(h, g)
+		}
+	}
+	for _, r := range res.Refused {
+		k, err := r.Target.Key()
+		if h := a.holes[k]; err == nil && h != nil {
+			a.refused(h, r.Error, r.Rule)
+		}
+	}
+}
+
+func (a *Agent) close(ctx context.Context, hs []*hole) {
+	var targets []perimeter.Target
+	for _, h := range hs {
+		delete(a.holes, h.key)
+		if h.state != stateOpen {
+			continue
+		}
+		if err := a.cfg.Guard.Revoke(h.key); err != nil {
+			a.log.Error("host guard", "err", err)
+		}
+		targets = append(targets, h.key.Target())
+		a.notify("close", h, "released", "")
+	}
+	if len(targets) == 0 {
+		return
+	}
+	if _, err := a.cfg.Gateway.Close(ctx, targets); err != nil {
+		// The next sync closes them, or their leases do.
+		a.log.Warn("gateway close failed; will sync", "err", err, "holes", len(targets))
+		a.needSync = true
+	}
+}
+
+// tick renews leases, drops named peers whose requester is gone, and
+// retries a sync the gateway missed.
+func (a *Agent) tick(ctx context.Context) {
+	now := a.cfg.Now()
+	a.named = slices.DeleteFunc(a.named, func(n *named) bool {
+		if !a.cfg.Alive(n.pid) {
+			return true
+		}
+		if !n.bound {
+			return false
+		}
+		for _, x := range a.auxes {
+			if x.app == n.app && x.proto == n.proto && x.port == n.port {
+				return false
+			}
+		}
+		return true // its port was bound and is released now
+	})
+	for tgid := range a.withControl {
+		if !a.cfg.Alive(tgid) {
+			delete(a.withControl, tgid)
+		}
+	}
+	byLease := map[int][]*hole{}
+	for _, h := range a.holes {
+		if h.state != stateOpen {
+			continue
+		}
+		if !now.Before(h.expires) {
+			// The gateway's lease ran out (it was unreachable): the host
+			// guard follows, and the next sync opens it again.
+			if err := a.cfg.Guard.Revoke(h.key); err != nil {
+				a.log.Error("host guard", "err", err)
+			}
+			h.state = statePending
+			a.needSync = true
+			continue
+		}
+		if now.Sub(h.renewed) >= h.expires.Sub(h.renewed)/3 {
+			byLease[h.lease] = append(byLease[h.lease], h)
+		}
+	}
+	for lease, hs := range byLease {
+		var targets []perimeter.Target
+		for _, h := range hs {
+			targets = append(targets, h.key.Target())
+		}
+		res, err := a.cfg.Gateway.Renew(ctx, targets, lease)
+		if err != nil {
+			a.log.Warn("gateway renew failed; will retry", "err", err, "holes", len(targets))
+			continue
+		}
+		for _, g := range res.Renewed {
+			if h := a.holes[g.Key]; h != nil {
+				h.renewed, h.expires = now, g.Expires
+			}
+		}
+		if len(res.Missing) > 0 {
+			// A restarted gateway, or leases that ran out: sync everything.
+			a.log.Warn("gateway lost holes; syncing", "missing", len(res.Missing))
+			for _, t := range res.Missing {
+				if k, err := t.Key(); err == nil && a.holes[k] != nil {
+					a.holes[k].state = statePending
+				}
+			}
+			a.needSync = true
+		}
+		for _, r := range res.Refused {
+			if k, err := r.Target.Key(); err == nil && a.holes[k] != nil {
+				a.refused(a.holes[k], r.Error, r.Rule)
+			}
+		}
+	}
+	a.reconcile(ctx)
+}
+
+// Open names a peer for an app's auxiliary port on behalf of process pid
+// (the local API's `pinhole-open`). The hole is open while the app has a
+// socket on the port and pid lives; it closes when that socket is
+// released. The answer is the hole's state after the gateway answered:
+// open, refused (with the reason), or pending (the port is not bound yet).
+func (a *Agent) Open(ctx context.Context, app uint32, pid, uid uint32, peer, host netip.Addr, proto perimeter.Proto, port uint16) (Status, error) {
+	var st Status
+	var err error
+	derr := a.do(ctx, func(ctx context.Context) {
+		st, err = a.openNamed(ctx, app, pid, uid, peer, host, proto, port)
+	})
+	return st, errors.Join(derr, err)
+}
+
+func (a *Agent) openNow(app uint32, pid, uid uint32, peer, host netip.Addr, proto perimeter.Proto, port uint16) (Status, error) {
+	return a.openNamed(context.Background(), app, pid, uid, peer, host, proto, port)
+}
+
+func (a *Agent) openNamed(ctx context.Context, app uint32, pid, uid uint32, peer, host netip.Addr, proto perimeter.Proto, port uint16) (Status, error) {
+	peer, host = peer.Unmap(), host.Unmap()
+	if !peer.IsValid() || peer.IsUnspecified() || peer.IsMulticast() || peer.IsLoopback() {
+		return Status{}, fmt.Errorf("peer %s is not one remote host", peer)
+	}
+	if !host.IsValid() || host.Is4() != peer.Is4() {
+		return Status{}, fmt.Errorf("no local address of the peer's family to open a hole to (host %s)", host)
+	}
+	x, ok := a.apps[app]
+	if !ok || !x.Inbound.IsAux(protoSet(proto), port) {
+		return Status{}, fmt.Errorf("port %d/%s is not an auxiliary port of the app", port, proto)
+	}
+	n := &named{app: app, pid: pid, uid: uid, peer: peer, host: host, proto: proto, port: port}
+	for _, s := range a.auxes {
+		if s.app == app && s.proto == proto && s.port == port {
+			n.bound = true
+		}
+	}
+	a.named = append(a.named, n)
+	a.reconcile(ctx)
+	k := perimeter.Key{Peer: peer, Proto: proto, Host: host, Port: port}
+	st := Status{App: x.Name, User: a.cfg.UserName(uid), PID: pid, Proto: proto, Peer: peer, Host: host, Port: port, State: statePending}
+	if h := a.holes[k]; h != nil {
+		st.State, st.Reason, st.Opened, st.Expires = h.state, h.reason, h.opened, h.expires
+	}
+	return st, nil
+}
+
+// Holes lists the holes the agent holds or wants, with the gateway's
+// counters where it answers.
+func (a *Agent) Holes(ctx context.Context) ([]Status, error) {
+	var out []Status
+	err := a.do(ctx, func(context.Context) {
+		for _, h := range a.holes {
+			out = append(out, Status{App: h.app, User: h.user, PID: h.pid, Proto: h.key.Proto, Peer: h.key.Peer, Host: h.key.Host,
+				Port: h.key.Port, State: h.state, Reason: h.reason, Opened: h.opened, Expires: h.expires})
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	// Outside the Run goroutine: a slow gateway must not hold up events.
+	if gs, lerr := a.cfg.Gateway.List(ctx); lerr == nil {
+		counters := map[perimeter.Key]perimeter.Hole{}
+		for _, g := range gs {
+			counters[g.Key] = g
+		}
+		for i := range out {
+			k := perimeter.Key{Peer: out[i].Peer, Proto: out[i].Proto, Host: out[i].Host, Port: out[i].Port}
+			if g, ok := counters[k]; ok {
+				out[i].Packets, out[i].Bytes = g.Packets, g.Bytes
+			}
+		}
+	} else {
+		a.log.Warn("gateway list failed; counters missing", "err", lerr)
+	}
+	slices.SortFunc(out, func(x, y Status) int {
+		return compareKeys(perimeter.Key{Peer: x.Peer, Proto: x.Proto, Host: x.Host, Port: x.Port},
+			perimeter.Key{Peer: y.Peer, Proto: y.Proto, Host: y.Host, Port: y.Port})
+	})
+	return out, nil
+}

@@ -1,0 +1,474 @@
+package pinhole
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/netip"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/procgate/procgate/perimeter"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// fakeGateway is the gateway's API in memory, with its rules reduced to a
+// set of refused peers.
+type fakeGateway struct {
+	mu     sync.Mutex
+	holes  map[perimeter.Key]perimeter.Hole
+	refuse map[netip.Addr]bool
+	down   bool
+	calls  []string // method and number of holes, in order
+	now    func() time.Time
+}
+
+func newFakeGateway(now func() time.Time) *fakeGateway {
+	return &fakeGateway{holes: map[perimeter.Key]perimeter.Hole{}, refuse: map[netip.Addr]bool{}, now: now}
+}
+
+var errDown = errors.New("connection refused")
+
+func (g *fakeGateway) record(method string, n int) error {
+	g.calls = append(g.calls, method+":"+itoa(uint32(n)))
+	if g.down {
+		return errDown
+	}
+	return nil
+}
+
+func (g *fakeGateway) hole(r perimeter.Request) (perimeter.Hole, *perimeter.RefusedHole) {
+	k, err := r.Parse()
+	if err != nil {
+		return perimeter.Hole{}, &perimeter.RefusedHole{Target: r.Target, Error: err.Error()}
+	}
+	if g.refuse[k.Peer] {
+		return perimeter.Hole{}, &perimeter.RefusedHole{Target: r.Target, Error: "denied by site.rules:3", Rule: "site.rules:3"}
+	}
+	lease := r.LeaseSeconds
+	if lease == 0 {
+		lease = 30
+	}
+	h := perimeter.Hole{Key: k, User: r.User, Delegate: "srv1", Rule: "site.rules:2", Opened: g.now(), Expires: g.now().Add(time.Duration(lease) * time.Second)}
+	g.holes[k] = h
+	return h, nil
+}
+
+func (g *fakeGateway) Open(_ context.Context, r perimeter.Request) (perimeter.Hole, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err := g.record("open", 1); err != nil {
+		return perimeter.Hole{}, err
+	}
+	h, ref := g.hole(r)
+	if ref != nil {
+		return h, &perimeter.APIError{Status: http.StatusForbidden, Message: ref.Error, Rule: ref.Rule}
+	}
+	return h, nil
+}
+
+func (g *fakeGateway) Renew(_ context.Context, ts []perimeter.Target, lease int) (perimeter.RenewResult, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var res perimeter.RenewResult
+	if err := g.record("renew", len(ts)); err != nil {
+		return res, err
+	}
+	for _, t := range ts {
+		k, _ := t.Key()
+		h, ok := g.holes[k]
+		if !ok {
+			res.Missing = append(res.Missing, t)
+			continue
+		}
+		if lease == 0 {
+			lease = 30
+		}
+		h.Expires = g.now().Add(time.Duration(lease) * time.Second)
+		g.holes[k] = h
+		res.Renewed = append(res.Renewed, h)
+	}
+	return res, nil
+}
+
+func (g *fakeGateway) Close(_ context.Context, ts []perimeter.Target) (perimeter.CloseResult, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var res perimeter.CloseResult
+	if err := g.record("close", len(ts)); err != nil {
+		return res, err
+	}
+	for _, t := range ts {
+		k, _ := t.Key()
+		delete(g.holes, k)
+		res.Closed = append(res.Closed, t)
+	}
+	return res, nil
+}
+
+func (g *fakeGateway) List(context.Context) ([]perimeter.Hole, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.down {
+		return nil, errDown
+	}
+	var out []perimeter.Hole
+	for _, h := range g.holes {
+		h.Packets, h.Bytes = 3, 300
+		out = append(out, h)
+	}
+	return out, nil
+}
+
+func (g *fakeGateway) Sync(_ context.Context, rs []perimeter.Request) (perimeter.SyncResult, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var res perimeter.SyncResult
+	if err := g.record("sync", len(rs)); err != nil {
+		return res, err
+	}
+	old := g.holes
+	g.holes = map[perimeter.Key]perimeter.Hole{}
+	for _, r := range rs {
+		h, ref := g.hole(r)
+		if ref != nil {
+			res.Refused = append(res.Refused, *ref)
+			continue
+		}
+		res.Holes = append(res.Holes, h)
+	}
+	for k := range old {
+		if _, ok := g.holes[k]; !ok {
+			res.Closed = append(res.Closed, k.Target())
+		}
+	}
+	return res, nil
+}
+
+func (g *fakeGateway) keys() []perimeter.Key {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return slices.SortedFunc(mapsKeys(g.holes), compareKeys)
+}
+
+func (g *fakeGateway) takeCalls() []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	c := g.calls
+	g.calls = nil
+	return c
+}
+
+type fakeGuard struct {
+	mu      sync.Mutex
+	allowed map[perimeter.Key]bool
+}
+
+func (f *fakeGuard) Allow(k perimeter.Key) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.allowed[k] = true
+	return nil
+}
+
+func (f *fakeGuard) Revoke(k perimeter.Key) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.allowed, k)
+	return nil
+}
+
+func (f *fakeGuard) keys() []perimeter.Key {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.SortedFunc(mapsKeys(f.allowed), compareKeys)
+}
+
+// fakeSource hands the agent events from a channel.
+type fakeSource chan Event
+
+func (s fakeSource) Read() (Event, error) {
+	e, ok := <-s
+	if !ok {
+		return Event{}, errors.New("closed")
+	}
+	return e, nil
+}
+
+type rig struct {
+	t       *testing.T
+	agent   *Agent
+	gw      *fakeGateway
+	guard   *fakeGuard
+	notes   []Notice
+	now     time.Time
+	alive   map[uint32]bool
+	ctx     context.Context
+	dynamic App
+}
+
+var (
+	server  = netip.MustParseAddr("10.9.0.5")
+	client  = netip.MustParseAddr("198.51.100.10")
+	client2 = netip.MustParseAddr("198.51.100.11")
+	mallory = netip.MustParseAddr("203.0.113.66")
+)
+
+func newRig(t *testing.T) *rig {
+	r := &rig{t: t, now: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC), alive: map[uint32]bool{}, ctx: context.Background()}
+	r.gw = newFakeGateway(func() time.Time { return r.now })
+	r.guard = &fakeGuard{allowed: map[perimeter.Key]bool{}}
+	r.agent = New(Config{
+		Gateway: r.gw, Guard: r.guard,
+		Notify:   func(n Notice) { r.notes = append(r.notes, n) },
+		UserName: func(uid uint32) string { return "u" + itoa(uid) },
+		Alive:    func(pid uint32) bool { return r.alive[pid] },
+		Now:      func() time.Time { return r.now },
+	})
+	r.dynamic = App{Name: "ftp", ID: 3, Inbound: &ruleset.Inbound{
+		Control: []ruleset.PortRange{{Lo: 21, Hi: 21}}, Ports: []ruleset.PortRange{{Lo: 40000, Hi: 40100}}, Proto: ruleset.Both, Lease: 30 * time.Second}}
+	r.agent.apps = map[uint32]App{3: r.dynamic}
+	return r
+}
+
+// events feeds events as Run does: handled in a batch, then one reconcile.
+func (r *rig) events(es ...Event) {
+	for _, e := range es {
+		r.agent.handle(e)
+	}
+	r.agent.reconcile(r.ctx)
+}
+
+func ctl(cookie uint64, tgid uint32, peer netip.Addr) Event {
+	return Event{Kind: ControlOpen, Cookie: cookie, AppID: 3, TGID: tgid, Proto: perimeter.TCP,
+		Local: netip.AddrPortFrom(server, 21), Remote: netip.AddrPortFrom(peer, 50000)}
+}
+
+func aux(cookie uint64, tgid uint32, proto perimeter.Proto, port uint16) Event {
+	return Event{Kind: AuxOpen, Cookie: cookie, AppID: 3, TGID: tgid, UID: 1000, Proto: proto, Local: netip.AddrPortFrom(netip.IPv6Unspecified(), port)}
+}
+
+func closed(e Event) Event {
+	switch e.Kind {
+	case AuxOpen:
+		e.Kind = AuxClose
+	case ControlOpen:
+		e.Kind = ControlClose
+	}
+	return e
+}
+
+func key(peer netip.Addr, proto perimeter.Proto, port uint16) perimeter.Key {
+	return perimeter.Key{Peer: peer, Proto: proto, Host: server, Port: port}
+}
+
+func (r *rig) want(why string, keys ...perimeter.Key) {
+	r.t.Helper()
+	slices.SortFunc(keys, compareKeys)
+	if got := r.gw.keys(); !slices.Equal(got, keys) {
+		r.t.Errorf("%s: gateway holds %v, want %v", why, got, keys)
+	}
+	if got := r.guard.keys(); !slices.Equal(got, keys) {
+		r.t.Errorf("%s: host guard allows %v, want %v", why, got, keys)
+	}
+}
+
+func (r *rig) wantCalls(why string, calls ...string) {
+	r.t.Helper()
+	if got := r.gw.takeCalls(); !slices.Equal(got, calls) {
+		r.t.Errorf("%s: gateway calls %v, want %v", why, got, calls)
+	}
+}
+
+func TestAgentHolesFollowSockets(t *testing.T) {
+	r := newRig(t)
+	c1 := ctl(1, 100, client)
+	r.events(c1)
+	r.want("a control connection alone opens nothing")
+	r.wantCalls("no hole, no call")
+
+	a1 := aux(2, 100, perimeter.TCP, 40000)
+	r.events(a1)
+	r.want("listen on an aux port", key(client, perimeter.TCP, 40000))
+	r.wantCalls("one new hole, one open", "open:1")
+
+	// Another process of the app with its own control connection: its aux
+	// port is for its own peer only.
+	r.events(ctl(3, 200, client2), aux(4, 200, perimeter.UDP, 40001))
+	r.want("second session", key(client, perimeter.TCP, 40000), key(client2, perimeter.UDP, 40001))
+
+	// A process without control connections (forked per session) gets the
+	// app's peers, in one batched request.
+	r.events(aux(5, 300, perimeter.TCP, 40002))
+	r.want("forked session", key(client, perimeter.TCP, 40000), key(client2, perimeter.UDP, 40001),
+		key(client, perimeter.TCP, 40002), key(client2, perimeter.TCP, 40002))
+	r.wantCalls("batched", "open:1", "sync:4")
+
+	// Not an aux port, or another app: nothing.
+	r.events(aux(6, 100, perimeter.TCP, 41000), Event{Kind: AuxOpen, Cookie: 7, AppID: 9, TGID: 100, Proto: perimeter.TCP, Local: netip.AddrPortFrom(server, 40003)})
+	r.wantCalls("no hole for a port or app the policy does not name")
+
+	r.events(closed(a1), closed(aux(5, 300, perimeter.TCP, 40002)))
+	r.want("aux sockets released", key(client2, perimeter.UDP, 40001))
+	r.wantCalls("closes batched", "close:3")
+
+	// Its own control connection gone, a process's aux port is for nobody:
+	// never for the peers of the app's other sessions.
+	r.events(closed(ctl(3, 200, client2)))
+	r.want("control connection gone")
+
+	var actions []string
+	for _, n := range r.notes {
+		actions = append(actions, n.Action)
+	}
+	if want := []string{"open", "open", "open", "open", "close", "close", "close", "close"}; !slices.Equal(actions, want) {
+		t.Errorf("notices %v, want %v", actions, want)
+	}
+	if n := r.notes[0]; n.App != "ftp" || n.User != "u1000" || n.PID != 100 || n.Rule != "site.rules:2" {
+		t.Errorf("first notice %+v", n)
+	}
+}
+
+func TestAgentNeverOpensForAny(t *testing.T) {
+	tests := []struct {
+		name string
+		peer netip.Addr
+		host netip.Addr
+	}{
+		{"unspecified peer", netip.IPv4Unspecified(), server},
+		{"loopback peer", netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.1")},
+		{"unspecified host", client, netip.IPv4Unspecified()},
+		{"families differ", netip.MustParseAddr("2001:db8::1"), server},
+		{"multicast", netip.MustParseAddr("224.0.0.1"), server},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := newRig(t)
+			c := ctl(1, 100, tt.peer)
+			c.Local = netip.AddrPortFrom(tt.host, 21)
+			r.events(c, aux(2, 100, perimeter.TCP, 40000))
+			r.want("no hole")
+			if _, err := r.agent.openNow(3, 100, 0, tt.peer, server, perimeter.TCP, 40000); err == nil && (tt.peer.IsUnspecified() || tt.peer.IsLoopback() || tt.peer.IsMulticast()) {
+				t.Errorf("Open accepted peer %s", tt.peer)
+			}
+		})
+	}
+}
+
+func TestAgentRefusalAndRenewal(t *testing.T) {
+	r := newRig(t)
+	r.gw.refuse[mallory] = true
+	r.events(ctl(1, 100, mallory), aux(2, 100, perimeter.TCP, 40000))
+	r.want("refused")
+	if len(r.notes) != 1 || r.notes[0].Action != "refuse" || r.notes[0].Rule != "site.rules:3" {
+		t.Fatalf("notices %+v, want one refusal with its rule", r.notes)
+	}
+	r.agent.tick(r.ctx)
+	r.wantCalls("a refused hole is not asked again each tick", "open:1")
+
+	r.events(ctl(3, 100, client))
+	r.want("the other peer", key(client, perimeter.TCP, 40000))
+	r.gw.takeCalls()
+
+	r.now = r.now.Add(5 * time.Second)
+	r.agent.tick(r.ctx)
+	r.wantCalls("too early to renew")
+	r.now = r.now.Add(6 * time.Second)
+	r.agent.tick(r.ctx)
+	r.wantCalls("a third of the lease gone: renew", "renew:1")
+
+	// The gateway restarts and loses its holes: the next renewal finds
+	// them missing and a sync brings them back.
+	r.gw.holes = map[perimeter.Key]perimeter.Hole{}
+	r.now = r.now.Add(11 * time.Second)
+	r.agent.tick(r.ctx)
+	r.want("after the gateway's restart", key(client, perimeter.TCP, 40000))
+	r.wantCalls("renew, then sync", "renew:1", "sync:2")
+
+	// Unreachable past the lease: the host guard closes too, and the hole
+	// comes back when the gateway does.
+	r.gw.down = true
+	r.now = r.now.Add(31 * time.Second)
+	r.agent.tick(r.ctx)
+	if got := r.guard.keys(); len(got) != 0 {
+		t.Errorf("host guard still allows %v after the lease", got)
+	}
+	r.gw.down = false
+	r.agent.tick(r.ctx)
+	r.want("gateway back", key(client, perimeter.TCP, 40000))
+}
+
+func TestAgentNamedPeer(t *testing.T) {
+	r := newRig(t)
+	r.alive[500] = true
+	st, err := r.agent.openNow(3, 500, 1000, client, server, perimeter.UDP, 40010)
+	if err != nil || st.State != statePending {
+		t.Fatalf("named before the bind: %+v, %v; want pending", st, err)
+	}
+	r.want("not bound yet")
+	r.events(aux(9, 500, perimeter.UDP, 40010))
+	r.want("bound", key(client, perimeter.UDP, 40010))
+	if _, err := r.agent.openNow(3, 500, 1000, client, server, perimeter.TCP, 21); err == nil {
+		t.Errorf("a control port was accepted as an auxiliary port")
+	}
+	r.events(closed(aux(9, 500, perimeter.UDP, 40010)))
+	r.agent.tick(r.ctx)
+	r.want("released")
+	r.events(aux(10, 500, perimeter.UDP, 40010))
+	r.want("a named peer is for one bind")
+
+	// A requester that dies takes its named peer along.
+	r.openAndBind(600, 40011, 11)
+	r.alive[600] = false
+	r.agent.tick(r.ctx)
+	r.want("requester gone")
+}
+
+func (r *rig) openAndBind(pid uint32, port uint16, cookie uint64) {
+	r.t.Helper()
+	r.alive[pid] = true
+	if _, err := r.agent.openNow(3, pid, 1000, client2, server, perimeter.UDP, port); err != nil {
+		r.t.Fatal(err)
+	}
+	r.events(aux(cookie, pid, perimeter.UDP, port))
+	r.want("named and bound", key(client2, perimeter.UDP, port))
+}
+
+// TestAgentRun drives the agent through Run, as the daemon does: a start
+// syncs away what an earlier run left at the gateway.
+func TestAgentRun(t *testing.T) {
+	r := newRig(t)
+	stale := key(mallory, perimeter.TCP, 40099)
+	r.gw.holes[stale] = perimeter.Hole{Key: stale}
+	src := make(fakeSource)
+	r.agent.cfg.Source = src
+	r.agent.cfg.Notify = nil
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.agent.Run(ctx) }()
+	if err := r.agent.SetApps(ctx, []App{r.dynamic}); err != nil {
+		t.Fatal(err)
+	}
+	src <- ctl(1, 100, client)
+	src <- aux(2, 100, perimeter.TCP, 40000)
+	for {
+		hs, err := r.agent.Holes(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(hs) == 1 && hs[0].State == stateOpen {
+			if hs[0].Bytes != 300 || hs[0].App != "ftp" || hs[0].Peer != client {
+				t.Errorf("hole %+v", hs[0])
+			}
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	r.want("through Run", key(client, perimeter.TCP, 40000))
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
