@@ -147,12 +147,12 @@ type Agent struct {
 	// withControl are the processes that held a control connection of
 	// their own: their auxiliary ports are for their own peers only.
 	withControl map[uint32]bool
-	auxes    map[uint64]auxSock
-	named    []*named
-	holes    map[perimeter.Key]*hole
-	needSync bool
-	events   chan Event
-	calls    chan func(context.Context)
+	auxes       map[uint64]auxSock
+	named       []*named
+	holes       map[perimeter.Key]*hole
+	needSync    bool
+	events      chan Event
+	calls       chan func(context.Context)
 }
 
 // New makes an agent; Run runs it.
