@@ -58,8 +58,11 @@ type Auditor struct {
 	src      Source
 	annotate Annotator
 	log      *slog.Logger
-	file     *logFile // nil without Options.LogPath
-	clock    wallClock
+	// fileMu guards file (nil without Options.LogPath, and after Run) and
+	// writeWarn: Append writes from other goroutines than Run's.
+	fileMu sync.Mutex
+	file   *logFile
+	clock  wallClock
 
 	running   atomic.Bool
 	closeOnce sync.Once
@@ -146,6 +149,22 @@ func (a *Auditor) handle(raw []byte) {
 		return
 	}
 	a.events.Add(1)
+	a.store(r)
+}
+
+// Append logs and publishes a record that does not come from the kernel's
+// ring buffer, such as a pinhole opened, closed or refused (Kind
+// "pinhole"). It may be called from any goroutine; after Run returned it
+// does nothing.
+func (a *Auditor) Append(r Record) {
+	if r.Time.IsZero() {
+		r.Time = time.Now().UTC()
+	}
+	a.store(r)
+}
+
+func (a *Auditor) store(r Record) {
+	a.fileMu.Lock()
 	if a.file != nil {
 		if err := a.writeLog(r); err != nil {
 			n := a.logWriteErrors.Add(1)
@@ -155,6 +174,7 @@ func (a *Auditor) handle(raw []byte) {
 			}
 		}
 	}
+	a.fileMu.Unlock()
 	a.publish(r)
 }
 
@@ -189,9 +209,12 @@ func (a *Auditor) closeSource() error {
 
 func (a *Auditor) finish() error {
 	err := a.closeSource()
+	a.fileMu.Lock()
 	if a.file != nil {
 		err = errors.Join(err, a.file.close())
+		a.file = nil
 	}
+	a.fileMu.Unlock()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.done = true

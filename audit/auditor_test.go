@@ -311,3 +311,53 @@ func recordLine(t *testing.T, raw []byte) []byte {
 	}
 	return append(line, '\n')
 }
+
+func TestAppendPinholeRecords(t *testing.T) {
+	logPath := filepath.Join(t.TempDir(), "audit.jsonl")
+	src := newFakeSource(false, samples(t, 1)...)
+	a, err := New(src, Options{LogPath: logPath, Annotate: testAnnotate, Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	live, cancel := a.Subscribe(4)
+	defer cancel()
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	rec := Record{Verdict: "open", App: "ftp", PID: 7, Dest: "198.51.100.10 -> 10.9.0.5:40000/tcp", Hook: "pinhole", Kind: KindPinhole,
+		Pinhole: &Pinhole{Proto: "tcp", Peer: "198.51.100.10", Host: "10.9.0.5", Port: 40000, User: "alice"}}
+	a.Append(rec)
+	var got []Record
+	for len(got) < 2 {
+		got = append(got, <-live)
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	a.Append(rec) // after Run: dropped, not a crash
+	data, err := os.ReadFile(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("log has %d lines, want the kernel event and the pinhole record:\n%s", len(lines), data)
+	}
+	var back Record
+	for _, l := range lines {
+		if strings.Contains(l, `"kind":"pinhole"`) {
+			if err := json.Unmarshal([]byte(l), &back); err != nil {
+				t.Fatal(err)
+			}
+		} else if strings.Contains(l, `"kind"`) || strings.Contains(l, `"pinhole"`) {
+			t.Errorf("a kernel record carries pinhole fields: %s", l)
+		}
+	}
+	if back.Pinhole == nil || *back.Pinhole != *rec.Pinhole || back.Verdict != "open" || back.Time.IsZero() {
+		t.Errorf("pinhole record read back as %+v", back)
+	}
+	if !strings.Contains(back.Text(), "open  app=ftp") {
+		t.Errorf("text %q", back.Text())
+	}
+}

@@ -35,6 +35,23 @@ type Record struct {
 	Rule       string    `json:"rule,omitempty"` // grant or internal prefix behind the decision
 	Generation uint32    `json:"generation"`
 	CgroupID   uint64    `json:"cgroup_id"`
+	// Kind is "" for a decision of the kernel, KindPinhole for a pinhole
+	// the agent opened, closed or had refused (Verdict "open", "close",
+	// "refuse"; Dest "peer -> host:port/proto"; Hook "pinhole").
+	Kind    string   `json:"kind,omitempty"`
+	Pinhole *Pinhole `json:"pinhole,omitempty"`
+}
+
+// KindPinhole marks pinhole records.
+const KindPinhole = "pinhole"
+
+// Pinhole is the hole of a pinhole record.
+type Pinhole struct {
+	Proto string `json:"proto"`
+	Peer  string `json:"peer"`
+	Host  string `json:"host"`
+	Port  uint16 `json:"port"`
+	User  string `json:"user"` // as the gateway's rules see it
 }
 
 // Text renders r as one human line. Values that could break the line apart
