@@ -1,0 +1,327 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/perimeter"
+	"github.com/procgate/procgate/pki"
+)
+
+// The whole chain's open latency: procgate daemon with its pinhole agent
+// in the pinhole lane's server, a process of a dynamic app there that binds
+// UDP ports, and the time from just before its bind() to the hole in the
+// router's nftables set (CLOCK_MONOTONIC on both sides: one machine).
+
+// envBinder makes the bench binary the binder: run by `procgate run` as
+// the dynamic app, it serves the control port and binds on command.
+const envBinder = "PROCGATE_BENCH_BINDER"
+
+const (
+	phControlPort = 4600
+	phBindPorts   = 41000 // the binder's aux ports, 41000-41999
+)
+
+// phAgentPolicy makes the binder an app with dynamic pinholes.
+const phAgentPolicy = `version: 1
+internal:
+  prefixes: [192.0.2.0/24]
+apps:
+  - name: bench
+    inbound:
+      dynamic:
+        control: [4600]
+        ports: [41000-41999]
+        proto: udp
+`
+
+func init() {
+	if os.Getenv(envBinder) != "1" {
+		return
+	}
+	if err := serveBinder(os.Stdin, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "bench binder:", err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+func monotonicNS() int64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return ts.Nano()
+}
+
+// serveBinder keeps every control connection open and answers, per line
+// of in: "bind PORT" (UDP on the server's address) with "ok T0" (the
+// CLOCK_MONOTONIC ns just before bind), "close PORT" with "ok".
+func serveBinder(in io.Reader, out io.Writer) error {
+	ln, err := net.Listen("tcp", net.JoinHostPort(phServer.Addr().String(), strconv.Itoa(phControlPort)))
+	if err != nil {
+		return err
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go io.Copy(io.Discard, c) // held until the peer closes it
+		}
+	}()
+	fmt.Fprintln(out, "ready")
+	socks := map[string]int{}
+	sc := bufio.NewScanner(in)
+	for sc.Scan() {
+		verb, port, _ := strings.Cut(sc.Text(), " ")
+		p, err := strconv.Atoi(port)
+		if err != nil {
+			return fmt.Errorf("command %q", sc.Text())
+		}
+		switch verb {
+		case "bind":
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			sa := &unix.SockaddrInet4{Port: p, Addr: phServer.Addr().As4()}
+			t0 := monotonicNS()
+			if err := unix.Bind(fd, sa); err != nil {
+				return fmt.Errorf("bind %d: %w", p, err)
+			}
+			socks[port] = fd
+			fmt.Fprintln(out, "ok", t0)
+		case "close":
+			unix.Close(socks[port])
+			delete(socks, port)
+			fmt.Fprintln(out, "ok")
+		default:
+			return fmt.Errorf("command %q", sc.Text())
+		}
+	}
+	return sc.Err()
+}
+
+// phDaemon is procgate daemon in the lane's server, with its agent.
+type phDaemon struct {
+	bin, socket string
+	cmd         *exec.Cmd
+	out         *lockedBuf
+}
+
+type lockedBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// procgateBinary is the procgate the bench runs as the server's daemon:
+// $PROCGATE_BIN, or bin/procgate (make bench builds it first).
+func procgateBinary() (string, error) {
+	p := os.Getenv("PROCGATE_BIN")
+	if p == "" {
+		p = "bin/procgate"
+	}
+	p, err := filepath.Abs(p)
+	if err == nil {
+		_, err = os.Stat(p)
+	}
+	if err != nil {
+		return "", fmt.Errorf("procgate binary (make build, or PROCGATE_BIN): %w", err)
+	}
+	return p, nil
+}
+
+// phStartDaemon writes the agent's certificate, the policy, and starts the
+// daemon in the server with --gateway.
+func (b *bench) phStartDaemon(l *phLane, g *phGateway) (*phDaemon, error) {
+	bin, err := procgateBinary()
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(b.host.dir, "agent")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	iss, err := g.ca.Issue(pki.IssueRequest{Name: "srv1", Usage: pki.Client, Validity: 2 * time.Hour})
+	if err != nil {
+		return nil, err
+	}
+	files := map[string][]byte{"ca.crt": g.ca.CertPEM(), "srv1.crt": iss.CertPEM, "srv1.key": iss.KeyPEM, "policy.yaml": []byte(phAgentPolicy)}
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			return nil, err
+		}
+	}
+	cg, err := b.host.mkCgroup("pinhole-agent")
+	if err != nil {
+		return nil, err
+	}
+	d := &phDaemon{bin: bin, socket: filepath.Join(dir, "procgate.sock"), out: &lockedBuf{}}
+	bpfDir := filepath.Join(b.host.bpffs, "pinhole-agent")
+	d.cmd = exec.Command("nsenter", "--net="+l.server, bin, "daemon", "--policy", filepath.Join(dir, "policy.yaml"),
+		"--cgroup-root", cg, "--state-dir", filepath.Join(dir, "state"), "--bpf-dir", bpfDir, "--socket", d.socket,
+		"--gateway", g.url, "--gateway-ca", filepath.Join(dir, "ca.crt"),
+		"--gateway-cert", filepath.Join(dir, "srv1.crt"), "--gateway-key", filepath.Join(dir, "srv1.key"))
+	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
+	if err := d.cmd.Start(); err != nil {
+		return nil, err
+	}
+	exited := make(chan struct{})
+	go func() { d.cmd.Wait(); close(exited) }()
+	b.host.undo.push(func() error {
+		d.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			d.cmd.Process.Kill()
+			<-exited
+		}
+		if out, err := exec.Command(bin, "uninstall", "--bpf-dir", bpfDir).CombinedOutput(); err != nil {
+			return fmt.Errorf("procgate uninstall: %w: %s", err, out)
+		}
+		return nil
+	})
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		select {
+		case <-exited:
+			return nil, fmt.Errorf("daemon exited at start: %s", d.out.String())
+		default:
+		}
+		if exec.Command(bin, "--socket", d.socket, "status").Run() == nil {
+			return d, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("daemon not up after 20s: %s", d.out.String())
+		}
+	}
+}
+
+// phBindLatency times bind → hole live through the whole chain.
+func (b *bench) phBindLatency(ctx context.Context, res *pinholeResult, l *phLane, g *phGateway) error {
+	d, err := b.phStartDaemon(l, g)
+	if err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("nsenter", "--net="+l.server, d.bin, "--socket", d.socket, "run", "--app", "bench", "--", self)
+	cmd.Env = append(os.Environ(), envBinder+"=1")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	var stderr lockedBuf
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	defer func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() }()
+	lines := bufio.NewScanner(stdout)
+	readLine := func() (string, error) {
+		if !lines.Scan() {
+			return "", fmt.Errorf("binder ended: %v: %s", lines.Err(), stderr.String())
+		}
+		return lines.Text(), nil
+	}
+	if l, err := readLine(); err != nil || l != "ready" {
+		return fmt.Errorf("binder: %q, %v", l, err)
+	}
+	// The site lets the control port in; the client holds a control
+	// connection: its peer is who the holes are for.
+	ctrl := perimeter.Target{Proto: "tcp", Peer: phClient.Addr().String(), Host: phServer.Addr().String(), Port: phControlPort}
+	if _, err := g.site.Open(ctx, perimeter.Request{Target: ctrl, User: "site"}); err != nil {
+		return err
+	}
+	cc, err := dialFrom(l.client, "tcp", net.JoinHostPort(phServer.Addr().String(), strconv.Itoa(phControlPort)), 10*time.Second)
+	if err != nil {
+		return fmt.Errorf("control connection: %w", err)
+	}
+	defer cc.Close()
+	live := func(port int, want bool) (int64, error) {
+		key := perimeter.Target{Proto: "udp", Peer: phClient.Addr().String(), Host: phServer.Addr().String(), Port: port}
+		for deadline := time.Now().Add(10 * time.Second); ; {
+			els, err := g.gw.Table().Elements()
+			if err != nil {
+				return 0, err
+			}
+			found := false
+			for _, e := range els {
+				found = found || e.Key.Target() == key
+			}
+			if found == want {
+				return monotonicNS(), nil
+			}
+			if time.Now().After(deadline) {
+				return 0, fmt.Errorf("hole %+v present=%v after 10s; daemon log:\n%s", key, found, d.out.String())
+			}
+		}
+	}
+	var s samples
+	var round []uint32
+	opens := max(b.cfg.PinholeOpens/4, 5)
+	for i := range opens {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		port := phBindPorts + i%1000
+		fmt.Fprintln(stdin, "bind", port)
+		line, err := readLine()
+		if err != nil {
+			return err
+		}
+		t0, err := strconv.ParseInt(strings.TrimPrefix(line, "ok "), 10, 64)
+		if err != nil {
+			return fmt.Errorf("binder: %q", line)
+		}
+		t1, err := live(port, true)
+		if err != nil {
+			return err
+		}
+		round = append(round, uint32(min(t1-t0, 1<<32-1)))
+		fmt.Fprintln(stdin, "close", port)
+		if _, err := readLine(); err != nil {
+			return err
+		}
+		if _, err := live(port, false); err != nil {
+			return err
+		}
+		if len(round) == 50 || i == opens-1 {
+			s.add(response{Latencies: round})
+			round = nil
+		}
+	}
+	res.BindHow = "a process of a dynamic app (procgate run) binds a UDP aux port while the client holds a control connection: from just before bind() to the hole in the router's set (polled by netlink; CLOCK_MONOTONIC on both sides): eBPF observation, agent, mTLS request, gateway, nftables"
+	res.BindLatency = s.summary()
+	return nil
+}
