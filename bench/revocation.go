@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/procgate/procgate/bpf"
@@ -46,6 +48,10 @@ type sweepTiming struct {
 }
 
 func msOf(ns int64) float64 { return round3(float64(ns) / 1e6) }
+
+// holdPort is where the sweep's live connections go: granted (8000-8100),
+// and no other server of the bench listens there.
+const holdPort = 8003
 
 // revocationPhase measures both halves of a revocation on the procgate lane
 // (loopback, the matrix policy): app0 loses its first grant.
@@ -120,12 +126,43 @@ func (b *bench) revocationPhase(ctx context.Context) error {
 // revokes, sweeps, and checks what is left of them.
 func (b *bench) sweepOnce(l *lane, pol *benchPolicy, rsB *ruleset.Ruleset, revoked netip.Addr, n int) (sweepTiming, error) {
 	st := sweepTiming{Sockets: n}
+	// The peer accepts and keeps the connections, and never reads: ended
+	// connections wake nothing of the bench while the sweep is timed.
+	var ln net.Listener
+	if err := inNS(l.clientNS, func() error {
+		var err error
+		ln, err = net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", holdPort))
+		return err
+	}); err != nil {
+		return st, err
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	defer func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
 	h, err := probe.StartHolder(b.appCgroup(vProcgate, 0), l.clientNS)
 	if err != nil {
 		return st, err
 	}
 	defer h.Close()
-	if err := h.Open("live", fmt.Sprintf("%s:%d/tcp", revoked, bulkPort), probe.Connect, n); err != nil {
+	if err := h.Open("live", fmt.Sprintf("%s:%d/tcp", revoked, holdPort), probe.Connect, n); err != nil {
 		return st, err
 	}
 	if _, err := b.applyProcgate(rsB, pol); err != nil {
@@ -217,7 +254,7 @@ func (r *results) revocationSection(w func(string, ...any)) {
 		w("| %d | %.2f | %.2f | %.2f | %d |", i+1, t.ApplyMs, t.FirstDenialMs, t.LastAllowedMs, t.Attempts)
 	}
 	w("")
-	w("*Live sockets*: app0 holds n established TCP connections to the revoked destination; after the revoking Apply, one sweep (timed by the enforcer: socket walk and destroys; no conntrack here, so no conntrack deletes) must end all of them.")
+	w("*Live sockets*: app0 holds n established TCP connections to the revoked destination (the peer, in the bench process, keeps them and never reads); after the revoking Apply, one sweep (timed by the enforcer: the socket walk with its decisions, the destroys, and one conntrack delete request per ended flow, which finds nothing here) must end all of them.")
 	w("")
 	w("| live sockets | ended | failed | alive after | method | sweep ms |")
 	w("|---|---|---|---|---|---|")
