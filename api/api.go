@@ -44,6 +44,10 @@ const (
 	OpRun     = "run"
 	OpAppInfo = "app-info"
 	OpReload  = "reload"
+	// OpPinholeOpen names a peer for an auxiliary port of the caller's app
+	// (its cgroup decides which); OpPinholes lists the agent's holes.
+	OpPinholeOpen = "pinhole-open"
+	OpPinholes    = "pinholes"
 )
 
 // MaxRequestBytes bounds a request line: the daemon reads no more.
@@ -69,6 +73,11 @@ type Request struct {
 	Dir  string   `json:"dir,omitempty"`
 	// Signal, sent on a run connection after the request: relay it.
 	Signal int `json:"signal,omitempty"`
+	// pinhole-open: one peer address, an auxiliary port, tcp or udp ("":
+	// tcp, or udp for an app whose auxiliary ports are udp only)
+	Peer  string `json:"peer,omitempty"`
+	Port  int    `json:"port,omitempty"`
+	Proto string `json:"proto,omitempty"`
 }
 
 // Decode reads one request line, refusing unknown fields and oversize input.
@@ -89,7 +98,7 @@ func DecodeLine(line []byte) (Request, error) {
 		return Request{}, fmt.Errorf("decode request: %w", err)
 	}
 	switch req.Op {
-	case OpStatus, OpExplain, OpRevoke, OpEvents, OpRun, OpAppInfo, OpReload:
+	case OpStatus, OpExplain, OpRevoke, OpEvents, OpRun, OpAppInfo, OpReload, OpPinholeOpen, OpPinholes:
 	case "":
 		return Request{}, errors.New("request has no op")
 	default:
@@ -117,6 +126,37 @@ type Status struct {
 	Apps         []AppStatus     `json:"apps"`
 	Unbound      Counters        `json:"unbound"`
 	Audit        AuditStats      `json:"audit"`
+	// Pinholes is the pinhole agent; nil when the daemon runs without
+	// --gateway.
+	Pinholes *PinholeAgent `json:"pinholes,omitempty"`
+}
+
+// PinholeAgent is the pinhole agent in Status.
+type PinholeAgent struct {
+	Gateway string `json:"gateway"`
+	Open    int    `json:"open"`
+	Pending int    `json:"pending"`
+	Refused int    `json:"refused"`
+	// GuardDrops counts packets the host guard dropped at auxiliary ports.
+	GuardDrops uint64 `json:"guard_drops"`
+}
+
+// Pinhole is one hole of the agent: open at the gateway, refused by it, or
+// pending (wanted, not yet open).
+type Pinhole struct {
+	App     string    `json:"app"`
+	User    string    `json:"user"`
+	PID     uint32    `json:"pid,omitempty"`
+	Proto   string    `json:"proto"`
+	Peer    string    `json:"peer"`
+	Host    string    `json:"host"`
+	Port    uint16    `json:"port"`
+	State   string    `json:"state"`
+	Reason  string    `json:"reason,omitempty"`
+	Opened  time.Time `json:"opened,omitzero"`
+	Expires time.Time `json:"expires,omitzero"`
+	Packets uint64    `json:"packets"`
+	Bytes   uint64    `json:"bytes"`
 }
 
 // Guard is one protection and whether this kernel gives it.
@@ -204,7 +244,9 @@ type Response struct {
 	Reload  *uint32         `json:"reload,omitempty"` // new generation
 	// SocketsEnded (reload) counts the live sockets the new generation
 	// ended.
-	SocketsEnded int `json:"sockets_ended,omitempty"`
+	SocketsEnded int       `json:"sockets_ended,omitempty"`
+	Pinhole      *Pinhole  `json:"pinhole,omitempty"`
+	Pinholes     []Pinhole `json:"pinholes,omitempty"`
 }
 
 // Client talks to a daemon.

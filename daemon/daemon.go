@@ -55,6 +55,12 @@ type Config struct {
 	Log          *slog.Logger
 	// Ready, if set, is called once the daemon enforces and serves.
 	Ready func()
+	// GatewayURL turns the pinhole agent on: apps with inbound: dynamic
+	// get holes at this perimeter gateway (https://HOST:PORT), asked with
+	// the client certificate GatewayCert/GatewayKey, the gateway checked
+	// against GatewayCA.
+	GatewayURL                         string
+	GatewayCA, GatewayCert, GatewayKey string
 }
 
 // Daemon is a running procgate daemon.
@@ -86,6 +92,10 @@ type Daemon struct {
 	exes map[string][]bpf.FileID
 	// ended counts the live sockets the sweep after the last Apply ended.
 	ended int
+	// ph is the pinhole agent (nil without --gateway); lastBindings are
+	// the dynamic apps of the generation in force.
+	ph           *pinholes
+	lastBindings []dynamicBinding
 }
 
 func (c *Config) setDefaults() error {
@@ -106,6 +116,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Log == nil {
 		c.Log = slog.Default()
+	}
+	if c.GatewayURL != "" && (c.GatewayCA == "" || c.GatewayCert == "" || c.GatewayKey == "") {
+		return errors.New("--gateway needs --gateway-ca, --gateway-cert and --gateway-key (the agent's mTLS certificate)")
 	}
 	return nil
 }
@@ -197,6 +210,10 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}()
 	defer events.Close()
+
+	if err := d.startPinholes(ctx, &wg); err != nil {
+		return err
+	}
 
 	ln, err := listen(cfg.Socket)
 	if err != nil {
@@ -392,6 +409,7 @@ func (d *Daemon) refreshRoutes() {
 // applyEffective builds the bindings for eff and applies it. d.mu held.
 func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate, Exes: d.resolveExes(eff)}
+	var dynamic []dynamicBinding
 	for _, app := range eff.Apps {
 		id, err := d.ids.get(app.Name)
 		if err != nil {
@@ -411,6 +429,9 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 			return 0, fmt.Errorf("app %s: %w", app.Name, err)
 		}
 		g.Bindings = append(g.Bindings, bpf.Binding{App: app.Name, CgroupID: cgID, Level: level})
+		if app.Inbound != nil {
+			dynamic = append(dynamic, dynamicBinding{app: app, id: id, cgroupID: cgID})
+		}
 	}
 	if err := d.ids.save(); err != nil {
 		return 0, err
@@ -422,6 +443,10 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 	d.effective = eff
 	d.gen = gen
 	d.exes = g.Exes
+	d.lastBindings = dynamic
+	if err := d.setPinholeApps(dynamic); err != nil {
+		d.log.Error("dynamic apps not given to the pinhole agent", "err", err)
+	}
 	d.byGen[gen] = eff
 	d.ended = d.sweep(gen)
 	// Events of a few generations back may still be in the ring buffer.

@@ -148,6 +148,7 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 		if err != nil {
 			return errResp("%v", err)
 		}
+		st.Pinholes = d.pinholeStatus(ctx)
 		return &api.Response{Status: st}
 	case api.OpExplain:
 		ex, err := d.explain(req)
@@ -188,6 +189,21 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 	case api.OpRun:
 		d.run(conn, p, req, files, more)
 		return nil
+	case api.OpPinholeOpen:
+		ph, err := d.pinholeOpen(ctx, p, req)
+		if err != nil {
+			return errResp("%v", err)
+		}
+		return &api.Response{Pinhole: ph}
+	case api.OpPinholes:
+		if r := rootOnly(); r != nil {
+			return r
+		}
+		hs, err := d.listPinholes(ctx)
+		if err != nil {
+			return errResp("%v", err)
+		}
+		return &api.Response{Pinholes: hs}
 	}
 	return errResp("unknown op %q", req.Op)
 }

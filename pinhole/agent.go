@@ -685,3 +685,20 @@ func (a *Agent) Holes(ctx context.Context) ([]Status, error) {
 	})
 	return out, nil
 }
+
+// Counts is how many holes are open, pending and refused.
+func (a *Agent) Counts(ctx context.Context) (open, pending, refused int, err error) {
+	err = a.do(ctx, func(context.Context) {
+		for _, h := range a.holes {
+			switch h.state {
+			case stateOpen:
+				open++
+			case stateRefused:
+				refused++
+			default:
+				pending++
+			}
+		}
+	})
+	return open, pending, refused, err
+}

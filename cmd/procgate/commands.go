@@ -54,6 +54,8 @@ Every connect() and UDP sendmsg() is decided in the kernel.`,
 		demoCmd(),
 		gatewayCmd(),
 		pkiCmd(),
+		pinholeCmd(client),
+		pinholesCmd(client),
 	)
 	root.SetArgs(args)
 	return root.Execute()
@@ -82,7 +84,10 @@ func daemonCmd() *cobra.Command {
 		Short: "Enforce a policy: load and pin the eBPF programs, reload on change, serve the local API",
 		Example: `  procgate daemon --policy /etc/procgate/policy.yaml
   procgate daemon --policy p.yaml --cgroup-root /sys/fs/cgroup/unified/procgate-lab \
-      --bpf-dir /sys/fs/bpf/procgate-lab --socket /run/procgate-lab.sock --metrics-addr 127.0.0.1:9464`,
+      --bpf-dir /sys/fs/bpf/procgate-lab --socket /run/procgate-lab.sock --metrics-addr 127.0.0.1:9464
+  # with the pinhole agent (docs/pinholes.md):
+  procgate daemon --policy p.yaml --gateway https://10.9.0.1:8443 \
+      --gateway-ca ca.crt --gateway-cert srv1.crt --gateway-key srv1.key`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(logFormat, logLevel)
@@ -104,6 +109,10 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&cfg.BPFDir, "bpf-dir", daemon.DefaultBPFDir, "bpffs directory where programs, maps and links are pinned")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address (off by default)")
 	f.DurationVar(&cfg.PollInterval, "poll", time.Second, "how often to check the policy file for changes")
+	f.StringVar(&cfg.GatewayURL, "gateway", "", "perimeter gateway https://HOST:PORT: runs the pinhole agent for apps with inbound: dynamic (off without it)")
+	f.StringVar(&cfg.GatewayCA, "gateway-ca", "", "CA that signed the gateway's certificate (PEM)")
+	f.StringVar(&cfg.GatewayCert, "gateway-cert", "", "this host's agent certificate (PEM); its name is the delegate in the gateway's rules")
+	f.StringVar(&cfg.GatewayKey, "gateway-key", "", "key of --gateway-cert (PEM)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	_ = cmd.MarkFlagRequired("policy")
@@ -215,6 +224,12 @@ func printStatus(w io.Writer, st *api.Status) {
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "audit: %d events, %d decode errors, %d dropped; log %s\n", st.Audit.Events, st.Audit.DecodeErrors, st.Audit.Dropped, st.Audit.Log)
+	if p := st.Pinholes; p != nil {
+		fmt.Fprintf(w, "pinhole agent: gateway %s, %d open holes, %d pending, %d refused; host guard dropped %d packets\n",
+			p.Gateway, p.Open, p.Pending, p.Refused, p.GuardDrops)
+	} else {
+		fmt.Fprintln(w, "pinhole agent: off (no --gateway)")
+	}
 }
 
 func explainCmd(client func() api.Client) *cobra.Command {

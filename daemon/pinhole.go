@@ -1,0 +1,237 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/procgate/procgate/api"
+	"github.com/procgate/procgate/audit"
+	"github.com/procgate/procgate/perimeter"
+	"github.com/procgate/procgate/pinhole"
+	"github.com/procgate/procgate/pki"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// pinholes is the pinhole agent of a daemon started with --gateway.
+type pinholes struct {
+	url    string
+	kernel *pinhole.Kernel
+	agent  *pinhole.Agent
+	// mu orders the agent's app updates: the last policy wins.
+	mu   sync.Mutex
+	seq  uint64
+	apps []pinhole.App
+}
+
+// startPinholes attaches the observation and host guard and runs the agent
+// until ctx ends. Without --gateway it does nothing: no dynamic app gets a
+// hole, and their auxiliary ports are not guarded on the host.
+func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
+	if d.cfg.GatewayURL == "" {
+		return nil
+	}
+	tlsConf, err := pki.ClientConfig(pki.Files{Cert: d.cfg.GatewayCert, Key: d.cfg.GatewayKey, CA: d.cfg.GatewayCA})
+	if err != nil {
+		return fmt.Errorf("pinhole agent: %w", err)
+	}
+	k, err := pinhole.OpenKernel(d.cfg.BPFDir, d.cfg.CgroupRoot, d.log)
+	if err != nil {
+		return err
+	}
+	// A starting agent holds no hole, so the host guard lets nobody in
+	// until the gateway has opened one again.
+	if err := k.Reset(); err != nil {
+		k.Close()
+		return fmt.Errorf("reset host guard: %w", err)
+	}
+	ph := &pinholes{url: d.cfg.GatewayURL, kernel: k}
+	ph.agent = pinhole.New(pinhole.Config{
+		Gateway: perimeter.NewClient(d.cfg.GatewayURL, tlsConf), Guard: k, Source: k, Log: d.log,
+		Notify: d.notePinhole,
+	})
+	d.mu.Lock()
+	d.ph = ph
+	err = d.setPinholeApps(d.lastBindings)
+	d.mu.Unlock()
+	if err != nil {
+		k.Close()
+		return err
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer k.Close()
+		if err := ph.agent.Run(ctx); err != nil && ctx.Err() == nil {
+			d.log.Error("pinhole agent stopped", "err", err)
+		}
+	}()
+	d.log.Info("pinhole agent started", "gateway", d.cfg.GatewayURL)
+	return nil
+}
+
+// dynamicBinding is an app with inbound: dynamic and where it lives.
+type dynamicBinding struct {
+	app      ruleset.App
+	id       uint32
+	cgroupID uint64
+}
+
+// setPinholeApps tells the kernel (now) and the agent (in the background:
+// it may be talking to the gateway) which apps are dynamic. d.mu held.
+func (d *Daemon) setPinholeApps(bs []dynamicBinding) error {
+	ph := d.ph
+	if ph == nil {
+		return nil
+	}
+	var kb []pinhole.Binding
+	var apps []pinhole.App
+	for _, b := range bs {
+		kb = append(kb, pinhole.Binding{AppID: b.id, CgroupID: b.cgroupID, Inbound: b.app.Inbound})
+		apps = append(apps, pinhole.App{Name: b.app.Name, ID: b.id, Inbound: b.app.Inbound})
+	}
+	if err := ph.kernel.SetApps(kb); err != nil {
+		return err
+	}
+	ph.mu.Lock()
+	ph.seq++
+	seq := ph.seq
+	ph.apps = apps
+	ph.mu.Unlock()
+	go func() {
+		ph.mu.Lock()
+		defer ph.mu.Unlock()
+		if ph.seq != seq {
+			return // a newer policy's apps follow
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := ph.agent.SetApps(ctx, ph.apps); err != nil {
+			d.log.Warn("pinhole agent did not take the new apps", "err", err)
+		}
+	}()
+	return nil
+}
+
+// notePinhole writes the agent's opens, closes and refusals to the audit log.
+func (d *Daemon) notePinhole(n pinhole.Notice) {
+	if d.auditor == nil {
+		return
+	}
+	d.auditor.Append(audit.Record{
+		Verdict: n.Action, Reason: n.Reason, App: n.App, PID: n.PID, UID: n.UID, Hook: "pinhole", Rule: n.Rule,
+		Dest: n.Key.Peer.String() + " -> " + netip.AddrPortFrom(n.Key.Host, n.Key.Port).String() + "/" + n.Key.Proto.String(),
+		Kind: audit.KindPinhole,
+		Pinhole: &audit.Pinhole{Proto: n.Key.Proto.String(), Peer: n.Key.Peer.String(), Host: n.Key.Host.String(),
+			Port: n.Key.Port, User: n.User},
+	})
+}
+
+// pinholeOpen serves `procgate pinhole open`: the caller's app (by its
+// cgroup, from the socket's peer credentials) names a peer for one of its
+// auxiliary ports.
+func (d *Daemon) pinholeOpen(ctx context.Context, p peer, req api.Request) (*api.Pinhole, error) {
+	if d.ph == nil {
+		return nil, errors.New("the pinhole agent is off: start the daemon with --gateway URL")
+	}
+	name, err := d.appOfPID(int(p.pid))
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	app := d.effective.App(name)
+	var in *ruleset.Inbound
+	if app != nil {
+		in = app.Inbound
+	}
+	id, _ := d.ids.lookup(name)
+	d.mu.Unlock()
+	switch {
+	case name == "":
+		return nil, fmt.Errorf("caller pid %d is in no app: run it with `procgate run --app NAME`", p.pid)
+	case in == nil:
+		return nil, fmt.Errorf("app %s has no inbound: dynamic in the policy", name)
+	}
+	proto := perimeter.TCP
+	if in.Proto == ruleset.UDP {
+		proto = perimeter.UDP
+	}
+	if req.Proto != "" {
+		if proto, err = perimeter.ParseProto(req.Proto); err != nil {
+			return nil, fmt.Errorf("proto: %w", err)
+		}
+	}
+	if req.Port < 1 || req.Port > 65535 {
+		return nil, fmt.Errorf("port: want 1-65535, got %d", req.Port)
+	}
+	port := uint16(req.Port)
+	set := ruleset.TCP
+	if proto == perimeter.UDP {
+		set = ruleset.UDP
+	}
+	if !in.IsAux(set, port) {
+		return nil, fmt.Errorf("port %d/%s is not an auxiliary port of app %s (policy: inbound.dynamic.ports)", port, proto, name)
+	}
+	peerAddr, err := netip.ParseAddr(req.Peer)
+	if err != nil || peerAddr.Zone() != "" {
+		return nil, fmt.Errorf("peer: %q is not one IP address (a hole is for one peer, never a network or any)", req.Peer)
+	}
+	peerAddr = peerAddr.Unmap()
+	host, err := localAddrFor(peerAddr, port)
+	if err != nil {
+		return nil, err
+	}
+	st, err := d.ph.agent.Open(ctx, id, uint32(p.pid), p.uid, peerAddr, host, proto, port)
+	if err != nil {
+		return nil, err
+	}
+	out := toAPIPinhole(st)
+	return &out, nil
+}
+
+// localAddrFor is the address this host sends from to peer: the host
+// address of a hole for it. A UDP "connect" only looks up the route.
+func localAddrFor(peer netip.Addr, port uint16) (netip.Addr, error) {
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(peer, port)))
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("no route to peer %s: %w", peer, err)
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Unmap(), nil
+}
+
+func toAPIPinhole(s pinhole.Status) api.Pinhole {
+	return api.Pinhole{App: s.App, User: s.User, PID: s.PID, Proto: s.Proto.String(), Peer: s.Peer.String(), Host: s.Host.String(),
+		Port: s.Port, State: s.State, Reason: s.Reason, Opened: s.Opened, Expires: s.Expires, Packets: s.Packets, Bytes: s.Bytes}
+}
+
+func (d *Daemon) listPinholes(ctx context.Context) ([]api.Pinhole, error) {
+	if d.ph == nil {
+		return nil, errors.New("the pinhole agent is off: start the daemon with --gateway URL")
+	}
+	hs, err := d.ph.agent.Holes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := []api.Pinhole{}
+	for _, h := range hs {
+		out = append(out, toAPIPinhole(h))
+	}
+	return out, nil
+}
+
+func (d *Daemon) pinholeStatus(ctx context.Context) *api.PinholeAgent {
+	if d.ph == nil {
+		return nil
+	}
+	st := &api.PinholeAgent{Gateway: d.ph.url}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	st.Open, st.Pending, st.Refused, _ = d.ph.agent.Counts(ctx)
+	st.GuardDrops, _ = d.ph.kernel.Drops()
+	return st
+}
