@@ -26,6 +26,7 @@ func Cgroup(t testing.TB) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	removeStaleOnce()
 	return makeCgroup(t, filepath.Join(mount, uniqueName("procgate-test-")))
 }
 

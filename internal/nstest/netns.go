@@ -25,6 +25,7 @@ const nsDir = "/run/procgate-test"
 func NetNS(t testing.TB) string {
 	t.Helper()
 	RequireRoot(t)
+	removeStaleOnce()
 	dir := filepath.Join(nsDir, uniqueName(""))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatalf("create netns dir: %v", err)
