@@ -105,7 +105,11 @@ type named struct {
 	proto         perimeter.Proto
 	port          uint16
 	bound         bool // an auxiliary socket was seen on the port since
+	since         time.Time
 }
+
+// namedWait is how long a named peer waits for its port to be bound.
+const namedWait = time.Minute
 
 type hole struct {
 	key      perimeter.Key
@@ -534,11 +538,8 @@ func (a *Agent) close(ctx context.Context, hs []*hole) {
 func (a *Agent) tick(ctx context.Context) {
 	now := a.cfg.Now()
 	a.named = slices.DeleteFunc(a.named, func(n *named) bool {
-		if !a.cfg.Alive(n.pid) {
-			return true
-		}
 		if !n.bound {
-			return false
+			return now.Sub(n.since) > namedWait
 		}
 		for _, x := range a.auxes {
 			if x.app == n.app && x.proto == n.proto && x.port == n.port {
@@ -606,9 +607,10 @@ func (a *Agent) tick(ctx context.Context) {
 }
 
 // Open names a peer for an app's auxiliary port on behalf of process pid
-// (the local API's `pinhole-open`). The hole is open while the app has a
-// socket on the port and pid lives; it closes when that socket is
-// released. The answer is the hole's state after the gateway answered:
+// (the local API's `pinhole-open`; pid is recorded, the naming belongs to
+// the app, as the CLI that asks exits at once). The hole is open while the
+// app has a socket on the port and closes when that socket is released; a
+// port not bound within a minute forgets the peer. The answer is the hole's state after the gateway answered:
 // open, refused (with the reason), or pending (the port is not bound yet).
 func (a *Agent) Open(ctx context.Context, app uint32, pid, uid uint32, peer, host netip.Addr, proto perimeter.Proto, port uint16) (Status, error) {
 	var st Status
@@ -635,7 +637,7 @@ func (a *Agent) openNamed(ctx context.Context, app uint32, pid, uid uint32, peer
 	if !ok || !x.Inbound.IsAux(protoSet(proto), port) {
 		return Status{}, fmt.Errorf("port %d/%s is not an auxiliary port of the app", port, proto)
 	}
-	n := &named{app: app, pid: pid, uid: uid, peer: peer, host: host, proto: proto, port: port}
+	n := &named{app: app, pid: pid, uid: uid, peer: peer, host: host, proto: proto, port: port, since: a.cfg.Now()}
 	for _, s := range a.auxes {
 		if s.app == app && s.proto == proto && s.port == port {
 			n.bound = true

@@ -419,11 +419,15 @@ func TestAgentNamedPeer(t *testing.T) {
 	r.events(aux(10, 500, perimeter.UDP, 40010))
 	r.want("a named peer is for one bind")
 
-	// A requester that dies takes its named peer along.
-	r.openAndBind(600, 40011, 11)
-	r.alive[600] = false
+	// A named port that is never bound forgets its peer.
+	if _, err := r.agent.openNow(3, 600, 1000, client2, server, perimeter.UDP, 40011); err != nil {
+		t.Fatal(err)
+	}
+	r.now = r.now.Add(2 * namedWait)
 	r.agent.tick(r.ctx)
-	r.want("requester gone")
+	r.events(aux(11, 600, perimeter.UDP, 40011))
+	r.want("named peer forgotten")
+	r.openAndBind(600, 40012, 12)
 }
 
 func (r *rig) openAndBind(pid uint32, port uint16, cookie uint64) {

@@ -26,6 +26,7 @@ import (
 	"github.com/procgate/procgate/cgroups"
 	"github.com/procgate/procgate/demo"
 	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/pinholetest"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -41,6 +42,7 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	}
 	probe.MaybeServe()
+	pinholetest.Serve()
 	os.Exit(m.Run())
 }
 

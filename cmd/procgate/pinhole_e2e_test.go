@@ -1,0 +1,232 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/procgate/procgate/api"
+	"github.com/procgate/procgate/audit"
+	"github.com/procgate/procgate/daemon"
+	"github.com/procgate/procgate/internal/pinholetest"
+	"github.com/procgate/procgate/perimeter"
+)
+
+// The site's rules: srv1 (the agent) may open holes to itself on the
+// auxiliary ports; "ops" holds the hole to the control port (the gateway
+// drops every new inbound connection that no hole lets in).
+const pinholeRules = `host srv1 10.9.0.5,fd09::5
+allow srv1 * * * * self 40000-40100
+allow ops * tcp * * 10.9.0.5 2121
+deny * * * 203.0.113.66 * * *
+`
+
+const pinholePolicy = `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+apps:
+  - name: xfer
+    inbound:
+      dynamic:
+        control: [2121]
+        ports: [40000-40100]
+        lease: 3s
+`
+
+// pinholeLease is the policy's lease: a dead agent's holes close within it.
+const pinholeLease = 3 * time.Second
+
+// blocked is how long an attempt the perimeter or the host guard drops is
+// given; that it was dropped is checked by counters too.
+const blocked = 500 * time.Millisecond
+
+// until polls cond (a hang guard, not a timing assertion: the test binary's
+// -timeout bounds it).
+func until(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for i := 0; !cond(); i++ {
+		if i == 3000 {
+			t.Fatalf("%s: not after 30s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (e *e2e) pinholes() []api.Pinhole {
+	e.t.Helper()
+	out, err := e.procgate("pinholes", "--json")
+	if err != nil {
+		e.t.Fatalf("procgate pinholes: %v\n%s", err, out)
+	}
+	var hs []api.Pinhole
+	if err := json.Unmarshal([]byte(out), &hs); err != nil {
+		e.t.Fatalf("procgate pinholes --json: %v\n%s", err, out)
+	}
+	return hs
+}
+
+func hasHole(hs []api.Pinhole, state, proto, peer string, port uint16) bool {
+	return slices.ContainsFunc(hs, func(h api.Pinhole) bool {
+		return h.State == state && h.Proto == proto && h.Peer == peer && h.Port == port && h.Host == pinholetest.Server4
+	})
+}
+
+// gatewayHoles is what the gateway holds for the agent's delegate.
+func gatewayHoles(t *testing.T, c *perimeter.Client) []perimeter.Key {
+	t.Helper()
+	hs, err := c.List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ks []perimeter.Key
+	for _, h := range hs {
+		ks = append(ks, h.Key)
+	}
+	return ks
+}
+
+func holeKey(peer, proto string, port uint16) perimeter.Key {
+	p, _ := perimeter.ParseProto(proto)
+	return perimeter.Key{Peer: netip.MustParseAddr(peer), Proto: p, Host: netip.MustParseAddr(pinholetest.Server4), Port: port}
+}
+
+func mustReach(t *testing.T, ns, network, addr, want, why string) {
+	t.Helper()
+	if out, err := pinholetest.Exchange(ns, network, addr, 5*time.Second); err != nil || out != want {
+		t.Errorf("%s: %s %s answered %q, %v; want %q", why, network, addr, out, err, want)
+	}
+}
+
+func mustNotReach(t *testing.T, ns, network, addr, why string) {
+	t.Helper()
+	if out, err := pinholetest.Exchange(ns, network, addr, blocked); err == nil {
+		t.Errorf("%s: %s %s answered %q; want it dropped", why, network, addr, out)
+	}
+}
+
+// TestPinholeEndToEnd runs the whole chain: a static Go server in an app
+// with inbound: dynamic, procgate daemon with the agent on the server, the
+// gateway on the router, a client and a second external host.
+func TestPinholeEndToEnd(t *testing.T) {
+	top := pinholetest.NewTopology(t)
+	gw := pinholetest.StartGateway(t, top, pinholeRules, time.Minute)
+	ctx := context.Background()
+	// The control port's hole, held by another delegate for the test.
+	ops := gw.Client(t, "ops", top.Server)
+	if _, err := ops.Open(ctx, perimeter.Request{Target: holeKey(pinholetest.Client4, "tcp", 2121).Target(), User: "ops"}); err != nil {
+		t.Fatal(err)
+	}
+	srv1 := gw.Client(t, "srv1", top.Server)
+
+	e := newE2EIn(t, pinholePolicy, top.Server, true,
+		"--gateway", gw.URL, "--gateway-ca", gw.CA, "--gateway-cert", gw.Cert, "--gateway-key", gw.Key)
+	if st := e.status(); st.Pinholes == nil || st.Pinholes.Gateway != gw.URL {
+		t.Fatalf("status shows no pinhole agent for %s: %+v", gw.URL, st.Pinholes)
+	}
+	app := pinholetest.Start(t, filepath.Join(e.cgroup, daemon.AppsDir, "xfer"), top.Server)
+	app.Do("control 2121")
+	ctl, err := pinholetest.DialIn(top.Client, "tcp", pinholetest.Server4+":2121", 5*time.Second)
+	if err != nil {
+		t.Fatalf("control connection: %v", err)
+	}
+	defer ctl.Close()
+
+	aux := pinholetest.Server4 + ":40000"
+	udpAux := pinholetest.Server4 + ":40001"
+	app.Do("listen 40000")
+	until(t, "tcp hole for the client", func() bool { return hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40000) })
+	if got, want := gatewayHoles(t, srv1), []perimeter.Key{holeKey(pinholetest.Client4, "tcp", 40000)}; !slices.Equal(got, want) {
+		t.Errorf("gateway holds %v, want %v: the client's hole only", got, want)
+	}
+	mustReach(t, top.Client, "tcp", aux, "data\n", "the client through its hole")
+	mustNotReach(t, top.Other, "tcp", aux, "the second external host at the gateway")
+
+	// The host guard: the router reaches the server without crossing its
+	// own forward chain; the control port answers it, the aux port not.
+	drops := e.status().Pinholes.GuardDrops
+	mustReach(t, top.Router, "tcp", pinholetest.Server4+":2121", "hello\n", "the router on the control port")
+	mustNotReach(t, top.Router, "tcp", aux, "the router at the host guard")
+	if now := e.status().Pinholes.GuardDrops; now <= drops {
+		t.Errorf("host guard drops %d -> %d: the router's attempt was not dropped by the guard", drops, now)
+	}
+
+	app.Do("bind 40001")
+	until(t, "udp hole for the client", func() bool { return hasHole(e.pinholes(), "open", "udp", pinholetest.Client4, 40001) })
+	mustReach(t, top.Client, "udp", udpAux, "ping\n", "udp through the hole")
+	mustNotReach(t, top.Other, "udp", udpAux, "udp from the second external host")
+
+	// A peer named through the API, from inside the app.
+	out, err := e.procgate("run", "--app", "xfer", "--", e.bin, "--socket", e.socket,
+		"pinhole", "open", "--peer", pinholetest.Other4, "--port", "40001", "--proto", "udp")
+	if err != nil || !strings.HasPrefix(out, "open udp "+pinholetest.Other4+" -> "+pinholetest.Server4+":40001") {
+		t.Fatalf("pinhole open: %v\n%s", err, out)
+	}
+	mustReach(t, top.Other, "udp", udpAux, "ping\n", "the named peer")
+	out, err = e.procgate("run", "--app", "xfer", "--", e.bin, "--socket", e.socket,
+		"pinhole", "open", "--peer", "203.0.113.66", "--port", "40001", "--proto", "udp")
+	if err == nil || !strings.Contains(out, "refused") || !strings.Contains(out, "site.rules:4") {
+		t.Errorf("a peer the rules deny: %v\n%s", err, out)
+	}
+	for _, bad := range [][]string{
+		{"--peer", "0.0.0.0", "--port", "40001"},
+		{"--peer", "198.51.100.0/24", "--port", "40001"},
+		{"--peer", pinholetest.Other4, "--port", "2121"},
+	} {
+		args := append([]string{"run", "--app", "xfer", "--", e.bin, "--socket", e.socket, "pinhole", "open"}, bad...)
+		if out, err := e.procgate(args...); err == nil {
+			t.Errorf("pinhole open %v was accepted:\n%s", bad, out)
+		}
+	}
+	if out, err := e.procgate("pinhole", "open", "--peer", pinholetest.Other4, "--port", "40001"); err == nil {
+		t.Errorf("pinhole open from outside any app was accepted:\n%s", out)
+	}
+	if out, err := e.procgate("pinholes"); err != nil || !strings.Contains(out, "xfer") || !strings.Contains(out, pinholetest.Other4) {
+		t.Errorf("procgate pinholes: %v\n%s", err, out)
+	}
+
+	// Closing the aux socket closes its hole, at the gateway and on the host.
+	app.Do("close 40000")
+	until(t, "tcp hole closed", func() bool {
+		return !slices.Contains(gatewayHoles(t, srv1), holeKey(pinholetest.Client4, "tcp", 40000))
+	})
+	app.Do("listen 40000") // listening again, but the client's hole is asked anew
+	until(t, "tcp hole again", func() bool { return hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40000) })
+	app.Do("close 40000")
+	until(t, "tcp hole closed again", func() bool { return !hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40000) })
+	mustNotReach(t, top.Client, "tcp", aux, "after the close")
+
+	events, err := e.procgate("events", "--json", "--last", "0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []string
+	for _, line := range strings.Split(strings.TrimSpace(events), "\n") {
+		var r audit.Record
+		if json.Unmarshal([]byte(line), &r) == nil && r.Kind == audit.KindPinhole {
+			kinds = append(kinds, r.Verdict+" "+r.Pinhole.Proto+" "+r.Pinhole.Peer)
+		}
+	}
+	for _, want := range []string{"open tcp " + pinholetest.Client4, "close tcp " + pinholetest.Client4, "open udp " + pinholetest.Other4, "refuse udp 203.0.113.66"} {
+		if !slices.Contains(kinds, want) {
+			t.Errorf("audit log lacks %q; pinhole records: %q", want, kinds)
+		}
+	}
+
+	// The agent killed: its holes stay until their lease ends, then close.
+	e.stopDaemon(syscall.SIGKILL)
+	if got := gatewayHoles(t, srv1); len(got) == 0 {
+		t.Errorf("holes closed at once when the agent died; want them to last their lease")
+	}
+	killed := time.Now()
+	until(t, "holes of a dead agent expire", func() bool { return len(gatewayHoles(t, srv1)) == 0 })
+	if held := time.Since(killed); held > 4*pinholeLease {
+		t.Logf("holes outlived the agent by %s (lease %s)", held, pinholeLease)
+	}
+	mustNotReach(t, top.Client, "udp", udpAux, "after the lease")
+}

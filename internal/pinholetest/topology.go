@@ -1,0 +1,226 @@
+package pinholetest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/perimeter"
+	"github.com/procgate/procgate/pki"
+)
+
+// The topology: two external hosts and a protected server, each on its own
+// link to the router, which runs the gateway (API on RouterAPI:8443).
+//
+//	client 198.51.100.10 2001:db8:c::10 ─┐
+//	other  203.0.113.10  2001:db8:e::10 ─┼─ router (.1 / ::1 on each link) ── server 10.9.0.5 fd09::5
+const (
+	Client4, Client6 = "198.51.100.10", "2001:db8:c::10"
+	Other4, Other6   = "203.0.113.10", "2001:db8:e::10"
+	Server4, Server6 = "10.9.0.5", "fd09::5"
+	RouterAPI        = "10.9.0.1"
+)
+
+// Protect are the protected ranges of the topology's gateway.
+var Protect = []netip.Prefix{netip.MustParsePrefix("10.9.0.0/24"), netip.MustParsePrefix("fd09::/64")}
+
+// Topology is four network namespaces (their files' paths).
+type Topology struct {
+	Client, Other, Router, Server string
+}
+
+func nsHandle(t testing.TB, ns string) *netlink.Handle {
+	t.Helper()
+	h, err := netns.GetFromPath(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	nh, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nh
+}
+
+// link joins ns to the router with a veth, one IPv4 and one IPv6 address
+// on each end (no duplicate address detection), and a default route via the
+// router.
+func link(t testing.TB, ns, router, name string, host, gw [2]string) {
+	t.Helper()
+	nstest.Veth(t, ns, "eth0", router, name)
+	for _, side := range []struct {
+		ns, dev string
+		addrs   [2]string
+	}{{ns, "eth0", host}, {router, name, gw}} {
+		h := nsHandle(t, side.ns)
+		l, err := h.LinkByName(side.dev)
+		for i, s := range side.addrs {
+			bits := []string{"/24", "/64"}[i]
+			var a *netlink.Addr
+			if err == nil {
+				a, err = netlink.ParseAddr(s + bits)
+			}
+			if err == nil {
+				a.Flags = unix.IFA_F_NODAD
+				err = h.AddrAdd(l, a)
+			}
+		}
+		h.Close()
+		if err != nil {
+			t.Fatalf("addresses %v on %s: %v", side.addrs, side.dev, err)
+		}
+	}
+	h := nsHandle(t, ns)
+	defer h.Close()
+	for _, g := range gw {
+		if err := h.RouteAdd(&netlink.Route{Gw: net.ParseIP(g)}); err != nil {
+			t.Fatalf("default route via %s: %v", g, err)
+		}
+	}
+}
+
+// NewTopology makes the four namespaces, removed when the test ends.
+func NewTopology(t testing.TB) Topology {
+	t.Helper()
+	nstest.RequireRoot(t)
+	top := Topology{Client: nstest.NetNS(t), Other: nstest.NetNS(t), Router: nstest.NetNS(t), Server: nstest.NetNS(t)}
+	link(t, top.Client, top.Router, "r-client", [2]string{Client4, Client6}, [2]string{"198.51.100.1", "2001:db8:c::1"})
+	link(t, top.Other, top.Router, "r-other", [2]string{Other4, Other6}, [2]string{"203.0.113.1", "2001:db8:e::1"})
+	link(t, top.Server, top.Router, "r-server", [2]string{Server4, Server6}, [2]string{RouterAPI, "fd09::1"})
+	err := nstest.InNS(t, top.Router, func() error {
+		return errors.Join(
+			os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0),
+			os.WriteFile("/proc/sys/net/ipv6/conf/all/forwarding", []byte("1"), 0))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return top
+}
+
+// Gateway is a perimeter gateway running in the router namespace, and the
+// files an agent on the server needs.
+type Gateway struct {
+	*perimeter.Gateway
+	// URL is the API's address as the server reaches it.
+	URL string
+	// CA, Cert, Key are PEM files: the CA, and the certificate and key of
+	// the delegate "srv1" (the agent on the server).
+	CA, Cert, Key string
+	ca            *pki.CA
+	log           *SyncBuffer
+}
+
+// SyncBuffer is a log sink goroutines may write at once.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// StartGateway runs a gateway with rules in the router namespace of top,
+// its API on RouterAPI:8443, holes leased for at most lease. It is closed
+// when the test ends; its log is printed if the test failed.
+func StartGateway(t testing.TB, top Topology, rules string, lease time.Duration) *Gateway {
+	t.Helper()
+	dir := t.TempDir()
+	ca, err := pki.NewCA("pinhole test CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rulesPath := filepath.Join(dir, "site.rules")
+	if err := os.WriteFile(rulesPath, []byte(rules), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	g := &Gateway{ca: ca, log: &SyncBuffer{}, URL: "https://" + RouterAPI + ":8443",
+		CA: filepath.Join(dir, "ca.crt"), Cert: filepath.Join(dir, "srv1.crt"), Key: filepath.Join(dir, "srv1.key")}
+	issued, err := ca.Issue(pki.IssueRequest{Name: "srv1", Usage: pki.Client, Validity: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for path, data := range map[string][]byte{g.CA: ca.CertPEM(), g.Cert: issued.CertPEM, g.Key: issued.KeyPEM} {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	server, err := ca.Issue(pki.IssueRequest{Name: "gateway", Usage: pki.Server, Hosts: []string{RouterAPI}, Validity: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := server.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := perimeter.GatewayConfig{
+		RulesPath: rulesPath, NetNS: top.Router, Lease: lease, Protect: Protect,
+		TLS: pki.ServerTLS(pair, ca.Pool()),
+		Log: slog.New(slog.NewJSONHandler(g.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+	err = nstest.InNS(t, top.Router, func() (err error) {
+		cfg.Listener, err = net.Listen("tcp", net.JoinHostPort(RouterAPI, "8443"))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.Gateway, err = perimeter.StartGateway(cfg); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := g.Gateway.Close(); err != nil {
+			t.Errorf("close gateway: %v", err)
+		}
+		if t.Failed() {
+			t.Logf("gateway log:\n%s", g.log)
+		}
+	})
+	return g
+}
+
+// Client is an API client of the gateway for the delegate name, dialing
+// from the namespace ns (the server's, for an agent).
+func (g *Gateway) Client(t testing.TB, name, ns string) *perimeter.Client {
+	t.Helper()
+	issued, err := g.ca.Issue(pki.IssueRequest{Name: name, Usage: pki.Client, Validity: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := issued.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := perimeter.NewClient(g.URL, pki.ClientTLS(pair, g.ca.Pool()))
+	c.HTTP.Transport.(*http.Transport).DialContext = func(_ context.Context, network, addr string) (net.Conn, error) {
+		return DialIn(ns, network, addr, 10*time.Second)
+	}
+	return c
+}
+
+// Log is what the gateway logged so far.
+func (g *Gateway) Log() string { return g.log.String() }
