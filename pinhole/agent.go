@@ -72,6 +72,12 @@ type Config struct {
 	UserName func(uid uint32) string
 	// Alive reports whether a process still exists; default: /proc/PID.
 	Alive func(pid uint32) bool
+	// Holds lists the TCP connections (local, remote) whose sockets the
+	// process tgid holds open: for a server that forks a process per
+	// session (vsftpd), it finds the session's control connection, which
+	// the parent accepted. Default: /proc (procHolds); nil results fall
+	// back to the app's peers.
+	Holds func(tgid uint32) [][2]netip.AddrPort
 	// Tick is how often leases, dead requesters and retries are looked at
 	// (default 1s).
 	Tick time.Duration
@@ -87,9 +93,10 @@ const (
 )
 
 type control struct {
-	app        uint32
-	tgid       uint32
-	peer, host netip.Addr
+	app           uint32
+	tgid          uint32
+	peer, host    netip.Addr
+	local, remote netip.AddrPort
 }
 
 type auxSock struct {
@@ -175,6 +182,9 @@ func New(cfg Config) *Agent {
 	}
 	if cfg.Tick == 0 {
 		cfg.Tick = time.Second
+	}
+	if cfg.Holds == nil {
+		cfg.Holds = procHolds
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -280,7 +290,9 @@ func (a *Agent) handle(e Event) {
 	a.log.Debug("pinhole event", "event", e.String())
 	switch e.Kind {
 	case ControlOpen:
-		a.controls[e.Cookie] = control{app: e.AppID, tgid: e.TGID, peer: e.Remote.Addr().Unmap(), host: e.Local.Addr().Unmap()}
+		local := netip.AddrPortFrom(e.Local.Addr().Unmap(), e.Local.Port())
+		remote := netip.AddrPortFrom(e.Remote.Addr().Unmap(), e.Remote.Port())
+		a.controls[e.Cookie] = control{app: e.AppID, tgid: e.TGID, peer: remote.Addr(), host: local.Addr(), local: local, remote: remote}
 		a.withControl[e.TGID] = true
 	case ControlClose:
 		delete(a.controls, e.Cookie)
@@ -334,11 +346,7 @@ func (a *Agent) desired() map[perimeter.Key]want {
 			}
 		}
 		if !a.withControl[x.tgid] {
-			for _, c := range a.controls {
-				if c.app == x.app {
-					peers = append(peers, c)
-				}
-			}
+			peers = a.sessionPeers(x)
 		}
 		for _, c := range peers {
 			add(c.peer, c.host, x.proto, x.port, app, x.uid, x.tgid)
@@ -357,6 +365,33 @@ func (a *Agent) desired() map[perimeter.Key]want {
 		}
 	}
 	return out
+}
+
+// sessionPeers are the control connections of x's app that x's process
+// holds open (a forked session), else all of the app's.
+func (a *Agent) sessionPeers(x auxSock) []control {
+	held := map[[2]netip.AddrPort]bool{}
+	for _, t := range a.cfg.Holds(x.tgid) {
+		held[[2]netip.AddrPort{unmapPort(t[0]), unmapPort(t[1])}] = true
+	}
+	var mine, all []control
+	for _, c := range a.controls {
+		if c.app != x.app {
+			continue
+		}
+		all = append(all, c)
+		if held[[2]netip.AddrPort{c.local, c.remote}] {
+			mine = append(mine, c)
+		}
+	}
+	if len(mine) > 0 {
+		return mine
+	}
+	return all
+}
+
+func unmapPort(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
 func mapsKeys[K comparable, V any](m map[K]V) func(func(K) bool) {

@@ -205,6 +205,7 @@ type rig struct {
 	notes   []Notice
 	now     time.Time
 	alive   map[uint32]bool
+	holds   map[uint32][][2]netip.AddrPort
 	ctx     context.Context
 	dynamic App
 }
@@ -217,7 +218,7 @@ var (
 )
 
 func newRig(t *testing.T) *rig {
-	r := &rig{t: t, now: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC), alive: map[uint32]bool{}, ctx: context.Background()}
+	r := &rig{t: t, now: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC), alive: map[uint32]bool{}, holds: map[uint32][][2]netip.AddrPort{}, ctx: context.Background()}
 	r.gw = newFakeGateway(func() time.Time { return r.now })
 	r.guard = &fakeGuard{allowed: map[perimeter.Key]bool{}}
 	r.agent = New(Config{
@@ -225,6 +226,7 @@ func newRig(t *testing.T) *rig {
 		Notify:   func(n Notice) { r.notes = append(r.notes, n) },
 		UserName: func(uid uint32) string { return "u" + itoa(uid) },
 		Alive:    func(pid uint32) bool { return r.alive[pid] },
+		Holds:    func(tgid uint32) [][2]netip.AddrPort { return r.holds[tgid] },
 		Now:      func() time.Time { return r.now },
 	})
 	r.dynamic = App{Name: "ftp", ID: 3, Inbound: &ruleset.Inbound{
@@ -329,6 +331,23 @@ func TestAgentHolesFollowSockets(t *testing.T) {
 	if n := r.notes[0]; n.App != "ftp" || n.User != "u1000" || n.PID != 100 || n.Rule != "site.rules:2" {
 		t.Errorf("first notice %+v", n)
 	}
+}
+
+// A server that forks a session per connection: the parent accepted both
+// control connections, each session's process holds its own and listens on
+// its own aux port, which is for that session's peer only.
+func TestAgentForkedSessions(t *testing.T) {
+	r := newRig(t)
+	c1, c2 := ctl(1, 10, client), ctl(2, 10, client2)
+	c2.Remote = netip.AddrPortFrom(client2, 50001)
+	r.holds[101] = [][2]netip.AddrPort{{c1.Local, c1.Remote}}
+	r.holds[102] = [][2]netip.AddrPort{{netip.AddrPortFrom(netip.MustParseAddr("::ffff:10.9.0.5"), 21), netip.AddrPortFrom(netip.MustParseAddr("::ffff:198.51.100.11"), 50001)}}
+	r.events(c1, c2, aux(3, 101, perimeter.TCP, 40000), aux(4, 102, perimeter.TCP, 40001))
+	r.want("each session its own peer", key(client, perimeter.TCP, 40000), key(client2, perimeter.TCP, 40001))
+	// A process holding none of them: the app's peers.
+	r.events(aux(5, 103, perimeter.TCP, 40002))
+	r.want("unknown holder", key(client, perimeter.TCP, 40000), key(client2, perimeter.TCP, 40001),
+		key(client, perimeter.TCP, 40002), key(client2, perimeter.TCP, 40002))
 }
 
 func TestAgentNeverOpensForAny(t *testing.T) {

@@ -10,7 +10,10 @@ import (
 )
 
 // DialIn dials from a thread in the network namespace at ns (the socket
-// stays there). The thread is never handed back to the Go scheduler.
+// stays there). The thread goes back to its namespace afterwards; if it
+// cannot, it stays locked and ends with its goroutine. (A thread left in
+// another namespace could be the main thread, whose namespace is what
+// /proc/PID/net shows.)
 func DialIn(ns, network, addr string, timeout time.Duration) (net.Conn, error) {
 	type result struct {
 		c   net.Conn
@@ -19,6 +22,12 @@ func DialIn(ns, network, addr string, timeout time.Duration) (net.Conn, error) {
 	done := make(chan result, 1)
 	go func() {
 		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			done <- result{nil, err}
+			return
+		}
+		defer orig.Close()
 		h, err := netns.GetFromPath(ns)
 		if err == nil {
 			err = netns.Set(h)
@@ -29,6 +38,9 @@ func DialIn(ns, network, addr string, timeout time.Duration) (net.Conn, error) {
 			return
 		}
 		c, err := net.DialTimeout(network, addr, timeout)
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
 		done <- result{c, err}
 	}()
 	r := <-done
