@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -29,20 +30,37 @@ func TestParseProcNet(t *testing.T) {
 	}
 }
 
-func TestProcHoldsSelf(t *testing.T) {
+// TestProcHolds looks at another process, as the agent does: this test
+// binary's main thread may have been left in another network namespace by
+// a namespace helper, and /proc/PID/net shows the main thread's.
+func TestProcHolds(t *testing.T) {
+	if _, err := exec.LookPath("bash"); err != nil {
+		t.Skip("bash (for its /dev/tcp) is not installed")
+	}
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	c, err := net.Dial("tcp4", ln.Addr().String())
+	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	holder := exec.Command("bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/"+port+"; read -r _ <&3")
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c, err := ln.Accept()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	want := [2]netip.AddrPort{c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()}
-	if got := procHolds(uint32(os.Getpid())); !slices.Contains(got, want) {
-		b, _ := os.ReadFile("/proc/" + strconv.Itoa(os.Getpid()) + "/net/tcp")
-		t.Errorf("procHolds(self) = %v, lacks %v\n%s", got, want, b)
+	defer func() {
+		c.Close() // ends the holder's read
+		holder.Wait()
+	}()
+	want := [2]netip.AddrPort{c.RemoteAddr().(*net.TCPAddr).AddrPort(), c.LocalAddr().(*net.TCPAddr).AddrPort()}
+	if got := procHolds(uint32(holder.Process.Pid)); !slices.Contains(got, want) {
+		b, _ := os.ReadFile("/proc/" + strconv.Itoa(holder.Process.Pid) + "/net/tcp")
+		t.Errorf("procHolds(holder) = %v, lacks %v\n%s", got, want, b)
+	}
+	if got := procHolds(uint32(os.Getpid())); slices.Contains(got, want) {
+		t.Errorf("procHolds(self) = %v holds the holder's socket", got)
 	}
 }

@@ -23,7 +23,7 @@ import (
 // drops every new inbound connection that no hole lets in).
 const pinholeRules = `host srv1 10.9.0.5,fd09::5
 allow srv1 * * * * self 40000-40100
-allow ops * tcp * * 10.9.0.5 2121
+allow ops * tcp * * 10.9.0.5,fd09::5 2121
 deny * * * 203.0.113.66 * * *
 `
 
@@ -72,8 +72,12 @@ func (e *e2e) pinholes() []api.Pinhole {
 }
 
 func hasHole(hs []api.Pinhole, state, proto, peer string, port uint16) bool {
+	host := pinholetest.Server4
+	if strings.Contains(peer, ":") {
+		host = pinholetest.Server6
+	}
 	return slices.ContainsFunc(hs, func(h api.Pinhole) bool {
-		return h.State == state && h.Proto == proto && h.Peer == peer && h.Port == port && h.Host == pinholetest.Server4
+		return h.State == state && h.Proto == proto && h.Peer == peer && h.Port == port && h.Host == host
 	})
 }
 
@@ -93,7 +97,11 @@ func gatewayHoles(t *testing.T, c *perimeter.Client) []perimeter.Key {
 
 func holeKey(peer, proto string, port uint16) perimeter.Key {
 	p, _ := perimeter.ParseProto(proto)
-	return perimeter.Key{Peer: netip.MustParseAddr(peer), Proto: p, Host: netip.MustParseAddr(pinholetest.Server4), Port: port}
+	host := pinholetest.Server4
+	if strings.Contains(peer, ":") {
+		host = pinholetest.Server6
+	}
+	return perimeter.Key{Peer: netip.MustParseAddr(peer), Proto: p, Host: netip.MustParseAddr(host), Port: port}
 }
 
 func mustReach(t *testing.T, ns, network, addr, want, why string) {
@@ -119,8 +127,10 @@ func TestPinholeEndToEnd(t *testing.T) {
 	ctx := context.Background()
 	// The control port's hole, held by another delegate for the test.
 	ops := gw.Client(t, "ops", top.Server)
-	if _, err := ops.Open(ctx, perimeter.Request{Target: holeKey(pinholetest.Client4, "tcp", 2121).Target(), User: "ops"}); err != nil {
-		t.Fatal(err)
+	for _, peer := range []string{pinholetest.Client4, pinholetest.Client6} {
+		if _, err := ops.Open(ctx, perimeter.Request{Target: holeKey(peer, "tcp", 2121).Target(), User: "ops"}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	srv1 := gw.Client(t, "srv1", top.Server)
 
@@ -160,6 +170,26 @@ func TestPinholeEndToEnd(t *testing.T) {
 	until(t, "udp hole for the client", func() bool { return hasHole(e.pinholes(), "open", "udp", pinholetest.Client4, 40001) })
 	mustReach(t, top.Client, "udp", udpAux, "ping\n", "udp through the hole")
 	mustNotReach(t, top.Other, "udp", udpAux, "udp from the second external host")
+
+	// IPv6: a control connection over IPv6 gets holes to the server's IPv6
+	// address; the IPv4 client's to its IPv4 address.
+	ctl6, err := pinholetest.DialIn(top.Client, "tcp", "["+pinholetest.Server6+"]:2121", 5*time.Second)
+	if err != nil {
+		t.Fatalf("IPv6 control connection: %v", err)
+	}
+	app.Do("listen 40002")
+	until(t, "holes for both families", func() bool {
+		hs := e.pinholes()
+		return hasHole(hs, "open", "tcp", pinholetest.Client6, 40002) && hasHole(hs, "open", "tcp", pinholetest.Client4, 40002)
+	})
+	aux6 := "[" + pinholetest.Server6 + "]:40002"
+	mustReach(t, top.Client, "tcp", aux6, "data\n", "IPv6 through the hole")
+	mustNotReach(t, top.Other, "tcp", aux6, "IPv6 from the second external host")
+	ctl6.Close()
+	until(t, "IPv6 hole closed with its control connection", func() bool {
+		return !hasHole(e.pinholes(), "open", "tcp", pinholetest.Client6, 40002)
+	})
+	app.Do("close 40002")
 
 	// A peer named through the API, from inside the app.
 	out, err := e.procgate("run", "--app", "xfer", "--", e.bin, "--socket", e.socket,

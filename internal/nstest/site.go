@@ -93,9 +93,11 @@ func siteLink(t testing.TB, ns, router, name string, host, gw [2]string) {
 }
 
 // DialIn dials from a thread in the namespace ns; the socket stays there.
-// The thread is never returned to the Go scheduler (as in InNS). It needs
-// no testing.TB, so that clients (HTTP transports, FTP clients) can use it
-// from any goroutine.
+// The thread goes back to its namespace afterwards, or, if it cannot, is
+// never returned to the Go scheduler (as in InNS): a thread left in another
+// namespace may be the main thread, whose namespace is the one
+// /proc/PID/net shows. It needs no testing.TB, so that clients (HTTP
+// transports, FTP clients) can use it from any goroutine.
 func DialIn(ns, network, addr string, timeout time.Duration) (net.Conn, error) {
 	type result struct {
 		c   net.Conn
@@ -104,6 +106,12 @@ func DialIn(ns, network, addr string, timeout time.Duration) (net.Conn, error) {
 	done := make(chan result, 1)
 	go func() {
 		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			done <- result{nil, err}
+			return
+		}
+		defer orig.Close()
 		h, err := netns.GetFromPath(ns)
 		if err == nil {
 			err = netns.Set(h)
@@ -114,6 +122,9 @@ func DialIn(ns, network, addr string, timeout time.Duration) (net.Conn, error) {
 			return
 		}
 		c, err := net.DialTimeout(network, addr, timeout)
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
 		done <- result{c, err}
 	}()
 	r := <-done

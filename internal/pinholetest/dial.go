@@ -3,48 +3,14 @@ package pinholetest
 import (
 	"io"
 	"net"
-	"runtime"
 	"time"
 
-	"github.com/vishvananda/netns"
+	"github.com/procgate/procgate/internal/nstest"
 )
 
-// DialIn dials from a thread in the network namespace at ns (the socket
-// stays there). The thread goes back to its namespace afterwards; if it
-// cannot, it stays locked and ends with its goroutine. (A thread left in
-// another namespace could be the main thread, whose namespace is what
-// /proc/PID/net shows.)
+// DialIn is nstest.DialIn.
 func DialIn(ns, network, addr string, timeout time.Duration) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			done <- result{nil, err}
-			return
-		}
-		defer orig.Close()
-		h, err := netns.GetFromPath(ns)
-		if err == nil {
-			err = netns.Set(h)
-			h.Close()
-		}
-		if err != nil {
-			done <- result{nil, err}
-			return
-		}
-		c, err := net.DialTimeout(network, addr, timeout)
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread()
-		}
-		done <- result{c, err}
-	}()
-	r := <-done
-	return r.c, r.err
+	return nstest.DialIn(ns, network, addr, timeout)
 }
 
 // Exchange connects from ns to addr and returns the first line the server

@@ -3,7 +3,6 @@ package pinholetest
 import (
 	"bytes"
 	"context"
-	"errors"
 	"log/slog"
 	"net"
 	"net/http"
@@ -14,104 +13,32 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
-
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/perimeter"
 	"github.com/procgate/procgate/pki"
 )
 
-// The topology: two external hosts and a protected server, each on its own
-// link to the router, which runs the gateway (API on RouterAPI:8443).
+// The topology is nstest.Site: two external hosts and a protected server,
+// each on its own link to the router, which runs the gateway (API on
+// RouterAPI:8443).
 //
 //	client 198.51.100.10 2001:db8:c::10 ─┐
 //	other  203.0.113.10  2001:db8:e::10 ─┼─ router (.1 / ::1 on each link) ── server 10.9.0.5 fd09::5
 const (
-	Client4, Client6 = "198.51.100.10", "2001:db8:c::10"
-	Other4, Other6   = "203.0.113.10", "2001:db8:e::10"
-	Server4, Server6 = "10.9.0.5", "fd09::5"
-	RouterAPI        = "10.9.0.1"
+	Client4, Client6 = nstest.Client4, nstest.Client6
+	Other4, Other6   = nstest.Other4, nstest.Other6
+	Server4, Server6 = nstest.Server4, nstest.Server6
+	RouterAPI        = nstest.RouterToServer4
 )
 
 // Protect are the protected ranges of the topology's gateway.
-var Protect = []netip.Prefix{netip.MustParsePrefix("10.9.0.0/24"), netip.MustParsePrefix("fd09::/64")}
+var Protect = []netip.Prefix{netip.MustParsePrefix(nstest.ServerPrefix4), netip.MustParsePrefix(nstest.ServerPrefix6)}
 
 // Topology is four network namespaces (their files' paths).
-type Topology struct {
-	Client, Other, Router, Server string
-}
-
-func nsHandle(t testing.TB, ns string) *netlink.Handle {
-	t.Helper()
-	h, err := netns.GetFromPath(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return nh
-}
-
-// link joins ns to the router with a veth, one IPv4 and one IPv6 address
-// on each end (no duplicate address detection), and a default route via the
-// router.
-func link(t testing.TB, ns, router, name string, host, gw [2]string) {
-	t.Helper()
-	nstest.Veth(t, ns, "eth0", router, name)
-	for _, side := range []struct {
-		ns, dev string
-		addrs   [2]string
-	}{{ns, "eth0", host}, {router, name, gw}} {
-		h := nsHandle(t, side.ns)
-		l, err := h.LinkByName(side.dev)
-		for i, s := range side.addrs {
-			bits := []string{"/24", "/64"}[i]
-			var a *netlink.Addr
-			if err == nil {
-				a, err = netlink.ParseAddr(s + bits)
-			}
-			if err == nil {
-				a.Flags = unix.IFA_F_NODAD
-				err = h.AddrAdd(l, a)
-			}
-		}
-		h.Close()
-		if err != nil {
-			t.Fatalf("addresses %v on %s: %v", side.addrs, side.dev, err)
-		}
-	}
-	h := nsHandle(t, ns)
-	defer h.Close()
-	for _, g := range gw {
-		if err := h.RouteAdd(&netlink.Route{Gw: net.ParseIP(g)}); err != nil {
-			t.Fatalf("default route via %s: %v", g, err)
-		}
-	}
-}
+type Topology = nstest.Site
 
 // NewTopology makes the four namespaces, removed when the test ends.
-func NewTopology(t testing.TB) Topology {
-	t.Helper()
-	nstest.RequireRoot(t)
-	top := Topology{Client: nstest.NetNS(t), Other: nstest.NetNS(t), Router: nstest.NetNS(t), Server: nstest.NetNS(t)}
-	link(t, top.Client, top.Router, "r-client", [2]string{Client4, Client6}, [2]string{"198.51.100.1", "2001:db8:c::1"})
-	link(t, top.Other, top.Router, "r-other", [2]string{Other4, Other6}, [2]string{"203.0.113.1", "2001:db8:e::1"})
-	link(t, top.Server, top.Router, "r-server", [2]string{Server4, Server6}, [2]string{RouterAPI, "fd09::1"})
-	err := nstest.InNS(t, top.Router, func() error {
-		return errors.Join(
-			os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0),
-			os.WriteFile("/proc/sys/net/ipv6/conf/all/forwarding", []byte("1"), 0))
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return top
-}
+func NewTopology(t testing.TB) Topology { return nstest.NewSite(t) }
 
 // Gateway is a perimeter gateway running in the router namespace, and the
 // files an agent on the server needs.
