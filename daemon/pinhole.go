@@ -50,9 +50,13 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 		return fmt.Errorf("reset host guard: %w", err)
 	}
 	ph := &pinholes{url: d.cfg.GatewayURL, kernel: k}
+	d.mu.Lock()
+	_, apps := pinholeApps(d.lastBindings)
+	d.mu.Unlock()
 	ph.agent = pinhole.New(pinhole.Config{
+		Apps:    apps,
 		Gateway: perimeter.NewClient(d.cfg.GatewayURL, tlsConf), Guard: k, Source: k, Log: d.log,
-		Notify: d.notePinhole,
+		Notify: d.notePinhole, Initial: k.Snapshot,
 	})
 	d.mu.Lock()
 	d.ph = ph
@@ -88,12 +92,7 @@ func (d *Daemon) setPinholeApps(bs []dynamicBinding) error {
 	if ph == nil {
 		return nil
 	}
-	var kb []pinhole.Binding
-	var apps []pinhole.App
-	for _, b := range bs {
-		kb = append(kb, pinhole.Binding{AppID: b.id, CgroupID: b.cgroupID, Inbound: b.app.Inbound})
-		apps = append(apps, pinhole.App{Name: b.app.Name, ID: b.id, Inbound: b.app.Inbound})
-	}
+	kb, apps := pinholeApps(bs)
 	if err := ph.kernel.SetApps(kb); err != nil {
 		return err
 	}
@@ -115,6 +114,14 @@ func (d *Daemon) setPinholeApps(bs []dynamicBinding) error {
 		}
 	}()
 	return nil
+}
+
+func pinholeApps(bs []dynamicBinding) (kb []pinhole.Binding, apps []pinhole.App) {
+	for _, b := range bs {
+		kb = append(kb, pinhole.Binding{AppID: b.id, CgroupID: b.cgroupID, Inbound: b.app.Inbound})
+		apps = append(apps, pinhole.App{Name: b.app.Name, ID: b.id, Inbound: b.app.Inbound})
+	}
+	return kb, apps
 }
 
 // notePinhole writes the agent's opens, closes and refusals to the audit log.

@@ -78,6 +78,11 @@ type Config struct {
 	// the parent accepted. Default: /proc (procHolds); nil results fall
 	// back to the app's peers.
 	Holds func(tgid uint32) [][2]netip.AddrPort
+	// Apps are the dynamic apps at the start (later: SetApps).
+	Apps []App
+	// Initial lists the sockets that exist when Run starts (Kernel.Snapshot),
+	// so that a restarted agent keeps their holes; nil: none.
+	Initial func() ([]Event, error)
 	// Tick is how often leases, dead requesters and retries are looked at
 	// (default 1s).
 	Tick time.Duration
@@ -189,12 +194,16 @@ func New(cfg Config) *Agent {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Agent{
+	a := &Agent{
 		cfg: cfg, log: cfg.Log,
 		apps: map[uint32]App{}, controls: map[uint64]control{}, auxes: map[uint64]auxSock{}, withControl: map[uint32]bool{},
 		holes:  map[perimeter.Key]*hole{},
 		events: make(chan Event, 4096), calls: make(chan func(context.Context)),
 	}
+	for _, app := range cfg.Apps {
+		a.apps[app.ID] = app
+	}
+	return a
 }
 
 func userName(uid uint32) string {
@@ -204,11 +213,24 @@ func userName(uid uint32) string {
 	return "uid-" + strconv.FormatUint(uint64(uid), 10)
 }
 
-// Run syncs the gateway to no holes (a starting agent holds none: what an
-// earlier run left open closes now, not at the end of its lease), then
-// follows events until ctx ends. The holes stay open at the gateway until
-// their leases end, so a restarted daemon does not cut transfers short.
+// Run takes the sockets that exist now (Config.Initial), syncs the gateway
+// to the holes they need (what an earlier run left open and nothing needs
+// closes now, not at the end of its lease), then follows events until ctx
+// ends. The holes stay open at the gateway until their leases end, so a
+// restarted daemon does not cut transfers short.
 func (a *Agent) Run(ctx context.Context) error {
+	if a.cfg.Initial != nil {
+		es, err := a.cfg.Initial()
+		if err != nil {
+			a.log.Warn("cannot list the sockets that exist; their holes close until they are bound again", "err", err)
+		}
+		for _, e := range es {
+			a.handle(e)
+		}
+		if len(es) > 0 {
+			a.log.Info("pinhole agent adopted existing sockets", "sockets", len(es))
+		}
+	}
 	go func() {
 		for {
 			e, err := a.cfg.Source.Read()

@@ -467,6 +467,10 @@ func TestAgentRun(t *testing.T) {
 	r.gw.holes[stale] = perimeter.Hole{Key: stale}
 	src := make(fakeSource)
 	r.agent.cfg.Source = src
+	// A socket bound before the (re)start keeps its hole.
+	r.agent.cfg.Initial = func() ([]Event, error) {
+		return []Event{ctl(7, 700, client2), aux(8, 700, perimeter.UDP, 40050)}, nil
+	}
 	r.agent.cfg.Notify = nil
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -481,7 +485,7 @@ func TestAgentRun(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(hs) == 1 && hs[0].State == stateOpen {
+		if len(hs) == 2 && hs[0].State == stateOpen && hs[1].State == stateOpen {
 			if hs[0].Bytes != 300 || hs[0].App != "ftp" || hs[0].Peer != client {
 				t.Errorf("hole %+v", hs[0])
 			}
@@ -489,7 +493,10 @@ func TestAgentRun(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	r.want("through Run", key(client, perimeter.TCP, 40000))
+	r.want("through Run", key(client, perimeter.TCP, 40000), key(client2, perimeter.UDP, 40050))
+	if calls := r.gw.takeCalls(); len(calls) == 0 || calls[0] != "sync:1" {
+		t.Errorf("gateway calls %v: want a start-up sync of the adopted socket's hole first (the stale one closed)", calls)
+	}
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)

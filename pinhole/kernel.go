@@ -3,6 +3,7 @@ package pinhole
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -231,6 +232,45 @@ func (k *Kernel) Drops() (uint64, error) {
 		n += v
 	}
 	return n, nil
+}
+
+// Snapshot lists, as the events that made them, the auxiliary sockets still
+// bound (TCP: listening) and the control connections still established: a
+// restarted agent starts from them.
+// The iterators walk the network namespace of the calling thread.
+func (k *Kernel) Snapshot() ([]Event, error) {
+	var out []Event
+	for _, prog := range []*ebpf.Program{k.objs.ListTcpSocks, k.objs.ListUdpSocks} {
+		raw, err := runIter(prog)
+		if err != nil {
+			return nil, err
+		}
+		for len(raw) >= eventSize {
+			if e, err := DecodeEvent(raw[:eventSize]); err == nil {
+				out = append(out, e)
+			}
+			raw = raw[eventSize:]
+		}
+	}
+	return out, nil
+}
+
+func runIter(prog *ebpf.Program) ([]byte, error) {
+	it, err := link.AttachIter(link.IterOptions{Program: prog})
+	if err != nil {
+		return nil, fmt.Errorf("attach pinhole socket iterator: %w", err)
+	}
+	defer it.Close()
+	rd, err := it.Open()
+	if err != nil {
+		return nil, fmt.Errorf("open pinhole socket iterator: %w", err)
+	}
+	defer rd.Close()
+	raw, err := io.ReadAll(rd)
+	if err != nil {
+		return nil, fmt.Errorf("read pinhole socket iterator: %w", err)
+	}
+	return raw, nil
 }
 
 // Read blocks for the next event; ringbuf.ErrClosed after Close.

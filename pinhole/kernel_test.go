@@ -4,6 +4,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -92,6 +93,23 @@ func TestKernelObservesAndGuards(t *testing.T) {
 	udpAux := nextEvent(t, events, AuxOpen, perimeter.UDP, 40002)
 	if itoa(tcpAux.TGID) != pid || itoa(udpAux.TGID) != pid {
 		t.Errorf("aux opens %s, %s: want tgid %s", tcpAux, udpAux, pid)
+	}
+
+	// A restarted agent finds the sockets still there.
+	var snap []Event
+	if err := nstest.InNS(t, ns, func() (err error) { snap, err = k.Snapshot(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []Event{ctl, tcpAux, udpAux} {
+		if !slices.ContainsFunc(snap, func(e Event) bool {
+			return e.Kind == want.Kind && e.Cookie == want.Cookie && e.Proto == want.Proto && e.Local.Port() == want.Local.Port() &&
+				e.Remote == want.Remote && e.TGID == want.TGID && e.AppID == 7
+		}) {
+			t.Errorf("snapshot %v lacks %s", snap, want)
+		}
+	}
+	if len(snap) != 3 {
+		t.Errorf("snapshot %v: want the control connection and the two aux sockets only", snap)
 	}
 
 	// The host guard: nobody gets in before a hole, the hole's peer after.

@@ -422,3 +422,115 @@ int guard_ingress(struct __sk_buff *skb)
 		return 1;
 	return drop();
 }
+
+// list_tcp_socks and list_udp_socks (TCP and UDP socket iterators of the
+// daemon's network namespace) write, as the events they made, the auxiliary
+// sockets still bound (TCP: listening) and the control connections still
+// established: a restarted daemon starts from them instead of losing their
+// holes. (An iterator over pinhole_socks itself, iter/bpf_sk_storage_map,
+// is refused on this kernel like the other BTF tracing attach points; the
+// TCP and UDP iterators are not.) The socket is a BTF pointer, read
+// directly; CO-RE gives the fields' offsets of the running kernel.
+#define TCP_ESTABLISHED 1
+#define TCP_LISTEN 10
+
+struct in6_addr___ph {
+	__u8 s6_addr[16];
+};
+
+struct atomic64___ph {
+	__s64 counter;
+};
+
+struct sock_common {
+	__be32 skc_daddr;
+	__be32 skc_rcv_saddr;
+	__be16 skc_dport;
+	__u16 skc_num;
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+	struct in6_addr___ph skc_v6_daddr;
+	struct in6_addr___ph skc_v6_rcv_saddr;
+	struct atomic64___ph skc_cookie;
+} __attribute__((preserve_access_index));
+
+struct seq_file;
+struct udp_sock;
+
+// The iterator contexts: pointers in 8-byte slots (__bpf_md_ptr).
+struct bpf_iter_meta {
+	struct seq_file *seq;
+	__u64 session_id;
+	__u64 seq_num;
+};
+
+struct bpf_iter__tcp {
+	struct bpf_iter_meta *meta;
+	struct sock_common *sk_common;
+	__u32 uid;
+};
+
+struct bpf_iter__udp {
+	struct bpf_iter_meta *meta;
+	struct udp_sock *udp_sk;
+	__u32 uid;
+	int bucket;
+};
+
+static __always_inline void list_sock(struct seq_file *seq, struct sock_common *sk)
+{
+	struct sock_owner *o = bpf_sk_storage_get(&pinhole_socks, sk, 0, 0);
+	if (!o)
+		return;
+	struct pinhole_event e = {};
+	__u8 state = sk->skc_state;
+	if (o->kind == SOCK_AUX) {
+		if (o->proto == PROTO_TCP && state != TCP_LISTEN)
+			return; // bound, not listening: no hole yet
+		e.kind = EVENT_AUX_OPEN;
+	} else if (o->kind == SOCK_CONTROL_CONN) {
+		if (state != TCP_ESTABLISHED)
+			return;
+		e.kind = EVENT_CONTROL_OPEN;
+	} else {
+		return;
+	}
+	e.cookie = sk->skc_cookie.counter;
+	e.cgroup_id = o->cgroup_id;
+	e.app_id = o->app_id;
+	e.tgid = o->tgid;
+	e.uid = o->uid;
+	e.proto = o->proto;
+	e.local_port = sk->skc_num;
+	e.remote_port = bpf_ntohs(sk->skc_dport);
+	if (sk->skc_family == AF_INET6) {
+		e.family = 6;
+		for (int i = 0; i < 16; i++) {
+			e.local_addr[i] = sk->skc_v6_rcv_saddr.s6_addr[i];
+			e.remote_addr[i] = sk->skc_v6_daddr.s6_addr[i];
+		}
+	} else {
+		e.family = 4;
+		__be32 l = sk->skc_rcv_saddr;
+		__be32 r = sk->skc_daddr;
+		__builtin_memcpy(e.local_addr, &l, 4);
+		__builtin_memcpy(e.remote_addr, &r, 4);
+	}
+	bpf_seq_write(seq, &e, sizeof(e));
+}
+
+SEC("iter/tcp")
+int list_tcp_socks(struct bpf_iter__tcp *ctx)
+{
+	if (ctx->sk_common)
+		list_sock(ctx->meta->seq, ctx->sk_common);
+	return 0;
+}
+
+SEC("iter/udp")
+int list_udp_socks(struct bpf_iter__udp *ctx)
+{
+	if (ctx->udp_sk)
+		list_sock(ctx->meta->seq, (struct sock_common *)ctx->udp_sk);
+	return 0;
+}

@@ -75,6 +75,8 @@ const (
 	pinholeMapPinholePorts        = "pinhole_ports"
 	pinholeMapPinholeSocks        = "pinhole_socks"
 	pinholeProgGuardIngress       = "guard_ingress"
+	pinholeProgListTcpSocks       = "list_tcp_socks"
+	pinholeProgListUdpSocks       = "list_udp_socks"
 	pinholeProgObservePostBind4   = "observe_post_bind4"
 	pinholeProgObservePostBind6   = "observe_post_bind6"
 	pinholeProgObserveSockRelease = "observe_sock_release"
@@ -127,6 +129,8 @@ type pinholeSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type pinholeProgramSpecs struct {
 	GuardIngress       *ebpf.ProgramSpec `ebpf:"guard_ingress"`
+	ListTcpSocks       *ebpf.ProgramSpec `ebpf:"list_tcp_socks"`
+	ListUdpSocks       *ebpf.ProgramSpec `ebpf:"list_udp_socks"`
 	ObservePostBind4   *ebpf.ProgramSpec `ebpf:"observe_post_bind4"`
 	ObservePostBind6   *ebpf.ProgramSpec `ebpf:"observe_post_bind6"`
 	ObserveSockRelease *ebpf.ProgramSpec `ebpf:"observe_sock_release"`
@@ -207,6 +211,8 @@ type pinholeVariables struct {
 // It can be passed to loadPinholeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type pinholePrograms struct {
 	GuardIngress       *ebpf.Program `ebpf:"guard_ingress"`
+	ListTcpSocks       *ebpf.Program `ebpf:"list_tcp_socks"`
+	ListUdpSocks       *ebpf.Program `ebpf:"list_udp_socks"`
 	ObservePostBind4   *ebpf.Program `ebpf:"observe_post_bind4"`
 	ObservePostBind6   *ebpf.Program `ebpf:"observe_post_bind6"`
 	ObserveSockRelease *ebpf.Program `ebpf:"observe_sock_release"`
@@ -216,6 +222,8 @@ type pinholePrograms struct {
 func (p *pinholePrograms) Close() error {
 	return _PinholeClose(
 		p.GuardIngress,
+		p.ListTcpSocks,
+		p.ListUdpSocks,
 		p.ObservePostBind4,
 		p.ObservePostBind6,
 		p.ObserveSockRelease,

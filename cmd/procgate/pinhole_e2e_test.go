@@ -158,9 +158,12 @@ func TestPinholeEndToEnd(t *testing.T) {
 	mustNotReach(t, top.Other, "tcp", aux, "the second external host at the gateway")
 
 	// The host guard: the router reaches the server without crossing its
-	// own forward chain; the control port answers it, the aux port not.
+	// own forward chain; a port outside the app's ranges answers it, the
+	// aux port not. (Not the control port: a control connection from the
+	// router would rightly give the router a hole.)
 	drops := e.status().Pinholes.GuardDrops
-	mustReach(t, top.Router, "tcp", pinholetest.Server4+":2121", "hello\n", "the router on the control port")
+	app.Do("listen 41000")
+	mustReach(t, top.Router, "tcp", pinholetest.Server4+":41000", "data\n", "the router on a port that is not auxiliary")
 	mustNotReach(t, top.Router, "tcp", aux, "the router at the host guard")
 	if now := e.status().Pinholes.GuardDrops; now <= drops {
 		t.Errorf("host guard drops %d -> %d: the router's attempt was not dropped by the guard", drops, now)
@@ -219,6 +222,17 @@ func TestPinholeEndToEnd(t *testing.T) {
 	if out, err := e.procgate("pinholes"); err != nil || !strings.Contains(out, "xfer") || !strings.Contains(out, pinholetest.Other4) {
 		t.Errorf("procgate pinholes: %v\n%s", err, out)
 	}
+
+	// A restarted daemon finds the sockets that exist and keeps their holes
+	// (peers named through the API are not kept).
+	e.stopDaemon(syscall.SIGTERM)
+	e.startDaemon()
+	until(t, "holes kept over a daemon restart", func() bool {
+		hs := e.pinholes()
+		return hasHole(hs, "open", "tcp", pinholetest.Client4, 40000) && hasHole(hs, "open", "udp", pinholetest.Client4, 40001)
+	})
+	mustReach(t, top.Client, "udp", udpAux, "ping\n", "after the daemon's restart")
+	mustReach(t, top.Client, "tcp", aux, "data\n", "after the daemon's restart")
 
 	// Closing the aux socket closes its hole, at the gateway and on the host.
 	app.Do("close 40000")
