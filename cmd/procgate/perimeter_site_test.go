@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,13 +23,14 @@ import (
 )
 
 // siteRules let srv1 (the server's agent) open holes to itself on the aux
-// range, and "site" (the test, standing for the site's static firewall)
-// let the control ports in: the gateway drops every new inbound connection
+// range except for the second external host (line 5), and "site" (the
+// test, standing for the site's static firewall) let the control ports in: the gateway drops every new inbound connection
 // to the protected range that no hole admits, and it has no static rules.
 const siteRules = `host srv1 10.9.0.5,fd09::5
 allow srv1 * * * * self 40000-40100
 allow site * tcp * * 10.9.0.5 21,4600
 deny * mallory * * * * *
+deny srv1 * * 203.0.113.10 * * *
 `
 
 // perimeterSite is nstest.Site with a gateway in the router (in this
@@ -237,6 +239,9 @@ func (s *perimeterSite) startInServer(t *testing.T, args ...string) (stop func()
 	cmd.Env = append(os.Environ(), envAsMain+"=1")
 	out := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
+	// A program started through procgate run is the daemon's child, not
+	// this one's: it may hold the output pipe after its launcher is gone.
+	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -245,8 +250,14 @@ func (s *perimeterSite) startInServer(t *testing.T, args ...string) (stop func()
 	var once sync.Once
 	stop = func() {
 		once.Do(func() {
-			cmd.Process.Kill()
-			<-done
+			// SIGTERM first: procgate run relays it to the program.
+			cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-done:
+			case <-time.After(5 * time.Second):
+				cmd.Process.Kill()
+				<-done
+			}
 		})
 	}
 	t.Cleanup(func() {

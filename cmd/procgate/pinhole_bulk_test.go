@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/procgate/procgate/internal/bulk"
 	"github.com/procgate/procgate/internal/ftpsite"
@@ -88,12 +87,11 @@ func writeRandomFile(t *testing.T, path string, size int64, seed uint64) string 
 // bulkThroughPerimeter fetches and sends 100 MB with the static bulk
 // program through the perimeter: TCP control on 4600, UDP data on an aux
 // port, checksums at both ends, and no hole of the agent left after.
-func bulkThroughPerimeter(t *testing.T, s *perimeterSite, bin, dir, sum string, holes holeSource) {
+func bulkThroughPerimeter(t *testing.T, s *perimeterSite, bin, dir, sum string) {
 	t.Helper()
 	ctrl := net.JoinHostPort(nstest.Server4, "4600")
 	out := filepath.Join(t.TempDir(), "got.bin")
 
-	undo := holes.anyPort(t, "udp", nstest.Client4)
 	st := runBulkClient(t, s.Client, bin, "get", "--server", ctrl, "--out", out, "big.bin")
 	if st.Bytes != ftpSize || st.SHA256 != sum || st.Port < 40000 || st.Port > 40100 {
 		t.Fatalf("get: %+v; want %d bytes with sha256 %s over an aux port", st, ftpSize, sum)
@@ -112,19 +110,24 @@ func bulkThroughPerimeter(t *testing.T, s *perimeterSite, bin, dir, sum string, 
 	if got, err := bulk.SumOf(f, ftpSize); err != nil || got != sum {
 		t.Fatalf("the server stored sha256 %s, %v; want %s", got, err, sum)
 	}
-	undo()
 	s.waitNoAgentHoles(t, "after the bulk transfers")
 }
 
-// TestPinholeBulkUDP runs the bulk server, a static Go binary, in the
-// protected server and its client in the external client.
+// TestPinholeBulkUDP runs the bulk server, a static Go binary, as app
+// bulk in the protected server (TCP control 4600, UDP data on an aux
+// port, proto udp in the policy) and its client in the external client:
+// the agent opens the hole from the server's UDP bind.
 func TestPinholeBulkUDP(t *testing.T) {
-	s := newPerimeterSite(t, 30*time.Second)
-	s.allowService(t, nstest.Client4, 4600)
+	c := newChainSite(t, "10s")
+	c.allowService(t, nstest.Client4, 4600)
 	bin := buildBulk(t)
-	dir := t.TempDir()
+	dir, err := os.MkdirTemp("", "procgate-bulk-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	sum := writeRandomFile(t, filepath.Join(dir, "big.bin"), ftpSize, 7)
-	s.startInServer(t, bin, "serve", "--listen", net.JoinHostPort(nstest.Server4, "4600"), "--ports", "40000-40100", "--dir", dir)
-	s.waitListen(t, 4600)
-	bulkThroughPerimeter(t, s, bin, dir, sum, apiStandIn{s})
+	c.startInApp(t, "bulk", bin, "serve", "--listen", net.JoinHostPort(nstest.Server4, "4600"), "--ports", "40000-40100", "--dir", dir)
+	c.waitListen(t, 4600)
+	bulkThroughPerimeter(t, c.perimeterSite, bin, dir, sum)
 }
