@@ -487,6 +487,9 @@ func (d *Daemon) annotate(e bpf.Event) (string, string) {
 func (d *Daemon) serveMetrics(addr string) (*http.Server, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(audit.NewCollector(d.counterSource, d.auditor))
+	if d.ph != nil {
+		reg.MustRegister(d.ph.metrics)
+	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("listen for metrics on %s: %w", addr, err)

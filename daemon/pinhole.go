@@ -19,9 +19,10 @@ import (
 
 // pinholes is the pinhole agent of a daemon started with --gateway.
 type pinholes struct {
-	url    string
-	kernel *pinhole.Kernel
-	agent  *pinhole.Agent
+	url     string
+	kernel  *pinhole.Kernel
+	agent   *pinhole.Agent
+	metrics *pinholeMetrics
 	// mu orders the agent's app updates: the last policy wins.
 	mu   sync.Mutex
 	seq  uint64
@@ -49,7 +50,7 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 		k.Close()
 		return fmt.Errorf("reset host guard: %w", err)
 	}
-	ph := &pinholes{url: d.cfg.GatewayURL, kernel: k}
+	ph := &pinholes{url: d.cfg.GatewayURL, kernel: k, metrics: &pinholeMetrics{drops: k.Drops}}
 	d.mu.Lock()
 	_, apps := pinholeApps(d.lastBindings)
 	d.mu.Unlock()
@@ -58,6 +59,7 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 		Gateway: perimeter.NewClient(d.cfg.GatewayURL, tlsConf), Guard: k, Source: k, Log: d.log,
 		Notify: d.notePinhole, Initial: k.Snapshot,
 	})
+	ph.metrics.counts = ph.agent.Counts
 	d.mu.Lock()
 	d.ph = ph
 	err = d.setPinholeApps(d.lastBindings)
@@ -126,6 +128,9 @@ func pinholeApps(bs []dynamicBinding) (kb []pinhole.Binding, apps []pinhole.App)
 
 // notePinhole writes the agent's opens, closes and refusals to the audit log.
 func (d *Daemon) notePinhole(n pinhole.Notice) {
+	if ph := d.ph; ph != nil {
+		ph.metrics.note(n.Action)
+	}
 	if d.auditor == nil {
 		return
 	}
