@@ -123,6 +123,10 @@ type named struct {
 // namedWait is how long a named peer waits for its port to be bound.
 const namedWait = time.Minute
 
+// maxNamed bounds the named peers an app holds at once: each costs memory
+// and, bound, a hole.
+const maxNamed = 1024
+
 type hole struct {
 	key      perimeter.Key
 	app      string
@@ -694,13 +698,28 @@ func (a *Agent) openNamed(ctx context.Context, app uint32, pid, uid uint32, peer
 	if !ok || !x.Inbound.IsAux(protoSet(proto), port) {
 		return Status{}, fmt.Errorf("port %d/%s is not an auxiliary port of the app", port, proto)
 	}
+	held := 0
+	for _, n := range a.named {
+		if n.app == app {
+			held++
+		}
+		if n.app == app && n.peer == peer && n.host == host && n.proto == proto && n.port == port {
+			held = -1 // named already: asking again changes nothing
+			break
+		}
+	}
+	if held >= maxNamed {
+		return Status{}, fmt.Errorf("app %s names %d peers already (at most %d)", x.Name, held, maxNamed)
+	}
 	n := &named{app: app, pid: pid, uid: uid, peer: peer, host: host, proto: proto, port: port, since: a.cfg.Now()}
 	for _, s := range a.auxes {
 		if s.app == app && s.proto == proto && s.port == port {
 			n.bound = true
 		}
 	}
-	a.named = append(a.named, n)
+	if held >= 0 {
+		a.named = append(a.named, n)
+	}
 	a.reconcile(ctx)
 	k := perimeter.Key{Peer: peer, Proto: proto, Host: host, Port: port}
 	st := Status{App: x.Name, User: a.cfg.UserName(uid), PID: pid, Proto: proto, Peer: peer, Host: host, Port: port, State: statePending}

@@ -447,6 +447,26 @@ func TestAgentNamedPeer(t *testing.T) {
 	r.events(aux(11, 600, perimeter.UDP, 40011))
 	r.want("named peer forgotten")
 	r.openAndBind(600, 40012, 12)
+
+	// Naming a peer twice is one naming; an app names a bounded number.
+	before := len(r.agent.named)
+	for range 2 {
+		if _, err := r.agent.openNow(3, 600, 1000, client2, server, perimeter.UDP, 40012); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(r.agent.named) != before {
+		t.Errorf("named peers %d -> %d after naming one again", before, len(r.agent.named))
+	}
+	for i := len(r.agent.named); i < maxNamed; i++ {
+		peer := netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})
+		if _, err := r.agent.openNow(3, 600, 1000, peer, server, perimeter.UDP, 40013); err != nil {
+			t.Fatalf("naming peer %d: %v", i, err)
+		}
+	}
+	if _, err := r.agent.openNow(3, 600, 1000, mallory, server, perimeter.UDP, 40013); err == nil {
+		t.Errorf("named more than %d peers", maxNamed)
+	}
 }
 
 func (r *rig) openAndBind(pid uint32, port uint16, cookie uint64) {
