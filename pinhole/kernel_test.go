@@ -142,12 +142,20 @@ func TestKernelObservesAndGuards(t *testing.T) {
 	if e := nextEvent(t, events, AuxClose, perimeter.TCP, 40001); e.Cookie != tcpAux.Cookie {
 		t.Errorf("aux close cookie %d, want the listen's %d", e.Cookie, tcpAux.Cookie)
 	}
-	srv.Kill() // a crash releases the rest
-	if e := nextEvent(t, events, AuxClose, perimeter.UDP, 40002); e.Cookie != udpAux.Cookie {
-		t.Errorf("aux close cookie %d, want the bind's %d", e.Cookie, udpAux.Cookie)
+	srv.Kill() // a crash releases the rest, in no particular order
+	want := map[uint64]Kind{udpAux.Cookie: AuxClose, ctl.Cookie: ControlClose}
+	for e := range events {
+		if want[e.Cookie] == e.Kind {
+			delete(want, e.Cookie)
+			if len(want) == 0 {
+				break
+			}
+			continue
+		}
+		t.Logf("skipped event %s", e)
 	}
-	if e := nextEvent(t, events, ControlClose, perimeter.TCP, 2121); e.Cookie != ctl.Cookie {
-		t.Errorf("control close cookie %d, want %d", e.Cookie, ctl.Cookie)
+	if len(want) > 0 {
+		t.Errorf("no close events for %v", want)
 	}
 }
 
