@@ -2,12 +2,10 @@ package main
 
 import (
 	"fmt"
-	"net"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/procgate/procgate/internal/ftpsite"
 	"github.com/procgate/procgate/internal/nstest"
 )
 
@@ -70,18 +68,7 @@ func TestPinholeFTPRefusedPeer(t *testing.T) {
 	site := ftpServer(t, c.perimeterSite, false)
 	c.startInApp(t, "ftp", site.Args()...)
 	c.waitListen(t, 21)
-	dial := func(network, addr string) (net.Conn, error) {
-		return nstest.DialIn(c.Other, network, addr, 10*time.Second)
-	}
-	cl, err := ftpsite.Login(dial, net.JoinHostPort(nstest.Server4, "21"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	data, err := cl.Pasv()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, data := pasvFrom(t, c.Other, nil)
 	port := fmt.Sprintf(`"port":%d`, data.Port())
 	waitEvent(t, c.e, `"kind":"pinhole"`, `"verdict":"refuse"`, `"peer":"`+nstest.Other4+`"`, port)
 	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(c.log.String(), `"msg":"pinhole refused"`); time.Sleep(20 * time.Millisecond) {

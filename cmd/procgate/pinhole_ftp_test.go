@@ -94,18 +94,7 @@ func ftpThroughPerimeter(t *testing.T, s *perimeterSite, site *ftpsite.Site) {
 	})
 
 	t.Run("the data port's hole", func(t *testing.T) {
-		dial := func(network, addr string) (net.Conn, error) {
-			return nstest.DialIn(s.Client, network, addr, 10*time.Second)
-		}
-		cl, err := ftpsite.Login(dial, net.JoinHostPort(nstest.Server4, "21"), tlsConf)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer cl.Close()
-		data, err := cl.Pasv()
-		if err != nil {
-			t.Fatal(err)
-		}
+		cl, data := pasvFrom(t, s.Client, tlsConf)
 		if data.Addr() != netip.MustParseAddr(nstest.Server4) {
 			t.Fatalf("PASV names %s, want the server's address", data)
 		}
@@ -127,6 +116,25 @@ func ftpThroughPerimeter(t *testing.T, s *perimeterSite, site *ftpsite.Site) {
 		s.waitNoAgentHoles(t, "after the transfer")
 		s.mustBlock(t, s.Client, data.String(), "the data port after the transfer")
 	})
+}
+
+// pasvFrom logs in to the server's vsftpd from the namespace ns and asks
+// for a passive port; the client is closed when the test ends.
+func pasvFrom(t *testing.T, ns string, tlsConf *tls.Config) (*ftpsite.Client, netip.AddrPort) {
+	t.Helper()
+	dial := func(network, addr string) (net.Conn, error) {
+		return nstest.DialIn(ns, network, addr, 10*time.Second)
+	}
+	cl, err := ftpsite.Login(dial, net.JoinHostPort(nstest.Server4, "21"), tlsConf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	data, err := cl.Pasv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cl, data
 }
 
 // TestPinholeFTP runs vsftpd in the protected server as app ftp (procgate
