@@ -234,6 +234,20 @@ func TestPinholeEndToEnd(t *testing.T) {
 	mustReach(t, top.Client, "udp", udpAux, "ping\n", "after the daemon's restart")
 	mustReach(t, top.Client, "tcp", aux, "data\n", "after the daemon's restart")
 
+	// A gateway that restarts without its table (every hole gone): the
+	// agent's next renewal finds its holes missing and syncs them back.
+	gw.Restart(t, true)
+	until(t, "holes back after the gateway lost them", func() bool {
+		ks := gatewayHoles(t, srv1)
+		return slices.Contains(ks, holeKey(pinholetest.Client4, "tcp", 40000)) && slices.Contains(ks, holeKey(pinholetest.Client4, "udp", 40001))
+	})
+	for _, peer := range []string{pinholetest.Client4, pinholetest.Client6} { // the test's own control-port holes
+		if _, err := ops.Open(ctx, perimeter.Request{Target: holeKey(peer, "tcp", 2121).Target(), User: "ops"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustReach(t, top.Client, "udp", udpAux, "ping\n", "after the gateway's restart")
+
 	// Closing the aux socket closes its hole, at the gateway and on the host.
 	app.Do("close 40000")
 	until(t, "tcp hole closed", func() bool {

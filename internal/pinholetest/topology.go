@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -51,6 +52,8 @@ type Gateway struct {
 	CA, Cert, Key string
 	ca            *pki.CA
 	log           *SyncBuffer
+	cfg           perimeter.GatewayConfig
+	router        string
 }
 
 // SyncBuffer is a log sink goroutines may write at once.
@@ -109,16 +112,8 @@ func StartGateway(t testing.TB, top Topology, rules string, lease time.Duration)
 		TLS: pki.ServerTLS(pair, ca.Pool()),
 		Log: slog.New(slog.NewJSONHandler(g.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
-	err = nstest.InNS(t, top.Router, func() (err error) {
-		cfg.Listener, err = net.Listen("tcp", net.JoinHostPort(RouterAPI, "8443"))
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if g.Gateway, err = perimeter.StartGateway(cfg); err != nil {
-		t.Fatal(err)
-	}
+	g.cfg, g.router = cfg, top.Router
+	g.start(t)
 	t.Cleanup(func() {
 		if err := g.Gateway.Close(); err != nil {
 			t.Errorf("close gateway: %v", err)
@@ -128,6 +123,40 @@ func StartGateway(t testing.TB, top Topology, rules string, lease time.Duration)
 		}
 	})
 	return g
+}
+
+func (g *Gateway) start(t testing.TB) {
+	t.Helper()
+	err := nstest.InNS(t, g.router, func() (err error) {
+		g.cfg.Listener, err = net.Listen("tcp", net.JoinHostPort(RouterAPI, "8443"))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.Gateway, err = perimeter.StartGateway(g.cfg); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Restart stops the gateway and starts it again on the same address. With
+// wipe, its nftables table is deleted in between (a router that lost its
+// state): every hole is gone until the agents sync again.
+func (g *Gateway) Restart(t testing.TB, wipe bool) {
+	t.Helper()
+	if err := g.Gateway.Close(); err != nil {
+		t.Fatalf("stop gateway: %v", err)
+	}
+	if wipe {
+		table := g.cfg.Table
+		if table == "" {
+			table = perimeter.DefaultTableName
+		}
+		if out, err := exec.Command("nsenter", "--net="+g.router, "nft", "delete", "table", "inet", table).CombinedOutput(); err != nil {
+			t.Fatalf("delete the gateway's table: %v\n%s", err, out)
+		}
+	}
+	g.start(t)
 }
 
 // Client is an API client of the gateway for the delegate name, dialing
