@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -134,8 +137,12 @@ func (d *Daemon) notePinhole(n pinhole.Notice) {
 	if d.auditor == nil {
 		return
 	}
+	// Best effort, as for kernel events: the process may be gone.
+	comm, _ := os.ReadFile("/proc/" + strconv.FormatUint(uint64(n.PID), 10) + "/comm")
+	exe, _ := os.Readlink("/proc/" + strconv.FormatUint(uint64(n.PID), 10) + "/exe")
 	d.auditor.Append(audit.Record{
 		Verdict: n.Action, Reason: n.Reason, App: n.App, PID: n.PID, UID: n.UID, Hook: "pinhole", Rule: n.Rule,
+		Comm: strings.ToValidUTF8(strings.TrimSpace(string(comm)), "\uFFFD"), Exe: strings.ToValidUTF8(exe, "\uFFFD"),
 		Dest: n.Key.Peer.String() + " -> " + netip.AddrPortFrom(n.Key.Host, n.Key.Port).String() + "/" + n.Key.Proto.String(),
 		Kind: audit.KindPinhole,
 		Pinhole: &audit.Pinhole{Proto: n.Key.Proto.String(), Peer: n.Key.Peer.String(), Host: n.Key.Host.String(),
