@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -23,6 +24,14 @@ func TestMain(m *testing.M) {
 func TestSmoke(t *testing.T) {
 	nstest.RequireRoot(t)
 	out := t.TempDir()
+	// The pinhole phase runs procgate daemon with its agent (bind → live).
+	pg := filepath.Join(t.TempDir(), "procgate")
+	build := exec.Command("go", "build", "-o", pg, "github.com/procgate/procgate/cmd/procgate")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build procgate: %v\n%s", err, b)
+	}
+	t.Setenv("PROCGATE_BIN", pg)
 	if err := run(options{tiny: true, out: out, phases: allPhases}); err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +75,7 @@ func TestSmoke(t *testing.T) {
 	if tunnel != 2*len(tunnelVariants) {
 		t.Errorf("%d tunnel throughput results, want %d", tunnel, 2*len(tunnelVariants))
 	}
-	if p := r.Pinhole; p == nil || p.OpenLatency.N == 0 || p.OpenLive != p.OpenChecked || len(p.Updates) < 3 ||
+	if p := r.Pinhole; p == nil || p.OpenLatency.N == 0 || p.BindLatency.N == 0 || p.OpenLive != p.OpenChecked || len(p.Updates) < 3 ||
 		p.Transfer == nil || len(p.Transfer.Pinhole) == 0 || p.Transfer.HolePackets == 0 || p.Transfer.Dropped == 0 {
 		t.Errorf("pinhole phase: %+v", r.Pinhole)
 	} else {
