@@ -133,6 +133,24 @@ func TestKernelObservesAndGuards(t *testing.T) {
 			t.Errorf("%s %s through the hole: %q, %v; want %q", tt.network, tt.addr, out, err, tt.want)
 		}
 	}
+	// A policy without the app (or the port) leaves its sockets unguarded.
+	udpHole := perimeter.Key{Peer: lo, Proto: perimeter.UDP, Host: lo, Port: 40002}
+	if err := k.Revoke(udpHole); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := pinholetest.Exchange(ns, "udp", "127.0.0.1:40002", 300*time.Millisecond); err == nil {
+		t.Errorf("udp answered %q after the hole was revoked", out)
+	}
+	if err := k.SetApps(nil); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := pinholetest.Exchange(ns, "udp", "127.0.0.1:40002", 5*time.Second); err != nil || out != "ping\n" {
+		t.Errorf("udp of an app no longer dynamic: %q, %v; want it unguarded", out, err)
+	}
+	if err := k.SetApps([]Binding{{AppID: 7, CgroupID: id, Inbound: in}}); err != nil {
+		t.Fatal(err)
+	}
+
 	// The bystander's sockets are not guarded.
 	if out, err := pinholetest.Exchange(ns, "tcp", "127.0.0.1:40005", 5*time.Second); err != nil {
 		t.Errorf("bystander's port: %q, %v", out, err)

@@ -389,6 +389,12 @@ int guard_ingress(struct __sk_buff *skb)
 	struct sock_owner *o = bpf_sk_storage_get(&pinhole_socks, sk, 0, 0);
 	if (!o || o->kind != SOCK_AUX)
 		return 1;
+	// Guarded while the policy says so: an app no longer dynamic, or a
+	// port no longer auxiliary, is not the agent's to open any more.
+	struct port_key pk = { .app_id = o->app_id, .port = o->port, .proto = o->proto };
+	__u8 *what = bpf_map_lookup_elem(&pinhole_ports, &pk);
+	if (!what || *what != PORT_AUX)
+		return 1;
 	struct allow_key k = { .proto = o->proto, .port = o->port };
 	__u8 l4;
 	__u32 l4off;
