@@ -40,10 +40,13 @@ type pinholeResult struct {
 	OpenChecked int `json:"open_checked"`
 	// BindLatency is the whole chain's: from an app's bind() to the hole
 	// in the router's kernel (a quarter as many holes as OpenLatency).
-	BindHow     string       `json:"bind_how,omitempty"`
-	BindLatency summary      `json:"bind_latency"`
-	Updates     []updateRate `json:"updates"`
-	Transfer    *transferRes `json:"transfer,omitempty"`
+	BindHow     string  `json:"bind_how,omitempty"`
+	BindLatency summary `json:"bind_latency"`
+	// BindPollUS is the median time of one poll of the router's set while
+	// waiting for a hole: how finely bind → live is resolved.
+	BindPollUS float64      `json:"bind_poll_us"`
+	Updates    []updateRate `json:"updates"`
+	Transfer   *transferRes `json:"transfer,omitempty"`
 }
 
 // updateRate is one way of changing holes: Path "netlink" is the
@@ -643,7 +646,7 @@ func (r *results) pinholeSection(w func(string, ...any)) {
 		p.OpenHow, p.OpenLatency.N, p.OpenLive, p.OpenChecked)
 	w("")
 	if p.BindLatency.N > 0 {
-		w("**Bind to live**, the whole chain: %s.", p.BindHow)
+		w("**Bind to live**, the whole chain: %s. One poll of the set took %.0f µs (median): the resolution of this measurement.", p.BindHow, p.BindPollUS)
 		w("")
 	}
 	w("| from | n | p50 µs | p90 µs | p99 µs | max µs | round spread |")
