@@ -118,15 +118,7 @@ func dynamicNode(in *ruleset.Inbound) *yaml.Node {
 		n.Content = append(n.Content, text("control"), portList(in.Control))
 	}
 	n.Content = append(n.Content, text("ports"), portList(in.Ports))
-	switch in.Proto {
-	case ruleset.Both:
-	case ruleset.TCP:
-		n.Content = append(n.Content, text("proto"), text("tcp"))
-	case ruleset.UDP:
-		n.Content = append(n.Content, text("proto"), text("udp"))
-	default:
-		n.Content = append(n.Content, text("proto"), text(in.Proto.String()))
-	}
+	n.Content = appendProto(n.Content, in.Proto)
 	if in.Lease != 0 {
 		n.Content = append(n.Content, text("lease"), text(in.Lease.String()))
 	}
@@ -151,18 +143,23 @@ func exeNode(exes []ruleset.Exe) *yaml.Node {
 	return n
 }
 
+// appendProto adds a proto field unless p is both, the default.
+func appendProto(kv []*yaml.Node, p ruleset.Proto) []*yaml.Node {
+	switch p {
+	case ruleset.Both:
+		return kv
+	case ruleset.TCP:
+		return append(kv, text("proto"), text("tcp"))
+	case ruleset.UDP:
+		return append(kv, text("proto"), text("udp"))
+	}
+	// Unrepresentable; written as is so that the read-back check names it.
+	return append(kv, text("proto"), text(p.String()))
+}
+
 func grantNode(g ruleset.Grant) *yaml.Node {
 	n := mapping(0, text("to"), text(g.Prefix.String()))
-	switch g.Proto {
-	case ruleset.Both:
-	case ruleset.TCP:
-		n.Content = append(n.Content, text("proto"), text("tcp"))
-	case ruleset.UDP:
-		n.Content = append(n.Content, text("proto"), text("udp"))
-	default:
-		// Unrepresentable; written as is so that the read-back check names it.
-		n.Content = append(n.Content, text("proto"), text(g.Proto.String()))
-	}
+	n.Content = appendProto(n.Content, g.Proto)
 	if len(g.Ports) != 1 || g.Ports[0] != ruleset.AllPorts {
 		n.Content = append(n.Content, text("ports"), portList(g.Ports))
 	}

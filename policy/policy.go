@@ -653,13 +653,7 @@ func (p *parser) servicePorts(n *yaml.Node, field string) []ruleset.PortRange {
 		}
 		out = append(out, r)
 	}
-	slices.SortFunc(out, func(a, b ruleset.PortRange) int {
-		if a.Lo != b.Lo {
-			return int(a.Lo) - int(b.Lo)
-		}
-		return int(a.Hi) - int(b.Hi)
-	})
-	return slices.Compact(out)
+	return sortedPorts(out)
 }
 
 // lease reads a duration in whole seconds ("30s", "2m").
@@ -826,7 +820,12 @@ func (p *parser) ports(n *yaml.Node, field string) []ruleset.PortRange {
 			out = append(out, r)
 		}
 	}
-	// Exact as written: sorted and deduplicated, never merged or widened.
+	return sortedPorts(out)
+}
+
+// sortedPorts is ports exact as written: sorted and deduplicated, never
+// merged or widened.
+func sortedPorts(out []ruleset.PortRange) []ruleset.PortRange {
 	slices.SortFunc(out, func(a, b ruleset.PortRange) int {
 		if a.Lo != b.Lo {
 			return int(a.Lo) - int(b.Lo)
