@@ -278,6 +278,9 @@ func testSweep(t *testing.T, method SweepMethod) {
 		t.Fatal(err)
 	}
 	srv.dialFrom(w.netns, "10.7.7.7", bound, 2)
+	if err := db.Await("accepted", 2); err != nil {
+		t.Fatal(err)
+	}
 	mustOpen(t, other, "tcp4", "10.1.2.3:5432/tcp", probe.Connect, 2)
 	mustOpen(t, gone, "tcp4", "10.1.2.3:5432/tcp", probe.Connect, 2)
 

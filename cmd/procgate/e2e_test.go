@@ -1076,6 +1076,9 @@ func TestLiveSocketRevocation(t *testing.T) {
 		t.Fatal(err)
 	}
 	open(other, "todb", bound+"/tcp", probe.Connect, 2)
+	if err := db.Await("accepted", 2); err != nil {
+		t.Fatal(err)
+	}
 	open(other, "tcp4", "10.1.2.3:5432/tcp", probe.Connect, 2)
 	open(gone, "tcp4", "10.1.2.3:5432/tcp", probe.Connect, 2)
 

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -75,6 +76,13 @@ func (h *Holder) Open(group, dest string, m Method, n int) error {
 // it keeps (as the one socket of group) and never reads.
 func (h *Holder) Listen(group, addr string) (string, error) {
 	return h.ask(fmt.Sprintf("listen %s %s", group, addr))
+}
+
+// Await waits until group holds n sockets, for a group of Listen whose
+// connections the holder accepts in the background.
+func (h *Holder) Await(group string, n int) error {
+	_, err := h.ask(fmt.Sprintf("await %s %d", group, n))
+	return err
 }
 
 // HoldState is what became of a group's sockets.
@@ -193,6 +201,12 @@ func (h *holder) do(f []string) (string, error) {
 		return "", nil
 	case len(f) == 3 && f[0] == "listen":
 		return h.listen(f[1], f[2])
+	case len(f) == 3 && f[0] == "await":
+		n, err := strconv.Atoi(f[2])
+		if err != nil {
+			return "", fmt.Errorf("await %s: count %q: %w", f[1], f[2], err)
+		}
+		return "", h.await(f[1], n)
 	case len(f) == 2 && f[0] == "send":
 		h.mu.Lock()
 		socks := h.groups[f[1]]
@@ -236,7 +250,7 @@ func (h *holder) do(f []string) (string, error) {
 		b, err := json.Marshal(st)
 		return string(b), err
 	}
-	return "", fmt.Errorf("want open GROUP METHOD DEST N, listen GROUP ADDR, send GROUP or state GROUP, got %q", strings.Join(f, " "))
+	return "", fmt.Errorf("want open GROUP METHOD DEST N, listen GROUP ADDR, await GROUP N, send GROUP or state GROUP, got %q", strings.Join(f, " "))
 }
 
 func (h *holder) add(group string, fd int) {
@@ -290,6 +304,27 @@ func (h *holder) listen(group, addr string) (string, error) {
 		return netip.AddrPortFrom(netip.AddrFrom16(b.Addr), uint16(b.Port)).String(), nil
 	}
 	return "", fmt.Errorf("unexpected bound address %T", bound)
+}
+
+// awaitLimit bounds how long await waits for accepts that the kernel has
+// already completed; a guard against hanging, not a timing assertion.
+const awaitLimit = 10 * time.Second
+
+// await waits until group holds at least n sockets: a peer's connect
+// returns when the kernel finished the handshake, before the holder's
+// accept loop has taken the connection from the queue.
+func (h *holder) await(group string, n int) error {
+	for deadline := time.Now().Add(awaitLimit); ; time.Sleep(time.Millisecond) {
+		h.mu.Lock()
+		got := len(h.groups[group])
+		h.mu.Unlock()
+		if got >= n {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("group %s: %d sockets after %v, want %d", group, got, awaitLimit, n)
+		}
+	}
 }
 
 func (h *holder) accept(group string, fd int) {
