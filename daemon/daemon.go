@@ -61,6 +61,10 @@ type Config struct {
 	// against GatewayCA.
 	GatewayURL                         string
 	GatewayCA, GatewayCert, GatewayKey string
+	// PinholeIdle is how long a hole's gateway counters may stand still,
+	// with no connection of its peer on the port, before the agent closes
+	// it as stale; 0: never.
+	PinholeIdle time.Duration
 }
 
 // Daemon is a running procgate daemon.

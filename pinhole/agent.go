@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"os/user"
@@ -83,6 +84,14 @@ type Config struct {
 	// Initial lists the sockets that exist when Run starts (Kernel.Snapshot),
 	// so that a restarted agent keeps their holes; nil: none.
 	Initial func() ([]Event, error)
+	// StaleAfter turns on the stale-hole check: an open hole whose
+	// gateway counters have not moved for this long, and whose peer the
+	// socket view (Uses) does not show on the port, is closed with reason
+	// "stale". 0: off.
+	StaleAfter time.Duration
+	// Uses is the socket view of which peers use an auxiliary port now
+	// (Kernel.Uses); nil: none do, the counters alone decide.
+	Uses func() ([]Use, error)
 	// Tick is how often leases, dead requesters and retries are looked at
 	// (default 1s).
 	Tick time.Duration
@@ -127,6 +136,14 @@ const namedWait = time.Minute
 // and, bound, a hole.
 const maxNamed = 1024
 
+// Use is a peer that uses an auxiliary port now, in the kernel's socket
+// view: a connection accepted on the port, or a UDP socket connected to it.
+type Use struct {
+	Proto perimeter.Proto
+	Peer  netip.Addr
+	Port  uint16
+}
+
 type hole struct {
 	key      perimeter.Key
 	app      string
@@ -138,6 +155,10 @@ type hole struct {
 	opened   time.Time
 	renewed  time.Time
 	expires  time.Time
+	// packets is the gateway's counter at the last stale check, moved
+	// when it last changed (or the hole opened).
+	packets uint64
+	moved   time.Time
 }
 
 // Status is one hole as `procgate pinholes` shows it.
@@ -170,9 +191,13 @@ type Agent struct {
 	auxes       map[uint64]auxSock
 	named       []*named
 	holes       map[perimeter.Key]*hole
-	needSync    bool
-	events      chan Event
-	calls       chan func(context.Context)
+	// stale are holes closed as stale: not asked again until a new socket
+	// on their port, a new control connection of their peer, or a new
+	// naming wants them.
+	stale    map[perimeter.Key]bool
+	needSync bool
+	events   chan Event
+	calls    chan func(context.Context)
 }
 
 // New makes an agent; Run runs it.
@@ -201,7 +226,7 @@ func New(cfg Config) *Agent {
 	a := &Agent{
 		cfg: cfg, log: cfg.Log,
 		apps: map[uint32]App{}, controls: map[uint64]control{}, auxes: map[uint64]auxSock{}, withControl: map[uint32]bool{},
-		holes:  map[perimeter.Key]*hole{},
+		holes: map[perimeter.Key]*hole{}, stale: map[perimeter.Key]bool{},
 		events: make(chan Event, 4096), calls: make(chan func(context.Context)),
 	}
 	for _, app := range cfg.Apps {
@@ -320,10 +345,12 @@ func (a *Agent) handle(e Event) {
 		remote := netip.AddrPortFrom(e.Remote.Addr().Unmap(), e.Remote.Port())
 		a.controls[e.Cookie] = control{app: e.AppID, tgid: e.TGID, peer: remote.Addr(), host: local.Addr(), local: local, remote: remote}
 		a.withControl[e.TGID] = true
+		maps.DeleteFunc(a.stale, func(k perimeter.Key, _ bool) bool { return k.Peer == remote.Addr() })
 	case ControlClose:
 		delete(a.controls, e.Cookie)
 	case AuxOpen:
 		a.auxes[e.Cookie] = auxSock{app: e.AppID, tgid: e.TGID, uid: e.UID, proto: e.Proto, port: e.Local.Port()}
+		maps.DeleteFunc(a.stale, func(k perimeter.Key, _ bool) bool { return k.Proto == e.Proto && k.Port == e.Local.Port() })
 		for _, n := range a.named {
 			if n.app == e.AppID && n.proto == e.Proto && n.port == e.Local.Port() {
 				n.bound = true
@@ -351,6 +378,9 @@ func (a *Agent) desired() map[perimeter.Key]want {
 			return
 		}
 		k := perimeter.Key{Peer: peer, Proto: proto, Host: host, Port: port}
+		if a.stale[k] {
+			return
+		}
 		if _, ok := out[k]; !ok {
 			out[k] = want{app: app.Name, uid: uid, pid: pid, lease: int(app.Inbound.Lease / time.Second)}
 		}
@@ -462,7 +492,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 		a.holes[k] = &hole{key: k, app: w.app, uid: w.uid, pid: w.pid, user: a.cfg.UserName(w.uid), lease: w.lease, state: statePending}
 	}
 	if len(closes) > 0 {
-		a.close(ctx, closes)
+		a.close(ctx, closes, "released")
 	}
 	switch {
 	case a.needSync || len(opens) > 1:
@@ -508,7 +538,7 @@ func (a *Agent) opened(h *hole, g perimeter.Hole) {
 		h.expires = now.Add(time.Duration(max(h.lease, 1)) * time.Second)
 	}
 	if was != stateOpen {
-		h.opened = now
+		h.opened, h.moved, h.packets = now, now, 0
 		if err := a.cfg.Guard.Allow(h.key); err != nil {
 			a.log.Error("host guard", "err", err)
 		}
@@ -571,7 +601,10 @@ func (a *Agent) sync(ctx context.Context, wants map[perimeter.Key]want) {
 	}
 }
 
-func (a *Agent) close(ctx context.Context, hs []*hole) {
+// close closes holes at the host guard and, in one request, at the
+// gateway; reason is the audit record's: "released" (no socket needs it)
+// or "stale".
+func (a *Agent) close(ctx context.Context, hs []*hole, reason string) {
 	var targets []perimeter.Target
 	for _, h := range hs {
 		delete(a.holes, h.key)
@@ -582,7 +615,7 @@ func (a *Agent) close(ctx context.Context, hs []*hole) {
 			a.log.Error("host guard", "err", err)
 		}
 		targets = append(targets, h.key.Target())
-		a.notify("close", h, "released", "")
+		a.notify("close", h, reason, "")
 	}
 	if len(targets) == 0 {
 		return
@@ -633,7 +666,18 @@ func (a *Agent) tick(ctx context.Context) {
 			byLease[h.lease] = append(byLease[h.lease], h)
 		}
 	}
+	if len(byLease) > 0 && a.cfg.StaleAfter > 0 {
+		// At renewal time, not every tick: one List per lease third.
+		for _, k := range a.closeStale(ctx, now) {
+			for lease, hs := range byLease {
+				byLease[lease] = slices.DeleteFunc(hs, func(h *hole) bool { return h.key == k })
+			}
+		}
+	}
 	for lease, hs := range byLease {
+		if len(hs) == 0 {
+			continue
+		}
 		var targets []perimeter.Target
 		for _, h := range hs {
 			targets = append(targets, h.key.Target())
@@ -665,6 +709,76 @@ func (a *Agent) tick(ctx context.Context) {
 		}
 	}
 	a.reconcile(ctx)
+}
+
+// closeStale closes the open holes that are stale: the gateway's counters
+// have not moved for StaleAfter, and the socket view shows no connection
+// from the peer on the port. It lives in the agent, not in the gateway,
+// because only the agent has both halves: the gateway sees packets, the
+// agent sees the sockets (and writes the audit log); it asks at renewal
+// time with one List, the request the gateway already answers for
+// `procgate pinholes`. A hole in use is never stale (its counters move, or
+// its peer is connected); a hole whose socket is gone is not waited for
+// here at all: the socket's release closes it at once, whatever the
+// counters. If the gateway or the socket view does not answer, nothing is
+// stale. It returns the keys it closed.
+func (a *Agent) closeStale(ctx context.Context, now time.Time) []perimeter.Key {
+	gs, err := a.cfg.Gateway.List(ctx)
+	if err != nil {
+		a.log.Warn("gateway list failed; no stale-hole check this time", "err", err)
+		return nil
+	}
+	counters := map[perimeter.Key]uint64{}
+	for _, g := range gs {
+		counters[g.Key] = g.Packets
+	}
+	var idle []*hole
+	for _, h := range a.holes {
+		if h.state != stateOpen {
+			continue
+		}
+		p, ok := counters[h.key]
+		if !ok {
+			continue // missing at the gateway: the renewal and a sync deal with it
+		}
+		if p != h.packets || h.moved.IsZero() {
+			h.packets, h.moved = p, now
+			continue
+		}
+		if now.Sub(h.moved) >= a.cfg.StaleAfter {
+			idle = append(idle, h)
+		}
+	}
+	if len(idle) == 0 {
+		return nil
+	}
+	used := map[Use]bool{}
+	if a.cfg.Uses != nil {
+		us, err := a.cfg.Uses()
+		if err != nil {
+			a.log.Warn("socket view failed; no stale-hole check this time", "err", err)
+			return nil
+		}
+		for _, u := range us {
+			u.Peer = u.Peer.Unmap()
+			used[u] = true
+		}
+	}
+	var stale []*hole
+	var keys []perimeter.Key
+	for _, h := range idle {
+		if used[Use{Proto: h.key.Proto, Peer: h.key.Peer, Port: h.key.Port}] {
+			continue
+		}
+		stale = append(stale, h)
+		keys = append(keys, h.key)
+		a.stale[h.key] = true
+	}
+	if len(stale) > 0 {
+		slices.SortFunc(stale, func(x, y *hole) int { return compareKeys(x.key, y.key) })
+		a.close(ctx, stale, "stale")
+	}
+	return keys
 }
 
 // Open names a peer for an app's auxiliary port on behalf of process pid
@@ -720,6 +834,7 @@ func (a *Agent) openNamed(ctx context.Context, app uint32, pid, uid uint32, peer
 	if held >= 0 {
 		a.named = append(a.named, n)
 	}
+	delete(a.stale, perimeter.Key{Peer: peer, Proto: proto, Host: host, Port: port})
 	a.reconcile(ctx)
 	k := perimeter.Key{Peer: peer, Proto: proto, Host: host, Port: port}
 	st := Status{App: x.Name, User: a.cfg.UserName(uid), PID: pid, Proto: proto, Peer: peer, Host: host, Port: port, State: statePending}

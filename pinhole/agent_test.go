@@ -23,10 +23,14 @@ type fakeGateway struct {
 	down   bool
 	calls  []string // method and number of holes, in order
 	now    func() time.Time
+	// packets are the holes' counters List reports (default 3); lists
+	// counts the List calls.
+	packets map[perimeter.Key]uint64
+	lists   int
 }
 
 func newFakeGateway(now func() time.Time) *fakeGateway {
-	return &fakeGateway{holes: map[perimeter.Key]perimeter.Hole{}, refuse: map[netip.Addr]bool{}, now: now}
+	return &fakeGateway{holes: map[perimeter.Key]perimeter.Hole{}, refuse: map[netip.Addr]bool{}, now: now, packets: map[perimeter.Key]uint64{}}
 }
 
 var errDown = errors.New("connection refused")
@@ -114,9 +118,13 @@ func (g *fakeGateway) List(context.Context) ([]perimeter.Hole, error) {
 	if g.down {
 		return nil, errDown
 	}
+	g.lists++
 	var out []perimeter.Hole
-	for _, h := range g.holes {
+	for k, h := range g.holes {
 		h.Packets, h.Bytes = 3, 300
+		if p, ok := g.packets[k]; ok {
+			h.Packets, h.Bytes = p, 100*p
+		}
 		out = append(out, h)
 	}
 	return out, nil
@@ -520,5 +528,82 @@ func TestAgentRun(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestAgentStaleHoles: a hole closes as stale when its gateway counters
+// stood still for StaleAfter and the socket view shows no use by its peer;
+// moving counters or a connected peer keep it; a released socket closes
+// its hole at once, whatever the counters.
+func TestAgentStaleHoles(t *testing.T) {
+	r := newRig(t)
+	r.agent.cfg.StaleAfter = time.Minute
+	var uses []Use
+	var usesErr error
+	r.agent.cfg.Uses = func() ([]Use, error) { return uses, usesErr }
+	idle, busy, connected := key(client, perimeter.TCP, 40000), key(client, perimeter.UDP, 40001), key(client, perimeter.TCP, 40002)
+	udp := aux(3, 100, perimeter.UDP, 40001)
+	r.events(ctl(1, 100, client), aux(2, 100, perimeter.TCP, 40000), udp, aux(4, 100, perimeter.TCP, 40002))
+	r.want("open", idle, busy, connected)
+	r.gw.takeCalls()
+	// The peer holds a connection accepted on 40002 (seen as ::ffff:).
+	uses = []Use{{Proto: perimeter.TCP, Peer: netip.MustParseAddr("::ffff:198.51.100.10"), Port: 40002}}
+
+	step := func(d time.Duration) {
+		r.gw.packets[busy] += 10 // traffic through this hole only
+		r.now = r.now.Add(d)
+		r.agent.tick(r.ctx)
+	}
+	step(5 * time.Second)
+	if r.gw.lists != 0 {
+		t.Errorf("List asked %d times before a renewal was due", r.gw.lists)
+	}
+	// The first List sees the counters at 16s; a minute later the idle
+	// hole is stale.
+	for range 8 {
+		step(11 * time.Second)
+	}
+	if r.gw.lists == 0 {
+		t.Fatal("no List at renewal time")
+	}
+	r.want("counters still, peer not connected: stale", busy, connected)
+	var stale []Notice
+	for _, n := range r.notes {
+		if n.Action == "close" {
+			stale = append(stale, n)
+		}
+	}
+	if len(stale) != 1 || stale[0].Key != idle || stale[0].Reason != "stale" {
+		t.Errorf("close notices %+v, want one for %v with reason stale", stale, idle)
+	}
+	for _, c := range r.gw.takeCalls() {
+		if c == "sync:1" || c == "open:1" {
+			t.Errorf("a stale hole was asked again (%s)", c)
+		}
+	}
+
+	// The peer's connection ends and the counters stay: stale too. The
+	// socket view failing decides nothing.
+	uses = nil
+	usesErr = errors.New("iterator refused")
+	for range 7 {
+		step(11 * time.Second)
+	}
+	r.want("no socket view, no stale", busy, connected)
+	usesErr = nil
+	for range 2 {
+		step(11 * time.Second)
+	}
+	r.want("connection gone", busy)
+
+	// A new socket on the port wants the hole again.
+	r.events(aux(5, 100, perimeter.TCP, 40000))
+	r.want("bound again", busy, idle)
+
+	// A released socket closes its hole though its counters move.
+	r.events(closed(udp))
+	r.want("released", idle)
+	if n := r.notes[len(r.notes)-1]; n.Action != "close" || n.Key != busy || n.Reason != "released" {
+		t.Errorf("last notice %+v, want close of %v, released", n, busy)
 	}
 }

@@ -28,6 +28,9 @@ const (
 	AuxClose     Kind = 2 // that socket's release
 	ControlOpen  Kind = 3 // a connection accepted on a control port
 	ControlClose Kind = 4 // its end
+	// AuxPeer is listed only (Kernel.Uses), never sent: an established
+	// connection accepted on an auxiliary port, with its peer.
+	AuxPeer Kind = 5
 )
 
 func (k Kind) String() string {
@@ -40,6 +43,8 @@ func (k Kind) String() string {
 		return "control-open"
 	case ControlClose:
 		return "control-close"
+	case AuxPeer:
+		return "aux-peer"
 	}
 	return "kind(" + strconv.Itoa(int(k)) + ")"
 }
@@ -90,7 +95,7 @@ func DecodeEvent(raw []byte) (Event, error) {
 	default:
 		return Event{}, fmt.Errorf("pinhole event with protocol %d", raw[33])
 	}
-	if e.Kind < AuxOpen || e.Kind > ControlClose {
+	if e.Kind < AuxOpen || e.Kind > AuxPeer {
 		return Event{}, fmt.Errorf("pinhole event of unknown kind %d", raw[32])
 	}
 	family := raw[34]

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -239,6 +240,29 @@ func (k *Kernel) Drops() (uint64, error) {
 // restarted agent starts from them.
 // The iterators walk the network namespace of the calling thread.
 func (k *Kernel) Snapshot() ([]Event, error) {
+	es, err := k.list()
+	return slices.DeleteFunc(es, func(e Event) bool { return e.Kind == AuxPeer }), err
+}
+
+// Uses lists the peers that use an auxiliary port now, from the sockets'
+// tags: the established connections an auxiliary listener accepted, and
+// the UDP auxiliary sockets connected to a peer. An unconnected UDP socket
+// shows no peer; the gateway's counters speak for it.
+func (k *Kernel) Uses() ([]Use, error) {
+	es, err := k.list()
+	if err != nil {
+		return nil, err
+	}
+	var out []Use
+	for _, e := range es {
+		if e.Kind == AuxPeer || (e.Kind == AuxOpen && e.Proto == perimeter.UDP && e.Remote.Addr().IsValid() && !e.Remote.Addr().IsUnspecified()) {
+			out = append(out, Use{Proto: e.Proto, Peer: e.Remote.Addr(), Port: e.Local.Port()})
+		}
+	}
+	return out, nil
+}
+
+func (k *Kernel) list() ([]Event, error) {
 	var out []Event
 	for _, prog := range []*ebpf.Program{k.objs.ListTcpSocks, k.objs.ListUdpSocks} {
 		raw, err := runIter(prog)

@@ -133,6 +133,34 @@ func TestKernelObservesAndGuards(t *testing.T) {
 			t.Errorf("%s %s through the hole: %q, %v; want %q", tt.network, tt.addr, out, err, tt.want)
 		}
 	}
+	// The socket view of use: a connection accepted on an auxiliary port
+	// and still open is its peer's use; a listener or an unconnected UDP
+	// socket alone is nobody's.
+	held := perimeter.Key{Peer: lo, Proto: perimeter.TCP, Host: lo, Port: 40003}
+	if err := k.Allow(held); err != nil {
+		t.Fatal(err)
+	}
+	srv.Do("keep 40003")
+	nextEvent(t, events, AuxOpen, perimeter.TCP, 40003)
+	hc, err := pinholetest.DialIn(ns, "tcp", "127.0.0.1:40003", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hc.Close()
+	if _, err := hc.Read(make([]byte, 8)); err != nil { // accepted: the server wrote
+		t.Fatal(err)
+	}
+	var uses []Use
+	if err := nstest.InNS(t, ns, func() (err error) { uses, err = k.Uses(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if want := []Use{{Proto: perimeter.TCP, Peer: lo, Port: 40003}}; !slices.Equal(uses, want) {
+		t.Errorf("uses %v, want %v (the held connection only)", uses, want)
+	}
+	if err := nstest.InNS(t, ns, func() (err error) { snap, err = k.Snapshot(); return err }); err != nil || len(snap) != 4 {
+		t.Errorf("snapshot with a held connection: %v, %v; want the control connection and three aux sockets", snap, err)
+	}
+
 	// A policy without the app (or the port) leaves its sockets unguarded.
 	udpHole := perimeter.Key{Peer: lo, Proto: perimeter.UDP, Host: lo, Port: 40002}
 	if err := k.Revoke(udpHole); err != nil {

@@ -75,6 +75,7 @@ enum event_kind {
 	EVENT_AUX_CLOSE = 2,
 	EVENT_CONTROL_OPEN = 3,
 	EVENT_CONTROL_CLOSE = 4,
+	EVENT_AUX_PEER = 5, // listed only (list_*_socks): a connection on an auxiliary port, with its peer
 };
 
 struct pinhole_app {
@@ -433,7 +434,10 @@ int guard_ingress(struct __sk_buff *skb)
 // daemon's network namespace) write, as the events they made, the auxiliary
 // sockets still bound (TCP: listening) and the control connections still
 // established: a restarted daemon starts from them instead of losing their
-// holes. (An iterator over pinhole_socks itself, iter/bpf_sk_storage_map,
+// holes. They also write the established connections accepted on auxiliary
+// ports (EVENT_AUX_PEER; a connected UDP auxiliary socket is an
+// EVENT_AUX_OPEN with its remote address): the socket view of which hole a
+// peer still uses. (An iterator over pinhole_socks itself, iter/bpf_sk_storage_map,
 // is refused on this kernel like the other BTF tracing attach points; the
 // TCP and UDP iterators are not.) The socket is a BTF pointer, read
 // directly; CO-RE gives the fields' offsets of the running kernel.
@@ -494,6 +498,12 @@ static __always_inline void list_sock(struct seq_file *seq, struct sock_common *
 		if (o->proto == PROTO_TCP && state != TCP_LISTEN)
 			return; // bound, not listening: no hole yet
 		e.kind = EVENT_AUX_OPEN;
+	} else if (o->kind == SOCK_AUX_CONN) {
+		// A connection an auxiliary listener accepted: its peer uses the
+		// hole (the agent's stale-hole check).
+		if (state != TCP_ESTABLISHED)
+			return;
+		e.kind = EVENT_AUX_PEER;
 	} else if (o->kind == SOCK_CONTROL_CONN) {
 		if (state != TCP_ESTABLISHED)
 			return;

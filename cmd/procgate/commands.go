@@ -113,6 +113,7 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&cfg.GatewayCA, "gateway-ca", "", "CA that signed the gateway's certificate (PEM)")
 	f.StringVar(&cfg.GatewayCert, "gateway-cert", "", "this host's agent certificate (PEM); its name is the delegate in the gateway's rules")
 	f.StringVar(&cfg.GatewayKey, "gateway-key", "", "key of --gateway-cert (PEM)")
+	f.DurationVar(&cfg.PinholeIdle, "pinhole-idle", 5*time.Minute, "close a hole as stale when its gateway counters stood still this long and no connection of its peer is on the port (0: never)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	_ = cmd.MarkFlagRequired("policy")

@@ -42,6 +42,8 @@ const (
 //	               greeted "hello\n" and kept open until the peer closes it
 //	listen PORT    listen on TCP PORT (auxiliary); each connection gets
 //	               "data\n" and is closed
+//	keep PORT      as listen, but each connection stays open until the
+//	               peer closes it (a transfer in progress)
 //	bind PORT      bind UDP PORT (auxiliary); every datagram is echoed
 //	close PORT     close the auxiliary sockets on PORT
 //	hangup         close every accepted control connection
@@ -121,7 +123,8 @@ func (s *server) do(f []string) (string, error) {
 			}
 		}()
 		return "", nil
-	case "listen":
+	case "listen", "keep":
+		keep := f[0] == "keep"
 		ln, err := net.Listen("tcp", ":"+arg)
 		if err != nil {
 			return "", err
@@ -136,6 +139,13 @@ func (s *server) do(f []string) (string, error) {
 					return
 				}
 				c.Write([]byte("data\n"))
+				if keep {
+					go func() {
+						io.Copy(io.Discard, c)
+						c.Close()
+					}()
+					continue
+				}
 				c.Close()
 			}
 		}()
