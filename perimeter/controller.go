@@ -15,9 +15,11 @@ import (
 )
 
 // Enforcer is where holes take effect: the nftables Table, or a fake in
-// tests. Update must apply all of add and del or none of them.
+// tests. Update must apply all of add and del or none of them;
+// UpdateServices also replaces the always-open services, all or nothing.
 type Enforcer interface {
 	Update(add []Element, del []Key) error
+	UpdateServices(services []Service, add []Element, del []Key) error
 	Elements() ([]Element, error)
 }
 
@@ -613,8 +615,10 @@ func (c *Controller) Sweep() int {
 
 // SetRules replaces the rules and asks them again about every open hole:
 // holes they no longer allow are closed, holes whose time window now ends
-// sooner get the shorter timeout, in one transaction. If the kernel refuses
-// the transaction the old rules stay. Limits apply to new holes only.
+// sooner get the shorter timeout, and the always-open services become the
+// new rules' ones, in one transaction. If the kernel refuses the
+// transaction the old rules stay, services included. Limits apply to new
+// holes only.
 func (c *Controller) SetRules(rs *Rules) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -640,9 +644,9 @@ func (c *Controller) SetRules(rs *Rules) error {
 			add = append(add, nh.element(now))
 		}
 	}
-	if err := c.table.Update(add, del); err != nil {
+	if err := c.table.UpdateServices(rs.Services, add, del); err != nil {
 		c.rules = old
-		return fmt.Errorf("apply new rules to open holes: %w", err)
+		return fmt.Errorf("apply new rules to the services and open holes: %w", err)
 	}
 	for _, k := range del {
 		h := c.holes[k]

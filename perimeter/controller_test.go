@@ -19,6 +19,8 @@ type fakeTable struct {
 	els   map[Key]fakeElement
 	fail  error // the next Update fails with it
 	calls int
+	// services are those of the last UpdateServices that succeeded.
+	services []Service
 }
 
 type fakeElement struct {
@@ -67,6 +69,15 @@ func (f *fakeTable) Update(add []Element, del []Key) error {
 		}
 		f.els[e.Key] = fakeElement{Element: e, deadline: f.clock.t.Add(e.Timeout)}
 	}
+	return nil
+}
+
+// UpdateServices is Update; the fake keeps the services it was last given.
+func (f *fakeTable) UpdateServices(services []Service, add []Element, del []Key) error {
+	if err := f.Update(add, del); err != nil {
+		return err
+	}
+	f.services = services
 	return nil
 }
 
@@ -354,8 +365,11 @@ func TestTableFailureChangesNothing(t *testing.T) {
 		t.Fatalf("bookkeeping lost the hole after a failed close: %v", holes)
 	}
 	c.table.fail = errors.New("boom")
-	if err := c.SetRules(mustRules(t, "deny * * * * * * *")); err == nil {
+	if err := c.SetRules(mustRules(t, "deny * * * * * * *\nservice 10.9.0.5 tcp 21")); err == nil {
 		t.Fatal("SetRules succeeded with a failing table")
+	}
+	if c.table.services != nil {
+		t.Errorf("a failed reload left the services %v in the table", c.table.services)
 	}
 	if _, err := c.Open("srv1", req("bob", "tcp 203.0.113.9 10.9.0.5 40001")); err != nil {
 		t.Errorf("the old rules are not in force after a failed reload: %v", err)
@@ -369,11 +383,14 @@ func TestSetRules(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := c.SetRules(mustRules(t, controllerRules+"deny * bob * * * * *\n")); err != nil {
+	if err := c.SetRules(mustRules(t, controllerRules+"deny * bob * * * * *\nservice 10.9.0.5 tcp 21\n")); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := c.table.keys(), []string{"tcp 203.0.113.9 -> 10.9.0.5:40000"}; !slices.Equal(got, want) {
 		t.Errorf("after the reload the kernel holds %v, want %v", got, want)
+	}
+	if len(c.table.services) != 1 || c.table.services[0].Text != "service 10.9.0.5 tcp 21" {
+		t.Errorf("after the reload the table has the services %+v, want the new rules' one", c.table.services)
 	}
 	if !strings.Contains(c.log.String(), "new rules: refused tcp 203.0.113.9 -> 10.9.0.5:40001: denied by site.rules:7") {
 		t.Errorf("no audit record of the closing:\n%s", c.log)

@@ -372,3 +372,52 @@ func TestGatewayRestart(t *testing.T) {
 	e.mustPass(t, e.top.client, "udp", net.JoinHostPort(server4, "40001"), "the claimed hole")
 	e.mustBlock(t, e.top.client, "tcp", net.JoinHostPort(server4, "40000"), "the hole no agent claimed")
 }
+
+// TestGatewayServices: `service` lines let new connections in without a
+// hole, from their sources only, counted per line; a reload replaces them.
+func TestGatewayServices(t *testing.T) {
+	e := startE2E(t)
+	svcRules := e2eRules + "service srv1 tcp 40000 from 198.51.100.0/24\nservice srv1 udp 40001\n"
+	if err := os.WriteFile(e.cfg.RulesPath, []byte(svcRules), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.gw.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	tcp4, tcp6 := net.JoinHostPort(server4, "40000"), net.JoinHostPort(server6, "40000")
+	udp4, udp6 := net.JoinHostPort(server4, "40001"), net.JoinHostPort(server6, "40001")
+	e.mustPass(t, e.top.client, "tcp", tcp4, "service from the client's range")
+	e.mustBlock(t, e.top.other, "tcp", tcp4, "service, other host outside `from`")
+	e.mustBlock(t, e.top.client, "tcp", tcp6, "service from an IPv4 range, IPv6 client")
+	e.mustPass(t, e.top.other, "udp", udp4, "udp service from anywhere")
+	e.mustPass(t, e.top.other, "udp", udp6, "udp service from anywhere, IPv6")
+	if els, err := e.gw.Table().Elements(); err != nil || len(els) != 0 {
+		t.Fatalf("services opened holes: %v, %v", els, err)
+	}
+	_, counted, err := e.gw.Table().Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules := e.cfg.RulesPath
+	if counted[rules+":4"] == 0 || counted[rules+":5"] < 2 {
+		t.Errorf("service counters %v: want packets on %s:4 and on :5 from both families", counted, rules)
+	}
+	// A (re)starting gateway installs the services with the chain.
+	if err := e.gw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.start(t)
+	e.mustPass(t, e.top.client, "tcp", tcp4, "service after a restart")
+	e.mustBlock(t, e.top.other, "tcp", tcp4, "service after a restart, other host")
+
+	if err := os.WriteFile(e.cfg.RulesPath, []byte(e2eRules), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.gw.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	e.mustBlock(t, e.top.client, "tcp", tcp4, "after a reload without services")
+	if _, counted, err := e.gw.Table().Counters(); err != nil || len(counted) != 0 {
+		t.Errorf("after a reload without services the chain counts %v, %v", counted, err)
+	}
+}

@@ -60,7 +60,7 @@ func StartGateway(cfg GatewayConfig) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	table, err := OpenTable(TableConfig{Name: cfg.Table, NetNS: cfg.NetNS, Protect: cfg.Protect})
+	table, err := OpenTable(TableConfig{Name: cfg.Table, NetNS: cfg.NetNS, Protect: cfg.Protect, Services: rules.Services})
 	if err != nil {
 		return nil, err
 	}
@@ -98,6 +98,7 @@ func StartGateway(cfg GatewayConfig) (*Gateway, error) {
 		ctrl.Run(ctx, sweepEvery)
 	}()
 	log.Info("gateway started", "listen", ln.Addr().String(), "rules", cfg.RulesPath, "rule_count", len(rules.List),
+		"service_count", len(rules.Services),
 		"protect", fmt.Sprint(cfg.Protect), "table", cmp.Or(cfg.Table, DefaultTableName), "lease", cmp.Or(cfg.Lease, DefaultLease))
 	return g, nil
 }
@@ -122,7 +123,7 @@ func (g *Gateway) Reload() error {
 		g.log.Error("rules not reloaded; the old rules stay in force", "rules", g.rulesPath, "error", err.Error())
 		return err
 	}
-	g.log.Info("rules reloaded", "rules", g.rulesPath, "rule_count", len(rules.List))
+	g.log.Info("rules reloaded", "rules", g.rulesPath, "rule_count", len(rules.List), "service_count", len(rules.Services))
 	return nil
 }
 

@@ -18,13 +18,17 @@ import (
 //	(allow|deny) DELEGATE USER PROTO SRC SRCPORTS DST DSTPORTS [at [DAYS] HH:MM-HH:MM [ZONE]]
 //	limit USER N
 //	host NAME ADDR|PREFIX[,...]
+//	service HOST (tcp|udp) PORTS [from SRC]
 //
 // A hole is allowed when at least one allow rule matches it and no deny rule
-// does. docs/pinholes.md is the reference.
+// does. A service is always open: the gateway lets new connections to it in
+// without a hole (a server's control port, such as FTP's 21).
+// docs/pinholes.md is the reference.
 type Rules struct {
-	File  string
-	List  []Rule
-	Hosts map[string][]netip.Prefix
+	File     string
+	List     []Rule
+	Services []Service
+	Hosts    map[string][]netip.Prefix
 	// limits by user; "*" is every user without a line of their own.
 	limits map[string]Limit
 }
@@ -43,6 +47,23 @@ type Rule struct {
 	// Where is "file:line"; Text is the rule as written, without comment.
 	Where string
 	Text  string
+}
+
+// Service is a `service` line: new connections of Proto to Ports of the
+// Hosts, from From (any source when From is empty), are let in by the
+// gateway's chain itself, without a hole and without an agent.
+type Service struct {
+	Hosts []netip.Prefix
+	Proto Proto
+	Ports [][2]uint16
+	// From is empty for any source.
+	From []netip.Prefix
+	// Where is "file:line"; Text is the line as written, without comment.
+	Where string
+	Text  string
+
+	hosts, from   addrSet // as parsed; Hosts and From once names are resolved
+	line, fromCol int     // for errors found once names are resolved
 }
 
 // Limit is a `limit` line: User may hold at most Max holes at once.
@@ -221,6 +242,7 @@ func ParseRules(file string, data []byte) (*Rules, error) {
 		hostLine: map[string]int{},
 	}
 	rules := make([]*Rule, 0)
+	var services []*Service
 	for i, text := range strings.Split(string(data), "\n") {
 		p.line = i + 1
 		if before, _, ok := strings.Cut(text, "#"); ok {
@@ -236,12 +258,17 @@ func ParseRules(file string, data []byte) (*Rules, error) {
 				r.Text = strings.TrimSpace(text)
 				rules = append(rules, r)
 			}
+		case "service":
+			if sv := p.service(toks); sv != nil {
+				sv.Text = strings.TrimSpace(text)
+				services = append(services, sv)
+			}
 		case "limit":
 			p.limit(toks)
 		case "host":
 			p.host(toks)
 		default:
-			p.errorf(toks[0].col, "expected allow, deny, limit or host, got %q", toks[0].s)
+			p.errorf(toks[0].col, "expected allow, deny, service, limit or host, got %q", toks[0].s)
 		}
 	}
 	for _, ref := range p.refs {
@@ -253,12 +280,18 @@ func ParseRules(file string, data []byte) (*Rules, error) {
 		}
 		ref.into.prefixes = append(ref.into.prefixes, prefixes...)
 	}
+	for _, sv := range services {
+		p.resolveService(sv)
+	}
 	if len(p.errs) > 0 {
 		slices.SortStableFunc(p.errs, func(a, b RulesError) int { return a.Line - b.Line })
 		return nil, &RulesErrors{List: p.errs}
 	}
 	for _, r := range rules {
 		p.rs.List = append(p.rs.List, *r)
+	}
+	for _, sv := range services {
+		p.rs.Services = append(p.rs.Services, *sv)
 	}
 	return p.rs, nil
 }
@@ -533,4 +566,100 @@ func (p *rulesParser) host(toks []token) {
 	}
 	p.hostLine[name] = p.line
 	p.rs.Hosts[name] = prefixes
+}
+
+// service parses `service HOST (tcp|udp) PORTS [from SRC]`; nil when it has
+// errors. HOST is never * (that would open the whole protected range) nor
+// self (a service belongs to no delegate); PORTS is never *.
+func (p *rulesParser) service(toks []token) *Service {
+	const form = "`service HOST (tcp|udp) PORTS [from SRC]`"
+	fields := []string{"HOST", "PROTO", "PORTS"}
+	if len(toks) < 1+len(fields) {
+		end := toks[len(toks)-1]
+		p.errorf(end.col+len(end.s), "expected %s after %q: a service is %s", fields[len(toks)-1], end.s, form)
+		return nil
+	}
+	before := len(p.errs)
+	sv := &Service{Where: p.file + ":" + strconv.Itoa(p.line), line: p.line}
+	switch h := toks[1]; {
+	case isAny(h.s):
+		p.errorf(h.col, "expected the HOST of a service (an address, a prefix or a host name), got %q: a service for every host would open the protected range", h.s)
+	default:
+		p.addrs(h, false, &sv.hosts)
+		if sv.hosts.self {
+			p.errs = p.errs[:len(p.errs)-1] // addrs' SRC message does not fit here
+			p.errorf(h.col, "self belongs to no host in a service line: name the host")
+		}
+	}
+	switch proto := toks[2].s; proto {
+	case "tcp":
+		sv.Proto = TCP
+	case "udp":
+		sv.Proto = UDP
+	default:
+		p.errorf(toks[2].col, "expected tcp or udp for the PROTO of a service, got %q", proto)
+	}
+	if isAny(toks[3].s) {
+		p.errorf(toks[3].col, "expected the PORTS of a service (a port, a range such as 6000-6010, or a comma list), got %q: a service opens named ports only", toks[3].s)
+	} else {
+		sv.Ports = p.ports(toks[3]).ranges
+	}
+	switch rest := toks[4:]; {
+	case len(rest) == 0:
+		sv.from.any = true
+	case rest[0].s != "from":
+		p.errorf(rest[0].col, "expected `from SRC` or the end of the line, got %q", rest[0].s)
+	case len(rest) == 1:
+		p.errorf(rest[0].col+len(rest[0].s), "expected SRC after `from`: *, addresses, prefixes or host names")
+	case len(rest) > 2:
+		p.errorf(rest[2].col, "expected the end of the line after `from %s`, got %q", rest[1].s, rest[2].s)
+	default:
+		sv.fromCol = rest[1].col
+		p.addrs(rest[1], false, &sv.from)
+	}
+	if len(p.errs) > before {
+		return nil
+	}
+	return sv
+}
+
+// resolveService fills Hosts and From once host names are known, and
+// refuses a service whose sources are all of the other family than its
+// hosts: it could never let anything in.
+func (p *rulesParser) resolveService(sv *Service) {
+	sv.Hosts = sv.hosts.prefixes
+	if !sv.from.any {
+		sv.From = sv.from.prefixes
+	}
+	if len(sv.Hosts) == 0 || (!sv.from.any && len(sv.From) == 0) {
+		return // an unknown name, already reported
+	}
+	if len(sv.matches()) == 0 {
+		p.errs = append(p.errs, RulesError{File: p.file, Line: sv.line, Col: sv.fromCol,
+			Msg: "expected a SRC of the family (IPv4 or IPv6) of the service's HOST: this service could never let anything in"})
+	}
+}
+
+// ServiceMatch is one (host, source) pair of a service, of one family; a
+// zero From is any source.
+type ServiceMatch struct {
+	Host netip.Prefix
+	From netip.Prefix
+}
+
+// matches lists the service's (host, source) pairs of one family each.
+func (sv *Service) matches() []ServiceMatch {
+	var out []ServiceMatch
+	for _, h := range sv.Hosts {
+		if len(sv.From) == 0 {
+			out = append(out, ServiceMatch{Host: h})
+			continue
+		}
+		for _, f := range sv.From {
+			if f.Addr().Is4() == h.Addr().Is4() {
+				out = append(out, ServiceMatch{Host: h, From: f})
+			}
+		}
+	}
+	return out
 }

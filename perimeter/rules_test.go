@@ -2,6 +2,8 @@ package perimeter
 
 import (
 	"errors"
+	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -21,7 +23,7 @@ func TestParseRulesErrors(t *testing.T) {
 		name, text string
 		want       []string // file:line:col: message fragments, in order
 	}{
-		{"unknown keyword", "permit * * tcp * * * *", []string{`site.rules:1:1: expected allow, deny, limit or host, got "permit"`}},
+		{"unknown keyword", "permit * * tcp * * * *", []string{`site.rules:1:1: expected allow, deny, service, limit or host, got "permit"`}},
 		{"short rule", "\n  allow srv1 alice tcp", []string{`site.rules:2:23: expected SRC after "tcp"`}},
 		{"bad proto", "allow * * icmp * * * *", []string{`site.rules:1:11: expected tcp, udp or *, got "icmp"`}},
 		{"host bits", "allow * * tcp 10.0.0.1/8 * * *", []string{`site.rules:1:15: prefix 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?`}},
@@ -41,6 +43,15 @@ func TestParseRulesErrors(t *testing.T) {
 		{"limit twice", "limit alice 3\nlimit alice 4", []string{`site.rules:2:7: second limit for alice; the first is at site.rules:1`}},
 		{"bad limit", "limit alice -1", []string{`site.rules:1:13: expected a number of holes (0 or more), got "-1"`}},
 		{"host twice", "host db 10.0.0.1\nhost db 10.0.0.2", []string{`site.rules:2:6: host db is defined twice; the first is at line 1`}},
+		{"service for every host", "service * tcp 21", []string{`site.rules:1:9: expected the HOST of a service`}},
+		{"service for self", "service self tcp 21", []string{`site.rules:1:9: self belongs to no host in a service line`}},
+		{"service any proto", "service 10.9.0.5 * 21", []string{`site.rules:1:18: expected tcp or udp for the PROTO of a service, got "*"`}},
+		{"service any port", "service 10.9.0.5 tcp *", []string{`site.rules:1:22: expected the PORTS of a service`}},
+		{"service short", "service 10.9.0.5", []string{`site.rules:1:17: expected PROTO after "10.9.0.5"`}},
+		{"service junk", "service 10.9.0.5 tcp 21 to 10.0.0.0/8", []string{"site.rules:1:25: expected `from SRC` or the end of the line"}},
+		{"service from nothing", "service 10.9.0.5 tcp 21 from", []string{"site.rules:1:29: expected SRC after `from`"}},
+		{"service unknown host", "service ftp1 tcp 21", []string{`site.rules:1:9: unknown host name "ftp1"`}},
+		{"service other family", "host srv1 10.9.0.5\nservice srv1 tcp 21 from 2001:db8::/32", []string{`site.rules:2:26: expected a SRC of the family`}},
 		{"every error, in line order", "allow * * tcp * * * 99999\nallow * * tcp * * nowhere *\ndeny * * sctp * * * *", []string{
 			`site.rules:1:21: expected a port`, `site.rules:2:19: unknown host name "nowhere"`, `site.rules:3:10: expected tcp, udp or *`,
 		}},
@@ -64,6 +75,36 @@ func TestParseRulesErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestParseServices(t *testing.T) {
+	rs := mustRules(t, `host srv1 10.9.0.5,fd09::5
+service srv1 tcp 21                          # vsftpd's control port
+service 10.9.4.0/24 udp 5060,6000-6010 from 198.51.100.0/24,2001:db8::/32
+`)
+	p := netip.MustParsePrefix
+	tests := []struct {
+		where   string
+		proto   Proto
+		ports   [][2]uint16
+		matches []ServiceMatch
+	}{
+		{"site.rules:2", TCP, [][2]uint16{{21, 21}}, []ServiceMatch{{Host: p("10.9.0.5/32")}, {Host: p("fd09::5/128")}}},
+		// an IPv6 source never pairs with an IPv4 host
+		{"site.rules:3", UDP, [][2]uint16{{5060, 5060}, {6000, 6010}}, []ServiceMatch{{Host: p("10.9.4.0/24"), From: p("198.51.100.0/24")}}},
+	}
+	if len(rs.Services) != len(tests) {
+		t.Fatalf("%d services, want %d: %+v", len(rs.Services), len(tests), rs.Services)
+	}
+	for i, tt := range tests {
+		sv := rs.Services[i]
+		if sv.Where != tt.where || sv.Proto != tt.proto || !slices.Equal(sv.Ports, tt.ports) || !slices.Equal(sv.matches(), tt.matches) {
+			t.Errorf("service %d = %s %v %v %v; want %s %v %v %v", i, sv.Where, sv.Proto, sv.Ports, sv.matches(), tt.where, tt.proto, tt.ports, tt.matches)
+		}
+	}
+	if rs.Services[0].Text != "service srv1 tcp 21" {
+		t.Errorf("Text = %q", rs.Services[0].Text)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -50,6 +51,8 @@ type TableConfig struct {
 	// Protect are the ranges whose inbound traffic is dropped unless it
 	// belongs to a connection already established or goes through a hole.
 	Protect []netip.Prefix
+	// Services are always open (the rules' `service` lines).
+	Services []Service
 }
 
 // Element is a hole as the kernel holds it.
@@ -76,6 +79,7 @@ type Element struct {
 //	    ip saddr . meta l4proto . ip daddr . th dport @holes4 accept
 //	    ip6 saddr . meta l4proto . ip6 daddr . th dport @holes6 accept
 //	    ct state established,related accept
+//	    meta l4proto tcp ip daddr HOST th dport PORTS counter accept comment "service FILE:LINE"  # services
 //	    ip daddr PROTECTED counter drop     # one per protected prefix
 //	  }
 //	}
@@ -93,6 +97,9 @@ type Table struct {
 	set4    *nftables.Set
 	set6    *nftables.Set
 	protect []netip.Prefix
+	// services are in the chain now; changed only with it, after the
+	// kernel took the transaction.
+	services []Service
 }
 
 // OpenTable creates the table, or adopts it as a restarted gateway finds
@@ -106,7 +113,7 @@ func OpenTable(cfg TableConfig) (*Table, error) {
 	if len(cfg.Protect) == 0 {
 		return nil, errors.New("open nftables table: no protected range")
 	}
-	t := &Table{protect: slices.Clone(cfg.Protect)}
+	t := &Table{protect: slices.Clone(cfg.Protect), services: slices.Clone(cfg.Services)}
 	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigBuffers)}
 	if cfg.NetNS != "" {
 		f, err := os.Open(cfg.NetNS)
@@ -167,6 +174,18 @@ func (t *Table) install(name string) error {
 		Name: chainName, Table: t.table, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept,
 	})
+	t.queueChain(t.services)
+	return c.Flush()
+}
+
+// serviceTag is the userdata of a service's rules: it tells them from the
+// drop rules when counting, and names the line.
+const serviceTag = "service "
+
+// queueChain queues the chain's rules, services included, after a flush of
+// the chain: whatever transaction it joins replaces the chain whole.
+func (t *Table) queueChain(services []Service) {
+	c := t.conn
 	c.FlushChain(t.chain)
 	add := func(exprs ...expr.Any) { c.AddRule(&nftables.Rule{Table: t.table, Chain: t.chain, Exprs: exprs}) }
 	add(holeLookup(false, t.set4)...)
@@ -179,10 +198,56 @@ func (t *Table) install(name string) error {
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
 	)
+	// Services come after the conntrack rule, so that their counters count
+	// the packets that open connections (and unanswered datagrams), not
+	// every packet of them.
+	for _, sv := range services {
+		for _, m := range sv.matches() {
+			for _, r := range sv.Ports {
+				c.AddRule(&nftables.Rule{Table: t.table, Chain: t.chain, Exprs: serviceAccept(sv.Proto, m, r),
+					UserData: []byte(serviceTag + sv.Where)})
+			}
+		}
+	}
 	for _, p := range t.protect {
 		add(protectDrop(p)...)
 	}
-	return c.Flush()
+}
+
+// serviceAccept is `meta l4proto P [ip saddr FROM] ip daddr HOST th dport
+// PORTS counter accept` (or ip6).
+func serviceAccept(proto Proto, m ServiceMatch, ports [2]uint16) []expr.Any {
+	v6 := m.Host.Addr().Is6()
+	exprs := append(nfproto(v6),
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(proto)}},
+	)
+	saddr, daddr := uint32(12), uint32(16)
+	if v6 {
+		saddr, daddr = 8, 24
+	}
+	if m.From.IsValid() {
+		exprs = append(exprs, prefixMatch(m.From, saddr)...)
+	}
+	exprs = append(exprs, prefixMatch(m.Host, daddr)...)
+	exprs = append(exprs, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2})
+	lo, hi := binary.BigEndian.AppendUint16(nil, ports[0]), binary.BigEndian.AppendUint16(nil, ports[1])
+	if ports[0] == ports[1] {
+		exprs = append(exprs, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: lo})
+	} else {
+		exprs = append(exprs, &expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: lo, ToData: hi})
+	}
+	return append(exprs, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictAccept})
+}
+
+// prefixMatch compares the address at off in the network header with p.
+func prefixMatch(p netip.Prefix, off uint32) []expr.Any {
+	alen := uint32(p.Addr().BitLen() / 8)
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: alen},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: alen, Mask: netipMask(p), Xor: make([]byte, alen)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: p.Masked().Addr().AsSlice()},
+	}
 }
 
 // nfproto matches packets of one family in an inet chain, the dependency
@@ -221,18 +286,12 @@ func holeLookup(v6 bool, set *nftables.Set) []expr.Any {
 // protectDrop is `ip daddr PREFIX counter drop` (or ip6).
 func protectDrop(p netip.Prefix) []expr.Any {
 	v6 := p.Addr().Is6()
-	off, alen := uint32(16), uint32(4)
+	off := uint32(16)
 	if v6 {
-		off, alen = 24, 16
+		off = 24
 	}
-	mask := netipMask(p)
-	return append(nfproto(v6),
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: alen},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: alen, Mask: mask, Xor: make([]byte, alen)},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: p.Masked().Addr().AsSlice()},
-		&expr.Counter{},
-		&expr.Verdict{Kind: expr.VerdictDrop},
-	)
+	exprs := append(nfproto(v6), prefixMatch(p, off)...)
+	return append(exprs, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
 }
 
 func netipMask(p netip.Prefix) []byte {
@@ -280,6 +339,22 @@ func keyOf(b []byte) (Key, bool) {
 // deleted and would fail the transaction: then the set is read and the
 // transaction sent again without it.
 func (t *Table) Update(add []Element, del []Key) error {
+	return t.apply(nil, add, del)
+}
+
+// UpdateServices rewrites the chain with services and applies add and del
+// as Update does, all in one transaction: a rules reload changes the
+// always-open services and the holes the new rules refuse together, or
+// neither.
+func (t *Table) UpdateServices(services []Service, add []Element, del []Key) error {
+	if services == nil {
+		services = []Service{}
+	}
+	return t.apply(services, add, del)
+}
+
+// apply is Update, and rewrites the chain too when services is not nil.
+func (t *Table) apply(services []Service, add []Element, del []Key) error {
 	for _, e := range add {
 		if e.Timeout < time.Millisecond {
 			return fmt.Errorf("add hole %s: timeout %v: every hole needs a lease of 1ms or more", e.Key, e.Timeout)
@@ -287,7 +362,7 @@ func (t *Table) Update(add []Element, del []Key) error {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	err := t.update(add, del)
+	err := t.update(services, add, del)
 	if err == nil || len(del) == 0 {
 		return err
 	}
@@ -300,13 +375,16 @@ func (t *Table) Update(add []Element, del []Key) error {
 		have[e.Key] = true
 	}
 	del = slices.DeleteFunc(slices.Clone(del), func(k Key) bool { return !have[k] })
-	if rerr := t.update(add, del); rerr != nil {
+	if rerr := t.update(services, add, del); rerr != nil {
 		return fmt.Errorf("update nftables holes: %w (first attempt: %v)", rerr, err)
 	}
 	return nil
 }
 
-func (t *Table) update(add []Element, del []Key) error {
+func (t *Table) update(services []Service, add []Element, del []Key) error {
+	if services != nil {
+		t.queueChain(services)
+	}
 	var add4, add6, del4, del6 []nftables.SetElement
 	for _, e := range add {
 		el := nftables.SetElement{Key: elementKey(e.Key), Timeout: e.Timeout, Comment: e.Comment}
@@ -347,6 +425,9 @@ func (t *Table) update(add []Element, del []Key) error {
 	}
 	if err := t.conn.Flush(); err != nil {
 		return fmt.Errorf("nftables transaction (%d added, %d deleted): %w", len(add), len(del), err)
+	}
+	if services != nil {
+		t.services = slices.Clone(services)
 	}
 	return nil
 }
@@ -413,7 +494,7 @@ func (t *Table) Reconcile(want []Element) (added, deleted int, err error) {
 			return 0, 0, fmt.Errorf("reconcile hole %s: timeout %v: every hole needs a lease of 1ms or more", e.Key, e.Timeout)
 		}
 	}
-	if err := t.update(want, del); err != nil {
+	if err := t.update(nil, want, del); err != nil {
 		return 0, 0, err
 	}
 	return added, len(del), nil
@@ -421,21 +502,39 @@ func (t *Table) Reconcile(want []Element) (added, deleted int, err error) {
 
 // Dropped returns how many packets the default-drop rules have dropped.
 func (t *Table) Dropped() (uint64, error) {
+	dropped, _, err := t.Counters()
+	return dropped, err
+}
+
+// Counters returns how many packets the default-drop rules have dropped
+// and, by the service's "file:line", how many packets each always-open
+// service let in (those that opened connections: see queueChain).
+func (t *Table) Counters() (dropped uint64, services map[string]uint64, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	rules, err := t.conn.GetRules(t.table, t.chain)
 	if err != nil {
-		return 0, fmt.Errorf("list rules of inet %s %s: %w", t.table.Name, chainName, err)
+		return 0, nil, fmt.Errorf("list rules of inet %s %s: %w", t.table.Name, chainName, err)
 	}
-	var n uint64
+	services = map[string]uint64{}
 	for _, r := range rules {
+		var n uint64
+		drop := false
 		for _, e := range r.Exprs {
-			if c, ok := e.(*expr.Counter); ok {
-				n += c.Packets
+			switch e := e.(type) {
+			case *expr.Counter:
+				n += e.Packets
+			case *expr.Verdict:
+				drop = e.Kind == expr.VerdictDrop
 			}
 		}
+		if where, ok := strings.CutPrefix(string(r.UserData), serviceTag); ok {
+			services[where] += n
+		} else if drop {
+			dropped += n
+		}
 	}
-	return n, nil
+	return dropped, services, nil
 }
 
 // Remove deletes the table, its holes and its forward policy.

@@ -47,7 +47,7 @@ docs/pinholes.md.`,
 					fmt.Fprintln(cmd.ErrOrStderr(), err)
 					return exitCode(1)
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "%s: ok: %d rules\n", cfg.RulesPath, len(rules.List))
+				fmt.Fprintf(cmd.OutOrStdout(), "%s: ok: %d rules, %d services\n", cfg.RulesPath, len(rules.List), len(rules.Services))
 				return nil
 			}
 			for _, f := range []struct{ flag, v string }{{"listen", cfg.Listen}, {"protect", protect}, {"cert", files.Cert}, {"key", files.Key}, {"ca", files.CA}} {

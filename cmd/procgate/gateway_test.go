@@ -45,16 +45,16 @@ func TestGatewayCLI(t *testing.T) {
 	good := filepath.Join(dir, "good.rules")
 	bad := filepath.Join(dir, "bad.rules")
 	os.WriteFile(good, []byte(gatewayRules), 0o644)
-	os.WriteFile(bad, []byte("allow srv1 * tcp * * * 70000\nlimit alice many\n"), 0o644)
+	os.WriteFile(bad, []byte("allow srv1 * tcp * * * 70000\nlimit alice many\nservice * tcp 21\n"), 0o644)
 	for _, tc := range []struct {
 		name     string
 		args     []string
 		wantCode int
 		want     []string
 	}{
-		{"check ok", []string{"gateway", "--rules", good, "--check"}, 0, []string{good + ": ok: 1 rules"}},
+		{"check ok", []string{"gateway", "--rules", good, "--check"}, 0, []string{good + ": ok: 1 rules, 0 services"}},
 		{"check names every error", []string{"gateway", "--rules", bad, "--check"}, 1,
-			[]string{bad + ":1:24: expected a port", bad + ":2:13: expected a number of holes"}},
+			[]string{bad + ":1:24: expected a port", bad + ":2:13: expected a number of holes", bad + ":3:9: expected the HOST of a service"}},
 		{"a bad file does not start", []string{"gateway", "--rules", bad, "--listen", "127.0.0.1:0", "--protect", "10.9.0.0/16",
 			"--cert", filepath.Join(dir, "gateway.crt"), "--key", filepath.Join(dir, "gateway.key"), "--ca", filepath.Join(dir, "ca.crt")}, 1,
 			[]string{bad + ":1:24"}},
