@@ -23,12 +23,13 @@ import (
 )
 
 // siteRules let srv1 (the server's agent) open holes to itself on the aux
-// range except for the second external host (line 5), and "site" (the
-// test, standing for the site's static firewall) let the control ports in: the gateway drops every new inbound connection
-// to the protected range that no hole admits, and it has no static rules.
+// range except for the second external host (line 5), and keep the
+// control ports (FTP's 21, bulk's 4600) open as services: the gateway
+// drops every other new inbound connection to the protected range that no
+// hole admits.
 const siteRules = `host srv1 10.9.0.5,fd09::5
 allow srv1 * * * * self 40000-40100
-allow site * tcp * * 10.9.0.5 21,4600
+service srv1 tcp 21,4600
 deny * mallory * * * * *
 deny srv1 * * 203.0.113.10 * * *
 `
@@ -40,10 +41,12 @@ type perimeterSite struct {
 	gw  *perimeter.Gateway
 	pki string // ca.crt, srv1.crt/.key (the agent), ftp.crt/.key (vsftpd)
 	// srv1 is a client with the agent's certificate, dialing from the
-	// server; site holds the static holes.
-	srv1, site *perimeter.Client
-	log        *lockedBuffer
-	gwURL      string
+	// server.
+	srv1  *perimeter.Client
+	log   *lockedBuffer
+	gwURL string
+	// rulesPath is the site rules' file.
+	rulesPath string
 }
 
 func newPerimeterSite(t *testing.T, lease time.Duration) *perimeterSite {
@@ -57,7 +60,6 @@ func newPerimeterSite(t *testing.T, lease time.Duration) *perimeterSite {
 	for _, r := range []pki.IssueRequest{
 		{Name: "gateway", Usage: pki.Server, Hosts: []string{nstest.RouterToServer4}},
 		{Name: "srv1", Usage: pki.Client},
-		{Name: "site", Usage: pki.Client},
 		{Name: "ftp", Usage: pki.Server, Hosts: []string{nstest.Server4}},
 	} {
 		r.Validity = time.Hour
@@ -66,6 +68,7 @@ func newPerimeterSite(t *testing.T, lease time.Duration) *perimeterSite {
 		}
 	}
 	rules := filepath.Join(t.TempDir(), "site.rules")
+	s.rulesPath = rules
 	if err := os.WriteFile(rules, []byte(siteRules), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +101,7 @@ func newPerimeterSite(t *testing.T, lease time.Duration) *perimeterSite {
 			t.Logf("gateway log:\n%s", s.log.String())
 		}
 	})
-	s.srv1, s.site = s.client(t, "srv1"), s.client(t, "site")
+	s.srv1 = s.client(t, "srv1")
 	return s
 }
 
@@ -120,32 +123,27 @@ func (s *perimeterSite) client(t *testing.T, name string) *perimeter.Client {
 	return c
 }
 
-// allowService keeps a hole for peer to the server's port open for the
-// rest of the test, as the site's static firewall would: the test renews
-// it as long as it runs.
-func (s *perimeterSite) allowService(t *testing.T, peer string, port int) {
+// serviceLetIn checks that the control port is let in by the
+// `service` line: the site's services counted packets and the gateway
+// holds no hole for it.
+func (s *perimeterSite) serviceLetIn(t *testing.T, port int) {
 	t.Helper()
-	target := perimeter.Target{Proto: "tcp", Peer: peer, Host: nstest.Server4, Port: port}
-	if _, err := s.site.Open(context.Background(), perimeter.Request{Target: target, User: "site"}); err != nil {
-		t.Fatalf("open the static hole for %+v: %v", target, err)
+	_, counted, err := s.gw.Table().Counters()
+	if err != nil {
+		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		tick := time.NewTicker(2 * time.Second)
-		defer tick.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-				s.site.Renew(ctx, []perimeter.Target{target}, 0)
-			}
+	if counted[s.rulesPath+":3"] == 0 {
+		t.Errorf("the service line %s:3 counted no packets: %v", s.rulesPath, counted)
+	}
+	els, err := s.gw.Table().Elements()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range els {
+		if int(e.Port) == port {
+			t.Errorf("a hole %v to the service's port %d: services need none", e.Key, port)
 		}
-	}()
-	t.Cleanup(func() { cancel(); wg.Wait() })
+	}
 }
 
 // agentHoles are the holes the agent (srv1) holds, from the gateway.

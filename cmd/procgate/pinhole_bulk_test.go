@@ -119,7 +119,6 @@ func bulkThroughPerimeter(t *testing.T, s *perimeterSite, bin, dir, sum string) 
 // the agent opens the hole from the server's UDP bind.
 func TestPinholeBulkUDP(t *testing.T) {
 	c := newChainSite(t, "10s")
-	c.allowService(t, nstest.Client4, 4600)
 	bin := buildBulk(t)
 	dir, err := os.MkdirTemp("", "procgate-bulk-")
 	if err != nil {
@@ -130,4 +129,5 @@ func TestPinholeBulkUDP(t *testing.T) {
 	c.startInApp(t, "bulk", bin, "serve", "--listen", net.JoinHostPort(nstest.Server4, "4600"), "--ports", "40000-40100", "--dir", dir)
 	c.waitListen(t, 4600)
 	bulkThroughPerimeter(t, c.perimeterSite, bin, dir, sum)
+	c.serviceLetIn(t, 4600)
 }

@@ -64,11 +64,11 @@ func (c *chainSite) startInApp(t *testing.T, app string, args ...string) (stop f
 // peer named through the local API, and a killed agent's holes expiring.)
 func TestPinholeFTPRefusedPeer(t *testing.T) {
 	c := newChainSite(t, "10s")
-	c.allowService(t, nstest.Other4, 21)
 	site := ftpServer(t, c.perimeterSite, false)
 	c.startInApp(t, "ftp", site.Args()...)
 	c.waitListen(t, 21)
 	_, data := pasvFrom(t, c.Other, nil)
+	c.serviceLetIn(t, 21)
 	port := fmt.Sprintf(`"port":%d`, data.Port())
 	waitEvent(t, c.e, `"kind":"pinhole"`, `"verdict":"refuse"`, `"peer":"`+nstest.Other4+`"`, port)
 	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(c.log.String(), `"msg":"pinhole refused"`); time.Sleep(20 * time.Millisecond) {

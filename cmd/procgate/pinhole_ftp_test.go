@@ -149,11 +149,11 @@ func TestPinholeFTP(t *testing.T) {
 	}{{"plain", false}, {"explicit TLS", true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newChainSite(t, "10s")
-			c.allowService(t, nstest.Client4, 21)
 			site := ftpServer(t, c.perimeterSite, tc.tls)
 			c.startInApp(t, "ftp", site.Args()...)
 			c.waitListen(t, 21)
 			ftpThroughPerimeter(t, c.perimeterSite, site)
+			c.serviceLetIn(t, 21)
 		})
 	}
 }
