@@ -2,9 +2,15 @@ package daemon
 
 import (
 	"net/netip"
+	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/procgate/procgate/perimeter"
+	"github.com/procgate/procgate/pinhole"
 	"github.com/procgate/procgate/ruleset"
 )
 
@@ -88,5 +94,27 @@ func TestWithRoutes(t *testing.T) {
 	out := withRoutes(rs, []ruleset.InternalPrefix{{Prefix: p("10.0.0.0/8")}, {Prefix: p("100.64.0.0/10")}})
 	if len(out.Internal) != 2 || out.Internal[1].Prefix != p("100.64.0.0/10") || len(rs.Internal) != 1 {
 		t.Fatalf("withRoutes: %v (policy now %v)", out.Internal, rs.Internal)
+	}
+}
+
+func TestNamedPeersFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "pinhole-named.json")
+	if ps, err := loadNamedPeers(path); err != nil || ps != nil {
+		t.Fatalf("no file: %v, %v; want none and no error", ps, err)
+	}
+	want := []pinhole.NamedPeer{{App: "ftp", PID: 7, UID: 1000, Peer: netip.MustParseAddr("198.51.100.10"), Host: netip.MustParseAddr("10.9.0.5"),
+		Proto: perimeter.UDP, Port: 40010, Bound: true, Since: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)}}
+	if err := writeJSON(path, want); err != nil {
+		t.Fatal(err)
+	}
+	got, err := loadNamedPeers(path)
+	if err != nil || !slices.Equal(got, want) {
+		t.Errorf("round trip: %+v, %v; want %+v", got, err, want)
+	}
+	if err := os.WriteFile(path, []byte("[{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadNamedPeers(path); err == nil || !strings.Contains(err.Error(), path) {
+		t.Errorf("corrupt file: %v; want an error naming %s", err, path)
 	}
 }

@@ -2,11 +2,13 @@ package daemon
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -57,7 +59,15 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 	d.mu.Lock()
 	_, apps := pinholeApps(d.lastBindings)
 	d.mu.Unlock()
+	namedPath := filepath.Join(d.cfg.StateDir, "pinhole-named.json")
+	named, err := loadNamedPeers(namedPath)
+	if err != nil {
+		// Named peers are a convenience of the apps: a bad file costs them
+		// their namings, never the daemon its start.
+		d.log.Warn("named peers of the last run dropped", "err", err)
+	}
 	ph.agent = pinhole.New(pinhole.Config{
+		Named: named, SaveNamed: func(ps []pinhole.NamedPeer) error { return writeJSON(namedPath, ps) },
 		Apps:    apps,
 		Gateway: perimeter.NewClient(d.cfg.GatewayURL, tlsConf), Guard: k, Source: k, Log: d.log,
 		Notify: d.notePinhole, Initial: k.Snapshot,
@@ -82,6 +92,23 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 	}()
 	d.log.Info("pinhole agent started", "gateway", d.cfg.GatewayURL)
 	return nil
+}
+
+// loadNamedPeers reads the named peers an earlier run saved (none if the
+// file does not exist).
+func loadNamedPeers(path string) ([]pinhole.NamedPeer, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read named peers: %w", err)
+	}
+	var ps []pinhole.NamedPeer
+	if err := json.Unmarshal(data, &ps); err != nil {
+		return nil, fmt.Errorf("parse named peers %s: %w", path, err)
+	}
+	return ps, nil
 }
 
 // dynamicBinding is an app with inbound: dynamic and where it lives.

@@ -84,6 +84,13 @@ type Config struct {
 	// Initial lists the sockets that exist when Run starts (Kernel.Snapshot),
 	// so that a restarted agent keeps their holes; nil: none.
 	Initial func() ([]Event, error)
+	// Named are the peers named through the local API that an earlier run
+	// saved (SaveNamed); Run takes those whose app is still dynamic and
+	// whose port is still auxiliary.
+	Named []NamedPeer
+	// SaveNamed keeps the named peers over a restart; it is called with
+	// all of them whenever they change. nil: not kept.
+	SaveNamed func([]NamedPeer) error
 	// StaleAfter turns on the stale-hole check: an open hole whose
 	// gateway counters have not moved for this long, and whose peer the
 	// socket view (Uses) does not show on the port, is closed with reason
@@ -127,6 +134,20 @@ type named struct {
 	port          uint16
 	bound         bool // an auxiliary socket was seen on the port since
 	since         time.Time
+}
+
+// NamedPeer is a named peer as it is saved: by app name (app ids are the
+// daemon's, names are the policy's).
+type NamedPeer struct {
+	App   string          `json:"app"`
+	PID   uint32          `json:"pid"`
+	UID   uint32          `json:"uid"`
+	Peer  netip.Addr      `json:"peer"`
+	Host  netip.Addr      `json:"host"`
+	Proto perimeter.Proto `json:"proto"`
+	Port  uint16          `json:"port"`
+	Bound bool            `json:"bound"`
+	Since time.Time       `json:"since"`
 }
 
 // namedWait is how long a named peer waits for its port to be bound.
@@ -248,6 +269,7 @@ func userName(uid uint32) string {
 // ends. The holes stay open at the gateway until their leases end, so a
 // restarted daemon does not cut transfers short.
 func (a *Agent) Run(ctx context.Context) error {
+	a.loadNamed()
 	if a.cfg.Initial != nil {
 		es, err := a.cfg.Initial()
 		if err != nil {
@@ -333,6 +355,7 @@ func (a *Agent) SetApps(ctx context.Context, apps []App) error {
 		for _, app := range apps {
 			a.apps[app.ID] = app
 		}
+		a.pruneNamed()
 		a.reconcile(ctx)
 	})
 }
@@ -351,10 +374,14 @@ func (a *Agent) handle(e Event) {
 	case AuxOpen:
 		a.auxes[e.Cookie] = auxSock{app: e.AppID, tgid: e.TGID, uid: e.UID, proto: e.Proto, port: e.Local.Port()}
 		maps.DeleteFunc(a.stale, func(k perimeter.Key, _ bool) bool { return k.Proto == e.Proto && k.Port == e.Local.Port() })
+		saved := false
 		for _, n := range a.named {
-			if n.app == e.AppID && n.proto == e.Proto && n.port == e.Local.Port() {
-				n.bound = true
+			if n.app == e.AppID && n.proto == e.Proto && n.port == e.Local.Port() && !n.bound {
+				n.bound, saved = true, true
 			}
+		}
+		if saved {
+			a.saveNamed()
 		}
 	case AuxClose:
 		delete(a.auxes, e.Cookie)
@@ -631,6 +658,12 @@ func (a *Agent) close(ctx context.Context, hs []*hole, reason string) {
 // retries a sync the gateway missed.
 func (a *Agent) tick(ctx context.Context) {
 	now := a.cfg.Now()
+	before := len(a.named)
+	defer func() {
+		if len(a.named) != before {
+			a.saveNamed()
+		}
+	}()
 	a.named = slices.DeleteFunc(a.named, func(n *named) bool {
 		if !n.bound {
 			return now.Sub(n.since) > namedWait
@@ -781,6 +814,56 @@ func (a *Agent) closeStale(ctx context.Context, now time.Time) []perimeter.Key {
 	return keys
 }
 
+// loadNamed takes the named peers an earlier run saved.
+func (a *Agent) loadNamed() {
+	byName := map[string]uint32{}
+	for id, app := range a.apps {
+		byName[app.Name] = id
+	}
+	for _, p := range a.cfg.Named {
+		id, ok := byName[p.App]
+		if !ok {
+			continue
+		}
+		a.named = append(a.named, &named{app: id, pid: p.PID, uid: p.UID, peer: p.Peer.Unmap(), host: p.Host.Unmap(),
+			proto: p.Proto, port: p.Port, bound: p.Bound, since: p.Since})
+	}
+	a.pruneNamed()
+	if len(a.named) != len(a.cfg.Named) {
+		a.saveNamed() // some were dropped while pruning or had no app
+	}
+	if len(a.named) > 0 {
+		a.log.Info("pinhole agent took named peers of an earlier run", "named", len(a.named))
+	}
+}
+
+// pruneNamed drops the named peers whose app is no longer dynamic or whose
+// port is no longer auxiliary.
+func (a *Agent) pruneNamed() {
+	before := len(a.named)
+	a.named = slices.DeleteFunc(a.named, func(n *named) bool {
+		app, ok := a.apps[n.app]
+		return !ok || !app.Inbound.IsAux(protoSet(n.proto), n.port)
+	})
+	if len(a.named) != before {
+		a.saveNamed()
+	}
+}
+
+func (a *Agent) saveNamed() {
+	if a.cfg.SaveNamed == nil {
+		return
+	}
+	out := []NamedPeer{}
+	for _, n := range a.named {
+		out = append(out, NamedPeer{App: a.apps[n.app].Name, PID: n.pid, UID: n.uid, Peer: n.peer, Host: n.host,
+			Proto: n.proto, Port: n.port, Bound: n.bound, Since: n.since})
+	}
+	if err := a.cfg.SaveNamed(out); err != nil {
+		a.log.Error("save named peers; they will not survive a restart", "err", err)
+	}
+}
+
 // Open names a peer for an app's auxiliary port on behalf of process pid
 // (the local API's `pinhole-open`; pid is recorded, the naming belongs to
 // the app, as the CLI that asks exits at once). The hole is open while the
@@ -833,6 +916,7 @@ func (a *Agent) openNamed(ctx context.Context, app uint32, pid, uid uint32, peer
 	}
 	if held >= 0 {
 		a.named = append(a.named, n)
+		a.saveNamed()
 	}
 	delete(a.stale, perimeter.Key{Peer: peer, Proto: proto, Host: host, Port: port})
 	a.reconcile(ctx)

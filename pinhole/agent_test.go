@@ -2,6 +2,7 @@ package pinhole
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"net/netip"
@@ -605,5 +606,51 @@ func TestAgentStaleHoles(t *testing.T) {
 	r.want("released", idle)
 	if n := r.notes[len(r.notes)-1]; n.Action != "close" || n.Key != busy || n.Reason != "released" {
 		t.Errorf("last notice %+v, want close of %v, released", n, busy)
+	}
+}
+
+// TestAgentNamedPeersSurviveRestart: the named peers are saved on every
+// change and a new agent takes them back, without those whose port is no
+// longer auxiliary or whose app is gone.
+func TestAgentNamedPeersSurviveRestart(t *testing.T) {
+	r := newRig(t)
+	var saved []byte
+	r.agent.cfg.SaveNamed = func(ps []NamedPeer) (err error) {
+		saved, err = json.Marshal(ps) // as the daemon's state file holds them
+		return err
+	}
+	for _, port := range []uint16{40010, 40011} {
+		if _, err := r.agent.openNow(3, 500, 1000, client, server, perimeter.UDP, port); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.events(aux(9, 500, perimeter.UDP, 40010))
+	r.want("named and bound", key(client, perimeter.UDP, 40010))
+	var ps []NamedPeer
+	if err := json.Unmarshal(saved, &ps); err != nil || len(ps) != 2 || !ps[0].Bound || ps[0].Peer != client || ps[0].App != "ftp" {
+		t.Fatalf("saved %s (%v): want both named peers, the first bound", saved, err)
+	}
+
+	// The daemon restarts with a policy whose aux ports end at 40010, and
+	// an app that is gone named a peer too.
+	r2 := newRig(t)
+	r2.dynamic.Inbound.Ports = []ruleset.PortRange{{Lo: 40000, Hi: 40010}}
+	r2.agent.apps = map[uint32]App{3: r2.dynamic}
+	r2.agent.cfg.Named = append(ps, NamedPeer{App: "gone", Peer: client2, Host: server, Proto: perimeter.UDP, Port: 40010, Bound: true})
+	saved = nil
+	r2.agent.cfg.SaveNamed = r.agent.cfg.SaveNamed
+	r2.agent.loadNamed()
+	r2.events(aux(9, 500, perimeter.UDP, 40010)) // the socket outlived the daemon
+	r2.want("named peer back", key(client, perimeter.UDP, 40010))
+	if err := json.Unmarshal(saved, &ps); err != nil || len(ps) != 1 || ps[0].Port != 40010 {
+		t.Errorf("saved after the restart %s (%v): want the 40010 peer only", saved, err)
+	}
+	// Released after the restart: forgotten as before.
+	r2.events(closed(aux(9, 500, perimeter.UDP, 40010)))
+	r2.agent.tick(r2.ctx)
+	r2.events(aux(10, 500, perimeter.UDP, 40010))
+	r2.want("a named peer is for one bind, across a restart too")
+	if string(saved) != "[]" {
+		t.Errorf("saved %s after the release, want []", saved)
 	}
 }
