@@ -7,12 +7,12 @@ import (
 	"net/netip"
 	"os"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -79,7 +79,7 @@ type Element struct {
 //	    ip saddr . meta l4proto . ip daddr . th dport @holes4 accept
 //	    ip6 saddr . meta l4proto . ip6 daddr . th dport @holes6 accept
 //	    ct state established,related accept
-//	    meta l4proto tcp ip daddr HOST th dport PORTS counter accept comment "service FILE:LINE"  # services
+//	    ip daddr HOST tcp dport PORTS counter accept comment "service FILE:LINE"  # services
 //	    ip daddr PROTECTED counter drop     # one per protected prefix
 //	  }
 //	}
@@ -178,9 +178,17 @@ func (t *Table) install(name string) error {
 	return c.Flush()
 }
 
-// serviceTag is the userdata of a service's rules: it tells them from the
-// drop rules when counting, and names the line.
-const serviceTag = "service "
+// serviceComment is the comment of a service's rules (nft shows it): it
+// tells them from the drop rules when counting, and names the line. The
+// kernel keeps at most 256 bytes of a rule's userdata: a longer file name
+// loses its beginning.
+func serviceComment(where string) string {
+	const max = 240
+	if len(where) > max {
+		where = "..." + where[len(where)-max:]
+	}
+	return "service " + where
+}
 
 // queueChain queues the chain's rules, services included, after a flush of
 // the chain: whatever transaction it joins replaces the chain whole.
@@ -205,7 +213,7 @@ func (t *Table) queueChain(services []Service) {
 		for _, m := range sv.matches() {
 			for _, r := range sv.Ports {
 				c.AddRule(&nftables.Rule{Table: t.table, Chain: t.chain, Exprs: serviceAccept(sv.Proto, m, r),
-					UserData: []byte(serviceTag + sv.Where)})
+					UserData: userdata.AppendString(nil, userdata.TypeComment, serviceComment(sv.Where))})
 			}
 		}
 	}
@@ -517,6 +525,10 @@ func (t *Table) Counters() (dropped uint64, services map[string]uint64, err erro
 		return 0, nil, fmt.Errorf("list rules of inet %s %s: %w", t.table.Name, chainName, err)
 	}
 	services = map[string]uint64{}
+	where := map[string]string{}
+	for _, sv := range t.services {
+		where[serviceComment(sv.Where)] = sv.Where
+	}
 	for _, r := range rules {
 		var n uint64
 		drop := false
@@ -528,8 +540,9 @@ func (t *Table) Counters() (dropped uint64, services map[string]uint64, err erro
 				drop = e.Kind == expr.VerdictDrop
 			}
 		}
-		if where, ok := strings.CutPrefix(string(r.UserData), serviceTag); ok {
-			services[where] += n
+		comment, _ := userdata.GetString(r.UserData, userdata.TypeComment)
+		if w, ok := where[comment]; ok {
+			services[w] += n
 		} else if drop {
 			dropped += n
 		}
