@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -223,16 +224,40 @@ func TestPinholeEndToEnd(t *testing.T) {
 		t.Errorf("procgate pinholes: %v\n%s", err, out)
 	}
 
-	// A restarted daemon finds the sockets that exist and keeps their holes
-	// (peers named through the API are not kept).
+	// The router, named as a peer of 40003: only the host guard stands
+	// between it and the server (it does not cross its own forward chain).
+	// TCP: the policy's internal prefixes hold the router's address, and
+	// the app has no grant to send a UDP answer there.
+	app.Do("listen 40003")
+	routerAux := pinholetest.Server4 + ":40003"
+	if out, err := e.procgate("run", "--app", "xfer", "--", e.bin, "--socket", e.socket,
+		"pinhole", "open", "--peer", pinholetest.RouterAPI, "--port", "40003", "--proto", "tcp"); err != nil {
+		t.Fatalf("pinhole open for the router: %v\n%s", err, out)
+	}
+	mustReach(t, top.Router, "tcp", routerAux, "data\n", "the router, named")
+
+	// A restarted daemon finds the sockets that exist and keeps their holes,
+	// named peers included; the host guard, emptied at the start, lets
+	// their peers in again. A socket released while the daemon was down
+	// takes its named peer and its old allow entry with it.
 	e.stopDaemon(syscall.SIGTERM)
+	app.Do("close 40003")
 	e.startDaemon()
 	until(t, "holes kept over a daemon restart", func() bool {
 		hs := e.pinholes()
-		return hasHole(hs, "open", "tcp", pinholetest.Client4, 40000) && hasHole(hs, "open", "udp", pinholetest.Client4, 40001)
+		return hasHole(hs, "open", "tcp", pinholetest.Client4, 40000) && hasHole(hs, "open", "udp", pinholetest.Client4, 40001) &&
+			hasHole(hs, "open", "udp", pinholetest.Other4, 40001)
 	})
 	mustReach(t, top.Client, "udp", udpAux, "ping\n", "after the daemon's restart")
 	mustReach(t, top.Client, "tcp", aux, "data\n", "after the daemon's restart")
+	mustReach(t, top.Other, "udp", udpAux, "ping\n", "the named peer after the daemon's restart")
+	until(t, "the router's named peer forgotten", func() bool {
+		b, err := os.ReadFile(filepath.Join(e.state, "pinhole-named.json"))
+		return err == nil && !strings.Contains(string(b), pinholetest.RouterAPI)
+	})
+	app.Do("listen 40003")
+	mustNotReach(t, top.Router, "tcp", routerAux, "the router after the restart: its named peer and allow entry are gone")
+	app.Do("close 40003")
 
 	// A gateway that restarts without its table (every hole gone): the
 	// agent's next renewal finds its holes missing and syncs them back.
