@@ -3,10 +3,12 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -284,6 +286,49 @@ func TestPinholeEndToEnd(t *testing.T) {
 	until(t, "tcp hole closed again", func() bool { return !hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40000) })
 	mustNotReach(t, top.Client, "tcp", aux, "after the close")
 
+	// Stale holes, with a short idle time: a hole whose counters stand
+	// still and whose peer holds no connection on its port closes; the
+	// hole of a port where the client holds a connection stays open. The
+	// held connection's last packet comes before 40008's hole opens, after
+	// 40007 closed, so when 40008 is stale the held hole has stood still
+	// as long: only the socket view keeps it.
+	e.stopDaemon(syscall.SIGTERM)
+	e.daemonFlags = append(e.daemonFlags, "--pinhole-idle", "2s")
+	e.startDaemon()
+	app.Do("keep 40006")
+	until(t, "hole of the held port", func() bool { return hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40006) })
+	held, err := pinholetest.DialIn(top.Client, "tcp", pinholetest.Server4+":40006", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if _, err := held.Read(make([]byte, 8)); err != nil {
+		t.Fatal(err)
+	}
+	for _, port := range []uint16{40007, 40008} {
+		app.Do("listen " + strconv.Itoa(int(port)))
+		until(t, "idle hole open", func() bool { return hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, port) })
+		until(t, "idle hole closed as stale", func() bool {
+			return !slices.Contains(gatewayHoles(t, srv1), holeKey(pinholetest.Client4, "tcp", port))
+		})
+	}
+	if !hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40006) {
+		t.Errorf("the hole of a port where its peer holds a connection was closed as stale")
+	}
+	held.Close()
+	until(t, "the held port's hole stale once its connection ends", func() bool {
+		return !slices.Contains(gatewayHoles(t, srv1), holeKey(pinholetest.Client4, "tcp", 40006))
+	})
+	mustNotReach(t, top.Client, "tcp", pinholetest.Server4+":40008", "a stale hole")
+	// A hole in use for the agent's death below.
+	app.Do("keep 40009")
+	until(t, "hole of a port in use", func() bool { return hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40009) })
+	inUse, err := pinholetest.DialIn(top.Client, "tcp", pinholetest.Server4+":40009", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inUse.Close()
+
 	events, err := e.procgate("events", "--json", "--last", "0")
 	if err != nil {
 		t.Fatal(err)
@@ -293,9 +338,13 @@ func TestPinholeEndToEnd(t *testing.T) {
 		var r audit.Record
 		if json.Unmarshal([]byte(line), &r) == nil && r.Kind == audit.KindPinhole {
 			kinds = append(kinds, r.Verdict+" "+r.Pinhole.Proto+" "+r.Pinhole.Peer)
+			if r.Verdict == "close" && r.Reason == "stale" {
+				kinds = append(kinds, fmt.Sprintf("stale %d", r.Pinhole.Port))
+			}
 		}
 	}
-	for _, want := range []string{"open tcp " + pinholetest.Client4, "close tcp " + pinholetest.Client4, "open udp " + pinholetest.Other4, "refuse udp 203.0.113.66"} {
+	for _, want := range []string{"open tcp " + pinholetest.Client4, "close tcp " + pinholetest.Client4, "open udp " + pinholetest.Other4, "refuse udp 203.0.113.66",
+		"stale 40007", "stale 40008", "stale 40006"} {
 		if !slices.Contains(kinds, want) {
 			t.Errorf("audit log lacks %q; pinhole records: %q", want, kinds)
 		}
