@@ -128,12 +128,8 @@ type auxSock struct {
 
 // named is a peer an app named through the local API for one of its ports.
 type named struct {
-	app, pid, uid uint32
-	peer, host    netip.Addr
-	proto         perimeter.Proto
-	port          uint16
-	bound         bool // an auxiliary socket was seen on the port since
-	since         time.Time
+	app uint32 // the app's id (NamedPeer.App, its name, is filled in when saved)
+	NamedPeer
 }
 
 // NamedPeer is a named peer as it is saved: by app name (app ids are the
@@ -146,7 +142,7 @@ type NamedPeer struct {
 	Host  netip.Addr      `json:"host"`
 	Proto perimeter.Proto `json:"proto"`
 	Port  uint16          `json:"port"`
-	Bound bool            `json:"bound"`
+	Bound bool            `json:"bound"` // an auxiliary socket was seen on the port since
 	Since time.Time       `json:"since"`
 }
 
@@ -376,8 +372,8 @@ func (a *Agent) handle(e Event) {
 		maps.DeleteFunc(a.stale, func(k perimeter.Key, _ bool) bool { return k.Proto == e.Proto && k.Port == e.Local.Port() })
 		saved := false
 		for _, n := range a.named {
-			if n.app == e.AppID && n.proto == e.Proto && n.port == e.Local.Port() && !n.bound {
-				n.bound, saved = true, true
+			if n.app == e.AppID && n.Proto == e.Proto && n.Port == e.Local.Port() && !n.Bound {
+				n.Bound, saved = true, true
 			}
 		}
 		if saved {
@@ -441,8 +437,8 @@ func (a *Agent) desired() map[perimeter.Key]want {
 			continue
 		}
 		for _, x := range a.auxes {
-			if x.app == n.app && x.proto == n.proto && x.port == n.port {
-				add(n.peer, n.host, n.proto, n.port, app, n.uid, n.pid)
+			if x.app == n.app && x.proto == n.Proto && x.port == n.Port {
+				add(n.Peer, n.Host, n.Proto, n.Port, app, n.UID, n.PID)
 				break
 			}
 		}
@@ -665,11 +661,11 @@ func (a *Agent) tick(ctx context.Context) {
 		}
 	}()
 	a.named = slices.DeleteFunc(a.named, func(n *named) bool {
-		if !n.bound {
-			return now.Sub(n.since) > namedWait
+		if !n.Bound {
+			return now.Sub(n.Since) > namedWait
 		}
 		for _, x := range a.auxes {
-			if x.app == n.app && x.proto == n.proto && x.port == n.port {
+			if x.app == n.app && x.proto == n.Proto && x.port == n.Port {
 				return false
 			}
 		}
@@ -825,8 +821,8 @@ func (a *Agent) loadNamed() {
 		if !ok {
 			continue
 		}
-		a.named = append(a.named, &named{app: id, pid: p.PID, uid: p.UID, peer: p.Peer.Unmap(), host: p.Host.Unmap(),
-			proto: p.Proto, port: p.Port, bound: p.Bound, since: p.Since})
+		p.Peer, p.Host = p.Peer.Unmap(), p.Host.Unmap()
+		a.named = append(a.named, &named{app: id, NamedPeer: p})
 	}
 	a.pruneNamed()
 	if len(a.named) != len(a.cfg.Named) {
@@ -843,7 +839,7 @@ func (a *Agent) pruneNamed() {
 	before := len(a.named)
 	a.named = slices.DeleteFunc(a.named, func(n *named) bool {
 		app, ok := a.apps[n.app]
-		return !ok || !app.Inbound.IsAux(protoSet(n.proto), n.port)
+		return !ok || !app.Inbound.IsAux(protoSet(n.Proto), n.Port)
 	})
 	if len(a.named) != before {
 		a.saveNamed()
@@ -856,8 +852,9 @@ func (a *Agent) saveNamed() {
 	}
 	out := []NamedPeer{}
 	for _, n := range a.named {
-		out = append(out, NamedPeer{App: a.apps[n.app].Name, PID: n.pid, UID: n.uid, Peer: n.peer, Host: n.host,
-			Proto: n.proto, Port: n.port, Bound: n.bound, Since: n.since})
+		p := n.NamedPeer
+		p.App = a.apps[n.app].Name
+		out = append(out, p)
 	}
 	if err := a.cfg.SaveNamed(out); err != nil {
 		a.log.Error("save named peers; they will not survive a restart", "err", err)
@@ -900,7 +897,7 @@ func (a *Agent) openNamed(ctx context.Context, app uint32, pid, uid uint32, peer
 		if n.app == app {
 			held++
 		}
-		if n.app == app && n.peer == peer && n.host == host && n.proto == proto && n.port == port {
+		if n.app == app && n.Peer == peer && n.Host == host && n.Proto == proto && n.Port == port {
 			held = -1 // named already: asking again changes nothing
 			break
 		}
@@ -908,10 +905,10 @@ func (a *Agent) openNamed(ctx context.Context, app uint32, pid, uid uint32, peer
 	if held >= maxNamed {
 		return Status{}, fmt.Errorf("app %s names %d peers already (at most %d)", x.Name, held, maxNamed)
 	}
-	n := &named{app: app, pid: pid, uid: uid, peer: peer, host: host, proto: proto, port: port, since: a.cfg.Now()}
+	n := &named{app: app, NamedPeer: NamedPeer{App: x.Name, PID: pid, UID: uid, Peer: peer, Host: host, Proto: proto, Port: port, Since: a.cfg.Now()}}
 	for _, s := range a.auxes {
 		if s.app == app && s.proto == proto && s.port == port {
-			n.bound = true
+			n.Bound = true
 		}
 	}
 	if held >= 0 {
