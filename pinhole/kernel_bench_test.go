@@ -56,7 +56,7 @@ func BenchmarkHostGuard(b *testing.B) {
 	defer stats.Close()
 	for _, port := range []string{"40002", "41002"} {
 		b.Run("port="+port, func(b *testing.B) {
-			c, err := pinholetest.DialIn(ns, "udp", "127.0.0.1:"+port, time.Second)
+			c, err := nstest.DialIn(ns, "udp", "127.0.0.1:"+port, time.Second)
 			if err != nil {
 				b.Fatal(err)
 			}

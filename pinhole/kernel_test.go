@@ -74,7 +74,7 @@ func TestKernelObservesAndGuards(t *testing.T) {
 	srv := pinholetest.Start(t, appDir, ns)
 	pid := srv.Do("pid")
 	srv.Do("control 2121")
-	c, err := pinholetest.DialIn(ns, "tcp", "127.0.0.1:2121", 5*time.Second)
+	c, err := nstest.DialIn(ns, "tcp", "127.0.0.1:2121", 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,7 +142,7 @@ func TestKernelObservesAndGuards(t *testing.T) {
 	}
 	srv.Do("keep 40003")
 	nextEvent(t, events, AuxOpen, perimeter.TCP, 40003)
-	hc, err := pinholetest.DialIn(ns, "tcp", "127.0.0.1:40003", 5*time.Second)
+	hc, err := nstest.DialIn(ns, "tcp", "127.0.0.1:40003", 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,15 +1,10 @@
 package main
 
 import (
-	"context"
 	"errors"
-	"log/slog"
 	"net"
-	"net/http"
-	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -18,6 +13,7 @@ import (
 	"time"
 
 	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/pinholetest"
 	"github.com/procgate/procgate/perimeter"
 	"github.com/procgate/procgate/pki"
 )
@@ -34,16 +30,16 @@ deny * mallory * * * * *
 deny srv1 * * 203.0.113.10 * * *
 `
 
-// perimeterSite is nstest.Site with a gateway in the router (in this
-// process), a PKI on disk and the API's clients.
+// perimeterSite is nstest.Site with pinholetest's gateway in the router
+// (in this process), a server certificate for vsftpd, and the agent's API
+// client.
 type perimeterSite struct {
 	nstest.Site
-	gw  *perimeter.Gateway
-	pki string // ca.crt, srv1.crt/.key (the agent), ftp.crt/.key (vsftpd)
+	gw  *pinholetest.Gateway
+	pki string // the gateway's PKI: ca.crt, srv1.crt/.key (the agent), ftp.crt/.key (vsftpd)
 	// srv1 is a client with the agent's certificate, dialing from the
 	// server.
 	srv1  *perimeter.Client
-	log   *lockedBuffer
 	gwURL string
 	// rulesPath is the site rules' file.
 	rulesPath string
@@ -52,75 +48,19 @@ type perimeterSite struct {
 func newPerimeterSite(t *testing.T, lease time.Duration) *perimeterSite {
 	t.Helper()
 	nstest.RequireRoot(t)
-	s := &perimeterSite{Site: nstest.NewSite(t), log: &lockedBuffer{}}
-	s.pki = filepath.Join(t.TempDir(), "pki")
-	if _, err := pki.Init(s.pki, "site CA", time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range []pki.IssueRequest{
-		{Name: "gateway", Usage: pki.Server, Hosts: []string{nstest.RouterToServer4}},
-		{Name: "srv1", Usage: pki.Client},
-		{Name: "ftp", Usage: pki.Server, Hosts: []string{nstest.Server4}},
-	} {
-		r.Validity = time.Hour
-		if _, _, err := pki.IssueFiles(s.pki, r); err != nil {
-			t.Fatal(err)
-		}
-	}
-	rules := filepath.Join(t.TempDir(), "site.rules")
-	s.rulesPath = rules
-	if err := os.WriteFile(rules, []byte(siteRules), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	serverTLS, err := pki.ServerConfig(s.files("gateway"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := perimeter.GatewayConfig{
-		RulesPath: rules, NetNS: s.Router, Lease: lease,
-		Protect: []netip.Prefix{netip.MustParsePrefix(nstest.ServerPrefix4), netip.MustParsePrefix(nstest.ServerPrefix6)},
-		TLS:     serverTLS,
-		Log:     slog.New(slog.NewJSONHandler(s.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	}
-	err = nstest.InNS(t, s.Router, func() (err error) {
-		cfg.Listener, err = net.Listen("tcp", net.JoinHostPort(nstest.RouterToServer4, "8443"))
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s.gw, err = perimeter.StartGateway(cfg); err != nil {
-		t.Fatal(err)
-	}
-	s.gwURL = "https://" + s.gw.Addr().String()
-	t.Cleanup(func() {
-		if err := s.gw.Close(); err != nil {
-			t.Errorf("close gateway: %v", err)
-		}
-		if t.Failed() {
-			t.Logf("gateway log:\n%s", s.log.String())
-		}
-	})
+	site := nstest.NewSite(t)
+	gw := pinholetest.StartGateway(t, site, siteRules, lease)
+	gw.Issue(t, pki.IssueRequest{Name: "ftp", Usage: pki.Server, Hosts: []string{nstest.Server4}})
+	s := &perimeterSite{Site: site, gw: gw, pki: gw.PKI, gwURL: gw.URL, rulesPath: gw.RulesPath}
 	s.srv1 = s.client(t, "srv1")
 	return s
 }
 
-func (s *perimeterSite) files(name string) pki.Files {
-	return pki.Files{Cert: filepath.Join(s.pki, name+".crt"), Key: filepath.Join(s.pki, name+".key"), CA: filepath.Join(s.pki, pki.CACertFile)}
-}
+func (s *perimeterSite) files(name string) pki.Files { return s.gw.Files(name) }
 
 // client is an API client with name's certificate, dialing from the server.
 func (s *perimeterSite) client(t *testing.T, name string) *perimeter.Client {
-	t.Helper()
-	conf, err := pki.ClientConfig(s.files(name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := perimeter.NewClient(s.gwURL, conf)
-	c.HTTP.Transport.(*http.Transport).DialContext = func(_ context.Context, network, addr string) (net.Conn, error) {
-		return nstest.DialIn(s.Server, network, addr, 10*time.Second)
-	}
-	return c
+	return s.gw.Client(t, name, s.Server)
 }
 
 // serviceLetIn checks that the control port is let in by the

@@ -71,12 +71,12 @@ func TestPinholeFTPRefusedPeer(t *testing.T) {
 	c.serviceLetIn(t, 21)
 	port := fmt.Sprintf(`"port":%d`, data.Port())
 	waitEvent(t, c.e, `"kind":"pinhole"`, `"verdict":"refuse"`, `"peer":"`+nstest.Other4+`"`, port)
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(c.log.String(), `"msg":"pinhole refused"`); time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(c.gw.Log(), `"msg":"pinhole refused"`); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the gateway logged no refusal")
 		}
 	}
-	if !strings.Contains(c.log.String(), "site.rules:5") {
+	if !strings.Contains(c.gw.Log(), "site.rules:5") {
 		t.Errorf("the gateway's refusal does not name the deny rule site.rules:5")
 	}
 	if holes := c.agentHoles(t); len(holes) != 0 {

@@ -17,6 +17,7 @@ import (
 	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/audit"
 	"github.com/procgate/procgate/daemon"
+	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/pinholetest"
 	"github.com/procgate/procgate/perimeter"
 )
@@ -75,9 +76,9 @@ func (e *e2e) pinholes() []api.Pinhole {
 }
 
 func hasHole(hs []api.Pinhole, state, proto, peer string, port uint16) bool {
-	host := pinholetest.Server4
+	host := nstest.Server4
 	if strings.Contains(peer, ":") {
-		host = pinholetest.Server6
+		host = nstest.Server6
 	}
 	return slices.ContainsFunc(hs, func(h api.Pinhole) bool {
 		return h.State == state && h.Proto == proto && h.Peer == peer && h.Port == port && h.Host == host
@@ -100,9 +101,9 @@ func gatewayHoles(t *testing.T, c *perimeter.Client) []perimeter.Key {
 
 func holeKey(peer, proto string, port uint16) perimeter.Key {
 	p, _ := perimeter.ParseProto(proto)
-	host := pinholetest.Server4
+	host := nstest.Server4
 	if strings.Contains(peer, ":") {
-		host = pinholetest.Server6
+		host = nstest.Server6
 	}
 	return perimeter.Key{Peer: netip.MustParseAddr(peer), Proto: p, Host: netip.MustParseAddr(host), Port: port}
 }
@@ -125,12 +126,12 @@ func mustNotReach(t *testing.T, ns, network, addr, why string) {
 // with inbound: dynamic, procgate daemon with the agent on the server, the
 // gateway on the router, a client and a second external host.
 func TestPinholeEndToEnd(t *testing.T) {
-	top := pinholetest.NewTopology(t)
+	top := nstest.NewSite(t)
 	gw := pinholetest.StartGateway(t, top, pinholeRules, time.Minute)
 	ctx := context.Background()
 	// The control port's hole, held by another delegate for the test.
 	ops := gw.Client(t, "ops", top.Server)
-	for _, peer := range []string{pinholetest.Client4, pinholetest.Client6} {
+	for _, peer := range []string{nstest.Client4, nstest.Client6} {
 		if _, err := ops.Open(ctx, perimeter.Request{Target: holeKey(peer, "tcp", 2121).Target(), User: "ops"}); err != nil {
 			t.Fatal(err)
 		}
@@ -144,17 +145,17 @@ func TestPinholeEndToEnd(t *testing.T) {
 	}
 	app := pinholetest.Start(t, filepath.Join(e.cgroup, daemon.AppsDir, "xfer"), top.Server)
 	app.Do("control 2121")
-	ctl, err := pinholetest.DialIn(top.Client, "tcp", pinholetest.Server4+":2121", 5*time.Second)
+	ctl, err := nstest.DialIn(top.Client, "tcp", nstest.Server4+":2121", 5*time.Second)
 	if err != nil {
 		t.Fatalf("control connection: %v", err)
 	}
 	defer ctl.Close()
 
-	aux := pinholetest.Server4 + ":40000"
-	udpAux := pinholetest.Server4 + ":40001"
+	aux := nstest.Server4 + ":40000"
+	udpAux := nstest.Server4 + ":40001"
 	app.Do("listen 40000")
-	until(t, "tcp hole for the client", func() bool { return hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40000) })
-	if got, want := gatewayHoles(t, srv1), []perimeter.Key{holeKey(pinholetest.Client4, "tcp", 40000)}; !slices.Equal(got, want) {
+	until(t, "tcp hole for the client", func() bool { return hasHole(e.pinholes(), "open", "tcp", nstest.Client4, 40000) })
+	if got, want := gatewayHoles(t, srv1), []perimeter.Key{holeKey(nstest.Client4, "tcp", 40000)}; !slices.Equal(got, want) {
 		t.Errorf("gateway holds %v, want %v: the client's hole only", got, want)
 	}
 	mustReach(t, top.Client, "tcp", aux, "data\n", "the client through its hole")
@@ -166,41 +167,41 @@ func TestPinholeEndToEnd(t *testing.T) {
 	// router would rightly give the router a hole.)
 	drops := e.status().Pinholes.GuardDrops
 	app.Do("listen 41000")
-	mustReach(t, top.Router, "tcp", pinholetest.Server4+":41000", "data\n", "the router on a port that is not auxiliary")
+	mustReach(t, top.Router, "tcp", nstest.Server4+":41000", "data\n", "the router on a port that is not auxiliary")
 	mustNotReach(t, top.Router, "tcp", aux, "the router at the host guard")
 	if now := e.status().Pinholes.GuardDrops; now <= drops {
 		t.Errorf("host guard drops %d -> %d: the router's attempt was not dropped by the guard", drops, now)
 	}
 
 	app.Do("bind 40001")
-	until(t, "udp hole for the client", func() bool { return hasHole(e.pinholes(), "open", "udp", pinholetest.Client4, 40001) })
+	until(t, "udp hole for the client", func() bool { return hasHole(e.pinholes(), "open", "udp", nstest.Client4, 40001) })
 	mustReach(t, top.Client, "udp", udpAux, "ping\n", "udp through the hole")
 	mustNotReach(t, top.Other, "udp", udpAux, "udp from the second external host")
 
 	// IPv6: a control connection over IPv6 gets holes to the server's IPv6
 	// address; the IPv4 client's to its IPv4 address.
-	ctl6, err := pinholetest.DialIn(top.Client, "tcp", "["+pinholetest.Server6+"]:2121", 5*time.Second)
+	ctl6, err := nstest.DialIn(top.Client, "tcp", "["+nstest.Server6+"]:2121", 5*time.Second)
 	if err != nil {
 		t.Fatalf("IPv6 control connection: %v", err)
 	}
 	app.Do("listen 40002")
 	until(t, "holes for both families", func() bool {
 		hs := e.pinholes()
-		return hasHole(hs, "open", "tcp", pinholetest.Client6, 40002) && hasHole(hs, "open", "tcp", pinholetest.Client4, 40002)
+		return hasHole(hs, "open", "tcp", nstest.Client6, 40002) && hasHole(hs, "open", "tcp", nstest.Client4, 40002)
 	})
-	aux6 := "[" + pinholetest.Server6 + "]:40002"
+	aux6 := "[" + nstest.Server6 + "]:40002"
 	mustReach(t, top.Client, "tcp", aux6, "data\n", "IPv6 through the hole")
 	mustNotReach(t, top.Other, "tcp", aux6, "IPv6 from the second external host")
 	ctl6.Close()
 	until(t, "IPv6 hole closed with its control connection", func() bool {
-		return !hasHole(e.pinholes(), "open", "tcp", pinholetest.Client6, 40002)
+		return !hasHole(e.pinholes(), "open", "tcp", nstest.Client6, 40002)
 	})
 	app.Do("close 40002")
 
 	// A peer named through the API, from inside the app.
 	out, err := e.procgate("run", "--app", "xfer", "--", e.bin, "--socket", e.socket,
-		"pinhole", "open", "--peer", pinholetest.Other4, "--port", "40001", "--proto", "udp")
-	if err != nil || !strings.HasPrefix(out, "open udp "+pinholetest.Other4+" -> "+pinholetest.Server4+":40001") {
+		"pinhole", "open", "--peer", nstest.Other4, "--port", "40001", "--proto", "udp")
+	if err != nil || !strings.HasPrefix(out, "open udp "+nstest.Other4+" -> "+nstest.Server4+":40001") {
 		t.Fatalf("pinhole open: %v\n%s", err, out)
 	}
 	mustReach(t, top.Other, "udp", udpAux, "ping\n", "the named peer")
@@ -212,17 +213,17 @@ func TestPinholeEndToEnd(t *testing.T) {
 	for _, bad := range [][]string{
 		{"--peer", "0.0.0.0", "--port", "40001"},
 		{"--peer", "198.51.100.0/24", "--port", "40001"},
-		{"--peer", pinholetest.Other4, "--port", "2121"},
+		{"--peer", nstest.Other4, "--port", "2121"},
 	} {
 		args := append([]string{"run", "--app", "xfer", "--", e.bin, "--socket", e.socket, "pinhole", "open"}, bad...)
 		if out, err := e.procgate(args...); err == nil {
 			t.Errorf("pinhole open %v was accepted:\n%s", bad, out)
 		}
 	}
-	if out, err := e.procgate("pinhole", "open", "--peer", pinholetest.Other4, "--port", "40001"); err == nil {
+	if out, err := e.procgate("pinhole", "open", "--peer", nstest.Other4, "--port", "40001"); err == nil {
 		t.Errorf("pinhole open from outside any app was accepted:\n%s", out)
 	}
-	if out, err := e.procgate("pinholes"); err != nil || !strings.Contains(out, "xfer") || !strings.Contains(out, pinholetest.Other4) {
+	if out, err := e.procgate("pinholes"); err != nil || !strings.Contains(out, "xfer") || !strings.Contains(out, nstest.Other4) {
 		t.Errorf("procgate pinholes: %v\n%s", err, out)
 	}
 
@@ -231,9 +232,9 @@ func TestPinholeEndToEnd(t *testing.T) {
 	// TCP: the policy's internal prefixes hold the router's address, and
 	// the app has no grant to send a UDP answer there.
 	app.Do("listen 40003")
-	routerAux := pinholetest.Server4 + ":40003"
+	routerAux := nstest.Server4 + ":40003"
 	if out, err := e.procgate("run", "--app", "xfer", "--", e.bin, "--socket", e.socket,
-		"pinhole", "open", "--peer", pinholetest.RouterAPI, "--port", "40003", "--proto", "tcp"); err != nil {
+		"pinhole", "open", "--peer", nstest.RouterToServer4, "--port", "40003", "--proto", "tcp"); err != nil {
 		t.Fatalf("pinhole open for the router: %v\n%s", err, out)
 	}
 	mustReach(t, top.Router, "tcp", routerAux, "data\n", "the router, named")
@@ -247,15 +248,15 @@ func TestPinholeEndToEnd(t *testing.T) {
 	e.startDaemon()
 	until(t, "holes kept over a daemon restart", func() bool {
 		hs := e.pinholes()
-		return hasHole(hs, "open", "tcp", pinholetest.Client4, 40000) && hasHole(hs, "open", "udp", pinholetest.Client4, 40001) &&
-			hasHole(hs, "open", "udp", pinholetest.Other4, 40001)
+		return hasHole(hs, "open", "tcp", nstest.Client4, 40000) && hasHole(hs, "open", "udp", nstest.Client4, 40001) &&
+			hasHole(hs, "open", "udp", nstest.Other4, 40001)
 	})
 	mustReach(t, top.Client, "udp", udpAux, "ping\n", "after the daemon's restart")
 	mustReach(t, top.Client, "tcp", aux, "data\n", "after the daemon's restart")
 	mustReach(t, top.Other, "udp", udpAux, "ping\n", "the named peer after the daemon's restart")
 	until(t, "the router's named peer forgotten", func() bool {
 		b, err := os.ReadFile(filepath.Join(e.state, "pinhole-named.json"))
-		return err == nil && !strings.Contains(string(b), pinholetest.RouterAPI)
+		return err == nil && !strings.Contains(string(b), nstest.RouterToServer4)
 	})
 	app.Do("listen 40003")
 	mustNotReach(t, top.Router, "tcp", routerAux, "the router after the restart: its named peer and allow entry are gone")
@@ -266,9 +267,9 @@ func TestPinholeEndToEnd(t *testing.T) {
 	gw.Restart(t, true)
 	until(t, "holes back after the gateway lost them", func() bool {
 		ks := gatewayHoles(t, srv1)
-		return slices.Contains(ks, holeKey(pinholetest.Client4, "tcp", 40000)) && slices.Contains(ks, holeKey(pinholetest.Client4, "udp", 40001))
+		return slices.Contains(ks, holeKey(nstest.Client4, "tcp", 40000)) && slices.Contains(ks, holeKey(nstest.Client4, "udp", 40001))
 	})
-	for _, peer := range []string{pinholetest.Client4, pinholetest.Client6} { // the test's own control-port holes
+	for _, peer := range []string{nstest.Client4, nstest.Client6} { // the test's own control-port holes
 		if _, err := ops.Open(ctx, perimeter.Request{Target: holeKey(peer, "tcp", 2121).Target(), User: "ops"}); err != nil {
 			t.Fatal(err)
 		}
@@ -278,12 +279,12 @@ func TestPinholeEndToEnd(t *testing.T) {
 	// Closing the aux socket closes its hole, at the gateway and on the host.
 	app.Do("close 40000")
 	until(t, "tcp hole closed", func() bool {
-		return !slices.Contains(gatewayHoles(t, srv1), holeKey(pinholetest.Client4, "tcp", 40000))
+		return !slices.Contains(gatewayHoles(t, srv1), holeKey(nstest.Client4, "tcp", 40000))
 	})
 	app.Do("listen 40000") // listening again, but the client's hole is asked anew
-	until(t, "tcp hole again", func() bool { return hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40000) })
+	until(t, "tcp hole again", func() bool { return hasHole(e.pinholes(), "open", "tcp", nstest.Client4, 40000) })
 	app.Do("close 40000")
-	until(t, "tcp hole closed again", func() bool { return !hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40000) })
+	until(t, "tcp hole closed again", func() bool { return !hasHole(e.pinholes(), "open", "tcp", nstest.Client4, 40000) })
 	mustNotReach(t, top.Client, "tcp", aux, "after the close")
 
 	// Stale holes, with a short idle time: a hole whose counters stand
@@ -296,8 +297,8 @@ func TestPinholeEndToEnd(t *testing.T) {
 	e.daemonFlags = append(e.daemonFlags, "--pinhole-idle", "2s")
 	e.startDaemon()
 	app.Do("keep 40006")
-	until(t, "hole of the held port", func() bool { return hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40006) })
-	held, err := pinholetest.DialIn(top.Client, "tcp", pinholetest.Server4+":40006", 5*time.Second)
+	until(t, "hole of the held port", func() bool { return hasHole(e.pinholes(), "open", "tcp", nstest.Client4, 40006) })
+	held, err := nstest.DialIn(top.Client, "tcp", nstest.Server4+":40006", 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -307,23 +308,23 @@ func TestPinholeEndToEnd(t *testing.T) {
 	}
 	for _, port := range []uint16{40007, 40008} {
 		app.Do("listen " + strconv.Itoa(int(port)))
-		until(t, "idle hole open", func() bool { return hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, port) })
+		until(t, "idle hole open", func() bool { return hasHole(e.pinholes(), "open", "tcp", nstest.Client4, port) })
 		until(t, "idle hole closed as stale", func() bool {
-			return !slices.Contains(gatewayHoles(t, srv1), holeKey(pinholetest.Client4, "tcp", port))
+			return !slices.Contains(gatewayHoles(t, srv1), holeKey(nstest.Client4, "tcp", port))
 		})
 	}
-	if !hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40006) {
+	if !hasHole(e.pinholes(), "open", "tcp", nstest.Client4, 40006) {
 		t.Errorf("the hole of a port where its peer holds a connection was closed as stale")
 	}
 	held.Close()
 	until(t, "the held port's hole stale once its connection ends", func() bool {
-		return !slices.Contains(gatewayHoles(t, srv1), holeKey(pinholetest.Client4, "tcp", 40006))
+		return !slices.Contains(gatewayHoles(t, srv1), holeKey(nstest.Client4, "tcp", 40006))
 	})
-	mustNotReach(t, top.Client, "tcp", pinholetest.Server4+":40008", "a stale hole")
+	mustNotReach(t, top.Client, "tcp", nstest.Server4+":40008", "a stale hole")
 	// A hole in use for the agent's death below.
 	app.Do("keep 40009")
-	until(t, "hole of a port in use", func() bool { return hasHole(e.pinholes(), "open", "tcp", pinholetest.Client4, 40009) })
-	inUse, err := pinholetest.DialIn(top.Client, "tcp", pinholetest.Server4+":40009", 5*time.Second)
+	until(t, "hole of a port in use", func() bool { return hasHole(e.pinholes(), "open", "tcp", nstest.Client4, 40009) })
+	inUse, err := nstest.DialIn(top.Client, "tcp", nstest.Server4+":40009", 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -343,7 +344,7 @@ func TestPinholeEndToEnd(t *testing.T) {
 			}
 		}
 	}
-	for _, want := range []string{"open tcp " + pinholetest.Client4, "close tcp " + pinholetest.Client4, "open udp " + pinholetest.Other4, "refuse udp 203.0.113.66",
+	for _, want := range []string{"open tcp " + nstest.Client4, "close tcp " + nstest.Client4, "open udp " + nstest.Other4, "refuse udp 203.0.113.66",
 		"stale 40007", "stale 40008", "stale 40006"} {
 		if !slices.Contains(kinds, want) {
 			t.Errorf("audit log lacks %q; pinhole records: %q", want, kinds)

@@ -2,21 +2,15 @@ package pinholetest
 
 import (
 	"io"
-	"net"
 	"time"
 
 	"github.com/procgate/procgate/internal/nstest"
 )
 
-// DialIn is nstest.DialIn.
-func DialIn(ns, network, addr string, timeout time.Duration) (net.Conn, error) {
-	return nstest.DialIn(ns, network, addr, timeout)
-}
-
 // Exchange connects from ns to addr and returns the first line the server
 // sends (tcp) or the echo of a datagram (udp), within timeout.
 func Exchange(ns, network, addr string, timeout time.Duration) (string, error) {
-	c, err := DialIn(ns, network, addr, timeout)
+	c, err := nstest.DialIn(ns, network, addr, timeout)
 	if err != nil {
 		return "", err
 	}
