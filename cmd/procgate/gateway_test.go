@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"net"
 	"os"
@@ -9,12 +8,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/pinholetest"
 	"github.com/procgate/procgate/perimeter"
 	"github.com/procgate/procgate/pki"
 )
@@ -78,24 +77,6 @@ func TestGatewayCLI(t *testing.T) {
 	}
 }
 
-// lockedBuffer collects a child's stderr while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // TestGatewayCommand runs `procgate gateway` as a process: its table lives
 // in a test namespace (--netns), its API on loopback. SIGHUP with a broken
 // rules file keeps the old rules; SIGTERM stops it and leaves the holes.
@@ -121,7 +102,7 @@ func TestGatewayCommand(t *testing.T) {
 		"--netns", ns, "--lease", "1m", "--log-format", "json",
 		"--cert", filepath.Join(dir, "gateway.crt"), "--key", filepath.Join(dir, "gateway.key"), "--ca", filepath.Join(dir, "ca.crt"))
 	cmd.Env = append(os.Environ(), envAsMain+"=1")
-	var logs lockedBuffer
+	var logs pinholetest.SyncBuffer
 	cmd.Stderr = &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

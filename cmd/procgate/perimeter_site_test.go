@@ -175,7 +175,7 @@ func (s *perimeterSite) startInServer(t *testing.T, args ...string) (stop func()
 	t.Helper()
 	cmd := exec.Command("nsenter", append([]string{"--net=" + s.Server}, args...)...)
 	cmd.Env = append(os.Environ(), envAsMain+"=1")
-	out := &lockedBuffer{}
+	out := &pinholetest.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	// A program started through procgate run is the daemon's child, not
 	// this one's: it may hold the output pipe after its launcher is gone.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -106,6 +107,24 @@ func holeKey(peer, proto string, port uint16) perimeter.Key {
 		host = nstest.Server6
 	}
 	return perimeter.Key{Peer: netip.MustParseAddr(peer), Proto: p, Host: netip.MustParseAddr(host), Port: port}
+}
+
+// holdConn has the app keep connections on the aux port, waits for the
+// client's hole and holds a connection from the client open (until the
+// test ends, or Close) once the server has accepted it.
+func holdConn(t *testing.T, e *e2e, app *pinholetest.Server, client string, port uint16) net.Conn {
+	t.Helper()
+	app.Do("keep " + strconv.Itoa(int(port)))
+	until(t, "hole of the held port", func() bool { return hasHole(e.pinholes(), "open", "tcp", nstest.Client4, port) })
+	c, err := nstest.DialIn(client, "tcp", net.JoinHostPort(nstest.Server4, strconv.Itoa(int(port))), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := c.Read(make([]byte, 8)); err != nil { // accepted: the server wrote
+		t.Fatal(err)
+	}
+	return c
 }
 
 func mustReach(t *testing.T, ns, network, addr, want, why string) {
@@ -296,16 +315,7 @@ func TestPinholeEndToEnd(t *testing.T) {
 	e.stopDaemon(syscall.SIGTERM)
 	e.daemonFlags = append(e.daemonFlags, "--pinhole-idle", "2s")
 	e.startDaemon()
-	app.Do("keep 40006")
-	until(t, "hole of the held port", func() bool { return hasHole(e.pinholes(), "open", "tcp", nstest.Client4, 40006) })
-	held, err := nstest.DialIn(top.Client, "tcp", nstest.Server4+":40006", 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer held.Close()
-	if _, err := held.Read(make([]byte, 8)); err != nil {
-		t.Fatal(err)
-	}
+	held := holdConn(t, e, app, top.Client, 40006)
 	for _, port := range []uint16{40007, 40008} {
 		app.Do("listen " + strconv.Itoa(int(port)))
 		until(t, "idle hole open", func() bool { return hasHole(e.pinholes(), "open", "tcp", nstest.Client4, port) })
@@ -322,13 +332,7 @@ func TestPinholeEndToEnd(t *testing.T) {
 	})
 	mustNotReach(t, top.Client, "tcp", nstest.Server4+":40008", "a stale hole")
 	// A hole in use for the agent's death below.
-	app.Do("keep 40009")
-	until(t, "hole of a port in use", func() bool { return hasHole(e.pinholes(), "open", "tcp", nstest.Client4, 40009) })
-	inUse, err := nstest.DialIn(top.Client, "tcp", nstest.Server4+":40009", 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer inUse.Close()
+	holdConn(t, e, app, top.Client, 40009)
 
 	events, err := e.procgate("events", "--json", "--last", "0")
 	if err != nil {
