@@ -150,16 +150,21 @@ func TestKernelObservesAndGuards(t *testing.T) {
 	if _, err := hc.Read(make([]byte, 8)); err != nil { // accepted: the server wrote
 		t.Fatal(err)
 	}
+	srv.Do("connect 40004 127.0.0.2:9")
+	nextEvent(t, events, AuxOpen, perimeter.UDP, 40004)
 	var uses []Use
 	if err := nstest.InNS(t, ns, func() (err error) { uses, err = k.Uses(); return err }); err != nil {
 		t.Fatal(err)
 	}
-	if want := []Use{{Proto: perimeter.TCP, Peer: lo, Port: 40003}}; !slices.Equal(uses, want) {
-		t.Errorf("uses %v, want %v (the held connection only)", uses, want)
+	slices.SortFunc(uses, func(x, y Use) int { return int(x.Port) - int(y.Port) })
+	if want := []Use{{Proto: perimeter.TCP, Peer: lo, Port: 40003}, {Proto: perimeter.UDP, Peer: netip.MustParseAddr("127.0.0.2"), Port: 40004}}; !slices.Equal(uses, want) {
+		t.Errorf("uses %v, want %v (the held connection and the connected UDP socket only)", uses, want)
 	}
-	if err := nstest.InNS(t, ns, func() (err error) { snap, err = k.Snapshot(); return err }); err != nil || len(snap) != 4 {
-		t.Errorf("snapshot with a held connection: %v, %v; want the control connection and three aux sockets", snap, err)
+	if err := nstest.InNS(t, ns, func() (err error) { snap, err = k.Snapshot(); return err }); err != nil || len(snap) != 5 {
+		t.Errorf("snapshot with a held connection: %v, %v; want the control connection and four aux sockets", snap, err)
 	}
+	srv.Do("close 40004")
+	nextEvent(t, events, AuxClose, perimeter.UDP, 40004)
 
 	// A policy without the app (or the port) leaves its sockets unguarded.
 	udpHole := perimeter.Key{Peer: lo, Proto: perimeter.UDP, Host: lo, Port: 40002}

@@ -45,6 +45,7 @@ const (
 //	keep PORT      as listen, but each connection stays open until the
 //	               peer closes it (a transfer in progress)
 //	bind PORT      bind UDP PORT (auxiliary); every datagram is echoed
+//	connect PORT ADDR  bind UDP PORT and connect it to ADDR (host:port)
 //	close PORT     close the auxiliary sockets on PORT
 //	hangup         close every accepted control connection
 //	pid            answers "ok PID"
@@ -168,6 +169,26 @@ func (s *server) do(f []string) (string, error) {
 				pc.WriteTo(buf[:n], from)
 			}
 		}()
+		return "", nil
+	case "connect":
+		if len(f) < 3 {
+			return "", fmt.Errorf("connect PORT ADDR")
+		}
+		port, err := strconv.Atoi(arg)
+		if err != nil {
+			return "", err
+		}
+		raddr, err := net.ResolveUDPAddr("udp", f[2])
+		if err != nil {
+			return "", err
+		}
+		c, err := net.DialUDP("udp", &net.UDPAddr{Port: port}, raddr)
+		if err != nil {
+			return "", err
+		}
+		s.mu.Lock()
+		s.aux[arg] = append(s.aux[arg], c)
+		s.mu.Unlock()
 		return "", nil
 	case "close":
 		s.mu.Lock()
