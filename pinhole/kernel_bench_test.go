@@ -10,7 +10,6 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/procgate/procgate/cgroups"
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/pinholetest"
 	"github.com/procgate/procgate/perimeter"
@@ -25,23 +24,9 @@ import (
 //
 //	go test -run '^$' -bench HostGuard ./pinhole/
 func BenchmarkHostGuard(b *testing.B) {
-	nstest.RequireRoot(b)
-	cg := nstest.Cgroup(b)
-	appDir := nstest.ChildCgroup(b, cg, "app")
-	ns := nstest.NetNS(b)
-	k, err := OpenKernel(nstest.BPFFS(b), cg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer k.Close()
-	id, err := cgroups.ID(appDir)
-	if err != nil {
-		b.Fatal(err)
-	}
 	in := &ruleset.Inbound{Ports: []ruleset.PortRange{{Lo: 40000, Hi: 40010}}, Proto: ruleset.Both}
-	if err := k.SetApps([]Binding{{AppID: 7, CgroupID: id, Inbound: in}}); err != nil {
-		b.Fatal(err)
-	}
+	r := newKernelRig(b, in, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	k, appDir, ns := r.k, r.appDir, r.ns
 	lo := netip.MustParseAddr("127.0.0.1")
 	if err := k.Allow(perimeter.Key{Peer: lo, Proto: perimeter.UDP, Host: lo, Port: 40002}); err != nil {
 		b.Fatal(err)

@@ -35,25 +35,43 @@ func nextEvent(t *testing.T, events <-chan Event, kind Kind, proto perimeter.Pro
 	return Event{}
 }
 
+// kernelRig is the pinhole programs on a test cgroup subtree (cg) whose
+// child cgroup appDir is the dynamic app 7 (binding), and a test network
+// namespace; everything goes with the test.
+type kernelRig struct {
+	k          *Kernel
+	cg, appDir string
+	binding    Binding
+	ns         string
+}
+
+func newKernelRig(tb testing.TB, in *ruleset.Inbound, log *slog.Logger) kernelRig {
+	tb.Helper()
+	nstest.RequireRoot(tb)
+	r := kernelRig{cg: nstest.Cgroup(tb)}
+	r.appDir = nstest.ChildCgroup(tb, r.cg, "app")
+	r.ns = nstest.NetNS(tb)
+	var err error
+	if r.k, err = OpenKernel(nstest.BPFFS(tb), r.cg, log); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { r.k.Close() })
+	id, err := cgroups.ID(r.appDir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	r.binding = Binding{AppID: 7, CgroupID: id, Inbound: in}
+	if err := r.k.SetApps([]Binding{r.binding}); err != nil {
+		tb.Fatal(err)
+	}
+	return r
+}
+
 func TestKernelObservesAndGuards(t *testing.T) {
-	nstest.RequireRoot(t)
-	cg := nstest.Cgroup(t)
-	appDir := nstest.ChildCgroup(t, cg, "app")
-	other := nstest.ChildCgroup(t, cg, "other")
-	ns := nstest.NetNS(t)
-	k, err := OpenKernel(nstest.BPFFS(t), cg, slog.Default())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer k.Close()
-	id, err := cgroups.ID(appDir)
-	if err != nil {
-		t.Fatal(err)
-	}
 	in := &ruleset.Inbound{Control: []ruleset.PortRange{{Lo: 2121, Hi: 2121}}, Ports: []ruleset.PortRange{{Lo: 40000, Hi: 40010}}, Proto: ruleset.Both}
-	if err := k.SetApps([]Binding{{AppID: 7, CgroupID: id, Inbound: in}}); err != nil {
-		t.Fatal(err)
-	}
+	r := newKernelRig(t, in, slog.Default())
+	k, appDir, ns := r.k, r.appDir, r.ns
+	other := nstest.ChildCgroup(t, r.cg, "other")
 	events := make(chan Event, 64)
 	go func() {
 		defer close(events)
@@ -180,7 +198,7 @@ func TestKernelObservesAndGuards(t *testing.T) {
 	if out, err := pinholetest.Exchange(ns, "udp", "127.0.0.1:40002", 5*time.Second); err != nil || out != "ping\n" {
 		t.Errorf("udp of an app no longer dynamic: %q, %v; want it unguarded", out, err)
 	}
-	if err := k.SetApps([]Binding{{AppID: 7, CgroupID: id, Inbound: in}}); err != nil {
+	if err := k.SetApps([]Binding{r.binding}); err != nil {
 		t.Fatal(err)
 	}
 
