@@ -79,7 +79,18 @@ func ftpThroughPerimeter(t *testing.T, s *perimeterSite, site *ftpsite.Site) {
 		if !strings.Contains(list, strconv.Itoa(ftpSize)) || !strings.Contains(list, ftpsite.BigFile) {
 			t.Fatalf("listing lacks %s of %d bytes:\n%s", ftpsite.BigFile, ftpSize, list)
 		}
+		// The router's drops during the download show the race of the
+		// first data connection (docs/pinholes.md): logged, not asserted,
+		// as it depends on timing.
+		dropsBefore, err := s.gw.Table().Dropped()
+		if err != nil {
+			t.Fatal(err)
+		}
 		tr, err := curl.Get(ctx, url+ftpsite.BigFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dropsAfter, err := s.gw.Table().Dropped()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -89,7 +100,7 @@ func ftpThroughPerimeter(t *testing.T, s *perimeterSite, site *ftpsite.Site) {
 		if tr.DataPort < 40000 || tr.DataPort > 40100 {
 			t.Errorf("curl's data port %d is outside the pasv range", tr.DataPort)
 		}
-		t.Logf("100 MB in %v over data port %d", tr.Took.Round(time.Millisecond), tr.DataPort)
+		t.Logf("100 MB in %v over data port %d; the router dropped %d packets meanwhile", tr.Took.Round(time.Millisecond), tr.DataPort, dropsAfter-dropsBefore)
 		s.waitNoAgentHoles(t, "after curl's transfers")
 	})
 
