@@ -451,8 +451,13 @@ func (p *parser) policy(root *yaml.Node) *ruleset.Ruleset {
 // warnOutside flags grants that overlap no internal prefix: they are legal but
 // change nothing, because non-internal destinations are allowed to everyone.
 func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
+	internal := make([]netip.Prefix, len(rs.Internal))
+	for i, in := range rs.Internal {
+		internal[i] = in.Prefix
+	}
+	overlaps := overlapIndex(internal)
 	for _, c := range checks {
-		if slices.ContainsFunc(rs.Internal, func(in ruleset.InternalPrefix) bool { return in.Prefix.Overlaps(c.prefix) }) {
+		if overlaps(c.prefix) {
 			continue
 		}
 		if len(rs.Interfaces) > 0 {
@@ -461,6 +466,39 @@ func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
 		} else {
 			p.warnf(c.to, c.field, "%s is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)", c.prefix)
 		}
+	}
+}
+
+// overlapIndex returns whether a prefix overlaps any of prefixes, in
+// O(bits + log n) per question instead of a scan of all of them (a policy
+// of 1,000,000 internal prefixes and grants would otherwise take hours to
+// parse). Two prefixes overlap when one contains the other: q overlaps an
+// indexed prefix that contains q (one of q's at most 129 ancestors, itself
+// included) or one that q contains (whose first address lies in q).
+func overlapIndex(prefixes []netip.Prefix) func(netip.Prefix) bool {
+	set := make(map[netip.Prefix]bool, len(prefixes))
+	starts := make([]netip.Addr, 0, len(prefixes))
+	for _, pf := range prefixes {
+		pf = pf.Masked()
+		set[pf] = true
+		starts = append(starts, pf.Addr())
+	}
+	slices.SortFunc(starts, netip.Addr.Compare)
+	return func(q netip.Prefix) bool {
+		q = q.Masked()
+		if !q.IsValid() {
+			return false
+		}
+		for bits := q.Bits(); bits >= 0; bits-- {
+			if a, err := q.Addr().Prefix(bits); err == nil && set[a] {
+				return true
+			}
+		}
+		// Addresses of q's family sort together, q's first address before
+		// every other of q: the first start at or after it is in q, or no
+		// indexed prefix starts in q.
+		i, _ := slices.BinarySearchFunc(starts, q.Addr(), netip.Addr.Compare)
+		return i < len(starts) && q.Contains(starts[i])
 	}
 }
 
