@@ -195,7 +195,7 @@ func (b *bench) scalingPhase(ctx context.Context) error {
 			}
 			reloads = append(reloads, st)
 		}
-		mem, err := b.mapMemory()
+		mem, err := mapMemoryIn(filepath.Join(b.host.bpffs, "procgate"))
 		if err != nil {
 			return err
 		}
@@ -254,11 +254,10 @@ func medianLoad(ls []loadStats) loadStats {
 	return ls[len(ls)/2]
 }
 
-// mapMemory reads the kernel's memory accounting of every pinned map of
-// the enforcer (memlock in /proc/self/fdinfo of a map fd, which on 6.x
-// reports what the map uses, not its cap), by map name, in bytes.
-func (b *bench) mapMemory() (map[string]int64, error) {
-	dir := filepath.Join(b.host.bpffs, "procgate")
+// mapMemoryIn reads the kernel's memory accounting of every map an
+// enforcer pinned in dir (memlock in /proc/self/fdinfo of a map fd, which
+// on 6.x reports what the map uses, not its cap), by map name, in bytes.
+func mapMemoryIn(dir string) (map[string]int64, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, err

@@ -24,6 +24,7 @@ func main() {
 	phases := flag.String("phases", strings.Join(allPhases, ","), "phases to run, comma-separated")
 	sizes := flag.String("sizes", "", "policy sizes of the scaling phase, comma-separated (default: the mode's)")
 	flag.StringVar(&o.from, "from", "", "measure nothing: write the report and plots again from this results.json")
+	flag.BoolVar(&o.merge, "merge", false, "merge the results of -phases into the results.json in -out (same mode), keeping the other phases' results, and write the report again")
 	flag.BoolVar(&o.verbose, "v", false, "log progress in detail")
 	flag.Parse()
 	o.phases = strings.Split(*phases, ",")

@@ -6,7 +6,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 )
@@ -23,6 +25,7 @@ type results struct {
 	Throughput []tputResult      `json:"throughput"`
 	Pinhole    *pinholeResult    `json:"pinhole,omitempty"`
 	Revocation *revocationResult `json:"revocation,omitempty"`
+	Daemon     *daemonResult     `json:"daemon,omitempty"`
 	BPFCost    []bpfCost         `json:"bpf_cost"`
 	Targets    []targetResult    `json:"targets"`
 	Notes      []string          `json:"notes"`
@@ -38,6 +41,28 @@ type meta struct {
 	ProcgateGuards []string           `json:"procgate_guards"`
 	PhaseSeconds   map[string]float64 `json:"phase_seconds"`
 	TotalSeconds   float64            `json:"total_seconds"`
+	// LoadAvg is /proc/loadavg at the start and at the end of the run.
+	LoadAvg []string `json:"loadavg,omitempty"`
+	// Merged are later runs of some phases whose results replaced this
+	// run's (bench -merge).
+	Merged []mergedRun `json:"merged,omitempty"`
+}
+
+// mergedRun is a run of some phases merged into an earlier run's results.
+type mergedRun struct {
+	Phases  []string `json:"phases"`
+	Date    string   `json:"date"`
+	Commit  string   `json:"commit"`
+	LoadAvg []string `json:"loadavg"`
+	Seconds float64  `json:"seconds"`
+}
+
+func loadAvg() string {
+	f := strings.Fields(readFirst("/proc/loadavg"))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
 }
 
 type variantInfo struct {
@@ -55,6 +80,7 @@ func newResults(cfg config, vs []*variant) *results {
 		Go:           runtime.Version(),
 		Commit:       gitCommit(),
 		PhaseSeconds: map[string]float64{},
+		LoadAvg:      []string{loadAvg()},
 	}}
 	for _, v := range vs {
 		r.Variants = append(r.Variants, variantInfo{Name: v.Name, Desc: v.Desc, MaxSize: v.MaxSize})
@@ -110,6 +136,66 @@ func (r *results) write(dir string) error {
 		}
 	}
 	return os.WriteFile(filepath.Join(dir, "REPORT.md"), []byte(r.markdown(plots)), 0o644)
+}
+
+// merge replaces, in the results.json in dir, the results of phases with
+// r's and writes everything again: a phase can be re-measured (or a new
+// one added) without a full run. The runs must have the same settings,
+// apart from those of the merged phases that the earlier run lacked.
+func (r *results) merge(dir string, phases []string) error {
+	path := filepath.Join(dir, "results.json")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("merge: %w", err)
+	}
+	var old results
+	if err := json.Unmarshal(data, &old); err != nil {
+		return fmt.Errorf("merge: %s: %w", path, err)
+	}
+	cfg := old.Config
+	if slices.Contains(phases, phaseDaemon) {
+		cfg.CLIRevokes, cfg.DaemonSize, cfg.DaemonIdle, cfg.DaemonReloads = r.Config.CLIRevokes, r.Config.DaemonSize, r.Config.DaemonIdle, r.Config.DaemonReloads
+	}
+	if !reflect.DeepEqual(cfg, r.Config) {
+		return fmt.Errorf("merge: this run's settings differ from those of %s (%+v, not %+v): run in full instead", path, r.Config, old.Config)
+	}
+	old.Config = cfg
+	keep := func(phase string, in []latResult) []latResult {
+		return slices.DeleteFunc(in, func(l latResult) bool { return l.Phase == phase })
+	}
+	keepCost := func(phase string, in []bpfCost) []bpfCost {
+		return slices.DeleteFunc(in, func(c bpfCost) bool { return c.Phase == phase })
+	}
+	for _, p := range phases {
+		switch p {
+		case phaseLatency, phaseScaling, phaseThroughput:
+			old.Latency = append(keep(p, old.Latency), slices.DeleteFunc(slices.Clone(r.Latency), func(l latResult) bool { return l.Phase != p })...)
+			old.BPFCost = append(keepCost(p, old.BPFCost), slices.DeleteFunc(slices.Clone(r.BPFCost), func(c bpfCost) bool { return c.Phase != p })...)
+			switch p {
+			case phaseScaling:
+				old.Loads = r.Loads
+			case phaseThroughput:
+				old.Throughput = r.Throughput
+			}
+		case phaseReload:
+			old.Reload = r.Reload
+		case phaseRevocation:
+			old.Revocation = r.Revocation
+		case phasePinhole:
+			old.Pinhole = r.Pinhole
+		case phaseDaemon:
+			old.Daemon = r.Daemon
+		}
+		old.Meta.TotalSeconds = round3(old.Meta.TotalSeconds - old.Meta.PhaseSeconds[p] + r.Meta.PhaseSeconds[p])
+		old.Meta.PhaseSeconds[p] = r.Meta.PhaseSeconds[p]
+	}
+	for _, n := range r.Notes {
+		if !slices.Contains(old.Notes, n) {
+			old.Notes = append(old.Notes, n)
+		}
+	}
+	old.Meta.Merged = append(old.Meta.Merged, mergedRun{Phases: phases, Date: r.Meta.Date, Commit: r.Meta.Commit, LoadAvg: r.Meta.LoadAvg, Seconds: r.Meta.TotalSeconds})
+	return old.write(dir)
 }
 
 // rewrite writes the report and plots of an earlier run's results.json

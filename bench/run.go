@@ -28,7 +28,7 @@ const (
 	phaseRevocation = "revocation"
 )
 
-var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole}
+var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole, phaseDaemon}
 
 type options struct {
 	quick   bool
@@ -39,6 +39,9 @@ type options struct {
 	from string
 	// sizes replace the mode's scaling sizes when given.
 	sizes []int
+	// merge: put the results of the phases run into the results.json in
+	// out, keeping the other phases' results there.
+	merge bool
 	// tiny shrinks every count to a smoke test's (set by the test only).
 	tiny bool
 }
@@ -75,6 +78,12 @@ type config struct {
 	// the live-socket counts of the sweeps.
 	Revokes      int   `json:"revokes"`
 	SweepSockets []int `json:"sweep_sockets"`
+	// The daemon phase: `procgate revoke` runs timed, the policy size of
+	// the daemon's cost, its idle window and the reloads timed there.
+	CLIRevokes    int           `json:"cli_revokes"`
+	DaemonSize    int           `json:"daemon_prefixes"`
+	DaemonIdle    time.Duration `json:"daemon_idle_ns"`
+	DaemonReloads int           `json:"daemon_reloads"`
 }
 
 func configFor(o options) config {
@@ -84,19 +93,22 @@ func configFor(o options) config {
 			ReloadSize: 100, Reloads: 20, ReloadAttempts: 1000, ReloadLimit: 5 * time.Second, ReloadTimings: 2,
 			TputRounds: 1, TputDuration: 200 * time.Millisecond,
 			PinholeOpens: 30, UpdateBatches: []int{1, 100}, UpdateExisting: []int{0}, UpdateDuration: 50 * time.Millisecond,
-			TransferBytes: 8 << 20, TransferRounds: 2, Revokes: 2, SweepSockets: []int{10}}
+			TransferBytes: 8 << 20, TransferRounds: 2, Revokes: 2, SweepSockets: []int{10},
+			CLIRevokes: 2, DaemonSize: 1000, DaemonIdle: time.Second, DaemonReloads: 2}
 	case o.quick:
 		return config{Mode: "quick", MatrixSize: 100, Sizes: []int{10, 1000, 5000, 100000}, Attempts: 6000, Batch: 500, Warmup: 50,
 			ReloadSize: 1000, Reloads: 200, ReloadAttempts: 500_000, ReloadLimit: 10 * time.Second, ReloadTimings: 3,
 			TputRounds: 6, TputDuration: 200 * time.Millisecond,
 			PinholeOpens: 300, UpdateBatches: []int{1, 100, 1000}, UpdateExisting: []int{0}, UpdateDuration: 200 * time.Millisecond,
-			TransferBytes: 100 << 20, TransferRounds: 40, Revokes: 5, SweepSockets: []int{10, 1000, 10000}}
+			TransferBytes: 100 << 20, TransferRounds: 40, Revokes: 5, SweepSockets: []int{10, 1000, 10000},
+			CLIRevokes: 5, DaemonSize: 100_000, DaemonIdle: 3 * time.Second, DaemonReloads: 2}
 	}
 	return config{Mode: "full", MatrixSize: 100, Sizes: []int{10, 100, 1000, 5000, 100000, 1000000}, Attempts: 200_000, Batch: 2000, Warmup: 100,
 		ReloadSize: 1000, Reloads: 1000, ReloadAttempts: 10_000_000, ReloadLimit: 70 * time.Second, ReloadTimings: 3,
 		TputRounds: 20, TputDuration: 250 * time.Millisecond,
 		PinholeOpens: 2000, UpdateBatches: []int{1, 10, 100, 1000, 10_000}, UpdateExisting: []int{0, 100_000}, UpdateDuration: time.Second,
-		TransferBytes: 100 << 20, TransferRounds: 200, Revokes: 20, SweepSockets: []int{10, 1000, 10000}}
+		TransferBytes: 100 << 20, TransferRounds: 200, Revokes: 20, SweepSockets: []int{10, 1000, 10000},
+		CLIRevokes: 20, DaemonSize: 1_000_000, DaemonIdle: 10 * time.Second, DaemonReloads: 3}
 }
 
 // bench is one run.
@@ -174,6 +186,7 @@ func run(o options) (err error) {
 		phaseThroughput: b.throughputPhase,
 		phaseRevocation: b.revocationPhase,
 		phasePinhole:    b.pinholePhase,
+		phaseDaemon:     b.daemonPhase,
 	}
 	for _, p := range allPhases {
 		if !slices.Contains(o.phases, p) {
@@ -194,6 +207,10 @@ func run(o options) (err error) {
 		log.Info("phase done", "phase", p, "took", time.Since(t0).Round(time.Millisecond))
 	}
 	b.res.Meta.TotalSeconds = round3(time.Since(start).Seconds())
+	b.res.Meta.LoadAvg = append(b.res.Meta.LoadAvg, loadAvg())
+	if o.merge {
+		return b.res.merge(o.out, o.phases)
+	}
 	return b.res.write(o.out)
 }
 
