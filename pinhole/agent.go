@@ -35,6 +35,13 @@ type Guard interface {
 	Revoke(perimeter.Key) error
 }
 
+// holdReleaser is a Guard that holds a dynamic app's answers on its
+// control connections while its new holes are being opened (Kernel): the
+// agent releases each auxiliary open it read once the gateway answered.
+type holdReleaser interface {
+	Release(app uint32, n uint64) error
+}
+
 // Source gives kernel events (Kernel); Read fails once the source is closed.
 type Source interface {
 	Read() (Event, error)
@@ -304,25 +311,51 @@ func (a *Agent) Run(ctx context.Context) error {
 			if !ok {
 				return errors.New("pinhole event source closed")
 			}
-			a.handle(e)
 			// Take whatever else is queued, then talk to the gateway once:
 			// the holes of a burst go in one request.
+			batch := []Event{e}
 			for more := true; more; {
 				select {
 				case e, ok := <-a.events:
 					if !ok {
 						return errors.New("pinhole event source closed")
 					}
-					a.handle(e)
+					batch = append(batch, e)
 				default:
 					more = false
 				}
 			}
-			a.reconcile(ctx)
+			a.apply(ctx, batch)
 		case f := <-a.calls:
 			f(ctx)
 		case <-tick.C:
 			a.tick(ctx)
+		}
+	}
+}
+
+// apply handles a batch of kernel events, asks the gateway once for what
+// they change, and then lets the apps' control connections send again:
+// the kernel held their answers from each auxiliary open on (see
+// holdReleaser). The release comes after the gateway answered (reconcile
+// waits for the answers), whatever it answered: the hold is there to let
+// a hole go live first, never to stop the app.
+func (a *Agent) apply(ctx context.Context, batch []Event) {
+	opens := map[uint32]uint64{}
+	for _, e := range batch {
+		if e.Kind == AuxOpen {
+			opens[e.AppID]++
+		}
+		a.handle(e)
+	}
+	a.reconcile(ctx)
+	r, ok := a.cfg.Guard.(holdReleaser)
+	if !ok {
+		return
+	}
+	for app, n := range opens {
+		if err := r.Release(app, n); err != nil {
+			a.log.Warn("cannot release the hold on the app's control connections; it ends by its deadline", "app_id", app, "err", err)
 		}
 	}
 }

@@ -30,6 +30,7 @@ var hooks = []struct {
 	{"sockops", ebpf.AttachCGroupSockOps, func(o *pinholeObjects) *ebpf.Program { return o.ObserveSockops }},
 	{"sock_release", ebpf.AttachCgroupInetSockRelease, func(o *pinholeObjects) *ebpf.Program { return o.ObserveSockRelease }},
 	{"ingress", ebpf.AttachCGroupInetIngress, func(o *pinholeObjects) *ebpf.Program { return o.GuardIngress }},
+	{"hold_egress", ebpf.AttachCGroupInetEgress, func(o *pinholeObjects) *ebpf.Program { return o.HoldEgress }},
 }
 
 // HookNames lists the pinned link names of the pinhole programs.
@@ -84,6 +85,10 @@ func OpenKernel(bpfDir, cgroupDir string, log *slog.Logger) (*Kernel, error) {
 		return nil, fmt.Errorf("open pinhole ring buffer: %w", err)
 	}
 	k.ports, k.apps = map[pinholePortKey]uint8{}, map[uint64]uint32{}
+	if err := k.releaseAll(); err != nil {
+		k.Close()
+		return nil, err
+	}
 	log.Info("pinhole observation attached", "cgroup_root", cgroupDir, "hooks", HookNames())
 	return k, nil
 }
@@ -220,6 +225,54 @@ func (k *Kernel) Reset() error {
 		_ = k.objs.PinholeAllow.Delete(key)
 	}
 	return it.Err()
+}
+
+// releaseAll releases every hold an earlier run left: a starting agent
+// reads only the events that come after it, so it could never release
+// the opens counted before.
+func (k *Kernel) releaseAll() error {
+	var app uint32
+	var h pinholeHoldOpened
+	it := k.objs.PinholeHoldOpened.Iterate()
+	var errs []error
+	for it.Next(&app, &h) {
+		errs = append(errs, k.objs.PinholeHoldReleased.Put(app, h.Opened))
+	}
+	if err := errors.Join(append(errs, it.Err())...); err != nil {
+		return fmt.Errorf("release the holds of an earlier run: %w", err)
+	}
+	return nil
+}
+
+// Release counts n more auxiliary opens of app as answered by the gateway
+// (hole open, refused, or the gateway unreachable) and pushes what
+// hold_egress held on the app's control connections. Only the agent's
+// goroutine calls it: pinhole_hold_released is written nowhere else.
+func (k *Kernel) Release(app uint32, n uint64) error {
+	var released uint64
+	if err := k.objs.PinholeHoldReleased.Lookup(app, &released); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("release the hold of app %d: %w", app, err)
+	}
+	if err := k.objs.PinholeHoldReleased.Put(app, released+n); err != nil {
+		return fmt.Errorf("release the hold of app %d: %w", app, err)
+	}
+	if _, err := runIter(k.objs.KickControlSocks); err != nil {
+		return fmt.Errorf("push the held data of app %d: %w", app, err)
+	}
+	return nil
+}
+
+// Held is how many data segments of control connections hold_egress held.
+func (k *Kernel) Held() (uint64, error) {
+	var per []uint64
+	if err := k.objs.PinholeHeld.Lookup(uint32(0), &per); err != nil {
+		return 0, fmt.Errorf("read held segments: %w", err)
+	}
+	var n uint64
+	for _, v := range per {
+		n += v
+	}
+	return n, nil
 }
 
 // Drops is how many packets the host guard dropped.

@@ -177,6 +177,51 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pinhole_events SEC(".maps");
 
+// Holding the PASV answer (docs/pinholes.md, "The race of the first data
+// connection"): each auxiliary open reported to the agent counts in
+// pinhole_hold_opened (written here only); the agent counts in
+// pinhole_hold_released (written there only) the ones whose holes it has
+// asked the gateway for and got an answer. While an app has more opened
+// than released, and before the deadline of its last open, hold_egress
+// drops the data segments of its control connections: TCP keeps them
+// queued, and the agent's release runs kick_control_socks, which pushes
+// them at once. The deadline bounds the hold without the agent: after it,
+// TCP's probe timer (at least 200 ms) sends the data.
+#define HOLD_MAX_NS (100ULL * 1000 * 1000)
+
+struct hold_opened {
+	__u64 opened;
+	__u64 deadline; // bpf_ktime_get_ns
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); // app id
+	__type(value, struct hold_opened);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pinhole_hold_opened SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); // app id
+	__type(value, __u64);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pinhole_hold_released SEC(".maps");
+
+// Data segments hold_egress dropped (held).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pinhole_held SEC(".maps");
+
+const struct hold_opened *unused_hold_opened __attribute__((unused));
 const struct pinhole_event *unused_pinhole_event __attribute__((unused));
 const struct allow_key *unused_allow_key __attribute__((unused));
 const struct port_key *unused_port_key __attribute__((unused));
@@ -210,12 +255,33 @@ static __always_inline __u8 proto_of(__u32 protocol)
 	return 0;
 }
 
+// hold_open counts an auxiliary open the agent will see, and starts or
+// extends the app's hold.
+static __always_inline void hold_open(__u32 app_id)
+{
+	__u64 deadline = bpf_ktime_get_ns() + HOLD_MAX_NS;
+	struct hold_opened *h = bpf_map_lookup_elem(&pinhole_hold_opened, &app_id);
+	if (!h) {
+		struct hold_opened first = { .opened = 0, .deadline = deadline };
+		bpf_map_update_elem(&pinhole_hold_opened, &app_id, &first, BPF_NOEXIST);
+		h = bpf_map_lookup_elem(&pinhole_hold_opened, &app_id);
+		if (!h)
+			return;
+	}
+	h->deadline = deadline;
+	__sync_fetch_and_add(&h->opened, 1);
+}
+
 static __always_inline void emit(__u64 cookie, const struct sock_owner *o, __u8 kind, __u8 family, __u16 local_port,
 				 __u16 remote_port, const __u32 *local, const __u32 *remote)
 {
 	struct pinhole_event *e = bpf_ringbuf_reserve(&pinhole_events, sizeof(*e), 0);
 	if (!e)
 		return;
+	// Only an open the agent will read holds: it is the agent that
+	// releases it.
+	if (kind == EVENT_AUX_OPEN)
+		hold_open(o->app_id);
 	__builtin_memset(e, 0, sizeof(*e));
 	e->cookie = cookie;
 	e->cgroup_id = o->cgroup_id;
@@ -548,5 +614,84 @@ int list_udp_socks(struct bpf_iter__udp *ctx)
 {
 	if (ctx->udp_sk)
 		list_sock(ctx->meta->seq, (struct sock_common *)ctx->udp_sk);
+	return 0;
+}
+
+// hold_egress drops the data segments of a dynamic app's control
+// connections while the app has an auxiliary open the agent has not
+// released, before that open's deadline (see HOLD_MAX_NS). Returning 0
+// fails the transmission with EPERM: TCP keeps the segment in its write
+// queue unsent and sends it when kicked, on new data or an incoming
+// segment, or at the latest by its probe timer.
+SEC("cgroup_skb/egress")
+int hold_egress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_TCP)
+		return 1;
+	struct sock_owner *o = bpf_sk_storage_get(&pinhole_socks, sk, 0, 0);
+	if (!o || o->kind != SOCK_CONTROL_CONN)
+		return 1;
+	__u32 app_id = o->app_id;
+	struct hold_opened *h = bpf_map_lookup_elem(&pinhole_hold_opened, &app_id);
+	if (!h)
+		return 1;
+	__u64 *released = bpf_map_lookup_elem(&pinhole_hold_released, &app_id);
+	if (h->opened <= (released ? *released : 0) || bpf_ktime_get_ns() >= h->deadline)
+		return 1;
+	// Data only: a pure ACK, SYN or FIN carries no answer to hold.
+	__u32 l4off, total;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		__u8 vihl;
+		__be16 len;
+		if (bpf_skb_load_bytes(skb, 0, &vihl, 1) || bpf_skb_load_bytes(skb, 2, &len, 2))
+			return 1;
+		l4off = (vihl & 0xf) * 4;
+		total = bpf_ntohs(len);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		__be16 len;
+		if (bpf_skb_load_bytes(skb, 4, &len, 2))
+			return 1;
+		l4off = 40;
+		total = 40 + bpf_ntohs(len);
+	} else {
+		return 1;
+	}
+	__u8 doff;
+	if (bpf_skb_load_bytes(skb, l4off + 12, &doff, 1))
+		return 1;
+	if (total <= l4off + (doff >> 4) * 4)
+		return 1;
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&pinhole_held, &zero);
+	if (n)
+		*n += 1;
+	return 0;
+}
+
+#define SOL_TCP 6
+#define TCP_NODELAY 1
+
+// kick_control_socks (run by the agent after a release) pushes what
+// hold_egress held: setting TCP_NODELAY runs tcp_push_pending_frames. An
+// app's own setting is kept: when it had Nagle on, it is set on again.
+SEC("iter/tcp")
+int kick_control_socks(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *sk = ctx->sk_common;
+	if (!sk || sk->skc_state != TCP_ESTABLISHED)
+		return 0;
+	struct sock_owner *o = bpf_sk_storage_get(&pinhole_socks, sk, 0, 0);
+	if (!o || o->kind != SOCK_CONTROL_CONN)
+		return 0;
+	int was = 0, on = 1;
+	if (bpf_getsockopt(sk, SOL_TCP, TCP_NODELAY, &was, sizeof(was)))
+		return 0;
+	bpf_setsockopt(sk, SOL_TCP, TCP_NODELAY, &on, sizeof(on));
+	if (!was)
+		bpf_setsockopt(sk, SOL_TCP, TCP_NODELAY, &was, sizeof(was));
 	return 0;
 }

@@ -21,6 +21,12 @@ type pinholeAllowKey struct {
 	Peer   [16]uint8
 }
 
+type pinholeHoldOpened struct {
+	_        structs.HostLayout
+	Opened   uint64
+	Deadline uint64
+}
+
 type pinholePinholeApp struct {
 	_     structs.HostLayout
 	AppId uint32
@@ -72,9 +78,14 @@ const (
 	pinholeMapPinholeApps         = "pinhole_apps"
 	pinholeMapPinholeDrops        = "pinhole_drops"
 	pinholeMapPinholeEvents       = "pinhole_events"
+	pinholeMapPinholeHeld         = "pinhole_held"
+	pinholeMapPinholeHoldOpened   = "pinhole_hold_opened"
+	pinholeMapPinholeHoldReleased = "pinhole_hold_released"
 	pinholeMapPinholePorts        = "pinhole_ports"
 	pinholeMapPinholeSocks        = "pinhole_socks"
 	pinholeProgGuardIngress       = "guard_ingress"
+	pinholeProgHoldEgress         = "hold_egress"
+	pinholeProgKickControlSocks   = "kick_control_socks"
 	pinholeProgListTcpSocks       = "list_tcp_socks"
 	pinholeProgListUdpSocks       = "list_udp_socks"
 	pinholeProgObservePostBind4   = "observe_post_bind4"
@@ -82,6 +93,7 @@ const (
 	pinholeProgObserveSockRelease = "observe_sock_release"
 	pinholeProgObserveSockops     = "observe_sockops"
 	pinholeVarUnusedAllowKey      = "unused_allow_key"
+	pinholeVarUnusedHoldOpened    = "unused_hold_opened"
 	pinholeVarUnusedPinholeEvent  = "unused_pinhole_event"
 	pinholeVarUnusedPortKey       = "unused_port_key"
 )
@@ -129,6 +141,8 @@ type pinholeSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type pinholeProgramSpecs struct {
 	GuardIngress       *ebpf.ProgramSpec `ebpf:"guard_ingress"`
+	HoldEgress         *ebpf.ProgramSpec `ebpf:"hold_egress"`
+	KickControlSocks   *ebpf.ProgramSpec `ebpf:"kick_control_socks"`
 	ListTcpSocks       *ebpf.ProgramSpec `ebpf:"list_tcp_socks"`
 	ListUdpSocks       *ebpf.ProgramSpec `ebpf:"list_udp_socks"`
 	ObservePostBind4   *ebpf.ProgramSpec `ebpf:"observe_post_bind4"`
@@ -141,12 +155,15 @@ type pinholeProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type pinholeMapSpecs struct {
-	PinholeAllow  *ebpf.MapSpec `ebpf:"pinhole_allow"`
-	PinholeApps   *ebpf.MapSpec `ebpf:"pinhole_apps"`
-	PinholeDrops  *ebpf.MapSpec `ebpf:"pinhole_drops"`
-	PinholeEvents *ebpf.MapSpec `ebpf:"pinhole_events"`
-	PinholePorts  *ebpf.MapSpec `ebpf:"pinhole_ports"`
-	PinholeSocks  *ebpf.MapSpec `ebpf:"pinhole_socks"`
+	PinholeAllow        *ebpf.MapSpec `ebpf:"pinhole_allow"`
+	PinholeApps         *ebpf.MapSpec `ebpf:"pinhole_apps"`
+	PinholeDrops        *ebpf.MapSpec `ebpf:"pinhole_drops"`
+	PinholeEvents       *ebpf.MapSpec `ebpf:"pinhole_events"`
+	PinholeHeld         *ebpf.MapSpec `ebpf:"pinhole_held"`
+	PinholeHoldOpened   *ebpf.MapSpec `ebpf:"pinhole_hold_opened"`
+	PinholeHoldReleased *ebpf.MapSpec `ebpf:"pinhole_hold_released"`
+	PinholePorts        *ebpf.MapSpec `ebpf:"pinhole_ports"`
+	PinholeSocks        *ebpf.MapSpec `ebpf:"pinhole_socks"`
 }
 
 // pinholeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -154,6 +171,7 @@ type pinholeMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type pinholeVariableSpecs struct {
 	UnusedAllowKey     *ebpf.VariableSpec `ebpf:"unused_allow_key"`
+	UnusedHoldOpened   *ebpf.VariableSpec `ebpf:"unused_hold_opened"`
 	UnusedPinholeEvent *ebpf.VariableSpec `ebpf:"unused_pinhole_event"`
 	UnusedPortKey      *ebpf.VariableSpec `ebpf:"unused_port_key"`
 }
@@ -178,12 +196,15 @@ func (o *pinholeObjects) Close() error {
 //
 // It can be passed to loadPinholeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type pinholeMaps struct {
-	PinholeAllow  *ebpf.Map `ebpf:"pinhole_allow"`
-	PinholeApps   *ebpf.Map `ebpf:"pinhole_apps"`
-	PinholeDrops  *ebpf.Map `ebpf:"pinhole_drops"`
-	PinholeEvents *ebpf.Map `ebpf:"pinhole_events"`
-	PinholePorts  *ebpf.Map `ebpf:"pinhole_ports"`
-	PinholeSocks  *ebpf.Map `ebpf:"pinhole_socks"`
+	PinholeAllow        *ebpf.Map `ebpf:"pinhole_allow"`
+	PinholeApps         *ebpf.Map `ebpf:"pinhole_apps"`
+	PinholeDrops        *ebpf.Map `ebpf:"pinhole_drops"`
+	PinholeEvents       *ebpf.Map `ebpf:"pinhole_events"`
+	PinholeHeld         *ebpf.Map `ebpf:"pinhole_held"`
+	PinholeHoldOpened   *ebpf.Map `ebpf:"pinhole_hold_opened"`
+	PinholeHoldReleased *ebpf.Map `ebpf:"pinhole_hold_released"`
+	PinholePorts        *ebpf.Map `ebpf:"pinhole_ports"`
+	PinholeSocks        *ebpf.Map `ebpf:"pinhole_socks"`
 }
 
 func (m *pinholeMaps) Close() error {
@@ -192,6 +213,9 @@ func (m *pinholeMaps) Close() error {
 		m.PinholeApps,
 		m.PinholeDrops,
 		m.PinholeEvents,
+		m.PinholeHeld,
+		m.PinholeHoldOpened,
+		m.PinholeHoldReleased,
 		m.PinholePorts,
 		m.PinholeSocks,
 	)
@@ -202,6 +226,7 @@ func (m *pinholeMaps) Close() error {
 // It can be passed to loadPinholeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type pinholeVariables struct {
 	UnusedAllowKey     *ebpf.Variable `ebpf:"unused_allow_key"`
+	UnusedHoldOpened   *ebpf.Variable `ebpf:"unused_hold_opened"`
 	UnusedPinholeEvent *ebpf.Variable `ebpf:"unused_pinhole_event"`
 	UnusedPortKey      *ebpf.Variable `ebpf:"unused_port_key"`
 }
@@ -211,6 +236,8 @@ type pinholeVariables struct {
 // It can be passed to loadPinholeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type pinholePrograms struct {
 	GuardIngress       *ebpf.Program `ebpf:"guard_ingress"`
+	HoldEgress         *ebpf.Program `ebpf:"hold_egress"`
+	KickControlSocks   *ebpf.Program `ebpf:"kick_control_socks"`
 	ListTcpSocks       *ebpf.Program `ebpf:"list_tcp_socks"`
 	ListUdpSocks       *ebpf.Program `ebpf:"list_udp_socks"`
 	ObservePostBind4   *ebpf.Program `ebpf:"observe_post_bind4"`
@@ -222,6 +249,8 @@ type pinholePrograms struct {
 func (p *pinholePrograms) Close() error {
 	return _PinholeClose(
 		p.GuardIngress,
+		p.HoldEgress,
+		p.KickControlSocks,
 		p.ListTcpSocks,
 		p.ListUdpSocks,
 		p.ObservePostBind4,

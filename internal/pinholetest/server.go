@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -151,6 +152,21 @@ func (s *server) do(f []string) (string, error) {
 			}
 		}()
 		return "", nil
+	case "pasv":
+		// As an FTP server answers PASV: listen on the port, then name it
+		// on every control connection, at once.
+		if _, err := s.do([]string{"listen", arg}); err != nil {
+			return "", err
+		}
+		s.mu.Lock()
+		cs := slices.Clone(s.controls)
+		s.mu.Unlock()
+		for _, c := range cs {
+			if _, err := c.Write([]byte("227 " + arg + "\n")); err != nil {
+				return "", err
+			}
+		}
+		return strconv.Itoa(len(cs)), nil
 	case "bind":
 		pc, err := net.ListenPacket("udp", ":"+arg)
 		if err != nil {
