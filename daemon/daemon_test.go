@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"errors"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -116,5 +117,64 @@ func TestNamedPeersFile(t *testing.T) {
 	}
 	if _, err := loadNamedPeers(path); err == nil || !strings.Contains(err.Error(), path) {
 		t.Errorf("corrupt file: %v; want an error naming %s", err, path)
+	}
+}
+
+// TestPolicyStamp: every way an edit reaches the policy file changes its
+// stamp (so the poll reads it), and nothing else does.
+func TestPolicyStamp(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "policy.yaml")
+	past := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
+	for _, tc := range []struct {
+		name    string
+		edit    func() error
+		changed bool
+	}{
+		{"untouched", func() error { return nil }, false},
+		{"read", func() error { _, err := os.ReadFile(path); return err }, false},
+		{"same bytes written again", func() error {
+			if err := os.WriteFile(path, []byte("version: 1\n"), 0o600); err != nil {
+				return err
+			}
+			return os.Chtimes(path, past, past.Add(time.Second))
+		}, true},
+		{"appended", func() error {
+			f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+			if err != nil {
+				return err
+			}
+			_, err = f.WriteString("apps: []\n")
+			return errors.Join(err, f.Close())
+		}, true},
+		{"renamed over", func() error {
+			next := filepath.Join(dir, "next.yaml")
+			if err := os.WriteFile(next, []byte("version: 1\n"), 0o600); err != nil {
+				return err
+			}
+			return os.Rename(next, path)
+		}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := os.WriteFile(path, []byte("version: 1\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chtimes(path, past, past); err != nil {
+				t.Fatal(err)
+			}
+			before := stampOf(path)
+			if !before.valid() {
+				t.Fatalf("no stamp of %s", path)
+			}
+			if err := tc.edit(); err != nil {
+				t.Fatal(err)
+			}
+			if got := stampOf(path) != before; got != tc.changed {
+				t.Errorf("stamp changed = %v, want %v", got, tc.changed)
+			}
+		})
+	}
+	if stampOf(filepath.Join(dir, "missing")).valid() {
+		t.Error("a missing file has a valid stamp")
 	}
 }
