@@ -24,11 +24,12 @@ import (
 )
 
 // The site's rules: srv1 (the agent) may open holes to itself on the
-// auxiliary ports; "ops" holds the hole to the control port (the gateway
-// drops every new inbound connection that no hole lets in).
+// auxiliary ports; the control port is a service for the client's
+// networks (the gateway drops every other new inbound connection that no
+// hole lets in).
 const pinholeRules = `host srv1 10.9.0.5,fd09::5
 allow srv1 * * * * self 40000-40100
-allow ops * tcp * * 10.9.0.5,fd09::5 2121
+service srv1 tcp 2121 from 198.51.100.0/24,2001:db8:c::/64
 deny * * * 203.0.113.66 * * *
 `
 
@@ -147,14 +148,6 @@ func mustNotReach(t *testing.T, ns, network, addr, why string) {
 func TestPinholeEndToEnd(t *testing.T) {
 	top := nstest.NewSite(t)
 	gw := pinholetest.StartGateway(t, top, pinholeRules, time.Minute)
-	ctx := context.Background()
-	// The control port's hole, held by another delegate for the test.
-	ops := gw.Client(t, "ops", top.Server)
-	for _, peer := range []string{nstest.Client4, nstest.Client6} {
-		if _, err := ops.Open(ctx, perimeter.Request{Target: holeKey(peer, "tcp", 2121).Target(), User: "ops"}); err != nil {
-			t.Fatal(err)
-		}
-	}
 	srv1 := gw.Client(t, "srv1", top.Server)
 
 	e := newE2EIn(t, pinholePolicy, top.Server, true,
@@ -288,11 +281,6 @@ func TestPinholeEndToEnd(t *testing.T) {
 		ks := gatewayHoles(t, srv1)
 		return slices.Contains(ks, holeKey(nstest.Client4, "tcp", 40000)) && slices.Contains(ks, holeKey(nstest.Client4, "udp", 40001))
 	})
-	for _, peer := range []string{nstest.Client4, nstest.Client6} { // the test's own control-port holes
-		if _, err := ops.Open(ctx, perimeter.Request{Target: holeKey(peer, "tcp", 2121).Target(), User: "ops"}); err != nil {
-			t.Fatal(err)
-		}
-	}
 	mustReach(t, top.Client, "udp", udpAux, "ping\n", "after the gateway's restart")
 
 	// Closing the aux socket closes its hole, at the gateway and on the host.
