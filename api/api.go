@@ -139,6 +139,9 @@ type PinholeAgent struct {
 	Refused int    `json:"refused"`
 	// GuardDrops counts packets the host guard dropped at auxiliary ports.
 	GuardDrops uint64 `json:"guard_drops"`
+	// Held counts data segments of control connections held until the
+	// app's new holes were live at the gateway.
+	Held uint64 `json:"held_segments"`
 }
 
 // Pinhole is one hole of the agent: open at the gateway, refused by it, or

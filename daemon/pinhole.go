@@ -55,7 +55,7 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 		k.Close()
 		return fmt.Errorf("reset host guard: %w", err)
 	}
-	ph := &pinholes{url: d.cfg.GatewayURL, kernel: k, metrics: &pinholeMetrics{drops: k.Drops}}
+	ph := &pinholes{url: d.cfg.GatewayURL, kernel: k, metrics: &pinholeMetrics{drops: k.Drops, held: k.Held}}
 	d.mu.Lock()
 	_, apps := pinholeApps(d.lastBindings)
 	d.mu.Unlock()
@@ -280,5 +280,6 @@ func (d *Daemon) pinholeStatus(ctx context.Context) *api.PinholeAgent {
 	defer cancel()
 	st.Open, st.Pending, st.Refused, _ = d.ph.agent.Counts(ctx)
 	st.GuardDrops, _ = d.ph.kernel.Drops()
+	st.Held, _ = d.ph.kernel.Held()
 	return st
 }

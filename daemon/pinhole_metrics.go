@@ -17,6 +17,8 @@ var (
 		[]string{"action"}, nil)
 	pinholeGuardDropsDesc = prometheus.NewDesc("procgate_pinhole_guard_drops_total",
 		"Packets the host guard dropped at auxiliary ports (peers without an open hole).", nil, nil)
+	pinholeHeldDesc = prometheus.NewDesc("procgate_pinhole_held_segments_total",
+		"Data segments of dynamic apps' control connections held until their new holes were live at the gateway.", nil, nil)
 )
 
 // pinholeActions are the actions of pinhole.Notice, in the order of
@@ -27,6 +29,7 @@ var pinholeActions = [...]string{"open", "close", "refuse"}
 type pinholeMetrics struct {
 	counts  func(context.Context) (open, pending, refused int, err error)
 	drops   func() (uint64, error)
+	held    func() (uint64, error)
 	changes [len(pinholeActions)]atomic.Uint64
 }
 
@@ -42,6 +45,7 @@ func (m *pinholeMetrics) Describe(ch chan<- *prometheus.Desc) {
 	ch <- pinholesDesc
 	ch <- pinholeNoticesDesc
 	ch <- pinholeGuardDropsDesc
+	ch <- pinholeHeldDesc
 }
 
 func (m *pinholeMetrics) Collect(ch chan<- prometheus.Metric) {
@@ -57,5 +61,8 @@ func (m *pinholeMetrics) Collect(ch chan<- prometheus.Metric) {
 	}
 	if n, err := m.drops(); err == nil {
 		ch <- prometheus.MustNewConstMetric(pinholeGuardDropsDesc, prometheus.CounterValue, float64(n))
+	}
+	if n, err := m.held(); err == nil {
+		ch <- prometheus.MustNewConstMetric(pinholeHeldDesc, prometheus.CounterValue, float64(n))
 	}
 }

@@ -12,6 +12,7 @@ func TestPinholeMetrics(t *testing.T) {
 	m := &pinholeMetrics{
 		counts: func(context.Context) (int, int, int, error) { return 3, 1, 2, nil },
 		drops:  func() (uint64, error) { return 7, nil },
+		held:   func() (uint64, error) { return 4, nil },
 	}
 	for _, a := range []string{"open", "open", "close", "refuse", "bogus"} {
 		m.note(a)
@@ -25,6 +26,9 @@ procgate_pinhole_changes_total{action="refuse"} 1
 # HELP procgate_pinhole_guard_drops_total Packets the host guard dropped at auxiliary ports (peers without an open hole).
 # TYPE procgate_pinhole_guard_drops_total counter
 procgate_pinhole_guard_drops_total 7
+# HELP procgate_pinhole_held_segments_total Data segments of dynamic apps' control connections held until their new holes were live at the gateway.
+# TYPE procgate_pinhole_held_segments_total counter
+procgate_pinhole_held_segments_total 4
 # HELP procgate_pinholes Holes of the pinhole agent by state: open at the gateway, pending (wanted, not open yet), refused by the gateway's rules.
 # TYPE procgate_pinholes gauge
 procgate_pinholes{state="open"} 3

@@ -226,8 +226,8 @@ func printStatus(w io.Writer, st *api.Status) {
 	tw.Flush()
 	fmt.Fprintf(w, "audit: %d events, %d decode errors, %d dropped; log %s\n", st.Audit.Events, st.Audit.DecodeErrors, st.Audit.Dropped, st.Audit.Log)
 	if p := st.Pinholes; p != nil {
-		fmt.Fprintf(w, "pinhole agent: gateway %s, %d open holes, %d pending, %d refused; host guard dropped %d packets\n",
-			p.Gateway, p.Open, p.Pending, p.Refused, p.GuardDrops)
+		fmt.Fprintf(w, "pinhole agent: gateway %s, %d open holes, %d pending, %d refused; host guard dropped %d packets; held %d control segments until their holes were live\n",
+			p.Gateway, p.Open, p.Pending, p.Refused, p.GuardDrops, p.Held)
 	} else {
 		fmt.Fprintln(w, "pinhole agent: off (no --gateway)")
 	}
