@@ -264,22 +264,19 @@ func (k *Kernel) Release(app uint32, n uint64) error {
 
 // Held is how many data segments of control connections hold_egress held.
 func (k *Kernel) Held() (uint64, error) {
-	var per []uint64
-	if err := k.objs.PinholeHeld.Lookup(uint32(0), &per); err != nil {
-		return 0, fmt.Errorf("read held segments: %w", err)
-	}
-	var n uint64
-	for _, v := range per {
-		n += v
-	}
-	return n, nil
+	return sumCounter(k.objs.PinholeHeld, "held segments")
 }
 
 // Drops is how many packets the host guard dropped.
 func (k *Kernel) Drops() (uint64, error) {
+	return sumCounter(k.objs.PinholeDrops, "host guard drops")
+}
+
+// sumCounter reads a per-CPU counter of pinhole.c's count().
+func sumCounter(m *ebpf.Map, what string) (uint64, error) {
 	var per []uint64
-	if err := k.objs.PinholeDrops.Lookup(uint32(0), &per); err != nil {
-		return 0, fmt.Errorf("read host guard drops: %w", err)
+	if err := m.Lookup(uint32(0), &per); err != nil {
+		return 0, fmt.Errorf("read %s: %w", what, err)
 	}
 	var n uint64
 	for _, v := range per {

@@ -435,25 +435,37 @@ int observe_sock_release(struct bpf_sock *sk)
 	return 1;
 }
 
-static __always_inline int drop(void)
+// count adds one to a per-CPU counter (pinhole_drops, pinhole_held).
+static __always_inline void count(void *counter)
 {
 	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(&pinhole_drops, &zero);
+	__u64 *n = bpf_map_lookup_elem(counter, &zero);
 	if (n)
 		*n += 1;
+}
+
+static __always_inline int drop(void)
+{
+	count(&pinhole_drops);
 	return 0;
+}
+
+// owner_of is the tag of the full socket a packet belongs to, if any.
+static __always_inline struct sock_owner *owner_of(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return NULL;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return NULL;
+	return bpf_sk_storage_get(&pinhole_socks, sk, 0, 0);
 }
 
 SEC("cgroup_skb/ingress")
 int guard_ingress(struct __sk_buff *skb)
 {
-	struct bpf_sock *sk = skb->sk;
-	if (!sk)
-		return 1;
-	sk = bpf_sk_fullsock(sk);
-	if (!sk)
-		return 1;
-	struct sock_owner *o = bpf_sk_storage_get(&pinhole_socks, sk, 0, 0);
+	struct sock_owner *o = owner_of(skb);
 	if (!o || o->kind != SOCK_AUX)
 		return 1;
 	// Guarded while the policy says so: an app no longer dynamic, or a
@@ -626,13 +638,7 @@ int list_udp_socks(struct bpf_iter__udp *ctx)
 SEC("cgroup_skb/egress")
 int hold_egress(struct __sk_buff *skb)
 {
-	struct bpf_sock *sk = skb->sk;
-	if (!sk)
-		return 1;
-	sk = bpf_sk_fullsock(sk);
-	if (!sk || sk->protocol != IPPROTO_TCP)
-		return 1;
-	struct sock_owner *o = bpf_sk_storage_get(&pinhole_socks, sk, 0, 0);
+	struct sock_owner *o = owner_of(skb); // a control connection is TCP
 	if (!o || o->kind != SOCK_CONTROL_CONN)
 		return 1;
 	__u32 app_id = o->app_id;
@@ -665,10 +671,7 @@ int hold_egress(struct __sk_buff *skb)
 		return 1;
 	if (total <= l4off + (doff >> 4) * 4)
 		return 1;
-	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(&pinhole_held, &zero);
-	if (n)
-		*n += 1;
+	count(&pinhole_held);
 	return 0;
 }
 
