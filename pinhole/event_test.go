@@ -61,7 +61,7 @@ func FuzzDecodeEvent(f *testing.F) {
 	f.Add(rawEvent(3, 1, 4, nil, nil, 21, 1))
 	f.Fuzz(func(t *testing.T, raw []byte) {
 		e, err := DecodeEvent(raw)
-		if err == nil && (e.Kind < AuxOpen || e.Kind > ControlClose || (e.Proto != perimeter.TCP && e.Proto != perimeter.UDP)) {
+		if err == nil && (e.Kind < AuxOpen || e.Kind > AuxPeer || (e.Proto != perimeter.TCP && e.Proto != perimeter.UDP)) {
 			t.Errorf("decoded an impossible event %+v", e)
 		}
 	})
