@@ -99,11 +99,36 @@ func TestSmoke(t *testing.T) {
 			}
 		}
 	}
+	if d := r.Daemon; d == nil || len(d.CLIRevokes) == 0 || d.Loaded.RSS == 0 || d.IdleSeconds == 0 || len(d.Reloads) == 0 || len(d.MapMemory) == 0 {
+		t.Errorf("daemon phase: %+v", d)
+	} else {
+		for _, rv := range d.CLIRevokes {
+			if rv.LastAllowedMs > rv.CommandMs || rv.FirstDenialMs <= 0 {
+				t.Errorf("revocation through the CLI %+v: an attempt begun after `revoke` returned was allowed, or no denial", rv)
+			}
+		}
+	}
+	// Measuring one phase again and merging it keeps the others' results.
+	if err := run(options{tiny: true, out: out, phases: []string{phaseDaemon}, merge: true}); err != nil {
+		t.Fatal(err)
+	}
+	data, err = os.ReadFile(filepath.Join(out, "results.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var merged results
+	if err := json.Unmarshal(data, &merged); err != nil {
+		t.Fatal(err)
+	}
+	if len(merged.Latency) != len(r.Latency) || merged.Reload == nil || merged.Pinhole == nil || merged.Daemon == nil ||
+		len(merged.Meta.Merged) != 1 || merged.Meta.Merged[0].Phases[0] != phaseDaemon {
+		t.Errorf("merged results lost or mislabel phases: %d latency results (had %d), meta %+v", len(merged.Latency), len(r.Latency), merged.Meta)
+	}
 	report, err := os.ReadFile(filepath.Join(out, "REPORT.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "scaling-p50.svg", "throughput.svg"} {
+	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "measured again", "scaling-p50.svg", "throughput.svg"} {
 		if !strings.Contains(string(report), want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}

@@ -415,7 +415,7 @@ func (r *results) daemonCostSection(w func(string, ...any)) {
 		w("| `procgate reload` %d | %.2f | %.2f | %.0f | %.0f |", i+1, rl.Seconds, rl.CPUSeconds, mib(rl.After.RSS), mib(rl.After.HWM))
 	}
 	w("")
-	w("A reload's CPU counts from the command's start to %s after it returned (the garbage collection it leaves behind included). Idle, the daemon still wakes every second to re-read and hash the policy file and to check routes and pinned binaries.", reloadSettle)
+	w("A reload's CPU counts from the command's start to %s after it returned (the garbage collection it leaves behind included). Idle, the daemon wakes every second to stat the policy file (it reads and hashes it only when it changed) and to check routes and pinned binaries. The daemon keeps the rulesets of its last 8 generations (to name the rule of audit events still in the ring buffer) and the Go heap may grow to twice what is live (GOGC=100), which fits RSS growing over the first reloads.", reloadSettle)
 	w("")
 	if len(d.MapMemory) > 0 {
 		w("Kernel memory of the daemon's maps at %d prefixes (as above, from its pinned maps):", d.Prefixes)
