@@ -280,8 +280,9 @@ struct dest {
 
 // Verdicts the egress backstop may reuse instead of deciding a packet again.
 // An entry says: in generation `generation`, sending to `d` was allowed for
-// a socket of app `app_id` (0: d is not internal, which holds for every
-// principal), and a socket of cgroup `cgroup_id` has that principal. A
+// a socket of app `app_id`, and a socket of cgroup `cgroup_id` has that
+// principal. Only internal verdicts are kept: for an external destination
+// the backstop's own check is one trie lookup that ends near the root. A
 // verdict depends on nothing else, so it is the same for every socket of
 // that principal, whichever socket it was made for. The backstop uses an
 // entry only when generation and destination match exactly, and for an app

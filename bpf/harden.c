@@ -253,8 +253,6 @@ int backstop_egress(struct __sk_buff *skb)
 				hit = verdict_matches(v, &d, generation, &c);
 		}
 		if (hit) {
-			if (!c.app_id)
-				return 1; // not internal
 			// The same cgroup has the same principal in a generation
 			// (the usual case: the socket's maker connected it).
 			if (bpf_skb_cgroup_id(skb) == c.cgroup_id)
