@@ -125,7 +125,7 @@ func (b *bench) daemonPhase(ctx context.Context) error {
 	if _, err := writePolicyYAML(policyPath, small); err != nil {
 		return err
 	}
-	d, err := b.startDaemon(bin, dir, ns, policyPath)
+	d, err := b.startDaemon(bin, dir, ns, policyPath, "daemon")
 	if err != nil {
 		return err
 	}
@@ -304,14 +304,15 @@ type daemonProc struct {
 
 // startDaemon starts procgate daemon in the namespace ns, in a cgroup of
 // its own (so that its CPU and memory are its alone and cleanup can kill
-// it), enforcing policyPath on a subtree of the bench's cgroup, and waits
-// until it answers on its socket.
-func (b *bench) startDaemon(bin, dir, ns, policyPath string) (*daemonProc, error) {
-	root, err := b.host.mkCgroup("daemon")
+// it), enforcing policyPath on the subtree name of the bench's cgroup with
+// its maps pinned below name, and waits until it answers on its socket.
+// extra are further daemon flags.
+func (b *bench) startDaemon(bin, dir, ns, policyPath, name string, extra ...string) (*daemonProc, error) {
+	root, err := b.host.mkCgroup(name)
 	if err != nil {
 		return nil, err
 	}
-	procDir, err := b.host.mkCgroup("daemon-process")
+	procDir, err := b.host.mkCgroup(name + "-process")
 	if err != nil {
 		return nil, err
 	}
@@ -320,12 +321,13 @@ func (b *bench) startDaemon(bin, dir, ns, policyPath string) (*daemonProc, error
 		return nil, err
 	}
 	defer cg.Close()
-	d := &daemonProc{bin: bin, socket: filepath.Join(dir, "procgate.sock"), bpfDir: filepath.Join(b.host.bpffs, "daemon"),
+	d := &daemonProc{bin: bin, socket: filepath.Join(dir, "procgate.sock"), bpfDir: filepath.Join(b.host.bpffs, name),
 		cgroupRoot: root, out: &lockedBuf{}, exited: make(chan struct{})}
 	// nsenter enters the namespace and execs the daemon in its place: the
 	// pid is the daemon's.
-	d.cmd = exec.Command("nsenter", "--net="+ns, bin, "daemon", "--policy", policyPath, "--cgroup-root", root,
-		"--state-dir", filepath.Join(dir, "state"), "--bpf-dir", d.bpfDir, "--socket", d.socket)
+	args := append([]string{"--net=" + ns, bin, "daemon", "--policy", policyPath, "--cgroup-root", root,
+		"--state-dir", filepath.Join(dir, "state"), "--bpf-dir", d.bpfDir, "--socket", d.socket}, extra...)
+	d.cmd = exec.Command("nsenter", args...)
 	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
 	d.cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	if err := d.cmd.Start(); err != nil {

@@ -13,7 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/google/nftables"
@@ -117,13 +116,6 @@ func serveBinder(in io.Reader, out io.Writer) error {
 	return sc.Err()
 }
 
-// phDaemon is procgate daemon in the lane's server, with its agent.
-type phDaemon struct {
-	bin, socket string
-	cmd         *exec.Cmd
-	out         *lockedBuf
-}
-
 type lockedBuf struct {
 	mu sync.Mutex
 	b  strings.Builder
@@ -160,7 +152,7 @@ func procgateBinary() (string, error) {
 
 // phStartDaemon writes the agent's certificate, the policy, and starts the
 // daemon in the server with --gateway.
-func (b *bench) phStartDaemon(l *phLane, g *phGateway) (*phDaemon, error) {
+func (b *bench) phStartDaemon(l *phLane, g *phGateway) (*daemonProc, error) {
 	bin, err := procgateBinary()
 	if err != nil {
 		return nil, err
@@ -179,48 +171,9 @@ func (b *bench) phStartDaemon(l *phLane, g *phGateway) (*phDaemon, error) {
 			return nil, err
 		}
 	}
-	cg, err := b.host.mkCgroup("pinhole-agent")
-	if err != nil {
-		return nil, err
-	}
-	d := &phDaemon{bin: bin, socket: filepath.Join(dir, "procgate.sock"), out: &lockedBuf{}}
-	bpfDir := filepath.Join(b.host.bpffs, "pinhole-agent")
-	d.cmd = exec.Command("nsenter", "--net="+l.server, bin, "daemon", "--policy", filepath.Join(dir, "policy.yaml"),
-		"--cgroup-root", cg, "--state-dir", filepath.Join(dir, "state"), "--bpf-dir", bpfDir, "--socket", d.socket,
+	return b.startDaemon(bin, dir, l.server, filepath.Join(dir, "policy.yaml"), "pinhole-agent",
 		"--gateway", g.url, "--gateway-ca", filepath.Join(dir, "ca.crt"),
 		"--gateway-cert", filepath.Join(dir, "srv1.crt"), "--gateway-key", filepath.Join(dir, "srv1.key"))
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
-	if err := d.cmd.Start(); err != nil {
-		return nil, err
-	}
-	exited := make(chan struct{})
-	go func() { d.cmd.Wait(); close(exited) }()
-	b.host.undo.push(func() error {
-		d.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			d.cmd.Process.Kill()
-			<-exited
-		}
-		if out, err := exec.Command(bin, "uninstall", "--bpf-dir", bpfDir).CombinedOutput(); err != nil {
-			return fmt.Errorf("procgate uninstall: %w: %s", err, out)
-		}
-		return nil
-	})
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		select {
-		case <-exited:
-			return nil, fmt.Errorf("daemon exited at start: %s", d.out.String())
-		default:
-		}
-		if exec.Command(bin, "--socket", d.socket, "status").Run() == nil {
-			return d, nil
-		}
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("daemon not up after 20s: %s", d.out.String())
-		}
-	}
 }
 
 // phBindLatency times bind → hole live through the whole chain.
