@@ -86,6 +86,9 @@ func appNode(a ruleset.App) *yaml.Node {
 	if len(a.KeepCaps) > 0 {
 		n.Content = append(n.Content, text("keep_caps"), flowList(a.KeepCaps, text))
 	}
+	if a.Traceable {
+		n.Content = append(n.Content, text("traceable"), &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+	}
 	if a.AuditAllow {
 		n.Content = append(n.Content, text("audit"), text("all"))
 	}

@@ -41,7 +41,7 @@ var (
 	topKeys      = []string{"version", "internal", "audit", "apps"}
 	internalKeys = []string{"prefixes", "interfaces"}
 	auditKeys    = []string{"rate"}
-	appKeys      = []string{"name", "exe", "users", "keep_caps", "audit", "allow", "inbound"}
+	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "audit", "allow", "inbound"}
 	inboundKeys  = []string{"dynamic"}
 	dynamicKeys  = []string{"control", "ports", "proto", "lease"}
 	exeKeys      = []string{"path", "sha256"}
@@ -375,6 +375,16 @@ func (p *parser) integer(n *yaml.Node, field string) (int64, bool) {
 	return v, true
 }
 
+// boolean returns a !!bool scalar's value.
+func (p *parser) boolean(n *yaml.Node, field string) (bool, bool) {
+	var v bool
+	if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!bool" || n.Decode(&v) != nil {
+		p.errorf(n, field, "want true or false, not %s", describe(n))
+		return false, false
+	}
+	return v, true
+}
+
 // word reads one of a fixed set of words; want lists them for the error.
 func word[T any](p *parser, n *yaml.Node, field, what string, words map[string]T, want string) (T, bool) {
 	var zero T
@@ -606,6 +616,9 @@ func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []gra
 	}
 	if n, ok := vals["keep_caps"]; ok {
 		app.KeepCaps = p.keepCaps(n, join(field, "keep_caps"))
+	}
+	if n, ok := vals["traceable"]; ok {
+		app.Traceable, _ = p.boolean(n, join(field, "traceable"))
 	}
 	if n, ok := vals["audit"]; ok {
 		app.AuditAllow, _ = word(p, n, join(field, "audit"), "audit mode", auditWords, "deny or all")

@@ -92,6 +92,19 @@ func TestLoadValid(t *testing.T) {
 			},
 		},
 		{
+			file: "testdata/valid/traceable.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal:  []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8"), Source: src(3)}},
+					AuditRate: DefaultAuditRate,
+					Apps: []ruleset.App{
+						{Name: "dev", Source: src(6), Traceable: true},
+						{Name: "prod", Source: src(9)},
+					},
+				}
+			},
+		},
+		{
 			file: "testdata/valid/normalize.yaml",
 			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
 				return &ruleset.Ruleset{

@@ -156,6 +156,9 @@ func hasType(x any, typ string) bool {
 	case "string":
 		_, ok := x.(string)
 		return ok
+	case "boolean":
+		_, ok := x.(bool)
+		return ok
 	case "integer":
 		switch x.(type) {
 		case int, int64, uint64:

@@ -122,7 +122,10 @@ type App struct {
 	// KeepCaps names capabilities of LauncherDrops that the launcher
 	// leaves in the app's bounding set (policy `keep_caps:`).
 	KeepCaps []string
-	Source   Source
+	// Traceable lets processes of the same user trace the app's processes
+	// (policy `traceable: true`): the launcher does not guard them.
+	Traceable bool
+	Source    Source
 }
 
 // LauncherDrops are the capabilities the launcher (`procgate run`, and the
