@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -35,6 +36,11 @@ type Spec struct {
 	// NetNS is a network namespace file to run in; empty inherits this
 	// process' namespace.
 	NetNS string
+	// GuardGID is the real gid app processes run with so that no process
+	// without CAP_SYS_PTRACE can trace them (guard.go); 0: no guard. An
+	// app with `traceable: true` is never guarded, and neither is a user
+	// whose own group is the guard gid: nobody could tell them apart.
+	GuardGID uint32
 }
 
 // Cred is a user identity: the caller's uid, gid and supplementary groups.
@@ -48,7 +54,8 @@ const defaultPath = "/usr/local/bin:/usr/bin:/bin"
 
 // Process is a launched application process.
 type Process struct {
-	cmd *exec.Cmd
+	cmd     *exec.Cmd
+	guarded bool
 }
 
 // Exit is how a process ended.
@@ -85,12 +92,13 @@ func Start(spec Spec) (*Process, error) {
 	if err != nil {
 		return nil, fmt.Errorf("launch app %s: %w", spec.App.Name, err)
 	}
-	uid := uint32(os.Geteuid())
+	uid, gid := uint32(os.Geteuid()), uint32(os.Getegid())
 	attr := &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true}
 	if spec.Cred != nil {
-		uid = spec.Cred.UID
+		uid, gid = spec.Cred.UID, spec.Cred.GID
 		attr.Credential = &syscall.Credential{Uid: spec.Cred.UID, Gid: spec.Cred.GID, Groups: spec.Cred.Groups}
 	}
+	guarded := spec.GuardGID != 0 && !spec.App.Traceable && spec.GuardGID != gid
 	exe, err := CheckExe(spec.App, path, uid)
 	if err != nil {
 		return nil, err
@@ -123,6 +131,19 @@ func Start(spec Spec) (*Process, error) {
 		Stderr:      stdio[2],
 		SysProcAttr: attr,
 	}
+	after := func(started error) error { return started }
+	if guarded {
+		a := shimArgs{uid: uid, gid: gid, rgid: spec.GuardGID, dir: dir, path: exe, argv: spec.Argv}
+		if spec.Cred != nil {
+			// The user's own group stays a supplementary one: access(2)
+			// and faccessat test with the real gid, the guard's.
+			a.groups = append(slices.Clone(spec.Cred.Groups), gid)
+		}
+		cmd.SysProcAttr.Credential = nil // the shim sets them
+		if after, err = shimCommand(cmd, a); err != nil {
+			return nil, fmt.Errorf("launch app %s: %w", spec.App.Name, err)
+		}
+	}
 	var enter func() error
 	if spec.NetNS != "" {
 		ns, err := netns.GetFromPath(spec.NetNS)
@@ -141,12 +162,15 @@ func Start(spec Spec) (*Process, error) {
 	// namespace and reduced capabilities, which no other goroutine ever
 	// sees. With *os.File stdio, exec.Cmd starts no copying goroutines that
 	// could run elsewhere.
-	err = onConfinedThread(ConfinementOf(spec.App), enter, cmd.Start)
+	err = after(onConfinedThread(ConfinementOf(spec.App), enter, cmd.Start))
 	if err != nil {
 		return nil, fmt.Errorf("launch app %s: start %s in %s: %w", spec.App.Name, exe, spec.CgroupDir, err)
 	}
-	return &Process{cmd: cmd}, nil
+	return &Process{cmd: cmd, guarded: guarded}, nil
 }
+
+// Guarded says whether the process runs under the trace guard.
+func (p *Process) Guarded() bool { return p.guarded }
 
 // lookPath finds file as execvp(3) would with env's PATH, except that a
 // relative result is made absolute against dir, the child's working
