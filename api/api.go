@@ -225,6 +225,11 @@ type AppInfo struct {
 	// KeepCaps are the app's keep_caps: the launcher leaves them in the
 	// bounding set.
 	KeepCaps []string `json:"keep_caps,omitempty"`
+	// Traceable is the app's traceable: no trace guard for it.
+	Traceable bool `json:"traceable,omitempty"`
+	// GuardGID is the daemon's trace guard gid (0: off), for a root
+	// caller's own launch to apply the same guard.
+	GuardGID uint32 `json:"guard_gid,omitempty"`
 }
 
 // RunState is a line on a run connection: first Started, last Exited.

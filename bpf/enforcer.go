@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -559,38 +558,15 @@ type Guard struct {
 	Why    string // when not active
 }
 
-// yamaScope is where Yama says who may trace whom.
-const yamaScope = "/proc/sys/kernel/yama/ptrace_scope"
-
-func readYama() (string, error) {
-	b, err := os.ReadFile(yamaScope)
-	return strings.TrimSpace(string(b)), err
-}
-
-// tracingWhy says why app processes are not guarded against tracing, and
-// what stands in on this host: Yama's ptrace_scope, as read from yamaScope.
-func tracingWhy(scope string, err error) string {
-	why := "needs a BPF LSM ptrace_access_check program (not built; kernels without BPF trampolines refuse them); root started by procgate run has no CAP_SYS_PTRACE"
-	switch {
-	case err != nil:
-		return why + "; no Yama here: processes of an app's own uid can trace it"
-	case scope == "0":
-		return why + "; Yama ptrace_scope is 0: processes of an app's own uid can trace it (set kernel.yama.ptrace_scope=1)"
-	default:
-		return why + "; Yama ptrace_scope " + scope + " stops processes of an app's uid that are not its ancestors"
-	}
-}
-
 // Guards lists what is guarded on this kernel, for the start-up log and
-// `procgate status`.
+// `procgate status`. Tracing of app processes is the launcher's guard
+// (launch.TraceGuard), not the kernel programs'.
 func (e *Enforcer) Guards() []Guard {
 	gs := []Guard{
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
 		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
 		{Name: "raw-sockets", What: "no raw IP sockets inside app cgroups", Active: true},
 		{Name: "packet-sockets", What: "no AF_PACKET sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil},
-		{Name: "app-tracing", What: "no ptrace, process_vm_writev, /proc/PID/mem or pidfd_getfd of app processes by others (BPF LSM)",
-			Why: tracingWhy(readYama())},
 		{Name: "cgroup-migration", What: "processes moved or cloned into an app cgroup from inside another app hold no grants (tp_btf cgroup_attach_task, sched_process_fork)",
 			Active: e.migrateErr == nil},
 	}

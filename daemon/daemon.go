@@ -30,6 +30,7 @@ import (
 	"github.com/procgate/procgate/audit"
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/launch"
 	"github.com/procgate/procgate/policy"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -38,6 +39,9 @@ import (
 const (
 	DefaultStateDir = "/var/lib/procgate"
 	DefaultBPFDir   = "/sys/fs/bpf/procgate"
+	// DefaultGuardGID is nogroup on Debian: a group no user is in and no
+	// file is set-group-ID to, so no process outside an app gets it.
+	DefaultGuardGID = 65534
 	// AppsDir is the directory below the cgroup root holding app cgroups.
 	AppsDir = "procgate.apps"
 )
@@ -65,6 +69,10 @@ type Config struct {
 	// with no connection of its peer on the port, before the agent closes
 	// it as stale; 0: never.
 	PinholeIdle time.Duration
+	// GuardGID is the real gid launched app processes run with, so that
+	// no process without CAP_SYS_PTRACE can trace them (launch.Spec); 0:
+	// off. The command line's default is DefaultGuardGID.
+	GuardGID uint32
 }
 
 // Daemon is a running procgate daemon.
@@ -189,6 +197,11 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	if err := d.enf.Attach(); err != nil {
 		return err
+	}
+	if what, active, why := launch.TraceGuard(cfg.GuardGID); active {
+		d.log.Info("guard active", "guard", "app-tracing", "what", what)
+	} else {
+		d.log.Warn("guard NOT active", "guard", "app-tracing", "what", what, "why", why)
 	}
 	d.log.Info("enforcing", "policy", cfg.PolicyPath, "generation", d.gen, "cgroup_root", cfg.CgroupRoot, "bpf_dir", cfg.BPFDir)
 

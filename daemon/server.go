@@ -224,6 +224,8 @@ func (d *Daemon) status() (*api.Status, error) {
 	for _, g := range d.enf.Guards() {
 		st.Guards = append(st.Guards, api.Guard{Name: g.Name, What: g.What, Active: g.Active, Why: g.Why})
 	}
+	what, active, why := launch.TraceGuard(d.cfg.GuardGID)
+	st.Guards = append(st.Guards, api.Guard{Name: "app-tracing", What: what, Active: active, Why: why})
 	for _, p := range d.effective.Internal {
 		st.Internal = append(st.Internal, p.Prefix.String())
 	}
@@ -353,7 +355,8 @@ func (d *Daemon) appInfo(name string) (*api.AppInfo, error) {
 	if app == nil {
 		return nil, fmt.Errorf("no app %q in the policy %s", name, d.cfg.PolicyPath)
 	}
-	info := &api.AppInfo{Name: name, Cgroup: filepath.Join(d.appDirs.Base, name), Users: app.Users, KeepCaps: app.KeepCaps}
+	info := &api.AppInfo{Name: name, Cgroup: filepath.Join(d.appDirs.Base, name), Users: app.Users, KeepCaps: app.KeepCaps,
+		Traceable: app.Traceable, GuardGID: d.cfg.GuardGID}
 	for _, e := range app.Exe {
 		info.Exe = append(info.Exe, e.Path)
 		info.SHA256 = append(info.SHA256, e.SHA256)
@@ -451,6 +454,7 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 		Dir:       req.Dir,
 		Cred:      &launch.Cred{UID: p.uid, GID: p.gid, Groups: p.groups},
 		Stdio:     [3]*os.File{files[0], files[1], files[2]},
+		GuardGID:  d.cfg.GuardGID,
 	})
 	if err != nil {
 		fail("%v", err)
@@ -458,7 +462,7 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 	}
 	closeAll(files) // the child has its own copies
 	files = nil
-	d.log.Info("run", "app", app.Name, "uid", p.uid, "pid", proc.Pid(), "argv0", req.Argv[0])
+	d.log.Info("run", "app", app.Name, "uid", p.uid, "pid", proc.Pid(), "argv0", req.Argv[0], "trace_guard", proc.Guarded())
 	if err := api.WriteLine(conn, api.Response{Run: &api.RunState{Started: proc.Pid()}}); err != nil {
 		_ = proc.Signal(syscall.SIGHUP)
 	}

@@ -114,6 +114,7 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&cfg.GatewayCert, "gateway-cert", "", "this host's agent certificate (PEM); its name is the delegate in the gateway's rules")
 	f.StringVar(&cfg.GatewayKey, "gateway-key", "", "key of --gateway-cert (PEM)")
 	f.DurationVar(&cfg.PinholeIdle, "pinhole-idle", 5*time.Minute, "close a hole as stale when its gateway counters stood still this long and no connection of its peer is on the port (0: never)")
+	f.Uint32Var(&cfg.GuardGID, "guard-gid", daemon.DefaultGuardGID, "real gid of launched app processes, so that no process without CAP_SYS_PTRACE, same user included, can trace them (0: off; apps with traceable: true are never guarded)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	_ = cmd.MarkFlagRequired("policy")

@@ -39,7 +39,16 @@ the user against the app's users: list and starts the process as that user
 (uid, gid, groups) directly inside the app's cgroup. Loader variables
 (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, GCONV_PATH, ...) are removed, and the
 binary must be one of the app's exe: (root-owned, not writable by the caller,
-sha256 if given).`,
+sha256 if given).
+
+The process runs under the trace guard unless the app says traceable: true:
+its real gid is the daemon's --guard-gid (default 65534, nogroup) while its
+effective gid stays the user's, so no process without CAP_SYS_PTRACE, not
+even another of the same user, can ptrace it, read or write its memory or
+copy its sockets with pidfd_getfd. Files it creates keep the user's group.
+The kernel treats such a process as set-group-ID: the loader ignores LD_*
+variables, and a shell started without -p sets its effective gid to the
+guard gid (what it creates then has that group).`,
 		Example: `  procgate run --app psql-prod -- psql -h 10.1.2.3 prod
   procgate run --app ops -- procgate dial 10.1.2.3:22`,
 		Args: cobra.MinimumNArgs(1),
@@ -62,7 +71,7 @@ func runAsRoot(c api.Client, name string, argv []string) error {
 		return err
 	}
 	info := resp.AppInfo
-	app := ruleset.App{Name: info.Name, Users: info.Users, KeepCaps: info.KeepCaps}
+	app := ruleset.App{Name: info.Name, Users: info.Users, KeepCaps: info.KeepCaps, Traceable: info.Traceable}
 	for i, p := range info.Exe {
 		app.Exe = append(app.Exe, ruleset.Exe{Path: p, SHA256: info.SHA256[i]})
 	}
@@ -76,7 +85,8 @@ func runAsRoot(c api.Client, name string, argv []string) error {
 	defer signal.Stop(sigs)
 	proc, err := launch.Start(launch.Spec{
 		App: app, CgroupDir: info.Cgroup, Argv: argv, Env: os.Environ(), Dir: dir,
-		Stdio: [3]*os.File{os.Stdin, os.Stdout, os.Stderr},
+		Stdio:    [3]*os.File{os.Stdin, os.Stdout, os.Stderr},
+		GuardGID: info.GuardGID,
 	})
 	if err != nil {
 		return err
