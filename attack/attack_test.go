@@ -80,6 +80,9 @@ apps:
 const (
 	holderApp = "granted" // the app the holder runs as
 	nobody    = 65534
+	// guardGID is the daemon's and launcher's trace guard gid: not 65534,
+	// nobody's own group, which would leave nobody's apps unguarded.
+	guardGID = 65533
 )
 
 // role is one way the attack program runs.
@@ -337,6 +340,7 @@ func (w *world) startDaemon(t *testing.T) {
 			BPFDir:       bpfDir,
 			Socket:       filepath.Join(w.dir, "procgate.sock"),
 			PollInterval: time.Second,
+			GuardGID:     guardGID,
 			Log:          slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: slog.LevelDebug})),
 			Ready:        func() { close(ready) },
 		})
@@ -394,24 +398,49 @@ func (w *world) startTarget(t *testing.T) {
 	t.Cleanup(func() { w.target.Close() })
 }
 
-// startHolder starts the holder as user nobody in the granted app, in nsA.
+// startHolder starts the holder as user nobody in the granted app, in nsA,
+// as `procgate run` run by nobody has the daemon start it: capabilities
+// dropped and under the trace guard.
 func (w *world) startHolder(t *testing.T) {
 	t.Helper()
-	cmd := exec.Command(w.bin, "holder", "-listen", w.holder)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.StdoutPipe()
+	app := w.rs.App(holderApp)
+	if app == nil {
+		t.Fatalf("no app %q in the policy", holderApp)
+	}
+	out, outW, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	w.start(t, cmd, filepath.Join(w.apps, holderApp), nobody)
+	defer out.Close()
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var errMu sync.Mutex
+	var errBuf bytes.Buffer
+	go func() { _, _ = io.Copy(lockedWriter{mu: &errMu, b: &errBuf}, errR); errR.Close() }()
+	proc, err := launch.Start(launch.Spec{
+		App: *app, CgroupDir: filepath.Join(w.apps, holderApp), Argv: []string{w.bin, "holder", "-listen", w.holder},
+		Env: append(os.Environ(), envAsMain+"=1"), Dir: w.dir, Stdio: [3]*os.File{nil, outW, errW}, NetNS: w.nsA,
+		Cred: &launch.Cred{UID: nobody, GID: nobody}, GuardGID: guardGID,
+	})
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		t.Fatalf("launch the holder: %v", err)
+	}
+	if !proc.Guarded() {
+		t.Fatal("the holder runs without the trace guard")
+	}
 	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		_ = cmd.Wait()
+		_ = proc.Signal(syscall.SIGTERM)
+		_, _ = proc.Wait()
 	})
 	line, err := bufio.NewReader(out).ReadString('\n')
 	if strings.TrimSpace(line) != "ready" {
-		t.Fatalf("holder did not start (%v): %s", err, stderr.String())
+		errMu.Lock()
+		defer errMu.Unlock()
+		t.Fatalf("holder did not start (%v): %s", err, errBuf.String())
 	}
 }
 
@@ -456,7 +485,7 @@ func (w *world) launch(t *testing.T, r role, args []string, stdout, stderr *byte
 	}
 	proc, err := launch.Start(launch.Spec{
 		App: *app, CgroupDir: w.cgroupOf(r), Argv: append([]string{w.bin}, args...),
-		Env: append(os.Environ(), envAsMain+"=1"), Dir: w.dir, Stdio: files, NetNS: w.nsA,
+		Env: append(os.Environ(), envAsMain+"=1"), Dir: w.dir, Stdio: files, NetNS: w.nsA, GuardGID: guardGID,
 	})
 	files[1].Close()
 	files[2].Close()

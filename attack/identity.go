@@ -327,16 +327,21 @@ func (e *env) pidfdGetfdAs(which holderFD, asHolderUser bool) attempt {
 	}
 	defer h.Close()
 	if asHolderUser {
-		var st unix.Stat_t
-		if err := unix.Stat("/proc/"+strconv.Itoa(info.Pid), &st); err != nil {
+		// Take the holder's ids exactly, real, effective and saved: the
+		// closest any caller can come to the kernel's same-ids test.
+		uids, gids, err := procIDs(info.Pid)
+		if err != nil {
 			return a.failed("find the holder's user", err)
 		}
-		// Group first, while still root; Go applies both to every thread.
-		if err := syscall.Setgid(int(st.Gid)); err != nil {
-			return a.failed("setgid", err)
+		// Groups first, while still root; Go applies them to every thread.
+		if err := syscall.Setgroups(nil); err != nil {
+			return a.failed("setgroups", err)
 		}
-		if err := syscall.Setuid(int(st.Uid)); err != nil {
-			return a.failed("setuid", err)
+		if err := syscall.Setresgid(gids[0], gids[1], gids[2]); err != nil {
+			return a.failed("setresgid", err)
+		}
+		if err := syscall.Setresuid(uids[0], uids[1], uids[2]); err != nil {
+			return a.failed("setresuid", err)
 		}
 	}
 	pidfd, err := unix.PidfdOpen(info.Pid, 0)
@@ -351,6 +356,39 @@ func (e *env) pidfdGetfdAs(which holderFD, asHolderUser bool) attempt {
 	}
 	defer unix.Close(fd)
 	return e.useStolen(a, fd, which)
+}
+
+// procIDs reads the real, effective and saved uids and gids of pid.
+func procIDs(pid int) (uids, gids [3]int, err error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return uids, gids, err
+	}
+	found := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		var dst *[3]int
+		if v, ok := strings.CutPrefix(line, "Uid:"); ok {
+			dst, line = &uids, v
+		} else if v, ok := strings.CutPrefix(line, "Gid:"); ok {
+			dst, line = &gids, v
+		} else {
+			continue
+		}
+		f := strings.Fields(line)
+		if len(f) < 3 {
+			return uids, gids, fmt.Errorf("/proc/%d/status: short line %q", pid, line)
+		}
+		for i := range 3 {
+			if dst[i], err = strconv.Atoi(f[i]); err != nil {
+				return uids, gids, fmt.Errorf("/proc/%d/status: %w", pid, err)
+			}
+		}
+		found++
+	}
+	if found != 2 {
+		return uids, gids, fmt.Errorf("/proc/%d/status: no Uid and Gid lines", pid)
+	}
+	return uids, gids, nil
 }
 
 // procFDTry opens the holder's connected socket through /proc/PID/fd/N,
