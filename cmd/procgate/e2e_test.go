@@ -584,7 +584,9 @@ func TestDaemonEnforcesReloadsAndRevokes(t *testing.T) {
 var nobody = &syscall.Credential{Uid: 65534, Gid: 65534}
 
 func TestRunLauncher(t *testing.T) {
-	e := newE2E(t, `version: 1
+	// Guard gid 65533: nobody's own group, the default 65534, would leave
+	// nobody unguarded.
+	e := newE2EWith(t, `version: 1
 internal:
   prefixes: [10.0.0.0/8]
 apps:
@@ -601,7 +603,12 @@ apps:
   - name: vpn
     keep_caps: [net_admin]
     allow: []
-`)
+  - name: debug
+    users: [nobody]
+    traceable: true
+`, false, "--guard-gid", "65533")
+	// real, effective, saved and filesystem gids, tab-separated.
+	gids := []string{"grep", "^Gid:", "/proc/self/status"}
 	// Bits 12 (net_admin) and 13 (net_raw) of the bounding set.
 	bset := []string{"sh", "-c", `b=$(grep CapBnd /proc/self/status | cut -f2); echo "bits=$(( (0x$b >> 12) & 1 ))$(( (0x$b >> 13) & 1 ))"`}
 	for _, tc := range []struct {
@@ -636,6 +643,12 @@ apps:
 			append([]string{"run", "--app", "vpn", "--"}, bset...), 0, []string{"bits=10"}, nil},
 		{"launched for a user by the daemon: dropped too", nobody, nil,
 			append([]string{"run", "--app", "shell", "--"}, bset...), 0, []string{"bits=00"}, nil},
+		{"launched for a user: real gid is the guard's", nobody, nil,
+			append([]string{"run", "--app", "shell", "--"}, gids...), 0, []string{"Gid:\t65533\t65534\t65534\t65534\n"}, nil},
+		{"launched by root: real gid is the guard's", nil, nil,
+			append([]string{"run", "--app", "rootonly", "--"}, gids...), 0, []string{"Gid:\t65533\t0\t0\t0\n"}, nil},
+		{"traceable: no guard", nobody, nil,
+			append([]string{"run", "--app", "debug", "--"}, gids...), 0, []string{"Gid:\t65534\t65534\t65534\t65534\n"}, nil},
 		{"unknown app", nobody, nil,
 			[]string{"run", "--app", "nosuch", "--", "true"}, 1, []string{"no app \"nosuch\""}, nil},
 	} {
