@@ -85,6 +85,21 @@ func (h *Holder) Await(group string, n int) error {
 	return err
 }
 
+// Take makes the holder ready to receive sockets by SCM_RIGHTS on a unix
+// datagram socket it binds at path; those that come are kept as group (see
+// Await).
+func (h *Holder) Take(group, path string) error {
+	_, err := h.ask(fmt.Sprintf("take %s %s", group, path))
+	return err
+}
+
+// Give sends the sockets of group by SCM_RIGHTS to path, where another
+// holder Takes them; the holder keeps its own descriptors.
+func (h *Holder) Give(group, path string) error {
+	_, err := h.ask(fmt.Sprintf("give %s %s", group, path))
+	return err
+}
+
 // HoldState is what became of a group's sockets.
 type HoldState struct {
 	Alive int `json:"alive"`
@@ -207,6 +222,10 @@ func (h *holder) do(f []string) (string, error) {
 			return "", fmt.Errorf("await %s: count %q: %w", f[1], f[2], err)
 		}
 		return "", h.await(f[1], n)
+	case len(f) == 3 && f[0] == "take":
+		return "", h.take(f[1], f[2])
+	case len(f) == 3 && f[0] == "give":
+		return "", h.give(f[1], f[2])
 	case len(f) == 2 && f[0] == "send":
 		h.mu.Lock()
 		socks := h.groups[f[1]]
@@ -250,7 +269,7 @@ func (h *holder) do(f []string) (string, error) {
 		b, err := json.Marshal(st)
 		return string(b), err
 	}
-	return "", fmt.Errorf("want open GROUP METHOD DEST N, listen GROUP ADDR, await GROUP N, send GROUP or state GROUP, got %q", strings.Join(f, " "))
+	return "", fmt.Errorf("want open GROUP METHOD DEST N, listen GROUP ADDR, await GROUP N, take GROUP PATH, give GROUP PATH, send GROUP or state GROUP, got %q", strings.Join(f, " "))
 }
 
 func (h *holder) add(group string, fd int) {
@@ -304,6 +323,63 @@ func (h *holder) listen(group, addr string) (string, error) {
 		return netip.AddrPortFrom(netip.AddrFrom16(b.Addr), uint16(b.Port)).String(), nil
 	}
 	return "", fmt.Errorf("unexpected bound address %T", bound)
+}
+
+// take binds a unix datagram socket at path and keeps the descriptors of
+// the first message that comes as group.
+func (h *holder) take(group, path string) error {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("bind %s: %w", path, err)
+	}
+	go func() {
+		defer unix.Close(fd)
+		oob := make([]byte, unix.CmsgSpace(64*4))
+		_, oobn, _, _, err := unix.Recvmsg(fd, make([]byte, 1), oob, unix.MSG_CMSG_CLOEXEC)
+		if err != nil {
+			return
+		}
+		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+		if err != nil {
+			return
+		}
+		for _, m := range msgs {
+			fds, err := unix.ParseUnixRights(&m)
+			if err != nil {
+				continue
+			}
+			for _, fd := range fds {
+				h.add(group, fd)
+			}
+		}
+	}()
+	return nil
+}
+
+// give sends group's descriptors to the unix datagram socket at path.
+func (h *holder) give(group, path string) error {
+	h.mu.Lock()
+	var fds []int
+	for _, s := range h.groups[group] {
+		fds = append(fds, s.fd)
+	}
+	h.mu.Unlock()
+	if len(fds) == 0 || len(fds) > 64 {
+		return fmt.Errorf("give %s: %d sockets, want 1 to 64", group, len(fds))
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := unix.Sendmsg(fd, []byte{0}, unix.UnixRights(fds...), &unix.SockaddrUnix{Name: path}, 0); err != nil {
+		return fmt.Errorf("send %d sockets to %s: %w", len(fds), path, err)
+	}
+	return nil
 }
 
 // awaitLimit bounds how long await waits for accepts that the kernel has
