@@ -45,6 +45,7 @@ enum reason {
 	REASON_RAW_SOCKET = 7, // raw IP or packet socket in an app cgroup
 	REASON_PROTO = 8,      // internal, and not TCP or UDP (ICMP, raw IP): no grant can cover it
 	REASON_EXE = 9,        // the app pins binaries and the task runs another one
+	REASON_HANDOVER = 10,  // an app's TCP connection written to by a task outside the app
 };
 
 // Counter slots per app id: index app_id * COUNTER_SLOTS + slot.
@@ -64,6 +65,7 @@ enum hook {
 	HOOK_EGRESS4 = 5, // cgroup_skb egress backstop
 	HOOK_EGRESS6 = 6,
 	HOOK_SOCK_CREATE = 7,
+	HOOK_TCP_SEND = 8, // sk_msg on a connection an app opened to an internal destination
 };
 
 // How a principal's cgroup is found: the calling task's (sock_addr hooks,
@@ -327,6 +329,24 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } verdict_cache SEC(".maps");
+
+// socket_owners marks the TCP sockets an app connected to an internal
+// destination (set by the connect hooks when they allow one): the
+// connection is the app's, and only the app's processes may write to it
+// (harden.c, guard_handover). Socket storage, freed with the socket.
+struct socket_owner {
+	__u64 cgroup_id; // the connecting task's cgroup
+	__u32 app_id;
+	__u32 flags; // the app's flags then (APP_EXE_PINNED)
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__type(key, int);
+	__type(value, struct socket_owner);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} socket_owners SEC(".maps");
 
 static __always_inline int same_dest(const struct dest *a, const struct dest *b)
 {
@@ -685,6 +705,7 @@ struct verdict {
 	int allow;
 	__u32 generation;
 	__u32 app_id; // of an allowed internal destination; 0: not internal
+	__u32 app_flags;
 	__u64 cgroup_id; // the calling task's
 };
 
@@ -696,6 +717,7 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 	v->allow = 0;
 	v->generation = 0;
 	v->app_id = 0;
+	v->app_flags = 0;
 	v->cgroup_id = 0;
 	struct generation_info *info = current_generation();
 	if (!info)
@@ -733,6 +755,7 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 			audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_GRANTED, hook);
 		v->allow = 1;
 		v->app_id = app_id;
+		v->app_flags = app_flags;
 		v->cgroup_id = cgroup_id;
 		return;
 	}

@@ -28,6 +28,8 @@ var hooks = []struct {
 	{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeSendmsg6 }},
 	{"sock_create", ebpf.AttachCGroupInetSockCreate, func(e *Enforcer) *ebpf.Program { return e.harden.GuardSockCreate }},
 	{"egress", ebpf.AttachCGroupInetEgress, func(e *Enforcer) *ebpf.Program { return e.harden.BackstopEgress }},
+	// Optional: the handover guard's tracker; nil when it did not load.
+	{"handover", ebpf.AttachCGroupSockOps, func(e *Enforcer) *ebpf.Program { return e.handover.TrackOwnedSockets }},
 	// Optional: needs the bpf LSM; nil (and not attached) without it.
 	{"lsm_socket_create", ebpf.AttachLSMCgroup, func(e *Enforcer) *ebpf.Program { return e.lsm.GuardPacketSocket }},
 }
@@ -46,6 +48,16 @@ func HookNames() []string {
 type backstops struct {
 	GuardSockCreate *ebpf.Program `ebpf:"guard_sock_create"`
 	BackstopEgress  *ebpf.Program `ebpf:"backstop_egress"`
+}
+
+// handoverGuard keeps the TCP connections an app opened to internal
+// destinations for the app's processes (harden.c): optional, without it
+// Guards says so.
+type handoverGuard struct {
+	TrackOwnedSockets *ebpf.Program `ebpf:"track_owned_sockets"`
+	GuardHandover     *ebpf.Program `ebpf:"guard_handover"`
+	OwnedSockets      *ebpf.Map     `ebpf:"owned_sockets"`
+	OwnedSocketsFull  *ebpf.Map     `ebpf:"owned_sockets_full"`
 }
 
 // lsmGuards need the bpf LSM (lsm= on the kernel command line lists bpf);
@@ -127,6 +139,9 @@ type Enforcer struct {
 	lsm    lsmGuards
 	// lsmErr says why the LSM guards are missing (nil: loaded).
 	lsmErr error
+	// handover and handoverErr, why it is missing (nil: loaded).
+	handover    handoverGuard
+	handoverErr error
 	// migrate and its links; migrateErr says why they are missing.
 	migrate    migrationGuard
 	migrateErr error
@@ -201,6 +216,10 @@ func Open(opts Options) (*Enforcer, error) {
 		e.objs.close()
 		return nil, fmt.Errorf("load backstop programs (sock_create, egress): %w", err)
 	}
+	e.handoverErr = hspecs.LoadAndAssign(&e.handover, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+	if e.handoverErr != nil {
+		e.handover = handoverGuard{} // what was assigned before the failure is closed
+	}
 	if err := hspecs.LoadAndAssign(&e.lsm, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}}); err != nil {
 		e.lsmErr = err
 	}
@@ -272,6 +291,17 @@ func (e *Enforcer) Attach() error {
 		}
 		e.links = append(e.links, l)
 	}
+	if e.handoverErr == nil {
+		// Attached to the pinned map, not to a cgroup: it stays with the
+		// map. Attaching again replaces the program for sockets added
+		// from now on (a socket keeps the program it was added with).
+		err := link.RawAttachProgram(link.RawAttachProgramOptions{
+			Target: e.handover.OwnedSockets.FD(), Program: e.handover.GuardHandover, Attach: ebpf.AttachSkMsgVerdict,
+		})
+		if err != nil {
+			return fmt.Errorf("attach the handover guard to the owned_sockets map: %w", err)
+		}
+	}
 	if e.migrateErr == nil {
 		e.migrateErr = e.attachTracing()
 		if e.migrateErr != nil {
@@ -323,9 +353,15 @@ func (e *Enforcer) Close() error {
 	e.sweep.close()
 	e.sweep = nil
 	for _, p := range []*ebpf.Program{e.harden.GuardSockCreate, e.harden.BackstopEgress, e.lsm.GuardPacketSocket,
-		e.migrate.MarkMigration, e.migrate.MarkFork, e.migrate.ForgetExit} {
+		e.migrate.MarkMigration, e.migrate.MarkFork, e.migrate.ForgetExit,
+		e.handover.TrackOwnedSockets, e.handover.GuardHandover} {
 		if p != nil {
 			p.Close()
+		}
+	}
+	for _, m := range []*ebpf.Map{e.handover.OwnedSockets, e.handover.OwnedSocketsFull} {
+		if m != nil {
+			m.Close()
 		}
 	}
 	return nil
@@ -572,6 +608,11 @@ func (e *Enforcer) Guards() []Guard {
 	}
 	if e.migrateErr != nil {
 		gs[len(gs)-1].Why = "tp_btf programs did not load or attach: " + e.migrateErr.Error()
+	}
+	gs = append(gs, Guard{Name: "socket-handover", Active: e.handoverErr == nil,
+		What: "a TCP connection an app opened to an internal destination takes data only from the app's processes: one passed by SCM_RIGHTS is refused (EACCES) to others (sk_msg)"})
+	if e.handoverErr != nil {
+		gs[len(gs)-1].Why = "sockops and sk_msg programs did not load: " + e.handoverErr.Error()
 	}
 	sweepHow := "socket iterators and bpf_sock_destroy"
 	if e.sweep == nil || e.sweep.err != nil {

@@ -21,6 +21,7 @@ const (
 	HookEgress4    Hook = 5 // cgroup_skb egress backstop
 	HookEgress6    Hook = 6
 	HookSockCreate Hook = 7
+	HookTCPSend    Hook = 8 // sk_msg: a write to an app's TCP connection
 )
 
 func (h Hook) String() string {
@@ -39,6 +40,8 @@ func (h Hook) String() string {
 		return "egress6"
 	case HookSockCreate:
 		return "sock_create"
+	case HookTCPSend:
+		return "tcp_send"
 	}
 	return fmt.Sprintf("hook(%d)", uint8(h))
 }

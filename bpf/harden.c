@@ -287,6 +287,115 @@ int backstop_egress(struct __sk_buff *skb)
 	return 0;
 }
 
+// The handover guard. An established TCP connection is not decided again
+// packet by packet, so a connection an app opened to an internal
+// destination would carry whatever any holder of the socket writes: a
+// process outside the app that got the descriptor by SCM_RIGHTS. The
+// connect hooks mark such sockets (socket_owners); when the connection is
+// established, track_owned_sockets puts the socket in owned_sockets, and
+// guard_handover, the sk_msg program of that sockhash, runs in the writing
+// task for every sendmsg, write, sendfile or splice to it (io_uring's
+// workers and SQPOLL thread belong to the submitting process) and refuses
+// (EACCES) data from a task that is not the app's. A kernel hook in the
+// writer's own context, unlike the egress path, where data queued by one
+// task leaves from softirq. Sockets pay for it only when an app connected
+// them to an internal destination. Kernel: sk_msg with current-task
+// helpers, 5.9+.
+#define OWNED_SOCKETS (1 << 16)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__type(key, __u64); // socket cookie
+	__type(value, __u64);
+	__uint(max_entries, OWNED_SOCKETS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} owned_sockets SEC(".maps");
+
+// owned_sockets_full counts marked connections that did not fit in
+// owned_sockets (more than OWNED_SOCKETS at once): not guarded.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} owned_sockets_full SEC(".maps");
+
+SEC("sockops")
+int track_owned_sockets(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk || !bpf_sk_storage_get(&socket_owners, sk, 0, 0))
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	if (bpf_sock_hash_update(skops, &owned_sockets, &cookie, BPF_NOEXIST)) {
+		__u32 zero = 0;
+		__u64 *n = bpf_map_lookup_elem(&owned_sockets_full, &zero);
+		if (n)
+			*n += 1;
+	}
+	return 1;
+}
+
+SEC("sk_msg")
+int guard_handover(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	if (!sk)
+		return SK_PASS;
+	struct socket_owner *o = bpf_sk_storage_get(&socket_owners, sk, 0, 0);
+	if (!o)
+		return SK_PASS;
+	// The app writing from the cgroup it connected from: the common case,
+	// one helper call and one lookup.
+	if (bpf_get_current_cgroup_id() == o->cgroup_id && !(o->flags & APP_EXE_PINNED) && !migrated())
+		return SK_PASS;
+
+	struct generation_info *info = current_generation();
+	__u64 cgroup_id = 0;
+	__u32 app_id = 0, generation = 0, rate = 1000;
+	if (info) {
+		__u32 slot = info->slot & 1;
+		generation = info->generation;
+		rate = info->audit_rate;
+		struct app_info *app = principal(slot, info, &cgroup_id);
+		if (app) {
+			app_id = app->app_id;
+			if (app_id == o->app_id && (!(app->flags & APP_EXE_PINNED) || exe_allowed(slot, app_id)))
+				return SK_PASS;
+		}
+	} else {
+		cgroup_id = bpf_get_current_cgroup_id();
+	}
+	// Every field read once, unconditionally, and pinned in a register:
+	// otherwise clang shares one moved context pointer between the IPv4
+	// and IPv6 loads, which the verifier refuses.
+	__u32 family = msg->family, ip4 = msg->remote_ip4, port = msg->remote_port;
+	__u32 w0 = msg->remote_ip6[0], w1 = msg->remote_ip6[1], w2 = msg->remote_ip6[2], w3 = msg->remote_ip6[3];
+	asm volatile("" : "+r"(family), "+r"(ip4), "+r"(port), "+r"(w0), "+r"(w1), "+r"(w2), "+r"(w3));
+	// remote_port: the network-order port in the upper half (the kernel
+	// loads skc_dport and shifts it left 16 on little endian).
+	struct dest d = { .proto = PROTO_TCP, .port = (__u16)bpf_ntohl(port) };
+	if (family == AF_INET6 && w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
+		d.family = 4; // IPv4-mapped: named as the connect hook decided it
+		__builtin_memcpy(d.addr, &w3, 4);
+	} else if (family == AF_INET6) {
+		d.family = 6;
+		__builtin_memcpy(&d.addr[0], &w0, 4);
+		__builtin_memcpy(&d.addr[4], &w1, 4);
+		__builtin_memcpy(&d.addr[8], &w2, 4);
+		__builtin_memcpy(&d.addr[12], &w3, 4);
+	} else {
+		d.family = 4;
+		__builtin_memcpy(d.addr, &ip4, 4);
+	}
+	count(app_id, COUNT_DENY);
+	audit(&d, app_id, cgroup_id, generation, rate, 0, REASON_HANDOVER, HOOK_TCP_SEND);
+	return SK_DROP;
+}
+
 // guard_packet_socket: no packet sockets inside app cgroups. AF_PACKET never
 // runs cgroup/sock_create (that hook is for inet sockets only), so this is a
 // BPF LSM hook attached to the same cgroup (lsm_cgroup, 6.0+, needs the bpf

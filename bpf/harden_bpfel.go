@@ -90,6 +90,13 @@ type hardenRuleValue struct {
 	Flags    uint32
 }
 
+type hardenSocketOwner struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	AppId    uint32
+	Flags    uint32
+}
+
 type hardenVerdictEntry struct {
 	_    structs.HostLayout
 	Lock struct {
@@ -121,15 +128,20 @@ const (
 	hardenMapDestLookups         = "dest_lookups"
 	hardenMapGenerationInfoInner = "generation_info_inner"
 	hardenMapMigratedTasks       = "migrated_tasks"
+	hardenMapOwnedSockets        = "owned_sockets"
+	hardenMapOwnedSocketsFull    = "owned_sockets_full"
 	hardenMapPolicyCurrent       = "policy_current"
 	hardenMapPortRanges          = "port_ranges"
 	hardenMapRules               = "rules"
+	hardenMapSocketOwners        = "socket_owners"
 	hardenMapVerdictCache        = "verdict_cache"
 	hardenMapVerdictCounters     = "verdict_counters"
 	hardenMapVerdictHandoff      = "verdict_handoff"
 	hardenProgBackstopEgress     = "backstop_egress"
+	hardenProgGuardHandover      = "guard_handover"
 	hardenProgGuardPacketSocket  = "guard_packet_socket"
 	hardenProgGuardSockCreate    = "guard_sock_create"
+	hardenProgTrackOwnedSockets  = "track_owned_sockets"
 	hardenVarUnusedAuditEvent    = "unused_audit_event"
 )
 
@@ -176,8 +188,10 @@ type hardenSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type hardenProgramSpecs struct {
 	BackstopEgress    *ebpf.ProgramSpec `ebpf:"backstop_egress"`
+	GuardHandover     *ebpf.ProgramSpec `ebpf:"guard_handover"`
 	GuardPacketSocket *ebpf.ProgramSpec `ebpf:"guard_packet_socket"`
 	GuardSockCreate   *ebpf.ProgramSpec `ebpf:"guard_sock_create"`
+	TrackOwnedSockets *ebpf.ProgramSpec `ebpf:"track_owned_sockets"`
 }
 
 // hardenMapSpecs contains maps before they are loaded into the kernel.
@@ -191,9 +205,12 @@ type hardenMapSpecs struct {
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	OwnedSockets        *ebpf.MapSpec `ebpf:"owned_sockets"`
+	OwnedSocketsFull    *ebpf.MapSpec `ebpf:"owned_sockets_full"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
+	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
 	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
@@ -233,9 +250,12 @@ type hardenMaps struct {
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
+	OwnedSockets        *ebpf.Map `ebpf:"owned_sockets"`
+	OwnedSocketsFull    *ebpf.Map `ebpf:"owned_sockets_full"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
+	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
 	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
@@ -250,9 +270,12 @@ func (m *hardenMaps) Close() error {
 		m.DestLookups,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
+		m.OwnedSockets,
+		m.OwnedSocketsFull,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,
+		m.SocketOwners,
 		m.VerdictCache,
 		m.VerdictCounters,
 		m.VerdictHandoff,
@@ -271,15 +294,19 @@ type hardenVariables struct {
 // It can be passed to loadHardenObjects or ebpf.CollectionSpec.LoadAndAssign.
 type hardenPrograms struct {
 	BackstopEgress    *ebpf.Program `ebpf:"backstop_egress"`
+	GuardHandover     *ebpf.Program `ebpf:"guard_handover"`
 	GuardPacketSocket *ebpf.Program `ebpf:"guard_packet_socket"`
 	GuardSockCreate   *ebpf.Program `ebpf:"guard_sock_create"`
+	TrackOwnedSockets *ebpf.Program `ebpf:"track_owned_sockets"`
 }
 
 func (p *hardenPrograms) Close() error {
 	return _HardenClose(
 		p.BackstopEgress,
+		p.GuardHandover,
 		p.GuardPacketSocket,
 		p.GuardSockCreate,
+		p.TrackOwnedSockets,
 	)
 }
 

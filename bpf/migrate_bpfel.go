@@ -90,6 +90,13 @@ type migrateRuleValue struct {
 	Flags    uint32
 }
 
+type migrateSocketOwner struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	AppId    uint32
+	Flags    uint32
+}
+
 type migrateVerdictEntry struct {
 	_    structs.HostLayout
 	Lock struct {
@@ -124,6 +131,7 @@ const (
 	migrateMapPolicyCurrent       = "policy_current"
 	migrateMapPortRanges          = "port_ranges"
 	migrateMapRules               = "rules"
+	migrateMapSocketOwners        = "socket_owners"
 	migrateMapVerdictCache        = "verdict_cache"
 	migrateMapVerdictCounters     = "verdict_counters"
 	migrateMapVerdictHandoff      = "verdict_handoff"
@@ -194,6 +202,7 @@ type migrateMapSpecs struct {
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
+	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
 	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
@@ -236,6 +245,7 @@ type migrateMaps struct {
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
+	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
 	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
@@ -253,6 +263,7 @@ func (m *migrateMaps) Close() error {
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,
+		m.SocketOwners,
 		m.VerdictCache,
 		m.VerdictCounters,
 		m.VerdictHandoff,

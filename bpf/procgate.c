@@ -39,6 +39,18 @@ static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d,
 	// the handoff.
 	if (!v.app_id)
 		return 1;
+	// A TCP connection to an internal destination is the app's: mark it,
+	// so that only the app's processes may write to it once it is
+	// established (harden.c, guard_handover). MPTCP's subflows are other
+	// sockets and are not marked.
+	if ((hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && ctx->protocol == IPPROTO_TCP && ctx->sk) {
+		struct socket_owner *o = bpf_sk_storage_get(&socket_owners, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (o) {
+			o->cgroup_id = v.cgroup_id;
+			o->app_id = v.app_id;
+			o->flags = v.app_flags;
+		}
+	}
 	__u32 cpu = bpf_get_smp_processor_id();
 	struct verdict_entry *h = bpf_map_lookup_elem(&verdict_handoff, &cpu);
 	if (h)

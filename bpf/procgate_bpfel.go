@@ -111,6 +111,13 @@ type procgateRuleValue struct {
 	Flags    uint32
 }
 
+type procgateSocketOwner struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	AppId    uint32
+	Flags    uint32
+}
+
 type procgateVerdictEntry struct {
 	_    structs.HostLayout
 	Lock struct {
@@ -145,6 +152,7 @@ const (
 	procgateMapPolicyCurrent       = "policy_current"
 	procgateMapPortRanges          = "port_ranges"
 	procgateMapRules               = "rules"
+	procgateMapSocketOwners        = "socket_owners"
 	procgateMapVerdictCache        = "verdict_cache"
 	procgateMapVerdictCounters     = "verdict_counters"
 	procgateMapVerdictHandoff      = "verdict_handoff"
@@ -217,6 +225,7 @@ type procgateMapSpecs struct {
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
+	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
 	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
@@ -259,6 +268,7 @@ type procgateMaps struct {
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
+	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
 	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
@@ -276,6 +286,7 @@ func (m *procgateMaps) Close() error {
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,
+		m.SocketOwners,
 		m.VerdictCache,
 		m.VerdictCounters,
 		m.VerdictHandoff,

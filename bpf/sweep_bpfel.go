@@ -90,6 +90,13 @@ type sweepRuleValue struct {
 	Flags    uint32
 }
 
+type sweepSocketOwner struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	AppId    uint32
+	Flags    uint32
+}
+
 type sweepSweepConfig struct {
 	_          structs.HostLayout
 	FenceId    uint64
@@ -146,6 +153,7 @@ const (
 	sweepMapPolicyCurrent       = "policy_current"
 	sweepMapPortRanges          = "port_ranges"
 	sweepMapRules               = "rules"
+	sweepMapSocketOwners        = "socket_owners"
 	sweepMapSweepListenPorts    = "sweep_listen_ports"
 	sweepMapSweepRun            = "sweep_run"
 	sweepMapVerdictCache        = "verdict_cache"
@@ -217,6 +225,7 @@ type sweepMapSpecs struct {
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
+	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SweepListenPorts    *ebpf.MapSpec `ebpf:"sweep_listen_ports"`
 	SweepRun            *ebpf.MapSpec `ebpf:"sweep_run"`
 	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
@@ -262,6 +271,7 @@ type sweepMaps struct {
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
+	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SweepListenPorts    *ebpf.Map `ebpf:"sweep_listen_ports"`
 	SweepRun            *ebpf.Map `ebpf:"sweep_run"`
 	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
@@ -281,6 +291,7 @@ func (m *sweepMaps) Close() error {
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,
+		m.SocketOwners,
 		m.SweepListenPorts,
 		m.SweepRun,
 		m.VerdictCache,

@@ -255,15 +255,16 @@ type Reason uint8
 
 // The values are shared with the eBPF programs (bpf/procgate.c, enum reason).
 const (
-	ReasonNotInternal Reason = 1 // destination outside every internal prefix
-	ReasonGranted     Reason = 2 // a grant of the app covers it
-	ReasonUnbound     Reason = 3 // internal, and no app claims the process
-	ReasonNoGrant     Reason = 4 // internal, app has no grant for this address
-	ReasonPort        Reason = 5 // internal, app has grants for the address but not this proto/port
-	ReasonNoPolicy    Reason = 6 // kernel state missing or inconsistent: fail closed
-	ReasonRawSocket   Reason = 7 // a raw IP or packet socket in an app cgroup
-	ReasonProto       Reason = 8 // internal, and neither TCP nor UDP: no grant covers it
-	ReasonExe         Reason = 9 // the app pins binaries (exe:) and the process runs another
+	ReasonNotInternal Reason = 1  // destination outside every internal prefix
+	ReasonGranted     Reason = 2  // a grant of the app covers it
+	ReasonUnbound     Reason = 3  // internal, and no app claims the process
+	ReasonNoGrant     Reason = 4  // internal, app has no grant for this address
+	ReasonPort        Reason = 5  // internal, app has grants for the address but not this proto/port
+	ReasonNoPolicy    Reason = 6  // kernel state missing or inconsistent: fail closed
+	ReasonRawSocket   Reason = 7  // a raw IP or packet socket in an app cgroup
+	ReasonProto       Reason = 8  // internal, and neither TCP nor UDP: no grant covers it
+	ReasonExe         Reason = 9  // the app pins binaries (exe:) and the process runs another
+	ReasonHandover    Reason = 10 // a process outside the app wrote to the app's TCP connection
 )
 
 func (r Reason) String() string {
@@ -286,6 +287,8 @@ func (r Reason) String() string {
 		return "proto-not-grantable"
 	case ReasonExe:
 		return "exe-not-pinned"
+	case ReasonHandover:
+		return "handover"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }

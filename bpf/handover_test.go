@@ -1,0 +1,131 @@
+package bpf
+
+import (
+	"fmt"
+	"path/filepath"
+	"testing"
+
+	"github.com/procgate/procgate/internal/probe"
+	"github.com/procgate/procgate/ruleset"
+)
+
+const handoverPolicy = `version: 1
+internal:
+  prefixes: [10.0.0.0/8, fd00::/8]
+apps:
+  - name: db
+    allow:
+      - {to: 10.1.2.3, proto: tcp, ports: [5432]}
+      - {to: "fd00:1::3", proto: tcp, ports: [5432]}
+  - name: other
+    allow:
+      - {to: 10.1.2.3, proto: tcp, ports: [5432]}
+`
+
+// TestHandoverGuard: a TCP connection an app opened to an internal
+// destination takes data from the app's processes only. Passed by
+// SCM_RIGHTS to a process of no app or of another app, even one with the
+// same grant, a write to it fails with EACCES, nothing is sent, and from
+// then on the connection takes no data from anyone, the app included (the
+// kernel keeps an sk_msg verdict of "drop" for the socket): a leaked
+// connection is cut. The app's own processes, wherever in its cgroup tree,
+// keep writing, and connections to external destinations are anyone's.
+func TestHandoverGuard(t *testing.T) {
+	w := newWorld(t, "db", "other")
+	rs := mustPolicy(t, handoverPolicy)
+	gen := w.apply(rs)
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	rd, err := w.e.Events()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	ids := appIDs(rs)
+	for _, g := range w.e.Guards() {
+		if g.Name == "socket-handover" && !g.Active {
+			t.Fatalf("handover guard not active: %s", g.Why)
+		}
+	}
+	startServers(t, w.netns, []string{"[::]:5432", "0.0.0.0:80"}, nil)
+	db := w.holder(w.cgroups["db/run"])
+	receivers := map[string]*probe.Holder{
+		"unbound":        w.holder(w.cgroups["/unbound"]),
+		"other app":      w.holder(w.cgroups["other/run"]),
+		"same app":       w.holder(w.cgroups["db/run"]),
+		"app cgroup top": w.holder(w.cgroups["db"]),
+	}
+	dir := t.TempDir()
+	tests := []struct {
+		receiver, dest string
+		m              probe.Method
+		n              int
+		refused        bool
+		app            uint32 // the writer's app in the audit event
+	}{
+		{"unbound", "10.1.2.3:5432/tcp", probe.Connect, 2, true, 0},
+		{"unbound", "10.1.2.3:5432/tcp", probe.Mapped, 1, true, 0},
+		{"unbound", "[fd00:1::3]:5432/tcp", probe.Connect, 1, true, 0},
+		{"unbound", "192.0.2.10:80/tcp", probe.Connect, 1, false, 0},
+		{"other app", "10.1.2.3:5432/tcp", probe.Connect, 2, true, ids["other"]},
+		{"same app", "10.1.2.3:5432/tcp", probe.Connect, 2, false, 0},
+		{"same app", "[fd00:1::3]:5432/tcp", probe.Connect, 1, false, 0},
+		{"app cgroup top", "10.1.2.3:5432/tcp", probe.Connect, 2, false, 0},
+	}
+	for i, tc := range tests {
+		t.Run(tc.receiver+"/"+string(tc.m)+"/"+tc.dest, func(t *testing.T) {
+			group := fmt.Sprintf("c%d", i)
+			mustOpen(t, db, group, tc.dest, tc.m, tc.n)
+			if res, err := db.Send(group); err != nil || res.Sent != tc.n {
+				t.Fatalf("the app writing on its own connections: %+v %v", res, err)
+			}
+			r := receivers[tc.receiver]
+			path := filepath.Join(dir, group)
+			if err := r.Take(group, path); err != nil {
+				t.Fatal(err)
+			}
+			if err := db.Give(group, path); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Await(group, tc.n); err != nil {
+				t.Fatal(err)
+			}
+			drainEvents(t, rd)
+			res, err := r.Send(group)
+			if err != nil {
+				t.Fatal(err)
+			}
+			after, err := db.Send(group)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.refused {
+				if res.Sent != 0 || res.Errors["EACCES"] != tc.n {
+					t.Errorf("%s writing on the app's connections: %+v, want all %d refused with EACCES", tc.receiver, res, tc.n)
+				}
+				if after.Sent != 0 || after.Errors["EACCES"] != tc.n {
+					t.Errorf("the app writing after %s tried: %+v, want all %d cut (EACCES)", tc.receiver, after, tc.n)
+				}
+				// One event per connection: later writes meet the
+				// kept verdict, not the program.
+				want, _ := ruleset.ParseDest(tc.dest)
+				n := 0
+				evs := drainEvents(t, rd)
+				for _, ev := range evs {
+					if ev.Hook == HookTCPSend && ev.Reason == ruleset.ReasonHandover && ev.AppID == tc.app && !ev.Allowed &&
+						ev.Generation == gen && ev.Dest.Addr == want.Addr.Unmap() && ev.Dest.Port == want.Port {
+						n++
+					}
+				}
+				if n != tc.n {
+					t.Errorf("%d handover events for %s, want %d, among %+v", n, tc.dest, tc.n, evs)
+				}
+				return
+			}
+			if res.Sent != tc.n || after.Sent != tc.n {
+				t.Errorf("%s writing: %+v, then the app: %+v; want all %d sent by both", tc.receiver, res, after, tc.n)
+			}
+		})
+	}
+}
