@@ -61,15 +61,10 @@ func serveHolder(cfg *config) error {
 		return errors.New("holder needs -listen SOCKET")
 	}
 	resetHolderMsg()
-	tcp, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	tcp, err := holderConnect(cfg)
 	if err != nil {
-		return fmt.Errorf("holder: %w", err)
+		return err
 	}
-	setTimeouts(tcp, cfg.timeout)
-	if err := unix.Connect(tcp, sockaddr(cfg.target4, cfg.tcpPort, 0)); err != nil {
-		return fmt.Errorf("holder: connect to %s:%d/tcp (is it granted?): %w", cfg.target4, cfg.tcpPort, err)
-	}
-	_ = unix.SetsockoptInt(tcp, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	udp, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("holder: %w", err)
@@ -98,11 +93,30 @@ func serveHolder(cfg *config) error {
 		if err != nil {
 			return nil
 		}
-		go holderAnswer(c, tcp, udp)
+		go holderAnswer(c, cfg, tcp, udp)
 	}
 }
 
-func holderAnswer(c *net.UnixConn, tcp, udp int) {
+// holderConnect opens one of the holder's TCP connections to the target.
+func holderConnect(cfg *config) (int, error) {
+	tcp, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("holder: %w", err)
+	}
+	setTimeouts(tcp, cfg.timeout)
+	if err := unix.Connect(tcp, sockaddr(cfg.target4, cfg.tcpPort, 0)); err != nil {
+		unix.Close(tcp)
+		return -1, fmt.Errorf("holder: connect to %s:%d/tcp (is it granted?): %w", cfg.target4, cfg.tcpPort, err)
+	}
+	_ = unix.SetsockoptInt(tcp, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	return tcp, nil
+}
+
+// holderAnswer serves one client. Its "send" writes on the holder's first
+// TCP connection; "info" and "fds" name (and pass) a fresh one each time:
+// the kernel cuts a connection that a process outside the app wrote to,
+// and one attacker's attempt must not decide the next one's.
+func holderAnswer(c *net.UnixConn, cfg *config, tcp, udp int) {
 	defer c.Close()
 	sc := bufio.NewScanner(c)
 	for sc.Scan() {
@@ -115,6 +129,10 @@ func holderAnswer(c *net.UnixConn, tcp, udp int) {
 			// connect does not decide the next one's; they stay open for
 			// whoever takes them by number.
 			var err error
+			if info.TCP, err = holderConnect(cfg); err != nil {
+				fmt.Fprintf(c, "error: %v\n", err)
+				return
+			}
 			if info.FreeUDP, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
 				fmt.Fprintf(c, "error: %v\n", err)
 				return
@@ -124,7 +142,7 @@ func holderAnswer(c *net.UnixConn, tcp, udp int) {
 				return
 			}
 			if sc.Text() == "fds" {
-				oob = unix.UnixRights(tcp, udp, info.FreeUDP, info.FreeTCP)
+				oob = unix.UnixRights(info.TCP, udp, info.FreeUDP, info.FreeTCP)
 			}
 		case "send":
 			holderMu.Lock()
