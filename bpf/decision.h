@@ -80,6 +80,7 @@ enum hook {
 
 #define APP_AUDIT_ALLOW 1
 #define APP_EXE_PINNED 2 // only the binaries in app_exes hold the app's grants
+#define APP_HANDOVER_ALLOWED 4 // policy handover: allow: no handover guard for its connections
 
 // One trie holds every generation's internal prefixes and grants. The tag
 // (big-endian, so it is the key's leading 32 bits and always matched whole)

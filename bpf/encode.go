@@ -28,6 +28,7 @@ const (
 const (
 	appFlagAuditAllow = 1
 	appFlagExePinned  = 2
+	appFlagHandover   = 4 // APP_HANDOVER_ALLOWED
 )
 
 // maxCgroupLevel is MAX_CGROUP_LEVEL in procgate.c: app cgroups deeper than
@@ -196,6 +197,9 @@ func encode(g Generation, slot uint32) (*tables, error) {
 		}
 		if len(app.Exe) > 0 {
 			flags |= appFlagExePinned
+		}
+		if app.AllowHandover {
+			flags |= appFlagHandover
 		}
 		t.apps[key] = procgateAppInfo{AppId: g.AppIDs[b.App], Flags: flags}
 		minLevel, maxLevel = min(minLevel, b.Level), max(maxLevel, b.Level)

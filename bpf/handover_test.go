@@ -20,6 +20,10 @@ apps:
   - name: other
     allow:
       - {to: 10.1.2.3, proto: tcp, ports: [5432]}
+  - name: broker
+    handover: allow
+    allow:
+      - {to: 10.1.2.3, proto: tcp, ports: [5432]}
 `
 
 // TestHandoverGuard: a TCP connection an app opened to an internal
@@ -29,9 +33,10 @@ apps:
 // then on the connection takes no data from anyone, the app included (the
 // kernel keeps an sk_msg verdict of "drop" for the socket): a leaked
 // connection is cut. The app's own processes, wherever in its cgroup tree,
-// keep writing, and connections to external destinations are anyone's.
+// keep writing, and connections to external destinations are anyone's, as
+// are those of an app whose policy says handover: allow.
 func TestHandoverGuard(t *testing.T) {
-	w := newWorld(t, "db", "other")
+	w := newWorld(t, "db", "other", "broker")
 	rs := mustPolicy(t, handoverPolicy)
 	gen := w.apply(rs)
 	if err := w.e.Attach(); err != nil {
@@ -50,6 +55,7 @@ func TestHandoverGuard(t *testing.T) {
 	}
 	startServers(t, w.netns, []string{"[::]:5432", "0.0.0.0:80"}, nil)
 	db := w.holder(w.cgroups["db/run"])
+	broker := w.holder(w.cgroups["broker/run"])
 	receivers := map[string]*probe.Holder{
 		"unbound":        w.holder(w.cgroups["/unbound"]),
 		"other app":      w.holder(w.cgroups["other/run"]),
@@ -58,24 +64,30 @@ func TestHandoverGuard(t *testing.T) {
 	}
 	dir := t.TempDir()
 	tests := []struct {
+		from           string // "": db
 		receiver, dest string
 		m              probe.Method
 		n              int
 		refused        bool
 		app            uint32 // the writer's app in the audit event
 	}{
-		{"unbound", "10.1.2.3:5432/tcp", probe.Connect, 2, true, 0},
-		{"unbound", "10.1.2.3:5432/tcp", probe.Mapped, 1, true, 0},
-		{"unbound", "[fd00:1::3]:5432/tcp", probe.Connect, 1, true, 0},
-		{"unbound", "192.0.2.10:80/tcp", probe.Connect, 1, false, 0},
-		{"other app", "10.1.2.3:5432/tcp", probe.Connect, 2, true, ids["other"]},
-		{"same app", "10.1.2.3:5432/tcp", probe.Connect, 2, false, 0},
-		{"same app", "[fd00:1::3]:5432/tcp", probe.Connect, 1, false, 0},
-		{"app cgroup top", "10.1.2.3:5432/tcp", probe.Connect, 2, false, 0},
+		{"", "unbound", "10.1.2.3:5432/tcp", probe.Connect, 2, true, 0},
+		{"", "unbound", "10.1.2.3:5432/tcp", probe.Mapped, 1, true, 0},
+		{"", "unbound", "[fd00:1::3]:5432/tcp", probe.Connect, 1, true, 0},
+		{"", "unbound", "192.0.2.10:80/tcp", probe.Connect, 1, false, 0},
+		{"", "other app", "10.1.2.3:5432/tcp", probe.Connect, 2, true, ids["other"]},
+		{"", "same app", "10.1.2.3:5432/tcp", probe.Connect, 2, false, 0},
+		{"", "same app", "[fd00:1::3]:5432/tcp", probe.Connect, 1, false, 0},
+		{"", "app cgroup top", "10.1.2.3:5432/tcp", probe.Connect, 2, false, 0},
+		{"broker", "unbound", "10.1.2.3:5432/tcp", probe.Connect, 2, false, 0},
 	}
 	for i, tc := range tests {
-		t.Run(tc.receiver+"/"+string(tc.m)+"/"+tc.dest, func(t *testing.T) {
+		t.Run(tc.from+"/"+tc.receiver+"/"+string(tc.m)+"/"+tc.dest, func(t *testing.T) {
 			group := fmt.Sprintf("c%d", i)
+			db := db
+			if tc.from == "broker" {
+				db = broker
+			}
 			mustOpen(t, db, group, tc.dest, tc.m, tc.n)
 			if res, err := db.Send(group); err != nil || res.Sent != tc.n {
 				t.Fatalf("the app writing on its own connections: %+v %v", res, err)

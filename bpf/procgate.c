@@ -43,7 +43,8 @@ static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d,
 	// so that only the app's processes may write to it once it is
 	// established (harden.c, guard_handover). MPTCP's subflows are other
 	// sockets and are not marked.
-	if ((hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && ctx->protocol == IPPROTO_TCP && ctx->sk) {
+	if ((hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && ctx->protocol == IPPROTO_TCP && ctx->sk &&
+	    !(v.app_flags & APP_HANDOVER_ALLOWED)) {
 		struct socket_owner *o = bpf_sk_storage_get(&socket_owners, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (o) {
 			o->cgroup_id = v.cgroup_id;

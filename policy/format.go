@@ -89,6 +89,9 @@ func appNode(a ruleset.App) *yaml.Node {
 	if a.Traceable {
 		n.Content = append(n.Content, text("traceable"), &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
 	}
+	if a.AllowHandover {
+		n.Content = append(n.Content, text("handover"), text("allow"))
+	}
 	if a.AuditAllow {
 		n.Content = append(n.Content, text("audit"), text("all"))
 	}

@@ -41,7 +41,7 @@ var (
 	topKeys      = []string{"version", "internal", "audit", "apps"}
 	internalKeys = []string{"prefixes", "interfaces"}
 	auditKeys    = []string{"rate"}
-	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "audit", "allow", "inbound"}
+	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "handover", "audit", "allow", "inbound"}
 	inboundKeys  = []string{"dynamic"}
 	dynamicKeys  = []string{"control", "ports", "proto", "lease"}
 	exeKeys      = []string{"path", "sha256"}
@@ -52,6 +52,9 @@ var (
 var (
 	protoWords = map[string]ruleset.Proto{"tcp": ruleset.TCP, "udp": ruleset.UDP, "both": ruleset.Both}
 	auditWords = map[string]bool{"deny": false, "all": true} // value: AuditAllow
+	// handoverWords: may processes outside the app write to its TCP
+	// connections (handed over by SCM_RIGHTS)? value: AllowHandover
+	handoverWords = map[string]bool{"deny": false, "allow": true}
 )
 
 // Bounds of an inbound lease (whole seconds, as the gateway takes them).
@@ -619,6 +622,9 @@ func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []gra
 	}
 	if n, ok := vals["traceable"]; ok {
 		app.Traceable, _ = p.boolean(n, join(field, "traceable"))
+	}
+	if n, ok := vals["handover"]; ok {
+		app.AllowHandover, _ = word(p, n, join(field, "handover"), "handover mode", handoverWords, "deny or allow")
 	}
 	if n, ok := vals["audit"]; ok {
 		app.AuditAllow, _ = word(p, n, join(field, "audit"), "audit mode", auditWords, "deny or all")

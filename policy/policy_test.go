@@ -92,7 +92,7 @@ func TestLoadValid(t *testing.T) {
 			},
 		},
 		{
-			file: "testdata/valid/traceable.yaml",
+			file: "testdata/valid/app-options.yaml",
 			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
 				return &ruleset.Ruleset{
 					Internal:  []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8"), Source: src(3)}},
@@ -100,6 +100,7 @@ func TestLoadValid(t *testing.T) {
 					Apps: []ruleset.App{
 						{Name: "dev", Source: src(6), Traceable: true},
 						{Name: "prod", Source: src(9)},
+						{Name: "broker", Source: src(13), AllowHandover: true},
 					},
 				}
 			},

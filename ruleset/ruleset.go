@@ -122,6 +122,11 @@ type App struct {
 	// KeepCaps names capabilities of LauncherDrops that the launcher
 	// leaves in the app's bounding set (policy `keep_caps:`).
 	KeepCaps []string
+	// AllowHandover leaves the app's TCP connections to internal
+	// destinations without the handover guard (policy `handover: allow`):
+	// any holder of such a socket may write to it, and connecting costs
+	// no socket storage or sockhash entry.
+	AllowHandover bool
 	// Traceable lets processes of the same user trace the app's processes
 	// (policy `traceable: true`): the launcher does not guard them.
 	Traceable bool
