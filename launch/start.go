@@ -131,19 +131,6 @@ func Start(spec Spec) (*Process, error) {
 		Stderr:      stdio[2],
 		SysProcAttr: attr,
 	}
-	after := func(started error) error { return started }
-	if guarded {
-		a := shimArgs{uid: uid, gid: gid, rgid: spec.GuardGID, dir: dir, path: exe, argv: spec.Argv}
-		if spec.Cred != nil {
-			// The user's own group stays a supplementary one: access(2)
-			// and faccessat test with the real gid, the guard's.
-			a.groups = append(slices.Clone(spec.Cred.Groups), gid)
-		}
-		cmd.SysProcAttr.Credential = nil // the shim sets them
-		if after, err = shimCommand(cmd, a); err != nil {
-			return nil, fmt.Errorf("launch app %s: %w", spec.App.Name, err)
-		}
-	}
 	var enter func() error
 	if spec.NetNS != "" {
 		ns, err := netns.GetFromPath(spec.NetNS)
@@ -156,6 +143,20 @@ func Start(spec Spec) (*Process, error) {
 				return fmt.Errorf("enter netns %s: %w", spec.NetNS, err)
 			}
 			return nil
+		}
+	}
+	// Last before the start: the shim's error pipe is closed by after.
+	after := func(started error) error { return started }
+	if guarded {
+		a := shimArgs{uid: uid, gid: gid, rgid: spec.GuardGID, dir: dir, path: exe, argv: spec.Argv}
+		if spec.Cred != nil {
+			// The user's own group stays a supplementary one: access(2)
+			// and faccessat test with the real gid, the guard's.
+			a.groups = append(slices.Clone(spec.Cred.Groups), gid)
+		}
+		cmd.SysProcAttr.Credential = nil // the shim sets them
+		if after, err = shimCommand(cmd, a); err != nil {
+			return nil, fmt.Errorf("launch app %s: %w", spec.App.Name, err)
 		}
 	}
 	// Forked from a thread of its own: the child inherits that thread's
