@@ -602,7 +602,7 @@ func (e *Enforcer) Guards() []Guard {
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
 		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
 		{Name: "raw-sockets", What: "no raw IP sockets inside app cgroups", Active: true},
-		{Name: "packet-sockets", What: "no AF_PACKET sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil},
+		{Name: "packet-sockets", What: "no AF_PACKET or AF_XDP sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil},
 		{Name: "cgroup-migration", What: "processes moved or cloned into an app cgroup from inside another app hold no grants (tp_btf cgroup_attach_task, sched_process_fork)",
 			Active: e.migrateErr == nil},
 	}

@@ -27,6 +27,7 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define AF_INET 2
 #define AF_INET6 10
 #define AF_PACKET 17
+#define AF_XDP 44
 #define SOCK_RAW 3
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
@@ -396,7 +397,7 @@ int guard_handover(struct sk_msg_md *msg)
 	return SK_DROP;
 }
 
-// guard_packet_socket: no packet sockets inside app cgroups. AF_PACKET never
+// guard_packet_socket: no packet or XDP sockets inside app cgroups. AF_PACKET never
 // runs cgroup/sock_create (that hook is for inet sockets only), so this is a
 // BPF LSM hook attached to the same cgroup (lsm_cgroup, 6.0+, needs the bpf
 // LSM active). Arguments come as the hook's: socket_create(family, type,
@@ -406,7 +407,8 @@ int guard_packet_socket(unsigned long long *ctx)
 {
 	int family = (int)ctx[0];
 	int kern = (int)ctx[3];
-	if (kern || family != AF_PACKET)
+	// AF_XDP frames in copy mode go to the driver as well: no IP hook.
+	if (kern || (family != AF_PACKET && family != AF_XDP))
 		return 1;
 	struct generation_info *info = current_generation();
 	if (!info)
