@@ -47,7 +47,7 @@ func (r *results) evaluate() []targetResult {
 					tr.Gap = fmt.Sprintf("%.1f points over", (worst-1.05)*100)
 				}
 				if h, ok := r.lat(phaseLatency, t, p, classAllow, r.Config.MatrixSize, vProcgateHooks); ok {
-					tr.Why = fmt.Sprintf("connect/sendmsg programs alone (%s): p50 %s, p99 %s; the egress backstop and sock_create guard add the rest",
+					tr.Why = fmt.Sprintf("connect/sendmsg programs alone (%s): p50 %s, p99 %s; the egress backstop, the sock_create guard and the handover guard's sockops program add the rest",
 						vProcgateHooks, pct(h.P50Ratio), pct(h.P99Ratio))
 				}
 			}

@@ -61,7 +61,7 @@ func allVariants() []*variant {
 		{Name: vBaseline, Desc: "no enforcement"},
 		{Name: vControl, Desc: "control: a second, identical baseline lane; its ratio to the baseline is this run's noise floor", control: true},
 		{Name: vProcgate, Desc: "procgate: eBPF cgroup connect4/6, sendmsg4/6 (+ sock_create, egress backstop), as bpf.Open/Apply/Attach install it"},
-		{Name: vProcgateHooks, Desc: "diagnostic: procgate's connect4/6 and sendmsg4/6 programs alone (no egress backstop, no sock_create guard) on a cgroup of their own, same maps and policy: what the backstops add"},
+		{Name: vProcgateHooks, Desc: "diagnostic: procgate's connect4/6 and sendmsg4/6 programs alone (no egress backstop, no sock_create guard, no handover sockops) on a cgroup of their own, same maps and policy: what the backstops and the handover guard add"},
 		{Name: vNftCgroupSet, Desc: "nftables output chain: ct state established first, internal set, `socket cgroupv2` goto per-app chain with an interval set of the app's prefixes", install: installNft},
 		{Name: vNftCgroupRules, Desc: "as nft-cgroup-set, but one rule per granted prefix in the per-app chain", install: installNft,
 			MaxSize: ruleVariantMax, StopWhy: "every new packet walks app0's chain rule by rule, so 100,000 prefixes mean ~5,000 rule evaluations per packet: milliseconds per connect"},
