@@ -309,7 +309,7 @@ struct verdict_entry {
 	__u32 generation;
 	__u64 cgroup_id; // a cgroup whose principal is app_id in this generation
 	__u32 app_id;
-	__u32 pad;
+	__u32 app_flags; // app_id's flags (APP_*) in this generation
 	struct dest d;
 };
 
@@ -356,12 +356,13 @@ static __always_inline int same_dest(const struct dest *a, const struct dest *b)
 }
 
 static __always_inline void put_verdict(struct verdict_entry *v, __u64 cgroup_id, const struct dest *d,
-					__u32 generation, __u32 app_id)
+					__u32 generation, __u32 app_id, __u32 app_flags)
 {
 	bpf_spin_lock(&v->lock);
 	v->generation = generation;
 	v->cgroup_id = cgroup_id;
 	v->app_id = app_id;
+	v->app_flags = app_flags;
 	v->d = *d;
 	bpf_spin_unlock(&v->lock);
 }
@@ -370,6 +371,7 @@ static __always_inline void put_verdict(struct verdict_entry *v, __u64 cgroup_id
 struct verdict_copy {
 	__u64 cgroup_id;
 	__u32 app_id;
+	__u32 app_flags;
 };
 
 // verdict_matches: does the entry hold an allowed verdict of this
@@ -387,6 +389,7 @@ static __always_inline int verdict_matches(struct verdict_entry *v, const struct
 	gen = v->generation;
 	c->cgroup_id = v->cgroup_id;
 	c->app_id = v->app_id;
+	c->app_flags = v->app_flags;
 	got = v->d;
 	bpf_spin_unlock(&v->lock);
 	return gen == generation && same_dest(&got, d);

@@ -601,15 +601,16 @@ func (e *Enforcer) Guards() []Guard {
 	gs := []Guard{
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
 		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
+		{Name: "udp-handover", What: "a connected UDP socket of an app takes datagrams only from the app's processes: others' are dropped at egress (EPERM); NFQUEUE-reinjected datagrams count as the verdict giver's", Active: true},
 		{Name: "raw-sockets", What: "no raw IP sockets inside app cgroups", Active: true},
-		{Name: "packet-sockets", What: "no AF_PACKET or AF_XDP sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil},
+		{Name: "packet-sockets", What: "no AF_PACKET or AF_XDP sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil, Why: lsmWhy(e.lsmErr)},
 		{Name: "cgroup-migration", What: "processes moved or cloned into an app cgroup from inside another app hold no grants (tp_btf cgroup_attach_task, sched_process_fork)",
 			Active: e.migrateErr == nil},
 	}
 	if e.migrateErr != nil {
 		gs[len(gs)-1].Why = "tp_btf programs did not load or attach: " + e.migrateErr.Error()
 	}
-	gs = append(gs, Guard{Name: "socket-handover", Active: e.handoverErr == nil,
+	gs = append(gs, Guard{Name: "tcp-handover", Active: e.handoverErr == nil,
 		What: "a TCP connection an app opened to an internal destination takes data only from the app's processes: one passed by SCM_RIGHTS is refused (EACCES) to others (sk_msg)"})
 	if e.handoverErr != nil {
 		gs[len(gs)-1].Why = "sockops and sk_msg programs did not load: " + e.handoverErr.Error()
@@ -620,14 +621,18 @@ func (e *Enforcer) Guards() []Guard {
 	}
 	gs = append(gs, Guard{Name: "live-sockets", Active: true,
 		What: "after each new generation, app sockets (TCP, connected UDP) to destinations it no longer allows are ended, by " + sweepHow})
-	switch {
-	case e.lsmErr == nil:
-	case errors.Is(e.lsmErr, unix.EPERM):
-		gs[3].Why = "this kernel refuses BPF LSM programs (EPERM on load: no BPF trampolines or the bpf LSM is off)"
-	default:
-		gs[3].Why = "BPF LSM program did not load: " + e.lsmErr.Error()
-	}
 	return gs
+}
+
+// lsmWhy says why the BPF LSM guards are missing ("" when loaded).
+func lsmWhy(err error) string {
+	switch {
+	case err == nil:
+		return ""
+	case errors.Is(err, unix.EPERM):
+		return "this kernel refuses BPF LSM programs (EPERM on load: no BPF trampolines or the bpf LSM is off)"
+	}
+	return "BPF LSM program did not load: " + err.Error()
 }
 
 // Counters returns the kernel's per-app counters, summed over CPUs: for each

@@ -3,6 +3,7 @@ package bpf
 import (
 	"fmt"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/procgate/procgate/internal/probe"
@@ -17,6 +18,7 @@ apps:
     allow:
       - {to: 10.1.2.3, proto: tcp, ports: [5432]}
       - {to: "fd00:1::3", proto: tcp, ports: [5432]}
+      - {to: 10.1.2.3, proto: udp, ports: [5353]}
   - name: other
     allow:
       - {to: 10.1.2.3, proto: tcp, ports: [5432]}
@@ -24,9 +26,12 @@ apps:
     handover: allow
     allow:
       - {to: 10.1.2.3, proto: tcp, ports: [5432]}
+      - {to: 10.1.2.3, proto: udp, ports: [5353]}
 `
 
-// TestHandoverGuard: a TCP connection an app opened to an internal
+// TestHandoverGuard: a TCP connection or a connected UDP socket an app
+// opened to an internal destination takes data from the app's processes
+// only. For TCP: a TCP connection an app opened to an internal
 // destination takes data from the app's processes only. Passed by
 // SCM_RIGHTS to a process of no app or of another app, even one with the
 // same grant, a write to it fails with EACCES, nothing is sent, and from
@@ -34,7 +39,9 @@ apps:
 // kernel keeps an sk_msg verdict of "drop" for the socket): a leaked
 // connection is cut. The app's own processes, wherever in its cgroup tree,
 // keep writing, and connections to external destinations are anyone's, as
-// are those of an app whose policy says handover: allow.
+// are those of an app whose policy says handover: allow. For UDP each
+// datagram of a process outside the app is refused (EPERM at the egress
+// backstop) and the socket stays the app's.
 func TestHandoverGuard(t *testing.T) {
 	w := newWorld(t, "db", "other", "broker")
 	rs := mustPolicy(t, handoverPolicy)
@@ -49,11 +56,11 @@ func TestHandoverGuard(t *testing.T) {
 	defer rd.Close()
 	ids := appIDs(rs)
 	for _, g := range w.e.Guards() {
-		if g.Name == "socket-handover" && !g.Active {
+		if g.Name == "tcp-handover" && !g.Active {
 			t.Fatalf("handover guard not active: %s", g.Why)
 		}
 	}
-	startServers(t, w.netns, []string{"[::]:5432", "0.0.0.0:80"}, nil)
+	startServers(t, w.netns, []string{"[::]:5432", "0.0.0.0:80"}, []string{"[::]:5353"})
 	db := w.holder(w.cgroups["db/run"])
 	broker := w.holder(w.cgroups["broker/run"])
 	receivers := map[string]*probe.Holder{
@@ -80,6 +87,15 @@ func TestHandoverGuard(t *testing.T) {
 		{"", "same app", "[fd00:1::3]:5432/tcp", probe.Connect, 1, false, 0},
 		{"", "app cgroup top", "10.1.2.3:5432/tcp", probe.Connect, 2, false, 0},
 		{"broker", "unbound", "10.1.2.3:5432/tcp", probe.Connect, 2, false, 0},
+		{"", "unbound", "10.1.2.3:5353/udp", probe.Connect, 2, true, 0},
+		// An AF_INET6 socket connected to an IPv4-mapped address sends
+		// through the IPv4 path with the address: sendmsg4 decides the
+		// sender itself (see the event check below).
+		{"", "unbound", "10.1.2.3:5353/udp", probe.Mapped, 1, true, 0},
+		{"", "other app", "10.1.2.3:5353/udp", probe.Connect, 1, true, ids["other"]},
+		{"", "same app", "10.1.2.3:5353/udp", probe.Connect, 1, false, 0},
+		{"", "app cgroup top", "10.1.2.3:5353/udp", probe.Connect, 1, false, 0},
+		{"broker", "unbound", "10.1.2.3:5353/udp", probe.Connect, 1, false, 0},
 	}
 	for i, tc := range tests {
 		t.Run(tc.from+"/"+tc.receiver+"/"+string(tc.m)+"/"+tc.dest, func(t *testing.T) {
@@ -112,12 +128,23 @@ func TestHandoverGuard(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			udp := strings.HasSuffix(tc.dest, "/udp")
 			if tc.refused {
-				if res.Sent != 0 || res.Errors["EACCES"] != tc.n {
-					t.Errorf("%s writing on the app's connections: %+v, want all %d refused with EACCES", tc.receiver, res, tc.n)
+				errno, hook, reason := "EACCES", HookTCPSend, ruleset.ReasonHandover
+				switch {
+				case udp && tc.m == probe.Mapped:
+					errno, hook, reason = "EPERM", HookSendmsg4, ruleset.ReasonUnbound
+				case udp:
+					errno, hook = "EPERM", HookEgress4
 				}
-				if after.Sent != 0 || after.Errors["EACCES"] != tc.n {
+				if res.Sent != 0 || res.Errors[errno] != tc.n {
+					t.Errorf("%s writing on the app's sockets: %+v, want all %d refused with %s", tc.receiver, res, tc.n, errno)
+				}
+				switch {
+				case !udp && (after.Sent != 0 || after.Errors["EACCES"] != tc.n):
 					t.Errorf("the app writing after %s tried: %+v, want all %d cut (EACCES)", tc.receiver, after, tc.n)
+				case udp && after.Sent != tc.n:
+					t.Errorf("the app writing after %s tried: %+v, want all %d sent: a UDP socket stays the app's", tc.receiver, after, tc.n)
 				}
 				// One event per connection: later writes meet the
 				// kept verdict, not the program.
@@ -125,13 +152,13 @@ func TestHandoverGuard(t *testing.T) {
 				n := 0
 				evs := drainEvents(t, rd)
 				for _, ev := range evs {
-					if ev.Hook == HookTCPSend && ev.Reason == ruleset.ReasonHandover && ev.AppID == tc.app && !ev.Allowed &&
+					if ev.Hook == hook && ev.Reason == reason && ev.AppID == tc.app && !ev.Allowed &&
 						ev.Generation == gen && ev.Dest.Addr == want.Addr.Unmap() && ev.Dest.Port == want.Port {
 						n++
 					}
 				}
 				if n != tc.n {
-					t.Errorf("%d handover events for %s, want %d, among %+v", n, tc.dest, tc.n, evs)
+					t.Errorf("%d %s events of hook %s for %s, want %d, among %+v", n, reason, hook, tc.dest, tc.n, evs)
 				}
 				return
 			}

@@ -150,11 +150,92 @@ static __always_inline int load_l4(struct __sk_buff *skb, __u32 off, __u8 proto,
 // search, more than the allocation of the socket's storage once; an
 // external one costs a lookup that ends near the trie's root.
 static __always_inline void remember(struct bpf_sock *sk, __u64 cgroup_id, const struct dest *d, __u32 generation,
-				     __u32 app_id)
+				     __u32 app_id, __u32 app_flags)
 {
 	struct verdict_entry *v = bpf_sk_storage_get(&verdict_cache, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (v)
-		put_verdict(v, cgroup_id, d, generation, app_id);
+		put_verdict(v, cgroup_id, d, generation, app_id, app_flags);
+}
+
+// The handover guard for UDP. A datagram of a connected socket has no
+// address, so no sendmsg hook sees it, and the egress backstop decides it
+// by the socket's cgroup: an app's connected socket would carry whatever a
+// process outside the app that got the descriptor sends. UDP, unlike TCP,
+// transmits in the sending task (udp_sendmsg → ip_finish_output → here,
+// before any qdisc), so the sender is the current task, unless this runs
+// in softirq (asynchronous IPsec crypto resuming output) or a kernel
+// thread; those are not attributed and pass. On x86-64 softirqs run on the
+// CPU's own IRQ stack (CONFIG_SOFTIRQ_ON_OWN_STACK), so "on the current
+// task's stack" tells task context apart without the preempt count, which
+// a cgroup_skb program cannot read here (no kallsyms address for per-CPU
+// variables). A packet an NFQUEUE verdict reinjects passes here in the
+// task that gave the verdict: on hosts where such a firewall queues an
+// app's internal UDP, the app says handover: allow (SECURITY.md).
+#define PF_KTHREAD 0x00200000
+// THREAD_SIZE of x86-64 without KASAN. A larger task stack only makes the
+// test fail open (the datagram passes), never deny.
+#define TASK_STACK_SIZE (16 * 1024)
+
+struct task_struct___snd {
+	unsigned int flags;
+	void *stack;
+} __attribute__((preserve_access_index));
+
+// stack_probe turns an address on this program's stack into a number (a
+// privileged loader may store a pointer in a map value).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} stack_probe SEC(".maps");
+
+static __always_inline int in_sender_task(void)
+{
+	struct task_struct___snd *t = (struct task_struct___snd *)bpf_get_current_task();
+	if (BPF_CORE_READ(t, flags) & PF_KTHREAD)
+		return 0;
+	__u32 zero = 0;
+	__u64 *slot = bpf_map_lookup_elem(&stack_probe, &zero);
+	if (!slot)
+		return 0;
+	volatile __u64 anchor = 0;
+	*slot = (__u64)&anchor;
+	__u64 sp = *(volatile __u64 *)slot;
+	__u64 base = (__u64)BPF_CORE_READ(t, stack);
+	return sp - base < TASK_STACK_SIZE;
+}
+
+// foreign_udp_sender: is a datagram of app_id's socket being sent, in its
+// sender's own context, by a task that is not one of app_id's processes?
+// sender and sender_app say who, for the audit record.
+static __always_inline int foreign_udp_sender(struct __sk_buff *skb, __u32 slot, const struct generation_info *info,
+					      __u32 app_id, __u32 app_flags, __u64 *sender, __u32 *sender_app)
+{
+	*sender = bpf_get_current_cgroup_id();
+	*sender_app = 0;
+	if (app_flags & APP_HANDOVER_ALLOWED)
+		return 0;
+	// The usual case: the socket's maker, or its cgroup mates, sending.
+	if (*sender == bpf_skb_cgroup_id(skb) && !migrated())
+		return 0;
+	if (!in_sender_task())
+		return 0;
+	struct app_info *a = principal(slot, info, sender);
+	if (!a)
+		return 1;
+	*sender_app = a->app_id;
+	return a->app_id != app_id || ((a->flags & APP_EXE_PINNED) && !exe_allowed(slot, app_id));
+}
+
+// deny_handover counts and audits a datagram refused by the UDP handover
+// guard; the sender sees EPERM.
+static __always_inline int deny_handover(const struct dest *d, __u64 sender, __u32 sender_app, __u32 generation,
+					 __u32 rate, __u8 hook)
+{
+	count(sender_app, COUNT_DENY);
+	audit(d, sender_app, sender, generation, rate, 0, REASON_HANDOVER, hook);
+	return 0;
 }
 
 SEC("cgroup_skb/egress")
@@ -256,12 +337,20 @@ int backstop_egress(struct __sk_buff *skb)
 		if (hit) {
 			// The same cgroup has the same principal in a generation
 			// (the usual case: the socket's maker connected it).
-			if (bpf_skb_cgroup_id(skb) == c.cgroup_id)
+			int same = bpf_skb_cgroup_id(skb) == c.cgroup_id;
+			if (!same) {
+				__u64 cgroup_id;
+				struct app_info *a = principal_of(WHO_SKB, skb, slot, info, &cgroup_id);
+				same = a && a->app_id == c.app_id;
+			}
+			if (same) {
+				__u64 sender;
+				__u32 sender_app;
+				if (d.proto == PROTO_UDP &&
+				    foreign_udp_sender(skb, slot, info, c.app_id, c.app_flags, &sender, &sender_app))
+					return deny_handover(&d, sender, sender_app, generation, info->audit_rate, hook);
 				return 1;
-			__u64 cgroup_id;
-			struct app_info *a = principal_of(WHO_SKB, skb, slot, info, &cgroup_id);
-			if (a && a->app_id == c.app_id)
-				return 1;
+			}
 		}
 	}
 
@@ -278,9 +367,15 @@ int backstop_egress(struct __sk_buff *skb)
 	__u32 app_id = app->app_id;
 	__u8 reason = REASON_PROTO;
 	if (d.proto && grant_allows(slot, app_id, &d, &reason)) {
+		if (d.proto == PROTO_UDP) {
+			__u64 sender;
+			__u32 sender_app;
+			if (foreign_udp_sender(skb, slot, info, app_id, app->flags, &sender, &sender_app))
+				return deny_handover(&d, sender, sender_app, generation, info->audit_rate, hook);
+		}
 		// Counted when the connect or sendmsg hook allowed it.
 		if (sk && d.proto == PROTO_UDP)
-			remember(sk, cgroup_id, &d, generation, app_id);
+			remember(sk, cgroup_id, &d, generation, app_id, app->flags);
 		return 1;
 	}
 	count(app_id, COUNT_DENY);

@@ -106,7 +106,7 @@ type hardenVerdictEntry struct {
 	Generation uint32
 	CgroupId   uint64
 	AppId      uint32
-	Pad        uint32
+	AppFlags   uint32
 	D          struct {
 		_      structs.HostLayout
 		Addr   [16]uint8
@@ -134,6 +134,7 @@ const (
 	hardenMapPortRanges          = "port_ranges"
 	hardenMapRules               = "rules"
 	hardenMapSocketOwners        = "socket_owners"
+	hardenMapStackProbe          = "stack_probe"
 	hardenMapVerdictCache        = "verdict_cache"
 	hardenMapVerdictCounters     = "verdict_counters"
 	hardenMapVerdictHandoff      = "verdict_handoff"
@@ -211,6 +212,7 @@ type hardenMapSpecs struct {
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
+	StackProbe          *ebpf.MapSpec `ebpf:"stack_probe"`
 	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
 	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
@@ -256,6 +258,7 @@ type hardenMaps struct {
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
+	StackProbe          *ebpf.Map `ebpf:"stack_probe"`
 	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
 	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
@@ -276,6 +279,7 @@ func (m *hardenMaps) Close() error {
 		m.PortRanges,
 		m.Rules,
 		m.SocketOwners,
+		m.StackProbe,
 		m.VerdictCache,
 		m.VerdictCounters,
 		m.VerdictHandoff,

@@ -55,7 +55,7 @@ static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d,
 	__u32 cpu = bpf_get_smp_processor_id();
 	struct verdict_entry *h = bpf_map_lookup_elem(&verdict_handoff, &cpu);
 	if (h)
-		put_verdict(h, v.cgroup_id, d, v.generation, v.app_id);
+		put_verdict(h, v.cgroup_id, d, v.generation, v.app_id, v.app_flags);
 	return 1;
 }
 

@@ -128,7 +128,7 @@ type sweepVerdictEntry struct {
 	Generation uint32
 	CgroupId   uint64
 	AppId      uint32
-	Pad        uint32
+	AppFlags   uint32
 	D          struct {
 		_      structs.HostLayout
 		Addr   [16]uint8
