@@ -732,3 +732,37 @@ func splitKV[K comparable, V any](m map[K]V) ([]K, []V) {
 	}
 	return ks, vs
 }
+
+// HandoverStats reads the TCP handover guard's state: how many connections
+// it guards now, and how many it could not take since the maps were made
+// (owned_sockets was full). ok is false without the guard.
+func (e *Enforcer) HandoverStats() (guarded int, unguarded uint64, ok bool, err error) {
+	if e.handoverErr != nil || e.handover.OwnedSockets == nil {
+		return 0, 0, false, nil
+	}
+	var per []uint64
+	if err := e.handover.OwnedSocketsFull.Lookup(uint32(0), &per); err != nil {
+		return 0, 0, true, fmt.Errorf("read owned_sockets_full: %w", err)
+	}
+	for _, v := range per {
+		unguarded += v
+	}
+	// Keys only: a lookup of a sockhash value would read a socket cookie
+	// per entry for nothing.
+	// Bounded: a key deleted under the walk restarts it from the first.
+	var key, next uint64
+	var prev any // nil: from the first key
+	for range 2 * e.handover.OwnedSockets.MaxEntries() {
+		err := e.handover.OwnedSockets.NextKey(prev, &next)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return guarded, unguarded, true, nil
+		}
+		if err != nil {
+			return guarded, unguarded, true, fmt.Errorf("walk owned_sockets: %w", err)
+		}
+		guarded++
+		key = next
+		prev = key
+	}
+	return guarded, unguarded, true, errors.New("walk owned_sockets: did not end (connections coming and going)")
+}

@@ -97,7 +97,11 @@ func TestHandoverGuard(t *testing.T) {
 		{"", "app cgroup top", "10.1.2.3:5353/udp", probe.Connect, 1, false, 0},
 		{"broker", "unbound", "10.1.2.3:5353/udp", probe.Connect, 1, false, 0},
 	}
+	marked := 0 // connections the guard must watch at the end
 	for i, tc := range tests {
+		if tc.from == "" && strings.HasSuffix(tc.dest, "/tcp") && !strings.HasPrefix(tc.dest, "192.0.2.") {
+			marked += tc.n
+		}
 		t.Run(tc.from+"/"+tc.receiver+"/"+string(tc.m)+"/"+tc.dest, func(t *testing.T) {
 			group := fmt.Sprintf("c%d", i)
 			db := db
@@ -166,5 +170,9 @@ func TestHandoverGuard(t *testing.T) {
 				t.Errorf("%s writing: %+v, then the app: %+v; want all %d sent by both", tc.receiver, res, after, tc.n)
 			}
 		})
+	}
+	guarded, unguarded, ok, err := w.e.HandoverStats()
+	if err != nil || !ok || guarded != marked || unguarded != 0 {
+		t.Errorf("HandoverStats() = %d guarded, %d unguarded, %v, %v; want %d, 0", guarded, unguarded, ok, err, marked)
 	}
 }

@@ -545,6 +545,7 @@ func (d *Daemon) annotate(e bpf.Event) (string, string) {
 func (d *Daemon) serveMetrics(addr string) (*http.Server, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(audit.NewCollector(d.counterSource, d.auditor))
+	reg.MustRegister(handoverMetrics{d.enf})
 	if d.ph != nil {
 		reg.MustRegister(d.ph.metrics)
 	}

@@ -937,6 +937,8 @@ apps:
 			`procgate_decisions_total{app="noisy",verdict="deny"} 200`,
 			`procgate_decisions_total{app="logged",verdict="allow"}`,
 			`procgate_audit_dropped_total{app="noisy",where="kernel"}`,
+			"procgate_handover_guarded_connections ",
+			"procgate_handover_unguarded_total 0",
 		} {
 			if !strings.Contains(string(body), want) {
 				t.Errorf("/metrics lacks %q:\n%s", want, body)
