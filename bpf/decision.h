@@ -138,8 +138,12 @@ struct generation_info {
 	__u32 min_level; // shallowest and deepest cgroup level of any app cgroup
 	__u32 max_level;
 	__u32 audit_rate; // events per second per app
-	__u32 pad;
+	__u32 flags;      // GEN_*
 };
+
+// The host's NFQUEUE firewall reinjects apps' UDP in its own task: the UDP
+// handover check would take its verdicts for foreign sends (harden.c).
+#define GEN_NO_UDP_HANDOVER 1
 
 struct audit_event {
 	__u64 ts_ns; // CLOCK_MONOTONIC (bpf_ktime_get_ns)

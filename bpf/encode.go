@@ -31,6 +31,9 @@ const (
 	appFlagHandover   = 4 // APP_HANDOVER_ALLOWED
 )
 
+// Generation flags (GEN_* in decision.h).
+const genNoUDPHandover = 1
+
 // maxCgroupLevel is MAX_CGROUP_LEVEL in procgate.c: app cgroups deeper than
 // this cannot be found as ancestors.
 const maxCgroupLevel = 32
@@ -50,6 +53,9 @@ type Generation struct {
 	Bindings []Binding
 	// AuditRate is the kernel's limit of audit events per second per app.
 	AuditRate uint32
+	// NoUDPHandover turns the UDP handover check off, for hosts whose
+	// NFQUEUE firewall reinjects apps' internal UDP in its own task.
+	NoUDPHandover bool
 	// Exes are the files of the binaries of apps with exe: (resolved by
 	// the caller). An app with exe: and no file here holds its grants in
 	// no process.
@@ -151,6 +157,9 @@ func encode(g Generation, slot uint32) (*tables, error) {
 	}
 	if t.info.AuditRate == 0 {
 		t.info.AuditRate = 100
+	}
+	if g.NoUDPHandover {
+		t.info.Flags |= genNoUDPHandover
 	}
 	var lengths internalLengths
 	for _, p := range g.Rules.Internal {

@@ -601,7 +601,8 @@ func (e *Enforcer) Guards() []Guard {
 	gs := []Guard{
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
 		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
-		{Name: "udp-handover", What: "a connected UDP socket of an app takes datagrams only from the app's processes: others' are dropped at egress (EPERM); NFQUEUE-reinjected datagrams count as the verdict giver's", Active: true},
+		{Name: "udp-handover", What: "a connected UDP socket of an app takes datagrams only from the app's processes: others' are dropped at egress (EPERM); NFQUEUE-reinjected datagrams count as the verdict giver's",
+			Active: e.applied == nil || !e.applied.NoUDPHandover},
 		{Name: "raw-sockets", What: "no raw IP sockets inside app cgroups", Active: true},
 		{Name: "packet-sockets", What: "no AF_PACKET or AF_XDP sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil, Why: lsmWhy(e.lsmErr)},
 		{Name: "cgroup-migration", What: "processes moved or cloned into an app cgroup from inside another app hold no grants (tp_btf cgroup_attach_task, sched_process_fork)",
@@ -609,6 +610,11 @@ func (e *Enforcer) Guards() []Guard {
 	}
 	if e.migrateErr != nil {
 		gs[len(gs)-1].Why = "tp_btf programs did not load or attach: " + e.migrateErr.Error()
+	}
+	for i := range gs {
+		if gs[i].Name == "udp-handover" && !gs[i].Active {
+			gs[i].Why = "turned off (--udp-handover=false)"
+		}
 	}
 	gs = append(gs, Guard{Name: "tcp-handover", Active: e.handoverErr == nil,
 		What: "a TCP connection an app opened to an internal destination takes data only from the app's processes: one passed by SCM_RIGHTS is refused (EACCES) to others (sk_msg)"})

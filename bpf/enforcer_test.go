@@ -68,8 +68,9 @@ func newWorld(t *testing.T, apps ...string) *world {
 	return w
 }
 
-// apply binds every app of rs that has a cgroup in the world and installs it.
-func (w *world) apply(rs *ruleset.Ruleset) uint32 {
+// apply binds every app of rs that has a cgroup in the world and installs it,
+// after opts had their say on the generation.
+func (w *world) apply(rs *ruleset.Ruleset, opts ...func(*Generation)) uint32 {
 	w.t.Helper()
 	g := Generation{Rules: rs, AppIDs: appIDs(rs)}
 	for _, a := range rs.Apps {
@@ -96,6 +97,9 @@ func (w *world) apply(rs *ruleset.Ruleset) uint32 {
 				g.Exes[a.Name] = append(g.Exes[a.Name], id)
 			}
 		}
+	}
+	for _, o := range opts {
+		o(&g)
 	}
 	gen, err := w.e.Apply(g)
 	if err != nil {

@@ -171,6 +171,27 @@ func TestHandoverGuard(t *testing.T) {
 			}
 		})
 	}
+	// Off host-wide (--udp-handover=false): the unbound process sends on
+	// the app's connected UDP socket again.
+	w.apply(rs, func(g *Generation) { g.NoUDPHandover = true })
+	t.Run("udp check off/unbound", func(t *testing.T) {
+		path := filepath.Join(dir, "off")
+		mustOpen(t, db, "off", "10.1.2.3:5353/udp", probe.Connect, 1)
+		r := receivers["unbound"]
+		if err := r.Take("off", path); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Give("off", path); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Await("off", 1); err != nil {
+			t.Fatal(err)
+		}
+		if res, err := r.Send("off"); err != nil || res.Sent != 1 {
+			t.Errorf("unbound writing on the app's connected UDP socket with the check off: %+v %v, want sent", res, err)
+		}
+	})
+
 	guarded, unguarded, ok, err := w.e.HandoverStats()
 	if err != nil || !ok || guarded != marked || unguarded != 0 {
 		t.Errorf("HandoverStats() = %d guarded, %d unguarded, %v, %v; want %d, 0", guarded, unguarded, ok, err, marked)

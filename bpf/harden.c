@@ -169,8 +169,9 @@ static __always_inline void remember(struct bpf_sock *sk, __u64 cgroup_id, const
 // task's stack" tells task context apart without the preempt count, which
 // a cgroup_skb program cannot read here (no kallsyms address for per-CPU
 // variables). A packet an NFQUEUE verdict reinjects passes here in the
-// task that gave the verdict: on hosts where such a firewall queues an
-// app's internal UDP, the app says handover: allow (SECURITY.md).
+// task that gave the verdict: on hosts where such a firewall queues apps'
+// internal UDP, the daemon runs with --udp-handover=false (GEN_NO_UDP_HANDOVER)
+// or the app says handover: allow (SECURITY.md).
 #define PF_KTHREAD 0x00200000
 // THREAD_SIZE of x86-64 without KASAN. A larger task stack only makes the
 // test fail open (the datagram passes), never deny.
@@ -214,7 +215,7 @@ static __always_inline int foreign_udp_sender(struct __sk_buff *skb, __u32 slot,
 {
 	*sender = bpf_get_current_cgroup_id();
 	*sender_app = 0;
-	if (app_flags & APP_HANDOVER_ALLOWED)
+	if ((app_flags & APP_HANDOVER_ALLOWED) || (info->flags & GEN_NO_UDP_HANDOVER))
 		return 0;
 	// The usual case: the socket's maker, or its cgroup mates, sending.
 	if (*sender == bpf_skb_cgroup_id(skb) && !migrated())

@@ -48,7 +48,7 @@ type hardenGenerationInfo struct {
 	MinLevel   uint32
 	MaxLevel   uint32
 	AuditRate  uint32
-	Pad        uint32
+	Flags      uint32
 }
 
 type hardenLookupKey struct {

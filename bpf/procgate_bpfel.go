@@ -69,7 +69,7 @@ type procgateGenerationInfo struct {
 	MinLevel   uint32
 	MaxLevel   uint32
 	AuditRate  uint32
-	Pad        uint32
+	Flags      uint32
 }
 
 type procgateLookupKey struct {

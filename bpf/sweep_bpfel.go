@@ -48,7 +48,7 @@ type sweepGenerationInfo struct {
 	MinLevel   uint32
 	MaxLevel   uint32
 	AuditRate  uint32
-	Pad        uint32
+	Flags      uint32
 }
 
 type sweepLookupKey struct {

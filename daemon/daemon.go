@@ -69,6 +69,10 @@ type Config struct {
 	// with no connection of its peer on the port, before the agent closes
 	// it as stale; 0: never.
 	PinholeIdle time.Duration
+	// NoUDPHandover turns the UDP handover check off host-wide: for hosts
+	// whose NFQUEUE firewall (an IPS, OpenSnitch) reinjects apps' internal
+	// UDP, which the check would take for sends of the firewall's task.
+	NoUDPHandover bool
 	// GuardGID is the real gid launched app processes run with, so that
 	// no process without CAP_SYS_PTRACE can trace them (launch.Spec); 0:
 	// off. The command line's default is DefaultGuardGID.
@@ -197,6 +201,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	if err := d.enf.Attach(); err != nil {
 		return err
+	}
+	if cfg.NoUDPHandover {
+		d.log.Warn("guard NOT active", "guard", "udp-handover", "why", "turned off (--udp-handover=false): processes outside an app may send on its connected UDP sockets")
 	}
 	if what, active, why := launch.TraceGuard(cfg.GuardGID); active {
 		d.log.Info("guard active", "guard", "app-tracing", "what", what)
@@ -466,7 +473,8 @@ func (d *Daemon) refreshRoutes() {
 
 // applyEffective builds the bindings for eff and applies it. d.mu held.
 func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
-	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate, Exes: d.resolveExes(eff)}
+	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate, Exes: d.resolveExes(eff),
+		NoUDPHandover: d.cfg.NoUDPHandover}
 	var dynamic []dynamicBinding
 	for _, app := range eff.Apps {
 		id, err := d.ids.get(app.Name)

@@ -79,6 +79,7 @@ func newLogger(format, level string) (*slog.Logger, error) {
 func daemonCmd() *cobra.Command {
 	var cfg daemon.Config
 	var logFormat, logLevel string
+	var udpHandover bool
 	cmd := &cobra.Command{
 		Use:   "daemon --policy FILE [flags]",
 		Short: "Enforce a policy: load and pin the eBPF programs, reload on change, serve the local API",
@@ -95,6 +96,7 @@ func daemonCmd() *cobra.Command {
 				return err
 			}
 			cfg.Log = log
+			cfg.NoUDPHandover = !udpHandover
 			sock, _ := cmd.Flags().GetString("socket")
 			cfg.Socket = api.SocketFromEnv(sock)
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -115,6 +117,7 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&cfg.GatewayKey, "gateway-key", "", "key of --gateway-cert (PEM)")
 	f.DurationVar(&cfg.PinholeIdle, "pinhole-idle", 5*time.Minute, "close a hole as stale when its gateway counters stood still this long and no connection of its peer is on the port (0: never)")
 	f.Uint32Var(&cfg.GuardGID, "guard-gid", daemon.DefaultGuardGID, "real gid of launched app processes, so that no process without CAP_SYS_PTRACE, same user included, can trace them (0: off; apps with traceable: true are never guarded)")
+	f.BoolVar(&udpHandover, "udp-handover", true, "refuse a connected UDP socket's datagrams sent by a process outside the socket's app; false on hosts whose NFQUEUE firewall (an IPS, OpenSnitch) reinjects apps' internal UDP, which it would refuse")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	_ = cmd.MarkFlagRequired("policy")
