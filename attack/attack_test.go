@@ -429,8 +429,8 @@ func (w *world) startHolder(t *testing.T) {
 	if err != nil {
 		t.Fatalf("launch the holder: %v", err)
 	}
-	if !proc.Guarded() {
-		t.Fatal("the holder runs without the trace guard")
+	if guarded, why := proc.Guarded(); !guarded {
+		t.Fatalf("the holder runs without the trace guard: %s", why)
 	}
 	t.Cleanup(func() {
 		_ = proc.Signal(syscall.SIGTERM)

@@ -6,9 +6,11 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -32,10 +34,18 @@ import (
 // The credentials are set by a shim: the launcher re-executes itself in
 // the app's cgroup as root and the shim sets the ids, enters the working
 // directory as the user and execs the binary. exec.Cmd cannot do it alone:
-// its child sets one gid for all three.
+// its child sets one gid for all three. The shim also takes the app's
+// confinement (dropped capabilities, no_new_privs) itself, last before the
+// exec: until then it holds every capability the launcher holds, so that
+// a caller without them (root started by procgate run in another app,
+// which keeps CAP_SETUID and CAP_SETGID) fails ptrace_may_access's
+// capability test for the whole window in which the shim still runs with
+// root's ids.
 
 // shimArg0 is argv[0] of the launcher re-executed as the shim. The init
-// function below runs the shim before anything else of the program.
+// function below runs the shim before this package's users run anything
+// (the inits of the packages it imports run first, as root, with the
+// app's environment: the standard library and x/sys only).
 const shimArg0 = "procgate-launch-shim"
 
 // shimErrFd is the shim's descriptor for the error pipe: close-on-exec, so
@@ -50,10 +60,11 @@ func init() {
 }
 
 // shimArgs is what the shim is told: ids, groups ("-" keeps the current
-// ones), the working directory, the binary and its argv.
+// ones), the confinement, the working directory, the binary and its argv.
 type shimArgs struct {
 	uid, gid, rgid uint32
 	groups         []uint32 // nil: keep
+	conf           Confinement
 	dir, path      string
 	argv           []string
 }
@@ -67,15 +78,19 @@ func (a shimArgs) encode() []string {
 		}
 		groups = "," + strings.Join(s, ",") // never empty, so an empty list survives
 	}
+	nnp := "0"
+	if a.conf.NoNewPrivs {
+		nnp = "1"
+	}
 	out := []string{shimArg0,
 		strconv.FormatUint(uint64(a.uid), 10), strconv.FormatUint(uint64(a.gid), 10),
-		strconv.FormatUint(uint64(a.rgid), 10), groups, a.dir, a.path}
+		strconv.FormatUint(uint64(a.rgid), 10), groups, "," + strings.Join(a.conf.Drop, ","), nnp, a.dir, a.path}
 	return append(out, a.argv...)
 }
 
 func decodeShimArgs(args []string) (shimArgs, error) {
-	if len(args) < 7 {
-		return shimArgs{}, fmt.Errorf("want at least 7 arguments, got %d", len(args))
+	if len(args) < 9 {
+		return shimArgs{}, fmt.Errorf("want at least 9 arguments, got %d", len(args))
 	}
 	var a shimArgs
 	ids := []*uint32{&a.uid, &a.gid, &a.rgid}
@@ -99,7 +114,23 @@ func decodeShimArgs(args []string) (shimArgs, error) {
 			a.groups = append(a.groups, uint32(v))
 		}
 	}
-	a.dir, a.path, a.argv = args[4], args[5], args[6:]
+	for _, c := range strings.Split(strings.TrimPrefix(args[4], ","), ",") {
+		if c == "" {
+			continue
+		}
+		if _, ok := capNumbers[c]; !ok {
+			return shimArgs{}, fmt.Errorf("capability %q", c)
+		}
+		a.conf.Drop = append(a.conf.Drop, c)
+	}
+	switch args[5] {
+	case "0":
+	case "1":
+		a.conf.NoNewPrivs = true
+	default:
+		return shimArgs{}, fmt.Errorf("no_new_privs %q", args[5])
+	}
+	a.dir, a.path, a.argv = args[6], args[7], args[8:]
 	return a, nil
 }
 
@@ -115,6 +146,9 @@ func runShim(args []string) int {
 	if err != nil {
 		return fail("launch shim: %v", err)
 	}
+	// Bounding set and no_new_privs are per thread: this one drops them
+	// and execs.
+	runtime.LockOSThread()
 	// syscall's set*id calls change every thread of the Go runtime, so
 	// none is left with root's ids when the exec happens.
 	if a.groups != nil {
@@ -129,6 +163,10 @@ func runShim(args []string) int {
 	if err := syscall.Setresgid(int(a.rgid), int(a.gid), int(a.gid)); err != nil {
 		return fail("set gids (real %d, effective and saved %d): %v", a.rgid, a.gid, err)
 	}
+	// Last while root (dropping from the bounding set needs CAP_SETPCAP).
+	if err := confineThread(a.conf); err != nil {
+		return fail("confine: %v", err)
+	}
 	if err := syscall.Setresuid(int(a.uid), int(a.uid), int(a.uid)); err != nil {
 		return fail("set uid %d: %v", a.uid, err)
 	}
@@ -142,6 +180,10 @@ func runShim(args []string) int {
 	return fail("exec %s: %v", a.path, err)
 }
 
+// shimTimeout bounds the shim's run from start to exec (a Go runtime start
+// and a few system calls: milliseconds).
+const shimTimeout = 30 * time.Second
+
 // shimCommand turns cmd, which would exec path as argv, into one that runs
 // the shim; the returned function must be called after cmd.Start: it
 // closes the launcher's end of the error pipe and says whether the binary
@@ -149,7 +191,7 @@ func runShim(args []string) int {
 func shimCommand(cmd *exec.Cmd, a shimArgs) (after func(started error) error, err error) {
 	r, w, err := os.Pipe()
 	if err != nil {
-		return nil, fmt.Errorf("error pipe: %w", err)
+		return nil, fmt.Errorf("launch shim's error pipe: %w", err)
 	}
 	cmd.Path = "/proc/self/exe"
 	cmd.Args = a.encode()
@@ -161,9 +203,14 @@ func shimCommand(cmd *exec.Cmd, a shimArgs) (after func(started error) error, er
 		if started != nil {
 			return started
 		}
+		// A shim stopped by its user (SIGSTOP, once it runs as the user)
+		// must not hold the launcher forever.
+		_ = r.SetReadDeadline(time.Now().Add(shimTimeout))
 		msg, err := io.ReadAll(io.LimitReader(r, 4096))
 		if err != nil {
-			return fmt.Errorf("read the launch shim's error pipe: %w", err)
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+			return fmt.Errorf("launch shim did not exec %s within %v: %w", a.path, shimTimeout, err)
 		}
 		if len(msg) > 0 {
 			_ = cmd.Wait() // the shim exits right after writing
@@ -179,14 +226,12 @@ const yamaScope = "/proc/sys/kernel/yama/ptrace_scope"
 // TraceGuard describes the trace guard with guard gid gid (0: off) for the
 // start-up log and `procgate status`.
 func TraceGuard(gid uint32) (what string, active bool, why string) {
-	what = "no ptrace, process_vm_readv/writev, /proc/PID/mem or pidfd_getfd of app processes by processes without CAP_SYS_PTRACE, same user included (launcher: real gid " +
-		strconv.FormatUint(uint64(gid), 10) + "; apps with traceable: true and users whose group is that gid are not guarded)"
+	what = "no ptrace, process_vm_readv/writev, /proc/PID/mem or pidfd_getfd of launched app processes by processes without CAP_SYS_PTRACE, same user included (real gid --guard-gid; not for apps with traceable: true, scripts, or users whose group is that gid)"
 	if gid != 0 {
 		return what, true, ""
 	}
 	b, err := os.ReadFile(yamaScope)
-	return "no ptrace, process_vm_readv/writev, /proc/PID/mem or pidfd_getfd of app processes by processes without CAP_SYS_PTRACE", false,
-		tracingWhy(strings.TrimSpace(string(b)), err)
+	return what, false, tracingWhy(strings.TrimSpace(string(b)), err)
 }
 
 // tracingWhy says what stands in for the guard when it is off: Yama's

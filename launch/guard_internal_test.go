@@ -26,7 +26,8 @@ func TestTracingWhy(t *testing.T) {
 
 func TestShimArgs(t *testing.T) {
 	for _, a := range []shimArgs{
-		{uid: 1000, gid: 1000, rgid: 65534, groups: []uint32{27, 1000}, dir: "/home/a b", path: "/usr/bin/env", argv: []string{"env", "-i", ""}},
+		{uid: 1000, gid: 1000, rgid: 65534, groups: []uint32{27, 1000}, conf: Confinement{Drop: []string{"net_raw", "sys_ptrace"}, NoNewPrivs: true},
+			dir: "/home/a b", path: "/usr/bin/env", argv: []string{"env", "-i", ""}},
 		{uid: 0, gid: 0, rgid: 65534, dir: "/", path: "/bin/true", argv: []string{"true"}},
 		{uid: 5, gid: 6, rgid: 7, groups: []uint32{}, dir: "/", path: "/bin/x", argv: []string{"-"}},
 	} {
@@ -39,11 +40,13 @@ func TestShimArgs(t *testing.T) {
 			t.Fatalf("decode(%q): %v", enc, err)
 		}
 		if got.uid != a.uid || got.gid != a.gid || got.rgid != a.rgid || got.dir != a.dir || got.path != a.path ||
-			!slices.Equal(got.argv, a.argv) || (got.groups == nil) != (a.groups == nil) || !slices.Equal(got.groups, a.groups) {
+			!slices.Equal(got.argv, a.argv) || (got.groups == nil) != (a.groups == nil) || !slices.Equal(got.groups, a.groups) ||
+			!slices.Equal(got.conf.Drop, a.conf.Drop) || got.conf.NoNewPrivs != a.conf.NoNewPrivs {
 			t.Errorf("round trip of %+v gave %+v", a, got)
 		}
 	}
-	for _, bad := range [][]string{{"1", "2"}, {"x", "1", "2", "-", "/", "/bin/true", "true"}, {"1", "1", "1", ",a", "/", "/bin/true", "true"}} {
+	for _, bad := range [][]string{{"1", "2"}, {"x", "1", "2", "-", ",", "0", "/", "/bin/true", "true"}, {"1", "1", "1", ",a", ",", "0", "/", "/bin/true", "true"},
+		{"1", "1", "1", "-", ",chown", "0", "/", "/bin/true", "true"}, {"1", "1", "1", "-", ",", "2", "/", "/bin/true", "true"}} {
 		if _, err := decodeShimArgs(bad); err == nil {
 			t.Errorf("decodeShimArgs(%q) = nil error", bad)
 		}

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -27,25 +29,44 @@ func TestTraceGuardIDs(t *testing.T) {
 	cg := nstest.Cgroup(t)
 	// -p: a shell started with real and effective gids apart would
 	// otherwise set its effective gid to the real one (TestTraceGuard).
-	argv := []string{"/bin/sh", "-p", "-c", "grep -E '^(Uid|Gid|Groups):' /proc/self/status; pwd; exit 7"}
+	const show = "grep -E '^(Uid|Gid|Groups|CapBnd):' /proc/self/status; pwd; exit 7"
+	argv := []string{"/bin/sh", "-p", "-c", show}
+	script := filepath.Join(t.TempDir(), "show")
+	if err := os.WriteFile(script, []byte("#!/bin/sh -p\n"+show+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{filepath.Dir(script), filepath.Dir(filepath.Dir(script))} {
+		if err := os.Chmod(d, 0o755); err != nil { // nobody runs it
+			t.Fatal(err)
+		}
+	}
 	tests := []struct {
-		name          string
-		app           ruleset.App
-		cred          *launch.Cred
-		guard         uint32
-		gid, groups   string
-		wantGuarded   bool
-		wantDumpOwner bool
+		name        string
+		app         ruleset.App
+		cred        *launch.Cred
+		guard       uint32
+		gid, groups string
+		wantGuarded bool
+		why         string // in the reason it is not guarded
+		argv        []string
 	}{
 		{name: "user", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: appGID, Groups: []uint32{100}}, guard: guardGID,
 			gid: "65533\t65534\t65534\t65534", groups: "100 65534", wantGuarded: true},
 		{name: "root", app: ruleset.App{Name: "t"}, guard: guardGID, gid: "65533\t0\t0\t0", wantGuarded: true},
 		{name: "traceable", app: ruleset.App{Name: "t", Traceable: true}, cred: &launch.Cred{UID: appUID, GID: appGID}, guard: guardGID,
-			gid: "65534\t65534\t65534\t65534"},
-		{name: "guard off", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: appGID}, gid: "65534\t65534\t65534\t65534"},
+			gid: "65534\t65534\t65534\t65534", why: "traceable"},
+		{name: "guard off", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: appGID}, gid: "65534\t65534\t65534\t65534", why: "off"},
+		// Interpreters take mixed ids for a set-group-ID run (Perl's taint
+		// mode): scripts are launched unguarded.
+		{name: "script", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: appGID}, guard: guardGID,
+			gid: "65534\t65534\t65534\t65534", why: "script", argv: []string{script}},
+		// A guarded shell's process asks with the guard gid as its gid:
+		// the user's own group (passwd) takes its place.
+		{name: "caller with the guard gid", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: guardGID}, guard: guardGID,
+			gid: "65533\t65534\t65534\t65534", wantGuarded: true},
 		// Nobody could tell the guard from the user's own group: unguarded.
-		{name: "user in the guard group", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: guardGID}, guard: guardGID,
-			gid: "65533\t65533\t65533\t65533"},
+		{name: "user whose group is the guard gid", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: appGID}, guard: appGID,
+			gid: "65534\t65534\t65534\t65534", why: "guard gid"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -54,6 +75,10 @@ func TestTraceGuardIDs(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer r.Close()
+			argv := argv
+			if tt.argv != nil {
+				argv = tt.argv
+			}
 			p, err := launch.Start(launch.Spec{App: tt.app, CgroupDir: cg, Argv: argv, Cred: tt.cred, GuardGID: tt.guard,
 				Dir: "/tmp", Stdio: [3]*os.File{nil, w, w}})
 			w.Close()
@@ -68,14 +93,19 @@ func TestTraceGuardIDs(t *testing.T) {
 			if exit.Code != 7 {
 				t.Errorf("exit %+v, want code 7 through the shim: %q", exit, out)
 			}
-			if p.Guarded() != tt.wantGuarded {
-				t.Errorf("Guarded() = %v, want %v", p.Guarded(), tt.wantGuarded)
+			if guarded, why := p.Guarded(); guarded != tt.wantGuarded || !strings.Contains(why, tt.why) {
+				t.Errorf("Guarded() = %v, %q; want %v, %q", guarded, why, tt.wantGuarded, tt.why)
 			}
 			if got := statusField(t, out, "Gid"); got != tt.gid {
 				t.Errorf("Gid %q, want %q", got, tt.gid)
 			}
 			if tt.groups != "" && statusField(t, out, "Groups") != tt.groups {
 				t.Errorf("Groups %q, want %q", statusField(t, out, "Groups"), tt.groups)
+			}
+			// Confined either way: by the launcher's thread, or by the shim
+			// itself last before its exec.
+			if bnd, err := strconv.ParseUint(statusField(t, out, "CapBnd"), 16, 64); err != nil || bnd&(1<<unix.CAP_NET_RAW|1<<unix.CAP_SYS_PTRACE) != 0 {
+				t.Errorf("CapBnd %s (%v): net_raw or sys_ptrace left", statusField(t, out, "CapBnd"), err)
 			}
 			if !strings.Contains(out, "\n/tmp\n") {
 				t.Errorf("working directory not /tmp: %q", out)
@@ -145,6 +175,11 @@ var traceTechniques = []struct {
 // the same user, and as that user after root took its ids (CAP_SETUID and
 // CAP_SETGID kept, as for root started by procgate run).
 func TestTraceGuard(t *testing.T) {
+	// Yama refuses too at ptrace_scope >= 1: the guard's refusals would
+	// then pass whether it works or not.
+	if b, err := os.ReadFile("/proc/sys/kernel/yama/ptrace_scope"); err == nil && strings.TrimSpace(string(b)) != "0" {
+		t.Skipf("Yama ptrace_scope %s refuses tracing by itself; the test needs 0 (or no Yama) to see the guard's own refusals", strings.TrimSpace(string(b)))
+	}
 	cg := nstest.Cgroup(t)
 	type ids struct{ rgid, egid int }
 	attackers := []struct {

@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -56,6 +58,7 @@ const defaultPath = "/usr/local/bin:/usr/bin:/bin"
 type Process struct {
 	cmd     *exec.Cmd
 	guarded bool
+	why     string // why not guarded
 }
 
 // Exit is how a process ended.
@@ -98,10 +101,35 @@ func Start(spec Spec) (*Process, error) {
 		uid, gid = spec.Cred.UID, spec.Cred.GID
 		attr.Credential = &syscall.Credential{Uid: spec.Cred.UID, Gid: spec.Cred.GID, Groups: spec.Cred.Groups}
 	}
-	guarded := spec.GuardGID != 0 && !spec.App.Traceable && spec.GuardGID != gid
+	guarded, why := true, ""
+	switch {
+	case spec.GuardGID == 0:
+		guarded, why = false, "trace guard off"
+	case spec.App.Traceable:
+		guarded, why = false, "app is traceable: true"
+	}
+	if guarded && gid == spec.GuardGID {
+		// A caller that is itself a guarded process whose shell set its
+		// effective gid to the real one (the guard's) asks with the guard
+		// gid: launch with the user's own group instead. Only a user whose
+		// own group is the guard gid cannot be guarded: nobody could tell
+		// the two apart.
+		if pg, ok := primaryGID(uid); ok && pg != spec.GuardGID {
+			gid = pg
+		} else {
+			guarded, why = false, "the user's group is the guard gid"
+		}
+	}
 	exe, err := CheckExe(spec.App, path, uid)
 	if err != nil {
 		return nil, err
+	}
+	if guarded && isScript(exe) {
+		// Interpreters treat a real gid apart from the effective one as a
+		// set-group-ID run: Perl refuses its environment (taint mode: Debian's
+		// psql is a Perl wrapper), bash and dash set their effective gid to
+		// the guard's. Guarding a script breaks it or gains nothing.
+		guarded, why = false, "a script (#!): interpreters refuse or drop set-group-ID ids"
 	}
 
 	cg, err := os.OpenFile(spec.CgroupDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
@@ -147,12 +175,18 @@ func Start(spec Spec) (*Process, error) {
 	}
 	// Last before the start: the shim's error pipe is closed by after.
 	after := func(started error) error { return started }
+	conf := ConfinementOf(spec.App)
 	if guarded {
-		a := shimArgs{uid: uid, gid: gid, rgid: spec.GuardGID, dir: dir, path: exe, argv: spec.Argv}
+		// The shim confines itself, last before its exec (guard.go).
+		a := shimArgs{uid: uid, gid: gid, rgid: spec.GuardGID, conf: conf, dir: dir, path: exe, argv: spec.Argv}
+		conf = Confinement{}
 		if spec.Cred != nil {
 			// The user's own group stays a supplementary one: access(2)
 			// and faccessat test with the real gid, the guard's.
-			a.groups = append(slices.Clone(spec.Cred.Groups), gid)
+			a.groups = slices.Clone(spec.Cred.Groups)
+			if !slices.Contains(a.groups, gid) {
+				a.groups = append(a.groups, gid)
+			}
 		}
 		cmd.SysProcAttr.Credential = nil // the shim sets them
 		if after, err = shimCommand(cmd, a); err != nil {
@@ -163,15 +197,38 @@ func Start(spec Spec) (*Process, error) {
 	// namespace and reduced capabilities, which no other goroutine ever
 	// sees. With *os.File stdio, exec.Cmd starts no copying goroutines that
 	// could run elsewhere.
-	err = after(onConfinedThread(ConfinementOf(spec.App), enter, cmd.Start))
+	err = after(onConfinedThread(conf, enter, cmd.Start))
 	if err != nil {
 		return nil, fmt.Errorf("launch app %s: start %s in %s: %w", spec.App.Name, exe, spec.CgroupDir, err)
 	}
-	return &Process{cmd: cmd, guarded: guarded}, nil
+	return &Process{cmd: cmd, guarded: guarded, why: why}, nil
 }
 
-// Guarded says whether the process runs under the trace guard.
-func (p *Process) Guarded() bool { return p.guarded }
+// isScript: does the file start with "#!"? Unreadable: no.
+func isScript(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	var b [2]byte
+	n, _ := f.Read(b[:])
+	return n == 2 && b == [2]byte{'#', '!'}
+}
+
+// primaryGID is uid's group in the user database.
+func primaryGID(uid uint32) (uint32, bool) {
+	u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10))
+	if err != nil {
+		return 0, false
+	}
+	g, err := strconv.ParseUint(u.Gid, 10, 32)
+	return uint32(g), err == nil
+}
+
+// Guarded says whether the process runs under the trace guard, and if not,
+// why not.
+func (p *Process) Guarded() (bool, string) { return p.guarded, p.why }
 
 // lookPath finds file as execvp(3) would with env's PATH, except that a
 // relative result is made absolute against dir, the child's working

@@ -47,8 +47,10 @@ effective gid stays the user's, so no process without CAP_SYS_PTRACE, not
 even another of the same user, can ptrace it, read or write its memory or
 copy its sockets with pidfd_getfd. Files it creates keep the user's group.
 The kernel treats such a process as set-group-ID: the loader ignores LD_*
-variables, and a shell started without -p sets its effective gid to the
-guard gid (what it creates then has that group).`,
+variables, secure_getenv() returns nothing (OpenSSL's SSL_CERT_FILE, Kerberos'
+KRB5_CONFIG), and a shell started without -p sets its effective gid to the
+guard gid (what it creates then has that group). Scripts (#!) run without the
+guard: Perl, for one, would refuse to run set-group-ID with its environment.`,
 		Example: `  procgate run --app psql-prod -- psql -h 10.1.2.3 prod
   procgate run --app ops -- procgate dial 10.1.2.3:22`,
 		Args: cobra.MinimumNArgs(1),
