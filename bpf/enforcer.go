@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -299,7 +300,10 @@ func (e *Enforcer) Attach() error {
 			Target: e.handover.OwnedSockets.FD(), Program: e.handover.GuardHandover, Attach: ebpf.AttachSkMsgVerdict,
 		})
 		if err != nil {
-			return fmt.Errorf("attach the handover guard to the owned_sockets map: %w", err)
+			// Optional like its loading: the sockops program only fills
+			// the map, and Guards says the guard is missing.
+			e.handoverErr = fmt.Errorf("attach guard_handover to owned_sockets: %w", err)
+			e.opts.Log.Warn("guard NOT active", "guard", "tcp-handover", "why", e.handoverErr)
 		}
 	}
 	if e.migrateErr == nil {
@@ -614,6 +618,9 @@ func (e *Enforcer) Guards() []Guard {
 	for i := range gs {
 		if gs[i].Name == "udp-handover" && !gs[i].Active {
 			gs[i].Why = "turned off (--udp-handover=false)"
+			if ok, why := UDPHandoverSupported(); !ok {
+				gs[i].Why = "turned off: " + why
+			}
 		}
 	}
 	gs = append(gs, Guard{Name: "tcp-handover", Active: e.handoverErr == nil,
@@ -737,6 +744,20 @@ func splitKV[K comparable, V any](m map[K]V) ([]K, []V) {
 		vs = append(vs, v)
 	}
 	return ks, vs
+}
+
+// UDPHandoverSupported says whether the UDP handover check can tell a
+// sender's task context from softirq on this machine: it relies on x86-64
+// running softirqs on the CPU's own IRQ stack, which PREEMPT_RT kernels
+// (softirqs in threads, on task stacks) and other architectures do not.
+func UDPHandoverSupported() (bool, string) {
+	if runtime.GOARCH != "amd64" {
+		return false, "not amd64: softirqs may run on task stacks"
+	}
+	if b, err := os.ReadFile("/sys/kernel/realtime"); err == nil && strings.TrimSpace(string(b)) == "1" {
+		return false, "PREEMPT_RT kernel: softirqs run in threads, on task stacks"
+	}
+	return true, ""
 }
 
 // HandoverStats reads the TCP handover guard's state: how many connections

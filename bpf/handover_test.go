@@ -145,8 +145,12 @@ func TestHandoverGuard(t *testing.T) {
 					t.Errorf("%s writing on the app's sockets: %+v, want all %d refused with %s", tc.receiver, res, tc.n, errno)
 				}
 				switch {
-				case !udp && (after.Sent != 0 || after.Errors["EACCES"] != tc.n):
-					t.Errorf("the app writing after %s tried: %+v, want all %d cut (EACCES)", tc.receiver, after, tc.n)
+				// tcp_bpf keeps sk_msg's drop verdict for the socket (so on
+				// 6.18): the connection is cut for everyone. A kernel that
+				// ran the program again would let the app go on; either
+				// way, all or nothing.
+				case !udp && after.Sent != tc.n && after.Errors["EACCES"] != tc.n:
+					t.Errorf("the app writing after %s tried: %+v, want all %d cut (EACCES) or all sent", tc.receiver, after, tc.n)
 				case udp && after.Sent != tc.n:
 					t.Errorf("the app writing after %s tried: %+v, want all %d sent: a UDP socket stays the app's", tc.receiver, after, tc.n)
 				}

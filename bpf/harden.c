@@ -174,7 +174,11 @@ static __always_inline void remember(struct bpf_sock *sk, __u64 cgroup_id, const
 // or the app says handover: allow (SECURITY.md).
 #define PF_KTHREAD 0x00200000
 // THREAD_SIZE of x86-64 without KASAN. A larger task stack only makes the
-// test fail open (the datagram passes), never deny.
+// test fail open (the datagram passes), never deny. The Go loader turns
+// the check off where softirqs may run on task stacks (PREEMPT_RT, other
+// architectures: bpf.UDPHandoverSupported). The helpers used here
+// (bpf_get_current_task and CO-RE reads in cgroup_skb) need a 6.x kernel
+// and a loader with CAP_PERFMON.
 #define TASK_STACK_SIZE (16 * 1024)
 
 struct task_struct___snd {
@@ -396,8 +400,15 @@ int backstop_egress(struct __sk_buff *skb)
 // (EACCES) data from a task that is not the app's. A kernel hook in the
 // writer's own context, unlike the egress path, where data queued by one
 // task leaves from softirq. Sockets pay for it only when an app connected
-// them to an internal destination. Kernel: sk_msg with current-task
-// helpers, 5.9+.
+// them to an internal destination. Kernel assumptions (checked on 6.18):
+// sockops with skops->sk and socket storage (5.10+), sk_msg with the
+// current-task helpers, io_uring workers as threads of the submitter
+// (5.12+), and tcp_bpf keeping a drop verdict for the socket (after one
+// refused write the connection takes no data from anyone). Not covered: a
+// socket handed over before it is established (a blocking write waiting
+// for the handshake, TCP_FASTOPEN_CONNECT's first write) goes out through
+// plain tcp_sendmsg, and connections established before the guard was
+// attached; SECURITY.md lists them.
 #define OWNED_SOCKETS (1 << 16)
 
 struct {
