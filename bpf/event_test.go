@@ -36,6 +36,21 @@ func drainEvents(t *testing.T, rd *ringbuf.Reader) []Event {
 	}
 }
 
+// attachWithEvents attaches the world's enforcer and opens its audit ring
+// buffer, closed when the test ends.
+func (w *world) attachWithEvents() *ringbuf.Reader {
+	w.t.Helper()
+	if err := w.e.Attach(); err != nil {
+		w.t.Fatal(err)
+	}
+	rd, err := w.e.Events()
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(func() { rd.Close() })
+	return rd
+}
+
 // TestAuditEventsDecode: every hook's denial event decodes and says what
 // happened. The sock_create guard's events once came out as zeros but pid,
 // uid and comm (a miscompile of a constant destination): "address family 0".
@@ -53,14 +68,7 @@ func TestAuditEventsDecode(t *testing.T) {
 		}}},
 	}
 	gen := w.apply(rs)
-	if err := w.e.Attach(); err != nil {
-		t.Fatal(err)
-	}
-	rd, err := w.e.Events()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rd.Close()
+	rd := w.attachWithEvents()
 	granted := appIDs(rs)["granted"]
 	unbound, app := w.prober(""), w.prober("granted")
 	d := func(s string, proto ruleset.Proto, port uint16) ruleset.Dest {

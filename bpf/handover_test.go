@@ -46,14 +46,7 @@ func TestHandoverGuard(t *testing.T) {
 	w := newWorld(t, "db", "other", "broker")
 	rs := mustPolicy(t, handoverPolicy)
 	gen := w.apply(rs)
-	if err := w.e.Attach(); err != nil {
-		t.Fatal(err)
-	}
-	rd, err := w.e.Events()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rd.Close()
+	rd := w.attachWithEvents()
 	ids := appIDs(rs)
 	for _, g := range w.e.Guards() {
 		if g.Name == "tcp-handover" && !g.Active {
