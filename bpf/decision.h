@@ -342,7 +342,8 @@ struct {
 struct socket_owner {
 	__u64 cgroup_id; // the connecting task's cgroup
 	__u32 app_id;
-	__u32 flags; // the app's flags then (APP_EXE_PINNED)
+	__u32 flags;   // the app's flags then (APP_EXE_PINNED)
+	struct dest d; // where it connected: a socket whose connect failed may connect again elsewhere
 };
 
 struct {

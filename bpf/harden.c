@@ -435,8 +435,35 @@ int track_owned_sockets(struct bpf_sock_ops *skops)
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
 		return 1;
 	struct bpf_sock *sk = skops->sk;
-	if (!sk || !bpf_sk_storage_get(&socket_owners, sk, 0, 0))
+	if (!sk)
 		return 1;
+	struct socket_owner *o = bpf_sk_storage_get(&socket_owners, sk, 0, 0);
+	if (!o)
+		return 1;
+	// The peer it is established with must be the marked destination: a
+	// socket whose marked connect failed may have connected elsewhere
+	// since (an external host), and is no app's internal connection.
+	// Fields read once, unconditionally (see guard_handover).
+	__u32 family = skops->family, ip4 = skops->remote_ip4, port = skops->remote_port;
+	__u32 w0 = skops->remote_ip6[0], w1 = skops->remote_ip6[1], w2 = skops->remote_ip6[2], w3 = skops->remote_ip6[3];
+	asm volatile("" : "+r"(family), "+r"(ip4), "+r"(port), "+r"(w0), "+r"(w1), "+r"(w2), "+r"(w3));
+	struct dest peer = { .proto = PROTO_TCP, .port = (__u16)bpf_ntohl(port) };
+	if (family == AF_INET6 && !(w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff))) {
+		peer.family = 6;
+		__builtin_memcpy(&peer.addr[0], &w0, 4);
+		__builtin_memcpy(&peer.addr[4], &w1, 4);
+		__builtin_memcpy(&peer.addr[8], &w2, 4);
+		__builtin_memcpy(&peer.addr[12], &w3, 4);
+	} else {
+		peer.family = 4; // AF_INET, or IPv4-mapped as the connect hook decided it
+		if (family == AF_INET6)
+			ip4 = w3;
+		__builtin_memcpy(peer.addr, &ip4, 4);
+	}
+	if (!same_dest(&peer, &o->d)) {
+		bpf_sk_storage_delete(&socket_owners, sk);
+		return 1;
+	}
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	if (bpf_sock_hash_update(skops, &owned_sockets, &cookie, BPF_NOEXIST)) {
 		__u32 zero = 0;

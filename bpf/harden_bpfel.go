@@ -95,6 +95,14 @@ type hardenSocketOwner struct {
 	CgroupId uint64
 	AppId    uint32
 	Flags    uint32
+	D        struct {
+		_      structs.HostLayout
+		Addr   [16]uint8
+		Port   uint16
+		Family uint8
+		Proto  uint8
+		Pad    uint32
+	}
 }
 
 type hardenVerdictEntry struct {

@@ -50,6 +50,7 @@ static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d,
 			o->cgroup_id = v.cgroup_id;
 			o->app_id = v.app_id;
 			o->flags = v.app_flags;
+			o->d = *d;
 		}
 	}
 	__u32 cpu = bpf_get_smp_processor_id();

@@ -197,6 +197,31 @@ func serveHold(in io.Reader, out io.Writer) int {
 
 func (h *holder) do(f []string) (string, error) {
 	switch {
+	case len(f) == 5 && f[0] == "open" && Method(f[2]) == Reconnect:
+		first, second, ok := strings.Cut(f[3], ">")
+		if !ok {
+			return "", fmt.Errorf("reconnect: want FIRST>SECOND, got %q", f[3])
+		}
+		d1, err := ruleset.ParseDest(first)
+		if err != nil {
+			return "", err
+		}
+		d2, err := ruleset.ParseDest(second)
+		if err != nil {
+			return "", err
+		}
+		n, err := strconv.Atoi(f[4])
+		if err != nil {
+			return "", err
+		}
+		for range n {
+			fd, err := dialAgain(d1, d2)
+			if err != nil {
+				return "", fmt.Errorf("reconnect %s then %s: %w", d1, d2, err)
+			}
+			h.add(f[1], fd)
+		}
+		return "", nil
 	case len(f) == 5 && f[0] == "open":
 		d, err := ruleset.ParseDest(f[3])
 		if err != nil {
@@ -411,6 +436,25 @@ func (h *holder) accept(group string, fd int) {
 		}
 		h.add(group, c)
 	}
+}
+
+// dialAgain connects a TCP socket to first, which must refuse, and then
+// the same socket to second.
+func dialAgain(first, second ruleset.Dest) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: int(first.Port), Addr: first.Addr.Unmap().As4()}); !errors.Is(err, unix.ECONNREFUSED) {
+		unix.Close(fd)
+		return -1, fmt.Errorf("first connect: %v, want ECONNREFUSED", err)
+	}
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: int(second.Port), Addr: second.Addr.Unmap().As4()}); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("second connect: %w", err)
+	}
+	return fd, nil
 }
 
 // dial makes one connection and returns its descriptor.

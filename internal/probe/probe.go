@@ -41,6 +41,9 @@ const (
 	RawProto Method = "raw-proto" // a raw socket of IP protocol 253 (experimental), sendto
 	Packet   Method = "packet"    // an AF_PACKET socket (creation is the attempt)
 	Banner   Method = "banner"    // TCP: blocking connect, then read a line (a server answered)
+	// Reconnect (holders only), TCP: connect to a first destination that
+	// refuses, then the same socket to a second; Open's DEST is FIRST>SECOND.
+	Reconnect Method = "reconnect"
 )
 
 // Verdict is what the kernel said.
