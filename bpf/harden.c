@@ -221,8 +221,9 @@ static __always_inline int foreign_udp_sender(struct __sk_buff *skb, __u32 slot,
 	*sender_app = 0;
 	if ((app_flags & APP_HANDOVER_ALLOWED) || (info->flags & GEN_NO_UDP_HANDOVER))
 		return 0;
-	// The usual case: the socket's maker, or its cgroup mates, sending.
-	if (*sender == bpf_skb_cgroup_id(skb) && !migrated())
+	// The usual case: the socket's maker, or its cgroup mates, sending
+	// (for an app pinned to its binaries, which one runs is checked below).
+	if (*sender == bpf_skb_cgroup_id(skb) && !(app_flags & APP_EXE_PINNED) && !migrated())
 		return 0;
 	if (!in_sender_task())
 		return 0;
