@@ -114,10 +114,13 @@ func Start(spec Spec) (*Process, error) {
 		// gid: launch with the user's own group instead. Only a user whose
 		// own group is the guard gid cannot be guarded: nobody could tell
 		// the two apart.
-		if pg, ok := primaryGID(uid); ok && pg != spec.GuardGID {
-			gid = pg
-		} else {
+		switch pg, ok := primaryGID(uid); {
+		case !ok:
+			guarded, why = false, fmt.Sprintf("the caller's gid is the guard gid and uid %d is not in the user database (a build without cgo reads /etc/passwd only)", uid)
+		case pg == spec.GuardGID:
 			guarded, why = false, "the user's group is the guard gid"
+		default:
+			gid = pg
 		}
 	}
 	exe, err := CheckExe(spec.App, path, uid)
