@@ -2,9 +2,13 @@ package launch
 
 import (
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestTracingWhy(t *testing.T) {
@@ -49,6 +53,48 @@ func TestShimArgs(t *testing.T) {
 		{"1", "1", "1", "-", ",chown", "0", "/", "/bin/true", "true"}, {"1", "1", "1", "-", ",", "2", "/", "/bin/true", "true"}} {
 		if _, err := decodeShimArgs(bad); err == nil {
 			t.Errorf("decodeShimArgs(%q) = nil error", bad)
+		}
+	}
+}
+
+// TestIsScript: only a regular file starting with "#!" is a script, and
+// nothing else is opened for reading: a FIFO put in the binary's place
+// would block a read-open forever.
+func TestIsScript(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		path string
+		want bool
+	}{
+		{write("script", "#!/bin/sh\nexit 0\n"), true},
+		{write("elf", "\x7fELF..."), false},
+		{write("short", "#"), false},
+		{write("empty", ""), false},
+		{fifo, false},
+		{"/dev/null", false},
+		{dir, false},
+		{filepath.Join(dir, "missing"), false},
+	} {
+		done := make(chan bool, 1)
+		go func() { done <- isScript(tc.path) }()
+		select {
+		case got := <-done:
+			if got != tc.want {
+				t.Errorf("isScript(%s) = %v, want %v", tc.path, got, tc.want)
+			}
+		case <-time.After(10 * time.Second): // a guard against hanging, not a timing assertion
+			t.Fatalf("isScript(%s) blocked", tc.path)
 		}
 	}
 }

@@ -60,6 +60,9 @@ func TestTraceGuardIDs(t *testing.T) {
 		// mode): scripts are launched unguarded.
 		{name: "script", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: appGID}, guard: guardGID,
 			gid: "65534\t65534\t65534\t65534", why: "script", argv: []string{script}},
+		// Unguarded, the guard gid of a guarded caller is still replaced.
+		{name: "script, caller with the guard gid", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: guardGID}, guard: guardGID,
+			gid: "65534\t65534\t65534\t65534", why: "script", argv: []string{script}},
 		// A guarded shell's process asks with the guard gid as its gid:
 		// the user's own group (passwd) takes its place.
 		{name: "caller with the guard gid", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: guardGID}, guard: guardGID,

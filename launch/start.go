@@ -108,19 +108,25 @@ func Start(spec Spec) (*Process, error) {
 	case spec.App.Traceable:
 		guarded, why = false, "app is traceable: true"
 	}
-	if guarded && gid == spec.GuardGID {
+	if spec.GuardGID != 0 && gid == spec.GuardGID {
 		// A caller that is itself a guarded process whose shell set its
 		// effective gid to the real one (the guard's) asks with the guard
-		// gid: launch with the user's own group instead. Only a user whose
-		// own group is the guard gid cannot be guarded: nobody could tell
-		// the two apart.
-		switch pg, ok := primaryGID(uid); {
-		case !ok:
-			guarded, why = false, fmt.Sprintf("the caller's gid is the guard gid and uid %d is not in the user database (a build without cgo reads /etc/passwd only)", uid)
+		// gid: launch with the user's own group instead, guarded or not,
+		// or what it starts would have the guard gid everywhere. Only a
+		// user whose own group is the guard gid cannot be guarded: nobody
+		// could tell the two apart.
+		switch pg, err := primaryGID(uid); {
+		case err != nil:
+			guarded, why = false, fmt.Sprintf("the caller's gid is the guard gid, and its own group is unknown: %v", err)
 		case pg == spec.GuardGID:
 			guarded, why = false, "the user's group is the guard gid"
 		default:
 			gid = pg
+			if attr.Credential == nil {
+				// Root from a guarded root process: reset every gid.
+				attr.Credential = &syscall.Credential{Uid: uid, NoSetGroups: true}
+			}
+			attr.Credential.Gid = gid
 		}
 	}
 	exe, err := CheckExe(spec.App, path, uid)
@@ -207,26 +213,43 @@ func Start(spec Spec) (*Process, error) {
 	return &Process{cmd: cmd, guarded: guarded, why: why}, nil
 }
 
-// isScript: does the file start with "#!"? Unreadable: no.
+// isScript: does the file start with "#!"? The path is the user's: it is
+// opened O_PATH first, so that a FIFO or a device swapped in after
+// CheckExe is never opened for reading by root (a FIFO would block, some
+// devices act on open), and read only if it is a regular file. Anything
+// else, or unreadable: no.
 func isScript(path string) bool {
-	f, err := os.Open(path)
+	fd, err := unix.Open(path, unix.O_PATH|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return false
 	}
-	defer f.Close()
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return false
+	}
+	rfd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(fd), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(rfd)
 	var b [2]byte
-	n, _ := f.Read(b[:])
+	n, _ := unix.Read(rfd, b[:])
 	return n == 2 && b == [2]byte{'#', '!'}
 }
 
-// primaryGID is uid's group in the user database.
-func primaryGID(uid uint32) (uint32, bool) {
+// primaryGID is uid's group in the user database. A build without cgo
+// reads /etc/passwd only (no NSS: LDAP and sssd users are unknown).
+func primaryGID(uid uint32) (uint32, error) {
 	u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10))
 	if err != nil {
-		return 0, false
+		return 0, fmt.Errorf("look up uid %d: %w", uid, err)
 	}
 	g, err := strconv.ParseUint(u.Gid, 10, 32)
-	return uint32(g), err == nil
+	if err != nil {
+		return 0, fmt.Errorf("uid %d: group %q: %w", uid, u.Gid, err)
+	}
+	return uint32(g), nil
 }
 
 // Guarded says whether the process runs under the trace guard, and if not,
