@@ -59,6 +59,7 @@ type handoverGuard struct {
 	GuardHandover     *ebpf.Program `ebpf:"guard_handover"`
 	OwnedSockets      *ebpf.Map     `ebpf:"owned_sockets"`
 	OwnedSocketsFull  *ebpf.Map     `ebpf:"owned_sockets_full"`
+	OwnedUnmatched    *ebpf.Map     `ebpf:"owned_sockets_unmatched"`
 }
 
 // lsmGuards need the bpf LSM (lsm= on the kernel command line lists bpf);
@@ -363,7 +364,7 @@ func (e *Enforcer) Close() error {
 			p.Close()
 		}
 	}
-	for _, m := range []*ebpf.Map{e.handover.OwnedSockets, e.handover.OwnedSocketsFull} {
+	for _, m := range []*ebpf.Map{e.handover.OwnedSockets, e.handover.OwnedSocketsFull, e.handover.OwnedUnmatched} {
 		if m != nil {
 			m.Close()
 		}
@@ -760,36 +761,51 @@ func UDPHandoverSupported() (bool, string) {
 	return true, ""
 }
 
-// HandoverStats reads the TCP handover guard's state: how many connections
-// it guards now, and how many it could not take since the maps were made
-// (owned_sockets was full). ok is false without the guard.
-func (e *Enforcer) HandoverStats() (guarded int, unguarded uint64, ok bool, err error) {
+// HandoverStats is the TCP handover guard's state.
+type HandoverStats struct {
+	Guarded int // connections it watches now
+	// Since the maps were made: connections it could not take
+	// (owned_sockets full), and marked ones established with another peer
+	// than the marked one.
+	Unguarded, Unmatched uint64
+}
+
+// Handover reads the TCP handover guard's state; ok is false without it.
+func (e *Enforcer) Handover() (st HandoverStats, ok bool, err error) {
 	if e.handoverErr != nil || e.handover.OwnedSockets == nil {
-		return 0, 0, false, nil
+		return st, false, nil
 	}
-	var per []uint64
-	if err := e.handover.OwnedSocketsFull.Lookup(uint32(0), &per); err != nil {
-		return 0, 0, true, fmt.Errorf("read owned_sockets_full: %w", err)
-	}
-	for _, v := range per {
-		unguarded += v
+	for _, c := range []struct {
+		m    *ebpf.Map
+		to   *uint64
+		what string
+	}{{e.handover.OwnedSocketsFull, &st.Unguarded, "owned_sockets_full"}, {e.handover.OwnedUnmatched, &st.Unmatched, "owned_sockets_unmatched"}} {
+		var per []uint64
+		if err := c.m.Lookup(uint32(0), &per); err != nil {
+			return st, true, fmt.Errorf("read %s: %w", c.what, err)
+		}
+		for _, v := range per {
+			*c.to += v
+		}
 	}
 	// Keys only: a lookup of a sockhash value would read a socket cookie
-	// per entry for nothing.
-	// Bounded: a key deleted under the walk restarts it from the first.
-	var key, next uint64
+	// per entry for nothing. Bounded, and counted as a set: a key deleted
+	// under the walk restarts it from the first.
+	var next uint64
 	var prev any // nil: from the first key
+	seen := map[uint64]bool{}
 	for range 2 * e.handover.OwnedSockets.MaxEntries() {
 		err := e.handover.OwnedSockets.NextKey(prev, &next)
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return guarded, unguarded, true, nil
+			st.Guarded = len(seen)
+			return st, true, nil
 		}
 		if err != nil {
-			return guarded, unguarded, true, fmt.Errorf("walk owned_sockets: %w", err)
+			return st, true, fmt.Errorf("walk owned_sockets: %w", err)
 		}
-		guarded++
-		key = next
+		seen[next] = true
+		key := next
 		prev = key
 	}
-	return guarded, unguarded, true, errors.New("walk owned_sockets: did not end (connections coming and going)")
+	return st, true, errors.New("walk owned_sockets: did not end (connections coming and going)")
 }

@@ -430,6 +430,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } owned_sockets_full SEC(".maps");
 
+// owned_sockets_unmatched counts marked connections established with
+// another peer than the one marked: a refused connect re-used elsewhere, or
+// a connect program that runs after procgate's (a parent cgroup's: a
+// socket load balancer) rewrote the destination. Not guarded.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} owned_sockets_unmatched SEC(".maps");
+
 SEC("sockops")
 int track_owned_sockets(struct bpf_sock_ops *skops)
 {
@@ -463,6 +475,10 @@ int track_owned_sockets(struct bpf_sock_ops *skops)
 	}
 	if (!same_dest(&peer, &o->d)) {
 		bpf_sk_storage_delete(&socket_owners, sk);
+		__u32 zero = 0;
+		__u64 *n = bpf_map_lookup_elem(&owned_sockets_unmatched, &zero);
+		if (n)
+			*n += 1;
 		return 1;
 	}
 	__u64 cookie = bpf_get_socket_cookie(skops);

@@ -129,29 +129,30 @@ type hardenVerdictEntry struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	hardenMapAppByCgroup         = "app_by_cgroup"
-	hardenMapAppExes             = "app_exes"
-	hardenMapAuditBudgets        = "audit_budgets"
-	hardenMapAuditEvents         = "audit_events"
-	hardenMapDestLookups         = "dest_lookups"
-	hardenMapGenerationInfoInner = "generation_info_inner"
-	hardenMapMigratedTasks       = "migrated_tasks"
-	hardenMapOwnedSockets        = "owned_sockets"
-	hardenMapOwnedSocketsFull    = "owned_sockets_full"
-	hardenMapPolicyCurrent       = "policy_current"
-	hardenMapPortRanges          = "port_ranges"
-	hardenMapRules               = "rules"
-	hardenMapSocketOwners        = "socket_owners"
-	hardenMapStackProbe          = "stack_probe"
-	hardenMapVerdictCache        = "verdict_cache"
-	hardenMapVerdictCounters     = "verdict_counters"
-	hardenMapVerdictHandoff      = "verdict_handoff"
-	hardenProgBackstopEgress     = "backstop_egress"
-	hardenProgGuardHandover      = "guard_handover"
-	hardenProgGuardPacketSocket  = "guard_packet_socket"
-	hardenProgGuardSockCreate    = "guard_sock_create"
-	hardenProgTrackOwnedSockets  = "track_owned_sockets"
-	hardenVarUnusedAuditEvent    = "unused_audit_event"
+	hardenMapAppByCgroup           = "app_by_cgroup"
+	hardenMapAppExes               = "app_exes"
+	hardenMapAuditBudgets          = "audit_budgets"
+	hardenMapAuditEvents           = "audit_events"
+	hardenMapDestLookups           = "dest_lookups"
+	hardenMapGenerationInfoInner   = "generation_info_inner"
+	hardenMapMigratedTasks         = "migrated_tasks"
+	hardenMapOwnedSockets          = "owned_sockets"
+	hardenMapOwnedSocketsFull      = "owned_sockets_full"
+	hardenMapOwnedSocketsUnmatched = "owned_sockets_unmatched"
+	hardenMapPolicyCurrent         = "policy_current"
+	hardenMapPortRanges            = "port_ranges"
+	hardenMapRules                 = "rules"
+	hardenMapSocketOwners          = "socket_owners"
+	hardenMapStackProbe            = "stack_probe"
+	hardenMapVerdictCache          = "verdict_cache"
+	hardenMapVerdictCounters       = "verdict_counters"
+	hardenMapVerdictHandoff        = "verdict_handoff"
+	hardenProgBackstopEgress       = "backstop_egress"
+	hardenProgGuardHandover        = "guard_handover"
+	hardenProgGuardPacketSocket    = "guard_packet_socket"
+	hardenProgGuardSockCreate      = "guard_sock_create"
+	hardenProgTrackOwnedSockets    = "track_owned_sockets"
+	hardenVarUnusedAuditEvent      = "unused_audit_event"
 )
 
 // loadHarden returns the embedded CollectionSpec for harden.
@@ -207,23 +208,24 @@ type hardenProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type hardenMapSpecs struct {
-	AppByCgroup         *ebpf.MapSpec `ebpf:"app_by_cgroup"`
-	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
-	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
-	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
-	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
-	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
-	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
-	OwnedSockets        *ebpf.MapSpec `ebpf:"owned_sockets"`
-	OwnedSocketsFull    *ebpf.MapSpec `ebpf:"owned_sockets_full"`
-	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
-	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
-	Rules               *ebpf.MapSpec `ebpf:"rules"`
-	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
-	StackProbe          *ebpf.MapSpec `ebpf:"stack_probe"`
-	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
-	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
+	AppByCgroup           *ebpf.MapSpec `ebpf:"app_by_cgroup"`
+	AppExes               *ebpf.MapSpec `ebpf:"app_exes"`
+	AuditBudgets          *ebpf.MapSpec `ebpf:"audit_budgets"`
+	AuditEvents           *ebpf.MapSpec `ebpf:"audit_events"`
+	DestLookups           *ebpf.MapSpec `ebpf:"dest_lookups"`
+	GenerationInfoInner   *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	MigratedTasks         *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	OwnedSockets          *ebpf.MapSpec `ebpf:"owned_sockets"`
+	OwnedSocketsFull      *ebpf.MapSpec `ebpf:"owned_sockets_full"`
+	OwnedSocketsUnmatched *ebpf.MapSpec `ebpf:"owned_sockets_unmatched"`
+	PolicyCurrent         *ebpf.MapSpec `ebpf:"policy_current"`
+	PortRanges            *ebpf.MapSpec `ebpf:"port_ranges"`
+	Rules                 *ebpf.MapSpec `ebpf:"rules"`
+	SocketOwners          *ebpf.MapSpec `ebpf:"socket_owners"`
+	StackProbe            *ebpf.MapSpec `ebpf:"stack_probe"`
+	VerdictCache          *ebpf.MapSpec `ebpf:"verdict_cache"`
+	VerdictCounters       *ebpf.MapSpec `ebpf:"verdict_counters"`
+	VerdictHandoff        *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // hardenVariableSpecs contains global variables before they are loaded into the kernel.
@@ -253,23 +255,24 @@ func (o *hardenObjects) Close() error {
 //
 // It can be passed to loadHardenObjects or ebpf.CollectionSpec.LoadAndAssign.
 type hardenMaps struct {
-	AppByCgroup         *ebpf.Map `ebpf:"app_by_cgroup"`
-	AppExes             *ebpf.Map `ebpf:"app_exes"`
-	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
-	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
-	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
-	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
-	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
-	OwnedSockets        *ebpf.Map `ebpf:"owned_sockets"`
-	OwnedSocketsFull    *ebpf.Map `ebpf:"owned_sockets_full"`
-	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
-	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
-	Rules               *ebpf.Map `ebpf:"rules"`
-	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
-	StackProbe          *ebpf.Map `ebpf:"stack_probe"`
-	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
-	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
+	AppByCgroup           *ebpf.Map `ebpf:"app_by_cgroup"`
+	AppExes               *ebpf.Map `ebpf:"app_exes"`
+	AuditBudgets          *ebpf.Map `ebpf:"audit_budgets"`
+	AuditEvents           *ebpf.Map `ebpf:"audit_events"`
+	DestLookups           *ebpf.Map `ebpf:"dest_lookups"`
+	GenerationInfoInner   *ebpf.Map `ebpf:"generation_info_inner"`
+	MigratedTasks         *ebpf.Map `ebpf:"migrated_tasks"`
+	OwnedSockets          *ebpf.Map `ebpf:"owned_sockets"`
+	OwnedSocketsFull      *ebpf.Map `ebpf:"owned_sockets_full"`
+	OwnedSocketsUnmatched *ebpf.Map `ebpf:"owned_sockets_unmatched"`
+	PolicyCurrent         *ebpf.Map `ebpf:"policy_current"`
+	PortRanges            *ebpf.Map `ebpf:"port_ranges"`
+	Rules                 *ebpf.Map `ebpf:"rules"`
+	SocketOwners          *ebpf.Map `ebpf:"socket_owners"`
+	StackProbe            *ebpf.Map `ebpf:"stack_probe"`
+	VerdictCache          *ebpf.Map `ebpf:"verdict_cache"`
+	VerdictCounters       *ebpf.Map `ebpf:"verdict_counters"`
+	VerdictHandoff        *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *hardenMaps) Close() error {
@@ -283,6 +286,7 @@ func (m *hardenMaps) Close() error {
 		m.MigratedTasks,
 		m.OwnedSockets,
 		m.OwnedSocketsFull,
+		m.OwnedSocketsUnmatched,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,

@@ -209,8 +209,13 @@ func shimCommand(cmd *exec.Cmd, a shimArgs) (after func(started error) error, er
 		msg, err := io.ReadAll(io.LimitReader(r, 4096))
 		if err != nil {
 			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-			return fmt.Errorf("launch shim did not exec %s within %v: %w", a.path, shimTimeout, err)
+			// Reaped aside: a shim stuck in an uninterruptible wait (a
+			// hung NFS working directory) must not hold the launcher.
+			go func() { _ = cmd.Wait() }()
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return fmt.Errorf("launch shim did not exec %s within %v (killed)", a.path, shimTimeout)
+			}
+			return fmt.Errorf("read the launch shim's error pipe (shim killed): %w", err)
 		}
 		if len(msg) > 0 {
 			_ = cmd.Wait() // the shim exits right after writing

@@ -939,6 +939,7 @@ apps:
 			`procgate_audit_dropped_total{app="noisy",where="kernel"}`,
 			"procgate_handover_guarded_connections ",
 			"procgate_handover_unguarded_total 0",
+			"procgate_handover_unmatched_total 0",
 		} {
 			if !strings.Contains(string(body), want) {
 				t.Errorf("/metrics lacks %q:\n%s", want, body)

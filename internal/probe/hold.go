@@ -204,15 +204,15 @@ func (h *holder) do(f []string) (string, error) {
 		}
 		d1, err := ruleset.ParseDest(first)
 		if err != nil {
-			return "", err
+			return "", fmt.Errorf("reconnect: first destination: %w", err)
 		}
 		d2, err := ruleset.ParseDest(second)
 		if err != nil {
-			return "", err
+			return "", fmt.Errorf("reconnect: second destination: %w", err)
 		}
 		n, err := strconv.Atoi(f[4])
 		if err != nil {
-			return "", err
+			return "", fmt.Errorf("reconnect: count %q: %w", f[4], err)
 		}
 		for range n {
 			fd, err := dialAgain(d1, d2)
@@ -441,6 +441,9 @@ func (h *holder) accept(group string, fd int) {
 // dialAgain connects a TCP socket to first, which must refuse, and then
 // the same socket to second.
 func dialAgain(first, second ruleset.Dest) (int, error) {
+	if !first.Addr.Unmap().Is4() || !second.Addr.Unmap().Is4() {
+		return -1, fmt.Errorf("reconnect is IPv4 only: %s, %s", first, second)
+	}
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("socket: %w", err)
