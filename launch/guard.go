@@ -43,9 +43,13 @@ import (
 // root's ids.
 
 // shimArg0 is argv[0] of the launcher re-executed as the shim. The init
-// function below runs the shim before this package's users run anything
-// (the inits of the packages it imports run first, as root, with the
-// app's environment: the standard library and x/sys only).
+// function below runs the shim before main or a test starts. The inits of
+// the packages initialised before this one (in procgate: cilium/ebpf,
+// netlink, nftables, protobuf, policy and others) have run by then, as
+// root in the app's cgroup with the app's environment (loader variables
+// scrubbed; the Go runtime's GODEBUG, GOTRACEBACK, GOMAXPROCS and
+// GOMEMLIMIT kept): they only set up package state. Passing the
+// environment over a pipe to a shim started with none would close that.
 const shimArg0 = "procgate-launch-shim"
 
 // shimErrFd is the shim's descriptor for the error pipe: close-on-exec, so
