@@ -48,14 +48,22 @@ import (
 // netlink, nftables, protobuf, policy and others) have run by then, as
 // root in the app's cgroup with the app's environment (loader variables
 // scrubbed; the Go runtime's GODEBUG, GOTRACEBACK, GOMAXPROCS and
-// GOMEMLIMIT kept): they only set up package state. Passing the
-// environment over a pipe to a shim started with none would close that.
+// GOMEMLIMIT kept) if it had one: it is started with an empty one, and
+// the app's comes over a pipe (shimEnvFd) for the exec.
 const shimArg0 = "procgate-launch-shim"
 
 // shimErrFd is the shim's descriptor for the error pipe: close-on-exec, so
 // the launcher reads end-of-file when the binary was executed and the
 // reason otherwise.
 const shimErrFd = 3
+
+// shimEnvFd is the shim's descriptor for the app's environment, written
+// by the launcher (NUL-terminated entries) and closed after reading.
+const shimEnvFd = 4
+
+// maxShimEnv bounds the environment the shim reads (the kernel's limit
+// for an exec's arguments and environment is of this order).
+const maxShimEnv = 8 << 20
 
 func init() {
 	if len(os.Args) > 1 && os.Args[0] == shimArg0 {
@@ -150,6 +158,18 @@ func runShim(args []string) int {
 	if err != nil {
 		return fail("launch shim: %v", err)
 	}
+	envPipe := os.NewFile(shimEnvFd, "launch-env")
+	raw, err := io.ReadAll(io.LimitReader(envPipe, maxShimEnv))
+	envPipe.Close()
+	if err != nil {
+		return fail("launch shim: read the environment: %v", err)
+	}
+	var env []string
+	for _, kv := range strings.Split(string(raw), "\x00") {
+		if kv != "" {
+			env = append(env, kv)
+		}
+	}
 	// Bounding set and no_new_privs are per thread: this one drops them
 	// and execs.
 	runtime.LockOSThread()
@@ -180,7 +200,7 @@ func runShim(args []string) int {
 	if _, err := unix.FcntlInt(shimErrFd, unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
 		return fail("error pipe: %v", err)
 	}
-	err = syscall.Exec(a.path, a.argv, os.Environ())
+	err = syscall.Exec(a.path, a.argv, env)
 	return fail("exec %s: %v", a.path, err)
 }
 
@@ -197,16 +217,38 @@ func shimCommand(cmd *exec.Cmd, a shimArgs) (after func(started error) error, er
 	if err != nil {
 		return nil, fmt.Errorf("launch shim's error pipe: %w", err)
 	}
+	envR, envW, err := os.Pipe()
+	if err != nil {
+		r.Close()
+		w.Close()
+		return nil, fmt.Errorf("launch shim's environment pipe: %w", err)
+	}
+	env := cmd.Env
 	cmd.Path = "/proc/self/exe"
 	cmd.Args = a.encode()
 	cmd.Dir = "" // entered by the shim, as the user
-	cmd.ExtraFiles = []*os.File{w}
+	// Not nil: nil would hand the launcher's own environment on.
+	cmd.Env = []string{}
+	cmd.ExtraFiles = []*os.File{w, envR}
 	return func(started error) error {
 		w.Close()
+		envR.Close()
 		defer r.Close()
 		if started != nil {
+			envW.Close()
 			return started
 		}
+		// Written aside: more than a pipe's buffer would block until the
+		// shim reads; a shim that died early makes the writes fail.
+		go func() {
+			defer envW.Close()
+			var b strings.Builder
+			for _, kv := range env {
+				b.WriteString(kv)
+				b.WriteByte(0)
+			}
+			_, _ = io.WriteString(envW, b.String())
+		}()
 		// A shim stopped by its user (SIGSTOP, once it runs as the user)
 		// must not hold the launcher forever.
 		_ = r.SetReadDeadline(time.Now().Add(shimTimeout))

@@ -29,7 +29,7 @@ func TestTraceGuardIDs(t *testing.T) {
 	cg := nstest.Cgroup(t)
 	// -p: a shell started with real and effective gids apart would
 	// otherwise set its effective gid to the real one (TestTraceGuard).
-	const show = "grep -E '^(Uid|Gid|Groups|CapBnd):' /proc/self/status; pwd; exit 7"
+	const show = "grep -E '^(Uid|Gid|Groups|CapBnd):' /proc/self/status; echo keep=$KEEP; pwd; exit 7"
 	argv := []string{"/bin/sh", "-p", "-c", show}
 	script := filepath.Join(t.TempDir(), "show")
 	if err := os.WriteFile(script, []byte("#!/bin/sh -p\n"+show+"\n"), 0o755); err != nil {
@@ -83,6 +83,7 @@ func TestTraceGuardIDs(t *testing.T) {
 				argv = tt.argv
 			}
 			p, err := launch.Start(launch.Spec{App: tt.app, CgroupDir: cg, Argv: argv, Cred: tt.cred, GuardGID: tt.guard,
+				Env: []string{"PATH=/usr/bin:/bin", "KEEP=1"},
 				Dir: "/tmp", Stdio: [3]*os.File{nil, w, w}})
 			w.Close()
 			if err != nil {
@@ -109,6 +110,10 @@ func TestTraceGuardIDs(t *testing.T) {
 			// itself last before its exec.
 			if bnd, err := strconv.ParseUint(statusField(t, out, "CapBnd"), 16, 64); err != nil || bnd&(1<<unix.CAP_NET_RAW|1<<unix.CAP_SYS_PTRACE) != 0 {
 				t.Errorf("CapBnd %s (%v): net_raw or sys_ptrace left", statusField(t, out, "CapBnd"), err)
+			}
+			// The shim starts with no environment; the app gets its own.
+			if !strings.Contains(out, "\nkeep=1\n") {
+				t.Errorf("the environment did not reach the app: %q", out)
 			}
 			if !strings.Contains(out, "\n/tmp\n") {
 				t.Errorf("working directory not /tmp: %q", out)
