@@ -607,7 +607,7 @@ func (e *Enforcer) Guards() []Guard {
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
 		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
 		{Name: "udp-handover", What: "a connected UDP socket of an app takes datagrams only from the app's processes: others' are dropped at egress (EPERM); NFQUEUE-reinjected datagrams count as the verdict giver's",
-			Active: e.applied == nil || !e.applied.NoUDPHandover},
+			Active: udpHandoverOn(e.applied)},
 		{Name: "raw-sockets", What: "no raw IP sockets inside app cgroups", Active: true},
 		{Name: "packet-sockets", What: "no AF_PACKET or AF_XDP sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil, Why: lsmWhy(e.lsmErr)},
 		{Name: "cgroup-migration", What: "processes moved or cloned into an app cgroup from inside another app hold no grants (tp_btf cgroup_attach_task, sched_process_fork)",
@@ -745,6 +745,13 @@ func splitKV[K comparable, V any](m map[K]V) ([]K, []V) {
 		vs = append(vs, v)
 	}
 	return ks, vs
+}
+
+// udpHandoverOn: is the UDP handover check on in generation g (nil: none
+// applied yet, judged by this machine alone)?
+func udpHandoverOn(g *Generation) bool {
+	ok, _ := UDPHandoverSupported()
+	return ok && (g == nil || !g.NoUDPHandover)
 }
 
 // UDPHandoverSupported says whether the UDP handover check can tell a
