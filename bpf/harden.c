@@ -442,6 +442,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } owned_sockets_unmatched SEC(".maps");
 
+// bump adds one to a one-slot per-CPU counter.
+static __always_inline void bump(void *counter)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(counter, &zero);
+	if (n)
+		*n += 1;
+}
+
 SEC("sockops")
 int track_owned_sockets(struct bpf_sock_ops *skops)
 {
@@ -475,19 +484,12 @@ int track_owned_sockets(struct bpf_sock_ops *skops)
 	}
 	if (!same_dest(&peer, &o->d)) {
 		bpf_sk_storage_delete(&socket_owners, sk);
-		__u32 zero = 0;
-		__u64 *n = bpf_map_lookup_elem(&owned_sockets_unmatched, &zero);
-		if (n)
-			*n += 1;
+		bump(&owned_sockets_unmatched);
 		return 1;
 	}
 	__u64 cookie = bpf_get_socket_cookie(skops);
-	if (bpf_sock_hash_update(skops, &owned_sockets, &cookie, BPF_NOEXIST)) {
-		__u32 zero = 0;
-		__u64 *n = bpf_map_lookup_elem(&owned_sockets_full, &zero);
-		if (n)
-			*n += 1;
-	}
+	if (bpf_sock_hash_update(skops, &owned_sockets, &cookie, BPF_NOEXIST))
+		bump(&owned_sockets_full);
 	return 1;
 }
 
