@@ -801,45 +801,47 @@ func (p *parser) sha256(n *yaml.Node, field string) (string, bool) {
 }
 
 func (p *parser) users(n *yaml.Node, field string) []string {
-	items, _ := p.list(n, field)
-	var users []string
-	dups := seen{}
-	for i, item := range items {
-		f := index(field, i)
-		u, ok := p.str(item, f)
-		if !ok {
-			continue
-		}
+	return p.distinct(n, field, "user", func(u string) string {
 		if !userRE.MatchString(u) {
-			p.errorf(item, f, "invalid user %q: want a user name or @group", u)
-		} else if p.once(dups, item, f, "user", u) {
-			users = append(users, u)
+			return fmt.Sprintf("invalid user %q: want a user name or @group", u)
 		}
-	}
-	return users
+		return ""
+	})
 }
 
 // keepCaps reads keep_caps: names of ruleset.LauncherDrops, as in
-// capabilities(7) without the cap_ prefix, lower case.
+// ruleset.LauncherDrops (lower case, no cap_ prefix).
 func (p *parser) keepCaps(n *yaml.Node, field string) []string {
+	return p.distinct(n, field, "capability", func(c string) string {
+		if short := strings.TrimPrefix(strings.ToLower(c), "cap_"); short != c && slices.Contains(ruleset.LauncherDrops, short) {
+			return fmt.Sprintf("invalid capability %q: write it %s", c, short)
+		}
+		if !slices.Contains(ruleset.LauncherDrops, c) {
+			return fmt.Sprintf("invalid capability %q: the launcher drops only %s, so only these can be kept", c, strings.Join(ruleset.LauncherDrops, ", "))
+		}
+		return ""
+	})
+}
+
+// distinct reads a list of strings that invalid (the reason, or "") accepts,
+// each once; what names one in the duplicate error.
+func (p *parser) distinct(n *yaml.Node, field, what string, invalid func(string) string) []string {
 	items, _ := p.list(n, field)
-	var caps []string
+	var out []string
 	dups := seen{}
 	for i, item := range items {
 		f := index(field, i)
-		c, ok := p.str(item, f)
+		v, ok := p.str(item, f)
 		if !ok {
 			continue
 		}
-		if short := strings.TrimPrefix(strings.ToLower(c), "cap_"); short != c && slices.Contains(ruleset.LauncherDrops, short) {
-			p.errorf(item, f, "invalid capability %q: write it %s", c, short)
-		} else if !slices.Contains(ruleset.LauncherDrops, c) {
-			p.errorf(item, f, "invalid capability %q: the launcher drops only %s, so only these can be kept", c, strings.Join(ruleset.LauncherDrops, ", "))
-		} else if p.once(dups, item, f, "capability", c) {
-			caps = append(caps, c)
+		if why := invalid(v); why != "" {
+			p.errorf(item, f, "%s", why)
+		} else if p.once(dups, item, f, what, v) {
+			out = append(out, v)
 		}
 	}
-	return caps
+	return out
 }
 
 func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, bool) {
