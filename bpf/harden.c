@@ -211,6 +211,17 @@ static __always_inline int in_sender_task(void)
 	return sp - base < TASK_STACK_SIZE;
 }
 
+// task_in_app: is the current task one of app_id's processes, in this
+// generation, as the connect hook would judge it (its cgroup's app,
+// migration marks, exe: pinning)? cgroup_id and task_app say who it is.
+static __always_inline int task_in_app(__u32 slot, const struct generation_info *info, __u32 app_id,
+				       __u64 *cgroup_id, __u32 *task_app)
+{
+	struct app_info *a = principal(slot, info, cgroup_id);
+	*task_app = a ? a->app_id : 0;
+	return a && a->app_id == app_id && (!(a->flags & APP_EXE_PINNED) || exe_allowed(slot, app_id));
+}
+
 // foreign_udp_sender: is a datagram of app_id's socket being sent, in its
 // sender's own context, by a task that is not one of app_id's processes?
 // sender and sender_app say who, for the audit record.
@@ -227,11 +238,7 @@ static __always_inline int foreign_udp_sender(struct __sk_buff *skb, __u32 slot,
 		return 0;
 	if (!in_sender_task())
 		return 0;
-	struct app_info *a = principal(slot, info, sender);
-	if (!a)
-		return 1;
-	*sender_app = a->app_id;
-	return a->app_id != app_id || ((a->flags & APP_EXE_PINNED) && !exe_allowed(slot, app_id));
+	return !task_in_app(slot, info, app_id, sender, sender_app);
 }
 
 // deny_handover counts and audits a datagram refused by the UDP handover
@@ -465,7 +472,9 @@ int track_owned_sockets(struct bpf_sock_ops *skops)
 	// The peer it is established with must be the marked destination: a
 	// socket whose marked connect failed may have connected elsewhere
 	// since (an external host), and is no app's internal connection.
-	// Fields read once, unconditionally (see guard_handover).
+	// Fields read once, unconditionally, and pinned in registers:
+	// otherwise clang shares one moved context pointer between the IPv4
+	// and IPv6 loads, which the verifier refuses.
 	__u32 family = skops->family, ip4 = skops->remote_ip4, port = skops->remote_port;
 	__u32 w0 = skops->remote_ip6[0], w1 = skops->remote_ip6[1], w2 = skops->remote_ip6[2], w3 = skops->remote_ip6[3];
 	asm volatile("" : "+r"(family), "+r"(ip4), "+r"(port), "+r"(w0), "+r"(w1), "+r"(w2), "+r"(w3));
@@ -504,49 +513,22 @@ int guard_handover(struct sk_msg_md *msg)
 		return SK_PASS;
 	// The app writing from the cgroup it connected from: the common case,
 	// one helper call and one lookup.
-	if (bpf_get_current_cgroup_id() == o->cgroup_id && !(o->flags & APP_EXE_PINNED) && !migrated())
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	if (cgroup_id == o->cgroup_id && !(o->flags & APP_EXE_PINNED) && !migrated())
 		return SK_PASS;
 
 	struct generation_info *info = current_generation();
-	__u64 cgroup_id = 0;
 	__u32 app_id = 0, generation = 0, rate = 1000;
 	if (info) {
-		__u32 slot = info->slot & 1;
 		generation = info->generation;
 		rate = info->audit_rate;
-		struct app_info *app = principal(slot, info, &cgroup_id);
-		if (app) {
-			app_id = app->app_id;
-			if (app_id == o->app_id && (!(app->flags & APP_EXE_PINNED) || exe_allowed(slot, app_id)))
-				return SK_PASS;
-		}
-	} else {
-		cgroup_id = bpf_get_current_cgroup_id();
+		if (task_in_app(info->slot & 1, info, o->app_id, &cgroup_id, &app_id))
+			return SK_PASS;
 	}
-	// Every field read once, unconditionally, and pinned in a register:
-	// otherwise clang shares one moved context pointer between the IPv4
-	// and IPv6 loads, which the verifier refuses.
-	__u32 family = msg->family, ip4 = msg->remote_ip4, port = msg->remote_port;
-	__u32 w0 = msg->remote_ip6[0], w1 = msg->remote_ip6[1], w2 = msg->remote_ip6[2], w3 = msg->remote_ip6[3];
-	asm volatile("" : "+r"(family), "+r"(ip4), "+r"(port), "+r"(w0), "+r"(w1), "+r"(w2), "+r"(w3));
-	// remote_port: the network-order port in the upper half (the kernel
-	// loads skc_dport and shifts it left 16 on little endian).
-	struct dest d = { .proto = PROTO_TCP, .port = (__u16)bpf_ntohl(port) };
-	if (family == AF_INET6 && w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
-		d.family = 4; // IPv4-mapped: named as the connect hook decided it
-		__builtin_memcpy(d.addr, &w3, 4);
-	} else if (family == AF_INET6) {
-		d.family = 6;
-		__builtin_memcpy(&d.addr[0], &w0, 4);
-		__builtin_memcpy(&d.addr[4], &w1, 4);
-		__builtin_memcpy(&d.addr[8], &w2, 4);
-		__builtin_memcpy(&d.addr[12], &w3, 4);
-	} else {
-		d.family = 4;
-		__builtin_memcpy(d.addr, &ip4, 4);
-	}
+	// The socket is in owned_sockets only if its peer is the destination
+	// its mark holds (track_owned_sockets): that is what the record names.
 	count(app_id, COUNT_DENY);
-	audit(&d, app_id, cgroup_id, generation, rate, 0, REASON_HANDOVER, HOOK_TCP_SEND);
+	audit(&o->d, app_id, cgroup_id, generation, rate, 0, REASON_HANDOVER, HOOK_TCP_SEND);
 	return SK_DROP;
 }
 
