@@ -158,7 +158,7 @@ func encode(g Generation, slot uint32) (*tables, error) {
 	if t.info.AuditRate == 0 {
 		t.info.AuditRate = 100
 	}
-	if g.NoUDPHandover {
+	if on, _ := UDPHandover(g.NoUDPHandover); !on {
 		t.info.Flags |= genNoUDPHandover
 	}
 	var lengths internalLengths

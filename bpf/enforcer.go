@@ -603,11 +603,12 @@ type Guard struct {
 // `procgate status`. Tracing of app processes is the launcher's guard
 // (launch.TraceGuard), not the kernel programs'.
 func (e *Enforcer) Guards() []Guard {
+	udpOn, udpWhy := UDPHandover(e.applied != nil && e.applied.NoUDPHandover)
 	gs := []Guard{
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
 		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
 		{Name: "udp-handover", What: "a connected UDP socket of an app takes datagrams only from the app's processes: others' are dropped at egress (EPERM); NFQUEUE-reinjected datagrams count as the verdict giver's",
-			Active: udpHandoverOn(e.applied)},
+			Active: udpOn, Why: udpWhy},
 		{Name: "raw-sockets", What: "no raw IP sockets inside app cgroups", Active: true},
 		{Name: "packet-sockets", What: "no AF_PACKET or AF_XDP sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil, Why: lsmWhy(e.lsmErr)},
 		{Name: "cgroup-migration", What: "processes moved or cloned into an app cgroup from inside another app hold no grants (tp_btf cgroup_attach_task, sched_process_fork)",
@@ -615,14 +616,6 @@ func (e *Enforcer) Guards() []Guard {
 	}
 	if e.migrateErr != nil {
 		gs[len(gs)-1].Why = "tp_btf programs did not load or attach: " + e.migrateErr.Error()
-	}
-	for i := range gs {
-		if gs[i].Name == "udp-handover" && !gs[i].Active {
-			gs[i].Why = "turned off (--udp-handover=false)"
-			if ok, why := UDPHandoverSupported(); !ok {
-				gs[i].Why = "turned off: " + why
-			}
-		}
 	}
 	gs = append(gs, Guard{Name: "tcp-handover", Active: e.handoverErr == nil,
 		What: "a TCP connection an app opened to an internal destination takes data only from the app's processes: one passed by SCM_RIGHTS is refused (EACCES) to others (sk_msg)"})
@@ -747,18 +740,23 @@ func splitKV[K comparable, V any](m map[K]V) ([]K, []V) {
 	return ks, vs
 }
 
-// udpHandoverOn: is the UDP handover check on in generation g (nil: none
-// applied yet, judged by this machine alone)?
-func udpHandoverOn(g *Generation) bool {
-	ok, _ := UDPHandoverSupported()
-	return ok && (g == nil || !g.NoUDPHandover)
+// UDPHandover: is the UDP handover check on, when off asks for it off
+// (--udp-handover=false), on this machine? If not, why not.
+func UDPHandover(off bool) (bool, string) {
+	if ok, why := udpHandoverSupported(); !ok {
+		return false, "turned off: " + why
+	}
+	if off {
+		return false, "turned off (--udp-handover=false)"
+	}
+	return true, ""
 }
 
-// UDPHandoverSupported says whether the UDP handover check can tell a
+// udpHandoverSupported says whether the UDP handover check can tell a
 // sender's task context from softirq on this machine: it relies on x86-64
 // running softirqs on the CPU's own IRQ stack, which PREEMPT_RT kernels
 // (softirqs in threads, on task stacks) and other architectures do not.
-func UDPHandoverSupported() (bool, string) {
+func udpHandoverSupported() (bool, string) {
 	if runtime.GOARCH != "amd64" {
 		return false, "not amd64: softirqs may run on task stacks"
 	}
@@ -811,8 +809,7 @@ func (e *Enforcer) Handover() (st HandoverStats, ok bool, err error) {
 			return st, true, fmt.Errorf("walk owned_sockets: %w", err)
 		}
 		seen[next] = true
-		key := next
-		prev = key
+		prev = next
 	}
 	return st, true, errors.New("walk owned_sockets: did not end (connections coming and going)")
 }

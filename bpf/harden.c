@@ -176,7 +176,7 @@ static __always_inline void remember(struct bpf_sock *sk, __u64 cgroup_id, const
 // THREAD_SIZE of x86-64 without KASAN. A larger task stack only makes the
 // test fail open (the datagram passes), never deny. The Go loader turns
 // the check off where softirqs may run on task stacks (PREEMPT_RT, other
-// architectures: bpf.UDPHandoverSupported). The helpers used here
+// architectures: bpf.UDPHandover). The helpers used here
 // (bpf_get_current_task and CO-RE reads in cgroup_skb) need a 6.x kernel
 // and a loader with CAP_PERFMON.
 #define TASK_STACK_SIZE (16 * 1024)

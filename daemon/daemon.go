@@ -202,10 +202,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := d.enf.Attach(); err != nil {
 		return err
 	}
-	if ok, why := bpf.UDPHandoverSupported(); !ok {
+	if on, why := bpf.UDPHandover(cfg.NoUDPHandover); !on {
 		d.log.Warn("guard NOT active", "guard", "udp-handover", "why", why+": processes outside an app may send on its connected UDP sockets")
-	} else if cfg.NoUDPHandover {
-		d.log.Warn("guard NOT active", "guard", "udp-handover", "why", "turned off (--udp-handover=false): processes outside an app may send on its connected UDP sockets")
 	}
 	if what, active, why := launch.TraceGuard(cfg.GuardGID); active {
 		d.log.Info("guard active", "guard", "app-tracing", "what", what, "guard_gid", cfg.GuardGID)
@@ -475,9 +473,8 @@ func (d *Daemon) refreshRoutes() {
 
 // applyEffective builds the bindings for eff and applies it. d.mu held.
 func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
-	udpOK, _ := bpf.UDPHandoverSupported()
 	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate, Exes: d.resolveExes(eff),
-		NoUDPHandover: d.cfg.NoUDPHandover || !udpOK}
+		NoUDPHandover: d.cfg.NoUDPHandover}
 	var dynamic []dynamicBinding
 	for _, app := range eff.Apps {
 		id, err := d.ids.get(app.Name)
