@@ -71,28 +71,7 @@ struct sock___sw {
 	struct sock_cgroup_data___sw sk_cgrp_data;
 } __attribute__((preserve_access_index));
 
-// The iterator contexts: pointers in 8-byte slots (__bpf_md_ptr), a fixed
-// layout, so no relocation is needed.
-struct bpf_iter_meta {
-	struct seq_file *seq;
-	__u64 session_id;
-	__u64 seq_num;
-};
-
-struct bpf_iter__tcp {
-	struct bpf_iter_meta *meta;
-	struct sock_common *sk_common;
-	__u32 uid;
-};
-
-struct udp_sock;
-
-struct bpf_iter__udp {
-	struct bpf_iter_meta *meta;
-	struct udp_sock *udp_sk;
-	__u32 uid;
-	int bucket;
-};
+#include "iter_context.h"
 
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 

@@ -542,28 +542,7 @@ struct sock_common {
 	struct atomic64___ph skc_cookie;
 } __attribute__((preserve_access_index));
 
-struct seq_file;
-struct udp_sock;
-
-// The iterator contexts: pointers in 8-byte slots (__bpf_md_ptr).
-struct bpf_iter_meta {
-	struct seq_file *seq;
-	__u64 session_id;
-	__u64 seq_num;
-};
-
-struct bpf_iter__tcp {
-	struct bpf_iter_meta *meta;
-	struct sock_common *sk_common;
-	__u32 uid;
-};
-
-struct bpf_iter__udp {
-	struct bpf_iter_meta *meta;
-	struct udp_sock *udp_sk;
-	__u32 uid;
-	int bucket;
-};
+#include "../bpf/iter_context.h"
 
 static __always_inline void list_sock(struct seq_file *seq, struct sock_common *sk)
 {
