@@ -203,22 +203,14 @@ func (r *results) revocationTarget() targetResult {
 	met := true
 	if d := r.Daemon; d != nil && len(d.CLIRevokes) > 0 {
 		// The command itself: this half of the target is judged on it.
-		var firsts, cmds []float64
-		late, before := 0, 0
+		var ts []revokeTally
 		for _, t := range d.CLIRevokes {
-			firsts, cmds = append(firsts, t.FirstDenialMs), append(cmds, t.CommandMs)
-			if t.LastAllowedMs > t.CommandMs {
-				late++
-			}
-			if t.FirstDenialMs <= t.CommandMs {
-				before++
-			}
+			ts = append(ts, revokeTally{t.FirstDenialMs, t.CommandMs, t.LastAllowedMs})
 		}
-		slices.Sort(firsts)
-		slices.Sort(cmds)
-		n := len(firsts)
+		first, cmd, before, late := tallyRevokes(ts)
+		n := len(ts)
 		tr.Value = fmt.Sprintf("`procgate revoke` against the daemon: first denial %.2f ms after the command started (median of %d), the command returned after %.2f ms (median); denied before it returned in %d of %d, no attempt begun after it allowed in %d of %d",
-			firsts[n/2], n, cmds[n/2], before, n, n-late, n)
+			first, n, cmd, before, n, n-late, n)
 		if before < n || late > 0 {
 			met = false
 			tr.Gap = fmt.Sprintf("in %d of %d the first denial came after `revoke` returned", n-before, n)
@@ -246,27 +238,41 @@ func (r *results) revocationTarget() targetResult {
 	return tr
 }
 
+// revokeTally is one revocation's times, from its start: the first denied
+// attempt, the return (of Apply or of the command), the last allowed one.
+type revokeTally struct{ first, returned, lastAllowed float64 }
+
+// tallyRevokes gives the medians of first denial and return, and how many
+// revocations denied before they returned and allowed an attempt begun after.
+func tallyRevokes(ts []revokeTally) (first, returned float64, before, late int) {
+	var firsts, rets []float64
+	for _, t := range ts {
+		firsts, rets = append(firsts, t.first), append(rets, t.returned)
+		if t.lastAllowed > t.returned {
+			late++
+		}
+		if t.first <= t.returned {
+			before++
+		}
+	}
+	slices.Sort(firsts)
+	slices.Sort(rets)
+	return firsts[len(firsts)/2], rets[len(rets)/2], before, late
+}
+
 // applyRevocations judges the first half of the revocation target on the
 // generation switches alone, when the run did not time `procgate revoke`.
 func (r *results) applyRevocations(tr *targetResult) bool {
 	rv := r.Revocation
 	met := true
-	var firsts, applies []float64
-	late, before := 0, 0
+	var ts []revokeTally
 	for _, t := range rv.Revokes {
-		firsts = append(firsts, t.FirstDenialMs)
-		applies = append(applies, t.ApplyMs)
-		if t.LastAllowedMs > t.ApplyMs {
-			late++
-		}
-		if t.FirstDenialMs <= t.ApplyMs {
-			before++
-		}
+		ts = append(ts, revokeTally{t.FirstDenialMs, t.ApplyMs, t.LastAllowedMs})
 	}
-	slices.Sort(firsts)
-	slices.Sort(applies)
+	first, apply, before, late := tallyRevokes(ts)
+	n := len(ts)
 	tr.Value = fmt.Sprintf("first denial %.2f ms after the revoke began (median of %d), Apply returned after %.2f ms (median); denied before Apply returned in %d of %d, no attempt begun after it allowed in %d of %d",
-		firsts[len(firsts)/2], len(firsts), applies[len(applies)/2], before, len(firsts), len(firsts)-late, len(firsts))
+		first, n, apply, before, n, n-late, n)
 	if late > 0 {
 		met = false
 		tr.Gap = fmt.Sprintf("%d of %d revocations allowed an attempt begun after Apply returned", late, len(rv.Revokes))
