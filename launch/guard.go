@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/user"
 	"runtime"
 	"strconv"
 	"strings"
@@ -41,6 +42,49 @@ import (
 // which keeps CAP_SETUID and CAP_SETGID) fails ptrace_may_access's
 // capability test for the whole window in which the shim still runs with
 // root's ids.
+
+// guardOf decides whether spec's process runs under the trace guard (and
+// if not, why not), for a caller of uid and gid, and with which gid: a
+// caller that is itself a guarded process whose shell set its effective
+// gid to the real one (the guard's) asks with the guard gid, and gets the
+// user's own group instead, guarded or not, or what it starts would have
+// the guard gid everywhere. Only a user whose own group is the guard gid
+// cannot be guarded: nobody could tell the two apart. Scripts are decided
+// later (isScript), once the binary is known.
+func guardOf(spec Spec, uid, gid uint32) (uint32, bool, string) {
+	guarded, why := true, ""
+	switch {
+	case spec.GuardGID == 0:
+		guarded, why = false, "trace guard off"
+	case spec.App.Traceable:
+		guarded, why = false, "app is traceable: true"
+	}
+	if spec.GuardGID == 0 || gid != spec.GuardGID {
+		return gid, guarded, why
+	}
+	pg, err := primaryGID(uid)
+	switch {
+	case err != nil:
+		return gid, false, fmt.Sprintf("the caller's gid is the guard gid, and its own group is unknown: %v", err)
+	case pg == spec.GuardGID:
+		return gid, false, "the user's group is the guard gid"
+	}
+	return pg, guarded, why
+}
+
+// primaryGID is uid's group in the user database. A build without cgo
+// reads /etc/passwd only (no NSS: LDAP and sssd users are unknown).
+func primaryGID(uid uint32) (uint32, error) {
+	u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10))
+	if err != nil {
+		return 0, fmt.Errorf("look up uid %d: %w", uid, err)
+	}
+	g, err := strconv.ParseUint(u.Gid, 10, 32)
+	if err != nil {
+		return 0, fmt.Errorf("uid %d: group %q: %w", uid, u.Gid, err)
+	}
+	return uint32(g), nil
+}
 
 // shimArg0 is argv[0] of the launcher re-executed as the shim. The init
 // function below runs the shim before main or a test starts. The inits of

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -101,33 +100,14 @@ func Start(spec Spec) (*Process, error) {
 		uid, gid = spec.Cred.UID, spec.Cred.GID
 		attr.Credential = &syscall.Credential{Uid: spec.Cred.UID, Gid: spec.Cred.GID, Groups: spec.Cred.Groups}
 	}
-	guarded, why := true, ""
-	switch {
-	case spec.GuardGID == 0:
-		guarded, why = false, "trace guard off"
-	case spec.App.Traceable:
-		guarded, why = false, "app is traceable: true"
-	}
-	if spec.GuardGID != 0 && gid == spec.GuardGID {
-		// A caller that is itself a guarded process whose shell set its
-		// effective gid to the real one (the guard's) asks with the guard
-		// gid: launch with the user's own group instead, guarded or not,
-		// or what it starts would have the guard gid everywhere. Only a
-		// user whose own group is the guard gid cannot be guarded: nobody
-		// could tell the two apart.
-		switch pg, err := primaryGID(uid); {
-		case err != nil:
-			guarded, why = false, fmt.Sprintf("the caller's gid is the guard gid, and its own group is unknown: %v", err)
-		case pg == spec.GuardGID:
-			guarded, why = false, "the user's group is the guard gid"
-		default:
-			gid = pg
-			if attr.Credential == nil {
-				// Root from a guarded root process: reset every gid.
-				attr.Credential = &syscall.Credential{Uid: uid, NoSetGroups: true}
-			}
-			attr.Credential.Gid = gid
+	callerGID := gid
+	gid, guarded, why := guardOf(spec, uid, gid)
+	if gid != callerGID {
+		if attr.Credential == nil {
+			// Root from a guarded root process: reset every gid.
+			attr.Credential = &syscall.Credential{Uid: uid, NoSetGroups: true}
 		}
+		attr.Credential.Gid = gid
 	}
 	exe, err := CheckExe(spec.App, path, uid)
 	if err != nil {
@@ -236,20 +216,6 @@ func isScript(path string) bool {
 	var b [2]byte
 	n, _ := unix.Read(rfd, b[:])
 	return n == 2 && b == [2]byte{'#', '!'}
-}
-
-// primaryGID is uid's group in the user database. A build without cgo
-// reads /etc/passwd only (no NSS: LDAP and sssd users are unknown).
-func primaryGID(uid uint32) (uint32, error) {
-	u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10))
-	if err != nil {
-		return 0, fmt.Errorf("look up uid %d: %w", uid, err)
-	}
-	g, err := strconv.ParseUint(u.Gid, 10, 32)
-	if err != nil {
-		return 0, fmt.Errorf("uid %d: group %q: %w", uid, u.Gid, err)
-	}
-	return uint32(g), nil
 }
 
 // Guarded says whether the process runs under the trace guard, and if not,
