@@ -462,11 +462,13 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 	}
 	closeAll(files) // the child has its own copies
 	files = nil
-	if guarded, why := proc.Guarded(); guarded {
-		d.log.Info("run", "app", app.Name, "uid", p.uid, "pid", proc.Pid(), "argv0", req.Argv[0], "trace_guard", true)
-	} else {
-		d.log.Info("run", "app", app.Name, "uid", p.uid, "pid", proc.Pid(), "argv0", req.Argv[0], "trace_guard", false, "trace_guard_off", why)
+	attrs := []any{"app", app.Name, "uid", p.uid, "pid", proc.Pid(), "argv0", req.Argv[0]}
+	guarded, why := proc.Guarded()
+	attrs = append(attrs, "trace_guard", guarded)
+	if !guarded {
+		attrs = append(attrs, "trace_guard_off", why)
 	}
+	d.log.Info("run", attrs...)
 	if err := api.WriteLine(conn, api.Response{Run: &api.RunState{Started: proc.Pid()}}); err != nil {
 		_ = proc.Signal(syscall.SIGHUP)
 	}
