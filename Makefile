@@ -6,15 +6,21 @@ PKGS    := ./...
 # root test fails instead of passing silently.
 TESTFLAGS ?= -count=1 -timeout 15m
 
-.PHONY: all build test test-short demo bench bench-quick generate check-generate fmt vet clean
+.PHONY: all build deps test test-short demo bench bench-quick generate check-generate fmt vet clean
 
 all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/procgate
 
-# All tests, root ones included (run as root).
-test:
+# The Debian packages the tests and `make generate` need: installed when
+# root, otherwise named (and the target fails).
+deps:
+	./.ci/deps
+
+# All tests, root ones included (run as root). On a fresh Debian machine with
+# Go, this is all the set-up: deps installs what the tests run.
+test: deps
 	$(GO) test $(TESTFLAGS) -p 1 $(PKGS)
 
 # Unit tests only (no root needed).
