@@ -71,7 +71,7 @@ func benchSweep(b *testing.B, method SweepMethod, n int) {
 	if err := e.Attach(); err != nil {
 		b.Fatal(err)
 	}
-	nft := exec.Command("nsenter", "--net="+ns, "nft", "-f", "-")
+	nft := exec.Command("nsenter", "--net="+ns, nstest.Program(b, "nft"), "-f", "-")
 	nft.Stdin = strings.NewReader("table inet track {\n chain out {\n type filter hook output priority 0; ct state new,established accept\n }\n}\n")
 	if out, err := nft.CombinedOutput(); err != nil {
 		b.Fatalf("nft in bench netns: %v\n%s", err, out)

@@ -247,7 +247,7 @@ func testSweep(t *testing.T, method SweepMethod) {
 	w.cgroups["gone"] = nstest.ChildCgroup(t, fence, "gone")
 	w.cgroups["gone/run"] = w.cgroups["gone"]
 	// Track connections, so that the sweep has conntrack entries to remove.
-	nft := exec.Command("nsenter", "--net="+w.netns, "nft", "-f", "-")
+	nft := exec.Command("nsenter", "--net="+w.netns, nstest.Program(t, "nft"), "-f", "-")
 	nft.Stdin = strings.NewReader("table inet track {\n chain out {\n type filter hook output priority 0; ct state new,established accept\n }\n}\n")
 	if out, err := nft.CombinedOutput(); err != nil {
 		t.Fatalf("nft in test netns: %v\n%s", err, out)

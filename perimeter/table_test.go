@@ -178,7 +178,7 @@ func TestTableReopen(t *testing.T) {
 	if got := elementsByKey(t, again); len(got) != 1 || got[k].Comment != comment("srv1", "alice") {
 		t.Fatalf("after reopening: %v", got)
 	}
-	out, err := exec.Command("nsenter", "--net="+ns, "nft", "list", "chain", "inet", DefaultTableName, chainName).CombinedOutput()
+	out, err := exec.Command("nsenter", "--net="+ns, nstest.Program(t, "nft"), "list", "chain", "inet", DefaultTableName, chainName).CombinedOutput()
 	if err != nil {
 		t.Fatalf("nft list chain: %v\n%s", err, out)
 	}

@@ -82,6 +82,7 @@ func TestGatewayCLI(t *testing.T) {
 // rules file keeps the old rules; SIGTERM stops it and leaves the holes.
 func TestGatewayCommand(t *testing.T) {
 	nstest.RequireRoot(t)
+	nft := nstest.Program(t, "nft")
 	ns := nstest.NetNS(t)
 	dir := gatewayPKI(t)
 	rules := filepath.Join(dir, "site.rules")
@@ -118,7 +119,7 @@ func TestGatewayCommand(t *testing.T) {
 		if t.Failed() {
 			t.Logf("gateway log:\n%s", logs.String())
 		}
-		exec.Command("nsenter", "--net="+ns, "nft", "delete", "table", "inet", perimeter.DefaultTableName).Run()
+		exec.Command("nsenter", "--net="+ns, nft, "delete", "table", "inet", perimeter.DefaultTableName).Run()
 	})
 
 	tlsConf, err := pki.ClientConfig(pki.Files{Cert: filepath.Join(dir, "srv1.crt"), Key: filepath.Join(dir, "srv1.key"), CA: filepath.Join(dir, "ca.crt")})
@@ -144,7 +145,7 @@ func TestGatewayCommand(t *testing.T) {
 		t.Fatal(err)
 	}
 	nftList := func() string {
-		out, err := exec.Command("nsenter", "--net="+ns, "nft", "list", "set", "inet", perimeter.DefaultTableName, "holes4").CombinedOutput()
+		out, err := exec.Command("nsenter", "--net="+ns, nft, "list", "set", "inet", perimeter.DefaultTableName, "holes4").CombinedOutput()
 		if err != nil {
 			t.Fatalf("nft list set: %v\n%s", err, out)
 		}

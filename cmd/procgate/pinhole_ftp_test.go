@@ -27,6 +27,8 @@ const ftpSize = 100 << 20
 // as its passive ports.
 func ftpServer(t *testing.T, s *perimeterSite, tls bool) *ftpsite.Site {
 	t.Helper()
+	nstest.Program(t, "vsftpd")
+	nstest.Program(t, "curl") // the site's client, ftpsite.Curl
 	o := ftpsite.Options{Addr: nstest.Server4, Port: 21, PasvMin: 40000, PasvMax: 40100, PasvAddress: nstest.Server4,
 		Size: ftpSize, Seed: 6}
 	if tls {

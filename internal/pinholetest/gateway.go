@@ -142,7 +142,7 @@ func (g *Gateway) Restart(t testing.TB, wipe bool) {
 		if table == "" {
 			table = perimeter.DefaultTableName
 		}
-		if out, err := exec.Command("nsenter", "--net="+g.router, "nft", "delete", "table", "inet", table).CombinedOutput(); err != nil {
+		if out, err := exec.Command("nsenter", "--net="+g.router, nstest.Program(t, "nft"), "delete", "table", "inet", table).CombinedOutput(); err != nil {
 			t.Fatalf("delete the gateway's table: %v\n%s", err, out)
 		}
 	}
