@@ -906,6 +906,10 @@ func (p *parser) portRange(n *yaml.Node, field string) (ruleset.PortRange, bool)
 			p.errorf(n, field, "port %s out of range 0-65535", n.Value)
 			return ruleset.PortRange{}, false
 		}
+		if msg := decimalPort(n.Value, v); msg != "" {
+			p.errorf(n, field, "%s", msg)
+			return ruleset.PortRange{}, false
+		}
 		return ruleset.PortRange{Lo: uint16(v), Hi: uint16(v)}, true
 	}
 	if n.Kind != yaml.ScalarNode {
@@ -938,6 +942,20 @@ func (p *parser) portRange(n *yaml.Node, field string) (ruleset.PortRange, bool)
 	}
 	p.errorf(n, field, "port range %s is reversed; did you mean %d-%d?", s, bounds[1], bounds[0])
 	return ruleset.PortRange{}, false
+}
+
+// decimalPort refuses a port integer written other than in plain decimal
+// digits: YAML 1.1, which yaml.v3 follows for integers, reads 0022 as octal
+// 18, and 0x16, 0o26, +22 and 2_2 as 22, so `ports: [0022]` would grant a
+// port nobody meant. value is what YAML made of text.
+func decimalPort(text string, value int64) string {
+	if digits(text) && (text == "0" || text[0] != '0') {
+		return ""
+	}
+	if digits(text) {
+		return fmt.Sprintf("port %s is not decimal: YAML reads a leading 0 as octal (%d); write %s", text, value, strings.TrimLeft(text, "0"))
+	}
+	return fmt.Sprintf("port %s is not decimal; write %d", text, value)
 }
 
 func digits(s string) bool { return s != "" && strings.Trim(s, "0123456789") == "" }

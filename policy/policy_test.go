@@ -310,6 +310,15 @@ func TestParseErrors(t *testing.T) {
 				"p.yaml:8:17: apps[0].allow[0].ports[0]: port 99999999999999999999 out of range 0-65535",
 				"p.yaml:8:39: apps[0].allow[0].ports[1]: port 0x10000 out of range 0-65535",
 			}},
+		{"ports not in decimal", head + "apps:\n  - name: a\n    allow:\n      - to: 10.0.0.0/8\n        ports: [0022, 0x16, 0o26, +22, 2_2, 0, 22]\n    inbound:\n      dynamic: {ports: [040000]}\n",
+			[]string{
+				"p.yaml:8:17: apps[0].allow[0].ports[0]: port 0022 is not decimal: YAML reads a leading 0 as octal (18); write 22",
+				"p.yaml:8:23: apps[0].allow[0].ports[1]: port 0x16 is not decimal; write 22",
+				"p.yaml:8:29: apps[0].allow[0].ports[2]: port 0o26 is not decimal; write 22",
+				"p.yaml:8:35: apps[0].allow[0].ports[3]: port +22 is not decimal; write 22",
+				"p.yaml:8:40: apps[0].allow[0].ports[4]: port 2_2 is not decimal; write 22",
+				"p.yaml:10:25: apps[0].inbound.dynamic.ports[0]: port 040000 is not decimal: YAML reads a leading 0 as octal (16384); write 40000",
+			}},
 		{"grant errors and a missing version together", "internal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: a\n    allow:\n      - to: 10.0.0.1/8\n        proto: sctp\n",
 			[]string{
 				"p.yaml:1:1: version: missing (required)",
