@@ -240,51 +240,39 @@ func printStatus(w io.Writer, st *api.Status) {
 func explainCmd(client func() api.Client) *cobra.Command {
 	var app, policyFile string
 	var pid int
-	var asJSON bool
+	var asJSON, withCode bool
 	cmd := &cobra.Command{
 		Use:   "explain (--app NAME | --pid PID) ADDR:PORT[/tcp|udp]",
 		Short: "Show the decision for a destination and the rule or reason behind it",
+		Long: `Shows the decision for a destination and the rule or reason behind it. It
+exits 0 whatever the decision; with --exit-code it exits 0 on allow, 1 on deny
+and 2 when it cannot decide (bad arguments, no daemon, an invalid policy), for
+scripts and CI checks of a policy.`,
 		Example: `  procgate explain --app psql-prod 10.1.2.3:5432/tcp
   procgate explain --pid 4242 '[fd00:1::5]:443'
-  procgate explain --policy policy.yaml --app psql-prod 10.1.2.3:5432   # offline, without a daemon`,
-		Args: cobra.ExactArgs(1),
+  procgate explain --policy policy.yaml --app psql-prod 10.1.2.3:5432   # offline, without a daemon
+  procgate explain --exit-code --policy policy.yaml --app psql-prod 10.1.2.3:5432 && echo allowed`,
+		// Checked in RunE, so that --exit-code turns a wrong count into 2.
+		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if (app == "") == (pid == 0) && !(policyFile != "" && pid == 0) {
-				return fmt.Errorf("give exactly one of --app NAME or --pid PID")
-			}
-			var ex *api.Explain
-			if policyFile != "" {
-				if pid != 0 {
-					return fmt.Errorf("--pid needs the daemon (it knows the app cgroups); drop --policy")
-				}
-				rs, _, err := policy.Load(policyFile)
-				if err != nil {
-					return err
-				}
-				d, err := ruleset.ParseDest(args[0])
-				if err != nil {
-					return err
-				}
-				if app != "" && rs.App(app) == nil {
-					return fmt.Errorf("no app %q in %s", app, policyFile)
-				}
-				dec := rs.Decide(app, d)
-				ex = &api.Explain{App: app, Dest: d.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}
-			} else {
-				resp, err := client().Do(api.Request{Op: api.OpExplain, App: app, PID: pid, Dest: args[0]})
-				if err != nil {
-					return err
-				}
-				ex = resp.Explain
+			ex, err := explain(client, app, pid, policyFile, args)
+			if err != nil {
+				return explainFailed(cmd, withCode, err)
 			}
 			if asJSON {
-				return json.NewEncoder(cmd.OutOrStdout()).Encode(ex)
+				if err := json.NewEncoder(cmd.OutOrStdout()).Encode(ex); err != nil {
+					return explainFailed(cmd, withCode, err)
+				}
+			} else {
+				who := ex.App
+				if who == "" {
+					who = "(unbound)"
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "%s -> %s: %s\n", who, ex.Dest, ex.Decision)
 			}
-			who := ex.App
-			if who == "" {
-				who = "(unbound)"
+			if withCode && !ex.Allow {
+				return exitCode(1)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s -> %s: %s\n", who, ex.Dest, ex.Decision)
 			return nil
 		},
 	}
@@ -293,7 +281,54 @@ func explainCmd(client func() api.Client) *cobra.Command {
 	f.IntVar(&pid, "pid", 0, "decide for this process (its cgroup says which app, if any)")
 	f.StringVar(&policyFile, "policy", "", "decide from this policy file instead of asking the daemon")
 	f.BoolVar(&asJSON, "json", false, "print JSON")
+	f.BoolVar(&withCode, "exit-code", false, "exit 0 on allow, 1 on deny, 2 on error (default: 0 whatever the decision)")
+	cmd.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return explainFailed(c, withCode, err)
+	})
 	return cmd
+}
+
+// explainFailed reports err; with --exit-code the status is 2, apart from
+// deny's 1.
+func explainFailed(cmd *cobra.Command, withCode bool, err error) error {
+	if !withCode {
+		return err
+	}
+	fmt.Fprintln(cmd.ErrOrStderr(), "procgate:", err)
+	return exitCode(2)
+}
+
+// explain decides args[0] for app or pid, from policyFile or the daemon.
+func explain(client func() api.Client, app string, pid int, policyFile string, args []string) (*api.Explain, error) {
+	if len(args) != 1 {
+		return nil, fmt.Errorf("want one destination ADDR:PORT[/tcp|udp], got %d arguments", len(args))
+	}
+	if (app == "") == (pid == 0) && !(policyFile != "" && pid == 0) {
+		return nil, fmt.Errorf("give exactly one of --app NAME or --pid PID")
+	}
+	if policyFile == "" {
+		resp, err := client().Do(api.Request{Op: api.OpExplain, App: app, PID: pid, Dest: args[0]})
+		if err != nil {
+			return nil, err
+		}
+		return resp.Explain, nil
+	}
+	if pid != 0 {
+		return nil, fmt.Errorf("--pid needs the daemon (it knows the app cgroups); drop --policy")
+	}
+	rs, _, err := policy.Load(policyFile)
+	if err != nil {
+		return nil, err
+	}
+	d, err := ruleset.ParseDest(args[0])
+	if err != nil {
+		return nil, err
+	}
+	if app != "" && rs.App(app) == nil {
+		return nil, fmt.Errorf("no app %q in %s", app, policyFile)
+	}
+	dec := rs.Decide(app, d)
+	return &api.Explain{App: app, Dest: d.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}, nil
 }
 
 func eventsCmd(client func() api.Client) *cobra.Command {
