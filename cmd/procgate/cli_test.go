@@ -61,8 +61,12 @@ func TestCLIWithoutDaemon(t *testing.T) {
 		{"explain --exit-code bad flag", []string{"explain", "--exit-code", "--nope"}, 2, []string{"unknown flag"}},
 		{"explain --exit-code no daemon", []string{"explain", "--exit-code", "--socket", filepath.Join(dir, "none.sock"), "--app", "db", "10.1.2.3:5432"}, 2,
 			[]string{"is it running?"}},
+		{"validate ignores --socket and says so", []string{"validate", "--socket", "/x", good}, 0, []string{"ok:", "--socket has been deprecated"}},
+		{"pki issue ignores --socket", []string{"pki", "issue", "--socket", "/x", "--help"}, 0, []string{"--days"}},
 		{"client without daemon says so", []string{"--socket", filepath.Join(dir, "none.sock"), "status"}, 1,
 			[]string{"is it running?"}},
+		{"socket flag after the command", []string{"status", "--socket", filepath.Join(dir, "none.sock")}, 1,
+			[]string{"none.sock", "is it running?"}},
 		{"run needs --app", []string{"run", "--", "true"}, 1, []string{"app"}},
 		{"help lists the commands", []string{"help"}, 0,
 			[]string{"daemon", "uninstall", "run", "validate", "status", "explain", "events", "revoke", "demo"}},
@@ -78,5 +82,32 @@ func TestCLIWithoutDaemon(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSocketOnlyOnClients: commands that do not talk to the daemon do not
+// offer --socket in their help; clients do.
+func TestSocketOnlyOnClients(t *testing.T) {
+	for _, tc := range []struct {
+		args   []string
+		socket bool
+	}{
+		{[]string{"status", "--help"}, true},
+		{[]string{"explain", "--help"}, true},
+		{[]string{"pinhole", "open", "--help"}, true},
+		{[]string{"daemon", "--help"}, true},
+		{[]string{"validate", "--help"}, false},
+		{[]string{"dial", "--help"}, false},
+		{[]string{"pki", "issue", "--help"}, false},
+		{[]string{"gateway", "--help"}, false},
+		{[]string{"uninstall", "--help"}, false},
+	} {
+		out, code := procgateCLI(t, tc.args...)
+		if code != 0 {
+			t.Fatalf("%v: exit %d:\n%s", tc.args, code, out)
+		}
+		if got := strings.Contains(out, "--socket"); got != tc.socket {
+			t.Errorf("%v: --socket in help is %v, want %v:\n%s", tc.args, got, tc.socket, out)
+		}
 	}
 }

@@ -37,7 +37,6 @@ Every connect() and UDP sendmsg() is decided in the kernel.`,
 		SilenceErrors: true,
 	}
 	var socket string
-	root.PersistentFlags().StringVar(&socket, "socket", "", "daemon API socket (default $PROCGATE_SOCKET or "+api.DefaultSocket+")")
 	client := func() api.Client { return api.Client{Socket: api.SocketFromEnv(socket)} }
 
 	root.AddCommand(
@@ -57,8 +56,29 @@ Every connect() and UDP sendmsg() is decided in the kernel.`,
 		pinholeCmd(client),
 		pinholesCmd(client),
 	)
+	for _, c := range root.Commands() {
+		socketFlag(c, &socket)
+	}
 	root.SetArgs(args)
 	return root.Execute()
+}
+
+// notClients are the commands that never talk to the daemon's API.
+var notClients = map[string]bool{"uninstall": true, "validate": true, "dial": true, "demo": true, "gateway": true, "pki": true}
+
+// socketFlag gives cmd and its subcommands --socket: the daemon's socket
+// for clients (and the daemon), a hidden deprecated flag for the others,
+// which took it until it was per command, so that scripts that pass it
+// everywhere keep working. A flag of the command, not of the root, is
+// still taken before the command's name (procgate --socket S status).
+func socketFlag(cmd *cobra.Command, socket *string) {
+	if !notClients[cmd.Name()] {
+		cmd.PersistentFlags().StringVar(socket, "socket", "", "daemon API socket (default $PROCGATE_SOCKET or "+api.DefaultSocket+")")
+		return
+	}
+	var unused string
+	cmd.PersistentFlags().StringVar(&unused, "socket", "", "ignored: "+cmd.Name()+" does not talk to the daemon")
+	_ = cmd.PersistentFlags().MarkDeprecated("socket", cmd.Name()+" does not talk to the daemon; drop it")
 }
 
 func newLogger(format, level string) (*slog.Logger, error) {
