@@ -67,11 +67,36 @@ type Issued struct {
 // for the gateway's rules (see perimeter), or a host name.
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}$`)
 
+// Validity bounds. A zero validity is DefaultValidity; a negative one
+// would write a certificate that is expired when written. Ten years is the
+// most: a CA key kept longer outlives the advice for P-256 keys and,
+// likelier, the people who know where it is.
+const (
+	DefaultValidity = 365 * 24 * time.Hour
+	MaxValidity     = 3650 * 24 * time.Hour
+)
+
+// checkValidity returns validity, or DefaultValidity for 0, or why it is
+// refused.
+func checkValidity(name string, validity time.Duration) (time.Duration, error) {
+	switch {
+	case validity == 0:
+		return DefaultValidity, nil
+	case validity < 0 || validity > MaxValidity:
+		return 0, fmt.Errorf("certificate %s: validity %v out of range: want more than 0 and at most %d days", name, validity, MaxValidity/(24*time.Hour))
+	}
+	return validity, nil
+}
+
 // newCert makes a key and a certificate for it from tmpl, filling in the
 // serial number and the validity period: signed by parent and ending no
 // later than parent, or self-signed if parent is nil.
 func newCert(tmpl *x509.Certificate, validity time.Duration, parent *CA) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 	name := tmpl.Subject.CommonName
+	validity, err := checkValidity(name, validity)
+	if err != nil {
+		return nil, nil, err
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, fmt.Errorf("generate key for %s: %w", name, err)
@@ -101,7 +126,8 @@ func newCert(tmpl *x509.Certificate, validity time.Duration, parent *CA) (*x509.
 	return cert, key, nil
 }
 
-// NewCA makes a self-signed CA named name, valid for validity.
+// NewCA makes a self-signed CA named name, valid for validity (0:
+// DefaultValidity).
 func NewCA(name string, validity time.Duration) (*CA, error) {
 	cert, key, err := newCert(&x509.Certificate{
 		Subject:               pkix.Name{CommonName: name},
@@ -129,7 +155,9 @@ type IssueRequest struct {
 	Usage Usage
 	// Hosts are DNS names and IP addresses put in the SANs; a server
 	// certificate needs at least one (Go verifies servers by SAN only).
-	Hosts    []string
+	Hosts []string
+	// Validity is how long the certificate is valid (at most the CA's
+	// remaining time and MaxValidity); 0: DefaultValidity.
 	Validity time.Duration
 }
 

@@ -30,6 +30,8 @@ func TestInitAndIssueFiles(t *testing.T) {
 		{"server without hosts", IssueRequest{Name: "gw2", Usage: Server, Validity: time.Hour}, "at least one DNS name or IP"},
 		{"bad name", IssueRequest{Name: "../x", Usage: Client, Validity: time.Hour}, "want letters"},
 		{"no usage", IssueRequest{Name: "x", Validity: time.Hour}, "usage"},
+		{"expired", IssueRequest{Name: "x", Usage: Client, Validity: -5 * 24 * time.Hour}, "validity -120h0m0s out of range"},
+		{"too long", IssueRequest{Name: "x", Usage: Client, Validity: MaxValidity + time.Hour}, "at most 3650 days"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -196,5 +198,32 @@ func TestIssuedEndsWithTheCA(t *testing.T) {
 	}
 	if pair.Leaf.SerialNumber.Cmp(ca.Cert.SerialNumber) == 0 {
 		t.Error("certificate and CA share a serial number")
+	}
+}
+
+func TestValidity(t *testing.T) {
+	for _, tt := range []struct {
+		validity time.Duration
+		want     time.Duration // 0: refused
+	}{
+		{0, DefaultValidity},
+		{time.Hour, time.Hour},
+		{MaxValidity, MaxValidity},
+		{-time.Hour, 0},
+		{MaxValidity + 1, 0},
+	} {
+		ca, err := NewCA("v", tt.validity)
+		if tt.want == 0 {
+			if err == nil {
+				t.Errorf("NewCA(%v): no error, want out of range", tt.validity)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("NewCA(%v): %v", tt.validity, err)
+		}
+		if got := ca.Cert.NotAfter.Sub(ca.Cert.NotBefore); got < tt.want || got > tt.want+2*time.Minute {
+			t.Errorf("NewCA(%v): valid for %v, want %v", tt.validity, got, tt.want)
+		}
 	}
 }

@@ -125,9 +125,14 @@ func pkiCmd() *cobra.Command {
   procgate pki issue --dir /etc/procgate/pki --name srv1    # an agent; its name is its delegate name`,
 	}
 	cmd.PersistentFlags().StringVar(&dir, "dir", "", "PKI directory (ca.crt, ca.key, NAME.crt, NAME.key); required")
-	cmd.PersistentFlags().IntVar(&days, "days", 365, "validity in days")
+	cmd.PersistentFlags().IntVar(&days, "days", 365, "validity in days, 1 to 3650 (a certificate ends no later than its CA)")
 	_ = cmd.MarkPersistentFlagRequired("dir")
-	validity := func() time.Duration { return time.Duration(days) * 24 * time.Hour }
+	validity := func() (time.Duration, error) {
+		if maxDays := int(pki.MaxValidity / (24 * time.Hour)); days < 1 || days > maxDays {
+			return 0, fmt.Errorf("--days %d: want 1 to %d (0 or less would write a certificate already expired)", days, maxDays)
+		}
+		return time.Duration(days) * 24 * time.Hour, nil
+	}
 
 	var caName string
 	initCmd := &cobra.Command{
@@ -135,7 +140,11 @@ func pkiCmd() *cobra.Command {
 		Short: "Make a CA in DIR (refuses a directory that has one)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if _, err := pki.Init(dir, caName, validity()); err != nil {
+			v, err := validity()
+			if err != nil {
+				return err
+			}
+			if _, err := pki.Init(dir, caName, v); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s and %s\n", filepath.Join(dir, pki.CACertFile), filepath.Join(dir, pki.CAKeyFile))
@@ -152,11 +161,13 @@ func pkiCmd() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var err error
+			if req.Validity, err = validity(); err != nil {
+				return err
+			}
 			if req.Usage, err = pki.ParseUsage(usage); err != nil {
 				return err
 			}
 			req.Hosts = pki.Hosts(hosts)
-			req.Validity = validity()
 			certPath, keyPath, err := pki.IssueFiles(dir, req)
 			if err != nil {
 				return err
