@@ -54,9 +54,14 @@ type Config struct {
 	BPFDir      string
 	Socket      string
 	MetricsAddr string
-	// PollInterval is how often the policy file is checked for changes.
+	// PollInterval is how often pinned binaries are checked for changes,
+	// and the policy file and the routes of internal.interfaces where their
+	// events (inotify, netlink) are not to be had.
 	PollInterval time.Duration
-	Log          *slog.Logger
+	// Settle is how long the policy's directories must be quiet after a
+	// change before the policy is read (DefaultSettle when 0).
+	Settle time.Duration
+	Log    *slog.Logger
 	// Ready, if set, is called once the daemon enforces and serves.
 	Ready func()
 	// GatewayURL turns the pinhole agent on: apps with inbound: dynamic
@@ -133,6 +138,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.PollInterval == 0 {
 		c.PollInterval = time.Second
+	}
+	if c.Settle <= 0 {
+		c.Settle = DefaultSettle
 	}
 	if c.Log == nil {
 		c.Log = slog.Default()
@@ -266,6 +274,13 @@ func Run(ctx context.Context, cfg Config) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	pw, err := watchPolicy(ctx, &wg, cfg.PolicyPath, cfg.Settle, d.log)
+	if err != nil {
+		d.log.Warn("cannot watch the policy file; polling it", "every", cfg.PollInterval, "err", err)
+	}
+	// A change between the first read and the watch would wait for the
+	// next one.
+	_, _ = d.Reload(false)
 	if cfg.Ready != nil {
 		cfg.Ready()
 	}
@@ -280,8 +295,13 @@ func Run(ctx context.Context, cfg Config) error {
 		case <-hup:
 			d.log.Info("SIGHUP: reloading policy", "policy", cfg.PolicyPath)
 			_, _ = d.Reload(true)
-		case <-tick.C:
+		case <-pw.events():
 			_, _ = d.Reload(false)
+		case <-tick.C:
+			if !pw.watching() {
+				pw.resync()
+				_, _ = d.Reload(false)
+			}
 			d.refreshRoutes()
 			d.refreshExes()
 		}
@@ -327,6 +347,11 @@ func (d *Daemon) Reload(force bool) (uint32, error) {
 		}
 	}
 	data, readErr := os.ReadFile(d.cfg.PolicyPath)
+	if readErr == nil && !force && stampOf(d.cfg.PolicyPath) != stamp {
+		// Written to while read: the write's own event (or the next
+		// poll) brings it back once it is done.
+		return d.generation(), nil
+	}
 	sum := sha256.Sum256(data)
 	hash := hex.EncodeToString(sum[:])
 	d.mu.Lock()

@@ -130,7 +130,7 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&cfg.StateDir, "state-dir", daemon.DefaultStateDir, "directory for app ids, revocations and the audit log")
 	f.StringVar(&cfg.BPFDir, "bpf-dir", daemon.DefaultBPFDir, "bpffs directory where programs, maps and links are pinned")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address (off by default)")
-	f.DurationVar(&cfg.PollInterval, "poll", time.Second, "how often to check the policy file for changes")
+	f.DurationVar(&cfg.PollInterval, "poll", time.Second, "how often to check pinned binaries, and the policy file and the routes of internal.interfaces where inotify or netlink events are not to be had (a fallback: both follow events)")
 	f.StringVar(&cfg.GatewayURL, "gateway", "", "perimeter gateway https://HOST:PORT: runs the pinhole agent for apps with inbound: dynamic (off without it)")
 	f.StringVar(&cfg.GatewayCA, "gateway-ca", "", "CA that signed the gateway's certificate (PEM)")
 	f.StringVar(&cfg.GatewayCert, "gateway-cert", "", "this host's agent certificate (PEM); its name is the delegate in the gateway's rules")
