@@ -18,6 +18,8 @@ import (
 	"net"
 	"os"
 	"time"
+
+	"github.com/procgate/procgate/internal/version"
 )
 
 // DefaultSocket is where the daemon listens unless told otherwise.
@@ -112,6 +114,9 @@ func DecodeLine(line []byte) (Request, error) {
 
 // Status is the answer to OpStatus.
 type Status struct {
+	// Version is the daemon's build: a client compares it with its own
+	// and warns when they differ (an upgrade that did not restart it).
+	Version      version.Info    `json:"version"`
 	Generation   uint32          `json:"generation"`
 	Policy       string          `json:"policy"`
 	PolicySHA256 string          `json:"policy_sha256"`

@@ -30,6 +30,7 @@ import (
 	"github.com/procgate/procgate/audit"
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/internal/version"
 	"github.com/procgate/procgate/launch"
 	"github.com/procgate/procgate/policy"
 	"github.com/procgate/procgate/ruleset"
@@ -218,7 +219,7 @@ func Run(ctx context.Context, cfg Config) error {
 	} else {
 		d.log.Warn("guard NOT active", "guard", "app-tracing", "what", what, "why", why)
 	}
-	d.log.Info("enforcing", "policy", cfg.PolicyPath, "generation", d.gen, "cgroup_root", cfg.CgroupRoot, "bpf_dir", cfg.BPFDir)
+	d.log.Info("enforcing", "version", version.Get().String(), "policy", cfg.PolicyPath, "generation", d.gen, "cgroup_root", cfg.CgroupRoot, "bpf_dir", cfg.BPFDir)
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

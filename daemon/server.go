@@ -23,6 +23,7 @@ import (
 	"github.com/procgate/procgate/audit"
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/internal/version"
 	"github.com/procgate/procgate/launch"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -216,6 +217,7 @@ func (d *Daemon) status() (*api.Status, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	st := &api.Status{
+		Version:    version.Get(),
 		Generation: d.gen, Policy: d.cfg.PolicyPath, PolicySHA256: d.policyHash, LoadedAt: d.loadedAt,
 		LastError: d.lastErr, CgroupRoot: d.cfg.CgroupRoot, BPFDir: d.cfg.BPFDir,
 		Hooks: d.enf.Attached(), Adopted: d.enf.Adopted,
