@@ -20,6 +20,7 @@ import (
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/daemon"
 	"github.com/procgate/procgate/demo"
+	"github.com/procgate/procgate/internal/version"
 	"github.com/procgate/procgate/policy"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -35,6 +36,7 @@ ports); every other process keeps the internet and loses the internal network.
 Every connect() and UDP sendmsg() is decided in the kernel.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       version.Get().String(),
 	}
 	var socket string
 	client := func() api.Client { return api.Client{Socket: api.SocketFromEnv(socket)} }
@@ -55,6 +57,7 @@ Every connect() and UDP sendmsg() is decided in the kernel.`,
 		pkiCmd(),
 		pinholeCmd(client),
 		pinholesCmd(client),
+		versionCmd(client),
 	)
 	for _, c := range root.Commands() {
 		socketFlag(c, &socket)
@@ -202,6 +205,7 @@ func statusCmd(client func() api.Client) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			warnVersionMismatch(cmd.ErrOrStderr(), resp.Status.Version)
 			if asJSON {
 				return json.NewEncoder(cmd.OutOrStdout()).Encode(resp.Status)
 			}
@@ -222,6 +226,7 @@ func printStatus(w io.Writer, st *api.Status) {
 		}
 		hooks = append(hooks, mark+h)
 	}
+	fmt.Fprintf(w, "daemon %s\n", st.Version)
 	fmt.Fprintf(w, "generation %d, policy %s (sha256 %.12s), loaded %s\n", st.Generation, st.Policy, st.PolicySHA256, st.LoadedAt.Format(time.RFC3339))
 	if st.LastError != "" {
 		fmt.Fprintf(w, "LAST RELOAD REJECTED (generation %d stays in force): %s\n", st.Generation, st.LastError)

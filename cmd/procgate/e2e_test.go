@@ -28,6 +28,7 @@ import (
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/pinholetest"
 	"github.com/procgate/procgate/internal/probe"
+	"github.com/procgate/procgate/internal/version"
 	"github.com/procgate/procgate/ruleset"
 )
 
@@ -357,12 +358,15 @@ func TestDaemonEnforcesReloadsAndRevokes(t *testing.T) {
 		if err != nil {
 			t.Fatalf("status: %v\n%s", err, out)
 		}
-		for _, want := range []string{"+connect4 +connect6 +sendmsg4 +sendmsg6", "db", "other", "(unbound)"} {
+		for _, want := range []string{"daemon " + version.Get().String(), "+connect4 +connect6 +sendmsg4 +sendmsg6", "db", "other", "(unbound)"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("status lacks %q:\n%s", want, out)
 			}
 		}
 		st := e.status()
+		if st.Version != version.Get() {
+			t.Errorf("status version %+v, want this build's %+v", st.Version, version.Get())
+		}
 		if st.Unbound.Deny == 0 {
 			t.Errorf("unbound deny counter is 0 after a denial")
 		}
