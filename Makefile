@@ -6,12 +6,25 @@ PKGS    := ./...
 # root test fails instead of passing silently.
 TESTFLAGS ?= -count=1 -timeout 15m
 
+# What `procgate version` says: the last v* tag (1.2.0, or 1.2.0+3.gHASH
+# after it: no '-', which rpm versions refuse), else 0.0.0+git.HASH; the
+# commit gets -dirty for uncommitted changes. Both can be set: make VERSION=1.2.3
+ifeq ($(origin VERSION),undefined)
+VERSION := $(shell git describe --tags --match 'v[0-9]*' 2>/dev/null | sed 's/^v//; s/-/+/; s/-/./g')
+ifeq ($(VERSION),)
+VERSION := 0.0.0+git.$(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+endif
+endif
+COMMIT  ?= $(shell git describe --always --dirty --abbrev=12 --exclude '*' 2>/dev/null)
+LDFLAGS := -X github.com/procgate/procgate/internal/version.version=$(VERSION) \
+	-X github.com/procgate/procgate/internal/version.commit=$(COMMIT)
+
 .PHONY: all build deps test test-short demo bench bench-quick generate check-generate fmt vet clean
 
 all: build
 
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/procgate
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/procgate
 
 # The Debian packages the tests and `make generate` need: installed when
 # root, otherwise named (and the target fails).
