@@ -39,7 +39,10 @@ import (
 // Defaults of the contract in DESIGN.md.
 const (
 	DefaultStateDir = "/var/lib/procgate"
-	DefaultBPFDir   = "/sys/fs/bpf/procgate"
+	// DefaultPolicyPath is where `make install` and the packages put the
+	// policy, and where procgate.service's daemon reads it.
+	DefaultPolicyPath = "/etc/procgate/policy.yaml"
+	DefaultBPFDir     = "/sys/fs/bpf/procgate"
 	// DefaultGuardGID is nogroup on Debian: a group no user is in and no
 	// file is set-group-ID to, so no process outside an app gets it.
 	DefaultGuardGID = 65534
@@ -126,7 +129,7 @@ type Daemon struct {
 
 func (c *Config) setDefaults() error {
 	if c.PolicyPath == "" {
-		return errors.New("no policy file given (--policy FILE)")
+		c.PolicyPath = DefaultPolicyPath
 	}
 	if c.StateDir == "" {
 		c.StateDir = DefaultStateDir

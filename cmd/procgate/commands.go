@@ -104,9 +104,9 @@ func daemonCmd() *cobra.Command {
 	var logFormat, logLevel string
 	var udpHandover bool
 	cmd := &cobra.Command{
-		Use:   "daemon --policy FILE [flags]",
+		Use:   "daemon [--policy FILE] [flags]",
 		Short: "Enforce a policy: load and pin the eBPF programs, reload on change, serve the local API",
-		Example: `  procgate daemon --policy /etc/procgate/policy.yaml
+		Example: `  procgate daemon    # /etc/procgate/policy.yaml; as a service: systemctl start procgate
   procgate daemon --policy p.yaml --cgroup-root /sys/fs/cgroup/unified/procgate-lab \
       --bpf-dir /sys/fs/bpf/procgate-lab --socket /run/procgate-lab.sock --metrics-addr 127.0.0.1:9464
   # with the pinhole agent (docs/pinholes.md):
@@ -128,7 +128,7 @@ func daemonCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.PolicyPath, "policy", "", "policy file (YAML); required")
+	f.StringVar(&cfg.PolicyPath, "policy", daemon.DefaultPolicyPath, "policy file (YAML)")
 	f.StringVar(&cfg.CgroupRoot, "cgroup-root", "", "cgroup2 directory whose subtree is enforced (default: the whole cgroup2 hierarchy)")
 	f.StringVar(&cfg.StateDir, "state-dir", daemon.DefaultStateDir, "directory for app ids, revocations and the audit log")
 	f.StringVar(&cfg.BPFDir, "bpf-dir", daemon.DefaultBPFDir, "bpffs directory where programs, maps and links are pinned")
@@ -143,7 +143,6 @@ func daemonCmd() *cobra.Command {
 	f.BoolVar(&udpHandover, "udp-handover", true, "refuse a connected UDP socket's datagrams sent by a process outside the socket's app; false on hosts whose NFQUEUE firewall (an IPS, OpenSnitch) reinjects apps' internal UDP, which it would refuse")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	_ = cmd.MarkFlagRequired("policy")
 	return cmd
 }
 
