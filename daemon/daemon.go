@@ -43,9 +43,12 @@ const (
 	// policy, and where procgate.service's daemon reads it.
 	DefaultPolicyPath = "/etc/procgate/policy.yaml"
 	DefaultBPFDir     = "/sys/fs/bpf/procgate"
-	// DefaultGuardGID is nogroup on Debian: a group no user is in and no
-	// file is set-group-ID to, so no process outside an app gets it.
-	DefaultGuardGID = 65534
+	// DefaultGuardGroup is the trace guard's group when no gid is given:
+	// a system group of procgate's own (the package creates it, and the
+	// daemon when it is missing), nobody's primary group. nogroup (65534),
+	// the old default, is the primary group of nobody and of many service
+	// accounts, whose apps then ran unguarded.
+	DefaultGuardGroup = "procgate-guard"
 	// AppsDir is the directory below the cgroup root holding app cgroups.
 	AppsDir = "procgate.apps"
 )
@@ -84,8 +87,15 @@ type Config struct {
 	NoUDPHandover bool
 	// GuardGID is the real gid launched app processes run with, so that
 	// no process without CAP_SYS_PTRACE can trace them (launch.Spec); 0:
-	// off. The command line's default is DefaultGuardGID.
+	// the gid of GuardGroup. The daemon refuses to start with a gid that is
+	// some user's primary group: that user's apps could not be guarded.
 	GuardGID uint32
+	// GuardGroup is the guard's group when GuardGID is 0, created as a
+	// system group when missing; "": DefaultGuardGroup.
+	GuardGroup string
+	// NoTraceGuard turns the trace guard off: apps run with their user's
+	// gid and can be traced by other processes of that user.
+	NoTraceGuard bool
 }
 
 // Daemon is a running procgate daemon.
@@ -149,6 +159,9 @@ func (c *Config) setDefaults() error {
 	if c.Log == nil {
 		c.Log = slog.Default()
 	}
+	if c.GuardGroup == "" {
+		c.GuardGroup = DefaultGuardGroup
+	}
 	if c.GatewayURL != "" && (c.GatewayCA == "" || c.GatewayCert == "" || c.GatewayKey == "") {
 		return errors.New("--gateway needs --gateway-ca, --gateway-cert and --gateway-key (the agent's mTLS certificate)")
 	}
@@ -159,6 +172,9 @@ func (c *Config) setDefaults() error {
 // programs, maps and links stay pinned in BPFDir.
 func Run(ctx context.Context, cfg Config) error {
 	if err := cfg.setDefaults(); err != nil {
+		return err
+	}
+	if err := resolveGuard(&cfg, cfg.Log); err != nil {
 		return err
 	}
 	d := &Daemon{cfg: cfg, log: cfg.Log, byGen: map[uint32]*ruleset.Ruleset{}}

@@ -332,7 +332,7 @@ func TraceGuard(gid uint32) (what string, active bool, why string) {
 // tracingWhy says what stands in for the guard when it is off: Yama's
 // ptrace_scope, as read from yamaScope.
 func tracingWhy(scope string, err error) string {
-	why := "off (--guard-gid 0); root started by procgate run still has no CAP_SYS_PTRACE"
+	why := "off (--guard-gid off); root started by procgate run still has no CAP_SYS_PTRACE"
 	switch {
 	case err != nil:
 		return why + "; no Yama here: processes of an app's own uid can trace it"

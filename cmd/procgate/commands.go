@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -103,6 +104,7 @@ func daemonCmd() *cobra.Command {
 	var cfg daemon.Config
 	var logFormat, logLevel string
 	var udpHandover bool
+	var guard string
 	cmd := &cobra.Command{
 		Use:   "daemon [--policy FILE] [flags]",
 		Short: "Enforce a policy: load and pin the eBPF programs, reload on change, serve the local API",
@@ -120,6 +122,9 @@ func daemonCmd() *cobra.Command {
 			}
 			cfg.Log = log
 			cfg.NoUDPHandover = !udpHandover
+			if err := parseGuardGID(guard, &cfg); err != nil {
+				return err
+			}
 			sock, _ := cmd.Flags().GetString("socket")
 			cfg.Socket = api.SocketFromEnv(sock)
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -139,11 +144,30 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&cfg.GatewayCert, "gateway-cert", "", "this host's agent certificate (PEM); its name is the delegate in the gateway's rules")
 	f.StringVar(&cfg.GatewayKey, "gateway-key", "", "key of --gateway-cert (PEM)")
 	f.DurationVar(&cfg.PinholeIdle, "pinhole-idle", 5*time.Minute, "close a hole as stale when its gateway counters stood still this long and no connection of its peer is on the port (0: never)")
-	f.Uint32Var(&cfg.GuardGID, "guard-gid", daemon.DefaultGuardGID, "real gid of launched app processes, so that no process without CAP_SYS_PTRACE, same user included, can trace them (0: off; apps with traceable: true are never guarded)")
+	f.StringVar(&guard, "guard-gid", "", "real gid (or group name) of launched app processes, so that no process without CAP_SYS_PTRACE, same user included, can trace them; refused if it is some user's primary group (default: group "+daemon.DefaultGuardGroup+", created when missing; off or 0: no guard; apps with traceable: true are never guarded)")
 	f.BoolVar(&udpHandover, "udp-handover", true, "refuse a connected UDP socket's datagrams sent by a process outside the socket's app; false on hosts whose NFQUEUE firewall (an IPS, OpenSnitch) reinjects apps' internal UDP, which it would refuse")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	return cmd
+}
+
+// parseGuardGID reads --guard-gid: a gid, a group name, or off ("0", as
+// it was spelled before, is off too); "" leaves the daemon's default.
+func parseGuardGID(v string, cfg *daemon.Config) error {
+	switch {
+	case v == "":
+	case v == "off" || v == "0":
+		cfg.NoTraceGuard = true
+	case strings.Trim(v, "0123456789") == "":
+		gid, err := strconv.ParseUint(v, 10, 32)
+		if err != nil {
+			return fmt.Errorf("--guard-gid %s: %w", v, err)
+		}
+		cfg.GuardGID = uint32(gid)
+	default:
+		cfg.GuardGroup = v
+	}
+	return nil
 }
 
 func uninstallCmd() *cobra.Command {

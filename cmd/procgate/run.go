@@ -42,7 +42,7 @@ binary must be one of the app's exe: (root-owned, not writable by the caller,
 sha256 if given).
 
 The process runs under the trace guard unless the app says traceable: true:
-its real gid is the daemon's --guard-gid (default 65534, nogroup) while its
+its real gid is the daemon's --guard-gid (default: group procgate-guard) while its
 effective gid stays the user's, so no process without CAP_SYS_PTRACE, not
 even another of the same user, can ptrace it, read or write its memory or
 copy its sockets with pidfd_getfd. Files it creates keep the user's group.
