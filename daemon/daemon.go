@@ -30,6 +30,7 @@ import (
 	"github.com/procgate/procgate/audit"
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/internal/sdnotify"
 	"github.com/procgate/procgate/internal/version"
 	"github.com/procgate/procgate/launch"
 	"github.com/procgate/procgate/policy"
@@ -301,6 +302,9 @@ func Run(ctx context.Context, cfg Config) error {
 	// A change between the first read and the watch would wait for the
 	// next one.
 	_, _ = d.Reload(false)
+	// Programs attached, policy applied, socket serving: what
+	// procgate.service's Type=notify waits for before network-pre.target.
+	d.notify(sdnotify.Ready)
 	if cfg.Ready != nil {
 		cfg.Ready()
 	}
@@ -309,12 +313,15 @@ func Run(ctx context.Context, cfg Config) error {
 	for {
 		select {
 		case <-ctx.Done():
+			d.notify(sdnotify.Stopping)
 			d.log.Info("stopping; enforcement stays pinned", "bpf_dir", cfg.BPFDir, "generation", d.generation())
 			ln.Close()
 			return nil
 		case <-hup:
 			d.log.Info("SIGHUP: reloading policy", "policy", cfg.PolicyPath)
+			d.notify(sdnotify.Reloading)
 			_, _ = d.Reload(true)
+			d.notify(sdnotify.Ready)
 		case <-pw.events():
 			_, _ = d.Reload(false)
 		case <-tick.C:
@@ -325,6 +332,14 @@ func Run(ctx context.Context, cfg Config) error {
 			d.refreshRoutes()
 			d.refreshExes()
 		}
+	}
+}
+
+// notify tells systemd (Type=notify) a state; outside systemd it does
+// nothing, and a failure only costs systemd's view of the service.
+func (d *Daemon) notify(state func() error) {
+	if err := state(); err != nil {
+		d.log.Warn("cannot notify systemd", "err", err)
 	}
 }
 
