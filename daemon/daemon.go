@@ -20,6 +20,7 @@ import (
 	"reflect"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -127,6 +128,9 @@ type Daemon struct {
 	// routes are the destinations routed via internal.interfaces when last
 	// looked at; they are part of the internal set.
 	routes []ruleset.InternalPrefix
+	// interfaces is policy.Interfaces, for the route watch to read
+	// without waiting on mu through a reload.
+	interfaces atomic.Pointer[[]string]
 	// exes are the files of pinned binaries in the generation in force; a
 	// package upgrade replaces a binary's file, and the next poll follows.
 	exes map[string][]bpf.FileID
@@ -299,6 +303,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		d.log.Warn("cannot watch the policy file; polling it", "every", cfg.PollInterval, "err", err)
 	}
+	rw := watchRoutes(ctx, &wg, func() []string { return *d.interfaces.Load() }, cfg.PollInterval, d.log)
 	// A change between the first read and the watch would wait for the
 	// next one.
 	_, _ = d.Reload(false)
@@ -324,12 +329,16 @@ func Run(ctx context.Context, cfg Config) error {
 			d.notify(sdnotify.Ready)
 		case <-pw.events():
 			_, _ = d.Reload(false)
+		case <-rw.events():
+			d.refreshRoutes()
 		case <-tick.C:
 			if !pw.watching() {
 				pw.resync()
 				_, _ = d.Reload(false)
 			}
-			d.refreshRoutes()
+			if !rw.watching() {
+				d.refreshRoutes()
+			}
 			d.refreshExes()
 		}
 	}
@@ -465,6 +474,7 @@ func (d *Daemon) install(rs *ruleset.Ruleset, hash string) error {
 		return err
 	}
 	d.policy, d.policyHash, d.loadedAt, d.routes = rs, hash, time.Now(), routes
+	d.interfaces.Store(&rs.Interfaces)
 	d.gen = gen
 	return nil
 }

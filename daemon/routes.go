@@ -1,11 +1,16 @@
 package daemon
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -98,4 +103,193 @@ func withRoutes(rs *ruleset.Ruleset, routes []ruleset.InternalPrefix) *ruleset.R
 
 func samePrefixes(a, b []ruleset.InternalPrefix) bool {
 	return slices.EqualFunc(a, b, func(x, y ruleset.InternalPrefix) bool { return x.Prefix == y.Prefix })
+}
+
+// Route and link events are coalesced: a VPN client adds its routes in a
+// burst, one netlink message each, microseconds apart, and one generation
+// per burst is enough. The routes are re-read once no event came for
+// routeQuiet, or routeMaxWait after the burst's first event, whichever is
+// first.
+const (
+	routeQuiet   = time.Millisecond
+	routeMaxWait = 5 * time.Millisecond
+	// routeRcvBuf is the subscriptions' receive buffer: room for a burst
+	// of some thousand routes while a refresh runs. Beyond it the kernel
+	// drops messages (ENOBUFS) and the watch subscribes again and
+	// re-reads everything.
+	routeRcvBuf = 1 << 20
+)
+
+// routeWatch turns the kernel's route and link notifications of the
+// daemon's network namespace into refreshes of the routes via
+// internal.interfaces. While it is not subscribed (netlink refused, or the
+// subscription broke and is being made again) the daemon polls.
+type routeWatch struct {
+	log *slog.Logger
+	// interfaces is the policy's internal.interfaces, as last installed.
+	interfaces func() []string
+	retry      time.Duration
+	// changed has a value when a burst of relevant events ended, and
+	// after each new subscription (whatever changed meanwhile).
+	changed chan struct{}
+	active  atomic.Bool
+}
+
+func watchRoutes(ctx context.Context, wg *sync.WaitGroup, interfaces func() []string, retry time.Duration, log *slog.Logger) *routeWatch {
+	rw := &routeWatch{log: log, interfaces: interfaces, retry: retry, changed: make(chan struct{}, 1)}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		rw.run(ctx)
+	}()
+	return rw
+}
+
+// watching reports whether route changes come as events; when not, the
+// caller polls.
+func (rw *routeWatch) watching() bool { return rw != nil && rw.active.Load() }
+
+func (rw *routeWatch) events() <-chan struct{} {
+	if rw == nil {
+		return nil
+	}
+	return rw.changed
+}
+
+func (rw *routeWatch) signal() {
+	select {
+	case rw.changed <- struct{}{}:
+	default:
+	}
+}
+
+func (rw *routeWatch) run(ctx context.Context) {
+	for {
+		err := rw.subscribe(ctx)
+		rw.active.Store(false)
+		if ctx.Err() != nil {
+			return
+		}
+		rw.log.Warn("route events not to be had; polling the routes of internal interfaces", "err", err, "retry_in", rw.retry)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(rw.retry):
+		}
+	}
+}
+
+// subscribe follows route and link events until the subscription breaks
+// or ctx ends.
+func (rw *routeWatch) subscribe(ctx context.Context) (err error) {
+	done := make(chan struct{})
+	routes := make(chan netlink.RouteUpdate, 1024)
+	links := make(chan netlink.LinkUpdate, 64)
+	failed := make(chan error, 1)
+	onErr := func(err error) {
+		select {
+		case failed <- err:
+		default:
+		}
+	}
+	var subscribed []func()
+	defer func() {
+		close(done)
+		// The library's readers block on a full channel: drain them
+		// until they see the closed socket and close their channel.
+		for _, drain := range subscribed {
+			drain()
+		}
+	}()
+	err = netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr, ReceiveBufferSize: routeRcvBuf})
+	if err != nil {
+		return fmt.Errorf("subscribe to route events: %w", err)
+	}
+	subscribed = append(subscribed, func() {
+		for range routes {
+		}
+	})
+	// ListExisting: the links there are now, for the names of the links
+	// that routes name by index.
+	err = netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr, ListExisting: true, ReceiveBufferSize: routeRcvBuf})
+	if err != nil {
+		return fmt.Errorf("subscribe to link events: %w", err)
+	}
+	subscribed = append(subscribed, func() {
+		for range links {
+		}
+	})
+	rw.active.Store(true)
+	rw.signal() // whatever changed while not subscribed
+	names := map[int]string{}
+	var quiet, limit <-chan time.Time
+	burst := func() {
+		if limit == nil {
+			limit = time.After(routeMaxWait)
+		}
+		quiet = time.After(routeQuiet)
+	}
+	flush := func() {
+		quiet, limit = nil, nil
+		rw.signal()
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-failed:
+			return err
+		case u, ok := <-routes:
+			if !ok {
+				return errors.New("route events ended")
+			}
+			if rw.routeRelevant(u.Route, names) {
+				burst()
+			}
+		case u, ok := <-links:
+			if !ok {
+				return errors.New("link events ended")
+			}
+			if rw.linkRelevant(u, names) {
+				burst()
+			}
+		case <-quiet:
+			flush()
+		case <-limit:
+			flush()
+		}
+	}
+}
+
+// routeRelevant: a route via one of the interfaces, or via a link whose
+// name is not known yet (its link event may come after the route's: they
+// are two sockets).
+func (rw *routeWatch) routeRelevant(r netlink.Route, names map[int]string) bool {
+	ifaces := rw.interfaces()
+	if len(ifaces) == 0 {
+		return false
+	}
+	via := func(index int) bool {
+		name, known := names[index]
+		return index != 0 && (!known || slices.Contains(ifaces, name))
+	}
+	if via(r.LinkIndex) {
+		return true
+	}
+	return slices.ContainsFunc(r.MultiPath, func(h *netlink.NexthopInfo) bool { return via(h.LinkIndex) })
+}
+
+// linkRelevant keeps names up to date and says whether one of the
+// interfaces came, went, was renamed or changed state (the kernel removes
+// IPv4 routes of a link that goes down without a route event for each).
+func (rw *routeWatch) linkRelevant(u netlink.LinkUpdate, names map[int]string) bool {
+	attrs := u.Link.Attrs()
+	old, had := names[attrs.Index]
+	if u.Header.Type == unix.RTM_DELLINK {
+		delete(names, attrs.Index)
+	} else {
+		names[attrs.Index] = attrs.Name
+	}
+	ifaces := rw.interfaces()
+	return slices.Contains(ifaces, attrs.Name) || (had && slices.Contains(ifaces, old))
 }

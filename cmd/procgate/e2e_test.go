@@ -749,7 +749,9 @@ apps:
 }
 
 // TestInterfaceRoutesAreInternal follows internal.interfaces: routes via the
-// link are internal as soon as they appear, and no longer once removed.
+// link are internal as soon as they appear, and no longer once removed or
+// once the link goes. The poll is an hour away: only route and link events
+// can meet the deadline.
 func TestInterfaceRoutesAreInternal(t *testing.T) {
 	// The daemon starts before wg0 exists, as when the VPN comes up later.
 	e := newE2EWith(t, `version: 1
@@ -761,7 +763,7 @@ apps:
     allow:
       - to: 100.70.0.0/16
         ports: [443]
-`, true)
+`, true, "--poll", "1h")
 	ns := e.netns
 	route := func(add bool, dst string) {
 		t.Helper()
@@ -787,7 +789,7 @@ apps:
 	waitVerdict := func(p *probe.Prober, dest string, want probe.Verdict) {
 		t.Helper()
 		d, _ := ruleset.ParseDest(dest)
-		deadline := time.Now().Add(5 * time.Second)
+		deadline := time.Now().Add(eventDeadline)
 		for {
 			got, err := p.Try(d, probe.Connect)
 			if err != nil {
@@ -797,7 +799,7 @@ apps:
 				return
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("%s: still %s after 5s, want %s\n%s", dest, got, want, e.daemonLog())
+				t.Fatalf("%s: still %s after %v, want %s\n%s", dest, got, eventDeadline, want, e.daemonLog())
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
@@ -813,6 +815,11 @@ apps:
 	if err != nil || !strings.Contains(out, "100.80.0.0/16") {
 		t.Fatalf("status does not list the route's prefix as internal: %v\n%s", err, out)
 	}
+	// Routes go with their link.
+	if out, err := exec.Command("nsenter", "--net="+ns, "ip", "link", "del", "wg0").CombinedOutput(); err != nil {
+		t.Fatalf("ip link del wg0: %v\n%s", err, out)
+	}
+	waitVerdict(unbound, "100.80.1.1:443/tcp", probe.Allowed)
 }
 
 // TestDemo runs `procgate demo` and checks it tells the story: the granted
