@@ -197,6 +197,9 @@ type InternalPrefix struct {
 // Ruleset is a whole compiled policy.
 type Ruleset struct {
 	Internal []InternalPrefix
+	// Everyone are grants every process holds, of an app or of none, on
+	// top of its app's own (policy `everyone: allow:`).
+	Everyone []Grant
 	Apps     []App
 	// Interfaces whose routes are internal; followed live by the daemon, which
 	// adds their routes to Internal before applying.
@@ -270,6 +273,7 @@ const (
 	ReasonProto       Reason = 8  // internal, and neither TCP nor UDP: no grant covers it
 	ReasonExe         Reason = 9  // the app pins binaries (exe:) and the process runs another
 	ReasonHandover    Reason = 10 // a process outside the app wrote to the app's TCP connection
+	ReasonEveryone    Reason = 11 // an everyone grant covers it (the app's own grants do not)
 )
 
 func (r Reason) String() string {
@@ -294,6 +298,8 @@ func (r Reason) String() string {
 		return "exe-not-pinned"
 	case ReasonHandover:
 		return "handover"
+	case ReasonEveryone:
+		return "granted-everyone"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }
@@ -304,7 +310,10 @@ type Decision struct {
 	Reason   Reason
 	App      string          // "" for the unbound principal
 	Internal *InternalPrefix // the internal prefix that matched, if any
-	Grants   []Grant         // every grant that covers the destination
+	Grants   []Grant         // every grant of the app that covers the destination
+	// Everyone is every everyone grant that covers the destination, when
+	// the app's own grants do not.
+	Everyone []Grant
 }
 
 func (d Decision) String() string {
@@ -326,15 +335,35 @@ func (d Decision) String() string {
 			b.WriteString(" [" + s + "]")
 		}
 	}
+	for _, g := range d.Everyone {
+		fmt.Fprintf(&b, "; everyone grant %s", g)
+		if s := g.Source.String(); s != "" {
+			b.WriteString(" [" + s + "]")
+		}
+	}
 	return b.String()
+}
+
+// covering is the grants of gs that cover d.
+func covering(gs []Grant, d Dest) []Grant {
+	var out []Grant
+	for _, g := range gs {
+		if g.Covers(d) {
+			out = append(out, g)
+		}
+	}
+	return out
 }
 
 // Decide is the decision function of DESIGN.md:
 //
-//	allow(p, d) = d ∉ Internal ∨ (principal(p) ≠ ⊥ ∧ ∃ grant g of principal(p): g covers d)
+//	allow(p, d) = d ∈ Everyone(d)
+//	              ∨ (principal(p) ≠ ⊥ ∧ ∃ grant g of principal(p): g covers d)
+//	              ∨ d ∉ Internal
 //
 // app is the principal's name, "" for unbound. An app name the ruleset does not
-// know is treated as unbound.
+// know is treated as unbound. The app's own grants are asked before everyone's,
+// as the kernel does, so Reason names them when both cover d.
 func (rs *Ruleset) Decide(app string, d Dest) Decision {
 	d = d.Normalize()
 	var in *InternalPrefix
@@ -348,19 +377,25 @@ func (rs *Ruleset) Decide(app string, d Dest) Decision {
 		return Decision{Allow: true, Reason: ReasonNotInternal, App: app}
 	}
 	a := rs.App(app)
+	dec := Decision{App: app, Internal: in, Reason: ReasonUnbound}
 	if a == nil {
-		return Decision{Reason: ReasonUnbound, Internal: in}
-	}
-	dec := Decision{App: app, Internal: in, Reason: ReasonNoGrant}
-	for _, g := range a.Grants {
-		if g.Covers(d) {
-			dec.Grants = append(dec.Grants, g)
-		} else if g.Prefix.Contains(d.Addr) {
-			dec.Reason = ReasonPort
+		dec.App = ""
+	} else {
+		dec.Reason = ReasonNoGrant
+		for _, g := range a.Grants {
+			if g.Covers(d) {
+				dec.Grants = append(dec.Grants, g)
+			} else if g.Prefix.Contains(d.Addr) {
+				dec.Reason = ReasonPort
+			}
+		}
+		if len(dec.Grants) > 0 {
+			dec.Allow, dec.Reason = true, ReasonGranted
+			return dec
 		}
 	}
-	if len(dec.Grants) > 0 {
-		dec.Allow, dec.Reason = true, ReasonGranted
+	if dec.Everyone = covering(rs.Everyone, d); len(dec.Everyone) > 0 {
+		dec.Allow, dec.Reason = true, ReasonEveryone
 	}
 	return dec
 }
@@ -370,6 +405,7 @@ func (rs *Ruleset) Decide(app string, d Dest) Decision {
 func (rs *Ruleset) Clone() *Ruleset {
 	out := &Ruleset{
 		Internal:   slices.Clone(rs.Internal),
+		Everyone:   cloneGrants(rs.Everyone),
 		Interfaces: slices.Clone(rs.Interfaces),
 		Apps:       make([]App, len(rs.Apps)),
 		AuditRate:  rs.AuditRate,
@@ -378,10 +414,7 @@ func (rs *Ruleset) Clone() *Ruleset {
 		a.Exe = slices.Clone(a.Exe)
 		a.Users = slices.Clone(a.Users)
 		a.KeepCaps = slices.Clone(a.KeepCaps)
-		a.Grants = slices.Clone(a.Grants)
-		for j := range a.Grants {
-			a.Grants[j].Ports = slices.Clone(a.Grants[j].Ports)
-		}
+		a.Grants = cloneGrants(a.Grants)
 		if a.Inbound != nil {
 			in := *a.Inbound
 			in.Control = slices.Clone(in.Control)
@@ -391,4 +424,12 @@ func (rs *Ruleset) Clone() *Ruleset {
 		out.Apps[i] = a
 	}
 	return out
+}
+
+func cloneGrants(gs []Grant) []Grant {
+	gs = slices.Clone(gs)
+	for i := range gs {
+		gs[i].Ports = slices.Clone(gs[i].Ports)
+	}
+	return gs
 }

@@ -81,9 +81,52 @@ func TestDecide(t *testing.T) {
 	}
 }
 
+// TestDecideEveryone: everyone grants hold for every principal, unbound
+// included, after the app's own grants, and only where they cover d.
+func TestDecideEveryone(t *testing.T) {
+	p := netip.MustParsePrefix
+	rs := &Ruleset{
+		Internal: []InternalPrefix{{Prefix: p("10.0.0.0/8")}},
+		Everyone: []Grant{{Index: 0, Prefix: p("10.0.0.53/32"), Proto: UDP, Ports: []PortRange{{53, 53}}}},
+		Apps: []App{
+			{Name: "dns", Grants: []Grant{{Prefix: p("10.0.0.0/24"), Proto: UDP, Ports: []PortRange{{53, 53}}}}},
+			{Name: "none"},
+		},
+	}
+	for _, tc := range []struct {
+		app, dest string
+		allow     bool
+		reason    Reason
+		everyone  int
+	}{
+		{"", "10.0.0.53:53/udp", true, ReasonEveryone, 1},
+		{"none", "10.0.0.53:53/udp", true, ReasonEveryone, 1},
+		{"dns", "10.0.0.53:53/udp", true, ReasonGranted, 0}, // the app's own grant first
+		{"", "[::ffff:10.0.0.53]:53/udp", true, ReasonEveryone, 1},
+		{"", "10.0.0.53:53/tcp", false, ReasonUnbound, 0},
+		{"", "10.0.0.54:53/udp", false, ReasonUnbound, 0},
+		{"none", "10.0.0.53:54/udp", false, ReasonNoGrant, 0},
+		{"dns", "10.0.1.53:53/udp", false, ReasonNoGrant, 0},
+	} {
+		d, err := ParseDest(tc.dest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := rs.Decide(tc.app, d)
+		if got.Allow != tc.allow || got.Reason != tc.reason || len(got.Everyone) != tc.everyone {
+			t.Errorf("Decide(%q, %s) = %s; want allow=%v reason=%s everyone=%d", tc.app, tc.dest, got, tc.allow, tc.reason, tc.everyone)
+		}
+	}
+}
+
 func TestCloneIsDeep(t *testing.T) {
-	rs := &Ruleset{Apps: []App{{Name: "a", Grants: []Grant{{Ports: []PortRange{{1, 1}}}}}}, AuditRate: 7}
+	rs := &Ruleset{Apps: []App{{Name: "a", Grants: []Grant{{Ports: []PortRange{{1, 1}}}}}}, AuditRate: 7,
+		Everyone: []Grant{{Ports: []PortRange{{2, 2}}}}}
 	c := rs.Clone()
+	c.Everyone[0].Ports[0].Lo = 9
+	if rs.Everyone[0].Ports[0].Lo != 2 {
+		t.Fatalf("Clone aliases everyone grants")
+	}
 	c.Apps[0].Grants[0].Ports[0].Lo = 9
 	c.Apps[0].Name = "b"
 	if rs.Apps[0].Grants[0].Ports[0].Lo != 1 || rs.Apps[0].Name != "a" || c.AuditRate != 7 {
