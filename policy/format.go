@@ -67,6 +67,9 @@ func policyNode(rs *ruleset.Ruleset) *yaml.Node {
 	if rs.AuditRate != DefaultAuditRate {
 		top.Content = append(top.Content, text("audit"), mapping(0, text("rate"), number(int(rs.AuditRate))))
 	}
+	if len(rs.Everyone) > 0 {
+		top.Content = append(top.Content, text("everyone"), mapping(0, text("allow"), grantList(rs.Everyone)))
+	}
 	apps := &yaml.Node{Kind: yaml.SequenceNode, Content: []*yaml.Node{}}
 	for _, a := range rs.Apps {
 		apps.Content = append(apps.Content, appNode(a))
@@ -95,14 +98,7 @@ func appNode(a ruleset.App) *yaml.Node {
 	if a.AuditAllow {
 		n.Content = append(n.Content, text("audit"), text("all"))
 	}
-	allow := &yaml.Node{Kind: yaml.SequenceNode, Content: []*yaml.Node{}}
-	if len(a.Grants) == 0 {
-		allow.Style = yaml.FlowStyle
-	}
-	for _, g := range a.Grants {
-		allow.Content = append(allow.Content, grantNode(g))
-	}
-	n.Content = append(n.Content, text("allow"), allow)
+	n.Content = append(n.Content, text("allow"), grantList(a.Grants))
 	if a.Inbound != nil {
 		n.Content = append(n.Content, text("inbound"), mapping(0, text("dynamic"), dynamicNode(a.Inbound)))
 	}
@@ -163,6 +159,18 @@ func appendProto(kv []*yaml.Node, p ruleset.Proto) []*yaml.Node {
 	return append(kv, text("proto"), text(p.String()))
 }
 
+// grantList writes grants one per item, or [] when there are none.
+func grantList(gs []ruleset.Grant) *yaml.Node {
+	allow := &yaml.Node{Kind: yaml.SequenceNode, Content: []*yaml.Node{}}
+	if len(gs) == 0 {
+		allow.Style = yaml.FlowStyle
+	}
+	for _, g := range gs {
+		allow.Content = append(allow.Content, grantNode(g))
+	}
+	return allow
+}
+
 func grantNode(g ruleset.Grant) *yaml.Node {
 	n := mapping(0, text("to"), text(g.Prefix.String()))
 	n.Content = appendProto(n.Content, g.Proto)
@@ -181,6 +189,7 @@ func diff(want, got *ruleset.Ruleset) string {
 	}
 	parts := []part{
 		{"internal prefixes", a.Internal, b.Internal},
+		{"everyone grants", a.Everyone, b.Everyone},
 		{"interfaces", a.Interfaces, b.Interfaces},
 		{"audit rate", a.AuditRate, b.AuditRate},
 		{"number of apps", len(a.Apps), len(b.Apps)},
@@ -207,21 +216,28 @@ func withoutSources(rs *ruleset.Ruleset) *ruleset.Ruleset {
 	}
 	c.Internal = nilIfEmpty(c.Internal)
 	c.Interfaces = nilIfEmpty(c.Interfaces)
+	c.Everyone = grantsWithoutSources(c.Everyone)
 	c.Apps = nilIfEmpty(c.Apps)
 	for i := range c.Apps {
 		a := &c.Apps[i]
 		a.Source = ruleset.Source{}
-		a.Exe, a.Users, a.KeepCaps, a.Grants = nilIfEmpty(a.Exe), nilIfEmpty(a.Users), nilIfEmpty(a.KeepCaps), nilIfEmpty(a.Grants)
-		for j := range a.Grants {
-			a.Grants[j].Source = ruleset.Source{}
-			a.Grants[j].Ports = nilIfEmpty(a.Grants[j].Ports)
-		}
+		a.Exe, a.Users, a.KeepCaps = nilIfEmpty(a.Exe), nilIfEmpty(a.Users), nilIfEmpty(a.KeepCaps)
+		a.Grants = grantsWithoutSources(a.Grants)
 		if a.Inbound != nil {
 			a.Inbound.Source = ruleset.Source{}
 			a.Inbound.Control = nilIfEmpty(a.Inbound.Control)
 		}
 	}
 	return c
+}
+
+func grantsWithoutSources(gs []ruleset.Grant) []ruleset.Grant {
+	gs = nilIfEmpty(gs)
+	for j := range gs {
+		gs[j].Source = ruleset.Source{}
+		gs[j].Ports = nilIfEmpty(gs[j].Ports)
+	}
+	return gs
 }
 
 func nilIfEmpty[T any](s []T) []T {

@@ -38,7 +38,8 @@ const (
 // keys against, and the schema test compares procgate.schema.json to them, so
 // the schema cannot drift from the parser.
 var (
-	topKeys      = []string{"version", "internal", "audit", "apps"}
+	topKeys      = []string{"version", "internal", "audit", "everyone", "apps"}
+	everyoneKeys = []string{"allow"}
 	internalKeys = []string{"prefixes", "interfaces"}
 	auditKeys    = []string{"rate"}
 	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "handover", "audit", "allow", "inbound"}
@@ -452,13 +453,46 @@ func (p *parser) policy(root *yaml.Node) *ruleset.Ruleset {
 		rs.AuditRate = p.audit(n, "audit")
 	}
 	var checks []grantCheck
+	if n, ok := vals["everyone"]; ok {
+		rs.Everyone, checks = p.everyone(n, "everyone")
+	}
 	if n, ok := vals["apps"]; ok {
-		rs.Apps, checks = p.apps(n, "apps")
+		var c []grantCheck
+		rs.Apps, c = p.apps(n, "apps")
+		checks = append(checks, c...)
 	}
 	if internalOK {
 		p.warnOutside(rs, checks)
 	}
 	return rs
+}
+
+// everyone reads `everyone: {allow: [grants]}`: grants every process holds,
+// app or not, on top of its app's own.
+func (p *parser) everyone(n *yaml.Node, field string) ([]ruleset.Grant, []grantCheck) {
+	vals, ok := p.fields(n, field, everyoneKeys)
+	if !ok {
+		return nil, nil
+	}
+	an, ok := vals["allow"]
+	if !ok {
+		return nil, nil
+	}
+	return p.grants(an, join(field, "allow"))
+}
+
+// grants reads a list of grants, numbered in list order.
+func (p *parser) grants(n *yaml.Node, field string) (out []ruleset.Grant, checks []grantCheck) {
+	items, _ := p.list(n, field)
+	for i, item := range items {
+		g, c, ok := p.grant(item, index(field, i))
+		if ok {
+			g.Index = i
+			out = append(out, g)
+			checks = append(checks, c)
+		}
+	}
+	return out, checks
 }
 
 // warnOutside flags grants that overlap no internal prefix: they are legal but
@@ -631,16 +665,7 @@ func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []gra
 	}
 	var checks []grantCheck
 	if n, ok := vals["allow"]; ok {
-		f := join(field, "allow")
-		items, _ := p.list(n, f)
-		for i, item := range items {
-			g, c, ok := p.grant(item, index(f, i))
-			if ok {
-				g.Index = i
-				app.Grants = append(app.Grants, g)
-				checks = append(checks, c)
-			}
-		}
+		app.Grants, checks = p.grants(n, join(field, "allow"))
 	}
 	if n, ok := vals["inbound"]; ok {
 		app.Inbound = p.inbound(n, join(field, "inbound"))

@@ -40,6 +40,9 @@ func TestLoadValid(t *testing.T) {
 					},
 					Interfaces: []string{"wg0"},
 					AuditRate:  100,
+					Everyone: []ruleset.Grant{
+						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(67)},
+					},
 					Apps: []ruleset.App{
 						{
 							Name: "psql-prod", Source: src(28),
@@ -296,7 +299,7 @@ func TestParseErrors(t *testing.T) {
 		{"unclosed quote", head + "apps:\n  - name: 'a\n    allow: []\n",
 			[]string{"p.yaml:5: invalid YAML: found unexpected end of stream"}},
 		{"empty input", "", []string{`p.yaml: empty policy; want at least "version: 1"`}},
-		{"null document", "~\n", []string{"p.yaml:1:1: want a mapping with keys version, internal, audit, apps, not null"}},
+		{"null document", "~\n", []string{"p.yaml:1:1: want a mapping with keys version, internal, audit, everyone, apps, not null"}},
 		{"key that is not a name", head + "[a]: 1\n",
 			[]string{"p.yaml:4:1: keys must be plain names, not a list"}},
 		{"version not an integer", "version: 1.0\ninternal: {}\n",

@@ -58,6 +58,7 @@ func TestSchemaFieldsMatchParser(t *testing.T) {
 		{"/", s, topKeys},
 		{"/properties/internal", at(t, s, "properties", "internal"), internalKeys},
 		{"/properties/audit", at(t, s, "properties", "audit"), auditKeys},
+		{"/properties/everyone", at(t, s, "properties", "everyone"), everyoneKeys},
 		{"/$defs/app", at(t, s, "$defs", "app"), appKeys},
 		{"/$defs/grant", at(t, s, "$defs", "grant"), grantKeys},
 		{"/$defs/app/properties/inbound", at(t, s, "$defs", "app", "properties", "inbound"), inboundKeys},
@@ -319,6 +320,8 @@ func TestSchemaRejectsInvalidFiles(t *testing.T) {
 		{"bad-audit-rate.yaml", "$.audit.rate: 1000001 breaks maximum 1e+06"},
 		{"wrong-types.yaml", "$.internal: [10.0.0.0/8] is not of type object"},
 		{"wrong-types-app.yaml", "$.internal.prefixes: 10.0.0.0/8 is not of type array"},
+		{"bad-everyone.yaml", `$.everyone: unknown field "deny"`},
+		{"bad-everyone.yaml", "$.everyone.allow[0]: missing required to"},
 		{"not-a-mapping.yaml", "$: [map[version:1]] is not of type object"},
 	}
 	for _, tt := range tests {
