@@ -46,6 +46,7 @@ enum reason {
 	REASON_PROTO = 8,      // internal, and not TCP or UDP (ICMP, raw IP): no grant can cover it
 	REASON_EXE = 9,        // the app pins binaries and the task runs another one
 	REASON_HANDOVER = 10,  // an app's TCP connection written to by a task outside the app
+	REASON_EVERYONE = 11,  // an everyone grant covers it (allowed; the principal's own grants do not)
 };
 
 // Counter slots per app id: index app_id * COUNTER_SLOTS + slot.
@@ -81,6 +82,14 @@ enum hook {
 #define APP_AUDIT_ALLOW 1
 #define APP_EXE_PINNED 2 // only the binaries in app_exes hold the app's grants
 #define APP_HANDOVER_ALLOWED 4 // policy handover: allow: no handover guard for its connections
+
+// The grants of `everyone` sit in the rules trie under an app id that no
+// app gets (bpf.MaxApps keeps app ids below it).
+#define EVERYONE_APP_ID 0xffff
+
+// In a verdict_entry's app_flags: allowed by an everyone grant, so the
+// verdict holds for a socket of any principal.
+#define VERDICT_EVERYONE (1U << 31)
 
 // One trie holds every generation's internal prefixes and grants. The tag
 // (big-endian, so it is the key's leading 32 bits and always matched whole)
@@ -144,6 +153,9 @@ struct generation_info {
 // The host's NFQUEUE firewall reinjects apps' UDP in its own task: the UDP
 // handover check would take its verdicts for foreign sends (harden.c).
 #define GEN_NO_UDP_HANDOVER 1
+// The generation has everyone grants: only then is the everyone entry of the
+// rules trie asked, when a principal's own grants do not allow.
+#define GEN_EVERYONE 2
 
 struct audit_event {
 	__u64 ts_ns; // CLOCK_MONOTONIC (bpf_ktime_get_ns)
@@ -704,17 +716,37 @@ static __always_inline void lookup_dest(__u32 slot, __u32 generation, __u32 app_
 			r->has_grant = 1;
 		}
 	}
-	r->internal = (r->has_grant && (r->grant.flags & RULE_INSIDE_INTERNAL)) || is_internal(slot, d);
+	// The everyone entry needs no internal-set lookup: it is asked only
+	// once the destination is known to need a grant.
+	if (app_id != EVERYONE_APP_ID)
+		r->internal = (r->has_grant && (r->grant.flags & RULE_INSIDE_INTERNAL)) || is_internal(slot, d);
 	bpf_map_update_elem(&dest_lookups, &k, r, BPF_ANY); // full: LRU evicts
+}
+
+// everyone_allows: does an everyone grant cover d? Callers ask only when
+// the principal's own grants do not allow, so a granted connect never pays
+// for it; a generation without everyone grants answers from its flags.
+// The trie walk is cached in dest_lookups under EVERYONE_APP_ID, keyed by
+// generation like every entry there.
+static __always_inline int everyone_allows(__u32 slot, const struct generation_info *info, const struct dest *d)
+{
+	if (!(info->flags & GEN_EVERYONE) || !d->proto)
+		return 0;
+	struct lookup_result r;
+	lookup_dest(slot, info->generation, EVERYONE_APP_ID, d, &r);
+	__u8 reason;
+	return ports_allow(slot, r.has_grant ? &r.grant : NULL, d, &reason);
 }
 
 // A verdict: allowed or not, and for an allowed one what the verdict cache
 // may remember (see struct verdict_entry).
 struct verdict {
 	int allow;
+	int handoff; // allowed, and the egress backstop would decide it in full: hand it over
+	int owned;   // allowed by the app's own grant to an internal destination: the app's connection
 	__u32 generation;
-	__u32 app_id; // of an allowed internal destination; 0: not internal
-	__u32 app_flags;
+	__u32 app_id; // the principal (0: none)
+	__u32 app_flags; // its flags, with VERDICT_EVERYONE when an everyone grant allowed
 	__u64 cgroup_id; // the calling task's
 };
 
@@ -723,11 +755,7 @@ struct verdict {
 static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 {
 	__u64 cgroup_id = 0;
-	v->allow = 0;
-	v->generation = 0;
-	v->app_id = 0;
-	v->app_flags = 0;
-	v->cgroup_id = 0;
+	__builtin_memset(v, 0, sizeof(*v));
 	struct generation_info *info = current_generation();
 	if (!info)
 		goto no_policy;
@@ -747,25 +775,28 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 		v->allow = 1;
 		return;
 	}
-	if (!app_id) {
-		count(0, COUNT_DENY);
-		audit(d, 0, cgroup_id, generation, info->audit_rate, 0, REASON_UNBOUND, hook);
-		return;
+	v->app_id = app_id;
+	v->app_flags = app_flags;
+	v->cgroup_id = cgroup_id;
+	__u8 reason = REASON_UNBOUND;
+	if (app_id) {
+		if ((app_flags & APP_EXE_PINNED) && !exe_allowed(slot, app_id)) {
+			reason = REASON_EXE;
+		} else if (ports_allow(slot, r.has_grant ? &r.grant : NULL, d, &reason)) {
+			count(app_id, COUNT_ALLOW);
+			if (app_flags & APP_AUDIT_ALLOW)
+				audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_GRANTED, hook);
+			v->allow = v->handoff = v->owned = 1;
+			return;
+		}
 	}
-	__u8 reason;
-	if ((app_flags & APP_EXE_PINNED) && !exe_allowed(slot, app_id)) {
-		count(app_id, COUNT_DENY);
-		audit(d, app_id, cgroup_id, generation, info->audit_rate, 0, REASON_EXE, hook);
-		return;
-	}
-	if (ports_allow(slot, r.has_grant ? &r.grant : NULL, d, &reason)) {
+	// Only now, when the principal's own grants do not allow.
+	if (everyone_allows(slot, info, d)) {
 		count(app_id, COUNT_ALLOW);
 		if (app_flags & APP_AUDIT_ALLOW)
-			audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_GRANTED, hook);
-		v->allow = 1;
-		v->app_id = app_id;
-		v->app_flags = app_flags;
-		v->cgroup_id = cgroup_id;
+			audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_EVERYONE, hook);
+		v->allow = v->handoff = 1;
+		v->app_flags |= VERDICT_EVERYONE;
 		return;
 	}
 	count(app_id, COUNT_DENY);

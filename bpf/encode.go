@@ -12,8 +12,13 @@ import (
 	"github.com/procgate/procgate/ruleset"
 )
 
-// MaxApps bounds app ids (MAX_APPS in procgate.c); id 0 is the unbound principal.
-const MaxApps = 65536
+// MaxApps bounds app ids: id 0 is the unbound principal, and the last id of
+// the rules trie's 16 bits (EVERYONE_APP_ID in decision.h) holds the
+// everyone grants. MAX_APPS in decision.h sizes the counters above it.
+const MaxApps = everyoneID
+
+// everyoneID is EVERYONE_APP_ID in decision.h.
+const everyoneID = 0xffff
 
 // Counter slots per app (enum counter_slot in procgate.c).
 const (
@@ -32,7 +37,10 @@ const (
 )
 
 // Generation flags (GEN_* in decision.h).
-const genNoUDPHandover = 1
+const (
+	genNoUDPHandover = 1
+	genEveryone      = 2 // GEN_EVERYONE: the generation has everyone grants
+)
 
 // maxCgroupLevel is MAX_CGROUP_LEVEL in procgate.c: app cgroups deeper than
 // this cannot be found as ancestors.
@@ -167,20 +175,16 @@ func encode(g Generation, slot uint32) (*tables, error) {
 		lengths[family(p.Prefix.Addr())][p.Prefix.Bits()] = true
 	}
 	ports := newPortTable()
+	t.putGrants(&lengths, ports, slot, everyoneID, g.Rules.Everyone)
+	if len(g.Rules.Everyone) > 0 {
+		t.info.Flags |= genEveryone
+	}
 	for _, app := range g.Rules.Apps {
 		id, ok := g.AppIDs[app.Name]
 		if !ok || id == 0 || id >= MaxApps {
 			return nil, fmt.Errorf("app %q: no valid app id (have %d)", app.Name, id)
 		}
-		for pfx, u := range unionByPrefix(app.Grants) {
-			v := procgateRuleValue{}
-			v.TcpFirst, v.TcpCount = ports.add(u.tcp)
-			v.UdpFirst, v.UdpCount = ports.add(u.udp)
-			if t.insideInternal(&lengths, slot, pfx) {
-				v.Flags |= ruleInsideInternal
-			}
-			t.rules[ruleKey(slot, id, pfx)] = v
-		}
+		t.putGrants(&lengths, ports, slot, id, app.Grants)
 	}
 	if len(ports.ranges) > portsPerSlot {
 		return nil, fmt.Errorf("policy needs %d distinct port ranges, the kernel map holds %d", len(ports.ranges), portsPerSlot)
@@ -226,6 +230,19 @@ func encode(g Generation, slot uint32) (*tables, error) {
 	}
 	t.info.MinLevel, t.info.MaxLevel = uint32(minLevel), uint32(maxLevel)
 	return t, nil
+}
+
+// putGrants writes the grant entries of app id (or everyoneID).
+func (t *tables) putGrants(lengths *internalLengths, ports *portTable, slot, id uint32, grants []ruleset.Grant) {
+	for pfx, u := range unionByPrefix(grants) {
+		v := procgateRuleValue{}
+		v.TcpFirst, v.TcpCount = ports.add(u.tcp)
+		v.UdpFirst, v.UdpCount = ports.add(u.udp)
+		if t.insideInternal(lengths, slot, pfx) {
+			v.Flags |= ruleInsideInternal
+		}
+		t.rules[ruleKey(slot, id, pfx)] = v
+	}
 }
 
 // portUnion is the ports an app may use at one prefix, per protocol.

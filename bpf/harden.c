@@ -157,6 +157,17 @@ static __always_inline void remember(struct bpf_sock *sk, __u64 cgroup_id, const
 		put_verdict(v, cgroup_id, d, generation, app_id, app_flags);
 }
 
+// pass_everyone lets a packet an everyone grant allows pass, and keeps the
+// verdict for a UDP socket's next datagrams: it holds for any principal, so
+// no handover check either (anyone may send there).
+static __always_inline int pass_everyone(struct bpf_sock *sk, __u64 cgroup_id, const struct dest *d, __u32 generation,
+					 __u32 app_id, __u32 app_flags)
+{
+	if (sk && d->proto == PROTO_UDP)
+		remember(sk, cgroup_id, d, generation, app_id, app_flags | VERDICT_EVERYONE);
+	return 1;
+}
+
 // The handover guard for UDP. A datagram of a connected socket has no
 // address, so no sendmsg hook sees it, and the egress backstop decides it
 // by the socket's cgroup: an app's connected socket would carry whatever a
@@ -347,6 +358,9 @@ int backstop_egress(struct __sk_buff *skb)
 			if (v)
 				hit = verdict_matches(v, &d, generation, &c);
 		}
+		// An everyone grant's verdict holds for every principal.
+		if (hit && (c.app_flags & VERDICT_EVERYONE))
+			return 1;
 		if (hit) {
 			// The same cgroup has the same principal in a generation
 			// (the usual case: the socket's maker connected it).
@@ -373,6 +387,8 @@ int backstop_egress(struct __sk_buff *skb)
 	__u64 cgroup_id;
 	struct app_info *app = principal_of(WHO_SKB, skb, slot, info, &cgroup_id);
 	if (!app) {
+		if (everyone_allows(slot, info, &d))
+			return pass_everyone(sk, cgroup_id, &d, generation, 0, 0);
 		count(0, COUNT_DENY);
 		audit_as(WHO_SKB, &d, 0, cgroup_id, generation, info->audit_rate, 0, REASON_UNBOUND, hook);
 		return 0;
@@ -391,6 +407,8 @@ int backstop_egress(struct __sk_buff *skb)
 			remember(sk, cgroup_id, &d, generation, app_id, app->flags);
 		return 1;
 	}
+	if (everyone_allows(slot, info, &d))
+		return pass_everyone(sk, cgroup_id, &d, generation, app_id, app->flags);
 	count(app_id, COUNT_DENY);
 	audit_as(WHO_SKB, &d, app_id, cgroup_id, generation, info->audit_rate, 0, reason, hook);
 	return 0;

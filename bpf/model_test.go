@@ -32,26 +32,42 @@ func (m kernelModel) lookup(appID uint32, a netip.Addr) (procgateRuleValue, bool
 func (m kernelModel) decide(app string, d ruleset.Dest) (bool, ruleset.Reason) {
 	a := d.Addr.Unmap()
 	id, bound := m.ids[app]
+	reason := ruleset.ReasonUnbound
 	if !bound {
 		if _, internal := m.lookup(0, a); !internal {
 			return true, ruleset.ReasonNotInternal
 		}
-		return false, ruleset.ReasonUnbound
-	}
-	// As decide() in decision.h: the grant first; a grant entry inside an
-	// internal prefix stands for the internal-set lookup.
-	best, ok := m.lookup(id, a)
-	if !ok || best.Flags&ruleInsideInternal == 0 {
-		if _, internal := m.lookup(0, a); !internal {
-			return true, ruleset.ReasonNotInternal
+	} else {
+		// As decide() in decision.h: the grant first; a grant entry inside
+		// an internal prefix stands for the internal-set lookup.
+		best, ok := m.lookup(id, a)
+		if !ok || best.Flags&ruleInsideInternal == 0 {
+			if _, internal := m.lookup(0, a); !internal {
+				return true, ruleset.ReasonNotInternal
+			}
+		}
+		reason = ruleset.ReasonNoGrant
+		if ok {
+			if m.ports(best, d) {
+				return true, ruleset.ReasonGranted
+			}
+			reason = ruleset.ReasonPort
 		}
 	}
-	if !ok {
-		return false, ruleset.ReasonNoGrant
+	// Then everyone's entry, under its reserved id.
+	if m.t.info.Flags&genEveryone != 0 {
+		if e, ok := m.lookup(everyoneID, a); ok && m.ports(e, d) {
+			return true, ruleset.ReasonEveryone
+		}
 	}
-	first, count := best.TcpFirst, best.TcpCount
+	return false, reason
+}
+
+// ports is the kernel's binary search of a grant entry's port ranges.
+func (m kernelModel) ports(v procgateRuleValue, d ruleset.Dest) bool {
+	first, count := v.TcpFirst, v.TcpCount
 	if d.Proto == ruleset.UDP {
-		first, count = best.UdpFirst, best.UdpCount
+		first, count = v.UdpFirst, v.UdpCount
 	}
 	lo, hi := first, first+count
 	for lo < hi {
@@ -63,10 +79,10 @@ func (m kernelModel) decide(app string, d ruleset.Dest) (bool, ruleset.Reason) {
 		case d.Port > r.Hi:
 			lo = mid + 1
 		default:
-			return true, ruleset.ReasonGranted
+			return true
 		}
 	}
-	return false, ruleset.ReasonPort
+	return false
 }
 
 // TestEncodingMatchesDecide checks the encoding (prefix push-down, port

@@ -5,7 +5,8 @@
 // procgate's route authorization: decides every connect() and UDP sendmsg()
 // of the tasks below the cgroup this is attached to.
 //
-//   allow(p, d) = d not internal || (principal(p) && some grant of p covers d)
+//   allow(p, d) = d in Everyone(d) || d not internal
+//                 || (principal(p) && some grant of p covers d)
 //
 // The decision itself, and the maps it reads, are in decision.h.
 
@@ -34,16 +35,17 @@ static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d,
 	decide(d, hook, &v);
 	if (!v.allow)
 		return 0;
-	// Only internal verdicts: for an external destination the backstop's
-	// own check is one trie lookup that ends near the root, cheaper than
-	// the handoff.
-	if (!v.app_id)
+	// Only verdicts the backstop would decide in full: for an external
+	// destination its own check is one trie lookup that ends near the
+	// root, cheaper than the handoff.
+	if (!v.handoff)
 		return 1;
-	// A TCP connection to an internal destination is the app's: mark it,
-	// so that only the app's processes may write to it once it is
-	// established (harden.c, guard_handover). MPTCP's subflows are other
+	// A TCP connection an app's own grant let to an internal destination
+	// is the app's: mark it, so that only the app's processes may write to
+	// it once it is established (harden.c, guard_handover). One an
+	// everyone grant let through is anyone's. MPTCP's subflows are other
 	// sockets and are not marked.
-	if ((hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && ctx->protocol == IPPROTO_TCP && ctx->sk &&
+	if (v.owned && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && ctx->protocol == IPPROTO_TCP && ctx->sk &&
 	    !(v.app_flags & APP_HANDOVER_ALLOWED)) {
 		struct socket_owner *o = bpf_sk_storage_get(&socket_owners, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (o) {

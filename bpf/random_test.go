@@ -15,26 +15,37 @@ func randomRuleset(rng *rand.Rand, apps int) *ruleset.Ruleset {
 	for range 1 + rng.IntN(6) {
 		rs.Internal = append(rs.Internal, ruleset.InternalPrefix{Prefix: randomPrefix(rng)})
 	}
+	// Everyone grants in about half the policies, a few of them.
+	if rng.IntN(2) == 0 {
+		rs.Everyone = randomGrants(rng, 1+rng.IntN(3))
+	}
 	for a := range apps {
 		app := ruleset.App{Name: "app" + string(rune('a'+a)), AuditAllow: rng.IntN(2) == 0}
-		for i := range rng.IntN(8) {
-			g := ruleset.Grant{Index: i, Prefix: randomPrefix(rng), Proto: ruleset.Proto(1 + rng.IntN(3))}
-			for range 1 + rng.IntN(4) {
-				lo := uint16(rng.IntN(40))
-				hi := lo
-				if rng.IntN(3) == 0 {
-					hi = lo + uint16(rng.IntN(10))
-				}
-				if rng.IntN(20) == 0 {
-					lo, hi = 0, 65535
-				}
-				g.Ports = append(g.Ports, ruleset.PortRange{Lo: lo, Hi: hi})
-			}
-			app.Grants = append(app.Grants, g)
-		}
+		app.Grants = randomGrants(rng, rng.IntN(8))
 		rs.Apps = append(rs.Apps, app)
 	}
 	return rs
+}
+
+// randomGrants makes n grants on crowded prefixes with few, small ports.
+func randomGrants(rng *rand.Rand, n int) []ruleset.Grant {
+	var gs []ruleset.Grant
+	for i := range n {
+		g := ruleset.Grant{Index: i, Prefix: randomPrefix(rng), Proto: ruleset.Proto(1 + rng.IntN(3))}
+		for range 1 + rng.IntN(4) {
+			lo := uint16(rng.IntN(40))
+			hi := lo
+			if rng.IntN(3) == 0 {
+				hi = lo + uint16(rng.IntN(10))
+			}
+			if rng.IntN(20) == 0 {
+				lo, hi = 0, 65535
+			}
+			g.Ports = append(g.Ports, ruleset.PortRange{Lo: lo, Hi: hi})
+		}
+		gs = append(gs, g)
+	}
+	return gs
 }
 
 // randomPrefix draws from 10.0.0.0/16 or fd00::/112 so that prefixes overlap.

@@ -198,9 +198,10 @@ static __always_inline int doomed(struct sock___sw *sk, __u8 proto, const struct
 	if (app) {
 		__u8 reason;
 		rec->app_id = app->app_id;
-		return !grant_allows(slot, rec->app_id, &d, &reason);
+		return !grant_allows(slot, rec->app_id, &d, &reason) && !everyone_allows(slot, info, &d);
 	}
-	return fenced; // an app removed from the policy: no grants left
+	// An app removed from the policy: no grants left but everyone's.
+	return fenced && !everyone_allows(slot, info, &d);
 }
 
 // Output. When a record does not fit in the iterator's buffer, the kernel
