@@ -611,6 +611,8 @@ func (d *Daemon) annotate(e bpf.Event) (string, string) {
 	rule := ""
 	if len(dec.Grants) > 0 {
 		rule = "grant " + dec.Grants[0].String()
+	} else if len(dec.Everyone) > 0 {
+		rule = "everyone grant " + dec.Everyone[0].String()
 	} else if dec.Internal != nil {
 		rule = "internal " + dec.Internal.Prefix.String()
 		if s := dec.Internal.Source.String(); s != "" {

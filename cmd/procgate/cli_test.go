@@ -33,6 +33,8 @@ func TestCLIWithoutDaemon(t *testing.T) {
 	good := filepath.Join(dir, "good.yaml")
 	bad := filepath.Join(dir, "bad.yaml")
 	os.WriteFile(good, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: db\n    allow:\n      - to: 10.1.2.0/24\n        proto: tcp\n        ports: [5432]\n"), 0o644)
+	everyone := filepath.Join(dir, "everyone.yaml")
+	os.WriteFile(everyone, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\neveryone:\n  allow:\n    - {to: 10.0.0.53, proto: udp, ports: [53]}\napps:\n  - name: db\n    allow:\n      - to: 10.0.0.0/24\n"), 0o644)
 	os.WriteFile(bad, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: db\n    allow:\n      - to: 10.1.2.3/24\n        ports: [70000]\n"), 0o644)
 	for _, tc := range []struct {
 		name     string
@@ -48,6 +50,11 @@ func TestCLIWithoutDaemon(t *testing.T) {
 			[]string{"db -> 10.1.2.3:5432/tcp: allow (granted)", good + ":7"}},
 		{"explain offline unbound", []string{"explain", "--policy", good, "--app", "", "10.1.2.3:5432"}, 0,
 			[]string{"(unbound) -> 10.1.2.3:5432/tcp: deny (unbound)"}},
+		{"explain offline everyone", []string{"explain", "--policy", everyone, "--app", "", "10.0.0.53:53/udp"}, 0,
+			[]string{"(unbound) -> 10.0.0.53:53/udp: allow (granted-everyone)", "everyone grant #0 10.0.0.53/32 udp ports 53 [" + everyone + ":6]"}},
+		{"explain offline: the app's own grant first", []string{"explain", "--policy", everyone, "--app", "db", "10.0.0.53:53/udp"}, 0,
+			[]string{"db -> 10.0.0.53:53/udp: allow (granted)", "; grant #0 10.0.0.0/24"}},
+		{"validate counts everyone grants", []string{"validate", everyone}, 0, []string{"1 apps, 1 grants, 1 everyone grants"}},
 		{"explain bad destination", []string{"explain", "--policy", good, "--app", "db", "10.1.2.3"}, 1, []string{"ADDR:PORT"}},
 		{"explain deny exits 0 without --exit-code", []string{"explain", "--policy", good, "--app", "db", "10.1.2.3:22"}, 0,
 			[]string{"db -> 10.1.2.3:22/tcp: deny"}},

@@ -211,7 +211,11 @@ func validateCmd() *cobra.Command {
 			for _, a := range rs.Apps {
 				grants += len(a.Grants)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: ok: %d internal prefixes, %d apps, %d grants\n", args[0], len(rs.Internal), len(rs.Apps), grants)
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: ok: %d internal prefixes, %d apps, %d grants", args[0], len(rs.Internal), len(rs.Apps), grants)
+			if n := len(rs.Everyone); n > 0 {
+				fmt.Fprintf(cmd.OutOrStdout(), ", %d everyone grants", n)
+			}
+			fmt.Fprintln(cmd.OutOrStdout())
 			return nil
 		},
 	}
