@@ -67,7 +67,10 @@ const (
 // Patterns shared with procgate.schema.json (the schema test checks they match).
 const (
 	namePattern = `^[a-z0-9][a-z0-9._-]{0,62}$`
-	userPattern = `^@?[a-z_][a-z0-9_.-]*\$?$`
+	// A user (name or uid) or "@" and a group (name or gid). Directory
+	// names have '@', '.' and capitals (bob@EXAMPLE.COM): a leading '@'
+	// alone makes a group. Samba machine accounts end in '$'.
+	userPattern = `^@?[A-Za-z0-9_][A-Za-z0-9_.@-]{0,255}\$?$`
 )
 
 var (
@@ -828,7 +831,7 @@ func (p *parser) sha256(n *yaml.Node, field string) (string, bool) {
 func (p *parser) users(n *yaml.Node, field string) []string {
 	return p.distinct(n, field, "user", func(u string) string {
 		if !userRE.MatchString(u) {
-			return fmt.Sprintf("invalid user %q: want a user name or @group", u)
+			return fmt.Sprintf("invalid user %q: want a user name or uid, or @ and a group name or gid (letters, digits, _ . @ -)", u)
 		}
 		return ""
 	})

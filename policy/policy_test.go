@@ -121,7 +121,7 @@ func TestLoadValid(t *testing.T) {
 					Apps: []ruleset.App{{
 						Name: "web.v2_a-b", Source: src(8),
 						Exe:   []ruleset.Exe{{Path: "/opt/web/bin/web"}, {Path: "/opt/web/bin/web", SHA256: hash}},
-						Users: []string{"root", "_svc", "deploy$", "@wheel"},
+						Users: []string{"root", "_svc", "deploy$", "@wheel", "bob@EXAMPLE.COM", "Carol.Smith", "1001", "@1002", "@dba@EXAMPLE.COM"},
 						Grants: []ruleset.Grant{
 							{Index: 0, Prefix: pfx("10.9.0.1/32"), Proto: ruleset.UDP, Source: src(15), Ports: ports(
 								port1(80), port1(443), ruleset.PortRange{Lo: 8000, Hi: 8100}, ruleset.PortRange{Lo: 8050, Hi: 8060})},

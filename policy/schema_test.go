@@ -315,7 +315,7 @@ func TestSchemaRejectsInvalidFiles(t *testing.T) {
 		{"port-out-of-range.yaml", "$.apps[0].allow[1].ports[2]: 70000 matches 0 alternatives of oneOf, want 1"},
 		{"bad-sha256.yaml", "$.apps[0].exe[0]: map[path:/usr/bin/psql sha256:3f79bb7b435b05321651daefd374cdc681dc06faa65e374e38337b88ca046de] matches 0 alternatives"},
 		{"bad-exe.yaml", "$.apps[0].exe[0]: usr/bin/psql matches 0 alternatives"},
-		{"bad-users.yaml", `$.apps[0].users[1]: "Bob" does not match`},
+		{"bad-users.yaml", `$.apps[0].users[4]: "-bob" does not match`},
 		{"bad-names.yaml", `$.apps[0].name: "Psql" does not match`},
 		{"bad-audit-rate.yaml", "$.audit.rate: 1000001 breaks maximum 1e+06"},
 		{"wrong-types.yaml", "$.internal: [10.0.0.0/8] is not of type object"},
