@@ -97,3 +97,52 @@ func TestAuthorizeSupplementaryGroup(t *testing.T) {
 		}
 	}
 }
+
+// TestAuthorizeDirectoryUsers: users and groups a directory serves (sssd,
+// LDAP), which /etc/passwd lacks, are found through NSS; here a fake
+// getent on PATH stands for the directory.
+func TestAuthorizeDirectoryUsers(t *testing.T) {
+	dir := t.TempDir()
+	script := `#!/bin/sh
+db=$1; shift
+[ "$1" = "--" ] && shift
+bob='bob@EXAMPLE.COM:*:70001:70000:Bob:/home/bob:/bin/sh'
+case "$db $*" in
+"passwd bob@EXAMPLE.COM"|"passwd 70001"|"passwd bob") echo "$bob" ;;
+"passwd carol.smith"|"passwd 70003") echo 'carol.smith:*:70003:70003::/:/bin/sh' ;;
+"group staff@EXAMPLE.COM"|"group 70000") echo 'staff@EXAMPLE.COM:*:70000:' ;;
+"group dba"|"group 70002") echo 'dba:*:70002:bob@EXAMPLE.COM' ;;
+"initgroups bob@EXAMPLE.COM") echo 'bob@EXAMPLE.COM       70002' ;;
+"initgroups carol.smith") echo 'carol.smith ' ;;
+*) exit 2 ;;
+esac
+`
+	if err := os.WriteFile(filepath.Join(dir, "getent"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", dir+":"+os.Getenv("PATH"))
+	for _, tt := range []struct {
+		name  string
+		users []string
+		uid   uint32
+		ok    bool
+	}{
+		{"directory user by name", []string{"bob@EXAMPLE.COM"}, 70001, true},
+		{"by uid", []string{"70001"}, 70001, true},
+		{"by another name of the same user", []string{"bob"}, 70001, true},
+		{"directory group", []string{"@dba"}, 70001, true},
+		{"primary directory group", []string{"@staff@EXAMPLE.COM"}, 70001, true},
+		{"group by gid", []string{"@70002"}, 70001, true},
+		{"dotted name", []string{"carol.smith"}, 70003, true},
+		{"another directory user", []string{"@staff@EXAMPLE.COM", "@dba", "70001"}, 70003, false},
+		{"unknown name", []string{"nosuch@EXAMPLE.COM"}, 70001, false},
+		{"uid without a user, named by number", []string{"70009"}, 70009, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			err := launch.Authorize(ruleset.App{Name: "a", Users: tt.users}, tt.uid)
+			if (err == nil) != tt.ok {
+				t.Errorf("users %v, uid %d: %v, want allowed %v", tt.users, tt.uid, err, tt.ok)
+			}
+		})
+	}
+}

@@ -6,7 +6,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"os/user"
 	"runtime"
 	"strconv"
 	"strings"
@@ -14,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/users"
 )
 
 // The trace guard keeps other processes of the same user from tracing an
@@ -72,18 +73,13 @@ func guardOf(spec Spec, uid, gid uint32) (uint32, bool, string) {
 	return pg, guarded, why
 }
 
-// primaryGID is uid's group in the user database. A build without cgo
-// reads /etc/passwd only (no NSS: LDAP and sssd users are unknown).
+// primaryGID is uid's group in the user database, NSS included.
 func primaryGID(uid uint32) (uint32, error) {
-	u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10))
+	u, err := users.LookupUID(uid)
 	if err != nil {
-		return 0, fmt.Errorf("look up uid %d: %w", uid, err)
+		return 0, err
 	}
-	g, err := strconv.ParseUint(u.Gid, 10, 32)
-	if err != nil {
-		return 0, fmt.Errorf("uid %d: group %q: %w", uid, u.Gid, err)
-	}
-	return uint32(g), nil
+	return u.GID, nil
 }
 
 // shimArg0 is argv[0] of the launcher re-executed as the shim. The init
