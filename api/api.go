@@ -70,6 +70,8 @@ type Request struct {
 	Follow bool `json:"follow,omitempty"`
 	Last   int  `json:"last,omitempty"`
 	// run
+	// The caller's working directory comes as a descriptor after its stdio;
+	// Dir is its path, for messages.
 	Argv []string `json:"argv,omitempty"`
 	Env  []string `json:"env,omitempty"`
 	Dir  string   `json:"dir,omitempty"`
@@ -247,14 +249,17 @@ type RunState struct {
 
 // Response wraps every answer line.
 type Response struct {
-	Error   string          `json:"error,omitempty"`
-	Status  *Status         `json:"status,omitempty"`
-	Explain *Explain        `json:"explain,omitempty"`
-	Revoke  *Revoke         `json:"revoke,omitempty"`
-	Event   json.RawMessage `json:"event,omitempty"`
-	AppInfo *AppInfo        `json:"app_info,omitempty"`
-	Run     *RunState       `json:"run,omitempty"`
-	Reload  *uint32         `json:"reload,omitempty"` // new generation
+	Error string `json:"error,omitempty"`
+	// ExitCode comes with Error on a run connection: the status the client
+	// exits with, 126 (cannot execute) or 127 (not found); 125 otherwise.
+	ExitCode int             `json:"exit_code,omitempty"`
+	Status   *Status         `json:"status,omitempty"`
+	Explain  *Explain        `json:"explain,omitempty"`
+	Revoke   *Revoke         `json:"revoke,omitempty"`
+	Event    json.RawMessage `json:"event,omitempty"`
+	AppInfo  *AppInfo        `json:"app_info,omitempty"`
+	Run      *RunState       `json:"run,omitempty"`
+	Reload   *uint32         `json:"reload,omitempty"` // new generation
 	// SocketsEnded (reload) counts the live sockets the new generation
 	// ended.
 	SocketsEnded int       `json:"sockets_ended,omitempty"`

@@ -83,10 +83,10 @@ func (d *Daemon) handle(ctx context.Context, conn *net.UnixConn) {
 		d.log.Warn("API peer credentials", "err", err)
 		return
 	}
-	// The request line comes with the caller's stdio for `run` (SCM_RIGHTS),
-	// so the first read takes the ancillary data too.
+	// The request line comes with the caller's stdio and working directory
+	// for `run` (SCM_RIGHTS), so the first read takes the ancillary data too.
 	buf := make([]byte, 64<<10)
-	n, files, err := launch.RecvWithFds(conn, buf, 3)
+	n, files, err := launch.RecvWithFds(conn, buf, 4)
 	if err != nil {
 		d.log.Warn("API read", "err", err, "uid", p.uid, "pid", p.pid)
 		return
@@ -417,16 +417,19 @@ func writeEvent(conn *net.UnixConn, r audit.Record) error {
 }
 
 // run starts an app for the peer: as the peer's uid, gids and groups, with
-// its stdio, in the app's cgroup; it relays signals and the exit status.
+// its stdio, in the app's cgroup, and in the peer's namespaces, root,
+// working directory and umask (launch.Caller); it relays signals and the
+// exit status.
 func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.File, more *bufio.Reader) {
 	defer closeAll(files)
-	fail := func(format string, args ...any) {
+	failStatus := func(status int, format string, args ...any) {
 		msg := fmt.Sprintf(format, args...)
 		d.log.Warn("run refused", "app", req.App, "uid", p.uid, "pid", p.pid, "reason", msg)
-		_ = api.WriteLine(conn, errResp("%s", msg))
+		_ = api.WriteLine(conn, api.Response{Error: msg, ExitCode: status})
 	}
-	if len(files) != 3 {
-		fail("run needs the caller's stdin, stdout and stderr (got %d descriptors)", len(files))
+	fail := func(format string, args ...any) { failStatus(launch.StatusFailed, format, args...) }
+	if len(files) != 4 {
+		fail("run needs the caller's stdin, stdout, stderr and working directory (got %d descriptors: a procgate client older than the daemon?)", len(files))
 		return
 	}
 	if len(req.Argv) == 0 {
@@ -448,22 +451,32 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 		fail("%v", err)
 		return
 	}
+	// Never the daemon's namespaces instead: a caller whose own cannot be
+	// entered is refused.
+	caller, err := launch.OpenCaller(conn, p.pid, p.uid, files[3])
+	files = files[:3] // the Caller owns the working directory now
+	if err != nil {
+		fail("app %s: cannot launch in the caller's namespaces: %v", app.Name, err)
+		return
+	}
+	defer caller.Close()
 	proc, err := launch.Start(launch.Spec{
 		App:       app,
 		CgroupDir: filepath.Join(d.appDirs.Base, app.Name),
 		Argv:      req.Argv,
 		Env:       req.Env,
-		Dir:       req.Dir,
+		Caller:    caller,
 		Cred:      &launch.Cred{UID: p.uid, GID: p.gid, Groups: p.groups},
 		Stdio:     [3]*os.File{files[0], files[1], files[2]},
 		GuardGID:  d.cfg.GuardGID,
 	})
 	if err != nil {
-		fail("%v", err)
+		failStatus(launch.StatusOf(err), "%v", err)
 		return
 	}
 	closeAll(files) // the child has its own copies
 	files = nil
+	caller.Close()
 	attrs := []any{"app", app.Name, "uid", p.uid, "pid", proc.Pid(), "argv0", req.Argv[0]}
 	guarded, why := proc.Guarded()
 	attrs = append(attrs, "trace_guard", guarded)

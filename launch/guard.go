@@ -1,6 +1,7 @@
 package launch
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/procgate/procgate/ruleset"
 	"github.com/procgate/procgate/users"
 )
 
@@ -101,6 +103,14 @@ const shimErrFd = 3
 // by the launcher (NUL-terminated entries) and closed after reading.
 const shimEnvFd = 4
 
+// In a launch for a Caller (caller.go), the shim also gets the caller's
+// pidfd, root and working directory, to enter them before anything else.
+const (
+	shimPidFd  = 5
+	shimRootFd = 6
+	shimCwdFd  = 7
+)
+
 // maxShimEnv bounds the environment the shim reads (the kernel's limit
 // for an exec's arguments and environment is of this order).
 const maxShimEnv = 8 << 20
@@ -112,13 +122,25 @@ func init() {
 }
 
 // shimArgs is what the shim is told: ids, groups ("-" keeps the current
-// ones), the confinement, the working directory, the binary and its argv.
+// ones), the confinement, the caller to enter ("-": none), the working
+// directory, the binary and its argv.
 type shimArgs struct {
 	uid, gid, rgid uint32
 	groups         []uint32 // nil: keep
 	conf           Confinement
+	caller         *shimCaller // nil: no caller's namespaces to enter
 	dir, path      string
 	argv           []string
+}
+
+// shimCaller is what the shim needs to launch in a caller's world: the
+// binary is looked up and checked there (lookPath, CheckExe), since the
+// caller's mount namespace may show another file at the same path than the
+// launcher's; path is then argv[0] as the caller gave it, dir unused.
+type shimCaller struct {
+	App   string        `json:"app"`
+	Exe   []ruleset.Exe `json:"exe,omitempty"`
+	Umask uint32        `json:"umask"`
 }
 
 func (a shimArgs) encode() []string {
@@ -134,15 +156,20 @@ func (a shimArgs) encode() []string {
 	if a.conf.NoNewPrivs {
 		nnp = "1"
 	}
+	caller := "-"
+	if a.caller != nil {
+		b, _ := json.Marshal(a.caller) // strings and numbers: cannot fail
+		caller = string(b)
+	}
 	out := []string{shimArg0,
 		strconv.FormatUint(uint64(a.uid), 10), strconv.FormatUint(uint64(a.gid), 10),
-		strconv.FormatUint(uint64(a.rgid), 10), groups, "," + strings.Join(a.conf.Drop, ","), nnp, a.dir, a.path}
+		strconv.FormatUint(uint64(a.rgid), 10), groups, "," + strings.Join(a.conf.Drop, ","), nnp, caller, a.dir, a.path}
 	return append(out, a.argv...)
 }
 
 func decodeShimArgs(args []string) (shimArgs, error) {
-	if len(args) < 9 {
-		return shimArgs{}, fmt.Errorf("want at least 9 arguments, got %d", len(args))
+	if len(args) < 10 {
+		return shimArgs{}, fmt.Errorf("want at least 10 arguments, got %d", len(args))
 	}
 	var a shimArgs
 	ids := []*uint32{&a.uid, &a.gid, &a.rgid}
@@ -182,27 +209,36 @@ func decodeShimArgs(args []string) (shimArgs, error) {
 	default:
 		return shimArgs{}, fmt.Errorf("no_new_privs %q", args[5])
 	}
-	a.dir, a.path, a.argv = args[6], args[7], args[8:]
+	if c := args[6]; c != "-" {
+		a.caller = &shimCaller{}
+		dec := json.NewDecoder(strings.NewReader(c))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(a.caller); err != nil {
+			return shimArgs{}, fmt.Errorf("caller %q: %w", c, err)
+		}
+	}
+	a.dir, a.path, a.argv = args[7], args[8], args[9:]
 	return a, nil
 }
 
 // runShim becomes the app: it returns only on failure, after writing why
-// on the error pipe.
+// on the error pipe: the status `procgate run` exits with (StatusOf), a
+// space and the message.
 func runShim(args []string) int {
 	errPipe := os.NewFile(shimErrFd, "launch-errors")
-	fail := func(format string, v ...any) int {
-		fmt.Fprintf(errPipe, format, v...)
-		return 127
+	fail := func(status int, format string, v ...any) int {
+		fmt.Fprintf(errPipe, "%d "+format, append([]any{status}, v...)...)
+		return status
 	}
 	a, err := decodeShimArgs(args)
 	if err != nil {
-		return fail("launch shim: %v", err)
+		return fail(StatusFailed, "launch shim: %v", err)
 	}
 	envPipe := os.NewFile(shimEnvFd, "launch-env")
 	raw, err := io.ReadAll(io.LimitReader(envPipe, maxShimEnv))
 	envPipe.Close()
 	if err != nil {
-		return fail("launch shim: read the environment: %v", err)
+		return fail(StatusFailed, "launch shim: read the environment: %v", err)
 	}
 	var env []string
 	for _, kv := range strings.Split(string(raw), "\x00") {
@@ -210,9 +246,20 @@ func runShim(args []string) int {
 			env = append(env, kv)
 		}
 	}
-	// Bounding set and no_new_privs are per thread: this one drops them
-	// and execs.
+	// Bounding set, no_new_privs, the fs_struct (root, working directory,
+	// umask) and namespaces entered by setns are per thread: this one
+	// takes them and execs.
 	runtime.LockOSThread()
+	if a.caller != nil {
+		var msg string
+		if a.path, a.rgid, msg, err = enterCaller(a, env); err != nil {
+			return fail(StatusOf(err), "%v", err)
+		}
+		if msg != "" {
+			// Not an error: a note for the launcher's log, before the exec.
+			fmt.Fprintf(errPipe, "+%s\n", msg)
+		}
+	}
 	// syscall's set*id calls change every thread of the Go runtime, so
 	// none is left with root's ids when the exec happens.
 	if a.groups != nil {
@@ -221,27 +268,81 @@ func runShim(args []string) int {
 			gs[i] = int(g)
 		}
 		if err := syscall.Setgroups(gs); err != nil {
-			return fail("set supplementary groups: %v", err)
+			return fail(StatusFailed, "set supplementary groups: %v", err)
 		}
 	}
 	if err := syscall.Setresgid(int(a.rgid), int(a.gid), int(a.gid)); err != nil {
-		return fail("set gids (real %d, effective and saved %d): %v", a.rgid, a.gid, err)
+		return fail(StatusFailed, "set gids (real %d, effective and saved %d): %v", a.rgid, a.gid, err)
 	}
 	// Last while root (dropping from the bounding set needs CAP_SETPCAP).
 	if err := confineThread(a.conf); err != nil {
-		return fail("confine: %v", err)
+		return fail(StatusFailed, "confine: %v", err)
 	}
 	if err := syscall.Setresuid(int(a.uid), int(a.uid), int(a.uid)); err != nil {
-		return fail("set uid %d: %v", a.uid, err)
+		return fail(StatusFailed, "set uid %d: %v", a.uid, err)
 	}
-	if err := syscall.Chdir(a.dir); err != nil {
-		return fail("chdir %s: %v", a.dir, err)
+	// Entered as the user: the search permission is the user's.
+	if a.caller != nil {
+		if err := syscall.Fchdir(shimCwdFd); err != nil {
+			return fail(StatusFailed, "chdir to the caller's working directory: %v", err)
+		}
+	} else if err := syscall.Chdir(a.dir); err != nil {
+		return fail(StatusFailed, "chdir %s: %v", a.dir, err)
 	}
 	if _, err := unix.FcntlInt(shimErrFd, unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
-		return fail("error pipe: %v", err)
+		return fail(StatusFailed, "error pipe: %v", err)
 	}
 	err = syscall.Exec(a.path, a.argv, env)
-	return fail("exec %s: %v", a.path, err)
+	return fail(execStatus(err), "exec %s: %v", a.path, err)
+}
+
+// enterCaller moves the shim's thread into the caller's world (caller.go):
+// its namespaces, root, working directory and umask; then finds argv[0] and
+// checks it there. It returns the binary, the real gid to run with (the
+// guard's, or gid for a script) and why the guard is off, if it is.
+func enterCaller(a shimArgs, env []string) (path string, rgid uint32, why string, err error) {
+	failed := func(format string, v ...any) error {
+		return &Error{Status: StatusFailed, Err: fmt.Errorf(format, v...)}
+	}
+	// setns(CLONE_NEWNS) wants a thread whose fs_struct is its own; Go's
+	// threads share one (CLONE_FS).
+	if err := unix.Unshare(unix.CLONE_FS); err != nil {
+		return "", 0, "", failed("unshare the fs_struct: %v", err)
+	}
+	if err := unix.Setns(shimPidFd, callerNS); err != nil {
+		return "", 0, "", failed("enter the caller's namespaces (net, mnt, uts, ipc, cgroup; setns with a pidfd needs Linux 5.8+): %v", err)
+	}
+	// setns of a mount namespace puts root and working directory at its
+	// root; the caller may be below (chroot).
+	if err := unix.Fchdir(shimRootFd); err != nil {
+		return "", 0, "", failed("enter the caller's root directory: %v", err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return "", 0, "", failed("enter the caller's root directory: %v", err)
+	}
+	unix.Close(shimRootFd)
+	if err := unix.Fchdir(shimCwdFd); err != nil {
+		return "", 0, "", failed("enter the caller's working directory: %v", err)
+	}
+	unix.Umask(int(a.caller.Umask))
+	dir, err := unix.Getwd()
+	if err != nil {
+		return "", 0, "", failed("the caller's working directory is outside its root: %v", err)
+	}
+	app := ruleset.App{Name: a.caller.App, Exe: a.caller.Exe}
+	found, err := lookPath(a.path, env, dir)
+	if err != nil {
+		return "", 0, "", &Error{Status: StatusNotFound, Err: fmt.Errorf("launch app %s: %w", app.Name, err)}
+	}
+	exe, err := CheckExe(app, found, a.uid)
+	if err != nil {
+		return "", 0, "", &Error{Status: exeStatus(err), Err: err}
+	}
+	rgid = a.rgid
+	if rgid != a.gid && isScript(exe) {
+		rgid, why = a.gid, scriptWhy
+	}
+	return exe, rgid, why, nil
 }
 
 // shimTimeout bounds the shim's run from start to exec (a Go runtime start
@@ -249,10 +350,11 @@ func runShim(args []string) int {
 const shimTimeout = 30 * time.Second
 
 // shimCommand turns cmd, which would exec path as argv, into one that runs
-// the shim; the returned function must be called after cmd.Start: it
-// closes the launcher's end of the error pipe and says whether the binary
-// was executed.
-func shimCommand(cmd *exec.Cmd, a shimArgs) (after func(started error) error, err error) {
+// the shim, with extra as its descriptors from shimPidFd on; the returned
+// function must be called after cmd.Start: it closes the launcher's end of
+// the error pipe and says whether the binary was executed, and the shim's
+// note if it left one (why the guard is off).
+func shimCommand(cmd *exec.Cmd, a shimArgs, extra ...*os.File) (after func(started error) (string, error), err error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("launch shim's error pipe: %w", err)
@@ -269,14 +371,14 @@ func shimCommand(cmd *exec.Cmd, a shimArgs) (after func(started error) error, er
 	cmd.Dir = "" // entered by the shim, as the user
 	// Not nil: nil would hand the launcher's own environment on.
 	cmd.Env = []string{}
-	cmd.ExtraFiles = []*os.File{w, envR}
-	return func(started error) error {
+	cmd.ExtraFiles = append([]*os.File{w, envR}, extra...)
+	return func(started error) (string, error) {
 		w.Close()
 		envR.Close()
 		defer r.Close()
 		if started != nil {
 			envW.Close()
-			return started
+			return "", started
 		}
 		// Written aside: more than a pipe's buffer would block until the
 		// shim reads; a shim that died early makes the writes fail.
@@ -299,16 +401,30 @@ func shimCommand(cmd *exec.Cmd, a shimArgs) (after func(started error) error, er
 			// hung NFS working directory) must not hold the launcher.
 			go func() { _ = cmd.Wait() }()
 			if errors.Is(err, os.ErrDeadlineExceeded) {
-				return fmt.Errorf("launch shim did not exec %s within %v (killed)", a.path, shimTimeout)
+				return "", fmt.Errorf("launch shim did not exec %s within %v (killed)", a.path, shimTimeout)
 			}
-			return fmt.Errorf("read the launch shim's error pipe (shim killed): %w", err)
+			return "", fmt.Errorf("read the launch shim's error pipe (shim killed): %w", err)
 		}
-		if len(msg) > 0 {
-			_ = cmd.Wait() // the shim exits right after writing
-			return errors.New(string(msg))
+		note, failure := "", string(msg)
+		if n, ok := strings.CutPrefix(failure, "+"); ok {
+			note, failure, _ = strings.Cut(n, "\n")
 		}
-		return nil
+		if failure == "" {
+			return note, nil
+		}
+		_ = cmd.Wait() // the shim exits right after writing
+		return note, shimError(failure)
 	}, nil
+}
+
+// shimError turns the shim's "STATUS message" into an Error.
+func shimError(msg string) error {
+	code, text, ok := strings.Cut(msg, " ")
+	status, err := strconv.Atoi(code)
+	if !ok || err != nil || status < StatusFailed || status > StatusNotFound {
+		return &Error{Status: StatusFailed, Err: fmt.Errorf("launch shim: %s", msg)}
+	}
+	return &Error{Status: status, Err: errors.New(text)}
 }
 
 // yamaScope is where Yama says who may trace whom.

@@ -1,14 +1,19 @@
 package launch
 
 import (
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/ruleset"
 )
 
 func TestTracingWhy(t *testing.T) {
@@ -34,6 +39,8 @@ func TestShimArgs(t *testing.T) {
 			dir: "/home/a b", path: "/usr/bin/env", argv: []string{"env", "-i", ""}},
 		{uid: 0, gid: 0, rgid: 65534, dir: "/", path: "/bin/true", argv: []string{"true"}},
 		{uid: 5, gid: 6, rgid: 7, groups: []uint32{}, dir: "/", path: "/bin/x", argv: []string{"-"}},
+		{uid: 5, gid: 6, rgid: 6, caller: &shimCaller{App: "db", Exe: []ruleset.Exe{{Path: "/usr/bin/psql", SHA256: "ab"}}, Umask: 0o027},
+			dir: "/", path: "psql", argv: []string{"psql", "-h", "x"}},
 	} {
 		enc := a.encode()
 		if enc[0] != shimArg0 {
@@ -45,12 +52,14 @@ func TestShimArgs(t *testing.T) {
 		}
 		if got.uid != a.uid || got.gid != a.gid || got.rgid != a.rgid || got.dir != a.dir || got.path != a.path ||
 			!slices.Equal(got.argv, a.argv) || (got.groups == nil) != (a.groups == nil) || !slices.Equal(got.groups, a.groups) ||
-			!slices.Equal(got.conf.Drop, a.conf.Drop) || got.conf.NoNewPrivs != a.conf.NoNewPrivs {
+			!slices.Equal(got.conf.Drop, a.conf.Drop) || got.conf.NoNewPrivs != a.conf.NoNewPrivs ||
+			!reflect.DeepEqual(got.caller, a.caller) {
 			t.Errorf("round trip of %+v gave %+v", a, got)
 		}
 	}
-	for _, bad := range [][]string{{"1", "2"}, {"x", "1", "2", "-", ",", "0", "/", "/bin/true", "true"}, {"1", "1", "1", ",a", ",", "0", "/", "/bin/true", "true"},
-		{"1", "1", "1", "-", ",chown", "0", "/", "/bin/true", "true"}, {"1", "1", "1", "-", ",", "2", "/", "/bin/true", "true"}} {
+	for _, bad := range [][]string{{"1", "2"}, {"x", "1", "2", "-", ",", "0", "-", "/", "/bin/true", "true"}, {"1", "1", "1", ",a", ",", "0", "-", "/", "/bin/true", "true"},
+		{"1", "1", "1", "-", ",chown", "0", "-", "/", "/bin/true", "true"}, {"1", "1", "1", "-", ",", "2", "-", "/", "/bin/true", "true"},
+		{"1", "1", "1", "-", ",", "0", `{"app":"a","pidfd":3}`, "/", "/bin/true", "true"}, {"1", "1", "1", "-", ",", "0", "{", "/", "/bin/true", "true"}} {
 		if _, err := decodeShimArgs(bad); err == nil {
 			t.Errorf("decodeShimArgs(%q) = nil error", bad)
 		}
@@ -95,6 +104,67 @@ func TestIsScript(t *testing.T) {
 			}
 		case <-time.After(10 * time.Second): // a guard against hanging, not a timing assertion
 			t.Fatalf("isScript(%s) blocked", tc.path)
+		}
+	}
+}
+
+// TestHoldsPeer: on kernels without SO_PEERPIDFD, a pid is taken for the
+// caller only if that process holds the other end of the connection.
+func TestHoldsPeer(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("sock_diag of unix sockets and /proc/PID/fd of others need root")
+	}
+	sock := filepath.Join(t.TempDir(), "s")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := ln.AcceptUnix()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	if err := holdsPeer(server, os.Getpid(), 0); err != nil {
+		t.Errorf("this process holds the client end, yet: %v", err)
+	}
+	sleeper := exec.Command("sleep", "100")
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = sleeper.Process.Kill(); _ = sleeper.Wait() }()
+	if err := holdsPeer(server, sleeper.Process.Pid, 0); err == nil {
+		t.Error("a process without the client end was taken for the caller")
+	}
+	if err := holdsPeer(server, os.Getpid(), 65534); err == nil {
+		t.Error("a process of another uid was taken for the caller")
+	}
+}
+
+func TestUmaskOf(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		status string
+		want   uint32
+		ok     bool
+	}{
+		{"Name:\tsh\nUmask:\t0027\nState:\tS\n", 0o027, true},
+		{"Umask:\t0000\n", 0, true},
+		{"Name:\tsh\n", 0, false},
+		{"Umask:\t0x9\n", 0, false},
+	} {
+		p := filepath.Join(dir, "status")
+		if err := os.WriteFile(p, []byte(tc.status), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		got, err := umaskOf(p)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("umaskOf(%q) = %o, %v; want %o, ok %v", tc.status, got, err, tc.want, tc.ok)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package launch
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,12 +38,65 @@ type Spec struct {
 	// NetNS is a network namespace file to run in; empty inherits this
 	// process' namespace.
 	NetNS string
+	// Caller, when set, is the process the app is launched for: the app
+	// runs in its namespaces, root, working directory (Dir is ignored) and
+	// umask (caller.go), and argv[0] is looked up and checked there. Start
+	// does not close it.
+	Caller *Caller
 	// GuardGID is the real gid app processes run with so that no process
 	// without CAP_SYS_PTRACE can trace them (guard.go); 0: no guard. An
 	// app with `traceable: true` is never guarded, and neither is a user
 	// whose own group is the guard gid: nobody could tell them apart.
 	GuardGID uint32
 }
+
+// The status `procgate run` exits with when the app does not start, as a
+// shell would (POSIX, "Command Search and Execution"; also env(1), chroot(1)
+// and timeout(1)), so that it is never confused with the app's own status.
+const (
+	StatusFailed     = 125 // the launcher failed or refused
+	StatusCannotExec = 126 // found, but not executable: permission, not one of the app's exe:
+	StatusNotFound   = 127 // no such command
+)
+
+// Error is a launch failure with the status to report it with.
+type Error struct {
+	Status int
+	Err    error
+}
+
+func (e *Error) Error() string { return e.Err.Error() }
+func (e *Error) Unwrap() error { return e.Err }
+
+// StatusOf is the exit status for a launch error: StatusFailed unless the
+// error says the command was not found or could not be executed.
+func StatusOf(err error) int {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Status
+	}
+	return StatusFailed
+}
+
+// execStatus is the status for a failed execve(2), as a shell gives it.
+func execStatus(err error) int {
+	if errors.Is(err, syscall.ENOENT) {
+		return StatusNotFound
+	}
+	return StatusCannotExec
+}
+
+// exeStatus is the status for a CheckExe refusal: the command is missing
+// (or a dangling link), or it is there and may not run.
+func exeStatus(err error) int {
+	if errors.Is(err, fs.ErrNotExist) {
+		return StatusNotFound
+	}
+	return StatusCannotExec
+}
+
+// scriptWhy is why a script runs without the trace guard.
+const scriptWhy = "a script (#!): interpreters refuse or drop set-group-ID ids"
 
 // Cred is a user identity: the caller's uid, gid and supplementary groups.
 type Cred struct {
@@ -87,12 +141,8 @@ func Start(spec Spec) (*Process, error) {
 	}
 	env := ScrubEnv(spec.Env)
 	dir := spec.Dir
-	if dir == "" {
+	if dir == "" || spec.Caller != nil {
 		dir = "/"
-	}
-	path, err := lookPath(spec.Argv[0], env, dir)
-	if err != nil {
-		return nil, fmt.Errorf("launch app %s: %w", spec.App.Name, err)
 	}
 	uid, gid := uint32(os.Geteuid()), uint32(os.Getegid())
 	attr := &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true}
@@ -109,16 +159,24 @@ func Start(spec Spec) (*Process, error) {
 		}
 		attr.Credential.Gid = gid
 	}
-	exe, err := CheckExe(spec.App, path, uid)
-	if err != nil {
-		return nil, err
-	}
-	if guarded && isScript(exe) {
-		// Interpreters treat a real gid apart from the effective one as a
-		// set-group-ID run: Perl refuses its environment (taint mode: Debian's
-		// psql is a Perl wrapper), bash and dash set their effective gid to
-		// the guard's. Guarding a script breaks it or gains nothing.
-		guarded, why = false, "a script (#!): interpreters refuse or drop set-group-ID ids"
+	// For a caller, the binary is found and checked in the caller's mount
+	// namespace, by the shim.
+	exe := spec.Argv[0]
+	if spec.Caller == nil {
+		path, err := lookPath(spec.Argv[0], env, dir)
+		if err != nil {
+			return nil, &Error{Status: StatusNotFound, Err: fmt.Errorf("launch app %s: %w", spec.App.Name, err)}
+		}
+		if exe, err = CheckExe(spec.App, path, uid); err != nil {
+			return nil, &Error{Status: exeStatus(err), Err: err}
+		}
+		if guarded && isScript(exe) {
+			// Interpreters treat a real gid apart from the effective one as a
+			// set-group-ID run: Perl refuses its environment (taint mode: Debian's
+			// psql is a Perl wrapper), bash and dash set their effective gid to
+			// the guard's. Guarding a script breaks it or gains nothing.
+			guarded, why = false, scriptWhy
+		}
 	}
 
 	cg, err := os.OpenFile(spec.CgroupDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
@@ -149,7 +207,20 @@ func Start(spec Spec) (*Process, error) {
 		SysProcAttr: attr,
 	}
 	var enter func() error
-	if spec.NetNS != "" {
+	switch {
+	case spec.Caller != nil:
+		if spec.NetNS != "" {
+			return nil, fmt.Errorf("launch app %s: a caller's namespaces and NetNS %s at once", spec.App.Name, spec.NetNS)
+		}
+		// The shim enters the others itself; the pid namespace is where
+		// the shim is born (caller.go).
+		enter = func() error {
+			if err := unix.Setns(int(spec.Caller.pidfd.Fd()), unix.CLONE_NEWPID); err != nil {
+				return &Error{Status: StatusFailed, Err: fmt.Errorf("enter the pid namespace of the caller (pid %d) for the app (setns with a pidfd needs Linux 5.8+): %w", spec.Caller.pid, err)}
+			}
+			return nil
+		}
+	case spec.NetNS != "":
 		ns, err := netns.GetFromPath(spec.NetNS)
 		if err != nil {
 			return nil, fmt.Errorf("launch app %s: open netns: %w", spec.App.Name, err)
@@ -163,11 +234,19 @@ func Start(spec Spec) (*Process, error) {
 		}
 	}
 	// Last before the start: the shim's error pipe is closed by after.
-	after := func(started error) error { return started }
+	after := func(started error) (string, error) { return "", started }
 	conf := ConfinementOf(spec.App)
-	if guarded {
+	if guarded || spec.Caller != nil {
 		// The shim confines itself, last before its exec (guard.go).
-		a := shimArgs{uid: uid, gid: gid, rgid: spec.GuardGID, conf: conf, dir: dir, path: exe, argv: spec.Argv}
+		a := shimArgs{uid: uid, gid: gid, rgid: gid, conf: conf, dir: dir, path: exe, argv: spec.Argv}
+		if guarded {
+			a.rgid = spec.GuardGID
+		}
+		var extra []*os.File
+		if c := spec.Caller; c != nil {
+			a.caller = &shimCaller{App: spec.App.Name, Exe: spec.App.Exe, Umask: c.umask}
+			extra = []*os.File{c.pidfd, c.root, c.cwd}
+		}
 		conf = Confinement{}
 		if spec.Cred != nil {
 			// The user's own group stays a supplementary one: access(2)
@@ -178,7 +257,7 @@ func Start(spec Spec) (*Process, error) {
 			}
 		}
 		cmd.SysProcAttr.Credential = nil // the shim sets them
-		if after, err = shimCommand(cmd, a); err != nil {
+		if after, err = shimCommand(cmd, a, extra...); err != nil {
 			return nil, fmt.Errorf("launch app %s: %w", spec.App.Name, err)
 		}
 	}
@@ -186,9 +265,12 @@ func Start(spec Spec) (*Process, error) {
 	// namespace and reduced capabilities, which no other goroutine ever
 	// sees. With *os.File stdio, exec.Cmd starts no copying goroutines that
 	// could run elsewhere.
-	err = after(onConfinedThread(conf, enter, cmd.Start))
+	note, err := after(onConfinedThread(conf, enter, cmd.Start))
 	if err != nil {
-		return nil, fmt.Errorf("launch app %s: start %s in %s: %w", spec.App.Name, exe, spec.CgroupDir, err)
+		return nil, &Error{Status: StatusOf(err), Err: fmt.Errorf("launch app %s: start %s in %s: %w", spec.App.Name, exe, spec.CgroupDir, err)}
+	}
+	if note != "" {
+		guarded, why = false, note
 	}
 	return &Process{cmd: cmd, guarded: guarded, why: why}, nil
 }

@@ -81,7 +81,7 @@ func TestCLIWithoutDaemon(t *testing.T) {
 			[]string{"is it running?"}},
 		{"socket flag after the command", []string{"status", "--socket", filepath.Join(dir, "none.sock")}, 1,
 			[]string{"none.sock", "is it running?"}},
-		{"run needs --app", []string{"run", "--", "true"}, 1, []string{"app"}},
+		{"run needs --app", []string{"run", "--", "true"}, 125, []string{"app"}},
 		{"help lists the commands", []string{"help"}, 0,
 			[]string{"daemon", "uninstall", "run", "validate", "status", "explain", "events", "revoke", "demo"}},
 	} {

@@ -630,9 +630,9 @@ apps:
 		{"the child runs as the caller", nobody, nil,
 			[]string{"run", "--app", "shell", "--", "id", "-u"}, 0, []string{"65534"}, nil},
 		{"user not listed is refused", nobody, nil,
-			[]string{"run", "--app", "rootonly", "--", "true"}, 1, []string{"nobody", "rootonly"}, nil},
+			[]string{"run", "--app", "rootonly", "--", "true"}, 125, []string{"nobody", "rootonly"}, nil},
 		{"wrong binary is refused", nobody, nil,
-			[]string{"run", "--app", "pinned", "--", "/bin/true"}, 1, []string{"/usr/bin/env"}, nil},
+			[]string{"run", "--app", "pinned", "--", "/bin/true"}, 126, []string{"/usr/bin/env"}, nil},
 		{"pinned binary runs", nobody, nil,
 			[]string{"run", "--app", "pinned", "--", "/usr/bin/env"}, 0, []string{"PATH="}, nil},
 		{"loader variables are scrubbed", nobody, []string{"LD_PRELOAD=/tmp/evil.so", "LD_LIBRARY_PATH=/tmp", "GCONV_PATH=/tmp", "KEEP_ME=1"},
@@ -654,7 +654,25 @@ apps:
 		{"traceable: no guard", nobody, nil,
 			append([]string{"run", "--app", "debug", "--"}, gids...), 0, []string{"Gid:\t65534\t65534\t65534\t65534\n"}, nil},
 		{"unknown app", nobody, nil,
-			[]string{"run", "--app", "nosuch", "--", "true"}, 1, []string{"no app \"nosuch\""}, nil},
+			[]string{"run", "--app", "nosuch", "--", "true"}, 125, []string{"no app \"nosuch\""}, nil},
+		// The launcher's own failures are 125, 126 and 127, apart from the
+		// app's statuses.
+		{"command not found: 127", nobody, nil,
+			[]string{"run", "--app", "shell", "--", "no-such-command"}, 127, []string{"no-such-command"}, nil},
+		{"command not found, as root: 127", nil, nil,
+			[]string{"run", "--app", "rootonly", "--", "./no-such-command"}, 127, []string{"no-such-command"}, nil},
+		{"not executable: 126", nobody, nil,
+			[]string{"run", "--app", "shell", "--", "/etc/passwd"}, 126, []string{"/etc/passwd"}, nil},
+		{"not executable, as root: 126", nil, nil,
+			[]string{"run", "--app", "rootonly", "--", "/etc/passwd"}, 126, []string{"/etc/passwd"}, nil},
+		{"bad flag: 125", nobody, nil,
+			[]string{"run", "--no-such-flag", "--app", "shell", "--", "true"}, 125, []string{"no-such-flag"}, nil},
+		{"no --app: 125", nobody, nil,
+			[]string{"run", "--", "true"}, 125, []string{"--app"}, nil},
+		{"no command: 125", nobody, nil,
+			[]string{"run", "--app", "shell"}, 125, []string{"no command"}, nil},
+		{"daemon unreachable: 125", nobody, nil,
+			[]string{"--socket", "/nonexistent/procgate.sock", "run", "--app", "shell", "--", "true"}, 125, []string{"/nonexistent/procgate.sock"}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, err := e.procgateAs(tc.cred, tc.env, tc.args...)

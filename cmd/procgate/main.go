@@ -17,6 +17,11 @@ func main() {
 		if errors.As(err, &ec) {
 			os.Exit(int(ec))
 		}
+		var rf runFailed
+		if errors.As(err, &rf) {
+			fmt.Fprintln(os.Stderr, "procgate:", err)
+			os.Exit(rf.status)
+		}
 		fmt.Fprintln(os.Stderr, "procgate:", err)
 		os.Exit(1)
 	}

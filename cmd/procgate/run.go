@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"unsafe"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/launch"
@@ -34,6 +36,11 @@ func runCmd(client func() api.Client) *cobra.Command {
 		Long: `Runs CMD as application NAME, for the calling user, with the caller's stdin,
 stdout and stderr, signals relayed and the exit status returned.
 
+The app runs in the caller's namespaces (network, mount, UTS, IPC, cgroup,
+pid), below its root, in its working directory and with its umask. A caller
+in a user namespace of its own is refused, as is one whose namespaces cannot
+be entered: the app never runs in the daemon's namespaces instead.
+
 Root starts the process itself; any other user asks the daemon, which checks
 the user against the app's users: list and starts the process as that user
 (uid, gid, groups) directly inside the app's cgroup. Loader variables
@@ -50,22 +57,55 @@ The kernel treats such a process as set-group-ID: the loader ignores LD_*
 variables, secure_getenv() returns nothing (OpenSSL's SSL_CERT_FILE, Kerberos'
 KRB5_CONFIG), and a shell started without -p sets its effective gid to the
 guard gid (what it creates then has that group). Scripts (#!) run without the
-guard: Perl, for one, would refuse to run set-group-ID with its environment.`,
+guard: Perl, for one, would refuse to run set-group-ID with its environment.
+
+Exit status: the app's own; 128+N when signal N ended it (procgate re-raises
+the signal on itself); 125 when procgate run itself failed (bad flags, daemon
+unreachable, refused); 126 when the command was found but could not be
+executed (permission, not one of the app's exe:); 127 when it was not found.`,
 		Example: `  procgate run --app psql-prod -- psql -h 10.1.2.3 prod
   procgate run --app ops -- procgate dial 10.1.2.3:22`,
-		Args: cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if os.Geteuid() == 0 {
-				return runAsRoot(client(), app, args)
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return runFailed{launch.StatusFailed, errors.New("run: no command given (procgate run --app NAME -- CMD [ARGS...])")}
 			}
-			return runViaDaemon(client(), app, args)
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if app == "" {
+				return runFailed{launch.StatusFailed, errors.New(`run: required flag "--app" not set`)}
+			}
+			var err error
+			if os.Geteuid() == 0 {
+				err = runAsRoot(client(), app, args)
+			} else {
+				err = runViaDaemon(client(), app, args)
+			}
+			var ec exitCode
+			if err == nil || errors.As(err, &ec) || errors.As(err, new(runFailed)) {
+				return err
+			}
+			return runFailed{launch.StatusOf(err), err}
 		},
 	}
 	cmd.Flags().StringVar(&app, "app", "", "application name (required)")
 	cmd.Flags().SetInterspersed(false)
-	_ = cmd.MarkFlagRequired("app")
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
+		return runFailed{launch.StatusFailed, fmt.Errorf("run: %w", err)}
+	})
 	return cmd
 }
+
+// runFailed is `procgate run` failing itself: main prints err and exits
+// with status (launch.StatusFailed, StatusCannotExec or StatusNotFound), so
+// that the app's own statuses keep their meaning.
+type runFailed struct {
+	status int
+	err    error
+}
+
+func (r runFailed) Error() string { return r.err.Error() }
+func (r runFailed) Unwrap() error { return r.err }
 
 func runAsRoot(c api.Client, name string, argv []string) error {
 	resp, err := c.Do(api.Request{Op: api.OpAppInfo, App: name})
@@ -111,6 +151,13 @@ func runViaDaemon(c api.Client, name string, argv []string) error {
 		return fmt.Errorf("current directory: %w", err)
 	}
 	req := api.Request{Op: api.OpRun, App: name, Argv: argv, Env: os.Environ(), Dir: dir}
+	// The daemon takes the working directory from this descriptor, opened
+	// here as the user, never by resolving the path as root.
+	cwd, err := os.OpenFile(".", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open the current directory: %w", err)
+	}
+	defer cwd.Close()
 	conn, err := dialRaw(c.Socket)
 	if err != nil {
 		return err
@@ -120,9 +167,10 @@ func runViaDaemon(c api.Client, name string, argv []string) error {
 	if err != nil {
 		return err
 	}
-	if err := launch.SendWithFds(conn, line, os.Stdin, os.Stdout, os.Stderr); err != nil {
+	if err := launch.SendWithFds(conn, line, os.Stdin, os.Stdout, os.Stderr, cwd); err != nil {
 		return fmt.Errorf("send run request: %w", err)
 	}
+	cwd.Close()
 	sigs := make(chan os.Signal, 8)
 	signal.Notify(sigs, relayed...)
 	defer signal.Stop(sigs)
@@ -135,6 +183,12 @@ func runViaDaemon(c api.Client, name string, argv []string) error {
 	for {
 		resp, err := api.ReadResponse(r)
 		if err != nil {
+			if resp != nil && resp.ExitCode != 0 {
+				return runFailed{resp.ExitCode, err}
+			}
+			if errors.Is(err, io.EOF) {
+				return errors.New("the daemon closed the connection before the app exited (see its log)")
+			}
 			return err
 		}
 		if resp.Run != nil && resp.Run.Exited {
