@@ -119,15 +119,20 @@ func (e *Errors) Error() string {
 }
 
 // Warning is something legal that is probably not what the author meant.
+// Line and Col are 1-based; Col 0 means unknown.
 type Warning struct {
-	File  string
-	Line  int
-	Field string
-	Msg   string
+	File      string
+	Line, Col int
+	Field     string
+	Msg       string
 }
 
 func (w Warning) String() string {
-	return w.File + ":" + strconv.Itoa(w.Line) + ": " + w.Field + ": " + w.Msg
+	at := w.File + ":" + strconv.Itoa(w.Line)
+	if w.Col > 0 {
+		at += ":" + strconv.Itoa(w.Col)
+	}
+	return at + ": " + w.Field + ": " + w.Msg
 }
 
 // Load reads and compiles the policy file at path.
@@ -143,6 +148,11 @@ func Load(path string) (*ruleset.Ruleset, []Warning, error) {
 // On failure the error is an *Errors holding every mistake found, and the
 // warnings found so far are still returned.
 func Parse(file string, data []byte) (*ruleset.Ruleset, []Warning, error) {
+	rs, warns, _, err := parse(file, data)
+	return rs, warns, err
+}
+
+func parse(file string, data []byte) (*ruleset.Ruleset, []Warning, *parser, error) {
 	p := &parser{file: file}
 	var rs *ruleset.Ruleset
 	if root := p.document(data); root != nil {
@@ -155,15 +165,18 @@ func Parse(file string, data []byte) (*ruleset.Ruleset, []Warning, error) {
 			}
 			return a.Col - b.Col
 		})
-		return nil, p.warns, &Errors{List: p.errs}
+		return nil, p.warns, p, &Errors{List: p.errs}
 	}
-	return rs, p.warns, nil
+	return rs, p.warns, p, nil
 }
 
 type parser struct {
 	file  string
 	errs  []Error
 	warns []Warning
+	// refs are the users, groups and binaries the policy names, for
+	// HostCheck.
+	refs []hostRef
 }
 
 func (p *parser) errorf(n *yaml.Node, field, format string, args ...any) {
@@ -175,7 +188,7 @@ func (p *parser) errorf(n *yaml.Node, field, format string, args ...any) {
 }
 
 func (p *parser) warnf(n *yaml.Node, field, format string, args ...any) {
-	p.warns = append(p.warns, Warning{File: p.file, Line: n.Line, Field: field, Msg: fmt.Sprintf(format, args...)})
+	p.warns = append(p.warns, Warning{File: p.file, Line: n.Line, Col: n.Column, Field: field, Msg: fmt.Sprintf(format, args...)})
 }
 
 var yamlLineRE = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
@@ -812,6 +825,7 @@ func (p *parser) exe(n *yaml.Node, field string) (ruleset.Exe, bool) {
 		return exe, false
 	}
 	exe.Path = s
+	p.ref(refExe, s, pathNode, pathField)
 	return exe, ok
 }
 
@@ -829,12 +843,20 @@ func (p *parser) sha256(n *yaml.Node, field string) (string, bool) {
 }
 
 func (p *parser) users(n *yaml.Node, field string) []string {
-	return p.distinct(n, field, "user", func(u string) string {
+	out := p.distinct(n, field, "user", func(u string) string {
 		if !userRE.MatchString(u) {
 			return fmt.Sprintf("invalid user %q: want a user name or uid, or @ and a group name or gid (letters, digits, _ . @ -)", u)
 		}
 		return ""
 	})
+	if n.Kind == yaml.SequenceNode {
+		for i, item := range n.Content {
+			if item.Kind == yaml.ScalarNode && slices.Contains(out, item.Value) {
+				p.ref(refUser, item.Value, item, index(field, i))
+			}
+		}
+	}
+	return out
 }
 
 // keepCaps reads keep_caps: names of ruleset.LauncherDrops, as in

@@ -149,8 +149,8 @@ func TestLoadValid(t *testing.T) {
 				}
 			},
 			warns: []string{
-				"testdata/valid/warnings.yaml:6: apps[0].allow[0].to: 192.0.2.0/24 is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)",
-				"testdata/valid/warnings.yaml:9: apps[0].allow[2].to: 2001:db8::1/128 is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)",
+				"testdata/valid/warnings.yaml:6:13: apps[0].allow[0].to: 192.0.2.0/24 is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)",
+				"testdata/valid/warnings.yaml:9:13: apps[0].allow[2].to: 2001:db8::1/128 is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)",
 			},
 		},
 		{
@@ -168,7 +168,7 @@ func TestLoadValid(t *testing.T) {
 				}
 			},
 			warns: []string{
-				"testdata/valid/interfaces.yaml:9: apps[0].allow[0].to: 198.51.100.0/24 is outside every internal prefix; it has an effect only where routes via wg0, tun.corp-1 make it internal",
+				"testdata/valid/interfaces.yaml:9:13: apps[0].allow[0].to: 198.51.100.0/24 is outside every internal prefix; it has an effect only where routes via wg0, tun.corp-1 make it internal",
 			},
 		},
 		{
@@ -202,7 +202,7 @@ func TestLoadValid(t *testing.T) {
 				return &ruleset.Ruleset{AuditRate: DefaultAuditRate}
 			},
 			warns: []string{
-				"testdata/valid/empty-internal.yaml:2: internal: no prefixes and no interfaces: nothing is internal, so the policy denies nothing",
+				"testdata/valid/empty-internal.yaml:2:11: internal: no prefixes and no interfaces: nothing is internal, so the policy denies nothing",
 			},
 		},
 	}
