@@ -364,15 +364,25 @@ func loadPolicy(path string, log *slog.Logger) (*ruleset.Ruleset, string, error)
 	if err != nil {
 		return nil, "", fmt.Errorf("read policy: %w", err)
 	}
-	rs, warnings, err := policy.Parse(path, data)
+	rs, warnings, check, err := policy.ParseForHost(path, data)
 	if err != nil {
 		return nil, "", err
 	}
 	for _, w := range warnings {
 		log.Warn("policy", "warning", w.String())
 	}
+	go logHostWarnings(log, check)
 	sum := sha256.Sum256(data)
 	return rs, hex.EncodeToString(sum[:]), nil
+}
+
+// logHostWarnings logs what the policy names and this host lacks or leaves
+// open (users, groups, binaries), as validate prints it. It runs apart:
+// a directory server that is slow to answer must not hold a reload.
+func logHostWarnings(log *slog.Logger, check policy.HostCheck) {
+	for _, w := range check() {
+		log.Warn("policy", "warning", w.String())
+	}
 }
 
 // Reload re-reads the policy file. Unless force is set, an unchanged file
@@ -413,9 +423,13 @@ func (d *Daemon) Reload(force bool) (uint32, error) {
 		err = fmt.Errorf("read policy: %w", readErr)
 	} else {
 		var warnings []policy.Warning
-		rs, warnings, err = policy.Parse(d.cfg.PolicyPath, data)
+		var check policy.HostCheck
+		rs, warnings, check, err = policy.ParseForHost(d.cfg.PolicyPath, data)
 		for _, w := range warnings {
 			d.log.Warn("policy", "warning", w.String())
+		}
+		if check != nil {
+			go logHostWarnings(d.log, check)
 		}
 	}
 	if err == nil {

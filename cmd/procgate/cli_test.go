@@ -35,6 +35,8 @@ func TestCLIWithoutDaemon(t *testing.T) {
 	os.WriteFile(good, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: db\n    allow:\n      - to: 10.1.2.0/24\n        proto: tcp\n        ports: [5432]\n"), 0o644)
 	everyone := filepath.Join(dir, "everyone.yaml")
 	os.WriteFile(everyone, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\neveryone:\n  allow:\n    - {to: 10.0.0.53, proto: udp, ports: [53]}\napps:\n  - name: db\n    allow:\n      - to: 10.0.0.0/24\n"), 0o644)
+	host := filepath.Join(dir, "host.yaml")
+	os.WriteFile(host, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: db\n    users: [root, procgate-no-such-user]\n    exe: [/nonexistent/psql]\n"), 0o644)
 	os.WriteFile(bad, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: db\n    allow:\n      - to: 10.1.2.3/24\n        ports: [70000]\n"), 0o644)
 	for _, tc := range []struct {
 		name     string
@@ -45,6 +47,10 @@ func TestCLIWithoutDaemon(t *testing.T) {
 		{"validate ok", []string{"validate", good}, 0, []string{"ok: 1 internal prefixes, 1 apps, 1 grants"}},
 		{"validate names every error with file:line", []string{"validate", bad}, 1,
 			[]string{bad + ":7:", "10.1.2.0/24", bad + ":8:", "70000"}},
+		{"validate warns about users and binaries the host lacks", []string{"validate", host}, 0, []string{
+			"warning: " + host + `:6:19: apps[0].users[1]: unknown user "procgate-no-such-user" on this host`,
+			"warning: " + host + ":7:11: apps[0].exe[0]: binary /nonexistent/psql does not exist on this host",
+			"ok: 1 internal prefixes, 1 apps, 0 grants"}},
 		{"validate missing file", []string{"validate", filepath.Join(dir, "nope.yaml")}, 1, []string{"nope.yaml"}},
 		{"explain offline allow", []string{"explain", "--policy", good, "--app", "db", "10.1.2.3:5432"}, 0,
 			[]string{"db -> 10.1.2.3:5432/tcp: allow (granted)", good + ":7"}},

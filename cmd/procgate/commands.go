@@ -196,10 +196,21 @@ func validateCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:     "validate FILE",
 		Short:   "Check a policy file and explain every error with file:line",
+		Long: `Checks a policy file and explains every error with file:line:col and the
+field, and exits 1 if there is one. It also warns, without failing, about
+what is legal but probably not meant, and about what the policy names and
+this host lacks or leaves open: users and groups the user database (files,
+then NSS through getent) does not know, and exe: binaries that are missing,
+not executable, not owned by root, or writable by group or others (or in a
+directory that is), which procgate run would refuse. The daemon logs the same
+warnings when it loads the policy.`,
 		Example: "  procgate validate /etc/procgate/policy.yaml",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			rs, warnings, err := policy.Load(args[0])
+			rs, warnings, check, err := policy.LoadForHost(args[0])
+			if check != nil {
+				warnings = append(warnings, check()...)
+			}
 			for _, w := range warnings {
 				fmt.Fprintln(cmd.ErrOrStderr(), "warning:", w.String())
 			}
