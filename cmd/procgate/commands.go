@@ -194,8 +194,8 @@ func uninstallCmd() *cobra.Command {
 
 func validateCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:     "validate FILE",
-		Short:   "Check a policy file and explain every error with file:line",
+		Use:   "validate FILE",
+		Short: "Check a policy file and explain every error with file:line",
 		Long: `Checks a policy file and explains every error with file:line:col and the
 field, and exits 1 if there is one. It also warns, without failing, about
 what is legal but probably not meant, and about what the policy names and
