@@ -9,6 +9,7 @@ package ruleset
 import (
 	"fmt"
 	"net/netip"
+	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -130,7 +131,66 @@ type App struct {
 	// Traceable lets processes of the same user trace the app's processes
 	// (policy `traceable: true`): the launcher does not guard them.
 	Traceable bool
-	Source    Source
+	// Match, when set, makes the app every process in existing cgroups
+	// (a systemd unit's, or those a glob names) or of a user; nil: the
+	// processes `procgate run` starts in the app's own cgroup.
+	Match  *Match
+	Source Source
+}
+
+// MatchKind is what kind of principal an app is.
+type MatchKind uint8
+
+const (
+	MatchLaunched MatchKind = iota // started by `procgate run` in <root>/procgate.apps/NAME
+	MatchUnit                      // a systemd unit's or slice's cgroup, followed across restarts
+	MatchCgroup                    // existing cgroups whose path below the cgroup root matches a glob
+	MatchUser                      // every process whose real uid is UID, in no app's cgroup
+)
+
+func (k MatchKind) String() string {
+	switch k {
+	case MatchLaunched:
+		return "launched"
+	case MatchUnit:
+		return "unit"
+	case MatchCgroup:
+		return "cgroup"
+	case MatchUser:
+		return "user"
+	}
+	return "match(" + strconv.Itoa(int(k)) + ")"
+}
+
+// Match is an app's `match:`.
+type Match struct {
+	Kind MatchKind
+	// Value is as written: the unit name, the glob, the user name or
+	// number.
+	Value string
+	// Path is, for a unit, its cgroup below the cgroup root as systemd
+	// lays it out (system.slice/nginx.service), and for a cgroup match the
+	// glob; slash-separated, no leading slash.
+	Path string
+	// UID is a user match's uid, looked up when the policy was read.
+	UID uint32
+}
+
+// Describe is the principal as explain and status name it: "unit
+// nginx.service", "user backup", "launched".
+func (m *Match) Describe() string {
+	if m == nil {
+		return MatchLaunched.String()
+	}
+	return m.Kind.String() + " " + m.Value
+}
+
+// Kind is the app's principal kind.
+func (a *App) Kind() MatchKind {
+	if a.Match == nil {
+		return MatchLaunched
+	}
+	return a.Match.Kind
 }
 
 // LauncherDrops are the capabilities the launcher (`procgate run`, and the
@@ -415,6 +475,10 @@ func (rs *Ruleset) Clone() *Ruleset {
 		a.Users = slices.Clone(a.Users)
 		a.KeepCaps = slices.Clone(a.KeepCaps)
 		a.Grants = cloneGrants(a.Grants)
+		if a.Match != nil {
+			m := *a.Match
+			a.Match = &m
+		}
 		if a.Inbound != nil {
 			in := *a.Inbound
 			in.Control = slices.Clone(in.Control)
@@ -432,4 +496,59 @@ func cloneGrants(gs []Grant) []Grant {
 		gs[i].Ports = slices.Clone(gs[i].Ports)
 	}
 	return gs
+}
+
+// MatchesCgroup reports whether a unit or cgroup match takes the cgroup at
+// rel, a slash-separated path below the cgroup root ("system.slice/x.scope").
+// A glob's '*' (only in its last component) stands for any run of
+// characters but '/'.
+func (m *Match) MatchesCgroup(rel string) bool {
+	if m == nil || (m.Kind != MatchUnit && m.Kind != MatchCgroup) {
+		return false
+	}
+	if m.Kind == MatchUnit || !strings.Contains(m.Path, "*") {
+		return rel == m.Path
+	}
+	ok, err := path.Match(m.Path, rel)
+	return err == nil && ok
+}
+
+// AppOfCgroup is the app whose cgroup rel (below the cgroup root) is, or
+// "": a launched app's own cgroup (launched/NAME, launched being the
+// directory of launched apps' cgroups below the root), else the unit or
+// exact cgroup match, else the first glob in policy order, as the kernel
+// binds them (bpf/migrate.c, follow_mkdir).
+func (rs *Ruleset) AppOfCgroup(rel, launched string) string {
+	if dir, name := path.Split(rel); path.Clean(dir) == launched {
+		if a := rs.App(name); a != nil && a.Match == nil {
+			return name
+		}
+	}
+	for _, exact := range []bool{true, false} {
+		for i := range rs.Apps {
+			m := rs.Apps[i].Match
+			if m != nil && (m.Kind == MatchUnit || !strings.Contains(m.Path, "*")) == exact && m.MatchesCgroup(rel) {
+				return rs.Apps[i].Name
+			}
+		}
+	}
+	return ""
+}
+
+// Principal is the app of a process in the cgroup rel (below the cgroup
+// root) with real uid uid, as DESIGN.md's decision function has it: the
+// deepest app cgroup among rel and its ancestors, else the user app of
+// uid, else "" (unbound).
+func (rs *Ruleset) Principal(rel string, uid uint32, launched string) string {
+	for p := path.Clean(rel); p != "." && p != "/" && p != ""; p = path.Dir(p) {
+		if app := rs.AppOfCgroup(p, launched); app != "" {
+			return app
+		}
+	}
+	for i := range rs.Apps {
+		if m := rs.Apps[i].Match; m != nil && m.Kind == MatchUser && m.UID == uid {
+			return rs.Apps[i].Name
+		}
+	}
+	return ""
 }

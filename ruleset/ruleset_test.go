@@ -133,3 +133,42 @@ func TestCloneIsDeep(t *testing.T) {
 		t.Fatalf("Clone aliases its source or drops fields: %+v / %+v", rs, c)
 	}
 }
+
+// TestPrincipal is the precedence of DESIGN.md: the deepest app cgroup
+// (launched, unit, cgroup) among a process' cgroup and its ancestors, then
+// the user app of its real uid, then none.
+func TestPrincipal(t *testing.T) {
+	rs := &Ruleset{Apps: []App{
+		{Name: "launched"},
+		{Name: "web", Match: &Match{Kind: MatchUnit, Value: "nginx.service", Path: "system.slice/nginx.service"}},
+		{Name: "slice", Match: &Match{Kind: MatchUnit, Value: "system.slice", Path: "system.slice"}},
+		{Name: "builds", Match: &Match{Kind: MatchCgroup, Value: "system.slice/docker-*.scope", Path: "system.slice/docker-*.scope"}},
+		{Name: "exact", Match: &Match{Kind: MatchCgroup, Value: "system.slice/docker-x.scope", Path: "system.slice/docker-x.scope"}},
+		{Name: "backup", Match: &Match{Kind: MatchUser, Value: "backup", UID: 34}},
+	}}
+	for _, tt := range []struct {
+		cgroup string
+		uid    uint32
+		want   string
+	}{
+		{"procgate.apps/launched", 34, "launched"},
+		{"procgate.apps/launched/worker/deeper", 34, "launched"},
+		{"procgate.apps/unknown", 34, "backup"},
+		{"system.slice/nginx.service", 34, "web"},
+		{"system.slice/nginx.service/sub", 0, "web"},
+		{"system.slice/cron.service", 34, "slice"},
+		{"system.slice/docker-abc.scope", 34, "builds"},
+		{"system.slice/docker-.scope", 34, "builds"},
+		{"system.slice/docker-x.scope", 34, "exact"}, // exact paths before globs
+		{"system.slice/docker-abc.scope/x/y", 34, "builds"},
+		{"system.slice/docker-abc.service", 34, "slice"},
+		{"user.slice/user-34.slice", 34, "backup"},
+		{"user.slice/user-34.slice", 35, ""},
+		{"", 34, "backup"},
+		{"", 0, ""},
+	} {
+		if got := rs.Principal(tt.cgroup, tt.uid, "procgate.apps"); got != tt.want {
+			t.Errorf("Principal(%q, uid %d) = %q, want %q", tt.cgroup, tt.uid, got, tt.want)
+		}
+	}
+}
