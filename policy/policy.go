@@ -42,7 +42,7 @@ var (
 	everyoneKeys = []string{"allow"}
 	internalKeys = []string{"prefixes", "interfaces"}
 	auditKeys    = []string{"rate"}
-	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "handover", "audit", "allow", "inbound"}
+	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "handover", "audit", "allow", "inbound", "match"}
 	inboundKeys  = []string{"dynamic"}
 	dynamicKeys  = []string{"control", "ports", "proto", "lease"}
 	exeKeys      = []string{"path", "sha256"}
@@ -153,7 +153,7 @@ func Parse(file string, data []byte) (*ruleset.Ruleset, []Warning, error) {
 }
 
 func parse(file string, data []byte) (*ruleset.Ruleset, []Warning, *parser, error) {
-	p := &parser{file: file}
+	p := &parser{file: file, matches: seen{}}
 	var rs *ruleset.Ruleset
 	if root := p.document(data); root != nil {
 		rs = p.policy(root)
@@ -177,6 +177,8 @@ type parser struct {
 	// refs are the users, groups and binaries the policy names, for
 	// HostCheck.
 	refs []hostRef
+	// matches are the units, globs and uids apps matched so far.
+	matches seen
 }
 
 func (p *parser) errorf(n *yaml.Node, field, format string, args ...any) {
@@ -685,6 +687,12 @@ func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []gra
 	}
 	if n, ok := vals["inbound"]; ok {
 		app.Inbound = p.inbound(n, join(field, "inbound"))
+	}
+	if n, ok := vals["match"]; ok {
+		app.Match = p.match(n, join(field, "match"))
+		if app.Match != nil && len(app.Users) > 0 {
+			p.warnf(vals["users"], join(field, "users"), "an app with match: is not started by `procgate run`, so users: (who may run it) has no effect")
+		}
 	}
 	return app, checks, true
 }

@@ -23,6 +23,16 @@ var allPorts = ports(ruleset.AllPorts)
 
 const hash = "3f79bb7b435b05321651daefd374cdc681dc06faa65e374e38337b88ca046dea"
 
+// backupUID is the uid of Debian's backup user, which example.yaml matches.
+func backupUID(t *testing.T) uint32 {
+	t.Helper()
+	uid, err := LookupUser("backup")
+	if err != nil {
+		t.Fatalf("example.yaml matches the user backup (in Debian's base-passwd): %v", err)
+	}
+	return uid
+}
+
 func TestLoadValid(t *testing.T) {
 	tests := []struct {
 		file  string
@@ -41,7 +51,7 @@ func TestLoadValid(t *testing.T) {
 					Interfaces: []string{"wg0"},
 					AuditRate:  100,
 					Everyone: []ruleset.Grant{
-						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(67)},
+						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(76)},
 					},
 					Apps: []ruleset.App{
 						{
@@ -71,6 +81,10 @@ func TestLoadValid(t *testing.T) {
 							},
 						},
 						{Name: "quarantine", Source: src(60)},
+						{
+							Name: "backup", Source: src(65), Match: &ruleset.Match{Kind: ruleset.MatchUser, Value: "backup", UID: backupUID(t)},
+							Grants: []ruleset.Grant{{Index: 0, Prefix: pfx("10.5.0.10/32"), Proto: ruleset.TCP, Ports: ports(port1(873)), Source: src(68)}},
+						},
 					},
 				}
 			},
@@ -191,6 +205,37 @@ func TestLoadValid(t *testing.T) {
 						{
 							Name: "named", Source: src(18),
 							Inbound: &ruleset.Inbound{Ports: ports(port1(7000)), Proto: ruleset.UDP, Lease: 2 * time.Minute, Source: src(21)},
+						},
+					},
+				}
+			},
+		},
+		{
+			file: "testdata/valid/match.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal:  []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8"), Source: src(3)}},
+					AuditRate: DefaultAuditRate,
+					Apps: []ruleset.App{
+						{
+							Name: "web", Source: src(5),
+							Match:  &ruleset.Match{Kind: ruleset.MatchUnit, Value: "nginx.service", Path: "system.slice/nginx.service"},
+							Grants: []ruleset.Grant{{Prefix: pfx("10.1.0.0/16"), Proto: ruleset.Both, Ports: ports(port1(5432)), Source: src(8)}},
+						},
+						{
+							Name: "builds", Source: src(10),
+							Match: &ruleset.Match{Kind: ruleset.MatchCgroup, Value: "system.slice/docker-*.scope", Path: "system.slice/docker-*.scope"},
+						},
+						{Name: "backup", Source: src(13), Match: &ruleset.Match{Kind: ruleset.MatchUser, Value: "root", UID: 0}},
+						{Name: "nobody", Source: src(15), Match: &ruleset.Match{Kind: ruleset.MatchUser, Value: "65534", UID: 65534}},
+						{
+							Name: "getty", Source: src(17),
+							Match: &ruleset.Match{Kind: ruleset.MatchUnit, Value: "serial-getty@ttyS0.service",
+								Path: `system.slice/system-serial\x2dgetty.slice/serial-getty@ttyS0.service`},
+						},
+						{
+							Name: "nested", Source: src(19),
+							Match: &ruleset.Match{Kind: ruleset.MatchUnit, Value: "a-b-c.slice", Path: "a.slice/a-b.slice/a-b-c.slice"},
 						},
 					},
 				}
