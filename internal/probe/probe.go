@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -221,6 +222,29 @@ func Serve(in io.Reader, out io.Writer) error {
 	return sc.Err()
 }
 
+// EnvUID makes a prober child drop to that uid (real, effective and saved;
+// the same number as gid, no supplementary groups) after it entered its
+// network namespace, which an unprivileged process could not enter.
+const EnvUID = "PROCGATE_PROBE_UID"
+
+func becomeUser(s string) error {
+	id, err := strconv.Atoi(s)
+	if err != nil {
+		return fmt.Errorf("%s=%q: %w", EnvUID, s, err)
+	}
+	// Go applies these to every thread of the process (Go 1.16+).
+	if err := syscall.Setgroups(nil); err != nil {
+		return fmt.Errorf("setgroups: %w", err)
+	}
+	if err := syscall.Setresgid(id, id, id); err != nil {
+		return fmt.Errorf("setresgid %d: %w", id, err)
+	}
+	if err := syscall.Setresuid(id, id, id); err != nil {
+		return fmt.Errorf("setresuid %d: %w", id, err)
+	}
+	return nil
+}
+
 // EnvNetNS names the network namespace a prober child enters before serving.
 const EnvNetNS = "PROCGATE_PROBE_NETNS"
 
@@ -246,6 +270,12 @@ func MaybeServe() {
 			os.Exit(2)
 		}
 		f.Close()
+	}
+	if uid := os.Getenv(EnvUID); uid != "" {
+		if err := becomeUser(uid); err != nil {
+			fmt.Fprintln(os.Stderr, "prober:", err)
+			os.Exit(2)
+		}
 	}
 	if os.Getenv(EnvHold) != "" {
 		os.Exit(serveHold(os.Stdin, os.Stdout))
