@@ -82,6 +82,7 @@ enum hook {
 #define APP_AUDIT_ALLOW 1
 #define APP_EXE_PINNED 2 // only the binaries in app_exes hold the app's grants
 #define APP_HANDOVER_ALLOWED 4 // policy handover: allow: no handover guard for its connections
+#define APP_BY_USER 8 // a match.user app (app_by_uid): its processes share cgroups with other users'
 
 // The grants of `everyone` sit in the rules trie under an app id that no
 // app gets (bpf.MaxApps keeps app ids below it).
@@ -156,6 +157,9 @@ struct generation_info {
 // The generation has everyone grants: only then is the everyone entry of the
 // rules trie asked, when a principal's own grants do not allow.
 #define GEN_EVERYONE 2
+// Some app matches processes by uid (app_by_uid): without it, a task in no
+// app cgroup costs no further lookup.
+#define GEN_USER_APPS 4
 
 struct audit_event {
 	__u64 ts_ns; // CLOCK_MONOTONIC (bpf_ktime_get_ns)
@@ -228,6 +232,31 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } app_by_cgroup SEC(".maps");
+
+// match.user apps: the principal of a task in no app cgroup, by its real
+// uid (hooks) or its socket's uid (egress backstop).
+struct user_key {
+	__u32 slot;
+	__u32 uid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct user_key);
+	__type(value, struct app_info);
+	__uint(max_entries, 2 * 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} app_by_uid SEC(".maps");
+
+// user_principal is the match.user app of uid in the slot, or NULL.
+static __always_inline struct app_info *user_principal(__u32 slot, const struct generation_info *info, __u32 uid)
+{
+	if (!(info->flags & GEN_USER_APPS))
+		return NULL;
+	struct user_key k = { .slot = slot, .uid = uid };
+	return bpf_map_lookup_elem(&app_by_uid, &k);
+}
 
 // The binaries of apps with exe:, by the file the kernel runs (inode and
 // device as the kernel encodes them), so a rename or a symlink changes
@@ -562,11 +591,18 @@ static __always_inline int migrated(void)
 	return *start == BPF_CORE_READ(task, group_leader, start_time);
 }
 
-// principal is the calling task's app, or NULL. A process marked in
-// migrated_tasks has none: it holds no app's grants.
+// principal is the calling task's app, or NULL: the deepest app cgroup
+// among its cgroup and their ancestors (launched, unit and cgroup apps),
+// else the match.user app of its real uid (the uid bpf_get_current_uid_gid
+// gives: the user who runs the process, which a setuid binary it runs does
+// not change, and which changes only by setuid(2) with privilege). A
+// process marked in migrated_tasks has none: it holds no app's grants,
+// not even its user's.
 static __always_inline struct app_info *principal(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
 {
 	struct app_info *a = principal_of(WHO_TASK, NULL, slot, info, cgroup_id);
+	if (!a)
+		a = user_principal(slot, info, (__u32)bpf_get_current_uid_gid());
 	if (a && migrated())
 		return NULL;
 	return a;

@@ -34,12 +34,14 @@ const (
 	appFlagAuditAllow = 1
 	appFlagExePinned  = 2
 	appFlagHandover   = 4 // APP_HANDOVER_ALLOWED
+	appFlagByUser     = 8 // APP_BY_USER
 )
 
 // Generation flags (GEN_* in decision.h).
 const (
 	genNoUDPHandover = 1
 	genEveryone      = 2 // GEN_EVERYONE: the generation has everyone grants
+	genUserApps      = 4 // GEN_USER_APPS: app_by_uid has entries
 )
 
 // maxCgroupLevel is MAX_CGROUP_LEVEL in procgate.c: app cgroups deeper than
@@ -129,6 +131,7 @@ type tables struct {
 	rules map[procgateRuleKey]procgateRuleValue
 	ports []procgatePortRange // indexes from slot * portsPerSlot
 	apps  map[procgateAppKey]procgateAppInfo
+	users map[procgateUserKey]procgateAppInfo
 	exes  []procgateExeKey
 	info  procgateGenerationInfo
 }
@@ -161,6 +164,7 @@ func encode(g Generation, slot uint32) (*tables, error) {
 	t := &tables{
 		rules: map[procgateRuleKey]procgateRuleValue{},
 		apps:  map[procgateAppKey]procgateAppInfo{},
+		users: map[procgateUserKey]procgateAppInfo{},
 		info:  procgateGenerationInfo{AuditRate: g.AuditRate, Slot: slot},
 	}
 	if t.info.AuditRate == 0 {
@@ -204,18 +208,19 @@ func encode(g Generation, slot uint32) (*tables, error) {
 		if prev, dup := t.apps[key]; dup && prev.AppId != g.AppIDs[b.App] {
 			return nil, fmt.Errorf("cgroup %d bound to two apps", b.CgroupID)
 		}
-		var flags uint32
-		if app.AuditAllow {
-			flags |= appFlagAuditAllow
-		}
-		if len(app.Exe) > 0 {
-			flags |= appFlagExePinned
-		}
-		if app.AllowHandover {
-			flags |= appFlagHandover
-		}
-		t.apps[key] = procgateAppInfo{AppId: g.AppIDs[b.App], Flags: flags}
+		t.apps[key] = procgateAppInfo{AppId: g.AppIDs[b.App], Flags: appFlags(app)}
 		minLevel, maxLevel = min(minLevel, b.Level), max(maxLevel, b.Level)
+	}
+	for _, app := range g.Rules.Apps {
+		if app.Kind() != ruleset.MatchUser {
+			continue
+		}
+		key := procgateUserKey{Slot: slot, Uid: app.Match.UID}
+		if _, dup := t.users[key]; dup {
+			return nil, fmt.Errorf("app %q: uid %d matched by two apps", app.Name, app.Match.UID)
+		}
+		t.users[key] = procgateAppInfo{AppId: g.AppIDs[app.Name], Flags: appFlags(&app)}
+		t.info.Flags |= genUserApps
 	}
 	for _, app := range g.Rules.Apps {
 		if len(app.Exe) == 0 {
@@ -243,6 +248,24 @@ func (t *tables) putGrants(lengths *internalLengths, ports *portTable, slot, id 
 		}
 		t.rules[ruleKey(slot, id, pfx)] = v
 	}
+}
+
+// appFlags are the APP_* flags of an app's entries.
+func appFlags(app *ruleset.App) uint32 {
+	var flags uint32
+	if app.AuditAllow {
+		flags |= appFlagAuditAllow
+	}
+	if len(app.Exe) > 0 {
+		flags |= appFlagExePinned
+	}
+	if app.AllowHandover {
+		flags |= appFlagHandover
+	}
+	if app.Kind() == ruleset.MatchUser {
+		flags |= appFlagByUser
+	}
+	return flags
 }
 
 // portUnion is the ports an app may use at one prefix, per protocol.

@@ -106,6 +106,7 @@ type objects struct {
 	PortRanges      *ebpf.Map `ebpf:"port_ranges"`
 	AppByCgroup     *ebpf.Map `ebpf:"app_by_cgroup"`
 	AppExes         *ebpf.Map `ebpf:"app_exes"`
+	AppByUid        *ebpf.Map `ebpf:"app_by_uid"`
 	VerdictCounters *ebpf.Map `ebpf:"verdict_counters"`
 	AuditBudgets    *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents     *ebpf.Map `ebpf:"audit_events"`
@@ -114,7 +115,7 @@ type objects struct {
 func (o *objects) close() {
 	for _, c := range []interface{ Close() error }{
 		o.AuthorizeConnect4, o.AuthorizeConnect6, o.AuthorizeSendmsg4, o.AuthorizeSendmsg6,
-		o.PolicyCurrent, o.Rules, o.PortRanges, o.AppByCgroup, o.AppExes, o.VerdictCounters, o.AuditBudgets, o.AuditEvents,
+		o.PolicyCurrent, o.Rules, o.PortRanges, o.AppByCgroup, o.AppExes, o.AppByUid, o.VerdictCounters, o.AuditBudgets, o.AuditEvents,
 	} {
 		if c != nil {
 			c.Close()
@@ -169,6 +170,7 @@ type Enforcer struct {
 type slotKeys struct {
 	rules []procgateRuleKey
 	apps  []procgateAppKey
+	users []procgateUserKey
 	exes  []procgateExeKey
 }
 
@@ -427,9 +429,10 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	cleared := time.Now()
 	rk, rv := splitKV(t.rules)
 	ak, av := splitKV(t.apps)
+	uk, uv := splitKV(t.users)
 	// Recorded before writing, so that a failed Apply still lets the next
 	// one clear whatever part of the slot did get written.
-	e.written[slot] = &slotKeys{rules: rk, apps: ak, exes: t.exes}
+	e.written[slot] = &slotKeys{rules: rk, apps: ak, users: uk, exes: t.exes}
 	if err := putBatch(e.objs.Rules, rk, rv); err != nil {
 		return 0, fmt.Errorf("write %d rules of generation %d: %w", len(rk), next, err)
 	}
@@ -444,6 +447,9 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	}
 	if err := putBatch(e.objs.AppByCgroup, ak, av); err != nil {
 		return 0, fmt.Errorf("write %d app bindings of generation %d: %w", len(ak), next, err)
+	}
+	if err := putBatch(e.objs.AppByUid, uk, uv); err != nil {
+		return 0, fmt.Errorf("write %d user apps of generation %d: %w", len(uk), next, err)
 	}
 	if err := putBatch(e.objs.AppExes, t.exes, make([]uint8, len(t.exes))); err != nil {
 		return 0, fmt.Errorf("write %d app binaries of generation %d: %w", len(t.exes), next, err)
@@ -507,6 +513,9 @@ func (e *Enforcer) clearSlot(slot uint32) error {
 	if err := deleteBatch(e.objs.AppExes, keys.exes); err != nil {
 		return fmt.Errorf("clear app binaries of slot %d: %w", slot, err)
 	}
+	if err := deleteBatch(e.objs.AppByUid, keys.users); err != nil {
+		return fmt.Errorf("clear user apps of slot %d: %w", slot, err)
+	}
 	e.written[slot] = &slotKeys{} // known empty
 	return nil
 }
@@ -536,6 +545,16 @@ func (e *Enforcer) scanSlot(slot uint32) (*slotKeys, error) {
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("walk app bindings: %w", err)
+	}
+	var uk procgateUserKey
+	it = e.objs.AppByUid.Iterate()
+	for it.Next(&uk, &av) {
+		if uk.Slot == slot {
+			keys.users = append(keys.users, uk)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("walk user apps: %w", err)
 	}
 	var ek procgateExeKey
 	var ev uint8

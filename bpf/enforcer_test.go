@@ -149,6 +149,12 @@ func TestKernelMatchesDecide(t *testing.T) {
 	for _, a := range apps {
 		probers[a] = w.prober(a)
 	}
+	// Processes in no app cgroup, of the uids randomRuleset's user apps
+	// match (60000 + the app's index).
+	byUID := map[uint32]*probe.Prober{}
+	for i := range apps {
+		byUID[uint32(60000+i)] = w.proberAs("/unbound", 60000+i)
+	}
 	// Before any policy, generation 0 means "no policy": fail closed.
 	if v, err := probers["appa"].Try(ruleset.Dest{Addr: netip.MustParseAddr("192.0.2.1"), Proto: ruleset.TCP, Port: 80}, probe.Connect); err != nil || v != probe.Allowed {
 		// Not attached yet: nothing enforces, so this must pass.
@@ -175,10 +181,19 @@ func TestKernelMatchesDecide(t *testing.T) {
 		model := kernelModel{tb, ids}
 		for range dests {
 			d := randomDest(rng)
-			app := []string{"", "appa", "appb", "appc"}[rng.IntN(4)]
+			who := rng.IntN(len(apps) + 1 + len(byUID))
+			var app string
+			var pr *probe.Prober
+			if who <= len(apps) {
+				app = []string{"", "appa", "appb", "appc"}[who]
+				pr = probers[app]
+			} else {
+				uid := uint32(60000 + who - len(apps) - 1)
+				app, pr = rs.Principal("", uid, ""), byUID[uid]
+			}
 			ms := methodsFor(d)
 			m := ms[rng.IntN(len(ms))]
-			got, err := probers[app].Try(d, m)
+			got, err := pr.Try(d, m)
 			if err != nil {
 				t.Fatal(err)
 			}

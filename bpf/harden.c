@@ -245,11 +245,28 @@ static __always_inline int foreign_udp_sender(struct __sk_buff *skb, __u32 slot,
 		return 0;
 	// The usual case: the socket's maker, or its cgroup mates, sending
 	// (for an app pinned to its binaries, which one runs is checked below).
-	if (*sender == bpf_skb_cgroup_id(skb) && !(app_flags & APP_EXE_PINNED) && !migrated())
+	// Not for a user app: a cgroup mate may be of another uid.
+	if (*sender == bpf_skb_cgroup_id(skb) && !(app_flags & (APP_EXE_PINNED | APP_BY_USER)) && !migrated())
 		return 0;
 	if (!in_sender_task())
 		return 0;
 	return !task_in_app(slot, info, app_id, sender, sender_app);
+}
+
+// skb_principal is the principal of the packet's socket: the deepest app
+// cgroup among the socket's cgroup and its ancestors, else the match.user
+// app of the socket's uid (sk_uid: the fsuid of the task that made the
+// socket, as bpf_get_socket_uid gives; in softirq there is no sending task
+// whose real uid could be read). It differs from the hooks' real uid only
+// for a socket made with another fsuid (a setuid program, setfsuid):
+// docs/policy.md, Principals.
+static __always_inline struct app_info *skb_principal(struct __sk_buff *skb, __u32 slot,
+						      const struct generation_info *info, __u64 *cgroup_id)
+{
+	struct app_info *a = principal_of(WHO_SKB, skb, slot, info, cgroup_id);
+	if (!a)
+		a = user_principal(slot, info, bpf_get_socket_uid(skb));
+	return a;
 }
 
 // deny_handover counts and audits a datagram refused by the UDP handover
@@ -367,7 +384,7 @@ int backstop_egress(struct __sk_buff *skb)
 			int same = bpf_skb_cgroup_id(skb) == c.cgroup_id;
 			if (!same) {
 				__u64 cgroup_id;
-				struct app_info *a = principal_of(WHO_SKB, skb, slot, info, &cgroup_id);
+				struct app_info *a = skb_principal(skb, slot, info, &cgroup_id);
 				same = a && a->app_id == c.app_id;
 			}
 			if (same) {
@@ -385,7 +402,7 @@ int backstop_egress(struct __sk_buff *skb)
 		return 1;
 
 	__u64 cgroup_id;
-	struct app_info *app = principal_of(WHO_SKB, skb, slot, info, &cgroup_id);
+	struct app_info *app = skb_principal(skb, slot, info, &cgroup_id);
 	if (!app) {
 		if (everyone_allows(slot, info, &d))
 			return pass_everyone(sk, cgroup_id, &d, generation, 0, 0);

@@ -105,6 +105,12 @@ type hardenSocketOwner struct {
 	}
 }
 
+type hardenUserKey struct {
+	_    structs.HostLayout
+	Slot uint32
+	Uid  uint32
+}
+
 type hardenVerdictEntry struct {
 	_    structs.HostLayout
 	Lock struct {
@@ -130,6 +136,7 @@ type hardenVerdictEntry struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	hardenMapAppByCgroup           = "app_by_cgroup"
+	hardenMapAppByUid              = "app_by_uid"
 	hardenMapAppExes               = "app_exes"
 	hardenMapAuditBudgets          = "audit_budgets"
 	hardenMapAuditEvents           = "audit_events"
@@ -209,6 +216,7 @@ type hardenProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type hardenMapSpecs struct {
 	AppByCgroup           *ebpf.MapSpec `ebpf:"app_by_cgroup"`
+	AppByUid              *ebpf.MapSpec `ebpf:"app_by_uid"`
 	AppExes               *ebpf.MapSpec `ebpf:"app_exes"`
 	AuditBudgets          *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents           *ebpf.MapSpec `ebpf:"audit_events"`
@@ -256,6 +264,7 @@ func (o *hardenObjects) Close() error {
 // It can be passed to loadHardenObjects or ebpf.CollectionSpec.LoadAndAssign.
 type hardenMaps struct {
 	AppByCgroup           *ebpf.Map `ebpf:"app_by_cgroup"`
+	AppByUid              *ebpf.Map `ebpf:"app_by_uid"`
 	AppExes               *ebpf.Map `ebpf:"app_exes"`
 	AuditBudgets          *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents           *ebpf.Map `ebpf:"audit_events"`
@@ -278,6 +287,7 @@ type hardenMaps struct {
 func (m *hardenMaps) Close() error {
 	return _HardenClose(
 		m.AppByCgroup,
+		m.AppByUid,
 		m.AppExes,
 		m.AuditBudgets,
 		m.AuditEvents,

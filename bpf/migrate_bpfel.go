@@ -105,6 +105,12 @@ type migrateSocketOwner struct {
 	}
 }
 
+type migrateUserKey struct {
+	_    structs.HostLayout
+	Slot uint32
+	Uid  uint32
+}
+
 type migrateVerdictEntry struct {
 	_    structs.HostLayout
 	Lock struct {
@@ -130,6 +136,7 @@ type migrateVerdictEntry struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	migrateMapAppByCgroup         = "app_by_cgroup"
+	migrateMapAppByUid            = "app_by_uid"
 	migrateMapAppExes             = "app_exes"
 	migrateMapAuditBudgets        = "audit_budgets"
 	migrateMapAuditEvents         = "audit_events"
@@ -201,6 +208,7 @@ type migrateProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type migrateMapSpecs struct {
 	AppByCgroup         *ebpf.MapSpec `ebpf:"app_by_cgroup"`
+	AppByUid            *ebpf.MapSpec `ebpf:"app_by_uid"`
 	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
@@ -244,6 +252,7 @@ func (o *migrateObjects) Close() error {
 // It can be passed to loadMigrateObjects or ebpf.CollectionSpec.LoadAndAssign.
 type migrateMaps struct {
 	AppByCgroup         *ebpf.Map `ebpf:"app_by_cgroup"`
+	AppByUid            *ebpf.Map `ebpf:"app_by_uid"`
 	AppExes             *ebpf.Map `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
@@ -262,6 +271,7 @@ type migrateMaps struct {
 func (m *migrateMaps) Close() error {
 	return _MigrateClose(
 		m.AppByCgroup,
+		m.AppByUid,
 		m.AppExes,
 		m.AuditBudgets,
 		m.AuditEvents,

@@ -97,6 +97,21 @@ func TestEncodingMatchesDecide(t *testing.T) {
 			t.Fatalf("policy %d: encode: %v", p, err)
 		}
 		m := kernelModel{tb, ids}
+		// The principal by uid: each user app's uid, and nothing else.
+		users := 0
+		for _, a := range rs.Apps {
+			if a.Kind() != ruleset.MatchUser {
+				continue
+			}
+			users++
+			got, ok := tb.users[procgateUserKey{Slot: uint32(p % 2), Uid: a.Match.UID}]
+			if !ok || got.AppId != ids[a.Name] || got.Flags&appFlagByUser == 0 {
+				t.Fatalf("policy %d: user app %s (uid %d) encoded as %+v, %v", p, a.Name, a.Match.UID, got, ok)
+			}
+		}
+		if len(tb.users) != users || (users > 0) != (tb.info.Flags&genUserApps != 0) {
+			t.Fatalf("policy %d: %d user apps, encoded %d, generation flags %#x", p, users, len(tb.users), tb.info.Flags)
+		}
 		for range 500 {
 			d := randomDest(rng)
 			app := ""

@@ -126,6 +126,12 @@ type procgateSocketOwner struct {
 	}
 }
 
+type procgateUserKey struct {
+	_    structs.HostLayout
+	Slot uint32
+	Uid  uint32
+}
+
 type procgateVerdictEntry struct {
 	_    structs.HostLayout
 	Lock struct {
@@ -151,6 +157,7 @@ type procgateVerdictEntry struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	procgateMapAppByCgroup         = "app_by_cgroup"
+	procgateMapAppByUid            = "app_by_uid"
 	procgateMapAppExes             = "app_exes"
 	procgateMapAuditBudgets        = "audit_budgets"
 	procgateMapAuditEvents         = "audit_events"
@@ -224,6 +231,7 @@ type procgateProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type procgateMapSpecs struct {
 	AppByCgroup         *ebpf.MapSpec `ebpf:"app_by_cgroup"`
+	AppByUid            *ebpf.MapSpec `ebpf:"app_by_uid"`
 	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
@@ -267,6 +275,7 @@ func (o *procgateObjects) Close() error {
 // It can be passed to loadProcgateObjects or ebpf.CollectionSpec.LoadAndAssign.
 type procgateMaps struct {
 	AppByCgroup         *ebpf.Map `ebpf:"app_by_cgroup"`
+	AppByUid            *ebpf.Map `ebpf:"app_by_uid"`
 	AppExes             *ebpf.Map `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
@@ -285,6 +294,7 @@ type procgateMaps struct {
 func (m *procgateMaps) Close() error {
 	return _ProcgateClose(
 		m.AppByCgroup,
+		m.AppByUid,
 		m.AppExes,
 		m.AuditBudgets,
 		m.AuditEvents,

@@ -3,6 +3,7 @@ package bpf
 import (
 	"math/rand/v2"
 	"net/netip"
+	"strconv"
 
 	"github.com/procgate/procgate/ruleset"
 )
@@ -21,6 +22,10 @@ func randomRuleset(rng *rand.Rand, apps int) *ruleset.Ruleset {
 	}
 	for a := range apps {
 		app := ruleset.App{Name: "app" + string(rune('a'+a)), AuditAllow: rng.IntN(2) == 0}
+		if rng.IntN(3) == 0 {
+			uid := uint32(60000 + a)
+			app.Match = &ruleset.Match{Kind: ruleset.MatchUser, Value: strconv.Itoa(int(uid)), UID: uid}
+		}
 		app.Grants = randomGrants(rng, rng.IntN(8))
 		rs.Apps = append(rs.Apps, app)
 	}

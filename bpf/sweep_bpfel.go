@@ -127,6 +127,12 @@ type sweepSweepRecord struct {
 	Daddr    [16]uint8
 }
 
+type sweepUserKey struct {
+	_    structs.HostLayout
+	Slot uint32
+	Uid  uint32
+}
+
 type sweepVerdictEntry struct {
 	_    structs.HostLayout
 	Lock struct {
@@ -152,6 +158,7 @@ type sweepVerdictEntry struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	sweepMapAppByCgroup         = "app_by_cgroup"
+	sweepMapAppByUid            = "app_by_uid"
 	sweepMapAppExes             = "app_exes"
 	sweepMapAuditBudgets        = "audit_budgets"
 	sweepMapAuditEvents         = "audit_events"
@@ -224,6 +231,7 @@ type sweepProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sweepMapSpecs struct {
 	AppByCgroup         *ebpf.MapSpec `ebpf:"app_by_cgroup"`
+	AppByUid            *ebpf.MapSpec `ebpf:"app_by_uid"`
 	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
@@ -270,6 +278,7 @@ func (o *sweepObjects) Close() error {
 // It can be passed to loadSweepObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sweepMaps struct {
 	AppByCgroup         *ebpf.Map `ebpf:"app_by_cgroup"`
+	AppByUid            *ebpf.Map `ebpf:"app_by_uid"`
 	AppExes             *ebpf.Map `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
@@ -290,6 +299,7 @@ type sweepMaps struct {
 func (m *sweepMaps) Close() error {
 	return _SweepClose(
 		m.AppByCgroup,
+		m.AppByUid,
 		m.AppExes,
 		m.AuditBudgets,
 		m.AuditEvents,
