@@ -179,9 +179,15 @@ type Guard struct {
 
 // AppStatus is one app in Status.
 type AppStatus struct {
-	Name     string   `json:"name"`
-	ID       uint32   `json:"id"`
-	Cgroup   string   `json:"cgroup"`
+	Name   string `json:"name"`
+	ID     uint32 `json:"id"`
+	Cgroup string `json:"cgroup"`
+	// Principal is what processes the app is: "launched", "unit
+	// nginx.service", "cgroup system.slice/docker-*.scope", "user backup".
+	Principal string `json:"principal"`
+	// Cgroups counts the existing cgroups a unit or cgroup match took at
+	// the last scan (cgroups made since are followed by the kernel).
+	Cgroups  int      `json:"cgroups"`
 	Grants   []string `json:"grants"`
 	Revoked  []string `json:"revoked,omitempty"` // "all" or grant numbers
 	Counters Counters `json:"counters"`
@@ -205,11 +211,14 @@ type AuditStats struct {
 
 // Explain is the answer to OpExplain.
 type Explain struct {
-	App      string `json:"app"` // "" unbound
-	Dest     string `json:"dest"`
-	Allow    bool   `json:"allow"`
-	Reason   string `json:"reason"`
-	Decision string `json:"decision"` // human form with the rules behind it
+	App string `json:"app"` // "" unbound
+	// Principal says how the process is the app (--pid): "launched",
+	// "unit nginx.service", "user backup"; "" for --app.
+	Principal string `json:"principal,omitempty"`
+	Dest      string `json:"dest"`
+	Allow     bool   `json:"allow"`
+	Reason    string `json:"reason"`
+	Decision  string `json:"decision"` // human form with the rules behind it
 }
 
 // Revoke is the answer to OpRevoke.

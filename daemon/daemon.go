@@ -140,6 +140,9 @@ type Daemon struct {
 	// the dynamic apps of the generation in force.
 	ph           *pinholes
 	lastBindings []dynamicBinding
+	// matched counts, per unit or cgroup app, the existing cgroups the
+	// last Apply's scan bound to it.
+	matched map[string]int
 }
 
 func (c *Config) setDefaults() error {
@@ -566,6 +569,12 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 			return 0, err
 		}
 		g.AppIDs[app.Name] = id
+		switch app.Kind() {
+		case ruleset.MatchUser:
+			continue // the kernel finds its processes by uid
+		case ruleset.MatchUnit, ruleset.MatchCgroup:
+			return 0, fmt.Errorf("app %s: match.%s is not enforced by this daemon yet", app.Name, app.Kind())
+		}
 		dir, err := d.appDirs.Ensure(app.Name)
 		if err != nil {
 			return 0, fmt.Errorf("app %s: %w", app.Name, err)

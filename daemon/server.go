@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -233,8 +234,14 @@ func (d *Daemon) status() (*api.Status, error) {
 	}
 	for _, a := range d.policy.Apps {
 		id, _ := d.ids.lookup(a.Name)
-		as := api.AppStatus{Name: a.Name, ID: id, Cgroup: filepath.Join(d.appDirs.Base, a.Name),
-			Revoked: d.revoked.describe(a.Name), Counters: toCounters(counters[a.Name])}
+		as := api.AppStatus{Name: a.Name, ID: id, Cgroup: filepath.Join(d.appDirs.Base, a.Name), Principal: a.Match.Describe(),
+			Cgroups: 1, Revoked: d.revoked.describe(a.Name), Counters: toCounters(counters[a.Name])}
+		switch a.Kind() {
+		case ruleset.MatchUser:
+			as.Cgroup, as.Cgroups = "", 0
+		case ruleset.MatchUnit, ruleset.MatchCgroup:
+			as.Cgroup, as.Cgroups = filepath.Join(d.cfg.CgroupRoot, a.Match.Path), d.matched[a.Name]
+		}
 		for _, g := range a.Grants {
 			as.Grants = append(as.Grants, g.String())
 		}
@@ -252,22 +259,54 @@ func toCounters(c [4]uint64) api.Counters {
 	return api.Counters{Allow: c[0], Deny: c[1], External: c[2], AuditDrops: c[3]}
 }
 
-// appOfPID finds the app whose cgroup holds pid (or an ancestor of its
-// cgroup), as the kernel would: "" when none.
+// launchable refuses apps that `procgate run` must not start: an app with
+// match: is the processes of a unit, of cgroups or of a user, and a
+// process launched into procgate.apps/NAME would not be one of them.
+func launchable(app *ruleset.App) error {
+	if app.Match == nil {
+		return nil
+	}
+	return fmt.Errorf("app %q is matched by %s, not launched: procgate run cannot start it (start the unit or container, or run the program as the user; the kernel makes it the app)",
+		app.Name, app.Match.Describe())
+}
+
+// appOfPID finds pid's principal as the kernel would (ruleset.Principal):
+// the deepest app cgroup among its cgroup and their ancestors, else the
+// user app of its real uid; "" when none.
 func (d *Daemon) appOfPID(pid int) (string, error) {
 	dir, err := cgroups.OfPID(pid)
 	if err != nil {
 		return "", err
 	}
-	rel, err := filepath.Rel(d.appDirs.Base, dir)
-	if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
-		return "", nil
+	uid, err := realUID(pid)
+	if err != nil {
+		return "", err
 	}
-	name, _, _ := strings.Cut(rel, string(filepath.Separator))
-	if d.effective.App(name) == nil {
-		return "", nil
+	rel, err := filepath.Rel(d.cfg.CgroupRoot, dir)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		rel = "" // outside the enforced subtree: no app cgroup
 	}
-	return name, nil
+	return d.effective.Principal(filepath.ToSlash(rel), uid, AppsDir), nil
+}
+
+// realUID reads pid's real uid (the first of the Uid: line of
+// /proc/PID/status), the uid match.user goes by.
+func realUID(pid int) (uint32, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, fmt.Errorf("uid of pid %d: %w", pid, err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
+			f := strings.Fields(rest)
+			if len(f) > 0 {
+				if uid, err := strconv.ParseUint(f[0], 10, 32); err == nil {
+					return uint32(uid), nil
+				}
+			}
+		}
+	}
+	return 0, fmt.Errorf("uid of pid %d: no Uid: line in /proc/%d/status", pid, pid)
 }
 
 func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
@@ -287,6 +326,9 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 	}
 	dec := d.effective.Decide(app, dest)
 	ex := &api.Explain{App: app, Dest: dest.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}
+	if a := d.effective.App(app); req.PID != 0 && a != nil {
+		ex.Principal = a.Match.Describe()
+	}
 	// As the kernel does: in an app with exe:, a process running another
 	// binary holds none of the grants.
 	if a := d.effective.App(app); req.PID != 0 && a != nil && len(a.Exe) > 0 && dec.Reason != ruleset.ReasonNotInternal {
@@ -356,6 +398,9 @@ func (d *Daemon) appInfo(name string) (*api.AppInfo, error) {
 	app := d.policy.App(name)
 	if app == nil {
 		return nil, fmt.Errorf("no app %q in the policy %s", name, d.cfg.PolicyPath)
+	}
+	if err := launchable(app); err != nil {
+		return nil, err
 	}
 	info := &api.AppInfo{Name: name, Cgroup: filepath.Join(d.appDirs.Base, name), Users: app.Users, KeepCaps: app.KeepCaps,
 		Traceable: app.Traceable, GuardGID: d.cfg.GuardGID}
@@ -445,6 +490,10 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 	d.mu.Unlock()
 	if a == nil {
 		fail("no app %q in the policy %s", req.App, d.cfg.PolicyPath)
+		return
+	}
+	if err := launchable(&app); err != nil {
+		fail("%v", err)
 		return
 	}
 	if err := launch.Authorize(app, p.uid); err != nil {

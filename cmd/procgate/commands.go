@@ -281,14 +281,21 @@ func printStatus(w io.Writer, st *api.Status) {
 	}
 	fmt.Fprintf(w, "internal %s\n", strings.Join(st.Internal, " "))
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "APP\tALLOW\tDENY\tEXTERNAL\tGRANTS\tREVOKED")
-	fmt.Fprintf(tw, "(unbound)\t%d\t%d\t%d\t-\t-\n", st.Unbound.Allow, st.Unbound.Deny, st.Unbound.External)
+	fmt.Fprintln(tw, "APP\tPRINCIPAL\tCGROUPS\tALLOW\tDENY\tEXTERNAL\tGRANTS\tREVOKED")
+	fmt.Fprintf(tw, "(unbound)\t-\t-\t%d\t%d\t%d\t-\t-\n", st.Unbound.Allow, st.Unbound.Deny, st.Unbound.External)
 	for _, a := range st.Apps {
 		rev := strings.Join(a.Revoked, ",")
 		if rev == "" {
 			rev = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\n", a.Name, a.Counters.Allow, a.Counters.Deny, a.Counters.External, len(a.Grants), rev)
+		principal, cgs := a.Principal, strconv.Itoa(a.Cgroups)
+		if principal == "" {
+			principal = ruleset.MatchLaunched.String()
+		}
+		if strings.HasPrefix(principal, ruleset.MatchUser.String()+" ") {
+			cgs = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", a.Name, principal, cgs, a.Counters.Allow, a.Counters.Deny, a.Counters.External, len(a.Grants), rev)
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "audit: %d events, %d decode errors, %d dropped; log %s\n", st.Audit.Events, st.Audit.DecodeErrors, st.Audit.Dropped, st.Audit.Log)
@@ -330,6 +337,8 @@ scripts and CI checks of a policy.`,
 				who := ex.App
 				if who == "" {
 					who = "(unbound)"
+				} else if ex.Principal != "" && ex.Principal != ruleset.MatchLaunched.String() {
+					who = "app " + who + " (" + ex.Principal + ")"
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "%s -> %s: %s\n", who, ex.Dest, ex.Decision)
 			}

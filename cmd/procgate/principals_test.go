@@ -1,0 +1,73 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/probe"
+)
+
+// TestUserPrincipalEndToEnd: a match.user app through the daemon: a
+// process of the uid in no app cgroup holds the grants, one of another uid
+// does not; explain --pid names the principal, status its kind, and
+// procgate run refuses the app.
+func TestUserPrincipalEndToEnd(t *testing.T) {
+	nstest.RequireRoot(t)
+	e := newE2E(t, `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+apps:
+  - name: backup
+    match: {user: 64001}
+    allow:
+      - to: 10.1.0.0/16
+        proto: tcp
+`)
+	as := func(uid int) *probe.Prober {
+		dir := nstest.ChildCgroup(t, e.cgroup, fmt.Sprintf("unbound-%d", time.Now().UnixNano()))
+		p, err := probe.Start(dir, e.netns, nil)
+		if uid != 0 {
+			p, err = probe.StartExe(e.bin, dir, e.netns, nil, fmt.Sprintf("%s=%d", probe.EnvUID, uid))
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Close() })
+		return p
+	}
+	for _, tc := range []struct {
+		name    string
+		uid     int
+		want    probe.Verdict
+		explain string
+	}{
+		{"the user's process", 64001, probe.Allowed, "app backup (user 64001) -> 10.1.2.3:22/tcp: allow (granted)"},
+		{"another uid's process", 64002, probe.Denied, "(unbound) -> 10.1.2.3:22/tcp: deny (unbound)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := as(tc.uid)
+			mustTry(t, p, "10.1.2.3:22/tcp", tc.want)
+			out, err := e.procgate("explain", "--pid", fmt.Sprint(p.Pid()), "10.1.2.3:22/tcp")
+			if err != nil || !strings.Contains(out, tc.explain) {
+				t.Fatalf("explain --pid: %v, want %q in:\n%s", err, tc.explain, out)
+			}
+		})
+	}
+	st := e.status()
+	if len(st.Apps) != 1 || st.Apps[0].Principal != "user 64001" || st.Apps[0].Cgroup != "" {
+		t.Fatalf("status apps: %+v, want backup as principal user 64001 without a cgroup", st.Apps)
+	}
+	if _, err := os.Stat(filepath.Join(e.cgroup, "procgate.apps", "backup")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a user app got a launch cgroup (stat: %v)", err)
+	}
+	out, err := e.procgate("run", "--app", "backup", "--", "/bin/true")
+	if err == nil || !strings.Contains(out, "not launched: procgate run cannot start it") {
+		t.Fatalf("run --app backup: %v, want a refusal naming the match, got:\n%s", err, out)
+	}
+}
