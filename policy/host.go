@@ -19,6 +19,7 @@ import (
 type hostRef struct {
 	kind      refKind
 	value     string
+	file      string
 	field     string
 	line, col int
 }
@@ -31,7 +32,7 @@ const (
 )
 
 func (p *parser) ref(kind refKind, value string, n *yaml.Node, field string) {
-	p.refs = append(p.refs, hostRef{kind: kind, value: value, field: field, line: n.Line, col: n.Column})
+	p.refs = append(p.refs, hostRef{kind: kind, value: value, file: p.file, field: field, line: n.Line, col: n.Column})
 }
 
 // HostCheck checks what a policy names against this host, and warns about
@@ -46,24 +47,33 @@ type HostCheck func() []Warning
 // ParseForHost is Parse, and the check of the parsed policy against this
 // host (nil when the policy has errors).
 func ParseForHost(file string, data []byte) (*ruleset.Ruleset, []Warning, HostCheck, error) {
-	rs, warns, p, err := parse(file, data)
+	return ParseFilesForHost([]File{{Path: file, Data: data}})
+}
+
+// ParseFilesForHost is ParseFiles, and the check of the parsed policy
+// against this host (nil when the policy has errors).
+func ParseFilesForHost(files []File) (*ruleset.Ruleset, []Warning, HostCheck, error) {
+	rs, warns, p, err := parseFiles(files, false)
 	if err != nil {
 		return nil, warns, nil, err
 	}
 	refs := p.refs
-	return rs, warns, func() []Warning { return hostWarnings(file, refs) }, nil
+	return rs, warns, func() []Warning { return hostWarnings(refs) }, nil
 }
 
-// LoadForHost is Load, and the check of the policy against this host.
+// LoadForHost is Load (the file and its drop-ins), and the check of the
+// policy against this host.
 func LoadForHost(path string) (*ruleset.Ruleset, []Warning, HostCheck, error) {
-	data, err := os.ReadFile(path)
+	files, err := ReadFiles(path)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("read policy %s: %w", path, err)
+		return nil, nil, nil, err
 	}
-	return ParseForHost(path, data)
+	return ParseFilesForHost(files)
 }
 
-func hostWarnings(file string, refs []hostRef) []Warning {
+// hostWarnings checks refs, in the order of their files, each file's in
+// line order.
+func hostWarnings(refs []hostRef) []Warning {
 	var out []Warning
 	for _, r := range refs {
 		var msg string
@@ -74,10 +84,19 @@ func hostWarnings(file string, refs []hostRef) []Warning {
 			msg = checkBinary(r.value)
 		}
 		if msg != "" {
-			out = append(out, Warning{File: file, Line: r.line, Col: r.col, Field: r.field, Msg: msg})
+			out = append(out, Warning{File: r.file, Line: r.line, Col: r.col, Field: r.field, Msg: msg})
+		}
+	}
+	order := map[string]int{}
+	for _, r := range refs {
+		if _, ok := order[r.file]; !ok {
+			order[r.file] = len(order)
 		}
 	}
 	slices.SortStableFunc(out, func(a, b Warning) int {
+		if a.File != b.File {
+			return order[a.File] - order[b.File]
+		}
 		if a.Line != b.Line {
 			return a.Line - b.Line
 		}

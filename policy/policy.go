@@ -135,8 +135,9 @@ func (w Warning) String() string {
 	return at + ": " + w.Field + ": " + w.Msg
 }
 
-// Load reads and compiles the policy file at path.
-func Load(path string) (*ruleset.Ruleset, []Warning, error) {
+// LoadFile reads and compiles the policy file at path alone, without its
+// drop-ins (Load reads both).
+func LoadFile(path string) (*ruleset.Ruleset, []Warning, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read policy %s: %w", path, err)
@@ -148,26 +149,7 @@ func Load(path string) (*ruleset.Ruleset, []Warning, error) {
 // On failure the error is an *Errors holding every mistake found, and the
 // warnings found so far are still returned.
 func Parse(file string, data []byte) (*ruleset.Ruleset, []Warning, error) {
-	rs, warns, _, err := parse(file, data)
-	return rs, warns, err
-}
-
-func parse(file string, data []byte) (*ruleset.Ruleset, []Warning, *parser, error) {
-	p := &parser{file: file, matches: seen{}}
-	var rs *ruleset.Ruleset
-	if root := p.document(data); root != nil {
-		rs = p.policy(root)
-	}
-	if len(p.errs) > 0 {
-		slices.SortStableFunc(p.errs, func(a, b Error) int {
-			if a.Line != b.Line {
-				return a.Line - b.Line
-			}
-			return a.Col - b.Col
-		})
-		return nil, p.warns, p, &Errors{List: p.errs}
-	}
-	return rs, p.warns, p, nil
+	return ParseFiles([]File{{Path: file, Data: data}})
 }
 
 type parser struct {
@@ -179,6 +161,17 @@ type parser struct {
 	refs []hostRef
 	// matches are the units, globs and uids apps matched so far.
 	matches seen
+	// dropin is set while a drop-in is read: internal is optional there,
+	// and the main file's scalars are refused.
+	dropin bool
+	// appNames is where each app name was first defined, in any file.
+	appNames map[string]ruleset.Source
+	// mainInternal is the main file's internal section, for the warning
+	// about a policy that makes nothing internal; internalBad is set when
+	// an internal section of any file has errors (the internal set is not
+	// known, so neither is what lies outside it).
+	mainInternal *yaml.Node
+	internalBad  bool
 }
 
 func (p *parser) errorf(n *yaml.Node, field, format string, args ...any) {
@@ -442,15 +435,18 @@ func (p *parser) source(n *yaml.Node) ruleset.Source {
 // grantCheck is a grant kept for the pass after the whole file is read, when
 // the internal prefixes are known wherever they were written.
 type grantCheck struct {
+	file   string
 	to     *yaml.Node
 	field  string
 	prefix netip.Prefix
 }
 
-func (p *parser) policy(root *yaml.Node) *ruleset.Ruleset {
+// policy reads one file's policy (the main file's or a drop-in's) and the
+// grants to check once every file is read.
+func (p *parser) policy(root *yaml.Node) (*ruleset.Ruleset, []grantCheck) {
 	vals, ok := p.fields(root, "", topKeys)
 	if !ok {
-		return nil
+		return nil, nil
 	}
 	rs := &ruleset.Ruleset{AuditRate: DefaultAuditRate}
 	if p.require(vals, root, "", "version") {
@@ -458,13 +454,16 @@ func (p *parser) policy(root *yaml.Node) *ruleset.Ruleset {
 			p.errorf(vals["version"], "version", "unsupported version %d; want %d", v, Version)
 		}
 	}
-	internalOK := false
-	if p.require(vals, root, "", "internal") {
+	if p.dropin {
+		p.mainOnly(root, vals)
+	}
+	if n, ok := vals["internal"]; ok || (!p.dropin && p.require(vals, root, "", "internal")) {
 		before := len(p.errs)
-		rs.Internal, rs.Interfaces = p.internal(vals["internal"], "internal")
-		internalOK = len(p.errs) == before
-		if internalOK && len(rs.Internal) == 0 && len(rs.Interfaces) == 0 {
-			p.warnf(vals["internal"], "internal", "no prefixes and no interfaces: nothing is internal, so the policy denies nothing")
+		rs.Internal, rs.Interfaces = p.internal(n, "internal")
+		if len(p.errs) != before {
+			p.internalBad = true
+		} else if !p.dropin {
+			p.mainInternal = n
 		}
 	}
 	if n, ok := vals["audit"]; ok {
@@ -479,10 +478,7 @@ func (p *parser) policy(root *yaml.Node) *ruleset.Ruleset {
 		rs.Apps, c = p.apps(n, "apps")
 		checks = append(checks, c...)
 	}
-	if internalOK {
-		p.warnOutside(rs, checks)
-	}
-	return rs
+	return rs, checks
 }
 
 // everyone reads `everyone: {allow: [grants]}`: grants every process holds,
@@ -515,6 +511,8 @@ func (p *parser) grants(n *yaml.Node, field string) (out []ruleset.Grant, checks
 
 // warnOutside flags grants that overlap no internal prefix: they are legal but
 // change nothing, because non-internal destinations are allowed to everyone.
+// It runs once every file is read: a drop-in's grant may be internal by the
+// main file's prefixes.
 func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
 	internal := make([]netip.Prefix, len(rs.Internal))
 	for i, in := range rs.Internal {
@@ -525,6 +523,7 @@ func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
 		if overlaps(c.prefix) {
 			continue
 		}
+		p.file = c.file
 		if len(rs.Interfaces) > 0 {
 			p.warnf(c.to, c.field, "%s is outside every internal prefix; it has an effect only where routes via %s make it internal",
 				c.prefix, strings.Join(rs.Interfaces, ", "))
@@ -632,10 +631,9 @@ func (p *parser) audit(n *yaml.Node, field string) uint32 {
 
 func (p *parser) apps(n *yaml.Node, field string) (apps []ruleset.App, checks []grantCheck) {
 	items, _ := p.list(n, field)
-	names := seen{}
 	for i, item := range items {
 		f := index(field, i)
-		app, c, ok := p.app(item, f, names)
+		app, c, ok := p.app(item, f)
 		if ok {
 			apps = append(apps, app)
 		}
@@ -644,7 +642,7 @@ func (p *parser) apps(n *yaml.Node, field string) (apps []ruleset.App, checks []
 	return apps, checks
 }
 
-func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []grantCheck, bool) {
+func (p *parser) app(n *yaml.Node, field string) (ruleset.App, []grantCheck, bool) {
 	app := ruleset.App{Source: p.source(n)}
 	vals, ok := p.fields(n, field, appKeys)
 	if !ok {
@@ -655,10 +653,10 @@ func (p *parser) app(n *yaml.Node, field string, names seen) (ruleset.App, []gra
 		if name, ok := p.str(vals["name"], f); ok {
 			if !nameRE.MatchString(name) {
 				p.errorf(vals["name"], f, "invalid app name %q: want %s", name, namePattern)
-			} else if first, dup := names[name]; dup {
-				p.errorf(vals["name"], f, "duplicate app %q (first at line %d)", name, first)
+			} else if first, dup := p.appNames[name]; dup {
+				p.errorf(vals["name"], f, "duplicate app %q (first at %s)", name, p.place(first))
 			} else {
-				names[name] = vals["name"].Line
+				p.appNames[name] = ruleset.Source{File: p.file, Line: vals["name"].Line}
 				app.Name = name
 			}
 		}
@@ -911,7 +909,7 @@ func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, b
 	}
 	before := len(p.errs)
 	if p.require(vals, n, field, "to") {
-		c = grantCheck{to: vals["to"], field: join(field, "to")}
+		c = grantCheck{file: p.file, to: vals["to"], field: join(field, "to")}
 		c.prefix, _ = p.prefix(vals["to"], c.field)
 		g.Prefix = c.prefix
 	}
