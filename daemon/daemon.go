@@ -6,8 +6,6 @@ package daemon
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -119,10 +117,11 @@ type Daemon struct {
 	revoked    *revocations
 	gen        uint32
 	policyHash string
-	// policyStamp is the policy file's identity when it was last read: the
-	// poll reads (and hashes) the file only when it changed, which at
-	// 1,000,000 prefixes (80 MB) would otherwise cost a tenth of a CPU.
-	policyStamp fileStamp
+	// policyStamp is the policy files' identity when they were last read:
+	// the policy is read (and hashed) only when it changed, which at
+	// 1,000,000 prefixes (80 MB) would otherwise cost a tenth of a CPU a
+	// poll.
+	policyStamp policyStamp
 	loadedAt    time.Time
 	lastErr     string
 	// routes are the destinations routed via internal.interfaces when last
@@ -361,13 +360,14 @@ func (d *Daemon) generation() uint32 {
 	return d.gen
 }
 
-// loadPolicy reads and compiles the policy file and hashes its bytes.
+// loadPolicy reads and compiles the policy file and its drop-ins and hashes
+// their bytes.
 func loadPolicy(path string, log *slog.Logger) (*ruleset.Ruleset, string, error) {
-	data, err := os.ReadFile(path)
+	files, err := policy.ReadFiles(path)
 	if err != nil {
-		return nil, "", fmt.Errorf("read policy: %w", err)
+		return nil, "", err
 	}
-	rs, warnings, check, err := policy.ParseForHost(path, data)
+	rs, warnings, check, err := policy.ParseFilesForHost(files)
 	if err != nil {
 		return nil, "", err
 	}
@@ -375,8 +375,7 @@ func loadPolicy(path string, log *slog.Logger) (*ruleset.Ruleset, string, error)
 		log.Warn("policy", "warning", w.String())
 	}
 	go logHostWarnings(log, check)
-	sum := sha256.Sum256(data)
-	return rs, hex.EncodeToString(sum[:]), nil
+	return rs, policy.Hash(files), nil
 }
 
 // logHostWarnings logs what the policy names and this host lacks or leaves
@@ -388,29 +387,32 @@ func logHostWarnings(log *slog.Logger, check policy.HostCheck) {
 	}
 }
 
-// Reload re-reads the policy file. Unless force is set, an unchanged file
-// (same bytes) is left alone. An invalid file leaves the generation in force
-// and is reported once per change of the file.
+// Reload re-reads the policy file and its drop-ins. Unless force is set,
+// unchanged files (same bytes) are left alone. An invalid policy leaves the
+// generation in force and is reported once per change of the files.
 func (d *Daemon) Reload(force bool) (uint32, error) {
-	// Stamped before the read: a change after it shows at the next poll.
-	stamp := stampOf(d.cfg.PolicyPath)
+	// Stamped before the read: a change after it shows at the next event
+	// or poll.
+	stamp := stampPolicy(d.cfg.PolicyPath)
 	if !force {
 		d.mu.Lock()
-		same := stamp.valid() && stamp == d.policyStamp
+		same := stamp.valid() && slices.Equal(stamp, d.policyStamp)
 		gen := d.gen
 		d.mu.Unlock()
 		if same {
 			return gen, nil
 		}
 	}
-	data, readErr := os.ReadFile(d.cfg.PolicyPath)
-	if readErr == nil && !force && stampOf(d.cfg.PolicyPath) != stamp {
+	files, readErr := policy.ReadFiles(d.cfg.PolicyPath)
+	if readErr == nil && !force && !slices.Equal(stampPolicy(d.cfg.PolicyPath), stamp) {
 		// Written to while read: the write's own event (or the next
 		// poll) brings it back once it is done.
 		return d.generation(), nil
 	}
-	sum := sha256.Sum256(data)
-	hash := hex.EncodeToString(sum[:])
+	var hash string
+	if readErr == nil {
+		hash = policy.Hash(files)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.policyStamp = stamp
@@ -423,11 +425,11 @@ func (d *Daemon) Reload(force bool) (uint32, error) {
 	var rs *ruleset.Ruleset
 	var err error
 	if readErr != nil {
-		err = fmt.Errorf("read policy: %w", readErr)
+		err = readErr
 	} else {
 		var warnings []policy.Warning
 		var check policy.HostCheck
-		rs, warnings, check, err = policy.ParseForHost(d.cfg.PolicyPath, data)
+		rs, warnings, check, err = policy.ParseFilesForHost(files)
 		for _, w := range warnings {
 			d.log.Warn("policy", "warning", w.String())
 		}
@@ -450,9 +452,26 @@ func (d *Daemon) Reload(force bool) (uint32, error) {
 		return d.gen, err
 	}
 	d.lastErr = ""
-	d.log.Info("policy loaded", "policy", d.cfg.PolicyPath, "generation", d.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", d.ended)
+	d.log.Info("policy loaded", "policy", d.cfg.PolicyPath, "dropins", len(files)-1, "generation", d.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", d.ended)
 	return d.gen, nil
 }
+
+// policyStamp is the stamps of the policy file, of its policy.d directory
+// (whose own times change when a drop-in comes, goes or is renamed) and
+// of each drop-in.
+type policyStamp []fileStamp
+
+func stampPolicy(path string) policyStamp {
+	s := policyStamp{stampOf(path), stampOf(filepath.Join(filepath.Dir(path), policy.DropinDir))}
+	dropins, _ := policy.Dropins(path)
+	for _, p := range dropins {
+		s = append(s, stampOf(p))
+	}
+	return s
+}
+
+// valid: the policy file itself could be stamped.
+func (s policyStamp) valid() bool { return len(s) > 0 && s[0].valid() }
 
 // fileStamp tells whether a file changed without reading it: a rename over
 // it changes the inode, a write the size or the modification and change

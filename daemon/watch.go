@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+
+	"github.com/procgate/procgate/policy"
 )
 
 // DefaultSettle is how long the policy's directories must be quiet before a
@@ -66,7 +68,7 @@ func watchPolicy(ctx context.Context, wg *sync.WaitGroup, policyPath string, set
 // ..data swap or an edit of the target changes), and the same for policy.d.
 func policyDirs(policyPath string) []string {
 	main := filepath.Clean(policyPath)
-	dropins := filepath.Join(filepath.Dir(main), dropinDir)
+	dropins := filepath.Join(filepath.Dir(main), policy.DropinDir)
 	dirs := []string{filepath.Dir(main), dropins}
 	for _, p := range []string{main, dropins} {
 		if real, err := filepath.EvalSymlinks(p); err == nil {
@@ -165,6 +167,3 @@ func (pw *policyWatch) run(ctx context.Context) {
 		}
 	}
 }
-
-// dropinDir is the directory of drop-ins beside the policy file.
-const dropinDir = "policy.d"

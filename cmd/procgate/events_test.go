@@ -138,4 +138,64 @@ func TestPolicyFollowsFileEvents(t *testing.T) {
 		swap("..data", "..v2")
 		e.waitPolicy(sha(v2), "a swap of ..data")
 	})
+	t.Run("drop-ins come, break and go", func(t *testing.T) {
+		// The main file is ..v2's from here on.
+		apps := func() []string {
+			var names []string
+			for _, a := range e.status().Apps {
+				names = append(names, a.Name)
+			}
+			return names
+		}
+		waitApps := func(want, why string) {
+			t.Helper()
+			deadline := time.Now().Add(eventDeadline)
+			for got := strings.Join(apps(), " "); got != want; got = strings.Join(apps(), " ") {
+				if time.Now().After(deadline) {
+					t.Fatalf("%s: apps %q after %v, want %q\n%s", why, got, eventDeadline, want, e.daemonLog())
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+		dropins := filepath.Join(e.dir, "policy.d")
+		dropin := filepath.Join(dropins, "50-f.yaml")
+		if err := os.Mkdir(dropins, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dropins) })
+		write := func(path, y string) {
+			t.Helper()
+			if err := os.WriteFile(path+".tmp", []byte(y), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(path+".tmp", path); err != nil {
+				t.Fatal(err)
+			}
+		}
+		write(dropin, "version: 1\napps:\n  - name: f\n    allow:\n      - to: 10.1.2.0/24\n")
+		waitApps("d e f", "a drop-in in a new policy.d")
+
+		before := e.status().Generation
+		write(filepath.Join(dropins, "60-g.yaml"), "version: 1\naudit:\n  rate: 5\n")
+		deadline := time.Now().Add(eventDeadline)
+		for !strings.Contains(e.status().LastError, "60-g.yaml:2:1: audit: only the main policy file") {
+			if time.Now().After(deadline) {
+				t.Fatalf("a bad drop-in was not reported within %v: %q\n%s", eventDeadline, e.status().LastError, e.daemonLog())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if g := e.status().Generation; g != before {
+			t.Fatalf("a bad drop-in made generation %d", g)
+		}
+		if err := os.Remove(filepath.Join(dropins, "60-g.yaml")); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Remove(dropin); err != nil {
+			t.Fatal(err)
+		}
+		waitApps("d e", "drop-ins removed")
+		if st := e.status(); st.LastError != "" {
+			t.Fatalf("last error kept after a good reload: %s", st.LastError)
+		}
+	})
 }
