@@ -117,9 +117,14 @@ func ParseFiles(files []File) (*ruleset.Ruleset, []Warning, error) {
 // ParseDropin checks one drop-in on its own, by the rules of drop-ins; what
 // needs the whole policy (an app defined in another file, grants outside
 // every internal prefix) is not checked.
-func ParseDropin(file string, data []byte) (*ruleset.Ruleset, []Warning, error) {
-	rs, warns, _, err := parseFiles([]File{{Path: file, Data: data}}, true)
-	return rs, warns, err
+// The HostCheck is as ParseFilesForHost's.
+func ParseDropin(file string, data []byte) (*ruleset.Ruleset, []Warning, HostCheck, error) {
+	rs, warns, p, err := parseFiles([]File{{Path: file, Data: data}}, true)
+	if err != nil {
+		return nil, warns, nil, err
+	}
+	refs := p.refs
+	return rs, warns, func() []Warning { return hostWarnings(refs) }, nil
 }
 
 func parseFiles(files []File, dropin bool) (*ruleset.Ruleset, []Warning, *parser, error) {

@@ -215,10 +215,10 @@ func TestDropinWarnings(t *testing.T) {
 
 // TestDropinAlone: a drop-in checked on its own follows the drop-in rules.
 func TestDropinAlone(t *testing.T) {
-	if _, _, err := ParseDropin("10-a.yaml", []byte("version: 1\napps:\n  - name: web\n")); err != nil {
+	if _, _, _, err := ParseDropin("10-a.yaml", []byte("version: 1\napps:\n  - name: web\n")); err != nil {
 		t.Errorf("a drop-in without internal: %v", err)
 	}
-	if _, _, err := ParseDropin("10-a.yaml", []byte("version: 1\naudit: {rate: 5}\n")); err == nil || !strings.Contains(err.Error(), "only the main policy file") {
+	if _, _, _, err := ParseDropin("10-a.yaml", []byte("version: 1\naudit: {rate: 5}\n")); err == nil || !strings.Contains(err.Error(), "only the main policy file") {
 		t.Errorf("audit in a drop-in alone: %v", err)
 	}
 	if _, _, err := Parse("policy.yaml", []byte("version: 1\napps: []\n")); err == nil || !strings.Contains(err.Error(), "internal: missing") {

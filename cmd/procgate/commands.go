@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -193,21 +194,44 @@ func uninstallCmd() *cobra.Command {
 }
 
 func validateCmd() *cobra.Command {
-	return &cobra.Command{
+	var noDropins bool
+	cmd := &cobra.Command{
 		Use:   "validate FILE",
-		Short: "Check a policy file and explain every error with file:line",
-		Long: `Checks a policy file and explains every error with file:line:col and the
-field, and exits 1 if there is one. It also warns, without failing, about
-what is legal but probably not meant, and about what the policy names and
-this host lacks or leaves open: users and groups the user database (files,
-then NSS through getent) does not know, and exe: binaries that are missing,
-not executable, not owned by root, or writable by group or others (or in a
-directory that is), which procgate run would refuse. The daemon logs the same
-warnings when it loads the policy.`,
-		Example: "  procgate validate /etc/procgate/policy.yaml",
-		Args:    cobra.ExactArgs(1),
+		Short: "Check a policy file with its policy.d drop-ins and explain every error with file:line:col",
+		Long: `Checks a policy file and the drop-ins beside it (DIR/policy.d/*.yaml, merged
+in name order) as the daemon reads them, lists the files it read, explains
+every error with file:line:col and the field, and exits 1 if there is one. A
+file inside a policy.d directory is checked alone, by the rules of drop-ins:
+validate the main file to check it merged.
+
+It also warns, without failing, about what is legal but probably not meant,
+and about what the policy names and this host lacks or leaves open: users and
+groups the user database (files, then NSS through getent) does not know, and
+exe: binaries that are missing, not executable, not owned by root, or
+writable by group or others (or in a directory that is), which procgate run
+would refuse. The daemon logs the same warnings when it loads the policy.`,
+		Example: `  procgate validate /etc/procgate/policy.yaml
+  procgate validate --no-dropins /etc/procgate/policy.yaml
+  procgate validate /etc/procgate/policy.d/50-vpn.yaml`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			rs, warnings, check, err := policy.LoadForHost(args[0])
+			out := cmd.OutOrStdout()
+			files, alone, err := validateFiles(args[0], noDropins)
+			if err != nil {
+				fmt.Fprintln(cmd.ErrOrStderr(), err)
+				return exitCode(1)
+			}
+			for _, f := range files {
+				fmt.Fprintln(out, "read", f.Path)
+			}
+			var rs *ruleset.Ruleset
+			var warnings []policy.Warning
+			var check policy.HostCheck
+			if alone {
+				rs, warnings, check, err = policy.ParseDropin(files[0].Path, files[0].Data)
+			} else {
+				rs, warnings, check, err = policy.ParseFilesForHost(files)
+			}
 			if check != nil {
 				warnings = append(warnings, check()...)
 			}
@@ -222,14 +246,38 @@ warnings when it loads the policy.`,
 			for _, a := range rs.Apps {
 				grants += len(a.Grants)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: ok: %d internal prefixes, %d apps, %d grants", args[0], len(rs.Internal), len(rs.Apps), grants)
-			if n := len(rs.Everyone); n > 0 {
-				fmt.Fprintf(cmd.OutOrStdout(), ", %d everyone grants", n)
+			fmt.Fprintf(out, "%s: ok", args[0])
+			switch {
+			case alone:
+				fmt.Fprint(out, " as a drop-in alone")
+			case len(files) > 1:
+				fmt.Fprintf(out, " with %d drop-ins", len(files)-1)
 			}
-			fmt.Fprintln(cmd.OutOrStdout())
+			fmt.Fprintf(out, ": %d internal prefixes, %d apps, %d grants", len(rs.Internal), len(rs.Apps), grants)
+			if n := len(rs.Everyone); n > 0 {
+				fmt.Fprintf(out, ", %d everyone grants", n)
+			}
+			fmt.Fprintln(out)
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&noDropins, "no-dropins", false, "check FILE alone, without the drop-ins in its policy.d")
+	return cmd
+}
+
+// validateFiles reads what validate checks: path with its drop-ins, path
+// alone (noDropins), or a drop-in alone (path is in a policy.d).
+func validateFiles(path string, noDropins bool) (files []policy.File, alone bool, err error) {
+	alone = filepath.Base(filepath.Dir(filepath.Clean(path))) == policy.DropinDir
+	if !alone && !noDropins {
+		files, err = policy.ReadFiles(path)
+		return files, false, err
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, false, fmt.Errorf("read policy %s: %w", path, err)
+	}
+	return []policy.File{{Path: path, Data: data}}, alone, nil
 }
 
 func statusCmd(client func() api.Client) *cobra.Command {
