@@ -29,6 +29,14 @@ import (
 
 // run parses the command line and runs the command it names.
 func run(args []string) error {
+	root := rootCmd()
+	root.SetArgs(args)
+	return root.Execute()
+}
+
+// rootCmd is the whole command line; the man pages and shell completions
+// are generated from it (docs_gen.go).
+func rootCmd() *cobra.Command {
 	root := &cobra.Command{
 		Use:   "procgate",
 		Short: "Per-application authorization of internal routes, enforced with cgroup v2 + eBPF",
@@ -64,8 +72,7 @@ Every connect() and UDP sendmsg() is decided in the kernel.`,
 	for _, c := range root.Commands() {
 		socketFlag(c, &socket)
 	}
-	root.SetArgs(args)
-	return root.Execute()
+	return root
 }
 
 // notClients are the commands that never talk to the daemon's API.
