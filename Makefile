@@ -19,12 +19,72 @@ COMMIT  ?= $(shell git describe --always --dirty --abbrev=12 --exclude '*' 2>/de
 LDFLAGS := -X github.com/procgate/procgate/internal/version.version=$(VERSION) \
 	-X github.com/procgate/procgate/internal/version.commit=$(COMMIT)
 
-.PHONY: all build deps test test-short demo bench bench-quick generate check-generate fmt vet clean
+# make install: where things go (DESTDIR stages a tree, as packages do).
+PREFIX      ?= /usr
+SYSCONFDIR  ?= /etc
+BINDIR      ?= $(PREFIX)/bin
+MANDIR      ?= $(PREFIX)/share/man
+DOCDIR      ?= $(PREFIX)/share/doc/procgate
+UNITDIR     ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/vendor-completions
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
+# Man pages carry the date of the commit, not of the build.
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
+# nfpm builds the packages; run at a fixed version (go run pkg@version), so
+# that none of its dependencies enter the product's go.mod.
+NFPM    ?= $(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.48.0
+ARCH    ?= $(shell $(GO) env GOARCH)
+
+.PHONY: all build docs install package test-dist deps test test-short demo bench bench-quick generate check-generate fmt vet clean
 
 all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/procgate
+
+# Man pages and shell completions, generated from the CLI by a build with
+# the procgate_docs tag (cmd/procgate/docs_gen.go): not in the shipped binary.
+docs:
+	rm -rf bin/docs
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) CGO_ENABLED=0 $(GO) run -tags procgate_docs -ldflags "$(LDFLAGS)" ./cmd/procgate gen-docs bin/docs
+
+# The binary, an example policy that denies nothing, policy.d/, the systemd
+# units, the sysusers.d entry of the trace guard's group, man pages, shell
+# completions. Files in SYSCONFDIR that exist are left alone. Without
+# DESTDIR, as root, it also makes the guard group (dist/scripts/postinst).
+install: build docs
+	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/procgate
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/procgate/policy.d
+	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/procgate/gateway
+	for f in policy.yaml policy.d/README gateway/gateway.env.example; do \
+		test -e $(DESTDIR)$(SYSCONFDIR)/procgate/$$f || install -m 0644 dist/$$f $(DESTDIR)$(SYSCONFDIR)/procgate/$$f || exit 1; \
+	done
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	for u in procgate.service procgate-gateway.service; do \
+		sed -e 's|/usr/bin/procgate|$(BINDIR)/procgate|g' -e 's|/etc/procgate|$(SYSCONFDIR)/procgate|g' \
+			dist/$$u >$(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
+	done
+	install -D -m 0644 dist/sysusers.conf $(DESTDIR)$(SYSUSERSDIR)/procgate.conf
+	install -d -m 0755 $(DESTDIR)$(MANDIR)/man1
+	for m in bin/docs/man/man1/*.1; do \
+		gzip -9n <$$m >$(DESTDIR)$(MANDIR)/man1/$$(basename $$m).gz && chmod 0644 $(DESTDIR)$(MANDIR)/man1/$$(basename $$m).gz || exit 1; \
+	done
+	install -D -m 0644 bin/docs/completions/procgate.bash $(DESTDIR)$(BASHCOMPDIR)/procgate
+	install -D -m 0644 bin/docs/completions/_procgate $(DESTDIR)$(ZSHCOMPDIR)/_procgate
+	install -D -m 0644 bin/docs/completions/procgate.fish $(DESTDIR)$(FISHCOMPDIR)/procgate.fish
+	install -D -m 0644 -t $(DESTDIR)$(DOCDIR) README.md SECURITY.md docs/policy.md docs/pinholes.md
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then sh dist/scripts/postinst configure; fi
+
+# bin/procgate_VERSION_ARCH.deb and bin/procgate-VERSION-1.ARCH.rpm, from a
+# tree staged by make install (dist/nfpm.yaml).
+package:
+	rm -rf bin/pkgroot
+	$(MAKE) install DESTDIR=$(CURDIR)/bin/pkgroot PREFIX=/usr SYSCONFDIR=/etc
+	rm -f bin/*.deb bin/*.rpm
+	VERSION=$(VERSION) ARCH=$(ARCH) $(NFPM) package --config dist/nfpm.yaml --packager deb --target bin/
+	VERSION=$(VERSION) ARCH=$(ARCH) $(NFPM) package --config dist/nfpm.yaml --packager rpm --target bin/
 
 # The Debian packages the tests and `make generate` need: installed when
 # root, otherwise named (and the target fails).
@@ -35,6 +95,12 @@ deps:
 # Go, this is all the set-up: deps installs what the tests run.
 test: deps
 	$(GO) test $(TESTFLAGS) -p 1 $(PKGS)
+	$(MAKE) test-dist
+
+# What make install and make package ship: the DESTDIR tree runs, the units
+# verify, the .deb holds the expected paths, modes and conffiles (dist/check).
+test-dist:
+	MAKE="$(MAKE)" ./dist/check
 
 # Unit tests only (no root needed).
 test-short:
