@@ -131,6 +131,15 @@ type App struct {
 	// Traceable lets processes of the same user trace the app's processes
 	// (policy `traceable: true`): the launcher does not guard them.
 	Traceable bool
+	// OutsideDeny makes the app a sandbox (policy `outside: deny`): it
+	// reaches only its grants and everyone's, external destinations too;
+	// loopback stays open unless LoopbackDeny. The zero value is today's
+	// default, outside: allow.
+	OutsideDeny bool
+	// LoopbackDeny (policy `loopback: deny`) takes loopback from a
+	// sandboxed app too. Without OutsideDeny it changes nothing: loopback
+	// is then external, and external is allowed.
+	LoopbackDeny bool
 	// Match, when set, makes the app every process in existing cgroups
 	// (a systemd unit's, or those a glob names) or of a user; nil: the
 	// processes `procgate run` starts in the app's own cgroup.
@@ -334,6 +343,8 @@ const (
 	ReasonExe         Reason = 9  // the app pins binaries (exe:) and the process runs another
 	ReasonHandover    Reason = 10 // a process outside the app wrote to the app's TCP connection
 	ReasonEveryone    Reason = 11 // an everyone grant covers it (the app's own grants do not)
+	ReasonOutside     Reason = 12 // not internal, and the app is a sandbox (outside: deny) without a grant for it
+	ReasonLoopback    Reason = 14 // a loopback destination of a sandboxed app: its loopback: decides
 )
 
 func (r Reason) String() string {
@@ -360,6 +371,10 @@ func (r Reason) String() string {
 		return "handover"
 	case ReasonEveryone:
 		return "granted-everyone"
+	case ReasonOutside:
+		return "outside-denied"
+	case ReasonLoopback:
+		return "loopback"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }
@@ -383,6 +398,16 @@ func (d Decision) String() string {
 	}
 	var b strings.Builder
 	b.WriteString(verdict + " (" + d.Reason.String() + ")")
+	switch d.Reason {
+	case ReasonOutside:
+		b.WriteString(" outside: deny, and no grant covers it")
+	case ReasonLoopback:
+		if d.Allow {
+			b.WriteString(" outside: deny, loopback: allow")
+		} else {
+			b.WriteString(" outside: deny, loopback: deny")
+		}
+	}
 	if d.Internal != nil {
 		fmt.Fprintf(&b, " internal %s", d.Internal.Prefix)
 		if s := d.Internal.Source.String(); s != "" {
@@ -404,6 +429,14 @@ func (d Decision) String() string {
 	return b.String()
 }
 
+// IsLoopback reports whether a (IPv4-mapped or not) reaches this host's
+// loopback: 127.0.0.0/8 and ::1, and the unspecified addresses, which
+// connect() and sendto() take for the local host as well.
+func IsLoopback(a netip.Addr) bool {
+	a = a.Unmap()
+	return a.IsLoopback() || a.IsUnspecified()
+}
+
 // covering is the grants of gs that cover d.
 func covering(gs []Grant, d Dest) []Grant {
 	var out []Grant
@@ -419,8 +452,10 @@ func covering(gs []Grant, d Dest) []Grant {
 //
 //	allow(p, d) = d ∈ Everyone(d)
 //	              ∨ (principal(p) ≠ ⊥ ∧ ∃ grant g of principal(p): g covers d)
-//	              ∨ d ∉ Internal
+//	              ∨ (d ∉ Internal ∧ outside(principal(p)) = allow)
 //
+// where outside is allow but for apps with outside: deny, and for those
+// allow for loopback destinations (IsLoopback) unless loopback: deny.
 // app is the principal's name, "" for unbound. An app name the ruleset does not
 // know is treated as unbound. The app's own grants are asked before everyone's,
 // as the kernel does, so Reason names them when both cover d.
@@ -433,10 +468,11 @@ func (rs *Ruleset) Decide(app string, d Dest) Decision {
 			in = p
 		}
 	}
-	if in == nil {
+	a := rs.App(app)
+	sandboxed := a != nil && a.OutsideDeny
+	if in == nil && !sandboxed {
 		return Decision{Allow: true, Reason: ReasonNotInternal, App: app}
 	}
-	a := rs.App(app)
 	dec := Decision{App: app, Internal: in, Reason: ReasonUnbound}
 	if a == nil {
 		dec.App = ""
@@ -452,6 +488,17 @@ func (rs *Ruleset) Decide(app string, d Dest) Decision {
 		if len(dec.Grants) > 0 {
 			dec.Allow, dec.Reason = true, ReasonGranted
 			return dec
+		}
+	}
+	if in == nil {
+		// A sandbox's external destination without a grant of its own.
+		dec.Reason = ReasonOutside
+		if IsLoopback(d.Addr) {
+			dec.Reason = ReasonLoopback
+			if !a.LoopbackDeny {
+				dec.Allow = true
+				return dec
+			}
 		}
 	}
 	if dec.Everyone = covering(rs.Everyone, d); len(dec.Everyone) > 0 {

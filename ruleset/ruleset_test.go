@@ -119,6 +119,60 @@ func TestDecideEveryone(t *testing.T) {
 	}
 }
 
+// TestDecideSandbox: an outside: deny app reaches its grants and everyone's
+// wherever they point, loopback unless loopback: deny, and nothing else;
+// loopback: deny alone changes nothing.
+func TestDecideSandbox(t *testing.T) {
+	p := netip.MustParsePrefix
+	rs := &Ruleset{
+		Internal: []InternalPrefix{{Prefix: p("10.0.0.0/8")}},
+		Everyone: []Grant{{Prefix: p("10.0.0.53/32"), Proto: UDP, Ports: []PortRange{{53, 53}}},
+			{Prefix: p("127.0.0.53/32"), Proto: UDP, Ports: []PortRange{{53, 53}}}},
+		Apps: []App{
+			{Name: "box", OutsideDeny: true, Grants: []Grant{
+				{Prefix: p("192.0.2.10/32"), Proto: TCP, Ports: []PortRange{{443, 443}}},
+				{Prefix: p("10.1.0.0/16"), Proto: TCP, Ports: []PortRange{{5432, 5432}}},
+			}},
+			{Name: "sealed", OutsideDeny: true, LoopbackDeny: true},
+			{Name: "open", LoopbackDeny: true},
+		},
+	}
+	for _, tc := range []struct {
+		app, dest string
+		allow     bool
+		reason    Reason
+	}{
+		{"box", "192.0.2.10:443", true, ReasonGranted},
+		{"box", "192.0.2.10:80", false, ReasonOutside},
+		{"box", "192.0.2.11:443", false, ReasonOutside},
+		{"box", "[2001:db8::1]:443", false, ReasonOutside},
+		{"box", "10.1.2.3:5432", true, ReasonGranted},
+		{"box", "10.2.0.1:5432", false, ReasonNoGrant},
+		{"box", "10.0.0.53:53/udp", true, ReasonEveryone},
+		{"box", "127.0.0.1:80", true, ReasonLoopback},
+		{"box", "[::1]:80", true, ReasonLoopback},
+		{"box", "[::ffff:127.0.0.1]:80", true, ReasonLoopback},
+		{"box", "0.0.0.0:80", true, ReasonLoopback},
+		{"sealed", "127.0.0.1:80", false, ReasonLoopback},
+		{"sealed", "[::1]:80", false, ReasonLoopback},
+		{"sealed", "[::]:80", false, ReasonLoopback},
+		{"sealed", "127.0.0.53:53/udp", true, ReasonEveryone},
+		{"sealed", "192.0.2.10:443", false, ReasonOutside},
+		{"open", "127.0.0.1:80", true, ReasonNotInternal},
+		{"open", "192.0.2.10:443", true, ReasonNotInternal},
+		{"", "192.0.2.10:443", true, ReasonNotInternal},
+	} {
+		d, err := ParseDest(tc.dest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := rs.Decide(tc.app, d)
+		if got.Allow != tc.allow || got.Reason != tc.reason {
+			t.Errorf("Decide(%q, %s) = %s; want allow=%v reason=%s", tc.app, tc.dest, got, tc.allow, tc.reason)
+		}
+	}
+}
+
 func TestCloneIsDeep(t *testing.T) {
 	rs := &Ruleset{Apps: []App{{Name: "a", Grants: []Grant{{Ports: []PortRange{{1, 1}}}}}}, AuditRate: 7,
 		Everyone: []Grant{{Ports: []PortRange{{2, 2}}}}}
