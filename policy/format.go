@@ -101,6 +101,12 @@ func appNode(a ruleset.App) *yaml.Node {
 	if a.Match != nil {
 		n.Content = append(n.Content, text("match"), mapping(0, text(a.Match.Kind.String()), text(a.Match.Value)))
 	}
+	if a.OutsideDeny {
+		n.Content = append(n.Content, text("outside"), text("deny"))
+	}
+	if a.LoopbackDeny {
+		n.Content = append(n.Content, text("loopback"), text("deny"))
+	}
 	n.Content = append(n.Content, text("allow"), grantList(a.Grants))
 	if a.Inbound != nil {
 		n.Content = append(n.Content, text("inbound"), mapping(0, text("dynamic"), dynamicNode(a.Inbound)))

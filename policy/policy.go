@@ -42,7 +42,7 @@ var (
 	everyoneKeys = []string{"allow"}
 	internalKeys = []string{"prefixes", "interfaces"}
 	auditKeys    = []string{"rate"}
-	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "handover", "audit", "allow", "inbound", "match"}
+	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "handover", "audit", "outside", "loopback", "allow", "inbound", "match"}
 	inboundKeys  = []string{"dynamic"}
 	dynamicKeys  = []string{"control", "ports", "proto", "lease"}
 	exeKeys      = []string{"path", "sha256"}
@@ -56,6 +56,8 @@ var (
 	// handoverWords: may processes outside the app write to its TCP
 	// connections (handed over by SCM_RIGHTS)? value: AllowHandover
 	handoverWords = map[string]bool{"deny": false, "allow": true}
+	// outside and loopback: value is OutsideDeny, LoopbackDeny
+	denyWords = map[string]bool{"allow": false, "deny": true}
 )
 
 // Bounds of an inbound lease (whole seconds, as the gateway takes them).
@@ -439,6 +441,9 @@ type grantCheck struct {
 	to     *yaml.Node
 	field  string
 	prefix netip.Prefix
+	// everyone: an everyone grant, which sandboxed apps may need outside
+	// internal prefixes; sandboxed: a grant of an outside: deny app.
+	everyone, sandboxed bool
 }
 
 // policy reads one file's policy (the main file's or a drop-in's) and the
@@ -472,6 +477,9 @@ func (p *parser) policy(root *yaml.Node) (*ruleset.Ruleset, []grantCheck) {
 	var checks []grantCheck
 	if n, ok := vals["everyone"]; ok {
 		rs.Everyone, checks = p.everyone(n, "everyone")
+		for i := range checks {
+			checks[i].everyone = true
+		}
 	}
 	if n, ok := vals["apps"]; ok {
 		var c []grantCheck
@@ -519,8 +527,11 @@ func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
 		internal[i] = in.Prefix
 	}
 	overlaps := overlapIndex(internal)
+	sandboxes := slices.ContainsFunc(rs.Apps, func(a ruleset.App) bool { return a.OutsideDeny })
 	for _, c := range checks {
-		if overlaps(c.prefix) {
+		// A sandbox reaches only its grants, outside included; everyone's
+		// grants outside are for sandboxes.
+		if c.sandboxed || (c.everyone && sandboxes) || overlaps(c.prefix) {
 			continue
 		}
 		p.file = c.file
@@ -679,9 +690,21 @@ func (p *parser) app(n *yaml.Node, field string) (ruleset.App, []grantCheck, boo
 	if n, ok := vals["audit"]; ok {
 		app.AuditAllow, _ = word(p, n, join(field, "audit"), "audit mode", auditWords, "deny or all")
 	}
+	if n, ok := vals["outside"]; ok {
+		app.OutsideDeny, _ = word(p, n, join(field, "outside"), "outside mode", denyWords, "allow or deny")
+	}
+	if n, ok := vals["loopback"]; ok {
+		app.LoopbackDeny, _ = word(p, n, join(field, "loopback"), "loopback mode", denyWords, "allow or deny")
+		if app.LoopbackDeny && !app.OutsideDeny {
+			p.warnf(n, join(field, "loopback"), "loopback: deny has no effect without outside: deny (loopback is external, and external is allowed)")
+		}
+	}
 	var checks []grantCheck
 	if n, ok := vals["allow"]; ok {
 		app.Grants, checks = p.grants(n, join(field, "allow"))
+		for i := range checks {
+			checks[i].sandboxed = app.OutsideDeny
+		}
 	}
 	if n, ok := vals["inbound"]; ok {
 		app.Inbound = p.inbound(n, join(field, "inbound"))

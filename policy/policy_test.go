@@ -51,7 +51,7 @@ func TestLoadValid(t *testing.T) {
 					Interfaces: []string{"wg0"},
 					AuditRate:  100,
 					Everyone: []ruleset.Grant{
-						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(76)},
+						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(85)},
 					},
 					Apps: []ruleset.App{
 						{
@@ -85,6 +85,9 @@ func TestLoadValid(t *testing.T) {
 							Name: "backup", Source: src(65), Match: &ruleset.Match{Kind: ruleset.MatchUser, Value: "backup", UID: backupUID(t)},
 							Grants: []ruleset.Grant{{Index: 0, Prefix: pfx("10.5.0.10/32"), Proto: ruleset.TCP, Ports: ports(port1(873)), Source: src(68)}},
 						},
+						{Name: "builder", Source: src(74), OutsideDeny: true, Grants: []ruleset.Grant{
+							{Index: 0, Prefix: pfx("192.0.2.80/32"), Proto: ruleset.TCP, Ports: ports(port1(443)), Source: src(77)},
+						}},
 					},
 				}
 			},
@@ -206,6 +209,28 @@ func TestLoadValid(t *testing.T) {
 							Name: "named", Source: src(18),
 							Inbound: &ruleset.Inbound{Ports: ports(port1(7000)), Proto: ruleset.UDP, Lease: 2 * time.Minute, Source: src(21)},
 						},
+					},
+				}
+			},
+		},
+		{
+			// No warnings: a sandbox's grants outside internal prefixes,
+			// and everyone's there, are what it reaches.
+			file: "testdata/valid/sandbox.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal:  []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8"), Source: src(3)}},
+					AuditRate: DefaultAuditRate,
+					Everyone: []ruleset.Grant{
+						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(6)},
+					},
+					Apps: []ruleset.App{
+						{Name: "sandboxed", Source: src(11), OutsideDeny: true, Grants: []ruleset.Grant{
+							{Index: 0, Prefix: pfx("10.1.2.0/24"), Proto: ruleset.Both, Ports: ports(port1(5432)), Source: src(14)},
+							{Index: 1, Prefix: pfx("192.0.2.10/32"), Proto: ruleset.TCP, Ports: ports(port1(443)), Source: src(16)},
+						}},
+						{Name: "sealed", Source: src(20), OutsideDeny: true, LoopbackDeny: true},
+						{Name: "open", Source: src(23)},
 					},
 				}
 			},
@@ -461,5 +486,35 @@ func TestParsePrefix(t *testing.T) {
 				t.Errorf("parsePrefix(%q) = %v, want %v", tt.in, got, tt.want)
 			}
 		}
+	}
+}
+
+// TestSandboxWarnings: loopback: deny without outside: deny changes nothing,
+// and an everyone grant outside internal prefixes matters only to sandboxes.
+func TestSandboxWarnings(t *testing.T) {
+	const head = "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\neveryone:\n  allow:\n    - to: 192.0.2.53\n"
+	for _, tc := range []struct {
+		name, apps string
+		want       []string
+	}{
+		{"no sandbox", "apps:\n  - name: a\n    loopback: deny\n", []string{
+			"p.yaml:9:15: apps[0].loopback: loopback: deny has no effect without outside: deny (loopback is external, and external is allowed)",
+			"p.yaml:6:11: everyone.allow[0].to: 192.0.2.53/32 is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)",
+		}},
+		{"a sandbox", "apps:\n  - name: a\n    outside: deny\n    loopback: deny\n    allow:\n      - to: 192.0.2.1\n", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, warns, err := Parse("p.yaml", []byte(head+tc.apps))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, w := range warns {
+				got = append(got, w.String())
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("warnings:\n got %q\nwant %q", got, tc.want)
+			}
+		})
 	}
 }

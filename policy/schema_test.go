@@ -97,6 +97,8 @@ func TestSchemaValuesMatchParser(t *testing.T) {
 		{"proto words", enum(at(t, grant, "proto")), sortedKeys(protoWords)},
 		{"inbound proto words", enum(at(t, s, "$defs", "dynamic", "properties", "proto")), sortedKeys(protoWords)},
 		{"audit words", enum(at(t, app, "audit")), sortedKeys(auditWords)},
+		{"outside words", enum(at(t, app, "outside")), sortedKeys(denyWords)},
+		{"loopback words", enum(at(t, app, "loopback")), sortedKeys(denyWords)},
 		{"keep_caps names", enum(at(t, app, "keep_caps", "items")), slices.Sorted(slices.Values(ruleset.LauncherDrops))},
 		{"version", at(t, s, "properties", "version")["const"], float64(Version)},
 		{"audit rate default", rate["default"], float64(DefaultAuditRate)},
