@@ -47,6 +47,8 @@ enum reason {
 	REASON_EXE = 9,        // the app pins binaries and the task runs another one
 	REASON_HANDOVER = 10,  // an app's TCP connection written to by a task outside the app
 	REASON_EVERYONE = 11,  // an everyone grant covers it (allowed; the principal's own grants do not)
+	REASON_OUTSIDE = 12,   // not internal, and the app is a sandbox (outside: deny) with no grant for it
+	REASON_LOOPBACK = 14,  // a sandboxed app's loopback destination, decided by its loopback:
 };
 
 // Counter slots per app id: index app_id * COUNTER_SLOTS + slot.
@@ -83,6 +85,11 @@ enum hook {
 #define APP_EXE_PINNED 2 // only the binaries in app_exes hold the app's grants
 #define APP_HANDOVER_ALLOWED 4 // policy handover: allow: no handover guard for its connections
 #define APP_BY_USER 8 // a match.user app (app_by_uid): its processes share cgroups with other users'
+
+// outside: deny: the app reaches only grants, external destinations too;
+// with APP_LOOPBACK_DENY not even loopback. (4 and 8 are other flags'.)
+#define APP_OUTSIDE_DENY 16
+#define APP_LOOPBACK_DENY 32
 
 // The grants of `everyone` sit in the rules trie under an app id that no
 // app gets (bpf.MaxApps keeps app ids below it).
@@ -160,6 +167,9 @@ struct generation_info {
 // Some app matches processes by uid (app_by_uid): without it, a task in no
 // app cgroup costs no further lookup.
 #define GEN_USER_APPS 4
+// Some app is a sandbox (outside: deny): the egress backstop then asks the
+// principal of packets to external destinations too, not only internal.
+#define GEN_SANDBOX 16
 
 struct audit_event {
 	__u64 ts_ns; // CLOCK_MONOTONIC (bpf_ktime_get_ns)
@@ -685,6 +695,17 @@ static __always_inline int grant_allows(__u32 slot, __u32 app_id, const struct d
 	return ports_allow(slot, grant_of(slot, app_id, d), d, reason);
 }
 
+// is_loopback: does d reach this host's loopback? 127.0.0.0/8 and ::1,
+// and the unspecified addresses, which connect() and sendto() take for
+// the local host (ruleset.IsLoopback).
+static __always_inline int is_loopback(const struct dest *d)
+{
+	const __u32 *w = (const __u32 *)d->addr;
+	if (d->family == 4)
+		return d->addr[0] == 127 || w[0] == 0;
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && (w[3] == 0 || w[3] == bpf_htonl(1));
+}
+
 // exe_allowed: does the calling task run one of the app's binaries?
 // Needs bpf_get_current_task and bpf_probe_read_kernel (CAP_PERFMON loaders;
 // a kernel locked down for confidentiality refuses them).
@@ -804,13 +825,15 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 	__u32 app_flags = app ? app->flags : 0;
 	struct lookup_result r;
 	lookup_dest(slot, generation, app_id, d, &r);
-	if (!r.internal) {
+	if (!r.internal && !(app_flags & APP_OUTSIDE_DENY)) {
 		// Counted per app even for external traffic: cheap (per-CPU
 		// array) and it tells an operator the hook sees the app at all.
 		count(app_id, COUNT_EXTERNAL);
 		v->allow = 1;
 		return;
 	}
+	// Internal, or a sandbox's external destination: only grants allow
+	// (and a sandbox's loopback).
 	v->app_id = app_id;
 	v->app_flags = app_flags;
 	v->cgroup_id = cgroup_id;
@@ -822,8 +845,20 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 			count(app_id, COUNT_ALLOW);
 			if (app_flags & APP_AUDIT_ALLOW)
 				audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_GRANTED, hook);
-			v->allow = v->handoff = v->owned = 1;
+			v->allow = v->handoff = 1;
+			v->owned = r.internal;
 			return;
+		}
+	}
+	if (!r.internal) {
+		reason = REASON_OUTSIDE;
+		if (is_loopback(d)) {
+			reason = REASON_LOOPBACK;
+			if (!(app_flags & APP_LOOPBACK_DENY)) {
+				count(app_id, COUNT_EXTERNAL);
+				v->allow = v->handoff = 1;
+				return;
+			}
 		}
 	}
 	// Only now, when the principal's own grants do not allow.

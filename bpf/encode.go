@@ -35,13 +35,18 @@ const (
 	appFlagExePinned  = 2
 	appFlagHandover   = 4 // APP_HANDOVER_ALLOWED
 	appFlagByUser     = 8 // APP_BY_USER
+	// APP_OUTSIDE_DENY, APP_LOOPBACK_DENY: a sandbox, and one without
+	// loopback.
+	appFlagOutsideDeny  = 16
+	appFlagLoopbackDeny = 32
 )
 
 // Generation flags (GEN_* in decision.h).
 const (
 	genNoUDPHandover = 1
-	genEveryone      = 2 // GEN_EVERYONE: the generation has everyone grants
-	genUserApps      = 4 // GEN_USER_APPS: app_by_uid has entries
+	genEveryone      = 2  // GEN_EVERYONE: the generation has everyone grants
+	genUserApps      = 4  // GEN_USER_APPS: app_by_uid has entries
+	genSandbox       = 16 // GEN_SANDBOX: some app is outside: deny
 )
 
 // maxCgroupLevel is MAX_CGROUP_LEVEL in procgate.c: app cgroups deeper than
@@ -223,6 +228,9 @@ func encode(g Generation, slot uint32) (*tables, error) {
 		t.info.Flags |= genUserApps
 	}
 	for _, app := range g.Rules.Apps {
+		if app.OutsideDeny {
+			t.info.Flags |= genSandbox
+		}
 		if len(app.Exe) == 0 {
 			continue
 		}
@@ -264,6 +272,12 @@ func appFlags(app *ruleset.App) uint32 {
 	}
 	if app.Kind() == ruleset.MatchUser {
 		flags |= appFlagByUser
+	}
+	if app.OutsideDeny {
+		flags |= appFlagOutsideDeny
+		if app.LoopbackDeny {
+			flags |= appFlagLoopbackDeny
+		}
 	}
 	return flags
 }

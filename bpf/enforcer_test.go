@@ -172,13 +172,8 @@ func TestKernelMatchesDecide(t *testing.T) {
 	var checked, allowed int
 	for p := range policies {
 		rs := randomRuleset(rng, 1+rng.IntN(3))
-		ids := appIDs(rs)
 		w.apply(rs)
-		tb, err := encode(Generation{Rules: rs, AppIDs: ids}, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		model := kernelModel{tb, ids}
+		model := modelOf(t, rs, 0)
 		for range dests {
 			d := randomDest(rng)
 			who := rng.IntN(len(apps) + 1 + len(byUID))

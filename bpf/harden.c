@@ -10,7 +10,8 @@
 //   any internal host. Processes outside app cgroups need CAP_NET_RAW for
 //   them anyway, which an unprivileged attacker lacks.
 // - backstop_egress: every packet a socket below the attach point sends to an
-//   internal destination is decided again, by the socket's cgroup: new TCP
+//   internal destination (and, for a sandboxed app, to any destination) is
+//   decided again, by the socket's cgroup: new TCP
 //   connections (SYN without ACK, including TCP Fast Open), every UDP and
 //   UDP-Lite datagram, ICMP echo requests, and any other IP protocol. This
 //   catches raw sockets, ping sockets, and whatever a future syscall path
@@ -398,11 +399,16 @@ int backstop_egress(struct __sk_buff *skb)
 		}
 	}
 
-	if (!is_internal(slot, &d))
+	// External: untouched, but for sandboxes (outside: deny), which are
+	// asked for only in generations that have one.
+	int internal = is_internal(slot, &d);
+	if (!internal && !(info->flags & GEN_SANDBOX))
 		return 1;
 
 	__u64 cgroup_id;
 	struct app_info *app = skb_principal(skb, slot, info, &cgroup_id);
+	if (!internal && !(app && (app->flags & APP_OUTSIDE_DENY)))
+		return 1;
 	if (!app) {
 		if (everyone_allows(slot, info, &d))
 			return pass_everyone(sk, cgroup_id, &d, generation, 0, 0);
@@ -423,6 +429,14 @@ int backstop_egress(struct __sk_buff *skb)
 		if (sk && d.proto == PROTO_UDP)
 			remember(sk, cgroup_id, &d, generation, app_id, app->flags);
 		return 1;
+	}
+	if (!internal) {
+		reason = REASON_OUTSIDE;
+		if (is_loopback(&d)) {
+			reason = REASON_LOOPBACK;
+			if (!(app->flags & APP_LOOPBACK_DENY))
+				return 1;
+		}
 	}
 	if (everyone_allows(slot, info, &d))
 		return pass_everyone(sk, cgroup_id, &d, generation, app_id, app->flags);

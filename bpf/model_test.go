@@ -15,6 +15,27 @@ type kernelModel struct {
 	ids map[string]uint32
 }
 
+// modelOf encodes rs with a made-up cgroup per app, so that app flags are
+// encoded as the kernel reads them (app_by_cgroup).
+func modelOf(t testing.TB, rs *ruleset.Ruleset, slot uint32) kernelModel {
+	t.Helper()
+	ids := appIDs(rs)
+	g := Generation{Rules: rs, AppIDs: ids}
+	for _, a := range rs.Apps {
+		g.Bindings = append(g.Bindings, Binding{App: a.Name, CgroupID: 1000 + uint64(ids[a.Name]), Level: 2})
+	}
+	tb, err := encode(g, slot)
+	if err != nil {
+		t.Fatalf("encode: %v", err)
+	}
+	return kernelModel{tb, ids}
+}
+
+// flags are an app's APP_* flags as encoded.
+func (m kernelModel) flags(id uint32) uint32 {
+	return m.t.apps[procgateAppKey{CgroupId: 1000 + uint64(id), Slot: m.t.info.Slot}].Flags
+}
+
 func (m kernelModel) lookup(appID uint32, a netip.Addr) (procgateRuleValue, bool) {
 	bits := 32
 	if a.Is6() {
@@ -33,25 +54,41 @@ func (m kernelModel) decide(app string, d ruleset.Dest) (bool, ruleset.Reason) {
 	a := d.Addr.Unmap()
 	id, bound := m.ids[app]
 	reason := ruleset.ReasonUnbound
-	if !bound {
-		if _, internal := m.lookup(0, a); !internal {
-			return true, ruleset.ReasonNotInternal
-		}
-	} else {
-		// As decide() in decision.h: the grant first; a grant entry inside
-		// an internal prefix stands for the internal-set lookup.
-		best, ok := m.lookup(id, a)
-		if !ok || best.Flags&ruleInsideInternal == 0 {
-			if _, internal := m.lookup(0, a); !internal {
-				return true, ruleset.ReasonNotInternal
-			}
-		}
+	flags := uint32(0)
+	if bound {
+		flags = m.flags(id)
+	}
+	sandbox := flags&appFlagOutsideDeny != 0
+	// As decide() in decision.h: the grant first; a grant entry inside an
+	// internal prefix stands for the internal-set lookup.
+	var best procgateRuleValue
+	var ok bool
+	if bound {
+		best, ok = m.lookup(id, a)
+	}
+	internal := ok && best.Flags&ruleInsideInternal != 0
+	if !internal {
+		_, internal = m.lookup(0, a)
+	}
+	if !internal && !sandbox {
+		return true, ruleset.ReasonNotInternal
+	}
+	if bound {
 		reason = ruleset.ReasonNoGrant
 		if ok {
 			if m.ports(best, d) {
 				return true, ruleset.ReasonGranted
 			}
 			reason = ruleset.ReasonPort
+		}
+	}
+	if !internal {
+		reason = ruleset.ReasonOutside
+		if ruleset.IsLoopback(a) {
+			reason = ruleset.ReasonLoopback
+			if flags&appFlagLoopbackDeny == 0 {
+				return true, reason
+			}
 		}
 	}
 	// Then everyone's entry, under its reserved id.
@@ -91,12 +128,8 @@ func TestEncodingMatchesDecide(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for p := range 200 {
 		rs := randomRuleset(rng, 1+rng.IntN(4))
-		ids := appIDs(rs)
-		tb, err := encode(Generation{Rules: rs, AppIDs: ids}, uint32(p%2))
-		if err != nil {
-			t.Fatalf("policy %d: encode: %v", p, err)
-		}
-		m := kernelModel{tb, ids}
+		m := modelOf(t, rs, uint32(p%2))
+		tb, ids := m.t, m.ids
 		// The principal by uid: each user app's uid, and nothing else.
 		users := 0
 		for _, a := range rs.Apps {

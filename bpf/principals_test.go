@@ -2,9 +2,11 @@ package bpf
 
 import (
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 
+	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -134,4 +136,127 @@ func TestEveryoneEncoded(t *testing.T) {
 	if tb, _ = encode(Generation{Rules: rs, AppIDs: appIDs(rs)}, 1); tb.info.Flags&genEveryone != 0 {
 		t.Fatal("GEN_EVERYONE without everyone grants: every denial would pay a lookup")
 	}
+}
+
+// sandboxPolicy has a sandbox with grants inside and outside internal
+// prefixes, one without loopback, and an app left outside: allow.
+const sandboxPolicy = `version: 1
+internal:
+  prefixes: [10.0.0.0/8, fd00::/8]
+everyone:
+  allow:
+    - to: 10.0.0.53
+      proto: udp
+      ports: [53]
+apps:
+  - name: box
+    outside: deny
+    allow:
+      - to: 192.0.2.10
+        ports: [443]
+      - to: 2001:db8::10
+        ports: [443]
+      - to: 10.1.0.0/16
+        proto: tcp
+        ports: [5432]
+  - name: sealed
+    outside: deny
+    loopback: deny
+  - name: free
+`
+
+// TestSandbox: an outside: deny app reaches its grants wherever they
+// point, everyone's, loopback unless loopback: deny, and nothing else, by
+// every path: connect, sendto, IPv4-mapped IPv6, ping sockets and a
+// connected UDP socket's datagrams (which only the egress backstop sees).
+func TestSandbox(t *testing.T) {
+	w := newWorld(t, "box", "sealed", "free")
+	if err := nstest.InNS(t, w.netns, func() error {
+		return os.WriteFile("/proc/sys/net/ipv4/ping_group_range", []byte("0 2147483647"), 0o644)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	startServers(t, w.netns, nil, []string{"[::]:443"})
+	w.apply(mustPolicy(t, sandboxPolicy))
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	box, sealed, free := w.prober("box"), w.prober("sealed"), w.prober("free")
+	for _, tc := range []struct {
+		name string
+		p    *probe.Prober
+		dest string
+		want probe.Verdict
+	}{
+		{"granted internet address", box, "192.0.2.10:443", probe.Allowed},
+		{"granted internet address, udp", box, "192.0.2.10:443/udp", probe.Allowed},
+		{"granted internet address, v6", box, "[2001:db8::10]:443", probe.Allowed},
+		{"another internet address", box, "192.0.2.11:443", probe.Denied},
+		{"another internet address, udp", box, "198.51.100.1:53/udp", probe.Denied},
+		{"another internet address, v6", box, "[2001:db8::11]:443", probe.Denied},
+		{"the granted address, another port", box, "192.0.2.10:80", probe.Denied},
+		{"granted internal", box, "10.1.2.3:5432", probe.Allowed},
+		{"other internal", box, "10.2.0.1:5432", probe.Denied},
+		{"everyone's grant", box, "10.0.0.53:53/udp", probe.Allowed},
+		{"loopback", box, "127.0.0.1:80", probe.Allowed},
+		{"loopback v6", box, "[::1]:80", probe.Allowed},
+		{"loopback, udp", box, "127.0.0.53:53/udp", probe.Allowed},
+		{"loopback: deny", sealed, "127.0.0.1:80", probe.Denied},
+		{"loopback: deny, v6", sealed, "[::1]:80", probe.Denied},
+		{"loopback: deny, the unspecified address", sealed, "0.0.0.0:80", probe.Denied},
+		{"loopback: deny, the unspecified address v6", sealed, "[::]:80", probe.Denied},
+		{"loopback: deny, udp", sealed, "127.0.0.53:53/udp", probe.Denied},
+		{"loopback: deny keeps everyone's grant", sealed, "10.0.0.53:53/udp", probe.Allowed},
+		{"loopback: deny, internet", sealed, "192.0.2.10:443", probe.Denied},
+		{"outside: allow is untouched", free, "192.0.2.11:443", probe.Allowed},
+	} {
+		t.Run(tc.name, func(t *testing.T) { tryAll(t, tc.p, tc.dest, tc.want) })
+	}
+	t.Run("ping sockets", func(t *testing.T) {
+		for _, tc := range []struct {
+			p    *probe.Prober
+			addr string
+			want probe.Verdict
+		}{
+			{box, "198.51.100.1", probe.Denied},
+			{box, "2001:db8::11", probe.Denied},
+			{box, "127.0.0.1", probe.Allowed},
+			{sealed, "127.0.0.1", probe.Denied},
+			{free, "198.51.100.1", probe.Allowed},
+		} {
+			got, err := tc.p.Try(ruleset.Dest{Addr: netip.MustParseAddr(tc.addr), Proto: ruleset.TCP}, probe.Ping)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tc.want {
+				t.Errorf("ping %s: got %s, want %s", tc.addr, got, tc.want)
+			}
+		}
+	})
+
+	// A connected UDP socket to a granted internet address: after a reload
+	// that moves the grant, the backstop refuses its datagrams.
+	moved := strings.Replace(sandboxPolicy, "to: 192.0.2.10\n", "to: 192.0.2.12\n", 1)
+	h := w.holder(w.cgroups["box/run"])
+	mustOpen(t, h, "udp", "192.0.2.10:443/udp", probe.Connect, 1)
+	mustOpen(t, h, "mapped", "192.0.2.10:443/udp", probe.Mapped, 1)
+	send := func(when string, wantSent, wantDenied int) {
+		t.Helper()
+		for _, group := range []string{"udp", "mapped"} {
+			for range 2 {
+				r, err := h.Send(group)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if r.Sent != wantSent || r.Errors["EPERM"] != wantDenied {
+					t.Fatalf("%s, %s: sent %d, errors %v; want %d sent, %d EPERM", when, group, r.Sent, r.Errors, wantSent, wantDenied)
+				}
+			}
+		}
+	}
+	send("granted", 1, 0)
+	w.apply(mustPolicy(t, moved))
+	send("after the grant moved", 0, 1)
+	w.apply(mustPolicy(t, sandboxPolicy))
+	send("granted again", 1, 0)
 }

@@ -26,6 +26,10 @@ func randomRuleset(rng *rand.Rand, apps int) *ruleset.Ruleset {
 			uid := uint32(60000 + a)
 			app.Match = &ruleset.Match{Kind: ruleset.MatchUser, Value: strconv.Itoa(int(uid)), UID: uid}
 		}
+		// A sandbox in a third of the apps, half of them without loopback.
+		if rng.IntN(3) == 0 {
+			app.OutsideDeny, app.LoopbackDeny = true, rng.IntN(2) == 0
+		}
 		app.Grants = randomGrants(rng, rng.IntN(8))
 		rs.Apps = append(rs.Apps, app)
 	}
@@ -53,8 +57,18 @@ func randomGrants(rng *rand.Rand, n int) []ruleset.Grant {
 	return gs
 }
 
-// randomPrefix draws from 10.0.0.0/16 or fd00::/112 so that prefixes overlap.
+// randomPrefix draws from 10.0.0.0/16 or fd00::/112 so that prefixes
+// overlap, and now and then from the external ranges randomDest uses, for
+// sandboxes' grants outside internal prefixes.
 func randomPrefix(rng *rand.Rand) netip.Prefix {
+	switch rng.IntN(10) {
+	case 0:
+		return netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(rng.IntN(256))}), 24+rng.IntN(9)).Masked()
+	case 1:
+		var a [16]byte
+		a[0], a[1], a[15] = 0x20, 0x01, byte(rng.IntN(256))
+		return netip.PrefixFrom(netip.AddrFrom16(a), 120+rng.IntN(9)).Masked()
+	}
 	if rng.IntN(2) == 0 {
 		a := [4]byte{10, 0, byte(rng.IntN(4)), byte(rng.IntN(256))}
 		return netip.PrefixFrom(netip.AddrFrom4(a), 16+rng.IntN(17)).Masked()
@@ -69,7 +83,12 @@ func randomPrefix(rng *rand.Rand) netip.Prefix {
 // and now and then an IPv4-mapped IPv6 address.
 func randomDest(rng *rand.Rand) ruleset.Dest {
 	d := ruleset.Dest{Proto: ruleset.Proto(1 + rng.IntN(2)), Port: uint16(1 + rng.IntN(45))}
-	switch rng.IntN(10) {
+	switch rng.IntN(12) {
+	case 10:
+		d.Addr = []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.1.2.3"),
+			netip.MustParseAddr("::1"), netip.MustParseAddr("::ffff:127.0.0.1")}[rng.IntN(4)]
+	case 11:
+		d.Addr = netip.AddrFrom4([4]byte{192, 0, 2, byte(1 + rng.IntN(250))})
 	case 0:
 		d.Addr = netip.AddrFrom4([4]byte{byte(11 + rng.IntN(200)), byte(rng.IntN(256)), byte(rng.IntN(256)), byte(1 + rng.IntN(250))})
 	case 1:

@@ -190,7 +190,8 @@ static __always_inline int doomed(struct sock___sw *sk, __u8 proto, const struct
 	}
 	d.family = rec->family;
 	__builtin_memcpy(d.addr, rec->daddr, sizeof(d.addr));
-	if (!is_internal(slot, &d))
+	int internal = is_internal(slot, &d);
+	if (!internal && !(info->flags & GEN_SANDBOX))
 		return 0;
 
 	int fenced = 0;
@@ -198,8 +199,16 @@ static __always_inline int doomed(struct sock___sw *sk, __u8 proto, const struct
 	if (app) {
 		__u8 reason;
 		rec->app_id = app->app_id;
-		return !grant_allows(slot, rec->app_id, &d, &reason) && !everyone_allows(slot, info, &d);
+		if (!internal && !(app->flags & APP_OUTSIDE_DENY))
+			return 0;
+		if (grant_allows(slot, rec->app_id, &d, &reason))
+			return 0;
+		if (!internal && is_loopback(&d) && !(app->flags & APP_LOOPBACK_DENY))
+			return 0;
+		return !everyone_allows(slot, info, &d);
 	}
+	if (!internal)
+		return 0;
 	// An app removed from the policy: no grants left but everyone's.
 	return fenced && !everyone_allows(slot, info, &d);
 }
