@@ -655,6 +655,10 @@ func (d *Daemon) annotate(e bpf.Event) (string, string) {
 		rule = "grant " + dec.Grants[0].String()
 	} else if len(dec.Everyone) > 0 {
 		rule = "everyone grant " + dec.Everyone[0].String()
+	} else if dec.Reason == ruleset.ReasonOutside {
+		rule = "outside: deny"
+	} else if dec.Reason == ruleset.ReasonLoopback {
+		rule = "outside: deny, loopback: deny"
 	} else if dec.Internal != nil {
 		rule = "internal " + dec.Internal.Prefix.String()
 		if s := dec.Internal.Source.String(); s != "" {

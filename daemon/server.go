@@ -331,13 +331,22 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 	}
 	// As the kernel does: in an app with exe:, a process running another
 	// binary holds none of the grants.
-	if a := d.effective.App(app); req.PID != 0 && a != nil && len(a.Exe) > 0 && dec.Reason != ruleset.ReasonNotInternal {
+	// Only the app's own grants depend on it: everyone's and a sandbox's
+	// loopback hold for any binary.
+	if a := d.effective.App(app); req.PID != 0 && a != nil && len(a.Exe) > 0 && dec.Reason == ruleset.ReasonGranted {
 		exe := fmt.Sprintf("/proc/%d/exe", req.PID)
 		id, err := bpf.FileIDOf(exe)
 		if err != nil || !slices.Contains(d.exes[app], id) {
 			target, _ := os.Readlink(exe)
-			ex.Allow, ex.Reason = false, ruleset.ReasonExe.String()
-			ex.Decision = fmt.Sprintf("deny (%s): the process runs %s, not one of the app's exe:", ruleset.ReasonExe, target)
+			ungranted := d.effective.Clone()
+			ungranted.App(app).Grants = nil
+			if dec := ungranted.Decide(app, dest); dec.Allow {
+				ex.Reason = dec.Reason.String()
+				ex.Decision = fmt.Sprintf("%s (the process runs %s, not one of the app's exe:, so not by its own grants)", dec, target)
+			} else {
+				ex.Allow, ex.Reason = false, ruleset.ReasonExe.String()
+				ex.Decision = fmt.Sprintf("deny (%s): the process runs %s, not one of the app's exe:", ruleset.ReasonExe, target)
+			}
 		}
 	}
 	return ex, nil

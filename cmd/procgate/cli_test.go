@@ -34,7 +34,7 @@ func TestCLIWithoutDaemon(t *testing.T) {
 	bad := filepath.Join(dir, "bad.yaml")
 	os.WriteFile(good, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: db\n    allow:\n      - to: 10.1.2.0/24\n        proto: tcp\n        ports: [5432]\n"), 0o644)
 	everyone := filepath.Join(dir, "everyone.yaml")
-	os.WriteFile(everyone, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\neveryone:\n  allow:\n    - {to: 10.0.0.53, proto: udp, ports: [53]}\napps:\n  - name: db\n    allow:\n      - to: 10.0.0.0/24\n"), 0o644)
+	os.WriteFile(everyone, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\neveryone:\n  allow:\n    - {to: 10.0.0.53, proto: udp, ports: [53]}\napps:\n  - name: db\n    allow:\n      - to: 10.0.0.0/24\n  - name: box\n    outside: deny\n    allow:\n      - {to: 192.0.2.10, proto: tcp, ports: [443]}\n  - name: sealed\n    outside: deny\n    loopback: deny\n"), 0o644)
 	host := filepath.Join(dir, "host.yaml")
 	os.WriteFile(host, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: db\n    users: [root, procgate-no-such-user]\n    exe: [/nonexistent/psql]\n"), 0o644)
 	os.WriteFile(bad, []byte("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: db\n    allow:\n      - to: 10.1.2.3/24\n        ports: [70000]\n"), 0o644)
@@ -60,7 +60,15 @@ func TestCLIWithoutDaemon(t *testing.T) {
 			[]string{"(unbound) -> 10.0.0.53:53/udp: allow (granted-everyone)", "everyone grant #0 10.0.0.53/32 udp ports 53 [" + everyone + ":6]"}},
 		{"explain offline: the app's own grant first", []string{"explain", "--policy", everyone, "--app", "db", "10.0.0.53:53/udp"}, 0,
 			[]string{"db -> 10.0.0.53:53/udp: allow (granted)", "; grant #0 10.0.0.0/24"}},
-		{"validate counts everyone grants", []string{"validate", everyone}, 0, []string{"1 apps, 1 grants, 1 everyone grants"}},
+		{"validate counts everyone grants", []string{"validate", everyone}, 0, []string{"3 apps, 2 grants, 1 everyone grants"}},
+		{"explain offline: a sandbox's loopback", []string{"explain", "--policy", everyone, "--app", "box", "127.0.0.1:80"}, 0,
+			[]string{"box -> 127.0.0.1:80/tcp: allow (loopback) outside: deny, loopback: allow"}},
+		{"explain offline: a sandbox's internet", []string{"explain", "--policy", everyone, "--app", "box", "192.0.2.1:443"}, 0,
+			[]string{"box -> 192.0.2.1:443/tcp: deny (outside-denied) outside: deny, and no grant covers it"}},
+		{"explain offline: a sandbox's grant outside", []string{"explain", "--policy", everyone, "--app", "box", "192.0.2.10:443"}, 0,
+			[]string{"box -> 192.0.2.10:443/tcp: allow (granted); grant #0 192.0.2.10/32"}},
+		{"explain offline: loopback: deny", []string{"explain", "--policy", everyone, "--app", "sealed", "[::1]:80"}, 0,
+			[]string{"sealed -> [::1]:80/tcp: deny (loopback) outside: deny, loopback: deny"}},
 		{"explain bad destination", []string{"explain", "--policy", good, "--app", "db", "10.1.2.3"}, 1, []string{"ADDR:PORT"}},
 		{"explain deny exits 0 without --exit-code", []string{"explain", "--policy", good, "--app", "db", "10.1.2.3:22"}, 0,
 			[]string{"db -> 10.1.2.3:22/tcp: deny"}},
