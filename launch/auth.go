@@ -30,6 +30,9 @@ func Authorize(app ruleset.App, uid uint32) error {
 	if err != nil {
 		return fmt.Errorf("app %s: uid %d may not run it: no user name for the uid: %w", app.Name, uid, err)
 	}
+	if slices.Contains(app.Users, u.Name) {
+		return nil
+	}
 	var gids []uint32
 	for _, entry := range app.Users {
 		ok, err := admits(entry, u, &gids)
@@ -43,15 +46,13 @@ func Authorize(app ruleset.App, uid uint32) error {
 	return fmt.Errorf("app %s: user %s (uid %d) is not allowed to run it (users: %s)", app.Name, u.Name, uid, strings.Join(app.Users, ", "))
 }
 
-// admits says whether one users: entry names u; gids are u's groups, read
-// on the first "@group" entry. A user or group the database lacks admits
+// admits says whether one users: entry names u, other than by its own name
+// or uid (Authorize compares those first, without a lookup); gids are u's
+// groups, read on the first "@group" entry. A user or group the database lacks admits
 // no one; a database that fails is an error, not a silent no.
 func admits(entry string, u users.User, gids *[]uint32) (bool, error) {
 	group, isGroup := strings.CutPrefix(entry, "@")
 	if !isGroup {
-		if entry == u.Name {
-			return true, nil
-		}
 		if numeric(entry) {
 			return false, nil // a uid: compared before any lookup
 		}
