@@ -140,6 +140,9 @@ type App struct {
 	// sandboxed app too. Without OutsideDeny it changes nothing: loopback
 	// is then external, and external is allowed.
 	LoopbackDeny bool
+	// Listen, when set, is the only ports the app's processes may bind
+	// (policy `listen:`), TCP and UDP; nil: any port, as without it.
+	Listen *Listen
 	// Match, when set, makes the app every process in existing cgroups
 	// (a systemd unit's, or those a glob names) or of a user; nil: the
 	// processes `procgate run` starts in the app's own cgroup.
@@ -344,7 +347,11 @@ const (
 	ReasonHandover    Reason = 10 // a process outside the app wrote to the app's TCP connection
 	ReasonEveryone    Reason = 11 // an everyone grant covers it (the app's own grants do not)
 	ReasonOutside     Reason = 12 // not internal, and the app is a sandbox (outside: deny) without a grant for it
+	ReasonListen      Reason = 13 // a bind by an app with listen:, to a port it lists (allowed) or not (denied)
 	ReasonLoopback    Reason = 14 // a loopback destination of a sandboxed app: its loopback: decides
+	// ReasonNotListen: a bind by a process whose app has no listen: (or of
+	// no app), untouched. Never in an audit event.
+	ReasonNotListen Reason = 15
 )
 
 func (r Reason) String() string {
@@ -375,6 +382,10 @@ func (r Reason) String() string {
 		return "outside-denied"
 	case ReasonLoopback:
 		return "loopback"
+	case ReasonListen:
+		return "listen"
+	case ReasonNotListen:
+		return "no-listen-policy"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }
@@ -389,6 +400,8 @@ type Decision struct {
 	// Everyone is every everyone grant that covers the destination, when
 	// the app's own grants do not.
 	Everyone []Grant
+	// Listen is the app's listen: behind a bind decision.
+	Listen *Listen
 }
 
 func (d Decision) String() string {
@@ -401,6 +414,12 @@ func (d Decision) String() string {
 	switch d.Reason {
 	case ReasonOutside:
 		b.WriteString(" outside: deny, and no grant covers it")
+	case ReasonListen:
+		if d.Allow {
+			b.WriteString(" " + d.Listen.String())
+		} else {
+			b.WriteString(" not in " + d.Listen.String())
+		}
 	case ReasonLoopback:
 		if d.Allow {
 			b.WriteString(" outside: deny, loopback: allow")
@@ -427,6 +446,37 @@ func (d Decision) String() string {
 		}
 	}
 	return b.String()
+}
+
+// Listen is an app's `listen:`.
+type Listen struct {
+	// Ports are the ports and ranges it may bind, sorted; port 0 stands
+	// for an ephemeral port the kernel picks (bind to port 0). May be
+	// empty: no binds at all.
+	Ports  []PortRange
+	Source Source
+}
+
+// Allows reports whether a bind to port is listed; 0 only when 0 is.
+func (l *Listen) Allows(port uint16) bool { return inRanges(l.Ports, port) }
+
+func (l *Listen) String() string {
+	ports := make([]string, len(l.Ports))
+	for i, r := range l.Ports {
+		ports[i] = r.String()
+	}
+	return "listen: [" + strings.Join(ports, ", ") + "]"
+}
+
+// DecideBind is the decision on a bind() of a TCP or UDP socket to port by
+// a process of app ("" for unbound): apps with listen: may bind only the
+// ports it lists, everyone else any port.
+func (rs *Ruleset) DecideBind(app string, port uint16) Decision {
+	a := rs.App(app)
+	if a == nil || a.Listen == nil {
+		return Decision{Allow: true, Reason: ReasonNotListen, App: app}
+	}
+	return Decision{Allow: a.Listen.Allows(port), Reason: ReasonListen, App: app, Listen: a.Listen}
 }
 
 // IsLoopback reports whether a (IPv4-mapped or not) reaches this host's
@@ -522,6 +572,11 @@ func (rs *Ruleset) Clone() *Ruleset {
 		a.Users = slices.Clone(a.Users)
 		a.KeepCaps = slices.Clone(a.KeepCaps)
 		a.Grants = cloneGrants(a.Grants)
+		if a.Listen != nil {
+			l := *a.Listen
+			l.Ports = slices.Clone(l.Ports)
+			a.Listen = &l
+		}
 		if a.Match != nil {
 			m := *a.Match
 			a.Match = &m

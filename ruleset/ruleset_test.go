@@ -173,6 +173,40 @@ func TestDecideSandbox(t *testing.T) {
 	}
 }
 
+func TestDecideBind(t *testing.T) {
+	rs := &Ruleset{Apps: []App{
+		{Name: "web", Listen: &Listen{Ports: []PortRange{{8080, 8080}, {9000, 9010}}}},
+		{Name: "any-ephemeral", Listen: &Listen{Ports: []PortRange{{0, 0}, {8080, 8080}}}},
+		{Name: "client", Listen: &Listen{}},
+		{Name: "free"},
+	}}
+	for _, tc := range []struct {
+		app    string
+		port   uint16
+		allow  bool
+		reason Reason
+	}{
+		{"web", 8080, true, ReasonListen},
+		{"web", 9005, true, ReasonListen},
+		{"web", 8081, false, ReasonListen},
+		{"web", 0, false, ReasonListen}, // an ephemeral port only when 0 is listed
+		{"any-ephemeral", 0, true, ReasonListen},
+		{"any-ephemeral", 40000, false, ReasonListen},
+		{"client", 8080, false, ReasonListen},
+		{"client", 0, false, ReasonListen},
+		{"free", 22, true, ReasonNotListen},
+		{"", 22, true, ReasonNotListen},
+	} {
+		got := rs.DecideBind(tc.app, tc.port)
+		if got.Allow != tc.allow || got.Reason != tc.reason {
+			t.Errorf("DecideBind(%q, %d) = %s; want allow=%v reason=%s", tc.app, tc.port, got, tc.allow, tc.reason)
+		}
+	}
+	if got := rs.DecideBind("web", 1).String(); got != "deny (listen) not in listen: [8080, 9000-9010]" {
+		t.Errorf("String() = %q", got)
+	}
+}
+
 func TestCloneIsDeep(t *testing.T) {
 	rs := &Ruleset{Apps: []App{{Name: "a", Grants: []Grant{{Ports: []PortRange{{1, 1}}}}}}, AuditRate: 7,
 		Everyone: []Grant{{Ports: []PortRange{{2, 2}}}}}
@@ -180,6 +214,12 @@ func TestCloneIsDeep(t *testing.T) {
 	c.Everyone[0].Ports[0].Lo = 9
 	if rs.Everyone[0].Ports[0].Lo != 2 {
 		t.Fatalf("Clone aliases everyone grants")
+	}
+	rs.Apps[0].Listen = &Listen{Ports: []PortRange{{3, 3}}}
+	lc := rs.Clone()
+	lc.Apps[0].Listen.Ports[0].Lo = 9
+	if rs.Apps[0].Listen.Ports[0].Lo != 3 {
+		t.Fatalf("Clone aliases listen ports")
 	}
 	c.Apps[0].Grants[0].Ports[0].Lo = 9
 	c.Apps[0].Name = "b"
