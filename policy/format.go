@@ -107,6 +107,9 @@ func appNode(a ruleset.App) *yaml.Node {
 	if a.LoopbackDeny {
 		n.Content = append(n.Content, text("loopback"), text("deny"))
 	}
+	if a.Listen != nil {
+		n.Content = append(n.Content, text("listen"), portList(a.Listen.Ports))
+	}
 	n.Content = append(n.Content, text("allow"), grantList(a.Grants))
 	if a.Inbound != nil {
 		n.Content = append(n.Content, text("inbound"), mapping(0, text("dynamic"), dynamicNode(a.Inbound)))
@@ -232,6 +235,12 @@ func withoutSources(rs *ruleset.Ruleset) *ruleset.Ruleset {
 		a.Source = ruleset.Source{}
 		a.Exe, a.Users, a.KeepCaps = nilIfEmpty(a.Exe), nilIfEmpty(a.Users), nilIfEmpty(a.KeepCaps)
 		a.Grants = grantsWithoutSources(a.Grants)
+		if a.Listen != nil {
+			a.Listen.Source = ruleset.Source{}
+			if a.Listen.Ports == nil {
+				a.Listen.Ports = []ruleset.PortRange{}
+			}
+		}
 		if a.Inbound != nil {
 			a.Inbound.Source = ruleset.Source{}
 			a.Inbound.Control = nilIfEmpty(a.Inbound.Control)

@@ -42,7 +42,7 @@ var (
 	everyoneKeys = []string{"allow"}
 	internalKeys = []string{"prefixes", "interfaces"}
 	auditKeys    = []string{"rate"}
-	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "handover", "audit", "outside", "loopback", "allow", "inbound", "match"}
+	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "handover", "audit", "outside", "loopback", "listen", "allow", "inbound", "match"}
 	inboundKeys  = []string{"dynamic"}
 	dynamicKeys  = []string{"control", "ports", "proto", "lease"}
 	exeKeys      = []string{"path", "sha256"}
@@ -706,6 +706,9 @@ func (p *parser) app(n *yaml.Node, field string) (ruleset.App, []grantCheck, boo
 			checks[i].sandboxed = app.OutsideDeny
 		}
 	}
+	if n, ok := vals["listen"]; ok {
+		app.Listen = &ruleset.Listen{Ports: p.listenPorts(n, join(field, "listen")), Source: p.source(n)}
+	}
 	if n, ok := vals["inbound"]; ok {
 		app.Inbound = p.inbound(n, join(field, "inbound"))
 	}
@@ -779,6 +782,19 @@ func (p *parser) servicePorts(n *yaml.Node, field string) []ruleset.PortRange {
 			continue
 		}
 		out = append(out, r)
+	}
+	return sortedPorts(out)
+}
+
+// listenPorts reads listen:, the ports an app may bind: ports and ranges,
+// 0 for an ephemeral port (bind to port 0), or an empty list for none.
+func (p *parser) listenPorts(n *yaml.Node, field string) []ruleset.PortRange {
+	items, _ := p.list(n, field)
+	out := []ruleset.PortRange{}
+	for i, item := range items {
+		if r, ok := p.portRange(item, index(field, i)); ok {
+			out = append(out, r)
+		}
 	}
 	return sortedPorts(out)
 }

@@ -51,7 +51,7 @@ func TestLoadValid(t *testing.T) {
 					Interfaces: []string{"wg0"},
 					AuditRate:  100,
 					Everyone: []ruleset.Grant{
-						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(85)},
+						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(87)},
 					},
 					Apps: []ruleset.App{
 						{
@@ -85,8 +85,8 @@ func TestLoadValid(t *testing.T) {
 							Name: "backup", Source: src(65), Match: &ruleset.Match{Kind: ruleset.MatchUser, Value: "backup", UID: backupUID(t)},
 							Grants: []ruleset.Grant{{Index: 0, Prefix: pfx("10.5.0.10/32"), Proto: ruleset.TCP, Ports: ports(port1(873)), Source: src(68)}},
 						},
-						{Name: "builder", Source: src(74), OutsideDeny: true, Grants: []ruleset.Grant{
-							{Index: 0, Prefix: pfx("192.0.2.80/32"), Proto: ruleset.TCP, Ports: ports(port1(443)), Source: src(77)},
+						{Name: "builder", Source: src(75), OutsideDeny: true, Listen: &ruleset.Listen{Ports: ports(port1(8080)), Source: src(77)}, Grants: []ruleset.Grant{
+							{Index: 0, Prefix: pfx("192.0.2.80/32"), Proto: ruleset.TCP, Ports: ports(port1(443)), Source: src(79)},
 						}},
 					},
 				}
@@ -231,6 +231,20 @@ func TestLoadValid(t *testing.T) {
 						}},
 						{Name: "sealed", Source: src(20), OutsideDeny: true, LoopbackDeny: true},
 						{Name: "open", Source: src(23)},
+					},
+				}
+			},
+		},
+		{
+			file: "testdata/valid/listen.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal:  []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8"), Source: src(3)}},
+					AuditRate: DefaultAuditRate,
+					Apps: []ruleset.App{
+						{Name: "web", Source: src(6), Listen: &ruleset.Listen{Ports: ports(port1(8080), ruleset.PortRange{Lo: 9000, Hi: 9010}), Source: src(7)}},
+						{Name: "agent", Source: src(9), Listen: &ruleset.Listen{Ports: ports(port1(0), port1(8443)), Source: src(10)}},
+						{Name: "client", Source: src(12), Listen: &ruleset.Listen{Ports: []ruleset.PortRange{}, Source: src(13)}},
 					},
 				}
 			},
