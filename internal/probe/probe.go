@@ -42,6 +42,11 @@ const (
 	RawProto Method = "raw-proto" // a raw socket of IP protocol 253 (experimental), sendto
 	Packet   Method = "packet"    // an AF_PACKET socket (creation is the attempt)
 	Banner   Method = "banner"    // TCP: blocking connect, then read a line (a server answered)
+	// Bind: bind() a TCP or UDP socket to the destination's address and
+	// port, as a server does; MappedBind the same from an AF_INET6 socket
+	// to ::ffff:a.b.c.d. Denied is EACCES, what procgate's bind hooks say.
+	Bind       Method = "bind"
+	MappedBind Method = "mapped-bind"
 	// Reconnect (holders only), TCP: connect to a first destination that
 	// refuses, then the same socket to a second; Open's DEST is FIRST>SECOND.
 	Reconnect Method = "reconnect"
@@ -62,6 +67,12 @@ func Try(d ruleset.Dest, m Method) (Verdict, error) {
 	switch {
 	case err == nil:
 		return Allowed, nil
+	case m == Bind || m == MappedBind:
+		// procgate refuses binds with EACCES: EPERM would be something
+		// else's refusal, and is an error here.
+		if errors.Is(err, unix.EACCES) {
+			return Denied, nil
+		}
 	case errors.Is(err, unix.EPERM):
 		return Denied, nil
 	case errors.Is(err, unix.EINPROGRESS), errors.Is(err, unix.ECONNREFUSED),
@@ -80,7 +91,7 @@ func attempt(d ruleset.Dest, m Method) error {
 	}
 	addr := d.Addr
 	family := unix.AF_INET
-	if m == Mapped || m == MappedSend {
+	if m == Mapped || m == MappedSend || m == MappedBind {
 		addr = netip.AddrFrom16(addr.Unmap().As16())
 		family = unix.AF_INET6
 	} else if addr.Is6() && !addr.Is4In6() {
@@ -109,6 +120,9 @@ func attempt(d ruleset.Dest, m Method) error {
 		sa = &unix.SockaddrInet4{Port: int(d.Port), Addr: addr.As4()}
 	} else {
 		sa = &unix.SockaddrInet6{Port: int(d.Port), Addr: addr.As16()}
+	}
+	if m == Bind || m == MappedBind {
+		return unix.Bind(fd, sa)
 	}
 	if typ == unix.SOCK_DGRAM && (m == SendTo || m == MappedSend) {
 		return unix.Sendto(fd, []byte("probe"), 0, sa)
