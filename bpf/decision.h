@@ -48,6 +48,7 @@ enum reason {
 	REASON_HANDOVER = 10,  // an app's TCP connection written to by a task outside the app
 	REASON_EVERYONE = 11,  // an everyone grant covers it (allowed; the principal's own grants do not)
 	REASON_OUTSIDE = 12,   // not internal, and the app is a sandbox (outside: deny) with no grant for it
+	REASON_LISTEN = 13,    // a bind to a port the app's listen: does not list
 	REASON_LOOPBACK = 14,  // a sandboxed app's loopback destination, decided by its loopback:
 };
 
@@ -69,6 +70,8 @@ enum hook {
 	HOOK_EGRESS6 = 6,
 	HOOK_SOCK_CREATE = 7,
 	HOOK_TCP_SEND = 8, // sk_msg on a connection an app opened to an internal destination
+	HOOK_BIND4 = 9,    // cgroup/bind4: an app with listen:
+	HOOK_BIND6 = 10,
 };
 
 // How a principal's cgroup is found: the calling task's (sock_addr hooks,
@@ -90,6 +93,9 @@ enum hook {
 // with APP_LOOPBACK_DENY not even loopback. (4 and 8 are other flags'.)
 #define APP_OUTSIDE_DENY 16
 #define APP_LOOPBACK_DENY 32
+// listen: the app may bind only the ports of its listen entry in the rules
+// trie (TAG_LISTEN).
+#define APP_LISTEN 64
 
 // The grants of `everyone` sit in the rules trie under an app id that no
 // app gets (bpf.MaxApps keeps app ids below it).
@@ -111,6 +117,10 @@ struct rule_key {
 
 #define TAG_SLOT (1U << 31)
 #define TAG_V6 (1U << 30)
+// An app's listen: ports, one entry per app of prefixlen 32 (the tag
+// alone): slot << 31 | TAG_LISTEN | app_id; the bind ports are the entry's
+// tcp ranges.
+#define TAG_LISTEN (1U << 29)
 
 // For a grant entry: the union of every grant of the app that contains this
 // prefix. The loader pushes less specific grants down into more specific
@@ -170,6 +180,8 @@ struct generation_info {
 // Some app is a sandbox (outside: deny): the egress backstop then asks the
 // principal of packets to external destinations too, not only internal.
 #define GEN_SANDBOX 16
+// Some app has listen:: only then do the bind hooks look for the principal.
+#define GEN_LISTEN 32
 
 struct audit_event {
 	__u64 ts_ns; // CLOCK_MONOTONIC (bpf_ktime_get_ns)

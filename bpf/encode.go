@@ -39,6 +39,7 @@ const (
 	// loopback.
 	appFlagOutsideDeny  = 16
 	appFlagLoopbackDeny = 32
+	appFlagListen       = 64 // APP_LISTEN: the app's binds are limited to its listen:
 )
 
 // Generation flags (GEN_* in decision.h).
@@ -47,6 +48,7 @@ const (
 	genEveryone      = 2  // GEN_EVERYONE: the generation has everyone grants
 	genUserApps      = 4  // GEN_USER_APPS: app_by_uid has entries
 	genSandbox       = 16 // GEN_SANDBOX: some app is outside: deny
+	genListen        = 32 // GEN_LISTEN: some app has listen:
 )
 
 // maxCgroupLevel is MAX_CGROUP_LEVEL in procgate.c: app cgroups deeper than
@@ -96,6 +98,7 @@ func FileIDOf(path string) (FileID, error) {
 const (
 	tagSlot      = 1 << 31 // TAG_SLOT
 	tagV6        = 1 << 30 // TAG_V6
+	tagListen    = 1 << 29 // TAG_LISTEN
 	portsPerSlot = 1 << 18 // PORTS_PER_SLOT
 	// ruleInsideInternal (RULE_INSIDE_INTERNAL) marks a grant entry whose
 	// prefix lies inside an internal prefix: the kernel then skips the
@@ -162,6 +165,17 @@ func ruleKey(slot uint32, appID uint32, p netip.Prefix) procgateRuleKey {
 	return k
 }
 
+// listenKey is the trie key of an app's listen: entry: the tag alone.
+func listenKey(slot, appID uint32) procgateRuleKey {
+	tag := appID | tagListen
+	if slot == 1 {
+		tag |= tagSlot
+	}
+	var be [4]byte
+	binary.BigEndian.PutUint32(be[:], tag)
+	return procgateRuleKey{Prefixlen: 32, Tag: binary.NativeEndian.Uint32(be[:])}
+}
+
 // encode turns a generation into map entries for slot. It is pure, so the
 // encoding can be checked against ruleset.Decide without a kernel
 // (model_test.go).
@@ -194,6 +208,13 @@ func encode(g Generation, slot uint32) (*tables, error) {
 			return nil, fmt.Errorf("app %q: no valid app id (have %d)", app.Name, id)
 		}
 		t.putGrants(&lengths, ports, slot, id, app.Grants)
+		if app.Listen != nil {
+			// Empty (listen: []) is an entry with no ranges: no port.
+			var v procgateRuleValue
+			v.TcpFirst, v.TcpCount = ports.add(mergeRanges(app.Listen.Ports))
+			t.rules[listenKey(slot, id)] = v
+			t.info.Flags |= genListen
+		}
 	}
 	if len(ports.ranges) > portsPerSlot {
 		return nil, fmt.Errorf("policy needs %d distinct port ranges, the kernel map holds %d", len(ports.ranges), portsPerSlot)
@@ -272,6 +293,9 @@ func appFlags(app *ruleset.App) uint32 {
 	}
 	if app.Kind() == ruleset.MatchUser {
 		flags |= appFlagByUser
+	}
+	if app.Listen != nil {
+		flags |= appFlagListen
 	}
 	if app.OutsideDeny {
 		flags |= appFlagOutsideDeny

@@ -27,6 +27,8 @@ var hooks = []struct {
 	{"connect6", ebpf.AttachCGroupInet6Connect, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeConnect6 }},
 	{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeSendmsg4 }},
 	{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeSendmsg6 }},
+	{"bind4", ebpf.AttachCGroupInet4Bind, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeBind4 }},
+	{"bind6", ebpf.AttachCGroupInet6Bind, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeBind6 }},
 	{"sock_create", ebpf.AttachCGroupInetSockCreate, func(e *Enforcer) *ebpf.Program { return e.harden.GuardSockCreate }},
 	{"egress", ebpf.AttachCGroupInetEgress, func(e *Enforcer) *ebpf.Program { return e.harden.BackstopEgress }},
 	// Optional: the handover guard's tracker; nil when it did not load.
@@ -100,6 +102,8 @@ type objects struct {
 	AuthorizeConnect6 *ebpf.Program `ebpf:"authorize_connect6"`
 	AuthorizeSendmsg4 *ebpf.Program `ebpf:"authorize_sendmsg4"`
 	AuthorizeSendmsg6 *ebpf.Program `ebpf:"authorize_sendmsg6"`
+	AuthorizeBind4    *ebpf.Program `ebpf:"authorize_bind4"`
+	AuthorizeBind6    *ebpf.Program `ebpf:"authorize_bind6"`
 
 	PolicyCurrent   *ebpf.Map `ebpf:"policy_current"`
 	Rules           *ebpf.Map `ebpf:"rules"`
@@ -114,7 +118,7 @@ type objects struct {
 
 func (o *objects) close() {
 	for _, c := range []interface{ Close() error }{
-		o.AuthorizeConnect4, o.AuthorizeConnect6, o.AuthorizeSendmsg4, o.AuthorizeSendmsg6,
+		o.AuthorizeConnect4, o.AuthorizeConnect6, o.AuthorizeSendmsg4, o.AuthorizeSendmsg6, o.AuthorizeBind4, o.AuthorizeBind6,
 		o.PolicyCurrent, o.Rules, o.PortRanges, o.AppByCgroup, o.AppExes, o.AppByUid, o.VerdictCounters, o.AuditBudgets, o.AuditEvents,
 	} {
 		if c != nil {
@@ -625,6 +629,7 @@ func (e *Enforcer) Guards() []Guard {
 	udpOn, udpWhy := UDPHandover(e.applied != nil && e.applied.NoUDPHandover)
 	gs := []Guard{
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
+		{Name: "listen", What: "bind() of an app with listen: to a port it does not list is refused (EACCES), TCP and UDP, IPv4 and IPv6", Active: true},
 		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
 		{Name: "udp-handover", What: "a connected UDP socket of an app takes datagrams only from the app's processes: others' are dropped at egress (EPERM); NFQUEUE-reinjected datagrams count as the verdict giver's",
 			Active: udpOn, Why: udpWhy},

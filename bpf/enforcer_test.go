@@ -169,7 +169,7 @@ func TestKernelMatchesDecide(t *testing.T) {
 
 	rng := rand.New(rand.NewPCG(7, 11))
 	const policies, dests = 50, 1000
-	var checked, allowed int
+	var checked, allowed, binds int
 	for p := range policies {
 		rs := randomRuleset(rng, 1+rng.IntN(3))
 		w.apply(rs)
@@ -203,9 +203,27 @@ func TestKernelMatchesDecide(t *testing.T) {
 			if want.Allow {
 				allowed++
 			}
+			// A bind to a port of 0-15 on loopback, one in ten attempts.
+			if rng.IntN(10) == 0 {
+				port := d.Port % 16
+				b := ruleset.Dest{Addr: netip.MustParseAddr("127.0.0.1"), Proto: d.Proto, Port: port}
+				bm := []probe.Method{probe.Bind, probe.MappedBind}[rng.IntN(2)]
+				got, err := probers[app].Try(b, bm)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := rs.DecideBind(app, port)
+				if model.bind(app, port) != want.Allow {
+					t.Fatalf("policy %d: model and DecideBind disagree on a bind to %d for %q", p, port, app)
+				}
+				if (got == probe.Allowed) != want.Allow {
+					t.Fatalf("policy %d, app %q, bind %s via %s: kernel %s, DecideBind %s\npolicy: %+v", p, app, b, bm, got, want, rs)
+				}
+				binds++
+			}
 		}
 	}
-	t.Logf("%d attempts on %d policies agreed (%d allowed, %d denied)", checked, policies, allowed, checked-allowed)
+	t.Logf("%d attempts and %d binds on %d policies agreed (%d attempts allowed, %d denied)", checked, binds, policies, allowed, checked-allowed)
 	if allowed == 0 || allowed == checked {
 		t.Fatalf("the random cases are one-sided (%d of %d allowed): the test would not catch a constant verdict", allowed, checked)
 	}

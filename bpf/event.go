@@ -22,6 +22,8 @@ const (
 	HookEgress6    Hook = 6
 	HookSockCreate Hook = 7
 	HookTCPSend    Hook = 8 // sk_msg: a write to an app's TCP connection
+	HookBind4      Hook = 9 // cgroup/bind4: a bind of an app with listen:
+	HookBind6      Hook = 10
 )
 
 func (h Hook) String() string {
@@ -42,6 +44,10 @@ func (h Hook) String() string {
 		return "sock_create"
 	case HookTCPSend:
 		return "tcp_send"
+	case HookBind4:
+		return "bind4"
+	case HookBind6:
+		return "bind6"
 	}
 	return fmt.Sprintf("hook(%d)", uint8(h))
 }

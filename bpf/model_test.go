@@ -100,6 +100,17 @@ func (m kernelModel) decide(app string, d ruleset.Dest) (bool, ruleset.Reason) {
 	return false, reason
 }
 
+// bind is authorize_bind in procgate.c: an app with APP_LISTEN binds only
+// the ports of its listen entry.
+func (m kernelModel) bind(app string, port uint16) bool {
+	id, bound := m.ids[app]
+	if !bound || m.t.info.Flags&genListen == 0 || m.flags(id)&appFlagListen == 0 {
+		return true
+	}
+	v, ok := m.t.rules[listenKey(m.t.info.Slot, id)]
+	return ok && m.ports(v, ruleset.Dest{Proto: ruleset.TCP, Port: port})
+}
+
 // ports is the kernel's binary search of a grant entry's port ranges.
 func (m kernelModel) ports(v procgateRuleValue, d ruleset.Dest) bool {
 	first, count := v.TcpFirst, v.TcpCount
@@ -155,6 +166,10 @@ func TestEncodingMatchesDecide(t *testing.T) {
 			allow, reason := m.decide(app, d)
 			if allow != want.Allow || reason != want.Reason {
 				t.Fatalf("policy %d app %q dest %s: model %v/%s, Decide %v/%s\nruleset: %+v", p, app, d, allow, reason, want.Allow, want.Reason, rs)
+			}
+			// And a bind to the destination's port, as DecideBind has it.
+			if got, want := m.bind(app, d.Port%16), rs.DecideBind(app, d.Port%16); got != want.Allow {
+				t.Fatalf("policy %d app %q bind to port %d: model %v, DecideBind %s", p, app, d.Port%16, got, want)
 			}
 		}
 	}

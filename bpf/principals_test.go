@@ -260,3 +260,90 @@ func TestSandbox(t *testing.T) {
 	w.apply(mustPolicy(t, sandboxPolicy))
 	send("granted again", 1, 0)
 }
+
+const listenPolicy = `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+apps:
+  - name: web
+    listen: [8080, 9000-9001]
+  - name: agent
+    listen: [0, 8443]
+  - name: client
+    listen: []
+  - name: free
+`
+
+// TestListen: an app with listen: binds only the ports it lists, TCP and
+// UDP, IPv4, IPv6 and IPv4-mapped; port 0 only when listed; a refused bind
+// says EACCES and sends an audit event. Apps without listen: and processes
+// of no app bind anything.
+func TestListen(t *testing.T) {
+	w := newWorld(t, "web", "agent", "client", "free")
+	rd := w.attachWithEvents()
+	gen := w.apply(mustPolicy(t, listenPolicy))
+	web, agent, client, free, unbound := w.prober("web"), w.prober("agent"), w.prober("client"), w.prober("free"), w.prober("")
+	ids := appIDs(mustPolicy(t, listenPolicy))
+	for _, tc := range []struct {
+		name string
+		p    *probe.Prober
+		app  string
+		addr string
+		port uint16
+		want probe.Verdict
+	}{
+		{"a listed port", web, "web", "127.0.0.1", 8080, probe.Allowed},
+		{"a listed port, v6", web, "web", "::1", 8080, probe.Allowed},
+		{"a port of a listed range", web, "web", "0.0.0.0", 9001, probe.Allowed},
+		{"an unlisted port", web, "web", "127.0.0.1", 8081, probe.Denied},
+		{"an unlisted port, v6", web, "web", "::", 8081, probe.Denied},
+		{"an ephemeral port, 0 not listed", web, "web", "127.0.0.1", 0, probe.Denied},
+		{"an ephemeral port, 0 listed", agent, "agent", "127.0.0.1", 0, probe.Allowed},
+		{"an ephemeral port, 0 listed, v6", agent, "agent", "::1", 0, probe.Allowed},
+		{"0 listed is not every port", agent, "agent", "127.0.0.1", 8080, probe.Denied},
+		{"listen: [] binds nothing", client, "client", "127.0.0.1", 8080, probe.Denied},
+		{"listen: [] binds nothing, not even port 0", client, "client", "127.0.0.1", 0, probe.Denied},
+		{"an app without listen:", free, "free", "127.0.0.1", 8081, probe.Allowed},
+		{"a process of no app", unbound, "", "127.0.0.1", 8081, probe.Allowed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := netip.MustParseAddr(tc.addr)
+			methods := []probe.Method{probe.Bind}
+			if a.Is4() {
+				methods = append(methods, probe.MappedBind)
+			}
+			for _, proto := range []ruleset.Proto{ruleset.TCP, ruleset.UDP} {
+				for _, m := range methods {
+					drainEvents(t, rd)
+					d := ruleset.Dest{Addr: a, Proto: proto, Port: tc.port}
+					got, err := tc.p.Try(d, m)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if got != tc.want {
+						t.Fatalf("bind %s via %s: got %s, want %s", d, m, got, tc.want)
+					}
+					if got == probe.Allowed {
+						continue
+					}
+					hook := HookBind4
+					if a.Is6() || m == probe.MappedBind {
+						hook = HookBind6
+					}
+					want := a
+					if m == probe.MappedBind {
+						want = netip.AddrFrom16(a.As16())
+					}
+					var found bool
+					for _, ev := range drainEvents(t, rd) {
+						found = found || (ev.Hook == hook && ev.Reason == ruleset.ReasonListen && !ev.Allowed &&
+							ev.AppID == ids[tc.app] && ev.Generation == gen && ev.Dest.Port == tc.port && ev.Dest.Addr == want)
+					}
+					if !found {
+						t.Errorf("bind %s via %s refused without an audit event (hook %s, reason listen)", d, m, hook)
+					}
+				}
+			}
+		})
+	}
+}

@@ -8,7 +8,8 @@
 //   allow(p, d) = d in Everyone(d) || d not internal
 //                 || (principal(p) && some grant of p covers d)
 //
-// The decision itself, and the maps it reads, are in decision.h.
+// The decision itself, and the maps it reads, are in decision.h. The bind
+// hooks enforce apps' listen: (authorize_bind4/6).
 
 #include "decision.h"
 
@@ -113,4 +114,74 @@ SEC("cgroup/sendmsg6")
 int authorize_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	return decide6(ctx, HOOK_SENDMSG6);
+}
+
+// The bind hooks: an app with listen: may bind only the ports it lists,
+// TCP and UDP (and any other protocol with ports); everyone else binds
+// untouched. Binds of a process of no app, or of an app without listen:,
+// cost the generation lookup and one flag test, or (in generations with
+// listen: apps) the principal lookup.
+//
+// A bind hook returning 0 fails the bind with EPERM unless the program set
+// another error: bpf_set_retval(-EACCES) (cgroup programs, 5.18+) makes it
+// EACCES, as for a port below ip_unprivileged_port_start. Only explicit
+// binds run the hook: connect()'s and sendto()'s automatic bind of an
+// unbound socket to an ephemeral port do not, so clients keep working; an
+// explicit bind to port 0 is refused unless listen: lists 0.
+
+#define EACCES 13
+
+// binder is the app whose listen: holds for the calling task: its app,
+// by cgroup or uid as principal() finds it, but a process marked by
+// migrate.c stays restricted (listen: takes away, it grants nothing).
+static __always_inline struct app_info *binder(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
+{
+	struct app_info *a = principal_of(WHO_TASK, NULL, slot, info, cgroup_id);
+	if (!a)
+		a = user_principal(slot, info, (__u32)bpf_get_current_uid_gid());
+	return a;
+}
+
+static __always_inline int authorize_bind(struct bpf_sock_addr *ctx, struct dest *d, __u8 hook)
+{
+	struct generation_info *info = current_generation();
+	if (!info || !(info->flags & GEN_LISTEN))
+		return 1;
+	__u32 slot = info->slot & 1;
+	__u64 cgroup_id;
+	struct app_info *app = binder(slot, info, &cgroup_id);
+	if (!app || !(app->flags & APP_LISTEN))
+		return 1;
+	__u32 app_id = app->app_id;
+	struct rule_key k = { .prefixlen = 32, .tag = bpf_htonl((slot ? TAG_SLOT : 0) | TAG_LISTEN | (app_id & 0xffff)) };
+	struct rule_value *l = bpf_map_lookup_elem(&rules, &k);
+	if (l && port_allowed(slot, l->tcp_first, l->tcp_count, d->port))
+		return 1;
+	count(app_id, COUNT_DENY);
+	audit(d, app_id, cgroup_id, info->generation, info->audit_rate, 0, REASON_LISTEN, hook);
+	bpf_set_retval(-EACCES);
+	return 0;
+}
+
+SEC("cgroup/bind4")
+int authorize_bind4(struct bpf_sock_addr *ctx)
+{
+	struct dest d = { .family = 4, .proto = proto_of(ctx) };
+	__u32 ip = ctx->user_ip4;
+	__builtin_memcpy(d.addr, &ip, 4);
+	d.port = bpf_ntohs((__u16)ctx->user_port);
+	return authorize_bind(ctx, &d, HOOK_BIND4);
+}
+
+SEC("cgroup/bind6")
+int authorize_bind6(struct bpf_sock_addr *ctx)
+{
+	struct dest d = { .family = 6, .proto = proto_of(ctx) };
+	__u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
+	d.port = bpf_ntohs((__u16)ctx->user_port);
+	__builtin_memcpy(&d.addr[0], &w0, 4);
+	__builtin_memcpy(&d.addr[4], &w1, 4);
+	__builtin_memcpy(&d.addr[8], &w2, 4);
+	__builtin_memcpy(&d.addr[12], &w3, 4);
+	return authorize_bind(ctx, &d, HOOK_BIND6);
 }

@@ -171,6 +171,8 @@ const (
 	procgateMapVerdictCache        = "verdict_cache"
 	procgateMapVerdictCounters     = "verdict_counters"
 	procgateMapVerdictHandoff      = "verdict_handoff"
+	procgateProgAuthorizeBind4     = "authorize_bind4"
+	procgateProgAuthorizeBind6     = "authorize_bind6"
 	procgateProgAuthorizeConnect4  = "authorize_connect4"
 	procgateProgAuthorizeConnect6  = "authorize_connect6"
 	procgateProgAuthorizeSendmsg4  = "authorize_sendmsg4"
@@ -220,6 +222,8 @@ type procgateSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type procgateProgramSpecs struct {
+	AuthorizeBind4    *ebpf.ProgramSpec `ebpf:"authorize_bind4"`
+	AuthorizeBind6    *ebpf.ProgramSpec `ebpf:"authorize_bind6"`
 	AuthorizeConnect4 *ebpf.ProgramSpec `ebpf:"authorize_connect4"`
 	AuthorizeConnect6 *ebpf.ProgramSpec `ebpf:"authorize_connect6"`
 	AuthorizeSendmsg4 *ebpf.ProgramSpec `ebpf:"authorize_sendmsg4"`
@@ -322,6 +326,8 @@ type procgateVariables struct {
 //
 // It can be passed to loadProcgateObjects or ebpf.CollectionSpec.LoadAndAssign.
 type procgatePrograms struct {
+	AuthorizeBind4    *ebpf.Program `ebpf:"authorize_bind4"`
+	AuthorizeBind6    *ebpf.Program `ebpf:"authorize_bind6"`
 	AuthorizeConnect4 *ebpf.Program `ebpf:"authorize_connect4"`
 	AuthorizeConnect6 *ebpf.Program `ebpf:"authorize_connect6"`
 	AuthorizeSendmsg4 *ebpf.Program `ebpf:"authorize_sendmsg4"`
@@ -330,6 +336,8 @@ type procgatePrograms struct {
 
 func (p *procgatePrograms) Close() error {
 	return _ProcgateClose(
+		p.AuthorizeBind4,
+		p.AuthorizeBind6,
 		p.AuthorizeConnect4,
 		p.AuthorizeConnect6,
 		p.AuthorizeSendmsg4,

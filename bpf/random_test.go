@@ -30,6 +30,15 @@ func randomRuleset(rng *rand.Rand, apps int) *ruleset.Ruleset {
 		if rng.IntN(3) == 0 {
 			app.OutsideDeny, app.LoopbackDeny = true, rng.IntN(2) == 0
 		}
+		// listen: in a quarter of the apps: a few of the ports 0-15, maybe
+		// none at all.
+		if rng.IntN(4) == 0 {
+			app.Listen = &ruleset.Listen{Ports: []ruleset.PortRange{}}
+			for range rng.IntN(4) {
+				lo := uint16(rng.IntN(16))
+				app.Listen.Ports = append(app.Listen.Ports, ruleset.PortRange{Lo: lo, Hi: lo + uint16(rng.IntN(3))})
+			}
+		}
 		app.Grants = randomGrants(rng, rng.IntN(8))
 		rs.Apps = append(rs.Apps, app)
 	}
