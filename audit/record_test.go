@@ -170,6 +170,30 @@ func TestRecordOf(t *testing.T) {
 	}{
 		{name: "unbound ipv4 deny", annotate: testAnnotate},
 		{
+			name: "a bind refused by listen:",
+			event: func(e *rawEvent) {
+				e.AppID, e.Reason, e.Hook, e.Proto, e.Port, e.Family = 1, 13, 10, 1, 8081, 6
+				e.Addr = netip.MustParseAddr("::").As16()
+			},
+			annotate: testAnnotate,
+			want: func(r *Record) {
+				r.Reason, r.App, r.Hook, r.Dest = "listen", "web", "bind6", "[::]:8081/tcp"
+				r.Rule = "grant #0 10.0.0.0/8 tcp ports 5432"
+			},
+		},
+		{
+			name: "a sandbox's denied destination",
+			event: func(e *rawEvent) {
+				e.AppID, e.Reason = 1, 12
+				copy(e.Addr[:], []byte{192, 0, 2, 1})
+			},
+			annotate: testAnnotate,
+			want: func(r *Record) {
+				r.Reason, r.App, r.Dest = "outside-denied", "web", "192.0.2.1:5432/tcp"
+				r.Rule = "grant #0 10.0.0.0/8 tcp ports 5432"
+			},
+		},
+		{
 			name: "bound ipv6 udp allow",
 			event: func(e *rawEvent) {
 				e.AppID, e.Allowed, e.Reason, e.Hook, e.Proto, e.Port, e.Family = 1, 1, 2, 4, 2, 53, 6

@@ -649,8 +649,17 @@ func (d *Daemon) annotate(e bpf.Event) (string, string) {
 	if rs == nil {
 		return app, ""
 	}
-	dec := rs.Decide(app, e.Dest)
 	rule := ""
+	if e.Hook == bpf.HookBind4 || e.Hook == bpf.HookBind6 {
+		if a := rs.App(app); a != nil && a.Listen != nil {
+			rule = a.Listen.String()
+			if src := a.Listen.Source.String(); src != "" {
+				rule += " [" + src + "]"
+			}
+		}
+		return app, rule
+	}
+	dec := rs.Decide(app, e.Dest)
 	if len(dec.Grants) > 0 {
 		rule = "grant " + dec.Grants[0].String()
 	} else if len(dec.Everyone) > 0 {
