@@ -128,7 +128,7 @@ func ParseDropin(file string, data []byte) (*ruleset.Ruleset, []Warning, HostChe
 }
 
 func parseFiles(files []File, dropin bool) (*ruleset.Ruleset, []Warning, *parser, error) {
-	p := &parser{appNames: map[string]ruleset.Source{}, matches: seen{}}
+	p := &parser{appNames: map[string]ruleset.Source{}, matches: seen{}, globParents: map[string]int{}}
 	var rs *ruleset.Ruleset
 	var checks []grantCheck
 	for i, f := range files {

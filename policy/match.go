@@ -86,6 +86,13 @@ func (p *parser) match(n *yaml.Node, field string) *ruleset.Match {
 		if !p.once(p.matches, vn, f, "match of", key) {
 			return nil
 		}
+		if m.Kind == ruleset.MatchCgroup && strings.Contains(m.Path, "*") {
+			parent := path.Dir(m.Path)
+			if p.globParents[parent]++; p.globParents[parent] > MaxGlobsPerParent {
+				p.errorf(vn, f, "more than %d globs in %s: the kernel matches at most %d per parent directory", MaxGlobsPerParent, parent, MaxGlobsPerParent)
+				return nil
+			}
+		}
 		return m
 	}
 	return nil
@@ -191,9 +198,19 @@ func checkGlob(g string) string {
 		case c == "*":
 			return fmt.Sprintf("invalid cgroup %q: a last component of only '*' would take every child; name a prefix or suffix, or match the parent", g)
 		}
+		if pre, suf, ok := strings.Cut(c, "*"); ok && (len(pre) > MaxGlobPart || len(suf) > MaxGlobPart) {
+			return fmt.Sprintf("invalid cgroup %q: at most %d bytes before and after '*'", g, MaxGlobPart)
+		}
 	}
 	return ""
 }
+
+// The kernel's limits on globs (bpf/migrate.c, follow_mkdir): bytes before
+// and after the '*', and globs with the same parent directory.
+const (
+	MaxGlobPart       = 64
+	MaxGlobsPerParent = 4
+)
 
 // MaxMatchPath bounds a cgroup glob's (and a unit's path's) length; with
 // the cgroup root's own path it must fit the kernel's key (bpf/migrate.c).

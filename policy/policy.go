@@ -161,8 +161,10 @@ type parser struct {
 	// refs are the users, groups and binaries the policy names, for
 	// HostCheck.
 	refs []hostRef
-	// matches are the units, globs and uids apps matched so far.
-	matches seen
+	// matches are the units, globs and uids apps matched so far, and
+	// globParents counts globs per parent directory.
+	matches     seen
+	globParents map[string]int
 	// dropin is set while a drop-in is read: internal is optional there,
 	// and the main file's scalars are refused.
 	dropin bool
