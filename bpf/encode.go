@@ -77,6 +77,12 @@ type Generation struct {
 	// the caller). An app with exe: and no file here holds its grants in
 	// no process.
 	Exes map[string][]FileID
+
+	// cgroupRoot is the enforced cgroup below the cgroup2 mount ("/a/b",
+	// "" for the mount itself) and cgroupRootLevel its level: unit and
+	// cgroup matches are below it. Apply sets them.
+	cgroupRoot      string
+	cgroupRootLevel int
 }
 
 // FileID is a file as the kernel names it: inode number and the device of
@@ -142,6 +148,11 @@ type tables struct {
 	users map[procgateUserKey]procgateAppInfo
 	exes  []procgateExeKey
 	info  procgateGenerationInfo
+	// The unit and cgroup apps' patterns, and their entries in migrate.c's
+	// maps.
+	patterns      []cgroupPattern
+	exactPatterns map[migrateCgroupPathKey]migrateAppInfo
+	globPatterns  map[migrateCgroupPathKey]migrateCgroupGlobs
 }
 
 // ruleKey builds a trie key. The tag is stored big-endian so the trie
@@ -259,7 +270,19 @@ func encode(g Generation, slot uint32) (*tables, error) {
 			t.exes = append(t.exes, procgateExeKey{Slot: slot, AppId: g.AppIDs[app.Name], Ino: f.Ino, Dev: f.Dev})
 		}
 	}
-	if len(g.Bindings) == 0 {
+	var err error
+	if t.patterns, err = patternsOf(&g, appFlags); err != nil {
+		return nil, err
+	}
+	if err := t.encodePatterns(slot); err != nil {
+		return nil, err
+	}
+	for _, c := range t.patterns {
+		// The levels of cgroups that do not exist yet: the kernel binds
+		// them when they are made, and the walk must probe there.
+		minLevel, maxLevel = min(minLevel, c.level), max(maxLevel, c.level)
+	}
+	if len(g.Bindings) == 0 && len(t.patterns) == 0 {
 		minLevel, maxLevel = 1, 0 // the ancestor walk probes nothing
 	}
 	t.info.MinLevel, t.info.MaxLevel = uint32(minLevel), uint32(maxLevel)

@@ -15,6 +15,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/cgroups"
 )
 
 // hooks are the attach points, named as their programs and pinned links.
@@ -152,6 +154,15 @@ type Enforcer struct {
 	// migrate and its links; migrateErr says why they are missing.
 	migrate    migrationGuard
 	migrateErr error
+	// follow binds unit and cgroup apps' new cgroups; followErr says why
+	// it is missing. mount is the cgroup2 mount, cgroupRoot and rootLevel
+	// CgroupDir below it; matched counts the cgroups the last scan bound.
+	follow     cgroupFollower
+	followErr  error
+	mount      string
+	cgroupRoot string
+	rootLevel  int
+	matched    map[string]int
 	tracing    []link.Link
 	specs      *ebpf.CollectionSpec
 	links      []link.Link
@@ -176,6 +187,10 @@ type slotKeys struct {
 	apps  []procgateAppKey
 	users []procgateUserKey
 	exes  []procgateExeKey
+	// Pattern keys of unit and cgroup apps; followed: the slot had some,
+	// so the kernel may have bound cgroups in it that apps does not list.
+	exactPatterns, globPatterns []migrateCgroupPathKey
+	followed                    bool
 }
 
 // Open loads the programs and pinned maps, and makes sure each hook's link is
@@ -236,6 +251,17 @@ func Open(opts Options) (*Enforcer, error) {
 		err = mspecs.LoadAndAssign(&e.migrate, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
 	}
 	e.migrateErr = err
+	e.followErr = err
+	if err == nil {
+		e.followErr = mspecs.LoadAndAssign(&e.follow, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+		if e.followErr != nil {
+			e.follow = cgroupFollower{}
+		}
+	}
+	if err := e.locateRoot(); err != nil {
+		e.objs.close()
+		return nil, err
+	}
 	e.sweep = openSweeper(opts.BPFDir, opts.Log)
 	for _, g := range e.Guards() {
 		if g.Active {
@@ -314,19 +340,64 @@ func (e *Enforcer) Attach() error {
 		}
 	}
 	if e.migrateErr == nil {
-		e.migrateErr = e.attachTracing()
+		e.migrateErr = e.attachTracing(e.tracingHooks())
 		if e.migrateErr != nil {
 			e.opts.Log.Warn("guard NOT active", "guard", "cgroup-migration", "why", e.migrateErr)
+		}
+	}
+	if e.followErr == nil {
+		e.followErr = e.attachTracing(e.followHooks())
+		if e.followErr != nil {
+			e.opts.Log.Warn("guard NOT active", "guard", "unit-restarts", "why", e.followErr)
 		}
 	}
 	return nil
 }
 
-// attachTracing attaches migrate.c's programs and pins their links.
-// Tracing links cannot be updated in place: a new link is attached before
-// an adopted one is let go, so that no migration goes unseen in between.
-func (e *Enforcer) attachTracing() error {
-	for _, h := range e.tracingHooks() {
+// followHooks are the follower's programs, named as their pinned links.
+func (e *Enforcer) followHooks() []struct {
+	name string
+	prog *ebpf.Program
+} {
+	return []struct {
+		name string
+		prog *ebpf.Program
+	}{
+		{"follow_mkdir", e.follow.FollowMkdir},
+		{"follow_rmdir", e.follow.ForgetRmdir},
+	}
+}
+
+// locateRoot finds CgroupDir below the cgroup2 mount, where unit and
+// cgroup matches are resolved.
+func (e *Enforcer) locateRoot() error {
+	mount, err := cgroups.Mount()
+	if err != nil {
+		return err
+	}
+	level, err := cgroups.Level(mount, e.opts.CgroupDir)
+	if err != nil {
+		return err
+	}
+	rel, err := filepath.Rel(mount, e.opts.CgroupDir)
+	if err != nil {
+		return fmt.Errorf("cgroup %s below %s: %w", e.opts.CgroupDir, mount, err)
+	}
+	e.mount, e.rootLevel, e.cgroupRoot = mount, level, ""
+	if rel != "." {
+		e.cgroupRoot = "/" + filepath.ToSlash(rel)
+	}
+	return nil
+}
+
+// attachTracing attaches tp_btf programs and pins their links. Tracing
+// links cannot be updated in place: a new link is attached before an
+// adopted one is let go, so that no event goes unseen in between.
+func (e *Enforcer) attachTracing(hooks []struct {
+	name string
+	prog *ebpf.Program
+}) error {
+	for _, h := range hooks {
 		l, err := link.AttachTracing(link.TracingOptions{Program: h.prog})
 		if err != nil {
 			return fmt.Errorf("attach %s: %w", h.name, err)
@@ -361,6 +432,7 @@ func (e *Enforcer) Close() error {
 	}
 	e.links, e.tracing = nil, nil
 	e.objs.close()
+	e.follow.close()
 	e.sweep.close()
 	e.sweep = nil
 	for _, p := range []*ebpf.Program{e.harden.GuardSockCreate, e.harden.BackstopEgress, e.lsm.GuardPacketSocket,
@@ -415,6 +487,7 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	}
 	next := cur.Generation + 1
 	start := time.Now()
+	g.cgroupRoot, g.cgroupRootLevel = e.cgroupRoot, e.rootLevel
 	t, err := encode(g, slot)
 	if err != nil {
 		return 0, fmt.Errorf("encode policy: %w", err)
@@ -436,7 +509,13 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	uk, uv := splitKV(t.users)
 	// Recorded before writing, so that a failed Apply still lets the next
 	// one clear whatever part of the slot did get written.
-	e.written[slot] = &slotKeys{rules: rk, apps: ak, users: uk, exes: t.exes}
+	e.written[slot] = &slotKeys{rules: rk, apps: ak, users: uk, exes: t.exes, followed: len(t.patterns) > 0}
+	for k := range t.exactPatterns {
+		e.written[slot].exactPatterns = append(e.written[slot].exactPatterns, k)
+	}
+	for k := range t.globPatterns {
+		e.written[slot].globPatterns = append(e.written[slot].globPatterns, k)
+	}
 	if err := putBatch(e.objs.Rules, rk, rv); err != nil {
 		return 0, fmt.Errorf("write %d rules of generation %d: %w", len(rk), next, err)
 	}
@@ -457,6 +536,19 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	}
 	if err := putBatch(e.objs.AppExes, t.exes, make([]uint8, len(t.exes))); err != nil {
 		return 0, fmt.Errorf("write %d app binaries of generation %d: %w", len(t.exes), next, err)
+	}
+	// The slot's patterns before the scan: a cgroup made in between is
+	// bound by the kernel, one made before by the scan.
+	if err := e.writePatterns(t); err != nil {
+		return 0, fmt.Errorf("generation %d: %w", next, err)
+	}
+	found, matched, err := e.scanPatterns(t, slot)
+	if err != nil {
+		return 0, fmt.Errorf("generation %d: %w", next, err)
+	}
+	fk, fv := splitKV(found)
+	if err := putBatch(e.objs.AppByCgroup, fk, fv); err != nil {
+		return 0, fmt.Errorf("write %d matched cgroups of generation %d: %w", len(fk), next, err)
 	}
 
 	info, err := ebpf.NewMap(e.specs.Maps["policy_current"].InnerMap)
@@ -485,6 +577,7 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 		go func() { done <- e.clearSlot(old) }()
 	}
 	e.applied = &g
+	e.matched = matched
 	return next, nil
 }
 
@@ -511,7 +604,15 @@ func (e *Enforcer) clearSlot(slot uint32) error {
 	if err := deleteBatch(e.objs.Rules, keys.rules); err != nil {
 		return fmt.Errorf("clear rules of slot %d: %w", slot, err)
 	}
-	if err := deleteBatch(e.objs.AppByCgroup, keys.apps); err != nil {
+	// Patterns first: from then on the kernel binds no cgroup in the slot.
+	if err := e.clearPatterns(slot, keys); err != nil {
+		return err
+	}
+	if keys.followed {
+		if err := e.clearFollowed(slot); err != nil {
+			return err
+		}
+	} else if err := deleteBatch(e.objs.AppByCgroup, keys.apps); err != nil {
 		return fmt.Errorf("clear app bindings of slot %d: %w", slot, err)
 	}
 	if err := deleteBatch(e.objs.AppExes, keys.exes); err != nil {
@@ -549,6 +650,9 @@ func (e *Enforcer) scanSlot(slot uint32) (*slotKeys, error) {
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("walk app bindings: %w", err)
+	}
+	if err := e.scanPatternKeys(slot, keys); err != nil {
+		return nil, err
 	}
 	var uk procgateUserKey
 	it = e.objs.AppByUid.Iterate()
@@ -640,6 +744,11 @@ func (e *Enforcer) Guards() []Guard {
 	}
 	if e.migrateErr != nil {
 		gs[len(gs)-1].Why = "tp_btf programs did not load or attach: " + e.migrateErr.Error()
+	}
+	gs = append(gs, Guard{Name: "unit-restarts", Active: e.followErr == nil,
+		What: "a cgroup that a match.unit or match.cgroup app names is the app's from its mkdir, before any process runs in it: restarted units and new containers (tp_btf cgroup_mkdir)"})
+	if e.followErr != nil {
+		gs[len(gs)-1].Why = "tp_btf programs did not load or attach: " + e.followErr.Error() + "; new cgroups are bound at the next reload only"
 	}
 	gs = append(gs, Guard{Name: "tcp-handover", Active: e.handoverErr == nil,
 		What: "a TCP connection an app opened to an internal destination takes data only from the app's processes: one passed by SCM_RIGHTS is refused (EACCES) to others (sk_msg)"})

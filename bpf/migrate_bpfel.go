@@ -33,6 +33,26 @@ type migrateAuditBudget struct {
 	Pad    uint32
 }
 
+type migrateCgroupGlob struct {
+	_         structs.HostLayout
+	App       migrateAppInfo
+	PrefixLen uint32
+	SuffixLen uint32
+	Prefix    [64]int8
+	Suffix    [64]int8
+}
+
+type migrateCgroupGlobs struct {
+	_     structs.HostLayout
+	Globs [4]migrateCgroupGlob
+}
+
+type migrateCgroupPathKey struct {
+	_    structs.HostLayout
+	Slot uint32
+	Path [256]int8
+}
+
 type migrateExeKey struct {
 	_     structs.HostLayout
 	Slot  uint32
@@ -66,6 +86,12 @@ type migrateLookupResult struct {
 	Internal uint8
 	HasGrant uint8
 	Pad      [2]uint8
+}
+
+type migrateMkdirScratch struct {
+	_    structs.HostLayout
+	Key  migrateCgroupPathKey
+	Name [256]int8
 }
 
 type migratePortRange struct {
@@ -140,9 +166,12 @@ const (
 	migrateMapAppExes             = "app_exes"
 	migrateMapAuditBudgets        = "audit_budgets"
 	migrateMapAuditEvents         = "audit_events"
+	migrateMapCgroupExactPatterns = "cgroup_exact_patterns"
+	migrateMapCgroupGlobPatterns  = "cgroup_glob_patterns"
 	migrateMapDestLookups         = "dest_lookups"
 	migrateMapGenerationInfoInner = "generation_info_inner"
 	migrateMapMigratedTasks       = "migrated_tasks"
+	migrateMapMkdirScratch        = "mkdir_scratch"
 	migrateMapPolicyCurrent       = "policy_current"
 	migrateMapPortRanges          = "port_ranges"
 	migrateMapRules               = "rules"
@@ -150,10 +179,14 @@ const (
 	migrateMapVerdictCache        = "verdict_cache"
 	migrateMapVerdictCounters     = "verdict_counters"
 	migrateMapVerdictHandoff      = "verdict_handoff"
+	migrateProgFollowMkdir        = "follow_mkdir"
 	migrateProgForgetExit         = "forget_exit"
+	migrateProgForgetRmdir        = "forget_rmdir"
 	migrateProgMarkFork           = "mark_fork"
 	migrateProgMarkMigration      = "mark_migration"
 	migrateVarUnusedAuditEvent    = "unused_audit_event"
+	migrateVarUnusedCgroupGlobs   = "unused_cgroup_globs"
+	migrateVarUnusedCgroupPathKey = "unused_cgroup_path_key"
 )
 
 // loadMigrate returns the embedded CollectionSpec for migrate.
@@ -198,7 +231,9 @@ type migrateSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type migrateProgramSpecs struct {
+	FollowMkdir   *ebpf.ProgramSpec `ebpf:"follow_mkdir"`
 	ForgetExit    *ebpf.ProgramSpec `ebpf:"forget_exit"`
+	ForgetRmdir   *ebpf.ProgramSpec `ebpf:"forget_rmdir"`
 	MarkFork      *ebpf.ProgramSpec `ebpf:"mark_fork"`
 	MarkMigration *ebpf.ProgramSpec `ebpf:"mark_migration"`
 }
@@ -212,9 +247,12 @@ type migrateMapSpecs struct {
 	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
+	CgroupExactPatterns *ebpf.MapSpec `ebpf:"cgroup_exact_patterns"`
+	CgroupGlobPatterns  *ebpf.MapSpec `ebpf:"cgroup_glob_patterns"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	MkdirScratch        *ebpf.MapSpec `ebpf:"mkdir_scratch"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
@@ -228,7 +266,9 @@ type migrateMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type migrateVariableSpecs struct {
-	UnusedAuditEvent *ebpf.VariableSpec `ebpf:"unused_audit_event"`
+	UnusedAuditEvent    *ebpf.VariableSpec `ebpf:"unused_audit_event"`
+	UnusedCgroupGlobs   *ebpf.VariableSpec `ebpf:"unused_cgroup_globs"`
+	UnusedCgroupPathKey *ebpf.VariableSpec `ebpf:"unused_cgroup_path_key"`
 }
 
 // migrateObjects contains all objects after they have been loaded into the kernel.
@@ -256,9 +296,12 @@ type migrateMaps struct {
 	AppExes             *ebpf.Map `ebpf:"app_exes"`
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
+	CgroupExactPatterns *ebpf.Map `ebpf:"cgroup_exact_patterns"`
+	CgroupGlobPatterns  *ebpf.Map `ebpf:"cgroup_glob_patterns"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
+	MkdirScratch        *ebpf.Map `ebpf:"mkdir_scratch"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
@@ -275,9 +318,12 @@ func (m *migrateMaps) Close() error {
 		m.AppExes,
 		m.AuditBudgets,
 		m.AuditEvents,
+		m.CgroupExactPatterns,
+		m.CgroupGlobPatterns,
 		m.DestLookups,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
+		m.MkdirScratch,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,
@@ -292,21 +338,27 @@ func (m *migrateMaps) Close() error {
 //
 // It can be passed to loadMigrateObjects or ebpf.CollectionSpec.LoadAndAssign.
 type migrateVariables struct {
-	UnusedAuditEvent *ebpf.Variable `ebpf:"unused_audit_event"`
+	UnusedAuditEvent    *ebpf.Variable `ebpf:"unused_audit_event"`
+	UnusedCgroupGlobs   *ebpf.Variable `ebpf:"unused_cgroup_globs"`
+	UnusedCgroupPathKey *ebpf.Variable `ebpf:"unused_cgroup_path_key"`
 }
 
 // migratePrograms contains all programs after they have been loaded into the kernel.
 //
 // It can be passed to loadMigrateObjects or ebpf.CollectionSpec.LoadAndAssign.
 type migratePrograms struct {
+	FollowMkdir   *ebpf.Program `ebpf:"follow_mkdir"`
 	ForgetExit    *ebpf.Program `ebpf:"forget_exit"`
+	ForgetRmdir   *ebpf.Program `ebpf:"forget_rmdir"`
 	MarkFork      *ebpf.Program `ebpf:"mark_fork"`
 	MarkMigration *ebpf.Program `ebpf:"mark_migration"`
 }
 
 func (p *migratePrograms) Close() error {
 	return _MigrateClose(
+		p.FollowMkdir,
 		p.ForgetExit,
+		p.ForgetRmdir,
 		p.MarkFork,
 		p.MarkMigration,
 	)

@@ -3,6 +3,8 @@ package bpf
 import (
 	"math/rand/v2"
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/procgate/procgate/ruleset"
@@ -200,5 +202,76 @@ func TestMergeRanges(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// followModel is follow_mkdir (migrate.c) over encoded pattern maps: the
+// app id it binds a new cgroup at p (below the mount) to, 0 none.
+func followModel(t *tables, slot uint32, p string) uint32 {
+	if a, ok := t.exactPatterns[pathKey(slot, p)]; ok {
+		return a.AppId
+	}
+	i := strings.LastIndexByte(p, '/')
+	parent, name := p[:i], p[i+1:]
+	gs, ok := t.globPatterns[pathKey(slot, parent)]
+	if !ok {
+		return 0
+	}
+	for _, g := range gs.Globs {
+		if g.App.AppId == 0 || int(g.PrefixLen+g.SuffixLen) > len(name) {
+			continue
+		}
+		pre, suf := make([]byte, g.PrefixLen), make([]byte, g.SuffixLen)
+		for j := range pre {
+			pre[j] = byte(g.Prefix[j])
+		}
+		for j := range suf {
+			suf[j] = byte(g.Suffix[j])
+		}
+		if strings.HasPrefix(name, string(pre)) && strings.HasSuffix(name, string(suf)) {
+			return g.App.AppId
+		}
+	}
+	return 0
+}
+
+// TestFollowMatchesAppOfCgroup: the kernel's binding of new cgroups, as
+// encoded, names the app ruleset.AppOfCgroup (explain --pid) names.
+func TestFollowMatchesAppOfCgroup(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	parts := []string{"system.slice", "docker-a.scope", "docker-.scope", "a.scope", "docker-ab.service", "x", "nginx.service", "a-b.slice"}
+	for p := range 100 {
+		rs := &ruleset.Ruleset{}
+		for a := range 1 + rng.IntN(5) {
+			var glob string
+			switch rng.IntN(4) {
+			case 0:
+				glob = "system.slice/docker-*.scope"
+			case 1:
+				glob = "system.slice/*.scope"
+			case 2:
+				glob = "system.slice/nginx.service"
+			default:
+				glob = parts[rng.IntN(len(parts))] + "/" + parts[rng.IntN(len(parts))]
+			}
+			if slices.ContainsFunc(rs.Apps, func(x ruleset.App) bool { return x.Match.Path == glob }) {
+				continue
+			}
+			rs.Apps = append(rs.Apps, ruleset.App{Name: "app" + string(rune('a'+a)),
+				Match: &ruleset.Match{Kind: ruleset.MatchCgroup, Value: glob, Path: glob}})
+		}
+		ids := appIDs(rs)
+		g := Generation{Rules: rs, AppIDs: ids, cgroupRoot: "/test-root", cgroupRootLevel: 1}
+		tb, err := encode(g, uint32(p%2))
+		if err != nil {
+			t.Fatalf("policy %d: %v", p, err)
+		}
+		for range 50 {
+			rel := parts[rng.IntN(len(parts))] + "/" + parts[rng.IntN(len(parts))]
+			want := ids[rs.AppOfCgroup(rel, "procgate.apps")]
+			if got := followModel(tb, uint32(p%2), "/test-root/"+rel); got != want {
+				t.Fatalf("policy %d: %s bound to app id %d, AppOfCgroup says %d\n%+v", p, rel, got, want, rs.Apps)
+			}
+		}
 	}
 }

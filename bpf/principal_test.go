@@ -1,11 +1,19 @@
 package bpf
 
 import (
+	"bufio"
+	"errors"
+	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 
+	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -95,5 +103,250 @@ func TestUserPrincipals(t *testing.T) {
 	w.apply(rs2)
 	if got, err := w.proberAs("/unbound", userUID).Try(toUser, probe.Connect); err != nil || got != probe.Denied {
 		t.Fatalf("after the user app was removed: %s, %v; want denied", got, err)
+	}
+}
+
+// unitPolicy has a unit, a glob, a user and a nested slice app, for a
+// cgroup tree laid out as systemd's below the world's root
+// (<root>/system.slice/nginx.service ...).
+func unitPolicy() *ruleset.Ruleset {
+	pfx := netip.MustParsePrefix
+	grant := func(p string) []ruleset.Grant {
+		return []ruleset.Grant{{Prefix: pfx(p), Proto: ruleset.Both, Ports: []ruleset.PortRange{ruleset.AllPorts}}}
+	}
+	return &ruleset.Ruleset{
+		Internal: []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8")}},
+		Apps: []ruleset.App{
+			{Name: "web", Match: &ruleset.Match{Kind: ruleset.MatchUnit, Value: "nginx.service", Path: "system.slice/nginx.service"}, Grants: grant("10.1.0.0/16")},
+			{Name: "builds", Match: &ruleset.Match{Kind: ruleset.MatchCgroup, Value: "system.slice/docker-*.scope", Path: "system.slice/docker-*.scope"}, Grants: grant("10.2.0.0/16")},
+			{Name: "backup", Match: &ruleset.Match{Kind: ruleset.MatchUser, Value: strconv.Itoa(userUID), UID: userUID}, Grants: grant("10.3.0.0/16")},
+			{Name: "nested", Match: &ruleset.Match{Kind: ruleset.MatchUnit, Value: "a-b.slice", Path: "a.slice/a-b.slice"}, Grants: grant("10.4.0.0/16")},
+		},
+	}
+}
+
+// dests of unitPolicy's apps, by app.
+var unitDests = map[string]ruleset.Dest{
+	"web":    {Addr: netip.MustParseAddr("10.1.2.3"), Proto: ruleset.TCP, Port: 80},
+	"builds": {Addr: netip.MustParseAddr("10.2.2.3"), Proto: ruleset.TCP, Port: 80},
+	"backup": {Addr: netip.MustParseAddr("10.3.2.3"), Proto: ruleset.TCP, Port: 80},
+	"nested": {Addr: netip.MustParseAddr("10.4.2.3"), Proto: ruleset.TCP, Port: 80},
+}
+
+// expectApp checks that p reaches exactly app's destination among
+// unitDests ("" none).
+func expectApp(t *testing.T, p *probe.Prober, app string) {
+	t.Helper()
+	for name, d := range unitDests {
+		want := probe.Denied
+		if name == app {
+			want = probe.Allowed
+		}
+		got, err := p.Try(d, probe.Connect)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Fatalf("connect to %s's %s: %s, want %s (the process should be app %q)", name, d, got, want, app)
+		}
+	}
+}
+
+// mkdirs makes the cgroups below the world's root, parents first.
+func (w *world) mkdirs(rel ...string) {
+	w.t.Helper()
+	for _, r := range rel {
+		dir := filepath.Join(w.root, r)
+		if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			w.t.Fatal(err)
+		}
+		w.cgroups[r] = dir
+	}
+}
+
+// TestUnitPrincipals: unit and glob apps hold the processes of existing
+// cgroups (bound by the scan when a generation is applied) and of cgroups
+// made later (bound by the kernel in mkdir); the deepest app cgroup wins
+// over the uid; other cgroups of the tree are no app's.
+func TestUnitPrincipals(t *testing.T) {
+	w := newWorld(t)
+	w.mkdirs("system.slice", "system.slice/nginx.service", "system.slice/docker-old.scope", "system.slice/cron.service",
+		"a.slice", "a.slice/a-b.slice", "a.slice/a-b.slice/x.service")
+	w.apply(unitPolicy())
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	followed := true
+	for _, g := range w.e.Guards() {
+		if g.Name == "unit-restarts" && !g.Active {
+			followed = false
+			t.Logf("kernel feature missing, cgroups made after the Apply are not tested: %s", g.Why)
+		}
+	}
+	if got := w.e.Matched(); got["web"] != 1 || got["builds"] != 1 || got["nested"] != 1 {
+		t.Fatalf("matched cgroups %v, want web, builds and nested 1 each", got)
+	}
+	type row struct {
+		name   string
+		cgroup string
+		uid    int
+		app    string
+	}
+	rows := []row{
+		{"unit's cgroup", "system.slice/nginx.service", 0, "web"},
+		{"existing glob cgroup", "system.slice/docker-old.scope", 0, "builds"},
+		{"other unit of the slice", "system.slice/cron.service", 0, ""},
+		{"below a nested slice", "a.slice/a-b.slice/x.service", 0, "nested"},
+		{"the user's process in a unit: the unit wins", "system.slice/nginx.service", userUID, "web"},
+		{"the user's process in another unit: the user", "system.slice/cron.service", userUID, "backup"},
+	}
+	if followed {
+		w.mkdirs("system.slice/docker-new.scope", "system.slice/docker-new.service", "system.slice/nginx.service/sub")
+		rows = append(rows,
+			row{"glob cgroup made after the Apply", "system.slice/docker-new.scope", 0, "builds"},
+			row{"suffix not matched", "system.slice/docker-new.service", 0, ""},
+			row{"below a unit's cgroup, made later", "system.slice/nginx.service/sub", 0, "web"},
+		)
+	}
+	for _, tt := range rows {
+		t.Run(tt.name, func(t *testing.T) {
+			expectApp(t, w.proberAs(tt.cgroup, tt.uid), tt.app)
+		})
+	}
+}
+
+// TestUnitRestart: a unit's restart removes its cgroup and makes a new one
+// (a new id); a process moved in right after the mkdir, as systemd moves
+// the restarted service, is the app at its first connect, every time; and
+// a reload after restarts keeps the new cgroup bound.
+func TestUnitRestart(t *testing.T) {
+	w := newWorld(t)
+	w.mkdirs("system.slice", "system.slice/nginx.service", "parking")
+	w.apply(unitPolicy())
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range w.e.Guards() {
+		if g.Name == "unit-restarts" && !g.Active {
+			t.Skipf("kernel feature missing: %s", g.Why)
+		}
+	}
+	p := w.proberAs("parking", 0)
+	unit := w.cgroups["system.slice/nginx.service"]
+	move := func(dir string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(p.Pid())), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d := unitDests["web"]
+	const restarts = 50
+	for i := range restarts {
+		if err := os.Remove(unit); err != nil {
+			t.Fatalf("restart %d: remove the unit's cgroup: %v", i, err)
+		}
+		if err := os.Mkdir(unit, 0o755); err != nil {
+			t.Fatalf("restart %d: make the unit's cgroup: %v", i, err)
+		}
+		move(unit)
+		got, err := p.Try(d, probe.Connect)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != probe.Allowed {
+			t.Fatalf("restart %d: first connect in the new cgroup: %s, want allowed", i, got)
+		}
+		move(w.cgroups["parking"])
+		if got, _ := p.Try(d, probe.Connect); got != probe.Denied {
+			t.Fatalf("restart %d: out of the unit: %s, want denied", i, got)
+		}
+		if i == restarts/2 {
+			// A reload in the middle: the new slot's scan finds the
+			// cgroup made by the last restart.
+			rs := unitPolicy()
+			rs.AuditRate = 7
+			w.apply(rs)
+		}
+	}
+	// Removed cgroups leave no binding behind.
+	var k procgateAppKey
+	var v procgateAppInfo
+	n := 0
+	for it := w.e.objs.AppByCgroup.Iterate(); it.Next(&k, &v); {
+		n++
+	}
+	if n > 2 {
+		t.Fatalf("%d cgroup bindings after %d restarts, want at most 2 (the unit's cgroup in each slot)", n, restarts)
+	}
+}
+
+// TestUnitMigrationMarks: a process moved into a unit's cgroup by a
+// process without CAP_SYS_ADMIN holds none of the unit's grants, as for
+// launched apps; moved by one with CAP_SYS_ADMIN (systemd), it does.
+func TestUnitMigrationMarks(t *testing.T) {
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil {
+		t.Skipf("no setpriv to start a shell without CAP_SYS_ADMIN: %v", err)
+	}
+	w := newWorld(t)
+	w.mkdirs("system.slice", "system.slice/nginx.service", "parking")
+	w.apply(unitPolicy())
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range w.e.Guards() {
+		if g.Name == "cgroup-migration" && !g.Active {
+			t.Skipf("kernel feature missing: %s", g.Why)
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	into := filepath.Join(w.cgroups["system.slice/nginx.service"], "cgroup.procs")
+	for _, tt := range []struct {
+		name    string
+		capless bool
+		want    probe.Verdict
+	}{
+		{"moved by a process with CAP_SYS_ADMIN", false, probe.Allowed},
+		{"moved by a process without CAP_SYS_ADMIN", true, probe.Denied},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cg, err := os.Open(w.cgroups["parking"])
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cg.Close()
+			argv := []string{"/bin/sh", "-c", `echo $$ > "$1" && exec "$0"`, self, into}
+			if tt.capless {
+				argv = append([]string{setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-all", "--"}, argv...)
+			}
+			cmd := exec.Command(argv[0], argv[1:]...)
+			cmd.Env = append(os.Environ(), probe.EnvServe+"=1")
+			cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+			cmd.Stderr = os.Stderr
+			in, err := cmd.StdinPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := nstest.InNS(t, w.netns, cmd.Start); err != nil {
+				t.Fatal(err)
+			}
+			defer cmd.Wait()
+			defer in.Close()
+			fmt.Fprintf(in, "%s %s\n", probe.Connect, unitDests["web"])
+			line, err := bufio.NewReader(out).ReadString('\n')
+			if err != nil {
+				t.Fatalf("prober: %v", err)
+			}
+			if got := probe.Verdict(strings.TrimSpace(line)); got != tt.want {
+				t.Fatalf("got %q, want %s", line, tt.want)
+			}
+		})
 	}
 }
