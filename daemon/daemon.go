@@ -588,11 +588,11 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 			return 0, err
 		}
 		g.AppIDs[app.Name] = id
-		switch app.Kind() {
-		case ruleset.MatchUser:
-			continue // the kernel finds its processes by uid
-		case ruleset.MatchUnit, ruleset.MatchCgroup:
-			return 0, fmt.Errorf("app %s: match.%s is not enforced by this daemon yet", app.Name, app.Kind())
+		if app.Match != nil {
+			// Not launched: the kernel finds a user app's processes by
+			// uid, and the enforcer binds a unit's or glob's cgroups
+			// (existing ones when it applies, new ones when made).
+			continue
 		}
 		dir, err := d.appDirs.Ensure(app.Name)
 		if err != nil {
@@ -622,6 +622,7 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 	d.gen = gen
 	d.exes = g.Exes
 	d.lastBindings = dynamic
+	d.matched = d.enf.Matched()
 	if err := d.setPinholeApps(dynamic); err != nil {
 		d.log.Error("dynamic apps not given to the pinhole agent", "err", err)
 	}

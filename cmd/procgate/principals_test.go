@@ -71,3 +71,43 @@ apps:
 		t.Fatalf("run --app backup: %v, want a refusal naming the match, got:\n%s", err, out)
 	}
 }
+
+// TestUnitPrincipalEndToEnd: a match.unit app through the daemon, on a
+// cgroup tree laid out as systemd's below the daemon's --cgroup-root: the
+// unit's processes hold its grants from the cgroup's making on, explain
+// --pid says so, status counts the cgroup after a reload.
+func TestUnitPrincipalEndToEnd(t *testing.T) {
+	nstest.RequireRoot(t)
+	e := newE2E(t, `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+apps:
+  - name: web
+    match: {unit: nginx.service}
+    allow:
+      - to: 10.1.0.0/16
+        proto: tcp
+`)
+	slice := nstest.ChildCgroup(t, e.cgroup, "system.slice")
+	unit := nstest.ChildCgroup(t, slice, "nginx.service")
+	p, err := probe.Start(unit, e.netns, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	mustTry(t, p, "10.1.2.3:22/tcp", probe.Allowed)
+	out, err := e.procgate("explain", "--pid", fmt.Sprint(p.Pid()), "10.1.2.3:22/tcp")
+	if want := "app web (unit nginx.service) -> 10.1.2.3:22/tcp: allow (granted)"; err != nil || !strings.Contains(out, want) {
+		t.Fatalf("explain --pid: %v, want %q in:\n%s", err, want, out)
+	}
+	if out, err := e.procgate("reload"); err != nil {
+		t.Fatalf("reload: %v\n%s", err, out)
+	}
+	st := e.status()
+	if len(st.Apps) != 1 || st.Apps[0].Principal != "unit nginx.service" || st.Apps[0].Cgroups != 1 || st.Apps[0].Cgroup != unit {
+		t.Fatalf("status apps: %+v, want web as unit nginx.service with 1 cgroup, %s", st.Apps, unit)
+	}
+	if out, err := e.procgate("status"); err != nil || !strings.Contains(out, "unit nginx.service") {
+		t.Fatalf("status: %v, want the principal in:\n%s", err, out)
+	}
+}
