@@ -51,7 +51,7 @@ func TestLoadValid(t *testing.T) {
 					Interfaces: []string{"wg0"},
 					AuditRate:  100,
 					Everyone: []ruleset.Grant{
-						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(87)},
+						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(104)},
 					},
 					Apps: []ruleset.App{
 						{
@@ -88,6 +88,14 @@ func TestLoadValid(t *testing.T) {
 						{Name: "builder", Source: src(75), OutsideDeny: true, Listen: &ruleset.Listen{Ports: ports(port1(8080)), Source: src(77)}, Grants: []ruleset.Grant{
 							{Index: 0, Prefix: pfx("192.0.2.80/32"), Proto: ruleset.TCP, Ports: ports(port1(443)), Source: src(79)},
 						}},
+						{
+							Name: "web", Source: src(85), Match: &ruleset.Match{Kind: ruleset.MatchUnit, Value: "nginx.service", Path: "system.slice/nginx.service"},
+							Grants: []ruleset.Grant{{Index: 0, Prefix: pfx("10.1.2.0/24"), Proto: ruleset.TCP, Ports: ports(port1(5432)), Source: src(88)}},
+						},
+						{
+							Name: "builds", Source: src(93), Match: &ruleset.Match{Kind: ruleset.MatchCgroup, Value: "system.slice/docker-*.scope", Path: "system.slice/docker-*.scope"},
+							Grants: []ruleset.Grant{{Index: 0, Prefix: pfx("10.30.0.0/16"), Proto: ruleset.TCP, Ports: ports(port1(443)), Source: src(96)}},
+						},
 					},
 				}
 			},
