@@ -108,6 +108,9 @@ func TestSmoke(t *testing.T) {
 			}
 		}
 	}
+	if rt := r.Routes; rt == nil || len(rt.AddMs) != rt.Routes || len(rt.DelMs) != rt.Routes || rt.Routes == 0 || rt.Add.P50 <= 0 || rt.Del.P50 <= 0 {
+		t.Errorf("routes phase: %+v", rt)
+	}
 	// Measuring one phase again and merging it keeps the others' results.
 	if err := run(options{tiny: true, out: out, phases: []string{phaseDaemon}, merge: true}); err != nil {
 		t.Fatal(err)
@@ -128,7 +131,7 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "measured again", "scaling-p50.svg", "throughput.svg"} {
+	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "measured again", "scaling-p50.svg", "throughput.svg"} {
 		if !strings.Contains(string(report), want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}

@@ -38,6 +38,10 @@ const (
 	// opUntilDenied sends UDP datagrams to Dests[0] until one is denied
 	// (or Duration passes) and says when, on CLOCK_MONOTONIC.
 	opUntilDenied op = "until-denied"
+	// opUntilVerdict connects fresh UDP sockets to Dests[0] until a
+	// connect gets the verdict Allow (or Duration passes) and says when,
+	// on CLOCK_MONOTONIC.
+	opUntilVerdict op = "until-verdict"
 )
 
 type proto string
@@ -56,6 +60,8 @@ type request struct {
 	Allow    bool // expected verdict of every attempt (latency)
 	Checks   []check
 	Duration time.Duration
+	// Pause between attempts (until-verdict).
+	Pause time.Duration
 }
 
 // check is one destination of a verify loop and the verdicts it may get.
@@ -89,6 +95,14 @@ type response struct {
 	// attempt (0: none) and at the start of the last allowed one.
 	FirstDenied int64
 	LastAllowed int64
+	// until-verdict: CLOCK_MONOTONIC ns at the return of the first
+	// attempt with the wanted verdict (0: none), and at the start of the
+	// last attempt with the other one.
+	Reached   int64
+	LastOther int64
+	// Ready is the interim answer of until-verdict: an attempt got the
+	// old verdict, the change may come (the final answer follows).
+	Ready bool
 }
 
 // maybeClient turns the process into a client when envClient is set: call
@@ -139,7 +153,7 @@ func serveClient(uid string, in io.Reader, out io.Writer) error {
 	}()
 	for r := range reqs {
 		stop.Store(false)
-		resp := handle(r, &stop)
+		resp := handle(r, &stop, func() error { return enc.Encode(response{Ready: true}) })
 		if err := enc.Encode(resp); err != nil {
 			return err
 		}
@@ -147,7 +161,8 @@ func serveClient(uid string, in io.Reader, out io.Writer) error {
 	return nil
 }
 
-func handle(r request, stop *atomic.Bool) (resp response) {
+// handle runs one request; ready sends an interim answer (until-verdict).
+func handle(r request, stop *atomic.Bool, ready func() error) (resp response) {
 	start := time.Now()
 	defer func() { resp.Elapsed = time.Since(start) }()
 	var err error
@@ -162,6 +177,8 @@ func handle(r request, stop *atomic.Bool) (resp response) {
 		err = requestResponse(r, &resp)
 	case opUntilDenied:
 		err = untilDenied(r, &resp)
+	case opUntilVerdict:
+		err = untilVerdict(r, &resp, ready)
 	default:
 		err = fmt.Errorf("unknown op %q", r.Op)
 	}
@@ -402,6 +419,54 @@ func untilDenied(r request, resp *response) error {
 		}
 		resp.LastAllowed = t
 	}
+}
+
+// untilVerdict answers Ready at the first attempt with the old verdict;
+// with the new one first, it ends at once with LastOther 0.
+func untilVerdict(r request, resp *response, ready func() error) error {
+	if len(r.Dests) == 0 {
+		return errors.New("no destination")
+	}
+	sa := sockaddr(r.Dests[0])
+	deadline := monotonic() + r.Duration.Nanoseconds()
+	for {
+		t := monotonic()
+		if t > deadline {
+			return nil
+		}
+		ok, err := allowed(udpConnect(sa), false)
+		if err != nil {
+			return fmt.Errorf("udp connect %s: %w", r.Dests[0], err)
+		}
+		resp.Attempts++
+		if ok == r.Allow {
+			resp.Reached = monotonic()
+			return nil
+		}
+		if resp.LastOther == 0 {
+			if err := ready(); err != nil {
+				return err
+			}
+		}
+		resp.LastOther = t
+		if r.Pause > 0 {
+			time.Sleep(r.Pause)
+		}
+	}
+}
+
+// udpConnect connects a fresh UDP socket to sa: the connect hook decides
+// at once, with no handshake to wait for and no packet sent. (A TCP
+// connect allowed just before a generation switch waits for its SYN, which
+// the egress backstop decides again in the new generation; a denied SYN
+// leaves it hanging until the sweep ends it.)
+func udpConnect(sa unix.Sockaddr) error {
+	fd, err := udpSocket()
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	return unix.Connect(fd, sa)
 }
 
 func dialTCP(d netip.AddrPort) (*net.TCPConn, error) {

@@ -226,6 +226,7 @@ func (r *results) markdown(plots map[string]string) string {
 	r.throughputSection(w, plots)
 	r.pinholeSection(w)
 	r.revocationSection(w)
+	r.routesSection(w)
 	r.costSection(w)
 	if len(r.Notes) > 0 {
 		w("## Notes")

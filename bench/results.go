@@ -26,6 +26,7 @@ type results struct {
 	Pinhole    *pinholeResult    `json:"pinhole,omitempty"`
 	Revocation *revocationResult `json:"revocation,omitempty"`
 	Daemon     *daemonResult     `json:"daemon,omitempty"`
+	Routes     *routesResult     `json:"routes,omitempty"`
 	BPFCost    []bpfCost         `json:"bpf_cost"`
 	Targets    []targetResult    `json:"targets"`
 	Notes      []string          `json:"notes"`
@@ -156,6 +157,10 @@ func (r *results) merge(dir string, phases []string) error {
 	if slices.Contains(phases, phaseDaemon) {
 		cfg.CLIRevokes, cfg.DaemonSize, cfg.DaemonIdle, cfg.DaemonReloads = r.Config.CLIRevokes, r.Config.DaemonSize, r.Config.DaemonIdle, r.Config.DaemonReloads
 	}
+	// Results from before the routes phase existed have no count of it.
+	if slices.Contains(phases, phaseRoutes) || cfg.RouteAdds == 0 {
+		cfg.RouteAdds = r.Config.RouteAdds
+	}
 	if !reflect.DeepEqual(cfg, r.Config) {
 		return fmt.Errorf("merge: this run's settings differ from those of %s (%+v, not %+v): run in full instead", path, r.Config, old.Config)
 	}
@@ -185,6 +190,8 @@ func (r *results) merge(dir string, phases []string) error {
 			old.Pinhole = r.Pinhole
 		case phaseDaemon:
 			old.Daemon = r.Daemon
+		case phaseRoutes:
+			old.Routes = r.Routes
 		}
 		old.Meta.TotalSeconds = round3(old.Meta.TotalSeconds - old.Meta.PhaseSeconds[p] + r.Meta.PhaseSeconds[p])
 		old.Meta.PhaseSeconds[p] = r.Meta.PhaseSeconds[p]
