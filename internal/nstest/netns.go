@@ -89,7 +89,7 @@ func handle(t testing.TB, nsPath string) *netlink.Handle {
 		t.Fatalf("open netns %s: %v", nsPath, err)
 	}
 	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatalf("netlink in netns %s: %v", nsPath, err)
 	}
