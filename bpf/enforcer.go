@@ -69,7 +69,7 @@ type handoverGuard struct {
 // lsmGuards need the bpf LSM (lsm= on the kernel command line lists bpf);
 // without it they are not loaded and Guards says so.
 type lsmGuards struct {
-	GuardPacketSocket *ebpf.Program `ebpf:"guard_packet_socket"`
+	GuardPacketSocket *ebpf.Program // loaded by loadLSMCgroup
 }
 
 // migrationGuard marks processes moved into an app cgroup from inside
@@ -243,9 +243,7 @@ func Open(opts Options) (*Enforcer, error) {
 	if e.handoverErr != nil {
 		e.handover = handoverGuard{} // what was assigned before the failure is closed
 	}
-	if err := hspecs.LoadAndAssign(&e.lsm, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}}); err != nil {
-		e.lsmErr = err
-	}
+	e.lsm.GuardPacketSocket, e.lsmErr = loadLSMCgroup(hspecs.Programs["guard_packet_socket"], opts.BPFDir)
 	mspecs, err := loadMigrate()
 	if err == nil {
 		err = mspecs.LoadAndAssign(&e.migrate, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
