@@ -55,6 +55,13 @@ type backstops struct {
 	BackstopEgress  *ebpf.Program `ebpf:"backstop_egress"`
 }
 
+// plainBackstops are backstops whose egress program leaves out the UDP
+// handover check, for kernels that refuse the helpers it calls.
+type plainBackstops struct {
+	GuardSockCreate *ebpf.Program `ebpf:"guard_sock_create"`
+	BackstopEgress  *ebpf.Program `ebpf:"backstop_egress_plain"`
+}
+
 // handoverGuard keeps the TCP connections an app opened to internal
 // destinations for the app's processes (harden.c): optional, without it
 // Guards says so.
@@ -148,6 +155,9 @@ type Enforcer struct {
 	lsm    lsmGuards
 	// lsmErr says why the LSM guards are missing (nil: loaded).
 	lsmErr error
+	// udpHandoverErr says why the egress backstop runs without the UDP
+	// handover check (nil: with it).
+	udpHandoverErr error
 	// handover and handoverErr, why it is missing (nil: loaded).
 	handover    handoverGuard
 	handoverErr error
@@ -236,8 +246,18 @@ func Open(opts Options) (*Enforcer, error) {
 	// find them there.
 	err = hspecs.LoadAndAssign(&e.harden, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
 	if err != nil {
-		e.objs.close()
-		return nil, fmt.Errorf("load backstop programs (sock_create, egress): %w", err)
+		// Linux 6.1 and 6.12 refuse backstop_egress: their cgroup_skb
+		// programs lack current-task helpers that the UDP handover check
+		// calls (bpf_get_current_cgroup_id on 6.1, bpf_get_current_uid_gid
+		// for its audit record on 6.12; 6.18 has them). The backstop without that check still
+		// guards everything else.
+		var plain plainBackstops
+		if perr := hspecs.LoadAndAssign(&plain, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}}); perr != nil {
+			e.objs.close()
+			return nil, fmt.Errorf("load backstop programs (sock_create, egress): %w", errors.Join(err, perr))
+		}
+		e.harden = backstops(plain)
+		e.udpHandoverErr = err
 	}
 	e.handoverErr = hspecs.LoadAndAssign(&e.handover, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
 	if e.handoverErr != nil {
@@ -729,6 +749,9 @@ type Guard struct {
 // (launch.TraceGuard), not the kernel programs'.
 func (e *Enforcer) Guards() []Guard {
 	udpOn, udpWhy := UDPHandover(e.applied != nil && e.applied.NoUDPHandover)
+	if e.udpHandoverErr != nil {
+		udpOn, udpWhy = false, "this kernel refuses current-task helpers the check calls in cgroup_skb programs (6.1: bpf_get_current_cgroup_id; 6.12: bpf_get_current_uid_gid; 6.18 allows them): "+firstLine(e.udpHandoverErr)
+	}
 	gs := []Guard{
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
 		{Name: "listen", What: "bind() of an app with listen: to a port it does not list is refused (EACCES), TCP and UDP, IPv4 and IPv6", Active: true},
@@ -760,6 +783,13 @@ func (e *Enforcer) Guards() []Guard {
 	gs = append(gs, Guard{Name: "live-sockets", Active: true,
 		What: "after each new generation, app sockets (TCP, connected UDP) to destinations it no longer allows are ended, by " + sweepHow})
 	return gs
+}
+
+// firstLine is err's message up to its first newline (a verifier log
+// follows it).
+func firstLine(err error) string {
+	msg, _, _ := strings.Cut(err.Error(), "\n")
+	return msg
 }
 
 // lsmWhy says why the BPF LSM guards are missing ("" when loaded).

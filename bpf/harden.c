@@ -280,8 +280,12 @@ static __always_inline int deny_handover(const struct dest *d, __u64 sender, __u
 	return 0;
 }
 
-SEC("cgroup_skb/egress")
-int backstop_egress(struct __sk_buff *skb)
+// egress is the backstop; udp_handover, a constant, says whether it runs the
+// UDP handover check (foreign_udp_sender and its audit record), whose
+// current-task helpers cgroup_skb programs lack on older kernels (6.1
+// refuses bpf_get_current_cgroup_id there, 6.12 bpf_get_current_uid_gid;
+// 6.18 has them): without it the compiler leaves them out.
+static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 {
 	struct dest d = {};
 	struct l4 l = {};
@@ -391,7 +395,7 @@ int backstop_egress(struct __sk_buff *skb)
 			if (same) {
 				__u64 sender;
 				__u32 sender_app;
-				if (d.proto == PROTO_UDP &&
+				if (udp_handover && d.proto == PROTO_UDP &&
 				    foreign_udp_sender(skb, slot, info, c.app_id, c.app_flags, &sender, &sender_app))
 					return deny_handover(&d, sender, sender_app, generation, info->audit_rate, hook);
 				return 1;
@@ -419,7 +423,7 @@ int backstop_egress(struct __sk_buff *skb)
 	__u32 app_id = app->app_id;
 	__u8 reason = REASON_PROTO;
 	if (d.proto && grant_allows(slot, app_id, &d, &reason)) {
-		if (d.proto == PROTO_UDP) {
+		if (udp_handover && d.proto == PROTO_UDP) {
 			__u64 sender;
 			__u32 sender_app;
 			if (foreign_udp_sender(skb, slot, info, app_id, app->flags, &sender, &sender_app))
@@ -443,6 +447,21 @@ int backstop_egress(struct __sk_buff *skb)
 	count(app_id, COUNT_DENY);
 	audit_as(WHO_SKB, &d, app_id, cgroup_id, generation, info->audit_rate, 0, reason, hook);
 	return 0;
+}
+
+SEC("cgroup_skb/egress")
+int backstop_egress(struct __sk_buff *skb)
+{
+	return egress(skb, 1);
+}
+
+// backstop_egress_plain is the backstop without the UDP handover check, for
+// kernels that refuse backstop_egress (6.1, 6.12); the loader falls back to
+// it and Guards reports the UDP handover guard missing.
+SEC("cgroup_skb/egress")
+int backstop_egress_plain(struct __sk_buff *skb)
+{
+	return egress(skb, 0);
 }
 
 // The handover guard. An established TCP connection is not decided again

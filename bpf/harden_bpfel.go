@@ -155,6 +155,7 @@ const (
 	hardenMapVerdictCounters       = "verdict_counters"
 	hardenMapVerdictHandoff        = "verdict_handoff"
 	hardenProgBackstopEgress       = "backstop_egress"
+	hardenProgBackstopEgressPlain  = "backstop_egress_plain"
 	hardenProgGuardHandover        = "guard_handover"
 	hardenProgGuardPacketSocket    = "guard_packet_socket"
 	hardenProgGuardSockCreate      = "guard_sock_create"
@@ -204,11 +205,12 @@ type hardenSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type hardenProgramSpecs struct {
-	BackstopEgress    *ebpf.ProgramSpec `ebpf:"backstop_egress"`
-	GuardHandover     *ebpf.ProgramSpec `ebpf:"guard_handover"`
-	GuardPacketSocket *ebpf.ProgramSpec `ebpf:"guard_packet_socket"`
-	GuardSockCreate   *ebpf.ProgramSpec `ebpf:"guard_sock_create"`
-	TrackOwnedSockets *ebpf.ProgramSpec `ebpf:"track_owned_sockets"`
+	BackstopEgress      *ebpf.ProgramSpec `ebpf:"backstop_egress"`
+	BackstopEgressPlain *ebpf.ProgramSpec `ebpf:"backstop_egress_plain"`
+	GuardHandover       *ebpf.ProgramSpec `ebpf:"guard_handover"`
+	GuardPacketSocket   *ebpf.ProgramSpec `ebpf:"guard_packet_socket"`
+	GuardSockCreate     *ebpf.ProgramSpec `ebpf:"guard_sock_create"`
+	TrackOwnedSockets   *ebpf.ProgramSpec `ebpf:"track_owned_sockets"`
 }
 
 // hardenMapSpecs contains maps before they are loaded into the kernel.
@@ -319,16 +321,18 @@ type hardenVariables struct {
 //
 // It can be passed to loadHardenObjects or ebpf.CollectionSpec.LoadAndAssign.
 type hardenPrograms struct {
-	BackstopEgress    *ebpf.Program `ebpf:"backstop_egress"`
-	GuardHandover     *ebpf.Program `ebpf:"guard_handover"`
-	GuardPacketSocket *ebpf.Program `ebpf:"guard_packet_socket"`
-	GuardSockCreate   *ebpf.Program `ebpf:"guard_sock_create"`
-	TrackOwnedSockets *ebpf.Program `ebpf:"track_owned_sockets"`
+	BackstopEgress      *ebpf.Program `ebpf:"backstop_egress"`
+	BackstopEgressPlain *ebpf.Program `ebpf:"backstop_egress_plain"`
+	GuardHandover       *ebpf.Program `ebpf:"guard_handover"`
+	GuardPacketSocket   *ebpf.Program `ebpf:"guard_packet_socket"`
+	GuardSockCreate     *ebpf.Program `ebpf:"guard_sock_create"`
+	TrackOwnedSockets   *ebpf.Program `ebpf:"track_owned_sockets"`
 }
 
 func (p *hardenPrograms) Close() error {
 	return _HardenClose(
 		p.BackstopEgress,
+		p.BackstopEgressPlain,
 		p.GuardHandover,
 		p.GuardPacketSocket,
 		p.GuardSockCreate,
