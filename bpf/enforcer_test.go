@@ -413,9 +413,11 @@ func TestBackstops(t *testing.T) {
 		{"raw socket inside an app cgroup", granted, probe.RawICMP, d("192.0.2.7"), probe.Denied},
 		{"packet socket inside an app cgroup", granted, probe.Packet, d("192.0.2.7"), probe.Denied},
 		{"packet socket outside app cgroups", unbound, probe.Packet, d("192.0.2.7"), probe.Allowed},
+		{"XDP socket inside an app cgroup", granted, probe.XDP, d("192.0.2.7"), probe.Denied},
+		{"XDP socket outside app cgroups", unbound, probe.XDP, d("192.0.2.7"), probe.Allowed},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if tc.m == probe.Packet && tc.want == probe.Denied {
+			if (tc.m == probe.Packet || tc.m == probe.XDP) && tc.want == probe.Denied {
 				for _, g := range w.e.Guards() {
 					if g.Name == "packet-sockets" && !g.Active {
 						t.Skipf("kernel feature missing: BPF LSM programs do not load here (%s)", g.Why)

@@ -41,6 +41,7 @@ const (
 	RawICMP  Method = "raw-icmp"  // ICMP echo from a raw socket (needs CAP_NET_RAW)
 	RawProto Method = "raw-proto" // a raw socket of IP protocol 253 (experimental), sendto
 	Packet   Method = "packet"    // an AF_PACKET socket (creation is the attempt)
+	XDP      Method = "xdp"       // an AF_XDP socket (creation is the attempt)
 	Banner   Method = "banner"    // TCP: blocking connect, then read a line (a server answered)
 	// Bind: bind() a TCP or UDP socket to the destination's address and
 	// port, as a server does; MappedBind the same from an AF_INET6 socket
@@ -84,7 +85,7 @@ func Try(d ruleset.Dest, m Method) (Verdict, error) {
 
 func attempt(d ruleset.Dest, m Method) error {
 	switch m {
-	case Ping, RawICMP, RawProto, Packet:
+	case Ping, RawICMP, RawProto, Packet, XDP:
 		return attemptRaw(d, m)
 	case Banner:
 		return banner(d)
@@ -134,8 +135,13 @@ func attempt(d ruleset.Dest, m Method) error {
 // sendmsg hooks; the egress and sock_create backstops must stop it.
 func attemptRaw(d ruleset.Dest, m Method) error {
 	addr := d.Addr.Unmap()
-	if m == Packet {
-		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	switch m {
+	case Packet, XDP:
+		family, typ := unix.AF_PACKET, unix.SOCK_DGRAM
+		if m == XDP {
+			family, typ = unix.AF_XDP, unix.SOCK_RAW
+		}
+		fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			return err
 		}
