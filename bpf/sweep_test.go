@@ -234,6 +234,9 @@ func TestSweep(t *testing.T) {
 	for _, method := range []SweepMethod{SweepIterator, SweepNetlink} {
 		t.Run(string(method), func(t *testing.T) { testSweep(t, method) })
 	}
+	// What the daemon uses: the iterators where they load, sock_diag
+	// where they do not (before 6.5).
+	t.Run("auto", func(t *testing.T) { testSweep(t, SweepAuto) })
 }
 
 func testSweep(t *testing.T, method SweepMethod) {
@@ -350,6 +353,9 @@ func testSweep(t *testing.T, method SweepMethod) {
 			t.Fatal(err)
 		}
 		res := w.sweepIn(SweepOptions{Fence: fence, Method: method})
+		if want := autoMethod(w.e, method); res.Method != want {
+			t.Errorf("%s: the sweep used %q, want %q (iterators: %v)", step.name, res.Method, want, w.e.sweep.err)
+		}
 		step.ends()
 		state(step.name)
 		if len(res.Ended) != step.want {
@@ -385,6 +391,17 @@ func testSweep(t *testing.T, method SweepMethod) {
 		t.Fatalf("a second sweep ended %d more sockets: %+v", len(res.Ended), res.Ended)
 	}
 	state("after a second sweep")
+}
+
+// autoMethod is the method a sweep asked for method must use on this kernel.
+func autoMethod(e *Enforcer, method SweepMethod) SweepMethod {
+	switch {
+	case method != SweepAuto:
+		return method
+	case e.sweep.err != nil:
+		return SweepNetlink
+	}
+	return SweepIterator
 }
 
 func (w *world) binding(app string) Binding {
