@@ -305,7 +305,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		d.log.Warn("cannot watch the policy file; polling it", "every", cfg.PollInterval, "err", err)
 	}
-	rw := watchRoutes(ctx, &wg, func() []string { return *d.interfaces.Load() }, cfg.PollInterval, d.log)
+	rw := watchRoutes(ctx, &wg, d.policyInterfaces, cfg.PollInterval, d.log)
 	// A change between the first read and the watch would wait for the
 	// next one.
 	_, _ = d.Reload(false)
@@ -352,6 +352,15 @@ func (d *Daemon) notify(state func() error) {
 	if err := state(); err != nil {
 		d.log.Warn("cannot notify systemd", "err", err)
 	}
+}
+
+// policyInterfaces is internal.interfaces of the policy in force, read
+// without d.mu (which a reload holds for seconds at a large policy).
+func (d *Daemon) policyInterfaces() []string {
+	if p := d.interfaces.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 func (d *Daemon) generation() uint32 {
