@@ -220,6 +220,7 @@ func (rw *routeWatch) subscribe(ctx context.Context) (err error) {
 		}
 	})
 	rw.active.Store(true)
+	rw.log.Info("following routes and links by netlink events", "interfaces", rw.interfaces())
 	rw.signal() // whatever changed while not subscribed
 	names := map[int]string{}
 	var quiet, limit <-chan time.Time

@@ -114,8 +114,11 @@ func (pw *policyWatch) resync() {
 		pw.watched = append(pw.watched, d)
 		mainOK = mainOK || d == pw.main
 	}
-	if was := pw.active.Swap(mainOK); was && !mainOK {
+	switch was := pw.active.Swap(mainOK); {
+	case was && !mainOK:
 		pw.log.Warn("the policy's directory is no longer watched; polling it", "dir", pw.main)
+	case !was && mainOK:
+		pw.log.Info("following the policy by inotify", "dirs", pw.watched, "settle", pw.settle)
 	}
 }
 
