@@ -56,6 +56,10 @@ func TestMain(m *testing.M) {
 // attackPolicy is the world's policy. The internal prefixes cover every
 // address form the techniques aim at: the targets, the directed broadcast
 // of 10/8, link-local IPv4 and IPv6, multicast, the limited broadcast.
+// nogrant's processes may bind only port 7000 (the listen techniques try
+// 7001); sandbox (outside: deny) is granted only the control addresses, so
+// the controls prove the target hears it while its targets, on the
+// internet, must stay out of reach.
 const attackPolicy = `version: 1
 internal:
   prefixes: [10.0.0.0/8, fd00::/8, 169.254.0.0/16, fe80::/10, 224.0.0.0/4, 255.255.255.255/32, ff00::/8]
@@ -71,10 +75,16 @@ apps:
       - to: fd00:1::3/128
         ports: [5432, 5353]
   - name: nogrant
+    listen: [7000]
     allow:
       - to: 10.9.9.9/32
         proto: tcp
         ports: [80]
+  - name: sandbox
+    outside: deny
+    allow:
+      - to: 198.51.100.7
+      - to: 2001:db8:ff::7
 `
 
 const (
@@ -99,6 +109,9 @@ type role struct {
 	// capabilities dropped, loader variables scrubbed) rather than placed in
 	// the cgroup directly, as a systemd unit or a container runtime would.
 	launcher bool
+	// reachable are prefixes outside the internal ones where an arrival
+	// still counts as reached: a sandbox's internet.
+	reachable []string
 }
 
 var roles = []role{
@@ -108,6 +121,9 @@ var roles = []role{
 	{name: "root-via-run", app: "nogrant", uid: 0, target4: "10.1.2.3", target6: "fd00:1::3", launcher: true},
 	{name: "granted", app: "granted", uid: nobody, target4: "10.1.2.3", target6: "fd00:1::3", ownGrant: true},
 	{name: "granted-other", app: "granted", uid: nobody, target4: "10.1.2.4", target6: "fd00:1::4"},
+	// An outside: deny app attacking internet addresses it has no grant for.
+	{name: "sandboxed", app: "sandbox", uid: nobody, target4: "198.51.100.9", target6: "2001:db8:ff::9",
+		reachable: []string{"198.51.100.0/24", "2001:db8:ff::/48"}},
 }
 
 // world is the test's network, cgroups, daemon, target and holder.
@@ -568,7 +584,7 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 	args := []string{"run",
 		"-role", r.name, "-nonce", nonce, "-oracle", w.oracle, "-holder", w.holder,
 		"-target4", r.target4, "-target6", r.target6, "-ifname", "pga",
-		"-internal", internalFlag(w.rs)}
+		"-internal", strings.Join(append([]string{internalFlag(w.rs)}, r.reachable...), ",")}
 	ran := techniques
 	if only := os.Getenv(envOnly); only != "" {
 		// The controls always run: without them no result means anything.
@@ -635,6 +651,7 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 		}
 		t.Errorf("UNEXPECTED REACH: %s as %s reached %s (%s); attacker said %s: %s", v.technique, r.name, v.rec, v.why, byName[v.technique].Result, byName[v.technique].Detail)
 	}
+	w.checkListen(t, r, ran, byName, gaps, found)
 	for _, g := range gaps {
 		if _, tried := byName[g.technique]; g.role != r.name || found[g.technique] || !tried {
 			continue
@@ -646,7 +663,7 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 		t.Errorf("known gap %s as %s no longer reaches (%s): remove it from known-gaps.txt (line %d)", g.technique, r.name, byName[g.technique].Detail, g.line)
 	}
 	for _, res := range results {
-		if res.Result == Reached && res.Class != classControl && !seen[res.Technique] {
+		if res.Result == Reached && res.Class != classControl && res.Class != classListen && !seen[res.Technique] {
 			t.Errorf("%s: the attacker says reached (%s) but the target has no record of it at an internal address", res.Technique, res.Seen)
 		}
 	}
@@ -670,7 +687,8 @@ func (w *world) violations(r role, nonce string, results []result, recs []record
 	seen := map[string]bool{}
 	for _, rec := range recs {
 		d := ruleset.Dest{Addr: rec.Dst, Port: rec.Dport, Proto: protoOf(rec.Proto)}
-		if w.rs.Decide("", d).Reason == ruleset.ReasonNotInternal {
+		// Outside the internal prefixes only a sandbox's arrivals count.
+		if w.rs.Decide("", d).Reason == ruleset.ReasonNotInternal && !inAny(rec.Dst, r.reachable) {
 			continue
 		}
 		app, technique, attributed := "", "unattributed", false
@@ -698,6 +716,46 @@ func (w *world) violations(r role, nonce string, results []result, recs []record
 	}
 	sort.SliceStable(out, func(i, j int) bool { return out[i].technique < out[j].technique })
 	return out, seen
+}
+
+func inAny(a netip.Addr, prefixes []string) bool {
+	for _, p := range prefixes {
+		if netip.MustParsePrefix(p).Contains(a.Unmap()) {
+			return true
+		}
+	}
+	return false
+}
+
+// checkListen checks the binds of the listen techniques against the
+// role's app: with listen:, only the listed port may be bound (what still
+// binds must be a known gap); without, every bind goes through.
+func (w *world) checkListen(t *testing.T, r role, ran []technique, byName map[string]result, gaps []knownGap, found map[string]bool) {
+	t.Helper()
+	var listen *ruleset.Listen
+	if a := w.rs.App(r.app); a != nil {
+		listen = a.Listen
+	}
+	for _, tech := range ran {
+		res := byName[tech.name]
+		if tech.class != classListen || res.Result == Unavailable {
+			continue
+		}
+		listed := tech.name == "bind4-tcp-listed-port"
+		switch {
+		case listen == nil || listed:
+			if res.Result != Reached {
+				t.Errorf("%s as %s: the bind was refused, but %s (%s)", tech.name, r.name, map[bool]string{true: "the port is listed", false: "the app has no listen:"}[listed], res.Detail)
+			}
+		case res.Result == Reached:
+			found[tech.name] = true
+			if g := findGap(gaps, tech.name, r.name); g != nil {
+				t.Logf("KNOWN GAP: %s as %s bound a port %s does not list (%s) — known-gaps.txt:%d: %s", tech.name, r.name, listen, res.Detail, g.line, g.reason)
+				continue
+			}
+			t.Errorf("UNEXPECTED BIND: %s as %s bound a port %s does not list: %s", tech.name, r.name, listen, res.Detail)
+		}
+	}
 }
 
 func protoOf(p string) ruleset.Proto {

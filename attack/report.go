@@ -195,6 +195,20 @@ func sendMarker(cfg *config, o *oracle) error {
 // judge turns an attempt and the target's records into a result.
 func judge(cfg *config, t *technique, a attempt, recs []record) result {
 	r := result{Technique: t.name, Class: t.class, Role: cfg.role, Dest: a.Dest, Sports: a.Sports}
+	if t.class == classListen {
+		// A bind reaches no target: the attacker sees whether it went
+		// through, and the test checks that against the policy.
+		switch {
+		case a.Unavailable:
+			r.Result = Unavailable
+		case a.Stage == "":
+			r.Result, r.Seen = Reached, "bound here"
+		default:
+			r.Result = Blocked
+		}
+		r.Detail = a.describe()
+		return r
+	}
 	tok := tokenFor(cfg, t.name)
 	var elsewhere []string
 	for _, rec := range recs {
