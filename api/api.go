@@ -75,6 +75,9 @@ type Request struct {
 	Argv []string `json:"argv,omitempty"`
 	Env  []string `json:"env,omitempty"`
 	Dir  string   `json:"dir,omitempty"`
+	// Pty: stdin (a new pty the client relays) becomes the app's
+	// controlling terminal.
+	Pty bool `json:"pty,omitempty"`
 	// Signal, sent on a run connection after the request: relay it.
 	Signal int `json:"signal,omitempty"`
 	// pinhole-open: one peer address, an auxiliary port, tcp or udp ("":
@@ -248,12 +251,16 @@ type AppInfo struct {
 	GuardGID uint32 `json:"guard_gid,omitempty"`
 }
 
-// RunState is a line on a run connection: first Started, last Exited.
+// RunState is a line on a run connection: first Started, last Exited, and
+// between them Stopped and Continued as the app stops and continues (job
+// control: the client stops itself while the app is stopped).
 type RunState struct {
-	Started int  `json:"started,omitempty"` // child pid
-	Exited  bool `json:"exited,omitempty"`
-	Code    int  `json:"code"`
-	Signal  int  `json:"signal,omitempty"`
+	Started   int  `json:"started,omitempty"` // child pid
+	Stopped   int  `json:"stopped,omitempty"` // the stop signal
+	Continued bool `json:"continued,omitempty"`
+	Exited    bool `json:"exited,omitempty"`
+	Code      int  `json:"code"`
+	Signal    int  `json:"signal,omitempty"`
 }
 
 // Response wraps every answer line.

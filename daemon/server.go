@@ -526,6 +526,7 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 		Caller:    caller,
 		Cred:      &launch.Cred{UID: p.uid, GID: p.gid, Groups: p.groups},
 		Stdio:     [3]*os.File{files[0], files[1], files[2]},
+		Tty:       req.Pty,
 		GuardGID:  d.cfg.GuardGID,
 	})
 	if err != nil {
@@ -555,11 +556,13 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 			}
 			var r api.Request
 			if json.Unmarshal(line, &r) == nil && r.Signal > 0 && r.Signal < 65 {
-				_ = proc.Signal(syscall.Signal(r.Signal))
+				_ = proc.Relay(syscall.Signal(r.Signal))
 			}
 		}
 	}()
-	exit, err := proc.Wait()
+	exit, err := proc.WaitJob(func(stop syscall.Signal) {
+		_ = api.WriteLine(conn, api.Response{Run: &api.RunState{Stopped: int(stop), Continued: stop == 0}})
+	})
 	if err != nil {
 		_ = api.WriteLine(conn, errResp("wait for pid %d: %v", proc.Pid(), err))
 		return

@@ -129,8 +129,16 @@ type shimArgs struct {
 	groups         []uint32 // nil: keep
 	conf           Confinement
 	caller         *shimCaller // nil: no caller's namespaces to enter
+	tty            bool        // stdin is the controlling terminal: run the app as a job (shimJob)
 	dir, path      string
 	argv           []string
+}
+
+// shimOpts is the shim's argument for what not every launch has ("-":
+// nothing of it).
+type shimOpts struct {
+	Caller *shimCaller `json:"caller,omitempty"`
+	Tty    bool        `json:"tty,omitempty"`
 }
 
 // shimCaller is what the shim needs to launch in a caller's world: the
@@ -157,8 +165,8 @@ func (a shimArgs) encode() []string {
 		nnp = "1"
 	}
 	caller := "-"
-	if a.caller != nil {
-		b, _ := json.Marshal(a.caller) // strings and numbers: cannot fail
+	if a.caller != nil || a.tty {
+		b, _ := json.Marshal(shimOpts{Caller: a.caller, Tty: a.tty}) // strings, numbers: cannot fail
 		caller = string(b)
 	}
 	out := []string{shimArg0,
@@ -210,12 +218,13 @@ func decodeShimArgs(args []string) (shimArgs, error) {
 		return shimArgs{}, fmt.Errorf("no_new_privs %q", args[5])
 	}
 	if c := args[6]; c != "-" {
-		a.caller = &shimCaller{}
+		var o shimOpts
 		dec := json.NewDecoder(strings.NewReader(c))
 		dec.DisallowUnknownFields()
-		if err := dec.Decode(a.caller); err != nil {
-			return shimArgs{}, fmt.Errorf("caller %q: %w", c, err)
+		if err := dec.Decode(&o); err != nil {
+			return shimArgs{}, fmt.Errorf("options %q: %w", c, err)
 		}
+		a.caller, a.tty = o.Caller, o.Tty
 	}
 	a.dir, a.path, a.argv = args[7], args[8], args[9:]
 	return a, nil
@@ -250,6 +259,10 @@ func runShim(args []string) int {
 	// umask) and namespaces entered by setns are per thread: this one
 	// takes them and execs.
 	runtime.LockOSThread()
+	// The caller's pidfd, root and working directory are not the app's.
+	for fd := shimPidFd; fd <= shimCwdFd && a.caller != nil; fd++ {
+		unix.CloseOnExec(fd)
+	}
 	if a.caller != nil {
 		var msg string
 		if a.path, a.rgid, msg, err = enterCaller(a, env); err != nil {
@@ -291,6 +304,9 @@ func runShim(args []string) int {
 	}
 	if _, err := unix.FcntlInt(shimErrFd, unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
 		return fail(StatusFailed, "error pipe: %v", err)
+	}
+	if a.tty {
+		return shimJob(a, env, errPipe, fail)
 	}
 	err = syscall.Exec(a.path, a.argv, env)
 	return fail(execStatus(err), "exec %s: %v", a.path, err)

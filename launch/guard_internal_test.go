@@ -41,6 +41,8 @@ func TestShimArgs(t *testing.T) {
 		{uid: 5, gid: 6, rgid: 7, groups: []uint32{}, dir: "/", path: "/bin/x", argv: []string{"-"}},
 		{uid: 5, gid: 6, rgid: 6, caller: &shimCaller{App: "db", Exe: []ruleset.Exe{{Path: "/usr/bin/psql", SHA256: "ab"}}, Umask: 0o027},
 			dir: "/", path: "psql", argv: []string{"psql", "-h", "x"}},
+		{uid: 5, gid: 6, rgid: 6, tty: true, dir: "/", path: "/bin/sh", argv: []string{"sh"}},
+		{uid: 5, gid: 6, rgid: 6, tty: true, caller: &shimCaller{App: "db"}, dir: "/", path: "sh", argv: []string{"sh"}},
 	} {
 		enc := a.encode()
 		if enc[0] != shimArg0 {
@@ -53,7 +55,7 @@ func TestShimArgs(t *testing.T) {
 		if got.uid != a.uid || got.gid != a.gid || got.rgid != a.rgid || got.dir != a.dir || got.path != a.path ||
 			!slices.Equal(got.argv, a.argv) || (got.groups == nil) != (a.groups == nil) || !slices.Equal(got.groups, a.groups) ||
 			!slices.Equal(got.conf.Drop, a.conf.Drop) || got.conf.NoNewPrivs != a.conf.NoNewPrivs ||
-			!reflect.DeepEqual(got.caller, a.caller) {
+			!reflect.DeepEqual(got.caller, a.caller) || got.tty != a.tty {
 			t.Errorf("round trip of %+v gave %+v", a, got)
 		}
 	}

@@ -35,6 +35,10 @@ type Spec struct {
 	// Stdio are the process' stdin, stdout and stderr; nil entries are
 	// /dev/null. Start does not close them.
 	Stdio [3]*os.File
+	// Tty: Stdio[0] is a terminal (a pty the caller relays), made the
+	// controlling terminal of the app's new session, with the app in its
+	// foreground: /dev/tty, job control and window size work.
+	Tty bool
 	// NetNS is a network namespace file to run in; empty inherits this
 	// process' namespace.
 	NetNS string
@@ -111,7 +115,9 @@ const defaultPath = "/usr/local/bin:/usr/bin:/bin"
 type Process struct {
 	cmd     *exec.Cmd
 	guarded bool
-	why     string // why not guarded
+	why     string   // why not guarded
+	pidfd   *os.File // for Relay's group signals; nil if none could be had
+	tty     bool     // a job of the shim, in a session with a terminal
 }
 
 // Exit is how a process ended.
@@ -130,8 +136,9 @@ func (e Exit) ShellCode() int {
 
 // Start checks and starts spec. The process runs in its own session, so
 // that signals meant for the launcher's process group (a terminal's ^C, a
-// daemon's stop) do not reach it; relay them with Signal. It gets no
-// controlling terminal: taking the caller's would take it from the caller.
+// daemon's stop) do not reach it; relay them with Signal. Its controlling
+// terminal is Stdio[0] with Tty (a new pty), or none: taking the caller's
+// own would take it from the caller.
 func Start(spec Spec) (*Process, error) {
 	if len(spec.Argv) == 0 || spec.Argv[0] == "" {
 		return nil, fmt.Errorf("launch app %s: empty command", spec.App.Name)
@@ -146,6 +153,12 @@ func Start(spec Spec) (*Process, error) {
 	}
 	uid, gid := uint32(os.Geteuid()), uint32(os.Getegid())
 	attr := &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true}
+	if spec.Tty {
+		// TIOCSCTTY on the child's stdin, after setsid and before the shim
+		// or the app runs; the new session's process group is then the
+		// terminal's foreground one.
+		attr.Setctty, attr.Ctty = true, 0
+	}
 	if spec.Cred != nil {
 		uid, gid = spec.Cred.UID, spec.Cred.GID
 		attr.Credential = &syscall.Credential{Uid: spec.Cred.UID, Gid: spec.Cred.GID, Groups: spec.Cred.Groups}
@@ -236,9 +249,10 @@ func Start(spec Spec) (*Process, error) {
 	// Last before the start: the shim's error pipe is closed by after.
 	after := func(started error) (string, error) { return "", started }
 	conf := ConfinementOf(spec.App)
-	if guarded || spec.Caller != nil {
-		// The shim confines itself, last before its exec (guard.go).
-		a := shimArgs{uid: uid, gid: gid, rgid: gid, conf: conf, dir: dir, path: exe, argv: spec.Argv}
+	if guarded || spec.Caller != nil || spec.Tty {
+		// The shim confines itself, last before its exec (guard.go), and
+		// with a terminal stays to run the app as a job (job.go).
+		a := shimArgs{uid: uid, gid: gid, rgid: gid, conf: conf, dir: dir, path: exe, argv: spec.Argv, tty: spec.Tty}
 		if guarded {
 			a.rgid = spec.GuardGID
 		}
@@ -272,7 +286,12 @@ func Start(spec Spec) (*Process, error) {
 	if note != "" {
 		guarded, why = false, note
 	}
-	return &Process{cmd: cmd, guarded: guarded, why: why}, nil
+	p := &Process{cmd: cmd, guarded: guarded, why: why, tty: spec.Tty}
+	// Opened while the child cannot have been reaped: it is the child's.
+	if fd, err := unix.PidfdOpen(cmd.Process.Pid, 0); err == nil {
+		p.pidfd = os.NewFile(uintptr(fd), "app-pidfd")
+	}
+	return p, nil
 }
 
 // isScript: does the file start with "#!"? The path is the user's: it is
@@ -335,6 +354,12 @@ func lookPath(file string, env []string, dir string) (string, error) {
 	return "", fmt.Errorf("%s: not found in PATH %s", file, pathEnv)
 }
 
+func (p *Process) closePidfd() {
+	if p.pidfd != nil {
+		p.pidfd.Close()
+	}
+}
+
 // Pid is the process id.
 func (p *Process) Pid() int { return p.cmd.Process.Pid }
 
@@ -347,10 +372,85 @@ func (p *Process) Signal(sig syscall.Signal) error {
 	return nil
 }
 
+// pidfdSignalProcessGroup is PIDFD_SIGNAL_PROCESS_GROUP of
+// pidfd_send_signal(2), Linux 6.9+ (include/uapi/linux/pidfd.h).
+const pidfdSignalProcessGroup = 1 << 2
+
+// Relay passes sig on as a terminal would: SIGINT, SIGQUIT, SIGTSTP,
+// SIGCONT and SIGWINCH to the app's whole process group (a shell's pipeline,
+// a sleep the app waits for: what ^C, ^Z and `fg` reach), the others to the
+// process. Through the pidfd, so never to a group that took the pid after
+// the app ended; before Linux 6.9 (no group flag) to the process alone.
+func (p *Process) Relay(sig syscall.Signal) error {
+	if sig == syscall.SIGTSTP && !p.tty {
+		// Without a terminal the app leads a session of its own, an
+		// orphaned process group, where the kernel discards SIGTSTP
+		// (job.go): stop it for sure. With one, the shim passes SIGTSTP
+		// on to the job, which may catch it (an editor restoring the
+		// screen).
+		sig = syscall.SIGSTOP
+	}
+	switch sig {
+	case syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTSTP, syscall.SIGSTOP, syscall.SIGCONT, syscall.SIGWINCH:
+		if p.pidfd == nil {
+			break
+		}
+		raw, err := p.pidfd.SyscallConn()
+		if err != nil {
+			break // closed: the app has ended
+		}
+		var serr error
+		if err := raw.Control(func(fd uintptr) {
+			serr = unix.PidfdSendSignal(int(fd), sig, nil, pidfdSignalProcessGroup)
+		}); err != nil || errors.Is(serr, unix.EINVAL) {
+			break
+		}
+		if serr != nil {
+			return fmt.Errorf("signal process group %d: %w", p.Pid(), serr)
+		}
+		return nil
+	}
+	return p.Signal(sig)
+}
+
+// WaitJob is Wait that also reports, as a shell's job control needs, each
+// time the process stops (the stop signal: SIGTSTP, SIGTTIN, SIGTTOU,
+// SIGSTOP) and continues (0), from the waiting goroutine.
+func (p *Process) WaitJob(report func(stop syscall.Signal)) (Exit, error) {
+	pid := p.Pid()
+	for {
+		var ws syscall.WaitStatus
+		_, err := syscall.Wait4(pid, &ws, syscall.WUNTRACED|syscall.WCONTINUED, nil)
+		if errors.Is(err, syscall.EINTR) {
+			continue
+		}
+		if err != nil {
+			return Exit{}, fmt.Errorf("wait pid %d: %w", pid, err)
+		}
+		switch {
+		case ws.Stopped():
+			report(ws.StopSignal())
+			continue
+		case ws.Continued():
+			report(0)
+			continue
+		}
+		// Reaped here, not by exec.Cmd: its pidfd goes, so that a later
+		// Signal fails instead of reaching a process that took the pid.
+		_ = p.cmd.Process.Release()
+		p.closePidfd()
+		if ws.Signaled() {
+			return Exit{Signal: ws.Signal()}, nil
+		}
+		return Exit{Code: ws.ExitStatus()}, nil
+	}
+}
+
 // Wait waits for the process to end and says how it did. The error is for
 // failures to wait, not for a non-zero exit.
 func (p *Process) Wait() (Exit, error) {
 	err := p.cmd.Wait()
+	p.closePidfd()
 	var ee *exec.ExitError
 	if err != nil && !errors.As(err, &ee) {
 		return Exit{}, fmt.Errorf("wait pid %d: %w", p.Pid(), err)

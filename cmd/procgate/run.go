@@ -17,19 +17,16 @@ import (
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
+	"golang.org/x/term"
 
 	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/launch"
 	"github.com/procgate/procgate/ruleset"
 )
 
-// relayed are the signals `run` passes on to the app: what a terminal or a
-// supervisor sends to the process it started.
-var relayed = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT,
-	syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGCONT}
-
 func runCmd(client func() api.Client) *cobra.Command {
 	var app string
+	var usePty bool
 	cmd := &cobra.Command{
 		Use:   "run --app NAME [--] CMD [ARGS...]",
 		Short: "Run CMD as application NAME: in its cgroup, environment scrubbed, binary checked",
@@ -40,6 +37,13 @@ The app runs in the caller's namespaces (network, mount, UTS, IPC, cgroup,
 pid), below its root, in its working directory and with its umask. A caller
 in a user namespace of its own is refused, as is one whose namespaces cannot
 be entered: the app never runs in the daemon's namespaces instead.
+
+With --pty, the default when stdin is a terminal, the app gets a terminal of
+its own: a new pty, relayed to this one (set raw meanwhile), as its
+controlling terminal, so /dev/tty works (ssh's password prompt, sudo,
+pinentry), the window size follows, and ^Z stops the app and this command
+(fg continues both). Stdout and stderr then both go to the pty. --pty=false
+passes stdin, stdout and stderr as they are.
 
 Root starts the process itself; any other user asks the daemon, which checks
 the user against the app's users: list and starts the process as that user
@@ -64,7 +68,8 @@ the signal on itself); 125 when procgate run itself failed (bad flags, daemon
 unreachable, refused); 126 when the command was found but could not be
 executed (permission, not one of the app's exe:); 127 when it was not found.`,
 		Example: `  procgate run --app psql-prod -- psql -h 10.1.2.3 prod
-  procgate run --app ops -- procgate dial 10.1.2.3:22`,
+  procgate run --app ops -- ssh admin@10.1.2.3
+  procgate run --app ops --pty=false -- procgate dial 10.1.2.3:22 > out.txt`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) == 0 {
 				return runFailed{launch.StatusFailed, errors.New("run: no command given (procgate run --app NAME -- CMD [ARGS...])")}
@@ -75,11 +80,14 @@ executed (permission, not one of the app's exe:); 127 when it was not found.`,
 			if app == "" {
 				return runFailed{launch.StatusFailed, errors.New(`run: required flag "--app" not set`)}
 			}
+			if !cmd.Flags().Changed("pty") {
+				usePty = term.IsTerminal(int(os.Stdin.Fd()))
+			}
 			var err error
 			if os.Geteuid() == 0 {
-				err = runAsRoot(client(), app, args)
+				err = runAsRoot(client(), app, args, usePty)
 			} else {
-				err = runViaDaemon(client(), app, args)
+				err = runViaDaemon(client(), app, args, usePty)
 			}
 			var ec exitCode
 			if err == nil || errors.As(err, &ec) || errors.As(err, new(runFailed)) {
@@ -89,6 +97,7 @@ executed (permission, not one of the app's exe:); 127 when it was not found.`,
 		},
 	}
 	cmd.Flags().StringVar(&app, "app", "", "application name (required)")
+	cmd.Flags().BoolVar(&usePty, "pty", false, "give the app a terminal of its own (a new pty relayed to this one): /dev/tty, job control, window size (default: when stdin is a terminal)")
 	cmd.Flags().SetInterspersed(false)
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
 		return runFailed{launch.StatusFailed, fmt.Errorf("run: %w", err)}
@@ -107,7 +116,7 @@ type runFailed struct {
 func (r runFailed) Error() string { return r.err.Error() }
 func (r runFailed) Unwrap() error { return r.err }
 
-func runAsRoot(c api.Client, name string, argv []string) error {
+func runAsRoot(c api.Client, name string, argv []string, usePty bool) error {
 	resp, err := c.Do(api.Request{Op: api.OpAppInfo, App: name})
 	if err != nil {
 		return err
@@ -121,36 +130,37 @@ func runAsRoot(c api.Client, name string, argv []string) error {
 	if err != nil {
 		return fmt.Errorf("current directory: %w", err)
 	}
-	// Catch signals before the child exists, so none is lost in between.
-	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, relayed...)
-	defer signal.Stop(sigs)
+	sess, err := newSession(usePty)
+	if err != nil {
+		return fmt.Errorf("open a pty for the app: %w", err)
+	}
+	defer sess.close()
 	proc, err := launch.Start(launch.Spec{
 		App: app, CgroupDir: info.Cgroup, Argv: argv, Env: os.Environ(), Dir: dir,
-		Stdio:    [3]*os.File{os.Stdin, os.Stdout, os.Stderr},
+		Stdio: sess.stdio(), Tty: usePty,
 		GuardGID: info.GuardGID,
 	})
 	if err != nil {
 		return err
 	}
-	go func() {
-		for s := range sigs {
-			_ = proc.Signal(s.(syscall.Signal))
+	sess.started(func(sig syscall.Signal) { _ = proc.Relay(sig) })
+	exit, err := proc.WaitJob(func(stop syscall.Signal) {
+		if stop != 0 {
+			sess.stopped()
 		}
-	}()
-	exit, err := proc.Wait()
+	})
 	if err != nil {
 		return err
 	}
-	return exitLike(exit.Code, exit.Signal)
+	return sess.exit(exit.Code, exit.Signal)
 }
 
-func runViaDaemon(c api.Client, name string, argv []string) error {
+func runViaDaemon(c api.Client, name string, argv []string, usePty bool) error {
 	dir, err := os.Getwd()
 	if err != nil {
 		return fmt.Errorf("current directory: %w", err)
 	}
-	req := api.Request{Op: api.OpRun, App: name, Argv: argv, Env: os.Environ(), Dir: dir}
+	req := api.Request{Op: api.OpRun, App: name, Argv: argv, Env: os.Environ(), Dir: dir, Pty: usePty}
 	// The daemon takes the working directory from this descriptor, opened
 	// here as the user, never by resolving the path as root.
 	cwd, err := os.OpenFile(".", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
@@ -167,18 +177,19 @@ func runViaDaemon(c api.Client, name string, argv []string) error {
 	if err != nil {
 		return err
 	}
-	if err := launch.SendWithFds(conn, line, os.Stdin, os.Stdout, os.Stderr, cwd); err != nil {
+	sess, err := newSession(usePty)
+	if err != nil {
+		return fmt.Errorf("open a pty for the app: %w", err)
+	}
+	defer sess.close()
+	stdio := sess.stdio()
+	if err := launch.SendWithFds(conn, line, stdio[0], stdio[1], stdio[2], cwd); err != nil {
 		return fmt.Errorf("send run request: %w", err)
 	}
 	cwd.Close()
-	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, relayed...)
-	defer signal.Stop(sigs)
-	go func() {
-		for s := range sigs {
-			_ = api.WriteLine(conn, api.Request{Op: api.OpRun, Signal: int(s.(syscall.Signal))})
-		}
-	}()
+	sess.started(func(sig syscall.Signal) {
+		_ = api.WriteLine(conn, api.Request{Op: api.OpRun, Signal: int(sig)})
+	})
 	r := bufio.NewReader(conn)
 	for {
 		resp, err := api.ReadResponse(r)
@@ -191,8 +202,12 @@ func runViaDaemon(c api.Client, name string, argv []string) error {
 			}
 			return err
 		}
-		if resp.Run != nil && resp.Run.Exited {
-			return exitLike(resp.Run.Code, syscall.Signal(resp.Run.Signal))
+		switch {
+		case resp.Run == nil:
+		case resp.Run.Exited:
+			return sess.exit(resp.Run.Code, syscall.Signal(resp.Run.Signal))
+		case resp.Run.Stopped != 0:
+			sess.stopped()
 		}
 	}
 }

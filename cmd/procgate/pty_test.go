@@ -1,0 +1,200 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/internal/nstest"
+)
+
+// ptyApp checks what an interactive program needs: a terminal on stdin, a
+// /dev/tty to prompt on (as ssh, sudo and pinentry do), the window size
+// and its changes, and job control (stopped by ^Z with the sleep it waits
+// for, continued by fg). It exits 3.
+const ptyApp = `[ -t 0 ] && echo "isatty=yes"
+echo "size=$(stty size)"
+printf 'password: ' >/dev/tty
+stty -echo </dev/tty; read -r s </dev/tty; stty echo </dev/tty
+echo "got=$s"
+w=; trap 'w=1; echo "winch=$(stty size)"' WINCH
+echo waiting-winch
+while [ -z "$w" ]; do sleep 0.05; done
+c=; trap 'c=1' CONT
+echo waiting-stop
+while [ -z "$c" ]; do sleep 0.05; done
+echo continued
+exit 3`
+
+// terminal is the test's side of the caller's terminal: what the app
+// wrote, collected.
+type terminal struct {
+	ptmx *os.File
+	mu   sync.Mutex
+	out  bytes.Buffer
+}
+
+func (term *terminal) read() {
+	buf := make([]byte, 4096)
+	for {
+		n, err := term.ptmx.Read(buf)
+		term.mu.Lock()
+		term.out.Write(buf[:n])
+		term.mu.Unlock()
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (term *terminal) text() string {
+	term.mu.Lock()
+	defer term.mu.Unlock()
+	return term.out.String()
+}
+
+func (term *terminal) waitFor(t *testing.T, want string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second) // a guard against hanging, not a timing assertion
+	for !strings.Contains(term.text(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("terminal never showed %q:\n%s", want, term.text())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func termios(t *testing.T, f *os.File) *unix.Termios {
+	t.Helper()
+	tio, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tio
+}
+
+// TestRunPty: `procgate run` from a terminal (a pty of the test's, the
+// controlling terminal of procgate's session) gives the app a terminal of
+// its own with /dev/tty, the window size and its changes, and job control;
+// the caller's terminal is raw only while the app runs. As a user through
+// the daemon and as root directly.
+func TestRunPty(t *testing.T) {
+	nstest.RequireRoot(t)
+	e := newE2EIn(t, callerPolicy, nstest.NetNS(t), true, "--guard-gid", "65533")
+	for _, tc := range []struct {
+		name string
+		cred *syscall.Credential
+		app  string
+	}{
+		{"user, through the daemon", nobody, "shell"},
+		{"root, directly", nil, "shell"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ptmx, tty, err := pty.Open()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ptmx.Close()
+			defer tty.Close()
+			if err := pty.Setsize(ptmx, &pty.Winsize{Rows: 40, Cols: 100}); err != nil {
+				t.Fatal(err)
+			}
+			cooked := termios(t, tty)
+			term := &terminal{ptmx: ptmx}
+			go term.read()
+
+			cmd := exec.Command(e.bin, "--socket", e.socket, "run", "--app", tc.app, "--", "sh", "-c", ptyApp)
+			cmd.Env = append(os.Environ(), envAsMain+"=1")
+			cmd.Stdin, cmd.Stdout, cmd.Stderr = tty, tty, tty
+			cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0, Credential: tc.cred}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			done := false
+			defer func() {
+				if !done {
+					_ = cmd.Process.Kill()
+					_ = cmd.Wait()
+				}
+			}()
+
+			term.waitFor(t, "password: ")
+			for _, want := range []string{"isatty=yes", "size=40 100"} {
+				if !strings.Contains(term.text(), want) {
+					t.Errorf("terminal lacks %q:\n%s", want, term.text())
+				}
+			}
+			if tio := termios(t, tty); tio.Lflag&(unix.ICANON|unix.ECHO) != 0 {
+				t.Errorf("the caller's terminal is not raw while the app runs: lflag %#x", tio.Lflag)
+			}
+			if _, err := ptmx.Write([]byte("hunter2\r")); err != nil {
+				t.Fatal(err)
+			}
+			term.waitFor(t, "got=hunter2")
+			if strings.Count(term.text(), "hunter2") != 1 {
+				t.Errorf("the password was echoed although the app turned echo off:\n%s", term.text())
+			}
+
+			term.waitFor(t, "waiting-winch")
+			if err := pty.Setsize(ptmx, &pty.Winsize{Rows: 50, Cols: 120}); err != nil {
+				t.Fatal(err)
+			}
+			term.waitFor(t, "winch=50 120")
+
+			// ^Z: the app stops, then procgate stops itself and gives the
+			// terminal back cooked; SIGCONT (a shell's fg) continues both.
+			term.waitFor(t, "waiting-stop")
+			if _, err := ptmx.Write([]byte{0x1a}); err != nil {
+				t.Fatal(err)
+			}
+			var ws syscall.WaitStatus
+			waited := make(chan error, 1)
+			go func() {
+				_, err := syscall.Wait4(cmd.Process.Pid, &ws, syscall.WUNTRACED, nil)
+				waited <- err
+			}()
+			select {
+			case err := <-waited:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * time.Second): // a guard against hanging, not a timing assertion
+				_ = cmd.Process.Kill()
+				<-waited
+				t.Fatalf("procgate did not stop within 10s of ^Z:\n%s", term.text())
+			}
+			if !ws.Stopped() {
+				t.Fatalf("procgate %v, want stopped after ^Z\n%s", ws, term.text())
+			}
+			if tio := termios(t, tty); tio.Lflag != cooked.Lflag || tio.Iflag != cooked.Iflag || tio.Oflag != cooked.Oflag {
+				t.Errorf("terminal not restored while stopped (procgate stopped by %v): lflag %#x, want %#x", ws.StopSignal(), tio.Lflag, cooked.Lflag)
+			}
+			time.Sleep(300 * time.Millisecond)
+			if strings.Contains(term.text(), "continued") {
+				t.Fatalf("the app went on while stopped:\n%s", term.text())
+			}
+			if err := cmd.Process.Signal(syscall.SIGCONT); err != nil {
+				t.Fatal(err)
+			}
+			term.waitFor(t, "continued")
+			err = cmd.Wait()
+			done = true
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != 3 {
+				t.Fatalf("exit %v, want status 3\n%s", err, term.text())
+			}
+			if tio := termios(t, tty); tio.Lflag != cooked.Lflag || tio.Iflag != cooked.Iflag || tio.Oflag != cooked.Oflag {
+				t.Errorf("terminal not restored at exit: lflag %#x, want %#x", tio.Lflag, cooked.Lflag)
+			}
+		})
+	}
+}
