@@ -85,11 +85,35 @@ apps:
     allow:
       - to: 198.51.100.7
       - to: 2001:db8:ff::7
+  - name: svc
+    match: {unit: attack.service}
+    allow:
+      - to: 10.1.2.3/32
+        proto: tcp
+        ports: [5432]
+      - to: 10.1.2.3/32
+        proto: udp
+        ports: [5353]
+      - to: fd00:1::3/128
+        ports: [5432, 5353]
+  - name: backup
+    match: {user: 65531}
+    allow:
+      - to: 10.1.2.3/32
+        proto: tcp
+        ports: [5432]
+      - to: 10.1.2.3/32
+        proto: udp
+        ports: [5353]
+      - to: fd00:1::3/128
+        ports: [5432, 5353]
 `
 
 const (
 	holderApp = "granted" // the app the holder runs as
 	nobody    = 65534
+	// backupUID is the uid of the match.user app backup.
+	backupUID = 65531
 	// guardGID is the daemon's and launcher's trace guard gid: not 65534,
 	// nobody's own group, which would leave nobody's apps unguarded.
 	guardGID = 65533
@@ -112,6 +136,14 @@ type role struct {
 	// reachable are prefixes outside the internal ones where an arrival
 	// still counts as reached: a sandbox's internet.
 	reachable []string
+	// cgroup, when set, is where the role runs instead of its app's
+	// cgroup or the unbound one, below the daemon's cgroup root: a tree
+	// laid out as systemd's, for the unit app svc (attack.service).
+	cgroup string
+	// setuidTo, when set, runs the attack program from a set-user-ID copy
+	// owned by that uid: the effective uid is setuidTo, the real uid the
+	// role's.
+	setuidTo int
 }
 
 var roles = []role{
@@ -124,22 +156,36 @@ var roles = []role{
 	// An outside: deny app attacking internet addresses it has no grant for.
 	{name: "sandboxed", app: "sandbox", uid: nobody, target4: "198.51.100.9", target6: "2001:db8:ff::9",
 		reachable: []string{"198.51.100.0/24", "2001:db8:ff::/48"}},
+	// Principals beyond launched apps: a unit app's processes, a process of
+	// the unit's user outside the unit's cgroup, a user app's process, and
+	// a process that takes the user app's uid as its effective uid only
+	// (a set-user-ID binary), which does not make it the user's.
+	{name: "unit", app: "svc", uid: nobody, cgroup: unitCgroup, target4: "10.1.2.3", target6: "fd00:1::3", ownGrant: true},
+	{name: "unit-user-outside", uid: nobody, cgroup: "system.slice/other.service", target4: "10.1.2.3", target6: "fd00:1::3"},
+	{name: "user-app", app: "backup", uid: backupUID, target4: "10.1.2.3", target6: "fd00:1::3", ownGrant: true},
+	{name: "setuid-to-user", uid: nobody, setuidTo: backupUID, target4: "10.1.2.3", target6: "fd00:1::3"},
 }
+
+// unitCgroup is svc's cgroup below the daemon's cgroup root, as systemd
+// lays out attack.service.
+const unitCgroup = "system.slice/attack.service"
 
 // world is the test's network, cgroups, daemon, target and holder.
 type world struct {
-	bin      string // the test binary, executable by nobody
-	dir      string // world-readable scratch dir
-	sockDir  string // world-writable, for the holder's socket
-	cgroup   string
-	apps     string // <cgroup>/procgate.apps
-	unbound  string
-	nsA, nsT string // attacker's host, target's network
-	spawner  *nsThread
-	target   *target
-	oracle   string
-	holder   string
-	rs       *ruleset.Ruleset
+	bin string // the test binary, executable by nobody
+	// binSetuid is a copy of bin, set-user-ID backupUID.
+	binSetuid string
+	dir       string // world-readable scratch dir
+	sockDir   string // world-writable, for the holder's socket
+	cgroup    string
+	apps      string // <cgroup>/procgate.apps
+	unbound   string
+	nsA, nsT  string // attacker's host, target's network
+	spawner   *nsThread
+	target    *target
+	oracle    string
+	holder    string
+	rs        *ruleset.Ruleset
 	// apps by nonce, for records of earlier runs that arrive late.
 	nonceApp map[string]string
 }
@@ -229,10 +275,38 @@ func newWorld(t *testing.T) *world {
 	w.cgroup = nstest.Cgroup(t)
 	w.apps = filepath.Join(w.cgroup, daemon.AppsDir)
 	w.unbound = nstest.ChildCgroup(t, w.cgroup, "unbound")
+	slice := nstest.ChildCgroup(t, w.cgroup, "system.slice")
+	for _, r := range roles {
+		if r.cgroup != "" {
+			nstest.ChildCgroup(t, slice, filepath.Base(r.cgroup))
+		}
+	}
+	w.binSetuid = setuidCopy(t, w.dir, w.bin, backupUID)
 	w.startDaemon(t)
 	w.startTarget(t)
 	w.startHolder(t)
 	return w
+}
+
+// setuidCopy copies bin as a set-user-ID program of uid.
+func setuidCopy(t *testing.T, dir, bin string, uid int) string {
+	t.Helper()
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, fmt.Sprintf("attack-setuid-%d", uid))
+	if err := os.WriteFile(out, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// chown clears the set-user-ID bit: chmod after it.
+	if err := os.Chown(out, uid, uid); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(out, 0o4755); err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
 
 // copyExecutable copies the test binary where user nobody may run it.
@@ -562,7 +636,10 @@ func (n *nsThread) do(f func() error) error {
 }
 
 func (w *world) cgroupOf(r role) string {
-	if r.app == "" {
+	if r.cgroup != "" {
+		return filepath.Join(w.cgroup, r.cgroup)
+	}
+	if r.app == "" || r.app == "backup" {
 		return w.unbound
 	}
 	return filepath.Join(w.apps, r.app)
@@ -599,7 +676,11 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 	if r.launcher {
 		w.launch(t, r, args, &stdout, &stderr)
 	} else {
-		cmd := exec.Command(w.bin, args...)
+		bin := w.bin
+		if r.setuidTo != 0 {
+			bin = w.binSetuid
+		}
+		cmd := exec.Command(bin, args...)
 		cmd.Stdout, cmd.Stderr = &stdout, &stderr
 		w.start(t, cmd, w.cgroupOf(r), r.uid)
 		if err := cmd.Wait(); err != nil {
