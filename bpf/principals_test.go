@@ -347,3 +347,57 @@ func TestListen(t *testing.T) {
 		})
 	}
 }
+
+// TestSweepSandbox: after a reload, the sweep ends a sandbox's live
+// sockets to what it no longer reaches (an internet address whose grant
+// went, and everything external once an app becomes a sandbox), and spares
+// its loopback, its remaining grants and other apps' external sockets. By
+// iterator and by sock_diag.
+func TestSweepSandbox(t *testing.T) {
+	for _, method := range []SweepMethod{SweepIterator, SweepNetlink} {
+		t.Run(string(method), func(t *testing.T) {
+			w := newWorld(t, "box", "free")
+			if method == SweepIterator && w.e.sweep.err != nil {
+				t.Skipf("kernel feature missing: socket iterators with bpf_sock_destroy (6.5+): %v", w.e.sweep.err)
+			}
+			startServers(t, w.netns, []string{"0.0.0.0:443", "0.0.0.0:80"}, []string{"0.0.0.0:53"})
+			const before = `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+apps:
+  - name: box
+    outside: deny
+    allow:
+      - to: 192.0.2.10
+      - to: 192.0.2.11
+  - name: free
+`
+			w.apply(mustPolicy(t, before))
+			if err := w.e.Attach(); err != nil {
+				t.Fatal(err)
+			}
+			box, free := w.holder(w.cgroups["box/run"]), w.holder(w.cgroups["free/run"])
+			mustOpen(t, box, "kept", "192.0.2.10:443/tcp", probe.Connect, 1)
+			mustOpen(t, box, "revoked", "192.0.2.11:443/tcp", probe.Connect, 1)
+			mustOpen(t, box, "revoked-udp", "192.0.2.11:53/udp", probe.Connect, 1)
+			mustOpen(t, box, "loopback", "127.0.0.1:80/tcp", probe.Connect, 1)
+			mustOpen(t, free, "external", "198.51.100.1:80/tcp", probe.Connect, 1)
+			groups := []group{
+				{h: box, name: "kept", n: 1}, {h: box, name: "revoked", n: 1}, {h: box, name: "revoked-udp", n: 1},
+				{h: box, name: "loopback", n: 1}, {h: free, name: "external", n: 1},
+			}
+			w.apply(mustPolicy(t, strings.Replace(before, "      - to: 192.0.2.11\n", "", 1)))
+			res := w.sweepIn(SweepOptions{Method: method})
+			groups[1].ended, groups[2].ended = true, true
+			checkGroups(t, "after the grant to 192.0.2.11 went", groups)
+			if len(res.Ended) != 2 {
+				t.Errorf("ended %d sockets, want 2: %+v", len(res.Ended), res.Ended)
+			}
+			// free becomes a sandbox without grants: its external socket goes.
+			w.apply(mustPolicy(t, strings.Replace(before, "  - name: free\n", "  - name: free\n    outside: deny\n", 1)))
+			w.sweepIn(SweepOptions{Method: method})
+			groups[4].ended = true
+			checkGroups(t, "after free became a sandbox", groups)
+		})
+	}
+}
