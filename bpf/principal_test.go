@@ -350,3 +350,53 @@ func TestUnitMigrationMarks(t *testing.T) {
 		})
 	}
 }
+
+// TestUserAppSweep: after a grant of a user app is withdrawn, the live
+// sockets of its processes (in no app cgroup, by their socket's uid) to
+// what it no longer allows are ended; another uid's are left alone.
+func TestUserAppSweep(t *testing.T) {
+	w := newWorld(t)
+	if w.e.sweep.err != nil {
+		t.Skipf("kernel feature missing: socket iterators with bpf_sock_destroy (6.5+): %v", w.e.sweep.err)
+	}
+	startServers(t, w.netns, []string{"0.0.0.0:5432", "0.0.0.0:443"}, nil)
+	rs := unitPolicy()
+	rs.Apps[2].Grants = append(rs.Apps[2].Grants, ruleset.Grant{Index: 1, Prefix: netip.MustParsePrefix("10.1.2.3/32"),
+		Proto: ruleset.TCP, Ports: []ruleset.PortRange{{Lo: 5432, Hi: 5432}}})
+	// A process of another uid with a connection made before enforcement.
+	other, err := probe.StartHolderAs(w.cgroups["/unbound"], w.netns, otherUID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close() })
+	mustOpen(t, other, "tcp4", "10.1.2.3:5432/tcp", probe.Connect, 1)
+	w.apply(rs)
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	user, err := probe.StartHolderAs(w.cgroups["/unbound"], w.netns, userUID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { user.Close() })
+	mustOpen(t, user, "withdrawn", "10.1.2.3:5432/tcp", probe.Connect, 2)
+	mustOpen(t, user, "kept", "10.3.2.3:443/tcp", probe.Connect, 1)
+	// Withdraw backup's grant #1.
+	rs2 := rs.Clone()
+	rs2.Apps[2].Grants = rs2.Apps[2].Grants[:1]
+	w.apply(rs2)
+	res := w.sweepIn(SweepOptions{Method: SweepIterator})
+	if len(res.Ended) != 2 {
+		t.Fatalf("the sweep ended %d sockets, want the user app's 2: %+v", len(res.Ended), res.Ended)
+	}
+	for _, c := range []struct {
+		h     *probe.Holder
+		group string
+		n     int
+		ended bool
+	}{{user, "withdrawn", 2, true}, {user, "kept", 1, false}, {other, "tcp4", 1, false}} {
+		if err := c.h.Expect(c.group, c.n, c.ended); err != nil {
+			t.Error(err)
+		}
+	}
+}

@@ -18,7 +18,8 @@
 // The decision is the hooks' own, from the same pinned maps (decision.h),
 // with the generation in force:
 // - the principal is the deepest app cgroup among the cgroup the socket was
-//   created in and its ancestors (what the egress backstop uses too);
+//   created in and its ancestors, else the match.user app of the socket's
+//   uid (what the egress backstop uses too);
 // - a socket no app claims is left alone, unless its cgroup lies below the
 //   fence (the directory of all app cgroups): then it belonged to an app
 //   that was removed from the policy, and it has no grants;
@@ -66,9 +67,14 @@ struct sock_common {
 	struct in6_addr___sw skc_v6_rcv_saddr;
 } __attribute__((preserve_access_index));
 
+struct kuid___sw {
+	__u32 val;
+} __attribute__((preserve_access_index));
+
 struct sock___sw {
 	struct sock_common __sk_common;
 	struct sock_cgroup_data___sw sk_cgrp_data;
+	struct kuid___sw sk_uid; // the fsuid of the socket's maker, as bpf_get_socket_uid gives it
 } __attribute__((preserve_access_index));
 
 #include "iter_context.h"
@@ -196,6 +202,10 @@ static __always_inline int doomed(struct sock___sw *sk, __u8 proto, const struct
 
 	int fenced = 0;
 	struct app_info *app = sock_principal(sk, slot, info, cfg, &rec->cgroup_id, &fenced);
+	if (!app && !fenced)
+		// The match.user app of the socket's uid, as the egress
+		// backstop finds it (harden.c, skb_principal).
+		app = user_principal(slot, info, BPF_CORE_READ(sk, sk_uid.val));
 	if (app) {
 		__u8 reason;
 		rec->app_id = app->app_id;

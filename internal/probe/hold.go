@@ -41,6 +41,19 @@ func StartHolder(cgroupDir, netns string) (*Holder, error) {
 	return &Holder{p: p}, nil
 }
 
+// StartHolderAs is StartHolder for a holder that runs as uid (EnvUID).
+func StartHolderAs(cgroupDir, netns string, uid int) (*Holder, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find own executable: %w", err)
+	}
+	p, err := StartExe(self, cgroupDir, netns, nil, EnvHold+"=1", fmt.Sprintf("%s=%d", EnvUID, uid))
+	if err != nil {
+		return nil, err
+	}
+	return &Holder{p: p}, nil
+}
+
 // Pid is the holder's process id.
 func (h *Holder) Pid() int { return h.p.Pid() }
 
