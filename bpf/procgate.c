@@ -123,8 +123,9 @@ int authorize_sendmsg6(struct bpf_sock_addr *ctx)
 // listen: apps) the principal lookup.
 //
 // A bind hook returning 0 fails the bind with EPERM unless the program set
-// another error: bpf_set_retval(-EACCES) (cgroup programs, 5.18+) makes it
-// EACCES, as for a port below ip_unprivileged_port_start. Only explicit
+// another error: bpf_set_retval(-EACCES) makes it EACCES, as for a port
+// below ip_unprivileged_port_start (sock_addr programs get the helper from
+// cgroup_common_func_proto, 6.1+, as the current-task helpers). Only explicit
 // binds run the hook: connect()'s and sendto()'s automatic bind of an
 // unbound socket to an ephemeral port do not, so clients keep working; an
 // explicit bind to port 0 is refused unless listen: lists 0.
