@@ -400,3 +400,31 @@ func TestUserAppSweep(t *testing.T) {
 		}
 	}
 }
+
+// TestUnitExePinning: exe: pins hold for unit and user apps as for
+// launched ones: in the unit's cgroup, or as the user, only the pinned
+// binaries hold the grants.
+func TestUnitExePinning(t *testing.T) {
+	w := newWorld(t)
+	w.mkdirs("system.slice", "system.slice/nginx.service")
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pinned := func(exe string) *ruleset.Ruleset {
+		rs := unitPolicy()
+		rs.Apps[0].Exe = []ruleset.Exe{{Path: exe}} // web
+		rs.Apps[2].Exe = []ruleset.Exe{{Path: exe}} // backup
+		return rs
+	}
+	w.apply(pinned(self))
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	unit, user := w.proberAs("system.slice/nginx.service", 0), w.proberAs("/unbound", userUID)
+	expectApp(t, unit, "web")
+	expectApp(t, user, "backup")
+	w.apply(pinned("/bin/sh")) // another binary than the probers'
+	expectApp(t, unit, "")
+	expectApp(t, user, "")
+}
