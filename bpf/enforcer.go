@@ -627,6 +627,11 @@ func (e *Enforcer) clearSlot(slot uint32) error {
 		return err
 	}
 	if keys.followed {
+		// A follow_mkdir that found a pattern just before it went may
+		// still bind a cgroup in the slot: wait it out, then walk.
+		if err := e.rcuFence(); err != nil {
+			return err
+		}
 		if err := e.clearFollowed(slot); err != nil {
 			return err
 		}

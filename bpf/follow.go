@@ -266,6 +266,26 @@ func (e *Enforcer) scanPatternKeys(slot uint32, keys *slotKeys) error {
 	return nil
 }
 
+// rcuFence returns when every BPF program running when it was called has
+// finished: an update of a map-of-maps returns after synchronize_rcu()
+// (kernel/bpf/syscall.c, maybe_wait_bpf_programs), and tp_btf programs
+// run under rcu_read_lock. The generation in force is written back as it
+// is, which changes nothing a decision reads.
+func (e *Enforcer) rcuFence() error {
+	var inner *ebpf.Map
+	if err := e.objs.PolicyCurrent.Lookup(uint32(0), &inner); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil // no generation: no pattern was ever in force
+		}
+		return fmt.Errorf("read policy_current: %w", err)
+	}
+	defer inner.Close()
+	if err := e.objs.PolicyCurrent.Put(uint32(0), inner); err != nil {
+		return fmt.Errorf("wait for running BPF programs: %w", err)
+	}
+	return nil
+}
+
 // clearFollowed deletes every cgroup binding of slot, the kernel's own
 // (follow_mkdir) included, which no list of written keys holds.
 func (e *Enforcer) clearFollowed(slot uint32) error {
