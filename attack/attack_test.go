@@ -56,8 +56,9 @@ func TestMain(m *testing.M) {
 // attackPolicy is the world's policy. The internal prefixes cover every
 // address form the techniques aim at: the targets, the directed broadcast
 // of 10/8, link-local IPv4 and IPv6, multicast, the limited broadcast.
-// nogrant's processes may bind only port 7000 (the listen techniques try
-// 7001); sandbox (outside: deny) is granted only the control addresses, so
+// nogrant's processes may bind only port 7000 and an ephemeral port (the
+// listen techniques try 7001; other techniques bind port 0 before they
+// connect); sandbox (outside: deny) is granted only the control addresses, so
 // the controls prove the target hears it while its targets, on the
 // internet, must stay out of reach.
 const attackPolicy = `version: 1
@@ -75,7 +76,7 @@ apps:
       - to: fd00:1::3/128
         ports: [5432, 5353]
   - name: nogrant
-    listen: [7000]
+    listen: [0, 7000]
     allow:
       - to: 10.9.9.9/32
         proto: tcp
@@ -809,7 +810,7 @@ func inAny(a netip.Addr, prefixes []string) bool {
 }
 
 // checkListen checks the binds of the listen techniques against the
-// role's app: with listen:, only the listed port may be bound (what still
+// role's app: with listen:, only listed ports may be bound (what else
 // binds must be a known gap); without, every bind goes through.
 func (w *world) checkListen(t *testing.T, r role, ran []technique, byName map[string]result, gaps []knownGap, found map[string]bool) {
 	t.Helper()
@@ -822,7 +823,8 @@ func (w *world) checkListen(t *testing.T, r role, ran []technique, byName map[st
 		if tech.class != classListen || res.Result == Unavailable {
 			continue
 		}
-		listed := tech.name == "bind4-tcp-listed-port"
+		port, chosen := listenPort(tech.name)
+		listed := listen != nil && chosen && listen.Allows(port)
 		switch {
 		case listen == nil || listed:
 			if res.Result != Reached {

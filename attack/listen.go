@@ -151,23 +151,43 @@ func (e *env) uringBind(a attempt, fd int, sa unix.Sockaddr, listen bool) attemp
 	return a.bound(fd)
 }
 
-// listenTechniques: binds to a port the app's listen: does not list, by
-// every road to inet_bind; and one to the listed port, which must work.
-var listenTechniques = []technique{
-	{name: "bind4-tcp-listed-port", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: listenedPort})},
-	{name: "bind4-tcp", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: unlistedPort})},
-	{name: "bind6-tcp", class: classListen, try: bindTo(bindCase{family: unix.AF_INET6, typ: unix.SOCK_STREAM, port: unlistedPort})},
-	{name: "bind6-v4mapped-tcp", class: classListen, try: bindTo(bindCase{family: unix.AF_INET6, mapped: true, typ: unix.SOCK_STREAM, port: unlistedPort})},
-	{name: "bind4-udp", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_DGRAM, port: unlistedPort})},
-	{name: "bind6-udp", class: classListen, try: bindTo(bindCase{family: unix.AF_INET6, typ: unix.SOCK_DGRAM, port: unlistedPort})},
-	{name: "bind4-udplite", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_DGRAM, proto: unix.IPPROTO_UDPLITE, port: unlistedPort})},
-	{name: "bind4-mptcp", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, proto: unix.IPPROTO_MPTCP, port: unlistedPort})},
-	{name: "bind4-tcp-port-0", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: 0})},
-	{name: "bind4-tcp-again-after-refusal", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: unlistedPort, how: bindThenRebind})},
-	{name: "bind4-tcp-reuseport", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: unlistedPort, how: bindReusePort})},
-	{name: "bind4-tcp-freebind-foreign-address", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: unlistedPort, how: bindFreeTransp})},
-	{name: "uring-bind-tcp", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: unlistedPort, how: bindURing})},
-	{name: "listen-without-bind", class: classListen, try: bindTo(bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, how: listenUnbound})},
+// listenCases: binds to a port the app's listen: does not list, by every
+// road to inet_bind; to the listed port and to port 0, which the attack
+// policy lists (other techniques bind port 0 before they connect); and a
+// listen() that binds without bind().
+var listenCases = []struct {
+	name string
+	c    bindCase
+}{
+	{"bind4-tcp-listed-port", bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: listenedPort}},
+	{"bind4-tcp-port-0", bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: 0}},
+	{"bind4-tcp", bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: unlistedPort}},
+	{"bind6-tcp", bindCase{family: unix.AF_INET6, typ: unix.SOCK_STREAM, port: unlistedPort}},
+	{"bind6-v4mapped-tcp", bindCase{family: unix.AF_INET6, mapped: true, typ: unix.SOCK_STREAM, port: unlistedPort}},
+	{"bind4-udp", bindCase{family: unix.AF_INET, typ: unix.SOCK_DGRAM, port: unlistedPort}},
+	{"bind6-udp", bindCase{family: unix.AF_INET6, typ: unix.SOCK_DGRAM, port: unlistedPort}},
+	{"bind4-udplite", bindCase{family: unix.AF_INET, typ: unix.SOCK_DGRAM, proto: unix.IPPROTO_UDPLITE, port: unlistedPort}},
+	{"bind4-mptcp", bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, proto: unix.IPPROTO_MPTCP, port: unlistedPort}},
+	{"bind4-tcp-again-after-refusal", bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: unlistedPort, how: bindThenRebind}},
+	{"bind4-tcp-reuseport", bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: unlistedPort, how: bindReusePort}},
+	{"bind4-tcp-freebind-foreign-address", bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: unlistedPort, how: bindFreeTransp}},
+	{"uring-bind-tcp", bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, port: unlistedPort, how: bindURing}},
+	{"listen-without-bind", bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, how: listenUnbound}},
 }
 
-func init() { techniques = append(techniques, listenTechniques...) }
+// listenPort is the port a listen technique binds; ok is false for one
+// whose port the kernel picks (listen without bind).
+func listenPort(name string) (port uint16, ok bool) {
+	for _, lc := range listenCases {
+		if lc.name == name {
+			return lc.c.port, lc.c.how != listenUnbound
+		}
+	}
+	return 0, false
+}
+
+func init() {
+	for _, lc := range listenCases {
+		techniques = append(techniques, technique{name: lc.name, class: classListen, try: bindTo(lc.c)})
+	}
+}
