@@ -759,7 +759,7 @@ func (e *Enforcer) Guards() []Guard {
 	}
 	gs := []Guard{
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
-		{Name: "listen", What: "bind() of an app with listen: to a port it does not list is refused (EACCES), TCP and UDP, IPv4 and IPv6", Active: true},
+		{Name: "listen", What: "bind() of an app with listen: to a port it does not list is refused (EACCES), TCP and UDP, IPv4 and IPv6; not covered: listen() on a never-bound socket, which the kernel binds to a port of its choosing without a bind hook", Active: true},
 		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
 		{Name: "udp-handover", What: "a connected UDP socket of an app takes datagrams only from the app's processes: others' are dropped at egress (EPERM); NFQUEUE-reinjected datagrams count as the verdict giver's",
 			Active: udpOn, Why: udpWhy},
