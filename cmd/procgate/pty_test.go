@@ -3,8 +3,11 @@ package main
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -23,8 +26,8 @@ import (
 // for, continued by fg). It exits 3.
 const ptyApp = `[ -t 0 ] && echo "isatty=yes"
 echo "size=$(stty size)"
-printf 'password: ' >/dev/tty
-stty -echo </dev/tty; read -r s </dev/tty; stty echo </dev/tty
+stty -echo </dev/tty; printf 'password: ' >/dev/tty
+read -r s </dev/tty; stty echo </dev/tty
 echo "got=$s"
 w=; trap 'w=1; echo "winch=$(stty size)"' WINCH
 echo waiting-winch
@@ -168,9 +171,10 @@ func TestRunPty(t *testing.T) {
 					t.Fatal(err)
 				}
 			case <-time.After(10 * time.Second): // a guard against hanging, not a timing assertion
+				states := procStates(append([]int{cmd.Process.Pid}, cgroupPids(e, tc.app)...))
 				_ = cmd.Process.Kill()
 				<-waited
-				t.Fatalf("procgate did not stop within 10s of ^Z:\n%s", term.text())
+				t.Fatalf("procgate did not stop within 10s of ^Z (processes: %s):\n%s", states, term.text())
 			}
 			if !ws.Stopped() {
 				t.Fatalf("procgate %v, want stopped after ^Z\n%s", ws, term.text())
@@ -197,4 +201,26 @@ func TestRunPty(t *testing.T) {
 			}
 		})
 	}
+}
+
+// cgroupPids lists the processes in app's cgroup.
+func cgroupPids(e *e2e, app string) []int {
+	b, _ := os.ReadFile(filepath.Join(e.cgroup, "procgate.apps", app, "cgroup.procs"))
+	var pids []int
+	for _, f := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// procStates says, for a failure message, what each process is doing.
+func procStates(pids []int) string {
+	var out []string
+	for _, pid := range pids {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		out = append(out, strings.TrimSpace(string(b)))
+	}
+	return strings.Join(out, "; ")
 }
