@@ -178,8 +178,21 @@ func merge(into, part *ruleset.Ruleset) {
 	into.Interfaces = union(into.Interfaces, part.Interfaces, func(s string) string { return s })
 	// Numbered on from the grants before, so that each has its own.
 	into.Everyone = append(into.Everyone, renumber(part.Everyone, len(into.Everyone))...)
-	// App names are distinct across files (parser.app checks).
-	into.Apps = append(into.Apps, part.Apps...)
+	// An app named again is a drop-in's extension (parser.extends): its
+	// grants are numbered on from the app's. Other names are new apps.
+	at := make(map[string]int, len(into.Apps))
+	for i, a := range into.Apps {
+		at[a.Name] = i
+	}
+	for _, a := range part.Apps {
+		if i, ok := at[a.Name]; ok {
+			have := &into.Apps[i]
+			have.Grants = append(have.Grants, renumber(a.Grants, len(have.Grants))...)
+			continue
+		}
+		at[a.Name] = len(into.Apps)
+		into.Apps = append(into.Apps, a)
+	}
 }
 
 // renumber returns grants numbered from first on, in order.

@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/procgate/procgate/ruleset"
 )
 
 const mainPolicy = `version: 1
@@ -262,4 +264,48 @@ func TestHash(t *testing.T) {
 	if Hash(two) == Hash(one) || Hash(two) == Hash(moved) {
 		t.Error("a drop-in, or its name, does not change the hash")
 	}
+}
+
+// TestDropinExtends: a drop-in entry of only name and allow adds grants to
+// an app of an earlier file, numbered on from its own; any other field
+// makes it a second definition, an error.
+func TestDropinExtends(t *testing.T) {
+	path := writePolicyDir(t, mainPolicy+"  - name: box\n    outside: deny\n", map[string]string{
+		"50-learned.yaml": "version: 1\napps:\n  - name: db\n    allow:\n      - to: 10.9.9.9/32\n        proto: tcp\n        ports: [5432]\n  - name: box\n    allow:\n      - to: 192.0.2.7/32\n        ports: [443]\n",
+	})
+	rs, warns, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(warns) != 0 {
+		t.Errorf("warnings %v: want none (box is a sandbox, its grant outside counts)", warns)
+	}
+	if len(rs.Apps) != 2 {
+		t.Fatalf("%d apps, want db and box only", len(rs.Apps))
+	}
+	db := rs.App("db")
+	if len(db.Grants) != 2 || db.Grants[1].Index != 1 || filepath.Base(db.Grants[1].Source.File) != "50-learned.yaml" ||
+		db.Grants[1].Prefix.String() != "10.9.9.9/32" || filepath.Base(db.Source.File) != "policy.yaml" {
+		t.Errorf("db %+v: want the main file's grant #0 and the drop-in's #1", db)
+	}
+	if dec := rs.Decide("db", mustDest(t, "10.9.9.9:5432/tcp")); !dec.Allow {
+		t.Errorf("the drop-in's grant does not allow: %v", dec)
+	}
+
+	path = writePolicyDir(t, mainPolicy, map[string]string{
+		"50-x.yaml": "version: 1\napps:\n  - name: db\n    outside: deny\n    allow:\n      - to: 10.9.9.9\n",
+	})
+	_, _, err = Load(path)
+	if err == nil || !strings.Contains(err.Error(), `50-x.yaml:3:11: apps[0].name: duplicate app "db"`) {
+		t.Errorf("error %v: want a duplicate app (an extension has only name and allow)", err)
+	}
+}
+
+func mustDest(t *testing.T, s string) ruleset.Dest {
+	t.Helper()
+	d, err := ruleset.ParseDest(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
 }

@@ -446,6 +446,9 @@ type grantCheck struct {
 	// everyone: an everyone grant, which sandboxed apps may need outside
 	// internal prefixes; sandboxed: a grant of an outside: deny app.
 	everyone, sandboxed bool
+	// app names the grant's app: a drop-in's extension of a sandbox is
+	// known to be one only once every file is read.
+	app string
 }
 
 // policy reads one file's policy (the main file's or a drop-in's) and the
@@ -533,6 +536,10 @@ func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
 	for _, c := range checks {
 		// A sandbox reaches only its grants, outside included; everyone's
 		// grants outside are for sandboxes.
+		if c.app != "" && !c.sandboxed {
+			a := rs.App(c.app)
+			c.sandboxed = a != nil && a.OutsideDeny
+		}
 		if c.sandboxed || (c.everyone && sandboxes) || overlaps(c.prefix) {
 			continue
 		}
@@ -666,8 +673,16 @@ func (p *parser) app(n *yaml.Node, field string) (ruleset.App, []grantCheck, boo
 		if name, ok := p.str(vals["name"], f); ok {
 			if !nameRE.MatchString(name) {
 				p.errorf(vals["name"], f, "invalid app name %q: want %s", name, namePattern)
-			} else if first, dup := p.appNames[name]; dup {
-				p.errorf(vals["name"], f, "duplicate app %q (first at %s)", name, p.place(first))
+			} else if first, dup := p.appNames[name]; dup && p.extends(first, vals) {
+				// A drop-in adding grants to an app of an earlier file:
+				// merge joins them (an extension has only name and allow).
+				app.Name = name
+			} else if dup {
+				hint := ""
+				if p.dropin && first.File != p.file {
+					hint = "; a drop-in adds grants to it with an entry of only name and allow"
+				}
+				p.errorf(vals["name"], f, "duplicate app %q (first at %s)%s", name, p.place(first), hint)
 			} else {
 				p.appNames[name] = ruleset.Source{File: p.file, Line: vals["name"].Line}
 				app.Name = name
@@ -705,7 +720,7 @@ func (p *parser) app(n *yaml.Node, field string) (ruleset.App, []grantCheck, boo
 	if n, ok := vals["allow"]; ok {
 		app.Grants, checks = p.grants(n, join(field, "allow"))
 		for i := range checks {
-			checks[i].sandboxed = app.OutsideDeny
+			checks[i].sandboxed, checks[i].app = app.OutsideDeny, app.Name
 		}
 	}
 	if n, ok := vals["listen"]; ok {
@@ -721,6 +736,22 @@ func (p *parser) app(n *yaml.Node, field string) (ruleset.App, []grantCheck, boo
 		}
 	}
 	return app, checks, true
+}
+
+// extends reports whether an app entry naming an app first defined at first
+// adds grants to it: in a drop-in, for an app of an earlier file, with no
+// field but name and allow (anything else would set the app twice), and
+// allow present.
+func (p *parser) extends(first ruleset.Source, vals map[string]*yaml.Node) bool {
+	if _, ok := vals["allow"]; !ok || !p.dropin || first.File == p.file {
+		return false
+	}
+	for k := range vals {
+		if k != "name" && k != "allow" {
+			return false
+		}
+	}
+	return true
 }
 
 // inbound reads `inbound: {dynamic: {control, ports, proto, lease}}`.
