@@ -66,9 +66,16 @@ type Request struct {
 	// revoke
 	Grant   *int `json:"grant,omitempty"`
 	Restore bool `json:"restore,omitempty"`
-	// events
-	Follow bool `json:"follow,omitempty"`
-	Last   int  `json:"last,omitempty"`
+	// events: App, and these filters, all of which a record must pass.
+	// The daemon filters, not the client: a caller other than root gets
+	// only the records of its own uid, whatever it asks.
+	Follow  bool      `json:"follow,omitempty"`
+	Last    int       `json:"last,omitempty"` // of the records that pass
+	Verdict string    `json:"verdict,omitempty"`
+	Since   time.Time `json:"since,omitzero"`
+	// DestPrefix: records whose destination address is in it (an
+	// address or a prefix).
+	DestPrefix string `json:"dest_prefix,omitempty"`
 	// run
 	// The caller's working directory comes as a descriptor after its stdio;
 	// Dir is its path, for messages.

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -151,6 +152,9 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 			return errResp("%v", err)
 		}
 		st.Pinholes = d.pinholeStatus(ctx)
+		if p.uid != 0 {
+			d.ownRows(st, p.uid)
+		}
 		return &api.Response{Status: st}
 	case api.OpExplain:
 		ex, err := d.explain(req)
@@ -177,10 +181,11 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 		}
 		return &api.Response{Reload: &gen, SocketsEnded: ended}
 	case api.OpEvents:
-		if r := rootOnly(); r != nil {
-			return r
+		keep, err := eventFilter(p, req)
+		if err != nil {
+			return errResp("%v", err)
 		}
-		d.streamEvents(ctx, conn, req)
+		d.streamEvents(ctx, conn, p, req, keep)
 		return nil
 	case api.OpAppInfo:
 		info, err := d.appInfo(req.App)
@@ -420,7 +425,70 @@ func (d *Daemon) appInfo(name string) (*api.AppInfo, error) {
 	return info, nil
 }
 
-func (d *Daemon) streamEvents(ctx context.Context, conn *net.UnixConn, req api.Request) {
+// ownRows keeps in st only what a caller other than root may see: the apps
+// it may run or whose processes it is (match.user), not the unbound
+// processes' counters nor other users' apps.
+func (d *Daemon) ownRows(st *api.Status, uid uint32) {
+	d.mu.Lock()
+	apps := map[string]ruleset.App{}
+	for _, a := range d.policy.Apps {
+		apps[a.Name] = a
+	}
+	d.mu.Unlock()
+	st.Apps = slices.DeleteFunc(st.Apps, func(as api.AppStatus) bool {
+		a, ok := apps[as.Name]
+		if !ok {
+			return true
+		}
+		if a.Match != nil {
+			return a.Kind() != ruleset.MatchUser || a.Match.UID != uid
+		}
+		return launch.Authorize(a, uid) != nil
+	})
+	st.Unbound = api.Counters{}
+}
+
+// eventFilter is the events request's filters, and for a caller other
+// than root, its own uid's records only.
+func eventFilter(p peer, req api.Request) (func(audit.Record) bool, error) {
+	var dest netip.Prefix
+	if req.DestPrefix != "" {
+		var err error
+		if dest, err = netip.ParsePrefix(req.DestPrefix); err != nil {
+			a, aerr := netip.ParseAddr(req.DestPrefix)
+			if aerr != nil {
+				return nil, fmt.Errorf("events: --dest %q is neither an address nor a prefix", req.DestPrefix)
+			}
+			dest = netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen())
+		}
+		dest = dest.Masked()
+	}
+	return func(r audit.Record) bool {
+		switch {
+		case p.uid != 0 && r.UID != p.uid:
+		case req.App != "" && r.App != req.App:
+		case req.Verdict != "" && r.Verdict != req.Verdict:
+		case !req.Since.IsZero() && r.Time.Before(req.Since):
+		case dest.IsValid() && !dest.Contains(recordAddr(r)):
+		default:
+			return true
+		}
+		return false
+	}, nil
+}
+
+// recordAddr is the address of a record's destination (ADDR:PORT/PROTO),
+// IPv4-mapped as IPv4; invalid when it has none.
+func recordAddr(r audit.Record) netip.Addr {
+	s, _, _ := strings.Cut(r.Dest, "/")
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr().Unmap()
+}
+
+func (d *Daemon) streamEvents(ctx context.Context, conn *net.UnixConn, p peer, req api.Request, keep func(audit.Record) bool) {
 	var live <-chan audit.Record
 	var cancel func()
 	if req.Follow {
@@ -428,10 +496,19 @@ func (d *Daemon) streamEvents(ctx context.Context, conn *net.UnixConn, req api.R
 		live, cancel = d.auditor.Subscribe(256)
 		defer cancel()
 	}
-	recs, err := audit.ReadLog(filepath.Join(d.cfg.StateDir, "audit.jsonl"), req.Last)
+	// With filters, the last N that pass: read them all.
+	n := req.Last
+	if req.App != "" || req.Verdict != "" || !req.Since.IsZero() || req.DestPrefix != "" || p.uid != 0 {
+		n = 0
+	}
+	recs, err := audit.ReadLog(filepath.Join(d.cfg.StateDir, "audit.jsonl"), n)
 	if err != nil {
 		_ = api.WriteLine(conn, errResp("%v", err))
 		return
+	}
+	recs = slices.DeleteFunc(recs, func(r audit.Record) bool { return !keep(r) })
+	if req.Last > 0 && len(recs) > req.Last {
+		recs = recs[len(recs)-req.Last:]
 	}
 	for _, r := range recs {
 		if err := writeEvent(conn, r); err != nil {
@@ -455,6 +532,9 @@ func (d *Daemon) streamEvents(ctx context.Context, conn *net.UnixConn, req api.R
 		case <-gone:
 			return
 		case r := <-live:
+			if !keep(r) {
+				continue
+			}
 			if err := writeEvent(conn, r); err != nil {
 				return
 			}

@@ -461,43 +461,104 @@ func explain(client func() api.Client, app string, pid int, policyFile string, a
 func eventsCmd(client func() api.Client) *cobra.Command {
 	var follow, asJSON bool
 	var last int
+	var f eventFlags
 	cmd := &cobra.Command{
-		Use:   "events [--follow] [--json] [--last N]",
+		Use:   "events [--follow] [--json] [--last N] [--app A] [--verdict V] [--since D] [--dest P]",
 		Short: "Show audit events: time, verdict, pid, comm, exe, uid, app, destination, rule",
+		Long: `Show audit events: time, verdict, pid, comm, exe, uid, app, destination, rule.
+
+The daemon filters: --last counts the events that pass. A caller other than
+root sees only the events of its own uid.`,
 		Example: `  procgate events --last 20
+  procgate events --app psql-prod --verdict deny --since 1h
+  procgate events --dest 10.1.0.0/16 --follow
   procgate events --follow --json | jq 'select(.verdict=="deny")'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			conn, r, err := client().Dial(api.Request{Op: api.OpEvents, Follow: follow, Last: last})
+			req, err := f.request()
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			out := cmd.OutOrStdout()
-			for {
-				resp, err := api.ReadResponse(r)
-				if err == io.EOF {
-					return nil
-				}
-				if err != nil {
-					return err
-				}
+			req.Follow, req.Last = follow, last
+			return streamEvents(client(), req, func(raw json.RawMessage, rec audit.Record) {
 				if asJSON {
-					fmt.Fprintln(out, string(resp.Event))
-					continue
+					fmt.Fprintln(cmd.OutOrStdout(), string(raw))
+				} else {
+					fmt.Fprintln(cmd.OutOrStdout(), rec.Text())
 				}
-				var rec audit.Record
-				if err := json.Unmarshal(resp.Event, &rec); err != nil {
-					return fmt.Errorf("decode event: %w", err)
-				}
-				fmt.Fprintln(out, rec.Text())
-			}
+			})
 		},
 	}
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new events")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON lines")
 	cmd.Flags().IntVar(&last, "last", 100, "print this many past events first (0: all)")
+	f.add(cmd, true)
 	return cmd
+}
+
+// eventFlags are the events filters, shared by events and learn.
+type eventFlags struct {
+	app, verdict, since, dest string
+}
+
+func (f *eventFlags) add(cmd *cobra.Command, all bool) {
+	cmd.Flags().StringVar(&f.since, "since", "", "only events since a duration ago (90m, 24h) or a time (2026-12-06T06:00:00Z)")
+	if !all {
+		return
+	}
+	cmd.Flags().StringVar(&f.app, "app", "", "only this app's events")
+	cmd.Flags().StringVar(&f.verdict, "verdict", "", "only events with this verdict: allow, deny, would-deny, open, close, refuse")
+	cmd.Flags().StringVar(&f.dest, "dest", "", "only events to an address in this prefix (10.1.0.0/16, fd00::/8, 10.1.2.3)")
+}
+
+func (f *eventFlags) request() (api.Request, error) {
+	since, err := parseSince(f.since, time.Now())
+	if err != nil {
+		return api.Request{}, err
+	}
+	return api.Request{Op: api.OpEvents, App: f.app, Verdict: f.verdict, Since: since, DestPrefix: f.dest}, nil
+}
+
+// parseSince reads --since: a duration back from now, or an RFC 3339 time.
+func parseSince(s string, now time.Time) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, nil
+	}
+	if d, err := time.ParseDuration(s); err == nil {
+		if d < 0 {
+			return time.Time{}, fmt.Errorf("--since %q: want a duration back from now (24h), not a negative one", s)
+		}
+		return now.Add(-d), nil
+	}
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("--since %q: want a duration (90m, 24h) or an RFC 3339 time (2026-12-06T06:00:00Z)", s)
+	}
+	return t, nil
+}
+
+// streamEvents asks the daemon for events and hands each to fn until the
+// daemon ends the stream.
+func streamEvents(c api.Client, req api.Request, fn func(json.RawMessage, audit.Record)) error {
+	conn, r, err := c.Dial(req)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	for {
+		resp, err := api.ReadResponse(r)
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		var rec audit.Record
+		if err := json.Unmarshal(resp.Event, &rec); err != nil {
+			return fmt.Errorf("decode event: %w", err)
+		}
+		fn(resp.Event, rec)
+	}
 }
 
 func revokeCmd(client func() api.Client) *cobra.Command {

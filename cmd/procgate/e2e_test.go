@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -374,6 +375,47 @@ func TestDaemonEnforcesReloadsAndRevokes(t *testing.T) {
 
 	t.Run("events show the denial", func(t *testing.T) {
 		waitEvent(t, e, `"dest":"10.1.2.3:5432/tcp"`, `"reason":"unbound"`, `"verdict":"deny"`)
+	})
+
+	t.Run("events filters", func(t *testing.T) {
+		waitEvent(t, e, `"dest":"10.1.3.3:5432/tcp"`, `"app":"db"`)
+		lines := func(cred *syscall.Credential, args ...string) []string {
+			t.Helper()
+			out, err := e.procgateAs(cred, nil, append([]string{"events", "--json", "--last", "0"}, args...)...)
+			if err != nil {
+				t.Fatalf("events %v: %v\n%s", args, err, out)
+			}
+			var got []string
+			for _, l := range strings.Split(out, "\n") {
+				if l != "" {
+					got = append(got, l)
+				}
+			}
+			return got
+		}
+		db := lines(nil, "--app", "db", "--verdict", "deny")
+		if len(db) != 2 || !strings.Contains(db[0], `"dest":"10.1.2.3:5433/tcp"`) || !strings.Contains(db[1], `"dest":"10.1.3.3:5432/tcp"`) {
+			t.Errorf("events --app db --verdict deny: %q, want db's two denials", db)
+		}
+		if got := lines(nil, "--dest", "10.1.3.0/24"); len(got) != 1 || !strings.Contains(got[0], `"10.1.3.3:5432/tcp"`) {
+			t.Errorf("events --dest 10.1.3.0/24: %q", got)
+		}
+		if got := lines(nil, "--app", "db", "--last", "1"); len(got) != 1 || !strings.Contains(got[0], "10.1.3.3") {
+			t.Errorf("events --app db --last 1: %q, want the last of db's", got)
+		}
+		if got := lines(nil, "--since", time.Now().Add(time.Hour).UTC().Format(time.RFC3339)); len(got) != 0 {
+			t.Errorf("events --since an hour ahead: %q", got)
+		}
+		// The probers run as root: nobody sees none of their events, and
+		// of the apps only db, which it may run.
+		if got := lines(nobody); len(got) != 0 {
+			t.Errorf("events as nobody: %q, want none of root's", got)
+		}
+		out, err := e.procgateAs(nobody, nil, "status", "--json")
+		var st api.Status
+		if err != nil || json.Unmarshal([]byte(out), &st) != nil || len(st.Apps) != 1 || st.Apps[0].Name != "db" || st.Unbound.Deny != 0 {
+			t.Errorf("status as nobody: %v: want the db row only\n%s", err, out)
+		}
 	})
 
 	t.Run("explain equals the kernel", func(t *testing.T) {
@@ -930,7 +972,6 @@ apps:
 	t.Run("root-only operations refuse other users", func(t *testing.T) {
 		for _, args := range [][]string{
 			{"revoke", "--app", "logged"},
-			{"events", "--last", "1"},
 			{"reload"},
 		} {
 			out, err := e.procgateAs(nobody, nil, args...)
