@@ -1,7 +1,8 @@
 // Package learn turns an app's denied attempts into the grants that would
 // have allowed them: a policy fragment an administrator reads, edits and
 // adds as a drop-in (the policy's way to add grants to an app defined in
-// another file). It is a pure function of the audit records it is given.
+// another file). Learn is a pure function of the audit records it is given;
+// Write checks a fragment with the whole policy before writing it.
 //
 // It never proposes a grant wider than asked: an address becomes /32 or
 // /128, a port list holds the attempted ports (a range only for

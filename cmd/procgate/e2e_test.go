@@ -377,7 +377,7 @@ func TestDaemonEnforcesReloadsAndRevokes(t *testing.T) {
 		waitEvent(t, e, `"dest":"10.1.2.3:5432/tcp"`, `"reason":"unbound"`, `"verdict":"deny"`)
 	})
 
-	t.Run("events filters", func(t *testing.T) {
+	t.Run("events filters and learn", func(t *testing.T) {
 		waitEvent(t, e, `"dest":"10.1.3.3:5432/tcp"`, `"app":"db"`)
 		lines := func(cred *syscall.Credential, args ...string) []string {
 			t.Helper()
@@ -415,6 +415,11 @@ func TestDaemonEnforcesReloadsAndRevokes(t *testing.T) {
 		var st api.Status
 		if err != nil || json.Unmarshal([]byte(out), &st) != nil || len(st.Apps) != 1 || st.Apps[0].Name != "db" || st.Unbound.Deny != 0 {
 			t.Errorf("status as nobody: %v: want the db row only\n%s", err, out)
+		}
+		out, err = e.procgate("learn", "--app", "db")
+		if err != nil || !strings.Contains(out, "- to: 10.1.2.3/32\n        proto: tcp\n        ports: [5433]\n") ||
+			!strings.Contains(out, "- to: 10.1.3.3/32\n") {
+			t.Errorf("learn --app db: %v\n%s", err, out)
 		}
 	})
 
