@@ -339,6 +339,9 @@ type portUnion struct{ tcp, udp []ruleset.PortRange }
 func unionByPrefix(grants []ruleset.Grant) map[netip.Prefix]*portUnion {
 	own := map[netip.Prefix]*portUnion{}
 	for _, g := range grants {
+		if g.Name != "" {
+			continue // a name grant's addresses are learned (names.go), not in the trie
+		}
 		p := g.Prefix.Masked()
 		u := own[p]
 		if u == nil {

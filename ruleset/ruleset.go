@@ -75,15 +75,29 @@ type Grant struct {
 	// Index is the grant's position in the app's allow list, from 0; it is
 	// what `revoke --grant N` names.
 	Index  int
-	Prefix netip.Prefix // masked; IPv4 prefixes are 4-byte (never 4in6)
+	Prefix netip.Prefix // masked; IPv4 prefixes are 4-byte (never 4in6); invalid for a name grant
+	// Name, when set, makes this a DNS-name grant (policy `to:
+	// db.corp.example` or `*.corp.example`): it covers the addresses DNS
+	// answers gave the app for the name (Learned), until they expire.
+	// Lower case, without a trailing dot; Prefix is then the zero value.
+	Name   string
 	Proto  Proto
 	Ports  []PortRange // sorted by Lo, each as written (never widened); never empty
 	Source Source
 }
 
-// Covers reports whether g allows d.
+// Covers reports whether g allows d. A name grant covers no destination
+// by itself: only the addresses learned for its name (CoversLearned).
 func (g Grant) Covers(d Dest) bool {
-	if g.Proto&d.Proto == 0 || !g.Prefix.Contains(d.Addr) {
+	if g.Name != "" || !g.Prefix.Contains(d.Addr) {
+		return false
+	}
+	return g.CoversPort(d)
+}
+
+// CoversPort reports whether g's protocols and ports take d's.
+func (g Grant) CoversPort(d Dest) bool {
+	if g.Proto&d.Proto == 0 {
 		return false
 	}
 	for _, r := range g.Ports {
@@ -99,7 +113,59 @@ func (g Grant) String() string {
 	for i, r := range g.Ports {
 		ports[i] = r.String()
 	}
-	return fmt.Sprintf("#%d %s %s ports %s", g.Index, g.Prefix, g.Proto, strings.Join(ports, ","))
+	to := g.Prefix.String()
+	if g.Name != "" {
+		to = g.Name
+	}
+	return fmt.Sprintf("#%d %s %s ports %s", g.Index, to, g.Proto, strings.Join(ports, ","))
+}
+
+// MatchesName reports whether the name grant g stands for the DNS name q
+// (lower case, no trailing dot): `db.corp.example` for itself only,
+// `*.corp.example` for every name below corp.example, at any depth, but
+// not for corp.example itself.
+func (g Grant) MatchesName(q string) bool {
+	if g.Name == "" {
+		return false
+	}
+	if suffix, ok := strings.CutPrefix(g.Name, "*"); ok {
+		return len(q) > len(suffix) && strings.HasSuffix(q, suffix)
+	}
+	return q == g.Name
+}
+
+// Learned is one address a DNS answer gave an app for a name: the fact a
+// name grant stands on. The daemon learns them from the answers it relays
+// (the DNS proxy), and the kernel holds them until Expires.
+type Learned struct {
+	App  string
+	Name string // the name the app asked, lower case, no trailing dot
+	Addr netip.Addr
+	// Expires is when the answer's TTL, plus the daemon's grace period,
+	// runs out.
+	Expires time.Time
+	// Answer is the answer as the resolver gave it, for explain: the
+	// CNAME chain and the record, "db.corp.example. 30 IN CNAME
+	// db1.corp.example.; db1.corp.example. 30 IN A 10.1.2.3".
+	Answer string
+	// Resolver is where the answer came from.
+	Resolver netip.AddrPort
+}
+
+func (l Learned) String() string {
+	return fmt.Sprintf("%s is %s until %s (answer from %s: %s)", l.Name, l.Addr, l.Expires.UTC().Format(time.RFC3339), l.Resolver, l.Answer)
+}
+
+// NameMatch is a name grant that covers a destination and the learned
+// answer that makes it cover it.
+type NameMatch struct {
+	Grant   Grant
+	Learned Learned
+}
+
+// HasNames reports whether the app has DNS-name grants.
+func (a *App) HasNames() bool {
+	return slices.ContainsFunc(a.Grants, func(g Grant) bool { return g.Name != "" })
 }
 
 // Exe is a binary that holds an app's grants.
@@ -352,6 +418,13 @@ const (
 	// ReasonNotListen: a bind by a process whose app has no listen: (or of
 	// no app), untouched. Never in an audit event.
 	ReasonNotListen Reason = 15
+	// ReasonName: a name grant of the app covers it, through an address a
+	// DNS answer gave the app for the name, before it expired.
+	ReasonName Reason = 16
+	// ReasonNameCap: a DNS answer for a name grant was not learned (whole
+	// or in part): the name holds as many addresses as the daemon's cap
+	// allows. Only in the daemon's audit records.
+	ReasonNameCap Reason = 17
 )
 
 func (r Reason) String() string {
@@ -386,6 +459,10 @@ func (r Reason) String() string {
 		return "listen"
 	case ReasonNotListen:
 		return "no-listen-policy"
+	case ReasonName:
+		return "granted-name"
+	case ReasonNameCap:
+		return "name-cap"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }
@@ -400,6 +477,9 @@ type Decision struct {
 	// Everyone is every everyone grant that covers the destination, when
 	// the app's own grants do not.
 	Everyone []Grant
+	// Names are the app's name grants that cover the destination, each
+	// with the answer behind it, when its prefix grants do not.
+	Names []NameMatch
 	// Listen is the app's listen: behind a bind decision.
 	Listen *Listen
 }
@@ -438,6 +518,13 @@ func (d Decision) String() string {
 		if s := g.Source.String(); s != "" {
 			b.WriteString(" [" + s + "]")
 		}
+	}
+	for _, m := range d.Names {
+		fmt.Fprintf(&b, "; grant %s", m.Grant)
+		if s := m.Grant.Source.String(); s != "" {
+			b.WriteString(" [" + s + "]")
+		}
+		fmt.Fprintf(&b, " by answer: %s", m.Learned)
 	}
 	for _, g := range d.Everyone {
 		fmt.Fprintf(&b, "; everyone grant %s", g)
@@ -510,6 +597,15 @@ func covering(gs []Grant, d Dest) []Grant {
 // know is treated as unbound. The app's own grants are asked before everyone's,
 // as the kernel does, so Reason names them when both cover d.
 func (rs *Ruleset) Decide(app string, d Dest) Decision {
+	return rs.DecideLearned(app, d, nil, time.Time{})
+}
+
+// DecideLearned is Decide with the addresses DNS answers gave apps for
+// their name grants: when the app's prefix grants do not cover d, a name
+// grant does if an unexpired fact of learned (Expires after now) gives the
+// app d's address for a name the grant stands for (Reason ReasonName).
+// The kernel asks in the same order.
+func (rs *Ruleset) DecideLearned(app string, d Dest, learned []Learned, now time.Time) Decision {
 	d = d.Normalize()
 	var in *InternalPrefix
 	for i := range rs.Internal {
@@ -539,6 +635,10 @@ func (rs *Ruleset) Decide(app string, d Dest) Decision {
 			dec.Allow, dec.Reason = true, ReasonGranted
 			return dec
 		}
+		if dec.Names = coveringNames(a, d, learned, now); len(dec.Names) > 0 {
+			dec.Allow, dec.Reason = true, ReasonName
+			return dec
+		}
 	}
 	if in == nil {
 		// A sandbox's external destination without a grant of its own.
@@ -555,6 +655,30 @@ func (rs *Ruleset) Decide(app string, d Dest) Decision {
 		dec.Allow, dec.Reason = true, ReasonEveryone
 	}
 	return dec
+}
+
+// coveringNames is every name grant of a that covers d through a fact of
+// learned, with the fact that expires last.
+func coveringNames(a *App, d Dest, learned []Learned, now time.Time) []NameMatch {
+	var out []NameMatch
+	for _, g := range a.Grants {
+		if g.Name == "" || !g.CoversPort(d) {
+			continue
+		}
+		best := -1
+		for i, l := range learned {
+			if l.App != a.Name || l.Addr.Unmap() != d.Addr || !l.Expires.After(now) || !g.MatchesName(l.Name) {
+				continue
+			}
+			if best < 0 || l.Expires.After(learned[best].Expires) {
+				best = i
+			}
+		}
+		if best >= 0 {
+			out = append(out, NameMatch{Grant: g, Learned: learned[best]})
+		}
+	}
+	return out
 }
 
 // Clone returns a deep copy, so that a derived ruleset (a revocation) never

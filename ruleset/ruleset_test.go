@@ -2,7 +2,9 @@ package ruleset
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseDest(t *testing.T) {
@@ -263,6 +265,93 @@ func TestPrincipal(t *testing.T) {
 	} {
 		if got := rs.Principal(tt.cgroup, tt.uid, "procgate.apps"); got != tt.want {
 			t.Errorf("Principal(%q, uid %d) = %q, want %q", tt.cgroup, tt.uid, got, tt.want)
+		}
+	}
+}
+
+func TestMatchesName(t *testing.T) {
+	for _, tc := range []struct {
+		grant, q string
+		want     bool
+	}{
+		{"db.corp.example", "db.corp.example", true},
+		{"db.corp.example", "x.db.corp.example", false},
+		{"db.corp.example", "corp.example", false},
+		{"*.corp.example", "db.corp.example", true},
+		{"*.corp.example", "a.b.corp.example", true},
+		{"*.corp.example", "corp.example", false},
+		{"*.corp.example", "evilcorp.example", false},
+		{"*.corp.example", "db.corp.example.evil", false},
+	} {
+		if got := (Grant{Name: tc.grant}).MatchesName(tc.q); got != tc.want {
+			t.Errorf("%s matches %s = %v, want %v", tc.grant, tc.q, got, tc.want)
+		}
+	}
+	if (Grant{Prefix: netip.MustParsePrefix("10.0.0.0/8")}).MatchesName("db.corp.example") {
+		t.Error("a prefix grant matches a name")
+	}
+}
+
+func TestDecideLearned(t *testing.T) {
+	p := netip.MustParsePrefix
+	a := netip.MustParseAddr
+	now := time.Date(2026, 12, 6, 6, 0, 0, 0, time.UTC)
+	rs := &Ruleset{
+		Internal: []InternalPrefix{{Prefix: p("10.0.0.0/8")}},
+		Apps: []App{
+			{Name: "web", Grants: []Grant{
+				{Index: 0, Name: "db.corp.example", Proto: TCP, Ports: []PortRange{{5432, 5432}}},
+				{Index: 1, Name: "*.corp.example", Proto: Both, Ports: []PortRange{{443, 443}}},
+			}},
+			{Name: "box", OutsideDeny: true, Grants: []Grant{
+				{Index: 0, Name: "api.example.com", Proto: TCP, Ports: []PortRange{{443, 443}}},
+			}},
+			{Name: "other"},
+		},
+	}
+	learned := []Learned{
+		{App: "web", Name: "db.corp.example", Addr: a("10.1.2.3"), Expires: now.Add(time.Minute), Answer: "db.corp.example. 60 IN A 10.1.2.3"},
+		{App: "web", Name: "old.corp.example", Addr: a("10.1.2.4"), Expires: now.Add(-time.Second)},
+		{App: "web", Name: "www.corp.example", Addr: a("10.1.2.5"), Expires: now.Add(time.Minute)},
+		{App: "box", Name: "api.example.com", Addr: a("192.0.2.10"), Expires: now.Add(time.Minute)},
+		{App: "other", Name: "db.corp.example", Addr: a("10.1.2.6"), Expires: now.Add(time.Minute)},
+	}
+	for _, tc := range []struct {
+		app, dest string
+		allow     bool
+		reason    Reason
+		names     int
+	}{
+		{"web", "10.1.2.3:5432", true, ReasonName, 1},
+		{"web", "[::ffff:10.1.2.3]:5432", true, ReasonName, 1},
+		{"web", "10.1.2.3:5433", false, ReasonNoGrant, 0},
+		{"web", "10.1.2.3:443/udp", true, ReasonName, 1}, // *.corp.example covers db.corp.example
+		{"web", "10.1.2.4:443", false, ReasonNoGrant, 0}, // expired
+		{"web", "10.1.2.5:443", true, ReasonName, 1},
+		{"web", "10.1.2.5:5432", false, ReasonNoGrant, 0},   // www is not db
+		{"web", "10.1.2.6:5432", false, ReasonNoGrant, 0},   // another app's answer
+		{"other", "10.1.2.6:5432", false, ReasonNoGrant, 0}, // no name grant
+		{"box", "192.0.2.10:443", true, ReasonName, 1},
+		{"box", "192.0.2.11:443", false, ReasonOutside, 0},
+		{"", "10.1.2.3:5432", false, ReasonUnbound, 0},
+	} {
+		d, err := ParseDest(tc.dest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dec := rs.DecideLearned(tc.app, d, learned, now)
+		if dec.Allow != tc.allow || dec.Reason != tc.reason || len(dec.Names) != tc.names {
+			t.Errorf("%s %s: %v, want allow %v reason %v names %d", tc.app, tc.dest, dec, tc.allow, tc.reason, tc.names)
+		}
+		if without := rs.Decide(tc.app, d); without.Allow && tc.reason == ReasonName {
+			t.Errorf("%s %s allowed without learned answers: %v", tc.app, tc.dest, without)
+		}
+	}
+	d, _ := ParseDest("10.1.2.3:5432")
+	got := rs.DecideLearned("web", d, learned, now).String()
+	for _, want := range []string{"granted-name", "#0 db.corp.example tcp ports 5432", "db.corp.example. 60 IN A 10.1.2.3"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("explain %q does not say %q", got, want)
 		}
 	}
 }
