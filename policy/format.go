@@ -184,7 +184,11 @@ func grantList(gs []ruleset.Grant) *yaml.Node {
 }
 
 func grantNode(g ruleset.Grant) *yaml.Node {
-	n := mapping(0, text("to"), text(g.Prefix.String()))
+	to := g.Prefix.String()
+	if g.Name != "" {
+		to = g.Name
+	}
+	n := mapping(0, text("to"), text(to))
 	n.Content = appendProto(n.Content, g.Proto)
 	if len(g.Ports) != 1 || g.Ports[0] != ruleset.AllPorts {
 		n.Content = append(n.Content, text("ports"), portList(g.Ports))

@@ -42,7 +42,14 @@ func FuzzParse(f *testing.F) {
 		}
 		for _, a := range rs.Apps {
 			for i, g := range a.Grants {
-				if !canonicalPrefix(g.Prefix) || g.Index != i || g.Proto&^ruleset.Both != 0 || g.Proto == 0 {
+				// A name grant has no prefix, and its name is what
+				// parseName keeps.
+				canonicalTo := canonicalPrefix(g.Prefix)
+				if g.Name != "" {
+					n, msg := parseName(g.Name)
+					canonicalTo = !g.Prefix.IsValid() && msg == "" && n == g.Name
+				}
+				if !canonicalTo || g.Index != i || g.Proto&^ruleset.Both != 0 || g.Proto == 0 {
 					t.Errorf("app %s grant %v is not canonical", a.Name, g)
 				}
 				if len(g.Ports) == 0 {

@@ -443,6 +443,7 @@ type grantCheck struct {
 	to     *yaml.Node
 	field  string
 	prefix netip.Prefix
+	name   string // a name grant's name: no prefix to check
 	// everyone: an everyone grant, which sandboxed apps may need outside
 	// internal prefixes; sandboxed: a grant of an outside: deny app.
 	everyone, sandboxed bool
@@ -484,6 +485,12 @@ func (p *parser) policy(root *yaml.Node) (*ruleset.Ruleset, []grantCheck) {
 		rs.Everyone, checks = p.everyone(n, "everyone")
 		for i := range checks {
 			checks[i].everyone = true
+			if c := checks[i]; c.name != "" {
+				// Whose DNS answers would stand for everyone's? A name
+				// grant is learned from one app's own queries.
+				p.file = c.file
+				p.errorf(c.to, c.field, "DNS name %q in an everyone grant: name grants are for apps (they stand for the answers the app itself got); write the resolver's or service's address", c.name)
+			}
 		}
 	}
 	if n, ok := vals["apps"]; ok {
@@ -540,7 +547,8 @@ func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
 			a := rs.App(c.app)
 			c.sandboxed = a != nil && a.OutsideDeny
 		}
-		if c.sandboxed || (c.everyone && sandboxes) || overlaps(c.prefix) {
+		// A name's addresses are unknown until answered.
+		if c.name != "" || c.sandboxed || (c.everyone && sandboxes) || overlaps(c.prefix) {
 			continue
 		}
 		p.file = c.file
@@ -982,8 +990,8 @@ func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, b
 	before := len(p.errs)
 	if p.require(vals, n, field, "to") {
 		c = grantCheck{file: p.file, to: vals["to"], field: join(field, "to")}
-		c.prefix, _ = p.prefix(vals["to"], c.field)
-		g.Prefix = c.prefix
+		c.prefix, c.name, _ = p.destination(vals["to"], c.field)
+		g.Prefix, g.Name = c.prefix, c.name
 	}
 	if n, ok := vals["proto"]; ok {
 		if proto, ok := word(p, n, join(field, "proto"), "proto", protoWords, "tcp, udp or both (omit for both)"); ok {
@@ -1103,6 +1111,92 @@ func (p *parser) prefix(n *yaml.Node, field string) (netip.Prefix, bool) {
 		return netip.Prefix{}, false
 	}
 	return pf, true
+}
+
+// destination reads a grant's to: a prefix or address (as prefix reads
+// it), or a DNS name or *.domain (name, lower case, without the trailing
+// dot of a fully qualified name).
+func (p *parser) destination(n *yaml.Node, field string) (netip.Prefix, string, bool) {
+	s, ok := p.str(n, field)
+	if !ok {
+		return netip.Prefix{}, "", false
+	}
+	if looksLikeAddress(s) {
+		pf, msg := parsePrefix(s)
+		if msg != "" {
+			p.errorf(n, field, "%s", msg)
+			return netip.Prefix{}, "", false
+		}
+		return pf, "", true
+	}
+	name, msg := parseName(s)
+	if msg != "" {
+		p.errorf(n, field, "%s", msg)
+		return netip.Prefix{}, "", false
+	}
+	return netip.Prefix{}, name, true
+}
+
+// looksLikeAddress: is s meant as an address or prefix rather than a
+// name? Addresses have a ':' (IPv6) or a '/', or are digits and dots
+// only; a name's last label is never all digits (parseName).
+func looksLikeAddress(s string) bool {
+	return strings.ContainsAny(s, ":/") || strings.Trim(s, "0123456789.") == ""
+}
+
+// MaxNameLen is the longest DNS name, in its dotted form (RFC 1035 2.3.4).
+const MaxNameLen = 253
+
+// parseName checks a DNS name grant's name: labels of letters, digits and
+// inner hyphens, 1-63 characters each, at least two labels (a single label
+// would be completed by search domains the daemon does not know), the last
+// not all digits (so that a mistyped address is never taken for a name),
+// optionally after "*." (every name below the domain) and before a final
+// dot. Names are matched case-insensitively, so they are kept lower case.
+func parseName(s string) (string, string) {
+	bad := func(why string) (string, string) {
+		return "", fmt.Sprintf("invalid destination %q: %s; want ADDRESS, ADDRESS/BITS, a DNS name (db.corp.example) or *.DOMAIN (*.corp.example)", s, why)
+	}
+	name := strings.ToLower(strings.TrimSuffix(s, "."))
+	rest, wild := strings.CutPrefix(name, "*.")
+	if len(name) > MaxNameLen {
+		return bad(fmt.Sprintf("longer than %d characters", MaxNameLen))
+	}
+	labels := strings.Split(rest, ".")
+	if len(labels) < 2 {
+		return bad("a name needs a domain (two labels or more)")
+	}
+	for _, l := range labels {
+		if msg := checkLabel(l); msg != "" {
+			return bad(msg)
+		}
+	}
+	if digits(labels[len(labels)-1]) {
+		return bad("the last label is all digits (a mistyped address?)")
+	}
+	if wild {
+		return "*." + rest, ""
+	}
+	return rest, ""
+}
+
+func checkLabel(l string) string {
+	switch {
+	case l == "":
+		return "empty label"
+	case len(l) > 63:
+		return fmt.Sprintf("label %q longer than 63 characters", l)
+	case l == "*" || strings.Contains(l, "*"):
+		return "'*' only as the whole first label (*.corp.example)"
+	case l[0] == '-' || l[len(l)-1] == '-':
+		return fmt.Sprintf("label %q starts or ends with '-'", l)
+	}
+	for _, c := range l {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return fmt.Sprintf("character %q not allowed in a name (letters, digits, '-')", c)
+		}
+	}
+	return ""
 }
 
 func parsePrefix(s string) (netip.Prefix, string) {

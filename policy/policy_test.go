@@ -244,6 +244,26 @@ func TestLoadValid(t *testing.T) {
 			},
 		},
 		{
+			file: "testdata/valid/names.yaml",
+			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
+				return &ruleset.Ruleset{
+					Internal:  []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8"), Source: src(3)}},
+					AuditRate: DefaultAuditRate,
+					Everyone: []ruleset.Grant{
+						{Index: 0, Prefix: pfx("10.0.0.53/32"), Proto: ruleset.UDP, Ports: ports(port1(53)), Source: src(6)},
+					},
+					Apps: []ruleset.App{
+						{Name: "sandboxed", Source: src(10), OutsideDeny: true, Grants: []ruleset.Grant{
+							{Index: 0, Name: "db.corp.example", Proto: ruleset.Both, Ports: ports(port1(5432)), Source: src(13)},
+							// Lower case, without the final dot.
+							{Index: 1, Name: "*.corp.example", Proto: ruleset.TCP, Ports: ports(port1(443), ruleset.PortRange{Lo: 8000, Hi: 8100}), Source: src(15)},
+							{Index: 2, Name: "api.example.com", Proto: ruleset.TCP, Ports: ports(port1(443)), Source: src(18)},
+						}},
+					},
+				}
+			},
+		},
+		{
 			file: "testdata/valid/listen.yaml",
 			want: func(src func(int) ruleset.Source) *ruleset.Ruleset {
 				return &ruleset.Ruleset{
