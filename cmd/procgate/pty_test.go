@@ -224,3 +224,70 @@ func procStates(pids []int) string {
 	}
 	return strings.Join(out, "; ")
 }
+
+// TestRunJobControlInShell drives an interactive bash of nobody in tmux,
+// as a user would: ^Z stops the app and gives the prompt back, the shell
+// works meanwhile, fg continues the app at the keyboard, and the app's
+// status is procgate's.
+func TestRunJobControlInShell(t *testing.T) {
+	nstest.RequireRoot(t)
+	tmux, err := exec.LookPath("tmux")
+	if err != nil {
+		t.Fatalf("tmux is missing: install the Debian package tmux (make deps): %v", err)
+	}
+	e := newE2EIn(t, callerPolicy, nstest.NetNS(t), true, "--guard-gid", "65533")
+	sock := filepath.Join(e.dir, "tmux.sock")
+	tm := func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command(tmux, append([]string{"-S", sock}, args...)...)
+		cmd.Env = append(os.Environ(), "TERM=xterm")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("tmux %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	tm("new-session", "-d", "-x", "150", "-y", "40",
+		"setpriv --reuid=65534 --regid=65534 --clear-groups env -i PATH=/usr/bin:/bin HOME=/ TERM=screen PS1='$ ' bash --norc --noprofile -i")
+	t.Cleanup(func() { _ = exec.Command(tmux, "-S", sock, "kill-server").Run() })
+	waitPane := func(want string, count int) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second) // a guard against hanging, not a timing assertion
+		for {
+			pane := tm("capture-pane", "-p", "-S", "-100")
+			if strings.Count(pane, want) >= count {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("pane never showed %q %d times:\n%s", want, count, pane)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitPane("$", 1) // the prompt (capture-pane drops trailing blanks)
+	tm("send-keys", fmt.Sprintf("%s=1 %s --socket %s run --app shell -- sh -c 'echo in-app-$((6*7)); exec cat'", envAsMain, e.bin, e.socket), "Enter")
+	waitPane("in-app-42", 1)
+	tm("send-keys", "C-z")
+	waitPane("Stopped", 1)
+	tm("send-keys", "echo shell-$((2*3))", "Enter")
+	waitPane("shell-6", 1)
+	tm("send-keys", "fg", "Enter")
+	tm("send-keys", "typed-line", "Enter")
+	waitPane("typed-line", 2) // the terminal's echo, and cat's copy
+	tm("send-keys", "C-d")
+	// Keys typed before procgate has exited would go to the app's pty, as
+	// with ssh -t: type once the prompt is back.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		lines := strings.Fields(strings.TrimSpace(tm("capture-pane", "-p")))
+		if len(lines) > 0 && lines[len(lines)-1] == "$" && strings.Count(strings.Join(lines, " "), "typed-line") >= 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no prompt after the app ended:\n%s", tm("capture-pane", "-p"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	tm("send-keys", "echo status=$?", "Enter")
+	waitPane("status=0", 1)
+}
