@@ -106,10 +106,14 @@ func samePrefixes(a, b []ruleset.InternalPrefix) bool {
 }
 
 // Route and link events are coalesced: a VPN client adds its routes in a
-// burst, one netlink message each, microseconds apart, and one generation
-// per burst is enough. The routes are re-read once no event came for
-// routeQuiet, or routeMaxWait after the burst's first event, whichever is
-// first.
+// burst, one netlink message each, microseconds apart, and a generation per
+// route would be a grace period (about 10 ms) each. A burst's first event
+// is refreshed at once, with no timer between a route and its enforcement
+// (on a loaded machine a 1 ms timer fires tens of ms late); the burst's
+// later events are refreshed once more when it ends: routeQuiet after the
+// last, or routeMaxWait after the first. A refresh that finds the routes as
+// they were makes no generation, so a burst the first refresh read whole
+// costs one generation, any other two.
 const (
 	routeQuiet   = time.Millisecond
 	routeMaxWait = 5 * time.Millisecond
@@ -224,15 +228,21 @@ func (rw *routeWatch) subscribe(ctx context.Context) (err error) {
 	rw.signal() // whatever changed while not subscribed
 	names := map[int]string{}
 	var quiet, limit <-chan time.Time
+	pending := false // events since the burst's first refresh
 	burst := func() {
 		if limit == nil {
+			rw.signal()
 			limit = time.After(routeMaxWait)
+		} else {
+			pending = true
 		}
 		quiet = time.After(routeQuiet)
 	}
 	flush := func() {
-		quiet, limit = nil, nil
-		rw.signal()
+		if pending {
+			rw.signal()
+		}
+		quiet, limit, pending = nil, nil, false
 	}
 	for {
 		select {
