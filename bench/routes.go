@@ -239,7 +239,7 @@ func (r *results) routesTarget() targetResult {
 	if !*tr.Met {
 		tr.Gap = fmt.Sprintf("%.2f ms over", rt.Add.P99-10)
 	}
-	tr.Why = fmt.Sprintf("removal to the first allowed connect: p50 %.2f ms, p99 %.2f ms; the daemon re-reads the routes once per burst of events (1 ms without one, at most 5 ms after the first), then applies a generation", rt.Del.P50, rt.Del.P99)
+	tr.Why = fmt.Sprintf("removal to the first allowed connect: p50 %.2f ms, p99 %.2f ms; the daemon re-reads the routes at a burst's first event, at once, and once more when the burst ends, then applies a generation (its switch is what the client sees); on 2 CPUs under load average %s a woken daemon may wait tens of ms for a CPU", rt.Del.P50, rt.Del.P99, strings.Join(rt.LoadAvg, " → "))
 	return tr
 }
 
