@@ -15,6 +15,15 @@ import (
 // (an hour), so that only an event can meet it.
 const eventDeadline = 2 * time.Second
 
+// testSettle is the daemon's --settle in TestPolicyFollowsFileEvents: ten
+// times the pause between the pieces of a file written in pieces, so that
+// a test process the scheduler holds back does not look like a writer that
+// finished.
+const (
+	testSettle = 500 * time.Millisecond
+	piecePause = 40 * time.Millisecond
+)
+
 func sha(s string) string {
 	sum := sha256.Sum256([]byte(s))
 	return hex.EncodeToString(sum[:])
@@ -53,7 +62,7 @@ func policyWithApps(apps ...string) string {
 // follows the policy file through inotify: renames over it, ..data symlink
 // swaps, and a file written in pieces, of which it applies only the whole.
 func TestPolicyFollowsFileEvents(t *testing.T) {
-	e := newE2EWith(t, policyWithApps("a"), false, "--poll", "1h")
+	e := newE2EWith(t, policyWithApps("a"), false, "--poll", "1h", "--settle", testSettle.String())
 	e.waitPolicy(sha(policyWithApps("a")), "the first policy")
 
 	t.Run("rename over the file", func(t *testing.T) {
@@ -90,13 +99,13 @@ func TestPolicyFollowsFileEvents(t *testing.T) {
 			if _, err := f.WriteString(p); err != nil {
 				t.Fatal(err)
 			}
-			time.Sleep(40 * time.Millisecond) // within the settle delay
+			time.Sleep(piecePause) // within the settle delay
 		}
 		if err := f.Close(); err != nil {
 			t.Fatal(err)
 		}
 		gen := e.waitPolicy(sha(whole), "a policy written in pieces")
-		time.Sleep(3 * 150 * time.Millisecond)
+		time.Sleep(2 * testSettle) // no later generation either
 		if st := e.status(); gen != before+1 || st.Generation != gen {
 			t.Fatalf("generations %d -> %d -> %d: want exactly one, the whole file's; a piece was applied\n%s",
 				before, gen, st.Generation, e.daemonLog())
