@@ -16,6 +16,7 @@ var debianPackage = map[string]string{
 	"nsenter": "util-linux",
 	"setpriv": "util-linux",
 	"bash":    "bash",
+	"tmux":    "tmux",
 }
 
 // sbinDirs are searched after $PATH: vsftpd and nft live in /usr/sbin,
