@@ -432,8 +432,10 @@ func (w *world) startDaemon(t *testing.T) {
 			Socket:       filepath.Join(w.dir, "procgate.sock"),
 			PollInterval: time.Second,
 			GuardGID:     guardGID,
-			Log:          slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: slog.LevelDebug})),
-			Ready:        func() { close(ready) },
+			// As `procgate daemon` runs by default (--tcp-handover=auto).
+			TrustTraceGuard: true,
+			Log:             slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: slog.LevelDebug})),
+			Ready:           func() { close(ready) },
 		})
 	}()
 	t.Cleanup(func() {

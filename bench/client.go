@@ -119,16 +119,27 @@ func maybeClient() {
 	os.Exit(0)
 }
 
+// benchGuardGID is the clients' real gid, as the launcher's trace guard
+// gives every app process it starts one apart from its effective gid
+// (launch/guard.go): the clients are measured as `procgate run` apps,
+// whose connections the default TCP handover guard leaves to the trace
+// guard. No variant but procgate's looks at gids.
+const benchGuardGID = 64999
+
 func serveClient(uid string, in io.Reader, out io.Writer) error {
-	if id, err := strconv.Atoi(uid); err == nil && id != 0 {
-		// After the process was placed in its namespace and cgroup, which
-		// needs root. Go applies set*id to every thread.
-		if err := syscall.Setgroups(nil); err != nil {
-			return err
-		}
-		if err := syscall.Setresgid(id, id, id); err != nil {
-			return err
-		}
+	// After the process was placed in its namespace and cgroup, which
+	// needs root. Go applies set*id to every thread.
+	id, err := strconv.Atoi(uid)
+	if err != nil {
+		return fmt.Errorf("client uid %q: %w", uid, err)
+	}
+	if err := syscall.Setgroups(nil); err != nil {
+		return err
+	}
+	if err := syscall.Setresgid(benchGuardGID, id, id); err != nil {
+		return err
+	}
+	if id != 0 {
 		if err := syscall.Setresuid(id, id, id); err != nil {
 			return err
 		}

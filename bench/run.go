@@ -291,7 +291,8 @@ func (b *bench) attachHooksOnly(dir string) error {
 // cgroup i of both procgate variants, and returns what it cost: wall time of
 // Apply and the process's CPU time meanwhile.
 func (b *bench) applyProcgate(rs *ruleset.Ruleset, pol *benchPolicy) (loadStats, error) {
-	g := bpf.Generation{Rules: rs, AppIDs: pol.appIDs(), AuditRate: 100}
+	// As the daemon applies it by default (--tcp-handover=auto).
+	g := bpf.Generation{Rules: rs, AppIDs: pol.appIDs(), AuditRate: 100, TrustTraceGuard: true}
 	for a := range pol.apps {
 		for _, v := range []string{vProcgate, vProcgateHooks} {
 			dir := b.appCgroup(v, a)

@@ -182,6 +182,10 @@ struct generation_info {
 #define GEN_SANDBOX 16
 // Some app has listen:: only then do the bind hooks look for the principal.
 #define GEN_LISTEN 32
+// The TCP handover guard marks only connections whose connecting process
+// is open to tracing (open_to_tracing): the others rely on the trace guard
+// (bpf.Generation.TrustTraceGuard).
+#define GEN_TRUST_TRACE_GUARD 64
 
 struct audit_event {
 	__u64 ts_ns; // CLOCK_MONOTONIC (bpf_ktime_get_ns)
@@ -630,6 +634,41 @@ static __always_inline struct app_info *principal(__u32 slot, const struct gener
 	return a;
 }
 
+// The calling task's ids (kuid_t and kgid_t are one-member structs).
+struct kid___tg {
+	__u32 val;
+};
+struct cred___tg {
+	struct kid___tg uid;
+	struct kid___tg gid;
+	struct kid___tg suid;
+	struct kid___tg sgid;
+	struct kid___tg euid;
+	struct kid___tg egid;
+} __attribute__((preserve_access_index));
+struct task_struct___tg {
+	const struct cred___tg *cred;
+} __attribute__((preserve_access_index));
+
+// open_to_tracing: may a process without CAP_SYS_PTRACE trace the calling
+// task (ptrace, pidfd_getfd, process_vm_writev)? ptrace_may_access()
+// admits such a caller only if its uid equals the target's real, effective
+// and saved uid and its gid the target's three gids: a task whose uids or
+// gids are not all equal (the launcher's trace guard: real gid the guard
+// gid, effective and saved the user's) admits none. A non-dumpable task
+// with equal ids is counted as open: erring this way only guards more.
+// Two reads: the cred pointer, then its six ids at once (uid to egid are
+// adjacent in struct cred on every kernel since 2.6.29).
+static __always_inline int open_to_tracing(void)
+{
+	struct task_struct___tg *t = (struct task_struct___tg *)bpf_get_current_task();
+	const struct cred___tg *c = BPF_CORE_READ(t, cred);
+	__u32 ids[6];
+	if (!c || bpf_core_read(ids, sizeof(ids), &c->uid))
+		return 1;
+	return ids[0] == ids[2] && ids[0] == ids[4] && ids[1] == ids[3] && ids[1] == ids[5];
+}
+
 // Binary search of sorted disjoint ranges [first, first+count) of a slot.
 static __always_inline int port_allowed(__u32 slot, __u32 first, __u32 count, __u16 port)
 {
@@ -816,6 +855,7 @@ struct verdict {
 	__u32 generation;
 	__u32 app_id; // the principal (0: none)
 	__u32 app_flags; // its flags, with VERDICT_EVERYONE when an everyone grant allowed
+	__u32 gen_flags; // the generation's (GEN_*)
 	__u64 cgroup_id; // the calling task's
 };
 
@@ -831,6 +871,7 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 	__u32 slot = info->slot & 1;
 	__u32 generation = info->generation;
 	v->generation = generation;
+	v->gen_flags = info->flags;
 
 	struct app_info *app = principal(slot, info, &cgroup_id);
 	__u32 app_id = app ? app->app_id : 0;

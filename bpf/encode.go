@@ -49,6 +49,9 @@ const (
 	genUserApps      = 4  // GEN_USER_APPS: app_by_uid has entries
 	genSandbox       = 16 // GEN_SANDBOX: some app is outside: deny
 	genListen        = 32 // GEN_LISTEN: some app has listen:
+	// GEN_TRUST_TRACE_GUARD: the TCP handover guard marks connections of
+	// processes open to tracing only.
+	genTrustTraceGuard = 64
 )
 
 // maxCgroupLevel is MAX_CGROUP_LEVEL in procgate.c: app cgroups deeper than
@@ -73,6 +76,15 @@ type Generation struct {
 	// NoUDPHandover turns the UDP handover check off, for hosts whose
 	// NFQUEUE firewall reinjects apps' internal UDP in its own task.
 	NoUDPHandover bool
+	// TrustTraceGuard leaves out of the TCP handover guard the connections
+	// of processes the trace guard covers (their uids or gids not all
+	// equal, as the launcher starts apps): pidfd_getfd of their sockets
+	// needs ptrace access, which no process without CAP_SYS_PTRACE gets,
+	// and an app that gives a connection away by SCM_RIGHTS could as well
+	// relay its bytes. Those connections then cost no socket storage and,
+	// without BPF LSM, no sockhash entry (about 1.3 µs each). The zero
+	// value guards every app connection (procgate daemon --tcp-handover=all).
+	TrustTraceGuard bool
 	// Exes are the files of the binaries of apps with exe: (resolved by
 	// the caller). An app with exe: and no file here holds its grants in
 	// no process.
@@ -202,6 +214,9 @@ func encode(g Generation, slot uint32) (*tables, error) {
 	}
 	if on, _ := UDPHandover(g.NoUDPHandover); !on {
 		t.info.Flags |= genNoUDPHandover
+	}
+	if g.TrustTraceGuard {
+		t.info.Flags |= genTrustTraceGuard
 	}
 	var lengths internalLengths
 	for _, p := range g.Rules.Internal {

@@ -73,6 +73,13 @@ type handoverGuard struct {
 	OwnedUnmatched    *ebpf.Map     `ebpf:"owned_sockets_unmatched"`
 }
 
+// lsmHandoverGuard is the handover guard where BPF LSM loads: one
+// host-wide socket_sendmsg program instead of the sockops program, the
+// sockhash and its sk_msg program (harden.c, guard_handover_lsm).
+type lsmHandoverGuard struct {
+	GuardHandoverLSM *ebpf.Program `ebpf:"guard_handover_lsm"`
+}
+
 // lsmGuards need the bpf LSM (lsm= on the kernel command line lists bpf);
 // without it they are not loaded and Guards says so.
 type lsmGuards struct {
@@ -158,9 +165,12 @@ type Enforcer struct {
 	// udpHandoverErr says why the egress backstop runs without the UDP
 	// handover check (nil: with it).
 	udpHandoverErr error
-	// handover and handoverErr, why it is missing (nil: loaded).
-	handover    handoverGuard
-	handoverErr error
+	// handover and handoverErr, why it is missing (nil: loaded); unused
+	// where lsmHandover loaded (lsmHandoverErr nil), which takes its place.
+	handover       handoverGuard
+	handoverErr    error
+	lsmHandover    lsmHandoverGuard
+	lsmHandoverErr error
 	// migrate and its links; migrateErr says why they are missing.
 	migrate    migrationGuard
 	migrateErr error
@@ -259,9 +269,15 @@ func Open(opts Options) (*Enforcer, error) {
 		e.harden = backstops(plain)
 		e.udpHandoverErr = err
 	}
-	e.handoverErr = hspecs.LoadAndAssign(&e.handover, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
-	if e.handoverErr != nil {
-		e.handover = handoverGuard{} // what was assigned before the failure is closed
+	// The handover guard: the BPF LSM program where the kernel loads it
+	// (no per-connection kernel object), else sockops, sockhash and sk_msg.
+	e.lsmHandoverErr = hspecs.LoadAndAssign(&e.lsmHandover, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+	if e.lsmHandoverErr != nil {
+		e.lsmHandover = lsmHandoverGuard{}
+		e.handoverErr = hspecs.LoadAndAssign(&e.handover, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+		if e.handoverErr != nil {
+			e.handover = handoverGuard{} // what was assigned before the failure is closed
+		}
 	}
 	e.lsm.GuardPacketSocket, e.lsmErr = loadLSMCgroup(hspecs.Programs["guard_packet_socket"], opts.BPFDir)
 	mspecs, err := loadMigrate()
@@ -343,7 +359,18 @@ func (e *Enforcer) Attach() error {
 		}
 		e.links = append(e.links, l)
 	}
-	if e.handoverErr == nil {
+	if e.lsmHandover.GuardHandoverLSM != nil {
+		if err := e.attachTracing([]struct {
+			name string
+			prog *ebpf.Program
+		}{{"lsm_handover", e.lsmHandover.GuardHandoverLSM}}); err != nil {
+			// The sockhash guard was not loaded in its place: say so.
+			e.lsmHandoverErr = err
+			e.handoverErr = fmt.Errorf("BPF LSM handover program loaded but did not attach: %w", err)
+			e.opts.Log.Warn("guard NOT active", "guard", "tcp-handover", "why", e.handoverErr)
+		}
+	}
+	if e.handoverErr == nil && e.handover.GuardHandover != nil {
 		// Attached to the pinned map, not to a cgroup: it stays with the
 		// map. Attaching again replaces the program for sockets added
 		// from now on (a socket keeps the program it was added with).
@@ -416,7 +443,13 @@ func (e *Enforcer) attachTracing(hooks []struct {
 	prog *ebpf.Program
 }) error {
 	for _, h := range hooks {
-		l, err := link.AttachTracing(link.TracingOptions{Program: h.prog})
+		var l link.Link
+		var err error
+		if h.prog.Type() == ebpf.LSM {
+			l, err = link.AttachLSM(link.LSMOptions{Program: h.prog})
+		} else {
+			l, err = link.AttachTracing(link.TracingOptions{Program: h.prog})
+		}
 		if err != nil {
 			return fmt.Errorf("attach %s: %w", h.name, err)
 		}
@@ -455,7 +488,7 @@ func (e *Enforcer) Close() error {
 	e.sweep = nil
 	for _, p := range []*ebpf.Program{e.harden.GuardSockCreate, e.harden.BackstopEgress, e.lsm.GuardPacketSocket,
 		e.migrate.MarkMigration, e.migrate.MarkFork, e.migrate.ForgetExit,
-		e.handover.TrackOwnedSockets, e.handover.GuardHandover} {
+		e.handover.TrackOwnedSockets, e.handover.GuardHandover, e.lsmHandover.GuardHandoverLSM} {
 		if p != nil {
 			p.Close()
 		}
@@ -776,8 +809,16 @@ func (e *Enforcer) Guards() []Guard {
 	if e.followErr != nil {
 		gs[len(gs)-1].Why = "tp_btf programs did not load or attach: " + e.followErr.Error() + "; new cgroups are bound at the next reload only"
 	}
+	scope := "every app connection"
+	if e.applied != nil && e.applied.TrustTraceGuard {
+		scope = "connections of app processes open to tracing (traceable: true, scripts, unit, cgroup and user apps, root); the trace guard covers the others, whose connections an app could only give away itself (SCM_RIGHTS; --tcp-handover=all guards those too)"
+	}
+	how := "BPF LSM socket_sendmsg, host-wide: socket storage per guarded connection"
+	if e.lsmHandover.GuardHandoverLSM == nil {
+		how = "sockops, sockhash and sk_msg (this kernel refuses BPF LSM: " + firstLine(e.lsmHandoverErr) + "): socket storage and a sockhash entry per guarded connection, about 1.3 µs, and the tcp_bpf send path"
+	}
 	gs = append(gs, Guard{Name: "tcp-handover", Active: e.handoverErr == nil,
-		What: "a TCP connection an app opened to an internal destination takes data only from the app's processes: one passed by SCM_RIGHTS is refused (EACCES) to others (sk_msg)"})
+		What: "a TCP connection an app opened to an internal destination takes data only from the app's processes: a write by any other process is refused (EACCES); guarded: " + scope + "; by " + how})
 	if e.handoverErr != nil {
 		gs[len(gs)-1].Why = "sockops and sk_msg programs did not load: " + e.handoverErr.Error()
 	}

@@ -213,4 +213,44 @@ func TestHandoverGuard(t *testing.T) {
 	if want := (HandoverStats{Guarded: marked, Unmatched: 1}); err != nil || !ok || st != want {
 		t.Errorf("Handover() = %+v, %v, %v; want %+v", st, ok, err, want)
 	}
+
+	// --tcp-handover=auto (TrustTraceGuard): a connection of a process
+	// under the trace guard (real gid apart from effective and saved) is
+	// left to it, and takes anyone's data; one of a process open to
+	// tracing (root's equal ids here) is guarded as before.
+	w.apply(rs, func(g *Generation) { g.TrustTraceGuard = true })
+	guarded, err := probe.StartHolderEnv(w.cgroups["db/run"], w.netns, probe.EnvRealGID+"=64999")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { guarded.Close() })
+	for i, tc := range []struct {
+		name    string
+		from    *probe.Holder
+		refused bool
+	}{{"trace guarded", guarded, false}, {"open to tracing", db, true}} {
+		t.Run("trust trace guard/"+tc.name, func(t *testing.T) {
+			group, path := fmt.Sprintf("trust%d", i), filepath.Join(dir, fmt.Sprintf("trust%d", i))
+			mustOpen(t, tc.from, group, "10.1.2.3:5432/tcp", probe.Connect, 1)
+			r := receivers["unbound"]
+			if err := r.Take(group, path); err != nil {
+				t.Fatal(err)
+			}
+			if err := tc.from.Give(group, path); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Await(group, 1); err != nil {
+				t.Fatal(err)
+			}
+			res, err := r.Send(group)
+			switch {
+			case err != nil:
+				t.Fatal(err)
+			case tc.refused && res.Errors["EACCES"] != 1:
+				t.Errorf("unbound writing on the connection of a db process %s: %+v, want refused (EACCES)", tc.name, res)
+			case !tc.refused && res.Sent != 1:
+				t.Errorf("unbound writing on the connection of a db process %s: %+v, want sent (left to the trace guard)", tc.name, res)
+			}
+		})
+	}
 }

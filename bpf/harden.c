@@ -631,3 +631,81 @@ int guard_packet_socket(unsigned long long *ctx)
 	audit(&d, app_id, cgroup_id, info->generation, info->audit_rate, 0, REASON_RAW_SOCKET, HOOK_SOCK_CREATE);
 	return 0;
 }
+
+// The handover guard where BPF LSM loads: the same check as guard_handover,
+// in security_socket_sendmsg, which every sendmsg, write, send and io_uring
+// send passes in the writing task (sendfile and splice too on 6.5+, where
+// they reach sock_sendmsg with MSG_SPLICE_PAGES; before, sendpage skips
+// it). Host-wide, so that a writer outside the enforced cgroup is judged
+// too; a socket that is no app's connection costs one socket storage
+// lookup. No sockhash entry, no sockops program and no tcp_bpf send path:
+// a marked connection costs its socket storage alone, and it is guarded
+// from its connect on (a write that waits for the handshake, or a
+// TCP_FASTOPEN_CONNECT first write, is judged as well). The peer must be
+// the marked destination (a socket whose marked connect failed may have
+// connected elsewhere since), compared only when a foreign task writes.
+// Refused writes fail with EACCES; the connection stays usable by the app.
+//
+// Kernel assumptions: BPF LSM with trampolines (the loader tries it and
+// falls back to the sockhash guard), socket storage from LSM programs
+// (5.11+), struct sock_common's skc_daddr, skc_dport, skc_v6_daddr and
+// skc_family.
+struct in6_addr___lh {
+	__u32 s6_addr32[4];
+} __attribute__((preserve_access_index));
+
+struct sock_common___lh {
+	__u32 skc_daddr;
+	__u16 skc_dport;
+	unsigned short skc_family;
+	struct in6_addr___lh skc_v6_daddr;
+} __attribute__((preserve_access_index));
+
+struct sock___lh {
+	struct sock_common___lh __sk_common;
+} __attribute__((preserve_access_index));
+
+struct socket___lh {
+	struct sock___lh *sk;
+} __attribute__((preserve_access_index));
+
+#define EACCES 13
+
+SEC("lsm/socket_sendmsg")
+int guard_handover_lsm(unsigned long long *ctx)
+{
+	struct socket___lh *sock = (struct socket___lh *)ctx[0];
+	struct sock___lh *sk = sock->sk;
+	if (!sk)
+		return 0;
+	struct socket_owner *o = bpf_sk_storage_get(&socket_owners, sk, 0, 0);
+	if (!o)
+		return 0;
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	if (cgroup_id == o->cgroup_id && !(o->flags & APP_EXE_PINNED) && !migrated())
+		return 0;
+	struct generation_info *info = current_generation();
+	__u32 app_id = 0, generation = 0, rate = 1000;
+	if (info) {
+		generation = info->generation;
+		rate = info->audit_rate;
+		if (task_in_app(info->slot & 1, info, o->app_id, &cgroup_id, &app_id))
+			return 0;
+	}
+	struct dest peer = { .proto = PROTO_TCP, .port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)) };
+	__u32 w[4] = {};
+	BPF_CORE_READ_INTO(&w, sk, __sk_common.skc_v6_daddr.s6_addr32);
+	if (BPF_CORE_READ(sk, __sk_common.skc_family) == AF_INET6 && !(w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff))) {
+		peer.family = 6;
+		__builtin_memcpy(peer.addr, w, 16);
+	} else {
+		__u32 ip4 = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		peer.family = 4;
+		__builtin_memcpy(peer.addr, &ip4, 4);
+	}
+	if (!same_dest(&peer, &o->d))
+		return 0; // connected elsewhere since: no app's internal connection
+	count(app_id, COUNT_DENY);
+	audit(&o->d, app_id, cgroup_id, generation, rate, 0, REASON_HANDOVER, HOOK_TCP_SEND);
+	return -EACCES;
+}

@@ -157,6 +157,7 @@ const (
 	hardenProgBackstopEgress       = "backstop_egress"
 	hardenProgBackstopEgressPlain  = "backstop_egress_plain"
 	hardenProgGuardHandover        = "guard_handover"
+	hardenProgGuardHandoverLsm     = "guard_handover_lsm"
 	hardenProgGuardPacketSocket    = "guard_packet_socket"
 	hardenProgGuardSockCreate      = "guard_sock_create"
 	hardenProgTrackOwnedSockets    = "track_owned_sockets"
@@ -208,6 +209,7 @@ type hardenProgramSpecs struct {
 	BackstopEgress      *ebpf.ProgramSpec `ebpf:"backstop_egress"`
 	BackstopEgressPlain *ebpf.ProgramSpec `ebpf:"backstop_egress_plain"`
 	GuardHandover       *ebpf.ProgramSpec `ebpf:"guard_handover"`
+	GuardHandoverLsm    *ebpf.ProgramSpec `ebpf:"guard_handover_lsm"`
 	GuardPacketSocket   *ebpf.ProgramSpec `ebpf:"guard_packet_socket"`
 	GuardSockCreate     *ebpf.ProgramSpec `ebpf:"guard_sock_create"`
 	TrackOwnedSockets   *ebpf.ProgramSpec `ebpf:"track_owned_sockets"`
@@ -324,6 +326,7 @@ type hardenPrograms struct {
 	BackstopEgress      *ebpf.Program `ebpf:"backstop_egress"`
 	BackstopEgressPlain *ebpf.Program `ebpf:"backstop_egress_plain"`
 	GuardHandover       *ebpf.Program `ebpf:"guard_handover"`
+	GuardHandoverLsm    *ebpf.Program `ebpf:"guard_handover_lsm"`
 	GuardPacketSocket   *ebpf.Program `ebpf:"guard_packet_socket"`
 	GuardSockCreate     *ebpf.Program `ebpf:"guard_sock_create"`
 	TrackOwnedSockets   *ebpf.Program `ebpf:"track_owned_sockets"`
@@ -334,6 +337,7 @@ func (p *hardenPrograms) Close() error {
 		p.BackstopEgress,
 		p.BackstopEgressPlain,
 		p.GuardHandover,
+		p.GuardHandoverLsm,
 		p.GuardPacketSocket,
 		p.GuardSockCreate,
 		p.TrackOwnedSockets,

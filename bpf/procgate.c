@@ -46,8 +46,14 @@ static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d,
 	// it once it is established (harden.c, guard_handover). One an
 	// everyone grant let through is anyone's. MPTCP's subflows are other
 	// sockets and are not marked.
+	// Marked only where the guard closes something no other guard does
+	// (GEN_TRUST_TRACE_GUARD): a connecting process under the trace guard
+	// cannot have its sockets copied (pidfd_getfd needs ptrace access), and
+	// the app giving one away (SCM_RIGHTS) could as well relay its bytes.
+	// The mark is the guard's whole per-connection cost (socket storage,
+	// and on kernels without BPF LSM a sockhash entry when established).
 	if (v.owned && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && ctx->protocol == IPPROTO_TCP && ctx->sk &&
-	    !(v.app_flags & APP_HANDOVER_ALLOWED)) {
+	    !(v.app_flags & APP_HANDOVER_ALLOWED) && (!(v.gen_flags & GEN_TRUST_TRACE_GUARD) || open_to_tracing())) {
 		struct socket_owner *o = bpf_sk_storage_get(&socket_owners, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (o) {
 			o->cgroup_id = v.cgroup_id;

@@ -85,6 +85,10 @@ type Config struct {
 	// whose NFQUEUE firewall (an IPS, OpenSnitch) reinjects apps' internal
 	// UDP, which the check would take for sends of the firewall's task.
 	NoUDPHandover bool
+	// TrustTraceGuard leaves out of the TCP handover guard the connections
+	// of app processes the trace guard covers (bpf.Generation); the zero
+	// value guards every app connection (--tcp-handover=all).
+	TrustTraceGuard bool
 	// GuardGID is the real gid launched app processes run with, so that
 	// no process without CAP_SYS_PTRACE can trace them (launch.Spec); 0:
 	// the gid of GuardGroup. The daemon refuses to start with a gid that is
@@ -589,7 +593,7 @@ func (d *Daemon) refreshRoutes() {
 // applyEffective builds the bindings for eff and applies it. d.mu held.
 func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate, Exes: d.resolveExes(eff),
-		NoUDPHandover: d.cfg.NoUDPHandover}
+		NoUDPHandover: d.cfg.NoUDPHandover, TrustTraceGuard: d.cfg.TrustTraceGuard}
 	var dynamic []dynamicBinding
 	for _, app := range eff.Apps {
 		id, err := d.ids.get(app.Name)

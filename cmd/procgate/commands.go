@@ -114,6 +114,7 @@ func daemonCmd() *cobra.Command {
 	var cfg daemon.Config
 	var logFormat, logLevel string
 	var udpHandover bool
+	var tcpHandover string
 	var guard string
 	cmd := &cobra.Command{
 		Use:   "daemon [--policy FILE] [flags]",
@@ -132,6 +133,13 @@ func daemonCmd() *cobra.Command {
 			}
 			cfg.Log = log
 			cfg.NoUDPHandover = !udpHandover
+			switch tcpHandover {
+			case "auto":
+				cfg.TrustTraceGuard = true
+			case "all":
+			default:
+				return fmt.Errorf("--tcp-handover %q: want auto or all", tcpHandover)
+			}
 			if err := parseGuardGID(guard, &cfg); err != nil {
 				return err
 			}
@@ -156,6 +164,7 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&cfg.GatewayKey, "gateway-key", "", "key of --gateway-cert (PEM)")
 	f.DurationVar(&cfg.PinholeIdle, "pinhole-idle", 5*time.Minute, "close a hole as stale when its gateway counters stood still this long and no connection of its peer is on the port (0: never)")
 	f.StringVar(&guard, "guard-gid", "", "real gid (or group name) of launched app processes, so that no process without CAP_SYS_PTRACE, same user included, can trace them; refused if it is some user's primary group (default: group "+daemon.DefaultGuardGroup+", created when missing; off or 0: no guard; apps with traceable: true are never guarded)")
+	f.StringVar(&tcpHandover, "tcp-handover", "auto", "which app connections the TCP handover guard watches: auto, those of processes open to tracing (traceable: true, scripts, unit, cgroup and user apps, root; the trace guard covers the others); all, every app connection to an internal destination (also refuses connections an app gives away by SCM_RIGHTS, or root with CAP_SYS_PTRACE copies; about 1.3 µs per connection where BPF LSM does not load)")
 	f.BoolVar(&udpHandover, "udp-handover", true, "refuse a connected UDP socket's datagrams sent by a process outside the socket's app; false on hosts whose NFQUEUE firewall (an IPS, OpenSnitch) reinjects apps' internal UDP, which it would refuse")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")

@@ -54,6 +54,20 @@ func StartHolderAs(cgroupDir, netns string, uid int) (*Holder, error) {
 	return &Holder{p: p}, nil
 }
 
+// StartHolderEnv is StartHolder with more environment for the child
+// (EnvUID, EnvRealGID).
+func StartHolderEnv(cgroupDir, netns string, env ...string) (*Holder, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find own executable: %w", err)
+	}
+	p, err := StartExe(self, cgroupDir, netns, nil, append([]string{EnvHold + "=1"}, env...)...)
+	if err != nil {
+		return nil, err
+	}
+	return &Holder{p: p}, nil
+}
+
 // Pid is the holder's process id.
 func (h *Holder) Pid() int { return h.p.Pid() }
 

@@ -265,6 +265,10 @@ func becomeUser(s string) error {
 	return nil
 }
 
+// EnvRealGID sets a prober child's real gid alone, after EnvUID, as the
+// launcher's trace guard does: real gid apart from effective and saved.
+const EnvRealGID = "PROCGATE_PROBE_REAL_GID"
+
 // EnvNetNS names the network namespace a prober child enters before serving.
 const EnvNetNS = "PROCGATE_PROBE_NETNS"
 
@@ -294,6 +298,16 @@ func MaybeServe() {
 	if uid := os.Getenv(EnvUID); uid != "" {
 		if err := becomeUser(uid); err != nil {
 			fmt.Fprintln(os.Stderr, "prober:", err)
+			os.Exit(2)
+		}
+	}
+	if gid := os.Getenv(EnvRealGID); gid != "" {
+		id, err := strconv.Atoi(gid)
+		if err == nil {
+			err = syscall.Setresgid(id, -1, -1)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "prober: %s=%q: %v\n", EnvRealGID, gid, err)
 			os.Exit(2)
 		}
 	}
