@@ -139,6 +139,14 @@ func TestDropinErrors(t *testing.T) {
 			want: []string{`20-b.yaml:3:11: apps[0].name: duplicate app "web" (first at DIR/10-a.yaml:3)`},
 		},
 		{
+			name: "a cgroup matched in two files",
+			main: mainPolicy + "  - name: web\n    match: {cgroup: system.slice/web.service}\n",
+			dropins: map[string]string{
+				"10-a.yaml": "version: 1\napps:\n  - name: web2\n    match: {cgroup: system.slice/web.service}\n",
+			},
+			want: []string{`10-a.yaml:4:21: apps[0].match.cgroup: duplicate match of cgroup system.slice/web.service (first at MAIN:14)`},
+		},
+		{
 			name:    "scalar in a drop-in",
 			dropins: map[string]string{"10-a.yaml": "version: 1\naudit:\n  rate: 5\n"},
 			want:    []string{"10-a.yaml:2:1: audit: only the main policy file may set audit"},

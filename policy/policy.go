@@ -419,16 +419,16 @@ func word[T any](p *parser, n *yaml.Node, field, what string, words map[string]T
 	return v, true
 }
 
-// seen remembers the line of the first occurrence of each value in a list, to
-// report repeats with both places.
-type seen map[string]int
+// seen remembers where each value of a list (or of a set across a policy's
+// files, such as matches) first occurred, to report repeats with both places.
+type seen map[string]ruleset.Source
 
 func (p *parser) once(s seen, n *yaml.Node, field, what, key string) bool {
 	if first, dup := s[key]; dup {
-		p.errorf(n, field, "duplicate %s %s (first at line %d)", what, key, first)
+		p.errorf(n, field, "duplicate %s %s (first at %s)", what, key, p.place(first))
 		return false
 	}
-	s[key] = n.Line
+	s[key] = ruleset.Source{File: p.file, Line: n.Line}
 	return true
 }
 
