@@ -888,52 +888,6 @@ func (e *Enforcer) Attached() map[string]bool {
 	return out
 }
 
-// Uninstall detaches and removes everything a daemon pinned in bpfDir.
-// Links are detached before they are unpinned: the last reference that an
-// unpin drops frees the link from a workqueue (kernel commit "bpf: Remove
-// in_atomic() from bpf_link_put()", 2023: only close() frees at once), so
-// a connect() right after would still meet the program.
-// BPF_LINK_DETACH (cgroup links, 5.9+) detaches it before Uninstall returns.
-func Uninstall(bpfDir string) (removed []string, err error) {
-	if err := checkBPFFS(bpfDir); err != nil {
-		return nil, err
-	}
-	ents, err := os.ReadDir(bpfDir)
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", bpfDir, err)
-	}
-	var errs []error
-	for _, ent := range ents {
-		p := filepath.Join(bpfDir, ent.Name())
-		if err := detachPinned(p); err != nil {
-			errs = append(errs, err)
-		}
-		if err := os.Remove(p); err != nil {
-			errs = append(errs, fmt.Errorf("remove %s: %w", p, err))
-			continue
-		}
-		removed = append(removed, ent.Name())
-	}
-	if err := os.Remove(bpfDir); err != nil {
-		errs = append(errs, fmt.Errorf("remove %s: %w", bpfDir, err))
-	}
-	return removed, errors.Join(errs...)
-}
-
-// detachPinned detaches the link pinned at p, if p is a link. Links that
-// cannot be detached (tracing links: EOPNOTSUPP) go with their unpin.
-func detachPinned(p string) error {
-	l, err := link.LoadPinnedLink(p, nil)
-	if err != nil {
-		return nil // a map or a program, or not a link this library knows
-	}
-	defer l.Close()
-	if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) && !errors.Is(err, unix.EOPNOTSUPP) {
-		return fmt.Errorf("detach %s: %w", p, err)
-	}
-	return nil
-}
-
 // checkBPFFS makes dir (if needed) and refuses anything not on a bpffs, where
 // pins would silently fail or land in the wrong place.
 func checkBPFFS(dir string) error {
