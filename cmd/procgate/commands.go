@@ -195,7 +195,13 @@ func uninstallCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "uninstall [--bpf-dir DIR]",
 		Short: "Detach and remove everything a daemon pinned (stop the daemon first)",
-		Args:  cobra.NoArgs,
+		Long: `Detaches every hook a daemon pinned in --bpf-dir, removes its pins and
+checks that none of its programs is left attached. A hook that stays
+attached (a process holds a descriptor of its link) is an error that names
+the link and the processes holding it; end them and the kernel lets go.`,
+		Example: `  systemctl stop procgate && procgate uninstall
+  procgate uninstall --bpf-dir /sys/fs/bpf/procgate-test`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			removed, err := bpf.Uninstall(dir)
 			for _, r := range removed {
@@ -204,7 +210,8 @@ func uninstallCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "uninstalled %s: hooks detached, maps removed\n", dir)
+			// Uninstall fails if anything it found stays attached.
+			fmt.Fprintf(cmd.OutOrStdout(), "uninstalled %s: hooks detached (checked: none left attached), pins removed\n", dir)
 			return nil
 		},
 	}
