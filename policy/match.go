@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"path"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -13,7 +14,10 @@ import (
 )
 
 // matchKeys are the keys of an app's match:, exactly one of them.
-var matchKeys = []string{"unit", "cgroup", "user"}
+var matchKeys = []string{"unit", "cgroup", "user", "container"}
+
+// containerRE is the names docker and podman give containers.
+var containerRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$`)
 
 // unitTypes are the systemd unit types that own a cgroup.
 var unitTypes = []string{".service", ".scope", ".slice", ".socket", ".mount", ".swap"}
@@ -73,6 +77,12 @@ func (p *parser) match(n *yaml.Node, field string) *ruleset.Match {
 		case "user":
 			m.Kind = ruleset.MatchUser
 			m.UID, why = resolveUser(v)
+		case "container":
+			// Resolved by the daemon, which asks the runtimes.
+			m.Kind = ruleset.MatchContainer
+			if !containerRE.MatchString(v) {
+				why = fmt.Sprintf("invalid container name %q: want letters, digits, '_', '.' and '-', starting with a letter or digit", v)
+			}
 		}
 		if why != "" {
 			p.errorf(vn, f, "%s", why)
@@ -80,8 +90,11 @@ func (p *parser) match(n *yaml.Node, field string) *ruleset.Match {
 		}
 		// A unit and a glob naming the same cgroup are the same match.
 		key := "cgroup " + m.Path
-		if m.Kind == ruleset.MatchUser {
+		switch m.Kind {
+		case ruleset.MatchUser:
 			key = "uid " + strconv.FormatUint(uint64(m.UID), 10)
+		case ruleset.MatchContainer:
+			key = "container " + m.Value
 		}
 		if !p.once(p.matches, vn, f, "match of", key) {
 			return nil

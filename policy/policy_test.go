@@ -304,6 +304,7 @@ func TestLoadValid(t *testing.T) {
 							Name: "nested", Source: src(19),
 							Match: &ruleset.Match{Kind: ruleset.MatchUnit, Value: "a-b-c.slice", Path: "a.slice/a-b.slice/a-b-c.slice"},
 						},
+						{Name: "db", Source: src(21), Match: &ruleset.Match{Kind: ruleset.MatchContainer, Value: "postgres"}},
 					},
 				}
 			},

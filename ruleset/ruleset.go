@@ -220,10 +220,11 @@ type App struct {
 type MatchKind uint8
 
 const (
-	MatchLaunched MatchKind = iota // started by `procgate run` in <root>/procgate.apps/NAME
-	MatchUnit                      // a systemd unit's or slice's cgroup, followed across restarts
-	MatchCgroup                    // existing cgroups whose path below the cgroup root matches a glob
-	MatchUser                      // every process whose real uid is UID, in no app's cgroup
+	MatchLaunched  MatchKind = iota // started by `procgate run` in <root>/procgate.apps/NAME
+	MatchUnit                       // a systemd unit's or slice's cgroup, followed across restarts
+	MatchCgroup                     // existing cgroups whose path below the cgroup root matches a glob
+	MatchUser                       // every process whose real uid is UID, in no app's cgroup
+	MatchContainer                  // a docker or podman container's cgroup, by the container's name
 )
 
 func (k MatchKind) String() string {
@@ -236,6 +237,8 @@ func (k MatchKind) String() string {
 		return "cgroup"
 	case MatchUser:
 		return "user"
+	case MatchContainer:
+		return "container"
 	}
 	return "match(" + strconv.Itoa(int(k)) + ")"
 }
@@ -248,7 +251,9 @@ type Match struct {
 	Value string
 	// Path is, for a unit, its cgroup below the cgroup root as systemd
 	// lays it out (system.slice/nginx.service), and for a cgroup match the
-	// glob; slash-separated, no leading slash.
+	// glob; slash-separated, no leading slash. For a container it is
+	// where the runtime put the container when the daemon last asked
+	// (empty: no such container then).
 	Path string
 	// UID is a user match's uid, looked up when the policy was read.
 	UID uint32
@@ -729,10 +734,10 @@ func cloneGrants(gs []Grant) []Grant {
 // A glob's '*' (only in its last component) stands for any run of
 // characters but '/'.
 func (m *Match) MatchesCgroup(rel string) bool {
-	if m == nil || (m.Kind != MatchUnit && m.Kind != MatchCgroup) {
+	if m == nil || m.Path == "" || (m.Kind != MatchUnit && m.Kind != MatchCgroup && m.Kind != MatchContainer) {
 		return false
 	}
-	if m.Kind == MatchUnit || !strings.Contains(m.Path, "*") {
+	if m.Kind != MatchCgroup || !strings.Contains(m.Path, "*") {
 		return rel == m.Path
 	}
 	ok, err := path.Match(m.Path, rel)
@@ -753,7 +758,7 @@ func (rs *Ruleset) AppOfCgroup(rel, launched string) string {
 	for _, exact := range []bool{true, false} {
 		for i := range rs.Apps {
 			m := rs.Apps[i].Match
-			if m != nil && (m.Kind == MatchUnit || !strings.Contains(m.Path, "*")) == exact && m.MatchesCgroup(rel) {
+			if m != nil && (m.Kind != MatchCgroup || !strings.Contains(m.Path, "*")) == exact && m.MatchesCgroup(rel) {
 				return rs.Apps[i].Name
 			}
 		}

@@ -241,6 +241,8 @@ func TestPrincipal(t *testing.T) {
 		{Name: "builds", Match: &Match{Kind: MatchCgroup, Value: "system.slice/docker-*.scope", Path: "system.slice/docker-*.scope"}},
 		{Name: "exact", Match: &Match{Kind: MatchCgroup, Value: "system.slice/docker-x.scope", Path: "system.slice/docker-x.scope"}},
 		{Name: "backup", Match: &Match{Kind: MatchUser, Value: "backup", UID: 34}},
+		{Name: "db", Match: &Match{Kind: MatchContainer, Value: "db", Path: "system.slice/docker-d1.scope"}},
+		{Name: "gone", Match: &Match{Kind: MatchContainer, Value: "gone"}}, // no such container: no path
 	}}
 	for _, tt := range []struct {
 		cgroup string
@@ -262,6 +264,8 @@ func TestPrincipal(t *testing.T) {
 		{"user.slice/user-34.slice", 35, ""},
 		{"", 34, "backup"},
 		{"", 0, ""},
+		{"system.slice/docker-d1.scope", 0, "db"},
+		{"system.slice/docker-d1.scope/init", 34, "db"},
 	} {
 		if got := rs.Principal(tt.cgroup, tt.uid, "procgate.apps"); got != tt.want {
 			t.Errorf("Principal(%q, uid %d) = %q, want %q", tt.cgroup, tt.uid, got, tt.want)
