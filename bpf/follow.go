@@ -83,8 +83,8 @@ func patternsOf(g *Generation, appFlags func(*ruleset.App) uint32) ([]cgroupPatt
 	for i := range g.Rules.Apps {
 		app := &g.Rules.Apps[i]
 		m := app.Match
-		if m == nil || (m.Kind != ruleset.MatchUnit && m.Kind != ruleset.MatchCgroup) {
-			continue
+		if m == nil || m.Path == "" || (m.Kind != ruleset.MatchUnit && m.Kind != ruleset.MatchCgroup && m.Kind != ruleset.MatchContainer) {
+			continue // a container the runtimes did not know has no path
 		}
 		full := g.cgroupRoot + "/" + m.Path
 		if len(full) >= cgroupPathLen {
