@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -29,6 +30,7 @@ import (
 	"github.com/procgate/procgate/audit"
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/containers"
 	"github.com/procgate/procgate/internal/sdnotify"
 	"github.com/procgate/procgate/internal/version"
 	"github.com/procgate/procgate/launch"
@@ -89,6 +91,9 @@ type Config struct {
 	// of app processes the trace guard covers (bpf.Generation); the zero
 	// value guards every app connection (--tcp-handover=all).
 	TrustTraceGuard bool
+	// ContainerSockets are the container runtimes' API sockets asked
+	// where match.container apps run; nil: containers.DefaultSockets.
+	ContainerSockets []string
 	// GuardGID is the real gid launched app processes run with, so that
 	// no process without CAP_SYS_PTRACE can trace them (launch.Spec); 0:
 	// the gid of GuardGroup. The daemon refuses to start with a gid that is
@@ -346,6 +351,7 @@ func Run(ctx context.Context, cfg Config) error {
 				d.refreshRoutes()
 			}
 			d.refreshExes()
+			d.refreshContainers()
 		}
 	}
 }
@@ -590,8 +596,72 @@ func (d *Daemon) refreshRoutes() {
 	d.log.Info("routes via internal interfaces changed", "interfaces", d.policy.Interfaces, "routes", len(routes), "generation", gen)
 }
 
+// resolveContainers returns eff with each match.container app's Path set
+// to where its container runs now, below the cgroup root (the cgroup of
+// its init, or for a stopped one the scope its runtime will make); a
+// container no runtime knows matches no cgroup. eff itself is not changed.
+func (d *Daemon) resolveContainers(eff *ruleset.Ruleset, logMisses bool) *ruleset.Ruleset {
+	if !slices.ContainsFunc(eff.Apps, func(a ruleset.App) bool { return a.Kind() == ruleset.MatchContainer }) {
+		return eff
+	}
+	out := eff.Clone()
+	r := containers.Resolver{Sockets: d.cfg.ContainerSockets}
+	if r.Sockets == nil {
+		r.Sockets = containers.DefaultSockets
+	}
+	for i := range out.Apps {
+		m := out.Apps[i].Match
+		if m == nil || m.Kind != ruleset.MatchContainer {
+			continue
+		}
+		m.Path = ""
+		c, err := r.Lookup(context.Background(), m.Value)
+		if err != nil {
+			if logMisses {
+				d.log.Warn("container not found; the app matches no cgroup until it is", "app", out.Apps[i].Name, "container", m.Value, "err", err)
+			}
+			continue
+		}
+		m.Path = c.ScopeName()
+		if c.Pid != 0 {
+			dir, err := cgroups.OfPID(c.Pid)
+			rel, relErr := filepath.Rel(d.cfg.CgroupRoot, dir)
+			if err != nil || relErr != nil || rel == "." || strings.HasPrefix(rel, "..") {
+				if logMisses {
+					d.log.Warn("container runs outside the cgroup root; the app matches no cgroup", "app", out.Apps[i].Name, "container", m.Value, "pid", c.Pid, "err", err)
+				}
+				m.Path = ""
+				continue
+			}
+			m.Path = filepath.ToSlash(rel)
+		}
+	}
+	return out
+}
+
+// refreshContainers follows match.container apps to where their
+// containers run now (a container made again has a new id and cgroup).
+func (d *Daemon) refreshContainers() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.effective == nil {
+		return
+	}
+	now := d.resolveContainers(d.effective, false)
+	if now == d.effective || reflect.DeepEqual(now.Apps, d.effective.Apps) {
+		return
+	}
+	gen, err := d.applyEffective(now)
+	if err != nil {
+		d.log.Error("containers moved, but applying them failed", "err", err)
+		return
+	}
+	d.log.Info("containers of match.container apps moved", "generation", gen)
+}
+
 // applyEffective builds the bindings for eff and applies it. d.mu held.
 func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
+	eff = d.resolveContainers(eff, true)
 	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate, Exes: d.resolveExes(eff),
 		NoUDPHandover: d.cfg.NoUDPHandover, TrustTraceGuard: d.cfg.TrustTraceGuard}
 	var dynamic []dynamicBinding

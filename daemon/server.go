@@ -244,7 +244,7 @@ func (d *Daemon) status() (*api.Status, error) {
 		switch a.Kind() {
 		case ruleset.MatchUser:
 			as.Cgroup, as.Cgroups = "", 0
-		case ruleset.MatchUnit, ruleset.MatchCgroup:
+		case ruleset.MatchUnit, ruleset.MatchCgroup, ruleset.MatchContainer:
 			as.Cgroup, as.Cgroups = filepath.Join(d.cfg.CgroupRoot, a.Match.Path), d.matched[a.Name]
 		}
 		for _, g := range a.Grants {

@@ -20,6 +20,7 @@ import (
 	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/audit"
 	"github.com/procgate/procgate/bpf"
+	"github.com/procgate/procgate/containers"
 	"github.com/procgate/procgate/daemon"
 	"github.com/procgate/procgate/demo"
 	"github.com/procgate/procgate/internal/version"
@@ -166,6 +167,7 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&guard, "guard-gid", "", "real gid (or group name) of launched app processes, so that no process without CAP_SYS_PTRACE, same user included, can trace them; refused if it is some user's primary group (default: group "+daemon.DefaultGuardGroup+", created when missing; off or 0: no guard; apps with traceable: true are never guarded)")
 	f.StringVar(&tcpHandover, "tcp-handover", "auto", "which app connections the TCP handover guard watches: auto, those of processes open to tracing (traceable: true, scripts, unit, cgroup and user apps, root; the trace guard covers the others); all, every app connection to an internal destination (also refuses connections an app gives away by SCM_RIGHTS, or root with CAP_SYS_PTRACE copies; about 1.3 µs per connection where BPF LSM does not load)")
 	f.BoolVar(&udpHandover, "udp-handover", true, "refuse a connected UDP socket's datagrams sent by a process outside the socket's app; false on hosts whose NFQUEUE firewall (an IPS, OpenSnitch) reinjects apps' internal UDP, which it would refuse")
+	f.StringSliceVar(&cfg.ContainerSockets, "container-socket", containers.DefaultSockets, "container runtimes' API sockets (docker, podman) asked where match.container apps run")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	return cmd

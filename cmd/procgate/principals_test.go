@@ -3,9 +3,12 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -110,4 +113,92 @@ apps:
 	if out, err := e.procgate("status"); err != nil || !strings.Contains(out, "unit nginx.service") {
 		t.Fatalf("status: %v, want the principal in:\n%s", err, out)
 	}
+}
+
+// TestContainerPrincipalEndToEnd: a match.container app through the
+// daemon, with a fake container runtime API: a running container's cgroup
+// is read from its init's pid, a stopped one's is the scope its runtime
+// will make, and a container that appears later is followed at the next
+// poll.
+func TestContainerPrincipalEndToEnd(t *testing.T) {
+	nstest.RequireRoot(t)
+	var mu sync.Mutex
+	known := map[string]string{}
+	sockDir, err := os.MkdirTemp("", "procgate-runtime-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	sock := filepath.Join(sockDir, "docker.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /containers/{name}/json", func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		body, ok := known[r.PathValue("name")]
+		mu.Unlock()
+		if !ok {
+			http.Error(w, `{"message":"No such container"}`, http.StatusNotFound)
+			return
+		}
+		fmt.Fprint(w, body)
+	})
+	srv := &http.Server{Handler: mux}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	set := func(name, body string) {
+		mu.Lock()
+		known[name] = body
+		mu.Unlock()
+	}
+	set("stopped", `{"Id":"feed","State":{"Running":false,"Pid":0}}`)
+
+	e := newE2EWith(t, `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+apps:
+  - name: web
+    match: {container: web}
+    allow:
+      - to: 10.1.0.0/16
+        proto: tcp
+  - name: later
+    match: {container: stopped}
+    allow:
+      - to: 10.2.0.0/16
+        proto: tcp
+`, false, "--container-socket", sock)
+	slice := nstest.ChildCgroup(t, e.cgroup, "system.slice")
+
+	// A container started after the daemon: its scope, where the runtime
+	// said it would be, is the app's from its mkdir.
+	p := startIn(t, e, nstest.ChildCgroup(t, slice, "docker-feed.scope"))
+	mustTry(t, p, "10.2.2.3:22/tcp", probe.Allowed)
+	mustTry(t, p, "10.1.2.3:22/tcp", probe.Denied)
+
+	// A container the runtime did not know when the daemon started: found
+	// at the next poll, by its init's cgroup.
+	web := startIn(t, e, nstest.ChildCgroup(t, e.cgroup, "elsewhere"))
+	mustTry(t, web, "10.1.2.3:22/tcp", probe.Denied)
+	before := e.status().Generation
+	set("web", fmt.Sprintf(`{"Id":"abc","State":{"Running":true,"Pid":%d}}`, web.Pid()))
+	e.waitGeneration(before, "a container appearing")
+	mustTry(t, web, "10.1.2.3:22/tcp", probe.Allowed)
+	out, err := e.procgate("explain", "--pid", fmt.Sprint(web.Pid()), "10.1.2.3:22/tcp")
+	if want := "app web (container web) -> 10.1.2.3:22/tcp: allow (granted)"; err != nil || !strings.Contains(out, want) {
+		t.Fatalf("explain --pid: %v, want %q in:\n%s", err, want, out)
+	}
+}
+
+// startIn starts a prober in dir, in the test's network namespace.
+func startIn(t *testing.T, e *e2e, dir string) *probe.Prober {
+	t.Helper()
+	p, err := probe.Start(dir, e.netns, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
 }
