@@ -143,6 +143,9 @@ type Status struct {
 	Apps         []AppStatus     `json:"apps"`
 	Unbound      Counters        `json:"unbound"`
 	Audit        AuditStats      `json:"audit"`
+	// PolicyDropins are the policy.d drop-ins merged into Policy, in
+	// merge order.
+	PolicyDropins []string `json:"policy_dropins,omitempty"`
 	// Pinholes is the pinhole agent; nil when the daemon runs without
 	// --gateway.
 	Pinholes *PinholeAgent `json:"pinholes,omitempty"`

@@ -126,6 +126,8 @@ type Daemon struct {
 	revoked    *revocations
 	gen        uint32
 	policyHash string
+	// policyDropins are the drop-ins of the policy in force, in merge order.
+	policyDropins []string
 	// policyStamp is the policy files' identity when they were last read:
 	// the policy is read (and hashed) only when it changed, which at
 	// 1,000,000 prefixes (80 MB) would otherwise cost a tenth of a CPU a
@@ -218,7 +220,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	// An invalid policy at start is fatal; whatever is pinned keeps
 	// enforcing the last good generation meanwhile.
-	rs, hash, err := loadPolicy(cfg.PolicyPath, d.log)
+	rs, hash, dropins, err := loadPolicy(cfg.PolicyPath, d.log)
 	if err != nil {
 		return err
 	}
@@ -239,6 +241,7 @@ func Run(ctx context.Context, cfg Config) error {
 	// install never has a moment of "no policy" (which denies everything).
 	d.mu.Lock()
 	err = d.install(rs, hash)
+	d.policyDropins = dropins
 	d.mu.Unlock()
 	if err != nil {
 		return err
@@ -379,22 +382,31 @@ func (d *Daemon) generation() uint32 {
 	return d.gen
 }
 
-// loadPolicy reads and compiles the policy file and its drop-ins and hashes
-// their bytes.
-func loadPolicy(path string, log *slog.Logger) (*ruleset.Ruleset, string, error) {
+// loadPolicy reads and compiles the policy file and its drop-ins, hashes
+// their bytes and lists the drop-ins.
+func loadPolicy(path string, log *slog.Logger) (*ruleset.Ruleset, string, []string, error) {
 	files, err := policy.ReadFiles(path)
 	if err != nil {
-		return nil, "", err
+		return nil, "", nil, err
 	}
 	rs, warnings, check, err := policy.ParseFilesForHost(files)
 	if err != nil {
-		return nil, "", err
+		return nil, "", nil, err
 	}
 	for _, w := range warnings {
 		log.Warn("policy", "warning", w.String())
 	}
 	go logHostWarnings(log, check)
-	return rs, policy.Hash(files), nil
+	return rs, policy.Hash(files), dropinPaths(files), nil
+}
+
+// dropinPaths are the paths of files' drop-ins (all but the first).
+func dropinPaths(files []policy.File) []string {
+	var out []string
+	for _, f := range files[1:] {
+		out = append(out, f.Path)
+	}
+	return out
 }
 
 // logHostWarnings logs what the policy names and this host lacks or leaves
@@ -471,6 +483,7 @@ func (d *Daemon) Reload(force bool) (uint32, error) {
 		return d.gen, err
 	}
 	d.lastErr = ""
+	d.policyDropins = dropinPaths(files)
 	d.log.Info("policy loaded", "policy", d.cfg.PolicyPath, "dropins", len(files)-1, "generation", d.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", d.ended)
 	return d.gen, nil
 }

@@ -224,7 +224,7 @@ func (d *Daemon) status() (*api.Status, error) {
 	defer d.mu.Unlock()
 	st := &api.Status{
 		Version:    version.Get(),
-		Generation: d.gen, Policy: d.cfg.PolicyPath, PolicySHA256: d.policyHash, LoadedAt: d.loadedAt,
+		Generation: d.gen, Policy: d.cfg.PolicyPath, PolicySHA256: d.policyHash, PolicyDropins: d.policyDropins, LoadedAt: d.loadedAt,
 		LastError: d.lastErr, CgroupRoot: d.cfg.CgroupRoot, BPFDir: d.cfg.BPFDir,
 		Hooks: d.enf.Attached(), Adopted: d.enf.Adopted,
 		Unbound: toCounters(counters[""]),

@@ -342,6 +342,9 @@ func printStatus(w io.Writer, st *api.Status) {
 	}
 	fmt.Fprintf(w, "daemon %s\n", st.Version)
 	fmt.Fprintf(w, "generation %d, policy %s (sha256 %.12s), loaded %s\n", st.Generation, st.Policy, st.PolicySHA256, st.LoadedAt.Format(time.RFC3339))
+	if len(st.PolicyDropins) > 0 {
+		fmt.Fprintf(w, "drop-ins %s\n", strings.Join(st.PolicyDropins, " "))
+	}
 	if st.LastError != "" {
 		fmt.Fprintf(w, "LAST RELOAD REJECTED (generation %d stays in force): %s\n", st.Generation, st.LastError)
 	}

@@ -183,6 +183,9 @@ func TestPolicyFollowsFileEvents(t *testing.T) {
 		}
 		write(dropin, "version: 1\napps:\n  - name: f\n    allow:\n      - to: 10.1.2.0/24\n")
 		waitApps("d e f", "a drop-in in a new policy.d")
+		if out, err := e.procgate("status"); err != nil || !strings.Contains(out, "drop-ins "+dropin+"\n") {
+			t.Errorf("status does not name the drop-in %s: %v\n%s", dropin, err, out)
+		}
 
 		before := e.status().Generation
 		write(filepath.Join(dropins, "60-g.yaml"), "version: 1\naudit:\n  rate: 5\n")
