@@ -50,6 +50,7 @@ enum reason {
 	REASON_OUTSIDE = 12,   // not internal, and the app is a sandbox (outside: deny) with no grant for it
 	REASON_LISTEN = 13,    // a bind to a port the app's listen: does not list
 	REASON_LOOPBACK = 14,  // a sandboxed app's loopback destination, decided by its loopback:
+	REASON_NAME = 16,      // allowed by a DNS-name grant through a learned answer (name_grants)
 };
 
 // Counter slots per app id: index app_id * COUNTER_SLOTS + slot.
@@ -96,6 +97,10 @@ enum hook {
 // listen: the app may bind only the ports of its listen entry in the rules
 // trie (TAG_LISTEN).
 #define APP_LISTEN 64
+
+// The app has DNS-name grants: a destination its trie grants miss is asked
+// of name_grants (names.go).
+#define APP_NAMES 128
 
 // The grants of `everyone` sit in the rules trie under an app id that no
 // app gets (bpf.MaxApps keeps app ids below it).
@@ -302,6 +307,46 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } app_exes SEC(".maps");
+
+// DNS-name grants: the addresses DNS answers gave an app for names its
+// grants name, learned by the daemon's DNS proxy (bpf/names.go), which
+// writes them here before it relays the answer. Keyed by the slot of a
+// policy generation like every entry a decision reads, so that a reload
+// switches them with the rest; each of up to NAME_PARTS name grants of the
+// app that the address was learned for contributes its ports (in the
+// slot's port_ranges) and its own expiry. The kernel checks the expiry
+// (bpf_ktime_get_ns, CLOCK_MONOTONIC): a daemon that is slow to delete an
+// entry cannot keep it alive.
+#define NAME_PARTS 4
+
+struct name_key {
+	__u32 slot;
+	__u32 app_id;
+	__u8 addr[16]; // IPv4 in the first 4 bytes
+	__u8 family;
+	__u8 pad[7];
+};
+
+struct name_part {
+	__u64 expires_ns; // 0: unused part
+	__u32 tcp_first;
+	__u32 tcp_count;
+	__u32 udp_first;
+	__u32 udp_count;
+};
+
+struct name_value {
+	struct name_part part[NAME_PARTS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct name_key);
+	__type(value, struct name_value);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} name_grants SEC(".maps");
 
 // Just the kernel fields the exe check reads (CO-RE: offsets come from the
 // running kernel's BTF when the program loads).
@@ -746,6 +791,30 @@ static __always_inline int grant_allows(__u32 slot, __u32 app_id, const struct d
 	return ports_allow(slot, grant_of(slot, app_id, d), d, reason);
 }
 
+// name_allows: has a DNS answer, not yet expired, given app_id d's address
+// for a name grant whose ports take d? Asked only when the app's trie
+// grants miss and the app has name grants (APP_NAMES).
+static __always_inline int name_allows(__u32 slot, __u32 app_id, const struct dest *d)
+{
+	if (d->proto != PROTO_TCP && d->proto != PROTO_UDP)
+		return 0;
+	struct name_key k = { .slot = slot, .app_id = app_id, .family = d->family };
+	__builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
+	struct name_value *v = bpf_map_lookup_elem(&name_grants, &k);
+	if (!v)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	for (int i = 0; i < NAME_PARTS; i++) {
+		struct name_part *p = &v->part[i];
+		if (p->expires_ns <= now)
+			continue;
+		if (d->proto == PROTO_TCP ? port_allowed(slot, p->tcp_first, p->tcp_count, d->port)
+					  : port_allowed(slot, p->udp_first, p->udp_count, d->port))
+			return 1;
+	}
+	return 0;
+}
+
 // is_loopback: does d reach this host's loopback? 127.0.0.0/8 and ::1,
 // and the unspecified addresses, which connect() and sendto() take for
 // the local host (ruleset.IsLoopback).
@@ -898,6 +967,14 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 			count(app_id, COUNT_ALLOW);
 			if (app_flags & APP_AUDIT_ALLOW)
 				audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_GRANTED, hook);
+			v->allow = v->handoff = 1;
+			v->owned = r.internal;
+			return;
+		}
+		if ((app_flags & APP_NAMES) && reason != REASON_EXE && name_allows(slot, app_id, d)) {
+			count(app_id, COUNT_ALLOW);
+			if (app_flags & APP_AUDIT_ALLOW)
+				audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_NAME, hook);
 			v->allow = v->handoff = 1;
 			v->owned = r.internal;
 			return;

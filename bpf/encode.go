@@ -39,7 +39,8 @@ const (
 	// loopback.
 	appFlagOutsideDeny  = 16
 	appFlagLoopbackDeny = 32
-	appFlagListen       = 64 // APP_LISTEN: the app's binds are limited to its listen:
+	appFlagListen       = 64  // APP_LISTEN: the app's binds are limited to its listen:
+	appFlagNames        = 128 // APP_NAMES: the app has DNS-name grants (name_grants)
 )
 
 // Generation flags (GEN_* in decision.h).
@@ -165,6 +166,9 @@ type tables struct {
 	patterns      []cgroupPattern
 	exactPatterns map[migrateCgroupPathKey]migrateAppInfo
 	globPatterns  map[migrateCgroupPathKey]migrateCgroupGlobs
+	// namePorts are the ports of apps' name grants in the slot's
+	// port_ranges (names.go).
+	namePorts map[nameRef]procgateRuleValue
 }
 
 // ruleKey builds a trie key. The tag is stored big-endian so the trie
@@ -234,6 +238,7 @@ func encode(g Generation, slot uint32) (*tables, error) {
 			return nil, fmt.Errorf("app %q: no valid app id (have %d)", app.Name, id)
 		}
 		t.putGrants(&lengths, ports, slot, id, app.Grants)
+		t.putNamePorts(ports, &app)
 		if app.Listen != nil {
 			// Empty (listen: []) is an entry with no ranges: no port.
 			var v procgateRuleValue
@@ -334,6 +339,9 @@ func appFlags(app *ruleset.App) uint32 {
 	}
 	if app.Listen != nil {
 		flags |= appFlagListen
+	}
+	if app.HasNames() {
+		flags |= appFlagNames
 	}
 	if app.OutsideDeny {
 		flags |= appFlagOutsideDeny

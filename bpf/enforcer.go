@@ -130,12 +130,14 @@ type objects struct {
 	VerdictCounters *ebpf.Map `ebpf:"verdict_counters"`
 	AuditBudgets    *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents     *ebpf.Map `ebpf:"audit_events"`
+	NameGrants      *ebpf.Map `ebpf:"name_grants"`
 }
 
 func (o *objects) close() {
 	for _, c := range []interface{ Close() error }{
 		o.AuthorizeConnect4, o.AuthorizeConnect6, o.AuthorizeSendmsg4, o.AuthorizeSendmsg6, o.AuthorizeBind4, o.AuthorizeBind6,
 		o.PolicyCurrent, o.Rules, o.PortRanges, o.AppByCgroup, o.AppExes, o.AppByUid, o.VerdictCounters, o.AuditBudgets, o.AuditEvents,
+		o.NameGrants,
 	} {
 		if c != nil {
 			c.Close()
@@ -200,6 +202,8 @@ type Enforcer struct {
 	// is the generation this process applied last, for its sock_diag path.
 	sweep   *sweeper
 	applied *Generation
+	// names is what DNS answers taught (names.go).
+	names learnedNames
 }
 
 type slotKeys struct {
@@ -234,6 +238,7 @@ func Open(opts Options) (*Enforcer, error) {
 	e := &Enforcer{opts: opts, specs: specs}
 	_, statErr := os.Stat(filepath.Join(opts.BPFDir, "policy_current"))
 	e.Adopted = statErr == nil
+	e.names.init(e.Adopted)
 	if !e.Adopted {
 		// Fresh maps: both slots are empty, no need to walk them.
 		e.written = [2]*slotKeys{{}, {}}
@@ -610,12 +615,20 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	if err := info.Put(uint32(0), &t.info); err != nil {
 		return 0, fmt.Errorf("write generation info: %w", err)
 	}
+	// What DNS answers taught, under the new policy; held until the
+	// switch, so that no answer learned in between is lost to either slot.
+	e.names.mu.Lock()
+	defer e.names.mu.Unlock()
+	if err := e.writeNames(slot, g.Rules, g.AppIDs, t.namePorts); err != nil {
+		return 0, fmt.Errorf("generation %d: %w", next, err)
+	}
 	// The switch. It returns after an RCU grace period, so from here on no
 	// decision reads the previous slot.
 	written := time.Now()
 	if err := e.objs.PolicyCurrent.Put(uint32(0), info); err != nil {
 		return 0, fmt.Errorf("switch to generation %d: %w", next, err)
 	}
+	e.names.live, e.names.slot, e.names.rules, e.names.ids, e.names.ports = true, slot, g.Rules, g.AppIDs, t.namePorts
 	e.opts.Log.Debug("generation applied", "generation", next, "slot", slot, "rules", len(rk), "port_ranges", len(t.ports),
 		"app_bindings", len(ak), "encode", encoded.Sub(start), "clear", cleared.Sub(encoded), "write", written.Sub(cleared),
 		"switch", time.Since(written))
@@ -676,6 +689,9 @@ func (e *Enforcer) clearSlot(slot uint32) error {
 	}
 	if err := deleteBatch(e.objs.AppByUid, keys.users); err != nil {
 		return fmt.Errorf("clear user apps of slot %d: %w", slot, err)
+	}
+	if err := e.clearNames(slot); err != nil {
+		return err
 	}
 	e.written[slot] = &slotKeys{} // known empty
 	return nil

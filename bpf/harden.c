@@ -422,7 +422,9 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 	}
 	__u32 app_id = app->app_id;
 	__u8 reason = REASON_PROTO;
-	if (d.proto && grant_allows(slot, app_id, &d, &reason)) {
+	int granted = d.proto && grant_allows(slot, app_id, &d, &reason);
+	// A name grant's address expires: its verdict is never remembered.
+	if (granted || (d.proto && (app->flags & APP_NAMES) && name_allows(slot, app_id, &d))) {
 		if (udp_handover && d.proto == PROTO_UDP) {
 			__u64 sender;
 			__u32 sender_app;
@@ -430,7 +432,7 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 				return deny_handover(&d, sender, sender_app, generation, info->audit_rate, hook);
 		}
 		// Counted when the connect or sendmsg hook allowed it.
-		if (sk && d.proto == PROTO_UDP)
+		if (granted && sk && d.proto == PROTO_UDP)
 			remember(sk, cgroup_id, &d, generation, app_id, app->flags);
 		return 1;
 	}

@@ -68,6 +68,27 @@ type hardenLookupResult struct {
 	Pad      [2]uint8
 }
 
+type hardenNameKey struct {
+	_      structs.HostLayout
+	Slot   uint32
+	AppId  uint32
+	Addr   [16]uint8
+	Family uint8
+	Pad    [7]uint8
+}
+
+type hardenNameValue struct {
+	_    structs.HostLayout
+	Part [4]struct {
+		_         structs.HostLayout
+		ExpiresNs uint64
+		TcpFirst  uint32
+		TcpCount  uint32
+		UdpFirst  uint32
+		UdpCount  uint32
+	}
+}
+
 type hardenPortRange struct {
 	_  structs.HostLayout
 	Lo uint16
@@ -143,6 +164,7 @@ const (
 	hardenMapDestLookups           = "dest_lookups"
 	hardenMapGenerationInfoInner   = "generation_info_inner"
 	hardenMapMigratedTasks         = "migrated_tasks"
+	hardenMapNameGrants            = "name_grants"
 	hardenMapOwnedSockets          = "owned_sockets"
 	hardenMapOwnedSocketsFull      = "owned_sockets_full"
 	hardenMapOwnedSocketsUnmatched = "owned_sockets_unmatched"
@@ -227,6 +249,7 @@ type hardenMapSpecs struct {
 	DestLookups           *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner   *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks         *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	NameGrants            *ebpf.MapSpec `ebpf:"name_grants"`
 	OwnedSockets          *ebpf.MapSpec `ebpf:"owned_sockets"`
 	OwnedSocketsFull      *ebpf.MapSpec `ebpf:"owned_sockets_full"`
 	OwnedSocketsUnmatched *ebpf.MapSpec `ebpf:"owned_sockets_unmatched"`
@@ -275,6 +298,7 @@ type hardenMaps struct {
 	DestLookups           *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner   *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks         *ebpf.Map `ebpf:"migrated_tasks"`
+	NameGrants            *ebpf.Map `ebpf:"name_grants"`
 	OwnedSockets          *ebpf.Map `ebpf:"owned_sockets"`
 	OwnedSocketsFull      *ebpf.Map `ebpf:"owned_sockets_full"`
 	OwnedSocketsUnmatched *ebpf.Map `ebpf:"owned_sockets_unmatched"`
@@ -298,6 +322,7 @@ func (m *hardenMaps) Close() error {
 		m.DestLookups,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
+		m.NameGrants,
 		m.OwnedSockets,
 		m.OwnedSocketsFull,
 		m.OwnedSocketsUnmatched,

@@ -94,6 +94,27 @@ type migrateMkdirScratch struct {
 	Name [256]int8
 }
 
+type migrateNameKey struct {
+	_      structs.HostLayout
+	Slot   uint32
+	AppId  uint32
+	Addr   [16]uint8
+	Family uint8
+	Pad    [7]uint8
+}
+
+type migrateNameValue struct {
+	_    structs.HostLayout
+	Part [4]struct {
+		_         structs.HostLayout
+		ExpiresNs uint64
+		TcpFirst  uint32
+		TcpCount  uint32
+		UdpFirst  uint32
+		UdpCount  uint32
+	}
+}
+
 type migratePortRange struct {
 	_  structs.HostLayout
 	Lo uint16
@@ -172,6 +193,7 @@ const (
 	migrateMapGenerationInfoInner = "generation_info_inner"
 	migrateMapMigratedTasks       = "migrated_tasks"
 	migrateMapMkdirScratch        = "mkdir_scratch"
+	migrateMapNameGrants          = "name_grants"
 	migrateMapPolicyCurrent       = "policy_current"
 	migrateMapPortRanges          = "port_ranges"
 	migrateMapRules               = "rules"
@@ -253,6 +275,7 @@ type migrateMapSpecs struct {
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	MkdirScratch        *ebpf.MapSpec `ebpf:"mkdir_scratch"`
+	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
@@ -302,6 +325,7 @@ type migrateMaps struct {
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
 	MkdirScratch        *ebpf.Map `ebpf:"mkdir_scratch"`
+	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
@@ -324,6 +348,7 @@ func (m *migrateMaps) Close() error {
 		m.GenerationInfoInner,
 		m.MigratedTasks,
 		m.MkdirScratch,
+		m.NameGrants,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,

@@ -89,6 +89,29 @@ type procgateLookupResult struct {
 	Pad      [2]uint8
 }
 
+type procgateNameKey struct {
+	_      structs.HostLayout
+	Slot   uint32
+	AppId  uint32
+	Addr   [16]uint8
+	Family uint8
+	Pad    [7]uint8
+}
+
+type procgateNamePart struct {
+	_         structs.HostLayout
+	ExpiresNs uint64
+	TcpFirst  uint32
+	TcpCount  uint32
+	UdpFirst  uint32
+	UdpCount  uint32
+}
+
+type procgateNameValue struct {
+	_    structs.HostLayout
+	Part [4]procgateNamePart
+}
+
 type procgatePortRange struct {
 	_  structs.HostLayout
 	Lo uint16
@@ -164,6 +187,7 @@ const (
 	procgateMapDestLookups         = "dest_lookups"
 	procgateMapGenerationInfoInner = "generation_info_inner"
 	procgateMapMigratedTasks       = "migrated_tasks"
+	procgateMapNameGrants          = "name_grants"
 	procgateMapPolicyCurrent       = "policy_current"
 	procgateMapPortRanges          = "port_ranges"
 	procgateMapRules               = "rules"
@@ -242,6 +266,7 @@ type procgateMapSpecs struct {
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
@@ -286,6 +311,7 @@ type procgateMaps struct {
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
+	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
@@ -305,6 +331,7 @@ func (m *procgateMaps) Close() error {
 		m.DestLookups,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
+		m.NameGrants,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,

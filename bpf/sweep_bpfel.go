@@ -68,6 +68,27 @@ type sweepLookupResult struct {
 	Pad      [2]uint8
 }
 
+type sweepNameKey struct {
+	_      structs.HostLayout
+	Slot   uint32
+	AppId  uint32
+	Addr   [16]uint8
+	Family uint8
+	Pad    [7]uint8
+}
+
+type sweepNameValue struct {
+	_    structs.HostLayout
+	Part [4]struct {
+		_         structs.HostLayout
+		ExpiresNs uint64
+		TcpFirst  uint32
+		TcpCount  uint32
+		UdpFirst  uint32
+		UdpCount  uint32
+	}
+}
+
 type sweepPortRange struct {
 	_  structs.HostLayout
 	Lo uint16
@@ -165,6 +186,7 @@ const (
 	sweepMapDestLookups         = "dest_lookups"
 	sweepMapGenerationInfoInner = "generation_info_inner"
 	sweepMapMigratedTasks       = "migrated_tasks"
+	sweepMapNameGrants          = "name_grants"
 	sweepMapPolicyCurrent       = "policy_current"
 	sweepMapPortRanges          = "port_ranges"
 	sweepMapRules               = "rules"
@@ -238,6 +260,7 @@ type sweepMapSpecs struct {
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
@@ -285,6 +308,7 @@ type sweepMaps struct {
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
+	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	Rules               *ebpf.Map `ebpf:"rules"`
@@ -306,6 +330,7 @@ func (m *sweepMaps) Close() error {
 		m.DestLookups,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
+		m.NameGrants,
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.Rules,

@@ -1,0 +1,142 @@
+package bpf
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/procgate/procgate/internal/probe"
+	"github.com/procgate/procgate/ruleset"
+)
+
+const namesPolicy = `version: 1
+internal:
+  prefixes: [10.0.0.0/8, fd00::/8]
+apps:
+  - name: web
+    allow:
+      - to: db.corp.example
+        proto: tcp
+        ports: [5432]
+      - to: "*.corp.example"
+        ports: [443]
+  - name: box
+    outside: deny
+    allow:
+      - to: api.example.com
+        proto: tcp
+        ports: [443]
+  - name: other
+    allow:
+      - to: 10.9.0.0/16
+`
+
+// TestNameGrants: an address learned for an app's name grant is allowed
+// to that app only, on the grant's ports, until it expires (the kernel
+// checks the expiry itself), across reloads that renumber the apps; the
+// cap refuses addresses past it.
+func TestNameGrants(t *testing.T) {
+	w := newWorld(t, "web", "box", "other")
+	rs := mustPolicy(t, namesPolicy)
+	w.apply(rs)
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	web, box, other := w.prober("web"), w.prober("box"), w.prober("other")
+	learn := func(app, name, addr string, ttl time.Duration) {
+		t.Helper()
+		refused, err := w.e.Learn([]ruleset.Learned{{App: app, Name: name, Addr: netip.MustParseAddr(addr),
+			Expires: time.Now().Add(ttl), Answer: name + " A " + addr}}, 0)
+		if err != nil || len(refused) > 0 {
+			t.Fatalf("learn %s %s for %s: refused %v, %v", name, addr, app, refused, err)
+		}
+	}
+	check := func(step string, p *probe.Prober, dest string, want probe.Verdict) {
+		t.Helper()
+		t.Run(step+"/"+dest, func(t *testing.T) { tryAll(t, p, dest, want) })
+	}
+
+	check("never resolved", web, "10.1.2.3:5432", probe.Denied)
+	learn("web", "db.corp.example", "10.1.2.3", time.Hour)
+	learn("web", "DB.corp.example.", "fd00::3", time.Hour)
+	learn("web", "www.corp.example", "10.1.2.5", time.Hour)
+	learn("box", "api.example.com", "192.0.2.10", time.Hour)
+	learn("other", "db.corp.example", "10.1.2.6", time.Hour) // no name grant: ignored
+	for _, tc := range []struct {
+		step string
+		p    *probe.Prober
+		dest string
+		want probe.Verdict
+	}{
+		{"learned", web, "10.1.2.3:5432", probe.Allowed},
+		{"learned v6", web, "[fd00::3]:5432", probe.Allowed},
+		{"learned, grant's proto only", web, "10.1.2.3:5432/udp", probe.Denied},
+		{"learned, another port", web, "10.1.2.3:5433", probe.Denied},
+		{"learned, the wildcard's port", web, "10.1.2.3:443/udp", probe.Allowed},
+		{"wildcard", web, "10.1.2.5:443", probe.Allowed},
+		{"wildcard, not db's port", web, "10.1.2.5:5432", probe.Denied},
+		{"an address never answered", web, "10.1.2.4:5432", probe.Denied},
+		{"another app", other, "10.1.2.3:5432", probe.Denied},
+		{"another app's own address", other, "10.1.2.6:5432", probe.Denied},
+		{"sandbox, learned", box, "192.0.2.10:443", probe.Allowed},
+		{"sandbox, not learned", box, "192.0.2.11:443", probe.Denied},
+	} {
+		check(tc.step, tc.p, tc.dest, tc.want)
+	}
+
+	t.Run("expiry in the kernel", func(t *testing.T) {
+		learn("web", "short.corp.example", "10.1.2.7", 300*time.Millisecond)
+		tryAll(t, web, "10.1.2.7:443", probe.Allowed)
+		time.Sleep(400 * time.Millisecond)
+		// The daemon has not expired it yet: the kernel refuses by itself.
+		tryAll(t, web, "10.1.2.7:443", probe.Denied)
+		n, err := w.e.ExpireLearned(time.Now())
+		if err != nil || n != 1 {
+			t.Fatalf("ExpireLearned = %d, %v; want 1", n, err)
+		}
+		var v procgateNameValue
+		if err := w.e.objs.NameGrants.Lookup(nameKey(w.e.names.slot, 1, netip.MustParseAddr("10.1.2.7")), &v); err == nil {
+			t.Errorf("the expired entry is still in name_grants")
+		}
+	})
+
+	t.Run("reload renumbering the apps", func(t *testing.T) {
+		// other takes web's id, web box's: the learned addresses follow
+		// their app, not its old number.
+		reordered := mustPolicy(t, namesPolicy)
+		reordered.Apps = []ruleset.App{*reordered.App("other"), *reordered.App("web"), *reordered.App("box")}
+		w.apply(reordered)
+		tryAll(t, web, "10.1.2.3:5432", probe.Allowed)
+		tryAll(t, box, "192.0.2.10:443", probe.Allowed)
+		tryAll(t, other, "10.1.2.3:5432", probe.Denied)
+		tryAll(t, box, "10.1.2.3:5432", probe.Denied)
+		// A policy without the name grant takes the address away.
+		narrowed := mustPolicy(t, strings.Replace(namesPolicy, "db.corp.example", "db2.corp.example", 1))
+		w.apply(narrowed)
+		tryAll(t, web, "10.1.2.3:5432", probe.Denied)
+		tryAll(t, web, "10.1.2.5:443", probe.Allowed)
+		w.apply(rs)
+		tryAll(t, web, "10.1.2.3:5432", probe.Allowed)
+	})
+
+	t.Run("cap", func(t *testing.T) {
+		var facts []ruleset.Learned
+		for _, a := range []string{"10.3.0.1", "10.3.0.2", "10.3.0.3"} {
+			facts = append(facts, ruleset.Learned{App: "web", Name: "rr.corp.example", Addr: netip.MustParseAddr(a), Expires: time.Now().Add(time.Hour)})
+		}
+		refused, err := w.e.Learn(facts, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(refused) != 1 || refused[0].Addr != netip.MustParseAddr("10.3.0.3") {
+			t.Fatalf("refused %v, want 10.3.0.3", refused)
+		}
+		tryAll(t, web, "10.3.0.2:443", probe.Allowed)
+		tryAll(t, web, "10.3.0.3:443", probe.Denied)
+		// A known address only moves its expiry: not refused.
+		if refused, err := w.e.Learn(facts[:1], 2); err != nil || len(refused) != 0 {
+			t.Fatalf("relearning a known address: refused %v, %v", refused, err)
+		}
+	})
+}
