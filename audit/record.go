@@ -45,6 +45,12 @@ type Record struct {
 // KindPinhole marks pinhole records.
 const KindPinhole = "pinhole"
 
+// KindName marks records of the daemon's DNS-name grants: an answer's
+// address it did not learn (Reason "name-cap": the name holds as many
+// addresses as the cap allows; Dest the address, Hook "dns", Rule the name
+// and the cap).
+const KindName = "name"
+
 // Pinhole is the hole of a pinhole record.
 type Pinhole struct {
 	Proto string `json:"proto"`

@@ -105,6 +105,14 @@ type Config struct {
 	// NoTraceGuard turns the trace guard off: apps run with their user's
 	// gid and can be traced by other processes of that user.
 	NoTraceGuard bool
+	// DNSGrace is how long an address a DNS answer gave an app for a name
+	// grant stays allowed past the answer's TTL (--dns-grace): resolvers
+	// and apps cache answers a little longer than they should. 0: none.
+	DNSGrace time.Duration
+	// NameCap is how many addresses one name may hold for an app at once
+	// (--dns-cap); answers past it are not learned, and an audit record
+	// says so. 0: bpf.DefaultNameCap.
+	NameCap int
 }
 
 // Daemon is a running procgate daemon.
@@ -289,6 +297,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := d.startPinholes(ctx, &wg); err != nil {
 		return err
 	}
+	d.expireNames(ctx, &wg)
 
 	ln, err := listen(cfg.Socket)
 	if err != nil {
@@ -757,8 +766,13 @@ func (d *Daemon) annotate(e bpf.Event) (string, string) {
 		return app, rule
 	}
 	dec := rs.Decide(app, e.Dest)
+	if e.Reason == ruleset.ReasonName {
+		dec = rs.DecideLearned(app, e.Dest, d.enf.Learned(), time.Now())
+	}
 	if len(dec.Grants) > 0 {
 		rule = "grant " + dec.Grants[0].String()
+	} else if len(dec.Names) > 0 {
+		rule = "grant " + dec.Names[0].Grant.String() + " by answer: " + dec.Names[0].Learned.String()
 	} else if len(dec.Everyone) > 0 {
 		rule = "everyone grant " + dec.Everyone[0].String()
 	} else if dec.Reason == ruleset.ReasonOutside {

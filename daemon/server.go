@@ -329,7 +329,7 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 	} else if d.effective.App(app) == nil {
 		return nil, fmt.Errorf("no app %q in the policy %s", app, d.cfg.PolicyPath)
 	}
-	dec := d.effective.Decide(app, dest)
+	dec := d.effective.DecideLearned(app, dest, d.enf.Learned(), time.Now())
 	ex := &api.Explain{App: app, Dest: dest.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}
 	if a := d.effective.App(app); req.PID != 0 && a != nil {
 		ex.Principal = a.Match.Describe()
@@ -338,7 +338,7 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 	// binary holds none of the grants.
 	// Only the app's own grants depend on it: everyone's and a sandbox's
 	// loopback hold for any binary.
-	if a := d.effective.App(app); req.PID != 0 && a != nil && len(a.Exe) > 0 && dec.Reason == ruleset.ReasonGranted {
+	if a := d.effective.App(app); req.PID != 0 && a != nil && len(a.Exe) > 0 && (dec.Reason == ruleset.ReasonGranted || dec.Reason == ruleset.ReasonName) {
 		exe := fmt.Sprintf("/proc/%d/exe", req.PID)
 		id, err := bpf.FileIDOf(exe)
 		if err != nil || !slices.Contains(d.exes[app], id) {
