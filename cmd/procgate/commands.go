@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -535,7 +536,14 @@ func (f *eventFlags) add(cmd *cobra.Command, all bool) {
 	cmd.Flags().StringVar(&f.dest, "dest", "", "only events to an address in this prefix (10.1.0.0/16, fd00::/8, 10.1.2.3)")
 }
 
+// eventVerdicts are the verdicts records carry: the kernel's decisions
+// (would-deny: an audit-only app's attempt that passed) and pinholes'.
+var eventVerdicts = []string{"allow", "deny", "would-deny", "open", "close", "refuse"}
+
 func (f *eventFlags) request() (api.Request, error) {
+	if f.verdict != "" && !slices.Contains(eventVerdicts, f.verdict) {
+		return api.Request{}, fmt.Errorf("--verdict %q: want one of %s", f.verdict, strings.Join(eventVerdicts, ", "))
+	}
 	since, err := parseSince(f.since, time.Now())
 	if err != nil {
 		return api.Request{}, err

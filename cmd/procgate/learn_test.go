@@ -68,3 +68,23 @@ func TestLearnFromLog(t *testing.T) {
 		t.Error("the invalid drop-in was written")
 	}
 }
+
+// TestEventFlagsRefused: filters that cannot match are refused before the
+// daemon is asked, naming what is expected.
+func TestEventFlagsRefused(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"events", "--verdict", "denied"}, `--verdict "denied": want one of allow, deny, would-deny`},
+		{[]string{"events", "--since", "yesterday"}, `--since "yesterday": want a duration (90m, 24h) or an RFC 3339 time`},
+		{[]string{"events", "--since", "-1h"}, "not a negative one"},
+		{[]string{"learn", "--app", "x", "--since", "soon"}, `--since "soon"`},
+		{[]string{"learn"}, `required flag(s) "app" not set`},
+	} {
+		out, code := procgateCLI(t, append(tc.args, "--socket", "/nonexistent/procgate.sock")...)
+		if code == 0 || !strings.Contains(out, tc.want) {
+			t.Errorf("%v (exit %d): want %q in:\n%s", tc.args, code, tc.want, out)
+		}
+	}
+}
