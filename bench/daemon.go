@@ -26,7 +26,7 @@ import (
 //     from starting the command to the first denial, and whether that came
 //     before the command returned (matrix policy);
 //   - cost: the policy file grows to DaemonSize prefixes (picked up by the
-//     daemon's poll of the file, as an edit would be); the daemon's RSS
+//     daemon's watch of the file, as an edit would be); the daemon's RSS
 //     after that, its CPU over an idle window, and CPU, time and memory
 //     per `procgate reload` of that policy; the kernel memory of its maps.
 
@@ -39,21 +39,25 @@ type daemonResult struct {
 	// Start is the daemon's memory with the matrix policy in force.
 	Start procMem `json:"start"`
 	// LoadSeconds is from the rename of the large policy into place until
-	// the daemon logged it loaded (up to one poll interval of the file
-	// included); LoadCPU the daemon's CPU time meanwhile.
+	// the daemon logged it loaded (its settle delay, or in older runs up
+	// to one poll interval, included); LoadCPU the daemon's CPU time
+	// meanwhile.
 	LoadSeconds float64 `json:"load_s"`
 	LoadCPU     float64 `json:"load_cpu_s"`
 	Loaded      procMem `json:"loaded"`
-	// IdleSeconds of nothing but the daemon's own timers (the poll of the
-	// policy file, routes and pinned binaries every second), IdleCPU its
-	// CPU time in them.
+	// IdleSeconds of nothing but the daemon's own timers (the poll of
+	// pinned binaries every second; in older runs of the policy file and
+	// routes too), IdleCPU its CPU time in them.
 	IdleSeconds float64          `json:"idle_window_s"`
 	IdleCPU     float64          `json:"idle_cpu_s"`
 	Idle        procMem          `json:"after_idle"`
 	Reloads     []daemonReload   `json:"reloads"`
 	MapMemory   map[string]int64 `json:"map_memlock_bytes"`
-	// PollSeconds is the daemon's poll interval of the policy file.
-	PollSeconds float64 `json:"poll_s"`
+	// PollSeconds is the daemon's poll interval of the policy file, in
+	// runs from before it followed the file by inotify; SettleSeconds is
+	// the quiet time it waits for after a change, since.
+	PollSeconds   float64 `json:"poll_s"`
+	SettleSeconds float64 `json:"settle_s,omitempty"`
 	// RevokePrefixes is the policy size of the CLI revocations.
 	RevokePrefixes int         `json:"cli_revoke_prefixes"`
 	CLIRevokes     []cliRevoke `json:"cli_revokes"`
@@ -130,7 +134,7 @@ func (b *bench) daemonPhase(ctx context.Context) error {
 		return err
 	}
 	defer d.stop()
-	res := &daemonResult{Prefixes: b.cfg.DaemonSize, RevokePrefixes: small.size, PollSeconds: time.Second.Seconds()}
+	res := &daemonResult{Prefixes: b.cfg.DaemonSize, RevokePrefixes: small.size, SettleSeconds: daemon.DefaultSettle.Seconds()}
 	b.res.Daemon = res
 	if res.Start, err = readProcMem(d.pid); err != nil {
 		return err

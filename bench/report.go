@@ -405,18 +405,27 @@ func (r *results) daemonCostSection(w func(string, ...any)) {
 	}
 	w("### The daemon at %d prefixes", d.Prefixes)
 	w("")
-	w("`procgate daemon` (bin/procgate) on a cgroup subtree, state dir, bpffs dir and socket of the bench's own, in a cgroup of its own; memory from /proc/PID/status (VmRSS, and VmHWM: the peak so far), CPU from /proc/PID/stat (utime+stime of all its threads, in 10 ms ticks). It starts with the %d-prefix policy; then the policy file (%.1f MB of YAML, %d prefixes and %d grants) is renamed over it, and the daemon's poll of the file (every %.0f s) loads it.", d.RevokePrefixes, float64(d.PolicyBytes)/1e6, d.Prefixes, d.Prefixes, d.PollSeconds)
+	// Runs before the daemon followed its policy by inotify polled it.
+	pickup := fmt.Sprintf("the daemon's poll of the file (every %.0f s) loads it", d.PollSeconds)
+	delay := "poll delay included"
+	idle := "to stat the policy file (it reads and hashes it only when it changed) and to check routes and pinned binaries"
+	if d.SettleSeconds > 0 {
+		pickup = fmt.Sprintf("the daemon, which follows the file by inotify, loads it once the file was quiet for %.2f s", d.SettleSeconds)
+		delay = "settle delay included"
+		idle = "only to check pinned binaries (`--poll`; the policy file and the routes come as inotify and netlink events)"
+	}
+	w("`procgate daemon` (bin/procgate) on a cgroup subtree, state dir, bpffs dir and socket of the bench's own, in a cgroup of its own; memory from /proc/PID/status (VmRSS, and VmHWM: the peak so far), CPU from /proc/PID/stat (utime+stime of all its threads, in 10 ms ticks). It starts with the %d-prefix policy; then the policy file (%.1f MB of YAML, %d prefixes and %d grants) is renamed over it, and %s.", d.RevokePrefixes, float64(d.PolicyBytes)/1e6, d.Prefixes, d.Prefixes, pickup)
 	w("")
 	w("| when | seconds | daemon CPU s | VmRSS MiB | VmHWM MiB |")
 	w("|---|---|---|---|---|")
 	w("| started, %d prefixes |  |  | %.0f | %.0f |", d.RevokePrefixes, mib(d.Start.RSS), mib(d.Start.HWM))
-	w("| file changed → loaded (parse, compile, Apply; poll delay included) | %.2f | %.2f | %.0f | %.0f |", d.LoadSeconds, d.LoadCPU, mib(d.Loaded.RSS), mib(d.Loaded.HWM))
+	w("| file changed → loaded (parse, compile, Apply; %s) | %.2f | %.2f | %.0f | %.0f |", delay, d.LoadSeconds, d.LoadCPU, mib(d.Loaded.RSS), mib(d.Loaded.HWM))
 	w("| idle (%.0f s window, %.1f%% of a CPU) | %.1f | %.2f | %.0f | %.0f |", d.IdleSeconds, 100*ratio(d.IdleCPU, d.IdleSeconds), d.IdleSeconds, d.IdleCPU, mib(d.Idle.RSS), mib(d.Idle.HWM))
 	for i, rl := range d.Reloads {
 		w("| `procgate reload` %d | %.2f | %.2f | %.0f | %.0f |", i+1, rl.Seconds, rl.CPUSeconds, mib(rl.After.RSS), mib(rl.After.HWM))
 	}
 	w("")
-	w("A reload's CPU counts from the command's start to %s after it returned (the garbage collection it leaves behind included). Idle, the daemon wakes every second to stat the policy file (it reads and hashes it only when it changed) and to check routes and pinned binaries. The daemon keeps the rulesets of its last 8 generations (to name the rule of audit events still in the ring buffer) and the Go heap may grow to twice what is live (GOGC=100), which fits RSS growing over the first reloads.", reloadSettle)
+	w("A reload's CPU counts from the command's start to %s after it returned (the garbage collection it leaves behind included). Idle, the daemon wakes every second %s. The daemon keeps the rulesets of its last 8 generations (to name the rule of audit events still in the ring buffer) and the Go heap may grow to twice what is live (GOGC=100), which fits RSS growing over the first reloads.", reloadSettle, idle)
 	w("")
 	if len(d.MapMemory) > 0 {
 		w("Kernel memory of the daemon's maps at %d prefixes (as above, from its pinned maps):", d.Prefixes)
