@@ -127,10 +127,44 @@ static __always_inline void judge(struct task_struct___mg *t, struct cgroup___cg
 	mark(t);
 }
 
+struct cgroup_root___fl {
+	int hierarchy_id;
+} __attribute__((preserve_access_index));
+
+struct kernfs_node___fl {
+	__u64 id;
+	const char *name;
+} __attribute__((preserve_access_index));
+
+struct cgroup___fl {
+	struct kernfs_node___fl *kn;
+	struct cgroup_root___fl *root;
+} __attribute__((preserve_access_index));
+
+struct css_set___fl {
+	struct cgroup___fl *dfl_cgrp;
+} __attribute__((preserve_access_index));
+
+struct task_struct___fl {
+	struct css_set___fl *cgroups;
+} __attribute__((preserve_access_index));
+
+// on_default_hierarchy: is cg a cgroup2 cgroup? The calling task's default
+// cgroup is on the default hierarchy by definition.
+static __always_inline int on_default_hierarchy(struct cgroup___fl *cg)
+{
+	struct task_struct___fl *t = (struct task_struct___fl *)bpf_get_current_task();
+	return BPF_CORE_READ(cg, root) == BPF_CORE_READ(t, cgroups, dfl_cgrp, root);
+}
+
 SEC("tp_btf/cgroup_attach_task")
 int mark_migration(unsigned long long *ctx)
 {
 	struct task_struct___mg *t = (struct task_struct___mg *)ctx[2];
+	// A move in a v1 hierarchy changes no principal, and its cgroup's id
+	// is of another id space, which may hold an app cgroup's number.
+	if (!on_default_hierarchy((struct cgroup___fl *)ctx[0]))
+		return 0;
 	int self = BPF_CORE_READ(t, tgid) == (int)(bpf_get_current_pid_tgid() >> 32);
 	judge(t, (struct cgroup___cg *)ctx[0], self);
 	return 0;
@@ -242,36 +276,6 @@ struct {
 	__type(value, struct mkdir_scratch);
 	__uint(max_entries, 1);
 } mkdir_scratch SEC(".maps");
-
-struct cgroup_root___fl {
-	int hierarchy_id;
-} __attribute__((preserve_access_index));
-
-struct kernfs_node___fl {
-	__u64 id;
-	const char *name;
-} __attribute__((preserve_access_index));
-
-struct cgroup___fl {
-	struct kernfs_node___fl *kn;
-	struct cgroup_root___fl *root;
-} __attribute__((preserve_access_index));
-
-struct css_set___fl {
-	struct cgroup___fl *dfl_cgrp;
-} __attribute__((preserve_access_index));
-
-struct task_struct___fl {
-	struct css_set___fl *cgroups;
-} __attribute__((preserve_access_index));
-
-// on_default_hierarchy: is cg a cgroup2 cgroup? The calling task's default
-// cgroup is on the default hierarchy by definition.
-static __always_inline int on_default_hierarchy(struct cgroup___fl *cg)
-{
-	struct task_struct___fl *t = (struct task_struct___fl *)bpf_get_current_task();
-	return BPF_CORE_READ(cg, root) == BPF_CORE_READ(t, cgroups, dfl_cgrp, root);
-}
 
 // glob_matches: is name[0..len) prefix + anything + suffix?
 static __always_inline int glob_matches(const struct cgroup_glob *g, const char *name, __u32 len)

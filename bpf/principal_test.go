@@ -442,3 +442,80 @@ func TestSystemdRunUnit(t *testing.T) {
 	}
 	t.Skip("systemd is PID 1, but its units' cgroups are in system.slice, which the tests must not attach to (they attach only to cgroups they made); TestUnitRestart covers the systemd layout below the test cgroup")
 }
+
+// v1Mount is a cgroup v1 hierarchy's mount point, "" when none is mounted.
+func v1Mount(t *testing.T) string {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		for i, x := range f {
+			if x == "-" && i+1 < len(f) && f[i+1] == "cgroup" && len(f) > 4 {
+				return f[4]
+			}
+		}
+	}
+	return ""
+}
+
+// TestFollowIgnoresV1: a cgroup made in a v1 hierarchy at a path a pattern
+// names is no app's: its id is of another id space, where it may equal an
+// unrelated cgroup2 cgroup's. Its cgroup2 twin is bound.
+func TestFollowIgnoresV1(t *testing.T) {
+	v1 := v1Mount(t)
+	if v1 == "" {
+		t.Skip("no cgroup v1 hierarchy mounted here: nothing to tell apart")
+	}
+	w := newWorld(t)
+	w.mkdirs("system.slice")
+	w.apply(unitPolicy())
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range w.e.Guards() {
+		if g.Name == "unit-restarts" && !g.Active {
+			t.Skipf("kernel feature missing: %s", g.Why)
+		}
+	}
+	rel := strings.TrimPrefix(w.root, w.mount)
+	var made []string
+	t.Cleanup(func() {
+		for i := len(made) - 1; i >= 0; i-- {
+			if err := os.Remove(made[i]); err != nil {
+				t.Errorf("remove v1 test cgroup: %v", err)
+			}
+		}
+	})
+	dir := v1
+	for _, c := range strings.Split(strings.Trim(rel, "/")+"/system.slice/docker-twin.scope", "/") {
+		dir = filepath.Join(dir, c)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatalf("make v1 test cgroup: %v", err)
+		}
+		made = append(made, dir)
+	}
+	w.mkdirs("system.slice/docker-twin.scope")
+	bound := func(dir string) bool {
+		var st syscall.Stat_t
+		if err := syscall.Stat(dir, &st); err != nil {
+			t.Fatal(err)
+		}
+		var v procgateAppInfo
+		for slot := range uint32(2) {
+			// A cgroup's id is its kernfs node id, its inode number here.
+			if w.e.objs.AppByCgroup.Lookup(procgateAppKey{CgroupId: st.Ino, Slot: slot}, &v) == nil {
+				return true
+			}
+		}
+		return false
+	}
+	if bound(dir) {
+		t.Fatalf("the v1 cgroup %s was bound to an app", dir)
+	}
+	if !bound(w.cgroups["system.slice/docker-twin.scope"]) {
+		t.Fatal("the cgroup2 twin was not bound: the test shows nothing")
+	}
+}
