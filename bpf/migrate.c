@@ -66,6 +66,16 @@ struct cred___mg {
 	struct user_namespace___mg *user_ns;
 } __attribute__((preserve_access_index));
 
+// kernel_cap_t before 6.3 (a u64 since then): two 32-bit words, the
+// low one holding CAP_SYS_ADMIN.
+struct kernel_cap___old {
+	__u32 cap[2];
+};
+
+struct cred___old {
+	struct kernel_cap___old cap_effective;
+} __attribute__((preserve_access_index));
+
 struct task_struct___mg {
 	int tgid;
 	__u64 start_time;
@@ -86,7 +96,12 @@ static __always_inline int trusted(void)
 	struct task_struct___mg *t = (struct task_struct___mg *)bpf_get_current_task();
 	if (BPF_CORE_READ(t, cred, user_ns, level) != 0)
 		return 0;
-	__u64 caps = BPF_CORE_READ(t, cred, cap_effective.val);
+	const struct cred___mg *cred = BPF_CORE_READ(t, cred);
+	__u64 caps;
+	if (bpf_core_field_exists(cred->cap_effective.val))
+		caps = BPF_CORE_READ(cred, cap_effective.val);
+	else // 6.1, 6.2
+		caps = BPF_CORE_READ((const struct cred___old *)cred, cap_effective.cap[0]);
 	return (caps >> CAP_SYS_ADMIN) & 1;
 }
 
