@@ -43,6 +43,8 @@ var Claims = []Claim{
 		Tests: []string{"TestBackstops/XDP_socket_inside_an_app_cgroup"}, Needs: hasBPFLSM, NeedsWhat: "bpf in the active LSM list"},
 	{What: "AF_PACKET and AF_XDP allowed outside apps",
 		Tests: []string{"TestBackstops/packet_socket_outside_app_cgroups", "TestBackstops/XDP_socket_outside_app_cgroups"}},
+	{What: "processes moved into an app from another app hold no grants (tp_btf marks)", Guard: "cgroup-migration",
+		Tests: []string{"TestMigrationMarks"}},
 	{What: "revocation by sock_diag SOCK_DESTROY", Tests: []string{"TestSweep/netlink"}},
 	{What: "revocation by socket iterators and bpf_sock_destroy", Tests: []string{"TestSweep/iterator"},
 		Needs: func(s Summary) bool { return kernelAtLeast(s.Kernel, 6, 5) }, NeedsWhat: "Linux 6.5+"},

@@ -18,7 +18,7 @@ import (
 // within CI's time under TCG.
 var Suites = []SuiteSpec{
 	{Name: "bpf", Dir: "bpf", Timeout: "6m",
-		Run: "^(TestBackstops|TestSweep|TestHandoverGuard|TestMigrationMarks|TestAuditEventsDecode|TestExePinning|TestVerdictCachesFollowGenerations)$"},
+		Run: "^(TestBackstops|TestSweep|TestHandoverGuard|TestMigrationMarks|TestAuditEventsDecode|TestExePinning|TestVerdictCachesFollowGenerations|TestUnitRestart|TestUnitMigrationMarks)$"},
 	{Name: "launch", Dir: "launch", Timeout: "3m"}, // All of launch: fast, and its credentials and ptrace rules are the kernel's.
 
 }
