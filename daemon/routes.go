@@ -168,13 +168,19 @@ func (rw *routeWatch) signal() {
 }
 
 func (rw *routeWatch) run(ctx context.Context) {
+	last := ""
 	for {
 		err := rw.subscribe(ctx)
-		rw.active.Store(false)
+		was := rw.active.Swap(false)
 		if ctx.Err() != nil {
 			return
 		}
-		rw.log.Warn("route events not to be had; polling the routes of internal interfaces", "err", err, "retry_in", rw.retry)
+		// Said once per reason: a host without netlink events would
+		// otherwise log it at every retry.
+		if was || err.Error() != last {
+			rw.log.Warn("route events not to be had; polling the routes of internal interfaces", "err", err, "retry_in", rw.retry)
+		}
+		last = err.Error()
 		select {
 		case <-ctx.Done():
 			return

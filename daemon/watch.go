@@ -39,6 +39,7 @@ type policyWatch struct {
 
 	mu      sync.Mutex
 	watched []string
+	lastErr string // why main could not be watched at the last resync
 }
 
 // watchPolicy starts watching the policy's directories. An error (no
@@ -101,25 +102,35 @@ func (pw *policyWatch) resync() {
 	// truth about what is watched.
 	have := pw.w.WatchList()
 	pw.watched = pw.watched[:0]
-	mainOK := false
+	var mainErr error
 	for _, d := range want {
 		if !slices.Contains(have, d) {
 			if err := pw.w.Add(d); err != nil {
 				if d == pw.main {
-					pw.log.Warn("cannot watch the policy's directory; polling it", "dir", d, "err", err)
+					mainErr = err
 				}
 				continue
 			}
 		}
 		pw.watched = append(pw.watched, d)
-		mainOK = mainOK || d == pw.main
 	}
-	switch was := pw.active.Swap(mainOK); {
-	case was && !mainOK:
-		pw.log.Warn("the policy's directory is no longer watched; polling it", "dir", pw.main)
-	case !was && mainOK:
+	if mainErr == nil && !slices.Contains(pw.watched, pw.main) {
+		mainErr = errors.New("not among the directories the policy resolves to")
+	}
+	// Said once per change of state or reason: the daemon resyncs at
+	// every poll while it cannot watch.
+	msg := ""
+	if mainErr != nil {
+		msg = mainErr.Error()
+	}
+	was := pw.active.Swap(mainErr == nil)
+	switch {
+	case mainErr != nil && (was || msg != pw.lastErr):
+		pw.log.Warn("cannot watch the policy's directory; polling it", "dir", pw.main, "err", mainErr)
+	case mainErr == nil && !was:
 		pw.log.Info("following the policy by inotify", "dirs", pw.watched, "settle", pw.settle)
 	}
+	pw.lastErr = msg
 }
 
 // watching reports whether changes of the policy file come as events; when
