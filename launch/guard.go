@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/exec"
 	"runtime"
@@ -259,9 +260,16 @@ func runShim(args []string) int {
 	// umask) and namespaces entered by setns are per thread: this one
 	// takes them and execs.
 	runtime.LockOSThread()
-	// The caller's pidfd, root and working directory are not the app's.
-	for fd := shimPidFd; fd <= shimCwdFd && a.caller != nil; fd++ {
-		unix.CloseOnExec(fd)
+	// Nothing the daemon holds is the app's: not the caller's pidfd, root
+	// and working directory, nor a descriptor the daemon itself inherited
+	// without close-on-exec (from its unit, its shell). The app gets its
+	// stdio only. close_range(CLOSE_RANGE_CLOEXEC) needs Linux 5.11+; the
+	// descriptors stay usable here until the exec. Root's own launches
+	// (no caller) keep its descriptors, as any exec does.
+	if a.caller != nil {
+		if err := unix.CloseRange(3, math.MaxUint32, unix.CLOSE_RANGE_CLOEXEC); err != nil {
+			return fail(StatusFailed, "mark the daemon's descriptors close-on-exec: %v", err)
+		}
 	}
 	if a.caller != nil {
 		var msg string

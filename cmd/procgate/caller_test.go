@@ -237,3 +237,38 @@ func connectAndExit(t *testing.T, bin, socket string) *net.UnixConn {
 	}
 	return c.(*net.UnixConn)
 }
+
+// TestRunKeepsTheDaemonsDescriptors: a descriptor the daemon inherited
+// without close-on-exec (from its unit or a shell) never reaches an app it
+// launches for a user: the app holds its stdio only.
+func TestRunKeepsTheDaemonsDescriptors(t *testing.T) {
+	nstest.RequireRoot(t)
+	secret, err := os.CreateTemp("", "procgate-daemon-only-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(secret.Name())
+	defer secret.Close()
+	// At 10, above the descriptors the launcher hands its shim (3 to 7),
+	// which would otherwise replace it.
+	files := make([]*os.File, 8)
+	for i := range files {
+		files[i] = secret
+	}
+	ns := nstest.NetNS(t)
+	e := newE2EInheriting(t, callerPolicy, ns, true, files, "--guard-gid", "65533")
+	for _, app := range []string{"shell", "debug"} {
+		t.Run(app, func(t *testing.T) {
+			out, err := e.procgateAs(nobody, nil, "run", "--pty=false", "--app", app, "--", "sh", "-c", "exec ls -l /proc/self/fd")
+			if err != nil {
+				t.Fatalf("run: %v\n%s", err, out)
+			}
+			if !strings.Contains(out, "0 ->") {
+				t.Fatalf("test set-up: no descriptor listing:\n%s", out)
+			}
+			if strings.Contains(out, filepath.Base(secret.Name())) {
+				t.Fatalf("the app holds the daemon's descriptor:\n%s", out)
+			}
+		})
+	}
+}

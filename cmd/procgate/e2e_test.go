@@ -64,6 +64,9 @@ type e2e struct {
 	inNetns bool
 	// daemonFlags are added to the daemon's command line (later flags win).
 	daemonFlags []string
+	// daemonFiles are descriptors the daemon inherits (3, 4, ...), as from
+	// a unit's socket or a shell's redirection.
+	daemonFiles []*os.File
 	dlog        *bytes.Buffer
 	dlogMu      sync.Mutex
 	stopped     chan struct{}
@@ -88,6 +91,12 @@ func newE2EWith(t *testing.T, policyYAML string, inNetns bool, daemonFlags ...st
 // newE2EIn is newE2EWith in the network namespace ns, which the caller
 // made (and set up: links, routes).
 func newE2EIn(t *testing.T, policyYAML, ns string, inNetns bool, daemonFlags ...string) *e2e {
+	t.Helper()
+	return newE2EInheriting(t, policyYAML, ns, inNetns, nil, daemonFlags...)
+}
+
+// newE2EInheriting is newE2EIn with a daemon that inherits files (3, 4, ...).
+func newE2EInheriting(t *testing.T, policyYAML, ns string, inNetns bool, files []*os.File, daemonFlags ...string) *e2e {
 	t.Helper()
 	nstest.RequireRoot(t)
 	dir, err := os.MkdirTemp("", "procgate-e2e-")
@@ -121,7 +130,7 @@ func newE2EIn(t *testing.T, policyYAML, ns string, inNetns bool, daemonFlags ...
 		cgroup: nstest.Cgroup(t),
 		netns:  ns,
 	}
-	e.inNetns, e.daemonFlags = inNetns, daemonFlags
+	e.inNetns, e.daemonFlags, e.daemonFiles = inNetns, daemonFlags, files
 	e.writePolicy(policyYAML)
 	e.startDaemon()
 	t.Cleanup(func() {
@@ -204,6 +213,7 @@ func (e *e2e) startDaemon() {
 	cmd.Env = append(os.Environ(), envAsMain+"=1")
 	cmd.Stdout = lockedWriter{&e.dlogMu, e.dlog}
 	cmd.Stderr = cmd.Stdout
+	cmd.ExtraFiles = e.daemonFiles
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
 	}
