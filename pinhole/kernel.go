@@ -140,16 +140,16 @@ func (k *Kernel) SetApps(bs []Binding) error {
 			for _, r := range rs {
 				for p := uint32(r.Lo); p <= uint32(r.Hi); p++ {
 					if proto&ruleset.TCP != 0 {
-						ports[pinholePortKey{AppId: b.AppID, Port: uint16(p), Proto: 1}] = what
+						ports[pinholePortKey{AppId: b.AppID, Port: uint16(p), Proto: protoTCP}] = what
 					}
 					if proto&ruleset.UDP != 0 {
-						ports[pinholePortKey{AppId: b.AppID, Port: uint16(p), Proto: 2}] = what
+						ports[pinholePortKey{AppId: b.AppID, Port: uint16(p), Proto: protoUDP}] = what
 					}
 				}
 			}
 		}
-		put(b.Inbound.Control, ruleset.TCP, 1)
-		put(b.Inbound.Ports, b.Inbound.Proto, 2)
+		put(b.Inbound.Control, ruleset.TCP, uint8(pinholePortRolePORT_CONTROL))
+		put(b.Inbound.Ports, b.Inbound.Proto, uint8(pinholePortRolePORT_AUX))
 	}
 	var errs []error
 	for key, what := range ports {
@@ -180,9 +180,9 @@ func (k *Kernel) SetApps(bs []Binding) error {
 }
 
 func allowKey(h perimeter.Key) pinholeAllowKey {
-	k := pinholeAllowKey{Port: h.Port, Proto: 1, Family: 4}
+	k := pinholeAllowKey{Port: h.Port, Proto: protoTCP, Family: 4}
 	if h.Proto == perimeter.UDP {
-		k.Proto = 2
+		k.Proto = protoUDP
 	}
 	peer := h.Peer.Unmap()
 	if peer.Is4() {

@@ -54,12 +54,21 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define TCP_FLAG_ACK 0x10
 #define MAX_CGROUP_LEVEL 32
 
-#define PROTO_TCP 1
-#define PROTO_UDP 2
+// The enums below are the single truth for the Go side: bpf2go -type
+// emits them into pinhole_bpfel.go (pinhole/gen.go), and pinhole/event.go
+// and pinhole/kernel.go use those generated constants.
+
+// A socket's protocol (port_key.proto, sock_owner.proto, pinhole_event.proto).
+enum pinhole_proto {
+	PROTO_TCP = 1,
+	PROTO_UDP = 2,
+};
 
 // What a port of an app is (pinhole_ports values).
-#define PORT_CONTROL 1
-#define PORT_AUX 2
+enum port_role {
+	PORT_CONTROL = 1,
+	PORT_AUX = 2,
+};
 
 // What a socket is (sock_owner.kind).
 enum sock_kind {
@@ -225,6 +234,11 @@ const struct hold_opened *unused_hold_opened __attribute__((unused));
 const struct pinhole_event *unused_pinhole_event __attribute__((unused));
 const struct allow_key *unused_allow_key __attribute__((unused));
 const struct port_key *unused_port_key __attribute__((unused));
+// Enums reach BTF, and so bpf2go, only through a typed declaration.
+const enum pinhole_proto *unused_pinhole_proto __attribute__((unused));
+const enum port_role *unused_port_role __attribute__((unused));
+const enum sock_kind *unused_sock_kind __attribute__((unused));
+const enum event_kind *unused_event_kind __attribute__((unused));
 
 // app_of_current is the dynamic app of the calling task's cgroup or its
 // nearest ancestor that is one.

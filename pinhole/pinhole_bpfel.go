@@ -21,6 +21,16 @@ type pinholeAllowKey struct {
 	Peer   [16]uint8
 }
 
+type pinholeEventKind uint32
+
+const (
+	pinholeEventKindEVENT_AUX_OPEN      pinholeEventKind = 1
+	pinholeEventKindEVENT_AUX_CLOSE     pinholeEventKind = 2
+	pinholeEventKindEVENT_CONTROL_OPEN  pinholeEventKind = 3
+	pinholeEventKindEVENT_CONTROL_CLOSE pinholeEventKind = 4
+	pinholeEventKindEVENT_AUX_PEER      pinholeEventKind = 5
+)
+
 type pinholeHoldOpened struct {
 	_        structs.HostLayout
 	Opened   uint64
@@ -51,6 +61,13 @@ type pinholePinholeEvent struct {
 	RemoteAddr [16]uint8
 }
 
+type pinholePinholeProto uint32
+
+const (
+	pinholePinholeProtoPROTO_TCP pinholePinholeProto = 1
+	pinholePinholeProtoPROTO_UDP pinholePinholeProto = 2
+)
+
 type pinholePortKey struct {
 	_     structs.HostLayout
 	AppId uint32
@@ -58,6 +75,23 @@ type pinholePortKey struct {
 	Proto uint8
 	Pad   uint8
 }
+
+type pinholePortRole uint32
+
+const (
+	pinholePortRolePORT_CONTROL pinholePortRole = 1
+	pinholePortRolePORT_AUX     pinholePortRole = 2
+)
+
+type pinholeSockKind uint32
+
+const (
+	pinholeSockKindSOCK_CONTROL_LISTENER pinholeSockKind = 1
+	pinholeSockKindSOCK_AUX              pinholeSockKind = 2
+	pinholeSockKindSOCK_CONTROL_CONN     pinholeSockKind = 3
+	pinholeSockKindSOCK_AUX_CONN         pinholeSockKind = 4
+	pinholeSockKindSOCK_DONE             pinholeSockKind = 5
+)
 
 type pinholeSockOwner struct {
 	_        structs.HostLayout
@@ -93,9 +127,13 @@ const (
 	pinholeProgObserveSockRelease = "observe_sock_release"
 	pinholeProgObserveSockops     = "observe_sockops"
 	pinholeVarUnusedAllowKey      = "unused_allow_key"
+	pinholeVarUnusedEventKind     = "unused_event_kind"
 	pinholeVarUnusedHoldOpened    = "unused_hold_opened"
 	pinholeVarUnusedPinholeEvent  = "unused_pinhole_event"
+	pinholeVarUnusedPinholeProto  = "unused_pinhole_proto"
 	pinholeVarUnusedPortKey       = "unused_port_key"
+	pinholeVarUnusedPortRole      = "unused_port_role"
+	pinholeVarUnusedSockKind      = "unused_sock_kind"
 )
 
 // loadPinhole returns the embedded CollectionSpec for pinhole.
@@ -171,9 +209,13 @@ type pinholeMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type pinholeVariableSpecs struct {
 	UnusedAllowKey     *ebpf.VariableSpec `ebpf:"unused_allow_key"`
+	UnusedEventKind    *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedHoldOpened   *ebpf.VariableSpec `ebpf:"unused_hold_opened"`
 	UnusedPinholeEvent *ebpf.VariableSpec `ebpf:"unused_pinhole_event"`
+	UnusedPinholeProto *ebpf.VariableSpec `ebpf:"unused_pinhole_proto"`
 	UnusedPortKey      *ebpf.VariableSpec `ebpf:"unused_port_key"`
+	UnusedPortRole     *ebpf.VariableSpec `ebpf:"unused_port_role"`
+	UnusedSockKind     *ebpf.VariableSpec `ebpf:"unused_sock_kind"`
 }
 
 // pinholeObjects contains all objects after they have been loaded into the kernel.
@@ -226,9 +268,13 @@ func (m *pinholeMaps) Close() error {
 // It can be passed to loadPinholeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type pinholeVariables struct {
 	UnusedAllowKey     *ebpf.Variable `ebpf:"unused_allow_key"`
+	UnusedEventKind    *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedHoldOpened   *ebpf.Variable `ebpf:"unused_hold_opened"`
 	UnusedPinholeEvent *ebpf.Variable `ebpf:"unused_pinhole_event"`
+	UnusedPinholeProto *ebpf.Variable `ebpf:"unused_pinhole_proto"`
 	UnusedPortKey      *ebpf.Variable `ebpf:"unused_port_key"`
+	UnusedPortRole     *ebpf.Variable `ebpf:"unused_port_role"`
+	UnusedSockKind     *ebpf.Variable `ebpf:"unused_sock_kind"`
 }
 
 // pinholePrograms contains all programs after they have been loaded into the kernel.
