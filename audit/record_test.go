@@ -15,7 +15,7 @@ import (
 	"github.com/procgate/procgate/bpf"
 )
 
-// rawEvent mirrors struct audit_event in bpf/procgate.c field by field
+// rawEvent mirrors struct audit_event in bpf/decision.h field by field
 // (procgateAuditEvent in bpf/procgate_bpfel.go), so tests can make the bytes
 // the kernel would.
 type rawEvent struct {

@@ -20,7 +20,7 @@ const MaxApps = everyoneID
 // everyoneID is EVERYONE_APP_ID in decision.h.
 const everyoneID = 0xffff
 
-// Counter slots per app (enum counter_slot in procgate.c).
+// Counter slots per app (enum counter_slot in decision.h).
 const (
 	CountAllow = iota
 	CountDeny
@@ -55,7 +55,7 @@ const (
 	genTrustTraceGuard = 64
 )
 
-// maxCgroupLevel is MAX_CGROUP_LEVEL in procgate.c: app cgroups deeper than
+// maxCgroupLevel is MAX_CGROUP_LEVEL in decision.h: app cgroups deeper than
 // this cannot be found as ancestors.
 const maxCgroupLevel = 32
 
@@ -113,7 +113,7 @@ func FileIDOf(path string) (FileID, error) {
 	return FileID{Dev: uint64(unix.Major(st.Dev))<<20 | uint64(unix.Minor(st.Dev)), Ino: st.Ino}, nil
 }
 
-// Layout constants shared with procgate.c.
+// Layout constants shared with decision.h.
 const (
 	tagSlot      = 1 << 31 // TAG_SLOT
 	tagV6        = 1 << 30 // TAG_V6

@@ -111,7 +111,7 @@ func (e *Enforcer) tracingHooks() []struct {
 }
 
 // objects is what the daemon loads: programs and the pinned maps. The
-// generation_info_inner template of procgate.c is left out, so it is never
+// generation_info_inner template of decision.h is left out, so it is never
 // created.
 type objects struct {
 	AuthorizeConnect4 *ebpf.Program `ebpf:"authorize_connect4"`

@@ -10,7 +10,7 @@ import (
 	"github.com/procgate/procgate/ruleset"
 )
 
-// Hook names a kernel attach point (enum hook in procgate.c).
+// Hook names a kernel attach point (enum hook in decision.h).
 type Hook uint8
 
 const (

@@ -404,7 +404,7 @@ func ParseDest(s string) (Dest, error) {
 // Reason says why a decision came out as it did.
 type Reason uint8
 
-// The values are shared with the eBPF programs (bpf/procgate.c, enum reason).
+// The values are shared with the eBPF programs (bpf/decision.h, enum reason).
 const (
 	ReasonNotInternal Reason = 1  // destination outside every internal prefix
 	ReasonGranted     Reason = 2  // a grant of the app covers it
