@@ -51,6 +51,8 @@ const (
 	// the old default, is the primary group of nobody and of many service
 	// accounts, whose apps then ran unguarded.
 	DefaultGuardGroup = "procgate-guard"
+	// DefaultPinholeIdle is Config.PinholeIdle when 0.
+	DefaultPinholeIdle = 5 * time.Minute
 	// AppsDir is the directory below the cgroup root holding app cgroups.
 	AppsDir = "procgate.apps"
 )
@@ -81,7 +83,8 @@ type Config struct {
 	GatewayCA, GatewayCert, GatewayKey string
 	// PinholeIdle is how long a hole's gateway counters may stand still,
 	// with no connection of its peer on the port, before the agent closes
-	// it as stale; 0: never.
+	// it as stale; 0: DefaultPinholeIdle, negative: never (a hole nobody
+	// uses then stays open as long as its app holds the port).
 	PinholeIdle time.Duration
 	// NoUDPHandover turns the UDP handover check off host-wide: for hosts
 	// whose NFQUEUE firewall (an IPS, OpenSnitch) reinjects apps' internal
@@ -187,6 +190,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.GuardGroup == "" {
 		c.GuardGroup = DefaultGuardGroup
+	}
+	if c.PinholeIdle == 0 {
+		c.PinholeIdle = DefaultPinholeIdle
 	}
 	if c.GatewayURL != "" && (c.GatewayCA == "" || c.GatewayCert == "" || c.GatewayKey == "") {
 		return errors.New("--gateway needs --gateway-ca, --gateway-cert and --gateway-key (the agent's mTLS certificate)")

@@ -71,7 +71,7 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 		Apps:    apps,
 		Gateway: perimeter.NewClient(d.cfg.GatewayURL, tlsConf), Guard: k, Source: k, Log: d.log,
 		Notify: d.notePinhole, Initial: k.Snapshot,
-		StaleAfter: d.cfg.PinholeIdle, Uses: k.Uses,
+		StaleAfter: max(d.cfg.PinholeIdle, 0), Uses: k.Uses,
 	})
 	ph.metrics.counts = ph.agent.Counts
 	d.mu.Lock()
