@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -79,14 +80,48 @@ func TestResolveGuard(t *testing.T) {
 	}
 }
 
-// TestZeroConfigGuards: Config{} keeps the trace guard on, with the
-// procgate-guard group.
+// TestZeroConfigGuards: Config{} turns every guard on; the CLI only turns
+// them off or relaxes them. A bool field is how a guard gets switched off,
+// so every bool of Config must be listed here with the value that keeps
+// its guard on: a new one fails this test until someone decides.
 func TestZeroConfigGuards(t *testing.T) {
 	cfg := Config{PolicyPath: "p.yaml"}
 	if err := cfg.setDefaults(); err != nil {
 		t.Fatal(err)
 	}
-	if cfg.NoTraceGuard || cfg.GuardGroup != "procgate-guard" {
-		t.Errorf("Config{} after defaults: NoTraceGuard %v, GuardGroup %q; want the guard on with procgate-guard", cfg.NoTraceGuard, cfg.GuardGroup)
+	guardOn := map[string]bool{
+		"NoUDPHandover":   false, // the UDP handover check on
+		"TrustTraceGuard": false, // the TCP handover guard watches every app connection
+		"NoTraceGuard":    false, // launched apps run with the guard's gid
+	}
+	v := reflect.ValueOf(cfg)
+	for i := range v.NumField() {
+		f := v.Type().Field(i)
+		if f.Type.Kind() != reflect.Bool {
+			continue
+		}
+		want, ok := guardOn[f.Name]
+		if !ok {
+			t.Errorf("Config.%s is a bool this test does not know: add it to guardOn with the value that keeps its guard on", f.Name)
+			continue
+		}
+		if got := v.Field(i).Bool(); got != want {
+			t.Errorf("Config{}.%s = %v after defaults, want %v (guard on)", f.Name, got, want)
+		}
+	}
+	for _, c := range []struct {
+		name string
+		ok   bool
+		got  any
+	}{
+		{"GuardGroup is procgate-guard", cfg.GuardGroup == "procgate-guard", cfg.GuardGroup},
+		{"PinholeIdle closes stale holes", cfg.PinholeIdle > 0, cfg.PinholeIdle},
+		{"DNSGrace adds no grace", cfg.DNSGrace == 0, cfg.DNSGrace},
+		{"MetricsAddr serves nothing", cfg.MetricsAddr == "", cfg.MetricsAddr},
+		{"GatewayURL runs no agent", cfg.GatewayURL == "", cfg.GatewayURL},
+	} {
+		if !c.ok {
+			t.Errorf("Config{} after defaults: want %s, got %v", c.name, c.got)
+		}
 	}
 }
