@@ -37,6 +37,11 @@ var hooks = []struct {
 	{"handover", ebpf.AttachCGroupSockOps, func(e *Enforcer) *ebpf.Program { return e.handover.TrackOwnedSockets }},
 	// Optional: needs the bpf LSM; nil (and not attached) without it.
 	{"lsm_socket_create", ebpf.AttachLSMCgroup, func(e *Enforcer) *ebpf.Program { return e.lsm.GuardPacketSocket }},
+	// Optional: apps' DNS queries to the daemon's proxy (dnsredirect.c),
+	// attached after the authorize programs, so that they run after them.
+	{"dns_connect4", ebpf.AttachCGroupInet4Connect, func(e *Enforcer) *ebpf.Program { return e.dns.DnsConnect4 }},
+	{"dns_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, func(e *Enforcer) *ebpf.Program { return e.dns.DnsSendmsg4 }},
+	{"dns_recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, func(e *Enforcer) *ebpf.Program { return e.dns.DnsRecvmsg4 }},
 }
 
 // HookNames lists the attach points in a stable order.
@@ -202,8 +207,12 @@ type Enforcer struct {
 	// is the generation this process applied last, for its sock_diag path.
 	sweep   *sweeper
 	applied *Generation
-	// names is what DNS answers taught (names.go).
-	names learnedNames
+	// names is what DNS answers taught (names.go); dns redirects apps'
+	// queries to the proxy that learns them, dnsErr says why it is
+	// missing.
+	names  learnedNames
+	dns    dnsRedirect
+	dnsErr error
 }
 
 type slotKeys struct {
@@ -297,6 +306,7 @@ func Open(opts Options) (*Enforcer, error) {
 			e.follow = cgroupFollower{}
 		}
 	}
+	e.loadDNSRedirect()
 	if err := e.locateRoot(); err != nil {
 		e.objs.close()
 		return nil, err
@@ -489,6 +499,7 @@ func (e *Enforcer) Close() error {
 	e.links, e.tracing = nil, nil
 	e.objs.close()
 	e.follow.close()
+	e.dns.close()
 	e.sweep.close()
 	e.sweep = nil
 	for _, p := range []*ebpf.Program{e.harden.GuardSockCreate, e.harden.BackstopEgress, e.lsm.GuardPacketSocket,

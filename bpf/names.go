@@ -63,7 +63,7 @@ type learnedNames struct {
 	// byAddr and perName index facts: the facts behind one kernel entry,
 	// and the addresses a name holds (the cap).
 	byAddr  map[appAddr]map[factKey]bool
-	perName map[appName]int
+	perName map[appName]map[factKey]bool
 	// The generation in force, as this process applied it: its slot,
 	// policy, app ids and the name grants' ports in its slot. live: there
 	// is one.
@@ -80,7 +80,7 @@ type learnedNames struct {
 func (n *learnedNames) init(adopted bool) {
 	n.facts = map[factKey]ruleset.Learned{}
 	n.byAddr = map[appAddr]map[factKey]bool{}
-	n.perName = map[appName]int{}
+	n.perName = map[appName]map[factKey]bool{}
 	if !adopted {
 		n.keys = [2]map[procgateNameKey]bool{{}, {}}
 	}
@@ -272,11 +272,16 @@ func (e *Enforcer) refresh(addrs map[appAddr]bool) error {
 // Learn puts the addresses of DNS answers in force for the apps that asked:
 // when it returns, the kernel allows each address to the app's name grants
 // whose names the fact's Name matches, until its Expires. Facts of apps
-// without such a grant are ignored. A fact that would take a name past cap
-// addresses for its app (0: DefaultNameCap) is not learned and is returned
-// in refused, for the caller to audit; a fact already known only moves its
+// without such a grant are ignored; a fact already known only moves its
 // expiry later.
-func (e *Enforcer) Learn(facts []ruleset.Learned, cap int) (refused []ruleset.Learned, err error) {
+//
+// A name holds at most cap addresses for an app (0: DefaultNameCap). A new
+// address of a name at its cap takes the place of the one that expires
+// first among those learned from earlier answers (a rotating name keeps
+// working; evicted lists them); one that would take a name past cap within
+// one call is not learned and is returned in refused, for the caller to
+// audit.
+func (e *Enforcer) Learn(facts []ruleset.Learned, cap int) (refused, evicted []ruleset.Learned, err error) {
 	if cap <= 0 {
 		cap = DefaultNameCap
 	}
@@ -284,9 +289,10 @@ func (e *Enforcer) Learn(facts []ruleset.Learned, cap int) (refused []ruleset.Le
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if !n.live {
-		return nil, errors.New("learn DNS answers: no policy applied yet")
+		return nil, nil, errors.New("learn DNS answers: no policy applied yet")
 	}
 	changed := map[appAddr]bool{}
+	fresh := map[factKey]bool{} // learned or renewed by this call
 	for _, f := range facts {
 		f.Name = strings.ToLower(strings.TrimSuffix(f.Name, "."))
 		f.Addr = f.Addr.Unmap()
@@ -295,26 +301,54 @@ func (e *Enforcer) Learn(facts []ruleset.Learned, cap int) (refused []ruleset.Le
 			continue
 		}
 		k := factKey{f.App, f.Name, f.Addr}
+		an := appName{f.App, f.Name}
 		if old, known := n.facts[k]; known {
+			fresh[k] = true
 			if !f.Expires.After(old.Expires) {
 				continue
 			}
 		} else {
-			if n.perName[appName{f.App, f.Name}] >= cap {
-				refused = append(refused, f)
-				continue
+			if len(n.perName[an]) >= cap {
+				victim, ok := n.oldest(an, fresh)
+				if !ok {
+					refused = append(refused, f)
+					continue
+				}
+				evicted = append(evicted, n.facts[victim])
+				n.forget(victim)
+				changed[appAddr{victim.app, victim.addr}] = true
 			}
-			n.perName[appName{f.App, f.Name}]++
+			if n.perName[an] == nil {
+				n.perName[an] = map[factKey]bool{}
+			}
+			n.perName[an][k] = true
 			aa := appAddr{f.App, f.Addr}
 			if n.byAddr[aa] == nil {
 				n.byAddr[aa] = map[factKey]bool{}
 			}
 			n.byAddr[aa][k] = true
+			fresh[k] = true
 		}
 		n.facts[k] = f
 		changed[appAddr{f.App, f.Addr}] = true
 	}
-	return refused, e.refresh(changed)
+	return refused, evicted, e.refresh(changed)
+}
+
+// oldest is the fact of a name that expires first, among those not in
+// keep.
+func (n *learnedNames) oldest(an appName, keep map[factKey]bool) (factKey, bool) {
+	var best factKey
+	found := false
+	for k := range n.perName[an] {
+		if keep[k] {
+			continue
+		}
+		if !found || n.facts[k].Expires.Before(n.facts[best].Expires) {
+			best, found = k, true
+		}
+	}
+	return best, found
 }
 
 // ExpireLearned forgets the facts expired at now and deletes or narrows
@@ -345,7 +379,8 @@ func (n *learnedNames) forget(k factKey) {
 		delete(n.byAddr, aa)
 	}
 	an := appName{k.app, k.name}
-	if n.perName[an]--; n.perName[an] <= 0 {
+	delete(n.perName[an], k)
+	if len(n.perName[an]) == 0 {
 		delete(n.perName, an)
 	}
 }

@@ -1,10 +1,17 @@
 package bpf
 
 import (
+	"fmt"
 	"net/netip"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
@@ -46,7 +53,7 @@ func TestNameGrants(t *testing.T) {
 	web, box, other := w.prober("web"), w.prober("box"), w.prober("other")
 	learn := func(app, name, addr string, ttl time.Duration) {
 		t.Helper()
-		refused, err := w.e.Learn([]ruleset.Learned{{App: app, Name: name, Addr: netip.MustParseAddr(addr),
+		refused, _, err := w.e.Learn([]ruleset.Learned{{App: app, Name: name, Addr: netip.MustParseAddr(addr),
 			Expires: time.Now().Add(ttl), Answer: name + " A " + addr}}, 0)
 		if err != nil || len(refused) > 0 {
 			t.Fatalf("learn %s %s for %s: refused %v, %v", name, addr, app, refused, err)
@@ -121,11 +128,11 @@ func TestNameGrants(t *testing.T) {
 	})
 
 	t.Run("cap", func(t *testing.T) {
-		var facts []ruleset.Learned
-		for _, a := range []string{"10.3.0.1", "10.3.0.2", "10.3.0.3"} {
-			facts = append(facts, ruleset.Learned{App: "web", Name: "rr.corp.example", Addr: netip.MustParseAddr(a), Expires: time.Now().Add(time.Hour)})
+		fact := func(a string) ruleset.Learned {
+			return ruleset.Learned{App: "web", Name: "rr.corp.example", Addr: netip.MustParseAddr(a), Expires: time.Now().Add(time.Hour)}
 		}
-		refused, err := w.e.Learn(facts, 2)
+		// One answer past the cap: the rest is refused.
+		refused, _, err := w.e.Learn([]ruleset.Learned{fact("10.3.0.1"), fact("10.3.0.2"), fact("10.3.0.3")}, 2)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -135,8 +142,82 @@ func TestNameGrants(t *testing.T) {
 		tryAll(t, web, "10.3.0.2:443", probe.Allowed)
 		tryAll(t, web, "10.3.0.3:443", probe.Denied)
 		// A known address only moves its expiry: not refused.
-		if refused, err := w.e.Learn(facts[:1], 2); err != nil || len(refused) != 0 {
-			t.Fatalf("relearning a known address: refused %v, %v", refused, err)
+		if refused, evicted, err := w.e.Learn([]ruleset.Learned{fact("10.3.0.1")}, 2); err != nil || len(refused)+len(evicted) != 0 {
+			t.Fatalf("relearning a known address: refused %v, evicted %v, %v", refused, evicted, err)
 		}
+		// A later answer with a new address takes the place of the
+		// address that expires first (a rotating name).
+		refused, evicted, err := w.e.Learn([]ruleset.Learned{fact("10.3.0.4")}, 2)
+		if err != nil || len(refused) != 0 || len(evicted) != 1 || evicted[0].Addr != netip.MustParseAddr("10.3.0.2") {
+			t.Fatalf("rotation: refused %v, evicted %v, %v; want 10.3.0.2 evicted", refused, evicted, err)
+		}
+		tryAll(t, web, "10.3.0.4:443", probe.Allowed)
+		tryAll(t, web, "10.3.0.2:443", probe.Denied)
+		tryAll(t, web, "10.3.0.1:443", probe.Allowed)
 	})
+}
+
+// TestNameGrantsScale: 1,000 names of 10 addresses each, learned one
+// answer at a time as the proxy does, then expired; it reports the time
+// per answer, the kernel map's and the daemon's memory (go test -v).
+func TestNameGrantsScale(t *testing.T) {
+	w := newWorld(t, "web")
+	w.apply(mustPolicy(t, namesPolicy))
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	const names, perName = 1000, 10
+	var before runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	lat := make([]time.Duration, 0, names)
+	start := time.Now()
+	for i := range names {
+		facts := make([]ruleset.Learned, perName)
+		for j := range facts {
+			facts[j] = ruleset.Learned{App: "web", Name: fmt.Sprintf("n%d.corp.example", i),
+				Addr: netip.AddrFrom4([4]byte{10, 20 + byte(i/250), byte(i % 250), byte(j + 1)}), Expires: time.Now().Add(time.Hour)}
+		}
+		t0 := time.Now()
+		refused, _, err := w.e.Learn(facts, 0)
+		lat = append(lat, time.Since(t0))
+		if err != nil || len(refused) > 0 {
+			t.Fatalf("answer %d: refused %d, %v", i, len(refused), err)
+		}
+	}
+	total := time.Since(start)
+	var after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	slices.Sort(lat)
+	memlock := mapMemlock(t, w.e.objs.NameGrants)
+	t.Logf("learned %d names x %d addresses: %v in all, per answer p50 %v p99 %v max %v; name_grants memlock %d KiB (%d entries); daemon heap +%d KiB",
+		names, perName, total, lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1], memlock/1024, names*perName,
+		(int64(after.HeapAlloc)-int64(before.HeapAlloc))/1024)
+	web := w.prober("web")
+	tryAll(t, web, "10.23.249.10:443", probe.Allowed) // the last answer's last address
+	tryAll(t, web, "10.23.249.11:443", probe.Denied)
+	t0 := time.Now()
+	n, err := w.e.ExpireLearned(time.Now().Add(2 * time.Hour))
+	if err != nil || n != names*perName {
+		t.Fatalf("ExpireLearned = %d, %v", n, err)
+	}
+	t.Logf("expired %d addresses in %v", n, time.Since(t0))
+	tryAll(t, web, "10.23.249.10:443", probe.Denied)
+}
+
+// mapMemlock is the kernel's memory accounting of a map (fdinfo memlock).
+func mapMemlock(t *testing.T, m *ebpf.Map) int64 {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", m.FD()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "memlock:"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			return n
+		}
+	}
+	return -1
 }

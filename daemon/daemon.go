@@ -304,6 +304,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	d.expireNames(ctx, &wg)
+	defer d.startDNSProxy(ctx, &wg)()
 
 	ln, err := listen(cfg.Socket)
 	if err != nil {

@@ -167,6 +167,8 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&cfg.GatewayCA, "gateway-ca", "", "CA that signed the gateway's certificate (PEM)")
 	f.StringVar(&cfg.GatewayCert, "gateway-cert", "", "this host's agent certificate (PEM); its name is the delegate in the gateway's rules")
 	f.StringVar(&cfg.GatewayKey, "gateway-key", "", "key of --gateway-cert (PEM)")
+	f.DurationVar(&cfg.DNSGrace, "dns-grace", 30*time.Second, "how long an address a DNS answer gave an app for a name grant stays allowed past the answer's TTL")
+	f.IntVar(&cfg.NameCap, "dns-cap", bpf.DefaultNameCap, "the most addresses one name holds for an app at once; answers past it are not learned and audited (reason name-cap)")
 	f.DurationVar(&cfg.PinholeIdle, "pinhole-idle", daemon.DefaultPinholeIdle, "close a hole as stale when its gateway counters stood still this long and no connection of its peer is on the port (0: never)")
 	f.StringVar(&guard, "guard-gid", "", "real gid (or group name) of launched app processes, so that no process without CAP_SYS_PTRACE, same user included, can trace them; refused if it is some user's primary group (default: group "+daemon.DefaultGuardGroup+", created when missing; off or 0: no guard; apps with traceable: true are never guarded)")
 	f.StringVar(&tcpHandover, "tcp-handover", "auto", "which app connections the TCP handover guard watches: auto, those of processes open to tracing (traceable: true, scripts, unit, cgroup and user apps, root; the trace guard covers the others); all, every app connection to an internal destination (also refuses connections an app gives away by SCM_RIGHTS, or root with CAP_SYS_PTRACE copies; about 1.3 µs per connection where BPF LSM does not load)")
