@@ -226,7 +226,9 @@ func Serve(in io.Reader, out io.Writer) error {
 	w := bufio.NewWriter(out)
 	for sc.Scan() {
 		method, dest, ok := strings.Cut(sc.Text(), " ")
-		if !ok {
+		if method == "resolve" {
+			fmt.Fprintln(w, resolveLine(dest))
+		} else if !ok {
 			fmt.Fprintf(w, "error: want METHOD DEST, got %q\n", sc.Text())
 		} else if d, err := ruleset.ParseDest(dest); err != nil {
 			fmt.Fprintf(w, "error: %v\n", err)
@@ -431,6 +433,29 @@ func StartExe(self, cgroupDir, netns string, attr *syscall.SysProcAttr, env ...s
 		return nil, fmt.Errorf("start prober in %s: %w", cgroupDir, err)
 	}
 	return &Prober{cmd: cmd, in: in, out: bufio.NewReader(out)}, nil
+}
+
+// Resolve asks resolver (ADDR:PORT) over proto ("udp": an unconnected
+// socket, sendto and recvfrom, and the answer must come from resolver, as
+// glibc wants it; "tcp") for the A records of name, and connects to port
+// of each address at once: what an app does. The answer is the addresses
+// with the verdict of each connect, in answer order.
+func (p *Prober) Resolve(name, resolver, proto string, port uint16) ([]string, error) {
+	if _, err := fmt.Fprintf(p.in, "resolve %s %s %s %d\n", name, resolver, proto, port); err != nil {
+		return nil, fmt.Errorf("prober %d: %w", p.Pid(), err)
+	}
+	line, err := p.out.ReadString('\n')
+	if err != nil {
+		return nil, fmt.Errorf("prober %d: read answer: %w", p.Pid(), err)
+	}
+	line = strings.TrimSpace(line)
+	if rest, ok := strings.CutPrefix(line, "error: "); ok {
+		return nil, errors.New(rest)
+	}
+	if line == "" {
+		return nil, nil
+	}
+	return strings.Split(line, " "), nil
 }
 
 // Pid is the prober's process id.

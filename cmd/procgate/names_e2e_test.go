@@ -1,0 +1,249 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+	"golang.org/x/net/ipv4"
+
+	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/probe"
+)
+
+const namesE2EPolicy = `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+everyone:
+  allow:
+    - to: 10.0.0.53
+      ports: [53]
+    - to: 10.0.0.54
+      ports: [53]
+apps:
+  - name: web
+    allow:
+      - to: db.corp.example
+        proto: tcp
+        ports: [5432]
+      - to: "*.svc.example"
+        proto: tcp
+        ports: [443]
+`
+
+// zone is a test DNS server's records: name (FQDN) -> A records.
+type zone struct {
+	mu  sync.Mutex
+	a   map[string][]string
+	ttl map[string]uint32
+	cn  map[string]string // CNAMEs
+}
+
+func (z *zone) set(name string, ttl uint32, addrs ...string) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	z.a[dns.Fqdn(name)], z.ttl[dns.Fqdn(name)] = addrs, ttl
+}
+
+func (z *zone) ServeDNS(w dns.ResponseWriter, q *dns.Msg) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	m := new(dns.Msg)
+	m.SetReply(q)
+	name := strings.ToLower(q.Question[0].Name)
+	for hops := 0; hops < 8; hops++ {
+		target, ok := z.cn[name]
+		if !ok {
+			break
+		}
+		m.Answer = append(m.Answer, &dns.CNAME{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeCNAME, Class: dns.ClassINET, Ttl: 300}, Target: target})
+		name = target
+	}
+	for _, a := range z.a[name] {
+		m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: z.ttl[name]}, A: net.ParseIP(a)})
+	}
+	_ = w.WriteMsg(m)
+}
+
+// startZone serves z on addr (UDP and TCP) inside the test's namespace.
+func startZone(t *testing.T, ns, addr string, z *zone) {
+	t.Helper()
+	var pc net.PacketConn
+	var ln net.Listener
+	if err := nstest.InNS(t, ns, func() (err error) {
+		if pc, err = net.ListenPacket("udp4", addr); err != nil {
+			return err
+		}
+		ln, err = net.Listen("tcp4", addr)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []*dns.Server{{PacketConn: pc, Handler: z}, {Listener: ln, Handler: z}} {
+		go s.ActivateAndServe()
+		t.Cleanup(func() { s.Shutdown() })
+	}
+}
+
+// startForger answers every query on addr (UDP) with forged, a record of
+// its own, sent from from: an answer from an address that is not the
+// resolver asked.
+func startForger(t *testing.T, ns, addr, from, forged string) {
+	t.Helper()
+	var pc net.PacketConn
+	if err := nstest.InNS(t, ns, func() (err error) {
+		pc, err = net.ListenPacket("udp4", addr)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		p := ipv4.NewPacketConn(pc)
+		buf := make([]byte, 65535)
+		for {
+			n, _, src, err := p.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			var q dns.Msg
+			if q.Unpack(buf[:n]) != nil || len(q.Question) != 1 {
+				continue
+			}
+			m := new(dns.Msg)
+			m.SetReply(&q)
+			m.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 300}, A: net.ParseIP(forged)}}
+			b, _ := m.Pack()
+			_, _ = p.WriteTo(b, &ipv4.ControlMessage{Src: net.ParseIP(from)}, src)
+		}
+	}()
+}
+
+// TestNameGrantsEndToEnd: an app with name grants resolving through a real
+// DNS server in the test namespace, with the daemon's proxy in between.
+func TestNameGrantsEndToEnd(t *testing.T) {
+	e := newE2EWith(t, namesE2EPolicy, true, "--poll", "1h", "--dns-grace", "0s", "--dns-cap", "4")
+	z := &zone{a: map[string][]string{}, ttl: map[string]uint32{}, cn: map[string]string{
+		"api.svc.example.":           "backend.elsewhere.example.",
+		"backend.elsewhere.example.": "pool.elsewhere.example.",
+	}}
+	z.set("pool.elsewhere.example", 60, "10.2.0.7")
+	z.set("other.corp.example", 60, "10.1.9.9")
+	z.set("nogrant.example", 60, "10.3.0.1")
+	startZone(t, e.netns, "10.0.0.53:53", z)
+	startForger(t, e.netns, "10.0.0.54:53", "10.0.0.66", "10.6.6.6")
+	web := e.prober("web")
+	resolve := func(name, proto string, port uint16) []string {
+		t.Helper()
+		got, err := web.Resolve(name, "10.0.0.53:53", proto, port)
+		if err != nil {
+			t.Fatalf("resolve %s over %s: %v\n%s", name, proto, err, e.daemonLog())
+		}
+		return got
+	}
+
+	t.Run("never resolved", func(t *testing.T) {
+		mustTry(t, web, "10.1.2.3:5432/tcp", probe.Denied)
+		mustTry(t, web, "10.1.9.9:5432/tcp", probe.Denied)
+	})
+	t.Run("grant before use, rotating", func(t *testing.T) {
+		// Each answer names an address never seen before, and the app
+		// connects the moment it has it.
+		for i := range 50 {
+			addr := fmt.Sprintf("10.1.3.%d", i+1)
+			z.set("db.corp.example", 60, addr)
+			proto := "udp"
+			if i%5 == 4 {
+				proto = "tcp"
+			}
+			if got := resolve("db.corp.example", proto, 5432); !slices.Equal(got, []string{addr + "=allowed"}) {
+				t.Fatalf("round %d over %s: %v, want %s allowed", i, proto, got, addr)
+			}
+		}
+		mustTry(t, web, "10.1.3.1:5433/tcp", probe.Denied) // not the grant's port
+	})
+	t.Run("round robin and cap", func(t *testing.T) {
+		z.set("rr.svc.example", 60, "10.4.0.1", "10.4.0.2", "10.4.0.3", "10.4.0.4", "10.4.0.5", "10.4.0.6")
+		got := resolve("rr.svc.example", "udp", 443)
+		want := []string{"10.4.0.1=allowed", "10.4.0.2=allowed", "10.4.0.3=allowed", "10.4.0.4=allowed", "10.4.0.5=denied", "10.4.0.6=denied"}
+		if !slices.Equal(got, want) {
+			t.Fatalf("got %v, want %v (--dns-cap 4)", got, want)
+		}
+		waitEvent(t, e, `"verdict":"deny"`, `"reason":"name-cap"`, `"app":"web"`, `"dest":"10.4.0.5"`, `"kind":"name"`)
+	})
+	t.Run("cname chain", func(t *testing.T) {
+		if got := resolve("api.svc.example", "udp", 443); !slices.Equal(got, []string{"10.2.0.7=allowed"}) {
+			t.Fatalf("got %v", got)
+		}
+		out, err := e.procgate("explain", "--app", "web", "10.2.0.7:443")
+		for _, want := range []string{"allow (granted-name)", "*.svc.example", "api.svc.example is 10.2.0.7", "CNAME", "from 10.0.0.53:53"} {
+			if err != nil || !strings.Contains(out, want) {
+				t.Errorf("explain: %v\n%s\nwant %q", err, out, want)
+			}
+		}
+	})
+	t.Run("a name without a grant", func(t *testing.T) {
+		if got := resolve("nogrant.example", "udp", 5432); !slices.Equal(got, []string{"10.3.0.1=denied"}) {
+			t.Fatalf("got %v", got)
+		}
+	})
+	t.Run("ttl expiry", func(t *testing.T) {
+		z.set("short.svc.example", 1, "10.5.0.1")
+		if got := resolve("short.svc.example", "udp", 443); !slices.Equal(got, []string{"10.5.0.1=allowed"}) {
+			t.Fatalf("got %v", got)
+		}
+		time.Sleep(1200 * time.Millisecond)
+		mustTry(t, web, "10.5.0.1:443/tcp", probe.Denied)
+	})
+	t.Run("forged answer", func(t *testing.T) {
+		// 10.0.0.54 answers from 10.0.0.66: the proxy's exchange takes
+		// no answer from elsewhere than the resolver it asked.
+		if got, err := web.Resolve("db.corp.example", "10.0.0.54:53", "udp", 5432); err == nil {
+			t.Fatalf("resolving through a forger: %v, want an error", got)
+		}
+		// Forged answers sent at the proxy itself are not queries.
+		if err := nstest.InNS(t, e.netns, func() error {
+			m := new(dns.Msg)
+			m.SetQuestion("db.corp.example.", dns.TypeA)
+			m.Response = true
+			m.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: "db.corp.example.", Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 300}, A: net.ParseIP("10.6.6.6")}}
+			b, _ := m.Pack()
+			port := proxyPort(t, e)
+			for _, dst := range []string{"127.0.0.1", "127.0.0.2", "10.0.0.1"} {
+				c, err := net.Dial("udp4", net.JoinHostPort(dst, port))
+				if err != nil {
+					return err
+				}
+				_, _ = c.Write(b)
+				c.Close()
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
+		mustTry(t, web, "10.6.6.6:5432/tcp", probe.Denied)
+	})
+}
+
+// proxyPort is the DNS proxy's port, from the daemon's log.
+func proxyPort(t *testing.T, e *e2e) string {
+	t.Helper()
+	log := e.daemonLog()
+	i := strings.Index(log, "guard=dns-names")
+	if i < 0 {
+		t.Fatalf("no dns-names guard in the daemon log:\n%s", log)
+	}
+	line := log[i:]
+	line = line[:strings.IndexByte(line+"\n", '\n')]
+	_, after, ok := strings.Cut(line, " port=")
+	if !ok {
+		t.Fatalf("no port in %q", line)
+	}
+	return strings.Fields(after)[0]
+}
