@@ -38,12 +38,15 @@ import (
 const envAsMain = "PROCGATE_TEST_AS_MAIN"
 
 func TestMain(m *testing.M) {
+	// The prober first: a prober child may inherit envAsMain from the
+	// re-executed procgate that launched it. It is served by the test
+	// binary only; the shipped procgate has no prober (dist/check).
+	probe.MaybeServe()
 	if os.Getenv(envAsMain) == "1" {
 		os.Args = append([]string{"procgate"}, os.Args[1:]...)
 		main()
 		os.Exit(0)
 	}
-	probe.MaybeServe()
 	pinholetest.Serve()
 	os.Exit(m.Run())
 }

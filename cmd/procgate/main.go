@@ -6,12 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
-
-	"github.com/procgate/procgate/internal/probe"
 )
 
 func main() {
-	probe.MaybeServe()
 	if err := run(os.Args[1:]); err != nil {
 		var ec exitCode
 		if errors.As(err, &ec) {
