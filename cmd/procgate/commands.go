@@ -23,7 +23,6 @@ import (
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/containers"
 	"github.com/procgate/procgate/daemon"
-	"github.com/procgate/procgate/demo"
 	"github.com/procgate/procgate/internal/version"
 	"github.com/procgate/procgate/policy"
 	"github.com/procgate/procgate/ruleset"
@@ -641,19 +640,6 @@ func reloadCmd(client func() api.Client) *cobra.Command {
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "policy loaded: generation %d in force; %d live sockets ended\n", *resp.Reload, resp.SocketsEnded)
 			return nil
-		},
-	}
-}
-
-func demoCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "demo",
-		Short: "Show the whole story in throw-away namespaces (needs root), then remove everything",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-			defer stop()
-			return demo.Run(ctx, cmd.OutOrStdout())
 		},
 	}
 }
