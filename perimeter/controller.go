@@ -56,6 +56,7 @@ type Controller struct {
 	now     func() time.Time
 	holes   map[Key]*Hole
 	perUser map[string]int
+	repairs Repairs
 }
 
 // Refusal is a hole the rules or a limit do not allow.
@@ -671,4 +672,151 @@ func (c *Controller) Run(ctx context.Context, interval time.Duration) {
 			c.Sweep()
 		}
 	}
+}
+
+// framed is an Enforcer whose frame (table, sets, chain) can drift and be
+// written anew: the nftables Table.
+type framed interface {
+	Drift() (string, error)
+	Rebuild(holes []Element) error
+}
+
+// Repairs counts what Repair put right since the controller started.
+type Repairs struct {
+	// Table counts rebuilds of the whole table (deleted, or its sets or
+	// chain changed).
+	Table uint64 `json:"table"`
+	// Missing counts holes put back, Foreign elements removed, Changed
+	// elements given back their lease or owner.
+	Missing uint64 `json:"missing"`
+	Foreign uint64 `json:"foreign"`
+	Changed uint64 `json:"changed"`
+}
+
+// repairMargin: a hole whose lease ends sooner is left to the kernel's
+// timeout, so that the kernel expiring it a moment before the controller
+// does is not taken for drift.
+const repairMargin = time.Second
+
+// Repair compares the kernel with the holes the controller holds and puts
+// right whatever differs, in one transaction: a table deleted or edited is
+// written anew, a hole missing from the kernel is put back with what is
+// left of its lease, an element the controller does not hold is removed,
+// one whose lease or owner was changed is rewritten. Each repair is logged
+// and counted (Repaired).
+func (c *Controller) Repair() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := c.now()
+	want := map[Key]Element{}
+	for k, h := range c.holes {
+		if h.Expires.Sub(now) > repairMargin {
+			want[k] = h.element(now)
+		}
+	}
+	if f, ok := c.table.(framed); ok {
+		why, err := f.Drift()
+		if err != nil {
+			return fmt.Errorf("repair: %w", err)
+		}
+		if why != "" {
+			holes := make([]Element, 0, len(want))
+			for _, e := range want {
+				holes = append(holes, e)
+			}
+			if err := f.Rebuild(holes); err != nil {
+				return fmt.Errorf("repair (%s): %w", why, err)
+			}
+			c.repairs.Table++
+			c.log.Warn("perimeter table repaired", "reason", why, "holes", len(holes))
+			return nil
+		}
+	}
+	els, err := c.table.Elements()
+	if err != nil {
+		return fmt.Errorf("repair: %w", err)
+	}
+	var add []Element
+	var del []Key
+	var missing, foreign, changed int
+	seen := map[Key]bool{}
+	for _, e := range els {
+		seen[e.Key] = true
+		w, ok := want[e.Key]
+		switch {
+		case ok && (e.Comment != w.Comment || absDiff(e.Expires, w.Timeout) > repairMargin):
+			// Deleted and added in one transaction: an add alone would keep
+			// the old comment.
+			del, add = append(del, e.Key), append(add, w)
+			changed++
+			c.audit(slog.LevelWarn, "pinhole repaired", e.Key, "", "", "reason", "element changed in the kernel", "comment", e.Comment, "expires_in", e.Expires)
+		case !ok && c.holes[e.Key] == nil:
+			del = append(del, e.Key)
+			foreign++
+			c.audit(slog.LevelWarn, "pinhole repaired", e.Key, "", "", "reason", "element the gateway does not hold", "comment", e.Comment)
+		}
+	}
+	for k, w := range want {
+		if !seen[k] {
+			add = append(add, w)
+			missing++
+			h := c.holes[k]
+			c.audit(slog.LevelWarn, "pinhole repaired", k, h.Delegate, h.User, "reason", "hole missing from the kernel", "expires", h.Expires)
+		}
+	}
+	if len(add) == 0 && len(del) == 0 {
+		return nil
+	}
+	if err := c.table.Update(add, del); err != nil {
+		return fmt.Errorf("repair holes: %w", err)
+	}
+	c.repairs.Missing += uint64(missing)
+	c.repairs.Foreign += uint64(foreign)
+	c.repairs.Changed += uint64(changed)
+	return nil
+}
+
+func absDiff(a, b time.Duration) time.Duration {
+	if a > b {
+		return a - b
+	}
+	return b - a
+}
+
+// Repaired returns what Repair has put right so far.
+func (c *Controller) Repaired() Repairs {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.repairs
+}
+
+// RunRepair repairs the kernel's state every interval until ctx ends; a
+// failed repair is logged and tried again at the next interval.
+func (c *Controller) RunRepair(ctx context.Context, interval time.Duration) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			if err := c.Repair(); err != nil {
+				c.log.Error("perimeter repair failed; trying again at the next interval", "error", err.Error())
+			}
+		}
+	}
+}
+
+// open is how many holes are open now.
+func (c *Controller) open() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := c.now()
+	n := 0
+	for _, h := range c.holes {
+		if now.Before(h.Expires) {
+			n++
+		}
+	}
+	return n
 }

@@ -12,6 +12,9 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // GatewayConfig is what `procgate gateway` runs with.
@@ -28,8 +31,17 @@ type GatewayConfig struct {
 	// Table and NetNS are as in TableConfig.
 	Table string
 	NetNS string
-	Log   *slog.Logger
+	// Reconcile is how often the table is compared with the holes the
+	// gateway holds and repaired; DefaultReconcile if zero.
+	Reconcile time.Duration
+	// MetricsAddr, if set, serves Prometheus /metrics there (plain HTTP).
+	MetricsAddr string
+	Log         *slog.Logger
 }
+
+// DefaultReconcile is how often a gateway repairs its table by default:
+// an administrator's edit or a deleted table lasts at most this long.
+const DefaultReconcile = 10 * time.Second
 
 // Gateway is a running perimeter controller: table, controller, API.
 type Gateway struct {
@@ -38,6 +50,7 @@ type Gateway struct {
 	table     *Table
 	ctrl      *Controller
 	srv       *http.Server
+	metrics   *http.Server
 	ln        net.Listener
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
@@ -85,7 +98,16 @@ func StartGateway(cfg GatewayConfig) (*Gateway, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	g.cancel = cancel
-	g.wg.Add(2)
+	if cfg.MetricsAddr != "" {
+		if err := g.serveMetrics(cfg.MetricsAddr); err != nil {
+			ln.Close()
+			table.Close()
+			cancel()
+			return nil, err
+		}
+	}
+	reconcile := cmp.Or(cfg.Reconcile, DefaultReconcile)
+	g.wg.Add(3)
 	go func() {
 		defer g.wg.Done()
 		if err := g.srv.ServeTLS(ln, "", ""); !errors.Is(err, http.ErrServerClosed) {
@@ -97,9 +119,13 @@ func StartGateway(cfg GatewayConfig) (*Gateway, error) {
 		defer g.wg.Done()
 		ctrl.Run(ctx, sweepEvery)
 	}()
+	go func() {
+		defer g.wg.Done()
+		ctrl.RunRepair(ctx, reconcile)
+	}()
 	log.Info("gateway started", "listen", ln.Addr().String(), "rules", cfg.RulesPath, "rule_count", len(rules.List),
 		"service_count", len(rules.Services),
-		"protect", fmt.Sprint(cfg.Protect), "table", cmp.Or(cfg.Table, DefaultTableName), "lease", cmp.Or(cfg.Lease, DefaultLease))
+		"protect", fmt.Sprint(cfg.Protect), "table", cmp.Or(cfg.Table, DefaultTableName), "lease", cmp.Or(cfg.Lease, DefaultLease), "reconcile", reconcile)
 	return g, nil
 }
 
@@ -134,7 +160,25 @@ func (g *Gateway) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	err := g.srv.Shutdown(ctx)
+	if g.metrics != nil {
+		err = errors.Join(err, g.metrics.Shutdown(ctx))
+	}
 	g.cancel()
 	g.wg.Wait()
 	return errors.Join(err, g.serveErr, g.table.Close())
+}
+
+func (g *Gateway) serveMetrics(addr string) error {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(Metrics{g.ctrl})
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("gateway: listen for metrics on %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	g.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go g.metrics.Serve(ln)
+	g.log.Info("serving metrics", "addr", ln.Addr().String())
+	return nil
 }

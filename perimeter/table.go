@@ -160,6 +160,14 @@ func bigBuffers(c *netlink.Conn) error {
 }
 
 func (t *Table) install(name string) error {
+	if err := t.queueInstall(name); err != nil {
+		return err
+	}
+	return t.conn.Flush()
+}
+
+// queueInstall queues the table, its sets and its chain.
+func (t *Table) queueInstall(name string) error {
 	c := t.conn
 	t.table = c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: name})
 	t.set4 = &nftables.Set{Table: t.table, Name: set4Name, KeyType: key4Type, Concatenation: true, HasTimeout: true, Counter: true}
@@ -175,7 +183,7 @@ func (t *Table) install(name string) error {
 		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept,
 	})
 	t.queueChain(t.services)
-	return c.Flush()
+	return nil
 }
 
 // serviceComment is the comment of a service's rules (nft shows it): it
@@ -193,9 +201,18 @@ func serviceComment(where string) string {
 // queueChain queues the chain's rules, services included, after a flush of
 // the chain: whatever transaction it joins replaces the chain whole.
 func (t *Table) queueChain(services []Service) {
-	c := t.conn
-	c.FlushChain(t.chain)
-	add := func(exprs ...expr.Any) { c.AddRule(&nftables.Rule{Table: t.table, Chain: t.chain, Exprs: exprs}) }
+	t.conn.FlushChain(t.chain)
+	for _, r := range t.chainRules(services) {
+		t.conn.AddRule(r)
+	}
+}
+
+// chainRules are the forward chain's rules, in order.
+func (t *Table) chainRules(services []Service) []*nftables.Rule {
+	var rules []*nftables.Rule
+	add := func(exprs ...expr.Any) {
+		rules = append(rules, &nftables.Rule{Table: t.table, Chain: t.chain, Exprs: exprs})
+	}
 	add(holeLookup(false, t.set4)...)
 	add(holeLookup(true, t.set6)...)
 	add(
@@ -212,7 +229,7 @@ func (t *Table) queueChain(services []Service) {
 	for _, sv := range services {
 		for _, m := range sv.matches() {
 			for _, r := range sv.Ports {
-				c.AddRule(&nftables.Rule{Table: t.table, Chain: t.chain, Exprs: serviceAccept(sv.Proto, m, r),
+				rules = append(rules, &nftables.Rule{Table: t.table, Chain: t.chain, Exprs: serviceAccept(sv.Proto, m, r),
 					UserData: userdata.AppendString(nil, userdata.TypeComment, serviceComment(sv.Where))})
 			}
 		}
@@ -220,6 +237,7 @@ func (t *Table) queueChain(services []Service) {
 	for _, p := range t.protect {
 		add(protectDrop(p)...)
 	}
+	return rules
 }
 
 // serviceAccept is `meta l4proto P [ip saddr FROM] ip daddr HOST th dport

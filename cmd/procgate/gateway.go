@@ -55,6 +55,9 @@ docs/pinholes.md.`,
 					return fmt.Errorf("--%s is required (or --check to only check the rules)", f.flag)
 				}
 			}
+			if cfg.Reconcile <= 0 {
+				return fmt.Errorf("--reconcile %v: want a positive interval such as 10s", cfg.Reconcile)
+			}
 			var err error
 			if cfg.Protect, err = parsePrefixes(protect); err != nil {
 				return err
@@ -91,6 +94,8 @@ docs/pinholes.md.`,
 	f.DurationVar(&cfg.Lease, "lease", perimeter.DefaultLease, "lease of a hole, and the longest an agent may ask for")
 	f.StringVar(&cfg.Table, "table", perimeter.DefaultTableName, "nftables table (family inet) the gateway owns")
 	f.StringVar(&cfg.NetNS, "netns", "", "network namespace file whose nftables to manage (default: the gateway's own)")
+	f.DurationVar(&cfg.Reconcile, "reconcile", perimeter.DefaultReconcile, "how often the table is compared with the holes the gateway holds and repaired (an edited or deleted table)")
+	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address (off by default)")
 	f.BoolVar(&check, "check", false, "only check the rules file and exit")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
