@@ -127,6 +127,28 @@ func TestNameGrants(t *testing.T) {
 		tryAll(t, web, "10.1.2.3:5432", probe.Allowed)
 	})
 
+	t.Run("sweep", func(t *testing.T) {
+		// The live-socket sweep after a reload keeps connections to
+		// learned addresses, by either method, and ends them once the
+		// policy loses the name grant.
+		startServers(t, w.netns, []string{"0.0.0.0:5432"}, nil)
+		for _, m := range []SweepMethod{SweepIterator, SweepNetlink} {
+			if m == SweepIterator && w.e.sweep.err != nil {
+				continue // the kernel lacks it; TestSweep says so
+			}
+			h := w.holder(w.cgroups["web/run"])
+			mustOpen(t, h, "db", "10.1.2.3:5432/tcp", probe.Connect, 1)
+			if res := w.sweepIn(SweepOptions{Method: m}); len(res.Ended) != 0 {
+				t.Fatalf("%s: a sweep ended name-granted sockets: %+v", m, res.Ended)
+			}
+			w.apply(mustPolicy(t, strings.Replace(namesPolicy, "db.corp.example", "db2.corp.example", 1)))
+			if res := w.sweepIn(SweepOptions{Method: m}); len(res.Ended) != 1 {
+				t.Fatalf("%s: sweep after the name grant went ended %+v, want the one socket", m, res.Ended)
+			}
+			w.apply(rs)
+		}
+	})
+
 	t.Run("cap", func(t *testing.T) {
 		fact := func(a string) ruleset.Learned {
 			return ruleset.Learned{App: "web", Name: "rr.corp.example", Addr: netip.MustParseAddr(a), Expires: time.Now().Add(time.Hour)}

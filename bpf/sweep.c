@@ -213,6 +213,9 @@ static __always_inline int doomed(struct sock___sw *sk, __u8 proto, const struct
 			return 0;
 		if (grant_allows(slot, rec->app_id, &d, &reason))
 			return 0;
+		// An address a DNS answer gave one of its name grants.
+		if ((app->flags & APP_NAMES) && name_allows(slot, rec->app_id, &d))
+			return 0;
 		if (!internal && is_loopback(&d) && !(app->flags & APP_LOOPBACK_DENY))
 			return 0;
 		return !everyone_allows(slot, info, &d);

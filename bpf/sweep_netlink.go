@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -94,6 +95,7 @@ type owner struct {
 }
 
 func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
+	learned, now := e.Learned(), time.Now()
 	g := e.applied
 	if g == nil {
 		return nil, errors.New("sweep through sock_diag: no generation applied by this process yet")
@@ -143,7 +145,8 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 				if !ok || (o.app == "" && !o.fenced) {
 					continue
 				}
-				if g.Rules.Decide(o.app, ruleset.Dest{Addr: peer.Addr(), Proto: q.rs, Port: peer.Port()}).Allow {
+				// With the DNS answers in force, as the kernel decides.
+				if g.Rules.DecideLearned(o.app, ruleset.Dest{Addr: peer.Addr(), Proto: q.rs, Port: peer.Port()}, learned, now).Allow {
 					continue
 				}
 				ended := EndedSocket{Proto: q.rs, Local: local, Peer: peer, CgroupID: s.cgroupID, AppID: g.AppIDs[o.app]}
