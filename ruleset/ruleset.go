@@ -430,6 +430,11 @@ const (
 	// or in part): the name holds as many addresses as the daemon's cap
 	// allows. Only in the daemon's audit records.
 	ReasonNameCap Reason = 17
+	// ReasonDNSUnobserved: an app with name grants sent a DNS query from
+	// a network namespace the daemon's DNS proxy does not serve: it went
+	// to the resolver untouched, and its answer grants nothing. Allowed,
+	// in an audit event.
+	ReasonDNSUnobserved Reason = 18
 )
 
 func (r Reason) String() string {
@@ -468,6 +473,8 @@ func (r Reason) String() string {
 		return "granted-name"
 	case ReasonNameCap:
 		return "name-cap"
+	case ReasonDNSUnobserved:
+		return "dns-unobserved"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }
