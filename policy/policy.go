@@ -731,6 +731,9 @@ func (p *parser) app(n *yaml.Node, field string) (ruleset.App, []grantCheck, boo
 			checks[i].sandboxed, checks[i].app = app.OutsideDeny, app.Name
 		}
 	}
+	if app.LoopbackDeny && app.OutsideDeny && app.HasNames() {
+		p.warnf(vals["loopback"], join(field, "loopback"), "loopback: deny cuts the app's name grants off: its DNS queries go to the daemon's proxy on loopback, which it may not reach; use loopback: allow")
+	}
 	if n, ok := vals["listen"]; ok {
 		app.Listen = &ruleset.Listen{Ports: p.listenPorts(n, join(field, "listen")), Source: p.source(n)}
 	}

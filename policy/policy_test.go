@@ -545,6 +545,9 @@ func TestSandboxWarnings(t *testing.T) {
 			"p.yaml:6:11: everyone.allow[0].to: 192.0.2.53/32 is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)",
 		}},
 		{"a sandbox", "apps:\n  - name: a\n    outside: deny\n    loopback: deny\n    allow:\n      - to: 192.0.2.1\n", nil},
+		{"a sealed sandbox with a name grant", "apps:\n  - name: a\n    outside: deny\n    loopback: deny\n    allow:\n      - to: db.corp.example\n", []string{
+			"p.yaml:10:15: apps[0].loopback: loopback: deny cuts the app's name grants off: its DNS queries go to the daemon's proxy on loopback, which it may not reach; use loopback: allow",
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, warns, err := Parse("p.yaml", []byte(head+tc.apps))
