@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"runtime"
@@ -12,7 +13,9 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/net/ipv4"
 
+	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -242,4 +245,106 @@ func mapMemlock(t *testing.T, m *ebpf.Map) int64 {
 		}
 	}
 	return -1
+}
+
+// TestDNSRedirect: the port-53 queries of an app with name grants, and
+// only those, go to the proxy, at an address that names the app and the
+// resolver; from a network namespace the proxy does not serve they go on,
+// with a dns-unobserved event.
+func TestDNSRedirect(t *testing.T) {
+	w := newWorld(t, "web", "other")
+	w.apply(mustPolicy(t, strings.Replace(namesPolicy, "apps:\n", "everyone:\n  allow:\n    - to: 10.0.0.53\n      ports: [53]\napps:\n", 1)))
+	rd := w.attachWithEvents()
+	var proxy, resolver net.PacketConn
+	if err := nstest.InNS(t, w.netns, func() (err error) {
+		if proxy, err = net.ListenPacket("udp4", "0.0.0.0:0"); err != nil {
+			return err
+		}
+		resolver, err = net.ListenPacket("udp4", "10.0.0.53:53")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proxy.Close(); resolver.Close() })
+	pp := ipv4.NewPacketConn(proxy)
+	if err := pp.SetControlMessage(ipv4.FlagDst, true); err != nil {
+		t.Fatal(err)
+	}
+	cookie, err := nsCookie(t, w.netns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := uint16(proxy.LocalAddr().(*net.UDPAddr).Port)
+	// received says which socket got the next datagram: "proxy DST" or
+	// "resolver".
+	received := func() string {
+		t.Helper()
+		buf := make([]byte, 512)
+		_ = proxy.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		if _, cm, _, err := pp.ReadFrom(buf); err == nil {
+			return "proxy " + cm.Dst.String()
+		}
+		_ = resolver.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		if _, _, err := resolver.ReadFrom(buf); err == nil {
+			return "resolver"
+		}
+		return "nobody"
+	}
+	query := probe.SendTo
+	web, other := w.prober("web"), w.prober("other")
+	dest := ruleset.Dest{Addr: netip.MustParseAddr("10.0.0.53"), Proto: ruleset.UDP, Port: 53}
+
+	if err := w.e.ServeDNS(port, cookie); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []probe.Method{query, probe.Connect} {
+		if v, err := web.Try(dest, m); err != nil || v != probe.Allowed {
+			t.Fatalf("web's query by %s: %v %v", m, v, err)
+		}
+		if m == probe.Connect {
+			continue // connect alone sends nothing; the redirect is in the next test
+		}
+		got := received()
+		dst, ok := strings.CutPrefix(got, "proxy ")
+		if !ok {
+			t.Fatalf("web's query went to %s, want the proxy", got)
+		}
+		r, err := w.e.RedirectOf(netip.MustParseAddr(dst))
+		if err != nil || r.App != "web" || r.Resolver != netip.MustParseAddrPort("10.0.0.53:53") || r.Proto != ruleset.UDP {
+			t.Fatalf("RedirectOf(%s) = %+v, %v; want web's query to 10.0.0.53:53", dst, r, err)
+		}
+	}
+	if v, err := other.Try(dest, query); err != nil || v != probe.Allowed {
+		t.Fatalf("other's query: %v %v", v, err)
+	}
+	if got := received(); got != "resolver" {
+		t.Fatalf("the query of an app without name grants went to %s, want the resolver", got)
+	}
+
+	drainEvents(t, rd)
+	if err := w.e.ServeDNS(port, cookie+1); err != nil { // another namespace's proxy
+		t.Fatal(err)
+	}
+	if v, err := web.Try(dest, query); err != nil || v != probe.Allowed {
+		t.Fatalf("web's query: %v %v", v, err)
+	}
+	if got := received(); got != "resolver" {
+		t.Fatalf("a query from a namespace the proxy does not serve went to %s, want the resolver", got)
+	}
+	evs := drainEvents(t, rd)
+	if !slices.ContainsFunc(evs, func(e Event) bool {
+		return e.Reason == ruleset.ReasonDNSUnobserved && e.Allowed && e.Dest.Port == 53
+	}) {
+		t.Fatalf("no dns-unobserved event among %+v", evs)
+	}
+}
+
+// nsCookie is the network namespace cookie of the namespace at path.
+func nsCookie(t *testing.T, path string) (uint64, error) {
+	var c uint64
+	err := nstest.InNS(t, path, func() (err error) {
+		c, err = NetnsCookie()
+		return err
+	})
+	return c, err
 }
