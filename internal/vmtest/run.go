@@ -17,10 +17,15 @@ import (
 // depends on the kernel, picked by -test.run so that the matrix stays
 // within CI's time under TCG.
 var Suites = []SuiteSpec{
-	{Name: "bpf", Dir: "bpf", Timeout: "6m",
-		Run: "^(TestBackstops|TestSweep|TestHandoverGuard|TestMigrationMarks|TestAuditEventsDecode|TestExePinning|TestVerdictCachesFollowGenerations|TestUnitRestart|TestUnitMigrationMarks)$"},
-	{Name: "launch", Dir: "launch", Timeout: "3m"}, // All of launch: fast, and its credentials and ptrace rules are the kernel's.
-
+	{Name: "bpf", Dir: "bpf", Timeout: "12m",
+		Run: "^(TestBackstops|TestSweep|TestHandoverGuard|TestMigrationMarks|TestAuditEventsDecode|TestExePinning|TestVerdictCachesFollowGenerations|TestUnitRestart)$"},
+	// The pinhole agent's kernel programs (pinhole.c): what they observe
+	// and hold, and the agent that follows sockets with them.
+	{Name: "pinhole", Dir: "pinhole", Timeout: "6m",
+		Run: "^(TestKernelObservesAndGuards|TestKernelHoldsTheAnswer|TestAgentHolesFollowSockets|TestAgentNeverOpensForAny|TestAgentRefusalAndRenewal)$"},
+	// All of launch: fast, and its credentials and ptrace rules are the
+	// kernel's.
+	{Name: "launch", Dir: "launch", Timeout: "3m"},
 }
 
 // Options of a matrix run.
@@ -85,7 +90,7 @@ func Run(o Options) error {
 		}
 	}
 	g.MemoryMiB, g.CPUs, g.Timeout = o.MemoryMiB, o.CPUs, o.Timeout
-	var m Matrix
+	m := Matrix{Focused: o.Suites != nil}
 	for _, k := range fetched {
 		if o.Reread {
 			m.Columns = append(m.Columns, reread(cache, k))

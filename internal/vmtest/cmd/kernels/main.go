@@ -3,6 +3,7 @@
 //
 //	go run ./internal/vmtest/cmd/kernels                 # every kernel, report in docs/kernels.md
 //	go run ./internal/vmtest/cmd/kernels -kernels 6.1 -v # one kernel, console on the terminal
+//	go run ./internal/vmtest/cmd/kernels -run 'bpf=^TestSweep$' # focused: no report written
 package main
 
 import (
@@ -25,7 +26,7 @@ func main() {
 	flag.BoolVar(&o.Reread, "reread", false, "build the matrix from the last run's console logs, without booting")
 	flag.IntVar(&o.MemoryMiB, "m", 2048, "guest memory in MiB")
 	flag.IntVar(&o.CPUs, "smp", 2, "guest CPUs")
-	flag.DurationVar(&o.Timeout, "timeout", 8*time.Minute, "time one guest may take, boot to power-off")
+	flag.DurationVar(&o.Timeout, "timeout", 25*time.Minute, "time one guest may take, boot to power-off")
 	run := flag.String("run", "", "run only the tests matching this -test.run pattern, of suite `NAME=PATTERN` (for a focused run)")
 	flag.Parse()
 	if *run != "" {
@@ -39,6 +40,13 @@ func main() {
 		if o.Suites == nil {
 			fmt.Fprintf(os.Stderr, "test-kernels: -run: no suite %q\n", name)
 			os.Exit(2)
+		}
+		// A focused run's matrix is partial: not over the committed one,
+		// unless asked.
+		explicit := false
+		flag.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "report" })
+		if !explicit {
+			o.Report = ""
 		}
 	}
 	if *kernels != "" {
