@@ -5,15 +5,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
-	"golang.org/x/sys/unix"
 
+	"github.com/procgate/procgate/internal/bpfpin"
 	"github.com/procgate/procgate/perimeter"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -70,11 +69,8 @@ func OpenKernel(bpfDir, cgroupDir string, log *slog.Logger) (*Kernel, error) {
 		return nil, fmt.Errorf("load embedded pinhole BPF objects: %w", err)
 	}
 	k := &Kernel{}
-	if err := spec.LoadAndAssign(&k.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: bpfDir}}); err != nil {
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return nil, fmt.Errorf("pinned pinhole maps in %s come from an incompatible procgate version (run `procgate uninstall --bpf-dir %s` first): %w", bpfDir, bpfDir, err)
-		}
-		return nil, fmt.Errorf("load pinhole programs and maps (pinned in %s): %w", bpfDir, err)
+	if err := bpfpin.Load(spec, &k.objs, bpfDir, "pinhole"); err != nil {
+		return nil, err
 	}
 	if err := k.attach(bpfDir, cgroupDir); err != nil {
 		k.Close()
@@ -94,36 +90,10 @@ func OpenKernel(bpfDir, cgroupDir string, log *slog.Logger) (*Kernel, error) {
 }
 
 func (k *Kernel) attach(bpfDir, cgroupDir string) error {
-	var st unix.Stat_t
-	if err := unix.Stat(cgroupDir, &st); err != nil {
-		return fmt.Errorf("stat cgroup %s: %w", cgroupDir, err)
-	}
 	for _, h := range hooks {
-		pin := filepath.Join(bpfDir, "link_pinhole_"+h.name)
-		prog := h.prog(&k.objs)
-		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-			info, err := l.Info()
-			if err == nil && info.Cgroup() != nil && info.Cgroup().CgroupId != st.Ino {
-				l.Close()
-				return fmt.Errorf("pinned link %s is attached to cgroup id %d, not %s (id %d): uninstall first or use the same --cgroup-root",
-					pin, info.Cgroup().CgroupId, cgroupDir, st.Ino)
-			}
-			if err := l.Update(prog); err != nil {
-				l.Close()
-				return fmt.Errorf("update pinned link %s to the new %s program: %w", pin, h.name, err)
-			}
-			k.links = append(k.links, l)
-			continue
-		} else if !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("load pinned link %s: %w", pin, err)
-		}
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupDir, Attach: h.attach, Program: prog})
+		l, err := bpfpin.Cgroup(filepath.Join(bpfDir, "link_pinhole_"+h.name), "pinhole "+h.name, cgroupDir, h.attach, h.prog(&k.objs))
 		if err != nil {
-			return fmt.Errorf("attach pinhole %s to %s: %w", h.name, cgroupDir, err)
-		}
-		if err := l.Pin(pin); err != nil {
-			l.Close()
-			return fmt.Errorf("pin pinhole %s link at %s: %w", h.name, pin, err)
+			return err
 		}
 		k.links = append(k.links, l)
 	}
@@ -364,12 +334,5 @@ func (k *Kernel) Read() (Event, error) {
 
 // Close releases this process' handles; the pinned links and maps stay.
 func (k *Kernel) Close() error {
-	if k.rd != nil {
-		k.rd.Close()
-	}
-	for _, l := range k.links {
-		l.Close()
-	}
-	k.links = nil
-	return k.objs.Close()
+	return bpfpin.Close(k) // the objects, links and reader it holds
 }
