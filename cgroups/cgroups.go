@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -36,59 +37,22 @@ func Mount() (string, error) {
 // whose root is not "/") are passed over: paths from /proc/PID/cgroup joined
 // to them would name the wrong directory.
 func ParseMountinfo(r io.Reader) (string, error) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 4096), 1<<20)
-	subtree := ""
-	for line := 1; sc.Scan(); line++ {
-		fields := strings.Fields(sc.Text())
-		sep := -1
-		for i, f := range fields {
-			// Optional fields come between field 6 and the separator.
-			if f == "-" && i >= 6 {
-				sep = i
-				break
-			}
-		}
-		if len(fields) < 5 || sep < 0 || sep+1 >= len(fields) {
-			return "", fmt.Errorf("mountinfo line %d: malformed: %q", line, sc.Text())
-		}
-		if fields[sep+1] != "cgroup2" {
-			continue
-		}
-		point := unescapeMount(fields[4])
-		if unescapeMount(fields[3]) != "/" {
-			subtree = point
-			continue
-		}
-		return point, nil
+	mounts, err := mountinfo.GetMountsFromReader(r, mountinfo.FSTypeFilter("cgroup2"))
+	if err != nil {
+		return "", fmt.Errorf("read mountinfo: malformed: %w", err)
 	}
-	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("read mountinfo: %w", err)
+	subtree := ""
+	for _, m := range mounts {
+		if m.Root != "/" {
+			subtree = m.Mountpoint
+			continue
+		}
+		return m.Mountpoint, nil
 	}
 	if subtree != "" {
 		return "", fmt.Errorf("no cgroup2 mount of the hierarchy root (only a subtree mounted at %s)", subtree)
 	}
 	return "", errors.New("no cgroup2 mount in mountinfo: procgate needs the unified cgroup hierarchy")
-}
-
-// unescapeMount undoes the octal escapes (\040 space, \011 tab, \012 newline,
-// \134 backslash) the kernel writes in mountinfo paths.
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // fileidKernfs is the file handle type of kernfs nodes (include/linux/exportfs.h).

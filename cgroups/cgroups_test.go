@@ -44,7 +44,7 @@ func TestParseMountinfo(t *testing.T) {
 		{name: "v1 only", in: "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n", wantErr: "no cgroup2 mount"},
 		{name: "empty", in: "", wantErr: "no cgroup2 mount"},
 		{name: "fs type looks like separator", in: "1 2 0:1 / /x rw - - cgroup2 rw\n", wantErr: "no cgroup2 mount"},
-		{name: "malformed", in: "41 31 0:38 / /sys/fs/cgroup/unified rw cgroup2\n", wantErr: "line 1: malformed"},
+		{name: "malformed", in: "41 31 0:38 / /sys/fs/cgroup/unified rw cgroup2\n", wantErr: "malformed: parsing '41 31"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
