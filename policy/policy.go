@@ -215,6 +215,10 @@ func (p *parser) document(data []byte) *yaml.Node {
 // decode returns the first two documents of data (two are enough to know
 // that there are too many).
 func decode(data []byte) (docs []*yaml.Node, err error) {
+	return decodeFrom(bytes.NewReader(data))
+}
+
+func decodeFrom(r io.Reader) (docs []*yaml.Node, err error) {
 	// yaml.v3 is third-party code fed with untrusted text: a panic in it must
 	// become an error in the file, not a crash of the daemon reloading it.
 	defer func() {
@@ -222,7 +226,7 @@ func decode(data []byte) (docs []*yaml.Node, err error) {
 			docs, err = nil, fmt.Errorf("yaml: parser failed: %v", r)
 		}
 	}()
-	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec := yaml.NewDecoder(r)
 	for len(docs) < 2 {
 		var doc yaml.Node
 		if err := dec.Decode(&doc); errors.Is(err, io.EOF) {
@@ -258,10 +262,8 @@ func (p *parser) yamlError(data []byte, err error) {
 // yaml.v3 names the line before the enclosing construct (a 0-based line of
 // where the construct starts), not the line of the problem, so that an
 // indentation mistake deep in a mapping would be reported at the top of the
-// file. The problem is on the line whose addition makes a prefix of the file
-// fail with the same message; a binary search finds such a line with a
-// logarithmic number of re-parses (the empty prefix parses, the whole file
-// fails).
+// file. The problem is on the first line whose addition makes a prefix of
+// the file fail with the same message.
 func problemLine(data []byte, msg string) int {
 	// ends[k] is the length of the first k lines.
 	ends := []int{0}
@@ -281,7 +283,35 @@ func problemLine(data []byte, msg string) int {
 		_, m := splitYAMLError(err)
 		return m == msg
 	}
-	ok, bad := 0, len(ends)-1
+	// yaml.v3 reads its input only as it scans: handed one byte per read,
+	// it has read, when it fails, up to the problem and at most a little
+	// lookahead past it. The line of that last byte is where to start.
+	r := &byteReader{data: data}
+	_, _ = decodeFrom(r)
+	read, _ := slices.BinarySearch(ends, r.n)
+	return firstFailing(min(read, len(ends)-1), len(ends)-1, fails)
+}
+
+// firstFailing returns the first k with fails(k), for a fails that is
+// false at 0, true at last and monotonic, starting from the guess start.
+// It walks back from start, one parse a line: the problem is usually on
+// that line or just before it, so a whole file costs a few parses, not the
+// log(lines) a bisection from the start would (10 s for a 10 MB file).
+// Past a few steps, or when start is short of the problem, it bisects.
+func firstFailing(start, last int, fails func(int) bool) int {
+	const walk = 8
+	ok, bad := 0, last
+	if start < last && !fails(start) {
+		ok = start
+	} else {
+		bad = start
+		for k := bad - 1; k > 0 && start-k <= walk; k-- {
+			if !fails(k) {
+				return bad
+			}
+			bad = k
+		}
+	}
 	for bad-ok > 1 {
 		mid := ok + (bad-ok)/2
 		if fails(mid) {
@@ -291,6 +321,24 @@ func problemLine(data []byte, msg string) int {
 		}
 	}
 	return bad
+}
+
+// byteReader hands its data out one byte per Read and counts what it gave.
+type byteReader struct {
+	data []byte
+	n    int
+}
+
+func (r *byteReader) Read(p []byte) (int, error) {
+	if r.n >= len(r.data) {
+		return 0, io.EOF
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	p[0] = r.data[r.n]
+	r.n++
+	return 1, nil
 }
 
 func join(field, key string) string {

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -562,5 +563,63 @@ func TestSandboxWarnings(t *testing.T) {
 				t.Errorf("warnings:\n got %q\nwant %q", got, tc.want)
 			}
 		})
+	}
+}
+
+func TestFirstFailing(t *testing.T) {
+	tests := []struct {
+		name                string
+		start, last, answer int
+		maxParses           int
+	}{
+		{"guess on the problem", 900, 1000, 900, 2},
+		{"guess two lines past it", 902, 1000, 900, 4},
+		{"guess far past it", 1000, 1000, 10, 30},
+		{"guess short of it", 100, 1000, 900, 12},
+		{"problem on the first line", 3, 1000, 1, 4},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			parses := 0
+			fails := func(k int) bool { parses++; return k >= tt.answer }
+			if got := firstFailing(tt.start, tt.last, fails); got != tt.answer {
+				t.Errorf("firstFailing(%d, %d) = %d, want %d", tt.start, tt.last, got, tt.answer)
+			}
+			if parses > tt.maxParses {
+				t.Errorf("%d parses, want at most %d", parses, tt.maxParses)
+			}
+		})
+	}
+}
+
+// TestProblemLineOfALargeFile: the line of a syntax error at the end of a
+// large policy costs a few parses of the file, not one per halving.
+func TestProblemLineOfALargeFile(t *testing.T) {
+	const apps = 20000
+	var b strings.Builder
+	b.WriteString("version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n")
+	for i := range apps {
+		fmt.Fprintf(&b, "  - name: a%d\n    allow: []\n", i)
+	}
+	b.WriteString(" x: 1\n")
+	data := []byte(b.String())
+	wantLine := 4 + 2*apps + 1
+
+	start := time.Now()
+	if _, err := decode(data); err == nil {
+		t.Fatal("the file parses")
+	}
+	once := time.Since(start)
+	start = time.Now()
+	_, _, err := Parse("p.yaml", data)
+	took := time.Since(start)
+	want := fmt.Sprintf("p.yaml:%d: invalid YAML: did not find expected key", wantLine)
+	if err == nil || err.Error() != want {
+		t.Fatalf("Parse: %v, want %s", err, want)
+	}
+	t.Logf("finding the line took %.1f parses of the file", float64(took)/float64(once))
+	// Bisection took 17 parses here; the walk back takes about 4.
+	if took > 10*once {
+		t.Errorf("finding the line took %v, %.1f parses of the file; want a few", took, float64(took)/float64(once))
 	}
 }
