@@ -51,6 +51,12 @@ const KindPinhole = "pinhole"
 // and the cap).
 const KindName = "name"
 
+// KindExe marks records of the daemon's checks of pinned binaries (Reason
+// "exe-hash"): Verdict "deny" when the file at Exe no longer has the
+// sha256 the policy wants, so holds no grants; "allow" when it has again.
+// Hook "exe"; Rule names the file's hash and the policy's.
+const KindExe = "exe"
+
 // Pinhole is the hole of a pinhole record.
 type Pinhole struct {
 	Proto string `json:"proto"`

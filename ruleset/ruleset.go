@@ -435,6 +435,11 @@ const (
 	// to the resolver untouched, and its answer grants nothing. Allowed,
 	// in an audit event.
 	ReasonDNSUnobserved Reason = 18
+	// ReasonExeHash: a pinned binary (exe: with sha256) does not match its
+	// hash, so its file holds no grants in the kernel, or matches again.
+	// Only in the daemon's audit records; the kernel then says
+	// ReasonExe for the binary's connects.
+	ReasonExeHash Reason = 19
 )
 
 func (r Reason) String() string {
@@ -475,6 +480,8 @@ func (r Reason) String() string {
 		return "name-cap"
 	case ReasonDNSUnobserved:
 		return "dns-unobserved"
+	case ReasonExeHash:
+		return "exe-hash"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }
