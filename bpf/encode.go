@@ -110,7 +110,13 @@ func FileIDOf(path string) (FileID, error) {
 	if err := unix.Stat(path, &st); err != nil {
 		return FileID{}, fmt.Errorf("stat %s: %w", path, err)
 	}
-	return FileID{Dev: uint64(unix.Major(st.Dev))<<20 | uint64(unix.Minor(st.Dev)), Ino: st.Ino}, nil
+	return FileIDOfStat(&st), nil
+}
+
+// FileIDOfStat is the FileID of a file stat(2) described: the dev_t as
+// the kernel's s_dev encodes it (MKDEV: major << 20 | minor).
+func FileIDOfStat(st *unix.Stat_t) FileID {
+	return FileID{Dev: uint64(unix.Major(st.Dev))<<20 | uint64(unix.Minor(st.Dev)), Ino: st.Ino}
 }
 
 // Layout constants shared with decision.h.

@@ -153,8 +153,18 @@ type Daemon struct {
 	// without waiting on mu through a reload.
 	interfaces atomic.Pointer[[]string]
 	// exes are the files of pinned binaries in the generation in force; a
-	// package upgrade replaces a binary's file, and the next poll follows.
+	// package upgrade replaces a binary's file, and the watch on its
+	// directory (or the next poll) follows, after hashing it (exes.go).
 	exes map[string][]bpf.FileID
+	// exeStates is what was last said of each app's pinned path (key
+	// app NUL path); exeHashes the hashes of their files' versions,
+	// exeWatch the watch on their directories (nil: polled only).
+	exeStates map[string]exeState
+	// exeRecords are audit records of hash checks, appended once the
+	// generation that follows them is applied.
+	exeRecords []audit.Record
+	exeHashes  *exeHashes
+	exeWatch   *exeWatch
 	// ended counts the live sockets the sweep after the last Apply ended.
 	ended int
 	// ph is the pinhole agent (nil without --gateway); lastBindings are
@@ -209,7 +219,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := resolveGuard(&cfg, cfg.Log); err != nil {
 		return err
 	}
-	d := &Daemon{cfg: cfg, log: cfg.Log, byGen: map[uint32]*ruleset.Ruleset{}}
+	d := &Daemon{cfg: cfg, log: cfg.Log, byGen: map[uint32]*ruleset.Ruleset{},
+		exeStates: map[string]exeState{}, exeHashes: newExeHashes(cfg.Log)}
 	mount, err := cgroups.Mount()
 	if err != nil {
 		return err
@@ -250,6 +261,16 @@ func Run(ctx context.Context, cfg Config) error {
 	if d.enf.Adopted {
 		gen, _ := d.enf.Generation()
 		d.log.Info("adopting pinned enforcement", "bpf_dir", cfg.BPFDir, "generation", gen)
+	}
+	// Pinned binaries are hashed before the first generation: one built
+	// while they are hashed would take adopted running apps' binaries out
+	// of app_exes.
+	for _, app := range rs.Apps {
+		for _, p := range pinnedPaths(app) {
+			if p.sums != nil {
+				d.exeHashes.hashNow(p.path)
+			}
+		}
 	}
 	// The first generation goes in before the hooks are attached, so a fresh
 	// install never has a moment of "no policy" (which denies everything).
@@ -299,6 +320,27 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}()
 	defer events.Close()
+
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		d.exeHashes.run(ctx)
+	}()
+	if xw, err := newExeWatch(cfg.Settle, d.log); err != nil {
+		d.log.Warn("cannot watch pinned binaries; polling them", "every", cfg.PollInterval, "err", err)
+	} else {
+		d.mu.Lock()
+		d.exeWatch = xw
+		xw.watch(exeDirs(d.effective))
+		d.mu.Unlock()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			xw.run(ctx)
+		}()
+		// A change between the first generation and the watch.
+		d.refreshExes()
+	}
 
 	if err := d.startPinholes(ctx, &wg); err != nil {
 		return err
@@ -361,6 +403,10 @@ func Run(ctx context.Context, cfg Config) error {
 			_, _ = d.Reload(false)
 		case <-rw.events():
 			d.refreshRoutes()
+		case <-d.exeWatch.events():
+			d.refreshExes()
+		case <-d.exeHashes.done:
+			d.refreshExes()
 		case <-tick.C:
 			if !pw.watching() {
 				pw.resync()
@@ -563,28 +609,14 @@ func (d *Daemon) install(rs *ruleset.Ruleset, hash string) error {
 	return nil
 }
 
-// resolveExes finds the files of the apps' pinned binaries. A binary that
-// is missing holds nothing: the app's grants are then in no process.
-func (d *Daemon) resolveExes(rs *ruleset.Ruleset) map[string][]bpf.FileID {
-	out := map[string][]bpf.FileID{}
-	for _, app := range rs.Apps {
-		for _, x := range app.Exe {
-			id, err := bpf.FileIDOf(x.Path)
-			if err != nil {
-				d.log.Warn("pinned binary not found; no process of the app holds its grants through it", "app", app.Name, "exe", x.Path, "err", err)
-				continue
-			}
-			out[app.Name] = append(out[app.Name], id)
-		}
-	}
-	return out
-}
-
 // refreshExes follows pinned binaries that were replaced (upgrades write a
-// new file): the new file holds the grants from the next generation on.
+// new file) or written: the new file holds the grants from the next
+// generation on, for a pin with sha256 once it is hashed and matches
+// (resolveExes). Called at each watch event, finished hash and poll.
 func (d *Daemon) refreshExes() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	defer d.flushExeRecords()
 	if d.effective == nil {
 		return
 	}
@@ -727,12 +759,14 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 		return 0, err
 	}
 	gen, err := d.enf.Apply(g)
+	d.flushExeRecords()
 	if err != nil {
 		return 0, fmt.Errorf("apply generation: %w", err)
 	}
 	d.effective = eff
 	d.gen = gen
 	d.exes = g.Exes
+	d.exeWatch.watch(exeDirs(eff))
 	d.lastBindings = dynamic
 	d.matched = d.enf.Matched()
 	if err := d.setPinholeApps(dynamic); err != nil {
