@@ -347,10 +347,10 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 			ungranted.App(app).Grants = nil
 			if dec := ungranted.Decide(app, dest); dec.Allow {
 				ex.Reason = dec.Reason.String()
-				ex.Decision = fmt.Sprintf("%s (the process runs %s, not one of the app's exe:, so not by its own grants)", dec, target)
+				ex.Decision = fmt.Sprintf("%s (the process runs %s, %s, so not by its own grants)", dec, target, d.exeWhy(app, target))
 			} else {
 				ex.Allow, ex.Reason = false, ruleset.ReasonExe.String()
-				ex.Decision = fmt.Sprintf("deny (%s): the process runs %s, not one of the app's exe:", ruleset.ReasonExe, target)
+				ex.Decision = fmt.Sprintf("deny (%s): the process runs %s, %s", ruleset.ReasonExe, target, d.exeWhy(app, target))
 			}
 		}
 	}
