@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -18,14 +19,23 @@ type Client struct {
 	HTTP *http.Client
 }
 
+// connectTimeout bounds the TCP connect and the TLS handshake with a
+// gateway.
+const connectTimeout = 5 * time.Second
+
 // NewClient is a client of the gateway at url that authenticates with the
 // certificate in tlsConf.
 func NewClient(url string, tlsConf *tls.Config) *Client {
 	return &Client{
 		URL: strings.TrimSuffix(url, "/"),
 		HTTP: &http.Client{
-			Timeout:   30 * time.Second,
-			Transport: &http.Transport{TLSClientConfig: tlsConf, ForceAttemptHTTP2: true},
+			Timeout: 30 * time.Second,
+			// A router that is gone drops the connection attempt: the
+			// dial and handshake give up well before the request's
+			// timeout, so that an agent with several gateways moves on.
+			Transport: &http.Transport{TLSClientConfig: tlsConf, ForceAttemptHTTP2: true,
+				DialContext:         (&net.Dialer{Timeout: connectTimeout, KeepAlive: 30 * time.Second}).DialContext,
+				TLSHandshakeTimeout: connectTimeout},
 		},
 	}
 }
