@@ -78,7 +78,8 @@ type Config struct {
 	// GatewayURL turns the pinhole agent on: apps with inbound: dynamic
 	// get holes at this perimeter gateway (https://HOST:PORT), asked with
 	// the client certificate GatewayCert/GatewayKey, the gateway checked
-	// against GatewayCA.
+	// against GatewayCA. Several URLs, comma-separated, are the gateways
+	// of one site in order of preference: the agent fails over.
 	GatewayURL                         string
 	GatewayCA, GatewayCert, GatewayKey string
 	// PinholeIdle is how long a hole's gateway counters may stand still,
@@ -206,6 +207,11 @@ func (c *Config) setDefaults() error {
 	}
 	if c.GatewayURL != "" && (c.GatewayCA == "" || c.GatewayCert == "" || c.GatewayKey == "") {
 		return errors.New("--gateway needs --gateway-ca, --gateway-cert and --gateway-key (the agent's mTLS certificate)")
+	}
+	if c.GatewayURL != "" {
+		if _, err := gatewayURLs(c.GatewayURL); err != nil {
+			return err
+		}
 	}
 	return nil
 }

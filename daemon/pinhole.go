@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -55,6 +56,14 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 		k.Close()
 		return fmt.Errorf("reset host guard: %w", err)
 	}
+	urls, err := gatewayURLs(d.cfg.GatewayURL)
+	if err != nil {
+		return err
+	}
+	gw, err := perimeter.NewFailover(urls, tlsConf, d.log)
+	if err != nil {
+		return fmt.Errorf("pinhole agent: %w", err)
+	}
 	ph := &pinholes{url: d.cfg.GatewayURL, kernel: k, metrics: &pinholeMetrics{drops: k.Drops, held: k.Held}}
 	d.mu.Lock()
 	_, apps := pinholeApps(d.lastBindings)
@@ -69,7 +78,7 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 	ph.agent = pinhole.New(pinhole.Config{
 		Named: named, SaveNamed: func(ps []pinhole.NamedPeer) error { return writeJSON(namedPath, ps) },
 		Apps:    apps,
-		Gateway: perimeter.NewClient(d.cfg.GatewayURL, tlsConf), Guard: k, Source: k, Log: d.log,
+		Gateway: gw, Guard: k, Source: k, Log: d.log,
 		Notify: d.notePinhole, Initial: k.Snapshot,
 		StaleAfter: max(d.cfg.PinholeIdle, 0), Uses: k.Uses,
 	})
@@ -92,6 +101,21 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 	}()
 	d.log.Info("pinhole agent started", "gateway", d.cfg.GatewayURL)
 	return nil
+}
+
+// gatewayURLs splits --gateway into the site's gateways, each
+// https://HOST:PORT.
+func gatewayURLs(s string) ([]string, error) {
+	var urls []string
+	for i, item := range strings.Split(s, ",") {
+		item = strings.TrimSpace(item)
+		u, err := url.Parse(item)
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			return nil, fmt.Errorf("--gateway item %d %q: want https://HOST:PORT (several gateways of one site: comma-separated)", i+1, item)
+		}
+		urls = append(urls, item)
+	}
+	return urls, nil
 }
 
 // loadNamedPeers reads the named peers an earlier run saved (none if the

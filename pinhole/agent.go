@@ -26,7 +26,16 @@ type Gateway interface {
 	Sync(ctx context.Context, holes []perimeter.Request) (perimeter.SyncResult, error)
 }
 
-var _ Gateway = (*perimeter.Client)(nil)
+var (
+	_ Gateway = (*perimeter.Client)(nil)
+	_ Gateway = (*perimeter.Failover)(nil)
+)
+
+// switcher is a Gateway of several gateways (perimeter.Failover) that says
+// when its calls moved to another one.
+type switcher interface {
+	Switched() bool
+}
 
 // Guard is the host's own guard of auxiliary ports (Kernel): only the
 // peers of open holes get in.
@@ -529,6 +538,13 @@ func (a *Agent) request(k perimeter.Key, w want) perimeter.Request {
 
 // reconcile brings the gateway and the host guard to the desired holes.
 func (a *Agent) reconcile(ctx context.Context) {
+	if sw, ok := a.cfg.Gateway.(switcher); ok && sw.Switched() {
+		// Another gateway answers now: it may have none of our holes (no
+		// shared store, or a router that lost its state), so it gets all
+		// of them at once rather than at the next renewal.
+		a.log.Warn("pinhole gateway changed; syncing every hole")
+		a.needSync = true
+	}
 	wants := a.desired()
 	var closes []*hole
 	for k, h := range a.holes {

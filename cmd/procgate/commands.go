@@ -162,7 +162,7 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address (off by default)")
 	f.DurationVar(&cfg.PollInterval, "poll", time.Second, "how often to check pinned binaries, and the policy file and the routes of internal.interfaces where inotify or netlink events are not to be had (a fallback: both follow events)")
 	f.DurationVar(&cfg.Settle, "settle", daemon.DefaultSettle, "how long the policy file and its drop-ins must be quiet after a change before they are read (longer for a writer that pauses within a file)")
-	f.StringVar(&cfg.GatewayURL, "gateway", "", "perimeter gateway https://HOST:PORT: runs the pinhole agent for apps with inbound: dynamic (off without it)")
+	f.StringVar(&cfg.GatewayURL, "gateway", "", "perimeter gateway https://HOST:PORT, or several of one site comma-separated (the agent fails over and syncs its holes to the next): runs the pinhole agent for apps with inbound: dynamic (off without it)")
 	f.StringVar(&cfg.GatewayCA, "gateway-ca", "", "CA that signed the gateway's certificate (PEM)")
 	f.StringVar(&cfg.GatewayCert, "gateway-cert", "", "this host's agent certificate (PEM); its name is the delegate in the gateway's rules")
 	f.StringVar(&cfg.GatewayKey, "gateway-key", "", "key of --gateway-cert (PEM)")

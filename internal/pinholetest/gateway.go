@@ -42,6 +42,8 @@ type Gateway struct {
 	log       *SyncBuffer
 	cfg       perimeter.GatewayConfig
 	router    string
+	port      string
+	stopped   bool
 }
 
 // SyncBuffer is a log sink goroutines may write at once.
@@ -69,7 +71,7 @@ func StartGateway(t testing.TB, site nstest.Site, rules string, lease time.Durat
 	t.Helper()
 	dir := t.TempDir()
 	g := &Gateway{log: &SyncBuffer{}, URL: "https://" + nstest.RouterToServer4 + ":8443", PKI: filepath.Join(dir, "pki"),
-		RulesPath: filepath.Join(dir, "site.rules"), router: site.Router}
+		RulesPath: filepath.Join(dir, "site.rules"), router: site.Router, port: "8443"}
 	if _, err := pki.Init(g.PKI, "site CA", time.Hour); err != nil {
 		t.Fatal(err)
 	}
@@ -88,15 +90,52 @@ func StartGateway(t testing.TB, site nstest.Site, rules string, lease time.Durat
 		Log: slog.New(slog.NewJSONHandler(g.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	g.start(t)
+	g.cleanup(t)
+	return g
+}
+
+func (g *Gateway) cleanup(t testing.TB) {
 	t.Cleanup(func() {
-		if err := g.Gateway.Close(); err != nil {
-			t.Errorf("close gateway: %v", err)
+		if !g.stopped {
+			if err := g.Gateway.Close(); err != nil {
+				t.Errorf("close gateway %s: %v", g.URL, err)
+			}
 		}
 		if t.Failed() {
-			t.Logf("gateway log:\n%s", g.log)
+			t.Logf("gateway %s log:\n%s", g.URL, g.log)
 		}
 	})
-	return g
+}
+
+// Takeover is the site's second router taking over from a dead one: g
+// stops, its table is deleted (the router and its state are gone), and a
+// second gateway with g's rules, PKI and lease starts on the router with
+// its API at port 8444 (BackupURL) and a table of its own, empty: every
+// hole the agents need must reach it before traffic passes again.
+func (g *Gateway) Takeover(t testing.TB) *Gateway {
+	t.Helper()
+	g.Stop(t)
+	g.wipe(t)
+	s := &Gateway{log: &SyncBuffer{}, URL: BackupURL, PKI: g.PKI,
+		CA: g.CA, Cert: g.Cert, Key: g.Key, RulesPath: g.RulesPath, router: g.router, port: "8444"}
+	s.cfg = g.cfg
+	s.cfg.Log = slog.New(slog.NewJSONHandler(s.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	s.start(t)
+	s.cleanup(t)
+	return s
+}
+
+// BackupURL is where Takeover's gateway answers.
+const BackupURL = "https://" + nstest.RouterToServer4 + ":8444"
+
+// Stop stops the gateway for good (a dead router's gateway): its API no
+// longer answers; its table stays.
+func (g *Gateway) Stop(t testing.TB) {
+	t.Helper()
+	g.stopped = true
+	if err := g.Gateway.Close(); err != nil {
+		t.Errorf("stop gateway %s: %v", g.URL, err)
+	}
 }
 
 // Files are name's certificate and key and the CA.
@@ -118,7 +157,7 @@ func (g *Gateway) Issue(t testing.TB, req pki.IssueRequest) pki.Files {
 func (g *Gateway) start(t testing.TB) {
 	t.Helper()
 	err := nstest.InNS(t, g.router, func() (err error) {
-		g.cfg.Listener, err = net.Listen("tcp", net.JoinHostPort(nstest.RouterToServer4, "8443"))
+		g.cfg.Listener, err = net.Listen("tcp", net.JoinHostPort(nstest.RouterToServer4, g.port))
 		return err
 	})
 	if err != nil {
@@ -138,15 +177,21 @@ func (g *Gateway) Restart(t testing.TB, wipe bool) {
 		t.Fatalf("stop gateway: %v", err)
 	}
 	if wipe {
-		table := g.cfg.Table
-		if table == "" {
-			table = perimeter.DefaultTableName
-		}
-		if out, err := exec.Command("nsenter", "--net="+g.router, nstest.Program(t, "nft"), "delete", "table", "inet", table).CombinedOutput(); err != nil {
-			t.Fatalf("delete the gateway's table: %v\n%s", err, out)
-		}
+		g.wipe(t)
 	}
 	g.start(t)
+}
+
+// wipe deletes the gateway's nftables table.
+func (g *Gateway) wipe(t testing.TB) {
+	t.Helper()
+	table := g.cfg.Table
+	if table == "" {
+		table = perimeter.DefaultTableName
+	}
+	if out, err := exec.Command("nsenter", "--net="+g.router, nstest.Program(t, "nft"), "delete", "table", "inet", table).CombinedOutput(); err != nil {
+		t.Fatalf("delete the gateway's table: %v\n%s", err, out)
+	}
 }
 
 // Client is an API client of the gateway for the delegate name (its
