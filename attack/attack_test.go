@@ -756,17 +756,11 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 
 // violations returns the records of a run at internal destinations that the
 // policy does not allow the sender: a token names the sender's role (and so
-// its app); a SYN without a token is matched to a technique by its source
-// port; anything else internal is unattributed and must be allowed to some
+// its app); a SYN without a token is matched to a technique by its 4-tuple
+// (see flow); anything else internal is unattributed and must be allowed to some
 // app that could have sent it (the role's or the holder's). It also returns
 // the techniques of this run with a record at an internal address.
 func (w *world) violations(r role, nonce string, results []result, recs []record) ([]violation, map[string]bool) {
-	byPort := map[uint16]string{}
-	for _, res := range results {
-		for _, p := range res.Sports {
-			byPort[uint16(p)] = res.Technique
-		}
-	}
 	var out []violation
 	seen := map[string]bool{}
 	for _, rec := range recs {
@@ -784,7 +778,7 @@ func (w *world) violations(r role, nonce string, results []result, recs []record
 					technique = "late record of run " + n + ": " + tech
 				}
 			}
-		} else if tech, ok := byPort[rec.Sport]; ok && rec.SYN {
+		} else if tech, ok := synTechnique(results, rec); ok {
 			app, technique, attributed = r.app, tech, true
 		}
 		if attributed {
@@ -800,6 +794,17 @@ func (w *world) violations(r role, nonce string, results []result, recs []record
 	}
 	sort.SliceStable(out, func(i, j int) bool { return out[i].technique < out[j].technique })
 	return out, seen
+}
+
+// synTechnique is the technique whose attempt sent rec, a SYN without a
+// token, by its 4-tuple.
+func synTechnique(results []result, rec record) (string, bool) {
+	for _, res := range results {
+		if synOf(res.Flows, rec) {
+			return res.Technique, true
+		}
+	}
+	return "", false
 }
 
 func inAny(a netip.Addr, prefixes []string) bool {
@@ -997,11 +1002,16 @@ func TestTokens(t *testing.T) {
 }
 
 func TestJudge(t *testing.T) {
-	cfg := &config{nonce: "n", role: "r", internal: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}}
+	cfg := &config{nonce: "n", role: "r", internal: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")}}
 	tech := &technique{name: "t", class: classAddress}
 	ctl := &technique{name: "c", class: classControl}
 	in, out := netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("198.51.100.7")
 	tok := tokenFor(cfg, "t")
+	src, dst := netip.MustParseAddrPort("10.0.0.2:40000"), netip.MustParseAddrPort("10.1.2.3:5432")
+	other := netip.MustParseAddrPort("10.1.2.4:5432")
+	src6, dst6 := netip.MustParseAddr("fd00:2::2"), netip.MustParseAddrPort("[fd00:1::3]:5432")
+	loop6, loopDst6 := netip.MustParseAddrPort("[::1]:51628"), netip.MustParseAddrPort("[::]:5432")
+	failed6 := netip.MustParseAddrPort("[::]:51628") // what getsockname says after ECONNREFUSED
 	tests := []struct {
 		name string
 		tech *technique
@@ -1010,8 +1020,17 @@ func TestJudge(t *testing.T) {
 		want string
 	}{
 		{"token at internal", tech, attempt{}, []record{{Dst: in, Proto: "udp", Token: tok}}, Reached},
-		{"syn by port", tech, attempt{Sports: []int{4000}}, []record{{Dst: in, Proto: "tcp", Sport: 4000, SYN: true}}, Reached},
-		{"syn of another port", tech, attempt{Sports: []int{4000}}, []record{{Dst: in, Proto: "tcp", Sport: 4001, SYN: true}}, Blocked},
+		{"syn of the flow", tech, attempt{Flows: []flow{{src, dst}}}, []record{syn(src, dst)}, Reached},
+		{"syn of the flow, v4-mapped", tech, attempt{Flows: []flow{{src, dst}}}, []record{syn(mappedAP(src), mappedAP(dst))}, Reached},
+		{"syn of another port", tech, attempt{Flows: []flow{{src, dst}}}, []record{syn(netip.AddrPortFrom(src.Addr(), 4001), dst)}, Blocked},
+		// What made the suite flaky: tcp6-unspecified-:: connects ::1 to
+		// ::1, and the holder's SYN to the grant, or another technique's,
+		// may leave from the same port number.
+		{"same port from another address", tech, attempt{Flows: []flow{{loop6, loopDst6}}}, []record{syn(netip.AddrPortFrom(src6, loop6.Port()), dst6)}, Blocked},
+		{"same port, source unknown, another destination", tech, attempt{Flows: []flow{{failed6, loopDst6}}}, []record{syn(netip.AddrPortFrom(src6, failed6.Port()), dst6)}, Blocked},
+		{"syn of a failed connect (source unknown)", tech, attempt{Flows: []flow{{netip.AddrPortFrom(netip.IPv4Unspecified(), src.Port()), dst}}}, []record{syn(src, dst)}, Reached},
+		{"same port and address, another destination", tech, attempt{Flows: []flow{{src, other}}}, []record{syn(src, dst)}, Blocked},
+		{"same 4-tuple, not a SYN", tech, attempt{Flows: []flow{{src, dst}}}, []record{{Src: src.Addr(), Sport: src.Port(), Dst: dst.Addr(), Dport: dst.Port(), Proto: "tcp"}}, Blocked},
 		{"token elsewhere", tech, attempt{}, []record{{Dst: out, Proto: "udp", Token: tok}}, Blocked},
 		{"another technique's token", tech, attempt{}, []record{{Dst: in, Proto: "udp", Token: tokenFor(cfg, "u")}}, Blocked},
 		{"nothing, unavailable", tech, attempt{Unavailable: true}, nil, Unavailable},
@@ -1021,6 +1040,41 @@ func TestJudge(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			if got := judge(cfg, tt.tech, tt.a, tt.recs); got.Result != tt.want {
 				t.Errorf("judge = %s (%s), want %s", got.Result, got.Detail, tt.want)
+			}
+		})
+	}
+}
+
+func syn(src, dst netip.AddrPort) record {
+	return record{Src: src.Addr(), Sport: src.Port(), Dst: dst.Addr(), Dport: dst.Port(), Proto: "tcp", SYN: true}
+}
+
+func mappedAP(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(mapped(ap.Addr()), ap.Port())
+}
+
+// TestSYNAttribution checks the test's own attribution of token-less SYNs
+// (violations), which must not take another socket's SYN for an attempt's.
+func TestSYNAttribution(t *testing.T) {
+	results := []result{
+		{Technique: "tcp6-unspecified-::", Flows: []flow{{netip.MustParseAddrPort("[::]:51628"), netip.MustParseAddrPort("[::]:5432")}}},
+		{Technique: "tcp4-connect", Flows: []flow{{netip.MustParseAddrPort("10.0.0.2:40000"), netip.MustParseAddrPort("10.1.2.3:5432")}}},
+		{Technique: "tcp4-refused", Flows: []flow{{netip.MustParseAddrPort("0.0.0.0:40002"), netip.MustParseAddrPort("10.1.2.3:5432")}}},
+	}
+	tests := []struct {
+		name string
+		rec  record
+		want string
+	}{
+		{"the holder's SYN on a port an attempt had towards ::1", syn(netip.MustParseAddrPort("10.0.0.2:51628"), netip.MustParseAddrPort("10.1.2.3:5432")), ""},
+		{"an attempt's own SYN", syn(netip.MustParseAddrPort("10.0.0.2:40000"), netip.MustParseAddrPort("10.1.2.3:5432")), "tcp4-connect"},
+		{"the SYN of a failed connect", syn(netip.MustParseAddrPort("10.0.0.2:40002"), netip.MustParseAddrPort("10.1.2.3:5432")), "tcp4-refused"},
+		{"its SYN as an IPv4-mapped record", syn(mappedAP(netip.MustParseAddrPort("10.0.0.2:40000")), netip.MustParseAddrPort("10.1.2.3:5432")), "tcp4-connect"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got, _ := synTechnique(results, tt.rec); got != tt.want {
+				t.Errorf("synTechnique = %q, want %q", got, tt.want)
 			}
 		})
 	}

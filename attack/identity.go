@@ -287,8 +287,9 @@ func (e *env) useStolen(a attempt, fd int, which holderFD) attempt {
 		}
 	case useFreeTCP:
 		setTimeouts(fd, e.cfg.timeout)
-		err := unix.Connect(fd, sockaddr(e.cfg.target4, e.cfg.tcpPort, 0))
-		a.notePort(fd)
+		sa := sockaddr(e.cfg.target4, e.cfg.tcpPort, 0)
+		err := unix.Connect(fd, sa)
+		a.noteFlow(fd, sa)
 		if err != nil {
 			return a.failed("connect the holder's socket", err)
 		}

@@ -115,25 +115,39 @@ func (e *env) ifindex() (int, error) {
 	return ifi.Index, nil
 }
 
-// localPort is the local port of a socket, 0 if it has none yet.
-func localPort(fd int) int {
-	sa, err := unix.Getsockname(fd)
-	if err != nil {
-		return 0
-	}
+// addrPortOf is the address and port of a socket address, IPv4-mapped
+// addresses unmapped (the target's records carry them as IPv4).
+func addrPortOf(sa unix.Sockaddr) (netip.AddrPort, bool) {
 	switch sa := sa.(type) {
 	case *unix.SockaddrInet4:
-		return sa.Port
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port)), true
 	case *unix.SockaddrInet6:
-		return sa.Port
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port)), true
 	}
-	return 0
+	return netip.AddrPort{}, false
 }
 
-func (a *attempt) notePort(fd int) {
-	if p := localPort(fd); p != 0 {
-		a.Sports = append(a.Sports, p)
+// noteFlow records the connection fd made or tried towards aimed: its
+// local address as the kernel chose it (unspecified once a connect has
+// failed), and its peer (the address aimed at when the connection was not
+// made). Without a local port (the connect was refused before one was
+// taken) there is nothing to match.
+func (a *attempt) noteFlow(fd int, aimed unix.Sockaddr) {
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return
 	}
+	src, ok := addrPortOf(sa)
+	if !ok || src.Port() == 0 {
+		return
+	}
+	dst, _ := addrPortOf(aimed)
+	if peer, err := unix.Getpeername(fd); err == nil {
+		if p, ok := addrPortOf(peer); ok {
+			dst = p
+		}
+	}
+	a.Flows = append(a.Flows, flow{Src: src, Dst: dst})
 }
 
 // setTimeouts bounds blocking connects and sends, so that a SYN dropped on
@@ -302,7 +316,7 @@ func (e *env) tcp(c tcpCase) attempt {
 		}
 		err = unix.Connect(fd, sa)
 		if errors.Is(err, unix.EINPROGRESS) {
-			a.notePort(fd)
+			a.noteFlow(fd, sa)
 			stage, err = "poll for the connection", waitConnected(fd, e.cfg.timeout)
 		}
 		if err == nil {
@@ -321,8 +335,8 @@ func (e *env) tcp(c tcpCase) attempt {
 		// connect() returns at once; the SYN leaves with the first write.
 		err = unix.Connect(fd, sa)
 	}
-	if len(a.Sports) == 0 {
-		a.notePort(fd)
+	if len(a.Flows) == 0 {
+		a.noteFlow(fd, sa)
 	}
 	if err != nil {
 		return a.failed(stage, err)

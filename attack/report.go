@@ -36,9 +36,45 @@ type attempt struct {
 	Errno       string `json:"errno,omitempty"`
 	Detail      string `json:"detail,omitempty"`
 	Unavailable bool   `json:"unavailable,omitempty"`
-	// Sports are the local ports of TCP attempts, so that a SYN that arrived
+	// Flows are the connections of TCP attempts, so that a SYN that arrived
 	// without the token (the connection never completed) is still matched.
-	Sports []int `json:"sports,omitempty"`
+	Flows []flow `json:"flows,omitempty"`
+}
+
+// flow is one TCP connection an attempt made or tried: a SYN belongs to it
+// only if its 4-tuple matches. The source port alone does not name a
+// connection: the kernel hands the same ephemeral port to connect()s
+// towards different destinations at once (it keeps only 4-tuples unique),
+// so a SYN of the holder or of another technique may carry the port an
+// attempt had towards an address no packet of it ever left for
+// (tcp6-unspecified-:: connects to ::1). A failed connect leaves its socket
+// without a local address (the port stays): then the source address is
+// unknown and the destination and both ports decide. Another socket with the
+// same destination, destination port and source port cannot exist while the
+// attempt's does (same source address: the 4-tuple would repeat), and after
+// it only once the kernel's ports for that tuple have gone round the
+// ephemeral range (__inet_hash_connect advances them per tuple).
+type flow struct {
+	Src netip.AddrPort `json:"src"` // address unspecified when the kernel no longer says
+	Dst netip.AddrPort `json:"dst"` // the peer, or where the attempt aimed
+}
+
+func (f flow) String() string { return f.Src.String() + ">" + f.Dst.String() }
+
+// carries reports whether rec is this flow's SYN.
+func (f flow) carries(rec record) bool {
+	if !rec.SYN || rec.Proto != "tcp" || rec.Sport != f.Src.Port() {
+		return false
+	}
+	if src := f.Src.Addr(); !src.IsUnspecified() && rec.Src.Unmap() != src {
+		return false
+	}
+	return rec.Dst.Unmap() == f.Dst.Addr() && rec.Dport == f.Dst.Port()
+}
+
+// synOf reports whether rec is the SYN of one of flows.
+func synOf(flows []flow, rec record) bool {
+	return rec.Token == "" && slices.ContainsFunc(flows, func(f flow) bool { return f.carries(rec) })
 }
 
 // describe is the syscall-level story of an attempt.
@@ -68,7 +104,7 @@ type result struct {
 	Role      string `json:"role"`
 	Dest      string `json:"dest,omitempty"`
 	Seen      string `json:"seen,omitempty"` // where the target saw it
-	Sports    []int  `json:"sports,omitempty"`
+	Flows     []flow `json:"flows,omitempty"`
 }
 
 // summary is the last output line.
@@ -194,7 +230,7 @@ func sendMarker(cfg *config, o *oracle) error {
 
 // judge turns an attempt and the target's records into a result.
 func judge(cfg *config, t *technique, a attempt, recs []record) result {
-	r := result{Technique: t.name, Class: t.class, Role: cfg.role, Dest: a.Dest, Sports: a.Sports}
+	r := result{Technique: t.name, Class: t.class, Role: cfg.role, Dest: a.Dest, Flows: a.Flows}
 	if t.class == classListen {
 		// A bind reaches no target: the attacker sees whether it went
 		// through, and the test checks that against the policy.
@@ -212,7 +248,7 @@ func judge(cfg *config, t *technique, a attempt, recs []record) result {
 	tok := tokenFor(cfg, t.name)
 	var elsewhere []string
 	for _, rec := range recs {
-		mine := rec.Token == tok || rec.Token == "" && rec.SYN && slices.Contains(a.Sports, int(rec.Sport))
+		mine := rec.Token == tok || synOf(a.Flows, rec)
 		if !mine {
 			continue
 		}

@@ -254,7 +254,8 @@ func (e *env) uringTry(c uringCase) attempt {
 	}
 	defer unix.Close(fd)
 	setTimeouts(fd, e.cfg.timeout)
-	name := rawSockaddr(sockaddr(dst, port, 0))
+	aimed := sockaddr(dst, port, 0)
+	name := rawSockaddr(aimed)
 	sqe := uringSQE{Opcode: uint8(c.op), Fd: int32(fd), UserData: 2}
 	if c.async {
 		sqe.Flags |= iosqeAsync
@@ -292,7 +293,7 @@ func (e *env) uringTry(c uringCase) attempt {
 		err = cqeErr(cqe)
 	}
 	if c.op == iorOpConnect {
-		a.notePort(fd)
+		a.noteFlow(fd, aimed)
 	}
 	if err != nil {
 		// An opcode this kernel does not know, or a send that does not take
