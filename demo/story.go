@@ -39,6 +39,12 @@ apps:
         ports: [5353]
   - name: browser            # an app with no internal grant
     allow: []
+  - name: web                # a service: systemd's web.service, not launched by procgate
+    match: {unit: web.service}
+    allow:
+      - to: 10.20.0.10
+        proto: tcp
+        ports: [5432]
 `
 
 // Run tells the whole story on this machine, in throw-away namespaces, and
@@ -75,11 +81,12 @@ func Run(ctx context.Context, out io.Writer) (err error) {
 	s.step("policy", "internal: 10.20.0.0/16, fd20::/64 and every route via wg0")
 	s.say("    corp-db  may reach the database (tcp 5432, v4 and v6) and dns (udp 5353)")
 	s.say("    browser  has no internal grant; processes not run as an app have none either")
+	s.say("    web      (match: unit web.service) may reach the database: its service's processes, wherever they start")
 	if err := s.startDaemon(ctx); err != nil {
 		return err
 	}
 
-	s.step("attempts", "from the laptop; `procgate run --app NAME -- procgate dial DEST` for the apps")
+	s.step("attempts", "from the laptop; `procgate run --app NAME -- procgate dial DEST` for the apps;\n    all as root: web.service's cgroup, not the user, makes its processes web's")
 	db := s.topo.InternalAddr.String() + "/tcp"
 	db6 := s.topo.InternalAddr6.String() + "/tcp"
 	dns := s.topo.InternalUDP.String() + "/udp"
@@ -87,18 +94,20 @@ func Run(ctx context.Context, out io.Writer) (err error) {
 	denials := 0
 	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "    WHO\tDESTINATION\tRESULT\tANSWER")
-	for _, a := range []struct{ who, app, what, dest string }{
-		{"corp-db", "corp-db", "internal db", db},
-		{"corp-db", "corp-db", "internal db v6", db6},
-		{"corp-db", "corp-db", "internal dns", dns},
-		{"corp-db", "corp-db", "internet web", web},
-		{"browser", "browser", "internal db", db},
-		{"browser", "browser", "internal dns", dns},
-		{"browser", "browser", "internet web", web},
-		{"shell (no app)", "", "internal db", db},
-		{"shell (no app)", "", "internet web", web},
+	for _, a := range []struct{ who, app, cgroup, what, dest string }{
+		{"corp-db", "corp-db", "", "internal db", db},
+		{"corp-db", "corp-db", "", "internal db v6", db6},
+		{"corp-db", "corp-db", "", "internal dns", dns},
+		{"corp-db", "corp-db", "", "internet web", web},
+		{"browser", "browser", "", "internal db", db},
+		{"browser", "browser", "", "internal dns", dns},
+		{"browser", "browser", "", "internet web", web},
+		{"unit web.service", "", s.unit, "internal db", db},
+		{"unit web.service", "", s.unit, "internal dns", dns},
+		{"shell (no app)", "", s.shell, "internal db", db},
+		{"shell (no app)", "", s.shell, "internet web", web},
 	} {
-		res, answer := s.attempt(ctx, a.app, a.dest)
+		res, answer := s.attempt(ctx, a.app, a.cgroup, a.dest)
 		if res == "DENIED" {
 			denials++
 		}
@@ -106,13 +115,17 @@ func Run(ctx context.Context, out io.Writer) (err error) {
 	}
 	tw.Flush()
 
+	if err := s.restartUnit(ctx, db, &denials); err != nil {
+		return err
+	}
+
 	s.step("revoke", "`procgate revoke --app corp-db`: new attempts are denied before the command returns")
 	if o, err := s.procgate(ctx, "revoke", "--app", "corp-db"); err != nil {
 		return fmt.Errorf("revoke: %v: %s", err, o)
 	} else {
 		s.say("    %s", strings.TrimSpace(o))
 	}
-	res, answer := s.attempt(ctx, "corp-db", db)
+	res, answer := s.attempt(ctx, "corp-db", "", db)
 	if res == "DENIED" {
 		denials++
 	}
@@ -145,6 +158,7 @@ type story struct {
 	topo   *Topology
 	cgroup string // the enforced subtree
 	shell  string // a cgroup below it for processes that are no app
+	unit   string // web.service's cgroup, laid out below it as systemd would
 	bpffs  string
 	tmp    string
 	socket string
@@ -167,7 +181,10 @@ func (s *story) startDaemon(ctx context.Context) error {
 	}
 	s.cgroup = filepath.Join(mount, fmt.Sprintf("procgate-demo-%d", os.Getpid()))
 	s.shell = filepath.Join(s.cgroup, "user-session")
-	for _, d := range []string{s.cgroup, s.shell} {
+	// web.service where systemd's system manager puts it, but below the
+	// demo's cgroup root, never the host's system.slice.
+	s.unit = filepath.Join(s.cgroup, "system.slice", "web.service")
+	for _, d := range []string{s.cgroup, s.shell, filepath.Dir(s.unit), s.unit} {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			return fmt.Errorf("create demo cgroup: %w", err)
 		}
@@ -230,15 +247,16 @@ func (s *story) procgate(ctx context.Context, args ...string) (string, error) {
 }
 
 // attempt dials dest from the laptop: as app (through `procgate run`), or,
-// for app "", as a process of the user's session that no app claims.
-func (s *story) attempt(ctx context.Context, app, dest string) (result, answer string) {
+// for app "", as a process started in cgroup, as systemd starts a unit's
+// (the demo is root with CAP_SYS_ADMIN, as systemd is).
+func (s *story) attempt(ctx context.Context, app, cgroup, dest string) (result, answer string) {
 	args := []string{"dial", "--timeout", "2s", dest}
 	var cmd *exec.Cmd
 	if app != "" {
 		cmd = exec.CommandContext(ctx, s.self, append([]string{"--socket", s.socket, "run", "--app", app, "--", s.self}, args...)...)
 	} else {
 		cmd = exec.CommandContext(ctx, s.self, args...)
-		cg, err := os.Open(s.shell)
+		cg, err := os.Open(cgroup)
 		if err != nil {
 			return "ERROR", err.Error()
 		}
@@ -261,6 +279,43 @@ func (s *story) attempt(ctx context.Context, app, dest string) (result, answer s
 		return "DENIED", "EPERM (" + o[strings.LastIndex(o, ": ")+2:] + ")"
 	}
 	return "FAILED", o
+}
+
+// restartUnit restarts web.service as systemd does: its cgroup is removed
+// and made again (a new cgroup, a new id), and the service's new process
+// starts in it at once. The kernel binds the new cgroup to the app from its
+// mkdir (follow_mkdir), so the first connect already holds the grant.
+func (s *story) restartUnit(ctx context.Context, db string, denials *int) error {
+	s.step("restart", "web.service restarts: its cgroup is removed and made again, the new process connects at once")
+	before, err := cgroupID(s.unit)
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(s.unit); err != nil {
+		return fmt.Errorf("restart web.service: remove its cgroup: %w", err)
+	}
+	if err := os.Mkdir(s.unit, 0o755); err != nil {
+		return fmt.Errorf("restart web.service: make its cgroup again: %w", err)
+	}
+	after, err := cgroupID(s.unit)
+	if err != nil {
+		return err
+	}
+	res, answer := s.attempt(ctx, "", s.unit, db)
+	if res == "DENIED" {
+		*denials++
+	}
+	s.say("    cgroup id %d -> %d; unit web.service  internal db %s  %s  %s", before, after, db, res, answer)
+	return nil
+}
+
+// cgroupID is the id of the cgroup at dir: its inode number.
+func cgroupID(dir string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return 0, fmt.Errorf("cgroup id of %s: %w", dir, err)
+	}
+	return st.Ino, nil
 }
 
 // waitEvents reads the audit log until it has at least n events (they reach

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -900,9 +901,14 @@ apps:
 	waitVerdict(unbound, "100.80.1.1:443/tcp", probe.Allowed)
 }
 
+// restartLine is the demo's line for web.service's restart: the cgroup's
+// id before and after.
+var restartLine = regexp.MustCompile(`cgroup id [0-9]+ -> [0-9]+`)
+
 // TestDemo runs `procgate demo` and checks it tells the story: the granted
-// app reaches the internal service, the others are denied, the internet
-// stays open, the events show the denials, and nothing is left behind.
+// app reaches the internal service, the others are denied, a unit's
+// service reaches its grant also after a restart, the internet stays open,
+// the events show the denials, and nothing is left behind.
 func TestDemo(t *testing.T) {
 	nstest.RequireRoot(t)
 	t.Setenv(envAsMain, "1") // the demo re-executes this binary as procgate
@@ -911,21 +917,37 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("demo: %v\n%s", err, out.String())
 	}
 	text := out.String()
+	// Columns are compared with runs of spaces as one: a wider WHO must not
+	// fail the story.
+	spaces := regexp.MustCompile(` +`)
+	flat := spaces.ReplaceAllString(text, " ")
 	for _, want := range []string{
-		"corp-db         internal db    10.20.0.10:5432/tcp   ALLOWED  internal-db: hello 100.64.0.2",
-		"corp-db         internal db v6 [fd20::10]:5432/tcp   ALLOWED",
-		"corp-db         internet web   198.51.100.10:80/tcp  ALLOWED  internet-web: hello",
-		"browser         internal db    10.20.0.10:5432/tcp   DENIED   EPERM",
-		"browser         internet web   198.51.100.10:80/tcp  ALLOWED",
-		"shell (no app)  internal db    10.20.0.10:5432/tcp   DENIED   EPERM",
-		"corp-db  internal db 10.20.0.10:5432/tcp  DENIED",
-		"deny  app=browser",
-		"deny  app=- ",
+		"corp-db internal db 10.20.0.10:5432/tcp ALLOWED internal-db: hello 100.64.0.2",
+		"corp-db internal db v6 [fd20::10]:5432/tcp ALLOWED",
+		"corp-db internet web 198.51.100.10:80/tcp ALLOWED internet-web: hello",
+		"browser internal db 10.20.0.10:5432/tcp DENIED EPERM",
+		"browser internet web 198.51.100.10:80/tcp ALLOWED",
+		// The service principal: its unit's process reaches its grant and
+		// only that, a process of the same user (root) outside it is
+		// denied, and after a restart (a new cgroup) the new process
+		// reaches the grant at once.
+		"unit web.service internal db 10.20.0.10:5432/tcp ALLOWED internal-db: hello 100.64.0.2",
+		"unit web.service internal dns 10.20.0.10:5353/udp DENIED EPERM",
+		"shell (no app) internal db 10.20.0.10:5432/tcp DENIED EPERM",
+		"; unit web.service internal db 10.20.0.10:5432/tcp ALLOWED internal-db: hello 100.64.0.2",
+		"web unit web.service 1 ",
+		"corp-db internal db 10.20.0.10:5432/tcp DENIED",
+		"deny app=browser",
+		"deny app=web ",
+		"deny app=- ",
 		"cleaned up",
 	} {
-		if !strings.Contains(text, want) {
+		if !strings.Contains(flat, want) {
 			t.Errorf("demo output lacks %q", want)
 		}
+	}
+	if before, after, ok := strings.Cut(restartLine.FindString(text), " -> "); !ok || before == after {
+		t.Errorf("demo output lacks the unit's new cgroup id after its restart (%q)", restartLine.FindString(text))
 	}
 	if t.Failed() {
 		t.Logf("demo output:\n%s", text)
