@@ -222,7 +222,15 @@ func (s *story) startDaemon(ctx context.Context) error {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if o, err := s.procgate(ctx, "status"); err == nil {
-			gen := strings.SplitN(o, ",", 2)[0]
+			// status opens with the daemon's version line, then
+			// "generation N, policy ...".
+			gen := "its policy"
+			for _, line := range strings.Split(o, "\n") {
+				if strings.HasPrefix(line, "generation ") {
+					gen = strings.SplitN(line, ",", 2)[0]
+					break
+				}
+			}
 			s.say("    daemon (pid %d) enforcing %s on the cgroup subtree %s", s.daemon.Process.Pid, gen, s.cgroup)
 			return nil
 		}

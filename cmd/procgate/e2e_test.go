@@ -940,6 +940,7 @@ func TestDemo(t *testing.T) {
 		"deny app=browser",
 		"deny app=web ",
 		"deny app=- ",
+		"enforcing generation 1 on the cgroup subtree",
 		"cleaned up",
 	} {
 		if !strings.Contains(flat, want) {
