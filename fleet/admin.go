@@ -198,13 +198,16 @@ func unified(fromName, toName string, a, b []byte) string {
 // HostState is one host in FleetStatus.
 type HostState struct {
 	Status
-	// Behind: the host's revision is older than the newest policy change.
+	// Newest is the newest change of a document this host merges (the
+	// fleet document, its groups', its own).
+	Newest int64 `json:"newest_revision"`
+	// Behind: the host's revision is older than Newest.
 	Behind bool `json:"behind"`
 }
 
 // Overview is `procgate fleet status`.
 type Overview struct {
-	// Newest is the revision of the newest change of a policy document.
+	// Newest is the revision of the newest change of any policy document.
 	Newest int64       `json:"newest_revision"`
 	Hosts  []HostState `json:"hosts"`
 	At     time.Time   `json:"at"`
@@ -222,8 +225,10 @@ func FleetStatus(ctx context.Context, cli *clientv3.Client) (Overview, error) {
 		return Overview{}, fmt.Errorf("read %s: %w", StatusPrefix, err)
 	}
 	o := Overview{At: time.Now().UTC()}
+	mod := map[string]int64{}
 	for _, kv := range pol.Kvs {
 		o.Newest = max(o.Newest, kv.ModRevision)
+		mod[string(kv.Key)] = kv.ModRevision
 	}
 	for _, kv := range st.Kvs {
 		if !strings.HasSuffix(string(kv.Key), "/status") {
@@ -233,7 +238,16 @@ func FleetStatus(ctx context.Context, cli *clientv3.Client) (Overview, error) {
 		if err := json.Unmarshal(kv.Value, &h.Status); err != nil {
 			h.Host, h.Error = strings.TrimSuffix(strings.TrimPrefix(string(kv.Key), StatusPrefix), "/status"), "unreadable status: "+err.Error()
 		}
-		h.Behind = h.Revision < o.Newest
+		host := Host{Name: h.Host}
+		for _, l := range h.Labels {
+			if lb, err := ParseLabel(l); err == nil {
+				host.Labels = append(host.Labels, lb)
+			}
+		}
+		for _, k := range host.Keys() {
+			h.Newest = max(h.Newest, mod[k])
+		}
+		h.Behind = h.Revision < h.Newest
 		o.Hosts = append(o.Hosts, h)
 	}
 	slices.SortFunc(o.Hosts, func(a, b HostState) int { return strings.Compare(a.Host, b.Host) })

@@ -196,10 +196,33 @@ func (a *Agent) Run(ctx context.Context) {
 	wg.Wait()
 }
 
-// list reads every policy document in one Get, so at one revision: at rev,
-// or the newest when rev is 0.
+// list reads the host's documents (Host.Keys) in one transaction, so at
+// one revision: at rev, or the newest when rev is 0. Only those keys: with
+// etcd's RBAC a host may read its own documents and no other host's.
 func (a *Agent) list(ctx context.Context, rev int64) (Snapshot, error) {
-	return list(ctx, a.cli, rev)
+	var ops []clientv3.Op
+	for _, k := range a.o.Host.Keys() {
+		opts := []clientv3.OpOption{}
+		if rev > 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		ops = append(ops, clientv3.OpGet(k, opts...))
+	}
+	resp, err := a.cli.Txn(ctx).Then(ops...).Commit()
+	if err != nil {
+		return Snapshot{}, fmt.Errorf("read the policy documents of %s from etcd: %w", a.o.Host.Name, err)
+	}
+	s := Snapshot{Revision: resp.Header.Revision, Docs: map[string][]byte{}, ModRevisions: map[string]int64{}}
+	if rev > 0 {
+		s.Revision = rev
+	}
+	for _, r := range resp.Responses {
+		for _, kv := range r.GetResponseRange().GetKvs() {
+			s.Docs[string(kv.Key)] = kv.Value
+			s.ModRevisions[string(kv.Key)] = kv.ModRevision
+		}
+	}
+	return s, nil
 }
 
 func list(ctx context.Context, cli *clientv3.Client, rev int64) (Snapshot, error) {
@@ -263,29 +286,55 @@ var errResync = errors.New("resync asked")
 
 // watch publishes a snapshot at the revision of each change after rev. It
 // returns when the watch ends: compacted past rev, closed, or a resync.
+// One watch per document key (a handful, on one stream), not one on the
+// prefix, for the same reason list reads only the host's keys.
 func (a *Agent) watch(ctx context.Context, rev int64) error {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	wch := a.cli.Watch(wctx, PolicyPrefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+	type got struct {
+		wr clientv3.WatchResponse
+		ok bool
+	}
+	all := make(chan got)
+	for _, k := range a.o.Host.Keys() {
+		wch := a.cli.Watch(wctx, k, clientv3.WithRev(rev+1))
+		go func() {
+			for {
+				wr, ok := <-wch
+				select {
+				case all <- got{wr, ok}:
+				case <-wctx.Done():
+					return
+				}
+				if !ok {
+					return
+				}
+			}
+		}()
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-a.resync:
 			return errResync
-		case wr, ok := <-wch:
-			if !ok {
+		case g := <-all:
+			if !g.ok {
 				return errors.New("watch closed")
 			}
-			if err := wr.Err(); err != nil {
-				return fmt.Errorf("watch %s from revision %d: %w", PolicyPrefix, rev+1, err)
+			if err := g.wr.Err(); err != nil {
+				return fmt.Errorf("watch the policy documents from revision %d: %w", rev+1, err)
 			}
-			if len(wr.Events) == 0 {
+			if len(g.wr.Events) == 0 {
 				continue
 			}
 			// The documents as of the last change in this response: every
-			// key at that one revision, never a mix of two.
-			at := wr.Events[len(wr.Events)-1].Kv.ModRevision
+			// key at that one revision, never a mix of two. A transaction
+			// that wrote several keys shows on several watches: read once.
+			at := g.wr.Events[len(g.wr.Events)-1].Kv.ModRevision
+			if at <= rev {
+				continue
+			}
 			snap, err := a.list(ctx, at)
 			if err != nil {
 				return err

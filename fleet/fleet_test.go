@@ -290,6 +290,14 @@ func TestStatusDriftAndLease(t *testing.T) {
 		o, err := FleetStatus(c, cli)
 		return err == nil && len(o.Hosts) == 1 && o.Hosts[0].Revision == s.Revision && o.Hosts[0].Generation == 7 && !o.Hosts[0].Behind
 	})
+	// Another group's overlay: not this host's, so it is not behind.
+	london, _ := ParseLabel("site=london")
+	if _, err := Push(c, cli, Target{Group: &london}, []byte(overlay("web", "10.8.0.0/16")), 0); err != nil {
+		t.Fatal(err)
+	}
+	if o, err := FleetStatus(c, cli); err != nil || o.Hosts[0].Behind || o.Newest <= o.Hosts[0].Newest {
+		t.Fatalf("after another group's push: %+v, %v", o, err)
+	}
 	if lg, err := LoadLastGood(dir); err != nil || lg.Revision != s.Revision || string(lg.Docs[FleetKey]) != fleetDoc {
 		t.Fatalf("last good %+v, %v", lg, err)
 	}
