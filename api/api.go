@@ -149,6 +149,23 @@ type Status struct {
 	// Pinholes is the pinhole agent; nil when the daemon runs without
 	// --gateway.
 	Pinholes *PinholeAgent `json:"pinholes,omitempty"`
+	// Fleet is the policy's source when it comes from etcd
+	// (--policy-store etcd); nil with the policy file.
+	Fleet *FleetSource `json:"fleet,omitempty"`
+}
+
+// FleetSource is the etcd policy source in Status.
+type FleetSource struct {
+	Host      string   `json:"host"`
+	Labels    []string `json:"labels,omitempty"`
+	Endpoints []string `json:"endpoints"`
+	// Revision is the etcd revision of the policy in force.
+	Revision int64 `json:"revision"`
+	// Source is "etcd", or "last-known-good" while the policy in force is
+	// the one kept on disk because etcd did not answer at boot (stale).
+	Source    string `json:"source"`
+	Connected bool   `json:"connected"`
+	EtcdError string `json:"etcd_error,omitempty"`
 }
 
 // PinholeAgent is the pinhole agent in Status.

@@ -31,6 +31,7 @@ import (
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/cgroups"
 	"github.com/procgate/procgate/containers"
+	"github.com/procgate/procgate/fleet"
 	"github.com/procgate/procgate/internal/sdnotify"
 	"github.com/procgate/procgate/internal/version"
 	"github.com/procgate/procgate/launch"
@@ -113,6 +114,9 @@ type Config struct {
 	// grant stays allowed past the answer's TTL (--dns-grace): resolvers
 	// and apps cache answers a little longer than they should. 0: none.
 	DNSGrace time.Duration
+	// Fleet, when set, takes the policy from etcd instead of PolicyPath
+	// (--policy-store etcd).
+	Fleet *FleetConfig
 	// NameCap is how many addresses one name may hold for an app at once
 	// (--dns-cap); answers past it are not learned, and an audit record
 	// says so. 0: bpf.DefaultNameCap.
@@ -175,6 +179,8 @@ type Daemon struct {
 	// matched counts, per unit or cgroup app, the existing cgroups the
 	// last Apply's scan bound to it.
 	matched map[string]int
+	// fleet is the etcd policy source; nil with the policy file.
+	fleet *fleetSource
 }
 
 func (c *Config) setDefaults() error {
@@ -251,7 +257,15 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	// An invalid policy at start is fatal; whatever is pinned keeps
 	// enforcing the last good generation meanwhile.
-	rs, hash, dropins, err := loadPolicy(cfg.PolicyPath, d.log)
+	var rs *ruleset.Ruleset
+	var hash string
+	var dropins []string
+	var first fleet.Snapshot
+	if cfg.Fleet != nil {
+		rs, hash, dropins, first, err = d.openFleet(ctx)
+	} else {
+		rs, hash, dropins, err = loadPolicy(cfg.PolicyPath, d.log)
+	}
 	if err != nil {
 		return err
 	}
@@ -377,14 +391,18 @@ func Run(ctx context.Context, cfg Config) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	pw, err := watchPolicy(ctx, &wg, cfg.PolicyPath, cfg.Settle, d.log)
-	if err != nil {
+	var pw *policyWatch
+	if d.fleet != nil {
+		d.runFleet(ctx, &wg, first)
+	} else if pw, err = watchPolicy(ctx, &wg, cfg.PolicyPath, cfg.Settle, d.log); err != nil {
 		d.log.Warn("cannot watch the policy file; polling it", "every", cfg.PollInterval, "err", err)
 	}
 	rw := watchRoutes(ctx, &wg, d.policyInterfaces, cfg.PollInterval, d.log)
 	// A change between the first read and the watch would wait for the
 	// next one.
-	_, _ = d.Reload(false)
+	if d.fleet == nil {
+		_, _ = d.Reload(false)
+	}
 	// Programs attached, policy applied, socket serving: what
 	// procgate.service's Type=notify waits for before network-pre.target.
 	d.notify(sdnotify.Ready)
@@ -407,6 +425,8 @@ func Run(ctx context.Context, cfg Config) error {
 			d.notify(sdnotify.Ready)
 		case <-pw.events():
 			_, _ = d.Reload(false)
+		case snap := <-d.fleetUpdates():
+			d.applyFleet(snap)
 		case <-rw.events():
 			d.refreshRoutes()
 		case <-d.exeWatch.events():
@@ -414,7 +434,7 @@ func Run(ctx context.Context, cfg Config) error {
 		case <-d.exeHashes.done:
 			d.refreshExes()
 		case <-tick.C:
-			if !pw.watching() {
+			if d.fleet == nil && !pw.watching() {
 				pw.resync()
 				_, _ = d.Reload(false)
 			}
@@ -490,6 +510,12 @@ func logHostWarnings(log *slog.Logger, check policy.HostCheck) {
 // unchanged files (same bytes) are left alone. An invalid policy leaves the
 // generation in force and is reported once per change of the files.
 func (d *Daemon) Reload(force bool) (uint32, error) {
+	if d.fleet != nil {
+		// From etcd: read every document again; the snapshot comes back
+		// through the loop like any change.
+		d.fleet.agent.Resync()
+		return d.generation(), nil
+	}
 	// Stamped before the read: a change after it shows at the next event
 	// or poll.
 	stamp := stampPolicy(d.cfg.PolicyPath)

@@ -25,6 +25,7 @@ import (
 	"github.com/procgate/procgate/audit"
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/fleet"
 	"github.com/procgate/procgate/internal/version"
 	"github.com/procgate/procgate/launch"
 	"github.com/procgate/procgate/ruleset"
@@ -228,6 +229,10 @@ func (d *Daemon) status() (*api.Status, error) {
 		LastError: d.lastErr, CgroupRoot: d.cfg.CgroupRoot, BPFDir: d.cfg.BPFDir,
 		Hooks: d.enf.Attached(), Adopted: d.enf.Adopted,
 		Unbound: toCounters(counters[""]),
+		Fleet:   d.fleetStatus(),
+	}
+	if d.fleet != nil {
+		st.Policy = "etcd " + fleet.PolicyPrefix
 	}
 	for _, g := range d.enf.Guards() {
 		st.Guards = append(st.Guards, api.Guard{Name: g.Name, What: g.What, Active: g.Active, Why: g.Why})

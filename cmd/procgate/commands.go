@@ -71,6 +71,8 @@ Every connect() and UDP sendmsg() is decided in the kernel.`,
 		pinholeCmd(client),
 		pinholesCmd(client),
 		versionCmd(client),
+		policyCmd(),
+		fleetCmd(),
 	)
 	for _, c := range root.Commands() {
 		socketFlag(c, &socket)
@@ -79,7 +81,7 @@ Every connect() and UDP sendmsg() is decided in the kernel.`,
 }
 
 // notClients are the commands that never talk to the daemon's API.
-var notClients = map[string]bool{"uninstall": true, "validate": true, "dial": true, "demo": true, "gateway": true, "pki": true}
+var notClients = map[string]bool{"uninstall": true, "validate": true, "dial": true, "demo": true, "gateway": true, "pki": true, "policy": true, "fleet": true}
 
 // socketFlag gives cmd and its subcommands --socket: the daemon's socket
 // for clients (and the daemon), a hidden deprecated flag for the others,
@@ -117,6 +119,7 @@ func daemonCmd() *cobra.Command {
 	var udpHandover bool
 	var tcpHandover string
 	var guard string
+	var ff fleetDaemonFlags
 	cmd := &cobra.Command{
 		Use:   "daemon [--policy FILE] [flags]",
 		Short: "Enforce a policy: load and pin the eBPF programs, reload on change, serve the local API",
@@ -125,7 +128,10 @@ func daemonCmd() *cobra.Command {
       --bpf-dir /sys/fs/bpf/procgate-lab --socket /run/procgate-lab.sock --metrics-addr 127.0.0.1:9464
   # with the pinhole agent (docs/pinholes.md):
   procgate daemon --policy p.yaml --gateway https://10.9.0.1:8443 \
-      --gateway-ca ca.crt --gateway-cert srv1.crt --gateway-key srv1.key`,
+      --gateway-ca ca.crt --gateway-cert srv1.crt --gateway-key srv1.key
+  # the policy from etcd (docs/fleet.md):
+  procgate daemon --policy-store etcd --etcd-endpoints https://etcd1:2379,https://etcd2:2379 \
+      --etcd-ca ca.crt --etcd-cert db-1.crt --etcd-key db-1.key --host-name db-1 --host-labels site=paris,role=db`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(logFormat, logLevel)
@@ -145,6 +151,9 @@ func daemonCmd() *cobra.Command {
 				return fmt.Errorf("--tcp-handover %q: want auto or all", tcpHandover)
 			}
 			if err := parseGuardGID(guard, &cfg); err != nil {
+				return err
+			}
+			if cfg.Fleet, err = ff.config(); err != nil {
 				return err
 			}
 			sock, _ := cmd.Flags().GetString("socket")
@@ -173,6 +182,7 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&tcpHandover, "tcp-handover", "auto", "which app connections the TCP handover guard watches: auto, those of processes open to tracing (traceable: true, scripts, unit, cgroup and user apps, root; the trace guard covers the others); all, every app connection to an internal destination (also refuses connections an app gives away by SCM_RIGHTS, or root with CAP_SYS_PTRACE copies; about 1.3 µs per connection where BPF LSM does not load)")
 	f.BoolVar(&udpHandover, "udp-handover", true, "refuse a connected UDP socket's datagrams sent by a process outside the socket's app; false on hosts whose NFQUEUE firewall (an IPS, OpenSnitch) reinjects apps' internal UDP, which it would refuse")
 	f.StringSliceVar(&cfg.ContainerSockets, "container-socket", containers.DefaultSockets, "container runtimes' API sockets (docker, podman) asked where match.container apps run")
+	ff.register(f)
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	return cmd

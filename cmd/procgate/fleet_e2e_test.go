@@ -1,0 +1,194 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/procgate/procgate/fleet"
+	"github.com/procgate/procgate/internal/etcdtest"
+	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/probe"
+)
+
+const fleetPolicy = `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+apps:
+  - name: db
+    allow:
+      - to: 10.1.2.0/24
+        proto: tcp
+        ports: [5432]
+`
+
+func dbOverlay(to string) string {
+	return "version: 1\napps:\n  - name: db\n    allow:\n      - to: " + to + "\n"
+}
+
+// fleetCLI runs `procgate ARGS` with the etcd of the test in the
+// environment, FILE arguments written from docs first.
+func fleetCLI(t *testing.T, etcd *etcdtest.Server, docs map[string]string, args ...string) (string, error) {
+	t.Helper()
+	dir := t.TempDir()
+	for name, text := range docs {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), envAsMain+"=1", "PROCGATE_ETCD_ENDPOINTS="+etcd.Endpoint)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func mustPush(t *testing.T, etcd *etcdtest.Server, text string, args ...string) {
+	t.Helper()
+	out, err := fleetCLI(t, etcd, map[string]string{"doc.yaml": text}, append([]string{"policy", "push", "doc.yaml"}, args...)...)
+	if err != nil {
+		t.Fatalf("policy push %v: %v\n%s", args, err, out)
+	}
+}
+
+// hostStatus waits for web-1's status in etcd to satisfy ok.
+func waitHost(t *testing.T, e *e2e, etcd *etcdtest.Server, what string, ok func(fleet.HostState) bool) fleet.HostState {
+	t.Helper()
+	cli := etcd.Client(t)
+	deadline := time.Now().Add(20 * time.Second)
+	var last fleet.HostState
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		o, err := fleet.FleetStatus(ctx, cli)
+		cancel()
+		if err == nil {
+			for _, h := range o.Hosts {
+				if h.Host == "web-1" {
+					if last = h; ok(h) {
+						return h
+					}
+				}
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("web-1's status in etcd: no %s within 20s; last %+v\n%s", what, last, e.daemonLog())
+	return last
+}
+
+func TestFleetPolicyFromEtcd(t *testing.T) {
+	nstest.RequireRoot(t)
+	etcd := etcdtest.Start(t)
+	mustPush(t, etcd, fleetPolicy)
+	e := newE2EWith(t, basePolicy, false, "--policy-store", "etcd", "--etcd-endpoints", etcd.Endpoint,
+		"--host-name", "web-1", "--host-labels", "site=paris,role=db", "--etcd-boot-timeout", "1s")
+	db := e.prober("db")
+	mustTry(t, db, "10.1.2.3:5432/tcp", probe.Allowed)
+	mustTry(t, db, "10.1.2.3:5433/tcp", probe.Denied)
+	mustTry(t, db, "10.3.0.1:80/tcp", probe.Denied)
+	st := waitHost(t, e, etcd, "applied revision", func(h fleet.HostState) bool {
+		return h.Revision > 0 && h.Source == fleet.SourceEtcd && !h.Behind
+	})
+	if gen := e.status().Generation; st.Generation != gen {
+		t.Fatalf("status generation %d, daemon's %d", st.Generation, gen)
+	}
+
+	t.Run("group and host overlays", func(t *testing.T) {
+		gen := e.status().Generation
+		mustPush(t, etcd, dbOverlay("10.3.0.0/16"), "--group", "site=paris")
+		e.waitGeneration(gen, "the site=paris overlay")
+		mustTry(t, db, "10.3.0.1:80/tcp", probe.Allowed)
+		mustPush(t, etcd, dbOverlay("10.5.0.0/16"), "--group", "site=london") // not this host's
+		gen = e.status().Generation
+		mustPush(t, etcd, dbOverlay("10.4.0.0/16"), "--host", "web-1")
+		e.waitGeneration(gen, "the host overlay")
+		mustTry(t, db, "10.4.0.1:80/tcp", probe.Allowed)
+		mustTry(t, db, "10.5.0.1:80/tcp", probe.Denied)
+		s := e.status()
+		if want := []string{fleet.GroupPrefix + "site=paris", fleet.HostPrefix + "web-1"}; !slices.Equal(s.PolicyDropins, want) {
+			t.Fatalf("merged %q, want %q", s.PolicyDropins, want)
+		}
+		waitHost(t, e, etcd, "the host overlay's generation", func(h fleet.HostState) bool {
+			return h.Generation == s.Generation && !h.Behind
+		})
+	})
+
+	t.Run("a bad document written around push is refused", func(t *testing.T) {
+		cli := etcd.Client(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		gen := e.status().Generation
+		if _, err := cli.Put(ctx, fleet.HostKey("web-1"), dbOverlay("10.4.0.0/33")); err != nil {
+			t.Fatal(err)
+		}
+		h := waitHost(t, e, etcd, "error", func(h fleet.HostState) bool { return h.Error != "" })
+		if !strings.Contains(h.Error, fleet.HostKey("web-1")+":5") || !h.Behind {
+			t.Fatalf("status %+v: want the error at %s:5 and the host behind", h, fleet.HostKey("web-1"))
+		}
+		if s := e.status(); s.Generation != gen || !strings.Contains(s.LastError, "10.4.0.0/33") {
+			t.Fatalf("generation %d (was %d), last error %q", s.Generation, gen, s.LastError)
+		}
+		mustTry(t, db, "10.4.0.1:80/tcp", probe.Allowed)
+		out, err := fleetCLI(t, etcd, nil, "fleet", "status")
+		if err == nil || !strings.Contains(out, "BEHIND") || !strings.Contains(out, "web-1") {
+			t.Fatalf("fleet status with a host behind: %v\n%s", err, out)
+		}
+		mustPush(t, etcd, dbOverlay("10.4.0.0/16"), "--host", "web-1")
+		waitHost(t, e, etcd, "recovery", func(h fleet.HostState) bool { return h.Error == "" && !h.Behind })
+		out, err = fleetCLI(t, etcd, nil, "fleet", "status", "--json")
+		var o fleet.Overview
+		if err != nil || json.Unmarshal([]byte(out), &o) != nil || len(o.Hosts) != 1 || o.Hosts[0].Behind {
+			t.Fatalf("fleet status --json: %v\n%s", err, out)
+		}
+	})
+
+	t.Run("a stale base is refused", func(t *testing.T) {
+		out, err := fleetCLI(t, etcd, map[string]string{"f.yaml": fleetPolicy + "# stale\n"}, "policy", "push", "f.yaml", "--base", "1")
+		if err == nil || !strings.Contains(out, "stale base") {
+			t.Fatalf("push on a stale base: %v\n%s", err, out)
+		}
+		out, err = fleetCLI(t, etcd, map[string]string{"f.yaml": fleetPolicy + "# next\n"}, "policy", "diff", "f.yaml")
+		if err != nil || !strings.Contains(out, "+# next") {
+			t.Fatalf("policy diff: %v\n%s", err, out)
+		}
+	})
+
+	t.Run("etcd away: enforcing, and booting from the last good policy", func(t *testing.T) {
+		etcd.Stop()
+		mustTry(t, db, "10.4.0.1:80/tcp", probe.Allowed)
+		mustTry(t, db, "10.6.0.1:80/tcp", probe.Denied)
+		e.stopDaemon(syscall.SIGTERM)
+		e.startDaemon()
+		s := e.status()
+		if s.Fleet == nil || s.Fleet.Source != fleet.SourceLastGood || s.Fleet.Connected {
+			t.Fatalf("booted without etcd: fleet %+v, want source %s", s.Fleet, fleet.SourceLastGood)
+		}
+		mustTry(t, db, "10.4.0.1:80/tcp", probe.Allowed)
+		mustTry(t, db, "10.3.0.1:80/tcp", probe.Allowed)
+		mustTry(t, db, "10.6.0.1:80/tcp", probe.Denied)
+		etcd.Restart()
+		deadline := time.Now().Add(20 * time.Second)
+		for s = e.status(); s.Fleet.Source != fleet.SourceEtcd || !s.Fleet.Connected; s = e.status() {
+			if time.Now().After(deadline) {
+				t.Fatalf("20s after etcd came back: %+v\n%s", s.Fleet, e.daemonLog())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		// The restarted daemon's report (not the stopped one's, whose
+		// lease may still run).
+		waitHost(t, e, etcd, "source etcd after etcd came back", func(h fleet.HostState) bool {
+			return h.Source == fleet.SourceEtcd && !h.Behind && h.Generation == s.Generation
+		})
+	})
+}

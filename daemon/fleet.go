@@ -1,0 +1,165 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/procgate/procgate/api"
+	"github.com/procgate/procgate/fleet"
+	"github.com/procgate/procgate/internal/version"
+	"github.com/procgate/procgate/policy"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// FleetConfig takes the policy from etcd (--policy-store etcd) instead of
+// the policy file.
+type FleetConfig struct {
+	Etcd fleet.Config
+	Host fleet.Host
+	// FirstTimeout is how long the daemon waits for etcd at start before
+	// it boots from the last good policy on disk; 0: 5s.
+	FirstTimeout time.Duration
+	// LeaseTTL is the status key's lease (0: fleet's default).
+	LeaseTTL time.Duration
+}
+
+// fleetSource is the daemon's policy source when it comes from etcd: the
+// agent hands it snapshots (one etcd revision each), applyFleet turns
+// each into a generation, and the agent reports the outcome. The flow
+// stays one way: etcd -> snapshot -> policy -> ruleset -> bpf.
+type fleetSource struct {
+	cli   *clientv3.Client
+	agent *fleet.Agent
+	host  fleet.Host
+	// fromDisk: the policy in force came from the last good policy on
+	// disk, etcd not having answered at boot. d.mu guards it.
+	fromDisk bool
+	revision int64
+}
+
+// openFleet connects to etcd and reads the first policy: etcd's, or the
+// last good one on disk when etcd does not answer; neither is an error
+// (the daemon does not start open).
+func (d *Daemon) openFleet(ctx context.Context) (*ruleset.Ruleset, string, []string, fleet.Snapshot, error) {
+	fc := d.cfg.Fleet
+	cli, err := fc.Etcd.Client()
+	if err != nil {
+		return nil, "", nil, fleet.Snapshot{}, err
+	}
+	agent := fleet.NewAgent(fleet.AgentOptions{
+		Client: cli, Host: fc.Host, StateDir: d.cfg.StateDir, Version: version.Get().String(),
+		Log: d.log.With("source", "etcd"), LeaseTTL: fc.LeaseTTL,
+	})
+	timeout := fc.FirstTimeout
+	if timeout == 0 {
+		timeout = 5 * time.Second
+	}
+	snap, fromDisk, err := agent.First(ctx, timeout)
+	if err != nil {
+		cli.Close()
+		return nil, "", nil, snap, fmt.Errorf("policy from etcd for host %s: %w", fc.Host.Name, err)
+	}
+	d.fleet = &fleetSource{cli: cli, agent: agent, host: fc.Host, fromDisk: fromDisk, revision: snap.Revision}
+	files, err := snap.Files(fc.Host)
+	if err != nil {
+		return nil, "", nil, snap, err
+	}
+	rs, warnings, check, err := policy.ParseFilesForHost(files)
+	if err != nil {
+		return nil, "", nil, snap, err
+	}
+	for _, w := range warnings {
+		d.log.Warn("policy", "warning", w.String())
+	}
+	go logHostWarnings(d.log, check)
+	return rs, policy.Hash(files), dropinPaths(files), snap, nil
+}
+
+// runFleet follows etcd until ctx ends.
+func (d *Daemon) runFleet(ctx context.Context, wg *sync.WaitGroup, first fleet.Snapshot) {
+	d.mu.Lock()
+	gen, fromDisk := d.gen, d.fleet.fromDisk
+	d.mu.Unlock()
+	d.fleet.agent.Applied(first, gen, nil, fromDisk)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer d.fleet.cli.Close()
+		d.fleet.agent.Run(ctx)
+	}()
+}
+
+// fleetUpdates are the snapshots to apply; nil (never ready) with the
+// policy file.
+func (d *Daemon) fleetUpdates() <-chan fleet.Snapshot {
+	if d.fleet == nil {
+		return nil
+	}
+	return d.fleet.agent.Updates()
+}
+
+// applyFleet makes a snapshot's merged policy the generation in force, or
+// refuses it whole and keeps the one in force; either way the agent
+// reports it.
+func (d *Daemon) applyFleet(snap fleet.Snapshot) {
+	f := d.fleet
+	files, err := snap.Files(f.host)
+	var rs *ruleset.Ruleset
+	var hash string
+	if err == nil {
+		hash = policy.Hash(files)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err == nil && hash == d.policyHash {
+		// Another host's document, or the same bytes as on disk: the
+		// generation in force is this revision's policy.
+		d.lastErr, f.fromDisk, f.revision = "", false, snap.Revision
+		f.agent.Applied(snap, d.gen, nil, false)
+		return
+	}
+	if err == nil {
+		var warnings []policy.Warning
+		var check policy.HostCheck
+		rs, warnings, check, err = policy.ParseFilesForHost(files)
+		for _, w := range warnings {
+			d.log.Warn("policy", "warning", w.String())
+		}
+		if check != nil {
+			go logHostWarnings(d.log, check)
+		}
+	}
+	if err == nil {
+		err = d.install(rs, hash)
+	}
+	if err != nil {
+		d.log.Error("policy rejected; the previous generation stays in force", "revision", snap.Revision, "generation", d.gen, "err", err)
+		d.lastErr = fmt.Sprintf("revision %d: %v", snap.Revision, err)
+		f.agent.Applied(snap, d.gen, err, false)
+		return
+	}
+	d.lastErr, f.fromDisk, f.revision = "", false, snap.Revision
+	d.policyDropins = dropinPaths(files)
+	d.log.Info("policy loaded", "revision", snap.Revision, "overlays", len(files)-1, "generation", d.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", d.ended)
+	f.agent.Applied(snap, d.gen, nil, false)
+}
+
+// fleetStatus is the source's part of the daemon's status. d.mu held.
+func (d *Daemon) fleetStatus() *api.FleetSource {
+	if d.fleet == nil {
+		return nil
+	}
+	st, connected, etcdErr := d.fleet.agent.State()
+	source := fleet.SourceEtcd
+	if d.fleet.fromDisk {
+		source = fleet.SourceLastGood
+	}
+	return &api.FleetSource{
+		Host: d.fleet.host.Name, Labels: st.Labels, Endpoints: d.cfg.Fleet.Etcd.Endpoints,
+		Revision: d.fleet.revision, Source: source, Connected: connected, EtcdError: etcdErr,
+	}
+}
