@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/internal/bpfpin"
 )
 
 // hooks are the attach points, named as their programs and pinned links.
@@ -138,18 +139,6 @@ type objects struct {
 	NameGrants      *ebpf.Map `ebpf:"name_grants"`
 }
 
-func (o *objects) close() {
-	for _, c := range []interface{ Close() error }{
-		o.AuthorizeConnect4, o.AuthorizeConnect6, o.AuthorizeSendmsg4, o.AuthorizeSendmsg6, o.AuthorizeBind4, o.AuthorizeBind6,
-		o.PolicyCurrent, o.Rules, o.PortRanges, o.AppByCgroup, o.AppExes, o.AppByUid, o.VerdictCounters, o.AuditBudgets, o.AuditEvents,
-		o.NameGrants,
-	} {
-		if c != nil {
-			c.Close()
-		}
-	}
-}
-
 // Options says where the enforcer lives.
 type Options struct {
 	// BPFDir is a directory on a bpffs where programs' maps and links are
@@ -252,18 +241,12 @@ func Open(opts Options) (*Enforcer, error) {
 		// Fresh maps: both slots are empty, no need to walk them.
 		e.written = [2]*slotKeys{{}, {}}
 	}
-	err = specs.LoadAndAssign(&e.objs, &ebpf.CollectionOptions{
-		Maps: ebpf.MapOptions{PinPath: opts.BPFDir},
-	})
-	if err != nil {
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return nil, fmt.Errorf("pinned maps in %s come from an incompatible procgate version (run `procgate uninstall --bpf-dir %s` first): %w", opts.BPFDir, opts.BPFDir, err)
-		}
-		return nil, fmt.Errorf("load BPF programs and maps (pinned in %s): %w", opts.BPFDir, err)
+	if err := bpfpin.Load(specs, &e.objs, opts.BPFDir, "BPF"); err != nil {
+		return nil, err
 	}
 	hspecs, err := loadHarden()
 	if err != nil {
-		e.objs.close()
+		bpfpin.Close(&e.objs)
 		return nil, fmt.Errorf("load embedded backstop objects: %w", err)
 	}
 	// After the main object: its maps are pinned now, and these programs
@@ -277,7 +260,7 @@ func Open(opts Options) (*Enforcer, error) {
 		// guards everything else.
 		var plain plainBackstops
 		if perr := hspecs.LoadAndAssign(&plain, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}}); perr != nil {
-			e.objs.close()
+			bpfpin.Close(&e.objs)
 			return nil, fmt.Errorf("load backstop programs (sock_create, egress): %w", errors.Join(err, perr))
 		}
 		e.harden = backstops(plain)
@@ -308,7 +291,7 @@ func Open(opts Options) (*Enforcer, error) {
 	}
 	e.loadDNSRedirect()
 	if err := e.locateRoot(); err != nil {
-		e.objs.close()
+		bpfpin.Close(&e.objs)
 		return nil, err
 	}
 	e.sweep = openSweeper(opts.BPFDir, opts.Log)
@@ -324,15 +307,6 @@ func Open(opts Options) (*Enforcer, error) {
 
 // Attach attaches (or adopts and updates) the four hooks' links on the cgroup.
 func (e *Enforcer) Attach() error {
-	cg, err := os.Open(e.opts.CgroupDir)
-	if err != nil {
-		return fmt.Errorf("open cgroup %s: %w", e.opts.CgroupDir, err)
-	}
-	defer cg.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(cg.Fd()), &st); err != nil {
-		return fmt.Errorf("stat cgroup %s: %w", e.opts.CgroupDir, err)
-	}
 	for _, h := range hooks {
 		pin := filepath.Join(e.opts.BPFDir, "link_"+h.name)
 		prog := h.prog(e)
@@ -348,29 +322,9 @@ func (e *Enforcer) Attach() error {
 		if err := prog.Pin(progPin); err != nil {
 			return fmt.Errorf("pin %s program at %s: %w", h.name, progPin, err)
 		}
-		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-			info, err := l.Info()
-			if err == nil && info.Cgroup() != nil && info.Cgroup().CgroupId != st.Ino {
-				l.Close()
-				return fmt.Errorf("pinned link %s is attached to cgroup id %d, not %s (id %d): uninstall first or use the same --cgroup-root",
-					pin, info.Cgroup().CgroupId, e.opts.CgroupDir, st.Ino)
-			}
-			if err := l.Update(prog); err != nil {
-				l.Close()
-				return fmt.Errorf("update pinned link %s to the new %s program: %w", pin, h.name, err)
-			}
-			e.links = append(e.links, l)
-			continue
-		} else if !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("load pinned link %s: %w", pin, err)
-		}
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: e.opts.CgroupDir, Attach: h.attach, Program: prog})
+		l, err := bpfpin.Cgroup(pin, h.name, e.opts.CgroupDir, h.attach, prog)
 		if err != nil {
-			return fmt.Errorf("attach %s to %s: %w", h.name, e.opts.CgroupDir, err)
-		}
-		if err := l.Pin(pin); err != nil {
-			l.Close()
-			return fmt.Errorf("pin %s link at %s: %w", h.name, pin, err)
+			return err
 		}
 		e.links = append(e.links, l)
 	}
@@ -450,9 +404,8 @@ func (e *Enforcer) locateRoot() error {
 	return nil
 }
 
-// attachTracing attaches tp_btf programs and pins their links. Tracing
-// links cannot be updated in place: a new link is attached before an
-// adopted one is let go, so that no event goes unseen in between.
+// attachTracing attaches tp_btf and LSM programs and pins their links in
+// place of an earlier run's (bpfpin.Replace: they cannot be updated).
 func (e *Enforcer) attachTracing(hooks []struct {
 	name string
 	prog *ebpf.Program
@@ -468,21 +421,8 @@ func (e *Enforcer) attachTracing(hooks []struct {
 		if err != nil {
 			return fmt.Errorf("attach %s: %w", h.name, err)
 		}
-		pin := filepath.Join(e.opts.BPFDir, "link_"+h.name)
-		if old, err := link.LoadPinnedLink(pin, nil); err == nil {
-			err = old.Unpin()
-			old.Close()
-			if err != nil {
-				l.Close()
-				return fmt.Errorf("unpin the earlier %s link: %w", h.name, err)
-			}
-		} else if !errors.Is(err, os.ErrNotExist) {
-			l.Close()
-			return fmt.Errorf("load pinned link %s: %w", pin, err)
-		}
-		if err := l.Pin(pin); err != nil {
-			l.Close()
-			return fmt.Errorf("pin %s link at %s: %w", h.name, pin, err)
+		if err := bpfpin.Replace(filepath.Join(e.opts.BPFDir, "link_"+h.name), h.name, l); err != nil {
+			return err
 		}
 		e.tracing = append(e.tracing, l)
 	}
@@ -497,24 +437,10 @@ func (e *Enforcer) Close() error {
 		l.Close()
 	}
 	e.links, e.tracing = nil, nil
-	e.objs.close()
-	e.follow.close()
-	e.dns.close()
 	e.sweep.close()
 	e.sweep = nil
-	for _, p := range []*ebpf.Program{e.harden.GuardSockCreate, e.harden.BackstopEgress, e.lsm.GuardPacketSocket,
-		e.migrate.MarkMigration, e.migrate.MarkFork, e.migrate.ForgetExit,
-		e.handover.TrackOwnedSockets, e.handover.GuardHandover, e.lsmHandover.GuardHandoverLSM} {
-		if p != nil {
-			p.Close()
-		}
-	}
-	for _, m := range []*ebpf.Map{e.handover.OwnedSockets, e.handover.OwnedSocketsFull, e.handover.OwnedUnmatched} {
-		if m != nil {
-			m.Close()
-		}
-	}
-	return nil
+	// One struct per load: each is closed whole, whatever it holds.
+	return bpfpin.Close(&e.objs, &e.harden, &e.lsm, &e.handover, &e.lsmHandover, &e.migrate, &e.follow, &e.dns)
 }
 
 // current reads the generation in force; ok is false when there is none.

@@ -26,19 +26,6 @@ type cgroupFollower struct {
 	GlobPatterns  *ebpf.Map     `ebpf:"cgroup_glob_patterns"`
 }
 
-func (f *cgroupFollower) close() {
-	for _, p := range []*ebpf.Program{f.FollowMkdir, f.ForgetRmdir} {
-		if p != nil {
-			p.Close()
-		}
-	}
-	for _, m := range []*ebpf.Map{f.ExactPatterns, f.GlobPatterns} {
-		if m != nil {
-			m.Close()
-		}
-	}
-}
-
 // Layout constants shared with migrate.c.
 const (
 	cgroupPathLen  = 256 // CGROUP_PATH_LEN
