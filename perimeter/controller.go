@@ -57,6 +57,34 @@ type Controller struct {
 	holes   map[Key]*Hole
 	perUser map[string]int
 	repairs Repairs
+	// store, if set, is where the site's gateways share their holes: every
+	// change the controller's own API makes is written there too.
+	store holeStore
+}
+
+// holeStore is where a site's gateways share their holes (HoleStore).
+type holeStore interface {
+	Put(holes []Hole, now time.Time) error
+	Delete(keys []Key) error
+}
+
+// share writes the controller's changes to the store, if any. A failed
+// write is logged, not returned: the hole works at this gateway, and the
+// agent's next renewal writes it again.
+func (c *Controller) share(put []Hole, del []Key, now time.Time) {
+	if c.store == nil {
+		return
+	}
+	var err error
+	if len(del) > 0 {
+		err = c.store.Delete(del)
+	}
+	if len(put) > 0 {
+		err = errors.Join(err, c.store.Put(put, now))
+	}
+	if err != nil {
+		c.log.Error("holes not shared with the other gateways", "error", err.Error(), "opened", len(put), "closed", len(del))
+	}
 }
 
 // Refusal is a hole the rules or a limit do not allow.
@@ -308,6 +336,7 @@ func (c *Controller) Open(delegate string, req Request) (Hole, error) {
 	}
 	c.put(h)
 	c.audit(slog.LevelInfo, "pinhole opened", k, delegate, req.User, "rule", h.Rule, "expires", h.Expires)
+	c.share([]Hole{*h}, nil, now)
 	return *h, nil
 }
 
@@ -383,6 +412,7 @@ func (c *Controller) Renew(delegate string, targets []Target, leaseSeconds int) 
 		c.audit(slog.LevelDebug, "pinhole renewed", h.Key, delegate, h.User, "expires", h.Expires)
 		res.Renewed = append(res.Renewed, *h)
 	}
+	c.share(res.Renewed, del, now)
 	return res, nil
 }
 
@@ -412,6 +442,7 @@ func (c *Controller) Close(delegate string, targets []Target) (CloseResult, erro
 		c.drop(k)
 		res.Closed = append(res.Closed, k.Target())
 	}
+	c.share(nil, del, now)
 	return res, nil
 }
 
@@ -594,6 +625,15 @@ func (c *Controller) settle(inScope func(*Hole) bool, claims []claim, extra []Ke
 		res.Holes = append(res.Holes, *h)
 	}
 	slices.SortFunc(res.Holes, func(a, b Hole) int { return strings.Compare(a.Key.String(), b.Key.String()) })
+	// Deletions for the store: each key once (etcd refuses a transaction
+	// that names a key twice).
+	shared := slices.Clone(del)
+	for k := range gone {
+		if !slices.Contains(del, k) {
+			shared = append(shared, k)
+		}
+	}
+	c.share(res.Holes, shared, now)
 	return res, nil
 }
 
@@ -654,9 +694,14 @@ func (c *Controller) SetRules(rs *Rules) error {
 		c.audit(slog.LevelInfo, "pinhole closed", k, h.Delegate, h.User, "reason", "new rules: "+why[k].Error())
 		c.drop(k)
 	}
-	for _, h := range updated {
+	var shorter []Hole
+	for k, h := range updated {
+		if h.Expires.Before(c.holes[k].Expires) {
+			shorter = append(shorter, *h)
+		}
 		c.put(h)
 	}
+	c.share(shorter, del, now)
 	return nil
 }
 
@@ -819,4 +864,109 @@ func (c *Controller) open() int {
 		}
 	}
 	return n
+}
+
+// SetStore makes store where the controller's changes are shared with the
+// site's other gateways.
+func (c *Controller) SetStore(store holeStore) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.store = store
+}
+
+// usable reports whether a hole of the shared store is one this gateway
+// can hold: live, and for a host it protects.
+func (c *Controller) usable(h Hole, now time.Time) bool {
+	return now.Before(h.Expires) && c.protected(h.Host) && h.Peer.IsValid()
+}
+
+// Replace makes the holes exactly holes (the shared store's, at a start or
+// after the store was away), in one transaction: holes not among them are
+// closed, kernel elements too, and each of them is installed with what is
+// left of its lease. Nothing is written back to the store.
+func (c *Controller) Replace(holes []Hole) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := c.now()
+	want := map[Key]Hole{}
+	for _, h := range holes {
+		if c.usable(h, now) {
+			want[h.Key] = h
+		}
+	}
+	els, err := c.table.Elements()
+	if err != nil {
+		return fmt.Errorf("replace holes: %w", err)
+	}
+	var del []Key
+	for _, e := range els {
+		if _, ok := want[e.Key]; !ok {
+			del = append(del, e.Key)
+		}
+	}
+	add := make([]Element, 0, len(want))
+	for _, h := range want {
+		add = append(add, h.element(now))
+	}
+	if err := c.table.Update(add, del); err != nil {
+		return fmt.Errorf("replace holes: %w", err)
+	}
+	closed := 0
+	for k, h := range c.holes {
+		if _, ok := want[k]; !ok {
+			if now.Before(h.Expires) {
+				c.audit(slog.LevelInfo, "pinhole closed", k, h.Delegate, h.User, "reason", "not in the shared store")
+				closed++
+			}
+			c.drop(k)
+		}
+	}
+	for _, h := range want {
+		c.put(&h)
+	}
+	c.log.Info("holes replaced by the shared store's", "holes", len(want), "closed", closed, "kernel_removed", len(del))
+	return nil
+}
+
+// Apply takes changes another gateway (or this one) wrote to the shared
+// store: holes opened or renewed in put, closed in del. Nothing is written
+// back to the store.
+func (c *Controller) Apply(put []Hole, del []Key) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := c.now()
+	var add []Element
+	var adds []Hole
+	for _, h := range put {
+		cur := c.holes[h.Key]
+		if !c.usable(h, now) || (cur != nil && cur.Delegate == h.Delegate && cur.User == h.User && cur.Expires.Equal(h.Expires)) {
+			continue // not for this gateway, or this gateway's own write coming back
+		}
+		add = append(add, h.element(now))
+		adds = append(adds, h)
+	}
+	var dels []Key
+	for _, k := range del {
+		if h := c.holes[k]; h != nil && now.Before(h.Expires) {
+			dels = append(dels, k)
+		}
+	}
+	if len(add) == 0 && len(dels) == 0 {
+		return nil
+	}
+	if err := c.table.Update(add, dels); err != nil {
+		return fmt.Errorf("apply holes from the shared store: %w", err)
+	}
+	for _, k := range dels {
+		h := c.holes[k]
+		c.audit(slog.LevelInfo, "pinhole closed", k, h.Delegate, h.User, "reason", "closed in the shared store")
+		c.drop(k)
+	}
+	for _, h := range adds {
+		if c.live(h.Key, now) == nil {
+			c.audit(slog.LevelInfo, "pinhole opened", h.Key, h.Delegate, h.User, "rule", h.Rule, "expires", h.Expires, "from", "shared store")
+		}
+		c.put(&h)
+	}
+	return nil
 }

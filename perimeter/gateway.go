@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // GatewayConfig is what `procgate gateway` runs with.
@@ -36,7 +37,11 @@ type GatewayConfig struct {
 	Reconcile time.Duration
 	// MetricsAddr, if set, serves Prometheus /metrics there (plain HTTP).
 	MetricsAddr string
-	Log         *slog.Logger
+	// Etcd, if set, is the site's shared store of holes (HolesPrefix):
+	// the gateway writes its agents' holes there and programs its table
+	// from every gateway's. The caller closes it after Close.
+	Etcd *clientv3.Client
+	Log  *slog.Logger
 }
 
 // DefaultReconcile is how often a gateway repairs its table by default:
@@ -82,6 +87,23 @@ func StartGateway(cfg GatewayConfig) (*Gateway, error) {
 		table.Close()
 		return nil, err
 	}
+	var store *HoleStore
+	var rev int64
+	if cfg.Etcd != nil {
+		// Before the API answers: a gateway that comes back holds exactly
+		// the site's holes, each with what is left of its lease.
+		store = NewHoleStore(cfg.Etcd, log)
+		holes, r, err := store.List()
+		if err == nil {
+			err = ctrl.Replace(holes)
+		}
+		if err != nil {
+			log.Error("holes from etcd not applied at start; trying again", "error", err.Error())
+		} else {
+			rev = r
+		}
+		ctrl.SetStore(store)
+	}
 	ln := cfg.Listener
 	if ln == nil {
 		if ln, err = net.Listen("tcp", cfg.Listen); err != nil {
@@ -107,6 +129,13 @@ func StartGateway(cfg GatewayConfig) (*Gateway, error) {
 		}
 	}
 	reconcile := cmp.Or(cfg.Reconcile, DefaultReconcile)
+	if store != nil {
+		g.wg.Add(1)
+		go func() {
+			defer g.wg.Done()
+			store.Follow(ctx, ctrl, rev)
+		}()
+	}
 	g.wg.Add(3)
 	go func() {
 		defer g.wg.Done()
@@ -125,7 +154,7 @@ func StartGateway(cfg GatewayConfig) (*Gateway, error) {
 	}()
 	log.Info("gateway started", "listen", ln.Addr().String(), "rules", cfg.RulesPath, "rule_count", len(rules.List),
 		"service_count", len(rules.Services),
-		"protect", fmt.Sprint(cfg.Protect), "table", cmp.Or(cfg.Table, DefaultTableName), "lease", cmp.Or(cfg.Lease, DefaultLease), "reconcile", reconcile)
+		"protect", fmt.Sprint(cfg.Protect), "table", cmp.Or(cfg.Table, DefaultTableName), "lease", cmp.Or(cfg.Lease, DefaultLease), "reconcile", reconcile, "shared_store", store != nil)
 	return g, nil
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/procgate/procgate/fleet"
 	"github.com/procgate/procgate/perimeter"
 	"github.com/procgate/procgate/pki"
 )
@@ -24,6 +25,8 @@ func gatewayCmd() *cobra.Command {
 		files               pki.Files
 		check               bool
 		logFormat, logLevel string
+		etcd                fleet.Config
+		etcdEndpoints       string
 	)
 	cmd := &cobra.Command{
 		Use:   "gateway --rules FILE --listen ADDR --protect PREFIX[,PREFIX] --cert FILE --key FILE --ca FILE",
@@ -68,6 +71,13 @@ docs/pinholes.md.`,
 			if cfg.Log, err = newLogger(logFormat, logLevel); err != nil {
 				return err
 			}
+			if etcdEndpoints != "" {
+				etcd.Endpoints = fleet.SplitEndpoints(etcdEndpoints)
+				if cfg.Etcd, err = etcd.Client(); err != nil {
+					return err
+				}
+				defer cfg.Etcd.Close()
+			}
 			gw, err := perimeter.StartGateway(cfg)
 			if err != nil {
 				return err
@@ -96,6 +106,10 @@ docs/pinholes.md.`,
 	f.StringVar(&cfg.NetNS, "netns", "", "network namespace file whose nftables to manage (default: the gateway's own)")
 	f.DurationVar(&cfg.Reconcile, "reconcile", perimeter.DefaultReconcile, "how often the table is compared with the holes the gateway holds and repaired (an edited or deleted table)")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address (off by default)")
+	f.StringVar(&etcdEndpoints, "etcd-endpoints", "", "etcd of the site's gateways (URL,URL): holes are shared there and every gateway programs all of them (off without it)")
+	f.StringVar(&etcd.CA, "etcd-ca", "", "CA of etcd's certificate (PEM)")
+	f.StringVar(&etcd.Cert, "etcd-cert", "", "the gateway's etcd client certificate (PEM)")
+	f.StringVar(&etcd.Key, "etcd-key", "", "key of --etcd-cert (PEM)")
 	f.BoolVar(&check, "check", false, "only check the rules file and exit")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
