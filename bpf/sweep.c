@@ -107,8 +107,11 @@ struct {
 	__uint(max_entries, 65536);
 } sweep_listen_ports SEC(".maps");
 
-#define RECORD_ENDED 1  // the socket is being ended
-#define RECORD_FAILED 2 // ... and bpf_sock_destroy failed: err says why
+// A sweep_record's kind; bpf2go -type emits it for bpf/sweep.go.
+enum record_kind {
+	RECORD_ENDED = 1,  // the socket is being ended
+	RECORD_FAILED = 2, // ... and bpf_sock_destroy failed: err says why
+};
 
 // One socket ended, or that could not be ended.
 struct sweep_record {
@@ -127,6 +130,7 @@ struct sweep_record {
 
 // Forces bpf2go to emit the Go type.
 const struct sweep_record *unused_sweep_record __attribute__((unused));
+const enum record_kind *unused_record_kind __attribute__((unused));
 
 // sock_principal is principal_of for a socket: the deepest app cgroup among
 // the socket's cgroup and its ancestors. *fenced is set when the cgroup is

@@ -257,10 +257,10 @@ func readIter(l *link.Iter) ([]EndedSocket, error) {
 	return out, nil
 }
 
-// Kinds of sweep_record (sweep.c).
+// Kinds of sweep_record: sweep.c's enum record_kind, generated.
 const (
-	recordEnded  = 1
-	recordFailed = 2
+	recordEnded  = uint8(sweepRecordKindRECORD_ENDED)
+	recordFailed = uint8(sweepRecordKindRECORD_FAILED)
 )
 
 func endedOf(rec sweepSweepRecord) EndedSocket {

@@ -95,6 +95,13 @@ type sweepPortRange struct {
 	Hi uint16
 }
 
+type sweepRecordKind uint32
+
+const (
+	sweepRecordKindRECORD_ENDED  sweepRecordKind = 1
+	sweepRecordKindRECORD_FAILED sweepRecordKind = 2
+)
+
 type sweepRuleKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -199,6 +206,7 @@ const (
 	sweepProgSweepTcp           = "sweep_tcp"
 	sweepProgSweepUdp           = "sweep_udp"
 	sweepVarUnusedAuditEvent    = "unused_audit_event"
+	sweepVarUnusedRecordKind    = "unused_record_kind"
 	sweepVarUnusedSweepRecord   = "unused_sweep_record"
 )
 
@@ -277,6 +285,7 @@ type sweepMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sweepVariableSpecs struct {
 	UnusedAuditEvent  *ebpf.VariableSpec `ebpf:"unused_audit_event"`
+	UnusedRecordKind  *ebpf.VariableSpec `ebpf:"unused_record_kind"`
 	UnusedSweepRecord *ebpf.VariableSpec `ebpf:"unused_sweep_record"`
 }
 
@@ -348,6 +357,7 @@ func (m *sweepMaps) Close() error {
 // It can be passed to loadSweepObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sweepVariables struct {
 	UnusedAuditEvent  *ebpf.Variable `ebpf:"unused_audit_event"`
+	UnusedRecordKind  *ebpf.Variable `ebpf:"unused_record_kind"`
 	UnusedSweepRecord *ebpf.Variable `ebpf:"unused_sweep_record"`
 }
 
