@@ -26,11 +26,11 @@ type cgroupFollower struct {
 	GlobPatterns  *ebpf.Map     `ebpf:"cgroup_glob_patterns"`
 }
 
-// Layout constants shared with migrate.c.
+// Layout constants of migrate.c, read from its generated types.
 const (
-	cgroupPathLen  = 256 // CGROUP_PATH_LEN
-	globPartLen    = 64  // GLOB_PART_LEN
-	globsPerParent = 4   // GLOBS_PER_PARENT
+	cgroupPathLen  = len(migrateCgroupPathKey{}.Path) // CGROUP_PATH_LEN
+	globPartLen    = len(migrateCgroupGlob{}.Prefix)  // GLOB_PART_LEN
+	globsPerParent = len(migrateCgroupGlobs{}.Globs)  // GLOBS_PER_PARENT
 )
 
 // cgroupPattern is a unit or cgroup app's match, below the cgroup2 mount.
