@@ -37,7 +37,7 @@ SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
 NFPM    ?= $(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.48.0
 ARCH    ?= $(shell $(GO) env GOARCH)
 
-.PHONY: all build docs install package test-dist deps test test-kernels test-short demo bench bench-quick generate check-generate fmt vet clean
+.PHONY: all build docs install package test-dist deps test test-kernels test-short demo bench bench-quick generate check-generate check-tidy fmt vet clean
 
 all: build
 
@@ -145,6 +145,11 @@ check-generate: generate
 	@git diff --exit-code --stat -- $(BPF_DIRS) || { echo "check-generate: regenerated BPF objects differ from the committed ones: commit the output of make generate (clang $$(clang -dumpversion))"; exit 1; }
 	@untracked="$$(git ls-files --others --exclude-standard -- $(BPF_DIRS))"; \
 		if [ -n "$$untracked" ]; then echo "check-generate: generated files not committed:"; echo "$$untracked"; exit 1; fi
+
+# CI: go.mod and go.sum are what go mod tidy makes of the code (a module
+# the code no longer imports, or one it imports but go.mod lacks, fails).
+check-tidy:
+	@$(GO) mod tidy -diff || { echo "check-tidy: run go mod tidy and commit go.mod and go.sum"; exit 1; }
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
