@@ -781,6 +781,11 @@ func (e *Enforcer) Guards() []Guard {
 	}
 	gs = append(gs, Guard{Name: "live-sockets", Active: true,
 		What: "after each new generation, app sockets (TCP, connected UDP) to destinations it no longer allows are ended, by " + sweepHow})
+	gs = append(gs, Guard{Name: "dns-redirect", Active: e.dnsErr == nil,
+		What: "the DNS queries (port 53, UDP and TCP, to IPv4 resolvers) of apps with name grants go to the daemon's DNS proxy, which learns the answers before relaying them; not covered: DNS over TLS or HTTPS by the app, IPv6 resolvers, and network namespaces other than the daemon's (their answers grant nothing)"})
+	if e.dnsErr != nil {
+		gs[len(gs)-1].Why = firstLine(e.dnsErr) + "; name grants allow nothing"
+	}
 	return gs
 }
 
