@@ -312,7 +312,11 @@ func Run(ctx context.Context, cfg Config) error {
 	} else {
 		d.log.Warn("guard NOT active", "guard", "app-tracing", "what", what, "why", why)
 	}
-	d.log.Info("enforcing", "version", version.Get().String(), "policy", cfg.PolicyPath, "generation", d.gen, "cgroup_root", cfg.CgroupRoot, "bpf_dir", cfg.BPFDir)
+	policyName := cfg.PolicyPath
+	if d.fleet != nil {
+		policyName = "etcd " + fleet.PolicyPrefix
+	}
+	d.log.Info("enforcing", "version", version.Get().String(), "policy", policyName, "generation", d.gen, "cgroup_root", cfg.CgroupRoot, "bpf_dir", cfg.BPFDir)
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
