@@ -82,9 +82,9 @@ func (d *Daemon) openFleet(ctx context.Context) (*ruleset.Ruleset, string, []str
 // runFleet follows etcd until ctx ends.
 func (d *Daemon) runFleet(ctx context.Context, wg *sync.WaitGroup, first fleet.Snapshot) {
 	d.mu.Lock()
-	gen, fromDisk := d.gen, d.fleet.fromDisk
+	o := fleet.Outcome{Generation: d.gen, PolicySHA256: d.policyHash, FromDisk: d.fleet.fromDisk}
 	d.mu.Unlock()
-	d.fleet.agent.Applied(first, gen, nil, fromDisk)
+	d.fleet.agent.Applied(first, o)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -119,7 +119,7 @@ func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 		// Another host's document, or the same bytes as on disk: the
 		// generation in force is this revision's policy.
 		d.lastErr, f.fromDisk, f.revision = "", false, snap.Revision
-		f.agent.Applied(snap, d.gen, nil, false)
+		f.agent.Applied(snap, fleet.Outcome{Generation: d.gen, PolicySHA256: d.policyHash})
 		return
 	}
 	if err == nil {
@@ -139,13 +139,13 @@ func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 	if err != nil {
 		d.log.Error("policy rejected; the previous generation stays in force", "revision", snap.Revision, "generation", d.gen, "err", err)
 		d.lastErr = fmt.Sprintf("revision %d: %v", snap.Revision, err)
-		f.agent.Applied(snap, d.gen, err, false)
+		f.agent.Applied(snap, fleet.Outcome{Generation: d.gen, PolicySHA256: d.policyHash, Err: err})
 		return
 	}
 	d.lastErr, f.fromDisk, f.revision = "", false, snap.Revision
 	d.policyDropins = dropinPaths(files)
 	d.log.Info("policy loaded", "revision", snap.Revision, "overlays", len(files)-1, "generation", d.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", d.ended)
-	f.agent.Applied(snap, d.gen, nil, false)
+	f.agent.Applied(snap, fleet.Outcome{Generation: d.gen, PolicySHA256: d.policyHash})
 }
 
 // fleetStatus is the source's part of the daemon's status. d.mu held.

@@ -22,6 +22,9 @@ type Status struct {
 	Revision   int64     `json:"revision"`
 	AppliedAt  time.Time `json:"applied_at"`
 	Generation uint32    `json:"generation"`
+	// PolicySHA256 is the hash of the documents in force (policy.Hash of
+	// the merged documents, as procgate status shows it).
+	PolicySHA256 string `json:"policy_sha256,omitempty"`
 	// Error is the last policy refused (at ErrorRevision), kept until a
 	// good one applies; the policy of Revision stays in force meanwhile.
 	Error         string `json:"error,omitempty"`
@@ -132,25 +135,37 @@ func (a *Agent) Resync() {
 	}
 }
 
-// Applied records the daemon's outcome for snap: err nil, the policy of
-// snap.Revision is in force as gen (and is kept as the last good); else
-// it was refused and the previous one stays. fromDisk: booted from the
-// last good policy.
-func (a *Agent) Applied(snap Snapshot, gen uint32, err error, fromDisk bool) {
+// Outcome is what the daemon did with a snapshot.
+type Outcome struct {
+	// Generation is the generation in force after it.
+	Generation uint32
+	// PolicySHA256 is the hash of the documents in force (policy.Hash).
+	PolicySHA256 string
+	// Err: the snapshot was refused, the previous policy stays.
+	Err error
+	// FromDisk: the policy in force is the last good one kept on disk.
+	FromDisk bool
+}
+
+// Applied records the daemon's outcome for snap: no error, the policy of
+// snap.Revision is in force (and is kept as the last good); else it was
+// refused and the previous one stays.
+func (a *Agent) Applied(snap Snapshot, o Outcome) {
 	a.mu.Lock()
 	st := &a.status
-	if err != nil {
-		st.Error, st.ErrorRevision = err.Error(), snap.Revision
+	if o.Err != nil {
+		st.Error, st.ErrorRevision = o.Err.Error(), snap.Revision
 	} else {
-		st.Revision, st.Generation, st.AppliedAt = snap.Revision, gen, time.Now().UTC()
+		st.Revision, st.Generation, st.AppliedAt = snap.Revision, o.Generation, time.Now().UTC()
+		st.PolicySHA256 = o.PolicySHA256
 		st.Error, st.ErrorRevision = "", 0
 		st.Source = SourceEtcd
-		if fromDisk {
+		if o.FromDisk {
 			st.Source = SourceLastGood
 		}
 	}
 	a.mu.Unlock()
-	if err == nil && !fromDisk {
+	if o.Err == nil && !o.FromDisk {
 		if serr := SaveLastGood(a.o.StateDir, a.o.Host, snap); serr != nil {
 			a.log.Error("cannot keep the policy as last good", "revision", snap.Revision, "err", serr)
 		}

@@ -285,7 +285,7 @@ func TestStatusDriftAndLease(t *testing.T) {
 	dir := t.TempDir()
 	a, stop := startAgent(t, cli, Host{Name: "web-1"}, dir)
 	s := next(t, a)
-	a.Applied(s, 7, nil, false)
+	a.Applied(s, Outcome{Generation: 7})
 	waitFor(t, "status with the revision", func() bool {
 		o, err := FleetStatus(c, cli)
 		return err == nil && len(o.Hosts) == 1 && o.Hosts[0].Revision == s.Revision && o.Hosts[0].Generation == 7 && !o.Hosts[0].Behind
@@ -306,7 +306,7 @@ func TestStatusDriftAndLease(t *testing.T) {
 		t.Fatal(err)
 	}
 	s2 := next(t, a)
-	a.Applied(s2, 8, errors.New("refused"), false)
+	a.Applied(s2, Outcome{Generation: 8, Err: errors.New("refused")})
 	waitFor(t, "drift and the error", func() bool {
 		o, _ := FleetStatus(c, cli)
 		return len(o.Hosts) == 1 && o.Hosts[0].Behind && o.Hosts[0].Error == "refused" && o.Hosts[0].Revision == s.Revision
@@ -334,7 +334,7 @@ func TestFirstFallsBackToLastGood(t *testing.T) {
 	if err != nil || disk {
 		t.Fatalf("first %v from disk %v", err, disk)
 	}
-	a.Applied(s, 1, nil, false)
+	a.Applied(s, Outcome{Generation: 1})
 	srv.Stop()
 	got, disk, err := a.First(ctx(t), time.Second)
 	if err != nil || !disk || got.Revision != s.Revision || string(got.Docs[FleetKey]) != fleetDoc {

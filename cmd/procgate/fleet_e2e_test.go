@@ -7,15 +7,19 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/procgate/procgate/fleet"
 	"github.com/procgate/procgate/internal/etcdtest"
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
+	"github.com/procgate/procgate/policy"
 )
 
 const fleetPolicy = `version: 1
@@ -162,6 +166,82 @@ func TestFleetPolicyFromEtcd(t *testing.T) {
 		if err != nil || !strings.Contains(out, "+# next") {
 			t.Fatalf("policy diff: %v\n%s", err, out)
 		}
+	})
+
+	t.Run("a burst of revisions: each applied whole", func(t *testing.T) {
+		cli := etcd.Client(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		statuses := cli.Watch(ctx, fleet.StatusKey("web-1"))
+		// The fleet document and the host overlay change together, in one
+		// transaction per step: a policy merged from two revisions would
+		// hash to the documents of neither.
+		const steps = 20
+		var last int64
+		for n := 1; n <= steps; n++ {
+			port := strconv.Itoa(1000 + n)
+			fleetDoc := fleetPolicy + "      - to: 10.7.0.0/16\n        ports: [" + port + "]\n"
+			hostDoc := dbOverlay("10.4.0.0/16") + "      - to: 10.8.0.0/16\n        ports: [" + port + "]\n"
+			r, err := cli.Txn(ctx).Then(clientv3.OpPut(fleet.FleetKey, fleetDoc), clientv3.OpPut(fleet.HostKey("web-1"), hostDoc)).Commit()
+			if err != nil {
+				t.Fatal(err)
+			}
+			last = r.Header.Revision
+		}
+		host := fleet.Host{Name: "web-1", Labels: []fleet.Label{{Key: "role", Value: "db"}, {Key: "site", Value: "paris"}}}
+		genOf := map[int64]uint32{}
+		var prevGen uint32
+		for seen := int64(0); seen < last; {
+			var wr clientv3.WatchResponse
+			select {
+			case wr = <-statuses:
+			case <-ctx.Done():
+				t.Fatalf("the daemon did not report revision %d:\n%s", last, e.daemonLog())
+			}
+			for _, ev := range wr.Events {
+				var st fleet.Status
+				if ev.Kv == nil || json.Unmarshal(ev.Kv.Value, &st) != nil {
+					continue
+				}
+				if st.Error != "" {
+					t.Fatalf("revision %d refused: %s", st.ErrorRevision, st.Error)
+				}
+				// Only the revisions of the burst: the documents at each.
+				resp, err := cli.Txn(ctx).Then(
+					clientv3.OpGet(fleet.FleetKey, clientv3.WithRev(st.Revision)),
+					clientv3.OpGet(fleet.GroupKey(host.Labels[1]), clientv3.WithRev(st.Revision)),
+					clientv3.OpGet(fleet.HostKey("web-1"), clientv3.WithRev(st.Revision)),
+				).Commit()
+				if err != nil {
+					t.Fatal(err)
+				}
+				snap := fleet.Snapshot{Docs: map[string][]byte{}}
+				for _, r := range resp.Responses {
+					for _, kv := range r.GetResponseRange().GetKvs() {
+						snap.Docs[string(kv.Key)] = kv.Value
+					}
+				}
+				files, err := snap.Files(host)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if want := policy.Hash(files); st.PolicySHA256 != want {
+					t.Fatalf("generation %d reported at revision %d has policy %s; the documents of that revision hash to %s", st.Generation, st.Revision, st.PolicySHA256, want)
+				}
+				if g, ok := genOf[st.Revision]; ok && g != st.Generation {
+					t.Fatalf("revision %d applied as generations %d and %d", st.Revision, g, st.Generation)
+				}
+				if st.Generation < prevGen {
+					t.Fatalf("generation went back from %d to %d", prevGen, st.Generation)
+				}
+				genOf[st.Revision], prevGen = st.Generation, st.Generation
+				seen = max(seen, st.Revision)
+			}
+		}
+		t.Logf("%d writes applied as %d reported revisions", steps, len(genOf))
+		mustTry(t, db, "10.7.0.1:1020/tcp", probe.Allowed)
+		mustTry(t, db, "10.8.0.1:1020/tcp", probe.Allowed)
+		mustTry(t, db, "10.7.0.1:1019/tcp", probe.Denied)
 	})
 
 	t.Run("etcd away: enforcing, and booting from the last good policy", func(t *testing.T) {
