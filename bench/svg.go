@@ -1,55 +1,26 @@
 package main
 
 import (
-	"fmt"
-	"html"
+	"bytes"
+	"image/color"
 	"math"
-	"strings"
+	"strconv"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/font"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
 )
 
-// Minimal SVG charts: grouped bars and lines, enough for the report and
-// free of dependencies.
+// The report's charts, grouped bars and lines, drawn by gonum/plot as SVG.
 
 var palette = []string{"#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#b07aa1", "#76b7b2", "#edc948", "#9c755f"}
 
 const (
-	chartW, chartH                 = 860, 420
-	padL, padR, padT, padB         = 70, 190, 40, 60
-	plotW, plotH                   = chartW - padL - padR, chartH - padT - padB
-	fontAttrs                      = `font-family="sans-serif" font-size="12"`
-	noValue                float64 = -1
+	chartW, chartH         = 860, 420 // in points
+	noValue        float64 = -1
 )
-
-type svgDoc struct{ b strings.Builder }
-
-func newSVG(title string) *svgDoc {
-	d := &svgDoc{}
-	fmt.Fprintf(&d.b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" %s>`+"\n", chartW, chartH, chartW, chartH, fontAttrs)
-	fmt.Fprintf(&d.b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
-	d.text(chartW/2, 22, "middle", 15, title)
-	return d
-}
-
-func (d *svgDoc) text(x, y float64, anchor string, size int, s string) {
-	fmt.Fprintf(&d.b, `<text x="%.1f" y="%.1f" text-anchor="%s" font-size="%d">%s</text>`+"\n", x, y, anchor, size, html.EscapeString(s))
-}
-
-func (d *svgDoc) line(x1, y1, x2, y2 float64, color string, width float64, dash bool) {
-	extra := ""
-	if dash {
-		extra = ` stroke-dasharray="4 3"`
-	}
-	fmt.Fprintf(&d.b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-width="%.1f"%s/>`+"\n", x1, y1, x2, y2, color, width, extra)
-}
-
-func (d *svgDoc) legend(names, colors []string, dashed map[string]bool) {
-	for i, n := range names {
-		y := float64(padT + 10 + 18*i)
-		x := float64(chartW - padR + 15)
-		d.line(x, y-4, x+22, y-4, colors[i], 3, dashed[n])
-		d.text(x+28, y, "start", 12, n)
-	}
-}
 
 // seriesColors gives each name its color in fixed (by name, when given
 // there), so that one variant looks the same in every chart.
@@ -65,37 +36,67 @@ func seriesColors(names []string, fixed map[string]string) []string {
 	return out
 }
 
-func (d *svgDoc) String() string { return d.b.String() + "</svg>\n" }
-
-// axis maps values to pixels, linear or log10.
-type axis struct {
-	lo, hi float64
-	log    bool
-	px0    float64 // pixel of lo
-	pxLen  float64 // signed pixel length to hi
-}
-
-func (a axis) px(v float64) float64 {
-	if a.log {
-		return a.px0 + (math.Log10(v)-math.Log10(a.lo))/(math.Log10(a.hi)-math.Log10(a.lo))*a.pxLen
-	}
-	return a.px0 + (v-a.lo)/(a.hi-a.lo)*a.pxLen
-}
-
-// ticks returns tick values: decades on a log axis, ~5 round steps otherwise.
-func (a axis) ticks() []float64 {
-	var out []float64
-	if a.log {
-		for e := math.Floor(math.Log10(a.lo)); e <= math.Ceil(math.Log10(a.hi)); e++ {
-			if v := math.Pow(10, e); v >= a.lo*0.999 && v <= a.hi*1.001 {
-				out = append(out, v)
+// rgb parses "#rrggbb".
+func rgb(hex string) color.Color {
+	var c color.RGBA
+	c.A = 0xff
+	if len(hex) == 7 && hex[0] == '#' {
+		v := 0
+		for _, ch := range hex[1:] {
+			v <<= 4
+			switch {
+			case ch >= '0' && ch <= '9':
+				v |= int(ch - '0')
+			case ch >= 'a' && ch <= 'f':
+				v |= int(ch-'a') + 10
+			case ch >= 'A' && ch <= 'F':
+				v |= int(ch-'A') + 10
 			}
 		}
-		return out
+		c.R, c.G, c.B = uint8(v>>16), uint8(v>>8), uint8(v)
 	}
-	step := niceStep((a.hi - a.lo) / 5)
-	for v := math.Ceil(a.lo/step) * step; v <= a.hi+step/1e6; v += step {
-		out = append(out, v)
+	return c
+}
+
+func fmtTick(v float64) string {
+	switch {
+	case v >= 1e6 && math.Mod(v, 1e6) == 0:
+		return trimFloat(v/1e6) + "M"
+	case v >= 1e3 && math.Mod(v, 1e3) == 0:
+		return trimFloat(v/1e3) + "k"
+	}
+	return trimFloat(math.Round(v*1000) / 1000)
+}
+
+func trimFloat(v float64) string { return strconv.FormatFloat(v, 'g', -1, 64) }
+
+// ticks labels another Ticker's ticks with fmtTick (10k, 1M).
+type ticks struct{ plot.Ticker }
+
+func (t ticks) Ticks(lo, hi float64) []plot.Tick {
+	out := t.Ticker.Ticks(lo, hi)
+	for i := range out {
+		if out[i].Label != "" {
+			out[i].Label = fmtTick(out[i].Value)
+		}
+	}
+	return out
+}
+
+func init() {
+	sans := font.Font{Typeface: "Liberation", Variant: "Sans"}
+	plot.DefaultFont, plotter.DefaultFont = sans, sans
+}
+
+// roundTicks are about five ticks at round steps (1, 2, 2.5, 5 times a
+// power of ten): gonum's default gives two or three on these ranges.
+type roundTicks struct{}
+
+func (roundTicks) Ticks(lo, hi float64) []plot.Tick {
+	step := niceStep((hi - lo) / 5)
+	var out []plot.Tick
+	for v := math.Ceil(lo/step) * step; v <= hi+step/1e6; v += step {
+		out = append(out, plot.Tick{Value: v, Label: fmtTick(v)})
 	}
 	return out
 }
@@ -113,39 +114,31 @@ func niceStep(raw float64) float64 {
 	return 10 * p
 }
 
-func fmtTick(v float64) string {
-	switch {
-	case v >= 1e6 && math.Mod(v, 1e6) == 0:
-		return fmt.Sprintf("%gM", v/1e6)
-	case v >= 1e3 && math.Mod(v, 1e3) == 0:
-		return fmt.Sprintf("%gk", v/1e3)
-	}
-	return fmt.Sprintf("%g", math.Round(v*1000)/1000)
+func newPlot(title, xlabel, ylabel string) *plot.Plot {
+	p := plot.New()
+	p.Title.Text = title
+	p.Title.Padding = vg.Points(10)
+	p.X.Label.Text = xlabel
+	p.Y.Label.Text = ylabel
+	p.Legend.Top = true
+	p.Add(plotter.NewGrid())
+	return p
 }
 
-func (d *svgDoc) yAxis(a axis, label string) {
-	for _, t := range a.ticks() {
-		y := a.px(t)
-		d.line(padL, y, padL+plotW, y, "#ddd", 1, false)
-		d.text(padL-6, y+4, "end", 11, fmtTick(t))
+func render(p *plot.Plot) string {
+	w, err := p.WriterTo(chartW, chartH, "svg")
+	if err != nil {
+		return ""
 	}
-	d.line(padL, padT, padL, padT+plotH, "#333", 1, false)
-	fmt.Fprintf(&d.b, `<text transform="translate(16,%d) rotate(-90)" text-anchor="middle">%s</text>`+"\n", padT+plotH/2, html.EscapeString(label))
-}
-
-func upperBound(vs ...float64) float64 {
-	hi := 0.0
-	for _, v := range vs {
-		hi = math.Max(hi, v)
+	var b bytes.Buffer
+	if _, err := w.WriteTo(&b); err != nil {
+		return ""
 	}
-	if hi <= 0 {
-		return 1
-	}
-	return hi * 1.1
+	return b.String()
 }
 
 // bars draws groups of bars, one per series. val[s][g] is the bar height
-// (noValue: no bar); lo/hi draw a whisker when given; mark a diamond.
+// (noValue: no bar); lo/hi draw a whisker when given; mk a diamond.
 type bars struct {
 	title, ylabel   string
 	groups, series  []string
@@ -155,44 +148,101 @@ type bars struct {
 }
 
 func (c bars) svg() string {
-	d := newSVG(c.title)
-	var all []float64
-	for _, m := range [][][]float64{c.val, c.hi, c.mk} {
-		for _, row := range m {
-			all = append(all, row...)
-		}
-	}
-	y := axis{lo: 0, hi: upperBound(append(all, c.refLine)...), px0: padT + plotH, pxLen: -plotH}
-	d.yAxis(y, c.ylabel)
-	if c.refLine > 0 {
-		d.line(padL, y.px(c.refLine), padL+plotW, y.px(c.refLine), "#333", 1, true)
-	}
+	p := newPlot(c.title, "", c.ylabel)
+	p.Y.Min = 0
+	p.Y.Tick.Marker = roundTicks{}
+	p.NominalX(c.groups...)
 	colors := seriesColors(c.series, c.colors)
-	gw := float64(plotW) / float64(len(c.groups))
-	bw := gw * 0.8 / float64(len(c.series))
-	for g, name := range c.groups {
-		x0 := padL + float64(g)*gw + gw*0.1
-		d.text(padL+float64(g)*gw+gw/2, padT+plotH+18, "middle", 12, name)
-		for s := range c.series {
-			v := c.val[s][g]
-			if v == noValue {
+	// 80% of a group's width is its bars, one per series.
+	gw := vg.Length(chartW-150) / vg.Length(max(len(c.groups), 1))
+	bw := gw * 0.8 / vg.Length(max(len(c.series), 1))
+	for s, name := range c.series {
+		vals := make(plotter.Values, len(c.groups))
+		for g := range c.groups {
+			if v := c.val[s][g]; v != noValue {
+				vals[g] = v
+			}
+		}
+		b, err := plotter.NewBarChart(vals, bw*0.9)
+		if err != nil {
+			continue
+		}
+		b.Color, b.LineStyle.Width = rgb(colors[s]), 0
+		b.Offset = (vg.Length(s) - vg.Length(len(c.series)-1)/2) * bw
+		p.Add(b)
+		p.Legend.Add(name, b)
+		m := marks{offset: b.Offset}
+		for g := range c.groups {
+			if c.val[s][g] == noValue {
 				continue
 			}
-			x := x0 + float64(s)*bw
-			fmt.Fprintf(&d.b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"/>`+"\n",
-				x, y.px(v), bw*0.9, y.px(0)-y.px(v), colors[s])
-			cx := x + bw*0.45
 			if c.lo != nil && c.hi != nil {
-				d.line(cx, y.px(c.lo[s][g]), cx, y.px(c.hi[s][g]), "#222", 1.2, false)
+				m.whiskers = append(m.whiskers, [3]float64{float64(g), c.lo[s][g], c.hi[s][g]})
 			}
 			if c.mk != nil && c.mk[s][g] != noValue {
-				my := y.px(c.mk[s][g])
-				fmt.Fprintf(&d.b, `<path d="M%.1f %.1f l4 4 l-4 4 l-4 -4 z" fill="#222"/>`+"\n", cx, my-4)
+				m.diamonds = append(m.diamonds, plotter.XY{X: float64(g), Y: c.mk[s][g]})
 			}
 		}
+		p.Add(m)
 	}
-	d.legend(c.series, colors, nil)
-	return d.String()
+	if c.refLine > 0 {
+		ref := plotter.NewFunction(func(float64) float64 { return c.refLine })
+		ref.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
+		ref.Color = rgb("#333333")
+		p.Add(ref)
+	}
+	p.X.Min, p.X.Max = -0.5, float64(len(c.groups))-0.5
+	p.Y.Max = legendRoom(p.Y.Max, len(c.series))
+	return render(p)
+}
+
+// legendRoom is a y range's top with room above the data for the legend,
+// which gonum/plot draws inside the plot: n entries of about 4% each.
+func legendRoom(top float64, n int) float64 {
+	return top * (1.1 + 0.045*float64(n))
+}
+
+// marks are a bar series' whiskers (x, lo, hi) and diamonds, drawn at the
+// bars' offset from their group's center.
+type marks struct {
+	offset   vg.Length
+	whiskers [][3]float64
+	diamonds []plotter.XY
+}
+
+func (m marks) Plot(c draw.Canvas, p *plot.Plot) {
+	trX, trY := p.Transforms(&c)
+	ink := draw.LineStyle{Color: rgb("#222222"), Width: vg.Points(1.2)}
+	for _, w := range m.whiskers {
+		x := trX(w[0]) + m.offset
+		c.StrokeLine2(ink, x, trY(w[1]), x, trY(w[2]))
+	}
+	for _, d := range m.diamonds {
+		x, y := trX(d.X)+m.offset, trY(d.Y)
+		var path vg.Path
+		path.Move(vg.Point{X: x, Y: y + 4})
+		path.Line(vg.Point{X: x + 4, Y: y})
+		path.Line(vg.Point{X: x, Y: y - 4})
+		path.Line(vg.Point{X: x - 4, Y: y})
+		path.Close()
+		c.SetColor(ink.Color)
+		c.Fill(path)
+	}
+}
+
+// DataRange makes the whiskers' and diamonds' tops part of the y range.
+func (m marks) DataRange() (xmin, xmax, ymin, ymax float64) {
+	xmin, xmax, ymin, ymax = math.Inf(1), math.Inf(-1), 0, math.Inf(-1)
+	for _, w := range m.whiskers {
+		xmin, xmax, ymax = math.Min(xmin, w[0]), math.Max(xmax, w[0]), math.Max(ymax, w[2])
+	}
+	for _, d := range m.diamonds {
+		xmin, xmax, ymax = math.Min(xmin, d.X), math.Max(xmax, d.X), math.Max(ymax, d.Y)
+	}
+	if math.IsInf(xmin, 1) {
+		return 0, 0, 0, 0
+	}
+	return xmin, xmax, ymin, ymax
 }
 
 type linePoint struct{ x, y float64 }
@@ -211,55 +261,43 @@ type lines struct {
 }
 
 func (c lines) svg() string {
-	d := newSVG(c.title)
-	xlo, xhi, ylo, yhi := math.Inf(1), math.Inf(-1), math.Inf(1), math.Inf(-1)
-	for _, s := range c.series {
-		for _, p := range s.points {
-			xlo, xhi = math.Min(xlo, p.x), math.Max(xhi, p.x)
-			ylo, yhi = math.Min(ylo, p.y), math.Max(yhi, p.y)
-		}
+	p := newPlot(c.title, c.xlabel, c.ylabel)
+	p.X.Tick.Marker, p.Y.Tick.Marker = roundTicks{}, roundTicks{}
+	if c.logX {
+		p.X.Scale, p.X.Tick.Marker = plot.LogScale{}, ticks{plot.LogTicks{Prec: -1}}
 	}
-	if math.IsInf(xlo, 0) {
-		return d.String()
-	}
-	if !c.logY {
-		ylo, yhi = math.Min(0, ylo*1.1), upperBound(yhi)
+	if c.logY {
+		p.Y.Scale, p.Y.Tick.Marker = plot.LogScale{}, ticks{plot.LogTicks{Prec: -1}}
 	} else {
-		ylo, yhi = math.Pow(10, math.Floor(math.Log10(ylo))), math.Pow(10, math.Ceil(math.Log10(yhi)))
+		p.Y.Min = 0
 	}
-	if xhi == xlo {
-		xhi = xlo * 10
-	}
-	x := axis{lo: xlo, hi: xhi, log: c.logX, px0: padL + 10, pxLen: plotW - 20}
-	y := axis{lo: ylo, hi: yhi, log: c.logY, px0: padT + plotH, pxLen: -plotH}
-	d.yAxis(y, c.ylabel)
-	for _, t := range x.ticks() {
-		d.text(x.px(t), padT+plotH+18, "middle", 11, fmtTick(t))
-	}
-	d.line(padL, padT+plotH, padL+plotW, padT+plotH, "#333", 1, false)
-	d.text(padL+plotW/2, chartH-15, "middle", 12, c.xlabel)
 	names := make([]string, len(c.series))
-	dashed := map[string]bool{}
 	for i, s := range c.series {
-		names[i], dashed[s.name] = s.name, s.dashed
+		names[i] = s.name
 	}
 	colors := seriesColors(names, c.colors)
 	for i, s := range c.series {
-		var path strings.Builder
-		for j, p := range s.points {
-			cmd := "L"
-			if j == 0 {
-				cmd = "M"
-			}
-			fmt.Fprintf(&path, "%s%.1f %.1f ", cmd, x.px(p.x), y.px(p.y))
-			fmt.Fprintf(&d.b, `<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>`+"\n", x.px(p.x), y.px(p.y), colors[i])
+		xys := make(plotter.XYs, len(s.points))
+		for j, pt := range s.points {
+			xys[j] = plotter.XY{X: pt.x, Y: pt.y}
 		}
-		dash := ""
+		l, pts, err := plotter.NewLinePoints(xys)
+		if err != nil {
+			continue
+		}
+		col := rgb(colors[i])
+		l.Color, l.Width = col, vg.Points(2)
 		if s.dashed {
-			dash = ` stroke-dasharray="6 4"`
+			l.Dashes = []vg.Length{vg.Points(6), vg.Points(4)}
 		}
-		fmt.Fprintf(&d.b, `<path d="%s" fill="none" stroke="%s" stroke-width="2"%s/>`+"\n", path.String(), colors[i], dash)
+		pts.Color, pts.Shape, pts.Radius = col, draw.CircleGlyph{}, vg.Points(3)
+		p.Add(l, pts)
+		p.Legend.Add(s.name, l)
 	}
-	d.legend(names, colors, dashed)
-	return d.String()
+	if c.logY {
+		p.Y.Min, p.Y.Max = math.Pow(10, math.Floor(math.Log10(p.Y.Min))), math.Pow(10, math.Ceil(math.Log10(p.Y.Max))+1)
+	} else {
+		p.Y.Max = legendRoom(p.Y.Max, len(c.series))
+	}
+	return render(p)
 }
