@@ -41,7 +41,10 @@ type GatewayConfig struct {
 	// the gateway writes its agents' holes there and programs its table
 	// from every gateway's. The caller closes it after Close.
 	Etcd *clientv3.Client
-	Log  *slog.Logger
+	// RulesFromEtcd reads the rules from RulesKey in Etcd instead of
+	// RulesPath, and follows their changes.
+	RulesFromEtcd bool
+	Log           *slog.Logger
 }
 
 // DefaultReconcile is how often a gateway repairs its table by default:
@@ -51,6 +54,7 @@ const DefaultReconcile = 10 * time.Second
 // Gateway is a running perimeter controller: table, controller, API.
 type Gateway struct {
 	rulesPath string
+	etcd      *clientv3.Client
 	log       *slog.Logger
 	table     *Table
 	ctrl      *Controller
@@ -74,7 +78,17 @@ func StartGateway(cfg GatewayConfig) (*Gateway, error) {
 		return nil, errors.New("gateway: a TLS configuration is required (mTLS only)")
 	}
 	log := cmp.Or(cfg.Log, slog.Default())
-	rules, err := LoadRules(cfg.RulesPath)
+	var rules *Rules
+	var rulesRev int64
+	var err error
+	if cfg.RulesFromEtcd {
+		if cfg.Etcd == nil {
+			return nil, fmt.Errorf("gateway: rules from etcd need an etcd client (--etcd-endpoints)")
+		}
+		rules, rulesRev, err = loadEtcdRules(cfg.Etcd)
+	} else {
+		rules, err = LoadRules(cfg.RulesPath)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -111,6 +125,9 @@ func StartGateway(cfg GatewayConfig) (*Gateway, error) {
 			return nil, fmt.Errorf("gateway: listen on %s: %w", cfg.Listen, err)
 		}
 	}
+	if cfg.RulesFromEtcd {
+		cfg.RulesPath = rulesName
+	}
 	g := &Gateway{rulesPath: cfg.RulesPath, log: log, table: table, ctrl: ctrl, ln: ln}
 	g.srv = &http.Server{
 		Handler:           (&Server{C: ctrl, Log: log}).Handler(),
@@ -129,6 +146,14 @@ func StartGateway(cfg GatewayConfig) (*Gateway, error) {
 		}
 	}
 	reconcile := cmp.Or(cfg.Reconcile, DefaultReconcile)
+	if cfg.RulesFromEtcd {
+		g.etcd = cfg.Etcd
+		g.wg.Add(1)
+		go func() {
+			defer g.wg.Done()
+			followRules(ctx, cfg.Etcd, rulesRev, ctrl.SetRules, log)
+		}()
+	}
 	if store != nil {
 		g.wg.Add(1)
 		go func() {
@@ -170,7 +195,13 @@ func (g *Gateway) Table() *Table { return g.table }
 // Reload reads the rules file again. A file with errors is refused whole
 // and the rules in force stay.
 func (g *Gateway) Reload() error {
-	rules, err := LoadRules(g.rulesPath)
+	var rules *Rules
+	var err error
+	if g.etcd != nil {
+		rules, _, err = loadEtcdRules(g.etcd)
+	} else {
+		rules, err = LoadRules(g.rulesPath)
+	}
 	if err == nil {
 		err = g.ctrl.SetRules(rules)
 	}

@@ -2,10 +2,12 @@ package perimeter
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"os/exec"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -223,4 +225,70 @@ func TestGatewaySharedStore(t *testing.T) {
 	}
 	e.mustPass(t, e.top.client, "tcp", net.JoinHostPort(server4, "40000"), "the hole from etcd")
 	e.mustBlock(t, e.top.client, "udp", net.JoinHostPort(server4, "40001"), "no hole")
+}
+
+// TestGatewayRulesFromEtcd: rules read from etcd, reloaded on change; a
+// bad document or a deleted key is refused whole and the old rules stay.
+func TestGatewayRulesFromEtcd(t *testing.T) {
+	e := startE2E(t)
+	srv := etcdtest.Start(t)
+	cli := srv.Client(t)
+	if err := e.gw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.cfg.Etcd, e.cfg.RulesFromEtcd = cli, true
+	err := nstest.InNS(t, e.top.router, func() (err error) {
+		e.cfg.Listener, err = net.Listen("tcp", net.JoinHostPort(routerAPI, "8443"))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := StartGateway(e.cfg); err == nil || !strings.Contains(err.Error(), "no such key") {
+		t.Fatalf("start without rules in etcd: %v", err)
+	}
+	e.cfg.Listener.Close()
+	ctx := context.Background()
+	put := func(v string) {
+		t.Helper()
+		if _, err := cli.Put(ctx, RulesKey, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put(e2eRules)
+	e.start(t)
+	tcpHole := Target{Proto: "tcp", Peer: client4, Host: server4, Port: auxPort}
+	udpHole := Target{Proto: "udp", Peer: client4, Host: server4, Port: udpPort}
+	if _, err := e.agent.Open(ctx, Request{Target: tcpHole, User: "alice"}); err != nil {
+		t.Fatal(err)
+	}
+	waitLog := func(want string, n int) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); strings.Count(e.log.String(), want) < n; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("the gateway did not log %q %d times", want, n)
+			}
+		}
+	}
+	put("allow srv1 * * * * self 40000-40100\nbogus line\n")
+	waitLog(`"msg":"rules not reloaded; the old rules stay in force"`, 1)
+	if !strings.Contains(e.log.String(), rulesName+":2:1") {
+		t.Errorf("the refusal does not name the document and line:\n%s", e.log)
+	}
+	if _, err := e.agent.Open(ctx, Request{Target: udpHole, User: "alice"}); err != nil {
+		t.Fatalf("the old rules should still allow the udp hole: %v", err)
+	}
+	if _, err := cli.Delete(ctx, RulesKey); err != nil {
+		t.Fatal(err)
+	}
+	waitLog("rules deleted from etcd; the old rules stay in force", 1)
+	put(e2eRules + "deny * * * " + client4 + " * * *\n")
+	waitLog(`"msg":"rules reloaded"`, 1)
+	if els, err := e.gw.Table().Elements(); err != nil || len(els) != 0 {
+		t.Errorf("holes the new rules deny are still in the kernel: %+v, %v", els, err)
+	}
+	var apiErr *APIError
+	if _, err := e.agent.Open(ctx, Request{Target: tcpHole, User: "alice"}); !errors.As(err, &apiErr) || apiErr.Status != 403 {
+		t.Errorf("open under the new rules: %v, want a 403", err)
+	}
 }

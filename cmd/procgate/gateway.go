@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -27,6 +28,7 @@ func gatewayCmd() *cobra.Command {
 		logFormat, logLevel string
 		etcd                fleet.Config
 		etcdEndpoints       string
+		rulesFrom           string
 	)
 	cmd := &cobra.Command{
 		Use:   "gateway --rules FILE --listen ADDR --protect PREFIX[,PREFIX] --cert FILE --key FILE --ca FILE",
@@ -44,7 +46,26 @@ docs/pinholes.md.`,
   procgate gateway --rules /etc/procgate/pinholes.rules --check`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			switch rulesFrom {
+			case "file":
+				if cfg.RulesPath == "" {
+					return errors.New("--rules FILE is required (or --rules-from etcd with --etcd-endpoints)")
+				}
+			case "etcd":
+				if etcdEndpoints == "" {
+					return errors.New("--rules-from etcd needs --etcd-endpoints")
+				}
+				if cfg.RulesPath != "" {
+					return errors.New("--rules and --rules-from etcd exclude each other")
+				}
+				cfg.RulesFromEtcd = true
+			default:
+				return fmt.Errorf("--rules-from %q: want file or etcd", rulesFrom)
+			}
 			if check {
+				if cfg.RulesFromEtcd {
+					return errors.New("--check reads a file: check the document before writing it to etcd (procgate gateway --rules FILE --check)")
+				}
 				rules, err := perimeter.LoadRules(cfg.RulesPath)
 				if err != nil {
 					fmt.Fprintln(cmd.ErrOrStderr(), err)
@@ -95,7 +116,7 @@ docs/pinholes.md.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.RulesPath, "rules", "", "site rules file; required")
+	f.StringVar(&cfg.RulesPath, "rules", "", "site rules file; required unless --rules-from etcd")
 	f.StringVar(&cfg.Listen, "listen", "", "address of the mTLS API (host:port)")
 	f.StringVar(&protect, "protect", "", "protected ranges, comma-separated prefixes")
 	f.StringVar(&files.Cert, "cert", "", "the gateway's certificate (PEM)")
@@ -113,7 +134,7 @@ docs/pinholes.md.`,
 	f.BoolVar(&check, "check", false, "only check the rules file and exit")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	_ = cmd.MarkFlagRequired("rules")
+	f.StringVar(&rulesFrom, "rules-from", "file", "where the site rules are: file (--rules) or etcd (key "+perimeter.RulesKey+", reloaded on change; a bad document is refused and the old rules stay)")
 	return cmd
 }
 
