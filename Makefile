@@ -158,6 +158,7 @@ vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet $(PKGS)
 	$(GO) vet -tags procgate_demo ./cmd/procgate
+	@! $(GO) list -deps ./cmd/procgate | grep '^go.etcd.io/etcd/server/' || { echo "the etcd server is in bin/procgate: only tests may import it (internal/etcdtest)"; exit 1; }
 
 clean:
 	rm -rf bin build
