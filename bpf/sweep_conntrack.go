@@ -1,31 +1,13 @@
 package bpf
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 
+	"github.com/ti-mo/conntrack"
 	"golang.org/x/sys/unix"
 
 	"github.com/procgate/procgate/ruleset"
-)
-
-// ctnetlink message and attributes (linux/netfilter/nfnetlink_conntrack.h).
-const (
-	ctDelete       = 1<<8 | 2 // NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
-	ctaTupleOrig   = 1
-	ctaTupleIP     = 1
-	ctaTupleProto  = 2
-	ctaIPv4Src     = 1
-	ctaIPv4Dst     = 2
-	ctaIPv6Src     = 3
-	ctaIPv6Dst     = 4
-	ctaProtoNum    = 1
-	ctaProtoSrc    = 2
-	ctaProtoDst    = 3
-	nlaFlagNested  = 0x8000
-	nfnetlinkV0    = 0
-	nfgenmsgLength = 4
 )
 
 // deleteConntrack removes the conntrack entries of ended sockets in the
@@ -37,17 +19,18 @@ const (
 // milliseconds even when empty). Entries in conntrack zones other than the
 // default one are not found. Without conntrack there is nothing to do.
 func deleteConntrack(ended []EndedSocket) (int, error) {
-	c, err := dialNetlink(unix.NETLINK_NETFILTER)
+	// The socket is made here, in the calling thread's namespace.
+	c, err := conntrack.Dial(nil)
 	if err != nil {
 		if errors.Is(err, unix.EPROTONOSUPPORT) {
 			return 0, nil // no nfnetlink: no conntrack
 		}
-		return 0, err
+		return 0, fmt.Errorf("open ctnetlink socket: %w", err)
 	}
-	defer c.close()
+	defer c.Close()
 	var n int
 	for _, s := range ended {
-		err := c.do(ctDelete, unix.NLM_F_ACK, ctTuple(s), nil)
+		err := c.Delete(ctFlow(s))
 		switch {
 		case err == nil:
 			n++
@@ -62,32 +45,23 @@ func deleteConntrack(ended []EndedSocket) (int, error) {
 	return n, nil
 }
 
-// ctTuple is the payload of a delete: struct nfgenmsg, then CTA_TUPLE_ORIG.
-func ctTuple(s EndedSocket) []byte {
+// ctFlow names the flow of s by its original tuple, which the kernel
+// looks it up by. The reply tuple (the same, reversed, without NAT) is
+// there for conntrack.Conn.Delete, which takes the request's address
+// family as IPv6 only when both tuples are.
+func ctFlow(s EndedSocket) conntrack.Flow {
 	local, peer := s.Local.Addr().Unmap(), s.Peer.Addr().Unmap()
-	family, src, dst := uint8(unix.AF_INET6), uint16(ctaIPv6Src), uint16(ctaIPv6Dst)
-	if peer.Is4() {
-		family, src, dst = unix.AF_INET, ctaIPv4Src, ctaIPv4Dst
-	}
 	proto := uint8(unix.IPPROTO_TCP)
 	if s.Proto == ruleset.UDP {
 		proto = unix.IPPROTO_UDP
 	}
-	ports := func(p uint16) []byte { return binary.BigEndian.AppendUint16(nil, p) }
-	ip := append(nlAttr(src, local.AsSlice()), nlAttr(dst, peer.AsSlice())...)
-	l4 := append(append(nlAttr(ctaProtoNum, []byte{proto}), nlAttr(ctaProtoSrc, ports(s.Local.Port()))...), nlAttr(ctaProtoDst, ports(s.Peer.Port()))...)
-	tuple := append(nlAttr(ctaTupleIP|nlaFlagNested, ip), nlAttr(ctaTupleProto|nlaFlagNested, l4)...)
-	msg := []byte{family, nfnetlinkV0, 0, 0} // nfgenmsg: family, version, res_id (big-endian 0)
-	return append(msg[:nfgenmsgLength], nlAttr(ctaTupleOrig|nlaFlagNested, tuple)...)
-}
-
-// nlAttr is one netlink attribute, padded to 4 bytes.
-func nlAttr(typ uint16, data []byte) []byte {
-	b := binary.NativeEndian.AppendUint16(nil, uint16(unix.SizeofRtAttr+len(data)))
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = append(b, data...)
-	for len(b)%unix.NLMSG_ALIGNTO != 0 {
-		b = append(b, 0)
+	orig := conntrack.Tuple{
+		IP:    conntrack.IPTuple{SourceAddress: local, DestinationAddress: peer},
+		Proto: conntrack.ProtoTuple{Protocol: proto, SourcePort: s.Local.Port(), DestinationPort: s.Peer.Port()},
 	}
-	return b
+	reply := conntrack.Tuple{
+		IP:    conntrack.IPTuple{SourceAddress: peer, DestinationAddress: local},
+		Proto: conntrack.ProtoTuple{Protocol: proto, SourcePort: s.Peer.Port(), DestinationPort: s.Local.Port()},
+	}
+	return conntrack.Flow{TupleOrig: orig, TupleReply: reply}
 }
