@@ -352,3 +352,31 @@ func waitFor(t *testing.T, what string, ok func() bool) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// A daemon told to stop while etcd is away stops: nothing waits on etcd
+// past its context.
+func TestAgentStopsWhileEtcdIsAway(t *testing.T) {
+	srv := etcdtest.Start(t)
+	if _, err := srv.Client(t).Put(ctx(t), FleetKey, fleetDoc); err != nil {
+		t.Fatal(err)
+	}
+	cli, err := Config{Endpoints: []string{srv.Endpoint}}.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := NewAgent(AgentOptions{Client: cli, Host: Host{Name: "h"}, StateDir: t.TempDir(), LeaseTTL: 2 * time.Second})
+	c, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); a.Run(c); cli.Close() }()
+	next(t, a)
+	srv.Stop()
+	time.Sleep(3 * time.Second) // past the lease: the agent retries
+	start := time.Now()
+	cancel()
+	select {
+	case <-done:
+		t.Logf("stopped in %v", time.Since(start))
+	case <-time.After(5 * time.Second):
+		t.Fatal("the agent and its client did not stop within 5s of the cancel")
+	}
+}
