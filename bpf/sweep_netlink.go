@@ -7,9 +7,9 @@ import (
 	"io/fs"
 	"net/netip"
 	"path/filepath"
-	"syscall"
 	"time"
 
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/procgate/procgate/cgroups"
@@ -104,11 +104,12 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 	if err != nil {
 		return nil, err
 	}
-	c, err := dialNetlink(unix.NETLINK_SOCK_DIAG)
+	// The socket is made here, in the calling thread's namespace.
+	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, nil)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("open sock_diag socket: %w", err)
 	}
-	defer c.close()
+	defer c.Close()
 
 	listening := map[uint16]bool{}
 	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
@@ -158,124 +159,62 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 	return out, nil
 }
 
-func diagDump(c *nlConn, family, proto uint8, states uint32) ([]diagSocket, error) {
+func diagDump(c *netlink.Conn, family, proto uint8, states uint32) ([]diagSocket, error) {
 	req, err := binary.Append(nil, binary.NativeEndian, inetDiagReq{Family: family, Protocol: proto, States: states,
 		ID: inetDiagSockID{Cookie: [2]uint32{^uint32(0), ^uint32(0)}}})
 	if err != nil {
 		return nil, err
 	}
-	var out []diagSocket
-	size := binary.Size(inetDiagMsg{})
-	err = c.do(unix.SOCK_DIAG_BY_FAMILY, unix.NLM_F_DUMP, req, func(data []byte) error {
-		if len(data) < size {
-			return fmt.Errorf("short message of %d bytes", len(data))
-		}
-		var s diagSocket
-		if _, err := binary.Decode(data[:size], binary.NativeEndian, &s.msg); err != nil {
-			return err
-		}
-		// Attributes: struct nlattr {u16 len; u16 type}, 4-byte aligned.
-		for a := data[nlAlign(size):]; len(a) >= unix.SizeofRtAttr; {
-			l := int(binary.NativeEndian.Uint16(a[0:2]))
-			typ := binary.NativeEndian.Uint16(a[2:4]) & 0x3fff // without NLA_F_NESTED, NLA_F_NET_BYTEORDER
-			if l < unix.SizeofRtAttr || l > len(a) {
-				return fmt.Errorf("attribute of length %d in %d bytes", l, len(a))
-			}
-			if typ == inetDiagCgroupID && l >= unix.SizeofRtAttr+8 {
-				s.cgroupID, s.hasCg = binary.NativeEndian.Uint64(a[4:12]), true
-			}
-			a = a[min(nlAlign(l), len(a)):]
-		}
-		out = append(out, s)
-		return nil
+	msgs, err := c.Execute(netlink.Message{
+		Header: netlink.Header{Type: unix.SOCK_DIAG_BY_FAMILY, Flags: netlink.Request | netlink.Dump},
+		Data:   req,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("sock_diag dump (family %d, protocol %d): %w", family, proto, err)
 	}
+	size := binary.Size(inetDiagMsg{})
+	out := make([]diagSocket, 0, len(msgs))
+	for _, m := range msgs {
+		var s diagSocket
+		if _, err := binary.Decode(m.Data, binary.NativeEndian, &s.msg); err != nil {
+			return nil, fmt.Errorf("sock_diag dump (family %d, protocol %d): message of %d bytes: %w", family, proto, len(m.Data), err)
+		}
+		ad, err := netlink.NewAttributeDecoder(m.Data[min(nlAlign(size), len(m.Data)):])
+		if err != nil {
+			return nil, fmt.Errorf("sock_diag dump (family %d, protocol %d): %w", family, proto, err)
+		}
+		for ad.Next() {
+			if ad.Type() == inetDiagCgroupID {
+				s.cgroupID, s.hasCg = ad.Uint64(), true
+			}
+		}
+		if err := ad.Err(); err != nil {
+			return nil, fmt.Errorf("sock_diag dump (family %d, protocol %d): %w", family, proto, err)
+		}
+		out = append(out, s)
+	}
 	return out, nil
 }
 
-func diagDestroy(c *nlConn, family, proto uint8, id inetDiagSockID) error {
+// diagDestroy ends one socket (SOCK_DESTROY); the error is the kernel's
+// errno, as the iterator's records give it.
+func diagDestroy(c *netlink.Conn, family, proto uint8, id inetDiagSockID) error {
 	req, err := binary.Append(nil, binary.NativeEndian, inetDiagReq{Family: family, Protocol: proto, States: ^uint32(0), ID: id})
 	if err != nil {
 		return err
 	}
-	return c.do(unix.SOCK_DESTROY, unix.NLM_F_ACK, req, nil)
+	_, err = c.Execute(netlink.Message{
+		Header: netlink.Header{Type: unix.SOCK_DESTROY, Flags: netlink.Request | netlink.Acknowledge},
+		Data:   req,
+	})
+	var op *netlink.OpError
+	if errors.As(err, &op) {
+		return op.Err
+	}
+	return err
 }
 
 func nlAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
-
-// nlConn is a netlink socket in the calling thread's network namespace;
-// requests run one at a time.
-type nlConn struct {
-	fd  int
-	seq uint32
-	buf []byte
-}
-
-func dialNetlink(protocol int) (*nlConn, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, protocol)
-	if err != nil {
-		return nil, fmt.Errorf("open netlink socket (protocol %d): %w", protocol, err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("bind netlink socket (protocol %d): %w", protocol, err)
-	}
-	return &nlConn{fd: fd, buf: make([]byte, 1<<16)}, nil
-}
-
-func (c *nlConn) close() { unix.Close(c.fd) }
-
-// do sends one request and reads its answer: each message of a dump goes to
-// each (until NLMSG_DONE); an error or acknowledgement ends it.
-func (c *nlConn) do(typ uint16, flags uint16, payload []byte, each func([]byte) error) error {
-	c.seq++
-	hdr := unix.NlMsghdr{Len: uint32(unix.NLMSG_HDRLEN + len(payload)), Type: typ, Flags: unix.NLM_F_REQUEST | flags, Seq: c.seq}
-	msg, err := binary.Append(nil, binary.NativeEndian, hdr)
-	if err != nil {
-		return err
-	}
-	msg = append(msg, payload...)
-	if err := unix.Sendto(c.fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return fmt.Errorf("send: %w", err)
-	}
-	for {
-		n, _, err := unix.Recvfrom(c.fd, c.buf, 0)
-		if err != nil {
-			if errors.Is(err, unix.EINTR) {
-				continue
-			}
-			return fmt.Errorf("receive: %w", err)
-		}
-		msgs, err := syscall.ParseNetlinkMessage(c.buf[:n])
-		if err != nil {
-			return fmt.Errorf("parse answer: %w", err)
-		}
-		for _, m := range msgs {
-			if m.Header.Seq != c.seq {
-				continue // a late answer to an earlier request
-			}
-			switch m.Header.Type {
-			case unix.NLMSG_DONE:
-				return nil
-			case unix.NLMSG_ERROR:
-				if len(m.Data) < 4 {
-					return errors.New("short netlink error message")
-				}
-				if code := int32(binary.NativeEndian.Uint32(m.Data[:4])); code != 0 {
-					return unix.Errno(-code)
-				}
-				return nil // the acknowledgement
-			}
-			if each != nil {
-				if err := each(m.Data); err != nil {
-					return err
-				}
-			}
-		}
-	}
-}
 
 // cgroupOwners maps the id of every cgroup below root to the principal of
 // the sockets made in it: the deepest bound app among it and its ancestors,
