@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/procgate/procgate/ruleset"
 )
 
 // procgateCLI runs this test binary as procgate, without a daemon.
@@ -136,6 +138,31 @@ func TestSocketOnlyOnClients(t *testing.T) {
 		}
 		if got := strings.Contains(out, "--socket"); got != tc.socket {
 			t.Errorf("%v: --socket in help is %v, want %v:\n%s", tc.args, got, tc.socket, out)
+		}
+	}
+}
+
+func TestSplitNameDest(t *testing.T) {
+	tests := []struct {
+		in    string
+		name  string
+		port  uint16
+		proto ruleset.Proto
+		ok    bool
+	}{
+		{"db.corp.example:5432", "db.corp.example", 5432, ruleset.TCP, true},
+		{"db.corp.example:53/udp", "db.corp.example", 53, ruleset.UDP, true},
+		{"DB.corp.example:443/TCP", "DB.corp.example", 443, ruleset.TCP, true},
+		{"10.1.2.3:99999", "", 0, 0, false}, // an address: ParseDest's error
+		{"db.corp.example:http", "", 0, 0, false},
+		{"db.corp.example:5432/sctp", "", 0, 0, false},
+		{"db.corp.example", "", 0, 0, false},
+		{":5432", "", 0, 0, false},
+	}
+	for _, tt := range tests {
+		name, port, proto, ok := splitNameDest(tt.in)
+		if name != tt.name || port != tt.port || ok != tt.ok || ok && proto != tt.proto {
+			t.Errorf("splitNameDest(%q) = %q, %d, %v, %v; want %q, %d, %v, %v", tt.in, name, port, proto, ok, tt.name, tt.port, tt.proto, tt.ok)
 		}
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -237,33 +239,109 @@ func exitLike(code int, sig syscall.Signal) error {
 
 func dialCmd() *cobra.Command {
 	var timeout time.Duration
+	var resolver string
 	cmd := &cobra.Command{
 		Use:   "dial ADDR:PORT[/tcp|udp]",
 		Short: "Try one connection from this process and print what came back (to test a policy)",
 		Long: `Connects (TCP) or sends one datagram and waits for an answer (UDP) and prints
 the first line received, or the error: "operation not permitted" is procgate's
-denial. Run it under 'procgate run' to see what an app may reach.`,
+denial. Run it under 'procgate run' to see what an app may reach.
+
+ADDR may be a host name: it is resolved by this process first (through
+--resolver, or the system's resolver), as an app would, so that a name grant
+sees the answer; the first address is dialed.`,
 		Example: `  procgate run --app psql-prod -- procgate dial 10.1.2.3:5432
-  procgate dial '[fd00:1::5]:53/udp'`,
+  procgate dial '[fd00:1::5]:53/udp'
+  procgate run --app psql-prod -- procgate dial --resolver 10.0.0.53:53 db.corp.example:5432`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			d, err := ruleset.ParseDest(args[0])
+			label := ""
 			if err != nil {
-				return err
+				name, port, proto, ok := splitNameDest(args[0])
+				if !ok {
+					return err
+				}
+				addr, rerr := resolveName(cmd.Context(), name, resolver, timeout)
+				if rerr != nil {
+					return fmt.Errorf("%s: resolve %s: %w", args[0], name, rerr)
+				}
+				d = ruleset.Dest{Addr: addr, Port: port, Proto: proto}
+				label = args[0] + " (" + addr.String() + ")"
+			}
+			if label == "" {
+				label = d.String()
 			}
 			line, err := dial(d, timeout)
 			if err != nil {
 				if errors.Is(err, syscall.EPERM) {
-					return fmt.Errorf("%s: denied: %w", d, err)
+					return fmt.Errorf("%s: denied: %w", label, err)
 				}
-				return fmt.Errorf("%s: %w", d, err)
+				return fmt.Errorf("%s: %w", label, err)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: %s\n", d, line)
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: %s\n", label, line)
 			return nil
 		},
 	}
 	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Second, "give up after this long")
+	cmd.Flags().StringVar(&resolver, "resolver", "", "resolve a host name with this DNS server (ADDR:PORT, over UDP) rather than the system's")
 	return cmd
+}
+
+// splitNameDest splits NAME:PORT[/tcp|udp], where NAME is a host name.
+func splitNameDest(s string) (name string, port uint16, proto ruleset.Proto, ok bool) {
+	proto = ruleset.TCP
+	if i := strings.LastIndexByte(s, '/'); i >= 0 {
+		switch strings.ToLower(s[i+1:]) {
+		case "tcp":
+		case "udp":
+			proto = ruleset.UDP
+		default:
+			return "", 0, 0, false
+		}
+		s = s[:i]
+	}
+	host, p, err := net.SplitHostPort(s)
+	if err != nil || host == "" {
+		return "", 0, 0, false
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return "", 0, 0, false // an address ParseDest refused: its error says why
+	}
+	n, err := strconv.ParseUint(p, 10, 16)
+	if err != nil {
+		return "", 0, 0, false
+	}
+	return host, uint16(n), proto, true
+}
+
+// resolveName looks name up as an ordinary client does, over UDP from this
+// process (through resolver, ADDR:PORT, when set), and returns its first
+// IPv4 address.
+func resolveName(ctx context.Context, name, resolver string, timeout time.Duration) (netip.Addr, error) {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	r := net.DefaultResolver
+	if resolver != "" {
+		if _, err := netip.ParseAddrPort(resolver); err != nil {
+			return netip.Addr{}, fmt.Errorf("--resolver %q: want ADDR:PORT: %w", resolver, err)
+		}
+		r = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "udp", resolver)
+		}}
+	}
+	addrs, err := r.LookupNetIP(ctx, "ip4", name)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	if len(addrs) == 0 {
+		return netip.Addr{}, errors.New("no IPv4 address")
+	}
+	return addrs[0].Unmap(), nil
 }
 
 func dialRaw(socket string) (*net.UnixConn, error) {
