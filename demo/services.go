@@ -13,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/miekg/dns"
 )
 
 const (
@@ -65,6 +67,41 @@ func (s *services) serveUDPEcho(ns, role string, port uint16) error {
 			}
 			if _, err := pc.WriteTo(buf[:n], from); err != nil {
 				s.log.Debug("demo echo write", "ns", role, "peer", from, "err", err)
+			}
+		}
+	})
+}
+
+// serveDNS answers DNS queries over UDP on port in ns from names (FQDN,
+// lower case, to IPv4 addresses), with ttl; other names get NXDOMAIN.
+func (s *services) serveDNS(ns, role string, port uint16, names map[string]netip.Addr, ttl uint32) error {
+	return serve(s, ns, role, "udp", port, net.ListenPacket, func(pc net.PacketConn) error {
+		buf := make([]byte, 64<<10)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return err
+			}
+			var q dns.Msg
+			if q.Unpack(buf[:n]) != nil || q.Response || len(q.Question) != 1 {
+				continue
+			}
+			m := new(dns.Msg)
+			m.SetReply(&q)
+			qq := q.Question[0]
+			addr, ok := names[strings.ToLower(qq.Name)]
+			switch {
+			case !ok:
+				m.Rcode = dns.RcodeNameError
+			case qq.Qtype == dns.TypeA:
+				m.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: qq.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: ttl}, A: addr.AsSlice()}}
+			}
+			b, err := m.Pack()
+			if err != nil {
+				continue
+			}
+			if _, err := pc.WriteTo(b, from); err != nil {
+				s.log.Debug("demo dns write", "ns", role, "peer", from, "err", err)
 			}
 		}
 	})

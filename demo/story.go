@@ -25,6 +25,11 @@ const storyPolicy = `version: 1
 internal:
   prefixes: [10.20.0.0/16, fd20::/64]
   interfaces: [wg0]          # whatever the VPN routes is internal too
+everyone:
+  allow:
+    - to: 10.20.0.10         # the internal DNS server: every process may ask it
+      proto: udp
+      ports: [53]
 apps:
   - name: corp-db            # the database client IT approved
     allow:
@@ -39,6 +44,11 @@ apps:
         ports: [5353]
   - name: browser            # an app with no internal grant
     allow: []
+  - name: reports            # granted a name: the addresses its DNS answers give
+    allow:
+      - to: db.corp.example
+        proto: tcp
+        ports: [5432]
   - name: web                # a service: systemd's web.service, not launched by procgate
     match: {unit: web.service}
     allow:
@@ -74,7 +84,7 @@ func Run(ctx context.Context, out io.Writer) (err error) {
 	if s.topo, err = Up(ctx, nil); err != nil {
 		return err
 	}
-	s.say(`    laptop ──wg0 (wireguard-go)──▶ vpn-gateway ──▶ internal  10.20.0.10 / fd20::10  (db tcp/5432, dns udp/5353)
+	s.say(`    laptop ──wg0 (wireguard-go)──▶ vpn-gateway ──▶ internal  10.20.0.10 / fd20::10  (db tcp/5432, dns udp/5353, names udp/53: db.corp.example)
            └──────── underlay ──────▶ vpn-gateway ──▶ internet  198.51.100.10          (web tcp/80)
     up in %v; the laptop routes 10.20.0.0/16 and fd20::/64 via wg0`, time.Since(t0).Round(time.Millisecond))
 
@@ -82,6 +92,7 @@ func Run(ctx context.Context, out io.Writer) (err error) {
 	s.say("    corp-db  may reach the database (tcp 5432, v4 and v6) and dns (udp 5353)")
 	s.say("    browser  has no internal grant; processes not run as an app have none either")
 	s.say("    web      (match: unit web.service) may reach the database: its service's processes, wherever they start")
+	s.say("    reports  may reach db.corp.example tcp 5432: whatever the internal DNS answers it (everyone may ask it)")
 	if err := s.startDaemon(ctx); err != nil {
 		return err
 	}
@@ -90,6 +101,7 @@ func Run(ctx context.Context, out io.Writer) (err error) {
 	db := s.topo.InternalAddr.String() + "/tcp"
 	db6 := s.topo.InternalAddr6.String() + "/tcp"
 	dns := s.topo.InternalUDP.String() + "/udp"
+	byName := fmt.Sprintf("%s:%d/tcp", s.topo.InternalDBName, s.topo.InternalAddr.Port())
 	web := s.topo.InternetAddr.String() + "/tcp"
 	denials := 0
 	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
@@ -102,6 +114,8 @@ func Run(ctx context.Context, out io.Writer) (err error) {
 		{"browser", "browser", "", "internal db", db},
 		{"browser", "browser", "", "internal dns", dns},
 		{"browser", "browser", "", "internet web", web},
+		{"browser", "browser", "", "internal db", byName},
+		{"reports", "reports", "", "internal db", byName},
 		{"unit web.service", "", s.unit, "internal db", db},
 		{"unit web.service", "", s.unit, "internal dns", dns},
 		{"shell (no app)", "", s.shell, "internal db", db},
@@ -266,7 +280,7 @@ func (s *story) procgate(ctx context.Context, args ...string) (string, error) {
 // for app "", as a process started in cgroup, as systemd starts a unit's
 // (the demo is root with CAP_SYS_ADMIN, as systemd is).
 func (s *story) attempt(ctx context.Context, app, cgroup, dest string) (result, answer string) {
-	args := []string{"dial", "--timeout", "2s", dest}
+	args := []string{"dial", "--timeout", "2s", "--resolver", s.topo.InternalDNS.String(), dest}
 	var cmd *exec.Cmd
 	if app != "" {
 		cmd = exec.CommandContext(ctx, s.self, append([]string{"--socket", s.socket, "run", "--app", app, "--", s.self}, args...)...)
@@ -288,6 +302,12 @@ func (s *story) attempt(ctx context.Context, app, cgroup, dest string) (result, 
 	o := strings.TrimSpace(buf.String())
 	o = strings.TrimPrefix(o, "procgate: ")
 	o = strings.TrimPrefix(o, dest+": ")
+	// A name's answer: "NAME:PORT/tcp (ADDR): line" becomes "(ADDR) line".
+	if rest, ok := strings.CutPrefix(o, dest+" ("); ok && err == nil {
+		if addr, line, ok := strings.Cut(rest, "): "); ok {
+			o = "(" + addr + ") " + line
+		}
+	}
 	switch {
 	case err == nil:
 		return "ALLOWED", o

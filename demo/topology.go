@@ -87,7 +87,12 @@ var (
 const (
 	internalTCPPort = 5432
 	internalUDPPort = 5353
+	internalDNSPort = 53
 	internetTCPPort = 80
+	// internalDBName is what the internal DNS server answers with
+	// internalHost, for internalDNSTTL seconds.
+	internalDBName = "db.corp.example"
+	internalDNSTTL = 300
 )
 
 // linkEnd is one interface with its addresses.
@@ -183,6 +188,10 @@ type Topology struct {
 	InternalAddr, InternalAddr6 netip.AddrPort
 	// InternalUDP and InternalUDP6 are a UDP echo on the internal service.
 	InternalUDP, InternalUDP6 netip.AddrPort
+	// InternalDNS is the internal DNS server (UDP): it answers InternalDBName
+	// with InternalAddr's address, other names with NXDOMAIN.
+	InternalDNS    netip.AddrPort
+	InternalDBName string
 	// InternetAddr is a TCP service that the laptop reaches via the underlay,
 	// not the tunnel. It answers "internet-web: hello\n" and closes.
 	InternetAddr netip.AddrPort
@@ -229,6 +238,8 @@ func Up(ctx context.Context, log *slog.Logger) (*Topology, error) {
 		InternalAddr6:     netip.AddrPortFrom(internalHost6, internalTCPPort),
 		InternalUDP:       netip.AddrPortFrom(internalHost, internalUDPPort),
 		InternalUDP6:      netip.AddrPortFrom(internalHost6, internalUDPPort),
+		InternalDNS:       netip.AddrPortFrom(internalHost, internalDNSPort),
+		InternalDBName:    internalDBName,
 		InternetAddr:      netip.AddrPortFrom(internetHost, internetTCPPort),
 		InternalPrefix:    internalPrefix,
 		InternalPrefix6:   internalPrefix6,
@@ -500,6 +511,9 @@ func (t *Topology) startServices() error {
 		return err
 	}
 	if err := t.svc.serveUDPEcho(t.Internal, internal.String(), internalUDPPort); err != nil {
+		return err
+	}
+	if err := t.svc.serveDNS(t.Internal, internal.String(), internalDNSPort, map[string]netip.Addr{internalDBName + ".": internalHost}, internalDNSTTL); err != nil {
 		return err
 	}
 	return t.svc.serveTCP(t.Internet, internet.String(), internetTCPPort, func(netip.AddrPort) string {

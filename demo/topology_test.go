@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -112,6 +114,40 @@ func TestTopology(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("internal dns answers its name from the laptop", func(t *testing.T) {
+		// The resolver's goroutines run on any thread: its socket is made
+		// on a thread in the laptop's namespace, never in the caller's.
+		r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (c net.Conn, err error) {
+			nerr := inNS(topo.Laptop, func() error {
+				var d net.Dialer
+				c, err = d.DialContext(ctx, "udp", topo.InternalDNS.String())
+				return nil
+			})
+			return c, errors.Join(nerr, err)
+		}}
+		for _, tc := range []struct {
+			name string
+			want []netip.Addr
+		}{
+			{topo.InternalDBName, []netip.Addr{topo.InternalAddr.Addr()}},
+			{"nothere.corp.example", nil},
+		} {
+			ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
+			got, err := r.LookupNetIP(ctx, "ip4", tc.name)
+			cancel()
+			if tc.want == nil {
+				var dnsErr *net.DNSError
+				if !errors.As(err, &dnsErr) || !dnsErr.IsNotFound {
+					t.Errorf("%s: %v, %v; want not found", tc.name, got, err)
+				}
+				continue
+			}
+			if err != nil || !slices.Equal(got, tc.want) {
+				t.Errorf("%s: %v, %v; want %v", tc.name, got, err, tc.want)
+			}
+		}
+	})
 
 	laptopNL.Close() // a socket in the laptop's namespace, which Close must not find
 

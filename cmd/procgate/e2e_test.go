@@ -907,7 +907,8 @@ var restartLine = regexp.MustCompile(`cgroup id [0-9]+ -> [0-9]+`)
 
 // TestDemo runs `procgate demo` and checks it tells the story: the granted
 // app reaches the internal service, the others are denied, a unit's
-// service reaches its grant also after a restart, the internet stays open,
+// service reaches its grant also after a restart, a name grant reaches
+// what DNS answered for its name, the internet stays open,
 // the events show the denials, and nothing is left behind.
 func TestDemo(t *testing.T) {
 	nstest.RequireRoot(t)
@@ -934,6 +935,10 @@ func TestDemo(t *testing.T) {
 		"unit web.service internal db 10.20.0.10:5432/tcp ALLOWED internal-db: hello 100.64.0.2",
 		"unit web.service internal dns 10.20.0.10:5353/udp DENIED EPERM",
 		"shell (no app) internal db 10.20.0.10:5432/tcp DENIED EPERM",
+		// A name grant: reports reaches what the internal DNS answered it
+		// for db.corp.example; browser, asking the same server, does not.
+		"reports internal db db.corp.example:5432/tcp ALLOWED (10.20.0.10) internal-db: hello 100.64.0.2",
+		"browser internal db db.corp.example:5432/tcp DENIED EPERM",
 		"; unit web.service internal db 10.20.0.10:5432/tcp ALLOWED internal-db: hello 100.64.0.2",
 		"web unit web.service 1 ",
 		"corp-db internal db 10.20.0.10:5432/tcp DENIED",
