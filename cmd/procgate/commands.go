@@ -360,6 +360,9 @@ func printStatus(w io.Writer, st *api.Status) {
 	if len(st.PolicyDropins) > 0 {
 		fmt.Fprintf(w, "drop-ins %s\n", strings.Join(st.PolicyDropins, " "))
 	}
+	if f := st.Fleet; f != nil {
+		printFleetSource(w, f)
+	}
 	if st.LastError != "" {
 		fmt.Fprintf(w, "LAST RELOAD REJECTED (generation %d stays in force): %s\n", st.Generation, st.LastError)
 	}

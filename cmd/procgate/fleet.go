@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/pflag"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/daemon"
 	"github.com/procgate/procgate/fleet"
 )
@@ -320,4 +321,21 @@ func printFleet(w io.Writer, o fleet.Overview) {
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "newest policy revision %d; %d host(s), %d behind\n", o.Newest, len(o.Hosts), behind)
+}
+
+// printFleetSource is status's line on the policy from etcd: a policy from
+// the disk (etcd away at boot) is stale and says so.
+func printFleetSource(w io.Writer, f *api.FleetSource) {
+	conn := "etcd reachable"
+	if !f.Connected {
+		conn = "ETCD UNREACHABLE"
+		if f.EtcdError != "" {
+			conn += " (" + f.EtcdError + ")"
+		}
+	}
+	src := "from etcd"
+	if f.Source == fleet.SourceLastGood {
+		src = "STALE: the last good policy kept on disk"
+	}
+	fmt.Fprintf(w, "fleet host %s %s, revision %d %s; %s\n", f.Host, strings.Join(f.Labels, ","), f.Revision, src, conn)
 }

@@ -254,6 +254,9 @@ func TestFleetPolicyFromEtcd(t *testing.T) {
 		if s.Fleet == nil || s.Fleet.Source != fleet.SourceLastGood || s.Fleet.Connected {
 			t.Fatalf("booted without etcd: fleet %+v, want source %s", s.Fleet, fleet.SourceLastGood)
 		}
+		if out, err := e.procgate("status"); err != nil || !strings.Contains(out, "revision "+strconv.FormatInt(s.Fleet.Revision, 10)+" STALE") || !strings.Contains(out, "ETCD UNREACHABLE") {
+			t.Fatalf("status without etcd: %v\n%s", err, out)
+		}
 		mustTry(t, db, "10.4.0.1:80/tcp", probe.Allowed)
 		mustTry(t, db, "10.3.0.1:80/tcp", probe.Allowed)
 		mustTry(t, db, "10.6.0.1:80/tcp", probe.Denied)
