@@ -40,12 +40,13 @@ type chainSite struct {
 	e *e2e
 }
 
-func newChainSite(t *testing.T, lease string) *chainSite {
+func newChainSite(t *testing.T, lease string, moreGateways ...string) *chainSite {
 	t.Helper()
 	s := newPerimeterSite(t, 30*time.Second)
 	f := s.files("srv1")
 	e := newE2EIn(t, fmt.Sprintf(chainPolicy, lease), s.Server, true,
-		"--gateway", s.gwURL, "--gateway-ca", f.CA, "--gateway-cert", f.Cert, "--gateway-key", f.Key)
+		"--gateway", strings.Join(append([]string{s.gwURL}, moreGateways...), ","),
+		"--gateway-ca", f.CA, "--gateway-cert", f.Cert, "--gateway-key", f.Key)
 	return &chainSite{perimeterSite: s, e: e}
 }
 

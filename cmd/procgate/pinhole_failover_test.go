@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/procgate/procgate/daemon"
+	"github.com/procgate/procgate/internal/ftpsite"
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/pinholetest"
 )
@@ -51,4 +53,51 @@ func TestPinholeFailover(t *testing.T) {
 	if st := e.status(); st.Pinholes == nil || st.Pinholes.Open != 2 {
 		t.Errorf("status after the failover: %+v", st.Pinholes)
 	}
+}
+
+// TestPinholeFTPFailover: vsftpd behind the perimeter, its agent knowing
+// two gateways. curl lists through the first; its router dies with its
+// table and the second takes over, empty. The next transfer's data hole
+// is asked of the first, which does not answer, then of the second: the
+// 100 MB download passes with the checksum, and the second router drops
+// nothing of it (the kernel held vsftpd's PASV answer until the hole was
+// live there).
+func TestPinholeFTPFailover(t *testing.T) {
+	c := newChainSite(t, "10s", pinholetest.BackupURL)
+	site := ftpServer(t, c.perimeterSite, false)
+	c.startInApp(t, "ftp", site.Args()...)
+	c.waitListen(t, 21)
+	ctx := context.Background()
+	curl := ftpsite.Curl{NetNS: c.Client}
+	url := "ftp://" + nstest.Server4 + "/"
+	if _, err := curl.List(ctx, url); err != nil {
+		t.Fatalf("list through the first gateway: %v", err)
+	}
+	c.waitNoAgentHoles(t, "after the listing")
+
+	c.gw = c.gw.Takeover(t)
+	c.srv1 = c.client(t, "srv1")
+	dropsBefore, err := c.gw.Table().Dropped()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := curl.Get(ctx, url+ftpsite.BigFile)
+	if err != nil {
+		t.Fatalf("download through the second gateway: %v", err)
+	}
+	if tr.Bytes != ftpSize || tr.Sum != site.Sum {
+		t.Fatalf("downloaded %d bytes with sha256 %s, want %d with %s", tr.Bytes, tr.Sum, ftpSize, site.Sum)
+	}
+	dropsAfter, err := c.gw.Table().Dropped()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dropsAfter != dropsBefore {
+		t.Errorf("the second router dropped %d packets during the download", dropsAfter-dropsBefore)
+	}
+	if !strings.Contains(c.gw.Log(), `"msg":"pinhole opened"`) {
+		t.Errorf("the second gateway opened no hole:\n%s", c.gw.Log())
+	}
+	t.Logf("100 MB in %v through the second gateway", tr.Took.Round(time.Millisecond))
+	c.waitNoAgentHoles(t, "after the download")
 }
