@@ -39,6 +39,8 @@ const (
 )
 
 // inetDiagReq is struct inet_diag_req_v2; id is struct inet_diag_sockid.
+// Ours, not a library's: mdlayher/netlink frames the messages, but no
+// library at hand sends SOCK_DESTROY with the socket's cookie.
 type inetDiagReq struct {
 	Family   uint8
 	Protocol uint8

@@ -10,6 +10,9 @@ import (
 	"strings"
 )
 
+// Written by hand: prometheus/procfs's NetTCP is deprecated by its authors
+// (for sock_diag), and sock_diag would mean entering the process's netns.
+
 // procHolds lists the established TCP connections whose sockets process
 // tgid holds: the socket inodes of /proc/TGID/fd, looked up in
 // /proc/TGID/net/tcp and tcp6 (the process's own network namespace). An
