@@ -170,6 +170,7 @@ type FleetSource struct {
 
 // PinholeAgent is the pinhole agent in Status.
 type PinholeAgent struct {
+	// Gateway is the gateway the agent speaks to now (of --gateway's).
 	Gateway string `json:"gateway"`
 	Open    int    `json:"open"`
 	Pending int    `json:"pending"`

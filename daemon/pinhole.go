@@ -25,7 +25,7 @@ import (
 
 // pinholes is the pinhole agent of a daemon started with --gateway.
 type pinholes struct {
-	url     string
+	gateway *perimeter.Failover
 	kernel  *pinhole.Kernel
 	agent   *pinhole.Agent
 	metrics *pinholeMetrics
@@ -64,7 +64,7 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 	if err != nil {
 		return fmt.Errorf("pinhole agent: %w", err)
 	}
-	ph := &pinholes{url: d.cfg.GatewayURL, kernel: k, metrics: &pinholeMetrics{drops: k.Drops, held: k.Held}}
+	ph := &pinholes{gateway: gw, kernel: k, metrics: &pinholeMetrics{drops: k.Drops, held: k.Held}}
 	d.mu.Lock()
 	_, apps := pinholeApps(d.lastBindings)
 	d.mu.Unlock()
@@ -299,7 +299,7 @@ func (d *Daemon) pinholeStatus(ctx context.Context) *api.PinholeAgent {
 	if d.ph == nil {
 		return nil
 	}
-	st := &api.PinholeAgent{Gateway: d.ph.url}
+	st := &api.PinholeAgent{Gateway: d.ph.gateway.Current()}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	st.Open, st.Pending, st.Refused, _ = d.ph.agent.Counts(ctx)

@@ -41,6 +41,9 @@ func TestPinholeFailover(t *testing.T) {
 	until(t, "the hole at the second gateway", func() bool { return slices.Contains(gatewayHoles(t, b), want) })
 	mustReach(t, top.Client, "tcp", aux, "data\n", "the client through its hole at the second gateway")
 	mustNotReach(t, top.Other, "tcp", aux, "the second external host at the second gateway")
+	if st := e.status(); st.Pinholes == nil || st.Pinholes.Gateway != pinholetest.BackupURL {
+		t.Errorf("status after the move: %+v, want the second gateway", st.Pinholes)
+	}
 	if log := e.daemonLog(); !strings.Contains(log, "pinhole gateway changed") {
 		t.Errorf("the daemon did not log the move to the second gateway:\n%s", log)
 	}
