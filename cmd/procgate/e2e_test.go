@@ -227,7 +227,7 @@ func (e *e2e) startDaemon() {
 		cmd.Wait()
 		close(e.stopped)
 	}()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if _, err := (api.Client{Socket: e.socket}).Do(api.Request{Op: api.OpStatus}); err == nil {
 			return
@@ -238,7 +238,7 @@ func (e *e2e) startDaemon() {
 		case <-time.After(20 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			e.t.Fatalf("daemon did not serve %s within 10s:\n%s", e.socket, e.daemonLog())
+			e.t.Fatalf("daemon did not serve %s within 30s:\n%s", e.socket, e.daemonLog())
 		}
 	}
 }
@@ -250,7 +250,7 @@ func (e *e2e) stopDaemon(sig syscall.Signal) {
 	_ = e.daemon.Process.Signal(sig)
 	select {
 	case <-e.stopped:
-	case <-time.After(10 * time.Second):
+	case <-time.After(30 * time.Second):
 		e.t.Errorf("daemon did not stop on %v", sig)
 		_ = e.daemon.Process.Kill()
 		<-e.stopped
