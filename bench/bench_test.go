@@ -111,6 +111,21 @@ func TestSmoke(t *testing.T) {
 	if rt := r.Routes; rt == nil || len(rt.AddMs) != rt.Routes || len(rt.DelMs) != rt.Routes || rt.Routes == 0 || rt.Add.P50 <= 0 || rt.Del.P50 <= 0 {
 		t.Errorf("routes phase: %+v", rt)
 	}
+	seenKind := map[string]bool{}
+	for _, l := range r.Principals {
+		seenKind[l.Variant] = true
+		if l.Wrong != 0 || l.N == 0 || l.P50 <= 0 || l.P99 < l.P50 {
+			t.Errorf("principals %+v: %+v, %d wrong", l.latKey, l.summary, l.Wrong)
+		}
+		if l.Variant != vBaseline && l.P50Ratio <= 0 {
+			t.Errorf("principals %s: no ratio to the baseline", l.Variant)
+		}
+	}
+	for _, k := range principalKinds {
+		if !seenKind[k.name] {
+			t.Errorf("no principals result for %s", k.name)
+		}
+	}
 	// Measuring one phase again and merging it keeps the others' results.
 	if err := run(options{tiny: true, out: out, phases: []string{phaseDaemon}, merge: true}); err != nil {
 		t.Fatal(err)
@@ -131,7 +146,7 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "measured again", "scaling-p50.svg", "throughput.svg"} {
+	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "## Connect cost per principal kind", "measured again", "scaling-p50.svg", "throughput.svg"} {
 		if !strings.Contains(string(report), want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}

@@ -227,6 +227,7 @@ func (r *results) markdown(plots map[string]string) string {
 	r.pinholeSection(w)
 	r.revocationSection(w)
 	r.routesSection(w)
+	r.principalsSection(w)
 	r.costSection(w)
 	if len(r.Notes) > 0 {
 		w("## Notes")

@@ -27,9 +27,12 @@ type results struct {
 	Revocation *revocationResult `json:"revocation,omitempty"`
 	Daemon     *daemonResult     `json:"daemon,omitempty"`
 	Routes     *routesResult     `json:"routes,omitempty"`
-	BPFCost    []bpfCost         `json:"bpf_cost"`
-	Targets    []targetResult    `json:"targets"`
-	Notes      []string          `json:"notes"`
+	// Principals is the principals phase's latency, one row per principal
+	// kind (Variant) and the unenforced baseline and control.
+	Principals []latResult    `json:"principals,omitempty"`
+	BPFCost    []bpfCost      `json:"bpf_cost"`
+	Targets    []targetResult `json:"targets"`
+	Notes      []string       `json:"notes"`
 }
 
 type meta struct {
@@ -192,6 +195,8 @@ func (r *results) merge(dir string, phases []string) error {
 			old.Daemon = r.Daemon
 		case phaseRoutes:
 			old.Routes = r.Routes
+		case phasePrincipals:
+			old.Principals = r.Principals
 		}
 		old.Meta.TotalSeconds = round3(old.Meta.TotalSeconds - old.Meta.PhaseSeconds[p] + r.Meta.PhaseSeconds[p])
 		old.Meta.PhaseSeconds[p] = r.Meta.PhaseSeconds[p]

@@ -28,7 +28,7 @@ const (
 	phaseRevocation = "revocation"
 )
 
-var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole, phaseDaemon, phaseRoutes}
+var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole, phaseDaemon, phaseRoutes, phasePrincipals}
 
 type options struct {
 	quick   bool
@@ -191,6 +191,7 @@ func run(o options) (err error) {
 		phasePinhole:    b.pinholePhase,
 		phaseDaemon:     b.daemonPhase,
 		phaseRoutes:     b.routesPhase,
+		phasePrincipals: b.principalsPhase,
 	}
 	for _, p := range allPhases {
 		if !slices.Contains(o.phases, p) {
