@@ -126,6 +126,9 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("no principals result for %s", k.name)
 		}
 	}
+	if dr := r.DNS; dr == nil || dr.Answers == 0 || len(dr.AnswerMs) != dr.Answers || dr.Answer.P50 <= 0 {
+		t.Errorf("dns phase: %+v", dr)
+	}
 	// Measuring one phase again and merging it keeps the others' results.
 	if err := run(options{tiny: true, out: out, phases: []string{phaseDaemon}, merge: true}); err != nil {
 		t.Fatal(err)
@@ -146,7 +149,7 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "## Connect cost per principal kind", "measured again", "scaling-p50.svg", "throughput.svg"} {
+	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "## Connect cost per principal kind", "## DNS answer to grant", "measured again", "scaling-p50.svg", "throughput.svg"} {
 		if !strings.Contains(string(report), want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}

@@ -42,6 +42,9 @@ const (
 	// connect gets the verdict Allow (or Duration passes) and says when,
 	// on CLOCK_MONOTONIC.
 	opUntilVerdict op = "until-verdict"
+	// opResolve resolves Names at Dests[0] and connects to each answer at
+	// once (the dns phase).
+	opResolve op = "resolve"
 )
 
 type proto string
@@ -62,6 +65,8 @@ type request struct {
 	Duration time.Duration
 	// Pause between attempts (until-verdict).
 	Pause time.Duration
+	// Names to resolve (resolve).
+	Names []string
 }
 
 // check is one destination of a verify loop and the verdicts it may get.
@@ -103,6 +108,8 @@ type response struct {
 	// Ready is the interim answer of until-verdict: an attempt got the
 	// old verdict, the change may come (the final answer follows).
 	Ready bool
+	// resolve: CLOCK_MONOTONIC ns at the receipt of each answer.
+	Times []int64
 }
 
 // maybeClient turns the process into a client when envClient is set: call
@@ -190,6 +197,8 @@ func handle(r request, stop *atomic.Bool, ready func() error) (resp response) {
 		err = untilDenied(r, &resp)
 	case opUntilVerdict:
 		err = untilVerdict(r, &resp, ready)
+	case opResolve:
+		err = resolveLoop(r, &resp)
 	default:
 		err = fmt.Errorf("unknown op %q", r.Op)
 	}

@@ -228,6 +228,7 @@ func (r *results) markdown(plots map[string]string) string {
 	r.revocationSection(w)
 	r.routesSection(w)
 	r.principalsSection(w)
+	r.dnsSection(w)
 	r.costSection(w)
 	if len(r.Notes) > 0 {
 		w("## Notes")

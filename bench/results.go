@@ -30,6 +30,7 @@ type results struct {
 	// Principals is the principals phase's latency, one row per principal
 	// kind (Variant) and the unenforced baseline and control.
 	Principals []latResult    `json:"principals,omitempty"`
+	DNS        *dnsResult     `json:"dns,omitempty"`
 	BPFCost    []bpfCost      `json:"bpf_cost"`
 	Targets    []targetResult `json:"targets"`
 	Notes      []string       `json:"notes"`
@@ -164,6 +165,9 @@ func (r *results) merge(dir string, phases []string) error {
 	if slices.Contains(phases, phaseRoutes) || cfg.RouteAdds == 0 {
 		cfg.RouteAdds = r.Config.RouteAdds
 	}
+	if slices.Contains(phases, phaseDNS) || cfg.DNSAnswers == 0 {
+		cfg.DNSAnswers = r.Config.DNSAnswers
+	}
 	if !reflect.DeepEqual(cfg, r.Config) {
 		return fmt.Errorf("merge: this run's settings differ from those of %s (%+v, not %+v): run in full instead", path, r.Config, old.Config)
 	}
@@ -197,6 +201,8 @@ func (r *results) merge(dir string, phases []string) error {
 			old.Routes = r.Routes
 		case phasePrincipals:
 			old.Principals = r.Principals
+		case phaseDNS:
+			old.DNS = r.DNS
 		}
 		old.Meta.TotalSeconds = round3(old.Meta.TotalSeconds - old.Meta.PhaseSeconds[p] + r.Meta.PhaseSeconds[p])
 		old.Meta.PhaseSeconds[p] = r.Meta.PhaseSeconds[p]
