@@ -645,6 +645,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } migrated_tasks SEC(".maps");
 
+// migration_marks_seen[0] is 1 once migrate.c marked a process (it is never
+// reset while the maps are pinned): until then, on most hosts for ever,
+// migrated() answers without a lookup, and the host-wide fork and exit
+// tracepoints return at once for every process.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} migration_marks_seen SEC(".maps");
+
+static __always_inline int any_migration_mark(void)
+{
+	__u32 zero = 0;
+	__u32 *seen = bpf_map_lookup_elem(&migration_marks_seen, &zero);
+	return !seen || *seen; // no array: look up as before
+}
+
 struct task_struct___mig {
 	int tgid;
 	__u64 start_time;
@@ -654,6 +673,8 @@ struct task_struct___mig {
 // migrated: is the calling task's process marked in migrated_tasks?
 static __always_inline int migrated(void)
 {
+	if (!any_migration_mark())
+		return 0;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u64 *start = bpf_map_lookup_elem(&migrated_tasks, &tgid);
 	if (!start)

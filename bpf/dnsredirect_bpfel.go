@@ -184,6 +184,7 @@ const (
 	dnsredirectMapDnsRedirects        = "dns_redirects"
 	dnsredirectMapGenerationInfoInner = "generation_info_inner"
 	dnsredirectMapMigratedTasks       = "migrated_tasks"
+	dnsredirectMapMigrationMarksSeen  = "migration_marks_seen"
 	dnsredirectMapNameGrants          = "name_grants"
 	dnsredirectMapPolicyCurrent       = "policy_current"
 	dnsredirectMapPortRanges          = "port_ranges"
@@ -259,6 +260,7 @@ type dnsredirectMapSpecs struct {
 	DnsRedirects        *ebpf.MapSpec `ebpf:"dns_redirects"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
@@ -306,6 +308,7 @@ type dnsredirectMaps struct {
 	DnsRedirects        *ebpf.Map `ebpf:"dns_redirects"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
+	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
@@ -328,6 +331,7 @@ func (m *dnsredirectMaps) Close() error {
 		m.DnsRedirects,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
+		m.MigrationMarksSeen,
 		m.NameGrants,
 		m.PolicyCurrent,
 		m.PortRanges,

@@ -164,6 +164,7 @@ const (
 	hardenMapDestLookups           = "dest_lookups"
 	hardenMapGenerationInfoInner   = "generation_info_inner"
 	hardenMapMigratedTasks         = "migrated_tasks"
+	hardenMapMigrationMarksSeen    = "migration_marks_seen"
 	hardenMapNameGrants            = "name_grants"
 	hardenMapOwnedSockets          = "owned_sockets"
 	hardenMapOwnedSocketsFull      = "owned_sockets_full"
@@ -249,6 +250,7 @@ type hardenMapSpecs struct {
 	DestLookups           *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner   *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks         *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	MigrationMarksSeen    *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	NameGrants            *ebpf.MapSpec `ebpf:"name_grants"`
 	OwnedSockets          *ebpf.MapSpec `ebpf:"owned_sockets"`
 	OwnedSocketsFull      *ebpf.MapSpec `ebpf:"owned_sockets_full"`
@@ -298,6 +300,7 @@ type hardenMaps struct {
 	DestLookups           *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner   *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks         *ebpf.Map `ebpf:"migrated_tasks"`
+	MigrationMarksSeen    *ebpf.Map `ebpf:"migration_marks_seen"`
 	NameGrants            *ebpf.Map `ebpf:"name_grants"`
 	OwnedSockets          *ebpf.Map `ebpf:"owned_sockets"`
 	OwnedSocketsFull      *ebpf.Map `ebpf:"owned_sockets_full"`
@@ -322,6 +325,7 @@ func (m *hardenMaps) Close() error {
 		m.DestLookups,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
+		m.MigrationMarksSeen,
 		m.NameGrants,
 		m.OwnedSockets,
 		m.OwnedSocketsFull,

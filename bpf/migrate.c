@@ -109,6 +109,12 @@ static __always_inline void mark(struct task_struct___mg *t)
 {
 	__u32 tgid = BPF_CORE_READ(t, tgid);
 	__u64 start = BPF_CORE_READ(t, group_leader, start_time);
+	// Seen before the mark is: a reader that finds the mark has seen
+	// this too (the update below is a full barrier).
+	__u32 zero = 0;
+	__u32 *seen = bpf_map_lookup_elem(&migration_marks_seen, &zero);
+	if (seen && !*seen)
+		__sync_fetch_and_add(seen, 1);
 	// Full map: the mark is lost (fail open); 65536 processes moved
 	// between apps at once is far beyond any legitimate use.
 	bpf_map_update_elem(&migrated_tasks, &tgid, &start, BPF_ANY);
@@ -194,7 +200,12 @@ int mark_fork(unsigned long long *ctx)
 		return 0;
 	}
 	// Only a clone3(CLONE_INTO_CGROUP) puts the child elsewhere than its
-	// parent.
+	// parent. The common fork shares its parent's css_set: two loads
+	// through the tracepoint's and the helper's BTF pointers (no probe
+	// reads; bpf_get_current_task_btf is 5.11+).
+	struct task_struct___mg *parent = (struct task_struct___mg *)bpf_get_current_task_btf();
+	if ((unsigned long)child->cgroups == (unsigned long)parent->cgroups)
+		return 0;
 	struct cgroup___cg *cg = BPF_CORE_READ(child, cgroups, dfl_cgrp);
 	if (cgroup_id_of(cg) == bpf_get_current_cgroup_id())
 		return 0;
@@ -205,6 +216,9 @@ int mark_fork(unsigned long long *ctx)
 SEC("tp_btf/sched_process_exit")
 int forget_exit(unsigned long long *ctx)
 {
+	// Nothing to forget on a host where no process was ever marked.
+	if (!any_migration_mark())
+		return 0;
 	// The last thread of the process: do_exit has counted it out of
 	// signal->live already.
 	struct task_struct___mg *t = (struct task_struct___mg *)ctx[0];

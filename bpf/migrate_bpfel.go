@@ -192,6 +192,7 @@ const (
 	migrateMapDestLookups         = "dest_lookups"
 	migrateMapGenerationInfoInner = "generation_info_inner"
 	migrateMapMigratedTasks       = "migrated_tasks"
+	migrateMapMigrationMarksSeen  = "migration_marks_seen"
 	migrateMapMkdirScratch        = "mkdir_scratch"
 	migrateMapNameGrants          = "name_grants"
 	migrateMapPolicyCurrent       = "policy_current"
@@ -274,6 +275,7 @@ type migrateMapSpecs struct {
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	MkdirScratch        *ebpf.MapSpec `ebpf:"mkdir_scratch"`
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
@@ -324,6 +326,7 @@ type migrateMaps struct {
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
+	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
 	MkdirScratch        *ebpf.Map `ebpf:"mkdir_scratch"`
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
@@ -347,6 +350,7 @@ func (m *migrateMaps) Close() error {
 		m.DestLookups,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
+		m.MigrationMarksSeen,
 		m.MkdirScratch,
 		m.NameGrants,
 		m.PolicyCurrent,

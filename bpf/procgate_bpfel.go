@@ -187,6 +187,7 @@ const (
 	procgateMapDestLookups         = "dest_lookups"
 	procgateMapGenerationInfoInner = "generation_info_inner"
 	procgateMapMigratedTasks       = "migrated_tasks"
+	procgateMapMigrationMarksSeen  = "migration_marks_seen"
 	procgateMapNameGrants          = "name_grants"
 	procgateMapPolicyCurrent       = "policy_current"
 	procgateMapPortRanges          = "port_ranges"
@@ -266,6 +267,7 @@ type procgateMapSpecs struct {
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
@@ -311,6 +313,7 @@ type procgateMaps struct {
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
+	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
@@ -331,6 +334,7 @@ func (m *procgateMaps) Close() error {
 		m.DestLookups,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
+		m.MigrationMarksSeen,
 		m.NameGrants,
 		m.PolicyCurrent,
 		m.PortRanges,

@@ -193,6 +193,7 @@ const (
 	sweepMapDestLookups         = "dest_lookups"
 	sweepMapGenerationInfoInner = "generation_info_inner"
 	sweepMapMigratedTasks       = "migrated_tasks"
+	sweepMapMigrationMarksSeen  = "migration_marks_seen"
 	sweepMapNameGrants          = "name_grants"
 	sweepMapPolicyCurrent       = "policy_current"
 	sweepMapPortRanges          = "port_ranges"
@@ -268,6 +269,7 @@ type sweepMapSpecs struct {
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
@@ -317,6 +319,7 @@ type sweepMaps struct {
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
+	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
@@ -339,6 +342,7 @@ func (m *sweepMaps) Close() error {
 		m.DestLookups,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
+		m.MigrationMarksSeen,
 		m.NameGrants,
 		m.PolicyCurrent,
 		m.PortRanges,
