@@ -774,6 +774,9 @@ func (e *Enforcer) Guards() []Guard {
 		What: "a TCP connection an app opened to an internal destination takes data only from the app's processes: a write by any other process is refused (EACCES); guarded: " + scope + "; by " + how})
 	if e.handoverErr != nil {
 		gs[len(gs)-1].Why = "sockops and sk_msg programs did not load: " + e.handoverErr.Error()
+		if e.lsmHandoverErr != nil {
+			gs[len(gs)-1].Why = "BPF LSM socket_sendmsg program did not load: " + lsmWhy(e.lsmHandoverErr) + "; " + gs[len(gs)-1].Why
+		}
 	}
 	sweepHow := "socket iterators and bpf_sock_destroy"
 	if e.sweep == nil || e.sweep.err != nil {

@@ -653,7 +653,9 @@ int guard_packet_socket(unsigned long long *ctx)
 // (5.11+), struct sock_common's skc_daddr, skc_dport, skc_v6_daddr and
 // skc_family.
 struct in6_addr___lh {
-	__u32 s6_addr32[4];
+	union {
+		__u32 u6_addr32[4];
+	} in6_u; // s6_addr32 is a macro for in6_u.u6_addr32
 } __attribute__((preserve_access_index));
 
 struct sock_common___lh {
@@ -696,7 +698,7 @@ int guard_handover_lsm(unsigned long long *ctx)
 	}
 	struct dest peer = { .proto = PROTO_TCP, .port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)) };
 	__u32 w[4] = {};
-	BPF_CORE_READ_INTO(&w, sk, __sk_common.skc_v6_daddr.s6_addr32);
+	BPF_CORE_READ_INTO(&w, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr32);
 	if (BPF_CORE_READ(sk, __sk_common.skc_family) == AF_INET6 && !(w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff))) {
 		peer.family = 6;
 		__builtin_memcpy(peer.addr, w, 16);
