@@ -603,8 +603,35 @@ static __always_inline __u64 ancestor_of(int who, void *ctx, int level)
 	return bpf_get_current_ancestor_cgroup_id(level);
 }
 
+// principal_cache: what the ancestor walk of principal_of found for a
+// cgroup that is no app cgroup itself (a process of no app, or one below
+// its app's cgroup), and in which generation. An entry counts only for its
+// own generation: a reload that binds or unbinds an ancestor starts a new
+// one. Within a generation a cgroup's ancestors' bindings do not change
+// (follow_mkdir binds only a cgroup it sees made, before it has
+// descendants or processes; rmdir only unbinds a cgroup gone for good,
+// and drops its entry here). Keyed by cgroup id alone, so each cgroup has
+// one entry, replaced when the generation moves on; an entry holds the
+// app cgroup's id, whose app_by_cgroup entry a hit reads. Full (65536
+// cgroups of no app seen): not cached, walked.
+struct principal_entry {
+	__u32 generation;
+	__u32 pad;
+	__u64 app_cgroup; // the app cgroup the walk found; 0: none
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, struct principal_entry);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} principal_cache SEC(".maps");
+
 // principal_of is the deepest app cgroup among the cgroup and its ancestors.
-// Only levels where some app cgroup lives are probed.
+// Only levels where some app cgroup lives are probed, once per cgroup and
+// generation (principal_cache).
 static __always_inline struct app_info *principal_of(int who, void *ctx, __u32 slot, const struct generation_info *info,
 						     __u64 *cgroup_id)
 {
@@ -613,6 +640,19 @@ static __always_inline struct app_info *principal_of(int who, void *ctx, __u32 s
 	struct app_info *a = bpf_map_lookup_elem(&app_by_cgroup, &key);
 	if (a)
 		return a;
+	__u64 id = key.cgroup_id;
+	struct principal_entry *c = bpf_map_lookup_elem(&principal_cache, &id);
+	// A hit is looked up in app_by_cgroup again: every principal_of then
+	// returns an entry of that map (or NULL), and the verifier follows
+	// one kind of pointer, not two, through the rest of each program.
+	if (c && c->generation == info->generation) {
+		if (!c->app_cgroup)
+			return NULL;
+		key.cgroup_id = c->app_cgroup;
+		return bpf_map_lookup_elem(&app_by_cgroup, &key);
+	}
+	struct principal_entry fresh = { .generation = info->generation };
+	a = NULL;
 	__u32 max = info->max_level;
 	for (__u32 i = 0; i < MAX_CGROUP_LEVEL; i++) {
 		if (i > max)
@@ -625,9 +665,14 @@ static __always_inline struct app_info *principal_of(int who, void *ctx, __u32 s
 			continue; // the cgroup is shallower than this level
 		a = bpf_map_lookup_elem(&app_by_cgroup, &key);
 		if (a)
-			return a;
+			break;
 	}
-	return NULL;
+	// Filled after the loop, so that the verifier sees one state leave it
+	// whatever the level the walk ended at.
+	if (a)
+		fresh.app_cgroup = key.cgroup_id;
+	bpf_map_update_elem(&principal_cache, &id, &fresh, BPF_ANY);
+	return a;
 }
 
 // Processes that entered an app cgroup through a migration or a

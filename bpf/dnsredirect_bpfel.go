@@ -113,6 +113,13 @@ type dnsredirectPortRange struct {
 	Hi uint16
 }
 
+type dnsredirectPrincipalEntry struct {
+	_          structs.HostLayout
+	Generation uint32
+	Pad        uint32
+	AppCgroup  uint64
+}
+
 type dnsredirectRuleKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -188,6 +195,7 @@ const (
 	dnsredirectMapNameGrants          = "name_grants"
 	dnsredirectMapPolicyCurrent       = "policy_current"
 	dnsredirectMapPortRanges          = "port_ranges"
+	dnsredirectMapPrincipalCache      = "principal_cache"
 	dnsredirectMapRules               = "rules"
 	dnsredirectMapSocketOwners        = "socket_owners"
 	dnsredirectMapVerdictCache        = "verdict_cache"
@@ -264,6 +272,7 @@ type dnsredirectMapSpecs struct {
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
+	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
@@ -312,6 +321,7 @@ type dnsredirectMaps struct {
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
+	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
@@ -335,6 +345,7 @@ func (m *dnsredirectMaps) Close() error {
 		m.NameGrants,
 		m.PolicyCurrent,
 		m.PortRanges,
+		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
 		m.VerdictCache,

@@ -582,3 +582,69 @@ func TestVerdictCachesFollowGenerations(t *testing.T) {
 		}
 	}
 }
+
+// TestPrincipalCacheFollowsGenerations: a process below its app's cgroup
+// has its principal found by the ancestor walk, which is cached per cgroup
+// for one generation (principal_cache). A reload that binds a cgroup
+// between the app's and the process' to another app makes the process that
+// app's at once, one that unbinds the app's cgroup makes it unbound, and one
+// that restores the policy makes it the app's again: a cache that outlived
+// its generation would keep the first answer.
+func TestPrincipalCacheFollowsGenerations(t *testing.T) {
+	w := newWorld(t, "top", "deep") // deep's prober runs two levels below its cgroup
+	const policy = "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: top\n  - name: deep\n    allow:\n      - {to: 10.1.0.0/16, proto: tcp, ports: [5432]}\n"
+	rs := mustPolicy(t, policy)
+	startServers(t, w.netns, []string{"[::]:5432"}, nil)
+	w.apply(rs)
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	p := w.prober("deep")
+	d := ruleset.Dest{Addr: netip.MustParseAddr("10.1.2.3"), Proto: ruleset.TCP, Port: 5432}
+	unbindDeep := func(g *Generation) {
+		var keep []Binding
+		for _, b := range g.Bindings {
+			if b.App != "deep" {
+				keep = append(keep, b)
+			}
+		}
+		g.Bindings = keep
+	}
+	// The cgroup between deep's and the prober's bound to top (no grant):
+	// the deepest app cgroup wins, so the prober becomes top's.
+	worker := filepath.Join(w.cgroups["deep"], "worker")
+	workerID, err := cgroups.ID(worker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	workerLevel, err := cgroups.Level(w.mount, worker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	workerToTop := func(g *Generation) {
+		g.Bindings = append(g.Bindings, Binding{App: "top", CgroupID: workerID, Level: workerLevel})
+	}
+	for i, step := range []struct {
+		opts []func(*Generation)
+		want probe.Verdict
+	}{
+		{nil, probe.Allowed},
+		{[]func(*Generation){workerToTop}, probe.Denied},
+		{nil, probe.Allowed},
+		{[]func(*Generation){unbindDeep}, probe.Denied},
+		{nil, probe.Allowed},
+	} {
+		if i > 0 {
+			w.apply(rs, step.opts...)
+		}
+		for range 2 { // the second attempt may come from the cache
+			got, err := p.Try(d, probe.Connect)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != step.want {
+				t.Fatalf("step %d: connect from below deep's cgroup: %s, want %s", i, got, step.want)
+			}
+		}
+	}
+}

@@ -95,6 +95,13 @@ type hardenPortRange struct {
 	Hi uint16
 }
 
+type hardenPrincipalEntry struct {
+	_          structs.HostLayout
+	Generation uint32
+	Pad        uint32
+	AppCgroup  uint64
+}
+
 type hardenRuleKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -171,6 +178,7 @@ const (
 	hardenMapOwnedSocketsUnmatched = "owned_sockets_unmatched"
 	hardenMapPolicyCurrent         = "policy_current"
 	hardenMapPortRanges            = "port_ranges"
+	hardenMapPrincipalCache        = "principal_cache"
 	hardenMapRules                 = "rules"
 	hardenMapSocketOwners          = "socket_owners"
 	hardenMapStackProbe            = "stack_probe"
@@ -257,6 +265,7 @@ type hardenMapSpecs struct {
 	OwnedSocketsUnmatched *ebpf.MapSpec `ebpf:"owned_sockets_unmatched"`
 	PolicyCurrent         *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges            *ebpf.MapSpec `ebpf:"port_ranges"`
+	PrincipalCache        *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules                 *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners          *ebpf.MapSpec `ebpf:"socket_owners"`
 	StackProbe            *ebpf.MapSpec `ebpf:"stack_probe"`
@@ -307,6 +316,7 @@ type hardenMaps struct {
 	OwnedSocketsUnmatched *ebpf.Map `ebpf:"owned_sockets_unmatched"`
 	PolicyCurrent         *ebpf.Map `ebpf:"policy_current"`
 	PortRanges            *ebpf.Map `ebpf:"port_ranges"`
+	PrincipalCache        *ebpf.Map `ebpf:"principal_cache"`
 	Rules                 *ebpf.Map `ebpf:"rules"`
 	SocketOwners          *ebpf.Map `ebpf:"socket_owners"`
 	StackProbe            *ebpf.Map `ebpf:"stack_probe"`
@@ -332,6 +342,7 @@ func (m *hardenMaps) Close() error {
 		m.OwnedSocketsUnmatched,
 		m.PolicyCurrent,
 		m.PortRanges,
+		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
 		m.StackProbe,

@@ -404,6 +404,8 @@ int forget_rmdir(unsigned long long *ctx)
 		k.slot = slot;
 		bpf_map_delete_elem(&app_by_cgroup, &k);
 	}
+	__u64 id = k.cgroup_id;
+	bpf_map_delete_elem(&principal_cache, &id);
 	return 0;
 }
 

@@ -121,6 +121,13 @@ type migratePortRange struct {
 	Hi uint16
 }
 
+type migratePrincipalEntry struct {
+	_          structs.HostLayout
+	Generation uint32
+	Pad        uint32
+	AppCgroup  uint64
+}
+
 type migrateRuleKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -197,6 +204,7 @@ const (
 	migrateMapNameGrants          = "name_grants"
 	migrateMapPolicyCurrent       = "policy_current"
 	migrateMapPortRanges          = "port_ranges"
+	migrateMapPrincipalCache      = "principal_cache"
 	migrateMapRules               = "rules"
 	migrateMapSocketOwners        = "socket_owners"
 	migrateMapVerdictCache        = "verdict_cache"
@@ -280,6 +288,7 @@ type migrateMapSpecs struct {
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
+	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
@@ -331,6 +340,7 @@ type migrateMaps struct {
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
+	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
@@ -355,6 +365,7 @@ func (m *migrateMaps) Close() error {
 		m.NameGrants,
 		m.PolicyCurrent,
 		m.PortRanges,
+		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
 		m.VerdictCache,

@@ -118,6 +118,13 @@ type procgatePortRange struct {
 	Hi uint16
 }
 
+type procgatePrincipalEntry struct {
+	_          structs.HostLayout
+	Generation uint32
+	Pad        uint32
+	AppCgroup  uint64
+}
+
 type procgateRuleKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -191,6 +198,7 @@ const (
 	procgateMapNameGrants          = "name_grants"
 	procgateMapPolicyCurrent       = "policy_current"
 	procgateMapPortRanges          = "port_ranges"
+	procgateMapPrincipalCache      = "principal_cache"
 	procgateMapRules               = "rules"
 	procgateMapSocketOwners        = "socket_owners"
 	procgateMapVerdictCache        = "verdict_cache"
@@ -271,6 +279,7 @@ type procgateMapSpecs struct {
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
+	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
@@ -317,6 +326,7 @@ type procgateMaps struct {
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
+	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
@@ -338,6 +348,7 @@ func (m *procgateMaps) Close() error {
 		m.NameGrants,
 		m.PolicyCurrent,
 		m.PortRanges,
+		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
 		m.VerdictCache,

@@ -95,6 +95,13 @@ type sweepPortRange struct {
 	Hi uint16
 }
 
+type sweepPrincipalEntry struct {
+	_          structs.HostLayout
+	Generation uint32
+	Pad        uint32
+	AppCgroup  uint64
+}
+
 type sweepRecordKind uint32
 
 const (
@@ -197,6 +204,7 @@ const (
 	sweepMapNameGrants          = "name_grants"
 	sweepMapPolicyCurrent       = "policy_current"
 	sweepMapPortRanges          = "port_ranges"
+	sweepMapPrincipalCache      = "principal_cache"
 	sweepMapRules               = "rules"
 	sweepMapSocketOwners        = "socket_owners"
 	sweepMapSweepListenPorts    = "sweep_listen_ports"
@@ -273,6 +281,7 @@ type sweepMapSpecs struct {
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
+	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SweepListenPorts    *ebpf.MapSpec `ebpf:"sweep_listen_ports"`
@@ -323,6 +332,7 @@ type sweepMaps struct {
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
+	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SweepListenPorts    *ebpf.Map `ebpf:"sweep_listen_ports"`
@@ -346,6 +356,7 @@ func (m *sweepMaps) Close() error {
 		m.NameGrants,
 		m.PolicyCurrent,
 		m.PortRanges,
+		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
 		m.SweepListenPorts,
