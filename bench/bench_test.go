@@ -55,7 +55,7 @@ func TestSmoke(t *testing.T) {
 	}
 	for _, v := range allVariants() {
 		for _, p := range []string{phaseLatency, phaseScaling} {
-			if !seen[p+"/"+v.Name] && !(v.control && p == phaseScaling) {
+			if !seen[p+"/"+v.Name] && !((v.control || v.latencyOnly) && p == phaseScaling) {
 				t.Errorf("no %s results for %s", p, v.Name)
 			}
 		}

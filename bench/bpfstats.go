@@ -146,6 +146,9 @@ func hookOrder(progs map[string]*ebpf.Program) []string {
 // BPF statistics on.
 func (b *bench) latencyCost(phase string, l *lane, pol *benchPolicy, p proto, c class) error {
 	what := fmt.Sprintf("%s %s %s", l.topo, callName(p), c)
+	if l.v.Name != vProcgate {
+		what = l.v.Name + ": " + what
+	}
 	cost, err := b.withBPFStats(phase, what, pol.size, "attempt", func() (float64, error) {
 		resp, err := l.cl.do(request{Op: opLatency, Proto: p, Dests: addrPorts(pol.dests(c), servicePort), N: b.cfg.Batch, Allow: c != classDeny})
 		return float64(resp.Attempts), err

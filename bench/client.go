@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -136,6 +137,7 @@ const benchGuardGID = 64999
 func serveClient(uid string, in io.Reader, out io.Writer) error {
 	// After the process was placed in its namespace and cgroup, which
 	// needs root. Go applies set*id to every thread.
+	uid, open := strings.CutSuffix(uid, ",open")
 	id, err := strconv.Atoi(uid)
 	if err != nil {
 		return fmt.Errorf("client uid %q: %w", uid, err)
@@ -143,7 +145,11 @@ func serveClient(uid string, in io.Reader, out io.Writer) error {
 	if err := syscall.Setgroups(nil); err != nil {
 		return err
 	}
-	if err := syscall.Setresgid(benchGuardGID, id, id); err != nil {
+	rgid := benchGuardGID
+	if open {
+		rgid = id
+	}
+	if err := syscall.Setresgid(rgid, id, id); err != nil {
 		return err
 	}
 	if id != 0 {
@@ -549,7 +555,7 @@ type client struct {
 
 // startClient starts a client in cgroup dir and the namespace at ns, with
 // uid (0: root).
-func startClient(name, cgroupDir, ns string, uid int) (*client, error) {
+func startClient(name, cgroupDir, ns string, uid int, openToTracing bool) (*client, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("find own executable: %w", err)
@@ -562,7 +568,11 @@ func startClient(name, cgroupDir, ns string, uid int) (*client, error) {
 	cmd := exec.Command(self)
 	// No asynchronous preemption: its signals interrupt blocking connects
 	// and add noise to what is timed.
-	cmd.Env = append(os.Environ(), envClient+"="+strconv.Itoa(uid), "GODEBUG=asyncpreemptoff=1")
+	who := strconv.Itoa(uid)
+	if openToTracing {
+		who += ",open"
+	}
+	cmd.Env = append(os.Environ(), envClient+"="+who, "GODEBUG=asyncpreemptoff=1")
 	// Created in the cgroup (clone3), so it never runs anywhere else. No
 	// Pdeathsig: it fires when the forking *thread* ends, and the Go runtime
 	// ends threads whose goroutine exits locked (newNetNS does), which

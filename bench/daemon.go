@@ -151,7 +151,7 @@ func (b *bench) daemonPhase(ctx context.Context) error {
 // cliRevocations times `procgate revoke --app app0` against a client of
 // app0 sending to its first granted destination, then restores the grants.
 func (b *bench) cliRevocations(ctx context.Context, d *daemonProc, ns string, pol *benchPolicy, res *daemonResult) error {
-	cl, err := startClient("daemon/app0", filepath.Join(d.cgroupRoot, daemon.AppsDir, appName(0)), ns, 0)
+	cl, err := startClient("daemon/app0", filepath.Join(d.cgroupRoot, daemon.AppsDir, appName(0)), ns, 0, false)
 	if err != nil {
 		return err
 	}

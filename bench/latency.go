@@ -138,7 +138,7 @@ func (b *bench) latencyPhase(ctx context.Context) error {
 	// keeps the full run within its time.
 	var vethVariants []*variant
 	for _, v := range b.variants {
-		if v.Name != vNftCgroupRules && v.Name != vProcgateHooks {
+		if v.Name != vNftCgroupRules && v.Name != vProcgateHooks && !v.latencyOnly {
 			vethVariants = append(vethVariants, v)
 		}
 	}
@@ -151,7 +151,7 @@ func (b *bench) latencyPhase(ctx context.Context) error {
 	}
 	b.res.Latency = append(b.res.Latency, res...)
 	for _, l := range w.lanes {
-		if l.v.Name != vProcgate {
+		if l.v.Name != vProcgate && l.v.Name != vProcgateTraceable {
 			continue
 		}
 		for _, p := range []proto{tcp, udp} {
@@ -202,7 +202,7 @@ func (b *bench) scalingPhase(ctx context.Context) error {
 		b.res.Loads = append(b.res.Loads, loadResult{Variant: vProcgate, Size: size, First: first, Reload: medianLoad(reloads), MapMemory: mem})
 		var vs []*variant
 		for _, v := range b.variants {
-			if !v.control {
+			if !v.control && !v.latencyOnly {
 				vs = append(vs, v)
 			}
 		}

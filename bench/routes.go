@@ -137,7 +137,7 @@ func (b *bench) routesPhase(ctx context.Context) error {
 		return err
 	}
 	defer d.stop()
-	cl, err := startClient("routes/app0", filepath.Join(d.cgroupRoot, daemon.AppsDir, appName(0)), ns, 0)
+	cl, err := startClient("routes/app0", filepath.Join(d.cgroupRoot, daemon.AppsDir, appName(0)), ns, 0, false)
 	if err != nil {
 		return err
 	}

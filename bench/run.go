@@ -256,8 +256,12 @@ func (b *bench) setup() error {
 	if err := enf.Attach(); err != nil {
 		return err
 	}
-	if err := b.attachHooksOnly(dir); err != nil {
-		return err
+	for _, v := range b.variants {
+		if v.pinned != nil {
+			if err := b.attachPinned(dir, v); err != nil {
+				return err
+			}
+		}
 	}
 	for _, g := range enf.Guards() {
 		b.res.Meta.ProcgateGuards = append(b.res.Meta.ProcgateGuards, fmt.Sprintf("%s: active=%v", g.Name, g.Active))
@@ -265,26 +269,37 @@ func (b *bench) setup() error {
 	return nil
 }
 
-// attachHooksOnly attaches the enforcer's own connect and sendmsg programs
-// (pinned in dir for inspection) to the hooks-only variant's cgroup, and
-// nothing else: the same maps, so the same policy, without the backstops.
-func (b *bench) attachHooksOnly(dir string) error {
-	cg := filepath.Join(b.host.cgroup, vProcgateHooks)
-	for _, h := range []struct {
-		name   string
-		attach ebpf.AttachType
-	}{
-		{"connect4", ebpf.AttachCGroupInet4Connect}, {"connect6", ebpf.AttachCGroupInet6Connect},
-		{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg}, {"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
-	} {
-		prog, err := ebpf.LoadPinnedProgram(filepath.Join(dir, "prog_"+h.name), nil)
-		if err != nil {
-			return fmt.Errorf("load pinned %s program: %w", h.name, err)
+// pinnedAttach is how each program the enforcer pins attaches.
+var pinnedAttach = map[string]ebpf.AttachType{
+	"connect4": ebpf.AttachCGroupInet4Connect, "connect6": ebpf.AttachCGroupInet6Connect,
+	"sendmsg4": ebpf.AttachCGroupUDP4Sendmsg, "sendmsg6": ebpf.AttachCGroupUDP6Sendmsg,
+	"bind4": ebpf.AttachCGroupInet4Bind, "bind6": ebpf.AttachCGroupInet6Bind,
+	"sock_create": ebpf.AttachCGroupInetSockCreate, "egress": ebpf.AttachCGroupInetEgress,
+	"handover": ebpf.AttachCGroupSockOps,
+}
+
+// attachPinned attaches the enforcer's programs that v names (pinned in
+// dir for inspection) to v's cgroup, and nothing else: the same maps, so
+// the same policy, with only those guards. A program the enforcer did not
+// attach on this kernel (an optional guard it lacks) is left out.
+func (b *bench) attachPinned(dir string, v *variant) error {
+	cg := filepath.Join(b.host.cgroup, v.Name)
+	for _, name := range v.pinned {
+		attach, ok := pinnedAttach[name]
+		if !ok {
+			return fmt.Errorf("variant %s: no attach type for program %s", v.Name, name)
 		}
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: h.attach, Program: prog})
+		prog, err := ebpf.LoadPinnedProgram(filepath.Join(dir, "prog_"+name), nil)
+		if errors.Is(err, os.ErrNotExist) && name == "handover" {
+			continue // BPF LSM guards handovers here, or the guard is missing: Guards says which
+		}
+		if err != nil {
+			return fmt.Errorf("load pinned %s program: %w", name, err)
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: attach, Program: prog})
 		prog.Close()
 		if err != nil {
-			return fmt.Errorf("attach %s to %s: %w", h.name, cg, err)
+			return fmt.Errorf("attach %s to %s: %w", name, cg, err)
 		}
 		b.host.undo.push(l.Close)
 	}
@@ -298,8 +313,11 @@ func (b *bench) applyProcgate(rs *ruleset.Ruleset, pol *benchPolicy) (loadStats,
 	// As the daemon applies it by default (--tcp-handover=auto).
 	g := bpf.Generation{Rules: rs, AppIDs: pol.appIDs(), AuditRate: 100, TrustTraceGuard: true}
 	for a := range pol.apps {
-		for _, v := range []string{vProcgate, vProcgateHooks} {
-			dir := b.appCgroup(v, a)
+		for _, v := range b.variants {
+			if !v.procgateLike() {
+				continue
+			}
+			dir := b.appCgroup(v.Name, a)
 			id, err := cgroups.ID(dir)
 			if err != nil {
 				return loadStats{}, err

@@ -46,10 +46,20 @@ func (r *results) evaluate() []targetResult {
 				if !*tr.Met {
 					tr.Gap = fmt.Sprintf("%.1f points over", (worst-1.05)*100)
 				}
-				if h, ok := r.lat(phaseLatency, t, p, classAllow, r.Config.MatrixSize, vProcgateHooks); ok {
-					tr.Why = fmt.Sprintf("connect/sendmsg programs alone (%s): p50 %s, p99 %s; the egress backstop, the sock_create guard and the handover guard's sockops program add the rest",
-						vProcgateHooks, pct(h.P50Ratio), pct(h.P99Ratio))
+				// What each guard adds, one at a time (p50, each against
+				// the baseline of its own rounds).
+				var parts []string
+				for _, v := range []struct{ name, what string }{
+					{vProcgateHooks, "connect/sendmsg programs alone"},
+					{vProcgateSockCreate, "with the sock_create guard"},
+					{vProcgateEgress, "with the egress backstop"},
+					{vProcgateTraceable, "everything, for a process open to tracing (TCP handover guard on its connections)"},
+				} {
+					if h, ok := r.lat(phaseLatency, t, p, classAllow, r.Config.MatrixSize, v.name); ok {
+						parts = append(parts, fmt.Sprintf("%s (%s): p50 %s, p99 %s", v.what, v.name, pct(h.P50Ratio), pct(h.P99Ratio)))
+					}
 				}
+				tr.Why = strings.Join(parts, "; ")
 			}
 			out = append(out, tr)
 		}

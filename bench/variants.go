@@ -24,6 +24,18 @@ type variant struct {
 	// app's uid. All others run as root (the uid does not change their
 	// connect path).
 	uidBased bool
+	// latencyOnly variants break procgate's cost down by guard: measured
+	// in the latency phase over loopback only.
+	latencyOnly bool
+	// pinned lists the enforcer's programs (pinned as prog_<hook>) that a
+	// procgate variant other than procgate itself attaches to its own
+	// cgroup: the same programs and maps, so the same policy.
+	pinned []string
+	// openToTracing: the client runs with all its uids and gids equal, as
+	// a traceable app, a script or root, whose connections the default TCP
+	// handover guard watches; every other client has the trace guard's
+	// credentials, as `procgate run` starts apps.
+	openToTracing bool
 	// install puts the variant's rules into the network namespace ns of a
 	// lane; nil for variants that need none there.
 	install func(b *bench, l *lane, pol *benchPolicy) (loadStats, error)
@@ -39,14 +51,18 @@ type loadStats struct {
 }
 
 const (
-	vBaseline       = "baseline"
-	vControl        = "baseline-aa"
-	vProcgate       = "procgate"
-	vProcgateHooks  = "procgate-hooks-only"
-	vNftCgroupSet   = "nft-cgroup-set"
-	vNftCgroupRules = "nft-cgroup-rules"
-	vNftUIDSet      = "nft-uid-set"
-	vRouteUID       = "route-uid"
+	vBaseline      = "baseline"
+	vControl       = "baseline-aa"
+	vProcgate      = "procgate"
+	vProcgateHooks = "procgate-hooks-only"
+	// One guard at a time on top of the hooks, and the TCP handover guard.
+	vProcgateEgress     = "procgate-hooks+egress"
+	vProcgateSockCreate = "procgate-hooks+sock_create"
+	vProcgateTraceable  = "procgate-traceable"
+	vNftCgroupSet       = "nft-cgroup-set"
+	vNftCgroupRules     = "nft-cgroup-rules"
+	vNftUIDSet          = "nft-uid-set"
+	vRouteUID           = "route-uid"
 )
 
 // Where variants stop (see StopWhy).
@@ -60,8 +76,15 @@ func allVariants() []*variant {
 	return []*variant{
 		{Name: vBaseline, Desc: "no enforcement"},
 		{Name: vControl, Desc: "control: a second, identical baseline lane; its ratio to the baseline is this run's noise floor", control: true},
-		{Name: vProcgate, Desc: "procgate: eBPF cgroup connect4/6, sendmsg4/6 (+ sock_create, egress backstop), as bpf.Open/Apply/Attach install it"},
-		{Name: vProcgateHooks, Desc: "diagnostic: procgate's connect4/6 and sendmsg4/6 programs alone (no egress backstop, no sock_create guard, no handover sockops) on a cgroup of their own, same maps and policy: what the backstops and the handover guard add"},
+		{Name: vProcgate, Desc: "procgate: eBPF cgroup connect4/6, sendmsg4/6 (+ sock_create, egress backstop, bind hooks, the TCP handover guard's sockops), as bpf.Open/Apply/Attach install it with the daemon's defaults (--tcp-handover=auto); the client has the trace guard's credentials, as `procgate run` starts apps, so its connections are left to the trace guard"},
+		{Name: vProcgateHooks, Desc: "diagnostic: procgate's connect4/6 and sendmsg4/6 programs alone (no egress backstop, no sock_create guard, no handover sockops) on a cgroup of their own, same maps and policy: what the backstops and the handover guard add",
+			pinned: hookPrograms},
+		{Name: vProcgateEgress, Desc: "diagnostic: the hooks and the egress backstop (with the UDP handover check), nothing else: what the backstop adds",
+			latencyOnly: true, pinned: append([]string{"egress"}, hookPrograms...)},
+		{Name: vProcgateSockCreate, Desc: "diagnostic: the hooks and the sock_create guard (raw sockets), nothing else: what that guard adds",
+			latencyOnly: true, pinned: append([]string{"sock_create"}, hookPrograms...)},
+		{Name: vProcgateTraceable, Desc: "procgate with every program, for an app process open to tracing (equal uids and gids: traceable: true, a script, root), whose internal TCP connections the TCP handover guard watches by default (as it watches every app's with --tcp-handover=all): what that guard adds",
+			latencyOnly: true, openToTracing: true, pinned: append([]string{"sock_create", "egress", "bind4", "bind6", "handover"}, hookPrograms...)},
 		{Name: vNftCgroupSet, Desc: "nftables output chain: ct state established first, internal set, `socket cgroupv2` goto per-app chain with an interval set of the app's prefixes", install: installNft},
 		{Name: vNftCgroupRules, Desc: "as nft-cgroup-set, but one rule per granted prefix in the per-app chain", install: installNft,
 			MaxSize: ruleVariantMax, StopWhy: "every new packet walks app0's chain rule by rule, so 100,000 prefixes mean ~5,000 rule evaluations per packet: milliseconds per connect"},
@@ -71,6 +94,12 @@ func allVariants() []*variant {
 			MaxSize: routeMax, StopWhy: "1,000,000 prefixes are 2,000,000 routes: `ip -batch` took 46 s and 8 GiB of memory to load them here"},
 	}
 }
+
+// hookPrograms are the connect and sendmsg programs.
+var hookPrograms = []string{"connect4", "connect6", "sendmsg4", "sendmsg6"}
+
+// procgateLike: does the variant enforce with procgate's programs?
+func (v *variant) procgateLike() bool { return v.Name == vProcgate || v.pinned != nil }
 
 // enforcing is false for the baseline and its control.
 func (v *variant) enforcing() bool { return v.Name != vBaseline && !v.control }

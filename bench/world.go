@@ -125,7 +125,7 @@ func (b *bench) startLaneClient(v *variant, t topo, ns string) (*client, error) 
 	if v.uidBased {
 		uid = appUID(0)
 	}
-	return startClient(v.Name+"/"+string(t), b.appCgroup(v.Name, 0), ns, uid)
+	return startClient(v.Name+"/"+string(t), b.appCgroup(v.Name, 0), ns, uid, v.openToTracing)
 }
 
 func (w *world) close() error {
