@@ -193,7 +193,7 @@ func (b *bench) dnsPhase(ctx context.Context) error {
 		return err
 	}
 	defer d.stop()
-	cl, err := startClient("dns/app0", filepath.Join(d.cgroupRoot, daemon.AppsDir, appName(0)), ns, 0)
+	cl, err := startClient("dns/app0", filepath.Join(d.cgroupRoot, daemon.AppsDir, appName(0)), ns, 0, false)
 	if err != nil {
 		return err
 	}

@@ -149,14 +149,14 @@ func (b *bench) principalsPhase(ctx context.Context) error {
 			l.srv = srv // closed with the world
 		}
 		w.lanes = append(w.lanes, l)
-		if l.cl, err = startClient(phasePrincipals+"/"+v.Name, cg, ns, 0); err != nil {
+		if l.cl, err = startClient(phasePrincipals+"/"+v.Name, cg, ns, 0, false); err != nil {
 			return err
 		}
 	}
 	for _, k := range principalKinds {
 		l := &lane{v: &variant{Name: k.name}, topo: topoLoopback, clientNS: ns}
 		w.lanes = append(w.lanes, l)
-		if l.cl, err = startClient(phasePrincipals+"/"+k.name, filepath.Join(d.cgroupRoot, k.cgroup), ns, k.uid); err != nil {
+		if l.cl, err = startClient(phasePrincipals+"/"+k.name, filepath.Join(d.cgroupRoot, k.cgroup), ns, k.uid, false); err != nil {
 			return err
 		}
 		if err := checkPrincipal(l.cl, k, pol); err != nil {
