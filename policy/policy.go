@@ -858,37 +858,23 @@ func (p *parser) inbound(n *yaml.Node, field string) *ruleset.Inbound {
 // servicePorts reads a non-empty list of ports and ranges a service binds:
 // port 0 (any port) is no port.
 func (p *parser) servicePorts(n *yaml.Node, field string) []ruleset.PortRange {
-	items, ok := p.list(n, field)
-	if ok && len(items) == 0 {
-		p.errorf(n, field, "empty port list; want at least one port")
-	}
-	var out []ruleset.PortRange
-	for i, item := range items {
-		f := index(field, i)
-		r, ok := p.portRange(item, f)
-		if !ok {
-			continue
-		}
-		if r.Lo == 0 {
-			p.errorf(item, f, "port 0 is not a port a service binds; want 1-65535")
-			continue
-		}
-		out = append(out, r)
-	}
-	return sortedPorts(out)
+	return p.portList(n, field, "empty port list; want at least one port",
+		func(item *yaml.Node, f string, r ruleset.PortRange) bool {
+			if r.Lo == 0 {
+				p.errorf(item, f, "port 0 is not a port a service binds; want 1-65535")
+				return false
+			}
+			return true
+		})
 }
 
 // listenPorts reads listen:, the ports an app may bind: ports and ranges,
 // 0 for an ephemeral port (bind to port 0), or an empty list for none.
 func (p *parser) listenPorts(n *yaml.Node, field string) []ruleset.PortRange {
-	items, _ := p.list(n, field)
-	out := []ruleset.PortRange{}
-	for i, item := range items {
-		if r, ok := p.portRange(item, index(field, i)); ok {
-			out = append(out, r)
-		}
+	if out := p.portList(n, field, "", nil); out != nil {
+		return out
 	}
-	return sortedPorts(out)
+	return []ruleset.PortRange{}
 }
 
 // lease reads a duration in whole seconds ("30s", "2m").
@@ -1056,13 +1042,21 @@ func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, b
 }
 
 func (p *parser) ports(n *yaml.Node, field string) []ruleset.PortRange {
+	return p.portList(n, field, "empty port list; omit ports for all ports", nil)
+}
+
+// portList reads a list of ports and ranges, sorted. empty, unless "", is
+// the error for an empty list; keep, unless nil, may reject a port it has
+// reported.
+func (p *parser) portList(n *yaml.Node, field, empty string, keep func(item *yaml.Node, f string, r ruleset.PortRange) bool) []ruleset.PortRange {
 	items, ok := p.list(n, field)
-	if ok && len(items) == 0 {
-		p.errorf(n, field, "empty port list; omit ports for all ports")
+	if ok && len(items) == 0 && empty != "" {
+		p.errorf(n, field, "%s", empty)
 	}
 	var out []ruleset.PortRange
 	for i, item := range items {
-		if r, ok := p.portRange(item, index(field, i)); ok {
+		f := index(field, i)
+		if r, ok := p.portRange(item, f); ok && (keep == nil || keep(item, f, r)) {
 			out = append(out, r)
 		}
 	}
