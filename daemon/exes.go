@@ -415,32 +415,9 @@ func (xw *exeWatch) events() <-chan struct{} {
 
 func (xw *exeWatch) run(ctx context.Context) {
 	defer xw.w.Close()
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case _, ok := <-xw.w.Events:
-			if !ok {
-				return
-			}
-			// Any entry: /usr/bin holds more than the pins, and a
-			// spurious look costs a stat per pinned binary.
-			timer.Reset(xw.settle)
-		case err, ok := <-xw.w.Errors:
-			if !ok {
-				return
-			}
-			xw.log.Warn("pinned binaries watch", "err", err)
-			timer.Reset(xw.settle)
-		case <-timer.C:
-			select {
-			case xw.changed <- struct{}{}:
-			default:
-			}
-		}
-	}
+	settleLoop(ctx, xw.w, xw.settle, func(err error) {
+		xw.log.Warn("pinned binaries watch", "err", err)
+	}, func() { wake(xw.changed) })
 }
 
 // exeWhy says why a process of app running target holds none of the app's

@@ -147,37 +147,54 @@ func (pw *policyWatch) events() <-chan struct{} {
 }
 
 func (pw *policyWatch) run(ctx context.Context) {
+	closed := settleLoop(ctx, pw.w, pw.settle, func(err error) {
+		if errors.Is(err, fsnotify.ErrEventOverflow) {
+			pw.log.Warn("policy watch overflowed; re-reading the policy", "err", err)
+		} else {
+			pw.log.Warn("policy watch", "err", err)
+		}
+	}, func() {
+		pw.resync()
+		wake(pw.changed)
+	})
+	if closed {
+		pw.active.Store(false)
+	}
+}
+
+// settleLoop follows w until ctx ends or w's channels close (then it
+// returns true), calling settled once w has been quiet for settle after an
+// event or an error (which onErr is told of first). Any entry of a watched
+// directory counts: a spurious look costs a stat.
+func settleLoop(ctx context.Context, w *fsnotify.Watcher, settle time.Duration, onErr func(error), settled func()) (closed bool) {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return
-		case _, ok := <-pw.w.Events:
+			return false
+		case _, ok := <-w.Events:
 			if !ok {
-				pw.active.Store(false)
-				return
+				return true
 			}
-			// Any entry of these directories: the file, a drop-in, a
-			// rename's temporary, ..data. A spurious reload costs a stat.
-			timer.Reset(pw.settle)
-		case err, ok := <-pw.w.Errors:
+			timer.Reset(settle)
+		case err, ok := <-w.Errors:
 			if !ok {
-				pw.active.Store(false)
-				return
+				return true
 			}
-			if errors.Is(err, fsnotify.ErrEventOverflow) {
-				pw.log.Warn("policy watch overflowed; re-reading the policy", "err", err)
-			} else {
-				pw.log.Warn("policy watch", "err", err)
-			}
-			timer.Reset(pw.settle)
+			onErr(err)
+			timer.Reset(settle)
 		case <-timer.C:
-			pw.resync()
-			select {
-			case pw.changed <- struct{}{}:
-			default:
-			}
+			settled()
 		}
+	}
+}
+
+// wake puts a value in c, a channel of capacity 1, unless one waits
+// there already.
+func wake(c chan<- struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
 	}
 }
