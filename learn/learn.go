@@ -292,13 +292,7 @@ func sortGrants(gs []Grant) {
 	})
 }
 
-func portsText(ps []ruleset.PortRange) string {
-	s := make([]string, len(ps))
-	for i, p := range ps {
-		s[i] = p.String()
-	}
-	return strings.Join(s, ", ")
-}
+func portsText(ps []ruleset.PortRange) string { return ruleset.JoinPorts(ps, ", ") }
 
 // Fragment renders the result as a policy drop-in: the app's name and the
 // grants under it, each with how often and when it was attempted, and the

@@ -54,6 +54,15 @@ func (r PortRange) String() string {
 	return strconv.Itoa(int(r.Lo)) + "-" + strconv.Itoa(int(r.Hi))
 }
 
+// JoinPorts writes ports and ranges as PortRange.String does, sep between.
+func JoinPorts(rs []PortRange, sep string) string {
+	s := make([]string, len(rs))
+	for i, r := range rs {
+		s[i] = r.String()
+	}
+	return strings.Join(s, sep)
+}
+
 // Contains reports whether port lies in r.
 func (r PortRange) Contains(port uint16) bool { return r.Lo <= port && port <= r.Hi }
 
@@ -109,15 +118,11 @@ func (g Grant) CoversPort(d Dest) bool {
 }
 
 func (g Grant) String() string {
-	ports := make([]string, len(g.Ports))
-	for i, r := range g.Ports {
-		ports[i] = r.String()
-	}
 	to := g.Prefix.String()
 	if g.Name != "" {
 		to = g.Name
 	}
-	return fmt.Sprintf("#%d %s %s ports %s", g.Index, to, g.Proto, strings.Join(ports, ","))
+	return fmt.Sprintf("#%d %s %s ports %s", g.Index, to, g.Proto, JoinPorts(g.Ports, ","))
 }
 
 // MatchesName reports whether the name grant g stands for the DNS name q
@@ -567,11 +572,7 @@ type Listen struct {
 func (l *Listen) Allows(port uint16) bool { return inRanges(l.Ports, port) }
 
 func (l *Listen) String() string {
-	ports := make([]string, len(l.Ports))
-	for i, r := range l.Ports {
-		ports[i] = r.String()
-	}
-	return "listen: [" + strings.Join(ports, ", ") + "]"
+	return "listen: [" + JoinPorts(l.Ports, ", ") + "]"
 }
 
 // DecideBind is the decision on a bind() of a TCP or UDP socket to port by
