@@ -21,14 +21,6 @@ type dnsRedirect struct {
 	DnsRedirects *ebpf.Map     `ebpf:"dns_redirects"`
 }
 
-func (d *dnsRedirect) close() {
-	for _, c := range []interface{ Close() error }{d.DnsConnect4, d.DnsSendmsg4, d.DnsRecvmsg4, d.DnsProxy, d.DnsRedirects} {
-		if c != nil {
-			c.Close()
-		}
-	}
-}
-
 // loadDNSRedirect loads dnsredirect.c against the pinned maps.
 func (e *Enforcer) loadDNSRedirect() {
 	specs, err := loadDnsredirect()
