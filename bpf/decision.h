@@ -728,18 +728,26 @@ static __always_inline int migrated(void)
 	return *start == BPF_CORE_READ(task, group_leader, start_time);
 }
 
-// principal is the calling task's app, or NULL: the deepest app cgroup
-// among its cgroup and their ancestors (launched, unit and cgroup apps),
-// else the match.user app of its real uid (the uid bpf_get_current_uid_gid
-// gives: the user who runs the process, which a setuid binary it runs does
-// not change, and which changes only by setuid(2) with privilege). A
-// process marked in migrated_tasks has none: it holds no app's grants,
-// not even its user's.
-static __always_inline struct app_info *principal(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
+// task_app is the calling task's app, or NULL, whether or not its process
+// is marked in migrated_tasks: the deepest app cgroup among its cgroup and
+// their ancestors (launched, unit and cgroup apps), else the match.user
+// app of its real uid (the uid bpf_get_current_uid_gid gives: the user who
+// runs the process, which a setuid binary it runs does not change, and
+// which changes only by setuid(2) with privilege).
+static __always_inline struct app_info *task_app(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
 {
 	struct app_info *a = principal_of(WHO_TASK, NULL, slot, info, cgroup_id);
 	if (!a)
 		a = user_principal(slot, info, (__u32)bpf_get_current_uid_gid());
+	return a;
+}
+
+// principal is the calling task's app (task_app), or NULL. A process
+// marked in migrated_tasks has none: it holds no app's grants, not even
+// its user's.
+static __always_inline struct app_info *principal(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
+{
+	struct app_info *a = task_app(slot, info, cgroup_id);
 	if (a && migrated())
 		return NULL;
 	return a;

@@ -138,17 +138,6 @@ int authorize_sendmsg6(struct bpf_sock_addr *ctx)
 
 #define EACCES 13
 
-// binder is the app whose listen: holds for the calling task: its app,
-// by cgroup or uid as principal() finds it, but a process marked by
-// migrate.c stays restricted (listen: takes away, it grants nothing).
-static __always_inline struct app_info *binder(__u32 slot, const struct generation_info *info, __u64 *cgroup_id)
-{
-	struct app_info *a = principal_of(WHO_TASK, NULL, slot, info, cgroup_id);
-	if (!a)
-		a = user_principal(slot, info, (__u32)bpf_get_current_uid_gid());
-	return a;
-}
-
 static __always_inline int authorize_bind(struct bpf_sock_addr *ctx, struct dest *d, __u8 hook)
 {
 	struct generation_info *info = current_generation();
@@ -156,7 +145,9 @@ static __always_inline int authorize_bind(struct bpf_sock_addr *ctx, struct dest
 		return 1;
 	__u32 slot = info->slot & 1;
 	__u64 cgroup_id;
-	struct app_info *app = binder(slot, info, &cgroup_id);
+	// task_app, not principal: a process marked by migrate.c stays
+	// restricted (listen: takes away, it grants nothing).
+	struct app_info *app = task_app(slot, info, &cgroup_id);
 	if (!app || !(app->flags & APP_LISTEN))
 		return 1;
 	__u32 app_id = app->app_id;
