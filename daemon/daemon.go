@@ -127,7 +127,9 @@ type Config struct {
 type Daemon struct {
 	cfg     Config
 	log     *slog.Logger
-	enf     *bpf.Enforcer
+	enf     Enforcer
+	// adopted: enforcement was pinned by an earlier run and taken over.
+	adopted bool
 	appDirs cgroups.AppDirs
 	mount   string
 	auditor *audit.Auditor
@@ -273,13 +275,14 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := mountBPFFS(cfg.BPFDir, d.log); err != nil {
 		return err
 	}
-	d.enf, err = bpf.Open(bpf.Options{BPFDir: cfg.BPFDir, CgroupDir: cfg.CgroupRoot, Log: d.log})
+	enf, err := bpf.Open(bpf.Options{BPFDir: cfg.BPFDir, CgroupDir: cfg.CgroupRoot, Log: d.log})
 	if err != nil {
 		return err
 	}
-	defer d.enf.Close()
-	if d.enf.Adopted {
-		gen, _ := d.enf.Generation()
+	defer enf.Close()
+	d.enf, d.adopted = enf, enf.Adopted
+	if d.adopted {
+		gen, _ := enf.Generation()
 		d.log.Info("adopting pinned enforcement", "bpf_dir", cfg.BPFDir, "generation", gen)
 	}
 	// Pinned binaries are hashed before the first generation: one built
@@ -301,7 +304,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	if err := d.enf.Attach(); err != nil {
+	if err := enf.Attach(); err != nil {
 		return err
 	}
 	if on, why := bpf.UDPHandover(cfg.NoUDPHandover); !on {
@@ -323,7 +326,7 @@ func Run(ctx context.Context, cfg Config) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 
-	events, err := d.enf.Events()
+	events, err := enf.Events()
 	if err != nil {
 		return err
 	}

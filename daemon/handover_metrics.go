@@ -2,8 +2,6 @@ package daemon
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/procgate/procgate/bpf"
 )
 
 var (
@@ -16,7 +14,7 @@ var (
 )
 
 // handoverMetrics exports the TCP handover guard's state.
-type handoverMetrics struct{ enf *bpf.Enforcer }
+type handoverMetrics struct{ enf Enforcer }
 
 func (m handoverMetrics) Describe(ch chan<- *prometheus.Desc) {
 	ch <- handoverGuardedDesc

@@ -227,7 +227,7 @@ func (d *Daemon) status() (*api.Status, error) {
 		Version:    version.Get(),
 		Generation: d.gen, Policy: d.cfg.PolicyPath, PolicySHA256: d.policyHash, PolicyDropins: d.policyDropins, LoadedAt: d.loadedAt,
 		LastError: d.lastErr, CgroupRoot: d.cfg.CgroupRoot, BPFDir: d.cfg.BPFDir,
-		Hooks: d.enf.Attached(), Adopted: d.enf.Adopted,
+		Hooks: d.enf.Attached(), Adopted: d.adopted,
 		Unbound: toCounters(counters[""]),
 		Fleet:   d.fleetStatus(),
 	}
