@@ -125,9 +125,9 @@ type Config struct {
 
 // Daemon is a running procgate daemon.
 type Daemon struct {
-	cfg     Config
-	log     *slog.Logger
-	enf     Enforcer
+	cfg Config
+	log *slog.Logger
+	enf Enforcer
 	// adopted: enforcement was pinned by an earlier run and taken over.
 	adopted bool
 	appDirs cgroups.AppDirs
