@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -78,12 +79,7 @@ func (r Resolver) inspect(ctx context.Context, sock, name string) (Container, er
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	client := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", sock)
-		},
-	}}
+	client := socketClient(sock)
 	defer client.CloseIdleConnections()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://runtime/containers/"+url.PathEscape(name)+"/json", nil)
 	if err != nil {
@@ -117,6 +113,16 @@ func (r Resolver) inspect(ctx context.Context, sock, name string) (Container, er
 	return c, nil
 }
 
+// socketClient speaks HTTP to the API on the unix socket sock.
+func socketClient(sock string) *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		},
+	}}
+}
+
 func isPodman(server, sock string) bool {
 	return len(server) >= 6 && server[:6] == "Libpod" || sock == "/run/podman/podman.sock"
 }
@@ -129,4 +135,75 @@ func (c Container) ScopeName() string {
 		return "machine.slice/libpod-" + c.ID + ".scope"
 	}
 	return "system.slice/docker-" + c.ID + ".scope"
+}
+
+// Event is one container event of a runtime's event stream.
+type Event struct {
+	Action string // create, start, die, destroy, rename, ...
+	ID     string
+	Name   string
+}
+
+// eventReply is the part of the Engine API's event JSON read here.
+type eventReply struct {
+	Type   string `json:"Type"`
+	Action string `json:"Action"`
+	Actor  struct {
+		ID         string            `json:"ID"`
+		Attributes map[string]string `json:"Attributes"`
+	} `json:"Actor"`
+}
+
+// eventsPath asks for container events only: a runtime also reports
+// images, networks and volumes, which never move a container's cgroup.
+var eventsPath = "/events?filters=" + url.QueryEscape(`{"type":["container"]}`)
+
+// Events follows the container events of the runtime on sock (GET
+// /events, served by docker and by podman's compatibility API), calling
+// subscribed once the runtime answered and then onEvent for each event,
+// until the stream ends, fails or ctx ends. It returns why it stopped.
+func Events(ctx context.Context, sock string, subscribed func(), onEvent func(Event)) error {
+	client := socketClient(sock)
+	defer client.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://runtime"+eventsPath, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return fmt.Errorf("follow the events of %s: %w", sock, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("follow the events of %s: %s", sock, resp.Status)
+	}
+	subscribed()
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var ev eventReply
+		if err := dec.Decode(&ev); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return fmt.Errorf("follow the events of %s: %w", sock, err)
+		}
+		if ev.Type != "" && ev.Type != "container" {
+			continue
+		}
+		onEvent(Event{Action: ev.Action, ID: ev.Actor.ID, Name: ev.Actor.Attributes["name"]})
+	}
+}
+
+// Moves reports whether an event of this action can change where a
+// container's cgroup is: made, started, gone or renamed. Exec, health
+// and attach events, many on a busy host, cannot.
+func (e Event) Moves() bool {
+	switch e.Action {
+	case "create", "init", "start", "restart", "die", "destroy", "remove", "rename":
+		return true
+	}
+	return false
 }
