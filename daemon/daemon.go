@@ -172,6 +172,9 @@ type Daemon struct {
 	exeRecords []audit.Record
 	exeHashes  *exeHashes
 	exeWatch   *exeWatch
+	// containerWatch follows the runtimes' events while the policy has
+	// match.container apps (nil before Run starts it).
+	containerWatch *containerWatch
 	// ended counts the live sockets the sweep after the last Apply ended.
 	ended int
 	// ph is the pinhole agent (nil without --gateway); lastBindings are
@@ -369,6 +372,12 @@ func Run(ctx context.Context, cfg Config) error {
 		d.refreshExes()
 	}
 
+	cw := watchContainers(ctx, &wg, d.containerSockets(), cfg.PollInterval, d.log)
+	d.mu.Lock()
+	d.containerWatch = cw
+	cw.want(hasContainerApps(d.effective))
+	d.mu.Unlock()
+
 	if err := d.startPinholes(ctx, &wg); err != nil {
 		return err
 	}
@@ -440,6 +449,8 @@ func Run(ctx context.Context, cfg Config) error {
 			d.refreshExes()
 		case <-d.exeHashes.done:
 			d.refreshExes()
+		case <-d.containerWatch.events():
+			d.refreshContainers()
 		case <-tick.C:
 			if d.fleet == nil && !pw.watching() {
 				pw.resync()
@@ -701,14 +712,11 @@ func (d *Daemon) refreshRoutes() {
 // its init, or for a stopped one the scope its runtime will make); a
 // container no runtime knows matches no cgroup. eff itself is not changed.
 func (d *Daemon) resolveContainers(eff *ruleset.Ruleset, logMisses bool) *ruleset.Ruleset {
-	if !slices.ContainsFunc(eff.Apps, func(a ruleset.App) bool { return a.Kind() == ruleset.MatchContainer }) {
+	if !hasContainerApps(eff) {
 		return eff
 	}
 	out := eff.Clone()
-	r := containers.Resolver{Sockets: d.cfg.ContainerSockets}
-	if r.Sockets == nil {
-		r.Sockets = containers.DefaultSockets
-	}
+	r := containers.Resolver{Sockets: d.containerSockets()}
 	for i := range out.Apps {
 		m := out.Apps[i].Match
 		if m == nil || m.Kind != ruleset.MatchContainer {
@@ -737,6 +745,18 @@ func (d *Daemon) resolveContainers(eff *ruleset.Ruleset, logMisses bool) *rulese
 		}
 	}
 	return out
+}
+
+func hasContainerApps(eff *ruleset.Ruleset) bool {
+	return eff != nil && slices.ContainsFunc(eff.Apps, func(a ruleset.App) bool { return a.Kind() == ruleset.MatchContainer })
+}
+
+// containerSockets are the runtimes' API sockets to ask.
+func (d *Daemon) containerSockets() []string {
+	if d.cfg.ContainerSockets == nil {
+		return containers.DefaultSockets
+	}
+	return d.cfg.ContainerSockets
 }
 
 // refreshContainers follows match.container apps to where their
@@ -806,6 +826,7 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 	d.gen = gen
 	d.exes = g.Exes
 	d.exeWatch.watch(exeDirs(eff))
+	d.containerWatch.want(hasContainerApps(eff))
 	d.lastBindings = dynamic
 	d.matched = d.enf.Matched()
 	if err := d.setPinholeApps(dynamic); err != nil {

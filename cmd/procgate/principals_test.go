@@ -118,42 +118,12 @@ apps:
 // TestContainerPrincipalEndToEnd: a match.container app through the
 // daemon, with a fake container runtime API: a running container's cgroup
 // is read from its init's pid, a stopped one's is the scope its runtime
-// will make, and a container that appears later is followed at the next
-// poll.
+// will make, and the runtime's events, not a poll (an hour here), have the
+// daemon follow a container that starts later or is made again.
 func TestContainerPrincipalEndToEnd(t *testing.T) {
 	nstest.RequireRoot(t)
-	var mu sync.Mutex
-	known := map[string]string{}
-	sockDir, err := os.MkdirTemp("", "procgate-runtime-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	sock := filepath.Join(sockDir, "docker.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /containers/{name}/json", func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		body, ok := known[r.PathValue("name")]
-		mu.Unlock()
-		if !ok {
-			http.Error(w, `{"message":"No such container"}`, http.StatusNotFound)
-			return
-		}
-		fmt.Fprint(w, body)
-	})
-	srv := &http.Server{Handler: mux}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	set := func(name, body string) {
-		mu.Lock()
-		known[name] = body
-		mu.Unlock()
-	}
-	set("stopped", `{"Id":"feed","State":{"Running":false,"Pid":0}}`)
+	rt := newFakeRuntime(t)
+	rt.set("stopped", `{"Id":"feed","State":{"Running":false,"Pid":0}}`)
 
 	e := newE2EWith(t, `version: 1
 internal:
@@ -169,8 +139,9 @@ apps:
     allow:
       - to: 10.2.0.0/16
         proto: tcp
-`, false, "--container-socket", sock)
+`, false, "--container-socket", rt.sock, "--poll", "1h")
 	slice := nstest.ChildCgroup(t, e.cgroup, "system.slice")
+	rt.waitSubscribed(t, e)
 
 	// A container started after the daemon: its scope, where the runtime
 	// said it would be, is the app's from its mkdir.
@@ -178,17 +149,121 @@ apps:
 	mustTry(t, p, "10.2.2.3:22/tcp", probe.Allowed)
 	mustTry(t, p, "10.1.2.3:22/tcp", probe.Denied)
 
-	// A container the runtime did not know when the daemon started: found
-	// at the next poll, by its init's cgroup.
+	// A container the runtime did not know when the daemon started, in a
+	// cgroup no scope name foretells (the cgroupfs driver's): found at its
+	// start event, by its init's cgroup.
 	web := startIn(t, e, nstest.ChildCgroup(t, e.cgroup, "elsewhere"))
 	mustTry(t, web, "10.1.2.3:22/tcp", probe.Denied)
 	before := e.status().Generation
-	set("web", fmt.Sprintf(`{"Id":"abc","State":{"Running":true,"Pid":%d}}`, web.Pid()))
-	e.waitGeneration(before, "a container appearing")
+	rt.set("web", fmt.Sprintf(`{"Id":"abc","State":{"Running":true,"Pid":%d}}`, web.Pid()))
+	rt.emit("start", "abc", "web")
+	e.waitGeneration(before, "a container's start event")
 	mustTry(t, web, "10.1.2.3:22/tcp", probe.Allowed)
 	out, err := e.procgate("explain", "--pid", fmt.Sprint(web.Pid()), "10.1.2.3:22/tcp")
 	if want := "app web (container web) -> 10.1.2.3:22/tcp: allow (granted)"; err != nil || !strings.Contains(out, want) {
 		t.Fatalf("explain --pid: %v, want %q in:\n%s", err, want, out)
+	}
+
+	// The container made again under its name (docker rm -f; docker run
+	// --name web): a new id, so a new scope. Its create event comes before
+	// its start makes the scope, as a runtime orders them; the daemon's
+	// answer to it is the only wait, and the first connect from the new
+	// scope, at once, holds the grants.
+	before = e.status().Generation
+	rt.set("web", `{"Id":"f00d","State":{"Running":false,"Pid":0}}`)
+	rt.emit("destroy", "abc", "web")
+	rt.emit("create", "f00d", "web")
+	e.waitGeneration(before, "a container's create event")
+	again := startIn(t, e, nstest.ChildCgroup(t, slice, "docker-f00d.scope"))
+	mustTry(t, again, "10.1.2.3:22/tcp", probe.Allowed)
+	mustTry(t, web, "10.1.2.3:22/tcp", probe.Denied)
+}
+
+// fakeRuntime serves the part of the Docker Engine API that procgate
+// asks (GET /containers/NAME/json, GET /events) on a unix socket.
+type fakeRuntime struct {
+	sock string
+
+	mu         sync.Mutex
+	known      map[string]string
+	streams    []chan string
+	subscribed chan struct{}
+}
+
+func newFakeRuntime(t *testing.T) *fakeRuntime {
+	t.Helper()
+	sockDir, err := os.MkdirTemp("", "procgate-runtime-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	rt := &fakeRuntime{sock: filepath.Join(sockDir, "docker.sock"), known: map[string]string{}, subscribed: make(chan struct{}, 1)}
+	ln, err := net.Listen("unix", rt.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /containers/{name}/json", func(w http.ResponseWriter, r *http.Request) {
+		rt.mu.Lock()
+		body, ok := rt.known[r.PathValue("name")]
+		rt.mu.Unlock()
+		if !ok {
+			http.Error(w, `{"message":"No such container"}`, http.StatusNotFound)
+			return
+		}
+		fmt.Fprint(w, body)
+	})
+	mux.HandleFunc("GET /events", func(w http.ResponseWriter, r *http.Request) {
+		events := make(chan string, 16)
+		rt.mu.Lock()
+		rt.streams = append(rt.streams, events)
+		rt.mu.Unlock()
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		select {
+		case rt.subscribed <- struct{}{}:
+		default:
+		}
+		for {
+			select {
+			case <-r.Context().Done():
+				return
+			case ev := <-events:
+				fmt.Fprintln(w, ev)
+				w.(http.Flusher).Flush()
+			}
+		}
+	})
+	srv := &http.Server{Handler: mux}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return rt
+}
+
+func (rt *fakeRuntime) set(name, body string) {
+	rt.mu.Lock()
+	rt.known[name] = body
+	rt.mu.Unlock()
+}
+
+// emit sends a container event to every event stream open.
+func (rt *fakeRuntime) emit(action, id, name string) {
+	ev := fmt.Sprintf(`{"Type":"container","Action":%q,"Actor":{"ID":%q,"Attributes":{"name":%q}}}`, action, id, name)
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	for _, s := range rt.streams {
+		s <- ev
+	}
+}
+
+// waitSubscribed waits for the daemon to follow the events: one emitted
+// before would be lost (as with a real runtime), and the poll is far off.
+func (rt *fakeRuntime) waitSubscribed(t *testing.T, e *e2e) {
+	t.Helper()
+	select {
+	case <-rt.subscribed:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the daemon did not follow the runtime's events:\n%s", e.daemonLog())
 	}
 }
 
