@@ -60,13 +60,24 @@ func TestMain(m *testing.M) {
 // listen techniques try 7001; other techniques bind port 0 before they
 // connect); sandbox (outside: deny) is granted only the control addresses, so
 // the controls prove the target hears it while its targets, on the
-// internet, must stay out of reach.
+// internet, must stay out of reach. granted, nogrant and sandbox are
+// granted the name db.corp.example, which only the daemon's DNS proxy can
+// give addresses: the dns techniques forge answers naming their targets,
+// from an address that is not the resolver everyone may ask.
 const attackPolicy = `version: 1
 internal:
   prefixes: [10.0.0.0/8, fd00::/8, 169.254.0.0/16, fe80::/10, 224.0.0.0/4, 255.255.255.255/32, ff00::/8]
+everyone:
+  allow:
+    - to: 10.0.0.53
+      proto: udp
+      ports: [53]
 apps:
   - name: granted
     allow:
+      - to: db.corp.example
+        proto: tcp
+        ports: [5432]
       - to: 10.1.2.3/32
         proto: tcp
         ports: [5432]
@@ -81,11 +92,17 @@ apps:
       - to: 10.9.9.9/32
         proto: tcp
         ports: [80]
+      - to: db.corp.example
+        proto: tcp
+        ports: [5432]
   - name: sandbox
     outside: deny
     allow:
       - to: 198.51.100.7
       - to: 2001:db8:ff::7
+      - to: db.corp.example
+        proto: tcp
+        ports: [5432]
   - name: svc
     match: {unit: attack.service}
     allow:

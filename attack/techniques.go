@@ -201,6 +201,9 @@ var techniques = []technique{
 	{name: "userns-mount-own-cgroup2", class: classCgroupNS, try: func(e *env) attempt { return e.userNSMoveTry(true) }},
 	{name: "netns-new-connect", class: classCgroupNS, try: func(e *env) attempt { return e.netnsTry(false) }},
 	{name: "userns-netns-raw-icmp", class: classCgroupNS, try: func(e *env) attempt { return e.netnsTry(true) }},
+
+	// A forged DNS answer for a granted name.
+	{name: "dns-forged-answer", class: classDNS, try: func(e *env) attempt { return e.dnsForgedAnswerTry() }},
 }
 
 func uringTo(c uringCase) func(*env) attempt {
