@@ -1,7 +1,10 @@
-// Package etcdtest runs a real etcd inside a test binary: one member on
-// 127.0.0.1, ports chosen free, data in the test's temporary directory,
-// stopped at cleanup. Only tests import it: the etcd server stays out of
-// the procgate binary (go list -deps ./cmd/procgate).
+// Package etcdtest runs a real etcd for tests and the bench: one member
+// inside the test binary (Start), or a cluster of member processes
+// (StartCluster) whose members can be killed, and links to it that can be
+// cut (Link). Everything listens on 127.0.0.1, on ports chosen free, with
+// data in the test's temporary directory, stopped at cleanup. Only tests
+// and the bench import it: the etcd server stays out of the procgate
+// binary (go list -deps ./cmd/procgate).
 package etcdtest
 
 import (
@@ -45,24 +48,11 @@ func (s *Server) Restart() {
 	if s.etcd != nil {
 		return
 	}
-	cfg := embed.NewConfig()
-	cfg.Name = "procgate-test"
-	cfg.Dir = s.dir
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{s.client}, []url.URL{s.client}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{s.peer}, []url.URL{s.peer}
-	cfg.InitialCluster = cfg.Name + "=" + s.peer.String()
-	cfg.LogLevel = "error"
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	m := memberConfig{Name: "procgate-test", Dir: s.dir, Client: s.client.Host, Peer: s.peer.Host}
+	m.InitialCluster = m.Name + "=" + s.peer.String()
 	var err error
-	// A port freed by Stop can take a moment to be bound again.
-	for i := 0; i < 50; i++ {
-		if s.etcd, err = embed.StartEtcd(cfg); err == nil {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if err != nil {
-		s.t.Fatalf("start etcd: %v", err)
+	if s.etcd, err = m.start(); err != nil {
+		s.t.Fatal(err)
 	}
 	select {
 	case <-s.etcd.Server.ReadyNotify():
@@ -80,10 +70,18 @@ func (s *Server) Stop() {
 	}
 }
 
+// Endpoints is the member's client URL, as Cluster.Endpoints.
+func (s *Server) Endpoints() []string { return []string{s.Endpoint} }
+
 // Client is a client of the member, closed at the end of the test.
 func (s *Server) Client(t testing.TB) *clientv3.Client {
 	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{s.Endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	return newClient(t, []string{s.Endpoint})
+}
+
+func newClient(t testing.TB, endpoints []string) *clientv3.Client {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,10 +91,19 @@ func (s *Server) Client(t testing.TB) *clientv3.Client {
 
 func freePort(t testing.TB) string {
 	t.Helper()
+	addr, err := freeAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr
+}
+
+// freeAddr is a port on 127.0.0.1 free now.
+func freeAddr() (string, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatal(fmt.Errorf("pick a free port: %w", err))
+		return "", fmt.Errorf("pick a free port: %w", err)
 	}
 	defer ln.Close()
-	return ln.Addr().String()
+	return ln.Addr().String(), nil
 }
