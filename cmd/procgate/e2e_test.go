@@ -27,6 +27,7 @@ import (
 	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/cgroups"
 	"github.com/procgate/procgate/demo"
+	"github.com/procgate/procgate/internal/etcdtest"
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/pinholetest"
 	"github.com/procgate/procgate/internal/probe"
@@ -39,6 +40,7 @@ import (
 const envAsMain = "PROCGATE_TEST_AS_MAIN"
 
 func TestMain(m *testing.M) {
+	etcdtest.MaybeServe() // the members of etcdtest.StartCluster
 	// The prober first: a prober child may inherit envAsMain from the
 	// re-executed procgate that launched it. It is served by the test
 	// binary only; the shipped procgate has no prober (dist/check).

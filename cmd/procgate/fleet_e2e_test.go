@@ -15,6 +15,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/fleet"
 	"github.com/procgate/procgate/internal/etcdtest"
 	"github.com/procgate/procgate/internal/nstest"
@@ -39,7 +40,14 @@ func dbOverlay(to string) string {
 
 // fleetCLI runs `procgate ARGS` with the etcd of the test in the
 // environment, FILE arguments written from docs first.
-func fleetCLI(t *testing.T, etcd *etcdtest.Server, docs map[string]string, args ...string) (string, error) {
+// etcdUnderTest is the test's etcd: one member (etcdtest.Start) or a
+// cluster (etcdtest.StartCluster).
+type etcdUnderTest interface {
+	Endpoints() []string
+	Client(testing.TB) *clientv3.Client
+}
+
+func fleetCLI(t *testing.T, etcd etcdUnderTest, docs map[string]string, args ...string) (string, error) {
 	t.Helper()
 	dir := t.TempDir()
 	for name, text := range docs {
@@ -53,12 +61,12 @@ func fleetCLI(t *testing.T, etcd *etcdtest.Server, docs map[string]string, args 
 	}
 	cmd := exec.Command(self, args...)
 	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), envAsMain+"=1", "PROCGATE_ETCD_ENDPOINTS="+etcd.Endpoint)
+	cmd.Env = append(os.Environ(), envAsMain+"=1", "PROCGATE_ETCD_ENDPOINTS="+strings.Join(etcd.Endpoints(), ","))
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
 
-func mustPush(t *testing.T, etcd *etcdtest.Server, text string, args ...string) {
+func mustPush(t *testing.T, etcd etcdUnderTest, text string, args ...string) {
 	t.Helper()
 	out, err := fleetCLI(t, etcd, map[string]string{"doc.yaml": text}, append([]string{"policy", "push", "doc.yaml"}, args...)...)
 	if err != nil {
@@ -67,7 +75,7 @@ func mustPush(t *testing.T, etcd *etcdtest.Server, text string, args ...string) 
 }
 
 // hostStatus waits for web-1's status in etcd to satisfy ok.
-func waitHost(t *testing.T, e *e2e, etcd *etcdtest.Server, what string, ok func(fleet.HostState) bool) fleet.HostState {
+func waitHost(t *testing.T, e *e2e, etcd etcdUnderTest, what string, ok func(fleet.HostState) bool) fleet.HostState {
 	t.Helper()
 	cli := etcd.Client(t)
 	deadline := time.Now().Add(20 * time.Second)
@@ -274,4 +282,65 @@ func TestFleetPolicyFromEtcd(t *testing.T) {
 			return h.Source == fleet.SourceEtcd && !h.Behind && h.Generation == s.Generation
 		})
 	})
+}
+
+// A daemon behind a link to a 3-member cluster: cut off, it keeps the
+// policy in force; restarted while cut off, it boots from the last good
+// policy on disk; when the link comes back it applies what was pushed
+// meanwhile.
+func TestFleetClusterPartition(t *testing.T) {
+	nstest.RequireRoot(t)
+	cluster := etcdtest.StartCluster(t, 3)
+	link := cluster.Link(t)
+	mustPush(t, cluster, fleetPolicy)
+	e := newE2EWith(t, basePolicy, false, "--policy-store", "etcd", "--etcd-endpoints", strings.Join(link.Endpoints(), ","),
+		"--host-name", "web-1", "--etcd-boot-timeout", "1s")
+	db := e.prober("db")
+	first := waitHost(t, e, cluster, "applied revision", func(h fleet.HostState) bool { return h.Revision > 0 && !h.Behind })
+	mustTry(t, db, "10.1.2.3:5432/tcp", probe.Allowed)
+	mustTry(t, db, "10.9.0.1:80/tcp", probe.Denied)
+
+	link.Cut()
+	mustPush(t, cluster, fleetPolicy+"      - to: 10.9.0.0/16\n")
+	waitFleet(t, e, "etcd unreachable", func(f *api.FleetSource) bool { return !f.Connected })
+	mustTry(t, db, "10.1.2.3:5432/tcp", probe.Allowed)
+	mustTry(t, db, "10.9.0.1:80/tcp", probe.Denied)
+	if f := e.status().Fleet; f.Revision != first.Revision || f.Source != fleet.SourceEtcd {
+		t.Fatalf("cut off: %+v, want revision %d from etcd", f, first.Revision)
+	}
+
+	e.stopDaemon(syscall.SIGTERM)
+	e.startDaemon()
+	if f := e.status().Fleet; f.Source != fleet.SourceLastGood || f.Connected || f.Revision != first.Revision {
+		t.Fatalf("booted cut off: %+v, want revision %d from %s", f, first.Revision, fleet.SourceLastGood)
+	}
+	mustTry(t, db, "10.1.2.3:5432/tcp", probe.Allowed)
+	mustTry(t, db, "10.9.0.1:80/tcp", probe.Denied)
+
+	if err := link.Restore(); err != nil {
+		t.Fatal(err)
+	}
+	waitFleet(t, e, "the push made while cut off", func(f *api.FleetSource) bool {
+		return f.Connected && f.Source == fleet.SourceEtcd && f.Revision > first.Revision
+	})
+	mustTry(t, db, "10.9.0.1:80/tcp", probe.Allowed)
+	waitHost(t, e, cluster, "the host caught up", func(h fleet.HostState) bool {
+		return h.Revision > first.Revision && !h.Behind && h.Source == fleet.SourceEtcd
+	})
+}
+
+// waitFleet waits until the daemon's fleet status satisfies ok.
+func waitFleet(t *testing.T, e *e2e, what string, ok func(*api.FleetSource) bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		f := e.status().Fleet
+		if f != nil && ok(f) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s within 30s: %+v\n%s", what, f, e.daemonLog())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
