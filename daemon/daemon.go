@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -134,35 +135,27 @@ type Daemon struct {
 	mount   string
 	auditor *audit.Auditor
 
-	// mu guards the fields below and serializes reloads: one generation is
-	// built and applied at a time.
-	mu         sync.Mutex
-	policy     *ruleset.Ruleset // as the file says
-	effective  *ruleset.Ruleset // what the kernel enforces: policy minus revocations
-	byGen      map[uint32]*ruleset.Ruleset
-	ids        *appIDs
-	revoked    *revocations
-	gen        uint32
-	policyHash string
-	// policyDropins are the drop-ins of the policy in force, in merge order.
-	policyDropins []string
+	// state is the published State: readers load it, only the
+	// reconciler stores it (State).
+	state atomic.Pointer[State]
+	// applying is the generation being applied, nil between Applies.
+	applying atomic.Pointer[pendingGen]
+	// calls are the API's changes (reload, revoke), run on the
+	// reconciler in turn with the watch events (call).
+	calls chan func()
+
+	// The reconciler's own: the goroutine that runs Run's loop (and,
+	// before it, Run's start) is the only one to read or write the
+	// fields below, so they need no lock.
+	ids     *appIDs
+	revoked *revocations
 	// policyStamp is the policy files' identity when they were last read:
 	// the policy is read (and hashed) only when it changed, which at
 	// 1,000,000 prefixes (80 MB) would otherwise cost a tenth of a CPU a
-	// poll.
+	// poll. seenHash is the hash of the files last read, good or bad:
+	// bad bytes are not parsed again at every poll.
 	policyStamp policyStamp
-	loadedAt    time.Time
-	lastErr     string
-	// routes are the destinations routed via internal.interfaces when last
-	// looked at; they are part of the internal set.
-	routes []ruleset.InternalPrefix
-	// interfaces is policy.Interfaces, for the route watch to read
-	// without waiting on mu through a reload.
-	interfaces atomic.Pointer[[]string]
-	// exes are the files of pinned binaries in the generation in force; a
-	// package upgrade replaces a binary's file, and the watch on its
-	// directory (or the next poll) follows, after hashing it (exes.go).
-	exes map[string][]bpf.FileID
+	seenHash    string
 	// exeStates is what was last said of each app's pinned path (key
 	// app NUL path); exeHashes the hashes of their files' versions,
 	// exeWatch the watch on their directories (nil: polled only).
@@ -175,15 +168,13 @@ type Daemon struct {
 	// containerWatch follows the runtimes' events while the policy has
 	// match.container apps (nil before Run starts it).
 	containerWatch *containerWatch
-	// ended counts the live sockets the sweep after the last Apply ended.
-	ended int
-	// ph is the pinhole agent (nil without --gateway); lastBindings are
-	// the dynamic apps of the generation in force.
-	ph           *pinholes
-	lastBindings []dynamicBinding
-	// matched counts, per unit or cgroup app, the existing cgroups the
-	// last Apply's scan bound to it.
-	matched map[string]int
+
+	// bindApp, when set, stands in for bind's cgroups (tests).
+	bindApp func(app string) (bpf.Binding, error)
+
+	// Set before the API serves, read-only after.
+	// ph is the pinhole agent (nil without --gateway).
+	ph *pinholes
 	// fleet is the etcd policy source; nil with the policy file.
 	fleet *fleetSource
 }
@@ -236,8 +227,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := resolveGuard(&cfg, cfg.Log); err != nil {
 		return err
 	}
-	d := &Daemon{cfg: cfg, log: cfg.Log, byGen: map[uint32]*ruleset.Ruleset{},
-		exeStates: map[string]exeState{}, exeHashes: newExeHashes(cfg.Log)}
+	d := newDaemon(cfg)
 	mount, err := cgroups.Mount()
 	if err != nil {
 		return err
@@ -300,12 +290,11 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	// The first generation goes in before the hooks are attached, so a fresh
 	// install never has a moment of "no policy" (which denies everything).
-	d.mu.Lock()
-	err = d.install(rs, hash)
-	d.policyDropins = dropins
-	d.mu.Unlock()
-	if err != nil {
+	if err := d.install(rs, hash, dropins); err != nil {
 		return err
+	}
+	if d.fleet != nil {
+		d.publish(func(s *State) { s.fleetRevision, s.fleetFromDisk = d.fleet.firstRevision, d.fleet.firstFromDisk })
 	}
 	if err := enf.Attach(); err != nil {
 		return err
@@ -322,7 +311,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if d.fleet != nil {
 		policyName = "etcd " + fleet.PolicyPrefix
 	}
-	d.log.Info("enforcing", "version", version.Get().String(), "policy", policyName, "generation", d.gen, "cgroup_root", cfg.CgroupRoot, "bpf_dir", cfg.BPFDir)
+	d.log.Info("enforcing", "version", version.Get().String(), "policy", policyName, "generation", d.generation(), "cgroup_root", cfg.CgroupRoot, "bpf_dir", cfg.BPFDir)
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -359,10 +348,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if xw, err := newExeWatch(cfg.Settle, d.log); err != nil {
 		d.log.Warn("cannot watch pinned binaries; polling them", "every", cfg.PollInterval, "err", err)
 	} else {
-		d.mu.Lock()
 		d.exeWatch = xw
-		xw.watch(exeDirs(d.effective))
-		d.mu.Unlock()
+		xw.watch(exeDirs(d.current().effective))
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -373,10 +360,8 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	cw := watchContainers(ctx, &wg, d.containerSockets(), cfg.PollInterval, d.log)
-	d.mu.Lock()
 	d.containerWatch = cw
-	cw.want(hasContainerApps(d.effective))
-	d.mu.Unlock()
+	cw.want(hasContainerApps(d.current().effective))
 
 	if err := d.startPinholes(ctx, &wg); err != nil {
 		return err
@@ -407,17 +392,17 @@ func Run(ctx context.Context, cfg Config) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	var pw *policyWatch
+	in := inputs{hup: hup}
 	if d.fleet != nil {
 		d.runFleet(ctx, &wg, first)
-	} else if pw, err = watchPolicy(ctx, &wg, cfg.PolicyPath, cfg.Settle, d.log); err != nil {
+	} else if in.policy, err = watchPolicy(ctx, &wg, cfg.PolicyPath, cfg.Settle, d.log); err != nil {
 		d.log.Warn("cannot watch the policy file; polling it", "every", cfg.PollInterval, "err", err)
 	}
-	rw := watchRoutes(ctx, &wg, d.policyInterfaces, cfg.PollInterval, d.log)
+	in.routes = watchRoutes(ctx, &wg, d.policyInterfaces, cfg.PollInterval, d.log)
 	// A change between the first read and the watch would wait for the
 	// next one.
 	if d.fleet == nil {
-		_, _ = d.Reload(false)
+		_, _ = d.reload(false)
 	}
 	// Programs attached, policy applied, socket serving: what
 	// procgate.service's Type=notify waits for before network-pre.target.
@@ -427,23 +412,52 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	tick := time.NewTicker(cfg.PollInterval)
 	defer tick.Stop()
+	in.tick = tick.C
+	d.reconcile(ctx, in)
+	d.notify(sdnotify.Stopping)
+	d.log.Info("stopping; enforcement stays pinned", "bpf_dir", cfg.BPFDir, "generation", d.generation())
+	ln.Close()
+	return nil
+}
+
+// newDaemon is the daemon of cfg (defaults set) before it opens anything.
+func newDaemon(cfg Config) *Daemon {
+	return &Daemon{cfg: cfg, log: cfg.Log, calls: make(chan func()),
+		exeStates: map[string]exeState{}, exeHashes: newExeHashes(cfg.Log)}
+}
+
+// inputs are the reconciler's sources of change besides the API's calls;
+// a nil one never fires.
+type inputs struct {
+	hup    <-chan os.Signal
+	policy *policyWatch
+	routes *routeWatch
+	tick   <-chan time.Time
+}
+
+// reconcile is the reconciler: the one goroutine that changes the
+// daemon's state. It takes every input in turn (policy files or etcd,
+// SIGHUP and the API's reload, revoke, routes, pinned binaries, unit and
+// container cgroups), builds the next generation without holding any
+// lock, applies it through the Enforcer and publishes its State. Readers
+// go on with the State in force meanwhile. It returns when ctx ends.
+func (d *Daemon) reconcile(ctx context.Context, in inputs) {
 	for {
 		select {
 		case <-ctx.Done():
-			d.notify(sdnotify.Stopping)
-			d.log.Info("stopping; enforcement stays pinned", "bpf_dir", cfg.BPFDir, "generation", d.generation())
-			ln.Close()
-			return nil
-		case <-hup:
-			d.log.Info("SIGHUP: reloading policy", "policy", cfg.PolicyPath)
+			return
+		case f := <-d.calls:
+			f()
+		case <-in.hup:
+			d.log.Info("SIGHUP: reloading policy", "policy", d.cfg.PolicyPath)
 			d.notify(sdnotify.Reloading)
-			_, _ = d.Reload(true)
+			_, _ = d.reload(true)
 			d.notify(sdnotify.Ready)
-		case <-pw.events():
-			_, _ = d.Reload(false)
+		case <-in.policy.events():
+			_, _ = d.reload(false)
 		case snap := <-d.fleetUpdates():
 			d.applyFleet(snap)
-		case <-rw.events():
+		case <-in.routes.events():
 			d.refreshRoutes()
 		case <-d.exeWatch.events():
 			d.refreshExes()
@@ -451,12 +465,12 @@ func Run(ctx context.Context, cfg Config) error {
 			d.refreshExes()
 		case <-d.containerWatch.events():
 			d.refreshContainers()
-		case <-tick.C:
-			if d.fleet == nil && !pw.watching() {
-				pw.resync()
-				_, _ = d.Reload(false)
+		case <-in.tick:
+			if d.fleet == nil && !in.policy.watching() {
+				in.policy.resync()
+				_, _ = d.reload(false)
 			}
-			if !rw.watching() {
+			if !in.routes.watching() {
 				d.refreshRoutes()
 			}
 			d.refreshExes()
@@ -473,20 +487,16 @@ func (d *Daemon) notify(state func() error) {
 	}
 }
 
-// policyInterfaces is internal.interfaces of the policy in force, read
-// without d.mu (which a reload holds for seconds at a large policy).
+// policyInterfaces is internal.interfaces of the policy in force.
 func (d *Daemon) policyInterfaces() []string {
-	if p := d.interfaces.Load(); p != nil {
-		return *p
+	if p := d.current().policy; p != nil {
+		return p.Interfaces
 	}
 	return nil
 }
 
-func (d *Daemon) generation() uint32 {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.gen
-}
+// generation is the generation in force.
+func (d *Daemon) generation() uint32 { return d.current().gen }
 
 // loadPolicy reads and compiles the policy file and its drop-ins, hashes
 // their bytes and lists the drop-ins.
@@ -524,10 +534,22 @@ func logHostWarnings(log *slog.Logger, check policy.HostCheck) {
 	}
 }
 
-// Reload re-reads the policy file and its drop-ins. Unless force is set,
-// unchanged files (same bytes) are left alone. An invalid policy leaves the
-// generation in force and is reported once per change of the files.
-func (d *Daemon) Reload(force bool) (uint32, error) {
+// Reload re-reads the policy file and its drop-ins, on the reconciler:
+// safe from any goroutine, it waits for the changes before it. Unless
+// force is set, unchanged files (same bytes) are left alone. An invalid
+// policy leaves the generation in force and is reported once per change
+// of the files.
+func (d *Daemon) Reload(ctx context.Context, force bool) (gen uint32, err error) {
+	if cerr := d.call(ctx, func() { gen, err = d.reload(force) }); cerr != nil {
+		return d.generation(), cerr
+	}
+	return gen, err
+}
+
+// reload is Reload on the reconciler. The files are read, hashed and
+// parsed holding no lock; readers keep the State in force until the new
+// generation is applied and published.
+func (d *Daemon) reload(force bool) (uint32, error) {
 	if d.fleet != nil {
 		// From etcd: read every document again; the snapshot comes back
 		// through the loop like any change.
@@ -537,14 +559,8 @@ func (d *Daemon) Reload(force bool) (uint32, error) {
 	// Stamped before the read: a change after it shows at the next event
 	// or poll.
 	stamp := stampPolicy(d.cfg.PolicyPath)
-	if !force {
-		d.mu.Lock()
-		same := stamp.valid() && slices.Equal(stamp, d.policyStamp)
-		gen := d.gen
-		d.mu.Unlock()
-		if same {
-			return gen, nil
-		}
+	if !force && stamp.valid() && slices.Equal(stamp, d.policyStamp) {
+		return d.generation(), nil
 	}
 	files, readErr := policy.ReadFiles(d.cfg.PolicyPath)
 	if readErr == nil && !force && !slices.Equal(stampPolicy(d.cfg.PolicyPath), stamp) {
@@ -556,20 +572,22 @@ func (d *Daemon) Reload(force bool) (uint32, error) {
 	if readErr == nil {
 		hash = policy.Hash(files)
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	d.policyStamp = stamp
-	if readErr == nil && hash == d.policyHash && !force {
-		return d.gen, nil
+	cur := d.current()
+	if readErr == nil && hash == d.seenHash && !force {
+		return cur.gen, nil
 	}
-	if readErr != nil && !force && d.lastErr != "" {
-		return d.gen, nil // already reported
+	if readErr != nil && !force && cur.lastErr != "" {
+		return cur.gen, nil // already reported
+	}
+	// Remember the bytes, bad ones too, so the poller does not parse
+	// them again each tick.
+	if readErr == nil {
+		d.seenHash = hash
 	}
 	var rs *ruleset.Ruleset
-	var err error
-	if readErr != nil {
-		err = readErr
-	} else {
+	err := readErr
+	if err == nil {
 		var warnings []policy.Warning
 		var check policy.HostCheck
 		rs, warnings, check, err = policy.ParseFilesForHost(files)
@@ -581,23 +599,18 @@ func (d *Daemon) Reload(force bool) (uint32, error) {
 		}
 	}
 	if err == nil {
-		err = d.install(rs, hash)
+		err = d.install(rs, hash, dropinPaths(files))
 	}
 	if err != nil {
-		if d.lastErr != err.Error() || force {
-			d.log.Error("policy rejected; the previous generation stays in force", "policy", d.cfg.PolicyPath, "generation", d.gen, "err", err)
+		if cur.lastErr != err.Error() || force {
+			d.log.Error("policy rejected; the previous generation stays in force", "policy", d.cfg.PolicyPath, "generation", cur.gen, "err", err)
 		}
-		d.lastErr = err.Error()
-		// Remember the bad bytes so the poller does not retry them each tick.
-		if readErr == nil {
-			d.policyHash = hash
-		}
-		return d.gen, err
+		d.publish(func(s *State) { s.lastErr = err.Error() })
+		return cur.gen, err
 	}
-	d.lastErr = ""
-	d.policyDropins = dropinPaths(files)
-	d.log.Info("policy loaded", "policy", d.cfg.PolicyPath, "dropins", len(files)-1, "generation", d.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", d.ended)
-	return d.gen, nil
+	st := d.current()
+	d.log.Info("policy loaded", "policy", d.cfg.PolicyPath, "dropins", len(files)-1, "generation", st.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", st.ended)
+	return st.gen, nil
 }
 
 // policyStamp is the stamps of the policy file, of its policy.d directory
@@ -643,38 +656,38 @@ func stampOf(path string) fileStamp {
 func (s fileStamp) valid() bool { return s.ino != 0 }
 
 // install makes rs (minus revocations, plus the routes of its interfaces)
-// the generation in force. d.mu held.
-func (d *Daemon) install(rs *ruleset.Ruleset, hash string) error {
+// the generation in force, and publishes it as the policy in force, with
+// its hash and drop-ins. Reconciler only.
+func (d *Daemon) install(rs *ruleset.Ruleset, hash string, dropins []string) error {
 	routes, err := interfaceRoutes(rs.Interfaces)
 	if err != nil {
 		return err
 	}
-	gen, err := d.applyEffective(withRoutes(d.revoked.apply(rs), routes))
-	if err != nil {
-		return err
-	}
-	d.policy, d.policyHash, d.loadedAt, d.routes = rs, hash, time.Now(), routes
-	d.interfaces.Store(&rs.Interfaces)
-	d.gen = gen
-	return nil
+	d.seenHash = hash
+	_, err = d.applyEffective(withRoutes(d.revoked.apply(rs), routes), func(s *State) {
+		s.policy, s.policyHash, s.policyDropins, s.loadedAt, s.routes = rs, hash, dropins, time.Now(), routes
+		s.lastErr = ""
+	})
+	return err
 }
 
 // refreshExes follows pinned binaries that were replaced (upgrades write a
 // new file) or written: the new file holds the grants from the next
 // generation on, for a pin with sha256 once it is hashed and matches
 // (resolveExes). Called at each watch event, finished hash and poll.
+// Reconciler only.
 func (d *Daemon) refreshExes() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	defer d.flushExeRecords()
-	if d.effective == nil {
+	cur := d.current()
+	if cur.effective == nil {
 		return
 	}
-	now := d.resolveExes(d.effective)
-	if reflect.DeepEqual(now, d.exes) {
+	now := d.resolveExes(cur.effective)
+	if reflect.DeepEqual(now, cur.exes) {
+		d.publishExeKinds()
 		return
 	}
-	gen, err := d.applyEffective(d.effective)
+	gen, err := d.applyEffective(cur.effective, nil)
 	if err != nil {
 		d.log.Error("pinned binaries changed, but applying them failed", "err", err)
 		return
@@ -682,29 +695,37 @@ func (d *Daemon) refreshExes() {
 	d.log.Info("pinned binaries changed on disk", "generation", gen)
 }
 
+// publishExeKinds publishes what was last said of the pinned paths when
+// it changed without a new generation (a hash came out as it was).
+func (d *Daemon) publishExeKinds() {
+	kinds := d.exeKinds()
+	if !maps.Equal(kinds, d.current().exeKinds) {
+		d.publish(func(s *State) { s.exeKinds = kinds })
+	}
+}
+
 // refreshRoutes follows internal.interfaces: when the routes via them
 // change, a new generation with the new internal set goes in.
+// Reconciler only.
 func (d *Daemon) refreshRoutes() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.policy == nil || len(d.policy.Interfaces) == 0 {
+	cur := d.current()
+	if cur.policy == nil || len(cur.policy.Interfaces) == 0 {
 		return
 	}
-	routes, err := interfaceRoutes(d.policy.Interfaces)
+	routes, err := interfaceRoutes(cur.policy.Interfaces)
 	if err != nil {
-		d.log.Error("cannot read routes of internal interfaces; keeping the last known ones", "interfaces", d.policy.Interfaces, "err", err)
+		d.log.Error("cannot read routes of internal interfaces; keeping the last known ones", "interfaces", cur.policy.Interfaces, "err", err)
 		return
 	}
-	if samePrefixes(routes, d.routes) {
+	if samePrefixes(routes, cur.routes) {
 		return
 	}
-	gen, err := d.applyEffective(withRoutes(d.revoked.apply(d.policy), routes))
+	gen, err := d.applyEffective(withRoutes(d.revoked.apply(cur.policy), routes), func(s *State) { s.routes = routes })
 	if err != nil {
 		d.log.Error("routes via internal interfaces changed, but applying them failed", "err", err)
 		return
 	}
-	d.routes = routes
-	d.log.Info("routes via internal interfaces changed", "interfaces", d.policy.Interfaces, "routes", len(routes), "generation", gen)
+	d.log.Info("routes via internal interfaces changed", "interfaces", cur.policy.Interfaces, "routes", len(routes), "generation", gen)
 }
 
 // resolveContainers returns eff with each match.container app's Path set
@@ -761,17 +782,17 @@ func (d *Daemon) containerSockets() []string {
 
 // refreshContainers follows match.container apps to where their
 // containers run now (a container made again has a new id and cgroup).
+// Reconciler only.
 func (d *Daemon) refreshContainers() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.effective == nil {
+	eff := d.current().effective
+	if eff == nil {
 		return
 	}
-	now := d.resolveContainers(d.effective, false)
-	if now == d.effective || reflect.DeepEqual(now.Apps, d.effective.Apps) {
+	now := d.resolveContainers(eff, false)
+	if now == eff || reflect.DeepEqual(now.Apps, eff.Apps) {
 		return
 	}
-	gen, err := d.applyEffective(now)
+	gen, err := d.applyEffective(now, nil)
 	if err != nil {
 		d.log.Error("containers moved, but applying them failed", "err", err)
 		return
@@ -779,8 +800,9 @@ func (d *Daemon) refreshContainers() {
 	d.log.Info("containers of match.container apps moved", "generation", gen)
 }
 
-// applyEffective builds the bindings for eff and applies it. d.mu held.
-func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
+// applyEffective builds the bindings for eff, applies it and publishes
+// it, with edit's changes (nil: none) in the same State. Reconciler only.
+func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint32, error) {
 	eff = d.resolveContainers(eff, true)
 	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate, Exes: d.resolveExes(eff),
 		NoUDPHandover: d.cfg.NoUDPHandover, TrustTraceGuard: d.cfg.TrustTraceGuard}
@@ -797,62 +819,84 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset) (uint32, error) {
 			// (existing ones when it applies, new ones when made).
 			continue
 		}
-		dir, err := d.appDirs.Ensure(app.Name)
+		b, err := d.bind(app.Name)
 		if err != nil {
 			return 0, fmt.Errorf("app %s: %w", app.Name, err)
 		}
-		cgID, err := cgroups.ID(dir)
-		if err != nil {
-			return 0, fmt.Errorf("app %s: %w", app.Name, err)
-		}
-		level, err := cgroups.Level(d.mount, dir)
-		if err != nil {
-			return 0, fmt.Errorf("app %s: %w", app.Name, err)
-		}
-		g.Bindings = append(g.Bindings, bpf.Binding{App: app.Name, CgroupID: cgID, Level: level})
+		g.Bindings = append(g.Bindings, b)
 		if app.Inbound != nil {
-			dynamic = append(dynamic, dynamicBinding{app: app, id: id, cgroupID: cgID})
+			dynamic = append(dynamic, dynamicBinding{app: app, id: id, cgroupID: b.CgroupID})
 		}
 	}
 	if err := d.ids.save(); err != nil {
 		return 0, err
 	}
+	ids := d.ids.snapshot()
+	// Events of the new generation may come before its State does.
+	d.applying.Store(&pendingGen{rules: eff, appIDs: ids})
+	defer d.applying.Store(nil)
 	gen, err := d.enf.Apply(g)
 	d.flushExeRecords()
 	if err != nil {
 		return 0, fmt.Errorf("apply generation: %w", err)
 	}
-	d.effective = eff
-	d.gen = gen
-	d.exes = g.Exes
 	d.exeWatch.watch(exeDirs(eff))
 	d.containerWatch.want(hasContainerApps(eff))
-	d.lastBindings = dynamic
-	d.matched = d.enf.Matched()
 	if err := d.setPinholeApps(dynamic); err != nil {
 		d.log.Error("dynamic apps not given to the pinhole agent", "err", err)
 	}
-	d.byGen[gen] = eff
-	d.ended = d.sweep(gen)
-	// Events of a few generations back may still be in the ring buffer.
-	for old := range d.byGen {
-		if old+8 < gen {
-			delete(d.byGen, old)
+	revoked := d.revoked.describeAll()
+	kinds := d.exeKinds()
+	matched := d.enf.Matched()
+	// Published before the sweep, which may take a while: the kernel
+	// decides by gen already.
+	d.publish(func(s *State) {
+		s.gen, s.effective, s.exes, s.exeKinds, s.bindings, s.matched = gen, eff, g.Exes, kinds, dynamic, matched
+		s.appIDs, s.revoked, s.byGen = ids, revoked, rememberGen(s.byGen, gen, eff)
+		if edit != nil {
+			edit(s)
 		}
-	}
+	})
+	ended := d.sweep(gen)
+	d.publish(func(s *State) { s.ended = ended })
 	return gen, nil
 }
 
-// annotate names the app and the rule of a kernel event from the ruleset of
-// the generation that decided it.
-func (d *Daemon) annotate(e bpf.Event) (string, string) {
-	d.mu.Lock()
-	rs := d.byGen[e.Generation]
-	if rs == nil {
-		rs = d.effective
+// bind makes the cgroup of a launched app (if missing) and says where it
+// is. Reconciler only.
+func (d *Daemon) bind(app string) (bpf.Binding, error) {
+	if d.bindApp != nil {
+		return d.bindApp(app)
 	}
-	d.mu.Unlock()
-	app := d.ids.name(e.AppID)
+	dir, err := d.appDirs.Ensure(app)
+	if err != nil {
+		return bpf.Binding{}, err
+	}
+	cgID, err := cgroups.ID(dir)
+	if err != nil {
+		return bpf.Binding{}, err
+	}
+	level, err := cgroups.Level(d.mount, dir)
+	if err != nil {
+		return bpf.Binding{}, err
+	}
+	return bpf.Binding{App: app, CgroupID: cgID, Level: level}, nil
+}
+
+// annotate names the app and the rule of a kernel event from the ruleset of
+// the generation that decided it. It runs on the audit reader and never
+// waits for the reconciler.
+func (d *Daemon) annotate(e bpf.Event) (string, string) {
+	st := d.current()
+	rs, ids := st.byGen[e.Generation], st.appIDs
+	if p := d.applying.Load(); rs == nil && p != nil && e.Generation > st.gen {
+		// Decided by the generation being applied.
+		rs, ids = p.rules, p.appIDs
+	}
+	if rs == nil {
+		rs = st.effective
+	}
+	app := (&State{appIDs: ids}).appName(e.AppID)
 	if rs == nil {
 		return app, ""
 	}
@@ -906,20 +950,24 @@ func (d *Daemon) serveMetrics(addr string) (*http.Server, error) {
 	return srv, nil
 }
 
-// counterSource reads the kernel's counters per app name ("" unbound).
+// counterSource reads the kernel's counters per app name ("" unbound),
+// of the apps of the State in force.
 func (d *Daemon) counterSource() (map[string][4]uint64, error) {
-	d.mu.Lock()
+	return d.counters(d.current())
+}
+
+// counters reads the kernel's counters per app name of st's policy.
+func (d *Daemon) counters(st *State) (map[string][4]uint64, error) {
 	names := []string{""}
 	ids := []uint32{0}
-	if d.policy != nil {
-		for _, a := range d.policy.Apps {
-			if id, ok := d.ids.lookup(a.Name); ok {
+	if st.policy != nil {
+		for _, a := range st.policy.Apps {
+			if id, ok := st.appIDs[a.Name]; ok {
 				names = append(names, a.Name)
 				ids = append(ids, id)
 			}
 		}
 	}
-	d.mu.Unlock()
 	raw, err := d.enf.Counters(ids)
 	if err != nil {
 		return nil, err
@@ -1030,13 +1078,6 @@ func (a *appIDs) get(name string) (uint32, error) {
 	return 0, fmt.Errorf("no free app id for %q (%d apps known)", name, len(a.ByName))
 }
 
-func (a *appIDs) lookup(name string) (uint32, bool) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	id, ok := a.ByName[name]
-	return id, ok
-}
-
 func (a *appIDs) name(id uint32) string {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -1046,6 +1087,13 @@ func (a *appIDs) name(id uint32) string {
 		}
 	}
 	return ""
+}
+
+// snapshot is a copy of the ids, for a State.
+func (a *appIDs) snapshot() map[string]uint32 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return maps.Clone(a.ByName)
 }
 
 func (a *appIDs) save() error {
@@ -1105,6 +1153,20 @@ func (r *revocations) describe(app string) []string {
 	var out []string
 	for _, g := range r.Grants[app] {
 		out = append(out, fmt.Sprintf("#%d", g))
+	}
+	return out
+}
+
+// describeAll is describe of every app with revocations, for a State.
+func (r *revocations) describeAll() map[string][]string {
+	out := map[string][]string{}
+	for app := range r.Apps {
+		out[app] = r.describe(app)
+	}
+	for app := range r.Grants {
+		if d := r.describe(app); len(d) > 0 {
+			out[app] = d
+		}
 	}
 	return out
 }

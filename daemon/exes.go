@@ -32,7 +32,7 @@ import (
 // Deny until verified: a file version the daemon has not hashed yet (a new
 // inode after a rename over the path, or new content written in place) is
 // left out of app_exes, and so holds no grants, until its hash is known.
-// Hashing runs on its own goroutine, off d.mu, so that a large binary
+// Hashing runs on its own goroutine, off the reconciler, so that a large binary
 // delays only its own grants, never a reload, explain or the DNS learner.
 //
 // The race this leaves: between a replacement and the daemon's next
@@ -236,7 +236,7 @@ func pinnedPaths(app ruleset.App) []pinnedPath {
 // resolveExes finds the files of the apps' pinned binaries that hold their
 // grants now: every existing file of a pin without sha256, and of a pin
 // with one only a version hashed and found to match. A binary that is
-// missing, not yet hashed or of another hash holds nothing. d.mu held.
+// missing, not yet hashed or of another hash holds nothing. Reconciler only.
 func (d *Daemon) resolveExes(rs *ruleset.Ruleset) map[string][]bpf.FileID {
 	out := map[string][]bpf.FileID{}
 	seen := map[string]bool{}
@@ -276,7 +276,7 @@ func (d *Daemon) resolveExes(rs *ruleset.Ruleset) map[string][]bpf.FileID {
 }
 
 // exeTransition logs, and for hashes audits, a pinned path's change of
-// state. d.mu held.
+// state. Reconciler only.
 func (d *Daemon) exeTransition(app string, p pinnedPath, now exeState, sum string, err error) {
 	key := app + "\x00" + p.path
 	was, known := d.exeStates[key]
@@ -319,7 +319,7 @@ func (d *Daemon) exeTransition(app string, p pinnedPath, now exeState, sum strin
 }
 
 // auditExe queues the daemon's record of a pinned binary's hash check,
-// for flushExeRecords. d.mu held.
+// for flushExeRecords. Reconciler only.
 func (d *Daemon) auditExe(verdict, app, path, rule string) {
 	d.exeRecords = append(d.exeRecords, audit.Record{
 		Time:    time.Now().UTC(),
@@ -331,7 +331,7 @@ func (d *Daemon) auditExe(verdict, app, path, rule string) {
 // flushExeRecords appends the queued hash records to the audit log: after
 // the generation that acts on them is in the kernel, so that a reader of
 // "holds no grants" (or of "matches again") finds the kernel agreeing.
-// d.mu held.
+// Reconciler only.
 func (d *Daemon) flushExeRecords() {
 	for _, r := range d.exeRecords {
 		d.auditor.Append(r)
@@ -420,10 +420,20 @@ func (xw *exeWatch) run(ctx context.Context) {
 	}, func() { wake(xw.changed) })
 }
 
+// exeKinds is what was last said of each pinned path, for a State.
+// Reconciler only.
+func (d *Daemon) exeKinds() map[string]string {
+	out := make(map[string]string, len(d.exeStates))
+	for k, st := range d.exeStates {
+		out[k] = st.kind
+	}
+	return out
+}
+
 // exeWhy says why a process of app running target holds none of the app's
-// grants, for explain. d.mu held.
-func (d *Daemon) exeWhy(app, target string) string {
-	switch d.exeStates[app+"\x00"+target].kind {
+// grants, for explain.
+func (s *State) exeWhy(app, target string) string {
+	switch s.exeKinds[app+"\x00"+target] {
 	case "mismatch":
 		return "a pinned path whose file does not have the sha256 the policy wants (" + ruleset.ReasonExeHash.String() + ")"
 	case "pending":

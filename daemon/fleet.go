@@ -35,10 +35,11 @@ type fleetSource struct {
 	cli   *clientv3.Client
 	agent *fleet.Agent
 	host  fleet.Host
-	// fromDisk: the policy in force came from the last good policy on
-	// disk, etcd not having answered at boot. d.mu guards it.
-	fromDisk bool
-	revision int64
+	// first is the revision read at start and whether it came from the
+	// last good policy on disk, etcd not having answered at boot; the
+	// State says which is in force after it.
+	firstRevision int64
+	firstFromDisk bool
 }
 
 // openFleet connects to etcd and reads the first policy: etcd's, or the
@@ -63,7 +64,7 @@ func (d *Daemon) openFleet(ctx context.Context) (*ruleset.Ruleset, string, []str
 		cli.Close()
 		return nil, "", nil, snap, fmt.Errorf("policy from etcd for host %s: %w", fc.Host.Name, err)
 	}
-	d.fleet = &fleetSource{cli: cli, agent: agent, host: fc.Host, fromDisk: fromDisk, revision: snap.Revision}
+	d.fleet = &fleetSource{cli: cli, agent: agent, host: fc.Host, firstFromDisk: fromDisk, firstRevision: snap.Revision}
 	files, err := snap.Files(fc.Host)
 	if err != nil {
 		return nil, "", nil, snap, err
@@ -81,10 +82,8 @@ func (d *Daemon) openFleet(ctx context.Context) (*ruleset.Ruleset, string, []str
 
 // runFleet follows etcd until ctx ends.
 func (d *Daemon) runFleet(ctx context.Context, wg *sync.WaitGroup, first fleet.Snapshot) {
-	d.mu.Lock()
-	o := fleet.Outcome{Generation: d.gen, PolicySHA256: d.policyHash, FromDisk: d.fleet.fromDisk}
-	d.mu.Unlock()
-	d.fleet.agent.Applied(first, o)
+	st := d.current()
+	d.fleet.agent.Applied(first, fleet.Outcome{Generation: st.gen, PolicySHA256: st.policyHash, FromDisk: st.fleetFromDisk})
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -104,7 +103,7 @@ func (d *Daemon) fleetUpdates() <-chan fleet.Snapshot {
 
 // applyFleet makes a snapshot's merged policy the generation in force, or
 // refuses it whole and keeps the one in force; either way the agent
-// reports it.
+// reports it. Reconciler only.
 func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 	f := d.fleet
 	files, err := snap.Files(f.host)
@@ -113,13 +112,12 @@ func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 	if err == nil {
 		hash = policy.Hash(files)
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if err == nil && hash == d.policyHash {
+	inForce := func(s *State) { s.lastErr, s.fleetFromDisk, s.fleetRevision = "", false, snap.Revision }
+	if cur := d.current(); err == nil && hash == cur.policyHash {
 		// Another host's document, or the same bytes as on disk: the
 		// generation in force is this revision's policy.
-		d.lastErr, f.fromDisk, f.revision = "", false, snap.Revision
-		f.agent.Applied(snap, fleet.Outcome{Generation: d.gen, PolicySHA256: d.policyHash})
+		st := d.publish(inForce)
+		f.agent.Applied(snap, fleet.Outcome{Generation: st.gen, PolicySHA256: st.policyHash})
 		return
 	}
 	if err == nil {
@@ -134,32 +132,31 @@ func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 		}
 	}
 	if err == nil {
-		err = d.install(rs, hash)
+		err = d.install(rs, hash, dropinPaths(files))
 	}
 	if err != nil {
-		d.log.Error("policy rejected; the previous generation stays in force", "revision", snap.Revision, "generation", d.gen, "err", err)
-		d.lastErr = fmt.Sprintf("revision %d: %v", snap.Revision, err)
-		f.agent.Applied(snap, fleet.Outcome{Generation: d.gen, PolicySHA256: d.policyHash, Err: err})
+		st := d.publish(func(s *State) { s.lastErr = fmt.Sprintf("revision %d: %v", snap.Revision, err) })
+		d.log.Error("policy rejected; the previous generation stays in force", "revision", snap.Revision, "generation", st.gen, "err", err)
+		f.agent.Applied(snap, fleet.Outcome{Generation: st.gen, PolicySHA256: st.policyHash, Err: err})
 		return
 	}
-	d.lastErr, f.fromDisk, f.revision = "", false, snap.Revision
-	d.policyDropins = dropinPaths(files)
-	d.log.Info("policy loaded", "revision", snap.Revision, "overlays", len(files)-1, "generation", d.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", d.ended)
-	f.agent.Applied(snap, fleet.Outcome{Generation: d.gen, PolicySHA256: d.policyHash})
+	st := d.publish(inForce)
+	d.log.Info("policy loaded", "revision", snap.Revision, "overlays", len(files)-1, "generation", st.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", st.ended)
+	f.agent.Applied(snap, fleet.Outcome{Generation: st.gen, PolicySHA256: st.policyHash})
 }
 
-// fleetStatus is the source's part of the daemon's status. d.mu held.
-func (d *Daemon) fleetStatus() *api.FleetSource {
+// fleetStatus is the source's part of the daemon's status in st.
+func (d *Daemon) fleetStatus(st *State) *api.FleetSource {
 	if d.fleet == nil {
 		return nil
 	}
-	st, connected, etcdErr := d.fleet.agent.State()
+	as, connected, etcdErr := d.fleet.agent.State()
 	source := fleet.SourceEtcd
-	if d.fleet.fromDisk {
+	if st.fleetFromDisk {
 		source = fleet.SourceLastGood
 	}
 	return &api.FleetSource{
-		Host: d.fleet.host.Name, Labels: st.Labels, Endpoints: d.cfg.Fleet.Etcd.Endpoints,
-		Revision: d.fleet.revision, Source: source, Connected: connected, EtcdError: etcdErr,
+		Host: d.fleet.host.Name, Labels: as.Labels, Endpoints: d.cfg.Fleet.Etcd.Endpoints,
+		Revision: st.fleetRevision, Source: source, Connected: connected, EtcdError: etcdErr,
 	}
 }

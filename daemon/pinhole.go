@@ -65,9 +65,7 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 		return fmt.Errorf("pinhole agent: %w", err)
 	}
 	ph := &pinholes{gateway: gw, kernel: k, metrics: &pinholeMetrics{drops: k.Drops, held: k.Held}}
-	d.mu.Lock()
-	_, apps := pinholeApps(d.lastBindings)
-	d.mu.Unlock()
+	_, apps := pinholeApps(d.current().bindings)
 	namedPath := filepath.Join(d.cfg.StateDir, "pinhole-named.json")
 	named, err := loadNamedPeers(namedPath)
 	if err != nil {
@@ -83,10 +81,10 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 		StaleAfter: max(d.cfg.PinholeIdle, 0), Uses: k.Uses,
 	})
 	ph.metrics.counts = ph.agent.Counts
-	d.mu.Lock()
+	// Before the API serves and the reconciler runs: on the reconciler's
+	// goroutine, as setPinholeApps wants.
 	d.ph = ph
-	err = d.setPinholeApps(d.lastBindings)
-	d.mu.Unlock()
+	err = d.setPinholeApps(d.current().bindings)
 	if err != nil {
 		k.Close()
 		return err
@@ -143,7 +141,8 @@ type dynamicBinding struct {
 }
 
 // setPinholeApps tells the kernel (now) and the agent (in the background:
-// it may be talking to the gateway) which apps are dynamic. d.mu held.
+// it may be talking to the gateway) which apps are dynamic. Reconciler
+// only.
 func (d *Daemon) setPinholeApps(bs []dynamicBinding) error {
 	ph := d.ph
 	if ph == nil {
@@ -209,18 +208,17 @@ func (d *Daemon) pinholeOpen(ctx context.Context, p peer, req api.Request) (*api
 	if d.ph == nil {
 		return nil, errors.New("the pinhole agent is off: start the daemon with --gateway URL")
 	}
-	name, err := d.appOfPID(int(p.pid))
+	cur := d.current()
+	name, err := d.appOfPID(cur, int(p.pid))
 	if err != nil {
 		return nil, err
 	}
-	d.mu.Lock()
-	app := d.effective.App(name)
+	app := cur.effective.App(name)
 	var in *ruleset.Inbound
 	if app != nil {
 		in = app.Inbound
 	}
-	id, _ := d.ids.lookup(name)
-	d.mu.Unlock()
+	id := cur.appIDs[name]
 	switch {
 	case name == "":
 		return nil, fmt.Errorf("caller pid %d is in no app: run it with `procgate run --app NAME`", p.pid)

@@ -148,13 +148,14 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 	}
 	switch req.Op {
 	case api.OpStatus:
-		st, err := d.status()
+		cur := d.current()
+		st, err := d.status(cur)
 		if err != nil {
 			return errResp("%v", err)
 		}
 		st.Pinholes = d.pinholeStatus(ctx)
 		if p.uid != 0 {
-			d.ownRows(st, p.uid)
+			ownRows(cur, st, p.uid)
 		}
 		return &api.Response{Status: st}
 	case api.OpExplain:
@@ -167,7 +168,7 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 		if r := rootOnly(); r != nil {
 			return r
 		}
-		rv, err := d.revoke(req)
+		rv, err := d.revoke(ctx, req)
 		if err != nil {
 			return errResp("%v", err)
 		}
@@ -176,7 +177,7 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 		if r := rootOnly(); r != nil {
 			return r
 		}
-		gen, ended, err := d.reloadNow()
+		gen, ended, err := d.reloadNow(ctx)
 		if err != nil {
 			return errResp("policy rejected, generation %d stays in force: %v", gen, err)
 		}
@@ -216,20 +217,20 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 	return errResp("unknown op %q", req.Op)
 }
 
-func (d *Daemon) status() (*api.Status, error) {
-	counters, err := d.counterSource()
+// status is the daemon's status in cur, the State in force: it never
+// waits for the reconciler.
+func (d *Daemon) status(cur *State) (*api.Status, error) {
+	counters, err := d.counters(cur)
 	if err != nil {
 		return nil, err
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	st := &api.Status{
 		Version:    version.Get(),
-		Generation: d.gen, Policy: d.cfg.PolicyPath, PolicySHA256: d.policyHash, PolicyDropins: d.policyDropins, LoadedAt: d.loadedAt,
-		LastError: d.lastErr, CgroupRoot: d.cfg.CgroupRoot, BPFDir: d.cfg.BPFDir,
+		Generation: cur.gen, Policy: d.cfg.PolicyPath, PolicySHA256: cur.policyHash, PolicyDropins: cur.policyDropins, LoadedAt: cur.loadedAt,
+		LastError: cur.lastErr, CgroupRoot: d.cfg.CgroupRoot, BPFDir: d.cfg.BPFDir,
 		Hooks: d.enf.Attached(), Adopted: d.adopted,
 		Unbound: toCounters(counters[""]),
-		Fleet:   d.fleetStatus(),
+		Fleet:   d.fleetStatus(cur),
 	}
 	if d.fleet != nil {
 		st.Policy = "etcd " + fleet.PolicyPrefix
@@ -239,18 +240,20 @@ func (d *Daemon) status() (*api.Status, error) {
 	}
 	what, active, why := launch.TraceGuard(d.cfg.GuardGID)
 	st.Guards = append(st.Guards, api.Guard{Name: "app-tracing", What: what, Active: active, Why: why})
-	for _, p := range d.effective.Internal {
+	if cur.effective == nil {
+		return st, nil
+	}
+	for _, p := range cur.effective.Internal {
 		st.Internal = append(st.Internal, p.Prefix.String())
 	}
-	for _, a := range d.policy.Apps {
-		id, _ := d.ids.lookup(a.Name)
-		as := api.AppStatus{Name: a.Name, ID: id, Cgroup: filepath.Join(d.appDirs.Base, a.Name), Principal: a.Match.Describe(),
-			Cgroups: 1, Revoked: d.revoked.describe(a.Name), Counters: toCounters(counters[a.Name])}
+	for _, a := range cur.policy.Apps {
+		as := api.AppStatus{Name: a.Name, ID: cur.appIDs[a.Name], Cgroup: filepath.Join(d.appDirs.Base, a.Name), Principal: a.Match.Describe(),
+			Cgroups: 1, Revoked: cur.revoked[a.Name], Counters: toCounters(counters[a.Name])}
 		switch a.Kind() {
 		case ruleset.MatchUser:
 			as.Cgroup, as.Cgroups = "", 0
 		case ruleset.MatchUnit, ruleset.MatchCgroup, ruleset.MatchContainer:
-			as.Cgroup, as.Cgroups = filepath.Join(d.cfg.CgroupRoot, a.Match.Path), d.matched[a.Name]
+			as.Cgroup, as.Cgroups = filepath.Join(d.cfg.CgroupRoot, a.Match.Path), cur.matched[a.Name]
 		}
 		for _, g := range a.Grants {
 			as.Grants = append(as.Grants, g.String())
@@ -283,7 +286,7 @@ func launchable(app *ruleset.App) error {
 // appOfPID finds pid's principal as the kernel would (ruleset.Principal):
 // the deepest app cgroup among its cgroup and their ancestors, else the
 // user app of its real uid; "" when none.
-func (d *Daemon) appOfPID(pid int) (string, error) {
+func (d *Daemon) appOfPID(st *State, pid int) (string, error) {
 	dir, err := cgroups.OfPID(pid)
 	if err != nil {
 		return "", err
@@ -296,7 +299,7 @@ func (d *Daemon) appOfPID(pid int) (string, error) {
 	if err != nil || strings.HasPrefix(rel, "..") {
 		rel = "" // outside the enforced subtree: no app cgroup
 	}
-	return d.effective.Principal(filepath.ToSlash(rel), uid, AppsDir), nil
+	return st.effective.Principal(filepath.ToSlash(rel), uid, AppsDir), nil
 }
 
 // realUID reads pid's real uid (the first of the Uid: line of
@@ -324,48 +327,61 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	st := d.current()
+	if st.effective == nil {
+		return nil, errors.New("no policy in force yet")
+	}
 	app := req.App
 	if req.PID != 0 {
-		if app, err = d.appOfPID(req.PID); err != nil {
+		if app, err = d.appOfPID(st, req.PID); err != nil {
 			return nil, err
 		}
-	} else if d.effective.App(app) == nil {
+	} else if st.effective.App(app) == nil {
 		return nil, fmt.Errorf("no app %q in the policy %s", app, d.cfg.PolicyPath)
 	}
-	dec := d.effective.DecideLearned(app, dest, d.enf.Learned(), time.Now())
+	dec := st.effective.DecideLearned(app, dest, d.enf.Learned(), time.Now())
 	ex := &api.Explain{App: app, Dest: dest.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}
-	if a := d.effective.App(app); req.PID != 0 && a != nil {
+	if a := st.effective.App(app); req.PID != 0 && a != nil {
 		ex.Principal = a.Match.Describe()
 	}
 	// As the kernel does: in an app with exe:, a process running another
 	// binary holds none of the grants.
 	// Only the app's own grants depend on it: everyone's and a sandbox's
 	// loopback hold for any binary.
-	if a := d.effective.App(app); req.PID != 0 && a != nil && len(a.Exe) > 0 && (dec.Reason == ruleset.ReasonGranted || dec.Reason == ruleset.ReasonName) {
+	if a := st.effective.App(app); req.PID != 0 && a != nil && len(a.Exe) > 0 && (dec.Reason == ruleset.ReasonGranted || dec.Reason == ruleset.ReasonName) {
 		exe := fmt.Sprintf("/proc/%d/exe", req.PID)
 		id, err := bpf.FileIDOf(exe)
-		if err != nil || !slices.Contains(d.exes[app], id) {
+		if err != nil || !slices.Contains(st.exes[app], id) {
 			target, _ := os.Readlink(exe)
-			ungranted := d.effective.Clone()
+			ungranted := st.effective.Clone()
 			ungranted.App(app).Grants = nil
 			if dec := ungranted.Decide(app, dest); dec.Allow {
 				ex.Reason = dec.Reason.String()
-				ex.Decision = fmt.Sprintf("%s (the process runs %s, %s, so not by its own grants)", dec, target, d.exeWhy(app, target))
+				ex.Decision = fmt.Sprintf("%s (the process runs %s, %s, so not by its own grants)", dec, target, st.exeWhy(app, target))
 			} else {
 				ex.Allow, ex.Reason = false, ruleset.ReasonExe.String()
-				ex.Decision = fmt.Sprintf("deny (%s): the process runs %s, %s", ruleset.ReasonExe, target, d.exeWhy(app, target))
+				ex.Decision = fmt.Sprintf("deny (%s): the process runs %s, %s", ruleset.ReasonExe, target, st.exeWhy(app, target))
 			}
 		}
 	}
 	return ex, nil
 }
 
-func (d *Daemon) revoke(req api.Request) (*api.Revoke, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	app := d.policy.App(req.App)
+// revoke withdraws (or restores) an app's grants, on the reconciler.
+func (d *Daemon) revoke(ctx context.Context, req api.Request) (rv *api.Revoke, err error) {
+	if cerr := d.call(ctx, func() { rv, err = d.revokeNow(req) }); cerr != nil {
+		return nil, cerr
+	}
+	return rv, err
+}
+
+// revokeNow is revoke on the reconciler.
+func (d *Daemon) revokeNow(req api.Request) (*api.Revoke, error) {
+	cur := d.current()
+	if cur.policy == nil {
+		return nil, errors.New("no policy in force yet")
+	}
+	app := cur.policyApp(req.App)
 	if app == nil {
 		return nil, fmt.Errorf("no app %q in the policy %s", req.App, d.cfg.PolicyPath)
 	}
@@ -391,7 +407,7 @@ func (d *Daemon) revoke(req api.Request) (*api.Revoke, error) {
 	default:
 		d.revoked.Apps[req.App] = true
 	}
-	gen, err := d.applyEffective(withRoutes(d.revoked.apply(d.policy), d.routes))
+	gen, err := d.applyEffective(withRoutes(d.revoked.apply(cur.policy), cur.routes), nil)
 	if err != nil {
 		*d.revoked = saved
 		return nil, err
@@ -399,8 +415,9 @@ func (d *Daemon) revoke(req api.Request) (*api.Revoke, error) {
 	if err := d.revoked.save(); err != nil {
 		d.log.Error("revocation is in force but not saved; it will not survive a restart", "err", err)
 	}
-	d.log.Info("revoked", "app", req.App, "what", what, "generation", gen, "sockets_ended", d.ended)
-	return &api.Revoke{Generation: gen, Revoked: what, SocketsEnded: d.ended}, nil
+	ended := d.current().ended
+	d.log.Info("revoked", "app", req.App, "what", what, "generation", gen, "sockets_ended", ended)
+	return &api.Revoke{Generation: gen, Revoked: what, SocketsEnded: ended}, nil
 }
 
 func cloneMap[K comparable, V any](m map[K]V) map[K]V {
@@ -412,9 +429,7 @@ func cloneMap[K comparable, V any](m map[K]V) map[K]V {
 }
 
 func (d *Daemon) appInfo(name string) (*api.AppInfo, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	app := d.policy.App(name)
+	app := d.current().policyApp(name)
 	if app == nil {
 		return nil, fmt.Errorf("no app %q in the policy %s", name, d.cfg.PolicyPath)
 	}
@@ -433,13 +448,13 @@ func (d *Daemon) appInfo(name string) (*api.AppInfo, error) {
 // ownRows keeps in st only what a caller other than root may see: the apps
 // it may run or whose processes it is (match.user), not the unbound
 // processes' counters nor other users' apps.
-func (d *Daemon) ownRows(st *api.Status, uid uint32) {
-	d.mu.Lock()
+func ownRows(cur *State, st *api.Status, uid uint32) {
 	apps := map[string]ruleset.App{}
-	for _, a := range d.policy.Apps {
-		apps[a.Name] = a
+	if cur.policy != nil {
+		for _, a := range cur.policy.Apps {
+			apps[a.Name] = a
+		}
 	}
-	d.mu.Unlock()
 	st.Apps = slices.DeleteFunc(st.Apps, func(as api.AppStatus) bool {
 		a, ok := apps[as.Name]
 		if !ok {
@@ -575,13 +590,11 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 		fail("run needs a command")
 		return
 	}
-	d.mu.Lock()
 	var app ruleset.App
-	a := d.policy.App(req.App)
+	a := d.current().policyApp(req.App)
 	if a != nil {
 		app = *a
 	}
-	d.mu.Unlock()
 	if a == nil {
 		fail("no app %q in the policy %s", req.App, d.cfg.PolicyPath)
 		return

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"os"
 
 	"github.com/procgate/procgate/bpf"
@@ -11,7 +12,8 @@ import (
 // of routes or binaries. Sockets are found in the daemon's own network
 // namespace only (where `procgate run` starts apps); apps in other
 // namespaces keep their connections. A failed sweep is logged: the new
-// generation is in force either way, for every new attempt. d.mu held.
+// generation is in force either way, for every new attempt. Reconciler
+// only.
 func (d *Daemon) sweep(gen uint32) int {
 	opts := bpf.SweepOptions{}
 	// Sockets made in the apps' directory by an app since removed from the
@@ -41,9 +43,12 @@ func (d *Daemon) sweep(gen uint32) int {
 
 // reloadNow is Reload(true) for the API: the generation and how many live
 // sockets it ended.
-func (d *Daemon) reloadNow() (uint32, int, error) {
-	gen, err := d.Reload(true)
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return gen, d.ended, err
+func (d *Daemon) reloadNow(ctx context.Context) (gen uint32, ended int, err error) {
+	if cerr := d.call(ctx, func() {
+		gen, err = d.reload(true)
+		ended = d.current().ended
+	}); cerr != nil {
+		return d.generation(), 0, cerr
+	}
+	return gen, ended, err
 }

@@ -1,0 +1,149 @@
+package daemon
+
+import (
+	"context"
+	"maps"
+	"time"
+
+	"github.com/procgate/procgate/bpf"
+	"github.com/procgate/procgate/ruleset"
+)
+
+// Concurrency of the daemon.
+//
+// One goroutine, the reconciler (Daemon.reconcile, and Run before it
+// starts the loop), changes the daemon's state: it reads and parses the
+// policy, applies generations, sweeps, and publishes a State. It holds no
+// lock while it does: nobody else writes what it owns, and readers take
+// the published State with one atomic load. API requests that change the
+// state (reload, revoke) are run on it in turn (call).
+//
+// Locks that remain are leaves, each taken alone and released before any
+// other is taken: appIDs.mu, exeHashes.mu, exeWatch.mu, pinholes.mu (held
+// by the goroutine that gives the agent its apps, never by the
+// reconciler across a call out). Inside the enforcer, bpf's learned-names
+// lock is held by Apply only for writing the name grants and the switch
+// (bpf/names.go, bpf/enforcer.go): Learned, which explain and the audit
+// annotation ask, may wait for that step, never for a parse or a sweep.
+
+// State is one published view of the daemon: the policy, what the kernel
+// enforces of it and how it is bound. The reconciler builds a new State
+// for every change and publishes it whole (Daemon.state); readers
+// (status, explain, the audit annotation, metrics, launches, the pinhole
+// API) load the current one and never wait for a reload. Nothing
+// reachable from a published State is written again: a change replaces
+// the maps, slices and rulesets it touches.
+type State struct {
+	gen uint32
+	// policy is as the files (or etcd) say; effective is what the kernel
+	// enforces: policy minus revocations, plus routes, containers
+	// resolved. Both nil before the first generation.
+	policy, effective *ruleset.Ruleset
+	policyHash        string
+	// policyDropins are the drop-ins of the policy in force, in merge
+	// order.
+	policyDropins []string
+	loadedAt      time.Time
+	lastErr       string
+	// routes are the destinations routed via internal.interfaces when last
+	// looked at; they are part of the internal set.
+	routes []ruleset.InternalPrefix
+	// appIDs are the ids of every app known to the state dir, by name.
+	appIDs map[string]uint32
+	// revoked describes each app's revocations (revocations.describe).
+	revoked map[string][]string
+	// exes are the files of pinned binaries in the generation in force;
+	// exeKinds what was last said of each app's pinned path (key app NUL
+	// path: ok, pending, mismatch, missing), for explain.
+	exes     map[string][]bpf.FileID
+	exeKinds map[string]string
+	// matched counts, per unit or cgroup app, the existing cgroups the
+	// last Apply's scan bound to it.
+	matched map[string]int
+	// bindings are the dynamic apps of the generation in force, for the
+	// pinhole agent.
+	bindings []dynamicBinding
+	// ended counts the live sockets the sweep after the last Apply ended.
+	ended int
+	// byGen are the effective rulesets of the last generations: events of
+	// a few generations back may still be in the ring buffer.
+	byGen map[uint32]*ruleset.Ruleset
+	// fleetRevision and fleetFromDisk are the etcd source's: the revision
+	// in force, and whether it came from the last good policy on disk.
+	fleetRevision int64
+	fleetFromDisk bool
+}
+
+// appName is the name of the app with id, "" when none.
+func (s *State) appName(id uint32) string {
+	for n, i := range s.appIDs {
+		if i == id {
+			return n
+		}
+	}
+	return ""
+}
+
+// policyApp is the app name of the policy in force, nil when none.
+func (s *State) policyApp(name string) *ruleset.App {
+	if s.policy == nil {
+		return nil
+	}
+	return s.policy.App(name)
+}
+
+// current is the state in force; never nil once Run has built the daemon.
+func (d *Daemon) current() *State {
+	if s := d.state.Load(); s != nil {
+		return s
+	}
+	return &State{}
+}
+
+// publish makes a copy of the state in force, changed by edit, the state
+// in force. Reconciler only: edit must replace, never write into, what
+// the copy shares with the old state.
+func (d *Daemon) publish(edit func(s *State)) *State {
+	s := *d.current()
+	edit(&s)
+	d.state.Store(&s)
+	return &s
+}
+
+// pendingGen is the generation the reconciler is applying: the kernel may
+// decide by it (and report events of it) before its State is published.
+type pendingGen struct {
+	rules  *ruleset.Ruleset
+	appIDs map[string]uint32
+}
+
+// rememberGen returns byGen with gen's ruleset added, and without the
+// generations too old to still have events in the ring buffer.
+func rememberGen(byGen map[uint32]*ruleset.Ruleset, gen uint32, rs *ruleset.Ruleset) map[uint32]*ruleset.Ruleset {
+	out := maps.Clone(byGen)
+	if out == nil {
+		out = map[uint32]*ruleset.Ruleset{}
+	}
+	out[gen] = rs
+	for old := range out {
+		if old+8 < gen {
+			delete(out, old)
+		}
+	}
+	return out
+}
+
+// call runs f on the reconciler and waits for it to finish: how API
+// requests that change the state (reload, revoke) take their turn with
+// watch events. It fails only when the reconciler is gone (ctx ended).
+func (d *Daemon) call(ctx context.Context, f func()) error {
+	done := make(chan struct{})
+	select {
+	case d.calls <- func() { defer close(done); f() }:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	// Once taken, the reconciler runs f to its end.
+	<-done
+	return nil
+}
