@@ -816,7 +816,11 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint
 		if app.Match != nil {
 			// Not launched: the kernel finds a user app's processes by
 			// uid, and the enforcer binds a unit's or glob's cgroups
-			// (existing ones when it applies, new ones when made).
+			// (existing ones when it applies, new ones when made). The
+			// pinhole programs find them by the same lookup.
+			if app.Inbound != nil {
+				dynamic = append(dynamic, dynamicBinding{app: app, id: id})
+			}
 			continue
 		}
 		b, err := d.bind(app.Name)

@@ -133,7 +133,8 @@ func loadNamedPeers(path string) ([]pinhole.NamedPeer, error) {
 	return ps, nil
 }
 
-// dynamicBinding is an app with inbound: dynamic and where it lives.
+// dynamicBinding is an app with inbound: dynamic and where it lives (a
+// launched app's cgroup; 0 for an app with match:).
 type dynamicBinding struct {
 	app      ruleset.App
 	id       uint32

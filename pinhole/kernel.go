@@ -55,7 +55,10 @@ type Kernel struct {
 
 // Binding is a dynamic app as the kernel sees it.
 type Binding struct {
-	AppID    uint32
+	AppID uint32
+	// CgroupID is a launched app's cgroup; 0 for an app with match:,
+	// whose processes the kernel finds by the enforcer's principal
+	// lookup (pinhole.c, app_of_current).
 	CgroupID uint64
 	Inbound  *ruleset.Inbound
 }
@@ -104,8 +107,13 @@ func (k *Kernel) attach(bpfDir, cgroupDir string) error {
 func (k *Kernel) SetApps(bs []Binding) error {
 	apps := map[uint64]uint32{}
 	ports := map[pinholePortKey]uint8{}
+	principals := uint32(0)
 	for _, b := range bs {
-		apps[b.CgroupID] = b.AppID
+		if b.CgroupID == 0 {
+			principals = 1
+		} else {
+			apps[b.CgroupID] = b.AppID
+		}
 		put := func(rs []ruleset.PortRange, proto ruleset.Proto, what uint8) {
 			for _, r := range rs {
 				for p := uint32(r.Lo); p <= uint32(r.Hi); p++ {
@@ -122,6 +130,12 @@ func (k *Kernel) SetApps(bs []Binding) error {
 		put(b.Inbound.Ports, b.Inbound.Proto, uint8(pinholePortRolePORT_AUX))
 	}
 	var errs []error
+	// Set before the ports are written, cleared after the stale ones are
+	// deleted: no principal app's port is listed without the lookup that
+	// finds its binds.
+	if principals == 1 {
+		errs = append(errs, k.objs.PinholePrincipals.Put(uint32(0), principals))
+	}
 	for key, what := range ports {
 		if k.ports[key] != what {
 			errs = append(errs, k.objs.PinholePorts.Put(key, what))
@@ -141,6 +155,9 @@ func (k *Kernel) SetApps(bs []Binding) error {
 		if _, ok := apps[id]; !ok {
 			_ = k.objs.PinholeApps.Delete(id)
 		}
+	}
+	if principals == 0 {
+		errs = append(errs, k.objs.PinholePrincipals.Put(uint32(0), principals))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("write dynamic apps to the kernel: %w", err)

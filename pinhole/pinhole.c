@@ -5,7 +5,8 @@
 // What the pinhole agent sees of the apps whose policy says
 // `inbound: dynamic`, and the host's own guard of their auxiliary ports.
 //
-// Sockets of a dynamic app (its cgroup, or a descendant, is in pinhole_apps)
+// Sockets of a dynamic app (its cgroup, or a descendant, is in pinhole_apps;
+// or, for an app with match:, the enforcer's principal lookup finds it)
 // on one of its control or auxiliary ports get a pinhole_socks entry when
 // they are bound (post_bind4/6: the binding task is current, so the app,
 // tgid and uid are the binder's). The entry is socket-local storage with
@@ -39,10 +40,13 @@
 // bpf_sk_storage_get; sockops may call bpf_sk_storage_get on ctx->sk;
 // LISTEN_CB and PASSIVE_ESTABLISHED_CB run without cb flags.
 
-#include <linux/bpf.h>
-#include <linux/in.h>
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
+// decision.h (bpf/) gives the enforcer's principal lookup, against the
+// enforcer's maps, pinned by name in the same BPF directory: a unit,
+// cgroup, container or user app is found as the connect hooks find it.
+// Its PROTO_ macros are the same numbers as enum pinhole_proto below.
+#include "decision.h"
+#undef PROTO_TCP
+#undef PROTO_UDP
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
@@ -143,6 +147,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pinhole_apps SEC(".maps");
 
+// pinhole_principals[0] is 1 while some dynamic app has match: (unit,
+// cgroup, container, user), written by the daemon: only then does a bind
+// outside pinhole_apps pay for the enforcer's principal lookup.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pinhole_principals SEC(".maps");
+
 // Control and auxiliary ports of each dynamic app, one entry per port.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -240,24 +255,37 @@ const enum port_role *unused_port_role __attribute__((unused));
 const enum sock_kind *unused_sock_kind __attribute__((unused));
 const enum event_kind *unused_event_kind __attribute__((unused));
 
-// app_of_current is the dynamic app of the calling task's cgroup or its
-// nearest ancestor that is one.
-static __always_inline struct pinhole_app *app_of_current(__u64 *cgroup_id)
+// app_of_current is the app id of the calling task, 0 for none: a
+// launched dynamic app's by its cgroup or its nearest ancestor that is one
+// (pinhole_apps), else, while some dynamic app has match:, the enforcer's
+// principal of the task (decision.h: the deepest app cgroup, then the
+// match.user app of its real uid; none for a process marked as migrated).
+// Only apps with ports in pinhole_ports are dynamic: the caller looks.
+static __always_inline __u32 app_of_current(__u64 *cgroup_id)
 {
 	__u64 id = bpf_get_current_cgroup_id();
 	*cgroup_id = id;
 	struct pinhole_app *a = bpf_map_lookup_elem(&pinhole_apps, &id);
 	if (a)
-		return a;
+		return a->app_id;
 	for (int level = MAX_CGROUP_LEVEL - 1; level >= 0; level--) {
 		id = bpf_get_current_ancestor_cgroup_id(level);
 		if (!id)
 			continue;
 		a = bpf_map_lookup_elem(&pinhole_apps, &id);
 		if (a)
-			return a;
+			return a->app_id;
 	}
-	return NULL;
+	__u32 zero = 0;
+	__u32 *principals = bpf_map_lookup_elem(&pinhole_principals, &zero);
+	if (!principals || !*principals)
+		return 0;
+	struct generation_info *info = current_generation();
+	if (!info)
+		return 0;
+	__u64 ignored;
+	struct app_info *app = principal(info->slot & 1, info, &ignored);
+	return app ? app->app_id : 0;
 }
 
 static __always_inline __u8 proto_of(__u32 protocol)
@@ -318,13 +346,13 @@ static __always_inline void emit(__u64 cookie, const struct sock_owner *o, __u8 
 static __always_inline int on_bind(struct bpf_sock *sk, int v6)
 {
 	__u64 cgroup_id;
-	struct pinhole_app *app = app_of_current(&cgroup_id);
-	if (!app)
+	__u32 app_id = app_of_current(&cgroup_id);
+	if (!app_id)
 		return 1;
 	__u8 proto = proto_of(sk->protocol);
 	if (!proto)
 		return 1;
-	struct port_key pk = { .app_id = app->app_id, .port = (__u16)sk->src_port, .proto = proto };
+	struct port_key pk = { .app_id = app_id, .port = (__u16)sk->src_port, .proto = proto };
 	__u8 *what = bpf_map_lookup_elem(&pinhole_ports, &pk);
 	if (!what)
 		return 1;
@@ -333,7 +361,7 @@ static __always_inline int on_bind(struct bpf_sock *sk, int v6)
 		return 1;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	o->cgroup_id = cgroup_id;
-	o->app_id = app->app_id;
+	o->app_id = app_id;
 	o->tgid = pid_tgid >> 32;
 	o->uid = (__u32)bpf_get_current_uid_gid();
 	o->port = pk.port;
@@ -450,7 +478,7 @@ int observe_sock_release(struct bpf_sock *sk)
 }
 
 // count adds one to a per-CPU counter (pinhole_drops, pinhole_held).
-static __always_inline void count(void *counter)
+static __always_inline void count_packet(void *counter)
 {
 	__u32 zero = 0;
 	__u64 *n = bpf_map_lookup_elem(counter, &zero);
@@ -460,7 +488,7 @@ static __always_inline void count(void *counter)
 
 static __always_inline int drop(void)
 {
-	count(&pinhole_drops);
+	count_packet(&pinhole_drops);
 	return 0;
 }
 
@@ -664,7 +692,7 @@ int hold_egress(struct __sk_buff *skb)
 		return 1;
 	if (total <= l4off + (doff >> 4) * 4)
 		return 1;
-	count(&pinhole_held);
+	count_packet(&pinhole_held);
 	return 0;
 }
 

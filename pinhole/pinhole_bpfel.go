@@ -21,6 +21,26 @@ type pinholeAllowKey struct {
 	Peer   [16]uint8
 }
 
+type pinholeAppInfo struct {
+	_     structs.HostLayout
+	AppId uint32
+	Flags uint32
+}
+
+type pinholeAppKey struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	Slot     uint32
+	Pad      uint32
+}
+
+type pinholeAuditBudget struct {
+	_      structs.HostLayout
+	Window uint64
+	Count  uint32
+	Pad    uint32
+}
+
 type pinholeEventKind uint32
 
 const (
@@ -31,10 +51,66 @@ const (
 	pinholeEventKindEVENT_AUX_PEER      pinholeEventKind = 5
 )
 
+type pinholeExeKey struct {
+	_     structs.HostLayout
+	Slot  uint32
+	AppId uint32
+	Ino   uint64
+	Dev   uint64
+}
+
+type pinholeGenerationInfo struct {
+	_          structs.HostLayout
+	Generation uint32
+	Slot       uint32
+	MinLevel   uint32
+	MaxLevel   uint32
+	AuditRate  uint32
+	Flags      uint32
+}
+
 type pinholeHoldOpened struct {
 	_        structs.HostLayout
 	Opened   uint64
 	Deadline uint64
+}
+
+type pinholeLookupKey struct {
+	_          structs.HostLayout
+	Generation uint32
+	AppId      uint32
+	Addr       [16]uint8
+	Family     uint8
+	Pad        [7]uint8
+}
+
+type pinholeLookupResult struct {
+	_        structs.HostLayout
+	Grant    pinholeRuleValue
+	Internal uint8
+	HasGrant uint8
+	Pad      [2]uint8
+}
+
+type pinholeNameKey struct {
+	_      structs.HostLayout
+	Slot   uint32
+	AppId  uint32
+	Addr   [16]uint8
+	Family uint8
+	Pad    [7]uint8
+}
+
+type pinholeNameValue struct {
+	_    structs.HostLayout
+	Part [4]struct {
+		_         structs.HostLayout
+		ExpiresNs uint64
+		TcpFirst  uint32
+		TcpCount  uint32
+		UdpFirst  uint32
+		UdpCount  uint32
+	}
 }
 
 type pinholePinholeApp struct {
@@ -76,12 +152,41 @@ type pinholePortKey struct {
 	Pad   uint8
 }
 
+type pinholePortRange struct {
+	_  structs.HostLayout
+	Lo uint16
+	Hi uint16
+}
+
 type pinholePortRole uint32
 
 const (
 	pinholePortRolePORT_CONTROL pinholePortRole = 1
 	pinholePortRolePORT_AUX     pinholePortRole = 2
 )
+
+type pinholePrincipalEntry struct {
+	_          structs.HostLayout
+	Generation uint32
+	Pad        uint32
+	AppCgroup  uint64
+}
+
+type pinholeRuleKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Tag       uint32
+	Addr      [16]uint8
+}
+
+type pinholeRuleValue struct {
+	_        structs.HostLayout
+	TcpFirst uint32
+	TcpCount uint32
+	UdpFirst uint32
+	UdpCount uint32
+	Flags    uint32
+}
 
 type pinholeSockKind uint32
 
@@ -104,10 +209,61 @@ type pinholeSockOwner struct {
 	Kind     uint8
 }
 
+type pinholeSocketOwner struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	AppId    uint32
+	Flags    uint32
+	D        struct {
+		_      structs.HostLayout
+		Addr   [16]uint8
+		Port   uint16
+		Family uint8
+		Proto  uint8
+		Pad    uint32
+	}
+}
+
+type pinholeUserKey struct {
+	_    structs.HostLayout
+	Slot uint32
+	Uid  uint32
+}
+
+type pinholeVerdictEntry struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Generation uint32
+	CgroupId   uint64
+	AppId      uint32
+	AppFlags   uint32
+	D          struct {
+		_      structs.HostLayout
+		Addr   [16]uint8
+		Port   uint16
+		Family uint8
+		Proto  uint8
+		Pad    uint32
+	}
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	pinholeMapAppByCgroup         = "app_by_cgroup"
+	pinholeMapAppByUid            = "app_by_uid"
+	pinholeMapAppExes             = "app_exes"
+	pinholeMapAuditBudgets        = "audit_budgets"
+	pinholeMapAuditEvents         = "audit_events"
+	pinholeMapDestLookups         = "dest_lookups"
+	pinholeMapGenerationInfoInner = "generation_info_inner"
+	pinholeMapMigratedTasks       = "migrated_tasks"
+	pinholeMapMigrationMarksSeen  = "migration_marks_seen"
+	pinholeMapNameGrants          = "name_grants"
 	pinholeMapPinholeAllow        = "pinhole_allow"
 	pinholeMapPinholeApps         = "pinhole_apps"
 	pinholeMapPinholeDrops        = "pinhole_drops"
@@ -116,7 +272,16 @@ const (
 	pinholeMapPinholeHoldOpened   = "pinhole_hold_opened"
 	pinholeMapPinholeHoldReleased = "pinhole_hold_released"
 	pinholeMapPinholePorts        = "pinhole_ports"
+	pinholeMapPinholePrincipals   = "pinhole_principals"
 	pinholeMapPinholeSocks        = "pinhole_socks"
+	pinholeMapPolicyCurrent       = "policy_current"
+	pinholeMapPortRanges          = "port_ranges"
+	pinholeMapPrincipalCache      = "principal_cache"
+	pinholeMapRules               = "rules"
+	pinholeMapSocketOwners        = "socket_owners"
+	pinholeMapVerdictCache        = "verdict_cache"
+	pinholeMapVerdictCounters     = "verdict_counters"
+	pinholeMapVerdictHandoff      = "verdict_handoff"
 	pinholeProgGuardIngress       = "guard_ingress"
 	pinholeProgHoldEgress         = "hold_egress"
 	pinholeProgKickControlSocks   = "kick_control_socks"
@@ -127,6 +292,7 @@ const (
 	pinholeProgObserveSockRelease = "observe_sock_release"
 	pinholeProgObserveSockops     = "observe_sockops"
 	pinholeVarUnusedAllowKey      = "unused_allow_key"
+	pinholeVarUnusedAuditEvent    = "unused_audit_event"
 	pinholeVarUnusedEventKind     = "unused_event_kind"
 	pinholeVarUnusedHoldOpened    = "unused_hold_opened"
 	pinholeVarUnusedPinholeEvent  = "unused_pinhole_event"
@@ -193,6 +359,16 @@ type pinholeProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type pinholeMapSpecs struct {
+	AppByCgroup         *ebpf.MapSpec `ebpf:"app_by_cgroup"`
+	AppByUid            *ebpf.MapSpec `ebpf:"app_by_uid"`
+	AppExes             *ebpf.MapSpec `ebpf:"app_exes"`
+	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
+	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
+	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
+	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
+	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
+	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
 	PinholeAllow        *ebpf.MapSpec `ebpf:"pinhole_allow"`
 	PinholeApps         *ebpf.MapSpec `ebpf:"pinhole_apps"`
 	PinholeDrops        *ebpf.MapSpec `ebpf:"pinhole_drops"`
@@ -201,7 +377,16 @@ type pinholeMapSpecs struct {
 	PinholeHoldOpened   *ebpf.MapSpec `ebpf:"pinhole_hold_opened"`
 	PinholeHoldReleased *ebpf.MapSpec `ebpf:"pinhole_hold_released"`
 	PinholePorts        *ebpf.MapSpec `ebpf:"pinhole_ports"`
+	PinholePrincipals   *ebpf.MapSpec `ebpf:"pinhole_principals"`
 	PinholeSocks        *ebpf.MapSpec `ebpf:"pinhole_socks"`
+	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
+	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
+	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
+	Rules               *ebpf.MapSpec `ebpf:"rules"`
+	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
+	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
+	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
+	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // pinholeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -209,6 +394,7 @@ type pinholeMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type pinholeVariableSpecs struct {
 	UnusedAllowKey     *ebpf.VariableSpec `ebpf:"unused_allow_key"`
+	UnusedAuditEvent   *ebpf.VariableSpec `ebpf:"unused_audit_event"`
 	UnusedEventKind    *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedHoldOpened   *ebpf.VariableSpec `ebpf:"unused_hold_opened"`
 	UnusedPinholeEvent *ebpf.VariableSpec `ebpf:"unused_pinhole_event"`
@@ -238,6 +424,16 @@ func (o *pinholeObjects) Close() error {
 //
 // It can be passed to loadPinholeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type pinholeMaps struct {
+	AppByCgroup         *ebpf.Map `ebpf:"app_by_cgroup"`
+	AppByUid            *ebpf.Map `ebpf:"app_by_uid"`
+	AppExes             *ebpf.Map `ebpf:"app_exes"`
+	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
+	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
+	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
+	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
+	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
+	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
+	NameGrants          *ebpf.Map `ebpf:"name_grants"`
 	PinholeAllow        *ebpf.Map `ebpf:"pinhole_allow"`
 	PinholeApps         *ebpf.Map `ebpf:"pinhole_apps"`
 	PinholeDrops        *ebpf.Map `ebpf:"pinhole_drops"`
@@ -246,11 +442,30 @@ type pinholeMaps struct {
 	PinholeHoldOpened   *ebpf.Map `ebpf:"pinhole_hold_opened"`
 	PinholeHoldReleased *ebpf.Map `ebpf:"pinhole_hold_released"`
 	PinholePorts        *ebpf.Map `ebpf:"pinhole_ports"`
+	PinholePrincipals   *ebpf.Map `ebpf:"pinhole_principals"`
 	PinholeSocks        *ebpf.Map `ebpf:"pinhole_socks"`
+	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
+	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
+	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
+	Rules               *ebpf.Map `ebpf:"rules"`
+	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
+	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
+	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
+	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *pinholeMaps) Close() error {
 	return _PinholeClose(
+		m.AppByCgroup,
+		m.AppByUid,
+		m.AppExes,
+		m.AuditBudgets,
+		m.AuditEvents,
+		m.DestLookups,
+		m.GenerationInfoInner,
+		m.MigratedTasks,
+		m.MigrationMarksSeen,
+		m.NameGrants,
 		m.PinholeAllow,
 		m.PinholeApps,
 		m.PinholeDrops,
@@ -259,7 +474,16 @@ func (m *pinholeMaps) Close() error {
 		m.PinholeHoldOpened,
 		m.PinholeHoldReleased,
 		m.PinholePorts,
+		m.PinholePrincipals,
 		m.PinholeSocks,
+		m.PolicyCurrent,
+		m.PortRanges,
+		m.PrincipalCache,
+		m.Rules,
+		m.SocketOwners,
+		m.VerdictCache,
+		m.VerdictCounters,
+		m.VerdictHandoff,
 	)
 }
 
@@ -268,6 +492,7 @@ func (m *pinholeMaps) Close() error {
 // It can be passed to loadPinholeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type pinholeVariables struct {
 	UnusedAllowKey     *ebpf.Variable `ebpf:"unused_allow_key"`
+	UnusedAuditEvent   *ebpf.Variable `ebpf:"unused_audit_event"`
 	UnusedEventKind    *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedHoldOpened   *ebpf.Variable `ebpf:"unused_hold_opened"`
 	UnusedPinholeEvent *ebpf.Variable `ebpf:"unused_pinhole_event"`

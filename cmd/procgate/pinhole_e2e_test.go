@@ -355,3 +355,49 @@ func TestPinholeEndToEnd(t *testing.T) {
 	}
 	mustNotReach(t, top.Client, "udp", udpAux, "after the lease")
 }
+
+// TestPinholePrincipalEndToEnd: inbound: dynamic for an app with match:
+// (a unit here; the pinhole programs use the enforcer's principal lookup,
+// which finds unit, cgroup, container and user apps alike). The unit's
+// control connection and auxiliary listen open a hole at the gateway, and
+// after a restart (a new cgroup, bound in its mkdir) so does the new
+// process' listen, with no reload in between.
+func TestPinholePrincipalEndToEnd(t *testing.T) {
+	top := nstest.NewSite(t)
+	gw := pinholetest.StartGateway(t, top, pinholeRules, time.Minute)
+	e := newE2EIn(t, `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+apps:
+  - name: ftpd
+    match: {unit: ftpd.service}
+    inbound:
+      dynamic:
+        control: [2121]
+        ports: [40000-40100]
+`, top.Server, true, "--gateway", gw.URL, "--gateway-ca", gw.CA, "--gateway-cert", gw.Cert, "--gateway-key", gw.Key)
+	slice := nstest.ChildCgroup(t, e.cgroup, "system.slice")
+	for i, port := range []uint16{40000, 40001} {
+		unit := nstest.ChildCgroup(t, slice, "ftpd.service")
+		app := pinholetest.Start(t, unit, top.Server)
+		app.Do("control 2121")
+		ctl, err := nstest.DialIn(top.Client, "tcp", nstest.Server4+":2121", 5*time.Second)
+		if err != nil {
+			t.Fatalf("control connection %d: %v", i, err)
+		}
+		app.Do(fmt.Sprint("listen ", port))
+		until(t, fmt.Sprint("tcp hole for the unit's listen on ", port), func() bool {
+			return hasHole(e.pinholes(), "open", "tcp", nstest.Client4, port)
+		})
+		aux := fmt.Sprintf("%s:%d", nstest.Server4, port)
+		mustReach(t, top.Client, "tcp", aux, "data\n", "the client through the unit's hole")
+		mustNotReach(t, top.Other, "tcp", aux, "the second external host at the gateway")
+		// The unit restarts: its process ends, systemd removes the cgroup
+		// and makes it again.
+		ctl.Close()
+		app.Kill()
+		if err := os.Remove(unit); err != nil {
+			t.Fatalf("remove the unit's cgroup: %v", err)
+		}
+	}
+}
