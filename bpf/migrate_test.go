@@ -3,6 +3,7 @@ package bpf
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -44,10 +45,6 @@ func TestMigrationMarks(t *testing.T) {
 			t.Skipf("kernel feature missing: %s", g.Why)
 		}
 	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	dest := ruleset.Dest{Addr: netip.MustParseAddr("10.1.2.3"), Proto: ruleset.TCP, Port: 80}
 	into := filepath.Join(w.cgroups["granted/run"], "cgroup.procs")
 	const (
@@ -73,51 +70,80 @@ func TestMigrationMarks(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cg, err := os.Open(w.cgroups[tt.from])
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer cg.Close()
-			argv := []string{"/bin/sh", "-c", tt.script, self, into}
-			if tt.capless {
-				argv = append([]string{setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-all", "--"}, argv...)
-			}
-			cmd := exec.Command(argv[0], argv[1:]...)
-			// Forked in the namespace: without CAP_SYS_ADMIN the prober
-			// could not enter it itself.
-			cmd.Env = append(os.Environ(), probe.EnvServe+"=1")
-			cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
-			cmd.Stderr = os.Stderr
-			in, err := cmd.StdinPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			out, err := cmd.StdoutPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := nstest.InNS(t, w.netns, cmd.Start); err != nil {
-				t.Fatal(err)
-			}
-			defer cmd.Wait()
-			defer in.Close()
+			sh := w.startShell(t, setpriv, tt.capless, tt.from, tt.script, into)
 			if tt.script == moveSelfWait {
-				waitIn(t, cmd.Process.Pid, into)
-				if err := os.WriteFile(into, []byte(fmt.Sprint(cmd.Process.Pid)), 0); err != nil {
+				waitIn(t, sh.cmd.Process.Pid, into)
+				if err := os.WriteFile(into, []byte(fmt.Sprint(sh.cmd.Process.Pid)), 0); err != nil {
 					t.Fatal(err)
 				}
-				fmt.Fprintln(in, "go")
+				fmt.Fprintln(sh.in, "go")
 			}
-			fmt.Fprintf(in, "%s %s\n", probe.Connect, dest)
-			line, err := bufio.NewReader(out).ReadString('\n')
-			if err != nil {
-				t.Fatalf("prober: %v", err)
-			}
-			if got := probe.Verdict(strings.TrimSpace(line)); got != tt.want {
-				t.Fatalf("got %q, want %s", line, tt.want)
+			if got := sh.try(t, dest); got != tt.want {
+				t.Fatalf("got %s, want %s", got, tt.want)
 			}
 		})
 	}
+}
+
+// shell is a shell that ends as a prober (migrate and principal tests).
+type shell struct {
+	cmd *exec.Cmd
+	in  io.WriteCloser
+	out *bufio.Reader
+}
+
+// startShell starts /bin/sh -c script in the world's network namespace,
+// from its first instruction in the cgroup from, with $0 the prober binary
+// and $1 into; capless drops CAP_SYS_ADMIN first (setpriv), as the
+// launcher starts root. The shell is forked in the namespace: without
+// CAP_SYS_ADMIN the prober could not enter it itself. It ends with the
+// test (its stdin closed, waited for).
+func (w *world) startShell(t *testing.T, setpriv string, capless bool, from, script, into string) *shell {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg, err := os.Open(w.cgroups[from])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	argv := []string{"/bin/sh", "-c", script, self, into}
+	if capless {
+		argv = append([]string{setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-all", "--"}, argv...)
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), probe.EnvServe+"=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nstest.InNS(t, w.netns, cmd.Start); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		in.Close()
+		cmd.Wait()
+	})
+	return &shell{cmd: cmd, in: in, out: bufio.NewReader(out)}
+}
+
+// try asks the prober for a connect to dest and returns its verdict.
+func (s *shell) try(t *testing.T, dest ruleset.Dest) probe.Verdict {
+	t.Helper()
+	fmt.Fprintf(s.in, "%s %s\n", probe.Connect, dest)
+	line, err := s.out.ReadString('\n')
+	if err != nil {
+		t.Fatalf("prober: %v", err)
+	}
+	return probe.Verdict(strings.TrimSpace(line))
 }
 
 // waitIn waits until pid is listed in the cgroup.procs file procs.

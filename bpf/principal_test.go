@@ -1,9 +1,7 @@
 package bpf
 
 import (
-	"bufio"
 	"errors"
-	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -13,7 +11,6 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -299,10 +296,6 @@ func TestUnitMigrationMarks(t *testing.T) {
 			t.Skipf("kernel feature missing: %s", g.Why)
 		}
 	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	into := filepath.Join(w.cgroups["system.slice/nginx.service"], "cgroup.procs")
 	for _, tt := range []struct {
 		name    string
@@ -313,39 +306,9 @@ func TestUnitMigrationMarks(t *testing.T) {
 		{"moved by a process without CAP_SYS_ADMIN", true, probe.Denied},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			cg, err := os.Open(w.cgroups["parking"])
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer cg.Close()
-			argv := []string{"/bin/sh", "-c", `echo $$ > "$1" && exec "$0"`, self, into}
-			if tt.capless {
-				argv = append([]string{setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-all", "--"}, argv...)
-			}
-			cmd := exec.Command(argv[0], argv[1:]...)
-			cmd.Env = append(os.Environ(), probe.EnvServe+"=1")
-			cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
-			cmd.Stderr = os.Stderr
-			in, err := cmd.StdinPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			out, err := cmd.StdoutPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := nstest.InNS(t, w.netns, cmd.Start); err != nil {
-				t.Fatal(err)
-			}
-			defer cmd.Wait()
-			defer in.Close()
-			fmt.Fprintf(in, "%s %s\n", probe.Connect, unitDests["web"])
-			line, err := bufio.NewReader(out).ReadString('\n')
-			if err != nil {
-				t.Fatalf("prober: %v", err)
-			}
-			if got := probe.Verdict(strings.TrimSpace(line)); got != tt.want {
-				t.Fatalf("got %q, want %s", line, tt.want)
+			sh := w.startShell(t, setpriv, tt.capless, "parking", `echo $$ > "$1" && exec "$0"`, into)
+			if got := sh.try(t, unitDests["web"]); got != tt.want {
+				t.Fatalf("got %s, want %s", got, tt.want)
 			}
 		})
 	}
