@@ -8,13 +8,14 @@ import (
 	"maps"
 	"net/netip"
 	"os"
-	"os/user"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/procgate/procgate/perimeter"
 	"github.com/procgate/procgate/ruleset"
+	"github.com/procgate/procgate/users"
 )
 
 // Gateway is the perimeter gateway's API (perimeter.Client).
@@ -84,8 +85,8 @@ type Config struct {
 	// Notify receives every open, close and refusal (the daemon writes them
 	// to the audit log); nil: none.
 	Notify func(Notice)
-	// UserName names a uid for the gateway's rules; default: the passwd
-	// name, else "uid-N".
+	// UserName names a uid for the gateway's rules; default: the user
+	// database's name (NSS included), else "uid-N" (userNames).
 	UserName func(uid uint32) string
 	// Alive reports whether a process still exists; default: /proc/PID.
 	Alive func(pid uint32) bool
@@ -239,7 +240,7 @@ func New(cfg Config) *Agent {
 		cfg.Log = slog.Default()
 	}
 	if cfg.UserName == nil {
-		cfg.UserName = userName
+		cfg.UserName = (&userNames{lookup: users.LookupUID, now: time.Now}).name
 	}
 	if cfg.Alive == nil {
 		cfg.Alive = func(pid uint32) bool {
@@ -268,11 +269,50 @@ func New(cfg Config) *Agent {
 	return a
 }
 
-func userName(uid uint32) string {
-	if u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10)); err == nil && u.Username != "" {
-		return u.Username
+// userNameTTL is how long a uid's name is kept: a user renamed in the
+// directory is seen within it.
+const userNameTTL = time.Minute
+
+// userNames names uids as the rest of procgate does (users: the files,
+// then NSS by getent, so a directory user's name and not "uid-N", which
+// a gateway rule naming the user would not match). The agent asks in its
+// event loop, at each hole: a getent run there (a directory server's
+// answer, at worst users' 10 s timeout) is paid once per uid and
+// userNameTTL, not per bind; a failed lookup is kept as long.
+type userNames struct {
+	lookup func(uid uint32) (users.User, error)
+	now    func() time.Time
+
+	mu    sync.Mutex
+	known map[uint32]cachedName
+}
+
+type cachedName struct {
+	name string
+	at   time.Time
+}
+
+func (n *userNames) name(uid uint32) string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	now := n.now()
+	if c, ok := n.known[uid]; ok && now.Sub(c.at) < userNameTTL {
+		return c.name
 	}
-	return "uid-" + strconv.FormatUint(uint64(uid), 10)
+	name := "uid-" + strconv.FormatUint(uint64(uid), 10)
+	if u, err := n.lookup(uid); err == nil && u.Name != "" {
+		name = u.Name
+	}
+	if n.known == nil {
+		n.known = map[uint32]cachedName{}
+	}
+	for k, c := range n.known {
+		if now.Sub(c.at) >= userNameTTL {
+			delete(n.known, k) // bounded by the uids seen within a TTL
+		}
+	}
+	n.known[uid] = cachedName{name: name, at: now}
+	return name
 }
 
 // Run takes the sockets that exist now (Config.Initial), syncs the gateway

@@ -13,6 +13,7 @@ import (
 
 	"github.com/procgate/procgate/perimeter"
 	"github.com/procgate/procgate/ruleset"
+	"github.com/procgate/procgate/users"
 )
 
 // fakeGateway is the gateway's API in memory, with its rules reduced to a
@@ -652,5 +653,39 @@ func TestAgentNamedPeersSurviveRestart(t *testing.T) {
 	r2.want("a named peer is for one bind, across a restart too")
 	if string(saved) != "[]" {
 		t.Errorf("saved %s after the release, want []", saved)
+	}
+}
+
+// TestUserNames: a uid is named by the user database once per TTL, not at
+// each hole; a uid it does not know is "uid-N", kept as long.
+func TestUserNames(t *testing.T) {
+	now := time.Unix(1000, 0)
+	asked := map[uint32]int{}
+	n := &userNames{now: func() time.Time { return now }, lookup: func(uid uint32) (users.User, error) {
+		asked[uid]++
+		if uid == 1001 {
+			return users.User{Name: "ldapuser", UID: uid}, nil
+		}
+		return users.User{}, users.ErrUnknown
+	}}
+	for _, tt := range []struct {
+		step  time.Duration
+		uid   uint32
+		want  string
+		asked int
+	}{
+		{0, 1001, "ldapuser", 1},
+		{time.Second, 1001, "ldapuser", 1},
+		{0, 64002, "uid-64002", 1},
+		{0, 64002, "uid-64002", 1},
+		{userNameTTL, 1001, "ldapuser", 2},
+	} {
+		now = now.Add(tt.step)
+		if got := n.name(tt.uid); got != tt.want || asked[tt.uid] != tt.asked {
+			t.Errorf("name(%d) at %v = %q after %d lookups, want %q after %d", tt.uid, now, got, asked[tt.uid], tt.want, tt.asked)
+		}
+	}
+	if _, ok := n.known[64002]; ok {
+		t.Errorf("an entry older than the TTL was kept: %+v", n.known)
 	}
 }
