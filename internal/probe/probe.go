@@ -436,12 +436,17 @@ func StartExe(self, cgroupDir, netns string, attr *syscall.SysProcAttr, env ...s
 }
 
 // Resolve asks resolver (ADDR:PORT) over proto ("udp": an unconnected
-// socket, sendto and recvfrom, and the answer must come from resolver, as
-// glibc wants it; "tcp") for the A records of name, and connects to port
-// of each address at once: what an app does. The answer is the addresses
-// with the verdict of each connect, in answer order.
-func (p *Prober) Resolve(name, resolver, proto string, port uint16) ([]string, error) {
-	if _, err := fmt.Fprintf(p.in, "resolve %s %s %s %d\n", name, resolver, proto, port); err != nil {
+// socket of the resolver's family, sendto and recvfrom, and the answer
+// must come from resolver, as glibc wants it; "tcp") for the records of
+// name of each type (default A; A, AAAA), and connects to port of each
+// address at once: what an app does. The answer is the addresses with the
+// verdict of each connect, in answer order.
+func (p *Prober) Resolve(name, resolver, proto string, port uint16, types ...string) ([]string, error) {
+	req := fmt.Sprintf("resolve %s %s %s %d", name, resolver, proto, port)
+	if len(types) > 0 {
+		req += " " + strings.Join(types, ",")
+	}
+	if _, err := fmt.Fprintln(p.in, req); err != nil {
 		return nil, fmt.Errorf("prober %d: %w", p.Pid(), err)
 	}
 	line, err := p.out.ReadString('\n')

@@ -14,19 +14,32 @@ import (
 	"github.com/procgate/procgate/ruleset"
 )
 
-// resolveLine serves "resolve NAME RESOLVER PROTO PORT" (Prober.Resolve).
+// resolveLine serves "resolve NAME RESOLVER PROTO PORT [TYPE,...]"
+// (Prober.Resolve).
 func resolveLine(args string) string {
 	f := strings.Fields(args)
-	if len(f) != 4 {
-		return "error: want resolve NAME RESOLVER udp|tcp PORT"
+	if len(f) != 4 && len(f) != 5 {
+		return "error: want resolve NAME RESOLVER udp|tcp PORT [A,AAAA]"
 	}
 	port, err := strconv.ParseUint(f[3], 10, 16)
 	if err != nil {
 		return "error: " + err.Error()
 	}
-	addrs, err := resolveA(f[0], f[1], f[2])
-	if err != nil {
-		return "error: " + err.Error()
+	types := []string{"A"}
+	if len(f) == 5 {
+		types = strings.Split(f[4], ",")
+	}
+	var addrs []netip.Addr
+	for _, typ := range types {
+		qtype, ok := dns.StringToType[typ]
+		if !ok || (qtype != dns.TypeA && qtype != dns.TypeAAAA) {
+			return "error: record type " + typ + ": want A or AAAA"
+		}
+		got, err := resolveType(f[0], f[1], f[2], qtype)
+		if err != nil {
+			return "error: " + err.Error()
+		}
+		addrs = append(addrs, got...)
 	}
 	var out []string
 	for _, a := range addrs {
@@ -39,21 +52,26 @@ func resolveLine(args string) string {
 	return strings.Join(out, " ")
 }
 
-func resolveA(name, resolver, proto string) ([]netip.Addr, error) {
+func resolveType(name, resolver, proto string, qtype uint16) ([]netip.Addr, error) {
 	q := new(dns.Msg)
-	q.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	q.SetQuestion(dns.Fqdn(name), qtype)
 	var resp *dns.Msg
 	switch proto {
 	case "udp":
-		c, err := net.ListenUDP("udp4", nil)
+		raddr, err := net.ResolveUDPAddr("udp", resolver)
+		if err != nil {
+			return nil, err
+		}
+		// A socket of the resolver's own family, as glibc makes it.
+		network := "udp4"
+		if raddr.IP.To4() == nil {
+			network = "udp6"
+		}
+		c, err := net.ListenUDP(network, nil)
 		if err != nil {
 			return nil, err
 		}
 		defer c.Close()
-		raddr, err := net.ResolveUDPAddr("udp4", resolver)
-		if err != nil {
-			return nil, err
-		}
 		b, _ := q.Pack()
 		if _, err := c.WriteToUDP(b, raddr); err != nil {
 			return nil, fmt.Errorf("send query: %w", err)
@@ -85,10 +103,15 @@ func resolveA(name, resolver, proto string) ([]netip.Addr, error) {
 	}
 	var out []netip.Addr
 	for _, rr := range resp.Answer {
-		if a, ok := rr.(*dns.A); ok {
-			if ip, ok := netip.AddrFromSlice(a.A.To4()); ok {
-				out = append(out, ip)
-			}
+		var ip netip.Addr
+		switch a := rr.(type) {
+		case *dns.A:
+			ip, _ = netip.AddrFromSlice(a.A.To4())
+		case *dns.AAAA:
+			ip, _ = netip.AddrFromSlice(a.AAAA)
+		}
+		if ip.IsValid() {
+			out = append(out, ip)
 		}
 	}
 	return out, nil
