@@ -51,6 +51,15 @@ type dnsredirectDnsRedirect struct {
 	Pad2     uint32
 }
 
+type dnsredirectDnsRedirect6 struct {
+	_        structs.HostLayout
+	Resolver [4]uint32
+	Port     uint16
+	Proto    uint8
+	Pad      uint8
+	AppId    uint32
+}
+
 type dnsredirectExeKey struct {
 	_     structs.HostLayout
 	Slot  uint32
@@ -189,6 +198,7 @@ const (
 	dnsredirectMapDestLookups         = "dest_lookups"
 	dnsredirectMapDnsProxy            = "dns_proxy"
 	dnsredirectMapDnsRedirects        = "dns_redirects"
+	dnsredirectMapDnsRedirects6       = "dns_redirects6"
 	dnsredirectMapGenerationInfoInner = "generation_info_inner"
 	dnsredirectMapMigratedTasks       = "migrated_tasks"
 	dnsredirectMapMigrationMarksSeen  = "migration_marks_seen"
@@ -202,8 +212,11 @@ const (
 	dnsredirectMapVerdictCounters     = "verdict_counters"
 	dnsredirectMapVerdictHandoff      = "verdict_handoff"
 	dnsredirectProgDnsConnect4        = "dns_connect4"
+	dnsredirectProgDnsConnect6        = "dns_connect6"
 	dnsredirectProgDnsRecvmsg4        = "dns_recvmsg4"
+	dnsredirectProgDnsRecvmsg6        = "dns_recvmsg6"
 	dnsredirectProgDnsSendmsg4        = "dns_sendmsg4"
+	dnsredirectProgDnsSendmsg6        = "dns_sendmsg6"
 	dnsredirectVarUnusedAuditEvent    = "unused_audit_event"
 )
 
@@ -250,8 +263,11 @@ type dnsredirectSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type dnsredirectProgramSpecs struct {
 	DnsConnect4 *ebpf.ProgramSpec `ebpf:"dns_connect4"`
+	DnsConnect6 *ebpf.ProgramSpec `ebpf:"dns_connect6"`
 	DnsRecvmsg4 *ebpf.ProgramSpec `ebpf:"dns_recvmsg4"`
+	DnsRecvmsg6 *ebpf.ProgramSpec `ebpf:"dns_recvmsg6"`
 	DnsSendmsg4 *ebpf.ProgramSpec `ebpf:"dns_sendmsg4"`
+	DnsSendmsg6 *ebpf.ProgramSpec `ebpf:"dns_sendmsg6"`
 }
 
 // dnsredirectMapSpecs contains maps before they are loaded into the kernel.
@@ -266,6 +282,7 @@ type dnsredirectMapSpecs struct {
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	DnsProxy            *ebpf.MapSpec `ebpf:"dns_proxy"`
 	DnsRedirects        *ebpf.MapSpec `ebpf:"dns_redirects"`
+	DnsRedirects6       *ebpf.MapSpec `ebpf:"dns_redirects6"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
@@ -315,6 +332,7 @@ type dnsredirectMaps struct {
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	DnsProxy            *ebpf.Map `ebpf:"dns_proxy"`
 	DnsRedirects        *ebpf.Map `ebpf:"dns_redirects"`
+	DnsRedirects6       *ebpf.Map `ebpf:"dns_redirects6"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
@@ -339,6 +357,7 @@ func (m *dnsredirectMaps) Close() error {
 		m.DestLookups,
 		m.DnsProxy,
 		m.DnsRedirects,
+		m.DnsRedirects6,
 		m.GenerationInfoInner,
 		m.MigratedTasks,
 		m.MigrationMarksSeen,
@@ -366,15 +385,21 @@ type dnsredirectVariables struct {
 // It can be passed to loadDnsredirectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type dnsredirectPrograms struct {
 	DnsConnect4 *ebpf.Program `ebpf:"dns_connect4"`
+	DnsConnect6 *ebpf.Program `ebpf:"dns_connect6"`
 	DnsRecvmsg4 *ebpf.Program `ebpf:"dns_recvmsg4"`
+	DnsRecvmsg6 *ebpf.Program `ebpf:"dns_recvmsg6"`
 	DnsSendmsg4 *ebpf.Program `ebpf:"dns_sendmsg4"`
+	DnsSendmsg6 *ebpf.Program `ebpf:"dns_sendmsg6"`
 }
 
 func (p *dnsredirectPrograms) Close() error {
 	return _DnsredirectClose(
 		p.DnsConnect4,
+		p.DnsConnect6,
 		p.DnsRecvmsg4,
+		p.DnsRecvmsg6,
 		p.DnsSendmsg4,
+		p.DnsSendmsg6,
 	)
 }
 

@@ -43,6 +43,9 @@ var hooks = []struct {
 	{"dns_connect4", ebpf.AttachCGroupInet4Connect, func(e *Enforcer) *ebpf.Program { return e.dns.DnsConnect4 }},
 	{"dns_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, func(e *Enforcer) *ebpf.Program { return e.dns.DnsSendmsg4 }},
 	{"dns_recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, func(e *Enforcer) *ebpf.Program { return e.dns.DnsRecvmsg4 }},
+	{"dns_connect6", ebpf.AttachCGroupInet6Connect, func(e *Enforcer) *ebpf.Program { return e.dns.DnsConnect6 }},
+	{"dns_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, func(e *Enforcer) *ebpf.Program { return e.dns.DnsSendmsg6 }},
+	{"dns_recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, func(e *Enforcer) *ebpf.Program { return e.dns.DnsRecvmsg6 }},
 }
 
 // HookNames lists the attach points in a stable order.
@@ -785,7 +788,7 @@ func (e *Enforcer) Guards() []Guard {
 	gs = append(gs, Guard{Name: "live-sockets", Active: true,
 		What: "after each new generation, app sockets (TCP, connected UDP) to destinations it no longer allows are ended, by " + sweepHow})
 	gs = append(gs, Guard{Name: "dns-redirect", Active: e.dnsErr == nil,
-		What: "the DNS queries (port 53, UDP and TCP, to IPv4 resolvers) of apps with name grants go to the daemon's DNS proxy, which learns the answers before relaying them; not covered: DNS over TLS or HTTPS by the app, IPv6 resolvers, and network namespaces other than the daemon's (their answers grant nothing)"})
+		What: "the DNS queries (port 53, UDP and TCP, to IPv4 and IPv6 resolvers) of apps with name grants go to the daemon's DNS proxy, which learns the answers before relaying them; not covered: DNS over TLS or HTTPS by the app, and network namespaces other than the daemon's (their answers grant nothing)"})
 	if e.dnsErr != nil {
 		gs[len(gs)-1].Why = firstLine(e.dnsErr) + "; name grants allow nothing"
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/miekg/dns"
 	"golang.org/x/net/ipv4"
 
 	"github.com/procgate/procgate/internal/nstest"
@@ -253,7 +254,7 @@ func mapMemlock(t *testing.T, m *ebpf.Map) int64 {
 // with a dns-unobserved event.
 func TestDNSRedirect(t *testing.T) {
 	w := newWorld(t, "web", "other")
-	w.apply(mustPolicy(t, strings.Replace(namesPolicy, "apps:\n", "everyone:\n  allow:\n    - to: 10.0.0.53\n      ports: [53]\napps:\n", 1)))
+	w.apply(mustPolicy(t, strings.Replace(namesPolicy, "apps:\n", "everyone:\n  allow:\n    - to: 10.0.0.53\n      ports: [53]\n    - to: fd00::53\n      ports: [53]\napps:\n", 1)))
 	rd := w.attachWithEvents()
 	var proxy, resolver net.PacketConn
 	if err := nstest.InNS(t, w.netns, func() (err error) {
@@ -309,7 +310,7 @@ func TestDNSRedirect(t *testing.T) {
 		if !ok {
 			t.Fatalf("web's query went to %s, want the proxy", got)
 		}
-		r, err := w.e.RedirectOf(netip.MustParseAddr(dst))
+		r, err := w.e.RedirectOf(ruleset.UDP, netip.AddrPort{}, netip.AddrPortFrom(netip.MustParseAddr(dst), port))
 		if err != nil || r.App != "web" || r.Resolver != netip.MustParseAddrPort("10.0.0.53:53") || r.Proto != ruleset.UDP {
 			t.Fatalf("RedirectOf(%s) = %+v, %v; want web's query to 10.0.0.53:53", dst, r, err)
 		}
@@ -320,6 +321,8 @@ func TestDNSRedirect(t *testing.T) {
 	if got := received(); got != "resolver" {
 		t.Fatalf("the query of an app without name grants went to %s, want the resolver", got)
 	}
+
+	t.Run("ipv6", func(t *testing.T) { redirect6(t, w, web, port) })
 
 	drainEvents(t, rd)
 	if err := w.e.ServeDNS(port, cookie+1); err != nil { // another namespace's proxy
@@ -336,6 +339,95 @@ func TestDNSRedirect(t *testing.T) {
 		return e.Reason == ruleset.ReasonDNSUnobserved && e.Allowed && e.Dest.Port == 53
 	}) {
 		t.Fatalf("no dns-unobserved event among %+v", evs)
+	}
+}
+
+// redirect6: web's query to an IPv6 resolver comes to [::1] on the proxy's
+// port, from a socket RedirectOf finds (by its cookie, through sock_diag)
+// as web's to the resolver; the answer sent back from [::1] reaches web as
+// the resolver's (recvmsg6), over UDP and TCP.
+func redirect6(t *testing.T, w *world, web *probe.Prober, port uint16) {
+	at := netip.AddrPortFrom(netip.IPv6Loopback(), port)
+	var pc net.PacketConn
+	var ln net.Listener
+	if err := nstest.InNS(t, w.netns, func() (err error) {
+		if pc, err = net.ListenPacket("udp6", at.String()); err != nil {
+			return err
+		}
+		ln, err = net.Listen("tcp6", at.String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close(); ln.Close() })
+	resolver := netip.MustParseAddrPort("[fd00::53]:53")
+	answered := make(chan error, 2)
+	// answer checks what the kernel says of the query from src and
+	// answers it with fd00::7.
+	answer := func(proto ruleset.Proto, src netip.AddrPort, query []byte) []byte {
+		var r Redirected
+		err := nstest.InNS(t, w.netns, func() (err error) {
+			r, err = w.e.RedirectOf(proto, src, at)
+			return err
+		})
+		if err == nil && (r.App != "web" || r.Resolver != resolver || r.Proto != proto) {
+			err = fmt.Errorf("RedirectOf(%s, %s) = %+v, want web's query to %s", proto, src, r, resolver)
+		}
+		answered <- err
+		var q dns.Msg
+		if q.Unpack(query) != nil || len(q.Question) != 1 {
+			return nil
+		}
+		m := new(dns.Msg)
+		m.SetReply(&q)
+		m.Answer = []dns.RR{&dns.AAAA{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeAAAA, Class: dns.ClassINET, Ttl: 60},
+			AAAA: net.ParseIP("fd00::7")}}
+		b, _ := m.Pack()
+		return b
+	}
+	go func() {
+		buf := make([]byte, 512)
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		if b := answer(ruleset.UDP, from.(*net.UDPAddr).AddrPort(), buf[:n]); b != nil {
+			_, _ = pc.WriteTo(b, from)
+		}
+	}()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		conn := &dns.Conn{Conn: c}
+		q, err := conn.ReadMsgHeader(nil)
+		if err != nil {
+			return
+		}
+		if b := answer(ruleset.TCP, c.RemoteAddr().(*net.TCPAddr).AddrPort(), q); b != nil {
+			_, _ = conn.Write(b)
+		}
+	}()
+	for _, proto := range []string{"udp", "tcp"} {
+		// The prober checks that a UDP answer comes from the resolver.
+		got, err := web.Resolve("db.corp.example", resolver.String(), proto, 5432, "AAAA")
+		if err != nil {
+			t.Fatalf("web resolving over %s at %s: %v", proto, resolver, err)
+		}
+		select {
+		case err := <-answered:
+			if err != nil {
+				t.Fatal(err)
+			}
+		default:
+			t.Fatalf("over %s: the query did not come to the proxy at %s; web got %v", proto, at, got)
+		}
+		// Nothing learned it: the address stays denied.
+		if !slices.Equal(got, []string{"fd00::7=denied"}) {
+			t.Fatalf("over %s: %v, want fd00::7 denied", proto, got)
+		}
 	}
 }
 

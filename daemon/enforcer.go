@@ -31,7 +31,7 @@ type Enforcer interface {
 	// The DNS learner (names.go): safe from any goroutine.
 	Learn(facts []ruleset.Learned, cap int) (refused, evicted []ruleset.Learned, err error)
 	ExpireLearned(now time.Time) (int, error)
-	RedirectOf(dst netip.Addr) (bpf.Redirected, error)
+	RedirectOf(proto ruleset.Proto, src, dst netip.AddrPort) (bpf.Redirected, error)
 	ServeDNS(port uint16, netns uint64) error
 }
 

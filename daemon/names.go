@@ -53,8 +53,12 @@ func (d *Daemon) learnAnswers(facts []ruleset.Learned) error {
 // grants stay empty (an audit event, reason dns-unobserved, says so).
 func (d *Daemon) startDNSProxy(ctx context.Context, wg *sync.WaitGroup) (stop func()) {
 	p, err := dnsproxy.Listen(dnsproxy.Config{
-		Lookup: func(dst netip.Addr) (dnsproxy.Redirect, error) {
-			r, err := d.enf.RedirectOf(dst)
+		Lookup: func(network string, src, dst netip.AddrPort) (dnsproxy.Redirect, error) {
+			proto := ruleset.UDP
+			if network == "tcp" {
+				proto = ruleset.TCP
+			}
+			r, err := d.enf.RedirectOf(proto, src, dst)
 			return dnsproxy.Redirect{Resolver: r.Resolver, App: r.App}, err
 		},
 		Learn: d.learnAnswers,
@@ -73,7 +77,7 @@ func (d *Daemon) startDNSProxy(ctx context.Context, wg *sync.WaitGroup) (stop fu
 		d.log.Warn("guard NOT active", "guard", "dns-names", "what", "DNS-name grants learn the answers apps get", "why", err.Error()+": name grants allow nothing")
 		return func() {}
 	}
-	d.log.Info("guard active", "guard", "dns-names", "what", "apps with name grants resolve through the daemon's DNS proxy, which learns their answers before relaying them; in the daemon's network namespace only, IPv4 resolvers only",
+	d.log.Info("guard active", "guard", "dns-names", "what", "apps with name grants resolve through the daemon's DNS proxy, which learns their answers before relaying them; in the daemon's network namespace only",
 		"port", p.Port)
 	wg.Add(1)
 	go func() {

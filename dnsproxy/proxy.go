@@ -26,8 +26,8 @@ import (
 	"github.com/procgate/procgate/ruleset"
 )
 
-// Redirect is what the kernel knows of a query that came to the proxy at
-// one loopback address: the resolver the app asked and the app.
+// Redirect is what the kernel knows of a query that came to the proxy:
+// the resolver the app asked and the app.
 type Redirect struct {
 	Resolver netip.AddrPort
 	App      string
@@ -35,8 +35,9 @@ type Redirect struct {
 
 // Config wires the proxy to the kernel.
 type Config struct {
-	// Lookup finds the socket redirected to a loopback address.
-	Lookup func(dst netip.Addr) (Redirect, error)
+	// Lookup finds the socket redirected to the proxy whose query came
+	// from src to dst (127.a.b.c, or [::1] for IPv6 resolvers).
+	Lookup func(network string, src, dst netip.AddrPort) (Redirect, error)
 	// Learn puts an answer's addresses in force; the answer is relayed
 	// only after it returns nil.
 	Learn func([]ruleset.Learned) error
@@ -45,19 +46,22 @@ type Config struct {
 	Log     *slog.Logger
 }
 
-// Proxy listens on one port, UDP and TCP, of every address of its network
-// namespace, and answers only queries from and to loopback.
+// Proxy listens on one port, UDP and TCP, of every IPv4 address of its
+// network namespace and of [::1] (when the namespace has IPv6), and
+// answers only queries from and to loopback.
 type Proxy struct {
 	cfg  Config
 	udp  *ipv4.PacketConn
 	raw  net.PacketConn
 	tcp  net.Listener
+	udp6 net.PacketConn // nil without IPv6
+	tcp6 net.Listener
 	Port uint16
 	wg   sync.WaitGroup
 }
 
 // Listen binds the proxy's sockets on a port the kernel picks, the same
-// for UDP and TCP.
+// for UDP and TCP, IPv4 and IPv6.
 func Listen(cfg Config) (*Proxy, error) {
 	if cfg.Lookup == nil || cfg.Learn == nil {
 		return nil, errors.New("dnsproxy: Lookup and Learn are required")
@@ -70,7 +74,8 @@ func Listen(cfg Config) (*Proxy, error) {
 	}
 	// 0.0.0.0, for each redirected socket comes to its own 127.a.b.c,
 	// but bound to the loopback device: nothing from outside the host
-	// reaches it.
+	// reaches it. IPv6 loopback is the one address [::1]; the kernel names
+	// the socket behind a query there by its source.
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 		var serr error
 		err := c.Control(func(fd uintptr) { serr = unix.BindToDevice(int(fd), "lo") })
@@ -83,42 +88,84 @@ func Listen(cfg Config) (*Proxy, error) {
 		if err != nil {
 			return nil, fmt.Errorf("dns proxy: listen udp on lo: %w", err)
 		}
-		port := raw.LocalAddr().(*net.UDPAddr).Port
-		tcp, err := lc.Listen(ctx, "tcp4", fmt.Sprintf("0.0.0.0:%d", port))
-		if err != nil {
-			raw.Close()
-			lastErr = err
+		p := &Proxy{cfg: cfg, raw: raw, udp: ipv4.NewPacketConn(raw), Port: uint16(raw.LocalAddr().(*net.UDPAddr).Port)}
+		if lastErr = p.listenRest(ctx, lc); lastErr != nil {
+			p.Close()
 			continue
 		}
-		p := &Proxy{cfg: cfg, raw: raw, udp: ipv4.NewPacketConn(raw), tcp: tcp, Port: uint16(port)}
 		if err := p.udp.SetControlMessage(ipv4.FlagDst, true); err != nil {
 			p.Close()
 			return nil, fmt.Errorf("dns proxy: IP_PKTINFO: %w", err)
 		}
 		return p, nil
 	}
-	return nil, fmt.Errorf("dns proxy: no port free for both udp and tcp: %w", lastErr)
+	return nil, fmt.Errorf("dns proxy: no port free for udp and tcp, IPv4 and IPv6: %w", lastErr)
+}
+
+// listenRest binds TCP on IPv4, and UDP and TCP on [::1], on p.Port. A
+// namespace without IPv6 loopback gets no IPv6 sockets: no IPv6 resolver
+// is reachable there either.
+func (p *Proxy) listenRest(ctx context.Context, lc net.ListenConfig) error {
+	var err error
+	if p.tcp, err = lc.Listen(ctx, "tcp4", fmt.Sprintf("0.0.0.0:%d", p.Port)); err != nil {
+		return err
+	}
+	at := netip.AddrPortFrom(netip.IPv6Loopback(), p.Port).String()
+	if p.udp6, err = lc.ListenPacket(ctx, "udp6", at); err != nil {
+		if errors.Is(err, unix.EADDRNOTAVAIL) || errors.Is(err, unix.EAFNOSUPPORT) {
+			p.cfg.Log.Info("DNS proxy without IPv6: no [::1] in its network namespace", "err", err)
+			return nil
+		}
+		return err
+	}
+	p.tcp6, err = lc.Listen(ctx, "tcp6", at)
+	return err
 }
 
 // Close stops the proxy and waits for the queries in flight.
 func (p *Proxy) Close() error {
-	err := errors.Join(p.raw.Close(), p.tcp.Close())
+	err := p.closeSockets()
 	p.wg.Wait()
 	return err
+}
+
+func (p *Proxy) closeSockets() error {
+	errs := []error{p.raw.Close()}
+	if p.tcp != nil {
+		errs = append(errs, p.tcp.Close())
+	}
+	if p.udp6 != nil {
+		errs = append(errs, p.udp6.Close())
+	}
+	if p.tcp6 != nil {
+		errs = append(errs, p.tcp6.Close())
+	}
+	return errors.Join(errs...)
 }
 
 // Serve answers queries until ctx ends or Close.
 func (p *Proxy) Serve(ctx context.Context) {
 	go func() {
 		<-ctx.Done()
-		p.raw.Close()
-		p.tcp.Close()
+		_ = p.closeSockets()
 	}()
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		p.serveTCP()
-	}()
+	for _, l := range []net.Listener{p.tcp, p.tcp6} {
+		if l == nil {
+			continue
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			p.serveTCP(l)
+		}()
+	}
+	if p.udp6 != nil {
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			p.serveUDP6()
+		}()
+	}
 	buf := make([]byte, 65535)
 	for {
 		n, cm, src, err := p.udp.ReadFrom(buf)
@@ -132,22 +179,50 @@ func (p *Proxy) Serve(ctx context.Context) {
 		if !ok || cm == nil || !from.IP.IsLoopback() || !cm.Dst.IsLoopback() {
 			continue // only redirected queries, from this host's apps
 		}
-		q := append([]byte(nil), buf[:n]...)
-		dst := cm.Dst
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			reply := p.handle(q, dst, "udp")
-			if reply != nil {
-				_, _ = p.udp.WriteTo(reply, &ipv4.ControlMessage{Src: dst}, from)
-			}
-		}()
+		dst, _ := netip.AddrFromSlice(cm.Dst)
+		p.answerUDP(buf[:n], from, netip.AddrPortFrom(dst.Unmap(), p.Port), func(reply []byte) {
+			_, _ = p.udp.WriteTo(reply, &ipv4.ControlMessage{Src: cm.Dst}, from)
+		})
 	}
 }
 
-func (p *Proxy) serveTCP() {
+// serveUDP6 answers the queries that come to [::1], each from its own
+// socket's address.
+func (p *Proxy) serveUDP6() {
+	buf := make([]byte, 65535)
 	for {
-		c, err := p.tcp.Accept()
+		n, src, err := p.udp6.ReadFrom(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue
+		}
+		from, ok := src.(*net.UDPAddr)
+		if !ok || !from.IP.IsLoopback() {
+			continue
+		}
+		p.answerUDP(buf[:n], from, netip.AddrPortFrom(netip.IPv6Loopback(), p.Port), func(reply []byte) {
+			_, _ = p.udp6.WriteTo(reply, from)
+		})
+	}
+}
+
+// answerUDP answers one datagram query on a goroutine of its own.
+func (p *Proxy) answerUDP(query []byte, from *net.UDPAddr, dst netip.AddrPort, send func([]byte)) {
+	q := append([]byte(nil), query...)
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		if reply := p.handle(q, from.AddrPort(), dst, "udp"); reply != nil {
+			send(reply)
+		}
+	}()
+}
+
+func (p *Proxy) serveTCP(l net.Listener) {
+	for {
+		c, err := l.Accept()
 		if err != nil {
 			return
 		}
@@ -167,7 +242,7 @@ func (p *Proxy) serveTCP() {
 				if err != nil {
 					return
 				}
-				reply := p.handle(buf, local.IP, "tcp")
+				reply := p.handle(buf, remote.AddrPort(), local.AddrPort(), "tcp")
 				if reply == nil {
 					return
 				}
@@ -179,19 +254,17 @@ func (p *Proxy) serveTCP() {
 	}
 }
 
-// handle answers one query that came to dst: nil to drop it.
-func (p *Proxy) handle(query []byte, dst net.IP, network string) []byte {
+// handle answers one query that came from src to dst: nil to drop it.
+func (p *Proxy) handle(query []byte, src, dst netip.AddrPort, network string) []byte {
 	var m dns.Msg
 	if err := m.Unpack(query); err != nil || m.Response || len(m.Question) != 1 {
 		return nil
 	}
-	d, ok := netip.AddrFromSlice(dst)
-	if !ok {
-		return nil
-	}
-	r, err := p.cfg.Lookup(d.Unmap())
+	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	r, err := p.cfg.Lookup(network, src, dst)
 	if err != nil {
-		p.cfg.Log.Warn("DNS query at an address no app socket was redirected to", "dst", d, "err", err)
+		p.cfg.Log.Warn("DNS query from a socket the kernel did not redirect", "src", src, "dst", dst, "err", err)
 		return nil
 	}
 	c := &dns.Client{Net: network, Timeout: p.cfg.Timeout}

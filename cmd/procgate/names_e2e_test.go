@@ -1,16 +1,20 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/miekg/dns"
 	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
 
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
@@ -18,12 +22,14 @@ import (
 
 const namesE2EPolicy = `version: 1
 internal:
-  prefixes: [10.0.0.0/8]
+  prefixes: [10.0.0.0/8, fd00::/8]
 everyone:
   allow:
     - to: 10.0.0.53
       ports: [53]
     - to: 10.0.0.54
+      ports: [53]
+    - to: fd00::53
       ports: [53]
 apps:
   - name: web
@@ -36,7 +42,8 @@ apps:
         ports: [443]
 `
 
-// zone is a test DNS server's records: name (FQDN) -> A records.
+// zone is a test DNS server's records: name (FQDN) -> addresses, answered
+// as A or AAAA records as the question asks.
 type zone struct {
 	mu  sync.Mutex
 	a   map[string][]string
@@ -64,22 +71,41 @@ func (z *zone) ServeDNS(w dns.ResponseWriter, q *dns.Msg) {
 		m.Answer = append(m.Answer, &dns.CNAME{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeCNAME, Class: dns.ClassINET, Ttl: 300}, Target: target})
 		name = target
 	}
+	qtype := q.Question[0].Qtype
 	for _, a := range z.a[name] {
-		m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: z.ttl[name]}, A: net.ParseIP(a)})
+		ip := net.ParseIP(a)
+		hdr := dns.RR_Header{Name: name, Rrtype: qtype, Class: dns.ClassINET, Ttl: z.ttl[name]}
+		switch {
+		case qtype == dns.TypeA && ip.To4() != nil:
+			m.Answer = append(m.Answer, &dns.A{Hdr: hdr, A: ip})
+		case qtype == dns.TypeAAAA && ip.To4() == nil:
+			m.Answer = append(m.Answer, &dns.AAAA{Hdr: hdr, AAAA: ip})
+		}
 	}
 	_ = w.WriteMsg(m)
 }
 
 // startZone serves z on addr (UDP and TCP) inside the test's namespace.
+// The namespace's addresses are local routes (nstest.AnyIPLoopback), which
+// IPv6 binds only with IPV6_FREEBIND.
 func startZone(t *testing.T, ns, addr string, z *zone) {
 	t.Helper()
 	var pc net.PacketConn
 	var ln net.Listener
+	lc := net.ListenConfig{Control: func(network, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			if strings.HasSuffix(network, "6") {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_FREEBIND, 1)
+			}
+		})
+		return errors.Join(err, serr)
+	}}
 	if err := nstest.InNS(t, ns, func() (err error) {
-		if pc, err = net.ListenPacket("udp4", addr); err != nil {
+		if pc, err = lc.ListenPacket(context.Background(), "udp", addr); err != nil {
 			return err
 		}
-		ln, err = net.Listen("tcp4", addr)
+		ln, err = lc.Listen(context.Background(), "tcp", addr)
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -136,6 +162,7 @@ func TestNameGrantsEndToEnd(t *testing.T) {
 	z.set("other.corp.example", 60, "10.1.9.9")
 	z.set("nogrant.example", 60, "10.3.0.1")
 	startZone(t, e.netns, "10.0.0.53:53", z)
+	startZone(t, e.netns, "[fd00::53]:53", z)
 	startForger(t, e.netns, "10.0.0.54:53", "10.0.0.66", "10.6.6.6")
 	web := e.prober("web")
 	resolve := func(name, proto string, port uint16) []string {
@@ -143,6 +170,14 @@ func TestNameGrantsEndToEnd(t *testing.T) {
 		got, err := web.Resolve(name, "10.0.0.53:53", proto, port)
 		if err != nil {
 			t.Fatalf("resolve %s over %s: %v\n%s", name, proto, err, e.daemonLog())
+		}
+		return got
+	}
+	resolve6 := func(name, proto string, port uint16) []string {
+		t.Helper()
+		got, err := web.Resolve(name, "[fd00::53]:53", proto, port, "A", "AAAA")
+		if err != nil {
+			t.Fatalf("resolve %s over %s at [fd00::53]:53: %v\n%s", name, proto, err, e.daemonLog())
 		}
 		return got
 	}
@@ -199,6 +234,24 @@ func TestNameGrantsEndToEnd(t *testing.T) {
 		}
 		time.Sleep(1200 * time.Millisecond)
 		mustTry(t, web, "10.5.0.1:443/tcp", probe.Denied)
+	})
+	t.Run("ipv6 resolver", func(t *testing.T) {
+		// Queries to an IPv6 resolver go to the proxy at [::1]; both an
+		// A and an AAAA answer grant, over UDP and TCP, each address
+		// new when asked.
+		for i, proto := range []string{"udp", "tcp"} {
+			v4, v6 := fmt.Sprintf("10.1.6.%d", i+1), fmt.Sprintf("fd00:6::%d", i+1)
+			z.set("db.corp.example", 60, v4, v6)
+			got := resolve6("db.corp.example", proto, 5432)
+			if want := []string{v4 + "=allowed", v6 + "=allowed"}; !slices.Equal(got, want) {
+				t.Fatalf("over %s: %v, want %v", proto, got, want)
+			}
+		}
+		mustTry(t, web, "[fd00:6::9]:5432/tcp", probe.Denied) // never answered
+		out, err := e.procgate("explain", "--app", "web", "[fd00:6::1]:5432")
+		if err != nil || !strings.Contains(out, "from [fd00::53]:53") {
+			t.Errorf("explain: %v\n%s\nwant the answer from [fd00::53]:53", err, out)
+		}
 	})
 	t.Run("forged answer", func(t *testing.T) {
 		// 10.0.0.54 answers from 10.0.0.66: the proxy's exchange takes
