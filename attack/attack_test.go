@@ -56,9 +56,10 @@ func TestMain(m *testing.M) {
 // attackPolicy is the world's policy. The internal prefixes cover every
 // address form the techniques aim at: the targets, the directed broadcast
 // of 10/8, link-local IPv4 and IPv6, multicast, the limited broadcast.
-// nogrant's processes may bind only port 7000 and an ephemeral port (the
-// listen techniques try 7001; other techniques bind port 0 before they
-// connect); sandbox (outside: deny) is granted only the control addresses, so
+// nogrant's, svc's and backup's processes may bind only port 7000 and an
+// ephemeral port (the listen techniques try 7001; other techniques bind
+// port 0 before they connect): a bind to an unlisted port by a launched, a
+// unit and a user principal; sandbox (outside: deny) is granted only the control addresses, so
 // the controls prove the target hears it while its targets, on the
 // internet, must stay out of reach. granted, nogrant and sandbox are
 // granted the name db.corp.example, which only the daemon's DNS proxy can
@@ -105,6 +106,7 @@ apps:
         ports: [5432]
   - name: svc
     match: {unit: attack.service}
+    listen: [0, 7000]
     allow:
       - to: 10.1.2.3/32
         proto: tcp
@@ -116,6 +118,7 @@ apps:
         ports: [5432, 5353]
   - name: backup
     match: {user: 65531}
+    listen: [0, 7000]
     allow:
       - to: 10.1.2.3/32
         proto: tcp
