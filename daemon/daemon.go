@@ -241,13 +241,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	d.appDirs = cgroups.AppDirs{Base: filepath.Join(cfg.CgroupRoot, AppsDir)}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return fmt.Errorf("create state dir %s: %w", cfg.StateDir, err)
-	}
-	if d.ids, err = loadAppIDs(filepath.Join(cfg.StateDir, "app-ids.json")); err != nil {
-		return err
-	}
-	if d.revoked, err = loadRevocations(filepath.Join(cfg.StateDir, "revocations.json")); err != nil {
+	if err := d.openStateDir(); err != nil {
 		return err
 	}
 	// An invalid policy at start is fatal; whatever is pinned keeps
@@ -424,6 +418,20 @@ func Run(ctx context.Context, cfg Config) error {
 func newDaemon(cfg Config) *Daemon {
 	return &Daemon{cfg: cfg, log: cfg.Log, calls: make(chan func()),
 		exeStates: map[string]exeState{}, exeHashes: newExeHashes(cfg.Log)}
+}
+
+// openStateDir reads what earlier runs left in the state dir: app ids
+// (kernel counters and audit records stay with their app) and
+// revocations (they hold across restarts).
+func (d *Daemon) openStateDir() (err error) {
+	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("create state dir %s: %w", d.cfg.StateDir, err)
+	}
+	if d.ids, err = loadAppIDs(filepath.Join(d.cfg.StateDir, "app-ids.json")); err != nil {
+		return err
+	}
+	d.revoked, err = loadRevocations(filepath.Join(d.cfg.StateDir, "revocations.json"))
+	return err
 }
 
 // inputs are the reconciler's sources of change besides the API's calls;
