@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -218,6 +219,11 @@ func newFakeRuntime(t *testing.T) *fakeRuntime {
 		rt.mu.Lock()
 		rt.streams = append(rt.streams, events)
 		rt.mu.Unlock()
+		defer func() {
+			rt.mu.Lock()
+			rt.streams = slices.DeleteFunc(rt.streams, func(c chan string) bool { return c == events })
+			rt.mu.Unlock()
+		}()
 		w.WriteHeader(http.StatusOK)
 		w.(http.Flusher).Flush()
 		select {
