@@ -10,7 +10,7 @@ import (
 	"testing"
 )
 
-// Link is one host's way to the cluster: a TCP proxy on 127.0.0.1 for each
+// Link is one host's way to etcd: a TCP proxy on 127.0.0.1 for each
 // member. Cut drops every connection and refuses new ones, as a network
 // partition of that host would (to etcd's clients an unreachable member
 // and a refused one are both away); Restore brings the link back on the
@@ -19,13 +19,29 @@ type Link struct {
 	proxies []*proxy
 }
 
+// Listen makes a link's listening socket: net.Listen, or one made inside
+// a test network namespace so that a daemon there reaches etcd through
+// the link (its dials to etcd stay in the test process's namespace, on
+// 127.0.0.1).
+type Listen func(addr string) (net.Listener, error)
+
 // Link makes a link to every member, closed at the end of the test.
 func (c *Cluster) Link(t testing.TB) *Link {
 	t.Helper()
+	return NewLink(t, c.Endpoints(), nil)
+}
+
+// NewLink makes a link to the members at endpoints (plain http), its
+// sockets made by listen (nil: net.Listen), closed at the end of the test.
+func NewLink(t testing.TB, endpoints []string, listen Listen) *Link {
+	t.Helper()
+	if listen == nil {
+		listen = func(addr string) (net.Listener, error) { return net.Listen("tcp", addr) }
+	}
 	l := &Link{}
 	t.Cleanup(l.Close)
-	for _, m := range c.Members {
-		p, err := newProxy(strings.TrimPrefix(strings.TrimPrefix(m.Endpoint, "http://"), "https://"))
+	for _, e := range endpoints {
+		p, err := newProxy(strings.TrimPrefix(e, "http://"), listen)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -66,17 +82,18 @@ func (l *Link) Close() { l.Cut() }
 
 type proxy struct {
 	addr, target string
+	listen       Listen
 	mu           sync.Mutex
 	ln           net.Listener
 	conns        map[net.Conn]bool
 }
 
-func newProxy(target string) (*proxy, error) {
+func newProxy(target string, listen Listen) (*proxy, error) {
 	addr, err := freeAddr()
 	if err != nil {
 		return nil, err
 	}
-	p := &proxy{addr: addr, target: target, conns: map[net.Conn]bool{}}
+	p := &proxy{addr: addr, target: target, listen: listen, conns: map[net.Conn]bool{}}
 	return p, p.restore()
 }
 
@@ -86,7 +103,7 @@ func (p *proxy) restore() error {
 	if p.ln != nil {
 		return nil
 	}
-	ln, err := net.Listen("tcp", p.addr)
+	ln, err := p.listen(p.addr)
 	if err != nil {
 		return fmt.Errorf("link to %s on %s: %w", p.target, p.addr, err)
 	}
