@@ -199,7 +199,7 @@ func unified(fromName, toName string, a, b []byte) string {
 type HostState struct {
 	Status
 	// Newest is the newest change of a document this host merges (the
-	// fleet document, its groups', its own).
+	// fleet document, its groups', its own) or of a revocation.
 	Newest int64 `json:"newest_revision"`
 	// Behind: the host's revision is older than Newest.
 	Behind bool `json:"behind"`
@@ -207,7 +207,8 @@ type HostState struct {
 
 // Overview is `procgate fleet status`.
 type Overview struct {
-	// Newest is the revision of the newest change of any policy document.
+	// Newest is the revision of the newest change of any policy document
+	// or fleet-wide revocation.
 	Newest int64       `json:"newest_revision"`
 	Hosts  []HostState `json:"hosts"`
 	At     time.Time   `json:"at"`
@@ -224,12 +225,22 @@ func FleetStatus(ctx context.Context, cli *clientv3.Client) (Overview, error) {
 	if err != nil {
 		return Overview{}, fmt.Errorf("read %s: %w", StatusPrefix, err)
 	}
+	rv, err := cli.Get(ctx, RevokePrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithRev(pol.Header.Revision))
+	if err != nil {
+		return Overview{}, fmt.Errorf("read %s: %w", RevokePrefix, err)
+	}
 	o := Overview{At: time.Now().UTC()}
 	mod := map[string]int64{}
 	for _, kv := range pol.Kvs {
 		o.Newest = max(o.Newest, kv.ModRevision)
 		mod[string(kv.Key)] = kv.ModRevision
 	}
+	// Every host applies every revocation.
+	revoked := int64(0)
+	for _, kv := range rv.Kvs {
+		revoked = max(revoked, kv.ModRevision)
+	}
+	o.Newest = max(o.Newest, revoked)
 	for _, kv := range st.Kvs {
 		if !strings.HasSuffix(string(kv.Key), "/status") {
 			continue
@@ -244,6 +255,7 @@ func FleetStatus(ctx context.Context, cli *clientv3.Client) (Overview, error) {
 				host.Labels = append(host.Labels, lb)
 			}
 		}
+		h.Newest = revoked
 		for _, k := range host.Keys() {
 			h.Newest = max(h.Newest, mod[k])
 		}

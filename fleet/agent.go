@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -211,17 +212,18 @@ func (a *Agent) Run(ctx context.Context) {
 	wg.Wait()
 }
 
-// list reads the host's documents (Host.Keys) in one transaction, so at
-// one revision: at rev, or the newest when rev is 0. Only those keys: with
-// etcd's RBAC a host may read its own documents and no other host's.
+// list reads the host's documents (Host.Keys) and the fleet-wide
+// revocations in one transaction, so at one revision: at rev, or the
+// newest when rev is 0. Only those keys: with etcd's RBAC a host may read
+// its own documents and no other host's.
 func (a *Agent) list(ctx context.Context, rev int64) (Snapshot, error) {
 	var ops []clientv3.Op
-	for _, k := range a.o.Host.Keys() {
-		opts := []clientv3.OpOption{}
+	for _, w := range a.keys() {
+		opts := slices.Clone(w.opts)
 		if rev > 0 {
 			opts = append(opts, clientv3.WithRev(rev))
 		}
-		ops = append(ops, clientv3.OpGet(k, opts...))
+		ops = append(ops, clientv3.OpGet(w.key, opts...))
 	}
 	resp, err := a.cli.Txn(ctx).Then(ops...).Commit()
 	if err != nil {
@@ -238,6 +240,21 @@ func (a *Agent) list(ctx context.Context, rev int64) (Snapshot, error) {
 		}
 	}
 	return s, nil
+}
+
+// keyRange is one key, or a prefix, the agent reads and watches.
+type keyRange struct {
+	key  string
+	opts []clientv3.OpOption
+}
+
+// keys are what a host reads: its documents and the revocations.
+func (a *Agent) keys() []keyRange {
+	var out []keyRange
+	for _, k := range a.o.Host.Keys() {
+		out = append(out, keyRange{key: k})
+	}
+	return append(out, keyRange{key: RevokePrefix, opts: []clientv3.OpOption{clientv3.WithPrefix()}})
 }
 
 func list(ctx context.Context, cli *clientv3.Client, rev int64) (Snapshot, error) {
@@ -301,8 +318,9 @@ var errResync = errors.New("resync asked")
 
 // watch publishes a snapshot at the revision of each change after rev. It
 // returns when the watch ends: compacted past rev, closed, or a resync.
-// One watch per document key (a handful, on one stream), not one on the
-// prefix, for the same reason list reads only the host's keys.
+// One watch per document key and one on the revocations (a handful, on
+// one stream), not one on the policy prefix, for the same reason list
+// reads only the host's keys.
 func (a *Agent) watch(ctx context.Context, rev int64) error {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
@@ -311,8 +329,8 @@ func (a *Agent) watch(ctx context.Context, rev int64) error {
 		ok bool
 	}
 	all := make(chan got)
-	for _, k := range a.o.Host.Keys() {
-		wch := a.cli.Watch(wctx, k, clientv3.WithRev(rev+1))
+	for _, w := range a.keys() {
+		wch := a.cli.Watch(wctx, w.key, append(slices.Clone(w.opts), clientv3.WithRev(rev+1))...)
 		go func() {
 			for {
 				wr, ok := <-wch

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 )
 
 // LastGoodFile is the last policy a daemon applied from etcd, in its state
@@ -21,11 +22,18 @@ type lastGood struct {
 	Docs     map[string][]byte `json:"docs"`
 }
 
-// SaveLastGood keeps s's documents that concern h as the last good policy.
+// SaveLastGood keeps s's documents that concern h, and the fleet-wide
+// revocations, as the last good policy: a host that boots cut off from
+// etcd keeps what was revoked.
 func SaveLastGood(dir string, h Host, s Snapshot) error {
 	lg := lastGood{Host: h.Name, Revision: s.Revision, Docs: map[string][]byte{}}
 	for _, k := range h.Keys() {
 		if d, ok := s.Docs[k]; ok {
+			lg.Docs[k] = d
+		}
+	}
+	for k, d := range s.Docs {
+		if strings.HasPrefix(k, RevokePrefix) {
 			lg.Docs[k] = d
 		}
 	}

@@ -80,6 +80,14 @@ var (
 	userRE = regexp.MustCompile(userPattern)
 )
 
+// CheckAppName refuses what cannot be an app's name.
+func CheckAppName(name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("invalid app name %q: want %s", name, namePattern)
+	}
+	return nil
+}
+
 // Error is one mistake in a policy file. Line and Col are 1-based; 0 means
 // unknown. Field is the path of the value, such as apps[0].allow[1].ports[2].
 type Error struct {
