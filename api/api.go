@@ -220,7 +220,7 @@ type AppStatus struct {
 	// the last scan (cgroups made since are followed by the kernel).
 	Cgroups  int      `json:"cgroups"`
 	Grants   []string `json:"grants"`
-	Revoked  []string `json:"revoked,omitempty"` // "all" or grant numbers
+	Revoked  []string `json:"revoked,omitempty"` // "all" or grant numbers; "fleet:..." revoked fleet-wide
 	Counters Counters `json:"counters"`
 }
 

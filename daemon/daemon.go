@@ -149,6 +149,9 @@ type Daemon struct {
 	// fields below, so they need no lock.
 	ids     *appIDs
 	revoked *revocations
+	// fleetRevoked are the fleet-wide revocations from etcd (revoke
+	// --fleet), in force with the local ones; nil without etcd.
+	fleetRevoked *revocations
 	// policyStamp is the policy files' identity when they were last read:
 	// the policy is read (and hashed) only when it changed, which at
 	// 1,000,000 prefixes (80 MB) would otherwise cost a tenth of a CPU a
@@ -672,7 +675,7 @@ func (d *Daemon) install(rs *ruleset.Ruleset, hash string, dropins []string) err
 		return err
 	}
 	d.seenHash = hash
-	_, err = d.applyEffective(withRoutes(d.revoked.apply(rs), routes), func(s *State) {
+	_, err = d.applyEffective(withRoutes(d.withRevoked(rs), routes), func(s *State) {
 		s.policy, s.policyHash, s.policyDropins, s.loadedAt, s.routes = rs, hash, dropins, time.Now(), routes
 		s.lastErr = ""
 	})
@@ -728,7 +731,7 @@ func (d *Daemon) refreshRoutes() {
 	if samePrefixes(routes, cur.routes) {
 		return
 	}
-	gen, err := d.applyEffective(withRoutes(d.revoked.apply(cur.policy), routes), func(s *State) { s.routes = routes })
+	gen, err := d.applyEffective(withRoutes(d.withRevoked(cur.policy), routes), func(s *State) { s.routes = routes })
 	if err != nil {
 		d.log.Error("routes via internal interfaces changed, but applying them failed", "err", err)
 		return
@@ -857,7 +860,7 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint
 	if err := d.setPinholeApps(dynamic); err != nil {
 		d.log.Error("dynamic apps not given to the pinhole agent", "err", err)
 	}
-	revoked := d.revoked.describeAll()
+	revoked := d.describeRevoked()
 	kinds := d.exeKinds()
 	matched := d.enf.Matched()
 	// Published before the sweep, which may take a while: the kernel
@@ -1142,8 +1145,31 @@ func loadRevocations(path string) (*revocations, error) {
 	return r, nil
 }
 
-// apply returns rs without the revoked grants.
+// withRevoked is rs without the grants revoked here or fleet-wide.
+// Reconciler only.
+func (d *Daemon) withRevoked(rs *ruleset.Ruleset) *ruleset.Ruleset {
+	return d.revoked.apply(d.fleetRevoked.apply(rs))
+}
+
+// describeRevoked is describeAll of the local and the fleet-wide
+// revocations, the fleet's marked "fleet:". Reconciler only.
+func (d *Daemon) describeRevoked() map[string][]string {
+	out := d.revoked.describeAll()
+	if d.fleetRevoked != nil {
+		for app, what := range d.fleetRevoked.describeAll() {
+			for _, w := range what {
+				out[app] = append(out[app], "fleet:"+w)
+			}
+		}
+	}
+	return out
+}
+
+// apply returns rs without the revoked grants (rs itself when r is nil).
 func (r *revocations) apply(rs *ruleset.Ruleset) *ruleset.Ruleset {
+	if r == nil {
+		return rs
+	}
 	out := rs.Clone()
 	for i := range out.Apps {
 		a := &out.Apps[i]
@@ -1184,6 +1210,14 @@ func (r *revocations) describeAll() map[string][]string {
 }
 
 func (r *revocations) save() error { return writeJSON(r.path, r) }
+
+// same: r and o revoke the same grants.
+func (r *revocations) same(o *revocations) bool {
+	if r == nil || o == nil {
+		return r == o
+	}
+	return maps.Equal(r.Apps, o.Apps) && maps.EqualFunc(r.Grants, o.Grants, slices.Equal[[]int])
+}
 
 // writeJSON replaces path atomically, so a crash never leaves half a file.
 func writeJSON(path string, v any) error {

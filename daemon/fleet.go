@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -65,6 +66,7 @@ func (d *Daemon) openFleet(ctx context.Context) (*ruleset.Ruleset, string, []str
 		return nil, "", nil, snap, fmt.Errorf("policy from etcd for host %s: %w", fc.Host.Name, err)
 	}
 	d.fleet = &fleetSource{cli: cli, agent: agent, host: fc.Host, firstFromDisk: fromDisk, firstRevision: snap.Revision}
+	d.fleetRevoked = fleetRevocations(snap, d.log)
 	files, err := snap.Files(fc.Host)
 	if err != nil {
 		return nil, "", nil, snap, err
@@ -101,9 +103,9 @@ func (d *Daemon) fleetUpdates() <-chan fleet.Snapshot {
 	return d.fleet.agent.Updates()
 }
 
-// applyFleet makes a snapshot's merged policy the generation in force, or
-// refuses it whole and keeps the one in force; either way the agent
-// reports it. Reconciler only.
+// applyFleet makes a snapshot's merged policy and fleet-wide revocations
+// the generation in force, or refuses it whole and keeps the one in force;
+// either way the agent reports it. Reconciler only.
 func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 	f := d.fleet
 	files, err := snap.Files(f.host)
@@ -112,13 +114,20 @@ func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 	if err == nil {
 		hash = policy.Hash(files)
 	}
+	revoked := fleetRevocations(snap, d.log)
 	inForce := func(s *State) { s.lastErr, s.fleetFromDisk, s.fleetRevision = "", false, snap.Revision }
 	if cur := d.current(); err == nil && hash == cur.policyHash {
-		// Another host's document, or the same bytes as on disk: the
-		// generation in force is this revision's policy.
-		st := d.publish(inForce)
-		f.agent.Applied(snap, fleet.Outcome{Generation: st.gen, PolicySHA256: st.policyHash})
-		return
+		// Another host's document, the same bytes as on disk, or only
+		// the revocations changed: the policy in force is this
+		// revision's.
+		if !revoked.same(d.fleetRevoked) {
+			err = d.applyFleetRevocations(revoked, snap.Revision)
+		}
+		if err == nil {
+			st := d.publish(inForce)
+			f.agent.Applied(snap, fleet.Outcome{Generation: st.gen, PolicySHA256: st.policyHash})
+			return
+		}
 	}
 	if err == nil {
 		var warnings []policy.Warning
@@ -132,7 +141,11 @@ func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 		}
 	}
 	if err == nil {
-		err = d.install(rs, hash, dropinPaths(files))
+		saved := d.fleetRevoked
+		d.fleetRevoked = revoked
+		if err = d.install(rs, hash, dropinPaths(files)); err != nil {
+			d.fleetRevoked = saved
+		}
 	}
 	if err != nil {
 		st := d.publish(func(s *State) { s.lastErr = fmt.Sprintf("revision %d: %v", snap.Revision, err) })
@@ -143,6 +156,41 @@ func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 	st := d.publish(inForce)
 	d.log.Info("policy loaded", "revision", snap.Revision, "overlays", len(files)-1, "generation", st.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", st.ended)
 	f.agent.Applied(snap, fleet.Outcome{Generation: st.gen, PolicySHA256: st.policyHash})
+}
+
+// applyFleetRevocations puts the fleet-wide revocations of revision rev in
+// force over the policy in force, ending the live sockets of what they
+// withdraw, as a local revoke does. Reconciler only.
+func (d *Daemon) applyFleetRevocations(revoked *revocations, rev int64) error {
+	saved := d.fleetRevoked
+	d.fleetRevoked = revoked
+	cur := d.current()
+	gen, err := d.applyEffective(withRoutes(d.withRevoked(cur.policy), cur.routes), nil)
+	if err != nil {
+		d.fleetRevoked = saved
+		return fmt.Errorf("fleet-wide revocations: %w", err)
+	}
+	d.log.Info("fleet-wide revocations applied", "revision", rev, "apps", len(revoked.Apps)+len(revoked.Grants), "generation", gen, "sockets_ended", d.current().ended)
+	return nil
+}
+
+// fleetRevocations are a snapshot's fleet-wide revocations as the daemon
+// keeps revocations; a value that does not read is logged (and revokes
+// its app whole: fleet.Snapshot.Revocations).
+func fleetRevocations(snap fleet.Snapshot, log *slog.Logger) *revocations {
+	revs, problems := snap.Revocations()
+	for _, p := range problems {
+		log.Error("fleet-wide revocation", "revision", snap.Revision, "err", p)
+	}
+	r := &revocations{Apps: map[string]bool{}, Grants: map[string][]int{}}
+	for app, rv := range revs {
+		if rv.All {
+			r.Apps[app] = true
+		} else {
+			r.Grants[app] = rv.Grants
+		}
+	}
+	return r
 }
 
 // fleetStatus is the source's part of the daemon's status in st.

@@ -407,7 +407,7 @@ func (d *Daemon) revokeNow(req api.Request) (*api.Revoke, error) {
 	default:
 		d.revoked.Apps[req.App] = true
 	}
-	gen, err := d.applyEffective(withRoutes(d.revoked.apply(cur.policy), cur.routes), nil)
+	gen, err := d.applyEffective(withRoutes(d.withRevoked(cur.policy), cur.routes), nil)
 	if err != nil {
 		*d.revoked = saved
 		return nil, err
