@@ -613,20 +613,32 @@ func streamEvents(c api.Client, req api.Request, fn func(json.RawMessage, audit.
 func revokeCmd(client func() api.Client) *cobra.Command {
 	var app string
 	var grant int
-	var restore bool
+	var restore, fleetWide bool
+	var e etcdFlags
 	cmd := &cobra.Command{
-		Use:   "revoke --app NAME [--grant N] [--restore]",
-		Short: "Withdraw an app's grants now (all, or grant N); --restore gives them back",
+		Use:   "revoke --app NAME [--grant N] [--restore] [--fleet]",
+		Short: "Withdraw an app's grants now (all, or grant N); --restore gives them back; --fleet on every host",
+		Long: `Withdraws an app's grants now, new attempts and live sockets, until
+--restore. With --fleet the revocation goes to etcd (/procgate/revocations/APP)
+instead of this host's daemon: every daemon with --policy-store etcd applies
+it as it applies a push, and keeps it in its last good policy. A host's own
+revocations and the fleet's add up; --restore without --fleet gives back only
+the host's own.`,
 		Example: `  procgate revoke --app psql-prod
   procgate revoke --app psql-prod --grant 1
-  procgate revoke --app psql-prod --restore`,
+  procgate revoke --app psql-prod --restore
+  procgate revoke --app psql-prod --fleet         # every host (PROCGATE_ETCD_* set)
+  procgate revoke --app psql-prod --fleet --restore`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			req := api.Request{Op: api.OpRevoke, App: app, Restore: restore}
+			var g *int
 			if cmd.Flags().Changed("grant") {
-				req.Grant = &grant
+				g = &grant
 			}
-			resp, err := client().Do(req)
+			if fleetWide {
+				return revokeFleet(cmd.OutOrStdout(), e, app, g, restore)
+			}
+			resp, err := client().Do(api.Request{Op: api.OpRevoke, App: app, Restore: restore, Grant: g})
 			if err != nil {
 				return err
 			}
@@ -635,8 +647,10 @@ func revokeCmd(client func() api.Client) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&app, "app", "", "app name (required)")
-	cmd.Flags().IntVar(&grant, "grant", 0, "only this grant (its position in the app's allow list, from 0)")
+	cmd.Flags().IntVar(&grant, "grant", 0, "only this grant (its position in the app's allow list, from 0; with --fleet, in each host's merged list, where the fleet document's grants come first)")
 	cmd.Flags().BoolVar(&restore, "restore", false, "undo an earlier revoke")
+	cmd.Flags().BoolVar(&fleetWide, "fleet", false, "on every host that takes its policy from etcd (docs/fleet.md), through etcd")
+	e.register(cmd.Flags())
 	_ = cmd.MarkFlagRequired("app")
 	return cmd
 }

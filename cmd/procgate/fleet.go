@@ -122,6 +122,23 @@ func (t *targetFlags) target() (fleet.Target, error) {
 	return fleet.Target{}, nil
 }
 
+// revokeFleet is revoke --fleet: the revocation written to etcd.
+func revokeFleet(w io.Writer, e etcdFlags, app string, grant *int, restore bool) error {
+	cli, err := e.client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	ctx, cancel := timeoutCtx()
+	defer cancel()
+	r, rev, err := fleet.Revoke(ctx, cli, app, grant, restore)
+	if err != nil {
+		return fmt.Errorf("revoke %s fleet-wide: %w", app, err)
+	}
+	fmt.Fprintf(w, "%s: %s revoked on every host at revision %d (%s); each daemon applies it and ends the live sockets; procgate fleet status shows the hosts behind\n", app, r, rev, fleet.RevokeKey(app))
+	return nil
+}
+
 func timeoutCtx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 30*time.Second)
 }

@@ -3,6 +3,9 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -343,4 +346,163 @@ func waitFleet(t *testing.T, e *e2e, what string, ok func(*api.FleetSource) bool
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// listenIn makes a link's sockets inside the network namespace ns, so
+// that a daemon there reaches the test's etcd on 127.0.0.1.
+func listenIn(t *testing.T, ns string) etcdtest.Listen {
+	return func(addr string) (ln net.Listener, err error) {
+		ierr := nstest.InNS(t, ns, func() error {
+			ln, err = net.Listen("tcp", addr)
+			return err
+		})
+		return ln, errors.Join(ierr, err)
+	}
+}
+
+// fleetHost is a daemon of the revocation test: in its own namespace (the
+// sweep of live sockets walks the daemon's), reaching etcd through a link.
+type fleetHost struct {
+	e       *e2e
+	link    *etcdtest.Link
+	db, oth *probe.Holder
+	name    string
+}
+
+// revoked is what the daemon's status says is revoked from app.
+func (h *fleetHost) revoked(app string) []string {
+	for _, a := range h.e.status().Apps {
+		if a.Name == app {
+			return a.Revoked
+		}
+	}
+	return nil
+}
+
+// waitRevoked waits until the daemon reports want revoked from db.
+func (h *fleetHost) waitRevoked(t *testing.T, want []string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for got := h.revoked("db"); !slices.Equal(got, want); got = h.revoked("db") {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: db revoked %q, want %q within 30s\n%s", h.name, got, want, h.e.daemonLog())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// A fleet-wide revoke reaches two daemons through etcd: each ends db's
+// live sockets (and not another app's) and denies its new attempts; a host
+// that boots cut off from etcd keeps the revocation from its last good
+// policy; restore gives the grants back on every host.
+func TestFleetRevoke(t *testing.T) {
+	nstest.RequireRoot(t)
+	etcd := etcdtest.Start(t)
+	mustPush(t, etcd, basePolicy)
+	var hosts []*fleetHost
+	for i := range 2 {
+		ns := nstest.NetNS(t)
+		nstest.AnyIPLoopback(t, ns)
+		link := etcdtest.NewLink(t, etcd.Endpoints(), listenIn(t, ns))
+		h := &fleetHost{link: link, name: fmt.Sprintf("web-%d", i+1)}
+		h.e = newE2EIn(t, basePolicy, ns, true, "--policy-store", "etcd", "--etcd-endpoints", strings.Join(link.Endpoints(), ","),
+			"--host-name", h.name, "--etcd-boot-timeout", "1s", "--poll", "1h")
+		holder := func(dir string) *probe.Holder {
+			hd, err := probe.StartHolder(dir, ns)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { hd.Close() })
+			return hd
+		}
+		servers := holder(nstest.ChildCgroup(t, h.e.cgroup, "servers"))
+		for _, a := range []string{"0.0.0.0:5432", "0.0.0.0:53/udp"} {
+			if _, err := servers.Listen("serve", a); err != nil {
+				t.Fatal(err)
+			}
+		}
+		h.db = holder(filepath.Join(h.e.cgroup, "procgate.apps", "db"))
+		h.oth = holder(filepath.Join(h.e.cgroup, "procgate.apps", "other"))
+		if err := h.db.Open("tcp4", "10.1.2.3:5432/tcp", probe.Connect, 2); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.oth.Open("udp4", "10.9.0.1:53/udp", probe.Connect, 1); err != nil {
+			t.Fatal(err)
+		}
+		hosts = append(hosts, h)
+	}
+
+	out, err := fleetCLI(t, etcd, nil, "revoke", "--app", "db", "--fleet")
+	if err != nil || !strings.Contains(out, "db: all grants revoked on every host") {
+		t.Fatalf("revoke --fleet: %v\n%s", err, out)
+	}
+	for _, h := range hosts {
+		h.waitRevoked(t, []string{"fleet:all"})
+		if err := h.db.Expect("tcp4", 2, true); err != nil {
+			t.Errorf("%s: %v", h.name, err)
+		}
+		if err := h.oth.Expect("udp4", 1, false); err != nil {
+			t.Errorf("%s: %v", h.name, err)
+		}
+		mustTry(t, h.e.prober("db"), "10.1.2.3:5432/tcp", probe.Denied)
+	}
+	cli := etcd.Client(t)
+	waitStatus := func(what string, ok func(fleet.Overview) bool) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			o, err := fleet.FleetStatus(ctx, cli)
+			cancel()
+			if err == nil && ok(o) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("fleet status: no %s within 30s: %+v, %v", what, o, err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitStatus("both hosts at the revocation", func(o fleet.Overview) bool {
+		return len(o.Hosts) == 2 && !o.Hosts[0].Behind && !o.Hosts[1].Behind && o.Hosts[0].Revision == o.Newest
+	})
+
+	// web-1 reboots cut off: the revocation holds from its last good
+	// policy, and the restore reaches it when the link is back.
+	cut := hosts[0]
+	cut.link.Cut()
+	cut.e.stopDaemon(syscall.SIGTERM)
+	cut.e.startDaemon()
+	if f := cut.e.status().Fleet; f.Source != fleet.SourceLastGood {
+		t.Fatalf("booted cut off: %+v", f)
+	}
+	cut.waitRevoked(t, []string{"fleet:all"})
+	mustTry(t, cut.e.prober("db"), "10.1.2.3:5432/tcp", probe.Denied)
+
+	if out, err := fleetCLI(t, etcd, nil, "revoke", "--app", "db", "--fleet", "--restore"); err != nil {
+		t.Fatalf("revoke --fleet --restore: %v\n%s", err, out)
+	}
+	hosts[1].waitRevoked(t, nil)
+	mustTry(t, hosts[1].e.prober("db"), "10.1.2.3:5432/tcp", probe.Allowed)
+	mustTry(t, cut.e.prober("db"), "10.1.2.3:5432/tcp", probe.Denied)
+	if err := cut.link.Restore(); err != nil {
+		t.Fatal(err)
+	}
+	cut.waitRevoked(t, nil)
+	mustTry(t, cut.e.prober("db"), "10.1.2.3:5432/tcp", probe.Allowed)
+
+	// A local revoke and the fleet's add up; a local restore gives back
+	// only the local one.
+	if out, err := hosts[1].e.procgate("revoke", "--app", "db", "--grant", "1"); err != nil {
+		t.Fatalf("local revoke: %v\n%s", err, out)
+	}
+	if out, err := fleetCLI(t, etcd, nil, "revoke", "--app", "db", "--fleet", "--grant", "0"); err != nil {
+		t.Fatalf("revoke --fleet --grant 0: %v\n%s", err, out)
+	}
+	hosts[1].waitRevoked(t, []string{"#1", "fleet:#0"})
+	if out, err := hosts[1].e.procgate("revoke", "--app", "db", "--restore"); err != nil {
+		t.Fatalf("local restore: %v\n%s", err, out)
+	}
+	hosts[1].waitRevoked(t, []string{"fleet:#0"})
+	mustTry(t, hosts[1].e.prober("db"), "10.1.2.3:5432/tcp", probe.Denied)
 }
