@@ -96,6 +96,12 @@ func (b *bench) withBPFStats(phase, what string, size int, unit string, batch fu
 		return nil, err
 	}
 	defer closeProgs(progs)
+	return measureBPF(progs, phase, what, size, unit, batch)
+}
+
+// measureBPF runs batch with the kernel's BPF statistics on and returns
+// what progs cost during it.
+func measureBPF(progs map[string]*ebpf.Program, phase, what string, size int, unit string, batch func() (float64, error)) (*bpfCost, error) {
 	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
 	if err != nil {
 		return nil, fmt.Errorf("enable BPF run-time statistics: %w", err)
@@ -149,10 +155,18 @@ func (b *bench) latencyCost(phase string, l *lane, pol *benchPolicy, p proto, c 
 	if l.v.Name != vProcgate {
 		what = l.v.Name + ": " + what
 	}
-	cost, err := b.withBPFStats(phase, what, pol.size, "attempt", func() (float64, error) {
-		resp, err := l.cl.do(request{Op: opLatency, Proto: p, Dests: addrPorts(pol.dests(c), servicePort), N: b.cfg.Batch, Allow: c != classDeny})
+	batch := func() (float64, error) {
+		resp, err := l.cl.do(request{Op: opLatency, Proto: p, Dests: addrPorts(pol.dests(c), servicePort), N: b.cfg.Batch,
+			Allow: c != classDeny || !l.v.enforcing()})
 		return float64(resp.Attempts), err
-	})
+	}
+	var cost *bpfCost
+	var err error
+	if l.v.progs != nil {
+		cost, err = measureBPF(l.v.progs, phase, what, pol.size, "attempt", batch)
+	} else {
+		cost, err = b.withBPFStats(phase, what, pol.size, "attempt", batch)
+	}
 	if err != nil {
 		return err
 	}

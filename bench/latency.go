@@ -151,7 +151,7 @@ func (b *bench) latencyPhase(ctx context.Context) error {
 	}
 	b.res.Latency = append(b.res.Latency, res...)
 	for _, l := range w.lanes {
-		if l.v.Name != vProcgate && l.v.Name != vProcgateTraceable {
+		if l.v.Name != vProcgate && l.v.Name != vProcgateTraceable && !l.v.empty {
 			continue
 		}
 		for _, p := range []proto{tcp, udp} {

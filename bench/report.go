@@ -220,7 +220,7 @@ func (r *results) markdown(plots map[string]string) string {
 	w("")
 	r.latencySection(w, plots)
 	r.bpfCostSection(w, phaseLatency, "Where procgate's time goes",
-		"BPF run time of procgate's programs during one extra batch of %d attempts per row, from the kernel's statistics (BPF_ENABLE_STATS, on only for these batches; timing adds a few tens of ns per run): how often each program ran per attempt and how long each run took.", r.Config.Batch)
+		"BPF run time of procgate's programs during one extra batch of %d attempts per row, from the kernel's statistics (BPF_ENABLE_STATS, on only for these batches; timing adds a few tens of ns per run): how often each program ran per attempt and how long each run took. The empty-programs rows are the floor per hook: what the statistics report for a program that does nothing there (their clock reads), to subtract from procgate's per-run figures.", r.Config.Batch)
 	r.scalingSection(w, plots)
 	r.reloadSection(w, plots)
 	r.throughputSection(w, plots)

@@ -262,6 +262,11 @@ func (b *bench) setup() error {
 				return err
 			}
 		}
+		if v.empty {
+			if err := b.attachEmpty(v); err != nil {
+				return err
+			}
+		}
 	}
 	for _, g := range enf.Guards() {
 		b.res.Meta.ProcgateGuards = append(b.res.Meta.ProcgateGuards, fmt.Sprintf("%s: active=%v", g.Name, g.Active))

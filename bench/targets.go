@@ -50,6 +50,7 @@ func (r *results) evaluate() []targetResult {
 				// the baseline of its own rounds).
 				var parts []string
 				for _, v := range []struct{ name, what string }{
+					{vEmpty, "the floor, an empty program at every hook"},
 					{vProcgateHooks, "connect/sendmsg programs alone"},
 					{vProcgateSockCreate, "with the sock_create guard"},
 					{vProcgateEgress, "with the egress backstop"},

@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+
+	"github.com/cilium/ebpf"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -36,6 +38,11 @@ type variant struct {
 	// handover guard watches; every other client has the trace guard's
 	// credentials, as `procgate run` starts apps.
 	openToTracing bool
+	// empty: the variant attaches empty programs (floorHooks) to its own
+	// cgroup, kept in progs for the BPF statistics: the floor of every
+	// hook procgate uses.
+	empty bool
+	progs map[string]*ebpf.Program
 	// install puts the variant's rules into the network namespace ns of a
 	// lane; nil for variants that need none there.
 	install func(b *bench, l *lane, pol *benchPolicy) (loadStats, error)
@@ -59,6 +66,7 @@ const (
 	vProcgateEgress     = "procgate-hooks+egress"
 	vProcgateSockCreate = "procgate-hooks+sock_create"
 	vProcgateTraceable  = "procgate-traceable"
+	vEmpty              = "empty-programs"
 	vNftCgroupSet       = "nft-cgroup-set"
 	vNftCgroupRules     = "nft-cgroup-rules"
 	vNftUIDSet          = "nft-uid-set"
@@ -85,6 +93,8 @@ func allVariants() []*variant {
 			latencyOnly: true, pinned: append([]string{"sock_create"}, hookPrograms...)},
 		{Name: vProcgateTraceable, Desc: "procgate with every program, for an app process open to tracing (equal uids and gids: traceable: true, a script, root), whose internal TCP connections the TCP handover guard watches by default (as it watches every app's with --tcp-handover=all): what that guard adds",
 			latencyOnly: true, openToTracing: true, pinned: append([]string{"sock_create", "egress", "bind4", "bind6", "handover"}, hookPrograms...)},
+		{Name: vEmpty, Desc: "diagnostic: the floor; at each hook procgate's defaults use here (sock_create, connect4/6, sendmsg4/6, egress, sockops), a program that only returns \"go on\", on a cgroup of its own: what running a program there costs at all, below any design of procgate's",
+			latencyOnly: true, empty: true},
 		{Name: vNftCgroupSet, Desc: "nftables output chain: ct state established first, internal set, `socket cgroupv2` goto per-app chain with an interval set of the app's prefixes", install: installNft},
 		{Name: vNftCgroupRules, Desc: "as nft-cgroup-set, but one rule per granted prefix in the per-app chain", install: installNft,
 			MaxSize: ruleVariantMax, StopWhy: "every new packet walks app0's chain rule by rule, so 100,000 prefixes mean ~5,000 rule evaluations per packet: milliseconds per connect"},
@@ -101,8 +111,8 @@ var hookPrograms = []string{"connect4", "connect6", "sendmsg4", "sendmsg6"}
 // procgateLike: does the variant enforce with procgate's programs?
 func (v *variant) procgateLike() bool { return v.Name == vProcgate || v.pinned != nil }
 
-// enforcing is false for the baseline and its control.
-func (v *variant) enforcing() bool { return v.Name != vBaseline && !v.control }
+// enforcing is false for the baseline, its control and the empty programs.
+func (v *variant) enforcing() bool { return v.Name != vBaseline && !v.control && !v.empty }
 
 func pickVariants(all []*variant, names ...string) []*variant {
 	var out []*variant
