@@ -167,16 +167,12 @@ type dnsredirectUserKey struct {
 }
 
 type dnsredirectVerdictEntry struct {
-	_    structs.HostLayout
-	Lock struct {
-		_   structs.HostLayout
-		Val uint32
-	}
-	Generation uint32
-	CgroupId   uint64
-	AppId      uint32
-	AppFlags   uint32
-	D          struct {
+	_        structs.HostLayout
+	State    uint64
+	CgroupId uint64
+	AppId    uint32
+	AppFlags uint32
+	D        struct {
 		_      structs.HostLayout
 		Addr   [16]uint8
 		Port   uint16
@@ -200,6 +196,7 @@ const (
 	dnsredirectMapDnsRedirects        = "dns_redirects"
 	dnsredirectMapDnsRedirects6       = "dns_redirects6"
 	dnsredirectMapGenerationInfoInner = "generation_info_inner"
+	dnsredirectMapHookHandoff         = "hook_handoff"
 	dnsredirectMapMigratedTasks       = "migrated_tasks"
 	dnsredirectMapMigrationMarksSeen  = "migration_marks_seen"
 	dnsredirectMapNameGrants          = "name_grants"
@@ -208,9 +205,8 @@ const (
 	dnsredirectMapPrincipalCache      = "principal_cache"
 	dnsredirectMapRules               = "rules"
 	dnsredirectMapSocketOwners        = "socket_owners"
-	dnsredirectMapVerdictCache        = "verdict_cache"
+	dnsredirectMapSocketVerdicts      = "socket_verdicts"
 	dnsredirectMapVerdictCounters     = "verdict_counters"
-	dnsredirectMapVerdictHandoff      = "verdict_handoff"
 	dnsredirectProgDnsConnect4        = "dns_connect4"
 	dnsredirectProgDnsConnect6        = "dns_connect6"
 	dnsredirectProgDnsRecvmsg4        = "dns_recvmsg4"
@@ -284,6 +280,7 @@ type dnsredirectMapSpecs struct {
 	DnsRedirects        *ebpf.MapSpec `ebpf:"dns_redirects"`
 	DnsRedirects6       *ebpf.MapSpec `ebpf:"dns_redirects6"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	HookHandoff         *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
@@ -292,9 +289,8 @@ type dnsredirectMapSpecs struct {
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
-	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
+	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // dnsredirectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -334,6 +330,7 @@ type dnsredirectMaps struct {
 	DnsRedirects        *ebpf.Map `ebpf:"dns_redirects"`
 	DnsRedirects6       *ebpf.Map `ebpf:"dns_redirects6"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
+	HookHandoff         *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
@@ -342,9 +339,8 @@ type dnsredirectMaps struct {
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
-	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
+	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *dnsredirectMaps) Close() error {
@@ -359,6 +355,7 @@ func (m *dnsredirectMaps) Close() error {
 		m.DnsRedirects,
 		m.DnsRedirects6,
 		m.GenerationInfoInner,
+		m.HookHandoff,
 		m.MigratedTasks,
 		m.MigrationMarksSeen,
 		m.NameGrants,
@@ -367,9 +364,8 @@ func (m *dnsredirectMaps) Close() error {
 		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
-		m.VerdictCache,
+		m.SocketVerdicts,
 		m.VerdictCounters,
-		m.VerdictHandoff,
 	)
 }
 

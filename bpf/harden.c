@@ -153,7 +153,7 @@ static __always_inline int load_l4(struct __sk_buff *skb, __u32 off, __u8 proto,
 static __always_inline void remember(struct bpf_sock *sk, __u64 cgroup_id, const struct dest *d, __u32 generation,
 				     __u32 app_id, __u32 app_flags)
 {
-	struct verdict_entry *v = bpf_sk_storage_get(&verdict_cache, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	struct verdict_entry *v = bpf_sk_storage_get(&socket_verdicts, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (v)
 		put_verdict(v, cgroup_id, d, generation, app_id, app_flags);
 }
@@ -236,8 +236,9 @@ static __always_inline int task_in_app(__u32 slot, const struct generation_info 
 
 // foreign_udp_sender: is a datagram of app_id's socket being sent, in its
 // sender's own context, by a task that is not one of app_id's processes?
-// sender and sender_app say who, for the audit record.
-static __always_inline int foreign_udp_sender(struct __sk_buff *skb, __u32 slot, const struct generation_info *info,
+// sk_cgroup is the socket's cgroup; sender and sender_app say who sent,
+// for the audit record.
+static __always_inline int foreign_udp_sender(__u64 sk_cgroup, __u32 slot, const struct generation_info *info,
 					      __u32 app_id, __u32 app_flags, __u64 *sender, __u32 *sender_app)
 {
 	*sender = bpf_get_current_cgroup_id();
@@ -247,7 +248,7 @@ static __always_inline int foreign_udp_sender(struct __sk_buff *skb, __u32 slot,
 	// The usual case: the socket's maker, or its cgroup mates, sending
 	// (for an app pinned to its binaries, which one runs is checked below).
 	// Not for a user app: a cgroup mate may be of another uid.
-	if (*sender == bpf_skb_cgroup_id(skb) && !(app_flags & (APP_EXE_PINNED | APP_BY_USER)) && !migrated())
+	if (*sender == sk_cgroup && !(app_flags & (APP_EXE_PINNED | APP_BY_USER)) && !migrated())
 		return 0;
 	if (!in_sender_task())
 		return 0;
@@ -362,21 +363,21 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 	__u32 generation = info->generation;
 
 	// The connect or sendmsg hook usually decided this very packet a moment
-	// ago (verdict_handoff), and a connected UDP socket's datagrams go where
-	// its first one went (verdict_cache): a matching verdict of this
-	// generation stands.
+	// ago (hook_handoff), and a connected UDP socket's datagrams go where
+	// its connect, or its first datagram, went (socket_verdicts): a
+	// matching verdict of this generation stands. Both are found in O(1),
+	// before any lookup of the policy.
 	struct bpf_sock *sk = skb->sk;
-	if (sk)
-		sk = bpf_sk_fullsock(sk);
 	if (sk && d.proto) {
 		struct verdict_copy c = {};
 		int hit = 0;
 		__u32 cpu = bpf_get_smp_processor_id();
-		struct verdict_entry *v = bpf_map_lookup_elem(&verdict_handoff, &cpu);
+		struct verdict_entry *v = bpf_map_lookup_elem(&hook_handoff, &cpu);
 		if (v)
 			hit = verdict_matches(v, &d, generation, &c);
 		if (!hit && d.proto == PROTO_UDP) {
-			v = bpf_sk_storage_get(&verdict_cache, sk, 0, 0);
+			struct bpf_sock *full = bpf_sk_fullsock(sk);
+			v = full ? bpf_sk_storage_get(&socket_verdicts, full, 0, 0) : NULL;
 			if (v)
 				hit = verdict_matches(v, &d, generation, &c);
 		}
@@ -386,7 +387,8 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 		if (hit) {
 			// The same cgroup has the same principal in a generation
 			// (the usual case: the socket's maker connected it).
-			int same = bpf_skb_cgroup_id(skb) == c.cgroup_id;
+			__u64 sk_cgroup = bpf_skb_cgroup_id(skb);
+			int same = sk_cgroup == c.cgroup_id;
 			if (!same) {
 				__u64 cgroup_id;
 				struct app_info *a = skb_principal(skb, slot, info, &cgroup_id);
@@ -396,12 +398,14 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 				__u64 sender;
 				__u32 sender_app;
 				if (udp_handover && d.proto == PROTO_UDP &&
-				    foreign_udp_sender(skb, slot, info, c.app_id, c.app_flags, &sender, &sender_app))
+				    foreign_udp_sender(sk_cgroup, slot, info, c.app_id, c.app_flags, &sender, &sender_app))
 					return deny_handover(&d, sender, sender_app, generation, info->audit_rate, hook);
 				return 1;
 			}
 		}
 	}
+	if (sk)
+		sk = bpf_sk_fullsock(sk); // what socket storage takes
 
 	// External: untouched, but for sandboxes (outside: deny), which are
 	// asked for only in generations that have one.
@@ -428,7 +432,7 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 		if (udp_handover && d.proto == PROTO_UDP) {
 			__u64 sender;
 			__u32 sender_app;
-			if (foreign_udp_sender(skb, slot, info, app_id, app->flags, &sender, &sender_app))
+			if (foreign_udp_sender(bpf_skb_cgroup_id(skb), slot, info, app_id, app->flags, &sender, &sender_app))
 				return deny_handover(&d, sender, sender_app, generation, info->audit_rate, hook);
 		}
 		// Counted when the connect or sendmsg hook allowed it.

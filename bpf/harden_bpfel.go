@@ -140,16 +140,12 @@ type hardenUserKey struct {
 }
 
 type hardenVerdictEntry struct {
-	_    structs.HostLayout
-	Lock struct {
-		_   structs.HostLayout
-		Val uint32
-	}
-	Generation uint32
-	CgroupId   uint64
-	AppId      uint32
-	AppFlags   uint32
-	D          struct {
+	_        structs.HostLayout
+	State    uint64
+	CgroupId uint64
+	AppId    uint32
+	AppFlags uint32
+	D        struct {
 		_      structs.HostLayout
 		Addr   [16]uint8
 		Port   uint16
@@ -170,6 +166,7 @@ const (
 	hardenMapAuditEvents           = "audit_events"
 	hardenMapDestLookups           = "dest_lookups"
 	hardenMapGenerationInfoInner   = "generation_info_inner"
+	hardenMapHookHandoff           = "hook_handoff"
 	hardenMapMigratedTasks         = "migrated_tasks"
 	hardenMapMigrationMarksSeen    = "migration_marks_seen"
 	hardenMapNameGrants            = "name_grants"
@@ -181,10 +178,9 @@ const (
 	hardenMapPrincipalCache        = "principal_cache"
 	hardenMapRules                 = "rules"
 	hardenMapSocketOwners          = "socket_owners"
+	hardenMapSocketVerdicts        = "socket_verdicts"
 	hardenMapStackProbe            = "stack_probe"
-	hardenMapVerdictCache          = "verdict_cache"
 	hardenMapVerdictCounters       = "verdict_counters"
-	hardenMapVerdictHandoff        = "verdict_handoff"
 	hardenProgBackstopEgress       = "backstop_egress"
 	hardenProgBackstopEgressPlain  = "backstop_egress_plain"
 	hardenProgGuardHandover        = "guard_handover"
@@ -257,6 +253,7 @@ type hardenMapSpecs struct {
 	AuditEvents           *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups           *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner   *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	HookHandoff           *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks         *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	MigrationMarksSeen    *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	NameGrants            *ebpf.MapSpec `ebpf:"name_grants"`
@@ -268,10 +265,9 @@ type hardenMapSpecs struct {
 	PrincipalCache        *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules                 *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners          *ebpf.MapSpec `ebpf:"socket_owners"`
+	SocketVerdicts        *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	StackProbe            *ebpf.MapSpec `ebpf:"stack_probe"`
-	VerdictCache          *ebpf.MapSpec `ebpf:"verdict_cache"`
 	VerdictCounters       *ebpf.MapSpec `ebpf:"verdict_counters"`
-	VerdictHandoff        *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // hardenVariableSpecs contains global variables before they are loaded into the kernel.
@@ -308,6 +304,7 @@ type hardenMaps struct {
 	AuditEvents           *ebpf.Map `ebpf:"audit_events"`
 	DestLookups           *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner   *ebpf.Map `ebpf:"generation_info_inner"`
+	HookHandoff           *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks         *ebpf.Map `ebpf:"migrated_tasks"`
 	MigrationMarksSeen    *ebpf.Map `ebpf:"migration_marks_seen"`
 	NameGrants            *ebpf.Map `ebpf:"name_grants"`
@@ -319,10 +316,9 @@ type hardenMaps struct {
 	PrincipalCache        *ebpf.Map `ebpf:"principal_cache"`
 	Rules                 *ebpf.Map `ebpf:"rules"`
 	SocketOwners          *ebpf.Map `ebpf:"socket_owners"`
+	SocketVerdicts        *ebpf.Map `ebpf:"socket_verdicts"`
 	StackProbe            *ebpf.Map `ebpf:"stack_probe"`
-	VerdictCache          *ebpf.Map `ebpf:"verdict_cache"`
 	VerdictCounters       *ebpf.Map `ebpf:"verdict_counters"`
-	VerdictHandoff        *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *hardenMaps) Close() error {
@@ -334,6 +330,7 @@ func (m *hardenMaps) Close() error {
 		m.AuditEvents,
 		m.DestLookups,
 		m.GenerationInfoInner,
+		m.HookHandoff,
 		m.MigratedTasks,
 		m.MigrationMarksSeen,
 		m.NameGrants,
@@ -345,10 +342,9 @@ func (m *hardenMaps) Close() error {
 		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
+		m.SocketVerdicts,
 		m.StackProbe,
-		m.VerdictCache,
 		m.VerdictCounters,
-		m.VerdictHandoff,
 	)
 }
 

@@ -166,16 +166,12 @@ type migrateUserKey struct {
 }
 
 type migrateVerdictEntry struct {
-	_    structs.HostLayout
-	Lock struct {
-		_   structs.HostLayout
-		Val uint32
-	}
-	Generation uint32
-	CgroupId   uint64
-	AppId      uint32
-	AppFlags   uint32
-	D          struct {
+	_        structs.HostLayout
+	State    uint64
+	CgroupId uint64
+	AppId    uint32
+	AppFlags uint32
+	D        struct {
 		_      structs.HostLayout
 		Addr   [16]uint8
 		Port   uint16
@@ -198,6 +194,7 @@ const (
 	migrateMapCgroupGlobPatterns  = "cgroup_glob_patterns"
 	migrateMapDestLookups         = "dest_lookups"
 	migrateMapGenerationInfoInner = "generation_info_inner"
+	migrateMapHookHandoff         = "hook_handoff"
 	migrateMapMigratedTasks       = "migrated_tasks"
 	migrateMapMigrationMarksSeen  = "migration_marks_seen"
 	migrateMapMkdirScratch        = "mkdir_scratch"
@@ -207,9 +204,8 @@ const (
 	migrateMapPrincipalCache      = "principal_cache"
 	migrateMapRules               = "rules"
 	migrateMapSocketOwners        = "socket_owners"
-	migrateMapVerdictCache        = "verdict_cache"
+	migrateMapSocketVerdicts      = "socket_verdicts"
 	migrateMapVerdictCounters     = "verdict_counters"
-	migrateMapVerdictHandoff      = "verdict_handoff"
 	migrateProgFollowMkdir        = "follow_mkdir"
 	migrateProgForgetExit         = "forget_exit"
 	migrateProgForgetRmdir        = "forget_rmdir"
@@ -282,6 +278,7 @@ type migrateMapSpecs struct {
 	CgroupGlobPatterns  *ebpf.MapSpec `ebpf:"cgroup_glob_patterns"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	HookHandoff         *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	MkdirScratch        *ebpf.MapSpec `ebpf:"mkdir_scratch"`
@@ -291,9 +288,8 @@ type migrateMapSpecs struct {
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
-	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
+	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // migrateVariableSpecs contains global variables before they are loaded into the kernel.
@@ -334,6 +330,7 @@ type migrateMaps struct {
 	CgroupGlobPatterns  *ebpf.Map `ebpf:"cgroup_glob_patterns"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
+	HookHandoff         *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
 	MkdirScratch        *ebpf.Map `ebpf:"mkdir_scratch"`
@@ -343,9 +340,8 @@ type migrateMaps struct {
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
-	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
+	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *migrateMaps) Close() error {
@@ -359,6 +355,7 @@ func (m *migrateMaps) Close() error {
 		m.CgroupGlobPatterns,
 		m.DestLookups,
 		m.GenerationInfoInner,
+		m.HookHandoff,
 		m.MigratedTasks,
 		m.MigrationMarksSeen,
 		m.MkdirScratch,
@@ -368,9 +365,8 @@ func (m *migrateMaps) Close() error {
 		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
-		m.VerdictCache,
+		m.SocketVerdicts,
 		m.VerdictCounters,
-		m.VerdictHandoff,
 	)
 }
 

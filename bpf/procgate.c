@@ -29,7 +29,8 @@ static __always_inline __u8 proto_of(struct bpf_sock_addr *ctx)
 }
 
 // verdict_of decides, and hands an allowed verdict to the egress backstop,
-// which sees the packet this call sends next (verdict_handoff).
+// which sees the packet this call sends next (hook_handoff), and for a
+// connected UDP socket every datagram after it (socket_verdicts).
 static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d, __u8 hook)
 {
 	struct verdict v;
@@ -62,8 +63,17 @@ static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d,
 			o->d = *d;
 		}
 	}
+	// A connected UDP socket pays once: its datagrams pass no hook, and
+	// the backstop takes this verdict from the socket until the generation
+	// changes. Not a name grant's, which expires with its DNS answer.
+	if ((hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && d->proto == PROTO_UDP && ctx->sk && !v.named) {
+		struct verdict_entry *sv = bpf_sk_storage_get(&socket_verdicts, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (sv)
+			put_verdict(sv, v.cgroup_id, d, v.generation, v.app_id, v.app_flags);
+		return 1;
+	}
 	__u32 cpu = bpf_get_smp_processor_id();
-	struct verdict_entry *h = bpf_map_lookup_elem(&verdict_handoff, &cpu);
+	struct verdict_entry *h = bpf_map_lookup_elem(&hook_handoff, &cpu);
 	if (h)
 		put_verdict(h, v.cgroup_id, d, v.generation, v.app_id, v.app_flags);
 	return 1;

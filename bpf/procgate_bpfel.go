@@ -163,16 +163,12 @@ type procgateUserKey struct {
 }
 
 type procgateVerdictEntry struct {
-	_    structs.HostLayout
-	Lock struct {
-		_   structs.HostLayout
-		Val uint32
-	}
-	Generation uint32
-	CgroupId   uint64
-	AppId      uint32
-	AppFlags   uint32
-	D          struct {
+	_        structs.HostLayout
+	State    uint64
+	CgroupId uint64
+	AppId    uint32
+	AppFlags uint32
+	D        struct {
 		_      structs.HostLayout
 		Addr   [16]uint8
 		Port   uint16
@@ -193,6 +189,7 @@ const (
 	procgateMapAuditEvents         = "audit_events"
 	procgateMapDestLookups         = "dest_lookups"
 	procgateMapGenerationInfoInner = "generation_info_inner"
+	procgateMapHookHandoff         = "hook_handoff"
 	procgateMapMigratedTasks       = "migrated_tasks"
 	procgateMapMigrationMarksSeen  = "migration_marks_seen"
 	procgateMapNameGrants          = "name_grants"
@@ -201,9 +198,8 @@ const (
 	procgateMapPrincipalCache      = "principal_cache"
 	procgateMapRules               = "rules"
 	procgateMapSocketOwners        = "socket_owners"
-	procgateMapVerdictCache        = "verdict_cache"
+	procgateMapSocketVerdicts      = "socket_verdicts"
 	procgateMapVerdictCounters     = "verdict_counters"
-	procgateMapVerdictHandoff      = "verdict_handoff"
 	procgateProgAuthorizeBind4     = "authorize_bind4"
 	procgateProgAuthorizeBind6     = "authorize_bind6"
 	procgateProgAuthorizeConnect4  = "authorize_connect4"
@@ -274,6 +270,7 @@ type procgateMapSpecs struct {
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	HookHandoff         *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
@@ -282,9 +279,8 @@ type procgateMapSpecs struct {
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
-	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
+	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // procgateVariableSpecs contains global variables before they are loaded into the kernel.
@@ -321,6 +317,7 @@ type procgateMaps struct {
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
+	HookHandoff         *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
@@ -329,9 +326,8 @@ type procgateMaps struct {
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
-	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
+	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *procgateMaps) Close() error {
@@ -343,6 +339,7 @@ func (m *procgateMaps) Close() error {
 		m.AuditEvents,
 		m.DestLookups,
 		m.GenerationInfoInner,
+		m.HookHandoff,
 		m.MigratedTasks,
 		m.MigrationMarksSeen,
 		m.NameGrants,
@@ -351,9 +348,8 @@ func (m *procgateMaps) Close() error {
 		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
-		m.VerdictCache,
+		m.SocketVerdicts,
 		m.VerdictCounters,
-		m.VerdictHandoff,
 	)
 }
 

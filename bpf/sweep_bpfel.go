@@ -169,16 +169,12 @@ type sweepUserKey struct {
 }
 
 type sweepVerdictEntry struct {
-	_    structs.HostLayout
-	Lock struct {
-		_   structs.HostLayout
-		Val uint32
-	}
-	Generation uint32
-	CgroupId   uint64
-	AppId      uint32
-	AppFlags   uint32
-	D          struct {
+	_        structs.HostLayout
+	State    uint64
+	CgroupId uint64
+	AppId    uint32
+	AppFlags uint32
+	D        struct {
 		_      structs.HostLayout
 		Addr   [16]uint8
 		Port   uint16
@@ -199,6 +195,7 @@ const (
 	sweepMapAuditEvents         = "audit_events"
 	sweepMapDestLookups         = "dest_lookups"
 	sweepMapGenerationInfoInner = "generation_info_inner"
+	sweepMapHookHandoff         = "hook_handoff"
 	sweepMapMigratedTasks       = "migrated_tasks"
 	sweepMapMigrationMarksSeen  = "migration_marks_seen"
 	sweepMapNameGrants          = "name_grants"
@@ -207,11 +204,10 @@ const (
 	sweepMapPrincipalCache      = "principal_cache"
 	sweepMapRules               = "rules"
 	sweepMapSocketOwners        = "socket_owners"
+	sweepMapSocketVerdicts      = "socket_verdicts"
 	sweepMapSweepListenPorts    = "sweep_listen_ports"
 	sweepMapSweepRun            = "sweep_run"
-	sweepMapVerdictCache        = "verdict_cache"
 	sweepMapVerdictCounters     = "verdict_counters"
-	sweepMapVerdictHandoff      = "verdict_handoff"
 	sweepProgSweepTcp           = "sweep_tcp"
 	sweepProgSweepUdp           = "sweep_udp"
 	sweepVarUnusedAuditEvent    = "unused_audit_event"
@@ -276,6 +272,7 @@ type sweepMapSpecs struct {
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	HookHandoff         *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
@@ -284,11 +281,10 @@ type sweepMapSpecs struct {
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
+	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	SweepListenPorts    *ebpf.MapSpec `ebpf:"sweep_listen_ports"`
 	SweepRun            *ebpf.MapSpec `ebpf:"sweep_run"`
-	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // sweepVariableSpecs contains global variables before they are loaded into the kernel.
@@ -327,6 +323,7 @@ type sweepMaps struct {
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
+	HookHandoff         *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
@@ -335,11 +332,10 @@ type sweepMaps struct {
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
+	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
 	SweepListenPorts    *ebpf.Map `ebpf:"sweep_listen_ports"`
 	SweepRun            *ebpf.Map `ebpf:"sweep_run"`
-	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *sweepMaps) Close() error {
@@ -351,6 +347,7 @@ func (m *sweepMaps) Close() error {
 		m.AuditEvents,
 		m.DestLookups,
 		m.GenerationInfoInner,
+		m.HookHandoff,
 		m.MigratedTasks,
 		m.MigrationMarksSeen,
 		m.NameGrants,
@@ -359,11 +356,10 @@ func (m *sweepMaps) Close() error {
 		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
+		m.SocketVerdicts,
 		m.SweepListenPorts,
 		m.SweepRun,
-		m.VerdictCache,
 		m.VerdictCounters,
-		m.VerdictHandoff,
 	)
 }
 

@@ -231,16 +231,12 @@ type pinholeUserKey struct {
 }
 
 type pinholeVerdictEntry struct {
-	_    structs.HostLayout
-	Lock struct {
-		_   structs.HostLayout
-		Val uint32
-	}
-	Generation uint32
-	CgroupId   uint64
-	AppId      uint32
-	AppFlags   uint32
-	D          struct {
+	_        structs.HostLayout
+	State    uint64
+	CgroupId uint64
+	AppId    uint32
+	AppFlags uint32
+	D        struct {
 		_      structs.HostLayout
 		Addr   [16]uint8
 		Port   uint16
@@ -261,6 +257,7 @@ const (
 	pinholeMapAuditEvents         = "audit_events"
 	pinholeMapDestLookups         = "dest_lookups"
 	pinholeMapGenerationInfoInner = "generation_info_inner"
+	pinholeMapHookHandoff         = "hook_handoff"
 	pinholeMapMigratedTasks       = "migrated_tasks"
 	pinholeMapMigrationMarksSeen  = "migration_marks_seen"
 	pinholeMapNameGrants          = "name_grants"
@@ -279,9 +276,8 @@ const (
 	pinholeMapPrincipalCache      = "principal_cache"
 	pinholeMapRules               = "rules"
 	pinholeMapSocketOwners        = "socket_owners"
-	pinholeMapVerdictCache        = "verdict_cache"
+	pinholeMapSocketVerdicts      = "socket_verdicts"
 	pinholeMapVerdictCounters     = "verdict_counters"
-	pinholeMapVerdictHandoff      = "verdict_handoff"
 	pinholeProgGuardIngress       = "guard_ingress"
 	pinholeProgHoldEgress         = "hold_egress"
 	pinholeProgKickControlSocks   = "kick_control_socks"
@@ -366,6 +362,7 @@ type pinholeMapSpecs struct {
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
+	HookHandoff         *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.MapSpec `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.MapSpec `ebpf:"name_grants"`
@@ -384,9 +381,8 @@ type pinholeMapSpecs struct {
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
-	VerdictCache        *ebpf.MapSpec `ebpf:"verdict_cache"`
+	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.MapSpec `ebpf:"verdict_handoff"`
 }
 
 // pinholeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -431,6 +427,7 @@ type pinholeMaps struct {
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
+	HookHandoff         *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
 	MigrationMarksSeen  *ebpf.Map `ebpf:"migration_marks_seen"`
 	NameGrants          *ebpf.Map `ebpf:"name_grants"`
@@ -449,9 +446,8 @@ type pinholeMaps struct {
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
-	VerdictCache        *ebpf.Map `ebpf:"verdict_cache"`
+	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
-	VerdictHandoff      *ebpf.Map `ebpf:"verdict_handoff"`
 }
 
 func (m *pinholeMaps) Close() error {
@@ -463,6 +459,7 @@ func (m *pinholeMaps) Close() error {
 		m.AuditEvents,
 		m.DestLookups,
 		m.GenerationInfoInner,
+		m.HookHandoff,
 		m.MigratedTasks,
 		m.MigrationMarksSeen,
 		m.NameGrants,
@@ -481,9 +478,8 @@ func (m *pinholeMaps) Close() error {
 		m.PrincipalCache,
 		m.Rules,
 		m.SocketOwners,
-		m.VerdictCache,
+		m.SocketVerdicts,
 		m.VerdictCounters,
-		m.VerdictHandoff,
 	)
 }
 
