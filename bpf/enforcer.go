@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -196,9 +197,11 @@ type Enforcer struct {
 	// by the last Apply, is done; Apply and Close wait for it.
 	clearing chan error
 	// sweep ends live sockets a new generation denies (sweep.go); applied
-	// is the generation this process applied last, for its sock_diag path.
+	// is the generation this process applied last, for its sock_diag path
+	// and Guards; atomic: Guards answers the daemon's status while Apply
+	// runs.
 	sweep   *sweeper
-	applied *Generation
+	applied atomic.Pointer[Generation]
 	// names is what DNS answers taught (names.go); dns redirects apps'
 	// queries to the proxy that learns them, dnsErr says why it is
 	// missing.
@@ -580,7 +583,7 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 		e.clearing = done
 		go func() { done <- e.clearSlot(old) }()
 	}
-	e.applied = &g
+	e.applied.Store(&g)
 	e.matched = matched
 	return next, nil
 }
@@ -742,7 +745,8 @@ type Guard struct {
 // `procgate status`. Tracing of app processes is the launcher's guard
 // (launch.TraceGuard), not the kernel programs'.
 func (e *Enforcer) Guards() []Guard {
-	udpOn, udpWhy := UDPHandover(e.applied != nil && e.applied.NoUDPHandover)
+	applied := e.applied.Load()
+	udpOn, udpWhy := UDPHandover(applied != nil && applied.NoUDPHandover)
 	if e.udpHandoverErr != nil {
 		udpOn, udpWhy = false, "this kernel refuses current-task helpers the check calls in cgroup_skb programs (6.1: bpf_get_current_cgroup_id; 6.12: bpf_get_current_uid_gid; 6.18 allows them): "+firstLine(e.udpHandoverErr)
 	}
@@ -766,7 +770,7 @@ func (e *Enforcer) Guards() []Guard {
 		gs[len(gs)-1].Why = "tp_btf programs did not load or attach: " + e.followErr.Error() + "; new cgroups are bound at the next reload only"
 	}
 	scope := "every app connection"
-	if e.applied != nil && e.applied.TrustTraceGuard {
+	if applied != nil && applied.TrustTraceGuard {
 		scope = "connections of app processes open to tracing (traceable: true, scripts, unit, cgroup and user apps, root); the trace guard covers the others, whose connections an app could only give away itself (SCM_RIGHTS; --tcp-handover=all guards those too)"
 	}
 	how := "BPF LSM socket_sendmsg, host-wide: socket storage per guarded connection"

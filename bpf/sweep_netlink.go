@@ -98,7 +98,7 @@ type owner struct {
 
 func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 	learned, now := e.Learned(), time.Now()
-	g := e.applied
+	g := e.applied.Load()
 	if g == nil {
 		return nil, errors.New("sweep through sock_diag: no generation applied by this process yet")
 	}
