@@ -73,6 +73,7 @@ enum hook {
 	HOOK_TCP_SEND = 8, // sk_msg on a connection an app opened to an internal destination
 	HOOK_BIND4 = 9,    // cgroup/bind4: an app with listen:
 	HOOK_BIND6 = 10,
+	HOOK_UDP_SEND = 11, // BPF LSM socket_sendmsg on a connected UDP socket an app marked
 };
 
 // How a principal's cgroup is found: the calling task's (sock_addr hooks,
@@ -191,6 +192,9 @@ struct generation_info {
 // is open to tracing (open_to_tracing): the others rely on the trace guard
 // (bpf.Generation.TrustTraceGuard).
 #define GEN_TRUST_TRACE_GUARD 64
+// The connect hooks mark an app's connected UDP sockets in socket_owners
+// too, for the BPF LSM handover program (bpf.Generation.udpMarks).
+#define GEN_UDP_MARKS 128
 
 struct audit_event {
 	__u64 ts_ns; // CLOCK_MONOTONIC (bpf_ktime_get_ns)
@@ -463,8 +467,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } socket_verdicts SEC(".maps");
 
-// socket_owners marks the TCP sockets an app connected to an internal
-// destination (set by the connect hooks when they allow one): the
+// socket_owners marks the TCP sockets (and, under GEN_UDP_MARKS, the
+// connected UDP sockets) an app connected to an internal destination (set
+// by the connect hooks when they allow one): the
 // connection is the app's, and only the app's processes may write to it
 // (harden.c, guard_handover). Socket storage, freed with the socket.
 struct socket_owner {

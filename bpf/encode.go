@@ -53,6 +53,9 @@ const (
 	// GEN_TRUST_TRACE_GUARD: the TCP handover guard marks connections of
 	// processes open to tracing only.
 	genTrustTraceGuard = 64
+	// GEN_UDP_MARKS: the connect hooks mark connected UDP sockets for
+	// the BPF LSM handover program.
+	genUDPMarks = 128
 )
 
 // maxCgroupLevel is MAX_CGROUP_LEVEL in decision.h: app cgroups deeper than
@@ -86,6 +89,10 @@ type Generation struct {
 	// without BPF LSM, no sockhash entry (about 1.3 µs each). The zero
 	// value guards every app connection (procgate daemon --tcp-handover=all).
 	TrustTraceGuard bool
+	// udpMarks: the BPF LSM handover program judges connected UDP
+	// sockets' writers (Apply sets it where the egress check is refused
+	// and the program attached).
+	udpMarks bool
 	// Exes are the files of the binaries of apps with exe: (resolved by
 	// the caller). An app with exe: and no file here holds its grants in
 	// no process.
@@ -227,6 +234,9 @@ func encode(g Generation, slot uint32) (*tables, error) {
 	}
 	if g.TrustTraceGuard {
 		t.info.Flags |= genTrustTraceGuard
+	}
+	if g.udpMarks && !g.NoUDPHandover {
+		t.info.Flags |= genUDPMarks
 	}
 	var lengths internalLengths
 	for _, p := range g.Rules.Internal {

@@ -487,6 +487,7 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	next := cur.Generation + 1
 	start := time.Now()
 	g.cgroupRoot, g.cgroupRootLevel = e.cgroupRoot, e.rootLevel
+	g.udpMarks = e.udpHandoverErr != nil && e.lsmHandover.GuardHandoverLSM != nil && e.lsmHandoverErr == nil
 	t, err := encode(g, slot)
 	if err != nil {
 		return 0, fmt.Errorf("encode policy: %w", err)
@@ -747,14 +748,24 @@ type Guard struct {
 func (e *Enforcer) Guards() []Guard {
 	applied := e.applied.Load()
 	udpOn, udpWhy := UDPHandover(applied != nil && applied.NoUDPHandover)
-	if e.udpHandoverErr != nil {
-		udpOn, udpWhy = false, "this kernel refuses current-task helpers the check calls in cgroup_skb programs (6.1: bpf_get_current_cgroup_id; 6.12: bpf_get_current_uid_gid; 6.18 allows them): "+firstLine(e.udpHandoverErr)
+	udpHow := "dropped at egress (EPERM); NFQUEUE-reinjected datagrams count as the verdict giver's"
+	switch {
+	case e.udpMarks():
+		// The egress check's helpers are refused (6.1, 6.12), BPF LSM is
+		// not: the socket_sendmsg program judges the writer.
+		udpOn, udpWhy = true, ""
+		udpHow = "refused at sendmsg (EACCES) by the BPF LSM socket_sendmsg program, which this kernel loads where it refuses the egress check's current-task helpers"
+	case e.udpHandoverErr != nil:
+		udpOn, udpWhy = false, "this kernel refuses current-task helpers the check calls in cgroup_skb programs (6.1: bpf_get_current_cgroup_id; 6.12: bpf_get_current_uid_gid; 6.18 allows them), and BPF LSM programs: "+firstLine(e.udpHandoverErr)
+		if applied != nil && applied.NoUDPHandover {
+			udpWhy = "turned off (--udp-handover=false)"
+		}
 	}
 	gs := []Guard{
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
 		{Name: "listen", What: "bind() of an app with listen: to a port it does not list is refused (EACCES), TCP and UDP, IPv4 and IPv6; not covered: listen() on a never-bound socket, which the kernel binds to a port of its choosing without a bind hook", Active: true},
 		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
-		{Name: "udp-handover", What: "a connected UDP socket of an app takes datagrams only from the app's processes: others' are dropped at egress (EPERM); NFQUEUE-reinjected datagrams count as the verdict giver's",
+		{Name: "udp-handover", What: "a connected UDP socket of an app takes datagrams only from the app's processes: others' are " + udpHow,
 			Active: udpOn, Why: udpWhy},
 		{Name: "raw-sockets", What: "no raw IP sockets inside app cgroups", Active: true},
 		{Name: "packet-sockets", What: "no AF_PACKET or AF_XDP sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil, Why: lsmWhy(e.lsmErr)},
@@ -900,6 +911,15 @@ func UDPHandover(off bool) (bool, string) {
 		return false, "turned off (--udp-handover=false)"
 	}
 	return true, ""
+}
+
+// udpMarks says whether the UDP handover check is the BPF LSM handover
+// program's: the egress backstop runs without it (its helpers refused),
+// the program is attached, and the check is not turned off.
+func (e *Enforcer) udpMarks() bool {
+	applied := e.applied.Load()
+	return e.udpHandoverErr != nil && e.lsmHandover.GuardHandoverLSM != nil && e.lsmHandoverErr == nil &&
+		!(applied != nil && applied.NoUDPHandover)
 }
 
 // udpHandoverSupported says whether the UDP handover check can tell a

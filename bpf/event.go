@@ -24,6 +24,7 @@ const (
 	HookTCPSend    Hook = 8 // sk_msg: a write to an app's TCP connection
 	HookBind4      Hook = 9 // cgroup/bind4: a bind of an app with listen:
 	HookBind6      Hook = 10
+	HookUDPSend    Hook = 11 // BPF LSM socket_sendmsg: a write to an app's connected UDP socket
 )
 
 func (h Hook) String() string {
@@ -48,6 +49,8 @@ func (h Hook) String() string {
 		return "bind4"
 	case HookBind6:
 		return "bind6"
+	case HookUDPSend:
+		return "udp_send"
 	}
 	return fmt.Sprintf("hook(%d)", uint8(h))
 }

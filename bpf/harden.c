@@ -638,8 +638,10 @@ int guard_packet_socket(unsigned long long *ctx)
 	return 0;
 }
 
-// The handover guard where BPF LSM loads: the same check as guard_handover,
-// in security_socket_sendmsg, which every sendmsg, write, send and io_uring
+// The handover guard where BPF LSM loads: the same check as guard_handover
+// (and, for connected UDP sockets the connect hooks marked under
+// GEN_UDP_MARKS, as the egress backstop's UDP handover check, which 6.1 and
+// 6.12 refuse), in security_socket_sendmsg, which every sendmsg, write, send and io_uring
 // send passes in the writing task (sendfile and splice too on 6.5+, where
 // they reach sock_sendmsg with MSG_SPLICE_PAGES; before, sendpage skips
 // it). Host-wide, so that a writer outside the enforced cgroup is judged
@@ -690,7 +692,8 @@ int guard_handover_lsm(unsigned long long *ctx)
 	if (!o)
 		return 0;
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
-	if (cgroup_id == o->cgroup_id && !(o->flags & APP_EXE_PINNED) && !migrated())
+	// Not for a user app: a cgroup mate may be of another uid.
+	if (cgroup_id == o->cgroup_id && !(o->flags & (APP_EXE_PINNED | APP_BY_USER)) && !migrated())
 		return 0;
 	struct generation_info *info = current_generation();
 	__u32 app_id = 0, generation = 0, rate = 1000;
@@ -700,7 +703,9 @@ int guard_handover_lsm(unsigned long long *ctx)
 		if (task_in_app(info->slot & 1, info, o->app_id, &cgroup_id, &app_id))
 			return 0;
 	}
-	struct dest peer = { .proto = PROTO_TCP, .port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)) };
+	// A marked socket is TCP, or connected UDP (GEN_UDP_MARKS): the mark
+	// holds the protocol, which a socket keeps.
+	struct dest peer = { .proto = o->d.proto, .port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport)) };
 	__u32 w[4] = {};
 	BPF_CORE_READ_INTO(&w, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr32);
 	if (BPF_CORE_READ(sk, __sk_common.skc_family) == AF_INET6 && !(w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff))) {
@@ -714,6 +719,6 @@ int guard_handover_lsm(unsigned long long *ctx)
 	if (!same_dest(&peer, &o->d))
 		return 0; // connected elsewhere since: no app's internal connection
 	count(app_id, COUNT_DENY);
-	audit(&o->d, app_id, cgroup_id, generation, rate, 0, REASON_HANDOVER, HOOK_TCP_SEND);
+	audit(&o->d, app_id, cgroup_id, generation, rate, 0, REASON_HANDOVER, o->d.proto == PROTO_UDP ? HOOK_UDP_SEND : HOOK_TCP_SEND);
 	return -EACCES;
 }

@@ -53,8 +53,13 @@ static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d,
 	// the app giving one away (SCM_RIGHTS) could as well relay its bytes.
 	// The mark is the guard's whole per-connection cost (socket storage,
 	// and on kernels without BPF LSM a sockhash entry when established).
-	if (v.owned && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && ctx->protocol == IPPROTO_TCP && ctx->sk &&
-	    !(v.app_flags & APP_HANDOVER_ALLOWED) && (!(v.gen_flags & GEN_TRUST_TRACE_GUARD) || open_to_tracing())) {
+	// A connected UDP socket is marked as well where the BPF LSM handover
+	// program judges its writers (GEN_UDP_MARKS): there the egress
+	// backstop's UDP handover check is refused (6.1, 6.12).
+	if (v.owned && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && ctx->sk && !(v.app_flags & APP_HANDOVER_ALLOWED) &&
+	    (ctx->protocol == IPPROTO_TCP ? !(v.gen_flags & GEN_TRUST_TRACE_GUARD) || open_to_tracing()
+					  : (v.gen_flags & GEN_UDP_MARKS) &&
+						    (ctx->protocol == IPPROTO_UDP || ctx->protocol == IPPROTO_UDPLITE))) {
 		struct socket_owner *o = bpf_sk_storage_get(&socket_owners, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (o) {
 			o->cgroup_id = v.cgroup_id;

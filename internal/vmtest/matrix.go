@@ -43,6 +43,8 @@ var Claims = []Claim{
 		Tests: []string{"TestBackstops/XDP_socket_inside_an_app_cgroup"}, Needs: hasBPFLSM, NeedsWhat: "bpf in the active LSM list"},
 	{What: "AF_PACKET and AF_XDP allowed outside apps",
 		Tests: []string{"TestBackstops/packet_socket_outside_app_cgroups", "TestBackstops/XDP_socket_outside_app_cgroups"}},
+	{What: "a connected UDP socket of an app refuses other processes' datagrams (UDP handover)", Guard: "udp-handover",
+		Tests: []string{"TestHandoverGuard//unbound/connect/10.1.2.3:5353/udp", "TestHandoverGuard//other_app/connect/10.1.2.3:5353/udp"}},
 	{What: "processes moved into an app from another app hold no grants (tp_btf marks)", Guard: "cgroup-migration",
 		Tests: []string{"TestMigrationMarks"}},
 	{What: "revocation by sock_diag SOCK_DESTROY", Tests: []string{"TestSweep/netlink"}},
