@@ -42,7 +42,7 @@ enum reason {
 	REASON_NO_GRANT = 4,
 	REASON_PORT = 5,
 	REASON_NO_POLICY = 6,
-	REASON_RAW_SOCKET = 7, // raw IP or packet socket in an app cgroup
+	REASON_RAW_SOCKET = 7, // raw IP, packet or XDP socket, or a TUN device, in an app
 	REASON_PROTO = 8,      // internal, and not TCP or UDP (ICMP, raw IP): no grant can cover it
 	REASON_EXE = 9,        // the app pins binaries and the task runs another one
 	REASON_HANDOVER = 10,  // an app's TCP connection written to by a task outside the app
@@ -74,6 +74,8 @@ enum hook {
 	HOOK_BIND4 = 9,    // cgroup/bind4: an app with listen:
 	HOOK_BIND6 = 10,
 	HOOK_UDP_SEND = 11, // BPF LSM socket_sendmsg on a connected UDP socket an app marked
+	HOOK_TUN = 12,      // BPF LSM tun_dev_create, tun_dev_open, tun_dev_attach_queue (lsmguard.c)
+	HOOK_LISTEN = 13,   // BPF LSM socket_listen: listen() on a never-bound socket (lsmguard.c)
 };
 
 // How a principal's cgroup is found: the calling task's (sock_addr hooks,

@@ -171,6 +171,12 @@ type Enforcer struct {
 	handoverErr    error
 	lsmHandover    lsmHandoverGuard
 	lsmHandoverErr error
+	// tun and listen are lsmguard.c's guards; tunErr and listenErr say
+	// why they are missing (nil: loaded).
+	tun       tunGuard
+	tunErr    error
+	listen    listenGuard
+	listenErr error
 	// migrate and its links; migrateErr says why they are missing.
 	migrate    migrationGuard
 	migrateErr error
@@ -283,6 +289,7 @@ func Open(opts Options) (*Enforcer, error) {
 		}
 	}
 	e.lsm.GuardPacketSocket, e.lsmErr = loadLSMCgroup(hspecs.Programs["guard_packet_socket"], opts.BPFDir)
+	e.loadTaskGuards()
 	mspecs, err := loadMigrate()
 	if err == nil {
 		err = mspecs.LoadAndAssign(&e.migrate, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
@@ -359,6 +366,7 @@ func (e *Enforcer) Attach() error {
 			e.opts.Log.Warn("guard NOT active", "guard", "tcp-handover", "why", e.handoverErr)
 		}
 	}
+	e.attachTaskGuards()
 	if e.migrateErr == nil {
 		e.migrateErr = e.attachTracing(e.tracingHooks())
 		if e.migrateErr != nil {
@@ -446,7 +454,7 @@ func (e *Enforcer) Close() error {
 	e.sweep.close()
 	e.sweep = nil
 	// One struct per load: each is closed whole, whatever it holds.
-	return bpfpin.Close(&e.objs, &e.harden, &e.lsm, &e.handover, &e.lsmHandover, &e.migrate, &e.follow, &e.dns)
+	return bpfpin.Close(&e.objs, &e.harden, &e.lsm, &e.handover, &e.lsmHandover, &e.tun, &e.listen, &e.migrate, &e.follow, &e.dns)
 }
 
 // current reads the generation in force; ok is false when there is none.
@@ -763,12 +771,14 @@ func (e *Enforcer) Guards() []Guard {
 	}
 	gs := []Guard{
 		{Name: "connect-sendmsg", What: "connect() and UDP sendmsg() of every task below the cgroup, IPv4 and IPv6", Active: true},
-		{Name: "listen", What: "bind() of an app with listen: to a port it does not list is refused (EACCES), TCP and UDP, IPv4 and IPv6; not covered: listen() on a never-bound socket, which the kernel binds to a port of its choosing without a bind hook", Active: true},
+		{Name: "listen", What: "bind() of an app with listen: to a port it does not list is refused (EACCES), TCP and UDP, IPv4 and IPv6; listen() on a never-bound socket, which the kernel binds to a port of its choosing without a bind hook, is the listen-autobind guard's", Active: true},
 		{Name: "egress-backstop", What: "packets to internal destinations that bypass connect/sendmsg (raw, ping, other IP protocols, new TCP connections)", Active: true},
 		{Name: "udp-handover", What: "a connected UDP socket of an app takes datagrams only from the app's processes: others' are " + udpHow,
 			Active: udpOn, Why: udpWhy},
 		{Name: "raw-sockets", What: "no raw IP sockets inside app cgroups", Active: true},
 		{Name: "packet-sockets", What: "no AF_PACKET or AF_XDP sockets inside app cgroups (BPF LSM)", Active: e.lsmErr == nil, Why: lsmWhy(e.lsmErr)},
+		{Name: "tun-devices", What: "no TUN or TAP device created or attached by an app's process (BPF LSM tun_dev_create, tun_dev_open, tun_dev_attach_queue)", Active: e.tunErr == nil, Why: lsmWhy(e.tunErr)},
+		{Name: "listen-autobind", What: "listen() on a never-bound socket of an app with listen: is judged as a bind to port 0: refused (EACCES) unless listen: lists 0 (BPF LSM socket_listen)", Active: e.listenErr == nil, Why: lsmWhy(e.listenErr)},
 		{Name: "cgroup-migration", What: "processes moved or cloned into an app cgroup from inside another app hold no grants (tp_btf cgroup_attach_task, sched_process_fork)",
 			Active: e.migrateErr == nil},
 	}

@@ -371,6 +371,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 // backstop must stop what reaches an internal destination without a grant,
 // sock_create must refuse raw and packet sockets inside app cgroups, and
 // nothing may change for external destinations or accepted connections.
+// Where BPF LSM loads, TUN devices are refused inside app cgroups as well.
 func TestBackstops(t *testing.T) {
 	w := newWorld(t, "granted", "other")
 	// Ping sockets are off by default: let every group open them here.
@@ -415,11 +416,14 @@ func TestBackstops(t *testing.T) {
 		{"packet socket outside app cgroups", unbound, probe.Packet, d("192.0.2.7"), probe.Allowed},
 		{"XDP socket inside an app cgroup", granted, probe.XDP, d("192.0.2.7"), probe.Denied},
 		{"XDP socket outside app cgroups", unbound, probe.XDP, d("192.0.2.7"), probe.Allowed},
+		{"TUN device inside an app cgroup", granted, probe.TUN, d("192.0.2.7"), probe.Denied},
+		{"TUN device outside app cgroups", unbound, probe.TUN, d("192.0.2.7"), probe.Allowed},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if (tc.m == probe.Packet || tc.m == probe.XDP) && tc.want == probe.Denied {
+			guard := map[probe.Method]string{probe.Packet: "packet-sockets", probe.XDP: "packet-sockets", probe.TUN: "tun-devices"}[tc.m]
+			if guard != "" && tc.want == probe.Denied {
 				for _, g := range w.e.Guards() {
-					if g.Name == "packet-sockets" && !g.Active {
+					if g.Name == guard && !g.Active {
 						t.Skipf("kernel feature missing: BPF LSM programs do not load here (%s)", g.Why)
 					}
 				}

@@ -25,6 +25,8 @@ const (
 	HookBind4      Hook = 9 // cgroup/bind4: a bind of an app with listen:
 	HookBind6      Hook = 10
 	HookUDPSend    Hook = 11 // BPF LSM socket_sendmsg: a write to an app's connected UDP socket
+	HookTUN        Hook = 12 // BPF LSM: a TUN or TAP device made or attached
+	HookListen     Hook = 13 // BPF LSM socket_listen: listen() on a never-bound socket
 )
 
 func (h Hook) String() string {
@@ -51,6 +53,10 @@ func (h Hook) String() string {
 		return "bind6"
 	case HookUDPSend:
 		return "udp_send"
+	case HookTUN:
+		return "tun"
+	case HookListen:
+		return "listen"
 	}
 	return fmt.Sprintf("hook(%d)", uint8(h))
 }

@@ -348,6 +348,62 @@ func TestListen(t *testing.T) {
 	}
 }
 
+// TestListenWithoutBind: listen() on a never-bound TCP socket binds it to
+// an ephemeral port without the bind hooks; where BPF LSM loads, the
+// socket_listen program judges it as a bind to port 0: refused (EACCES,
+// with an audit event) unless listen: lists 0. Apps without listen: and
+// processes of no app listen as before.
+func TestListenWithoutBind(t *testing.T) {
+	w := newWorld(t, "web", "agent", "client", "free")
+	rd := w.attachWithEvents()
+	gen := w.apply(mustPolicy(t, listenPolicy))
+	ids := appIDs(mustPolicy(t, listenPolicy))
+	for _, tc := range []struct {
+		name string
+		app  string
+		want probe.Verdict
+	}{
+		{"0 not listed", "web", probe.Denied},
+		{"0 listed", "agent", probe.Allowed},
+		{"listen: []", "client", probe.Denied},
+		{"an app without listen:", "free", probe.Allowed},
+		{"a process of no app", "", probe.Allowed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.want == probe.Denied {
+				for _, g := range w.e.Guards() {
+					if g.Name == "listen-autobind" && !g.Active {
+						t.Skipf("kernel feature missing: BPF LSM programs do not load here (%s)", g.Why)
+					}
+				}
+			}
+			p := w.prober(tc.app)
+			for _, addr := range []string{"0.0.0.0", "::"} {
+				drainEvents(t, rd)
+				d := ruleset.Dest{Addr: netip.MustParseAddr(addr), Proto: ruleset.TCP}
+				got, err := p.Try(d, probe.Listen)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got != tc.want {
+					t.Fatalf("listen without bind, %s: got %s, want %s", addr, got, tc.want)
+				}
+				if got == probe.Allowed {
+					continue
+				}
+				var found bool
+				for _, ev := range drainEvents(t, rd) {
+					found = found || (ev.Hook == HookListen && ev.Reason == ruleset.ReasonListen && !ev.Allowed &&
+						ev.AppID == ids[tc.app] && ev.Generation == gen && ev.Dest.Port == 0)
+				}
+				if !found {
+					t.Errorf("listen without bind, %s, refused without an audit event (hook listen, reason listen)", addr)
+				}
+			}
+		})
+	}
+}
+
 // TestSweepSandbox: after a reload, the sweep ends a sandbox's live
 // sockets to what it no longer reaches (an internet address whose grant
 // went, and everything external once an app becomes a sandbox), and spares

@@ -12,6 +12,7 @@
 // hooks enforce apps' listen: (authorize_bind4/6).
 
 #include "decision.h"
+#include "listen.h"
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
@@ -139,9 +140,7 @@ int authorize_sendmsg6(struct bpf_sock_addr *ctx)
 
 // The bind hooks: an app with listen: may bind only the ports it lists,
 // TCP and UDP (and any other protocol with ports); everyone else binds
-// untouched. Binds of a process of no app, or of an app without listen:,
-// cost the generation lookup and one flag test, or (in generations with
-// listen: apps) the principal lookup.
+// untouched (listen.h).
 //
 // A bind hook returning 0 fails the bind with EPERM unless the program set
 // another error: bpf_set_retval(-EACCES) makes it EACCES, as for a port
@@ -149,29 +148,16 @@ int authorize_sendmsg6(struct bpf_sock_addr *ctx)
 // cgroup_common_func_proto, 6.1+, as the current-task helpers). Only explicit
 // binds run the hook: connect()'s and sendto()'s automatic bind of an
 // unbound socket to an ephemeral port do not, so clients keep working; an
-// explicit bind to port 0 is refused unless listen: lists 0.
+// explicit bind to port 0 is refused unless listen: lists 0. listen()'s
+// automatic bind does not either: lsmguard.c's socket_listen program
+// judges it as a bind to port 0 where BPF LSM loads.
 
 #define EACCES 13
 
-static __always_inline int authorize_bind(struct bpf_sock_addr *ctx, struct dest *d, __u8 hook)
+static __always_inline int authorize_bind(struct dest *d, __u8 hook)
 {
-	struct generation_info *info = current_generation();
-	if (!info || !(info->flags & GEN_LISTEN))
+	if (!listen_refused(d, hook))
 		return 1;
-	__u32 slot = info->slot & 1;
-	__u64 cgroup_id;
-	// task_app, not principal: a process marked by migrate.c stays
-	// restricted (listen: takes away, it grants nothing).
-	struct app_info *app = task_app(slot, info, &cgroup_id);
-	if (!app || !(app->flags & APP_LISTEN))
-		return 1;
-	__u32 app_id = app->app_id;
-	struct rule_key k = { .prefixlen = 32, .tag = bpf_htonl((slot ? TAG_SLOT : 0) | TAG_LISTEN | (app_id & 0xffff)) };
-	struct rule_value *l = bpf_map_lookup_elem(&rules, &k);
-	if (l && port_allowed(slot, l->tcp_first, l->tcp_count, d->port))
-		return 1;
-	count(app_id, COUNT_DENY);
-	audit(d, app_id, cgroup_id, info->generation, info->audit_rate, 0, REASON_LISTEN, hook);
 	bpf_set_retval(-EACCES);
 	return 0;
 }
@@ -183,7 +169,7 @@ int authorize_bind4(struct bpf_sock_addr *ctx)
 	__u32 ip = ctx->user_ip4;
 	__builtin_memcpy(d.addr, &ip, 4);
 	d.port = bpf_ntohs((__u16)ctx->user_port);
-	return authorize_bind(ctx, &d, HOOK_BIND4);
+	return authorize_bind(&d, HOOK_BIND4);
 }
 
 SEC("cgroup/bind6")
@@ -196,5 +182,5 @@ int authorize_bind6(struct bpf_sock_addr *ctx)
 	__builtin_memcpy(&d.addr[4], &w1, 4);
 	__builtin_memcpy(&d.addr[8], &w2, 4);
 	__builtin_memcpy(&d.addr[12], &w3, 4);
-	return authorize_bind(ctx, &d, HOOK_BIND6);
+	return authorize_bind(&d, HOOK_BIND6);
 }

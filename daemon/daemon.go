@@ -916,7 +916,7 @@ func (d *Daemon) annotate(e bpf.Event) (string, string) {
 		return app, ""
 	}
 	rule := ""
-	if e.Hook == bpf.HookBind4 || e.Hook == bpf.HookBind6 {
+	if e.Hook == bpf.HookBind4 || e.Hook == bpf.HookBind6 || e.Hook == bpf.HookListen {
 		if a := rs.App(app); a != nil && a.Listen != nil {
 			rule = a.Listen.String()
 			if src := a.Listen.Source.String(); src != "" {

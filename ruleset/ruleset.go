@@ -417,7 +417,7 @@ const (
 	ReasonNoGrant     Reason = 4  // internal, app has no grant for this address
 	ReasonPort        Reason = 5  // internal, app has grants for the address but not this proto/port
 	ReasonNoPolicy    Reason = 6  // kernel state missing or inconsistent: fail closed
-	ReasonRawSocket   Reason = 7  // a raw IP or packet socket in an app cgroup
+	ReasonRawSocket   Reason = 7  // a raw IP, packet or XDP socket, or a TUN device, in an app
 	ReasonProto       Reason = 8  // internal, and neither TCP nor UDP: no grant covers it
 	ReasonExe         Reason = 9  // the app pins binaries (exe:) and the process runs another
 	ReasonHandover    Reason = 10 // a process outside the app wrote to the app's TCP connection

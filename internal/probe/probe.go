@@ -42,7 +42,12 @@ const (
 	RawProto Method = "raw-proto" // a raw socket of IP protocol 253 (experimental), sendto
 	Packet   Method = "packet"    // an AF_PACKET socket (creation is the attempt)
 	XDP      Method = "xdp"       // an AF_XDP socket (creation is the attempt)
+	TUN      Method = "tun"       // TUNSETIFF of a new TUN device (creation is the attempt; CAP_NET_ADMIN)
 	Banner   Method = "banner"    // TCP: blocking connect, then read a line (a server answered)
+	// Listen: listen() on a TCP socket never bound, which the kernel binds
+	// to an ephemeral port of the destination's family (its address and
+	// port are not used). Denied is EACCES, as for Bind.
+	Listen Method = "listen"
 	// Bind: bind() a TCP or UDP socket to the destination's address and
 	// port, as a server does; MappedBind the same from an AF_INET6 socket
 	// to ::ffff:a.b.c.d. Denied is EACCES, what procgate's bind hooks say.
@@ -68,7 +73,7 @@ func Try(d ruleset.Dest, m Method) (Verdict, error) {
 	switch {
 	case err == nil:
 		return Allowed, nil
-	case m == Bind || m == MappedBind:
+	case m == Bind || m == MappedBind || m == Listen:
 		// procgate refuses binds with EACCES: EPERM would be something
 		// else's refusal, and is an error here.
 		if errors.Is(err, unix.EACCES) {
@@ -87,6 +92,8 @@ func attempt(d ruleset.Dest, m Method) error {
 	switch m {
 	case Ping, RawICMP, RawProto, Packet, XDP:
 		return attemptRaw(d, m)
+	case TUN:
+		return tun()
 	case Banner:
 		return banner(d)
 	}
@@ -124,6 +131,9 @@ func attempt(d ruleset.Dest, m Method) error {
 	}
 	if m == Bind || m == MappedBind {
 		return unix.Bind(fd, sa)
+	}
+	if m == Listen {
+		return unix.Listen(fd, 1)
 	}
 	if typ == unix.SOCK_DGRAM && (m == SendTo || m == MappedSend) {
 		return unix.Sendto(fd, []byte("probe"), 0, sa)
@@ -198,6 +208,21 @@ func attemptRaw(d ruleset.Dest, m Method) error {
 			return nil
 		}
 	}
+}
+
+// tun makes a TUN device, gone with the descriptor.
+func tun() error {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open /dev/net/tun: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("pgprobe%d")
+	if err != nil {
+		return err
+	}
+	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI)
+	return unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr)
 }
 
 // banner connects (blocking, with a timeout) and reads one line: the peer

@@ -18,7 +18,7 @@ import (
 // within CI's time under TCG.
 var Suites = []SuiteSpec{
 	{Name: "bpf", Dir: "bpf", Timeout: "12m",
-		Run: "^(TestBackstops|TestSweep|TestHandoverGuard|TestMigrationMarks|TestAuditEventsDecode|TestExePinning|TestVerdictCachesFollowGenerations|TestUnitRestart)$"},
+		Run: "^(TestBackstops|TestSweep|TestHandoverGuard|TestListenWithoutBind|TestMigrationMarks|TestAuditEventsDecode|TestExePinning|TestVerdictCachesFollowGenerations|TestUnitRestart)$"},
 	// The pinhole agent's kernel programs (pinhole.c): what they observe
 	// and hold, and the agent that follows sockets with them.
 	{Name: "pinhole", Dir: "pinhole", Timeout: "6m",
