@@ -103,6 +103,8 @@ type Generation struct {
 	// cgroup matches are below it. Apply sets them.
 	cgroupRoot      string
 	cgroupRootLevel int
+	// hasNames: some app has DNS-name grants (Apply sets it).
+	hasNames bool
 }
 
 // FileID is a file as the kernel names it: inode number and the device of

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -21,32 +22,39 @@ import (
 	"github.com/procgate/procgate/internal/bpfpin"
 )
 
-// hooks are the attach points, named as their programs and pinned links.
-var hooks = []struct {
+// hook is an attach point, named as its program and pinned link.
+type hook struct {
 	name   string
 	attach ebpf.AttachType
 	prog   func(*Enforcer) *ebpf.Program
-}{
-	{"connect4", ebpf.AttachCGroupInet4Connect, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeConnect4 }},
-	{"connect6", ebpf.AttachCGroupInet6Connect, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeConnect6 }},
-	{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeSendmsg4 }},
-	{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeSendmsg6 }},
-	{"bind4", ebpf.AttachCGroupInet4Bind, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeBind4 }},
-	{"bind6", ebpf.AttachCGroupInet6Bind, func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeBind6 }},
-	{"sock_create", ebpf.AttachCGroupInetSockCreate, func(e *Enforcer) *ebpf.Program { return e.harden.GuardSockCreate }},
-	{"egress", ebpf.AttachCGroupInetEgress, func(e *Enforcer) *ebpf.Program { return e.harden.BackstopEgress }},
+	// names: attached only while the generation in force has DNS-name
+	// grants (attachDNS).
+	names bool
+}
+
+// hooks are the attach points.
+var hooks = []hook{
+	{name: "connect4", attach: ebpf.AttachCGroupInet4Connect, prog: func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeConnect4 }},
+	{name: "connect6", attach: ebpf.AttachCGroupInet6Connect, prog: func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeConnect6 }},
+	{name: "sendmsg4", attach: ebpf.AttachCGroupUDP4Sendmsg, prog: func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeSendmsg4 }},
+	{name: "sendmsg6", attach: ebpf.AttachCGroupUDP6Sendmsg, prog: func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeSendmsg6 }},
+	{name: "bind4", attach: ebpf.AttachCGroupInet4Bind, prog: func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeBind4 }},
+	{name: "bind6", attach: ebpf.AttachCGroupInet6Bind, prog: func(e *Enforcer) *ebpf.Program { return e.objs.AuthorizeBind6 }},
+	{name: "sock_create", attach: ebpf.AttachCGroupInetSockCreate, prog: func(e *Enforcer) *ebpf.Program { return e.harden.GuardSockCreate }},
+	{name: "egress", attach: ebpf.AttachCGroupInetEgress, prog: func(e *Enforcer) *ebpf.Program { return e.harden.BackstopEgress }},
 	// Optional: the handover guard's tracker; nil when it did not load.
-	{"handover", ebpf.AttachCGroupSockOps, func(e *Enforcer) *ebpf.Program { return e.handover.TrackOwnedSockets }},
+	{name: "handover", attach: ebpf.AttachCGroupSockOps, prog: func(e *Enforcer) *ebpf.Program { return e.handover.TrackOwnedSockets }},
 	// Optional: needs the bpf LSM; nil (and not attached) without it.
-	{"lsm_socket_create", ebpf.AttachLSMCgroup, func(e *Enforcer) *ebpf.Program { return e.lsm.GuardPacketSocket }},
+	{name: "lsm_socket_create", attach: ebpf.AttachLSMCgroup, prog: func(e *Enforcer) *ebpf.Program { return e.lsm.GuardPacketSocket }},
 	// Optional: apps' DNS queries to the daemon's proxy (dnsredirect.c),
-	// attached after the authorize programs, so that they run after them.
-	{"dns_connect4", ebpf.AttachCGroupInet4Connect, func(e *Enforcer) *ebpf.Program { return e.dns.DnsConnect4 }},
-	{"dns_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, func(e *Enforcer) *ebpf.Program { return e.dns.DnsSendmsg4 }},
-	{"dns_recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, func(e *Enforcer) *ebpf.Program { return e.dns.DnsRecvmsg4 }},
-	{"dns_connect6", ebpf.AttachCGroupInet6Connect, func(e *Enforcer) *ebpf.Program { return e.dns.DnsConnect6 }},
-	{"dns_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, func(e *Enforcer) *ebpf.Program { return e.dns.DnsSendmsg6 }},
-	{"dns_recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, func(e *Enforcer) *ebpf.Program { return e.dns.DnsRecvmsg6 }},
+	// attached after the authorize programs, so that they run after them,
+	// and only while some app has name grants.
+	{name: "dns_connect4", attach: ebpf.AttachCGroupInet4Connect, prog: func(e *Enforcer) *ebpf.Program { return e.dns.DnsConnect4 }, names: true},
+	{name: "dns_sendmsg4", attach: ebpf.AttachCGroupUDP4Sendmsg, prog: func(e *Enforcer) *ebpf.Program { return e.dns.DnsSendmsg4 }, names: true},
+	{name: "dns_recvmsg4", attach: ebpf.AttachCGroupUDP4Recvmsg, prog: func(e *Enforcer) *ebpf.Program { return e.dns.DnsRecvmsg4 }, names: true},
+	{name: "dns_connect6", attach: ebpf.AttachCGroupInet6Connect, prog: func(e *Enforcer) *ebpf.Program { return e.dns.DnsConnect6 }, names: true},
+	{name: "dns_sendmsg6", attach: ebpf.AttachCGroupUDP6Sendmsg, prog: func(e *Enforcer) *ebpf.Program { return e.dns.DnsSendmsg6 }, names: true},
+	{name: "dns_recvmsg6", attach: ebpf.AttachCGroupUDP6Recvmsg, prog: func(e *Enforcer) *ebpf.Program { return e.dns.DnsRecvmsg6 }, names: true},
 }
 
 // HookNames lists the attach points in a stable order.
@@ -214,6 +222,11 @@ type Enforcer struct {
 	names  learnedNames
 	dns    dnsRedirect
 	dnsErr error
+	// attached: Attach ran. dnsLinks are the redirect's links while
+	// attached (dnsOn); nil: not synced yet by this process.
+	attached bool
+	dnsOn    bool
+	dnsLinks []link.Link
 }
 
 type slotKeys struct {
@@ -318,28 +331,26 @@ func Open(opts Options) (*Enforcer, error) {
 	return e, nil
 }
 
-// Attach attaches (or adopts and updates) the four hooks' links on the cgroup.
+// Attach attaches (or adopts and updates) the hooks' links on the cgroup.
 func (e *Enforcer) Attach() error {
 	for _, h := range hooks {
-		pin := filepath.Join(e.opts.BPFDir, "link_"+h.name)
-		prog := h.prog(e)
-		if prog == nil {
-			continue // an optional guard this kernel lacks; Guards says so
+		if h.names {
+			continue
 		}
-		// Pinned for inspection (`bpftool prog show pinned`); the link holds
-		// the program in place either way.
-		progPin := filepath.Join(e.opts.BPFDir, "prog_"+h.name)
-		if err := os.Remove(progPin); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("replace pinned program %s: %w", progPin, err)
-		}
-		if err := prog.Pin(progPin); err != nil {
-			return fmt.Errorf("pin %s program at %s: %w", h.name, progPin, err)
-		}
-		l, err := bpfpin.Cgroup(pin, h.name, e.opts.CgroupDir, h.attach, prog)
+		l, err := e.attachHook(h)
 		if err != nil {
 			return err
 		}
-		e.links = append(e.links, l)
+		if l != nil {
+			e.links = append(e.links, l)
+		}
+	}
+	e.attached = true
+	// Without an Apply of this process, the generation in force is an
+	// earlier daemon's: its name grants are unknown, so the redirect stays.
+	g := e.applied.Load()
+	if err := e.syncDNS(g == nil || g.hasNames); err != nil {
+		return err
 	}
 	if e.lsmHandover.GuardHandoverLSM != nil {
 		if err := e.attachTracing([]struct {
@@ -378,6 +389,94 @@ func (e *Enforcer) Attach() error {
 		if e.followErr != nil {
 			e.opts.Log.Warn("guard NOT active", "guard", "unit-restarts", "why", e.followErr)
 		}
+	}
+	return nil
+}
+
+// attachHook attaches h's program to the cgroup, or updates the link an
+// earlier run pinned; nil for an optional guard this kernel lacks (Guards
+// says so).
+func (e *Enforcer) attachHook(h hook) (link.Link, error) {
+	prog := h.prog(e)
+	if prog == nil {
+		return nil, nil
+	}
+	// Pinned for inspection (`bpftool prog show pinned`); the link holds
+	// the program in place either way.
+	progPin := filepath.Join(e.opts.BPFDir, "prog_"+h.name)
+	if err := os.Remove(progPin); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("replace pinned program %s: %w", progPin, err)
+	}
+	if err := prog.Pin(progPin); err != nil {
+		return nil, fmt.Errorf("pin %s program at %s: %w", h.name, progPin, err)
+	}
+	return bpfpin.Cgroup(filepath.Join(e.opts.BPFDir, "link_"+h.name), h.name, e.opts.CgroupDir, h.attach, prog)
+}
+
+// syncDNS attaches the DNS redirect's programs (on, after the authorize
+// programs, which stay attached: a new link runs after them) or detaches
+// them. They run on every connect, sendmsg and recvmsg below the cgroup,
+// of processes in no app too, and do nothing for apps without name
+// grants: one program run each (the bench's floor), paid only while some
+// app has name grants. Apply attaches them before a generation with name
+// grants is in force and detaches them once one without is; a pinned link
+// of an earlier daemon is updated or detached alike. Before Attach it
+// does nothing.
+func (e *Enforcer) syncDNS(on bool) error {
+	if !e.attached || e.dnsOn == on && e.dnsLinks != nil {
+		return nil
+	}
+	for _, h := range hooks {
+		if !h.names {
+			continue
+		}
+		if on {
+			l, err := e.attachHook(h)
+			if err != nil {
+				return err
+			}
+			if l != nil {
+				e.dnsLinks = append(e.dnsLinks, l)
+			}
+			continue
+		}
+		if err := unpinCgroupLink(filepath.Join(e.opts.BPFDir, "link_"+h.name)); err != nil {
+			return err
+		}
+		if err := os.Remove(filepath.Join(e.opts.BPFDir, "prog_"+h.name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove pinned program of %s: %w", h.name, err)
+		}
+	}
+	if !on {
+		for _, l := range e.dnsLinks {
+			l.Close()
+		}
+		e.dnsLinks = nil
+	}
+	if e.dnsLinks == nil {
+		e.dnsLinks = []link.Link{} // synced
+	}
+	e.dnsOn = on
+	return nil
+}
+
+// unpinCgroupLink detaches the cgroup link pinned at pin, if any, and
+// removes the pin: detached first, as a link freed by its unpin goes
+// later (Uninstall).
+func unpinCgroupLink(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("load pinned link %s: %w", pin, err)
+	}
+	defer l.Close()
+	if err := l.Detach(); err != nil {
+		return fmt.Errorf("detach %s: %w", pin, err)
+	}
+	if err := l.Unpin(); err != nil {
+		return fmt.Errorf("unpin %s: %w", pin, err)
 	}
 	return nil
 }
@@ -447,10 +546,10 @@ func (e *Enforcer) attachTracing(hooks []struct {
 // enforcement holds after the daemon exits (fail closed).
 func (e *Enforcer) Close() error {
 	_ = e.waitClear()
-	for _, l := range append(e.links, e.tracing...) {
+	for _, l := range slices.Concat(e.links, e.dnsLinks, e.tracing) {
 		l.Close()
 	}
-	e.links, e.tracing = nil, nil
+	e.links, e.dnsLinks, e.tracing = nil, nil, nil
 	e.sweep.close()
 	e.sweep = nil
 	// One struct per load: each is closed whole, whatever it holds.
@@ -574,11 +673,26 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	if err := e.writeNames(slot, g.Rules, g.AppIDs, t.namePorts); err != nil {
 		return 0, fmt.Errorf("generation %d: %w", next, err)
 	}
+	// Apps' DNS queries go to the proxy from the switch on: the redirect
+	// is attached before it (under the previous generation it redirects
+	// the apps that had name grants then, if any).
+	g.hasNames = len(t.namePorts) > 0
+	if g.hasNames {
+		if err := e.syncDNS(true); err != nil {
+			return 0, fmt.Errorf("generation %d: %w", next, err)
+		}
+	}
 	// The switch. It returns after an RCU grace period, so from here on no
 	// decision reads the previous slot.
 	written := time.Now()
 	if err := e.objs.PolicyCurrent.Put(uint32(0), info); err != nil {
 		return 0, fmt.Errorf("switch to generation %d: %w", next, err)
+	}
+	if !g.hasNames {
+		if err := e.syncDNS(false); err != nil {
+			// In force anyway; the redirect runs on for nothing.
+			e.opts.Log.Warn("detach the DNS redirect", "error", err)
+		}
 	}
 	e.names.live, e.names.slot, e.names.rules, e.names.ids, e.names.ports = true, slot, g.Rules, g.AppIDs, t.namePorts
 	e.opts.Log.Debug("generation applied", "generation", next, "slot", slot, "rules", len(rk), "port_ranges", len(t.ports),
@@ -813,7 +927,7 @@ func (e *Enforcer) Guards() []Guard {
 	gs = append(gs, Guard{Name: "live-sockets", Active: true,
 		What: "after each new generation, app sockets (TCP, connected UDP) to destinations it no longer allows are ended, by " + sweepHow})
 	gs = append(gs, Guard{Name: "dns-redirect", Active: e.dnsErr == nil,
-		What: "the DNS queries (port 53, UDP and TCP, to IPv4 and IPv6 resolvers) of apps with name grants go to the daemon's DNS proxy, which learns the answers before relaying them; not covered: DNS over TLS or HTTPS by the app, and network namespaces other than the daemon's (their answers grant nothing)"})
+		What: "the DNS queries (port 53, UDP and TCP, to IPv4 and IPv6 resolvers) of apps with name grants go to the daemon's DNS proxy, which learns the answers before relaying them (its programs are attached only while some app has name grants); not covered: DNS over TLS or HTTPS by the app, and network namespaces other than the daemon's (their answers grant nothing)"})
 	if e.dnsErr != nil {
 		gs[len(gs)-1].Why = firstLine(e.dnsErr) + "; name grants allow nothing"
 	}
