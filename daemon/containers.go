@@ -67,7 +67,7 @@ func (cw *containerWatch) run(ctx context.Context, sock string, wanted <-chan st
 	for {
 		if cw.wanted.Load() {
 			err := containers.Events(ctx, sock, func() {
-				cw.log.Debug("following container events", "socket", sock)
+				cw.log.Info("following container events", "socket", sock)
 				last = ""
 				wake(cw.changed)
 			}, func(e containers.Event) {
