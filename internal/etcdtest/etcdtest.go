@@ -26,6 +26,7 @@ type Server struct {
 	client url.URL
 	peer   url.URL
 	etcd   *embed.Etcd
+	tls    *TLSFiles
 	// Endpoint is the member's client URL (http://127.0.0.1:PORT).
 	Endpoint string
 }
@@ -33,8 +34,24 @@ type Server struct {
 // Start starts a member and stops it at the end of the test.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	s := &Server{t: t, dir: t.TempDir()}
+	return start(t, nil)
+}
+
+// StartTLS starts a member that serves its clients over TLS and checks
+// their certificates: the common name of a client's certificate is its
+// etcd user once authentication is enabled. Client does not serve it.
+func StartTLS(t testing.TB, files TLSFiles) *Server {
+	t.Helper()
+	return start(t, &files)
+}
+
+func start(t testing.TB, tls *TLSFiles) *Server {
+	t.Helper()
+	s := &Server{t: t, dir: t.TempDir(), tls: tls}
 	s.client = url.URL{Scheme: "http", Host: freePort(t)}
+	if tls != nil {
+		s.client.Scheme = "https"
+	}
 	s.peer = url.URL{Scheme: "http", Host: freePort(t)}
 	s.Endpoint = s.client.String()
 	s.Restart()
@@ -48,7 +65,7 @@ func (s *Server) Restart() {
 	if s.etcd != nil {
 		return
 	}
-	m := memberConfig{Name: "procgate-test", Dir: s.dir, Client: s.client.Host, Peer: s.peer.Host}
+	m := memberConfig{Name: "procgate-test", Dir: s.dir, Client: s.client.Host, Peer: s.peer.Host, TLS: s.tls}
 	m.InitialCluster = m.Name + "=" + s.peer.String()
 	var err error
 	if s.etcd, err = m.start(); err != nil {
