@@ -267,7 +267,86 @@ func fleetCmd() *cobra.Command {
 		Use:   "fleet",
 		Short: "The fleet in etcd: which host applied which revision",
 	}
-	cmd.AddCommand(fleetStatusCmd())
+	cmd.AddCommand(fleetStatusCmd(), fleetRBACCmd())
+	return cmd
+}
+
+func fleetRBACCmd() *cobra.Command {
+	var e etcdFlags
+	var host, labels, gateway, admin string
+	var print bool
+	cmd := &cobra.Command{
+		Use:   "rbac (--host NAME [--host-labels k=v,...] | --gateway NAME | --admin NAME) [--print]",
+		Short: "Set up the etcd user and role of a host, a gateway or an administrator",
+		Long: `Sets up, in etcd, the user NAME (no password: it authenticates by the common
+name of its client certificate) and a role with exactly what it needs:
+  --host NAME     reads /procgate/policy/fleet, the groups of --host-labels,
+                  /procgate/policy/hosts/NAME and /procgate/revocations/;
+                  writes /procgate/hosts/NAME/status. No other host's overlay.
+  --gateway NAME  reads and writes /procgate/perimeter/ (role procgate-gateway).
+  --admin NAME    reads and writes /procgate/ (role procgate-admin).
+Run it with etcd's root user (--etcd-cert of common name root); running it
+again after a host's labels change revokes the groups it lost. --print
+prints the etcdctl commands instead. Enable etcd's authentication once, by
+hand (docs/fleet.md).`,
+		Example: `  procgate fleet rbac --host db-1 --host-labels site=paris,role=db --etcd-cert root.crt --etcd-key root.key
+  procgate fleet rbac --gateway gw-1
+  procgate fleet rbac --host db-1 --host-labels site=paris --print`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var role fleet.Role
+			given := 0
+			for _, name := range []string{host, gateway, admin} {
+				if name != "" {
+					given++
+					if err := fleet.CheckHostName(name); err != nil {
+						return err
+					}
+				}
+			}
+			switch {
+			case given != 1:
+				return errors.New("give one of --host, --gateway and --admin")
+			case host != "":
+				ls, err := fleet.ParseLabels(labels)
+				if err != nil {
+					return fmt.Errorf("--host-labels: %w", err)
+				}
+				role = fleet.HostRole(fleet.Host{Name: host, Labels: ls})
+			case labels != "":
+				return errors.New("--host-labels goes with --host")
+			case gateway != "":
+				role = fleet.GatewayRole(gateway)
+			default:
+				role = fleet.AdminRole(admin)
+			}
+			w := cmd.OutOrStdout()
+			if print {
+				for _, c := range role.Commands() {
+					fmt.Fprintln(w, c)
+				}
+				return nil
+			}
+			cli, err := e.client()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := timeoutCtx()
+			defer cancel()
+			if err := role.Apply(ctx, cli); err != nil {
+				return err
+			}
+			fmt.Fprintln(w, role)
+			return nil
+		},
+	}
+	e.register(cmd.Flags())
+	cmd.Flags().StringVar(&host, "host", "", "a host's user (its --host-name)")
+	cmd.Flags().StringVar(&labels, "host-labels", "", "the host's labels k=v,... (its --host-labels)")
+	cmd.Flags().StringVar(&gateway, "gateway", "", "a perimeter gateway's user")
+	cmd.Flags().StringVar(&admin, "admin", "", "an administrator's user")
+	cmd.Flags().BoolVar(&print, "print", false, "print the etcdctl commands instead of running them")
 	return cmd
 }
 

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/procgate/procgate/api"
@@ -23,6 +24,7 @@ import (
 	"github.com/procgate/procgate/internal/etcdtest"
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
+	"github.com/procgate/procgate/pki"
 	"github.com/procgate/procgate/policy"
 )
 
@@ -52,6 +54,12 @@ type etcdUnderTest interface {
 
 func fleetCLI(t *testing.T, etcd etcdUnderTest, docs map[string]string, args ...string) (string, error) {
 	t.Helper()
+	return fleetCLIWith(t, etcd, nil, docs, args...)
+}
+
+// fleetCLIWith is fleetCLI with more environment (PROCGATE_ETCD_CERT...).
+func fleetCLIWith(t *testing.T, etcd etcdUnderTest, env []string, docs map[string]string, args ...string) (string, error) {
+	t.Helper()
 	dir := t.TempDir()
 	for name, text := range docs {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644); err != nil {
@@ -64,7 +72,7 @@ func fleetCLI(t *testing.T, etcd etcdUnderTest, docs map[string]string, args ...
 	}
 	cmd := exec.Command(self, args...)
 	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), envAsMain+"=1", "PROCGATE_ETCD_ENDPOINTS="+strings.Join(etcd.Endpoints(), ","))
+	cmd.Env = append(append(os.Environ(), envAsMain+"=1", "PROCGATE_ETCD_ENDPOINTS="+strings.Join(etcd.Endpoints(), ",")), env...)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
@@ -505,4 +513,149 @@ func TestFleetRevoke(t *testing.T) {
 	}
 	hosts[1].waitRevoked(t, []string{"fleet:#0"})
 	mustTry(t, hosts[1].e.prober("db"), "10.1.2.3:5432/tcp", probe.Denied)
+}
+
+// With etcd's authentication on and a user per host (set up by `procgate
+// fleet rbac`), a host reads its own documents and no other host's, and
+// its daemon works with its certificate's user: it applies its documents,
+// reports its status and applies a fleet-wide revoke.
+func TestFleetRBAC(t *testing.T) {
+	nstest.RequireRoot(t)
+	dir := t.TempDir()
+	if _, err := pki.Init(dir, "etcd-ca", 0); err != nil {
+		t.Fatal(err)
+	}
+	ca := filepath.Join(dir, pki.CACertFile)
+	issue := func(name string, u pki.Usage, hosts ...string) (string, string) {
+		t.Helper()
+		cert, key, err := pki.IssueFiles(dir, pki.IssueRequest{Name: name, Usage: u, Hosts: hosts})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cert, key
+	}
+	srvCert, srvKey := issue("etcd", pki.Server, "127.0.0.1")
+	etcd := etcdtest.StartTLS(t, etcdtest.TLSFiles{CA: ca, Cert: srvCert, Key: srvKey})
+	certs := map[string][2]string{}
+	client := func(user string) *clientv3.Client {
+		t.Helper()
+		cli, err := fleet.Config{Endpoints: etcd.Endpoints(), CA: ca, Cert: certs[user][0], Key: certs[user][1]}.Client()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cli.Close() })
+		return cli
+	}
+	as := func(user string) []string {
+		return []string{"PROCGATE_ETCD_CA=" + ca, "PROCGATE_ETCD_CERT=" + certs[user][0], "PROCGATE_ETCD_KEY=" + certs[user][1]}
+	}
+	for _, u := range []string{"root", "admin", "web-1", "web-2"} {
+		cert, key := issue(u, pki.Client)
+		certs[u] = [2]string{cert, key}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	root := client("root")
+	if _, err := root.UserAddWithOptions(ctx, "root", "", &clientv3.UserAddOptions{NoPassword: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := root.UserGrantRole(ctx, "root", "root"); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"--admin", "admin"},
+		{"--host", "web-1", "--host-labels", "site=paris"},
+		{"--host", "web-2", "--host-labels", "site=london"},
+		{"--host", "web-2", "--host-labels", "site=london"}, // again: nothing changes
+	} {
+		if out, err := fleetCLIWith(t, etcd, as("root"), nil, append([]string{"fleet", "rbac"}, args...)...); err != nil {
+			t.Fatalf("fleet rbac %v: %v\n%s", args, err, out)
+		}
+	}
+	out, err := fleetCLI(t, etcd, nil, "fleet", "rbac", "--host", "web-1", "--host-labels", "site=paris", "--print")
+	if err != nil || !strings.Contains(out, "etcdctl role grant-permission procgate-host-web-1 read /procgate/policy/hosts/web-1\n") {
+		t.Fatalf("fleet rbac --print: %v\n%s", err, out)
+	}
+	if _, err := root.AuthEnable(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	admin := as("admin")
+	for _, push := range []struct{ doc, target, value string }{
+		{doc: fleetPolicy},
+		{doc: dbOverlay("10.3.0.0/16"), target: "--group", value: "site=paris"},
+		{doc: dbOverlay("10.5.0.0/16"), target: "--group", value: "site=london"},
+		{doc: dbOverlay("10.4.0.0/16"), target: "--host", value: "web-1"},
+		{doc: dbOverlay("10.6.0.0/16"), target: "--host", value: "web-2"},
+	} {
+		args := []string{"policy", "push", "doc.yaml"}
+		if push.target != "" {
+			args = append(args, push.target, push.value)
+		}
+		if out, err := fleetCLIWith(t, etcd, admin, map[string]string{"doc.yaml": push.doc}, args...); err != nil {
+			t.Fatalf("push %v as admin: %v\n%s", args, err, out)
+		}
+	}
+	if out, err := fleetCLIWith(t, etcd, as("web-1"), map[string]string{"doc.yaml": fleetPolicy}, "policy", "push", "doc.yaml"); err == nil {
+		t.Fatalf("web-1 pushed the fleet document:\n%s", out)
+	}
+
+	web1 := client("web-1")
+	for _, tc := range []struct {
+		what string
+		op   clientv3.Op
+		ok   bool
+	}{
+		{"read its own overlay", clientv3.OpGet(fleet.HostKey("web-1")), true},
+		{"read the fleet document", clientv3.OpGet(fleet.FleetKey), true},
+		{"read its group's overlay", clientv3.OpGet(fleet.GroupPrefix + "site=paris"), true},
+		{"read the revocations", clientv3.OpGet(fleet.RevokePrefix, clientv3.WithPrefix()), true},
+		{"write its status", clientv3.OpPut(fleet.StatusKey("web-1"), "{}"), true},
+		{"read web-2's overlay", clientv3.OpGet(fleet.HostKey("web-2")), false},
+		{"read another group's overlay", clientv3.OpGet(fleet.GroupPrefix + "site=london"), false},
+		{"list the policy documents", clientv3.OpGet(fleet.PolicyPrefix, clientv3.WithPrefix()), false},
+		{"write its own overlay", clientv3.OpPut(fleet.HostKey("web-1"), dbOverlay("0.0.0.0/0")), false},
+		{"write web-2's status", clientv3.OpPut(fleet.StatusKey("web-2"), "{}"), false},
+		{"revoke fleet-wide", clientv3.OpPut(fleet.RevokeKey("db"), `{"all":true}`), false},
+		{"read the perimeter's holes", clientv3.OpGet("/procgate/perimeter/", clientv3.WithPrefix()), false},
+	} {
+		_, err := web1.Do(ctx, tc.op)
+		if denied := errors.Is(rpctypes.Error(err), rpctypes.ErrPermissionDenied); tc.ok != (err == nil) || (!tc.ok && !denied) {
+			t.Errorf("web-1 may %s: %v, want allowed %v", tc.what, err, tc.ok)
+		}
+	}
+
+	e := newE2EWith(t, basePolicy, false, "--policy-store", "etcd", "--etcd-endpoints", etcd.Endpoint,
+		"--etcd-ca", ca, "--etcd-cert", certs["web-1"][0], "--etcd-key", certs["web-1"][1],
+		"--host-name", "web-1", "--host-labels", "site=paris", "--etcd-boot-timeout", "10s")
+	if f := e.status().Fleet; f.Source != fleet.SourceEtcd {
+		t.Fatalf("web-1 booted from %s, not etcd:\n%s", f.Source, e.daemonLog())
+	}
+	db := e.prober("db")
+	mustTry(t, db, "10.1.2.3:5432/tcp", probe.Allowed) // the fleet document
+	mustTry(t, db, "10.3.0.1:80/tcp", probe.Allowed)   // its group
+	mustTry(t, db, "10.4.0.1:80/tcp", probe.Allowed)   // its own
+	mustTry(t, db, "10.5.0.1:80/tcp", probe.Denied)    // another group's
+	mustTry(t, db, "10.6.0.1:80/tcp", probe.Denied)    // web-2's
+	adminCli := client("admin")
+	waitAs := func(what string, ok func(fleet.HostState) bool) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			o, err := fleet.FleetStatus(ctx, adminCli)
+			if err == nil && len(o.Hosts) == 1 && ok(o.Hosts[0]) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("fleet status as admin: no %s within 30s: %+v, %v\n%s", what, o, err, e.daemonLog())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitAs("web-1's status", func(h fleet.HostState) bool { return h.Host == "web-1" && !h.Behind && h.Error == "" })
+	if out, err := fleetCLIWith(t, etcd, admin, nil, "revoke", "--app", "db", "--fleet"); err != nil {
+		t.Fatalf("revoke --fleet as admin: %v\n%s", err, out)
+	}
+	waitAs("web-1 at the revocation", func(h fleet.HostState) bool { return !h.Behind && h.Error == "" })
+	mustTry(t, db, "10.4.0.1:80/tcp", probe.Denied)
 }
