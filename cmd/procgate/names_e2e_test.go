@@ -247,6 +247,13 @@ func TestNameGrantsEndToEnd(t *testing.T) {
 				t.Fatalf("over %s: %v, want %v", proto, got, want)
 			}
 		}
+		// An IPv6 socket asking an IPv4 resolver through its mapped
+		// address.
+		z.set("db.corp.example", 60, "10.1.6.3")
+		got, err := web.Resolve("db.corp.example", "[::ffff:10.0.0.53]:53", "udp", 5432)
+		if err != nil || !slices.Equal(got, []string{"10.1.6.3=allowed"}) {
+			t.Fatalf("through [::ffff:10.0.0.53]:53: %v, %v; want 10.1.6.3 allowed", got, err)
+		}
 		mustTry(t, web, "[fd00:6::9]:5432/tcp", probe.Denied) // never answered
 		out, err := e.procgate("explain", "--app", "web", "[fd00:6::1]:5432")
 		if err != nil || !strings.Contains(out, "from [fd00::53]:53") {

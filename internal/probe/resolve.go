@@ -62,10 +62,14 @@ func resolveType(name, resolver, proto string, qtype uint16) ([]netip.Addr, erro
 		if err != nil {
 			return nil, err
 		}
-		// A socket of the resolver's own family, as glibc makes it.
+		// A socket of the resolver's own family, as glibc makes it; for
+		// an IPv4-mapped resolver ([::ffff:a.b.c.d]) a dual-stack IPv6
+		// socket, as Java makes it.
 		network := "udp4"
 		if raddr.IP.To4() == nil {
 			network = "udp6"
+		} else if strings.HasPrefix(resolver, "[::ffff:") {
+			network = "udp"
 		}
 		c, err := net.ListenUDP(network, nil)
 		if err != nil {
