@@ -6,9 +6,9 @@
 // TCP to port 53, IPv4 and IPv6) go to the daemon's DNS proxy instead of the
 // resolver it asked (bpf/names.go, dnsproxy/), which forwards them there,
 // learns the answer's addresses into name_grants and only then replies.
-// Only apps with name grants (APP_NAMES), and only in the daemon's network
-// namespace, where the proxy listens: elsewhere the query goes on untouched
-// and an audit event says its answers grant nothing.
+// Only apps with name grants (APP_NAMES), and only in network namespaces
+// where the daemon runs a proxy (dns_proxies): elsewhere the query goes on
+// untouched and an audit event says its answers grant nothing.
 //
 // These programs are attached after the authorize programs of procgate.c
 // on the same hooks, so the query is decided for the resolver the app
@@ -28,21 +28,23 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 
 #define REASON_DNS_UNOBSERVED 18
 
-// Where the proxy listens: its port (network order) and the network
-// namespace it serves (0: no proxy).
+// Where the daemon's proxies listen, by the cookie of the network
+// namespace each serves: the port (network order), on every loopback
+// address of that namespace. A query from a namespace with no entry goes
+// on to its resolver, and an audit event (dns-unobserved) tells the daemon,
+// which may start a proxy there.
 struct dns_proxy_info {
-	__u64 netns_cookie;
 	__u16 port;
 	__u16 pad[3];
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
 	__type(value, struct dns_proxy_info);
-	__uint(max_entries, 1);
+	__uint(max_entries, 4096);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} dns_proxy SEC(".maps");
+} dns_proxies SEC(".maps");
 
 // A redirected socket, by the low 24 bits of its cookie (the loopback
 // destination it was sent to): the resolver it asked and its app. The
@@ -129,11 +131,9 @@ static __always_inline struct dns_proxy_info *dns_query(struct bpf_sock_addr *ct
 	struct app_info *app = principal(slot, info, &cgroup_id);
 	if (!app || !(app->flags & APP_NAMES))
 		return 0;
-	__u32 zero = 0;
-	struct dns_proxy_info *px = bpf_map_lookup_elem(&dns_proxy, &zero);
-	if (!px || !px->port)
-		return 0;
-	if (bpf_get_netns_cookie(ctx) != px->netns_cookie) {
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct dns_proxy_info *px = bpf_map_lookup_elem(&dns_proxies, &netns);
+	if (!px || !px->port) {
 		struct dest d = { .proto = *proto };
 		unobserved(ctx, v6, &d);
 		audit(&d, app->app_id, cgroup_id, info->generation, info->audit_rate, 1, REASON_DNS_UNOBSERVED, hook);
@@ -238,8 +238,8 @@ int dns_sendmsg6(struct bpf_sock_addr *ctx)
 // from_proxy: the datagram's source port is the proxy's.
 static __always_inline int from_proxy(struct bpf_sock_addr *ctx)
 {
-	__u32 zero = 0;
-	struct dns_proxy_info *px = bpf_map_lookup_elem(&dns_proxy, &zero);
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct dns_proxy_info *px = bpf_map_lookup_elem(&dns_proxies, &netns);
 	return px && px->port && ctx->user_port == px->port;
 }
 

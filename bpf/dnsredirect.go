@@ -21,7 +21,7 @@ type dnsRedirect struct {
 	DnsConnect6   *ebpf.Program `ebpf:"dns_connect6"`
 	DnsSendmsg6   *ebpf.Program `ebpf:"dns_sendmsg6"`
 	DnsRecvmsg6   *ebpf.Program `ebpf:"dns_recvmsg6"`
-	DnsProxy      *ebpf.Map     `ebpf:"dns_proxy"`
+	DnsProxies    *ebpf.Map     `ebpf:"dns_proxies"`
 	DnsRedirects  *ebpf.Map     `ebpf:"dns_redirects"`
 	DnsRedirects6 *ebpf.Map     `ebpf:"dns_redirects6"`
 }
@@ -38,20 +38,49 @@ func (e *Enforcer) loadDNSRedirect() {
 	}
 }
 
-// ServeDNS tells the kernel where the daemon's DNS proxy listens: on port
-// of every loopback address of the network namespace whose cookie
+// ServeDNS tells the kernel where a DNS proxy of the daemon listens: on
+// port of every loopback address of the network namespace whose cookie
 // (SO_NETNS_COOKIE) is netns, IPv4 and IPv6 ([::1]). Port 0 turns the
-// redirect off.
+// redirect off there.
 func (e *Enforcer) ServeDNS(port uint16, netns uint64) error {
-	if e.dns.DnsProxy == nil {
+	if e.dns.DnsProxies == nil {
 		return e.dnsErr
 	}
+	if port == 0 {
+		if err := e.dns.DnsProxies.Delete(netns); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("forget the DNS proxy of network namespace %d: %w", netns, err)
+		}
+		return nil
+	}
 	var v dnsredirectDnsProxyInfo
-	v.NetnsCookie = netns
 	// Network order, as the kernel compares it with user_port.
 	v.Port = binary.NativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, port))
-	if err := e.dns.DnsProxy.Put(uint32(0), &v); err != nil {
+	if err := e.dns.DnsProxies.Put(netns, &v); err != nil {
 		return fmt.Errorf("write the DNS proxy's port: %w", err)
+	}
+	return nil
+}
+
+// ForgetDNSProxies turns the redirect off in every network namespace: the
+// proxies of an earlier daemon are gone.
+func (e *Enforcer) ForgetDNSProxies() error {
+	if e.dns.DnsProxies == nil {
+		return e.dnsErr
+	}
+	var keys []uint64
+	var k uint64
+	var v dnsredirectDnsProxyInfo
+	it := e.dns.DnsProxies.Iterate()
+	for it.Next(&k, &v) {
+		keys = append(keys, k)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("walk the DNS proxies: %w", err)
+	}
+	for _, k := range keys {
+		if err := e.dns.DnsProxies.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("forget the DNS proxy of network namespace %d: %w", k, err)
+		}
 	}
 	return nil
 }

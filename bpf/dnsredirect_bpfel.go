@@ -34,10 +34,9 @@ type dnsredirectAuditBudget struct {
 }
 
 type dnsredirectDnsProxyInfo struct {
-	_           structs.HostLayout
-	NetnsCookie uint64
-	Port        uint16
-	Pad         [3]uint16
+	_    structs.HostLayout
+	Port uint16
+	Pad  [3]uint16
 }
 
 type dnsredirectDnsRedirect struct {
@@ -192,7 +191,7 @@ const (
 	dnsredirectMapAuditBudgets        = "audit_budgets"
 	dnsredirectMapAuditEvents         = "audit_events"
 	dnsredirectMapDestLookups         = "dest_lookups"
-	dnsredirectMapDnsProxy            = "dns_proxy"
+	dnsredirectMapDnsProxies          = "dns_proxies"
 	dnsredirectMapDnsRedirects        = "dns_redirects"
 	dnsredirectMapDnsRedirects6       = "dns_redirects6"
 	dnsredirectMapGenerationInfoInner = "generation_info_inner"
@@ -276,7 +275,7 @@ type dnsredirectMapSpecs struct {
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
-	DnsProxy            *ebpf.MapSpec `ebpf:"dns_proxy"`
+	DnsProxies          *ebpf.MapSpec `ebpf:"dns_proxies"`
 	DnsRedirects        *ebpf.MapSpec `ebpf:"dns_redirects"`
 	DnsRedirects6       *ebpf.MapSpec `ebpf:"dns_redirects6"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
@@ -326,7 +325,7 @@ type dnsredirectMaps struct {
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
-	DnsProxy            *ebpf.Map `ebpf:"dns_proxy"`
+	DnsProxies          *ebpf.Map `ebpf:"dns_proxies"`
 	DnsRedirects        *ebpf.Map `ebpf:"dns_redirects"`
 	DnsRedirects6       *ebpf.Map `ebpf:"dns_redirects6"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
@@ -351,7 +350,7 @@ func (m *dnsredirectMaps) Close() error {
 		m.AuditBudgets,
 		m.AuditEvents,
 		m.DestLookups,
-		m.DnsProxy,
+		m.DnsProxies,
 		m.DnsRedirects,
 		m.DnsRedirects6,
 		m.GenerationInfoInner,

@@ -927,7 +927,7 @@ func (e *Enforcer) Guards() []Guard {
 	gs = append(gs, Guard{Name: "live-sockets", Active: true,
 		What: "after each new generation, app sockets (TCP, connected UDP) to destinations it no longer allows are ended, by " + sweepHow})
 	gs = append(gs, Guard{Name: "dns-redirect", Active: e.dnsErr == nil,
-		What: "the DNS queries (port 53, UDP and TCP, to IPv4 and IPv6 resolvers) of apps with name grants go to the daemon's DNS proxy, which learns the answers before relaying them (its programs are attached only while some app has name grants); not covered: DNS over TLS or HTTPS by the app, and network namespaces other than the daemon's (their answers grant nothing)"})
+		What: "the DNS queries (port 53, UDP and TCP, to IPv4 and IPv6 resolvers) of apps with name grants go to the daemon's DNS proxy, which learns the answers before relaying them (its programs are attached only while some app has name grants); not covered: DNS over TLS or HTTPS by the app, and in a network namespace where no proxy of the daemon runs yet, the query that has the daemon start one there (dns-unobserved: its answer grants nothing)"})
 	if e.dnsErr != nil {
 		gs[len(gs)-1].Why = firstLine(e.dnsErr) + "; name grants allow nothing"
 	}

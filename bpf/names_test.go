@@ -250,8 +250,8 @@ func mapMemlock(t *testing.T, m *ebpf.Map) int64 {
 
 // TestDNSRedirect: the port-53 queries of an app with name grants, and
 // only those, go to the proxy, at an address that names the app and the
-// resolver; from a network namespace the proxy does not serve they go on,
-// with a dns-unobserved event.
+// resolver; from a network namespace no proxy serves they go on, with a
+// dns-unobserved event.
 func TestDNSRedirect(t *testing.T) {
 	w := newWorld(t, "web", "other")
 	w.apply(mustPolicy(t, strings.Replace(namesPolicy, "apps:\n", "everyone:\n  allow:\n    - to: 10.0.0.53\n      ports: [53]\n    - to: fd00::53\n      ports: [53]\napps:\n", 1)))
@@ -325,7 +325,11 @@ func TestDNSRedirect(t *testing.T) {
 	t.Run("ipv6", func(t *testing.T) { redirect6(t, w, web, port) })
 
 	drainEvents(t, rd)
-	if err := w.e.ServeDNS(port, cookie+1); err != nil { // another namespace's proxy
+	// Another namespace's proxy only.
+	if err := w.e.ServeDNS(port, cookie+1); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.e.ServeDNS(0, cookie); err != nil {
 		t.Fatal(err)
 	}
 	if v, err := web.Try(dest, query); err != nil || v != probe.Allowed {

@@ -33,6 +33,7 @@ type Enforcer interface {
 	ExpireLearned(now time.Time) (int, error)
 	RedirectOf(proto ruleset.Proto, src, dst netip.AddrPort) (bpf.Redirected, error)
 	ServeDNS(port uint16, netns uint64) error
+	ForgetDNSProxies() error
 }
 
 var _ Enforcer = (*bpf.Enforcer)(nil)

@@ -48,24 +48,17 @@ func (d *Daemon) learnAnswers(facts []ruleset.Learned) error {
 }
 
 // startDNSProxy starts the proxy that learns the answers to apps' DNS
-// queries, and points the kernel's redirect at it. It serves the daemon's
-// network namespace only: apps elsewhere resolve untouched, and their name
-// grants stay empty (an audit event, reason dns-unobserved, says so).
+// queries in the daemon's network namespace, points the kernel's redirect
+// at it, and follows apps into other network namespaces (dnsnetns.go).
 func (d *Daemon) startDNSProxy(ctx context.Context, wg *sync.WaitGroup) (stop func()) {
-	p, err := dnsproxy.Listen(dnsproxy.Config{
-		Lookup: func(network string, src, dst netip.AddrPort) (dnsproxy.Redirect, error) {
-			proto := ruleset.UDP
-			if network == "tcp" {
-				proto = ruleset.TCP
-			}
-			r, err := d.enf.RedirectOf(proto, src, dst)
-			return dnsproxy.Redirect{Resolver: r.Resolver, App: r.App}, err
-		},
-		Learn: d.learnAnswers,
-		Log:   d.log,
-	})
+	// An earlier daemon's proxies are gone.
+	err := d.enf.ForgetDNSProxies()
+	var p *dnsproxy.Proxy
 	if err == nil {
-		var cookie uint64
+		p, err = dnsproxy.Listen(d.proxyConfig(nil))
+	}
+	var cookie uint64
+	if err == nil {
 		if cookie, err = bpf.NetnsCookie(); err == nil {
 			err = d.enf.ServeDNS(p.Port, cookie)
 		}
@@ -77,20 +70,52 @@ func (d *Daemon) startDNSProxy(ctx context.Context, wg *sync.WaitGroup) (stop fu
 		d.log.Warn("guard NOT active", "guard", "dns-names", "what", "DNS-name grants learn the answers apps get", "why", err.Error()+": name grants allow nothing")
 		return func() {}
 	}
-	d.log.Info("guard active", "guard", "dns-names", "what", "apps with name grants resolve through the daemon's DNS proxy, which learns their answers before relaying them; in the daemon's network namespace only",
+	d.log.Info("guard active", "guard", "dns-names", "what", "apps with name grants resolve through the daemon's DNS proxy, which learns their answers before relaying them; in other network namespaces from their first query on",
 		"port", p.Port)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		p.Serve(ctx)
 	}()
+	others := d.followNetns(ctx, cookie)
 	return func() {
+		others()
 		// Apps' queries go to their resolvers again, unobserved.
-		if err := d.enf.ServeDNS(0, 0); err != nil {
+		if err := d.enf.ForgetDNSProxies(); err != nil {
 			d.log.Warn("turning the DNS redirect off", "err", err)
 		}
 		p.Close()
 	}
+}
+
+// proxyConfig wires a DNS proxy to the kernel. in, when set, is the
+// thread in the network namespace the proxy serves (not the daemon's):
+// the sockets that find a query's sender (sock_diag) and that ask its
+// resolver are made there.
+func (d *Daemon) proxyConfig(in *nsThread) dnsproxy.Config {
+	cfg := dnsproxy.Config{
+		Lookup: func(network string, src, dst netip.AddrPort) (dnsproxy.Redirect, error) {
+			proto := ruleset.UDP
+			if network == "tcp" {
+				proto = ruleset.TCP
+			}
+			var r bpf.Redirected
+			var err error
+			lookup := func() { r, err = d.enf.RedirectOf(proto, src, dst) }
+			if in != nil {
+				in.do(lookup)
+			} else {
+				lookup()
+			}
+			return dnsproxy.Redirect{Resolver: r.Resolver, App: r.App}, err
+		},
+		Learn: d.learnAnswers,
+		Log:   d.log,
+	}
+	if in != nil {
+		cfg.Dial = in.dial
+	}
+	return cfg
 }
 
 // expireNames forgets learned answers once their TTL and grace are over,

@@ -92,6 +92,7 @@ func (f *fakeEnforcer) RedirectOf(ruleset.Proto, netip.AddrPort, netip.AddrPort)
 	return bpf.Redirected{}, errors.New("no redirect")
 }
 func (f *fakeEnforcer) ServeDNS(uint16, uint64) error { return nil }
+func (f *fakeEnforcer) ForgetDNSProxies() error       { return nil }
 
 // appliedCount is how many generations the fake took.
 func (f *fakeEnforcer) appliedCount() int {

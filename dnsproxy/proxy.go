@@ -41,6 +41,11 @@ type Config struct {
 	// Learn puts an answer's addresses in force; the answer is relayed
 	// only after it returns nil.
 	Learn func([]ruleset.Learned) error
+	// Dial, if set, makes the socket of one exchange with a resolver
+	// (network "udp" or "tcp"), connected to it: a proxy serving another
+	// network namespace than the calling thread's makes it there. Nil:
+	// net.Dial.
+	Dial func(network string, resolver netip.AddrPort) (net.Conn, error)
 	// Timeout bounds one exchange with a resolver; 0: 5 s.
 	Timeout time.Duration
 	Log     *slog.Logger
@@ -267,8 +272,7 @@ func (p *Proxy) handle(query []byte, src, dst netip.AddrPort, network string) []
 		p.cfg.Log.Warn("DNS query from a socket the kernel did not redirect", "src", src, "dst", dst, "err", err)
 		return nil
 	}
-	c := &dns.Client{Net: network, Timeout: p.cfg.Timeout}
-	resp, _, err := c.Exchange(&m, r.Resolver.String())
+	resp, err := p.exchange(&m, network, r.Resolver)
 	if err != nil {
 		p.cfg.Log.Debug("DNS exchange failed", "app", r.App, "resolver", r.Resolver, "name", m.Question[0].Name, "err", err)
 		return fail(&m)
@@ -287,6 +291,24 @@ func (p *Proxy) handle(query []byte, src, dst netip.AddrPort, network string) []
 		return fail(&m)
 	}
 	return out
+}
+
+// exchange asks the resolver over a socket of its own, connected to the
+// resolver: an answer from any other address does not reach it.
+func (p *Proxy) exchange(m *dns.Msg, network string, resolver netip.AddrPort) (*dns.Msg, error) {
+	c := &dns.Client{Net: network, Timeout: p.cfg.Timeout}
+	if p.cfg.Dial == nil {
+		resp, _, err := c.Exchange(m, resolver.String())
+		return resp, err
+	}
+	conn, err := p.cfg.Dial(network, resolver)
+	if err != nil {
+		return nil, err
+	}
+	co := &dns.Conn{Conn: conn}
+	defer co.Close()
+	resp, _, err := c.ExchangeWithConn(m, co)
+	return resp, err
 }
 
 func fail(q *dns.Msg) []byte {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -306,4 +307,61 @@ func proxyPort(t *testing.T, e *e2e) string {
 		t.Fatalf("no port in %q", line)
 	}
 	return strings.Fields(after)[0]
+}
+
+// TestNameGrantsOtherNetns: an app whose processes live in another network
+// namespace than the daemon's (a container's), with its own resolver
+// there. Its first query goes unobserved (dns-unobserved); from it the
+// daemon starts a proxy in that namespace, and later answers grant, from
+// IPv4 and IPv6 resolvers. Once no process is left there, the proxy stops.
+func TestNameGrantsOtherNetns(t *testing.T) {
+	e := newE2EWith(t, namesE2EPolicy, true, "--poll", "1h", "--dns-grace", "0s")
+	other := nstest.NetNS(t)
+	nstest.AnyIPLoopback(t, other)
+	z := &zone{a: map[string][]string{}, ttl: map[string]uint32{}, cn: map[string]string{}}
+	startZone(t, other, "10.0.0.53:53", z)
+	startZone(t, other, "[fd00::53]:53", z)
+	web, err := probe.Start(filepath.Join(e.cgroup, "procgate.apps", "web"), other, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer web.Close()
+
+	z.set("db.corp.example", 60, "10.1.7.1")
+	if got, err := web.Resolve("db.corp.example", "10.0.0.53:53", "udp", 5432); err != nil || !slices.Equal(got, []string{"10.1.7.1=denied"}) {
+		t.Fatalf("first query, unobserved: %v, %v; want 10.1.7.1 denied", got, err)
+	}
+	waitLog(t, e, "DNS proxy started in an app's network namespace")
+	for i, tc := range []struct{ resolver, proto, addr string }{
+		{"10.0.0.53:53", "udp", "10.1.7.2"},
+		{"10.0.0.53:53", "tcp", "10.1.7.3"},
+		{"[fd00::53]:53", "udp", "fd00:7::4"},
+		{"[fd00::53]:53", "tcp", "fd00:7::5"},
+	} {
+		z.set("db.corp.example", 60, tc.addr)
+		typ := "A"
+		if strings.Contains(tc.addr, ":") {
+			typ = "AAAA"
+		}
+		got, err := web.Resolve("db.corp.example", tc.resolver, tc.proto, 5432, typ)
+		if err != nil || !slices.Equal(got, []string{tc.addr + "=allowed"}) {
+			t.Fatalf("%d: at %s over %s: %v, %v; want %s allowed\n%s", i, tc.resolver, tc.proto, got, err, tc.addr, e.daemonLog())
+		}
+	}
+	if err := web.Close(); err != nil {
+		t.Logf("prober: %v", err)
+	}
+	waitLog(t, e, "DNS proxy of a network namespace stopped")
+}
+
+// waitLog waits until the daemon's log has want.
+func waitLog(t *testing.T, e *e2e, want string) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(e.daemonLog(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q in the daemon's log:\n%s", want, e.daemonLog())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
