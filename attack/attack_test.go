@@ -61,10 +61,10 @@ func TestMain(m *testing.M) {
 // port 0 before they connect): a bind to an unlisted port by a launched, a
 // unit and a user principal; sandbox (outside: deny) is granted only the control addresses, so
 // the controls prove the target hears it while its targets, on the
-// internet, must stay out of reach. granted, nogrant and sandbox are
-// granted the name db.corp.example, which only the daemon's DNS proxy can
-// give addresses: the dns techniques forge answers naming their targets,
-// from an address that is not the resolver everyone may ask.
+// internet, must stay out of reach. Every app is granted the name
+// db.corp.example, which only the daemon's DNS proxy can give addresses:
+// the dns techniques forge answers naming their targets, from an address
+// that is not the resolver everyone may ask.
 const attackPolicy = `version: 1
 internal:
   prefixes: [10.0.0.0/8, fd00::/8, 169.254.0.0/16, fe80::/10, 224.0.0.0/4, 255.255.255.255/32, ff00::/8]
@@ -108,6 +108,9 @@ apps:
     match: {unit: attack.service}
     listen: [0, 7000]
     allow:
+      - to: db.corp.example
+        proto: tcp
+        ports: [5432]
       - to: 10.1.2.3/32
         proto: tcp
         ports: [5432]
@@ -120,6 +123,9 @@ apps:
     match: {user: 65531}
     listen: [0, 7000]
     allow:
+      - to: db.corp.example
+        proto: tcp
+        ports: [5432]
       - to: 10.1.2.3/32
         proto: tcp
         ports: [5432]

@@ -202,8 +202,9 @@ var techniques = []technique{
 	{name: "netns-new-connect", class: classCgroupNS, try: func(e *env) attempt { return e.netnsTry(false) }},
 	{name: "userns-netns-raw-icmp", class: classCgroupNS, try: func(e *env) attempt { return e.netnsTry(true) }},
 
-	// A forged DNS answer for a granted name.
-	{name: "dns-forged-answer", class: classDNS, try: func(e *env) attempt { return e.dnsForgedAnswerTry() }},
+	// Forged DNS answers for a granted name.
+	{name: "dns-forged-answer", class: classDNS, try: func(e *env) attempt { return e.dnsForgedAnswerTry(forgeToApp) }},
+	{name: "dns-forged-answer-to-proxy", class: classDNS, try: func(e *env) attempt { return e.dnsForgedAnswerTry(forgeToProxy) }},
 }
 
 func uringTo(c uringCase) func(*env) attempt {
