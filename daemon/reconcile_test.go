@@ -195,6 +195,15 @@ func appsPolicy(apps ...string) string {
 	return y
 }
 
+// startOnApps starts a test daemon, fresh, on appsPolicy(apps...).
+func startOnApps(t *testing.T, apps ...string) (string, *fakeEnforcer, *testDaemon) {
+	t.Helper()
+	dir := t.TempDir()
+	writePolicy(t, dir, appsPolicy(apps...))
+	enf := &fakeEnforcer{}
+	return dir, enf, startTestDaemon(t, dir, enf)
+}
+
 // grants lists the grant indexes app holds in st's effective ruleset.
 func grants(st *State, app string) []int {
 	a := st.effective.App(app)
@@ -221,10 +230,7 @@ func appNames(rs *ruleset.Ruleset) []string {
 // published, generations only grow, and what is published is what the
 // enforcer took last.
 func TestReloadOrdering(t *testing.T) {
-	dir := t.TempDir()
-	writePolicy(t, dir, appsPolicy("a", "b"))
-	enf := &fakeEnforcer{}
-	d := startTestDaemon(t, dir, enf)
+	dir, enf, d := startOnApps(t, "a", "b")
 	ctx := context.Background()
 	if g := d.generation(); g != 1 {
 		t.Fatalf("first generation %d, want 1", g)
@@ -316,10 +322,7 @@ func TestInvalidInputKeepsState(t *testing.T) {
 		{name: "apply refused", policy: appsPolicy("a", "z"), fail: errors.New("map full"), want: "map full"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			writePolicy(t, dir, appsPolicy("a", "b"))
-			enf := &fakeEnforcer{}
-			d := startTestDaemon(t, dir, enf)
+			dir, enf, d := startOnApps(t, "a", "b")
 			ctx := context.Background()
 			before := d.current()
 			writePolicy(t, dir, tc.policy)
@@ -366,10 +369,7 @@ func TestInvalidInputKeepsState(t *testing.T) {
 // TestRevokeAcrossReloads: a revocation holds through reloads, changed
 // policies and restarts, until it is restored.
 func TestRevokeAcrossReloads(t *testing.T) {
-	dir := t.TempDir()
-	writePolicy(t, dir, appsPolicy("a", "b"))
-	enf := &fakeEnforcer{}
-	d := startTestDaemon(t, dir, enf)
+	dir, enf, d := startOnApps(t, "a", "b")
 	ctx := context.Background()
 
 	if _, err := d.revoke(ctx, api.Request{App: "a", Grant: ptr(0)}); err != nil {
@@ -438,10 +438,7 @@ func TestRevokeAcrossReloads(t *testing.T) {
 // counters and the audit log stay with their app; a new app gets an id
 // no other app had.
 func TestRestartAdoption(t *testing.T) {
-	dir := t.TempDir()
-	writePolicy(t, dir, appsPolicy("a", "b"))
-	enf := &fakeEnforcer{}
-	d := startTestDaemon(t, dir, enf)
+	dir, enf, d := startOnApps(t, "a", "b")
 	first := d.current().appIDs
 	for _, force := range []bool{true, true} {
 		if _, err := d.Reload(context.Background(), force); err != nil {
@@ -481,10 +478,7 @@ func TestRestartAdoption(t *testing.T) {
 // policy look-up and the audit annotation answer from the State in force,
 // and an event of the generation being applied is named from it.
 func TestReadersDuringApply(t *testing.T) {
-	dir := t.TempDir()
-	writePolicy(t, dir, appsPolicy("a"))
-	enf := &fakeEnforcer{}
-	d := startTestDaemon(t, dir, enf)
+	dir, enf, d := startOnApps(t, "a")
 	before := d.current()
 
 	writePolicy(t, dir, appsPolicy("a", "late"))
