@@ -13,7 +13,7 @@ import (
 // and sweeps through it, readers ask it for counters, guards and learned
 // answers, the DNS proxy teaches it answers. Opening, attaching, the
 // audit ring and closing stay with Run, on the concrete type: they happen
-// once. Tests drive the daemon over a fake.
+// once. Tests drive the daemon over a fake (reconcile_test.go).
 type Enforcer interface {
 	// Apply, Matched and Sweep are called by the reconciler only, one at
 	// a time (bpf.Enforcer.Apply is not safe for concurrent use).
