@@ -35,6 +35,12 @@ import (
 // left in it (followed by pidfd, the last process found by a walk of
 // /proc).
 
+// maxNetnsProxies bounds the proxies in other namespaces (each holds an OS
+// thread and four sockets): a user may make network namespaces of its own
+// (unshare -rn) as fast as it likes. Past it, new namespaces' queries stay
+// unobserved.
+const maxNetnsProxies = 256
+
 // nsThread runs functions on one OS thread that stays in one network
 // namespace until stop: sockets made there are the namespace's.
 type nsThread struct{ reqs chan func() }
@@ -140,8 +146,12 @@ func (d *Daemon) followNetns(ctx context.Context, own uint64) (stop func()) {
 				}
 				mu.Lock()
 				_, known := byIno[id]
+				full := len(byIno) >= maxNetnsProxies
 				mu.Unlock()
-				if known {
+				if known || full {
+					if full && !known {
+						d.log.Warn("no DNS proxy in an app's network namespace: as many run as allowed; its name grants stay empty", "pid", r.PID, "app", r.App, "max", maxNetnsProxies)
+					}
 					ns.Close()
 					continue
 				}
