@@ -98,6 +98,9 @@ func appNode(a ruleset.App) *yaml.Node {
 	if a.AuditAllow {
 		n.Content = append(n.Content, text("audit"), text("all"))
 	}
+	if a.AuditOnly {
+		n.Content = append(n.Content, text("mode"), text("audit"))
+	}
 	if a.Match != nil {
 		n.Content = append(n.Content, text("match"), mapping(0, text(a.Match.Kind.String()), text(a.Match.Value)))
 	}

@@ -172,7 +172,7 @@ func randomRuleset(r *rand.Rand) *ruleset.Ruleset {
 		rs.Interfaces = append(rs.Interfaces, fmt.Sprintf("wg%d", i))
 	}
 	for i := range r.IntN(4) {
-		a := ruleset.App{Name: fmt.Sprintf("app-%d", i), AuditAllow: r.IntN(2) == 0}
+		a := ruleset.App{Name: fmt.Sprintf("app-%d", i), AuditAllow: r.IntN(2) == 0, AuditOnly: r.IntN(2) == 0}
 		if i < len(tricky) && r.IntN(2) == 0 {
 			a.Name = tricky[i]
 		}

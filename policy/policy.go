@@ -42,17 +42,18 @@ var (
 	everyoneKeys = []string{"allow"}
 	internalKeys = []string{"prefixes", "interfaces"}
 	auditKeys    = []string{"rate"}
-	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "handover", "audit", "outside", "loopback", "listen", "allow", "inbound", "match"}
+	appKeys      = []string{"name", "exe", "users", "keep_caps", "traceable", "handover", "audit", "mode", "outside", "loopback", "listen", "allow", "inbound", "match"}
 	inboundKeys  = []string{"dynamic"}
 	dynamicKeys  = []string{"control", "ports", "proto", "lease"}
 	exeKeys      = []string{"path", "sha256"}
 	grantKeys    = []string{"to", "proto", "ports"}
 )
 
-// The words proto and an app's audit take, also listed in the schema.
+// The words proto and an app's audit and mode take, also listed in the schema.
 var (
 	protoWords = map[string]ruleset.Proto{"tcp": ruleset.TCP, "udp": ruleset.UDP, "both": ruleset.Both}
-	auditWords = map[string]bool{"deny": false, "all": true} // value: AuditAllow
+	auditWords = map[string]bool{"deny": false, "all": true}      // value: AuditAllow
+	modeWords  = map[string]bool{"enforce": false, "audit": true} // value: AuditOnly
 	// handoverWords: may processes outside the app write to its TCP
 	// connections (handed over by SCM_RIGHTS)? value: AllowHandover
 	handoverWords = map[string]bool{"deny": false, "allow": true}
@@ -769,7 +770,10 @@ func (p *parser) app(n *yaml.Node, field string) (ruleset.App, []grantCheck, boo
 		app.AllowHandover, _ = word(p, n, join(field, "handover"), "handover mode", handoverWords, "deny or allow")
 	}
 	if n, ok := vals["audit"]; ok {
-		app.AuditAllow, _ = word(p, n, join(field, "audit"), "audit mode", auditWords, "deny or all")
+		app.AuditAllow, _ = word(p, n, join(field, "audit"), "audit setting", auditWords, "deny or all")
+	}
+	if n, ok := vals["mode"]; ok {
+		app.AuditOnly, _ = word(p, n, join(field, "mode"), "mode", modeWords, "enforce or audit")
 	}
 	if n, ok := vals["outside"]; ok {
 		app.OutsideDeny, _ = word(p, n, join(field, "outside"), "outside mode", denyWords, "allow or deny")

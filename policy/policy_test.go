@@ -130,6 +130,8 @@ func TestLoadValid(t *testing.T) {
 						{Name: "dev", Source: src(6), Traceable: true},
 						{Name: "prod", Source: src(9)},
 						{Name: "broker", Source: src(13), AllowHandover: true},
+						{Name: "trial", Source: src(17), AuditOnly: true},
+						{Name: "strict", Source: src(20)},
 					},
 				}
 			},

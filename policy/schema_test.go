@@ -99,6 +99,7 @@ func TestSchemaValuesMatchParser(t *testing.T) {
 		{"proto words", enum(at(t, grant, "proto")), sortedKeys(protoWords)},
 		{"inbound proto words", enum(at(t, s, "$defs", "dynamic", "properties", "proto")), sortedKeys(protoWords)},
 		{"audit words", enum(at(t, app, "audit")), sortedKeys(auditWords)},
+		{"mode words", enum(at(t, app, "mode")), sortedKeys(modeWords)},
 		{"outside words", enum(at(t, app, "outside")), sortedKeys(denyWords)},
 		{"loopback words", enum(at(t, app, "loopback")), sortedKeys(denyWords)},
 		{"keep_caps names", enum(at(t, app, "keep_caps", "items")), slices.Sorted(slices.Values(ruleset.LauncherDrops))},

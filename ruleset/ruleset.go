@@ -187,7 +187,14 @@ type App struct {
 	// AuditAllow asks for an audit event on every allowed internal attempt,
 	// not only on denials.
 	AuditAllow bool
-	Grants     []Grant
+	// AuditOnly (policy `mode: audit`) lets the attempts the app's policy
+	// refuses pass: each is counted and audited as a would-be denial
+	// (verdict "would-deny") instead. Only the decisions of its own
+	// policy (destinations, listen:) are not enforced; the guards around
+	// the hooks (raw sockets, handover, tracing) are. The zero value is
+	// the default, mode: enforce.
+	AuditOnly bool
+	Grants    []Grant
 	// Inbound, when set, lets the app's peers in through dynamic
 	// pinholes (policy `inbound: dynamic:`); nil: no pinholes.
 	Inbound *Inbound
@@ -506,12 +513,39 @@ type Decision struct {
 	Names []NameMatch
 	// Listen is the app's listen: behind a bind decision.
 	Listen *Listen
+	// AuditOnly says the app is in audit mode (mode: audit): a denial is
+	// not enforced; the attempt passes, audited as "would-deny". Allow
+	// and Reason stay what enforcement would decide.
+	AuditOnly bool
+}
+
+// The verdicts of audit records and Decision.Verdict.
+const (
+	VerdictAllow     = "allow"
+	VerdictDeny      = "deny"
+	VerdictWouldDeny = "would-deny" // denied by an app in audit mode: it passed
+)
+
+// Passes reports whether the attempt goes on: allowed, or denied for an
+// app in audit mode.
+func (d Decision) Passes() bool { return d.Allow || d.AuditOnly }
+
+// Verdict is what an audit record of the decision says: allow, deny, or
+// would-deny for a denial of an app in audit mode.
+func (d Decision) Verdict() string {
+	switch {
+	case d.Allow:
+		return VerdictAllow
+	case d.AuditOnly:
+		return VerdictWouldDeny
+	}
+	return VerdictDeny
 }
 
 func (d Decision) String() string {
-	verdict := "deny"
+	verdict := VerdictDeny
 	if d.Allow {
-		verdict = "allow"
+		verdict = VerdictAllow
 	}
 	var b strings.Builder
 	b.WriteString(verdict + " (" + d.Reason.String() + ")")
@@ -556,6 +590,9 @@ func (d Decision) String() string {
 			b.WriteString(" [" + s + "]")
 		}
 	}
+	if d.AuditOnly && !d.Allow {
+		b.WriteString("; mode: audit, so not enforced: the attempt passes, logged as would-deny")
+	}
 	return b.String()
 }
 
@@ -581,9 +618,9 @@ func (l *Listen) String() string {
 func (rs *Ruleset) DecideBind(app string, port uint16) Decision {
 	a := rs.App(app)
 	if a == nil || a.Listen == nil {
-		return Decision{Allow: true, Reason: ReasonNotListen, App: app}
+		return Decision{Allow: true, Reason: ReasonNotListen, App: app, AuditOnly: a != nil && a.AuditOnly}
 	}
-	return Decision{Allow: a.Listen.Allows(port), Reason: ReasonListen, App: app, Listen: a.Listen}
+	return Decision{Allow: a.Listen.Allows(port), Reason: ReasonListen, App: app, Listen: a.Listen, AuditOnly: a.AuditOnly}
 }
 
 // IsLoopback reports whether a (IPv4-mapped or not) reaches this host's
@@ -636,10 +673,11 @@ func (rs *Ruleset) DecideLearned(app string, d Dest, learned []Learned, now time
 	}
 	a := rs.App(app)
 	sandboxed := a != nil && a.OutsideDeny
+	auditOnly := a != nil && a.AuditOnly
 	if in == nil && !sandboxed {
-		return Decision{Allow: true, Reason: ReasonNotInternal, App: app}
+		return Decision{Allow: true, Reason: ReasonNotInternal, App: app, AuditOnly: auditOnly}
 	}
-	dec := Decision{App: app, Internal: in, Reason: ReasonUnbound}
+	dec := Decision{App: app, Internal: in, Reason: ReasonUnbound, AuditOnly: auditOnly}
 	if a == nil {
 		dec.App = ""
 	} else {

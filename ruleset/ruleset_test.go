@@ -359,3 +359,54 @@ func TestDecideLearned(t *testing.T) {
 		}
 	}
 }
+
+// TestDecideAuditOnly: an app in mode: audit is decided as in enforce mode
+// (Allow, Reason), and only its denials pass, as would-deny.
+func TestDecideAuditOnly(t *testing.T) {
+	p := netip.MustParsePrefix
+	grant := []Grant{{Index: 0, Prefix: p("10.1.0.0/16"), Proto: TCP, Ports: []PortRange{{443, 443}}}}
+	rs := &Ruleset{
+		Internal: []InternalPrefix{{Prefix: p("10.0.0.0/8")}},
+		Apps: []App{
+			{Name: "trial", AuditOnly: true, Grants: grant, Listen: &Listen{Ports: []PortRange{{8080, 8080}}}},
+			{Name: "box", AuditOnly: true, OutsideDeny: true, LoopbackDeny: true},
+			{Name: "strict", Grants: grant},
+		},
+	}
+	for _, tc := range []struct {
+		app, dest string
+		allow     bool
+		reason    Reason
+		verdict   string
+	}{
+		{"trial", "10.1.2.3:443", true, ReasonGranted, VerdictAllow},
+		{"trial", "10.1.2.3:80", false, ReasonPort, VerdictWouldDeny},
+		{"trial", "10.9.9.9:443", false, ReasonNoGrant, VerdictWouldDeny},
+		{"trial", "192.0.2.1:443", true, ReasonNotInternal, VerdictAllow},
+		{"box", "192.0.2.1:443", false, ReasonOutside, VerdictWouldDeny},
+		{"box", "127.0.0.1:80", false, ReasonLoopback, VerdictWouldDeny},
+		{"strict", "10.9.9.9:443", false, ReasonNoGrant, VerdictDeny},
+		{"", "10.9.9.9:443", false, ReasonUnbound, VerdictDeny},
+	} {
+		d, err := ParseDest(tc.dest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := rs.Decide(tc.app, d)
+		if got.Allow != tc.allow || got.Reason != tc.reason || got.Verdict() != tc.verdict || got.Passes() != (tc.verdict != VerdictDeny) {
+			t.Errorf("Decide(%q, %s) = %s, verdict %s, passes %v; want allow=%v reason=%s verdict %s",
+				tc.app, tc.dest, got, got.Verdict(), got.Passes(), tc.allow, tc.reason, tc.verdict)
+		}
+		if audit := strings.Contains(got.String(), "mode: audit"); audit != (tc.verdict == VerdictWouldDeny) {
+			t.Errorf("Decide(%q, %s).String() = %q: says mode: audit %v, want %v", tc.app, tc.dest, got, audit, !audit)
+		}
+	}
+	for _, tc := range []struct {
+		port    uint16
+		verdict string
+	}{{8080, VerdictAllow}, {22, VerdictWouldDeny}} {
+		if got := rs.DecideBind("trial", tc.port); got.Verdict() != tc.verdict || !got.Passes() {
+			t.Errorf("DecideBind(trial, %d) = %s, verdict %s; want %s, passing", tc.port, got, got.Verdict(), tc.verdict)
+		}
+	}
+}
