@@ -230,6 +230,9 @@ type Counters struct {
 	Deny       uint64 `json:"deny"`
 	External   uint64 `json:"external"`
 	AuditDrops uint64 `json:"audit_drops"`
+	// WouldDeny counts the attempts of an app in audit mode that its
+	// policy refuses, which passed.
+	WouldDeny uint64 `json:"would_deny,omitempty"`
 }
 
 // AuditStats summarizes the audit reader.

@@ -12,12 +12,13 @@ import (
 
 // CounterSource reads the kernel's per-app counters, indexed by the bpf
 // package's Count* slots, by app name ("" for unbound).
-type CounterSource func() (map[string][4]uint64, error)
+type CounterSource func() (map[string][bpf.NumCounts]uint64, error)
 
 var (
 	decisionsDesc = prometheus.NewDesc("procgate_decisions_total",
 		"Connection attempts decided by the kernel hooks, per app (\"-\": unbound): "+
-			"allow and deny for internal destinations, external for the rest.",
+			"allow and deny for internal destinations, external for the rest; would-deny: "+
+			"denials of an app in audit mode (mode: audit), which passed.",
 		[]string{"app", "verdict"}, nil)
 	droppedDesc = prometheus.NewDesc("procgate_audit_dropped_total",
 		"Audit events lost, per app and where (kernel: rate limit or full ring buffer).",
@@ -40,6 +41,7 @@ var verdictSlots = []struct {
 	{bpf.CountAllow, "allow"},
 	{bpf.CountDeny, "deny"},
 	{bpf.CountExternal, "external"},
+	{bpf.CountWouldDeny, "would-deny"},
 }
 
 type collector struct {

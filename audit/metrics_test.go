@@ -10,6 +10,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/procgate/procgate/bpf"
 )
 
 const kernelMetrics = `
@@ -17,14 +19,16 @@ const kernelMetrics = `
 # TYPE procgate_audit_dropped_total counter
 procgate_audit_dropped_total{app="-",where="kernel"} 4
 procgate_audit_dropped_total{app="web",where="kernel"} 8
-# HELP procgate_decisions_total Connection attempts decided by the kernel hooks, per app ("-": unbound): allow and deny for internal destinations, external for the rest.
+# HELP procgate_decisions_total Connection attempts decided by the kernel hooks, per app ("-": unbound): allow and deny for internal destinations, external for the rest; would-deny: denials of an app in audit mode (mode: audit), which passed.
 # TYPE procgate_decisions_total counter
 procgate_decisions_total{app="-",verdict="allow"} 1
 procgate_decisions_total{app="-",verdict="deny"} 2
 procgate_decisions_total{app="-",verdict="external"} 3
+procgate_decisions_total{app="-",verdict="would-deny"} 9
 procgate_decisions_total{app="web",verdict="allow"} 5
 procgate_decisions_total{app="web",verdict="deny"} 6
 procgate_decisions_total{app="web",verdict="external"} 7
+procgate_decisions_total{app="web",verdict="would-deny"} 10
 `
 
 const auditorMetrics = `
@@ -42,11 +46,11 @@ procgate_audit_log_write_errors_total 1
 procgate_audit_subscriber_dropped_total 3
 `
 
-func testCounters() (map[string][4]uint64, error) {
-	return map[string][4]uint64{"": {1, 2, 3, 4}, "web": {5, 6, 7, 8}}, nil
+func testCounters() (map[string][bpf.NumCounts]uint64, error) {
+	return map[string][bpf.NumCounts]uint64{"": {1, 2, 3, 4, 9}, "web": {5, 6, 7, 8, 10}}, nil
 }
 
-func failingCounters() (map[string][4]uint64, error) {
+func failingCounters() (map[string][bpf.NumCounts]uint64, error) {
 	return nil, errors.New("map gone")
 }
 

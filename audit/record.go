@@ -15,13 +15,14 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/procgate/procgate/bpf"
+	"github.com/procgate/procgate/ruleset"
 )
 
 // Record is one audit event as users see it. The JSON field names are a
 // stable contract: the log file and `procgate events --json` use them.
 type Record struct {
 	Time       time.Time `json:"time"`    // wall clock, UTC
-	Verdict    string    `json:"verdict"` // "allow" | "deny"
+	Verdict    string    `json:"verdict"` // "allow" | "deny" | "would-deny" (mode: audit: denied, and passed)
 	Reason     string    `json:"reason"`  // ruleset.Reason.String()
 	App        string    `json:"app"`     // "" for unbound
 	PID        uint32    `json:"pid"`
@@ -153,7 +154,7 @@ func recordOf(raw []byte, clock *wallClock, annotate Annotator) (Record, error) 
 func fromEvent(ev bpf.Event, clock *wallClock, annotate Annotator) Record {
 	r := Record{
 		Time:       clock.wall(ev.MonotonicNS),
-		Verdict:    "deny",
+		Verdict:    ruleset.VerdictDeny,
 		Reason:     ev.Reason.String(),
 		PID:        ev.PID,
 		TID:        ev.TID,
@@ -166,8 +167,11 @@ func fromEvent(ev bpf.Event, clock *wallClock, annotate Annotator) Record {
 		Generation: ev.Generation,
 		CgroupID:   ev.CgroupID,
 	}
-	if ev.Allowed {
-		r.Verdict = "allow"
+	switch {
+	case ev.Allowed:
+		r.Verdict = ruleset.VerdictAllow
+	case ev.WouldDeny:
+		r.Verdict = ruleset.VerdictWouldDeny
 	}
 	if annotate != nil {
 		app, rule := annotate(ev)

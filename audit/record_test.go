@@ -207,6 +207,24 @@ func TestRecordOf(t *testing.T) {
 			},
 		},
 		{
+			name: "would-deny of an app in audit mode",
+			event: func(e *rawEvent) {
+				e.AppID, e.Allowed, e.Reason = 1, 2, 4
+				copy(e.Addr[:], []byte{10, 9, 9, 9})
+			},
+			annotate: testAnnotate,
+			want: func(r *Record) {
+				r.Verdict, r.Reason, r.App, r.Dest = "would-deny", "no-grant", "web", "10.9.9.9:5432/tcp"
+				r.Rule = "grant #0 10.0.0.0/8 tcp ports 5432"
+			},
+		},
+		{
+			name:     "an unknown allowed value is a denial",
+			event:    func(e *rawEvent) { e.AppID, e.Allowed, e.Reason = 1, 7, 4 },
+			annotate: testAnnotate,
+			want:     func(r *Record) { r.App, r.Reason, r.Rule = "web", "no-grant", "grant #0 10.0.0.0/8 tcp ports 5432" },
+		},
+		{
 			name:     "app id the annotator cannot name is not unbound",
 			event:    func(e *rawEvent) { e.AppID, e.Reason = 7, 4 },
 			annotate: testAnnotate,

@@ -105,6 +105,11 @@ enum hook {
 // of name_grants (names.go).
 #define APP_NAMES 128
 
+// mode: audit: what the app's policy refuses passes, counted in
+// would_deny_counters and audited as AUDIT_WOULD_DENY. Tested only where
+// a decision denies, so that allowed attempts pay nothing for it.
+#define APP_AUDIT_ONLY 256
+
 // The grants of `everyone` sit in the rules trie under an app id that no
 // app gets (bpf.MaxApps keeps app ids below it).
 #define EVERYONE_APP_ID 0xffff
@@ -207,7 +212,7 @@ struct audit_event {
 	__u32 gid;
 	__u32 app_id;
 	__u32 generation;
-	__u8 allowed;
+	__u8 allowed; // 0 denied, 1 allowed, AUDIT_WOULD_DENY
 	__u8 reason;
 	__u8 hook;
 	__u8 proto; // PROTO_TCP, PROTO_UDP, 0 other
@@ -217,6 +222,10 @@ struct audit_event {
 	__u8 addr[16]; // IPv4 in the first 4 bytes
 	char comm[16];
 };
+
+// In audit_event.allowed: denied by the app's policy, and let pass because
+// the app is in audit mode (APP_AUDIT_ONLY).
+#define AUDIT_WOULD_DENY 2
 
 struct audit_budget {
 	__u64 window; // second (ktime / 1e9) the count belongs to
@@ -380,6 +389,17 @@ struct {
 	__uint(max_entries, MAX_APPS * COUNTER_SLOTS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } verdict_counters SEC(".maps");
+
+// Per app id: attempts of an app in audit mode that its policy refuses and
+// that passed. A map of its own, not a slot of verdict_counters, so that
+// the pinned verdict_counters of an earlier version stays compatible.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, MAX_APPS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} would_deny_counters SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -623,6 +643,17 @@ static __always_inline void audit(const struct dest *d, __u32 app_id, __u64 cgro
 				  __u8 allowed, __u8 reason, __u8 hook)
 {
 	audit_as(WHO_TASK, d, app_id, cgroup_id, generation, rate, allowed, reason, hook);
+}
+
+// would_deny counts and audits a denial of an app in audit mode
+// (APP_AUDIT_ONLY), which its caller then lets pass.
+static __always_inline void would_deny(int who, const struct dest *d, __u32 app_id, __u64 cgroup_id, __u32 generation,
+				       __u32 rate, __u8 reason, __u8 hook)
+{
+	__u64 *n = bpf_map_lookup_elem(&would_deny_counters, &app_id);
+	if (n)
+		*n += 1;
+	audit_as(who, d, app_id, cgroup_id, generation, rate, AUDIT_WOULD_DENY, reason, hook);
 }
 
 static __always_inline __u64 cgroup_of(int who, void *ctx)
@@ -1109,6 +1140,15 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 			audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_EVERYONE, hook);
 		v->allow = v->handoff = 1;
 		v->app_flags |= VERDICT_EVERYONE;
+		return;
+	}
+	if (app_flags & APP_AUDIT_ONLY) {
+		// Passes; handed to the backstop like an allowed verdict, so
+		// that the packet it sends is not audited a second time. Not
+		// the app's connection for the handover guard (owned): under
+		// enforcement it would not exist.
+		would_deny(WHO_TASK, d, app_id, cgroup_id, generation, info->audit_rate, reason, hook);
+		v->allow = v->handoff = 1;
 		return;
 	}
 	count(app_id, COUNT_DENY);

@@ -206,6 +206,7 @@ const (
 	dnsredirectMapSocketOwners        = "socket_owners"
 	dnsredirectMapSocketVerdicts      = "socket_verdicts"
 	dnsredirectMapVerdictCounters     = "verdict_counters"
+	dnsredirectMapWouldDenyCounters   = "would_deny_counters"
 	dnsredirectProgDnsConnect4        = "dns_connect4"
 	dnsredirectProgDnsConnect6        = "dns_connect6"
 	dnsredirectProgDnsRecvmsg4        = "dns_recvmsg4"
@@ -290,6 +291,7 @@ type dnsredirectMapSpecs struct {
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.MapSpec `ebpf:"would_deny_counters"`
 }
 
 // dnsredirectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -340,6 +342,7 @@ type dnsredirectMaps struct {
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.Map `ebpf:"would_deny_counters"`
 }
 
 func (m *dnsredirectMaps) Close() error {
@@ -365,6 +368,7 @@ func (m *dnsredirectMaps) Close() error {
 		m.SocketOwners,
 		m.SocketVerdicts,
 		m.VerdictCounters,
+		m.WouldDenyCounters,
 	)
 }
 

@@ -20,14 +20,23 @@ const MaxApps = everyoneID
 // everyoneID is EVERYONE_APP_ID in decision.h.
 const everyoneID = 0xffff
 
-// Counter slots per app (enum counter_slot in decision.h).
+// The counts per app that Enforcer.Counters gives: the slots of
+// verdict_counters (enum counter_slot in decision.h), then
+// would_deny_counters'.
 const (
 	CountAllow = iota
 	CountDeny
 	CountExternal
 	CountAuditDrop
-	counterSlots
+	// CountWouldDeny: attempts of an app in audit mode that its policy
+	// refuses, which passed (would_deny_counters).
+	CountWouldDeny
+	// NumCounts is the length of Counters' arrays.
+	NumCounts
 )
+
+// counterSlots is COUNTER_SLOTS: the slots per app in verdict_counters.
+const counterSlots = CountWouldDeny
 
 // App flags (APP_* in decision.h).
 const (
@@ -41,6 +50,7 @@ const (
 	appFlagLoopbackDeny = 32
 	appFlagListen       = 64  // APP_LISTEN: the app's binds are limited to its listen:
 	appFlagNames        = 128 // APP_NAMES: the app has DNS-name grants (name_grants)
+	appFlagAuditOnly    = 256 // APP_AUDIT_ONLY: mode: audit, its denials pass as would-deny
 )
 
 // Generation flags (GEN_* in decision.h).
@@ -360,6 +370,9 @@ func appFlags(app *ruleset.App) uint32 {
 	}
 	if app.HasNames() {
 		flags |= appFlagNames
+	}
+	if app.AuditOnly {
+		flags |= appFlagAuditOnly
 	}
 	if app.OutsideDeny {
 		flags |= appFlagOutsideDeny

@@ -139,16 +139,17 @@ type objects struct {
 	AuthorizeBind4    *ebpf.Program `ebpf:"authorize_bind4"`
 	AuthorizeBind6    *ebpf.Program `ebpf:"authorize_bind6"`
 
-	PolicyCurrent   *ebpf.Map `ebpf:"policy_current"`
-	Rules           *ebpf.Map `ebpf:"rules"`
-	PortRanges      *ebpf.Map `ebpf:"port_ranges"`
-	AppByCgroup     *ebpf.Map `ebpf:"app_by_cgroup"`
-	AppExes         *ebpf.Map `ebpf:"app_exes"`
-	AppByUid        *ebpf.Map `ebpf:"app_by_uid"`
-	VerdictCounters *ebpf.Map `ebpf:"verdict_counters"`
-	AuditBudgets    *ebpf.Map `ebpf:"audit_budgets"`
-	AuditEvents     *ebpf.Map `ebpf:"audit_events"`
-	NameGrants      *ebpf.Map `ebpf:"name_grants"`
+	PolicyCurrent     *ebpf.Map `ebpf:"policy_current"`
+	Rules             *ebpf.Map `ebpf:"rules"`
+	PortRanges        *ebpf.Map `ebpf:"port_ranges"`
+	AppByCgroup       *ebpf.Map `ebpf:"app_by_cgroup"`
+	AppExes           *ebpf.Map `ebpf:"app_exes"`
+	AppByUid          *ebpf.Map `ebpf:"app_by_uid"`
+	VerdictCounters   *ebpf.Map `ebpf:"verdict_counters"`
+	WouldDenyCounters *ebpf.Map `ebpf:"would_deny_counters"`
+	AuditBudgets      *ebpf.Map `ebpf:"audit_budgets"`
+	AuditEvents       *ebpf.Map `ebpf:"audit_events"`
+	NameGrants        *ebpf.Map `ebpf:"name_grants"`
 }
 
 // Options says where the enforcer lives.
@@ -953,19 +954,30 @@ func lsmWhy(err error) string {
 }
 
 // Counters returns the kernel's per-app counters, summed over CPUs: for each
-// app id, [CountAllow, CountDeny, CountExternal, CountAuditDrop].
-func (e *Enforcer) Counters(ids []uint32) (map[uint32][counterSlots]uint64, error) {
-	out := make(map[uint32][counterSlots]uint64, len(ids))
+// app id, the counts indexed by CountAllow ... CountWouldDeny.
+func (e *Enforcer) Counters(ids []uint32) (map[uint32][NumCounts]uint64, error) {
+	out := make(map[uint32][NumCounts]uint64, len(ids))
 	per := make([]uint64, runtime.NumCPU())
+	sum := func(m *ebpf.Map, key uint32) (uint64, error) {
+		if err := m.Lookup(key, &per); err != nil {
+			return 0, err
+		}
+		var n uint64
+		for _, v := range per {
+			n += v
+		}
+		return n, nil
+	}
 	for _, id := range ids {
-		var c [counterSlots]uint64
+		var c [NumCounts]uint64
+		var err error
 		for s := range counterSlots {
-			if err := e.objs.VerdictCounters.Lookup(id*counterSlots+uint32(s), &per); err != nil {
+			if c[s], err = sum(e.objs.VerdictCounters, id*counterSlots+uint32(s)); err != nil {
 				return nil, fmt.Errorf("read counters of app id %d: %w", id, err)
 			}
-			for _, v := range per {
-				c[s] += v
-			}
+		}
+		if c[CountWouldDeny], err = sum(e.objs.WouldDenyCounters, id); err != nil {
+			return nil, fmt.Errorf("read would-deny counter of app id %d: %w", id, err)
 		}
 		out[id] = c
 	}

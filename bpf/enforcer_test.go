@@ -141,7 +141,8 @@ func methodsFor(d ruleset.Dest) []probe.Method {
 // TestKernelMatchesDecide is the decision equivalence test: on random
 // policies and destinations, the verdict a real connect()/sendto() gets from
 // the kernel equals ruleset.Decide (which `explain` uses) and the Go model of
-// the encoding.
+// the encoding; for an app in audit mode, the attempt passes where they
+// deny (Decision.Passes).
 func TestKernelMatchesDecide(t *testing.T) {
 	apps := []string{"appa", "appb", "appc"}
 	w := newWorld(t, apps...)
@@ -169,7 +170,7 @@ func TestKernelMatchesDecide(t *testing.T) {
 
 	rng := rand.New(rand.NewPCG(7, 11))
 	const policies, dests = 50, 1000
-	var checked, allowed, binds int
+	var checked, allowed, wouldDeny, binds int
 	for p := range policies {
 		rs := randomRuleset(rng, 1+rng.IntN(3))
 		w.apply(rs)
@@ -193,15 +194,18 @@ func TestKernelMatchesDecide(t *testing.T) {
 				t.Fatal(err)
 			}
 			want := rs.Decide(app, d)
-			if modelAllow, _ := model.decide(app, d); modelAllow != want.Allow {
+			if modelAllow, _ := model.decide(app, d); modelAllow != want.Allow || (modelAllow || model.auditOnly(app)) != want.Passes() {
 				t.Fatalf("policy %d: model and Decide disagree on %s for %q", p, d, app)
 			}
-			if (got == probe.Allowed) != want.Allow {
+			if (got == probe.Allowed) != want.Passes() {
 				t.Fatalf("policy %d, app %q, %s via %s: kernel %s, Decide %s\npolicy: %+v", p, app, d, m, got, want, rs)
 			}
 			checked++
-			if want.Allow {
+			switch want.Verdict() {
+			case ruleset.VerdictAllow:
 				allowed++
+			case ruleset.VerdictWouldDeny:
+				wouldDeny++
 			}
 			// A bind to a port of 0-15 on loopback, one in ten attempts.
 			if rng.IntN(10) == 0 {
@@ -213,19 +217,20 @@ func TestKernelMatchesDecide(t *testing.T) {
 					t.Fatal(err)
 				}
 				want := rs.DecideBind(app, port)
-				if model.bind(app, port) != want.Allow {
+				if mb := model.bind(app, port); mb != want.Allow || (mb || model.auditOnly(app)) != want.Passes() {
 					t.Fatalf("policy %d: model and DecideBind disagree on a bind to %d for %q", p, port, app)
 				}
-				if (got == probe.Allowed) != want.Allow {
+				if (got == probe.Allowed) != want.Passes() {
 					t.Fatalf("policy %d, app %q, bind %s via %s: kernel %s, DecideBind %s\npolicy: %+v", p, app, b, bm, got, want, rs)
 				}
 				binds++
 			}
 		}
 	}
-	t.Logf("%d attempts and %d binds on %d policies agreed (%d attempts allowed, %d denied)", checked, binds, policies, allowed, checked-allowed)
-	if allowed == 0 || allowed == checked {
-		t.Fatalf("the random cases are one-sided (%d of %d allowed): the test would not catch a constant verdict", allowed, checked)
+	t.Logf("%d attempts and %d binds on %d policies agreed (%d attempts allowed, %d would-deny, %d denied)",
+		checked, binds, policies, allowed, wouldDeny, checked-allowed-wouldDeny)
+	if allowed == 0 || wouldDeny == 0 || allowed+wouldDeny == checked {
+		t.Fatalf("the random cases are one-sided (%d of %d allowed, %d would-deny): the test would not catch a constant verdict", allowed, checked, wouldDeny)
 	}
 }
 

@@ -61,6 +61,10 @@ func (h Hook) String() string {
 	return fmt.Sprintf("hook(%d)", uint8(h))
 }
 
+// auditWouldDeny is AUDIT_WOULD_DENY in decision.h: audit_event.allowed of
+// a would-be denial. Any other value but 1 (allowed) reads as denied.
+const auditWouldDeny = 2
+
 // Event is one audit record from the kernel.
 type Event struct {
 	MonotonicNS uint64 // bpf_ktime_get_ns: CLOCK_MONOTONIC
@@ -70,10 +74,13 @@ type Event struct {
 	AppID       uint32 // 0: unbound
 	Generation  uint32
 	Allowed     bool
-	Reason      ruleset.Reason
-	Hook        Hook
-	Dest        ruleset.Dest
-	Comm        string
+	// WouldDeny: denied by the policy of an app in audit mode, and let
+	// pass (Allowed is false).
+	WouldDeny bool
+	Reason    ruleset.Reason
+	Hook      Hook
+	Dest      ruleset.Dest
+	Comm      string
 }
 
 // EventSize is the size of struct audit_event.
@@ -91,7 +98,7 @@ func DecodeEvent(raw []byte) (Event, error) {
 	}
 	out := Event{
 		MonotonicNS: e.TsNs, CgroupID: e.CgroupId, PID: e.Pid, TID: e.Tid, UID: e.Uid, GID: e.Gid,
-		AppID: e.AppId, Generation: e.Generation, Allowed: e.Allowed != 0,
+		AppID: e.AppId, Generation: e.Generation, Allowed: e.Allowed == 1, WouldDeny: e.Allowed == auditWouldDeny,
 		Reason: ruleset.Reason(e.Reason), Hook: Hook(e.Hook),
 	}
 	switch e.Proto {

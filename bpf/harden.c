@@ -450,6 +450,14 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 	}
 	if (everyone_allows(slot, info, &d))
 		return pass_everyone(sk, cgroup_id, &d, generation, app_id, app->flags);
+	if (app->flags & APP_AUDIT_ONLY) {
+		// Passes, audited once: a UDP socket's next datagrams to the
+		// same place hit the remembered verdict.
+		would_deny(WHO_SKB, &d, app_id, cgroup_id, generation, info->audit_rate, reason, hook);
+		if (sk && d.proto == PROTO_UDP)
+			remember(sk, cgroup_id, &d, generation, app_id, app->flags);
+		return 1;
+	}
 	count(app_id, COUNT_DENY);
 	audit_as(WHO_SKB, &d, app_id, cgroup_id, generation, info->audit_rate, 0, reason, hook);
 	return 0;

@@ -181,6 +181,7 @@ const (
 	hardenMapSocketVerdicts        = "socket_verdicts"
 	hardenMapStackProbe            = "stack_probe"
 	hardenMapVerdictCounters       = "verdict_counters"
+	hardenMapWouldDenyCounters     = "would_deny_counters"
 	hardenProgBackstopEgress       = "backstop_egress"
 	hardenProgBackstopEgressPlain  = "backstop_egress_plain"
 	hardenProgGuardHandover        = "guard_handover"
@@ -268,6 +269,7 @@ type hardenMapSpecs struct {
 	SocketVerdicts        *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	StackProbe            *ebpf.MapSpec `ebpf:"stack_probe"`
 	VerdictCounters       *ebpf.MapSpec `ebpf:"verdict_counters"`
+	WouldDenyCounters     *ebpf.MapSpec `ebpf:"would_deny_counters"`
 }
 
 // hardenVariableSpecs contains global variables before they are loaded into the kernel.
@@ -319,6 +321,7 @@ type hardenMaps struct {
 	SocketVerdicts        *ebpf.Map `ebpf:"socket_verdicts"`
 	StackProbe            *ebpf.Map `ebpf:"stack_probe"`
 	VerdictCounters       *ebpf.Map `ebpf:"verdict_counters"`
+	WouldDenyCounters     *ebpf.Map `ebpf:"would_deny_counters"`
 }
 
 func (m *hardenMaps) Close() error {
@@ -345,6 +348,7 @@ func (m *hardenMaps) Close() error {
 		m.SocketVerdicts,
 		m.StackProbe,
 		m.VerdictCounters,
+		m.WouldDenyCounters,
 	)
 }
 

@@ -9,7 +9,8 @@
 #include "decision.h"
 
 // listen_refused: is the calling task of an app with listen: that does not
-// list d->port? A refusal is counted and audited here. Binds of a process
+// list d->port? A refusal is counted and audited here; for an app in audit
+// mode it is a would-be refusal, which is not refused. Binds of a process
 // of no app, or of an app without listen:, cost the generation lookup and
 // one flag test, or (in generations with listen: apps) the principal
 // lookup.
@@ -30,6 +31,10 @@ static __always_inline int listen_refused(const struct dest *d, __u8 hook)
 	struct rule_value *l = bpf_map_lookup_elem(&rules, &k);
 	if (l && port_allowed(slot, l->tcp_first, l->tcp_count, d->port))
 		return 0;
+	if (app->flags & APP_AUDIT_ONLY) {
+		would_deny(WHO_TASK, d, app_id, cgroup_id, info->generation, info->audit_rate, REASON_LISTEN, hook);
+		return 0;
+	}
 	count(app_id, COUNT_DENY);
 	audit(d, app_id, cgroup_id, info->generation, info->audit_rate, 0, REASON_LISTEN, hook);
 	return 1;

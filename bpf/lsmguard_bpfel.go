@@ -177,6 +177,7 @@ const (
 	lsmguardMapSocketOwners         = "socket_owners"
 	lsmguardMapSocketVerdicts       = "socket_verdicts"
 	lsmguardMapVerdictCounters      = "verdict_counters"
+	lsmguardMapWouldDenyCounters    = "would_deny_counters"
 	lsmguardProgGuardListen         = "guard_listen"
 	lsmguardProgGuardTunAttachQueue = "guard_tun_attach_queue"
 	lsmguardProgGuardTunCreate      = "guard_tun_create"
@@ -254,6 +255,7 @@ type lsmguardMapSpecs struct {
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.MapSpec `ebpf:"would_deny_counters"`
 }
 
 // lsmguardVariableSpecs contains global variables before they are loaded into the kernel.
@@ -301,6 +303,7 @@ type lsmguardMaps struct {
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.Map `ebpf:"would_deny_counters"`
 }
 
 func (m *lsmguardMaps) Close() error {
@@ -323,6 +326,7 @@ func (m *lsmguardMaps) Close() error {
 		m.SocketOwners,
 		m.SocketVerdicts,
 		m.VerdictCounters,
+		m.WouldDenyCounters,
 	)
 }
 

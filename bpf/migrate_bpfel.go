@@ -206,6 +206,7 @@ const (
 	migrateMapSocketOwners        = "socket_owners"
 	migrateMapSocketVerdicts      = "socket_verdicts"
 	migrateMapVerdictCounters     = "verdict_counters"
+	migrateMapWouldDenyCounters   = "would_deny_counters"
 	migrateProgFollowMkdir        = "follow_mkdir"
 	migrateProgForgetExit         = "forget_exit"
 	migrateProgForgetRmdir        = "forget_rmdir"
@@ -290,6 +291,7 @@ type migrateMapSpecs struct {
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.MapSpec `ebpf:"would_deny_counters"`
 }
 
 // migrateVariableSpecs contains global variables before they are loaded into the kernel.
@@ -342,6 +344,7 @@ type migrateMaps struct {
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.Map `ebpf:"would_deny_counters"`
 }
 
 func (m *migrateMaps) Close() error {
@@ -367,6 +370,7 @@ func (m *migrateMaps) Close() error {
 		m.SocketOwners,
 		m.SocketVerdicts,
 		m.VerdictCounters,
+		m.WouldDenyCounters,
 	)
 }
 

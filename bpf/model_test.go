@@ -113,6 +113,13 @@ func (m kernelModel) bind(app string, port uint16) bool {
 	return ok && m.ports(v, ruleset.Dest{Proto: ruleset.TCP, Port: port})
 }
 
+// auditOnly is the app's APP_AUDIT_ONLY, which decide() and
+// authorize_bind test where they deny: the denial then passes.
+func (m kernelModel) auditOnly(app string) bool {
+	id, bound := m.ids[app]
+	return bound && m.flags(id)&appFlagAuditOnly != 0
+}
+
 // ports is the kernel's binary search of a grant entry's port ranges.
 func (m kernelModel) ports(v procgateRuleValue, d ruleset.Dest) bool {
 	first, count := v.TcpFirst, v.TcpCount
@@ -166,11 +173,12 @@ func TestEncodingMatchesDecide(t *testing.T) {
 			}
 			want := rs.Decide(app, d)
 			allow, reason := m.decide(app, d)
-			if allow != want.Allow || reason != want.Reason {
-				t.Fatalf("policy %d app %q dest %s: model %v/%s, Decide %v/%s\nruleset: %+v", p, app, d, allow, reason, want.Allow, want.Reason, rs)
+			if allow != want.Allow || reason != want.Reason || m.auditOnly(app) != want.AuditOnly {
+				t.Fatalf("policy %d app %q dest %s: model %v/%s audit-only %v, Decide %v/%s audit-only %v\nruleset: %+v",
+					p, app, d, allow, reason, m.auditOnly(app), want.Allow, want.Reason, want.AuditOnly, rs)
 			}
 			// And a bind to the destination's port, as DecideBind has it.
-			if got, want := m.bind(app, d.Port%16), rs.DecideBind(app, d.Port%16); got != want.Allow {
+			if got, want := m.bind(app, d.Port%16), rs.DecideBind(app, d.Port%16); got != want.Allow || (got || m.auditOnly(app)) != want.Passes() {
 				t.Fatalf("policy %d app %q bind to port %d: model %v, DecideBind %s", p, app, d.Port%16, got, want)
 			}
 		}

@@ -200,6 +200,7 @@ const (
 	procgateMapSocketOwners        = "socket_owners"
 	procgateMapSocketVerdicts      = "socket_verdicts"
 	procgateMapVerdictCounters     = "verdict_counters"
+	procgateMapWouldDenyCounters   = "would_deny_counters"
 	procgateProgAuthorizeBind4     = "authorize_bind4"
 	procgateProgAuthorizeBind6     = "authorize_bind6"
 	procgateProgAuthorizeConnect4  = "authorize_connect4"
@@ -281,6 +282,7 @@ type procgateMapSpecs struct {
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.MapSpec `ebpf:"would_deny_counters"`
 }
 
 // procgateVariableSpecs contains global variables before they are loaded into the kernel.
@@ -328,6 +330,7 @@ type procgateMaps struct {
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.Map `ebpf:"would_deny_counters"`
 }
 
 func (m *procgateMaps) Close() error {
@@ -350,6 +353,7 @@ func (m *procgateMaps) Close() error {
 		m.SocketOwners,
 		m.SocketVerdicts,
 		m.VerdictCounters,
+		m.WouldDenyCounters,
 	)
 }
 

@@ -39,6 +39,8 @@ func randomRuleset(rng *rand.Rand, apps int) *ruleset.Ruleset {
 				app.Listen.Ports = append(app.Listen.Ports, ruleset.PortRange{Lo: lo, Hi: lo + uint16(rng.IntN(3))})
 			}
 		}
+		// mode: audit in a quarter of the apps.
+		app.AuditOnly = rng.IntN(4) == 0
 		app.Grants = randomGrants(rng, rng.IntN(8))
 		rs.Apps = append(rs.Apps, app)
 	}

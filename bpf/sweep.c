@@ -23,6 +23,8 @@
 // - a socket no app claims is left alone, unless its cgroup lies below the
 //   fence (the directory of all app cgroups): then it belonged to an app
 //   that was removed from the policy, and it has no grants;
+// - an app in audit mode (mode: audit) keeps its sockets, as its denials
+//   pass;
 // - listeners, unconnected UDP sockets, TIME_WAIT and request sockets are
 //   skipped, and so are accepted TCP connections (their local port is one a
 //   listener of the namespace listens on; listeners come first in the walk):
@@ -222,7 +224,9 @@ static __always_inline int doomed(struct sock___sw *sk, __u8 proto, const struct
 			return 0;
 		if (!internal && is_loopback(&d) && !(app->flags & APP_LOOPBACK_DENY))
 			return 0;
-		return !everyone_allows(slot, info, &d);
+		// mode: audit: nothing of the app's policy is enforced, its
+		// live sockets neither (its next attempts are would-deny).
+		return !everyone_allows(slot, info, &d) && !(app->flags & APP_AUDIT_ONLY);
 	}
 	if (!internal)
 		return 0;

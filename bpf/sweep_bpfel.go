@@ -208,6 +208,7 @@ const (
 	sweepMapSweepListenPorts    = "sweep_listen_ports"
 	sweepMapSweepRun            = "sweep_run"
 	sweepMapVerdictCounters     = "verdict_counters"
+	sweepMapWouldDenyCounters   = "would_deny_counters"
 	sweepProgSweepTcp           = "sweep_tcp"
 	sweepProgSweepUdp           = "sweep_udp"
 	sweepVarUnusedAuditEvent    = "unused_audit_event"
@@ -285,6 +286,7 @@ type sweepMapSpecs struct {
 	SweepListenPorts    *ebpf.MapSpec `ebpf:"sweep_listen_ports"`
 	SweepRun            *ebpf.MapSpec `ebpf:"sweep_run"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.MapSpec `ebpf:"would_deny_counters"`
 }
 
 // sweepVariableSpecs contains global variables before they are loaded into the kernel.
@@ -336,6 +338,7 @@ type sweepMaps struct {
 	SweepListenPorts    *ebpf.Map `ebpf:"sweep_listen_ports"`
 	SweepRun            *ebpf.Map `ebpf:"sweep_run"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.Map `ebpf:"would_deny_counters"`
 }
 
 func (m *sweepMaps) Close() error {
@@ -360,6 +363,7 @@ func (m *sweepMaps) Close() error {
 		m.SweepListenPorts,
 		m.SweepRun,
 		m.VerdictCounters,
+		m.WouldDenyCounters,
 	)
 }
 

@@ -148,8 +148,9 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 				if !ok || (o.app == "" && !o.fenced) {
 					continue
 				}
-				// With the DNS answers in force, as the kernel decides.
-				if g.Rules.DecideLearned(o.app, ruleset.Dest{Addr: peer.Addr(), Proto: q.rs, Port: peer.Port()}, learned, now).Allow {
+				// With the DNS answers in force, as the kernel decides;
+				// an app in audit mode keeps its sockets (sweep.c).
+				if g.Rules.DecideLearned(o.app, ruleset.Dest{Addr: peer.Addr(), Proto: q.rs, Port: peer.Port()}, learned, now).Passes() {
 					continue
 				}
 				ended := EndedSocket{Proto: q.rs, Local: local, Peer: peer, CgroupID: s.cgroupID, AppID: g.AppIDs[o.app]}

@@ -967,12 +967,12 @@ func (d *Daemon) serveMetrics(addr string) (*http.Server, error) {
 
 // counterSource reads the kernel's counters per app name ("" unbound),
 // of the apps of the State in force.
-func (d *Daemon) counterSource() (map[string][4]uint64, error) {
+func (d *Daemon) counterSource() (map[string][bpf.NumCounts]uint64, error) {
 	return d.counters(d.current())
 }
 
 // counters reads the kernel's counters per app name of st's policy.
-func (d *Daemon) counters(st *State) (map[string][4]uint64, error) {
+func (d *Daemon) counters(st *State) (map[string][bpf.NumCounts]uint64, error) {
 	names := []string{""}
 	ids := []uint32{0}
 	if st.policy != nil {
@@ -987,7 +987,7 @@ func (d *Daemon) counters(st *State) (map[string][4]uint64, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make(map[string][4]uint64, len(ids))
+	out := make(map[string][bpf.NumCounts]uint64, len(ids))
 	for i, id := range ids {
 		out[names[i]] = raw[id]
 	}

@@ -22,7 +22,7 @@ type Enforcer interface {
 	Sweep(opts bpf.SweepOptions) (bpf.SweepResult, error)
 
 	// The readers: safe from any goroutine, also while Apply runs.
-	Counters(ids []uint32) (map[uint32][4]uint64, error)
+	Counters(ids []uint32) (map[uint32][bpf.NumCounts]uint64, error)
 	Attached() map[string]bool
 	Guards() []bpf.Guard
 	Handover() (st bpf.HandoverStats, ok bool, err error)

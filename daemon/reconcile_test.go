@@ -75,8 +75,8 @@ func (f *fakeEnforcer) Sweep(bpf.SweepOptions) (bpf.SweepResult, error) {
 	return bpf.SweepResult{}, nil
 }
 
-func (f *fakeEnforcer) Counters(ids []uint32) (map[uint32][4]uint64, error) {
-	return map[uint32][4]uint64{}, nil
+func (f *fakeEnforcer) Counters(ids []uint32) (map[uint32][bpf.NumCounts]uint64, error) {
+	return map[uint32][bpf.NumCounts]uint64{}, nil
 }
 func (f *fakeEnforcer) Attached() map[string]bool { return map[string]bool{} }
 func (f *fakeEnforcer) Guards() []bpf.Guard       { return nil }

@@ -268,8 +268,9 @@ func (d *Daemon) status(cur *State) (*api.Status, error) {
 	return st, nil
 }
 
-func toCounters(c [4]uint64) api.Counters {
-	return api.Counters{Allow: c[0], Deny: c[1], External: c[2], AuditDrops: c[3]}
+func toCounters(c [bpf.NumCounts]uint64) api.Counters {
+	return api.Counters{Allow: c[bpf.CountAllow], Deny: c[bpf.CountDeny], External: c[bpf.CountExternal],
+		AuditDrops: c[bpf.CountAuditDrop], WouldDeny: c[bpf.CountWouldDeny]}
 }
 
 // launchable refuses apps that `procgate run` must not start: an app with

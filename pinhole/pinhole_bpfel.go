@@ -278,6 +278,7 @@ const (
 	pinholeMapSocketOwners        = "socket_owners"
 	pinholeMapSocketVerdicts      = "socket_verdicts"
 	pinholeMapVerdictCounters     = "verdict_counters"
+	pinholeMapWouldDenyCounters   = "would_deny_counters"
 	pinholeProgGuardIngress       = "guard_ingress"
 	pinholeProgHoldEgress         = "hold_egress"
 	pinholeProgKickControlSocks   = "kick_control_socks"
@@ -383,6 +384,7 @@ type pinholeMapSpecs struct {
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.MapSpec `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.MapSpec `ebpf:"would_deny_counters"`
 }
 
 // pinholeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -448,6 +450,7 @@ type pinholeMaps struct {
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
 	VerdictCounters     *ebpf.Map `ebpf:"verdict_counters"`
+	WouldDenyCounters   *ebpf.Map `ebpf:"would_deny_counters"`
 }
 
 func (m *pinholeMaps) Close() error {
@@ -480,6 +483,7 @@ func (m *pinholeMaps) Close() error {
 		m.SocketOwners,
 		m.SocketVerdicts,
 		m.VerdictCounters,
+		m.WouldDenyCounters,
 	)
 }
 
