@@ -222,6 +222,10 @@ type AppStatus struct {
 	Grants   []string `json:"grants"`
 	Revoked  []string `json:"revoked,omitempty"` // "all" or grant numbers; "fleet:..." revoked fleet-wide
 	Counters Counters `json:"counters"`
+	// Mode is the app's mode in force: "enforce", or "audit" (mode:
+	// audit: what its policy refuses passes, as would-deny). An app whose
+	// grants are all revoked is enforced.
+	Mode string `json:"mode"`
 }
 
 // Counters are the kernel's per-principal decision counts.
@@ -250,9 +254,16 @@ type Explain struct {
 	// "unit nginx.service", "user backup"; "" for --app.
 	Principal string `json:"principal,omitempty"`
 	Dest      string `json:"dest"`
-	Allow     bool   `json:"allow"`
-	Reason    string `json:"reason"`
-	Decision  string `json:"decision"` // human form with the rules behind it
+	// Allow and Reason are the decision as enforced: for an app in audit
+	// mode, what enforcement would decide.
+	Allow  bool   `json:"allow"`
+	Reason string `json:"reason"`
+	// Verdict is what the attempt's audit record says: "allow", "deny",
+	// or "would-deny" (an app in audit mode: denied, and it passes).
+	Verdict string `json:"verdict"`
+	// Mode is the app's mode, "enforce" or "audit"; "" unbound.
+	Mode     string `json:"mode,omitempty"`
+	Decision string `json:"decision"` // human form with the rules behind it
 }
 
 // Revoke is the answer to OpRevoke.

@@ -1166,6 +1166,10 @@ func (d *Daemon) describeRevoked() map[string][]string {
 }
 
 // apply returns rs without the revoked grants (rs itself when r is nil).
+// An app revoked whole is enforced whatever its mode: `revoke --app` cuts
+// an app off, and in audit mode (mode: audit) its attempts would still
+// pass. One revoked grant of an app in audit mode only makes its attempts
+// would-deny, as the policy without the grant would.
 func (r *revocations) apply(rs *ruleset.Ruleset) *ruleset.Ruleset {
 	if r == nil {
 		return rs
@@ -1174,7 +1178,7 @@ func (r *revocations) apply(rs *ruleset.Ruleset) *ruleset.Ruleset {
 	for i := range out.Apps {
 		a := &out.Apps[i]
 		if r.Apps[a.Name] {
-			a.Grants = nil
+			a.Grants, a.AuditOnly = nil, false
 			continue
 		}
 		if gs := r.Grants[a.Name]; len(gs) > 0 {

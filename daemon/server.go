@@ -248,7 +248,10 @@ func (d *Daemon) status(cur *State) (*api.Status, error) {
 	}
 	for _, a := range cur.policy.Apps {
 		as := api.AppStatus{Name: a.Name, ID: cur.appIDs[a.Name], Cgroup: filepath.Join(d.appDirs.Base, a.Name), Principal: a.Match.Describe(),
-			Cgroups: 1, Revoked: cur.revoked[a.Name], Counters: toCounters(counters[a.Name])}
+			Cgroups: 1, Revoked: cur.revoked[a.Name], Counters: toCounters(counters[a.Name]), Mode: a.Mode()}
+		if e := cur.effective.App(a.Name); e != nil {
+			as.Mode = e.Mode() // a revoked app is enforced
+		}
 		switch a.Kind() {
 		case ruleset.MatchUser:
 			as.Cgroup, as.Cgroups = "", 0
@@ -341,9 +344,12 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 		return nil, fmt.Errorf("no app %q in the policy %s", app, d.cfg.PolicyPath)
 	}
 	dec := st.effective.DecideLearned(app, dest, d.enf.Learned(), time.Now())
-	ex := &api.Explain{App: app, Dest: dest.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}
-	if a := st.effective.App(app); req.PID != 0 && a != nil {
-		ex.Principal = a.Match.Describe()
+	ex := &api.Explain{App: app, Dest: dest.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Verdict: dec.Verdict(), Decision: dec.String()}
+	if a := st.effective.App(app); a != nil {
+		ex.Mode = a.Mode()
+		if req.PID != 0 {
+			ex.Principal = a.Match.Describe()
+		}
 	}
 	// As the kernel does: in an app with exe:, a process running another
 	// binary holds none of the grants.
@@ -362,6 +368,10 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 			} else {
 				ex.Allow, ex.Reason = false, ruleset.ReasonExe.String()
 				ex.Decision = fmt.Sprintf("deny (%s): the process runs %s, %s", ruleset.ReasonExe, target, st.exeWhy(app, target))
+				if dec.AuditOnly {
+					ex.Decision += ruleset.AuditOnlyNote
+				}
+				ex.Verdict = dec.Verdict()
 			}
 		}
 	}

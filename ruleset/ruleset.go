@@ -228,6 +228,20 @@ type App struct {
 	Source Source
 }
 
+// An app's modes, as the policy's mode: writes them.
+const (
+	ModeEnforce = "enforce"
+	ModeAudit   = "audit" // AuditOnly
+)
+
+// Mode is the app's mode: ModeAudit or ModeEnforce.
+func (a *App) Mode() string {
+	if a.AuditOnly {
+		return ModeAudit
+	}
+	return ModeEnforce
+}
+
 // MatchKind is what kind of principal an app is.
 type MatchKind uint8
 
@@ -526,6 +540,9 @@ const (
 	VerdictWouldDeny = "would-deny" // denied by an app in audit mode: it passed
 )
 
+// AuditOnlyNote ends the explanation of a denial of an app in audit mode.
+const AuditOnlyNote = "; mode: audit, so not enforced: the attempt passes, logged as would-deny"
+
 // Passes reports whether the attempt goes on: allowed, or denied for an
 // app in audit mode.
 func (d Decision) Passes() bool { return d.Allow || d.AuditOnly }
@@ -591,7 +608,7 @@ func (d Decision) String() string {
 		}
 	}
 	if d.AuditOnly && !d.Allow {
-		b.WriteString("; mode: audit, so not enforced: the attempt passes, logged as would-deny")
+		b.WriteString(AuditOnlyNote)
 	}
 	return b.String()
 }

@@ -300,6 +300,15 @@ would refuse. The daemon logs the same warnings when it loads the policy.`,
 			if n := len(rs.Everyone); n > 0 {
 				fmt.Fprintf(out, ", %d everyone grants", n)
 			}
+			var audited []string
+			for _, a := range rs.Apps {
+				if a.AuditOnly {
+					audited = append(audited, a.Name)
+				}
+			}
+			if len(audited) > 0 {
+				fmt.Fprintf(out, "; in audit mode, not enforced: %s", strings.Join(audited, " "))
+			}
 			fmt.Fprintln(out)
 			return nil
 		},
@@ -377,9 +386,18 @@ func printStatus(w io.Writer, st *api.Status) {
 		}
 	}
 	fmt.Fprintf(w, "internal %s\n", strings.Join(st.Internal, " "))
+	var audited []string
+	for _, a := range st.Apps {
+		if a.Mode == ruleset.ModeAudit {
+			audited = append(audited, a.Name)
+		}
+	}
+	if len(audited) > 0 {
+		fmt.Fprintf(w, "AUDIT MODE, NOT ENFORCED: %s (what their policy refuses passes, logged as would-deny)\n", strings.Join(audited, " "))
+	}
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "APP\tPRINCIPAL\tCGROUPS\tALLOW\tDENY\tEXTERNAL\tGRANTS\tREVOKED")
-	fmt.Fprintf(tw, "(unbound)\t-\t-\t%d\t%d\t%d\t-\t-\n", st.Unbound.Allow, st.Unbound.Deny, st.Unbound.External)
+	fmt.Fprintln(tw, "APP\tMODE\tPRINCIPAL\tCGROUPS\tALLOW\tDENY\tWOULD-DENY\tEXTERNAL\tGRANTS\tREVOKED")
+	fmt.Fprintf(tw, "(unbound)\t-\t-\t-\t%d\t%d\t-\t%d\t-\t-\n", st.Unbound.Allow, st.Unbound.Deny, st.Unbound.External)
 	for _, a := range st.Apps {
 		rev := strings.Join(a.Revoked, ",")
 		if rev == "" {
@@ -392,7 +410,12 @@ func printStatus(w io.Writer, st *api.Status) {
 		if strings.HasPrefix(principal, ruleset.MatchUser.String()+" ") {
 			cgs = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", a.Name, principal, cgs, a.Counters.Allow, a.Counters.Deny, a.Counters.External, len(a.Grants), rev)
+		mode := a.Mode
+		if mode == ruleset.ModeAudit {
+			mode = "AUDIT"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\n", a.Name, mode, principal, cgs, a.Counters.Allow, a.Counters.Deny,
+			a.Counters.WouldDeny, a.Counters.External, len(a.Grants), rev)
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "audit: %d events, %d decode errors, %d dropped; log %s\n", st.Audit.Events, st.Audit.DecodeErrors, st.Audit.Dropped, st.Audit.Log)
@@ -414,7 +437,11 @@ func explainCmd(client func() api.Client) *cobra.Command {
 		Long: `Shows the decision for a destination and the rule or reason behind it. It
 exits 0 whatever the decision; with --exit-code it exits 0 on allow, 1 on deny
 and 2 when it cannot decide (bad arguments, no daemon, an invalid policy), for
-scripts and CI checks of a policy.`,
+scripts and CI checks of a policy.
+
+For an app in audit mode (mode: audit) it says what enforcement would decide,
+and that a denial is not enforced: the attempt passes and is logged as
+would-deny. --exit-code follows the decision enforcement would make.`,
 		Example: `  procgate explain --app psql-prod 10.1.2.3:5432/tcp
   procgate explain --pid 4242 '[fd00:1::5]:443'
   procgate explain --policy policy.yaml --app psql-prod 10.1.2.3:5432   # offline, without a daemon
@@ -497,7 +524,11 @@ func explain(client func() api.Client, app string, pid int, policyFile string, a
 		return nil, fmt.Errorf("no app %q in %s", app, policyFile)
 	}
 	dec := rs.Decide(app, d)
-	return &api.Explain{App: app, Dest: d.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Decision: dec.String()}, nil
+	ex := &api.Explain{App: app, Dest: d.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Verdict: dec.Verdict(), Decision: dec.String()}
+	if a := rs.App(app); a != nil {
+		ex.Mode = a.Mode()
+	}
+	return ex, nil
 }
 
 func eventsCmd(client func() api.Client) *cobra.Command {
