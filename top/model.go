@@ -93,7 +93,8 @@ type Model struct {
 	message string
 }
 
-// Rates are one app's decisions per second between two snapshots.
+// Rates are one app's decisions per second between two snapshots; Deny
+// counts would-deny attempts too (denied).
 type Rates struct {
 	Allow, Deny, External float64
 }
@@ -153,7 +154,7 @@ func (m Model) snapshot(msg StatusMsg) Model {
 			}
 			rates[a.Name] = Rates{
 				Allow:    perSecond(a.Counters.Allow, p.Allow, secs),
-				Deny:     perSecond(a.Counters.Deny, p.Deny, secs),
+				Deny:     perSecond(denied(a.Counters), denied(p), secs),
 				External: perSecond(a.Counters.External, p.External, secs),
 			}
 		}
@@ -165,6 +166,10 @@ func (m Model) snapshot(msg StatusMsg) Model {
 	m.status, m.pinholes, m.at, m.prevAt, m.rates = msg.Status, msg.Pinholes, msg.At, msg.At, rates
 	return m
 }
+
+// denied counts an app's denials and would-be denials (audit mode: they
+// passed); an app has the latter only while in audit mode.
+func denied(c api.Counters) uint64 { return c.Deny + c.WouldDeny }
 
 // perSecond is a counter's rate; a counter that went back (a daemon
 // restart) counts from zero.

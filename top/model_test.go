@@ -19,8 +19,8 @@ func testStatus(webAllow, webDeny uint64) *api.Status {
 		Generation: 7, Policy: "/etc/procgate/policy.yaml",
 		Guards: []api.Guard{{Name: "connect", Active: true}, {Name: "socket-lsm", Active: false, Why: "no BPF LSM"}},
 		Apps: []api.AppStatus{
-			{Name: "web", Principal: "launched", Grants: []string{"a", "b"}, Counters: api.Counters{Allow: webAllow, Deny: webDeny, External: 4}},
-			{Name: "backup", Principal: "user backup", Revoked: []string{"all"}},
+			{Name: "web", Mode: "enforce", Principal: "launched", Grants: []string{"a", "b"}, Counters: api.Counters{Allow: webAllow, Deny: webDeny, External: 4}},
+			{Name: "backup", Mode: "enforce", Principal: "user backup", Revoked: []string{"all"}},
 		},
 	}
 }
@@ -85,13 +85,34 @@ func TestViewRowsRatesAndDenials(t *testing.T) {
 	checkView(t, v, 80, 24, []string{
 		"gen 7",
 		// 20 allowed and 4 denied in 2 s; totals; grants; principal kind
-		"web            launched  2 -       10.0    2.0    0.0       30      6       4",
-		"backup         user      0 all",
+		"web         enforce launched  2 -       10.0    2.0    0.0      30      6      4",
+		"backup      enforce user      0 all",
 		"web        4242   curl       10.1.2.3:5432/tcp       no-grant",
 		"10.7.0.1:22/tcp",
 		"GUARDS connect", "NOT GUARDED on this kernel: socket-lsm",
 		"g grant",
 	}, []string{"10.9.9.9"})
+}
+
+// TestViewAuditMode: an app in audit mode says so in capitals, in its row
+// and above the table, and its DENY columns count its would-deny attempts.
+func TestViewAuditMode(t *testing.T) {
+	st := func(wouldDeny uint64) *api.Status {
+		s := testStatus(0, 0)
+		// A raw socket refused (deny), and would-be denials that passed.
+		s.Apps = append(s.Apps, api.AppStatus{Name: "trial", Mode: "audit", Principal: "unit trial.service",
+			Counters: api.Counters{Deny: 1, WouldDeny: wouldDeny}})
+		return s
+	}
+	m := feed(t, New(Config{Root: true}), StatusMsg{Status: st(2), At: t0}, StatusMsg{Status: st(6), At: t0.Add(2 * time.Second)})
+	checkView(t, m.View(), 80, 24, []string{
+		"AUDIT MODE, NOT ENFORCED: trial (their denials pass as would-deny)",
+		"web         enforce launched",
+		"trial       AUDIT   unit      0 -        0.0    2.0    0.0       0      7      0",
+	}, nil)
+	if plain := feed(t, New(Config{}), StatusMsg{Status: testStatus(0, 0), At: t0}).View(); strings.Contains(plain, "AUDIT") {
+		t.Errorf("no app in audit mode, and the view says AUDIT:\n%s", plain)
+	}
 }
 
 func TestFiltersAndPause(t *testing.T) {

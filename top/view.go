@@ -8,6 +8,7 @@ import (
 	"github.com/charmbracelet/lipgloss"
 
 	"github.com/procgate/procgate/audit"
+	"github.com/procgate/procgate/ruleset"
 )
 
 var (
@@ -31,6 +32,7 @@ func (m Model) View() string {
 		top = append(top, "waiting for the daemon...")
 		return strings.Join(top, "\n")
 	}
+	top = append(top, m.auditLine(w)...)
 	apps := m.appLines(w)
 	foot := m.footer(w)
 	guards := m.guardLines(w)
@@ -73,7 +75,11 @@ func (m Model) title() string {
 	return t
 }
 
-const appHead = "APP            KIND     GR REV  ALLOW/s DENY/s  EXT/s    ALLOW   DENY     EXT"
+// The app table's columns, 80 cells wide. MODE is AUDIT for an app in
+// audit mode, whose DENY columns count its would-deny attempts too.
+const appColumns = "%-11s %-7s %-8s %2v %-4s %7s %6s %6s %7v %6v %6v"
+
+var appHead = fmt.Sprintf(appColumns, "APP", "MODE", "KIND", "GR", "REV", "ALLOW/s", "DENY/s", "EXT/s", "ALLOW", "DENY", "EXT")
 
 func (m Model) appLines(w int) []string {
 	out := []string{headStyle.Render(cut(appHead, w))}
@@ -87,12 +93,35 @@ func (m Model) appLines(w int) []string {
 			rev = strings.Join(a.Revoked, ",")
 		}
 		kind, _, _ := strings.Cut(a.Principal, " ")
-		line := fmt.Sprintf("%-14s %-8s %2d %-4s %7s %6s %6s %8d %6d %7d",
-			cut(a.Name, 14), cut(kind, 8), len(a.Grants), cut(rev, 4),
-			rate(r.Allow), rate(r.Deny), rate(r.External), a.Counters.Allow, a.Counters.Deny, a.Counters.External)
+		line := fmt.Sprintf(appColumns,
+			cut(a.Name, 11), modeText(a.Mode), cut(kind, 8), len(a.Grants), cut(rev, 4),
+			rate(r.Allow), rate(r.Deny), rate(r.External), a.Counters.Allow, denied(a.Counters), a.Counters.External)
 		out = append(out, cut(line, w))
 	}
 	return out
+}
+
+// modeText is the MODE column: audit mode in capitals, as it is not
+// enforcement.
+func modeText(mode string) string {
+	if mode == ruleset.ModeAudit {
+		return "AUDIT"
+	}
+	return mode
+}
+
+// auditLine names the apps in audit mode, or is nil when there are none.
+func (m Model) auditLine(w int) []string {
+	var names []string
+	for _, a := range m.status.Apps {
+		if a.Mode == ruleset.ModeAudit {
+			names = append(names, a.Name)
+		}
+	}
+	if len(names) == 0 {
+		return nil
+	}
+	return []string{warnStyle.Render(cut("AUDIT MODE, NOT ENFORCED: "+strings.Join(names, " ")+" (their denials pass as would-deny)", w))}
 }
 
 func rate(v float64) string {

@@ -96,8 +96,8 @@ func TestTopInTmux(t *testing.T) {
 	top := fmt.Sprintf("env %s=1 TERM=screen %s --socket %s top", envAsMain, e.bin, e.socket)
 	tm.run(t, "new-session", "-d", "-s", "root", "-x", "80", "-y", "24", top)
 	tm.waitFor(t, "root", "procgate top", "10.1.2.3:5433/tcp", "port-not-granted", "GUARDS")
-	// db's row: launched, not revoked, its denials in total.
-	dbRow := regexp.MustCompile(`(?m)^db\s+launched\s+\d+ -\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+\d+\s*$`)
+	// db's row: enforced, launched, not revoked, its denials in total.
+	dbRow := regexp.MustCompile(`(?m)^db\s+enforce\s+launched\s+\d+ -\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+\d+\s*$`)
 	deny := func(n string) func(string) bool {
 		return func(p string) bool { m := dbRow.FindStringSubmatch(p); return m != nil && m[1] == n }
 	}
