@@ -8,11 +8,13 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/procgate/procgate/internal/etcdtest"
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
 )
 
 func TestMain(m *testing.M) {
+	etcdtest.MaybeServe()
 	maybeClient()
 	probe.MaybeServe()
 	os.Exit(m.Run())
@@ -129,6 +131,15 @@ func TestSmoke(t *testing.T) {
 	if dr := r.DNS; dr == nil || dr.Answers == 0 || len(dr.AnswerMs) != dr.Answers || dr.Answer.P50 <= 0 {
 		t.Errorf("dns phase: %+v", dr)
 	}
+	if f := r.Fleet; f == nil || len(f.Pushes) != r.Config.FleetPushes || len(f.HoleWrites) == 0 || len(f.FailoverMs) == 0 || f.KeptHoles != f.OpenedHoles || len(f.MemberRSSMiB) != 3 {
+		t.Errorf("fleet phase: %+v", f)
+	} else {
+		for _, p := range f.Pushes {
+			if p.Applied != f.Hosts {
+				t.Errorf("fleet push %+v: %d of %d hosts applied it", p, p.Applied, f.Hosts)
+			}
+		}
+	}
 	// Measuring one phase again and merging it keeps the others' results.
 	if err := run(options{tiny: true, out: out, phases: []string{phaseDaemon}, merge: true}); err != nil {
 		t.Fatal(err)
@@ -149,7 +160,7 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "## Connect cost per principal kind", "## DNS answer to grant", "measured again", "scaling-p50.svg", "throughput.svg"} {
+	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "## Connect cost per principal kind", "## DNS answer to grant", "## Fleet on etcd", "measured again", "scaling-p50.svg", "throughput.svg"} {
 		if !strings.Contains(string(report), want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}

@@ -12,10 +12,12 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/procgate/procgate/internal/etcdtest"
 	"github.com/procgate/procgate/internal/probe"
 )
 
 func main() {
+	etcdtest.MaybeServe() // the fleet phase's etcd members
 	maybeClient()
 	probe.MaybeServe() // the revocation phase's socket holders
 	var o options

@@ -229,6 +229,7 @@ func (r *results) markdown(plots map[string]string) string {
 	r.routesSection(w)
 	r.principalsSection(w)
 	r.dnsSection(w)
+	r.fleetSection(w)
 	r.costSection(w)
 	if len(r.Notes) > 0 {
 		w("## Notes")

@@ -31,6 +31,7 @@ type results struct {
 	// kind (Variant) and the unenforced baseline and control.
 	Principals []latResult    `json:"principals,omitempty"`
 	DNS        *dnsResult     `json:"dns,omitempty"`
+	Fleet      *fleetResult   `json:"fleet,omitempty"`
 	BPFCost    []bpfCost      `json:"bpf_cost"`
 	Targets    []targetResult `json:"targets"`
 	Notes      []string       `json:"notes"`
@@ -168,6 +169,9 @@ func (r *results) merge(dir string, phases []string) error {
 	if slices.Contains(phases, phaseDNS) || cfg.DNSAnswers == 0 {
 		cfg.DNSAnswers = r.Config.DNSAnswers
 	}
+	if slices.Contains(phases, phaseFleet) || cfg.FleetHosts == 0 {
+		cfg.FleetHosts, cfg.FleetPushes, cfg.FleetHoles, cfg.FleetFailovers = r.Config.FleetHosts, r.Config.FleetPushes, r.Config.FleetHoles, r.Config.FleetFailovers
+	}
 	if !reflect.DeepEqual(cfg, r.Config) {
 		return fmt.Errorf("merge: this run's settings differ from those of %s (%+v, not %+v): run in full instead", path, r.Config, old.Config)
 	}
@@ -203,6 +207,8 @@ func (r *results) merge(dir string, phases []string) error {
 			old.Principals = r.Principals
 		case phaseDNS:
 			old.DNS = r.DNS
+		case phaseFleet:
+			old.Fleet = r.Fleet
 		}
 		old.Meta.TotalSeconds = round3(old.Meta.TotalSeconds - old.Meta.PhaseSeconds[p] + r.Meta.PhaseSeconds[p])
 		old.Meta.PhaseSeconds[p] = r.Meta.PhaseSeconds[p]

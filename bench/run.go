@@ -28,7 +28,7 @@ const (
 	phaseRevocation = "revocation"
 )
 
-var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole, phaseDaemon, phaseRoutes, phasePrincipals, phaseDNS}
+var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole, phaseDaemon, phaseRoutes, phasePrincipals, phaseDNS, phaseFleet}
 
 type options struct {
 	quick   bool
@@ -89,6 +89,12 @@ type config struct {
 	RouteAdds int `json:"route_adds"`
 	// The dns phase: names resolved, each answer timed to the app.
 	DNSAnswers int `json:"dns_answers"`
+	// The fleet phase: simulated hosts and pushes to them, holes written
+	// through etcd, gateway failover rounds.
+	FleetHosts     int `json:"fleet_hosts"`
+	FleetPushes    int `json:"fleet_pushes"`
+	FleetHoles     int `json:"fleet_holes"`
+	FleetFailovers int `json:"fleet_failovers"`
 }
 
 func configFor(o options) config {
@@ -99,21 +105,24 @@ func configFor(o options) config {
 			TputRounds: 1, TputDuration: 200 * time.Millisecond,
 			PinholeOpens: 30, UpdateBatches: []int{1, 100}, UpdateExisting: []int{0}, UpdateDuration: 50 * time.Millisecond,
 			TransferBytes: 8 << 20, TransferRounds: 2, Revokes: 2, SweepSockets: []int{10},
-			CLIRevokes: 2, DaemonSize: 1000, DaemonIdle: time.Second, DaemonReloads: 2, RouteAdds: 10, DNSAnswers: 20}
+			CLIRevokes: 2, DaemonSize: 1000, DaemonIdle: time.Second, DaemonReloads: 2, RouteAdds: 10, DNSAnswers: 20,
+			FleetHosts: 50, FleetPushes: 2, FleetHoles: 512, FleetFailovers: 1}
 	case o.quick:
 		return config{Mode: "quick", MatrixSize: 100, Sizes: []int{10, 1000, 5000, 100000}, Attempts: 6000, Batch: 500, Warmup: 50,
 			ReloadSize: 1000, Reloads: 200, ReloadAttempts: 500_000, ReloadLimit: 10 * time.Second, ReloadTimings: 3,
 			TputRounds: 6, TputDuration: 200 * time.Millisecond,
 			PinholeOpens: 300, UpdateBatches: []int{1, 100, 1000}, UpdateExisting: []int{0}, UpdateDuration: 200 * time.Millisecond,
 			TransferBytes: 100 << 20, TransferRounds: 40, Revokes: 5, SweepSockets: []int{10, 1000, 10000},
-			CLIRevokes: 5, DaemonSize: 100_000, DaemonIdle: 3 * time.Second, DaemonReloads: 2, RouteAdds: 50, DNSAnswers: 200}
+			CLIRevokes: 5, DaemonSize: 100_000, DaemonIdle: 3 * time.Second, DaemonReloads: 2, RouteAdds: 50, DNSAnswers: 200,
+			FleetHosts: 2000, FleetPushes: 3, FleetHoles: 4096, FleetFailovers: 2}
 	}
 	return config{Mode: "full", MatrixSize: 100, Sizes: []int{10, 100, 1000, 5000, 100000, 1000000}, Attempts: 200_000, Batch: 2000, Warmup: 100,
 		ReloadSize: 1000, Reloads: 1000, ReloadAttempts: 10_000_000, ReloadLimit: 70 * time.Second, ReloadTimings: 3,
 		TputRounds: 20, TputDuration: 250 * time.Millisecond,
 		PinholeOpens: 2000, UpdateBatches: []int{1, 10, 100, 1000, 10_000}, UpdateExisting: []int{0, 100_000}, UpdateDuration: time.Second,
 		TransferBytes: 100 << 20, TransferRounds: 200, Revokes: 20, SweepSockets: []int{10, 1000, 10000},
-		CLIRevokes: 20, DaemonSize: 1_000_000, DaemonIdle: 10 * time.Second, DaemonReloads: 3, RouteAdds: 200, DNSAnswers: 1000}
+		CLIRevokes: 20, DaemonSize: 1_000_000, DaemonIdle: 10 * time.Second, DaemonReloads: 3, RouteAdds: 200, DNSAnswers: 1000,
+		FleetHosts: 10_000, FleetPushes: 5, FleetHoles: 20_480, FleetFailovers: 3}
 }
 
 // bench is one run.
@@ -195,6 +204,7 @@ func run(o options) (err error) {
 		phaseRoutes:     b.routesPhase,
 		phasePrincipals: b.principalsPhase,
 		phaseDNS:        b.dnsPhase,
+		phaseFleet:      b.fleetPhase,
 	}
 	for _, p := range allPhases {
 		if !slices.Contains(o.phases, p) {

@@ -68,6 +68,7 @@ func (r *results) evaluate() []targetResult {
 	out = append(out, r.flatness(), r.versusNft(), r.tunnel(), r.reloadCorrect(), r.reloadTime(), r.revocationTarget(), r.verdictsCorrect())
 	out = append(out, r.pinholeTargets()...)
 	out = append(out, r.routesTarget())
+	out = append(out, r.fleetTargets()...)
 	return out
 }
 
