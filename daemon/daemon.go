@@ -40,7 +40,7 @@ import (
 	"github.com/procgate/procgate/ruleset"
 )
 
-// Defaults of the contract in DESIGN.md.
+// Defaults of the installed layout (README.md, the table under Install).
 const (
 	DefaultStateDir = "/var/lib/procgate"
 	// DefaultPolicyPath is where `make install` and the packages put the

@@ -3,7 +3,8 @@ package daemon
 import "testing"
 
 // TestConfigDefaults: a zero Config enforces the installed policy with the
-// contract's paths (DESIGN.md), as procgate.service runs it.
+// paths of the installed layout (README.md, under Install), as
+// procgate.service runs it.
 func TestConfigDefaults(t *testing.T) {
 	var c Config
 	if err := c.setDefaults(); err != nil {
