@@ -1,5 +1,6 @@
-// Package policy reads procgate's YAML policy (version 1, see DESIGN.md and
-// procgate.schema.json), checks it, and compiles it to a *ruleset.Ruleset.
+// Package policy reads procgate's YAML policy (version 1, see README.md,
+// docs/policy.md and procgate.schema.json), checks it, and compiles it to a
+// *ruleset.Ruleset.
 //
 // Parsing walks the YAML node tree by hand instead of decoding into structs:
 // only the node tree knows the line and column of every value, and a walk can

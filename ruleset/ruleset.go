@@ -659,7 +659,7 @@ func covering(gs []Grant, d Dest) []Grant {
 	return out
 }
 
-// Decide is the decision function of DESIGN.md:
+// Decide is the decision function of docs/policy.md:
 //
 //	allow(p, d) = d ∈ Everyone(d)
 //	              ∨ (principal(p) ≠ ⊥ ∧ ∃ grant g of principal(p): g covers d)
@@ -837,7 +837,7 @@ func (rs *Ruleset) AppOfCgroup(rel, launched string) string {
 }
 
 // Principal is the app of a process in the cgroup rel (below the cgroup
-// root) with real uid uid, as DESIGN.md's decision function has it: the
+// root) with real uid uid, by the precedence of docs/policy.md: the
 // deepest app cgroup among rel and its ancestors, else the user app of
 // uid, else "" (unbound).
 func (rs *Ruleset) Principal(rel string, uid uint32, launched string) string {

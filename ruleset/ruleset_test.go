@@ -230,7 +230,7 @@ func TestCloneIsDeep(t *testing.T) {
 	}
 }
 
-// TestPrincipal is the precedence of DESIGN.md: the deepest app cgroup
+// TestPrincipal is the precedence of docs/policy.md: the deepest app cgroup
 // (launched, unit, cgroup) among a process' cgroup and its ancestors, then
 // the user app of its real uid, then none.
 func TestPrincipal(t *testing.T) {
