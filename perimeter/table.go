@@ -85,9 +85,11 @@ type Element struct {
 //	}
 //
 // The hole lookups come before the conntrack rule so that an element's
-// counter counts every packet through it, not only the first of each
-// connection (NOTES.md): counters are how stale holes are told from used
-// ones. Every change is one netlink transaction.
+// counter counts every packet through it: after an established,related
+// accept, only the first packet of each connection would reach the set
+// (TestGatewayEndToEnd wants more than one counted). Counters are how
+// stale holes are told from used ones. Every change is one netlink
+// transaction.
 type Table struct {
 	mu      sync.Mutex
 	conn    *nftables.Conn
