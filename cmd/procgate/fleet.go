@@ -44,7 +44,17 @@ func (e *etcdFlags) config() fleet.Config {
 	}
 }
 
-func (e *etcdFlags) client() (*clientv3.Client, error) { return e.config().Client() }
+// with runs fn with a client of etcd and 30 seconds for its requests.
+func (e *etcdFlags) with(fn func(ctx context.Context, cli *clientv3.Client) error) error {
+	cli, err := e.config().Client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return fn(ctx, cli)
+}
 
 // fleetDaemonFlags are the daemon's --policy-store etcd flags.
 type fleetDaemonFlags struct {
@@ -124,23 +134,14 @@ func (t *targetFlags) target() (fleet.Target, error) {
 
 // revokeFleet is revoke --fleet: the revocation written to etcd.
 func revokeFleet(w io.Writer, e etcdFlags, app string, grant *int, restore bool) error {
-	cli, err := e.client()
-	if err != nil {
-		return err
-	}
-	defer cli.Close()
-	ctx, cancel := timeoutCtx()
-	defer cancel()
-	r, rev, err := fleet.Revoke(ctx, cli, app, grant, restore)
-	if err != nil {
-		return fmt.Errorf("revoke %s fleet-wide: %w", app, err)
-	}
-	fmt.Fprintf(w, "%s: %s revoked on every host at revision %d (%s); each daemon applies it and ends the live sockets; procgate fleet status shows the hosts behind\n", app, r, rev, fleet.RevokeKey(app))
-	return nil
-}
-
-func timeoutCtx() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.Background(), 30*time.Second)
+	return e.with(func(ctx context.Context, cli *clientv3.Client) error {
+		r, rev, err := fleet.Revoke(ctx, cli, app, grant, restore)
+		if err != nil {
+			return fmt.Errorf("revoke %s fleet-wide: %w", app, err)
+		}
+		fmt.Fprintf(w, "%s: %s revoked on every host at revision %d (%s); each daemon applies it and ends the live sockets; procgate fleet status shows the hosts behind\n", app, r, rev, fleet.RevokeKey(app))
+		return nil
+	})
 }
 
 func policyCmd() *cobra.Command {
@@ -183,19 +184,14 @@ meanwhile is refused; diff and push again.`,
 			if err != nil {
 				return err
 			}
-			cli, err := e.client()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := timeoutCtx()
-			defer cancel()
-			rev, err := fleet.Push(ctx, cli, target, data, base)
-			if err != nil {
-				return fmt.Errorf("push %s to %s: %w", args[0], target.Key(), err)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "pushed %s as %s at revision %d\n", args[0], target.Key(), rev)
-			return nil
+			return e.with(func(ctx context.Context, cli *clientv3.Client) error {
+				rev, err := fleet.Push(ctx, cli, target, data, base)
+				if err != nil {
+					return fmt.Errorf("push %s to %s: %w", args[0], target.Key(), err)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "pushed %s as %s at revision %d\n", args[0], target.Key(), rev)
+				return nil
+			})
 		},
 	}
 	e.register(cmd.Flags())
@@ -232,29 +228,24 @@ revision it applied to the newest (empty when it is up to date).`,
 			} else if target.Host == "" {
 				return errors.New("give FILE, or --host NAME for what the host has not applied")
 			}
-			cli, err := e.client()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := timeoutCtx()
-			defer cancel()
-			w := cmd.OutOrStdout()
-			if data != nil {
-				d, _, err := fleet.DiffDocument(ctx, cli, target, data)
-				if err != nil {
-					return err
+			return e.with(func(ctx context.Context, cli *clientv3.Client) error {
+				w := cmd.OutOrStdout()
+				if data != nil {
+					d, _, err := fleet.DiffDocument(ctx, cli, target, data)
+					if err != nil {
+						return err
+					}
+					fmt.Fprint(w, d)
 				}
-				fmt.Fprint(w, d)
-			}
-			if target.Host != "" {
-				d, err := fleet.DiffHost(ctx, cli, target.Host, data)
-				if err != nil {
-					return err
+				if target.Host != "" {
+					d, err := fleet.DiffHost(ctx, cli, target.Host, data)
+					if err != nil {
+						return err
+					}
+					fmt.Fprint(w, d)
 				}
-				fmt.Fprint(w, d)
-			}
-			return nil
+				return nil
+			})
 		},
 	}
 	e.register(cmd.Flags())
@@ -327,18 +318,13 @@ hand (docs/fleet.md).`,
 				}
 				return nil
 			}
-			cli, err := e.client()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := timeoutCtx()
-			defer cancel()
-			if err := role.Apply(ctx, cli); err != nil {
-				return err
-			}
-			fmt.Fprintln(w, role)
-			return nil
+			return e.with(func(ctx context.Context, cli *clientv3.Client) error {
+				if err := role.Apply(ctx, cli); err != nil {
+					return err
+				}
+				fmt.Fprintln(w, role)
+				return nil
+			})
 		},
 	}
 	e.register(cmd.Flags())
@@ -367,32 +353,27 @@ reports an error.`,
   procgate fleet status --json | jq '.hosts[] | select(.behind)'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cli, err := e.client()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := timeoutCtx()
-			defer cancel()
-			o, err := fleet.FleetStatus(ctx, cli)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(o); err != nil {
+			return e.with(func(ctx context.Context, cli *clientv3.Client) error {
+				o, err := fleet.FleetStatus(ctx, cli)
+				if err != nil {
 					return err
 				}
-			} else {
-				printFleet(cmd.OutOrStdout(), o)
-			}
-			for _, h := range o.Hosts {
-				if h.Behind || h.Error != "" {
-					return exitCode(1)
+				if asJSON {
+					enc := json.NewEncoder(cmd.OutOrStdout())
+					enc.SetIndent("", "  ")
+					if err := enc.Encode(o); err != nil {
+						return err
+					}
+				} else {
+					printFleet(cmd.OutOrStdout(), o)
 				}
-			}
-			return nil
+				for _, h := range o.Hosts {
+					if h.Behind || h.Error != "" {
+						return exitCode(1)
+					}
+				}
+				return nil
+			})
 		},
 	}
 	e.register(cmd.Flags())
