@@ -394,14 +394,7 @@ func (b *bench) fleetFailover(ctx context.Context, cluster *etcdtest.Cluster, re
 	if err != nil {
 		return err
 	}
-	pair := func(r pki.IssueRequest) (tls.Certificate, error) {
-		r.Validity = 2 * time.Hour
-		iss, err := ca.Issue(r)
-		if err != nil {
-			return tls.Certificate{}, err
-		}
-		return iss.Pair()
-	}
+	pair := func(r pki.IssueRequest) (tls.Certificate, error) { return issuePair(ca, r) }
 	srvCert, err := pair(pki.IssueRequest{Name: "gateway", Usage: pki.Server, Hosts: []string{"127.0.0.1"}})
 	if err != nil {
 		return err

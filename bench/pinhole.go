@@ -184,6 +184,16 @@ type phGateway struct {
 	agent *perimeter.Client
 }
 
+// issuePair issues a certificate of ca valid for the bench's run.
+func issuePair(ca *pki.CA, r pki.IssueRequest) (tls.Certificate, error) {
+	r.Validity = 2 * time.Hour
+	iss, err := ca.Issue(r)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return iss.Pair()
+}
+
 // phStartGateway runs the perimeter gateway in the lane's router with an
 // in-memory PKI.
 func (b *bench) phStartGateway(l *phLane) (*phGateway, error) {
@@ -191,14 +201,7 @@ func (b *bench) phStartGateway(l *phLane) (*phGateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	pair := func(r pki.IssueRequest) (tls.Certificate, error) {
-		r.Validity = 2 * time.Hour
-		iss, err := ca.Issue(r)
-		if err != nil {
-			return tls.Certificate{}, err
-		}
-		return iss.Pair()
-	}
+	pair := func(r pki.IssueRequest) (tls.Certificate, error) { return issuePair(ca, r) }
 	gwCert, err := pair(pki.IssueRequest{Name: "gateway", Usage: pki.Server, Hosts: []string{phServerGW.Addr().String()}})
 	if err != nil {
 		return nil, err
