@@ -30,6 +30,10 @@ type Options struct {
 	// MaxBytes is the size past which LogPath is rotated to LogPath+".1";
 	// <= 0 means DefaultMaxBytes.
 	MaxBytes int64
+	// Journal, when set, is journald's native socket
+	// (DefaultJournalSocket): each record is sent there too, with
+	// structured fields (journalEntry). Empty means none.
+	Journal string
 	// Annotate names the app and rule of each event; nil leaves them empty.
 	Annotate Annotator
 	// Log receives the auditor's own problems; nil means slog.Default().
@@ -41,7 +45,7 @@ type Stats struct {
 	Events         uint64 // records decoded from the source
 	DecodeErrors   uint64 // records from the source that did not decode
 	Dropped        uint64 // records a slow subscriber did not get
-	LogWriteErrors uint64 // records not (or not cleanly) written to the log
+	LogWriteErrors uint64 // records not (or not cleanly) written to the log or journald
 }
 
 // defaultSubscriberBuffer is used for Subscribe(buf) with buf <= 0: an
@@ -58,11 +62,13 @@ type Auditor struct {
 	src      Source
 	annotate Annotator
 	log      *slog.Logger
-	// fileMu guards file (nil without Options.LogPath, and after Run) and
-	// writeWarn: Append writes from other goroutines than Run's.
-	fileMu sync.Mutex
-	file   *logFile
-	clock  wallClock
+	// fileMu guards file and journal (nil without Options.LogPath and
+	// Options.Journal, and after Run) and writeWarn: Append writes from
+	// other goroutines than Run's.
+	fileMu  sync.Mutex
+	file    *logFile
+	journal *journal
+	clock   wallClock
 
 	running   atomic.Bool
 	closeOnce sync.Once
@@ -105,6 +111,16 @@ func New(src Source, opts Options) (*Auditor, error) {
 			return nil, err
 		}
 		a.file = f
+	}
+	if opts.Journal != "" {
+		j, err := openJournal(opts.Journal)
+		if err != nil {
+			if a.file != nil {
+				a.file.close()
+			}
+			return nil, err
+		}
+		a.journal = j
 	}
 	return a, nil
 }
@@ -166,16 +182,25 @@ func (a *Auditor) Append(r Record) {
 func (a *Auditor) store(r Record) {
 	a.fileMu.Lock()
 	if a.file != nil {
-		if err := a.writeLog(r); err != nil {
-			n := a.logWriteErrors.Add(1)
-			if suppressed, ok := a.writeWarn.allow(); ok {
-				a.log.Error("audit log write failed", "err", err,
-					"log_write_errors", n, "suppressed", suppressed)
-			}
-		}
+		a.written(a.writeLog(r))
+	}
+	if a.journal != nil {
+		a.written(a.journal.write(r))
 	}
 	a.fileMu.Unlock()
 	a.publish(r)
+}
+
+// written counts and (throttled) logs a failed write. a.fileMu held.
+func (a *Auditor) written(err error) {
+	if err == nil {
+		return
+	}
+	n := a.logWriteErrors.Add(1)
+	if suppressed, ok := a.writeWarn.allow(); ok {
+		a.log.Error("audit log write failed", "err", err,
+			"log_write_errors", n, "suppressed", suppressed)
+	}
 }
 
 func (a *Auditor) writeLog(r Record) error {
@@ -213,6 +238,10 @@ func (a *Auditor) finish() error {
 	if a.file != nil {
 		err = errors.Join(err, a.file.close())
 		a.file = nil
+	}
+	if a.journal != nil {
+		err = errors.Join(err, a.journal.close())
+		a.journal = nil
 	}
 	a.fileMu.Unlock()
 	a.mu.Lock()

@@ -71,8 +71,12 @@ type Pinhole struct {
 // (spaces, quotes, '=', control characters) are quoted: comm and exe are
 // chosen by whoever runs the process.
 func (r Record) Text() string {
+	return r.Time.UTC().Format(time.RFC3339) + r.fields()
+}
+
+// fields is Text after the time.
+func (r Record) fields() string {
 	var b strings.Builder
-	b.WriteString(r.Time.UTC().Format(time.RFC3339))
 	// Padded to "allow" so that the fields after it line up.
 	fmt.Fprintf(&b, " %-5s", r.Verdict)
 	app := r.App
