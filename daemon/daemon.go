@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"net"
@@ -122,6 +123,57 @@ type Config struct {
 	// (--dns-cap); answers past it are not learned, and an audit record
 	// says so. 0: bpf.DefaultNameCap.
 	NameCap int
+	// AuditSinks are where audit records go (--audit-sink): SinkFile, the
+	// state dir's audit.jsonl, which `events` and `learn` read back, and
+	// SinkJournald, journald with structured fields. nil: SinkFile.
+	AuditSinks []string
+	// JournalSocket is journald's native socket for SinkJournald; "":
+	// audit.DefaultJournalSocket.
+	JournalSocket string
+}
+
+// The audit sinks of Config.AuditSinks.
+const (
+	SinkFile     = "file"
+	SinkJournald = "journald"
+)
+
+// auditLog is the audit log's path, "" when the file sink is off.
+func (c *Config) auditLog() string {
+	if !slices.Contains(c.AuditSinks, SinkFile) {
+		return ""
+	}
+	return filepath.Join(c.StateDir, "audit.jsonl")
+}
+
+// journal is journald's socket, "" when the journald sink is off.
+func (c *Config) journal() string {
+	if !slices.Contains(c.AuditSinks, SinkJournald) {
+		return ""
+	}
+	return c.JournalSocket
+}
+
+// checkAuditSinks refuses unknown sinks, and a journald sink without
+// journald: its records would all be lost.
+func (c *Config) checkAuditSinks() error {
+	if len(c.AuditSinks) == 0 {
+		c.AuditSinks = []string{SinkFile}
+	}
+	for _, s := range c.AuditSinks {
+		if s != SinkFile && s != SinkJournald {
+			return fmt.Errorf("--audit-sink %q: want file, journald, or both (file,journald)", s)
+		}
+	}
+	if c.JournalSocket == "" {
+		c.JournalSocket = audit.DefaultJournalSocket
+	}
+	if j := c.journal(); j != "" {
+		if fi, err := os.Stat(j); err != nil || fi.Mode().Type() != fs.ModeSocket {
+			return fmt.Errorf("--audit-sink journald: no journald socket at %s (is systemd-journald running? --journal-socket names another)", j)
+		}
+	}
+	return nil
 }
 
 // Daemon is a running procgate daemon.
@@ -209,6 +261,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.PinholeIdle == 0 {
 		c.PinholeIdle = DefaultPinholeIdle
+	}
+	if err := c.checkAuditSinks(); err != nil {
+		return err
 	}
 	if c.GatewayURL != "" && (c.GatewayCA == "" || c.GatewayCert == "" || c.GatewayKey == "") {
 		return errors.New("--gateway needs --gateway-ca, --gateway-cert and --gateway-key (the agent's mTLS certificate)")
@@ -320,7 +375,8 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	d.auditor, err = audit.New(events, audit.Options{
-		LogPath:  filepath.Join(cfg.StateDir, "audit.jsonl"),
+		LogPath:  cfg.auditLog(),
+		Journal:  cfg.journal(),
 		Annotate: d.annotate,
 		Log:      d.log,
 	})

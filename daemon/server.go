@@ -266,7 +266,7 @@ func (d *Daemon) status(cur *State) (*api.Status, error) {
 	if d.auditor != nil {
 		s := d.auditor.Stats()
 		st.Audit = api.AuditStats{Events: s.Events, DecodeErrors: s.DecodeErrors, Dropped: s.Dropped,
-			Log: filepath.Join(d.cfg.StateDir, "audit.jsonl")}
+			Log: strings.Join(d.auditSinkNames(), ", ")}
 	}
 	return st, nil
 }
@@ -532,7 +532,14 @@ func (d *Daemon) streamEvents(ctx context.Context, conn *net.UnixConn, p peer, r
 	if req.App != "" || req.Verdict != "" || !req.Since.IsZero() || req.DestPrefix != "" || p.uid != 0 {
 		n = 0
 	}
-	recs, err := audit.ReadLog(filepath.Join(d.cfg.StateDir, "audit.jsonl"), n)
+	var recs []audit.Record
+	var err error
+	switch log := d.cfg.auditLog(); {
+	case log != "":
+		recs, err = audit.ReadLog(log, n)
+	case !req.Follow:
+		err = errors.New("the daemon keeps no audit log (--audit-sink journald): read past events with journalctl -t procgate, or follow new ones with events --follow")
+	}
 	if err != nil {
 		_ = api.WriteLine(conn, errResp("%v", err))
 		return
@@ -571,6 +578,19 @@ func (d *Daemon) streamEvents(ctx context.Context, conn *net.UnixConn, p peer, r
 			}
 		}
 	}
+}
+
+// auditSinkNames says where audit records go, for status: the log file's
+// path, journald's socket.
+func (d *Daemon) auditSinkNames() []string {
+	var out []string
+	if log := d.cfg.auditLog(); log != "" {
+		out = append(out, log)
+	}
+	if j := d.cfg.journal(); j != "" {
+		out = append(out, "journald "+j)
+	}
+	return out
 }
 
 func writeEvent(conn *net.UnixConn, r audit.Record) error {

@@ -129,6 +129,8 @@ func daemonCmd() *cobra.Command {
   # with the pinhole agent (docs/pinholes.md):
   procgate daemon --policy p.yaml --gateway https://10.9.0.1:8443 \
       --gateway-ca ca.crt --gateway-cert srv1.crt --gateway-key srv1.key
+  # audit records to journald too, with PROCGATE_* fields (journalctl -t procgate PROCGATE_VERDICT=deny):
+  procgate daemon --audit-sink file,journald
   # the policy from etcd (docs/fleet.md):
   procgate daemon --policy-store etcd --etcd-endpoints https://etcd1:2379,https://etcd2:2379 \
       --etcd-ca ca.crt --etcd-cert db-1.crt --etcd-key db-1.key --host-name db-1 --host-labels site=paris,role=db`,
@@ -182,6 +184,8 @@ func daemonCmd() *cobra.Command {
 	f.StringVar(&tcpHandover, "tcp-handover", "auto", "which app connections the TCP handover guard watches: auto, those of processes open to tracing (traceable: true, scripts, unit, cgroup and user apps, root; the trace guard covers the others); all, every app connection to an internal destination (also refuses connections an app gives away by SCM_RIGHTS, or root with CAP_SYS_PTRACE copies; about 1.3 µs per connection where BPF LSM does not load)")
 	f.BoolVar(&udpHandover, "udp-handover", true, "refuse a connected UDP socket's datagrams sent by a process outside the socket's app; false on hosts whose NFQUEUE firewall (an IPS, OpenSnitch) reinjects apps' internal UDP, which it would refuse")
 	f.StringSliceVar(&cfg.ContainerSockets, "container-socket", containers.DefaultSockets, "container runtimes' API sockets (docker, podman) asked where match.container apps run")
+	f.StringSliceVar(&cfg.AuditSinks, "audit-sink", []string{daemon.SinkFile}, "where audit records go: file, the state dir's audit.jsonl (events and learn read it back); journald, entries with PROCGATE_* fields (journalctl -t procgate); or both, file,journald")
+	f.StringVar(&cfg.JournalSocket, "journal-socket", audit.DefaultJournalSocket, "journald's native socket, for --audit-sink journald")
 	ff.register(f)
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
