@@ -35,6 +35,9 @@
 #define IPPROTO_MPTCP 262
 #endif
 
+// The error of a refused bind, listen or handover write (asm-generic/errno-base.h).
+#define EACCES 13
+
 enum reason {
 	REASON_NOT_INTERNAL = 1,
 	REASON_GRANTED = 2,
@@ -925,13 +928,6 @@ static __always_inline int ports_allow(__u32 slot, const struct rule_value *g, c
 	return 0;
 }
 
-// grant_allows: does a grant of app_id cover the destination? Sets *reason
-// for a denial (REASON_NO_GRANT or REASON_PORT).
-static __always_inline int grant_allows(__u32 slot, __u32 app_id, const struct dest *d, __u8 *reason)
-{
-	return ports_allow(slot, grant_of(slot, app_id, d), d, reason);
-}
-
 // name_allows: has a DNS answer, not yet expired, given app_id d's address
 // for a name grant whose ports take d? Asked only when the app's trie
 // grants miss and the app has name grants (APP_NAMES).
@@ -953,6 +949,21 @@ static __always_inline int name_allows(__u32 slot, __u32 app_id, const struct de
 					  : port_allowed(slot, p->udp_first, p->udp_count, d->port))
 			return 1;
 	}
+	return 0;
+}
+
+// own_allows: does one of app_id's own grants take d, its longest matching
+// trie entry g or an address a DNS answer gave one of its name grants?
+// REASON_GRANTED or REASON_NAME, or 0 with *reason set for the denial
+// (REASON_NO_GRANT, REASON_PORT). The connect hooks, the egress backstop
+// and the sweep decide an app's own grants by it.
+static __always_inline __u8 own_allows(__u32 slot, __u32 app_id, __u32 app_flags, const struct rule_value *g,
+				       const struct dest *d, __u8 *reason)
+{
+	if (ports_allow(slot, g, d, reason))
+		return REASON_GRANTED;
+	if ((app_flags & APP_NAMES) && name_allows(slot, app_id, d))
+		return REASON_NAME;
 	return 0;
 }
 
@@ -1056,6 +1067,28 @@ static __always_inline int everyone_allows(__u32 slot, const struct generation_i
 	return ports_allow(slot, r.has_grant ? &r.grant : NULL, d, &reason);
 }
 
+// others_allow: for a destination the principal's own grants do not take,
+// is it allowed all the same: a sandbox's loopback (unless loopback:
+// deny), or an everyone grant (*everyone)? Sets *reason for a denial of a
+// destination outside the internal prefixes. Used by the connect hooks,
+// the egress backstop and the sweep alike.
+static __always_inline int others_allow(__u32 slot, const struct generation_info *info, const struct dest *d,
+					int internal, __u32 app_flags, __u8 *reason, int *everyone)
+{
+	*everyone = 0;
+	if (!internal) {
+		*reason = REASON_OUTSIDE;
+		if (is_loopback(d)) {
+			*reason = REASON_LOOPBACK;
+			if (!(app_flags & APP_LOOPBACK_DENY))
+				return 1;
+		}
+	}
+	// Only now, when the principal's own grants do not allow.
+	*everyone = everyone_allows(slot, info, d);
+	return *everyone;
+}
+
 // A verdict: allowed or not, and for an allowed one what the verdict cache
 // may remember (see struct verdict_entry).
 struct verdict {
@@ -1103,42 +1136,31 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 	v->cgroup_id = cgroup_id;
 	__u8 reason = REASON_UNBOUND;
 	if (app_id) {
-		if ((app_flags & APP_EXE_PINNED) && !exe_allowed(slot, app_id)) {
+		__u8 why = 0;
+		if ((app_flags & APP_EXE_PINNED) && !exe_allowed(slot, app_id))
 			reason = REASON_EXE;
-		} else if (ports_allow(slot, r.has_grant ? &r.grant : NULL, d, &reason)) {
+		else
+			why = own_allows(slot, app_id, app_flags, r.has_grant ? &r.grant : NULL, d, &reason);
+		if (why) {
 			count(app_id, COUNT_ALLOW);
 			if (app_flags & APP_AUDIT_ALLOW)
-				audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_GRANTED, hook);
+				audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, why, hook);
 			v->allow = v->handoff = 1;
 			v->owned = r.internal;
-			return;
-		}
-		if ((app_flags & APP_NAMES) && reason != REASON_EXE && name_allows(slot, app_id, d)) {
-			count(app_id, COUNT_ALLOW);
-			if (app_flags & APP_AUDIT_ALLOW)
-				audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_NAME, hook);
-			v->allow = v->handoff = v->named = 1;
-			v->owned = r.internal;
+			v->named = why == REASON_NAME;
 			return;
 		}
 	}
-	if (!r.internal) {
-		reason = REASON_OUTSIDE;
-		if (is_loopback(d)) {
-			reason = REASON_LOOPBACK;
-			if (!(app_flags & APP_LOOPBACK_DENY)) {
-				count(app_id, COUNT_EXTERNAL);
-				v->allow = v->handoff = 1;
-				return;
-			}
+	int everyone;
+	if (others_allow(slot, info, d, r.internal, app_flags, &reason, &everyone)) {
+		v->allow = v->handoff = 1;
+		if (!everyone) {
+			count(app_id, COUNT_EXTERNAL); // a sandbox's loopback
+			return;
 		}
-	}
-	// Only now, when the principal's own grants do not allow.
-	if (everyone_allows(slot, info, d)) {
 		count(app_id, COUNT_ALLOW);
 		if (app_flags & APP_AUDIT_ALLOW)
 			audit(d, app_id, cgroup_id, generation, info->audit_rate, 1, REASON_EVERYONE, hook);
-		v->allow = v->handoff = 1;
 		v->app_flags |= VERDICT_EVERYONE;
 		return;
 	}

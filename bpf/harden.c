@@ -415,47 +415,38 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 
 	__u64 cgroup_id;
 	struct app_info *app = skb_principal(skb, slot, info, &cgroup_id);
-	if (!internal && !(app && (app->flags & APP_OUTSIDE_DENY)))
+	__u32 app_id = app ? app->app_id : 0;
+	__u32 app_flags = app ? app->flags : 0;
+	if (!internal && !(app_flags & APP_OUTSIDE_DENY))
 		return 1;
-	if (!app) {
-		if (everyone_allows(slot, info, &d))
-			return pass_everyone(sk, cgroup_id, &d, generation, 0, 0);
-		count(0, COUNT_DENY);
-		audit_as(WHO_SKB, &d, 0, cgroup_id, generation, info->audit_rate, 0, REASON_UNBOUND, hook);
-		return 0;
-	}
-	__u32 app_id = app->app_id;
-	__u8 reason = REASON_PROTO;
-	int granted = d.proto && grant_allows(slot, app_id, &d, &reason);
-	// A name grant's address expires: its verdict is never remembered.
-	if (granted || (d.proto && (app->flags & APP_NAMES) && name_allows(slot, app_id, &d))) {
-		if (udp_handover && d.proto == PROTO_UDP) {
-			__u64 sender;
-			__u32 sender_app;
-			if (foreign_udp_sender(bpf_skb_cgroup_id(skb), slot, info, app_id, app->flags, &sender, &sender_app))
-				return deny_handover(&d, sender, sender_app, generation, info->audit_rate, hook);
-		}
-		// Counted when the connect or sendmsg hook allowed it.
-		if (granted && sk && d.proto == PROTO_UDP)
-			remember(sk, cgroup_id, &d, generation, app_id, app->flags);
-		return 1;
-	}
-	if (!internal) {
-		reason = REASON_OUTSIDE;
-		if (is_loopback(&d)) {
-			reason = REASON_LOOPBACK;
-			if (!(app->flags & APP_LOOPBACK_DENY))
-				return 1;
+	__u8 reason = REASON_UNBOUND;
+	if (app) {
+		reason = REASON_PROTO;
+		__u8 why = d.proto ? own_allows(slot, app_id, app_flags, grant_of(slot, app_id, &d), &d, &reason) : 0;
+		if (why) {
+			if (udp_handover && d.proto == PROTO_UDP) {
+				__u64 sender;
+				__u32 sender_app;
+				if (foreign_udp_sender(bpf_skb_cgroup_id(skb), slot, info, app_id, app_flags, &sender, &sender_app))
+					return deny_handover(&d, sender, sender_app, generation, info->audit_rate, hook);
+			}
+			// Counted when the connect or sendmsg hook allowed it. A
+			// name grant's address expires: its verdict is never
+			// remembered.
+			if (why == REASON_GRANTED && sk && d.proto == PROTO_UDP)
+				remember(sk, cgroup_id, &d, generation, app_id, app_flags);
+			return 1;
 		}
 	}
-	if (everyone_allows(slot, info, &d))
-		return pass_everyone(sk, cgroup_id, &d, generation, app_id, app->flags);
-	if (app->flags & APP_AUDIT_ONLY) {
+	int everyone;
+	if (others_allow(slot, info, &d, internal, app_flags, &reason, &everyone))
+		return everyone ? pass_everyone(sk, cgroup_id, &d, generation, app_id, app_flags) : 1;
+	if (app_flags & APP_AUDIT_ONLY) {
 		// Passes, audited once: a UDP socket's next datagrams to the
 		// same place hit the remembered verdict.
 		would_deny(WHO_SKB, &d, app_id, cgroup_id, generation, info->audit_rate, reason, hook);
 		if (sk && d.proto == PROTO_UDP)
-			remember(sk, cgroup_id, &d, generation, app_id, app->flags);
+			remember(sk, cgroup_id, &d, generation, app_id, app_flags);
 		return 1;
 	}
 	count(app_id, COUNT_DENY);
@@ -686,8 +677,6 @@ struct sock___lh {
 struct socket___lh {
 	struct sock___lh *sk;
 } __attribute__((preserve_access_index));
-
-#define EACCES 13
 
 SEC("lsm/socket_sendmsg")
 int guard_handover_lsm(unsigned long long *ctx)

@@ -31,8 +31,6 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define AF_INET 2
 #define AF_INET6 10
 #define EPERM 1
-#define EACCES 13
-
 // tun_refused: is the calling task an app's? Counted and audited as a raw
 // socket would be.
 static __always_inline int tun_refused(void)

@@ -152,8 +152,6 @@ int authorize_sendmsg6(struct bpf_sock_addr *ctx)
 // automatic bind does not either: lsmguard.c's socket_listen program
 // judges it as a bind to port 0 where BPF LSM loads.
 
-#define EACCES 13
-
 static __always_inline int authorize_bind(struct dest *d, __u8 hook)
 {
 	if (!listen_refused(d, hook))

@@ -217,16 +217,12 @@ static __always_inline int doomed(struct sock___sw *sk, __u8 proto, const struct
 		rec->app_id = app->app_id;
 		if (!internal && !(app->flags & APP_OUTSIDE_DENY))
 			return 0;
-		if (grant_allows(slot, rec->app_id, &d, &reason))
+		if (own_allows(slot, rec->app_id, app->flags, grant_of(slot, rec->app_id, &d), &d, &reason))
 			return 0;
-		// An address a DNS answer gave one of its name grants.
-		if ((app->flags & APP_NAMES) && name_allows(slot, rec->app_id, &d))
-			return 0;
-		if (!internal && is_loopback(&d) && !(app->flags & APP_LOOPBACK_DENY))
-			return 0;
+		int everyone;
 		// mode: audit: nothing of the app's policy is enforced, its
 		// live sockets neither (its next attempts are would-deny).
-		return !everyone_allows(slot, info, &d) && !(app->flags & APP_AUDIT_ONLY);
+		return !others_allow(slot, info, &d, internal, app->flags, &reason, &everyone) && !(app->flags & APP_AUDIT_ONLY);
 	}
 	if (!internal)
 		return 0;
