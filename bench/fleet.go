@@ -42,9 +42,13 @@ type fleetResult struct {
 	// ApplyMs is every host's time from a push to its apply, over all
 	// pushes.
 	ApplyMs msSummary `json:"apply"`
-	// Members' resources after the pushes, with every host connected.
+	// Members' resources after the pushes, with every host connected;
+	// their CPU time and the bench process's (the simulated hosts')
+	// during the pushes, which took PushSeconds.
 	MemberRSSMiB  []float64 `json:"member_rss_mib"`
 	MemberCPUSecs []float64 `json:"member_cpu_seconds"`
+	HostsCPUSecs  float64   `json:"hosts_cpu_seconds"`
+	PushSeconds   float64   `json:"push_seconds"`
 	DBSizeMiB     float64   `json:"db_size_mib"`
 	DBInUseMiB    float64   `json:"db_in_use_mib"`
 	// HoleWrites are rates of holes written through etcd.
@@ -233,6 +237,11 @@ func (b *bench) fleetHosts(ctx context.Context, cluster *etcdtest.Cluster, admin
 	// Let the start's status writes settle before the first push.
 	time.Sleep(2 * time.Second)
 	var all []float64
+	cpu0 := make([]float64, len(cluster.Members))
+	for i, m := range cluster.Members {
+		_, cpu0[i] = procUsage(m.Pid())
+	}
+	hostsCPU0, pushStart := processCPU(), time.Now()
 	for n := 1; n <= pushes; n++ {
 		rev, at, err := push(n)
 		if err != nil {
@@ -253,10 +262,11 @@ func (b *bench) fleetHosts(ctx context.Context, cluster *etcdtest.Cluster, admin
 		time.Sleep(time.Second)
 	}
 	res.ApplyMs = summarizeMs(all)
-	for _, m := range cluster.Members {
+	res.HostsCPUSecs, res.PushSeconds = round3(processCPU()-hostsCPU0), round3(time.Since(pushStart).Seconds())
+	for i, m := range cluster.Members {
 		rss, cpu := procUsage(m.Pid())
 		res.MemberRSSMiB = append(res.MemberRSSMiB, round3(rss))
-		res.MemberCPUSecs = append(res.MemberCPUSecs, round3(cpu))
+		res.MemberCPUSecs = append(res.MemberCPUSecs, round3(cpu-cpu0[i]))
 	}
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -561,8 +571,8 @@ func (r *results) fleetTargets() []targetResult {
 		if !*push.Met {
 			push.Gap = fmt.Sprintf("%d pushes not applied by every host within 2 min", len(f.Pushes)-all)
 		}
-		push.Why = fmt.Sprintf("per host, push to apply: p50 %.0f ms, p99 %.0f ms; etcd members %s MiB resident, db %.1f MiB (%.1f in use)",
-			f.ApplyMs.P50, f.ApplyMs.P99, joinFloats(f.MemberRSSMiB), f.DBSizeMiB, f.DBInUseMiB)
+		push.Why = fmt.Sprintf("per host, push to apply: p50 %.0f ms, p99 %.0f ms; etcd members %s MiB resident, db %.1f MiB (%.1f in use); CPU-s during the pushes: members %s, simulated hosts %.1f",
+			f.ApplyMs.P50, f.ApplyMs.P99, joinFloats("%.0f", f.MemberRSSMiB), f.DBSizeMiB, f.DBInUseMiB, joinFloats("%.1f", f.MemberCPUSecs), f.HostsCPUSecs)
 	}
 	var best holeWriteRate
 	var parts []string
@@ -591,10 +601,11 @@ func (r *results) fleetTargets() []targetResult {
 	return []targetResult{push, holes, failover}
 }
 
-func joinFloats(vs []float64) string {
+// joinFloats is vs as a/b/c, each with format.
+func joinFloats(format string, vs []float64) string {
 	var s []string
 	for _, v := range vs {
-		s = append(s, fmt.Sprintf("%.0f", v))
+		s = append(s, fmt.Sprintf(format, v))
 	}
 	return strings.Join(s, "/")
 }
@@ -615,12 +626,8 @@ func (r *results) fleetSection(w func(string, ...any)) {
 		w("| %d | %d | %.0f | %.0f | %.0f | %d/%d |", i+1, p.Revision, p.P50Ms, p.P99Ms, p.AllMs, p.Applied, f.Hosts)
 	}
 	w("")
-	var cpu []string
-	for _, c := range f.MemberCPUSecs {
-		cpu = append(cpu, fmt.Sprintf("%.1f", c))
-	}
-	w("etcd members after the pushes, every host connected: resident %s MiB, CPU %s s since they started; database %.1f MiB (%.1f MiB in use).",
-		joinFloats(f.MemberRSSMiB), strings.Join(cpu, "/"), f.DBSizeMiB, f.DBInUseMiB)
+	w("etcd members after the pushes, every host connected: resident %s MiB; database %.1f MiB (%.1f MiB in use). During the %.1f s of the pushes (and the pauses between them) the members took %s CPU-seconds, the bench process, which runs every simulated host, %.1f (of two CPUs shared with whatever else runs: see the load average below).",
+		joinFloats("%.0f", f.MemberRSSMiB), f.DBSizeMiB, f.DBInUseMiB, f.PushSeconds, joinFloats("%.1f", f.MemberCPUSecs), f.HostsCPUSecs)
 	w("")
 	w("**Hole writes through etcd** (`HoleStore.Put`, as a gateway writes its agents' holes: one lease per expiry, transactions of 128 puts):")
 	w("")
