@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // Link is one host's way to etcd: a TCP proxy on 127.0.0.1 for each
@@ -152,6 +153,7 @@ func (p *proxy) serve(ln net.Listener) {
 			return
 		}
 		if err != nil {
+			time.Sleep(10 * time.Millisecond) // EMFILE and the like: no busy loop
 			continue
 		}
 		go p.pipe(ln, in)
