@@ -341,6 +341,14 @@ func statusCmd(client func() api.Client) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show attached hooks, the policy generation, apps and their counters",
+		Long: `Shows the hooks attached, the policy generation in force, the guards this
+kernel does not give, the internal prefixes, and per app its mode, principal,
+counters (allowed internal, denied, would-deny, external), grants and
+revocations; then the audit statistics and where records go.
+
+Apps in audit mode (mode: audit) are named on a line of their own, AUDIT MODE,
+NOT ENFORCED: what their policy refuses passes, counted as would-deny. A
+caller other than root sees only the apps it may run or whose user it is.`,
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			resp, err := client().Do(api.Request{Op: api.OpStatus})
@@ -658,7 +666,11 @@ func revokeCmd(client func() api.Client) *cobra.Command {
 instead of this host's daemon: every daemon with --policy-store etcd applies
 it as it applies a push, and keeps it in its last good policy. A host's own
 revocations and the fleet's add up; --restore without --fleet gives back only
-the host's own.`,
+the host's own.
+
+An app revoked whole is enforced even in mode: audit: revoke is the brake.
+Grant N of an app in audit mode is withdrawn as the policy without it would
+be: its attempts become would-deny, and pass.`,
 		Example: `  procgate revoke --app psql-prod
   procgate revoke --app psql-prod --grant 1
   procgate revoke --app psql-prod --restore

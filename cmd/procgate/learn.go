@@ -29,7 +29,11 @@ fixes (exe-not-pinned, handover, proto-not-grantable, raw-socket) are
 listed as comments.
 
 --write FILE checks FILE with the policy and its drop-ins (the daemon's
-policy, or --policy) and writes it only when the whole validates.`,
+policy, or --policy) and writes it only when the whole validates.
+
+To learn a policy without breaking the app, give it mode: audit first: what
+its policy refuses then passes as would-deny, which learn reads; set mode:
+enforce once nothing new shows.`,
 		Example: `  procgate learn --app psql-prod --since 24h
   procgate learn --app web --from-log /var/lib/procgate/audit.jsonl --policy /etc/procgate/policy.yaml
   procgate learn --app web --widen --write /etc/procgate/policy.d/50-learned-web.yaml && procgate reload`,

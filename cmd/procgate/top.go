@@ -13,8 +13,11 @@ func topCmd(client func() api.Client) *cobra.Command {
 		Short: "Live terminal view: per-app rates, last denials, pinholes, guards",
 		Long: `A live view of the daemon, refreshed every second, in 80x24 or more:
 
-  - per app: principal kind, grants, revoked grants, allowed internal, denied
-    and external decisions per second and in total;
+  - per app: mode (AUDIT for an app in mode: audit, which is not enforced;
+    such apps are also named above the table), principal kind, grants,
+    revoked grants, allowed internal, denied (in audit mode: with the
+    would-deny attempts, which passed) and external decisions per second
+    and in total;
   - the last denials: time, app, pid, comm, destination, reason and rule;
   - the pinhole agent's holes (root): app, peer, port, state, age, bytes;
   - the guards in force, and those this kernel does not give.
