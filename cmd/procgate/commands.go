@@ -349,7 +349,7 @@ revocations; then the audit statistics and where records go.
 Apps in audit mode (mode: audit) are named on a line of their own, AUDIT MODE,
 NOT ENFORCED: what their policy refuses passes, counted as would-deny. A
 caller other than root sees only the apps it may run or whose user it is.`,
-		Args:  cobra.NoArgs,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			resp, err := client().Do(api.Request{Op: api.OpStatus})
 			if err != nil {
