@@ -186,6 +186,9 @@ type Daemon struct {
 	appDirs cgroups.AppDirs
 	mount   string
 	auditor *audit.Auditor
+	// netns: the DNS proxies in other network namespaces (dnsnetns.go),
+	// nil while none may start.
+	netns atomic.Pointer[netnsProxies]
 
 	// state is the published State: readers load it, only the
 	// reconciler stores it (State).

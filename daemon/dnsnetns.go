@@ -31,9 +31,8 @@ import (
 // learned as the daemon's own. That first query's answer grants nothing;
 // the app's next query (a retry, or the next name) does.
 //
-// The proxy's sockets hold the namespace: it is closed once no process is
-// left in it (followed by pidfd, the last process found by a walk of
-// /proc).
+// The proxy's sockets hold the namespace: it is closed once no thread is
+// left in it (a walk of /proc every reapEvery).
 
 // maxNetnsProxies bounds the proxies in other namespaces (each holds an OS
 // thread and four sockets): a user may make network namespaces of its own
@@ -119,13 +118,36 @@ type nsProxy struct {
 	done   chan struct{}
 }
 
+// netnsProxies are the running proxies in other namespaces.
+type netnsProxies struct {
+	d      *Daemon
+	ctx    context.Context
+	own    uint64 // the daemon's namespace: its cookie and its id
+	ownIno [2]uint64
+	// start serializes ensure: one proxy per namespace. mu guards byIno,
+	// which the proxies' own goroutines edit when they stop.
+	start sync.Mutex
+	mu    sync.Mutex
+	byIno map[[2]uint64]*nsProxy
+}
+
 // followNetns starts proxies in the namespaces of processes whose queries
 // went unobserved, until the returned stop. own is the daemon's namespace.
+// d.netns serves the launcher (ensure) meanwhile.
 func (d *Daemon) followNetns(ctx context.Context, own uint64) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
+	n := &netnsProxies{d: d, ctx: ctx, own: own, byIno: map[[2]uint64]*nsProxy{}}
+	if id, ns, err := netnsOf("/proc/self/ns/net"); err == nil {
+		n.ownIno = id
+		ns.Close()
+	}
+	d.netns.Store(n)
 	recs, unsubscribe := d.auditor.Subscribe(256)
-	var mu sync.Mutex // guards byIno
-	byIno := map[[2]uint64]*nsProxy{}
+	reaped := make(chan struct{})
+	go func() {
+		defer close(reaped)
+		n.reap()
+	}()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -137,66 +159,87 @@ func (d *Daemon) followNetns(ctx context.Context, own uint64) (stop func()) {
 				if !ok {
 					return
 				}
-				if r.Reason != ruleset.ReasonDNSUnobserved.String() || r.Kind != "" {
-					continue
+				if r.Reason == ruleset.ReasonDNSUnobserved.String() && r.Kind == "" {
+					n.ensure(int(r.PID), int(r.TID), r.App)
 				}
-				id, ns, err := netnsOf(int(r.PID))
-				if err != nil {
-					continue // gone already
-				}
-				mu.Lock()
-				_, known := byIno[id]
-				full := len(byIno) >= maxNetnsProxies
-				mu.Unlock()
-				if known || full {
-					if full && !known {
-						d.log.Warn("no DNS proxy in an app's network namespace: as many run as allowed; its name grants stay empty", "pid", r.PID, "app", r.App, "max", maxNetnsProxies)
-					}
-					ns.Close()
-					continue
-				}
-				np, err := d.startNetnsProxy(ctx, ns, own, int(r.PID))
-				if err != nil {
-					d.log.Warn("no DNS proxy in an app's network namespace: its name grants stay empty", "pid", r.PID, "app", r.App, "err", err)
-					ns.Close()
-					continue
-				}
-				if np == nil {
-					ns.Close()
-					continue
-				}
-				mu.Lock()
-				byIno[id] = np
-				mu.Unlock()
-				go func() {
-					<-np.done
-					mu.Lock()
-					delete(byIno, id)
-					mu.Unlock()
-				}()
 			}
 		}
 	}()
 	return func() {
+		d.netns.Store(nil)
 		cancel()
 		unsubscribe()
 		<-done
-		mu.Lock()
-		nps := make([]*nsProxy, 0, len(byIno))
-		for _, np := range byIno {
+		<-reaped
+		n.start.Lock() // no ensure under way
+		defer n.start.Unlock()
+		n.mu.Lock()
+		nps := make([]*nsProxy, 0, len(n.byIno))
+		for _, np := range n.byIno {
 			nps = append(nps, np)
 		}
-		mu.Unlock()
+		n.mu.Unlock()
 		for _, np := range nps {
 			<-np.done
 		}
 	}
 }
 
-// netnsOf opens the network namespace of process pid, and names it by
-// device and inode.
-func netnsOf(pid int) ([2]uint64, *os.File, error) {
-	ns, err := os.Open(filepath.Join("/proc", strconv.Itoa(pid), "ns/net"))
+// ensure starts a proxy in the network namespace of thread tid of process
+// pid (tid 0: its main thread), an app's, unless one runs there, it is the
+// daemon's own, or the thread is gone. The thread, not the process: a
+// thread may have entered a namespace of its own (setns).
+func (n *netnsProxies) ensure(pid, tid int, app string) {
+	n.start.Lock()
+	defer n.start.Unlock()
+	if n.ctx.Err() != nil {
+		return
+	}
+	if tid == 0 {
+		tid = pid
+	}
+	id, ns, err := netnsOf(filepath.Join("/proc", strconv.Itoa(pid), "task", strconv.Itoa(tid), "ns/net"))
+	if err != nil {
+		return // gone already
+	}
+	n.mu.Lock()
+	_, known := n.byIno[id]
+	full := len(n.byIno) >= maxNetnsProxies
+	n.mu.Unlock()
+	if id == n.ownIno {
+		ns.Close()
+		return
+	}
+	if known || full {
+		if full && !known {
+			n.d.log.Warn("no DNS proxy in an app's network namespace: as many run as allowed; its name grants stay empty", "pid", pid, "app", app, "max", maxNetnsProxies)
+		}
+		ns.Close()
+		return
+	}
+	np, err := n.d.startNetnsProxy(n.ctx, ns, n.own, pid, id)
+	if err != nil || np == nil {
+		if err != nil {
+			n.d.log.Warn("no DNS proxy in an app's network namespace: its name grants stay empty", "pid", pid, "app", app, "err", err)
+		}
+		ns.Close()
+		return
+	}
+	n.mu.Lock()
+	n.byIno[id] = np
+	n.mu.Unlock()
+	go func() {
+		<-np.done
+		n.mu.Lock()
+		delete(n.byIno, id)
+		n.mu.Unlock()
+	}()
+}
+
+// netnsOf opens the network namespace at path (/proc/.../ns/net), and
+// names it by device and inode.
+func netnsOf(path string) ([2]uint64, *os.File, error) {
+	ns, err := os.Open(path)
 	if err != nil {
 		return [2]uint64{}, nil, err
 	}
@@ -208,10 +251,10 @@ func netnsOf(pid int) ([2]uint64, *os.File, error) {
 	return [2]uint64{st.Dev, st.Ino}, ns, nil
 }
 
-// startNetnsProxy starts a proxy in ns (pid's), registers it, and closes it
-// when the namespace has no process left or ctx ends. nil, nil: ns is the
-// daemon's own.
-func (d *Daemon) startNetnsProxy(ctx context.Context, ns *os.File, own uint64, pid int) (*nsProxy, error) {
+// startNetnsProxy starts a proxy in ns (pid's, named id), registers it,
+// and closes it when ctx ends or its stop is closed (reap). nil, nil: ns
+// is the daemon's own.
+func (d *Daemon) startNetnsProxy(ctx context.Context, ns *os.File, own uint64, pid int, id [2]uint64) (*nsProxy, error) {
 	th, err := startNSThread(ns)
 	if err != nil {
 		return nil, err
@@ -239,8 +282,7 @@ func (d *Daemon) startNetnsProxy(ctx context.Context, ns *os.File, own uint64, p
 	go p.Serve(ctx)
 	go func() {
 		defer close(np.done)
-		d.whileNetnsLives(ctx, ns, pid)
-		cancel()
+		<-ctx.Done()
 		if err := d.enf.ServeDNS(0, cookie); err != nil {
 			d.log.Warn("turning the DNS redirect off in a network namespace", "netns_cookie", cookie, "err", err)
 		}
@@ -252,56 +294,65 @@ func (d *Daemon) startNetnsProxy(ctx context.Context, ns *os.File, own uint64, p
 	return np, nil
 }
 
-// whileNetnsLives returns once no process is left in ns, or ctx ends: it
-// waits for pid's exit (pidfd), then looks for another process of ns.
-func (d *Daemon) whileNetnsLives(ctx context.Context, ns *os.File, pid int) {
-	var st unix.Stat_t
-	if err := unix.Fstat(int(ns.Fd()), &st); err != nil {
-		return
-	}
-	want := [2]uint64{st.Dev, st.Ino}
-	for pid > 0 {
-		fd, err := unix.PidfdOpen(pid, 0)
-		if err == nil {
-			waitExit(ctx, fd)
-			unix.Close(fd)
-		}
-		if ctx.Err() != nil {
+// reapEvery is how often the namespaces with a proxy are checked for
+// threads.
+const reapEvery = 5 * time.Second
+
+// reap stops, every reapEvery until ctx ends, the proxies of namespaces no
+// thread is in any more (only the proxy's sockets hold them).
+func (n *netnsProxies) reap() {
+	tick := time.NewTicker(reapEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
 			return
+		case <-tick.C:
 		}
-		pid = processIn(want)
+		n.mu.Lock()
+		empty := len(n.byIno) == 0
+		n.mu.Unlock()
+		if empty {
+			continue
+		}
+		n.start.Lock() // no proxy starts while the walk runs
+		used := netnsInUse()
+		n.mu.Lock()
+		for id, np := range n.byIno {
+			if !used[id] {
+				np.cancel()
+			}
+		}
+		n.mu.Unlock()
+		n.start.Unlock()
 	}
 }
 
-// waitExit waits until the process of pidfd fd exits or ctx ends.
-func waitExit(ctx context.Context, fd int) {
-	for ctx.Err() == nil {
-		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(pfd, int(time.Second.Milliseconds()))
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			return
-		}
-		if n > 0 {
-			return
-		}
-	}
-}
-
-// processIn is a process in the network namespace want, 0 if none.
-func processIn(want [2]uint64) int {
-	dir, err := os.ReadDir("/proc")
+// netnsInUse are the network namespaces some thread of another process
+// than the daemon is in (the daemon's own proxy threads are in theirs), by
+// device and inode: every thread's, since a thread may have entered one of
+// its own.
+func netnsInUse() map[[2]uint64]bool {
+	used := map[[2]uint64]bool{}
+	procs, err := os.ReadDir("/proc")
 	if err != nil {
-		return 0
+		return used
 	}
-	for _, e := range dir {
-		pid, err := strconv.Atoi(e.Name())
+	self := os.Getpid()
+	for _, p := range procs {
+		if pid, err := strconv.Atoi(p.Name()); err != nil || pid == self {
+			continue
+		}
+		tasks, err := os.ReadDir(filepath.Join("/proc", p.Name(), "task"))
 		if err != nil {
 			continue
 		}
-		var st unix.Stat_t
-		if unix.Stat(filepath.Join("/proc", e.Name(), "ns/net"), &st) == nil && st.Dev == want[0] && st.Ino == want[1] {
-			return pid
+		for _, t := range tasks {
+			var st unix.Stat_t
+			if unix.Stat(filepath.Join("/proc", p.Name(), "task", t.Name(), "ns/net"), &st) == nil {
+				used[[2]uint64{st.Dev, st.Ino}] = true
+			}
 		}
 	}
-	return 0
+	return used
 }

@@ -316,6 +316,7 @@ func proxyPort(t *testing.T, e *e2e) string {
 // IPv4 and IPv6 resolvers. Once no process is left there, the proxy stops.
 func TestNameGrantsOtherNetns(t *testing.T) {
 	e := newE2EWith(t, namesE2EPolicy, true, "--poll", "1h", "--dns-grace", "0s")
+
 	other := nstest.NetNS(t)
 	nstest.AnyIPLoopback(t, other)
 	z := &zone{a: map[string][]string{}, ttl: map[string]uint32{}, cn: map[string]string{}}
@@ -331,7 +332,7 @@ func TestNameGrantsOtherNetns(t *testing.T) {
 	if got, err := web.Resolve("db.corp.example", "10.0.0.53:53", "udp", 5432); err != nil || !slices.Equal(got, []string{"10.1.7.1=denied"}) {
 		t.Fatalf("first query, unobserved: %v, %v; want 10.1.7.1 denied", got, err)
 	}
-	waitLog(t, e, "DNS proxy started in an app's network namespace")
+	waitLog(t, e, "DNS proxy started in an app's network namespace", 1)
 	for i, tc := range []struct{ resolver, proto, addr string }{
 		{"10.0.0.53:53", "udp", "10.1.7.2"},
 		{"10.0.0.53:53", "tcp", "10.1.7.3"},
@@ -351,14 +352,14 @@ func TestNameGrantsOtherNetns(t *testing.T) {
 	if err := web.Close(); err != nil {
 		t.Logf("prober: %v", err)
 	}
-	waitLog(t, e, "DNS proxy of a network namespace stopped")
+	waitLog(t, e, "DNS proxy of a network namespace stopped", 1)
 }
 
-// waitLog waits until the daemon's log has want.
-func waitLog(t *testing.T, e *e2e, want string) {
+// waitLog waits until the daemon's log has want n times.
+func waitLog(t *testing.T, e *e2e, want string, n int) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
-	for !strings.Contains(e.daemonLog(), want) {
+	for strings.Count(e.daemonLog(), want) < n {
 		if time.Now().After(deadline) {
 			t.Fatalf("no %q in the daemon's log:\n%s", want, e.daemonLog())
 		}
