@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -29,7 +30,9 @@ import (
 // there (its sockets made by a thread that entered it) and registers it
 // under the namespace's cookie: from then on the namespace's queries are
 // learned as the daemon's own. That first query's answer grants nothing;
-// the app's next query (a retry, or the next name) does.
+// the app's next query (a retry, or the next name) does. An app with name
+// grants that the daemon launches in its caller's namespace gets the proxy
+// before it starts.
 //
 // The proxy's sockets hold the namespace: it is closed once no thread is
 // left in it (a walk of /proc every reapEvery).
@@ -234,6 +237,17 @@ func (n *netnsProxies) ensure(pid, tid int, app string) {
 		delete(n.byIno, id)
 		n.mu.Unlock()
 	}()
+}
+
+// proxyNetnsOf starts a DNS proxy in the network namespace of process pid
+// before an app with name grants is launched there (the caller's), so that
+// its first query is learned too. A no-op without the DNS proxy.
+func (d *Daemon) proxyNetnsOf(pid int, app *ruleset.App) {
+	n := d.netns.Load()
+	if n == nil || !slices.ContainsFunc(app.Grants, func(g ruleset.Grant) bool { return g.Name != "" }) {
+		return
+	}
+	n.ensure(pid, 0, app.Name)
 }
 
 // netnsOf opens the network namespace at path (/proc/.../ns/net), and

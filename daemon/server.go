@@ -647,6 +647,7 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 		return
 	}
 	defer caller.Close()
+	d.proxyNetnsOf(int(p.pid), &app)
 	proc, err := launch.Start(launch.Spec{
 		App:       app,
 		CgroupDir: filepath.Join(d.appDirs.Base, app.Name),

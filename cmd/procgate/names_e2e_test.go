@@ -34,6 +34,7 @@ everyone:
       ports: [53]
 apps:
   - name: web
+    users: [nobody]
     allow:
       - to: db.corp.example
         proto: tcp
@@ -314,9 +315,32 @@ func proxyPort(t *testing.T, e *e2e) string {
 // there. Its first query goes unobserved (dns-unobserved); from it the
 // daemon starts a proxy in that namespace, and later answers grant, from
 // IPv4 and IPv6 resolvers. Once no process is left there, the proxy stops.
+// An app the daemon launches in its caller's namespace has the proxy there
+// before it starts: its first answer grants.
 func TestNameGrantsOtherNetns(t *testing.T) {
 	e := newE2EWith(t, namesE2EPolicy, true, "--poll", "1h", "--dns-grace", "0s")
 
+	t.Run("launched", func(t *testing.T) {
+		callerNS := nstest.NetNS(t)
+		nstest.AnyIPLoopback(t, callerNS)
+		z := &zone{a: map[string][]string{}, ttl: map[string]uint32{}, cn: map[string]string{}}
+		z.set("launched.svc.example", 60, "10.1.8.1")
+		startZone(t, callerNS, "10.0.0.53:53", z)
+		// Run by nobody, the daemon launches it (root launches its
+		// apps itself).
+		var out string
+		if err := nstest.InNS(t, callerNS, func() error {
+			out, _ = e.procgateAs(&syscall.Credential{Uid: 65534, Gid: 65534}, nil,
+				"run", "--app", "web", "--", e.bin, "dial", "--timeout", "1s", "--resolver", "10.0.0.53:53", "launched.svc.example:443")
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		// Allowed: nothing listens there, so the connection is refused.
+		if !strings.Contains(out, "connection refused") {
+			t.Fatalf("web launched in another namespace dialing launched.svc.example:443: want the connection refused (allowed), got:\n%s\n%s", out, e.daemonLog())
+		}
+	})
 	other := nstest.NetNS(t)
 	nstest.AnyIPLoopback(t, other)
 	z := &zone{a: map[string][]string{}, ttl: map[string]uint32{}, cn: map[string]string{}}
@@ -332,7 +356,7 @@ func TestNameGrantsOtherNetns(t *testing.T) {
 	if got, err := web.Resolve("db.corp.example", "10.0.0.53:53", "udp", 5432); err != nil || !slices.Equal(got, []string{"10.1.7.1=denied"}) {
 		t.Fatalf("first query, unobserved: %v, %v; want 10.1.7.1 denied", got, err)
 	}
-	waitLog(t, e, "DNS proxy started in an app's network namespace", 1)
+	waitLog(t, e, "DNS proxy started in an app's network namespace", 2) // the launched app's, this one
 	for i, tc := range []struct{ resolver, proto, addr string }{
 		{"10.0.0.53:53", "udp", "10.1.7.2"},
 		{"10.0.0.53:53", "tcp", "10.1.7.3"},
@@ -352,7 +376,7 @@ func TestNameGrantsOtherNetns(t *testing.T) {
 	if err := web.Close(); err != nil {
 		t.Logf("prober: %v", err)
 	}
-	waitLog(t, e, "DNS proxy of a network namespace stopped", 1)
+	waitLog(t, e, "DNS proxy of a network namespace stopped", 2)
 }
 
 // waitLog waits until the daemon's log has want n times.
