@@ -2,11 +2,9 @@ package bpf
 
 import (
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 
-	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -35,11 +33,7 @@ apps:
 // its sockets.
 func TestAuditOnly(t *testing.T) {
 	w := newWorld(t, "trial", "strict")
-	if err := nstest.InNS(t, w.netns, func() error {
-		return os.WriteFile("/proc/sys/net/ipv4/ping_group_range", []byte("0 2147483647"), 0o644)
-	}); err != nil {
-		t.Fatal(err)
-	}
+	w.allowPing()
 	startServers(t, w.netns, []string{"0.0.0.0:80"}, []string{"0.0.0.0:5000"})
 	rs := mustPolicy(t, auditOnlyPolicy)
 	enforce := mustPolicy(t, strings.Replace(auditOnlyPolicy, "mode: audit", "mode: enforce", 1))

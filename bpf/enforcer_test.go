@@ -108,6 +108,17 @@ func (w *world) apply(rs *ruleset.Ruleset, opts ...func(*Generation)) uint32 {
 	return gen
 }
 
+// allowPing lets every group of the world's namespace open ping sockets,
+// which are off by default.
+func (w *world) allowPing() {
+	w.t.Helper()
+	if err := nstest.InNS(w.t, w.netns, func() error {
+		return os.WriteFile("/proc/sys/net/ipv4/ping_group_range", []byte("0 2147483647"), 0o644)
+	}); err != nil {
+		w.t.Fatal(err)
+	}
+}
+
 func (w *world) prober(app string) *probe.Prober {
 	w.t.Helper()
 	dir := w.cgroups["/unbound"]
@@ -379,12 +390,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 // Where BPF LSM loads, TUN devices are refused inside app cgroups as well.
 func TestBackstops(t *testing.T) {
 	w := newWorld(t, "granted", "other")
-	// Ping sockets are off by default: let every group open them here.
-	if err := nstest.InNS(t, w.netns, func() error {
-		return os.WriteFile("/proc/sys/net/ipv4/ping_group_range", []byte("0 2147483647"), 0o644)
-	}); err != nil {
-		t.Fatal(err)
-	}
+	w.allowPing()
 	w.apply(&ruleset.Ruleset{
 		Internal: []ruleset.InternalPrefix{{Prefix: netip.MustParsePrefix("10.0.0.0/8")}, {Prefix: netip.MustParsePrefix("fd00::/8")}},
 		Apps: []ruleset.App{

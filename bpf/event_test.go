@@ -9,7 +9,6 @@ import (
 
 	"github.com/cilium/ebpf/ringbuf"
 
-	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -56,11 +55,7 @@ func (w *world) attachWithEvents() *ringbuf.Reader {
 // uid and comm (a miscompile of a constant destination): "address family 0".
 func TestAuditEventsDecode(t *testing.T) {
 	w := newWorld(t, "granted")
-	if err := nstest.InNS(t, w.netns, func() error {
-		return os.WriteFile("/proc/sys/net/ipv4/ping_group_range", []byte("0 2147483647"), 0o644)
-	}); err != nil {
-		t.Fatal(err)
-	}
+	w.allowPing()
 	rs := &ruleset.Ruleset{
 		Internal: []ruleset.InternalPrefix{{Prefix: netip.MustParsePrefix("10.0.0.0/8")}, {Prefix: netip.MustParsePrefix("fd00::/8")}},
 		Apps: []ruleset.App{{Name: "granted", Grants: []ruleset.Grant{

@@ -2,11 +2,9 @@ package bpf
 
 import (
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 
-	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -171,11 +169,7 @@ apps:
 // connected UDP socket's datagrams (which only the egress backstop sees).
 func TestSandbox(t *testing.T) {
 	w := newWorld(t, "box", "sealed", "free")
-	if err := nstest.InNS(t, w.netns, func() error {
-		return os.WriteFile("/proc/sys/net/ipv4/ping_group_range", []byte("0 2147483647"), 0o644)
-	}); err != nil {
-		t.Fatal(err)
-	}
+	w.allowPing()
 	startServers(t, w.netns, nil, []string{"[::]:443"})
 	w.apply(mustPolicy(t, sandboxPolicy))
 	if err := w.e.Attach(); err != nil {
