@@ -352,18 +352,13 @@ func Facts(app, q string, resp *dns.Msg, now time.Time, resolver netip.AddrPort)
 	name := strings.TrimSuffix(q, ".")
 	var out []ruleset.Learned
 	for _, rr := range resp.Answer {
-		var addr netip.Addr
-		switch a := rr.(type) {
-		case *dns.A:
-			addr, _ = netip.AddrFromSlice(a.A.To4())
-		case *dns.AAAA:
-			addr, _ = netip.AddrFromSlice(a.AAAA)
-		default:
+		addr, ok := AddrOf(rr)
+		if !ok {
 			continue
 		}
 		owner := strings.ToLower(rr.Header().Name)
 		t, have := ttl[owner]
-		if !have || !addr.IsValid() {
+		if !have {
 			continue
 		}
 		t = min(t, rr.Header().Ttl)
@@ -372,4 +367,16 @@ func Facts(app, q string, resp *dns.Msg, now time.Time, resolver netip.AddrPort)
 			Expires: now.Add(time.Duration(t) * time.Second), Answer: strings.ReplaceAll(answer, "\t", " "), Resolver: resolver})
 	}
 	return out
+}
+
+// AddrOf is the address of an A or AAAA record; ok is false for any
+// other record.
+func AddrOf(rr dns.RR) (addr netip.Addr, ok bool) {
+	switch a := rr.(type) {
+	case *dns.A:
+		addr, ok = netip.AddrFromSlice(a.A.To4())
+	case *dns.AAAA:
+		addr, ok = netip.AddrFromSlice(a.AAAA)
+	}
+	return addr, ok && addr.IsValid()
 }

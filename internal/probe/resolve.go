@@ -11,6 +11,7 @@ import (
 
 	"github.com/miekg/dns"
 
+	"github.com/procgate/procgate/dnsproxy"
 	"github.com/procgate/procgate/ruleset"
 )
 
@@ -107,14 +108,7 @@ func resolveType(name, resolver, proto string, qtype uint16) ([]netip.Addr, erro
 	}
 	var out []netip.Addr
 	for _, rr := range resp.Answer {
-		var ip netip.Addr
-		switch a := rr.(type) {
-		case *dns.A:
-			ip, _ = netip.AddrFromSlice(a.A.To4())
-		case *dns.AAAA:
-			ip, _ = netip.AddrFromSlice(a.AAAA)
-		}
-		if ip.IsValid() {
+		if ip, ok := dnsproxy.AddrOf(rr); ok {
 			out = append(out, ip)
 		}
 	}
