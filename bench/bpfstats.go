@@ -157,7 +157,7 @@ func (b *bench) latencyCost(phase string, l *lane, pol *benchPolicy, p proto, c 
 	}
 	batch := func() (float64, error) {
 		resp, err := l.cl.do(request{Op: opLatency, Proto: p, Dests: addrPorts(pol.dests(c), servicePort), N: b.cfg.Batch,
-			Allow: c != classDeny || !l.v.enforcing()})
+			Allow: l.v.expectAllow(c)})
 		return float64(resp.Attempts), err
 	}
 	var cost *bpfCost

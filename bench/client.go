@@ -53,6 +53,9 @@ type proto string
 const (
 	tcp proto = "tcp"
 	udp proto = "udp"
+	// udpConn: send() on a UDP socket connected to the destination (one
+	// per destination, connected before the timed attempts).
+	udpConn proto = "udp-connected"
 )
 
 type request struct {
@@ -321,13 +324,21 @@ func latencyLoop(r request, resp *response) error {
 		sas[i] = sockaddr(d)
 	}
 	attempt := func(sa unix.Sockaddr) (time.Duration, error) { return tcpConnect(sa, 2*time.Second) }
-	if r.Proto == udp {
+	switch r.Proto {
+	case udp:
 		fd, err := udpSocket()
 		if err != nil {
 			return err
 		}
 		defer unix.Close(fd)
 		attempt = func(sa unix.Sockaddr) (time.Duration, error) { return udpSend(fd, sa) }
+	case udpConn:
+		send, closeAll, err := connectedSenders(sas)
+		if err != nil {
+			return err
+		}
+		defer closeAll()
+		attempt = send
 	}
 	resp.Latencies = make([]uint32, 0, r.N)
 	for i := range r.Warmup + r.N {
@@ -486,6 +497,42 @@ func untilVerdict(r request, resp *response, ready func() error) error {
 // connect allowed just before a generation switch waits for its SYN, which
 // the egress backstop decides again in the new generation; a denied SYN
 // leaves it hanging until the sweep ends it.)
+// connectedSenders connects a UDP socket to each of sas; send then sends
+// one datagram on the socket of its destination. A destination whose
+// connect was refused is tried again (a fresh socket's connect, timed) at
+// each attempt, so that a denial has its own latency.
+func connectedSenders(sas []unix.Sockaddr) (send func(unix.Sockaddr) (time.Duration, error), closeAll func(), err error) {
+	fds := map[unix.Sockaddr]int{}
+	closeAll = func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}
+	for _, sa := range sas {
+		fd, err := udpSocket()
+		if err != nil {
+			closeAll()
+			return nil, nil, err
+		}
+		if err := unix.Connect(fd, sa); err != nil {
+			unix.Close(fd)
+			continue
+		}
+		fds[sa] = fd
+	}
+	send = func(sa unix.Sockaddr) (time.Duration, error) {
+		t0 := time.Now()
+		fd, ok := fds[sa]
+		if !ok {
+			err := udpConnect(sa)
+			return time.Since(t0), err
+		}
+		_, err := unix.Write(fd, payload)
+		return time.Since(t0), err
+	}
+	return send, closeAll, nil
+}
+
 func udpConnect(sa unix.Sockaddr) error {
 	fd, err := udpSocket()
 	if err != nil {

@@ -43,6 +43,9 @@ func addrPorts(addrs []netip.Addr, port uint16) []netip.AddrPort {
 	return out
 }
 
+// latencyProtos are the calls of the latency phase.
+var latencyProtos = []proto{tcp, udp, udpConn}
+
 // measure runs every (topology, proto, class) point on every lane of w,
 // interleaved: in each round every point visits every lane of its
 // topology once, the lanes in an order rotated by the round, so that drift
@@ -76,11 +79,8 @@ func (b *bench) measure(ctx context.Context, w *world, pol *benchPolicy, phase s
 						if err := ctx.Err(); err != nil {
 							return nil, err
 						}
-						// The baseline enforces nothing: it connects to the
-						// deny class too, and that is its cost to compare.
-						allow := c != classDeny || !l.v.enforcing()
 						resp, err := l.cl.do(request{Op: opLatency, Proto: pr, Dests: dests, N: b.cfg.Batch,
-							Warmup: b.cfg.Warmup, Allow: allow})
+							Warmup: b.cfg.Warmup, Allow: l.v.expectAllow(c)})
 						if err != nil {
 							return nil, err
 						}
@@ -150,12 +150,22 @@ func (b *bench) latencyPhase(ctx context.Context) error {
 		return err
 	}
 	b.res.Latency = append(b.res.Latency, res...)
+	// A connected socket's datagrams pass no hook: the egress backstop
+	// alone decides them. Its connect is the TCP row's cost.
+	res, err = b.measure(ctx, w, pol, phaseLatency, []proto{udpConn}, []class{classAllow, classExternal})
+	if err != nil {
+		return err
+	}
+	b.res.Latency = append(b.res.Latency, res...)
 	for _, l := range w.lanes {
-		if l.v.Name != vProcgate && l.v.Name != vProcgateTraceable && !l.v.empty {
+		if l.v.Name != vProcgate && l.v.Name != vProcgateTraceable && l.v.Name != vProcgateNoApp && !l.v.empty {
 			continue
 		}
-		for _, p := range []proto{tcp, udp} {
+		for _, p := range latencyProtos {
 			for _, c := range allClasses {
+				if p == udpConn && c == classDeny {
+					continue
+				}
 				if err := b.latencyCost(phaseLatency, l, pol, p, c); err != nil {
 					return err
 				}

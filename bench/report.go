@@ -22,7 +22,7 @@ func (r *results) plots() (map[string]string, error) {
 	names := r.variantNames()
 	colors := r.variantColors()
 	for _, t := range []topo{topoLoopback, topoVeth} {
-		for _, p := range []proto{tcp, udp} {
+		for _, p := range latencyProtos {
 			c := bars{title: fmt.Sprintf("%s %s latency at %d prefixes: p50 bars, round-median range, ◆ p99", t, callName(p), r.Config.MatrixSize),
 				ylabel: "µs", series: names, colors: colors}
 			for _, cl := range allClasses {
@@ -163,8 +163,11 @@ func (r *results) variantNames() []string {
 }
 
 func callName(p proto) string {
-	if p == tcp {
+	switch p {
+	case tcp:
 		return "TCP connect()"
+	case udpConn:
+		return "UDP send() on a connected socket"
 	}
 	return "UDP sendto()"
 }
@@ -221,6 +224,8 @@ func (r *results) markdown(plots map[string]string) string {
 	r.latencySection(w, plots)
 	r.bpfCostSection(w, phaseLatency, "Where procgate's time goes",
 		"BPF run time of procgate's programs during one extra batch of %d attempts per row, from the kernel's statistics (BPF_ENABLE_STATS, on only for these batches; timing adds a few tens of ns per run): how often each program ran per attempt and how long each run took. The empty-programs rows are the floor per hook: what the statistics report for a program that does nothing there (their clock reads), to subtract from procgate's per-run figures.", r.Config.Batch)
+	r.bpfCostSection(w, phaseSpawn, "The daemon's host-wide programs per process",
+		"BPF run time of the host-wide programs (tp_btf on fork, exit, cgroup attach, mkdir and rmdir), which run for every process of the host, during %d spawns of `%s` by a process of no app (the bench itself).", r.Config.Spawns, spawnBinary)
 	r.scalingSection(w, plots)
 	r.reloadSection(w, plots)
 	r.throughputSection(w, plots)
@@ -256,7 +261,7 @@ func (r *results) latencySection(w func(string, ...any), plots map[string]string
 	w("## Latency per verdict class (%d prefixes)", r.Config.MatrixSize)
 	w("")
 	for _, t := range []topo{topoLoopback, topoVeth} {
-		for _, p := range []proto{tcp, udp} {
+		for _, p := range latencyProtos {
 			w("### %s, %s", t, callName(p))
 			w("")
 			w("| class | variant | p50 µs | p99 µs | p50 vs baseline | p99 vs baseline | spread | n | wrong |")
@@ -477,8 +482,8 @@ func (r *results) bpfCostSection(w func(string, ...any), phase, title, intro str
 	w("")
 	w(intro, args...)
 	w("")
-	per := "attempt"
-	if rows[0].Unit == "second" {
+	per := rows[0].Unit
+	if per == "second" {
 		per = "second (ns = CPU share × 10⁹)"
 	}
 	w("| batch | prefixes | BPF ns per %s | programs: runs per %s × ns per run |", per, rows[0].Unit)

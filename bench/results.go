@@ -32,6 +32,7 @@ type results struct {
 	Principals []latResult    `json:"principals,omitempty"`
 	DNS        *dnsResult     `json:"dns,omitempty"`
 	Fleet      *fleetResult   `json:"fleet,omitempty"`
+	Spawn      *spawnResult   `json:"spawn,omitempty"`
 	BPFCost    []bpfCost      `json:"bpf_cost"`
 	Targets    []targetResult `json:"targets"`
 	Notes      []string       `json:"notes"`

@@ -95,6 +95,8 @@ type config struct {
 	FleetPushes    int `json:"fleet_pushes"`
 	FleetHoles     int `json:"fleet_holes"`
 	FleetFailovers int `json:"fleet_failovers"`
+	// Spawns per block of fork+exec+exit (set-up, around Attach).
+	Spawns int `json:"spawns"`
 }
 
 func configFor(o options) config {
@@ -106,7 +108,7 @@ func configFor(o options) config {
 			PinholeOpens: 30, UpdateBatches: []int{1, 100}, UpdateExisting: []int{0}, UpdateDuration: 50 * time.Millisecond,
 			TransferBytes: 8 << 20, TransferRounds: 2, Revokes: 2, SweepSockets: []int{10},
 			CLIRevokes: 2, DaemonSize: 1000, DaemonIdle: time.Second, DaemonReloads: 2, RouteAdds: 10, DNSAnswers: 20,
-			FleetHosts: 50, FleetPushes: 2, FleetHoles: 512, FleetFailovers: 1}
+			FleetHosts: 50, FleetPushes: 2, FleetHoles: 512, FleetFailovers: 1, Spawns: 20}
 	case o.quick:
 		return config{Mode: "quick", MatrixSize: 100, Sizes: []int{10, 1000, 5000, 100000}, Attempts: 6000, Batch: 500, Warmup: 50,
 			ReloadSize: 1000, Reloads: 200, ReloadAttempts: 500_000, ReloadLimit: 10 * time.Second, ReloadTimings: 3,
@@ -114,7 +116,7 @@ func configFor(o options) config {
 			PinholeOpens: 300, UpdateBatches: []int{1, 100, 1000}, UpdateExisting: []int{0}, UpdateDuration: 200 * time.Millisecond,
 			TransferBytes: 100 << 20, TransferRounds: 40, Revokes: 5, SweepSockets: []int{10, 1000, 10000},
 			CLIRevokes: 5, DaemonSize: 100_000, DaemonIdle: 3 * time.Second, DaemonReloads: 2, RouteAdds: 50, DNSAnswers: 200,
-			FleetHosts: 2000, FleetPushes: 3, FleetHoles: 4096, FleetFailovers: 2}
+			FleetHosts: 2000, FleetPushes: 3, FleetHoles: 4096, FleetFailovers: 2, Spawns: 300}
 	}
 	return config{Mode: "full", MatrixSize: 100, Sizes: []int{10, 100, 1000, 5000, 100000, 1000000}, Attempts: 200_000, Batch: 2000, Warmup: 100,
 		ReloadSize: 1000, Reloads: 1000, ReloadAttempts: 10_000_000, ReloadLimit: 70 * time.Second, ReloadTimings: 3,
@@ -122,7 +124,7 @@ func configFor(o options) config {
 		PinholeOpens: 2000, UpdateBatches: []int{1, 10, 100, 1000, 10_000}, UpdateExisting: []int{0, 100_000}, UpdateDuration: time.Second,
 		TransferBytes: 100 << 20, TransferRounds: 200, Revokes: 20, SweepSockets: []int{10, 1000, 10000},
 		CLIRevokes: 20, DaemonSize: 1_000_000, DaemonIdle: 10 * time.Second, DaemonReloads: 3, RouteAdds: 200, DNSAnswers: 1000,
-		FleetHosts: 10_000, FleetPushes: 5, FleetHoles: 20_480, FleetFailovers: 3}
+		FleetHosts: 10_000, FleetPushes: 5, FleetHoles: 20_480, FleetFailovers: 3, Spawns: 2000}
 }
 
 // bench is one run.
@@ -263,7 +265,13 @@ func (b *bench) setup() error {
 	if _, err := b.applyProcgate(pol.ruleset(), pol); err != nil {
 		return err
 	}
+	if err := b.spawnBefore(); err != nil {
+		return err
+	}
 	if err := enf.Attach(); err != nil {
+		return err
+	}
+	if err := b.spawnAfter(); err != nil {
 		return err
 	}
 	for _, v := range b.variants {
@@ -329,7 +337,7 @@ func (b *bench) applyProcgate(rs *ruleset.Ruleset, pol *benchPolicy) (loadStats,
 	g := bpf.Generation{Rules: rs, AppIDs: pol.appIDs(), AuditRate: 100, TrustTraceGuard: true}
 	for a := range pol.apps {
 		for _, v := range b.variants {
-			if !v.procgateLike() {
+			if !v.procgateLike() || v.unbound {
 				continue
 			}
 			dir := b.appCgroup(v.Name, a)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/procgate/procgate/demo"
 )
@@ -57,7 +58,35 @@ func (b *bench) throughputPhase(ctx context.Context) error {
 	if err := w.close(); err != nil {
 		return err
 	}
+	if err := b.noAppThroughput(ctx, pol); err != nil {
+		return err
+	}
 	return b.tunnelThroughput(ctx, pol)
+}
+
+// noAppThroughput measures a process of no app (procgate-noapp) to an
+// external destination over veth, against the baseline and its control
+// in the same rounds: what every other process of the host pays.
+func (b *bench) noAppThroughput(ctx context.Context, pol *benchPolicy) error {
+	w, err := b.buildWorld(pol, pickVariants(b.variants, vBaseline, vControl, vProcgateNoApp), []topo{topoVeth})
+	if err != nil {
+		return err
+	}
+	defer w.close()
+	res, err := b.tput(ctx, w.lanes, pol.dests(classExternal)[0])
+	if err != nil {
+		return err
+	}
+	for i := range res {
+		res[i].Topo = topoVethExternal
+	}
+	for i := range b.res.BPFCost {
+		if c := &b.res.BPFCost[i]; c.Phase == phaseThroughput && strings.HasPrefix(c.What, vProcgateNoApp+": ") {
+			c.What = strings.Replace(c.What, string(topoVeth), string(topoVethExternal), 1)
+		}
+	}
+	b.res.Throughput = append(b.res.Throughput, res...)
+	return w.close()
 }
 
 // tunnelThroughput measures through demo's wireguard-go tunnel: the laptop
@@ -130,11 +159,15 @@ func (b *bench) tput(ctx context.Context, lanes []*lane, dst netip.Addr) ([]tput
 	// their run time per second of the batch is the share of a CPU they
 	// took, a bound on what they can cost a CPU-bound path.
 	for _, l := range lanes {
-		if l.v.Name != vProcgate {
+		if l.v.Name != vProcgate && l.v.Name != vProcgateNoApp {
 			continue
 		}
 		for _, wl := range []string{workloadBulk, workloadRR} {
-			cost, err := b.withBPFStats(phaseThroughput, fmt.Sprintf("%s %s", l.topo, wl), b.cfg.MatrixSize, "second", func() (float64, error) {
+			what := fmt.Sprintf("%s %s", l.topo, wl)
+			if l.v.Name != vProcgate {
+				what = l.v.Name + ": " + what
+			}
+			cost, err := b.withBPFStats(phaseThroughput, what, b.cfg.MatrixSize, "second", func() (float64, error) {
 				_, secs, err := l.tputBatch(wl, dst, b.cfg)
 				return secs, err
 			})

@@ -43,6 +43,9 @@ type variant struct {
 	// hook procgate uses.
 	empty bool
 	progs map[string]*ebpf.Program
+	// unbound: the variant's cgroup is enforced, but no app claims it: its
+	// client is a process of no app.
+	unbound bool
 	// install puts the variant's rules into the network namespace ns of a
 	// lane; nil for variants that need none there.
 	install func(b *bench, l *lane, pol *benchPolicy) (loadStats, error)
@@ -67,6 +70,7 @@ const (
 	vProcgateSockCreate = "procgate-hooks+sock_create"
 	vProcgateTraceable  = "procgate-traceable"
 	vEmpty              = "empty-programs"
+	vProcgateNoApp      = "procgate-noapp"
 	vNftCgroupSet       = "nft-cgroup-set"
 	vNftCgroupRules     = "nft-cgroup-rules"
 	vNftUIDSet          = "nft-uid-set"
@@ -93,6 +97,8 @@ func allVariants() []*variant {
 			latencyOnly: true, pinned: append([]string{"sock_create"}, hookPrograms...)},
 		{Name: vProcgateTraceable, Desc: "procgate with every program, for an app process open to tracing (equal uids and gids: traceable: true, a script, root), whose internal TCP connections the TCP handover guard watches by default (as it watches every app's with --tcp-handover=all): what that guard adds",
 			latencyOnly: true, openToTracing: true, pinned: append([]string{"sock_create", "egress", "bind4", "bind6", "handover"}, hookPrograms...)},
+		{Name: vProcgateNoApp, Desc: "procgate with every program, for a process of no app (a cgroup below the enforced one that no app claims, as most of a host's processes are): internal destinations are denied to it, external ones are what it pays",
+			latencyOnly: true, unbound: true, pinned: append([]string{"sock_create", "egress", "bind4", "bind6", "handover"}, hookPrograms...)},
 		{Name: vEmpty, Desc: "diagnostic: the floor; at each hook procgate's defaults use here (sock_create, connect4/6, sendmsg4/6, egress, sockops), a program that only returns \"go on\", on a cgroup of its own: what running a program there costs at all, below any design of procgate's",
 			latencyOnly: true, empty: true},
 		{Name: vNftCgroupSet, Desc: "nftables output chain: ct state established first, internal set, `socket cgroupv2` goto per-app chain with an interval set of the app's prefixes", install: installNft},
@@ -113,6 +119,19 @@ func (v *variant) procgateLike() bool { return v.Name == vProcgate || v.pinned !
 
 // enforcing is false for the baseline, its control and the empty programs.
 func (v *variant) enforcing() bool { return v.Name != vBaseline && !v.control && !v.empty }
+
+// expectAllow is the verdict of the variant's client for destinations of
+// class c. A variant that enforces nothing connects to the deny class too,
+// and that is its cost to compare.
+func (v *variant) expectAllow(c class) bool {
+	switch {
+	case !v.enforcing():
+		return true
+	case v.unbound:
+		return c == classExternal
+	}
+	return c != classDeny
+}
 
 func pickVariants(all []*variant, names ...string) []*variant {
 	var out []*variant

@@ -19,6 +19,9 @@ const (
 	// topoTunnel: demo's laptop, reaching the internal service over a
 	// wireguard-go tunnel (throughput only).
 	topoTunnel topo = "wireguard"
+	// topoVethExternal: the veth path to an external destination, for a
+	// process of no app (its results; its lanes are veth lanes).
+	topoVethExternal topo = "veth-external"
 )
 
 var (
