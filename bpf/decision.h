@@ -117,8 +117,9 @@ enum hook {
 // app gets (bpf.MaxApps keeps app ids below it).
 #define EVERYONE_APP_ID 0xffff
 
-// In a verdict_entry's app_flags: allowed by an everyone grant, so the
-// verdict holds for a socket of any principal.
+// In a verdict_entry's app_flags: allowed by an everyone grant, or external
+// in a generation without sandboxes, so the verdict holds for a socket of
+// any principal.
 #define VERDICT_EVERYONE (1U << 31)
 
 // One trie holds every generation's internal prefixes and grants. The tag
@@ -429,10 +430,10 @@ struct dest {
 // Verdicts the egress backstop may reuse instead of deciding a packet again.
 // An entry says: in generation `generation`, sending to `d` was allowed for
 // a socket of app `app_id`, and a socket of cgroup `cgroup_id` has that
-// principal. Only internal verdicts are kept: for an external destination
-// the backstop's own check is one trie lookup that ends near the root. A
-// verdict depends on nothing else, so it is the same for every socket of
-// that principal, whichever socket it was made for. The backstop uses an
+// principal (an external destination's, in a generation without
+// sandboxes, every principal's: VERDICT_EVERYONE). A verdict depends on
+// nothing else, so it is the same for every socket of that principal,
+// whichever socket it was made for. The backstop uses an
 // entry only when generation and destination match exactly, and for an app
 // only when the packet's socket is of that cgroup or, looked up, of that
 // app; after a reload every entry is stale at once.
@@ -1127,6 +1128,13 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 		// array) and it tells an operator the hook sees the app at all.
 		count(app_id, COUNT_EXTERNAL);
 		v->allow = 1;
+		// In a generation without sandboxes every principal may send
+		// there: handed to the backstop as a verdict for anyone, whose
+		// O(1) recognition costs less than its own internal-set lookup.
+		if (!(info->flags & GEN_SANDBOX)) {
+			v->handoff = 1;
+			v->app_flags = VERDICT_EVERYONE;
+		}
 		return;
 	}
 	// Internal, or a sandbox's external destination: only grants allow

@@ -38,9 +38,9 @@ static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d,
 	decide(d, hook, &v);
 	if (!v.allow)
 		return 0;
-	// Only verdicts the backstop would decide in full: for an external
-	// destination its own check is one trie lookup that ends near the
-	// root, cheaper than the handoff.
+	// Only verdicts the backstop would decide otherwise: an external
+	// destination in a generation with sandboxes is decided by the
+	// socket's principal there.
 	if (!v.handoff)
 		return 1;
 	// A TCP connection an app's own grant let to an internal destination
