@@ -28,6 +28,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/daemon"
 	"github.com/procgate/procgate/internal/nstest"
@@ -59,7 +60,8 @@ func TestMain(m *testing.M) {
 // nogrant's, svc's and backup's processes may bind only port 7000 and an
 // ephemeral port (the listen techniques try 7001; other techniques bind
 // port 0 before they connect): a bind to an unlisted port by a launched, a
-// unit and a user principal; sandbox (outside: deny) is granted only the control addresses, so
+// unit and a user principal; strict's only port 7000, not even an
+// ephemeral one (listen() without bind() must not get one); sandbox (outside: deny) is granted only the control addresses, so
 // the controls prove the target hears it while its targets, on the
 // internet, must stay out of reach. Every app is granted the name
 // db.corp.example, which only the daemon's DNS proxy can give addresses:
@@ -96,6 +98,8 @@ apps:
       - to: db.corp.example
         proto: tcp
         ports: [5432]
+  - name: strict
+    listen: [7000]
   - name: sandbox
     outside: deny
     allow:
@@ -171,6 +175,9 @@ type role struct {
 	// owned by that uid: the effective uid is setuidTo, the real uid the
 	// role's.
 	setuidTo int
+	// only, a regexp, limits the role to the techniques it matches (and
+	// the controls).
+	only string
 }
 
 var roles = []role{
@@ -191,6 +198,9 @@ var roles = []role{
 	{name: "unit-user-outside", uid: nobody, cgroup: "system.slice/other.service", target4: "10.1.2.3", target6: "fd00:1::3"},
 	{name: "user-app", app: "backup", uid: backupUID, target4: "10.1.2.3", target6: "fd00:1::3", ownGrant: true},
 	{name: "setuid-to-user", uid: nobody, setuidTo: backupUID, target4: "10.1.2.3", target6: "fd00:1::3"},
+	// An app whose listen: has no port 0: its binds only (the rest is
+	// app-nogrant's).
+	{name: "strict-listen", app: "strict", uid: nobody, target4: "10.1.2.3", target6: "fd00:1::3", only: "^(bind|uring-bind|listen-)"},
 }
 
 // unitCgroup is svc's cgroup below the daemon's cgroup root, as systemd
@@ -215,6 +225,9 @@ type world struct {
 	rs        *ruleset.Ruleset
 	// apps by nonce, for records of earlier runs that arrive late.
 	nonceApp map[string]string
+	// guards are the daemon's guards (procgate status) by name: active or
+	// not, for the known gaps a guard closes where it is active.
+	guards map[string]bool
 }
 
 func TestAttackSuite(t *testing.T) {
@@ -230,6 +243,11 @@ func TestAttackSuite(t *testing.T) {
 		}
 		if !slices.ContainsFunc(roles, func(r role) bool { return r.name == g.role }) {
 			t.Errorf("known-gaps.txt:%d: no role %q", g.line, g.role)
+		}
+		for _, guard := range g.without {
+			if _, ok := w.guards[guard]; !ok {
+				t.Errorf("known-gaps.txt:%d: no guard %q", g.line, guard)
+			}
 		}
 	}
 	table := map[string]map[string]string{}
@@ -424,7 +442,7 @@ func nsHandle(t *testing.T, path string) *netlink.Handle {
 		t.Fatal(err)
 	}
 	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -490,6 +508,17 @@ func (w *world) startDaemon(t *testing.T) {
 		}
 	}
 	logMu.Unlock()
+	resp, err := api.Client{Socket: filepath.Join(w.dir, "procgate.sock")}.Do(api.Request{Op: api.OpStatus})
+	if err != nil {
+		t.Fatalf("daemon status: %v", err)
+	}
+	if resp.Status == nil {
+		t.Fatalf("daemon status: no status in %+v", resp)
+	}
+	w.guards = map[string]bool{}
+	for _, g := range resp.Status.Guards {
+		w.guards[g.Name] = g.Active
+	}
 }
 
 type lockedWriter struct {
@@ -692,14 +721,28 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 		"-target4", r.target4, "-target6", r.target6, "-ifname", "pga",
 		"-internal", strings.Join(append([]string{internalFlag(w.rs)}, r.reachable...), ",")}
 	ran := techniques
-	if only := os.Getenv(envOnly); only != "" {
-		// The controls always run: without them no result means anything.
-		re, err := regexp.Compile("^control-|" + only)
-		if err != nil {
-			t.Fatalf("%s: %v", envOnly, err)
+	var filters []*regexp.Regexp
+	for _, only := range []string{os.Getenv(envOnly), r.only} {
+		if only == "" {
+			continue
 		}
-		args = append(args, "-only", re.String())
-		ran = slices.DeleteFunc(slices.Clone(techniques), func(tech technique) bool { return !re.MatchString(tech.name) })
+		re, err := regexp.Compile(only)
+		if err != nil {
+			t.Fatalf("techniques %q: %v", only, err)
+		}
+		filters = append(filters, re)
+	}
+	if filters != nil {
+		// The controls always run: without them no result means anything.
+		ran = slices.DeleteFunc(slices.Clone(techniques), func(tech technique) bool {
+			return !strings.HasPrefix(tech.name, "control-") &&
+				slices.ContainsFunc(filters, func(re *regexp.Regexp) bool { return !re.MatchString(tech.name) })
+		})
+		names := make([]string, len(ran))
+		for i, tech := range ran {
+			names[i] = regexp.QuoteMeta(tech.name)
+		}
+		args = append(args, "-only", "^("+strings.Join(names, "|")+")$")
 	}
 	var stdout, stderr bytes.Buffer
 	if r.launcher {
@@ -755,7 +798,7 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 			continue // one report per technique: its first record
 		}
 		found[v.technique] = true
-		if g := findGap(gaps, v.technique, r.name); g != nil {
+		if g := w.openGap(gaps, v.technique, r.name); g != nil {
 			t.Logf("KNOWN GAP: %s as %s reached %s (%s) — known-gaps.txt:%d: %s", v.technique, r.name, v.rec, v.why, g.line, g.reason)
 			continue
 		}
@@ -764,6 +807,10 @@ func (w *world) runRole(t *testing.T, r role, gaps []knownGap) []result {
 	w.checkListen(t, r, ran, byName, gaps, found)
 	for _, g := range gaps {
 		if _, tried := byName[g.technique]; g.role != r.name || found[g.technique] || !tried {
+			continue
+		}
+		if guard := g.closedBy(w.guards); guard != "" {
+			t.Logf("KNOWN GAP closed here by guard %s: %s as %s did not reach (%s) — known-gaps.txt:%d", guard, g.technique, r.name, byName[g.technique].Detail, g.line)
 			continue
 		}
 		if byName[g.technique].Result == Unavailable {
@@ -856,8 +903,8 @@ func (w *world) checkListen(t *testing.T, r role, ran []technique, byName map[st
 		if tech.class != classListen || res.Result == Unavailable {
 			continue
 		}
-		port, chosen := listenPort(tech.name)
-		listed := listen != nil && chosen && listen.Allows(port)
+		port, _ := listenPort(tech.name)
+		listed := listen != nil && listen.Allows(port)
 		switch {
 		case listen == nil || listed:
 			if res.Result != Reached {
@@ -865,7 +912,7 @@ func (w *world) checkListen(t *testing.T, r role, ran []technique, byName map[st
 			}
 		case res.Result == Reached:
 			found[tech.name] = true
-			if g := findGap(gaps, tech.name, r.name); g != nil {
+			if g := w.openGap(gaps, tech.name, r.name); g != nil {
 				t.Logf("KNOWN GAP: %s as %s bound a port %s does not list (%s) — known-gaps.txt:%d: %s", tech.name, r.name, listen, res.Detail, g.line, g.reason)
 				continue
 			}
@@ -918,13 +965,27 @@ func parseRun(out []byte) ([]result, summary, error) {
 }
 
 // knownGap is a line of known-gaps.txt: a technique that reaches, for a
-// role, with the reason it still does.
+// role, with the reason it still does; without lists the guards that
+// close it where the kernel has them (bpf.Guards names).
 type knownGap struct {
 	technique, role, reason string
+	without                 []string
 	line                    int
 }
 
-// loadKnownGaps reads "TECHNIQUE ROLE REASON..." lines; # starts a comment.
+// closedBy is the guard of g's without list active here, or "": where one
+// is, the gap is closed and its technique must not reach.
+func (g *knownGap) closedBy(guards map[string]bool) string {
+	for _, name := range g.without {
+		if guards[name] {
+			return name
+		}
+	}
+	return ""
+}
+
+// loadKnownGaps reads "TECHNIQUE ROLE [without=GUARD,...] REASON..." lines;
+// # starts a comment.
 func loadKnownGaps(path string) ([]knownGap, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -946,9 +1007,28 @@ func loadKnownGaps(path string) ([]knownGap, error) {
 			return nil, fmt.Errorf("%s:%d: %s %s already listed on line %d", path, i+1, f[0], f[1], prev)
 		}
 		seen[key] = i + 1
-		gaps = append(gaps, knownGap{technique: f[0], role: f[1], reason: strings.Join(f[2:], " "), line: i + 1})
+		g := knownGap{technique: f[0], role: f[1], line: i + 1}
+		if guards, ok := strings.CutPrefix(f[2], "without="); ok {
+			g.without = strings.Split(guards, ",")
+			if len(f) < 4 {
+				return nil, fmt.Errorf("%s:%d: no reason after %s", path, i+1, f[2])
+			}
+			f = f[1:]
+		}
+		g.reason = strings.Join(f[2:], " ")
+		gaps = append(gaps, g)
 	}
 	return gaps, nil
+}
+
+// openGap is the known gap of technique as role, unless a guard active
+// here closes it.
+func (w *world) openGap(gaps []knownGap, technique, role string) *knownGap {
+	g := findGap(gaps, technique, role)
+	if g == nil || g.closedBy(w.guards) != "" {
+		return nil
+	}
+	return g
 }
 
 func findGap(gaps []knownGap, technique, role string) *knownGap {

@@ -175,12 +175,13 @@ var listenCases = []struct {
 	{"listen-without-bind", bindCase{family: unix.AF_INET, typ: unix.SOCK_STREAM, how: listenUnbound}},
 }
 
-// listenPort is the port a listen technique binds; ok is false for one
-// whose port the kernel picks (listen without bind).
+// listenPort is the port a listen technique binds; ok is false for no
+// listen technique. listen() without bind() is a bind to port 0: the
+// kernel picks the port, as for bind() to 0, and policy judges it so.
 func listenPort(name string) (port uint16, ok bool) {
 	for _, lc := range listenCases {
 		if lc.name == name {
-			return lc.c.port, lc.c.how != listenUnbound
+			return lc.c.port, true
 		}
 	}
 	return 0, false
