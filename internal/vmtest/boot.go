@@ -76,6 +76,11 @@ func BuildInitramfs(path string, g Guest, k Fetched) (missing []string, err erro
 				return nil, err
 			}
 		}
+		for _, name := range s.Files {
+			if err := a.CopyFile(filepath.Join(dir, name), filepath.Join(s.Dir, name)); err != nil {
+				return nil, err
+			}
+		}
 		bin := filepath.Join(dir, filepath.Base(s.Binary))
 		if err := a.CopyFile(bin, s.Binary); err != nil {
 			return nil, err

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"time"
 )
 
@@ -33,6 +34,11 @@ type SuiteSpec struct {
 	Run string `json:"run"`
 	// Timeout bounds the whole binary (-test.timeout), as a time.Duration.
 	Timeout string `json:"timeout"`
+	// Env is added to the binary's environment (NAME=VALUE).
+	Env []string `json:"env,omitempty"`
+	// Files are files of the package's directory its tests read, besides
+	// testdata.
+	Files []string `json:"files,omitempty"`
 }
 
 // ReadPlan reads the plan at path.
@@ -69,13 +75,17 @@ func RunSuite(s SuiteSpec, env []string, out io.Writer) Suite {
 	}
 	cmd := exec.CommandContext(ctx, s.Binary, args...)
 	cmd.Dir = s.Dir
-	cmd.Env = env
+	cmd.Env = append(slices.Clone(env), s.Env...)
 	var buf bytes.Buffer
 	cmd.Stdout = io.MultiWriter(out, &buf)
 	cmd.Stderr = cmd.Stdout
 	fmt.Fprintf(out, "vmtest: run %s %v in %s\n", s.Binary, args, s.Dir)
 	runErr := cmd.Run()
-	res.Tests, err = ParseTestOutput(&buf)
+	output := buf.Bytes()
+	res.Tests, err = ParseTestOutput(bytes.NewReader(output))
+	if err == nil {
+		res.Gaps, err = ParseGaps(bytes.NewReader(output))
+	}
 	switch {
 	case err != nil:
 		res.Err = fmt.Sprintf("parse the output of %s: %v", filepath.Base(s.Binary), err)

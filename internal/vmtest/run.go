@@ -26,7 +26,18 @@ var Suites = []SuiteSpec{
 	// All of launch: fast, and its credentials and ptrace rules are the
 	// kernel's.
 	{Name: "launch", Dir: "launch", Timeout: "3m"},
+	// The attack suite, focused: the roles and techniques whose outcome
+	// depends on the kernel's guards (the BPF LSM packet, XDP, TUN and
+	// listen guards, the UDP handover check), each known gap of theirs
+	// open or closed by a guard active here (attack/known-gaps.txt).
+	{Name: "attack", Dir: "attack", Timeout: "8m", Files: []string{"known-gaps.txt"},
+		Run: "^TestAttackSuite$/^(unbound|root-in-app|strict-listen)$",
+		Env: []string{"PROCGATE_ATTACK_ONLY=" + AttackTechniques}},
 }
+
+// AttackTechniques are the attack suite's techniques the guests run (a
+// regexp, PROCGATE_ATTACK_ONLY), besides its controls.
+const AttackTechniques = "^(packet-|xdp-|tun-|listen-|bind4-tcp$|scm-rights-udp-connected$|pidfd-getfd-udp-connected$)"
 
 // Options of a matrix run.
 type Options struct {

@@ -48,6 +48,18 @@ type Suite struct {
 	// Err says why the binary failed as a whole (exit status, timeout,
 	// panic), "" when it exited 0.
 	Err string `json:"err,omitempty"`
+	// Gaps are the attack suite's known gaps as it reported them: open
+	// here, or closed by a guard active here.
+	Gaps []Gap `json:"gaps,omitempty"`
+}
+
+// Gap is a line of attack/known-gaps.txt as one run found it.
+type Gap struct {
+	Technique string `json:"technique"`
+	Role      string `json:"role"`
+	// ClosedBy is the guard that closed it here; "" for a gap that is
+	// open (its technique reached).
+	ClosedBy string `json:"closed_by,omitempty"`
 }
 
 // Guard is one of procgate's guards as the kernel gives it (bpf.Guards,
@@ -119,6 +131,29 @@ var startLine = regexp.MustCompile(`^=== (?:RUN|CONT|NAME|PAUSE)\s+(\S+)`)
 
 // logLine matches a t.Log line: "    file_test.go:12: message".
 var logLine = regexp.MustCompile(`^\s+\S+\.go:\d+: (.*)$`)
+
+// The attack suite's lines for a known gap that reached, and one a guard
+// closed (attack/attack_test.go).
+var (
+	openGapLine   = regexp.MustCompile(`KNOWN GAP: (\S+) as (\S+) (?:reached|bound) `)
+	closedGapLine = regexp.MustCompile(`KNOWN GAP closed here by guard (\S+): (\S+) as (\S+) did not reach`)
+)
+
+// ParseGaps reads the known gaps the attack suite reported in its output.
+func ParseGaps(r io.Reader) ([]Gap, error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 1<<20), 16<<20)
+	var gaps []Gap
+	for sc.Scan() {
+		line := sc.Text()
+		if m := openGapLine.FindStringSubmatch(line); m != nil {
+			gaps = append(gaps, Gap{Technique: m[1], Role: m[2]})
+		} else if m := closedGapLine.FindStringSubmatch(line); m != nil {
+			gaps = append(gaps, Gap{Technique: m[2], Role: m[3], ClosedBy: m[1]})
+		}
+	}
+	return gaps, sc.Err()
+}
 
 // ParseTestOutput reads the output of a test binary run with -test.v and
 // returns its tests in the order they ended. A skipped or failed test's Why

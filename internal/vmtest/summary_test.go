@@ -99,3 +99,29 @@ func TestKernelAtLeast(t *testing.T) {
 		}
 	}
 }
+
+func TestParseGaps(t *testing.T) {
+	for _, tc := range []struct {
+		name, line string
+		want       []Gap
+	}{
+		{"open, reached", "    attack_test.go:796: KNOWN GAP: packet-raw-ipv4 as root-in-app reached 10.1.2.3:5353/udp (deny) — known-gaps.txt:54: AF_PACKET",
+			[]Gap{{Technique: "packet-raw-ipv4", Role: "root-in-app"}}},
+		{"open, bound", "    attack_test.go:801: KNOWN GAP: listen-without-bind as strict-listen bound a port listen: [7000] does not list",
+			[]Gap{{Technique: "listen-without-bind", Role: "strict-listen"}}},
+		{"closed", "    attack_test.go:770: KNOWN GAP closed here by guard tun-devices: tun-inject-forwarded as root-in-app did not reach (ioctl TUNSETIFF: operation not permitted) — known-gaps.txt:57",
+			[]Gap{{Technique: "tun-inject-forwarded", Role: "root-in-app", ClosedBy: "tun-devices"}}},
+		{"not exercised", "    attack_test.go:780: KNOWN GAP not exercised here: xdp-socket-tx as root-in-app is unavailable (no driver)", nil},
+		{"other output", "--- PASS: TestAttackSuite/unbound (1.00s)", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ParseGaps(strings.NewReader(tc.line + "\n"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
