@@ -942,7 +942,7 @@ func TestDemo(t *testing.T) {
 		"reports internal db db.corp.example:5432/tcp ALLOWED (10.20.0.10) internal-db: hello 100.64.0.2",
 		"browser internal db db.corp.example:5432/tcp DENIED EPERM",
 		"; unit web.service internal db 10.20.0.10:5432/tcp ALLOWED internal-db: hello 100.64.0.2",
-		"web unit web.service 1 ",
+		"web enforce unit web.service 1 ",
 		"corp-db internal db 10.20.0.10:5432/tcp DENIED",
 		"deny app=browser",
 		"deny app=web ",
