@@ -29,8 +29,13 @@ type pinholes struct {
 	kernel  *pinhole.Kernel
 	agent   *pinhole.Agent
 	metrics *pinholeMetrics
-	// mu orders the agent's app updates: the last policy wins.
+	// mu guards seq and apps, held only to read or set them. send orders
+	// the agent's app updates (the last policy wins) and is held across
+	// the agent's SetApps, which may wait a minute for the gateway: the
+	// reconciler never takes it, so a slow gateway does not hold up the
+	// next generation. Lock order: send, then mu.
 	mu   sync.Mutex
+	send sync.Mutex
 	seq  uint64
 	apps []pinhole.App
 }
@@ -159,14 +164,17 @@ func (d *Daemon) setPinholeApps(bs []dynamicBinding) error {
 	ph.apps = apps
 	ph.mu.Unlock()
 	go func() {
+		ph.send.Lock()
+		defer ph.send.Unlock()
 		ph.mu.Lock()
-		defer ph.mu.Unlock()
-		if ph.seq != seq {
+		latest, apps := ph.seq, ph.apps
+		ph.mu.Unlock()
+		if latest != seq {
 			return // a newer policy's apps follow
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		if err := ph.agent.SetApps(ctx, ph.apps); err != nil {
+		if err := ph.agent.SetApps(ctx, apps); err != nil {
 			d.log.Warn("pinhole agent did not take the new apps", "err", err)
 		}
 	}()

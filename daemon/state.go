@@ -19,9 +19,10 @@ import (
 // state (reload, revoke) are run on it in turn (call).
 //
 // Locks that remain are leaves, each taken alone and released before any
-// other is taken: appIDs.mu, exeHashes.mu, exeWatch.mu, pinholes.mu (held
-// by the goroutine that gives the agent its apps, never by the
-// reconciler across a call out). Inside the enforcer, bpf's learned-names
+// other is taken: appIDs.mu, exeHashes.mu, exeWatch.mu, pinholes.mu. One
+// is not a leaf: pinholes.send, taken before pinholes.mu by the goroutine
+// that gives the pinhole agent its apps, and held across that call out;
+// the reconciler never takes it. Inside the enforcer, bpf's learned-names
 // lock is held by Apply only for writing the name grants and the switch
 // (bpf/names.go, bpf/enforcer.go): Learned, which explain and the audit
 // annotation ask, may wait for that step, never for a parse or a sweep.
