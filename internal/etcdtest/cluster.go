@@ -44,6 +44,14 @@ func MaybeServe() {
 		fmt.Fprintln(os.Stderr, "etcdtest member:", err)
 		os.Exit(2)
 	}
+	// The parent holds stdin open: its end (the parent exited, or was
+	// killed) ends the member, so that no member outlives its test. Watched
+	// from the start: a member waits for a quorum before it is ready, and
+	// one whose parent died then would wait for ever.
+	go func() {
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
+	}()
 	e, err := m.start()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "etcdtest member:", err)
@@ -56,12 +64,6 @@ func MaybeServe() {
 		fmt.Fprintln(os.Stderr, "etcdtest member:", err)
 		os.Exit(1)
 	}
-	// The parent holds stdin open: its end (the parent exited, or was
-	// killed) ends the member, so that no member outlives its test.
-	go func() {
-		_, _ = io.Copy(io.Discard, os.Stdin)
-		os.Exit(0)
-	}()
 	err = <-e.Err()
 	fmt.Fprintln(os.Stderr, "etcdtest member:", err)
 	os.Exit(1)
