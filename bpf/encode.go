@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"bytes"
 	"cmp"
 	"encoding/binary"
 	"fmt"
@@ -150,37 +151,59 @@ const (
 	ruleInsideInternal = 1
 )
 
-// internalLengths are the distinct prefix lengths of the internal set, per
-// family (0: IPv4, 1: IPv6): "does an internal prefix contain p" then takes
-// one lookup per length (few in real policies), not one per bit.
-type internalLengths [2][129]bool
+// internalCover is the internal set reduced to its outermost prefixes,
+// sorted: they are disjoint, so one binary search tells whether an
+// internal prefix contains a given one.
+type internalCover []netip.Prefix
 
-func family(a netip.Addr) int {
-	if a.Is4() {
-		return 0
-	}
-	return 1
-}
-
-// insideInternal: is p inside an internal prefix of t (whose internal
-// entries are written, and whose lengths are ls)?
-func (t *tables) insideInternal(ls *internalLengths, slot uint32, p netip.Prefix) bool {
-	f := family(p.Addr())
-	for bits := p.Bits(); bits >= 0; bits-- {
-		if !ls[f][bits] {
+// coverOf sorts and dedups prefixes (masked) and returns them with their
+// cover.
+func coverOf(prefixes []netip.Prefix) (sorted []netip.Prefix, cover internalCover) {
+	slices.SortFunc(prefixes, comparePrefixes)
+	prefixes = slices.Compact(prefixes)
+	for _, p := range prefixes {
+		// Sorted by address, then by length: a prefix that contains p
+		// comes before it, and the last outer prefix is the only one that
+		// can.
+		if n := len(cover); n > 0 && contains(cover[n-1], p) {
 			continue
 		}
-		anc, _ := p.Addr().Prefix(bits)
-		if _, ok := t.rules[ruleKey(slot, 0, anc)]; ok {
-			return true
-		}
+		cover = append(cover, p)
 	}
-	return false
+	return prefixes, cover
+}
+
+// contains: does a contain b (a's length at most b's, b's address in a)?
+func contains(a, b netip.Prefix) bool {
+	return a.Bits() <= b.Bits() && a.Contains(b.Addr())
+}
+
+// comparePrefixes orders masked prefixes by address (IPv4 first), then by
+// length: the order of their trie keys, where a prefix comes before every
+// prefix it contains.
+func comparePrefixes(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Bits(), b.Bits())
+}
+
+// inside: is p inside an internal prefix?
+func (c internalCover) inside(p netip.Prefix) bool {
+	// The last outer prefix at or before p's address.
+	i, found := slices.BinarySearchFunc(c, p.Addr(), func(q netip.Prefix, a netip.Addr) int { return q.Addr().Compare(a) })
+	if !found {
+		i--
+	}
+	return i >= 0 && contains(c[i], p)
 }
 
 // tables are one generation's entries, for one slot.
 type tables struct {
-	rules map[procgateRuleKey]procgateRuleValue
+	// rules are the trie's entries, sorted by key (ruleOrder): writes in
+	// that order touch the trie's nodes in turn, and two generations'
+	// entries compare in one pass (diffRules).
+	rules []ruleEntry
 	ports []procgatePortRange // indexes from slot * portsPerSlot
 	apps  map[procgateAppKey]procgateAppInfo
 	users map[procgateUserKey]procgateAppInfo
@@ -217,6 +240,59 @@ func ruleKey(slot uint32, appID uint32, p netip.Prefix) procgateRuleKey {
 	return k
 }
 
+// ruleEntry is one entry of the rules trie.
+type ruleEntry struct {
+	key   procgateRuleKey
+	value procgateRuleValue
+}
+
+// tagOrder is a key's tag as the trie orders it (its bytes are big-endian).
+func tagOrder(k *procgateRuleKey) uint32 {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], k.Tag)
+	return binary.BigEndian.Uint32(b[:])
+}
+
+// compareKeys orders trie keys as the trie does its bits: tag, address,
+// then length (a prefix before the longer prefixes it contains).
+func compareKeys(a, b *procgateRuleKey) int {
+	if c := cmp.Compare(tagOrder(a), tagOrder(b)); c != 0 {
+		return c
+	}
+	if c := bytes.Compare(a.Addr[:], b.Addr[:]); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Prefixlen, b.Prefixlen)
+}
+
+func compareEntries(a, b ruleEntry) int { return compareKeys(&a.key, &b.key) }
+
+// sortRules sorts entries by key; encode writes them in order already,
+// group by group, so this is usually one check.
+func sortRules(rules []ruleEntry) {
+	if !slices.IsSortedFunc(rules, compareEntries) {
+		slices.SortFunc(rules, compareEntries)
+	}
+}
+
+// rule finds the entry of key k.
+func (t *tables) rule(k procgateRuleKey) (procgateRuleValue, bool) {
+	i, ok := slices.BinarySearchFunc(t.rules, k, func(e ruleEntry, k procgateRuleKey) int { return compareKeys(&e.key, &k) })
+	if !ok {
+		return procgateRuleValue{}, false
+	}
+	return t.rules[i].value, true
+}
+
+// keyPrefix is the prefix of a grant or internal entry's key.
+func keyPrefix(k procgateRuleKey) netip.Prefix {
+	bits := int(k.Prefixlen) - 32
+	if tagOrder(&k)&tagV6 != 0 {
+		return netip.PrefixFrom(netip.AddrFrom16(k.Addr), bits)
+	}
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte(k.Addr[:4])), bits)
+}
+
 // listenKey is the trie key of an app's listen: entry: the tag alone.
 func listenKey(slot, appID uint32) procgateRuleKey {
 	tag := appID | tagListen
@@ -233,7 +309,6 @@ func listenKey(slot, appID uint32) procgateRuleKey {
 // (model_test.go).
 func encode(g Generation, slot uint32) (*tables, error) {
 	t := &tables{
-		rules: map[procgateRuleKey]procgateRuleValue{},
 		apps:  map[procgateAppKey]procgateAppInfo{},
 		users: map[procgateUserKey]procgateAppInfo{},
 		info:  procgateGenerationInfo{AuditRate: g.AuditRate, Slot: slot},
@@ -250,13 +325,21 @@ func encode(g Generation, slot uint32) (*tables, error) {
 	if g.udpMarks && !g.NoUDPHandover {
 		t.info.Flags |= genUDPMarks
 	}
-	var lengths internalLengths
-	for _, p := range g.Rules.Internal {
-		t.rules[ruleKey(slot, 0, p.Prefix.Masked())] = procgateRuleValue{}
-		lengths[family(p.Prefix.Addr())][p.Prefix.Bits()] = true
+	internal := make([]netip.Prefix, len(g.Rules.Internal))
+	for i, p := range g.Rules.Internal {
+		internal[i] = p.Prefix.Masked()
+	}
+	internal, cover := coverOf(internal)
+	n := len(internal) + len(g.Rules.Everyone)
+	for _, a := range g.Rules.Apps {
+		n += len(a.Grants) + 1
+	}
+	t.rules = make([]ruleEntry, 0, n)
+	for _, p := range internal {
+		t.rules = append(t.rules, ruleEntry{key: ruleKey(slot, 0, p)})
 	}
 	ports := newPortTable()
-	t.putGrants(&lengths, ports, slot, everyoneID, g.Rules.Everyone)
+	t.putGrants(cover, ports, slot, everyoneID, g.Rules.Everyone)
 	if len(g.Rules.Everyone) > 0 {
 		t.info.Flags |= genEveryone
 	}
@@ -265,20 +348,21 @@ func encode(g Generation, slot uint32) (*tables, error) {
 		if !ok || id == 0 || id >= MaxApps {
 			return nil, fmt.Errorf("app %q: no valid app id (have %d)", app.Name, id)
 		}
-		t.putGrants(&lengths, ports, slot, id, app.Grants)
+		t.putGrants(cover, ports, slot, id, app.Grants)
 		t.putNamePorts(ports, &app)
 		if app.Listen != nil {
 			// Empty (listen: []) is an entry with no ranges: no port.
 			var v procgateRuleValue
 			v.TcpFirst, v.TcpCount = ports.add(mergeRanges(app.Listen.Ports))
-			t.rules[listenKey(slot, id)] = v
+			t.rules = append(t.rules, ruleEntry{key: listenKey(slot, id), value: v})
 			t.info.Flags |= genListen
 		}
 	}
-	if len(ports.ranges) > portsPerSlot {
-		return nil, fmt.Errorf("policy needs %d distinct port ranges, the kernel map holds %d", len(ports.ranges), portsPerSlot)
+	if len(ports.table) > portsPerSlot {
+		return nil, fmt.Errorf("policy needs %d distinct port ranges, the kernel map holds %d", len(ports.table), portsPerSlot)
 	}
-	t.ports = ports.ranges
+	t.ports = ports.table
+	sortRules(t.rules)
 
 	minLevel, maxLevel := maxCgroupLevel, 0
 	for _, b := range g.Bindings {
@@ -337,17 +421,62 @@ func encode(g Generation, slot uint32) (*tables, error) {
 	return t, nil
 }
 
-// putGrants writes the grant entries of app id (or everyoneID).
-func (t *tables) putGrants(lengths *internalLengths, ports *portTable, slot, id uint32, grants []ruleset.Grant) {
-	for pfx, u := range unionByPrefix(grants) {
-		v := procgateRuleValue{}
-		v.TcpFirst, v.TcpCount = ports.add(u.tcp)
-		v.UdpFirst, v.UdpCount = ports.add(u.udp)
-		if t.insideInternal(lengths, slot, pfx) {
+// putGrants adds the grant entries of app id (or everyoneID). The kernel
+// takes the longest matching prefix only, so the ports of less specific
+// grants are pushed down into more specific ones here: a grant entry holds
+// the union of the ports of every grant whose prefix contains its own
+// (overlapping grants then mean their union).
+func (t *tables) putGrants(cover internalCover, ports *portTable, slot, id uint32, grants []ruleset.Grant) {
+	own := make([]prefixGrant, 0, len(grants))
+	for i := range grants {
+		if grants[i].Name != "" {
+			continue // a name grant's addresses are learned (names.go), not in the trie
+		}
+		own = append(own, prefixGrant{grants[i].Prefix.Masked(), &grants[i]})
+	}
+	slices.SortFunc(own, func(a, b prefixGrant) int { return comparePrefixes(a.prefix, b.prefix) })
+	// ancestors are the entries written so far whose prefixes contain the
+	// current one, outermost first: sorted, a prefix follows every prefix
+	// that contains it, so they are a stack.
+	var ancestors []int // indexes into t.rules
+	var tcp, udp []ruleset.PortRange
+	for i := 0; i < len(own); {
+		p := own[i].prefix
+		tcp, udp = tcp[:0], udp[:0]
+		for ; i < len(own) && own[i].prefix == p; i++ {
+			if g := own[i].grant; g.Proto&ruleset.TCP != 0 {
+				tcp = append(tcp, g.Ports...)
+			}
+			if g := own[i].grant; g.Proto&ruleset.UDP != 0 {
+				udp = append(udp, g.Ports...)
+			}
+		}
+		for len(ancestors) > 0 && !contains(keyPrefix(t.rules[ancestors[len(ancestors)-1]].key), p) {
+			ancestors = ancestors[:len(ancestors)-1]
+		}
+		if n := len(ancestors); n > 0 {
+			// The nearest ancestor's entry holds the union of its own
+			// ancestors already.
+			a := t.rules[ancestors[n-1]].value
+			tcp = append(tcp, ports.ranges(a.TcpFirst, a.TcpCount)...)
+			udp = append(udp, ports.ranges(a.UdpFirst, a.UdpCount)...)
+		}
+		var v procgateRuleValue
+		tcp, udp = mergeInPlace(tcp), mergeInPlace(udp)
+		v.TcpFirst, v.TcpCount = ports.add(tcp)
+		v.UdpFirst, v.UdpCount = ports.add(udp)
+		if cover.inside(p) {
 			v.Flags |= ruleInsideInternal
 		}
-		t.rules[ruleKey(slot, id, pfx)] = v
+		ancestors = append(ancestors, len(t.rules))
+		t.rules = append(t.rules, ruleEntry{key: ruleKey(slot, id, p), value: v})
 	}
+}
+
+// prefixGrant is a grant and its masked prefix, to sort by.
+type prefixGrant struct {
+	prefix netip.Prefix
+	grant  *ruleset.Grant
 }
 
 // appFlags are the APP_* flags of an app's entries.
@@ -430,10 +559,14 @@ func unionByPrefix(grants []ruleset.Grant) map[netip.Prefix]*portUnion {
 // mergeRanges sorts ranges and joins overlapping or adjacent ones: the same
 // set of ports, in the disjoint form the kernel's binary search needs.
 func mergeRanges(rs []ruleset.PortRange) []ruleset.PortRange {
+	return mergeInPlace(slices.Clone(rs))
+}
+
+// mergeInPlace is mergeRanges in rs's own array.
+func mergeInPlace(rs []ruleset.PortRange) []ruleset.PortRange {
 	if len(rs) == 0 {
 		return nil
 	}
-	rs = slices.Clone(rs)
 	slices.SortFunc(rs, func(a, b ruleset.PortRange) int { return cmp.Compare(a.Lo, b.Lo) })
 	out := rs[:1]
 	for _, r := range rs[1:] {
@@ -449,8 +582,9 @@ func mergeRanges(rs []ruleset.PortRange) []ruleset.PortRange {
 
 // portTable stores range lists once each: most grants share a few port sets.
 type portTable struct {
-	ranges []procgatePortRange
-	seen   map[string][2]uint32
+	table []procgatePortRange
+	seen  map[string][2]uint32
+	key   []byte // scratch
 }
 
 func newPortTable() *portTable { return &portTable{seen: map[string][2]uint32{}} }
@@ -459,18 +593,29 @@ func (pt *portTable) add(rs []ruleset.PortRange) (first, count uint32) {
 	if len(rs) == 0 {
 		return 0, 0
 	}
-	key := make([]byte, 0, 4*len(rs))
+	key := pt.key[:0]
 	for _, r := range rs {
 		key = binary.LittleEndian.AppendUint16(key, r.Lo)
 		key = binary.LittleEndian.AppendUint16(key, r.Hi)
 	}
+	pt.key = key
 	if fc, ok := pt.seen[string(key)]; ok {
 		return fc[0], fc[1]
 	}
-	first, count = uint32(len(pt.ranges)), uint32(len(rs))
+	first, count = uint32(len(pt.table)), uint32(len(rs))
 	for _, r := range rs {
-		pt.ranges = append(pt.ranges, procgatePortRange{Lo: r.Lo, Hi: r.Hi})
+		pt.table = append(pt.table, procgatePortRange{Lo: r.Lo, Hi: r.Hi})
 	}
 	pt.seen[string(key)] = [2]uint32{first, count}
 	return first, count
+}
+
+// ranges are the count ranges stored from first.
+func (pt *portTable) ranges(first, count uint32) []ruleset.PortRange {
+	out := make([]ruleset.PortRange, count)
+	for i := range out {
+		r := pt.table[first+uint32(i)]
+		out[i] = ruleset.PortRange{Lo: r.Lo, Hi: r.Hi}
+	}
+	return out
 }

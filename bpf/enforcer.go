@@ -1,7 +1,6 @@
 package bpf
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -612,7 +611,7 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 		return 0, err
 	}
 	cleared := time.Now()
-	rk, rv := splitKV(t.rules)
+	rk, rv := splitEntries(t.rules)
 	ak, av := splitKV(t.apps)
 	uk, uv := splitKV(t.users)
 	// Recorded before writing, so that a failed Apply still lets the next
@@ -770,9 +769,7 @@ func (e *Enforcer) scanSlot(slot uint32) (*slotKeys, error) {
 	var rv procgateRuleValue
 	it := e.objs.Rules.Iterate()
 	for it.Next(&rk, &rv) {
-		var be [4]byte
-		binary.NativeEndian.PutUint32(be[:], rk.Tag)
-		if binary.BigEndian.Uint32(be[:])>>31 == slot {
+		if tagOrder(&rk)>>31 == slot {
 			keys.rules = append(keys.rules, rk)
 		}
 	}
@@ -1024,6 +1021,16 @@ func checkBPFFS(dir string) error {
 		return fmt.Errorf("create BPF pin directory %s: %w", dir, err)
 	}
 	return nil
+}
+
+// splitEntries is entries' keys and values, for batch calls.
+func splitEntries(entries []ruleEntry) ([]procgateRuleKey, []procgateRuleValue) {
+	ks := make([]procgateRuleKey, len(entries))
+	vs := make([]procgateRuleValue, len(entries))
+	for i, e := range entries {
+		ks[i], vs[i] = e.key, e.value
+	}
+	return ks, vs
 }
 
 // splitKV turns a map into parallel key and value slices for batch calls.

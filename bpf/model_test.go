@@ -45,7 +45,7 @@ func (m kernelModel) lookup(appID uint32, a netip.Addr) (procgateRuleValue, bool
 	}
 	for l := bits; l >= 0; l-- {
 		p, _ := a.Prefix(l)
-		if v, ok := m.t.rules[ruleKey(m.t.info.Slot, appID, p)]; ok {
+		if v, ok := m.t.rule(ruleKey(m.t.info.Slot, appID, p)); ok {
 			return v, true
 		}
 	}
@@ -109,7 +109,7 @@ func (m kernelModel) bind(app string, port uint16) bool {
 	if !bound || m.t.info.Flags&genListen == 0 || m.flags(id)&appFlagListen == 0 {
 		return true
 	}
-	v, ok := m.t.rules[listenKey(m.t.info.Slot, id)]
+	v, ok := m.t.rule(listenKey(m.t.info.Slot, id))
 	return ok && m.ports(v, ruleset.Dest{Proto: ruleset.TCP, Port: port})
 }
 

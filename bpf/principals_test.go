@@ -127,7 +127,7 @@ func TestEveryoneEncoded(t *testing.T) {
 	if tb.info.Flags&genEveryone == 0 {
 		t.Fatal("a generation with everyone grants lacks GEN_EVERYONE")
 	}
-	if _, ok := tb.rules[ruleKey(1, everyoneID, netip.MustParsePrefix("10.0.0.53/32"))]; !ok {
+	if _, ok := tb.rule(ruleKey(1, everyoneID, netip.MustParsePrefix("10.0.0.53/32"))); !ok {
 		t.Fatal("everyone grant 10.0.0.53 not under the reserved app id")
 	}
 	rs.Everyone = nil
