@@ -204,8 +204,10 @@ type Enforcer struct {
 	// earlier daemon; the generation in force then was kept.
 	Adopted bool
 	// written holds the keys this process wrote to each slot, so that a slot
-	// can be cleared without walking the maps. nil: unknown (adopted state),
-	// and the slot is cleared by iteration.
+	// can be cleared without walking the maps, and the slot's rules, which
+	// are not cleared: the next Apply to the slot writes only what differs
+	// (diffRules). nil: unknown (adopted state, or a write failed), and
+	// the slot is read by iteration.
 	written [2]*slotKeys
 	// clearing is closed when the background clear of the idle slot, begun
 	// by the last Apply, is done; Apply and Close wait for it.
@@ -230,7 +232,9 @@ type Enforcer struct {
 }
 
 type slotKeys struct {
-	rules []procgateRuleKey
+	// rules are the slot's entries of the rules trie, sorted by key: they
+	// stay when the slot is cleared.
+	rules []ruleEntry
 	apps  []procgateAppKey
 	users []procgateUserKey
 	exes  []procgateExeKey
@@ -611,20 +615,29 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 		return 0, err
 	}
 	cleared := time.Now()
-	rk, rv := splitEntries(t.rules)
+	// The slot still holds the rules of the generation before the one in
+	// force: a reload changes few of them, and writing (or deleting) a
+	// trie entry costs about a microsecond.
+	del, put := diffRules(e.written[slot].rules, t.rules)
 	ak, av := splitKV(t.apps)
 	uk, uv := splitKV(t.users)
 	// Recorded before writing, so that a failed Apply still lets the next
-	// one clear whatever part of the slot did get written.
-	e.written[slot] = &slotKeys{rules: rk, apps: ak, users: uk, exes: t.exes, followed: len(t.patterns) > 0}
+	// one clear whatever part of the slot did get written; the rules are
+	// unknown until written whole.
+	e.written[slot] = nil
+	if err := deleteBatch(e.objs.Rules, del); err != nil {
+		return 0, fmt.Errorf("delete %d rules of generation %d: %w", len(del), next, err)
+	}
+	rk, rv := splitEntries(put)
+	if err := putBatch(e.objs.Rules, rk, rv); err != nil {
+		return 0, fmt.Errorf("write %d rules of generation %d: %w", len(rk), next, err)
+	}
+	e.written[slot] = &slotKeys{rules: t.rules, apps: ak, users: uk, exes: t.exes, followed: len(t.patterns) > 0}
 	for k := range t.exactPatterns {
 		e.written[slot].exactPatterns = append(e.written[slot].exactPatterns, k)
 	}
 	for k := range t.globPatterns {
 		e.written[slot].globPatterns = append(e.written[slot].globPatterns, k)
-	}
-	if err := putBatch(e.objs.Rules, rk, rv); err != nil {
-		return 0, fmt.Errorf("write %d rules of generation %d: %w", len(rk), next, err)
 	}
 	if n := len(t.ports); n > 0 {
 		idx := make([]uint32, n)
@@ -695,11 +708,13 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 		}
 	}
 	e.names.live, e.names.slot, e.names.rules, e.names.ids, e.names.ports = true, slot, g.Rules, g.AppIDs, t.namePorts
-	e.opts.Log.Debug("generation applied", "generation", next, "slot", slot, "rules", len(rk), "port_ranges", len(t.ports),
+	e.opts.Log.Debug("generation applied", "generation", next, "slot", slot, "rules", len(t.rules), "rules_written", len(put),
+		"rules_deleted", len(del), "port_ranges", len(t.ports),
 		"app_bindings", len(ak), "encode", encoded.Sub(start), "clear", cleared.Sub(encoded), "write", written.Sub(cleared),
 		"switch", time.Since(written))
 	// No decision reads the old slot any more: empty it now, in the
-	// background, so that the next Apply finds it ready.
+	// background, so that the next Apply finds it ready; its rules stay,
+	// for the next Apply to change only what differs.
 	if ok {
 		old := cur.Slot & 1
 		done := make(chan error, 1)
@@ -721,8 +736,8 @@ func (e *Enforcer) waitClear() error {
 	return err
 }
 
-// clearSlot deletes a slot's entries, by the keys this process wrote or, for
-// adopted state, by walking the maps.
+// clearSlot deletes a slot's entries but its rules, by the keys this
+// process wrote or, for adopted state, by walking the maps.
 func (e *Enforcer) clearSlot(slot uint32) error {
 	keys := e.written[slot]
 	if keys == nil {
@@ -730,9 +745,6 @@ func (e *Enforcer) clearSlot(slot uint32) error {
 		if keys, err = e.scanSlot(slot); err != nil {
 			return err
 		}
-	}
-	if err := deleteBatch(e.objs.Rules, keys.rules); err != nil {
-		return fmt.Errorf("clear rules of slot %d: %w", slot, err)
 	}
 	// Patterns first: from then on the kernel binds no cgroup in the slot.
 	if err := e.clearPatterns(slot, keys); err != nil {
@@ -759,7 +771,7 @@ func (e *Enforcer) clearSlot(slot uint32) error {
 	if err := e.clearNames(slot); err != nil {
 		return err
 	}
-	e.written[slot] = &slotKeys{} // known empty
+	e.written[slot] = &slotKeys{rules: keys.rules} // known empty but for its rules
 	return nil
 }
 
@@ -770,12 +782,13 @@ func (e *Enforcer) scanSlot(slot uint32) (*slotKeys, error) {
 	it := e.objs.Rules.Iterate()
 	for it.Next(&rk, &rv) {
 		if tagOrder(&rk)>>31 == slot {
-			keys.rules = append(keys.rules, rk)
+			keys.rules = append(keys.rules, ruleEntry{rk, rv})
 		}
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("walk rules: %w", err)
 	}
+	sortRules(keys.rules)
 	var ak procgateAppKey
 	var av procgateAppInfo
 	it = e.objs.AppByCgroup.Iterate()
@@ -1021,6 +1034,38 @@ func checkBPFFS(dir string) error {
 		return fmt.Errorf("create BPF pin directory %s: %w", dir, err)
 	}
 	return nil
+}
+
+// diffRules compares the sorted entries a slot holds (old) with those it
+// must hold (new): the keys to delete, and the entries to write.
+func diffRules(old, new []ruleEntry) (del []procgateRuleKey, put []ruleEntry) {
+	i, j := 0, 0
+	for i < len(old) || j < len(new) {
+		c := 0
+		switch {
+		case i == len(old):
+			c = 1
+		case j == len(new):
+			c = -1
+		default:
+			c = compareKeys(&old[i].key, &new[j].key)
+		}
+		switch {
+		case c < 0:
+			del = append(del, old[i].key)
+			i++
+		case c > 0:
+			put = append(put, new[j])
+			j++
+		default:
+			if old[i].value != new[j].value {
+				put = append(put, new[j])
+			}
+			i++
+			j++
+		}
+	}
+	return del, put
 }
 
 // splitEntries is entries' keys and values, for batch calls.

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -661,5 +662,83 @@ func TestPrincipalCacheFollowsGenerations(t *testing.T) {
 				t.Fatalf("step %d: connect from below deep's cgroup: %s, want %s", i, got, step.want)
 			}
 		}
+	}
+}
+
+// TestSlotHoldsItsRules: a slot keeps the rules of the generation before the
+// one in force, and Apply writes only what differs (diffRules): after each
+// Apply, whatever the slot held before, and after a restart that adopts
+// the pinned maps, the slot in force holds exactly its generation's rules.
+func TestSlotHoldsItsRules(t *testing.T) {
+	w := newWorld(t)
+	rng := rand.New(rand.NewPCG(7, 14))
+	policies := []*ruleset.Ruleset{randomRuleset(rng, 4), randomRuleset(rng, 4), randomRuleset(rng, 3)}
+	for step, i := range []int{0, 1, 0, 2, 2, 1, -1, 0, 2} {
+		if i < 0 {
+			// A restart: the new enforcer knows nothing of the slots.
+			if err := w.e.Close(); err != nil {
+				t.Fatal(err)
+			}
+			var err error
+			if w.e, err = Open(Options{BPFDir: w.e.opts.BPFDir, CgroupDir: w.root, Log: testLogger(t)}); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		rs := policies[i]
+		w.apply(rs)
+		info, _, err := w.e.current()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := encode(Generation{Rules: rs, AppIDs: appIDs(rs)}, info.Slot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []ruleEntry
+		var k procgateRuleKey
+		var v procgateRuleValue
+		for it := w.e.objs.Rules.Iterate(); it.Next(&k, &v); {
+			if tagOrder(&k)>>31 == info.Slot {
+				got = append(got, ruleEntry{k, v})
+			}
+		}
+		sortRules(got)
+		if len(got) != len(want.rules) || (len(got) > 0 && !slices.Equal(got, want.rules)) {
+			t.Fatalf("step %d (policy %d, slot %d): the slot holds %d entries, its generation %d:\n got %v\nwant %v",
+				step, i, info.Slot, len(got), len(want.rules), got, want.rules)
+		}
+	}
+}
+
+func TestDiffRules(t *testing.T) {
+	e := func(tag uint32, last byte, tcp uint32) ruleEntry {
+		k := ruleKey(0, tag, netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 0, 0, last}), 32))
+		return ruleEntry{key: k, value: procgateRuleValue{TcpCount: tcp}}
+	}
+	for _, tc := range []struct {
+		name     string
+		old, new []ruleEntry
+		del      []procgateRuleKey
+		put      []ruleEntry
+	}{
+		{name: "empty"},
+		{name: "fresh", new: []ruleEntry{e(0, 1, 0), e(1, 1, 1)}, put: []ruleEntry{e(0, 1, 0), e(1, 1, 1)}},
+		{name: "same", old: []ruleEntry{e(0, 1, 0), e(1, 1, 1)}, new: []ruleEntry{e(0, 1, 0), e(1, 1, 1)}},
+		{name: "all gone", old: []ruleEntry{e(0, 1, 0), e(1, 1, 1)}, del: []procgateRuleKey{e(0, 1, 0).key, e(1, 1, 1).key}},
+		{
+			name: "changed value, one gone, one new",
+			old:  []ruleEntry{e(0, 1, 0), e(0, 2, 0), e(1, 1, 1), e(2, 9, 1)},
+			new:  []ruleEntry{e(0, 1, 0), e(1, 1, 2), e(1, 3, 1), e(2, 9, 1)},
+			del:  []procgateRuleKey{e(0, 2, 0).key},
+			put:  []ruleEntry{e(1, 1, 2), e(1, 3, 1)},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			del, put := diffRules(tc.old, tc.new)
+			if !slices.Equal(del, tc.del) || !slices.Equal(put, tc.put) {
+				t.Errorf("got delete %v, write %v; want %v, %v", del, put, tc.del, tc.put)
+			}
+		})
 	}
 }
