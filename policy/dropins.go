@@ -128,7 +128,17 @@ func ParseDropin(file string, data []byte) (*ruleset.Ruleset, []Warning, HostChe
 }
 
 func parseFiles(files []File, dropin bool) (*ruleset.Ruleset, []Warning, *parser, error) {
-	p := &parser{appNames: map[string]ruleset.Source{}, matches: seen{}, globParents: map[string]int{}}
+	rs, warns, p, err := parseFilesWith(files, dropin, true)
+	if p.reparse {
+		// A long list could not be read apart (stream.go): read the
+		// files again whole.
+		return parseFilesWith(files, dropin, false)
+	}
+	return rs, warns, p, err
+}
+
+func parseFilesWith(files []File, dropin, stream bool) (*ruleset.Ruleset, []Warning, *parser, error) {
+	p := &parser{appNames: map[string]ruleset.Source{}, matches: seen{}, globParents: map[string]int{}, stream: stream, lazy: map[*yaml.Node]*run{}}
 	var rs *ruleset.Ruleset
 	var checks []grantCheck
 	for i, f := range files {
@@ -136,8 +146,22 @@ func parseFiles(files []File, dropin bool) (*ruleset.Ruleset, []Warning, *parser
 		before := len(p.errs)
 		var part *ruleset.Ruleset
 		var c []grantCheck
-		if root := p.document(f.Data); root != nil {
+		data, runs := f.Data, []run(nil)
+		if stream {
+			data, runs = splitRuns(f.Data)
+		}
+		root := p.document(data)
+		if len(runs) > 0 && (root == nil || !p.graft(root, runs)) {
+			p.reparse = true
+		}
+		if p.reparse {
+			return nil, nil, p, nil
+		}
+		if root != nil {
 			part, c = p.policy(root)
+		}
+		if p.reparse {
+			return nil, nil, p, nil
 		}
 		// Every mistake of a file in line order, files in merge order.
 		slices.SortStableFunc(p.errs[before:], func(a, b Error) int {

@@ -186,6 +186,12 @@ type parser struct {
 	// known, so neither is what lies outside it).
 	mainInternal *yaml.Node
 	internalBad  bool
+	// stream: long lists are read in chunks (stream.go); lazy are their
+	// nodes, and reparse is set when one cannot be, and the file must be
+	// read again whole.
+	stream  bool
+	lazy    map[*yaml.Node]*run
+	reparse bool
 }
 
 func (p *parser) errorf(n *yaml.Node, field, format string, args ...any) {
@@ -414,11 +420,19 @@ func (p *parser) require(vals map[string]*yaml.Node, n *yaml.Node, field, key st
 	return true
 }
 
-// list returns the items of a sequence node.
+// list returns the items of a sequence node (items reads a long one
+// without holding all of its items).
 func (p *parser) list(n *yaml.Node, field string) ([]*yaml.Node, bool) {
 	if n.Kind != yaml.SequenceNode {
 		p.errorf(n, field, "want a list, not %s", describe(n))
 		return nil, false
+	}
+	if p.lazy[n] != nil {
+		var out []*yaml.Node
+		for _, item := range p.items(n, field) {
+			out = append(out, item)
+		}
+		return out, true
 	}
 	return n.Content, true
 }
@@ -575,8 +589,7 @@ func (p *parser) everyone(n *yaml.Node, field string) ([]ruleset.Grant, []grantC
 
 // grants reads a list of grants, numbered in list order.
 func (p *parser) grants(n *yaml.Node, field string) (out []ruleset.Grant, checks []grantCheck) {
-	items, _ := p.list(n, field)
-	for i, item := range items {
+	for i, item := range p.items(n, field) {
 		g, c, ok := p.grant(item, index(field, i))
 		if ok {
 			g.Index = i
@@ -658,9 +671,8 @@ func (p *parser) internal(n *yaml.Node, field string) (prefixes []ruleset.Intern
 		return nil, nil
 	}
 	if n, ok := vals["prefixes"]; ok {
-		items, _ := p.list(n, join(field, "prefixes"))
 		dups := seen{}
-		for i, item := range items {
+		for i, item := range p.items(n, join(field, "prefixes")) {
 			f := index(join(field, "prefixes"), i)
 			if pf, ok := p.prefix(item, f); ok && p.once(dups, item, f, "prefix", pf.String()) {
 				prefixes = append(prefixes, ruleset.InternalPrefix{Prefix: pf, Source: p.source(item)})

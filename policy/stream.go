@@ -1,0 +1,294 @@
+package policy
+
+import (
+	"bytes"
+	"iter"
+	"regexp"
+	"runtime"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Long lists are read a chunk at a time. yaml.v3 builds a node tree of the
+// whole document first, about 1 KiB per one-line grant: a policy of
+// 1,000,000 internal prefixes and 1,000,000 grants made 3.4 GiB of nodes and
+// took 11 s. A block sequence of at least streamMin one-line items, the
+// value of a plain key, is cut out of the document: the rest of the file
+// (the skeleton, with the list's lines left blank, so that every line keeps
+// its number) is decoded as before, and the list's items are decoded
+// streamChunk at a time when the parser walks them, each chunk a YAML
+// document of its own with the file's own lines and columns.
+//
+// A chunk decodes as the same lines in the whole file would: its items sit
+// at the same column, and nothing of the file reaches into them or out of
+// them. Where that cannot be told from the lines alone (a quoted scalar
+// running on past the list, an anchor or alias across it) a chunk or the
+// skeleton fails to decode, or a list finds no key to hang on; then the
+// whole file is parsed again as one document, as before, and its errors and
+// values are the parser's own.
+
+var (
+	// streamMin is the fewest items a list needs to be read in chunks:
+	// shorter lists cost little as nodes. A variable for tests.
+	streamMin = 512
+	// streamChunk is how many items one chunk decodes.
+	streamChunk = 4096
+)
+
+// keyLineRE is a line holding a plain key and nothing else, the line a
+// block sequence's items follow.
+var keyLineRE = regexp.MustCompile(`^( *)([A-Za-z_][A-Za-z0-9_]*):[ \t]*\r?$`)
+
+// run is a long list cut out of a file.
+type run struct {
+	key     string // the key it is the value of
+	keyLine int    // line of the key, from 1
+	keyCol  int    // column of the key, from 1
+	line    int    // line of the first item, from 1
+	col     int    // column of the first item's "-", from 1
+	// start is the offset of the list in the file, data its lines as in
+	// the file, and items the offsets in data at which each item starts.
+	start int
+	data  []byte
+	items []int
+}
+
+// lineInfo classifies one line of a file.
+type lineInfo struct {
+	start, end int // offsets of the line, end at its '\n' (or the data's end)
+	indent     int // leading spaces
+	blank      bool
+	comment    bool // only a comment after the indent
+	item       bool // "- " and more after the indent
+}
+
+// lineAt classifies the line that starts at pos and returns where the next
+// one starts.
+func lineAt(data []byte, pos int) (lineInfo, int) {
+	end := bytes.IndexByte(data[pos:], '\n')
+	next := pos + end + 1
+	if end < 0 {
+		end, next = len(data)-pos, len(data)
+	}
+	l := lineInfo{start: pos, end: pos + end}
+	i := pos
+	for i < l.end && data[i] == ' ' {
+		i++
+	}
+	l.indent = i - pos
+	rest := bytes.TrimRight(data[i:l.end], " \t\r")
+	switch {
+	case len(rest) == 0:
+		l.blank = true
+	case rest[0] == '#':
+		l.comment = true
+	case len(rest) >= 2 && rest[0] == '-' && rest[1] == ' ':
+		l.item = true
+	}
+	return l, next
+}
+
+// splitRuns finds the long lists of data and returns data without them
+// (their lines blank) and the lists; data itself when there are none.
+func splitRuns(data []byte) ([]byte, []run) {
+	var runs []run
+	// key is keyLineRE's match of the last line that was neither blank
+	// nor a comment, at line keyLine; nil when that was no key line.
+	var key []int
+	keyLine, line := 0, 0
+	for pos := 0; pos < len(data); {
+		l, next := lineAt(data, pos)
+		line++
+		// A list right below its key (a blank line between is rare, and
+		// the list is then read as before).
+		if l.item && key != nil && keyLine == line-1 && key[3]-key[2] <= l.indent {
+			if r, lines, ok := scanRun(data, l); ok {
+				r.key, r.keyLine, r.keyCol = string(data[key[4]:key[5]]), keyLine, key[3]-key[2]+1
+				r.line = line
+				runs = append(runs, r)
+				line += lines - 1
+				pos, key = r.start+len(r.data), nil
+				continue
+			}
+		}
+		if !l.blank && !l.comment {
+			keyLine, key = line, keyLineRE.FindSubmatchIndex(data[l.start:l.end])
+			for i := range key {
+				key[i] += l.start
+			}
+		}
+		pos = next
+	}
+	if len(runs) == 0 {
+		return data, nil
+	}
+	var skel bytes.Buffer
+	at := 0
+	for _, r := range runs {
+		skel.Write(data[at:r.start])
+		skel.Write(bytes.Repeat([]byte{'\n'}, bytes.Count(r.data, []byte{'\n'})))
+		at = r.start + len(r.data)
+	}
+	skel.Write(data[at:])
+	return skel.Bytes(), runs
+}
+
+// scanRun reads the list whose first item is on line first: one-line items
+// at first's column, with blank lines and comments between. ok is false
+// for a list too short, or one whose items run over several lines. lines
+// counts the list's lines.
+func scanRun(data []byte, first lineInfo) (r run, lines int, ok bool) {
+	r = run{start: first.start, col: first.indent + 1, items: []int{0}}
+	end, lines := first.end, 1
+	for pos, n := first.end+1, 1; pos < len(data); {
+		l, next := lineAt(data, pos)
+		n++
+		switch {
+		case l.item && l.indent == first.indent:
+			r.items = append(r.items, l.start-first.start)
+			end, lines = l.end, n
+		case l.blank || l.comment:
+		case l.indent > first.indent:
+			return run{}, 0, false // a multi-line item
+		default:
+			pos = len(data) // the list ended
+			continue
+		}
+		pos = next
+	}
+	if len(r.items) < streamMin {
+		return run{}, 0, false
+	}
+	r.data = data[first.start:min(end+1, len(data))]
+	return r, lines, true
+}
+
+// graft hangs each run on its key in the skeleton's tree: the key's value,
+// null in the skeleton, becomes an empty sequence node that the parser
+// reads through items. It reports false when a run found no key (the list
+// was not where the lines said), and the file must be parsed whole.
+func (p *parser) graft(root *yaml.Node, runs []run) bool {
+	at := make(map[int]*run, len(runs))
+	for i := range runs {
+		at[runs[i].keyLine] = &runs[i]
+	}
+	grafted := 0
+	var walk func(n *yaml.Node)
+	walk = func(n *yaml.Node) {
+		if n.Kind == yaml.MappingNode {
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				k, v := n.Content[i], n.Content[i+1]
+				r := at[k.Line]
+				if r == nil || k.Kind != yaml.ScalarNode || k.Value != r.key || k.Column != r.keyCol || k.Style != 0 ||
+					v.Kind != yaml.ScalarNode || v.Tag != "!!null" || v.Value != "" {
+					continue
+				}
+				delete(at, k.Line)
+				*v = yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq", Line: r.line, Column: r.col}
+				p.lazy[v] = r
+				grafted++
+			}
+		}
+		for _, c := range n.Content {
+			walk(c)
+		}
+	}
+	walk(root)
+	return grafted == len(runs)
+}
+
+// chunk is one decoded chunk of a run: its items, or failed.
+type chunk struct {
+	items  []*yaml.Node
+	failed bool
+}
+
+// decodeChunk decodes the items [from, to) of r, with the file's lines.
+func (r *run) decodeChunk(from, to int) chunk {
+	end := len(r.data)
+	if to < len(r.items) {
+		end = r.items[to]
+	}
+	docs, err := decode(r.data[r.items[from]:end])
+	if err != nil || len(docs) != 1 || len(docs[0].Content) != 1 {
+		return chunk{failed: true}
+	}
+	seq := docs[0].Content[0]
+	if seq.Kind != yaml.SequenceNode || len(seq.Content) != to-from {
+		return chunk{failed: true}
+	}
+	// The chunk's first line is the file's line of its first item.
+	shift := r.line - 1 + bytes.Count(r.data[:r.items[from]], []byte{'\n'})
+	ok := true
+	var fix func(n *yaml.Node)
+	fix = func(n *yaml.Node) {
+		n.Line += shift
+		if n.Anchor != "" || n.Kind == yaml.AliasNode {
+			ok = false // anchors and aliases reach across the file
+		}
+		for _, c := range n.Content {
+			fix(c)
+		}
+	}
+	fix(seq)
+	if !ok {
+		return chunk{failed: true}
+	}
+	return chunk{items: seq.Content}
+}
+
+// items yields the items of the sequence n, as list returns them, a chunk
+// at a time for a run: the next chunk decodes while the parser reads one.
+// A chunk that fails to decode ends the items and marks the parse for a
+// second pass over the whole file.
+func (p *parser) items(n *yaml.Node, field string) iter.Seq2[int, *yaml.Node] {
+	return func(yield func(int, *yaml.Node) bool) {
+		r := p.lazy[n]
+		if r == nil {
+			items, _ := p.list(n, field) // reports a node that is no list
+			for i, item := range items {
+				if !yield(i, item) {
+					return
+				}
+			}
+			return
+		}
+		// Chunks decode on every CPU, a few ahead of the reader, and are
+		// read in order.
+		workers := runtime.GOMAXPROCS(0)
+		chunks := make(chan chan chunk, workers)
+		done := make(chan struct{})
+		defer close(done)
+		go func() {
+			defer close(chunks)
+			busy := make(chan struct{}, workers)
+			for from := 0; from < len(r.items); from += streamChunk {
+				c := make(chan chunk, 1)
+				select {
+				case chunks <- c:
+				case <-done:
+					return
+				}
+				busy <- struct{}{}
+				go func() {
+					c <- r.decodeChunk(from, min(from+streamChunk, len(r.items)))
+					<-busy
+				}()
+			}
+		}()
+		i := 0
+		for next := range chunks {
+			c := <-next
+			if c.failed {
+				p.reparse = true
+				return
+			}
+			for _, item := range c.items {
+				if !yield(i, item) {
+					return
+				}
+				i++
+			}
+		}
+	}
+}
