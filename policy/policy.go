@@ -511,7 +511,9 @@ func (p *parser) source(n *yaml.Node) ruleset.Source {
 // grantCheck is a grant kept for the pass after the whole file is read, when
 // the internal prefixes are known wherever they were written.
 type grantCheck struct {
-	file   string
+	file string
+	// to is where the grant's to: is: a node of its position alone, so
+	// that the checks of 1,000,000 grants do not hold their node trees.
 	to     *yaml.Node
 	field  string
 	prefix netip.Prefix
@@ -671,12 +673,21 @@ func (p *parser) internal(n *yaml.Node, field string) (prefixes []ruleset.Intern
 		return nil, nil
 	}
 	if n, ok := vals["prefixes"]; ok {
-		dups := seen{}
+		// The line of each prefix, for duplicates (a seen keyed by text
+		// would take 100 bytes a prefix).
+		dups := map[netip.Prefix]int{}
 		for i, item := range p.items(n, join(field, "prefixes")) {
 			f := index(join(field, "prefixes"), i)
-			if pf, ok := p.prefix(item, f); ok && p.once(dups, item, f, "prefix", pf.String()) {
-				prefixes = append(prefixes, ruleset.InternalPrefix{Prefix: pf, Source: p.source(item)})
+			pf, ok := p.prefix(item, f)
+			if !ok {
+				continue
 			}
+			if line, dup := dups[pf]; dup {
+				p.errorf(item, f, "duplicate prefix %s (first at %s)", pf, p.place(ruleset.Source{File: p.file, Line: line}))
+				continue
+			}
+			dups[pf] = item.Line
+			prefixes = append(prefixes, ruleset.InternalPrefix{Prefix: pf, Source: p.source(item)})
 		}
 	}
 	if n, ok := vals["interfaces"]; ok {
@@ -1051,7 +1062,8 @@ func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, b
 	}
 	before := len(p.errs)
 	if p.require(vals, n, field, "to") {
-		c = grantCheck{file: p.file, to: vals["to"], field: join(field, "to")}
+		to := vals["to"]
+		c = grantCheck{file: p.file, to: &yaml.Node{Line: to.Line, Column: to.Column}, field: join(field, "to")}
 		c.prefix, c.name, _ = p.destination(vals["to"], c.field)
 		g.Prefix, g.Name = c.prefix, c.name
 	}
