@@ -67,7 +67,8 @@ type request struct {
 	Allow    bool // expected verdict of every attempt (latency)
 	Checks   []check
 	Duration time.Duration
-	// Pause between attempts (until-verdict).
+	// Pause between attempts (until-verdict), or between rounds of checks
+	// (verify).
 	Pause time.Duration
 	// Names to resolve (resolve).
 	Names []string
@@ -379,6 +380,9 @@ func verifyLoop(r request, stop *atomic.Bool, resp *response) error {
 	resp.Denied = make([]int64, len(r.Checks))
 	resp.Dropped = make([]int64, len(r.Checks))
 	for round := 0; !stop.Load(); round++ {
+		if round > 0 && r.Pause > 0 {
+			time.Sleep(r.Pause)
+		}
 		for i, c := range r.Checks {
 			var err error
 			if c.Proto == udp {

@@ -26,6 +26,7 @@ type results struct {
 	Pinhole    *pinholeResult    `json:"pinhole,omitempty"`
 	Revocation *revocationResult `json:"revocation,omitempty"`
 	Daemon     *daemonResult     `json:"daemon,omitempty"`
+	Scale      *scaleResult      `json:"scale,omitempty"`
 	Routes     *routesResult     `json:"routes,omitempty"`
 	// Principals is the principals phase's latency, one row per principal
 	// kind (Variant) and the unenforced baseline and control.
@@ -163,6 +164,9 @@ func (r *results) merge(dir string, phases []string) error {
 	if slices.Contains(phases, phaseDaemon) {
 		cfg.CLIRevokes, cfg.DaemonSize, cfg.DaemonIdle, cfg.DaemonReloads = r.Config.CLIRevokes, r.Config.DaemonSize, r.Config.DaemonIdle, r.Config.DaemonReloads
 	}
+	if slices.Contains(phases, phaseScale) || cfg.ScaleSize == 0 {
+		cfg.ScaleSize, cfg.ScaleReloads = r.Config.ScaleSize, r.Config.ScaleReloads
+	}
 	// Results from before the routes phase existed have no count of it.
 	if slices.Contains(phases, phaseRoutes) || cfg.RouteAdds == 0 {
 		cfg.RouteAdds = r.Config.RouteAdds
@@ -202,6 +206,8 @@ func (r *results) merge(dir string, phases []string) error {
 			old.Pinhole = r.Pinhole
 		case phaseDaemon:
 			old.Daemon = r.Daemon
+		case phaseScale:
+			old.Scale = r.Scale
 		case phaseRoutes:
 			old.Routes = r.Routes
 		case phasePrincipals:

@@ -28,7 +28,7 @@ const (
 	phaseRevocation = "revocation"
 )
 
-var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole, phaseDaemon, phaseRoutes, phasePrincipals, phaseDNS, phaseFleet}
+var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole, phaseDaemon, phaseScale, phaseRoutes, phasePrincipals, phaseDNS, phaseFleet}
 
 type options struct {
 	quick   bool
@@ -84,6 +84,9 @@ type config struct {
 	DaemonSize    int           `json:"daemon_prefixes"`
 	DaemonIdle    time.Duration `json:"daemon_idle_ns"`
 	DaemonReloads int           `json:"daemon_reloads"`
+	// The scale phase: the policy size and the reloads timed there.
+	ScaleSize    int `json:"scale_prefixes"`
+	ScaleReloads int `json:"scale_reloads"`
 	// The routes phase: routes added (and removed) via an internal
 	// interface, each timed to enforcement.
 	RouteAdds int `json:"route_adds"`
@@ -108,7 +111,8 @@ func configFor(o options) config {
 			PinholeOpens: 30, UpdateBatches: []int{1, 100}, UpdateExisting: []int{0}, UpdateDuration: 50 * time.Millisecond,
 			TransferBytes: 8 << 20, TransferRounds: 2, Revokes: 2, SweepSockets: []int{10},
 			CLIRevokes: 2, DaemonSize: 1000, DaemonIdle: time.Second, DaemonReloads: 2, RouteAdds: 10, DNSAnswers: 20,
-			FleetHosts: 50, FleetPushes: 2, FleetHoles: 512, FleetFailovers: 1, Spawns: 20}
+			FleetHosts: 50, FleetPushes: 2, FleetHoles: 512, FleetFailovers: 1, Spawns: 20,
+			ScaleSize: 1000, ScaleReloads: 1}
 	case o.quick:
 		return config{Mode: "quick", MatrixSize: 100, Sizes: []int{10, 1000, 5000, 100000}, Attempts: 6000, Batch: 500, Warmup: 50,
 			ReloadSize: 1000, Reloads: 200, ReloadAttempts: 500_000, ReloadLimit: 10 * time.Second, ReloadTimings: 3,
@@ -116,7 +120,8 @@ func configFor(o options) config {
 			PinholeOpens: 300, UpdateBatches: []int{1, 100, 1000}, UpdateExisting: []int{0}, UpdateDuration: 200 * time.Millisecond,
 			TransferBytes: 100 << 20, TransferRounds: 40, Revokes: 5, SweepSockets: []int{10, 1000, 10000},
 			CLIRevokes: 5, DaemonSize: 100_000, DaemonIdle: 3 * time.Second, DaemonReloads: 2, RouteAdds: 50, DNSAnswers: 200,
-			FleetHosts: 2000, FleetPushes: 3, FleetHoles: 4096, FleetFailovers: 2, Spawns: 300}
+			FleetHosts: 2000, FleetPushes: 3, FleetHoles: 4096, FleetFailovers: 2, Spawns: 300,
+			ScaleSize: 100_000, ScaleReloads: 2}
 	}
 	return config{Mode: "full", MatrixSize: 100, Sizes: []int{10, 100, 1000, 5000, 100000, 1000000}, Attempts: 200_000, Batch: 2000, Warmup: 100,
 		ReloadSize: 1000, Reloads: 1000, ReloadAttempts: 10_000_000, ReloadLimit: 70 * time.Second, ReloadTimings: 3,
@@ -124,7 +129,8 @@ func configFor(o options) config {
 		PinholeOpens: 2000, UpdateBatches: []int{1, 10, 100, 1000, 10_000}, UpdateExisting: []int{0, 100_000}, UpdateDuration: time.Second,
 		TransferBytes: 100 << 20, TransferRounds: 200, Revokes: 20, SweepSockets: []int{10, 1000, 10000},
 		CLIRevokes: 20, DaemonSize: 1_000_000, DaemonIdle: 10 * time.Second, DaemonReloads: 3, RouteAdds: 200, DNSAnswers: 1000,
-		FleetHosts: 10_000, FleetPushes: 5, FleetHoles: 20_480, FleetFailovers: 3, Spawns: 2000}
+		FleetHosts: 10_000, FleetPushes: 5, FleetHoles: 20_480, FleetFailovers: 3, Spawns: 2000,
+		ScaleSize: 1_000_000, ScaleReloads: 2}
 }
 
 // bench is one run.
@@ -203,6 +209,7 @@ func run(o options) (err error) {
 		phaseRevocation: b.revocationPhase,
 		phasePinhole:    b.pinholePhase,
 		phaseDaemon:     b.daemonPhase,
+		phaseScale:      b.scalePhase,
 		phaseRoutes:     b.routesPhase,
 		phasePrincipals: b.principalsPhase,
 		phaseDNS:        b.dnsPhase,

@@ -75,6 +75,7 @@ func (r *results) evaluate() []targetResult {
 	out = append(out, r.pinholeTargets()...)
 	out = append(out, r.routesTarget())
 	out = append(out, r.fleetTargets()...)
+	out = append(out, r.scaleTargets()...)
 	return out
 }
 
@@ -94,6 +95,62 @@ func (r *results) guardParts(t topo, p proto, c class) string {
 		}
 	}
 	return strings.Join(parts, "; ")
+}
+
+// scaleSize is the policy size the scale targets are set at.
+const scaleSize = 1_000_000
+
+// scaleTargets: reload time, daemon memory, the calls' answers and audit
+// events during reloads, at 1,000,000 prefixes (smaller runs are shown, not
+// judged).
+func (r *results) scaleTargets() []targetResult {
+	s := r.Scale
+	tr := []targetResult{
+		{Name: "reload at 1,000,000 prefixes", Target: "the load of the policy and each `procgate reload` < 5 s"},
+		{Name: "daemon memory at 1,000,000 prefixes", Target: "peak RSS (VmHWM) < 1 GiB"},
+		{Name: "calls during a reload", Target: "`procgate status`, `explain` and `run` answer in < 100 ms p99 while a reload of 1,000,000 prefixes runs"},
+		{Name: "audit events during reloads", Target: "none lost while reloads of 1,000,000 prefixes run"},
+	}
+	if s == nil || len(s.Reloads) == 0 {
+		return tr
+	}
+	judge := func(t *targetResult, met bool, gap string) {
+		if s.Prefixes != scaleSize {
+			t.Why = fmt.Sprintf("measured at %d prefixes: judged at %d only", s.Prefixes, scaleSize)
+			return
+		}
+		t.Met = boolp(met)
+		if !met {
+			t.Gap = gap
+		}
+	}
+	worst := s.LoadSeconds
+	var secs []string
+	for _, rl := range s.Reloads {
+		worst = max(worst, rl.Seconds)
+		secs = append(secs, fmt.Sprintf("%.3f", rl.Seconds))
+	}
+	tr[0].Value = fmt.Sprintf("load %.3f s, reloads %s s", s.LoadSeconds, strings.Join(secs, ", "))
+	judge(&tr[0], worst < 5, fmt.Sprintf("%.3f s over", worst-5))
+	peak := float64(s.Peak.HWM) / (1 << 20)
+	tr[1].Value = fmt.Sprintf("%.2f GiB (after the load %.2f GiB RSS)", peak, float64(s.Loaded.RSS)/(1<<20))
+	judge(&tr[1], peak < 1, fmt.Sprintf("%.2f GiB over", peak-1))
+	var parts, gaps []string
+	met := true
+	for _, name := range scaleCallNames {
+		b, i := s.Busy[name], s.Idle[name]
+		parts = append(parts, fmt.Sprintf("%s p99 %.1f ms (max %.1f, %d calls, %d failed; idle p50 %.1f ms)", name, b.P99, b.Max, b.N, b.Errors, i.P50))
+		if b.N == 0 || b.Errors > 0 || b.P99 >= 100 {
+			met = false
+			gaps = append(gaps, fmt.Sprintf("%s p99 %.1f ms, %d failed", name, b.P99, b.Errors))
+		}
+	}
+	tr[2].Value = strings.Join(parts, "; ")
+	judge(&tr[2], met, strings.Join(gaps, "; "))
+	lost := s.AuditAttempts - s.AuditEvents
+	tr[3].Value = fmt.Sprintf("%d denied attempts, %d events (%d lost); the kernel could not send %d, the daemon dropped %d", s.AuditAttempts, s.AuditEvents, lost, s.AuditDrops, s.AuditDaemonDrops)
+	judge(&tr[3], lost <= 0 && s.AuditDrops == 0 && s.AuditDaemonDrops == 0, fmt.Sprintf("%d lost, %d not sent by the kernel, %d dropped by the daemon", lost, s.AuditDrops, s.AuditDaemonDrops))
+	return tr
 }
 
 // flatness: procgate's p50 (as a ratio to the baseline of the same size)
