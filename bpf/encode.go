@@ -22,18 +22,18 @@ const MaxApps = everyoneID
 const everyoneID = 0xffff
 
 // The counts per app that Enforcer.Counters gives: the slots of
-// verdict_counters (enum counter_slot in decision.h), then
-// would_deny_counters'.
+// verdict_counters (enum counter_slot of decision.h, whose values bpf2go
+// generates in procgate_bpfel.go), then would_deny_counters'.
 const (
-	CountAllow = iota
-	CountDeny
-	CountExternal
-	CountAuditDrop
+	CountAllow     = int(procgateCounterSlotCOUNT_ALLOW)
+	CountDeny      = int(procgateCounterSlotCOUNT_DENY)
+	CountExternal  = int(procgateCounterSlotCOUNT_EXTERNAL)
+	CountAuditDrop = int(procgateCounterSlotCOUNT_AUDIT_DROP)
 	// CountWouldDeny: attempts of an app in audit mode that its policy
 	// refuses, which passed (would_deny_counters).
-	CountWouldDeny
+	CountWouldDeny = int(procgateCounterSlotCOUNTER_SLOTS)
 	// NumCounts is the length of Counters' arrays.
-	NumCounts
+	NumCounts = CountWouldDeny + 1
 )
 
 // counterSlots is COUNTER_SLOTS: the slots per app in verdict_counters.

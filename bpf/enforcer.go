@@ -982,7 +982,7 @@ func (e *Enforcer) Counters(ids []uint32) (map[uint32][NumCounts]uint64, error) 
 		var c [NumCounts]uint64
 		var err error
 		for s := range counterSlots {
-			if c[s], err = sum(e.objs.VerdictCounters, id*counterSlots+uint32(s)); err != nil {
+			if c[s], err = sum(e.objs.VerdictCounters, id*uint32(counterSlots)+uint32(s)); err != nil {
 				return nil, fmt.Errorf("read counters of app id %d: %w", id, err)
 			}
 		}

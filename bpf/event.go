@@ -10,23 +10,24 @@ import (
 	"github.com/procgate/procgate/ruleset"
 )
 
-// Hook names a kernel attach point (enum hook in decision.h).
+// Hook names a kernel attach point: enum hook of decision.h, whose values
+// bpf2go generates (procgate_bpfel.go).
 type Hook uint8
 
 const (
-	HookConnect4   Hook = 1
-	HookConnect6   Hook = 2
-	HookSendmsg4   Hook = 3
-	HookSendmsg6   Hook = 4
-	HookEgress4    Hook = 5 // cgroup_skb egress backstop
-	HookEgress6    Hook = 6
-	HookSockCreate Hook = 7
-	HookTCPSend    Hook = 8 // sk_msg: a write to an app's TCP connection
-	HookBind4      Hook = 9 // cgroup/bind4: a bind of an app with listen:
-	HookBind6      Hook = 10
-	HookUDPSend    Hook = 11 // BPF LSM socket_sendmsg: a write to an app's connected UDP socket
-	HookTUN        Hook = 12 // BPF LSM: a TUN or TAP device made or attached
-	HookListen     Hook = 13 // BPF LSM socket_listen: listen() on a never-bound socket
+	HookConnect4   = Hook(procgateHookHOOK_CONNECT4)
+	HookConnect6   = Hook(procgateHookHOOK_CONNECT6)
+	HookSendmsg4   = Hook(procgateHookHOOK_SENDMSG4)
+	HookSendmsg6   = Hook(procgateHookHOOK_SENDMSG6)
+	HookEgress4    = Hook(procgateHookHOOK_EGRESS4) // cgroup_skb egress backstop
+	HookEgress6    = Hook(procgateHookHOOK_EGRESS6)
+	HookSockCreate = Hook(procgateHookHOOK_SOCK_CREATE)
+	HookTCPSend    = Hook(procgateHookHOOK_TCP_SEND) // sk_msg: a write to an app's TCP connection
+	HookBind4      = Hook(procgateHookHOOK_BIND4)    // cgroup/bind4: a bind of an app with listen:
+	HookBind6      = Hook(procgateHookHOOK_BIND6)
+	HookUDPSend    = Hook(procgateHookHOOK_UDP_SEND) // BPF LSM socket_sendmsg: a write to an app's connected UDP socket
+	HookTUN        = Hook(procgateHookHOOK_TUN)      // BPF LSM: a TUN or TAP device made or attached
+	HookListen     = Hook(procgateHookHOOK_LISTEN)   // BPF LSM socket_listen: listen() on a never-bound socket
 )
 
 func (h Hook) String() string {

@@ -182,3 +182,9 @@ int authorize_bind6(struct bpf_sock_addr *ctx)
 	__builtin_memcpy(&d.addr[12], &w3, 4);
 	return authorize_bind(&d, HOOK_BIND6);
 }
+
+// The enums of decision.h the Go side takes its constants from (bpf2go
+// -type needs them in the object's BTF).
+const enum reason *unused_reason __attribute__((unused));
+const enum counter_slot *unused_counter_slot __attribute__((unused));
+const enum hook *unused_hook __attribute__((unused));

@@ -54,6 +54,16 @@ type procgateAuditEvent struct {
 	Comm       [16]int8
 }
 
+type procgateCounterSlot uint32
+
+const (
+	procgateCounterSlotCOUNT_ALLOW      procgateCounterSlot = 0
+	procgateCounterSlotCOUNT_DENY       procgateCounterSlot = 1
+	procgateCounterSlotCOUNT_EXTERNAL   procgateCounterSlot = 2
+	procgateCounterSlotCOUNT_AUDIT_DROP procgateCounterSlot = 3
+	procgateCounterSlotCOUNTER_SLOTS    procgateCounterSlot = 4
+)
+
 type procgateExeKey struct {
 	_     structs.HostLayout
 	Slot  uint32
@@ -71,6 +81,24 @@ type procgateGenerationInfo struct {
 	AuditRate  uint32
 	Flags      uint32
 }
+
+type procgateHook uint32
+
+const (
+	procgateHookHOOK_CONNECT4    procgateHook = 1
+	procgateHookHOOK_CONNECT6    procgateHook = 2
+	procgateHookHOOK_SENDMSG4    procgateHook = 3
+	procgateHookHOOK_SENDMSG6    procgateHook = 4
+	procgateHookHOOK_EGRESS4     procgateHook = 5
+	procgateHookHOOK_EGRESS6     procgateHook = 6
+	procgateHookHOOK_SOCK_CREATE procgateHook = 7
+	procgateHookHOOK_TCP_SEND    procgateHook = 8
+	procgateHookHOOK_BIND4       procgateHook = 9
+	procgateHookHOOK_BIND6       procgateHook = 10
+	procgateHookHOOK_UDP_SEND    procgateHook = 11
+	procgateHookHOOK_TUN         procgateHook = 12
+	procgateHookHOOK_LISTEN      procgateHook = 13
+)
 
 type procgateLookupKey struct {
 	_          structs.HostLayout
@@ -124,6 +152,26 @@ type procgatePrincipalEntry struct {
 	Pad        uint32
 	AppCgroup  uint64
 }
+
+type procgateReason uint32
+
+const (
+	procgateReasonREASON_NOT_INTERNAL procgateReason = 1
+	procgateReasonREASON_GRANTED      procgateReason = 2
+	procgateReasonREASON_UNBOUND      procgateReason = 3
+	procgateReasonREASON_NO_GRANT     procgateReason = 4
+	procgateReasonREASON_PORT         procgateReason = 5
+	procgateReasonREASON_NO_POLICY    procgateReason = 6
+	procgateReasonREASON_RAW_SOCKET   procgateReason = 7
+	procgateReasonREASON_PROTO        procgateReason = 8
+	procgateReasonREASON_EXE          procgateReason = 9
+	procgateReasonREASON_HANDOVER     procgateReason = 10
+	procgateReasonREASON_EVERYONE     procgateReason = 11
+	procgateReasonREASON_OUTSIDE      procgateReason = 12
+	procgateReasonREASON_LISTEN       procgateReason = 13
+	procgateReasonREASON_LOOPBACK     procgateReason = 14
+	procgateReasonREASON_NAME         procgateReason = 16
+)
 
 type procgateRuleKey struct {
 	_         structs.HostLayout
@@ -208,6 +256,9 @@ const (
 	procgateProgAuthorizeSendmsg4  = "authorize_sendmsg4"
 	procgateProgAuthorizeSendmsg6  = "authorize_sendmsg6"
 	procgateVarUnusedAuditEvent    = "unused_audit_event"
+	procgateVarUnusedCounterSlot   = "unused_counter_slot"
+	procgateVarUnusedHook          = "unused_hook"
+	procgateVarUnusedReason        = "unused_reason"
 )
 
 // loadProcgate returns the embedded CollectionSpec for procgate.
@@ -289,7 +340,10 @@ type procgateMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type procgateVariableSpecs struct {
-	UnusedAuditEvent *ebpf.VariableSpec `ebpf:"unused_audit_event"`
+	UnusedAuditEvent  *ebpf.VariableSpec `ebpf:"unused_audit_event"`
+	UnusedCounterSlot *ebpf.VariableSpec `ebpf:"unused_counter_slot"`
+	UnusedHook        *ebpf.VariableSpec `ebpf:"unused_hook"`
+	UnusedReason      *ebpf.VariableSpec `ebpf:"unused_reason"`
 }
 
 // procgateObjects contains all objects after they have been loaded into the kernel.
@@ -361,7 +415,10 @@ func (m *procgateMaps) Close() error {
 //
 // It can be passed to loadProcgateObjects or ebpf.CollectionSpec.LoadAndAssign.
 type procgateVariables struct {
-	UnusedAuditEvent *ebpf.Variable `ebpf:"unused_audit_event"`
+	UnusedAuditEvent  *ebpf.Variable `ebpf:"unused_audit_event"`
+	UnusedCounterSlot *ebpf.Variable `ebpf:"unused_counter_slot"`
+	UnusedHook        *ebpf.Variable `ebpf:"unused_hook"`
+	UnusedReason      *ebpf.Variable `ebpf:"unused_reason"`
 }
 
 // procgatePrograms contains all programs after they have been loaded into the kernel.
