@@ -43,8 +43,6 @@ func dbOverlay(to string) string {
 	return "version: 1\napps:\n  - name: db\n    allow:\n      - to: " + to + "\n"
 }
 
-// fleetCLI runs `procgate ARGS` with the etcd of the test in the
-// environment, FILE arguments written from docs first.
 // etcdUnderTest is the test's etcd: one member (etcdtest.Start) or a
 // cluster (etcdtest.StartCluster).
 type etcdUnderTest interface {
@@ -52,6 +50,8 @@ type etcdUnderTest interface {
 	Client(testing.TB) *clientv3.Client
 }
 
+// fleetCLI runs `procgate ARGS` with the etcd of the test in the
+// environment, FILE arguments written from docs first.
 func fleetCLI(t *testing.T, etcd etcdUnderTest, docs map[string]string, args ...string) (string, error) {
 	t.Helper()
 	return fleetCLIWith(t, etcd, nil, docs, args...)
@@ -85,7 +85,7 @@ func mustPush(t *testing.T, etcd etcdUnderTest, text string, args ...string) {
 	}
 }
 
-// hostStatus waits for web-1's status in etcd to satisfy ok.
+// waitHost waits for web-1's status in etcd to satisfy ok.
 func waitHost(t *testing.T, e *e2e, etcd etcdUnderTest, what string, ok func(fleet.HostState) bool) fleet.HostState {
 	t.Helper()
 	cli := etcd.Client(t)
