@@ -287,11 +287,13 @@ hand (docs/fleet.md).`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var role fleet.Role
 			given := 0
-			for _, name := range []string{host, gateway, admin} {
-				if name != "" {
+			for _, f := range []struct{ flag, name string }{{"--host", host}, {"--gateway", gateway}, {"--admin", admin}} {
+				if f.name != "" {
 					given++
-					if err := fleet.CheckHostName(name); err != nil {
-						return err
+					// Users are named as hosts are: an etcd user name
+					// and a certificate's common name.
+					if err := fleet.CheckHostName(f.name); err != nil {
+						return fmt.Errorf("%s: %w", f.flag, err)
 					}
 				}
 			}
