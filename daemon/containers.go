@@ -26,7 +26,8 @@ type containerWatch struct {
 	// after each (re)subscription: events before it were not seen.
 	changed chan struct{}
 	wanted  atomic.Bool
-	// wakes, one per socket, end a wait for the policy to want events.
+	// wakes, one per socket, tell its goroutine that the policy started
+	// or stopped wanting events: a wait ends, a stream is closed.
 	wakes []chan struct{}
 }
 
@@ -45,9 +46,10 @@ func watchContainers(ctx context.Context, wg *sync.WaitGroup, sockets []string, 
 }
 
 // want says whether the policy in force has match.container apps: only
-// then does the daemon connect to the runtimes.
+// then does the daemon connect to the runtimes, and a policy without them
+// closes the streams.
 func (cw *containerWatch) want(on bool) {
-	if cw == nil || cw.wanted.Swap(on) == on || !on {
+	if cw == nil || cw.wanted.Swap(on) == on {
 		return
 	}
 	for _, w := range cw.wakes {
@@ -66,22 +68,20 @@ func (cw *containerWatch) run(ctx context.Context, sock string, wanted <-chan st
 	last := ""
 	for {
 		if cw.wanted.Load() {
-			err := containers.Events(ctx, sock, func() {
-				cw.log.Info("following container events", "socket", sock)
-				last = ""
-				wake(cw.changed)
-			}, func(e containers.Event) {
-				if e.Moves() {
-					cw.log.Debug("container event", "socket", sock, "action", e.Action, "container", e.Name, "id", e.ID)
-					wake(cw.changed)
-				}
-			})
+			followed := false
+			err := cw.follow(ctx, sock, wanted, func() { last, followed = "", true })
 			if ctx.Err() != nil {
 				return
 			}
 			// Said once per reason; a runtime that is not installed is
 			// the usual case and only worth a debug line.
 			switch {
+			case !cw.wanted.Load():
+				if followed {
+					cw.log.Info("no longer following container events: no match.container app", "socket", sock)
+				}
+				last = ""
+				continue
 			case errors.Is(err, fs.ErrNotExist):
 				cw.log.Debug("no container runtime on the socket; polling it", "socket", sock, "retry_in", cw.retry)
 			case err.Error() != last:
@@ -96,4 +96,34 @@ func (cw *containerWatch) run(ctx context.Context, sock string, wanted <-chan st
 		case <-time.After(cw.retry):
 		}
 	}
+}
+
+// follow follows the events of the runtime on sock until the stream ends,
+// ctx ends or the policy stops wanting them (a wake with wanted false).
+func (cw *containerWatch) follow(ctx context.Context, sock string, wanted <-chan struct{}, subscribed func()) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-wanted:
+				if !cw.wanted.Load() {
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	return containers.Events(ctx, sock, func() {
+		cw.log.Info("following container events", "socket", sock)
+		subscribed()
+		wake(cw.changed)
+	}, func(e containers.Event) {
+		if e.Moves() {
+			cw.log.Debug("container event", "socket", sock, "action", e.Action, "container", e.Name, "id", e.ID)
+			wake(cw.changed)
+		}
+	})
 }
