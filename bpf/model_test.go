@@ -3,6 +3,7 @@ package bpf
 import (
 	"math/rand/v2"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -279,6 +280,37 @@ func TestFollowMatchesAppOfCgroup(t *testing.T) {
 			want := ids[rs.AppOfCgroup(rel, "procgate.apps")]
 			if got := followModel(tb, uint32(p%2), "/test-root/"+rel); got != want {
 				t.Fatalf("policy %d: %s bound to app id %d, AppOfCgroup says %d\n%+v", p, rel, got, want, rs.Apps)
+			}
+		}
+	}
+}
+
+// TestIndexMatchesDecide: ruleset.Index, which the daemon names events and
+// answers explain with, decides as the reference does, down to the
+// internal prefix and the grants it names, with repeated prefixes (the
+// first one counts) and name grants among the grants.
+func TestIndexMatchesDecide(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for p := range 200 {
+		rs := randomRuleset(rng, 1+rng.IntN(4))
+		rs.Internal = append(rs.Internal, rs.Internal[rng.IntN(len(rs.Internal))])
+		if a := &rs.Apps[0]; len(a.Grants) > 0 {
+			g := a.Grants[rng.IntN(len(a.Grants))]
+			g.Index, g.Ports = len(a.Grants), []ruleset.PortRange{ruleset.AllPorts}
+			a.Grants = append(a.Grants, g, ruleset.Grant{Index: len(a.Grants) + 1, Name: "db.example", Proto: ruleset.Both, Ports: []ruleset.PortRange{ruleset.AllPorts}})
+		}
+		ix := ruleset.NewIndex(rs)
+		for range 500 {
+			d := randomDest(rng)
+			app := ""
+			if i := rng.IntN(len(rs.Apps) + 2); i < len(rs.Apps) {
+				app = rs.Apps[i].Name
+			} else if i == len(rs.Apps) {
+				app = "unknown"
+			}
+			want, got := rs.Decide(app, d), ix.Decide(app, d)
+			if !reflect.DeepEqual(got, want) || got.Internal != want.Internal {
+				t.Fatalf("policy %d app %q dest %s: index %+v, Decide %+v\nruleset: %+v", p, app, d, got, want, rs)
 			}
 		}
 	}

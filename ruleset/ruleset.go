@@ -680,14 +680,33 @@ func (rs *Ruleset) Decide(app string, d Dest) Decision {
 // app d's address for a name the grant stands for (Reason ReasonName).
 // The kernel asks in the same order.
 func (rs *Ruleset) DecideLearned(app string, d Dest, learned []Learned, now time.Time) Decision {
-	d = d.Normalize()
+	return rs.decide(app, d, learned, now, rs.internalOf, allGrants)
+}
+
+// internalOf is the longest internal prefix that contains a (the first
+// of the longest), or nil.
+func (rs *Ruleset) internalOf(a netip.Addr) *InternalPrefix {
 	var in *InternalPrefix
 	for i := range rs.Internal {
 		p := &rs.Internal[i]
-		if p.Prefix.Contains(d.Addr) && (in == nil || p.Prefix.Bits() > in.Prefix.Bits()) {
+		if p.Prefix.Contains(a) && (in == nil || p.Prefix.Bits() > in.Prefix.Bits()) {
 			in = p
 		}
 	}
+	return in
+}
+
+// allGrants is every grant of app, for decide to test each.
+func allGrants(app *App, _ netip.Addr) []Grant { return app.Grants }
+
+// decide is DecideLearned with the lookups it makes: the internal prefix
+// of an address, and the grants of an app among which are all whose
+// prefix contains it, in the app's order (an Index finds both without a
+// walk of every prefix).
+func (rs *Ruleset) decide(app string, d Dest, learned []Learned, now time.Time,
+	internalOf func(netip.Addr) *InternalPrefix, grantsOf func(*App, netip.Addr) []Grant) Decision {
+	d = d.Normalize()
+	in := internalOf(d.Addr)
 	a := rs.App(app)
 	sandboxed := a != nil && a.OutsideDeny
 	auditOnly := a != nil && a.AuditOnly
@@ -699,7 +718,7 @@ func (rs *Ruleset) DecideLearned(app string, d Dest, learned []Learned, now time
 		dec.App = ""
 	} else {
 		dec.Reason = ReasonNoGrant
-		for _, g := range a.Grants {
+		for _, g := range grantsOf(a, d.Addr) {
 			if g.Covers(d) {
 				dec.Grants = append(dec.Grants, g)
 			} else if g.Prefix.Contains(d.Addr) {
