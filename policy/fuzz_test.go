@@ -16,14 +16,24 @@ func canonicalPrefix(p netip.Prefix) bool {
 	return p.IsValid() && p.Masked() == p && !p.Addr().Is4In6() && p.Addr().Zone() == ""
 }
 
-func FuzzParse(f *testing.F) {
+// testdataPolicies are the policy files of testdata, the fuzz targets'
+// seeds.
+func testdataPolicies(tb testing.TB) [][]byte {
 	files, _ := filepath.Glob("testdata/*/*.yaml")
 	files = append(files, "testdata/example.yaml")
+	var out [][]byte
 	for _, file := range files {
 		data, err := os.ReadFile(file)
 		if err != nil {
-			f.Fatal(err)
+			tb.Fatal(err)
 		}
+		out = append(out, data)
+	}
+	return out
+}
+
+func FuzzParse(f *testing.F) {
+	for _, data := range testdataPolicies(f) {
 		f.Add(data)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {

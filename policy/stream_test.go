@@ -2,8 +2,6 @@ package policy
 
 import (
 	"fmt"
-	"os"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -37,14 +35,8 @@ func sameAsWhole(t testing.TB, data []byte) bool {
 
 func TestStreamMatchesWhole(t *testing.T) {
 	streamAll(t)
-	files, _ := filepath.Glob("testdata/*/*.yaml")
-	files = append(files, "testdata/example.yaml")
 	streamed := 0
-	for _, file := range files {
-		data, err := os.ReadFile(file)
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, data := range testdataPolicies(t) {
 		if sameAsWhole(t, data) {
 			streamed++
 		}
@@ -108,13 +100,7 @@ func TestStreamLongList(t *testing.T) {
 const streamChunkTest = 100
 
 func FuzzStreamMatchesWhole(f *testing.F) {
-	files, _ := filepath.Glob("testdata/*/*.yaml")
-	files = append(files, "testdata/example.yaml")
-	for _, file := range files {
-		data, err := os.ReadFile(file)
-		if err != nil {
-			f.Fatal(err)
-		}
+	for _, data := range testdataPolicies(f) {
 		f.Add(data)
 	}
 	streamAll(f)
