@@ -907,7 +907,8 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint
 	}
 	ids := d.ids.snapshot()
 	// Events of the new generation may come before its State does.
-	d.applying.Store(&pendingGen{rules: eff, appIDs: ids})
+	index := ruleset.NewIndex(eff)
+	d.applying.Store(&pendingGen{rules: index, appIDs: ids})
 	defer d.applying.Store(nil)
 	gen, err := d.enf.Apply(g)
 	d.flushExeRecords()
@@ -926,7 +927,7 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint
 	// decides by gen already.
 	d.publish(func(s *State) {
 		s.gen, s.effective, s.exes, s.exeKinds, s.bindings, s.matched = gen, eff, g.Exes, kinds, dynamic, matched
-		s.appIDs, s.revoked, s.byGen = ids, revoked, rememberGen(s.byGen, gen, eff)
+		s.appIDs, s.revoked, s.byGen = ids, revoked, rememberGen(s.byGen, gen, index)
 		if edit != nil {
 			edit(s)
 		}
@@ -962,21 +963,21 @@ func (d *Daemon) bind(app string) (bpf.Binding, error) {
 // waits for the reconciler.
 func (d *Daemon) annotate(e bpf.Event) (string, string) {
 	st := d.current()
-	rs, ids := st.byGen[e.Generation], st.appIDs
-	if p := d.applying.Load(); rs == nil && p != nil && e.Generation > st.gen {
+	ix, ids := st.byGen[e.Generation], st.appIDs
+	if p := d.applying.Load(); ix == nil && p != nil && e.Generation > st.gen {
 		// Decided by the generation being applied.
-		rs, ids = p.rules, p.appIDs
+		ix, ids = p.rules, p.appIDs
 	}
-	if rs == nil {
-		rs = st.effective
+	if ix == nil {
+		ix = st.index()
 	}
 	app := (&State{appIDs: ids}).appName(e.AppID)
-	if rs == nil {
+	if ix == nil {
 		return app, ""
 	}
 	rule := ""
 	if e.Hook == bpf.HookBind4 || e.Hook == bpf.HookBind6 || e.Hook == bpf.HookListen {
-		if a := rs.App(app); a != nil && a.Listen != nil {
+		if a := ix.Ruleset().App(app); a != nil && a.Listen != nil {
 			rule = a.Listen.String()
 			if src := a.Listen.Source.String(); src != "" {
 				rule += " [" + src + "]"
@@ -984,9 +985,9 @@ func (d *Daemon) annotate(e bpf.Event) (string, string) {
 		}
 		return app, rule
 	}
-	dec := rs.Decide(app, e.Dest)
+	dec := ix.Decide(app, e.Dest)
 	if e.Reason == ruleset.ReasonName {
-		dec = rs.DecideLearned(app, e.Dest, d.enf.Learned(), time.Now())
+		dec = ix.DecideLearned(app, e.Dest, d.enf.Learned(), time.Now())
 	}
 	if len(dec.Grants) > 0 {
 		rule = "grant " + dec.Grants[0].String()

@@ -301,7 +301,7 @@ func TestReloadOrdering(t *testing.T) {
 	if got := grants(st, "b"); !slices.Equal(got, []int{0}) {
 		t.Fatalf("b holds grants %v, want [0]", got)
 	}
-	if st.byGen[st.gen] != st.effective {
+	if ix := st.byGen[st.gen]; ix == nil || ix.Ruleset() != st.effective {
 		t.Fatal("the audit annotation does not know the generation in force")
 	}
 }

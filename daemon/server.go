@@ -343,7 +343,7 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 	} else if st.effective.App(app) == nil {
 		return nil, fmt.Errorf("no app %q in the policy %s", app, d.cfg.PolicyPath)
 	}
-	dec := st.effective.DecideLearned(app, dest, d.enf.Learned(), time.Now())
+	dec := st.index().DecideLearned(app, dest, d.enf.Learned(), time.Now())
 	ex := &api.Explain{App: app, Dest: dest.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Verdict: dec.Verdict(), Decision: dec.String()}
 	if a := st.effective.App(app); a != nil {
 		ex.Mode = a.Mode()

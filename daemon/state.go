@@ -66,9 +66,10 @@ type State struct {
 	bindings []dynamicBinding
 	// ended counts the live sockets the sweep after the last Apply ended.
 	ended int
-	// byGen are the effective rulesets of the last generations: events of
-	// a few generations back may still be in the ring buffer.
-	byGen map[uint32]*ruleset.Ruleset
+	// byGen are the effective rulesets of the last generations, indexed:
+	// events of a few generations back may still be in the ring buffer,
+	// and naming one must not walk every prefix (ruleset.Index).
+	byGen map[uint32]*ruleset.Index
 	// fleetRevision and fleetFromDisk are the etcd source's: the revision
 	// in force, and whether it came from the last good policy on disk.
 	fleetRevision int64
@@ -111,21 +112,32 @@ func (d *Daemon) publish(edit func(s *State)) *State {
 	return &s
 }
 
+// index is the indexed effective ruleset in force (nil: none yet).
+func (s *State) index() *ruleset.Index {
+	if ix := s.byGen[s.gen]; ix != nil && ix.Ruleset() == s.effective {
+		return ix
+	}
+	if s.effective == nil {
+		return nil
+	}
+	return ruleset.NewIndex(s.effective)
+}
+
 // pendingGen is the generation the reconciler is applying: the kernel may
 // decide by it (and report events of it) before its State is published.
 type pendingGen struct {
-	rules  *ruleset.Ruleset
+	rules  *ruleset.Index
 	appIDs map[string]uint32
 }
 
 // rememberGen returns byGen with gen's ruleset added, and without the
 // generations too old to still have events in the ring buffer.
-func rememberGen(byGen map[uint32]*ruleset.Ruleset, gen uint32, rs *ruleset.Ruleset) map[uint32]*ruleset.Ruleset {
+func rememberGen(byGen map[uint32]*ruleset.Index, gen uint32, ix *ruleset.Index) map[uint32]*ruleset.Index {
 	out := maps.Clone(byGen)
 	if out == nil {
-		out = map[uint32]*ruleset.Ruleset{}
+		out = map[uint32]*ruleset.Index{}
 	}
-	out[gen] = rs
+	out[gen] = ix
 	for old := range out {
 		if old+8 < gen {
 			delete(out, old)
