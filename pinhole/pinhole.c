@@ -477,7 +477,7 @@ int observe_sock_release(struct bpf_sock *sk)
 	return 1;
 }
 
-// count adds one to a per-CPU counter (pinhole_drops, pinhole_held).
+// count_packet adds one to a per-CPU counter (pinhole_drops, pinhole_held).
 static __always_inline void count_packet(void *counter)
 {
 	__u32 zero = 0;
