@@ -76,7 +76,7 @@ func (cw *containerWatch) run(ctx context.Context, sock string, wanted <-chan st
 			// Said once per reason; a runtime that is not installed is
 			// the usual case and only worth a debug line.
 			switch {
-			case !cw.wanted.Load():
+			case errors.Is(err, errUnwanted):
 				if followed {
 					cw.log.Info("no longer following container events: no match.container app", "socket", sock)
 				}
@@ -98,11 +98,16 @@ func (cw *containerWatch) run(ctx context.Context, sock string, wanted <-chan st
 	}
 }
 
+// errUnwanted: follow ended its stream because the policy no longer has
+// match.container apps.
+var errUnwanted = errors.New("no match.container app")
+
 // follow follows the events of the runtime on sock until the stream ends,
-// ctx ends or the policy stops wanting them (a wake with wanted false).
+// ctx ends or the policy stops wanting them (a wake with wanted false:
+// errUnwanted).
 func (cw *containerWatch) follow(ctx context.Context, sock string, wanted <-chan struct{}, subscribed func()) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
 	go func() {
 		for {
 			select {
@@ -110,13 +115,13 @@ func (cw *containerWatch) follow(ctx context.Context, sock string, wanted <-chan
 				return
 			case <-wanted:
 				if !cw.wanted.Load() {
-					cancel()
+					cancel(errUnwanted)
 					return
 				}
 			}
 		}
 	}()
-	return containers.Events(ctx, sock, func() {
+	err := containers.Events(ctx, sock, func() {
 		cw.log.Info("following container events", "socket", sock)
 		subscribed()
 		wake(cw.changed)
@@ -126,4 +131,8 @@ func (cw *containerWatch) follow(ctx context.Context, sock string, wanted <-chan
 			wake(cw.changed)
 		}
 	})
+	if errors.Is(context.Cause(ctx), errUnwanted) {
+		return errUnwanted
+	}
+	return err
 }
