@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -538,5 +539,38 @@ func TestReadersDuringApply(t *testing.T) {
 	}
 	if st := d.current(); st.gen != before.gen+1 || st.policy.App("late") == nil {
 		t.Fatalf("after the apply: generation %d, apps %v", st.gen, appNames(st.policy))
+	}
+}
+
+// TestRememberGen: the generations before the one in force stay for the
+// audit reader up to 8 back, and fewer when they are large: never more
+// than keptPrefixes prefixes and grants of them.
+func TestRememberGen(t *testing.T) {
+	sized := func(n int) *ruleset.Index {
+		rs := &ruleset.Ruleset{}
+		for i := range n {
+			rs.Internal = append(rs.Internal, ruleset.InternalPrefix{Prefix: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 32)})
+		}
+		return ruleset.NewIndex(rs)
+	}
+	small, large := sized(10), sized(keptPrefixes/2+1)
+	for _, tc := range []struct {
+		name string
+		ix   *ruleset.Index
+		gens int
+		want []uint32
+	}{
+		{"small: eight back", small, 12, []uint32{4, 5, 6, 7, 8, 9, 10, 11, 12}},
+		{"large: one back", large, 5, []uint32{4, 5}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var byGen map[uint32]*ruleset.Index
+			for gen := uint32(1); gen <= uint32(tc.gens); gen++ {
+				byGen = rememberGen(byGen, gen, tc.ix)
+			}
+			if got := slices.Sorted(maps.Keys(byGen)); !slices.Equal(got, tc.want) {
+				t.Errorf("kept generations %v, want %v", got, tc.want)
+			}
+		})
 	}
 }

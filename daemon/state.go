@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"maps"
+	"slices"
 	"time"
 
 	"github.com/procgate/procgate/bpf"
@@ -131,20 +132,33 @@ type pendingGen struct {
 }
 
 // rememberGen returns byGen with gen's ruleset added, and without the
-// generations too old to still have events in the ring buffer.
+// generations too old to still have events in the ring buffer. Earlier
+// generations are kept, newest first, while they hold at most
+// keptPrefixes prefixes and grants together: a policy of 1,000,000
+// prefixes takes about 300 MiB a generation, and its events of an
+// earlier generation are named by the one in force.
 func rememberGen(byGen map[uint32]*ruleset.Index, gen uint32, ix *ruleset.Index) map[uint32]*ruleset.Index {
 	out := maps.Clone(byGen)
 	if out == nil {
 		out = map[uint32]*ruleset.Index{}
 	}
 	out[gen] = ix
-	for old := range out {
-		if old+8 < gen {
+	held := 0
+	for _, old := range slices.Backward(slices.Sorted(maps.Keys(out))) {
+		if old == gen {
+			continue
+		}
+		held += out[old].Size()
+		if old+8 < gen || held > keptPrefixes {
 			delete(out, old)
 		}
 	}
 	return out
 }
+
+// keptPrefixes bounds the prefixes and grants of the generations before
+// the one in force that byGen keeps.
+const keptPrefixes = 200_000
 
 // call runs f on the reconciler and waits for it to finish: how API
 // requests that change the state (reload, revoke) take their turn with

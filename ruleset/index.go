@@ -105,6 +105,15 @@ func NewIndex(rs *Ruleset) *Index {
 	return ix
 }
 
+// Size is how many prefixes ix indexes: internal ones and grants.
+func (ix *Index) Size() int {
+	n := len(ix.internal.order)
+	for _, g := range ix.grants {
+		n += len(g.order)
+	}
+	return n
+}
+
 // Ruleset is the ruleset ix indexes.
 func (ix *Index) Ruleset() *Ruleset { return ix.rs }
 
