@@ -512,12 +512,12 @@ func (p *parser) source(n *yaml.Node) ruleset.Source {
 // the internal prefixes are known wherever they were written.
 type grantCheck struct {
 	file string
-	// to is where the grant's to: is: a node of its position alone, so
-	// that the checks of 1,000,000 grants do not hold their node trees.
-	to     *yaml.Node
-	field  string
-	prefix netip.Prefix
-	name   string // a name grant's name: no prefix to check
+	// line and col are where the grant's to: is: its position alone (a
+	// node is 160 bytes, 160 MiB for 1,000,000 grants).
+	line, col int32
+	field     string
+	prefix    netip.Prefix
+	name      string // a name grant's name: no prefix to check
 	// everyone: an everyone grant, which sandboxed apps may need outside
 	// internal prefixes; sandboxed: a grant of an outside: deny app.
 	everyone, sandboxed bool
@@ -525,6 +525,9 @@ type grantCheck struct {
 	// known to be one only once every file is read.
 	app string
 }
+
+// at is a node of the grant's to: position, for errors and warnings.
+func (c grantCheck) at() *yaml.Node { return &yaml.Node{Line: int(c.line), Column: int(c.col)} }
 
 // policy reads one file's policy (the main file's or a drop-in's) and the
 // grants to check once every file is read.
@@ -563,7 +566,7 @@ func (p *parser) policy(root *yaml.Node) (*ruleset.Ruleset, []grantCheck) {
 				// Whose DNS answers would stand for everyone's? A name
 				// grant is learned from one app's own queries.
 				p.file = c.file
-				p.errorf(c.to, c.field, "DNS name %q in an everyone grant: name grants are for apps (they stand for the answers the app itself got); write the resolver's or service's address", c.name)
+				p.errorf(c.at(), c.field, "DNS name %q in an everyone grant: name grants are for apps (they stand for the answers the app itself got); write the resolver's or service's address", c.name)
 			}
 		}
 	}
@@ -626,10 +629,10 @@ func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
 		}
 		p.file = c.file
 		if len(rs.Interfaces) > 0 {
-			p.warnf(c.to, c.field, "%s is outside every internal prefix; it has an effect only where routes via %s make it internal",
+			p.warnf(c.at(), c.field, "%s is outside every internal prefix; it has an effect only where routes via %s make it internal",
 				c.prefix, strings.Join(rs.Interfaces, ", "))
 		} else {
-			p.warnf(c.to, c.field, "%s is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)", c.prefix)
+			p.warnf(c.at(), c.field, "%s is outside every internal prefix, so the grant has no effect (destinations outside are allowed anyway)", c.prefix)
 		}
 	}
 }
@@ -1063,7 +1066,7 @@ func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, b
 	before := len(p.errs)
 	if p.require(vals, n, field, "to") {
 		to := vals["to"]
-		c = grantCheck{file: p.file, to: &yaml.Node{Line: to.Line, Column: to.Column}, field: join(field, "to")}
+		c = grantCheck{file: p.file, line: int32(to.Line), col: int32(to.Column), field: join(field, "to")}
 		c.prefix, c.name, _ = p.destination(vals["to"], c.field)
 		g.Prefix, g.Name = c.prefix, c.name
 	}
