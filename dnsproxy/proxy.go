@@ -62,7 +62,13 @@ type Proxy struct {
 	udp6 net.PacketConn // nil without IPv6
 	tcp6 net.Listener
 	Port uint16
-	wg   sync.WaitGroup
+	// mu guards closed. Once Close has begun no goroutine joins wg: an Add
+	// racing with Wait could let a query be answered after Close returned,
+	// when the daemon has stopped the namespace's thread that Lookup and
+	// Dial run on (a send on its closed channel panics).
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
 }
 
 // Listen binds the proxy's sockets on a port the kernel picks, the same
@@ -129,9 +135,28 @@ func (p *Proxy) listenRest(ctx context.Context, lc net.ListenConfig) error {
 
 // Close stops the proxy and waits for the queries in flight.
 func (p *Proxy) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
 	err := p.closeSockets()
 	p.wg.Wait()
 	return err
+}
+
+// spawn runs f on a goroutine Close waits for, unless Close has begun
+// (false).
+func (p *Proxy) spawn(f func()) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		f()
+	}()
+	return true
 }
 
 func (p *Proxy) closeSockets() error {
@@ -158,18 +183,10 @@ func (p *Proxy) Serve(ctx context.Context) {
 		if l == nil {
 			continue
 		}
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			p.serveTCP(l)
-		}()
+		p.spawn(func() { p.serveTCP(l) })
 	}
 	if p.udp6 != nil {
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			p.serveUDP6()
-		}()
+		p.spawn(p.serveUDP6)
 	}
 	buf := make([]byte, 65535)
 	for {
@@ -216,13 +233,11 @@ func (p *Proxy) serveUDP6() {
 // answerUDP answers one datagram query on a goroutine of its own.
 func (p *Proxy) answerUDP(query []byte, from *net.UDPAddr, dst netip.AddrPort, send func([]byte)) {
 	q := append([]byte(nil), query...)
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
+	p.spawn(func() {
 		if reply := p.handle(q, from.AddrPort(), dst, "udp"); reply != nil {
 			send(reply)
 		}
-	}()
+	})
 }
 
 func (p *Proxy) serveTCP(l net.Listener) {
@@ -231,9 +246,7 @@ func (p *Proxy) serveTCP(l net.Listener) {
 		if err != nil {
 			return
 		}
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
+		if !p.spawn(func() {
 			defer c.Close()
 			local, _ := c.LocalAddr().(*net.TCPAddr)
 			remote, _ := c.RemoteAddr().(*net.TCPAddr)
@@ -255,7 +268,9 @@ func (p *Proxy) serveTCP(l net.Listener) {
 					return
 				}
 			}
-		}()
+		}) {
+			c.Close()
+		}
 	}
 }
 
