@@ -56,3 +56,54 @@ func TestCloseAnswersNoMore(t *testing.T) {
 		t.Errorf("%d lookups after Close, want 0", n)
 	}
 }
+
+// TestHandleDropsMalformedQueries: what is not one well-formed question is
+// dropped before the kernel is asked about its socket, and never panics.
+func TestHandleDropsMalformedQueries(t *testing.T) {
+	q := new(dns.Msg).SetQuestion("example.com.", dns.TypeA)
+	good := packed(t, q)
+	resp := new(dns.Msg).SetReply(q)
+	two := new(dns.Msg).SetQuestion("example.com.", dns.TypeA)
+	two.Question = append(two.Question, dns.Question{Name: "example.org.", Qtype: dns.TypeA, Qclass: dns.ClassINET})
+	none := new(dns.Msg)
+	none.Id = 1
+	// A label that points past the end of the message.
+	badPtr := append(append([]byte(nil), good[:12]...), 0xc0, 0xff, 0, 1, 0, 1)
+	for _, tc := range []struct {
+		name  string
+		query []byte
+	}{
+		{"empty", nil},
+		{"one byte", []byte{0}},
+		{"short header", good[:11]},
+		{"header only", good[:12]},
+		{"name cut short", good[:16]},
+		{"compression pointer out of bounds", badPtr},
+		{"response", packed(t, resp)},
+		{"no question", packed(t, none)},
+		{"two questions", packed(t, two)},
+		{"all ones", []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var lookups atomic.Int32
+			p := &Proxy{cfg: lookupCounter(&lookups)}
+			src, dst := netip.MustParseAddrPort("127.0.0.1:40000"), netip.MustParseAddrPort("127.0.0.2:53")
+			for _, network := range []string{"udp", "tcp"} {
+				if reply := p.handle(tc.query, src, dst, network); reply != nil {
+					t.Errorf("%s: replied %x, want nothing", network, reply)
+				}
+			}
+			if n := lookups.Load(); n != 0 {
+				t.Errorf("%d lookups, want 0", n)
+			}
+		})
+	}
+	// The table's well-formed query does reach Lookup: the rows above are
+	// dropped for their own fault.
+	var lookups atomic.Int32
+	p := &Proxy{cfg: lookupCounter(&lookups)}
+	p.handle(good, netip.MustParseAddrPort("127.0.0.1:40000"), netip.MustParseAddrPort("127.0.0.2:53"), "udp")
+	if lookups.Load() != 1 {
+		t.Errorf("a well-formed query: %d lookups, want 1", lookups.Load())
+	}
+}
