@@ -330,7 +330,13 @@ func (n *netnsProxies) reap() {
 			continue
 		}
 		n.start.Lock() // no proxy starts while the walk runs
-		used := netnsInUse()
+		used, err := netnsInUse()
+		if err != nil {
+			// An empty walk would stop every proxy: keep them.
+			n.start.Unlock()
+			n.d.log.Warn("not reaping DNS proxies of network namespaces", "err", err)
+			continue
+		}
 		n.mu.Lock()
 		for id, np := range n.byIno {
 			if !used[id] {
@@ -345,12 +351,12 @@ func (n *netnsProxies) reap() {
 // netnsInUse are the network namespaces some thread of another process
 // than the daemon is in (the daemon's own proxy threads are in theirs), by
 // device and inode: every thread's, since a thread may have entered one of
-// its own.
-func netnsInUse() map[[2]uint64]bool {
+// its own. A process or thread that ends during the walk is passed over.
+func netnsInUse() (map[[2]uint64]bool, error) {
 	used := map[[2]uint64]bool{}
 	procs, err := os.ReadDir("/proc")
 	if err != nil {
-		return used
+		return nil, fmt.Errorf("list processes: %w", err)
 	}
 	self := os.Getpid()
 	for _, p := range procs {
@@ -368,5 +374,5 @@ func netnsInUse() map[[2]uint64]bool {
 			}
 		}
 	}
-	return used
+	return used, nil
 }
