@@ -58,7 +58,9 @@ func (j *Fake) Entry() map[string]string {
 				j.t.Fatalf("field %s: no length", line)
 			}
 			size := binary.LittleEndian.Uint64(b[:8])
-			if uint64(len(b)-8) < size+1 || b[8+size] != '\n' {
+			// size >= what is left, not size+1 > it: a length near
+			// 2^64 would wrap and index past the datagram.
+			if size >= uint64(len(b)-8) || b[8+size] != '\n' {
 				j.t.Fatalf("field %s: bad length %d", line, size)
 			}
 			k, v = line, string(b[8:8+size])
