@@ -21,13 +21,13 @@ import (
 // does to everything else the daemon does meanwhile:
 //   - the load of the large policy (a rename over the small one, picked up
 //     by the daemon's watch) and ScaleReloads `procgate reload`s of it: wall
-//     time and the daemon's peak RSS (VmHWM);
-//   - during each reload, `procgate status`, `explain` and `run` called one
-//     after the other without pause, each timed from the command's start
-//     to its exit (what a user waits), against the same calls while the
-//     daemon is idle;
+//     time and the daemon's peak RSS (VmHWM) in each;
+//   - during each reload but the first (which has the daemon to itself),
+//     `procgate status`, `explain` and `run` called one after the other
+//     without pause, each timed from the command's start to its exit (what
+//     a user waits), against the same calls while the daemon is idle;
 //   - audit: a client of app1 sends to a destination app1 is denied about
-//     once a millisecond from before the first reload to after the last;
+//     once a millisecond from before the reloads with calls to after them;
 //     every attempt must come out as an event (`procgate events`). The
 //     kernel's ring buffer holds a few seconds of them: a daemon that stops
 //     reading it for a reload loses the rest.
@@ -47,7 +47,8 @@ type scaleResult struct {
 	Idle map[string]callStats `json:"idle_calls"`
 	// Busy are the calls made during the reloads, all reloads together.
 	Busy map[string]callStats `json:"busy_calls"`
-	// Peak is the daemon's VmHWM at the end: its largest RSS in the phase.
+	// Peak is the daemon's VmHWM at the end: its largest RSS since the
+	// last reset, before the last reload.
 	Peak procMem `json:"peak"`
 	// Audit: denied attempts of the client, the events the daemon has of
 	// them, the kernel's count of app1's events it could not send (ring
@@ -61,7 +62,15 @@ type scaleResult struct {
 
 type scaleReload struct {
 	Seconds float64 `json:"seconds"`
-	After   procMem `json:"after"`
+	// After: VmHWM is the peak of this reload alone (reset before it).
+	After procMem `json:"after"`
+	// Calls: status, explain and run were called during it.
+	Calls bool `json:"calls"`
+}
+
+// resetPeak resets pid's VmHWM to its RSS now (clear_refs 5).
+func resetPeak(pid int) error {
+	return os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0)
 }
 
 // callStats are the wall times of one command, milliseconds.
@@ -141,49 +150,24 @@ func (b *bench) scalePhase(ctx context.Context) error {
 	}
 	b.log.Info("daemon loaded the large policy", "prefixes", b.cfg.ScaleSize, "took", res.LoadSeconds, "rss_kib", res.Loaded.RSS)
 
-	calls := scaleCalls(explainDest)
-	res.Idle = map[string]callStats{}
-	for _, name := range scaleCallNames {
-		var times []time.Duration
-		var errs []string
-		for range scaleIdleCalls {
-			took, err := d.timed(calls[name])
-			times, errs = append(times, took), appendErr(errs, err)
-		}
-		res.Idle[name] = statsOf(times, errs)
-	}
-
-	// The audit client: one denied datagram a millisecond, from now until
-	// after the last reload.
-	kernel0, daemon0, err := d.auditDrops(appName(1))
-	if err != nil {
-		return err
-	}
-	cl, err := startClient("scale/app1", filepath.Join(d.cgroupRoot, daemon.AppsDir, appName(1)), ns, 0, false)
-	if err != nil {
-		return err
-	}
-	defer cl.close()
-	since := time.Now().UTC()
-	if err := cl.send(request{Op: opVerify, Checks: []check{{Dest: denied, Proto: udp, Must: mustDeny}}, Pause: time.Millisecond}); err != nil {
-		return err
-	}
 	busy := map[string][]time.Duration{}
 	busyErrs := map[string][]string{}
-	time.Sleep(time.Second) // events before the reloads, to compare with
-	for range b.cfg.ScaleReloads {
-		if err := ctx.Err(); err != nil {
+	calls := scaleCalls(explainDest)
+	// reload times one `procgate reload`, with the peak RSS of it alone;
+	// calling: one caller makes the calls in turn while it runs (only
+	// calls started before the reload returned count).
+	reload := func(calling bool) error {
+		// The peak of this reload alone.
+		if err := resetPeak(d.pid); err != nil {
 			return err
 		}
-		// One caller makes the calls in turn while the reload runs; only
-		// calls started before the reload returned count.
 		stop := make(chan struct{})
 		var wg sync.WaitGroup
 		var mu sync.Mutex
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := 0; ; i++ {
+			for i := 0; calling; i++ {
 				select {
 				case <-stop:
 					return
@@ -210,8 +194,48 @@ func (b *bench) scalePhase(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		res.Reloads = append(res.Reloads, scaleReload{Seconds: round3(secs), After: m})
-		b.log.Info("daemon reload", "prefixes", b.cfg.ScaleSize, "took", round3(secs), "rss_kib", m.RSS, "hwm_kib", m.HWM)
+		res.Reloads = append(res.Reloads, scaleReload{Seconds: round3(secs), After: m, Calls: calling})
+		b.log.Info("daemon reload", "prefixes", b.cfg.ScaleSize, "took", round3(secs), "calls", calling, "rss_kib", m.RSS, "hwm_kib", m.HWM)
+		return nil
+	}
+	// The first reload has the daemon to itself, right after the load.
+	if err := reload(false); err != nil {
+		return err
+	}
+	res.Idle = map[string]callStats{}
+	for _, name := range scaleCallNames {
+		var times []time.Duration
+		var errs []string
+		for range scaleIdleCalls {
+			took, err := d.timed(calls[name])
+			times, errs = append(times, took), appendErr(errs, err)
+		}
+		res.Idle[name] = statsOf(times, errs)
+	}
+
+	// The audit client: one denied datagram a millisecond, from now until
+	// after the last reload.
+	kernel0, daemon0, err := d.auditDrops(appName(1))
+	if err != nil {
+		return err
+	}
+	cl, err := startClient("scale/app1", filepath.Join(d.cgroupRoot, daemon.AppsDir, appName(1)), ns, 0, false)
+	if err != nil {
+		return err
+	}
+	defer cl.close()
+	since := time.Now().UTC()
+	if err := cl.send(request{Op: opVerify, Checks: []check{{Dest: denied, Proto: udp, Must: mustDeny}}, Pause: time.Millisecond}); err != nil {
+		return err
+	}
+	time.Sleep(time.Second) // events before the reloads, to compare with
+	for range b.cfg.ScaleReloads - 1 {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := reload(true); err != nil {
+			return err
+		}
 	}
 	time.Sleep(time.Second)
 	if err := cl.send(request{Op: opStop}); err != nil {
