@@ -89,3 +89,21 @@ func TestJournalGone(t *testing.T) {
 		t.Errorf("stats %+v: want the event read, published, and its journal write failed", s)
 	}
 }
+
+// TestJournalPriority: what README promises for each verdict, a pinhole's
+// refuse among the warnings.
+func TestJournalPriority(t *testing.T) {
+	for _, tc := range []struct{ verdict, want string }{
+		{"deny", "4"},
+		{"refuse", "4"},
+		{"would-deny", "5"},
+		{"allow", "6"},
+		{"open", "6"},
+		{"close", "6"},
+		{"", "6"},
+	} {
+		if got := journalPriority(tc.verdict); got != tc.want {
+			t.Errorf("journalPriority(%q) = %s, want %s", tc.verdict, got, tc.want)
+		}
+	}
+}
