@@ -68,7 +68,10 @@ type Proxy struct {
 	// Dial run on (a send on its closed channel panics).
 	mu     sync.Mutex
 	closed bool
-	wg     sync.WaitGroup
+	// stop is closed by Close: it ends Serve's watch of a ctx that
+	// outlives the proxy.
+	stop chan struct{}
+	wg   sync.WaitGroup
 }
 
 // Listen binds the proxy's sockets on a port the kernel picks, the same
@@ -99,7 +102,7 @@ func Listen(cfg Config) (*Proxy, error) {
 		if err != nil {
 			return nil, fmt.Errorf("dns proxy: listen udp on lo: %w", err)
 		}
-		p := &Proxy{cfg: cfg, raw: raw, udp: ipv4.NewPacketConn(raw), Port: uint16(raw.LocalAddr().(*net.UDPAddr).Port)}
+		p := &Proxy{cfg: cfg, raw: raw, udp: ipv4.NewPacketConn(raw), Port: uint16(raw.LocalAddr().(*net.UDPAddr).Port), stop: make(chan struct{})}
 		if lastErr = p.listenRest(ctx, lc); lastErr != nil {
 			p.Close()
 			continue
@@ -136,7 +139,10 @@ func (p *Proxy) listenRest(ctx context.Context, lc net.ListenConfig) error {
 // Close stops the proxy and waits for the queries in flight.
 func (p *Proxy) Close() error {
 	p.mu.Lock()
-	p.closed = true
+	if !p.closed {
+		p.closed = true
+		close(p.stop)
+	}
 	p.mu.Unlock()
 	err := p.closeSockets()
 	p.wg.Wait()
@@ -175,10 +181,13 @@ func (p *Proxy) closeSockets() error {
 
 // Serve answers queries until ctx ends or Close.
 func (p *Proxy) Serve(ctx context.Context) {
-	go func() {
-		<-ctx.Done()
-		_ = p.closeSockets()
-	}()
+	p.spawn(func() {
+		select {
+		case <-ctx.Done():
+			_ = p.closeSockets()
+		case <-p.stop:
+		}
+	})
 	for _, l := range []net.Listener{p.tcp, p.tcp6} {
 		if l == nil {
 			continue

@@ -1,14 +1,18 @@
 package dnsproxy
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
+	"strings"
 	"sync/atomic"
 	"testing"
 
 	"github.com/miekg/dns"
+	"golang.org/x/net/ipv4"
 
 	"github.com/procgate/procgate/ruleset"
 )
@@ -44,7 +48,7 @@ func TestCloseAnswersNoMore(t *testing.T) {
 		t.Fatal(err)
 	}
 	var lookups atomic.Int32
-	p := &Proxy{cfg: lookupCounter(&lookups), raw: raw}
+	p := &Proxy{cfg: lookupCounter(&lookups), raw: raw, stop: make(chan struct{})}
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -54,6 +58,35 @@ func TestCloseAnswersNoMore(t *testing.T) {
 	p.wg.Wait()
 	if n := lookups.Load(); n != 0 {
 		t.Errorf("%d lookups after Close, want 0", n)
+	}
+}
+
+// TestCloseEndsServe: Close leaves no goroutine of Serve behind when
+// Serve's ctx outlives the proxy (the daemon's own proxy, stopped before
+// the daemon's ctx ends). Close waits for its goroutines, so what is left
+// after it is a leak, not a goroutine yet to end.
+func TestCloseEndsServe(t *testing.T) {
+	// Listen's sockets but the one Serve reads, on loopback: no
+	// privilege needed to bind it to lo.
+	raw, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lookups atomic.Int32
+	p := &Proxy{cfg: lookupCounter(&lookups), raw: raw, udp: ipv4.NewPacketConn(raw), stop: make(chan struct{})}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		p.Serve(context.Background())
+	}()
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	<-served
+	buf := make([]byte, 1<<20)
+	stacks := string(buf[:runtime.Stack(buf, true)])
+	if strings.Contains(stacks, "dnsproxy.(*Proxy).Serve") {
+		t.Errorf("a goroutine of Serve is left after Close:\n%s", stacks)
 	}
 }
 
