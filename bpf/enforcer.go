@@ -29,6 +29,9 @@ type hook struct {
 	// names: attached only while the generation in force has DNS-name
 	// grants (attachDNS).
 	names bool
+	// tracker: attached only while some app process may be open to
+	// tracing (tracker.go).
+	tracker bool
 }
 
 // hooks are the attach points.
@@ -42,7 +45,8 @@ var hooks = []hook{
 	{name: "sock_create", attach: ebpf.AttachCGroupInetSockCreate, prog: func(e *Enforcer) *ebpf.Program { return e.harden.GuardSockCreate }},
 	{name: "egress", attach: ebpf.AttachCGroupInetEgress, prog: func(e *Enforcer) *ebpf.Program { return e.harden.BackstopEgress }},
 	// Optional: the handover guard's tracker; nil when it did not load.
-	{name: "handover", attach: ebpf.AttachCGroupSockOps, prog: func(e *Enforcer) *ebpf.Program { return e.handover.TrackOwnedSockets }},
+	// Attached only while needed (syncTracker).
+	{name: "handover", attach: ebpf.AttachCGroupSockOps, prog: func(e *Enforcer) *ebpf.Program { return e.handover.TrackOwnedSockets }, tracker: true},
 	// Optional: needs the bpf LSM; nil (and not attached) without it.
 	{name: "lsm_socket_create", attach: ebpf.AttachLSMCgroup, prog: func(e *Enforcer) *ebpf.Program { return e.lsm.GuardPacketSocket }},
 	// Optional: apps' DNS queries to the daemon's proxy (dnsredirect.c),
@@ -229,6 +233,9 @@ type Enforcer struct {
 	attached bool
 	dnsOn    bool
 	dnsLinks []link.Link
+	// tracker is the handover guard's sockops program's state
+	// (tracker.go).
+	tracker tracker
 }
 
 type slotKeys struct {
@@ -338,7 +345,7 @@ func Open(opts Options) (*Enforcer, error) {
 // Attach attaches (or adopts and updates) the hooks' links on the cgroup.
 func (e *Enforcer) Attach() error {
 	for _, h := range hooks {
-		if h.names {
+		if h.names || h.tracker {
 			continue
 		}
 		l, err := e.attachHook(h)
@@ -381,6 +388,11 @@ func (e *Enforcer) Attach() error {
 			e.opts.Log.Warn("guard NOT active", "guard", "tcp-handover", "why", e.handoverErr)
 		}
 	}
+	// After the sk_msg program: without it the tracker would fill the
+	// sockhash for nothing.
+	if err := e.attachTracker(g); err != nil {
+		return err
+	}
 	e.attachTaskGuards()
 	if e.migrateErr == nil {
 		e.migrateErr = e.attachTracing(e.tracingHooks())
@@ -405,16 +417,24 @@ func (e *Enforcer) attachHook(h hook) (link.Link, error) {
 	if prog == nil {
 		return nil, nil
 	}
-	// Pinned for inspection (`bpftool prog show pinned`); the link holds
-	// the program in place either way.
-	progPin := filepath.Join(e.opts.BPFDir, "prog_"+h.name)
-	if err := os.Remove(progPin); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("replace pinned program %s: %w", progPin, err)
-	}
-	if err := prog.Pin(progPin); err != nil {
-		return nil, fmt.Errorf("pin %s program at %s: %w", h.name, progPin, err)
+	if err := e.pinProg(h.name, prog); err != nil {
+		return nil, err
 	}
 	return bpfpin.Cgroup(filepath.Join(e.opts.BPFDir, "link_"+h.name), h.name, e.opts.CgroupDir, h.attach, prog)
+}
+
+// pinProg pins hook name's program for inspection (`bpftool prog show
+// pinned`) in place of an earlier run's; the link holds the program in
+// place either way.
+func (e *Enforcer) pinProg(name string, prog *ebpf.Program) error {
+	progPin := filepath.Join(e.opts.BPFDir, "prog_"+name)
+	if err := os.Remove(progPin); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("replace pinned program %s: %w", progPin, err)
+	}
+	if err := prog.Pin(progPin); err != nil {
+		return fmt.Errorf("pin %s program at %s: %w", name, progPin, err)
+	}
+	return nil
 }
 
 // syncDNS attaches the DNS redirect's programs (on, after the authorize
@@ -553,6 +573,7 @@ func (e *Enforcer) Close() error {
 	for _, l := range slices.Concat(e.links, e.dnsLinks, e.tracing) {
 		l.Close()
 	}
+	e.tracker.close()
 	e.links, e.dnsLinks, e.tracing = nil, nil, nil
 	e.sweep.close()
 	e.sweep = nil
@@ -695,6 +716,14 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 			return 0, fmt.Errorf("generation %d: %w", next, err)
 		}
 	}
+	// The tracker likewise: before a generation that needs it, after one
+	// that does not.
+	trackerOn, trackerWhy := trackerNeed(&g)
+	if trackerOn {
+		if err := e.syncTracker(true, trackerWhy); err != nil {
+			return 0, fmt.Errorf("generation %d: %w", next, err)
+		}
+	}
 	// The switch. It returns after an RCU grace period, so from here on no
 	// decision reads the previous slot.
 	written := time.Now()
@@ -705,6 +734,12 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 		if err := e.syncDNS(false); err != nil {
 			// In force anyway; the redirect runs on for nothing.
 			e.opts.Log.Warn("detach the DNS redirect", "error", err)
+		}
+	}
+	if !trackerOn {
+		if err := e.syncTracker(false, trackerWhy); err != nil {
+			// In force anyway; the tracker runs on for nothing.
+			e.opts.Log.Warn("detach the TCP handover guard's tracker", "error", err)
 		}
 	}
 	e.names.live, e.names.slot, e.names.rules, e.names.ids, e.names.ports = true, slot, g.Rules, g.AppIDs, t.namePorts
@@ -922,6 +957,13 @@ func (e *Enforcer) Guards() []Guard {
 	how := "BPF LSM socket_sendmsg, host-wide: socket storage per guarded connection"
 	if e.lsmHandover.GuardHandoverLSM == nil {
 		how = "sockops, sockhash and sk_msg (this kernel refuses BPF LSM: " + firstLine(e.lsmHandoverErr) + "): socket storage and a sockhash entry per guarded connection, about 1.3 µs, and the tcp_bpf send path"
+	}
+	if e.lsmHandover.GuardHandoverLSM == nil && e.handoverErr == nil {
+		if on, why := e.Tracker(); on {
+			how += "; sockops tracker attached (" + why + ")"
+		} else {
+			how += "; sockops tracker not attached, so TCP connects run no sockops program (" + why + ")"
+		}
 	}
 	gs = append(gs, Guard{Name: "tcp-handover", Active: e.handoverErr == nil,
 		What: "a TCP connection an app opened to an internal destination takes data only from the app's processes: a write by any other process is refused (EACCES); guarded: " + scope + "; by " + how})

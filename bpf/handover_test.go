@@ -3,6 +3,7 @@ package bpf
 import (
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -223,8 +224,13 @@ func TestHandoverGuard(t *testing.T) {
 	// --tcp-handover=auto (TrustTraceGuard): a connection of a process
 	// under the trace guard (real gid apart from effective and saved) is
 	// left to it, and takes anyone's data; one of a process open to
-	// tracing (root's equal ids here) is guarded as before.
-	w.apply(rs, func(g *Generation) { g.TrustTraceGuard = true })
+	// tracing (root's equal ids here, in an app with traceable: true,
+	// which keeps the tracker attached: TestHandoverTracker) is guarded as
+	// before.
+	traceable := *rs
+	traceable.Apps = slices.Clone(rs.Apps)
+	traceable.Apps[0].Traceable = true // db
+	w.apply(&traceable, func(g *Generation) { g.TrustTraceGuard = true })
 	guarded, err := probe.StartHolderEnv(w.cgroups["db/run"], w.netns, probe.EnvRealGID+"=64999")
 	if err != nil {
 		t.Fatal(err)
