@@ -85,6 +85,10 @@ type Request struct {
 	// Pty: stdin (a new pty the client relays) becomes the app's
 	// controlling terminal.
 	Pty bool `json:"pty,omitempty"`
+	// Untraced, with app-info from root: the caller is about to launch a
+	// process into the app outside the trace guard, and says why; the
+	// daemon answers once the TCP handover guard's tracker is attached.
+	Untraced string `json:"untraced,omitempty"`
 	// Signal, sent on a run connection after the request: relay it.
 	Signal int `json:"signal,omitempty"`
 	// pinhole-open: one peer address, an auxiliary port, tcp or udp ("":

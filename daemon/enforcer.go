@@ -28,6 +28,10 @@ type Enforcer interface {
 	Handover() (st bpf.HandoverStats, ok bool, err error)
 	Learned() []ruleset.Learned
 
+	// KeepTracker attaches the TCP handover guard's tracker for a process
+	// launched outside the trace guard: safe from any goroutine.
+	KeepTracker(why string) error
+
 	// The DNS learner (names.go): safe from any goroutine.
 	Learn(facts []ruleset.Learned, cap int) (refused, evicted []ruleset.Learned, err error)
 	ExpireLearned(now time.Time) (int, error)

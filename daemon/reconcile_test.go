@@ -85,6 +85,7 @@ func (f *fakeEnforcer) Handover() (bpf.HandoverStats, bool, error) {
 	return bpf.HandoverStats{}, false, nil
 }
 func (f *fakeEnforcer) Learned() []ruleset.Learned { return nil }
+func (f *fakeEnforcer) KeepTracker(string) error   { return nil }
 func (f *fakeEnforcer) Learn([]ruleset.Learned, int) (refused, evicted []ruleset.Learned, err error) {
 	return nil, nil, nil
 }

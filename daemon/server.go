@@ -194,6 +194,14 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 		if err != nil {
 			return errResp("%v", err)
 		}
+		if req.Untraced != "" {
+			if r := rootOnly(); r != nil {
+				return r
+			}
+			if err := d.keepTracker(req.App, req.Untraced); err != nil {
+				return errResp("%v", err)
+			}
+		}
 		return &api.Response{AppInfo: info}
 	case api.OpRun:
 		d.run(conn, p, req, files, more)
@@ -601,6 +609,18 @@ func writeEvent(conn *net.UnixConn, r audit.Record) error {
 	return api.WriteLine(conn, api.Response{Event: b})
 }
 
+// keepTracker attaches the TCP handover guard's tracker before a process
+// of app starts outside the trace guard (why), and keeps it until the
+// daemon stops: the process and its descendants are open to tracing, so
+// the connect hooks mark their connections, and whether any of them still
+// lives is not followed (a restart looks again: bpf.Enforcer.Attach).
+func (d *Daemon) keepTracker(app, why string) error {
+	if err := d.enf.KeepTracker(fmt.Sprintf("a process of app %s was launched outside the trace guard (%s)", app, why)); err != nil {
+		return fmt.Errorf("app %s: attach the TCP handover guard's tracker for a process outside the trace guard: %w", app, err)
+	}
+	return nil
+}
+
 // run starts an app for the peer: as the peer's uid, gids and groups, with
 // its stdio, in the app's cgroup, and in the peer's namespaces, root,
 // working directory and umask (launch.Caller); it relays signals and the
@@ -658,6 +678,7 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 		Stdio:     [3]*os.File{files[0], files[1], files[2]},
 		Tty:       req.Pty,
 		GuardGID:  d.cfg.GuardGID,
+		Untraced:  func(why string) error { return d.keepTracker(app.Name, why) },
 	})
 	if err != nil {
 		failStatus(launch.StatusOf(err), "%v", err)

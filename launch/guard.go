@@ -150,6 +150,10 @@ type shimCaller struct {
 	App   string        `json:"app"`
 	Exe   []ruleset.Exe `json:"exe,omitempty"`
 	Umask uint32        `json:"umask"`
+	// GuardOnly: the launcher has not announced a process outside the
+	// trace guard (Spec.Untraced), so a script is refused
+	// (errScriptGuardOnly) rather than run without the guard.
+	GuardOnly bool `json:"guard_only,omitempty"`
 }
 
 func (a shimArgs) encode() []string {
@@ -364,6 +368,9 @@ func enterCaller(a shimArgs, env []string) (path string, rgid uint32, why string
 	}
 	rgid = a.rgid
 	if rgid != a.gid && isScript(exe) {
+		if a.caller.GuardOnly {
+			return "", 0, "", failed("%s", errScriptGuardOnly)
+		}
 		rgid, why = a.gid, scriptWhy
 	}
 	return exe, rgid, why, nil

@@ -52,6 +52,13 @@ type Spec struct {
 	// app with `traceable: true` is never guarded, and neither is a user
 	// whose own group is the guard gid: nobody could tell them apart.
 	GuardGID uint32
+	// Untraced, when set, is called before a process that will run
+	// outside the trace guard starts, with why: the daemon attaches the
+	// TCP handover guard's tracker for it, which the launch waits for. An
+	// error fails the launch. For a Caller, whose binary the shim finds,
+	// the shim refuses a script until Untraced has been called, and the
+	// launch is then tried again.
+	Untraced func(why string) error
 }
 
 // The status `procgate run` exits with when the app does not start, as a
@@ -140,6 +147,23 @@ func (e Exit) ShellCode() int {
 // terminal is Stdio[0] with Tty (a new pty), or none: taking the caller's
 // own would take it from the caller.
 func Start(spec Spec) (*Process, error) {
+	p, err := start(spec, false)
+	if err != nil && spec.Untraced != nil && strings.Contains(err.Error(), errScriptGuardOnly) {
+		// Nothing of the app ran: the shim refused before its exec.
+		if err := spec.Untraced(scriptWhy); err != nil {
+			return nil, fmt.Errorf("launch app %s: %w", spec.App.Name, err)
+		}
+		return start(spec, true)
+	}
+	return p, err
+}
+
+// errScriptGuardOnly is the shim's refusal of a script while the launcher
+// has not called Spec.Untraced (shimCaller.GuardOnly).
+const errScriptGuardOnly = "a script runs outside the trace guard, not yet announced"
+
+// start is Start; untraced: Spec.Untraced was called.
+func start(spec Spec, untraced bool) (*Process, error) {
 	if len(spec.Argv) == 0 || spec.Argv[0] == "" {
 		return nil, fmt.Errorf("launch app %s: empty command", spec.App.Name)
 	}
@@ -189,6 +213,12 @@ func Start(spec Spec) (*Process, error) {
 			// psql is a Perl wrapper), bash and dash set their effective gid to
 			// the guard's. Guarding a script breaks it or gains nothing.
 			guarded, why = false, scriptWhy
+		}
+	}
+
+	if !guarded && spec.Untraced != nil && !untraced {
+		if err := spec.Untraced(why); err != nil {
+			return nil, fmt.Errorf("launch app %s: %w", spec.App.Name, err)
 		}
 	}
 
@@ -258,7 +288,8 @@ func Start(spec Spec) (*Process, error) {
 		}
 		var extra []*os.File
 		if c := spec.Caller; c != nil {
-			a.caller = &shimCaller{App: spec.App.Name, Exe: spec.App.Exe, Umask: c.umask}
+			a.caller = &shimCaller{App: spec.App.Name, Exe: spec.App.Exe, Umask: c.umask,
+				GuardOnly: spec.Untraced != nil && !untraced}
 			extra = []*os.File{c.pidfd, c.root, c.cwd}
 		}
 		conf = Confinement{}

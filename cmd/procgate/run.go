@@ -141,6 +141,10 @@ func runAsRoot(c api.Client, name string, argv []string, usePty bool) error {
 		App: app, CgroupDir: info.Cgroup, Argv: argv, Env: os.Environ(), Dir: dir,
 		Stdio: sess.stdio(), Tty: usePty,
 		GuardGID: info.GuardGID,
+		Untraced: func(why string) error {
+			_, err := c.Do(api.Request{Op: api.OpAppInfo, App: name, Untraced: why})
+			return err
+		},
 	})
 	if err != nil {
 		return err
