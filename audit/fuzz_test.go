@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/procgate/procgate/bpf"
+	"github.com/procgate/procgate/ruleset"
 )
 
 // FuzzDecodeEvent feeds arbitrary bytes through the path Run takes from a
@@ -34,7 +35,9 @@ func FuzzDecodeEvent(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if r.Verdict != "allow" && r.Verdict != "deny" {
+		switch r.Verdict {
+		case ruleset.VerdictAllow, ruleset.VerdictDeny, ruleset.VerdictWouldDeny:
+		default:
 			t.Errorf("verdict %q", r.Verdict)
 		}
 		if strings.Contains(r.Text(), "\n") {
