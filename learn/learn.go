@@ -24,9 +24,10 @@ import (
 
 // Verdicts learn reads: an enforced denial, and an audit-only app's attempt
 // that passed but would have been denied. Other verdicts are not denials.
+// The decision's own words, so that the two cannot drift apart.
 const (
-	VerdictDeny      = "deny"
-	VerdictWouldDeny = "would-deny"
+	VerdictDeny      = ruleset.VerdictDeny
+	VerdictWouldDeny = ruleset.VerdictWouldDeny
 )
 
 // grantable are the reasons a grant of the app fixes: no grant for the
