@@ -62,7 +62,7 @@ type Proxy struct {
 	udp6 net.PacketConn // nil without IPv6
 	tcp6 net.Listener
 	Port uint16
-	// mu guards closed. Once Close has begun no goroutine joins wg: an Add
+	// mu guards closed and conns. Once Close has begun no goroutine joins wg: an Add
 	// racing with Wait could let a query be answered after Close returned,
 	// when the daemon has stopped the namespace's thread that Lookup and
 	// Dial run on (a send on its closed channel panics).
@@ -71,7 +71,11 @@ type Proxy struct {
 	// stop is closed by Close: it ends Serve's watch of a ctx that
 	// outlives the proxy.
 	stop chan struct{}
-	wg   sync.WaitGroup
+	// conns are the TCP connections being served: Close ends them, or a
+	// client that keeps one open and idle would hold Close for up to
+	// twice Timeout.
+	conns map[net.Conn]struct{}
+	wg    sync.WaitGroup
 }
 
 // Listen binds the proxy's sockets on a port the kernel picks, the same
@@ -143,6 +147,9 @@ func (p *Proxy) Close() error {
 		p.closed = true
 		close(p.stop)
 	}
+	for c := range p.conns {
+		c.Close()
+	}
 	p.mu.Unlock()
 	err := p.closeSockets()
 	p.wg.Wait()
@@ -163,6 +170,27 @@ func (p *Proxy) spawn(f func()) bool {
 		f()
 	}()
 	return true
+}
+
+// track records c for Close to end, unless Close has begun (false);
+// untrack forgets it.
+func (p *Proxy) track(c net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	if p.conns == nil {
+		p.conns = map[net.Conn]struct{}{}
+	}
+	p.conns[c] = struct{}{}
+	return true
+}
+
+func (p *Proxy) untrack(c net.Conn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.conns, c)
 }
 
 func (p *Proxy) closeSockets() error {
@@ -255,7 +283,12 @@ func (p *Proxy) serveTCP(l net.Listener) {
 		if err != nil {
 			return
 		}
+		if !p.track(c) {
+			c.Close()
+			continue
+		}
 		if !p.spawn(func() {
+			defer p.untrack(c)
 			defer c.Close()
 			local, _ := c.LocalAddr().(*net.TCPAddr)
 			remote, _ := c.RemoteAddr().(*net.TCPAddr)

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 	"golang.org/x/net/ipv4"
@@ -87,6 +88,47 @@ func TestCloseEndsServe(t *testing.T) {
 	stacks := string(buf[:runtime.Stack(buf, true)])
 	if strings.Contains(stacks, "dnsproxy.(*Proxy).Serve") {
 		t.Errorf("a goroutine of Serve is left after Close:\n%s", stacks)
+	}
+}
+
+// TestCloseEndsIdleTCP: Close ends a TCP client's connection that waits
+// for its next query, rather than waiting for the client or the read
+// deadline (twice Timeout, an hour here).
+func TestCloseEndsIdleTCP(t *testing.T) {
+	raw, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lookups atomic.Int32
+	cfg := lookupCounter(&lookups)
+	cfg.Timeout = time.Hour
+	p := &Proxy{cfg: cfg, raw: raw, udp: ipv4.NewPacketConn(raw), tcp: l, stop: make(chan struct{})}
+	go p.Serve(context.Background())
+	client, err := net.Dial("tcp4", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	for served := false; !served; {
+		p.mu.Lock()
+		served = len(p.conns) == 1
+		p.mu.Unlock()
+		runtime.Gosched()
+	}
+	closed := make(chan error)
+	go func() { closed <- p.Close() }()
+	// A bound on a hang, not on speed: without the fix Close waits an hour.
+	select {
+	case <-closed:
+	case <-time.After(time.Minute):
+		t.Fatal("Close waits for an idle TCP client")
+	}
+	if _, err := client.Read(make([]byte, 1)); err == nil {
+		t.Error("the client's connection is still open")
 	}
 }
 
