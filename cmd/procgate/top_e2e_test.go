@@ -28,7 +28,45 @@ apps:
   - name: other
     allow:
       - to: 10.9.0.0/16
+  - name: trial
+    mode: audit
+    allow:
+      - to: 10.1.2.0/24
+        proto: tcp
+        ports: [443]
 `
+
+// envTopCapture names a file the test writes the pane to, once the apps'
+// rows, their counters and the denials show: the terminal capture of
+// README.md and docs/top.md, regenerated with
+//
+//	PROCGATE_TOP_CAPTURE=docs/top-capture.txt go test -count=1 -p 1 -run TestTopInTmux ./cmd/procgate/
+//
+// A relative path is from the repository's root, not from cmd/procgate
+// where the test runs.
+const envTopCapture = "PROCGATE_TOP_CAPTURE"
+
+// writeCapture writes pane to the file envTopCapture names, if any, with
+// trailing spaces and blank lines stripped: tmux pads to the pane's width.
+func writeCapture(t *testing.T, pane string) {
+	t.Helper()
+	path := os.Getenv(envTopCapture)
+	if path == "" {
+		return
+	}
+	if !filepath.IsAbs(path) {
+		path = filepath.Join("..", "..", path)
+	}
+	lines := strings.Split(pane, "\n")
+	for i, l := range lines {
+		lines[i] = strings.TrimRight(l, " ")
+	}
+	text := strings.TrimRight(strings.Join(lines, "\n"), "\n") + "\n"
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatalf("%s: %v", envTopCapture, err)
+	}
+	t.Logf("procgate top captured to %s", path)
+}
 
 // tmuxPane is one tmux server of the test's own, with one pane per
 // session, 80x24 as over a plain ssh.
@@ -85,12 +123,13 @@ func (tm *tmuxPane) waitFor(t *testing.T, session string, wants ...string) strin
 
 // TestTopInTmux: procgate top in an 80x24 tmux pane against a daemon in a
 // test cgroup: the app rows and their counters, a denial, the app filter,
-// and the grant key, which writes a drop-in after which the same attempt
-// is allowed; a user other than root sees only its own app.
+// an app in audit mode, and the grant key, which writes a drop-in after
+// which the same attempt is allowed; a user other than root sees only its
+// own app.
 func TestTopInTmux(t *testing.T) {
 	e := newE2E(t, topPolicy)
 	tm := newTmux(t, e.dir)
-	db, other := e.prober("db"), e.prober("other")
+	db, other, trial := e.prober("db"), e.prober("other"), e.prober("trial")
 	mustTry(t, db, "10.1.2.3:5433/tcp", probe.Denied)
 
 	top := fmt.Sprintf("env %s=1 TERM=screen %s --socket %s top", envAsMain, e.bin, e.socket)
@@ -109,6 +148,19 @@ func TestTopInTmux(t *testing.T) {
 	mustTry(t, other, "10.1.2.3:5432/tcp", probe.Denied)
 	tm.wait(t, "root", "db's row with 2 denials", deny("2"))
 	tm.waitFor(t, "root", "10.1.2.3:5434/tcp", "other      ")
+
+	// An app in audit mode: named above the table, AUDIT in its row, its
+	// would-deny attempt passed, counted with its denials and listed. The
+	// allowed attempts are for the capture's ALLOW column.
+	mustTry(t, db, "10.1.2.3:5432/tcp", probe.Allowed)
+	mustTry(t, trial, "10.1.2.3:443/tcp", probe.Allowed)
+	mustTry(t, trial, "10.1.2.3:8443/tcp", probe.Allowed)
+	trialRow := regexp.MustCompile(`(?m)^trial\s+AUDIT\s+launched\s+1 -\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+\s+1\s+\d+\s*$`)
+	pane := tm.wait(t, "root", "trial's row, audit line and would-deny", func(p string) bool {
+		return trialRow.MatchString(p) && strings.Contains(p, "AUDIT MODE, NOT ENFORCED: trial") &&
+			strings.Contains(p, "10.1.2.3:8443/tcp       would-deny")
+	})
+	writeCapture(t, pane)
 
 	t.Run("the app filter", func(t *testing.T) {
 		tm.run(t, "send-keys", "-t", "root", "a") // all -> db, the first app
