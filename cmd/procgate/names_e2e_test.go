@@ -390,3 +390,48 @@ func waitLog(t *testing.T, e *e2e, want string, n int) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestNameGrantsContainerNetns: a match.container app whose process runs
+// in a network namespace of its own, found at its container's start
+// event. The daemon starts the namespace's proxy as it binds the
+// container's cgroup, so the container's very first query, once the
+// daemon answered the event, is learned and its answer connects at once.
+func TestNameGrantsContainerNetns(t *testing.T) {
+	nstest.RequireRoot(t)
+	rt := newFakeRuntime(t)
+	e := newE2EWith(t, `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+everyone:
+  allow:
+    - to: 10.0.0.53
+      ports: [53]
+apps:
+  - name: web
+    match: {container: web}
+    allow:
+      - to: db.corp.example
+        proto: tcp
+        ports: [5432]
+`, true, "--container-socket", rt.sock, "--poll", "1h", "--dns-grace", "0s")
+	rt.waitSubscribed(t, e)
+
+	own := nstest.NetNS(t)
+	nstest.AnyIPLoopback(t, own)
+	z := &zone{a: map[string][]string{}, ttl: map[string]uint32{}, cn: map[string]string{}}
+	z.set("db.corp.example", 60, "10.1.7.1")
+	startZone(t, own, "10.0.0.53:53", z)
+	web, err := probe.Start(nstest.ChildCgroup(t, e.cgroup, "ctr"), own, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer web.Close()
+
+	before := e.status().Generation
+	rt.set("web", fmt.Sprintf(`{"Id":"abc","State":{"Running":true,"Pid":%d}}`, web.Pid()))
+	rt.emit("start", "abc", "web")
+	e.waitGeneration(before, "a container's start event")
+	if got, err := web.Resolve("db.corp.example", "10.0.0.53:53", "udp", 5432); err != nil || !slices.Equal(got, []string{"10.1.7.1=allowed"}) {
+		t.Fatalf("first query: %v, %v; want 10.1.7.1 allowed\n%s", got, err, e.daemonLog())
+	}
+}
