@@ -89,6 +89,9 @@ type Request struct {
 	// process into the app outside the trace guard, and says why; the
 	// daemon answers once the TCP handover guard's tracker is attached.
 	Untraced string `json:"untraced,omitempty"`
+	// All, with status: every internal prefix and grant, not only the
+	// first StatusListMax of each list.
+	All bool `json:"all,omitempty"`
 	// Signal, sent on a run connection after the request: relay it.
 	Signal int `json:"signal,omitempty"`
 	// pinhole-open: one peer address, an auxiliary port, tcp or udp ("":
@@ -143,10 +146,13 @@ type Status struct {
 	Hooks        map[string]bool `json:"hooks"`
 	Guards       []Guard         `json:"guards"`
 	Adopted      bool            `json:"adopted"`
-	Internal     []string        `json:"internal"`
-	Apps         []AppStatus     `json:"apps"`
-	Unbound      Counters        `json:"unbound"`
-	Audit        AuditStats      `json:"audit"`
+	// Internal are the internal prefixes in force: the first
+	// StatusListMax of InternalTotal, all of them when asked (All).
+	Internal      []string    `json:"internal"`
+	InternalTotal int         `json:"internal_total"`
+	Apps          []AppStatus `json:"apps"`
+	Unbound       Counters    `json:"unbound"`
+	Audit         AuditStats  `json:"audit"`
 	// PolicyDropins are the policy.d drop-ins merged into Policy, in
 	// merge order.
 	PolicyDropins []string `json:"policy_dropins,omitempty"`
@@ -157,6 +163,18 @@ type Status struct {
 	// (--policy-store etcd); nil with the policy file.
 	Fleet *FleetSource `json:"fleet,omitempty"`
 }
+
+// StatusListMax bounds the internal prefixes, and each app's grants, that
+// a status answer lists unless asked for all: a policy of a million
+// prefixes would otherwise make every status a megabytes-long answer.
+const StatusListMax = 32
+
+// InternalCount is how many internal prefixes are in force, listed or
+// not (a daemon before internal_total listed them all).
+func (s *Status) InternalCount() int { return max(s.InternalTotal, len(s.Internal)) }
+
+// GrantCount is how many grants the app has, listed or not.
+func (a *AppStatus) GrantCount() int { return max(a.GrantsTotal, len(a.Grants)) }
 
 // FleetSource is the etcd policy source in Status.
 type FleetSource struct {
@@ -222,10 +240,13 @@ type AppStatus struct {
 	Principal string `json:"principal"`
 	// Cgroups counts the existing cgroups a unit or cgroup match took at
 	// the last scan (cgroups made since are followed by the kernel).
-	Cgroups  int      `json:"cgroups"`
-	Grants   []string `json:"grants"`
-	Revoked  []string `json:"revoked,omitempty"` // "all" or grant numbers; "fleet:..." revoked fleet-wide
-	Counters Counters `json:"counters"`
+	Cgroups int `json:"cgroups"`
+	// Grants are the app's grants: the first StatusListMax of
+	// GrantsTotal, all of them when asked (All).
+	Grants      []string `json:"grants"`
+	GrantsTotal int      `json:"grants_total"`
+	Revoked     []string `json:"revoked,omitempty"` // "all" or grant numbers; "fleet:..." revoked fleet-wide
+	Counters    Counters `json:"counters"`
 	// Mode is the app's mode in force: "enforce", or "audit" (mode:
 	// audit: what its policy refuses passes, as would-deny). An app whose
 	// grants are all revoked is enforced.

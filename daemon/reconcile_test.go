@@ -339,7 +339,7 @@ func TestInvalidInputKeepsState(t *testing.T) {
 				t.Fatalf("rejected input changed the state in force: generation %d -> %d (reload said %d), policy %v -> %v",
 					before.gen, after.gen, gen, appNames(before.policy), appNames(after.policy))
 			}
-			st, err := d.status(after)
+			st, err := d.status(after, false)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -415,7 +415,7 @@ func TestRevokeAcrossReloads(t *testing.T) {
 	enf2 := &fakeEnforcer{gen: enf.gen}
 	d = startTestDaemon(t, dir, enf2)
 	check("restart", []int{1}, []int{})
-	st, err := d.status(d.current())
+	st, err := d.status(d.current(), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -466,7 +466,7 @@ func TestRestartAdoption(t *testing.T) {
 	if got := enf2.applied[0].AppIDs; got["b"] != first["b"] || got["c"] != st.appIDs["c"] {
 		t.Fatalf("the enforcer was given ids %v", got)
 	}
-	status, err := d.status(st)
+	status, err := d.status(st, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -499,7 +499,7 @@ func TestReadersDuringApply(t *testing.T) {
 	read := make(chan error, 1)
 	go func() {
 		read <- func() error {
-			st, err := d.status(d.current())
+			st, err := d.status(d.current(), false)
 			if err != nil {
 				return err
 			}

@@ -149,7 +149,7 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 	switch req.Op {
 	case api.OpStatus:
 		cur := d.current()
-		st, err := d.status(cur)
+		st, err := d.status(cur, req.All)
 		if err != nil {
 			return errResp("%v", err)
 		}
@@ -226,8 +226,9 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 }
 
 // status is the daemon's status in cur, the State in force: it never
-// waits for the reconciler.
-func (d *Daemon) status(cur *State) (*api.Status, error) {
+// waits for the reconciler. It lists the internal prefixes and grants
+// cur.listed holds, and all of them with all.
+func (d *Daemon) status(cur *State, all bool) (*api.Status, error) {
 	counters, err := d.counters(cur)
 	if err != nil {
 		return nil, err
@@ -251,8 +252,13 @@ func (d *Daemon) status(cur *State) (*api.Status, error) {
 	if cur.effective == nil {
 		return st, nil
 	}
-	for _, p := range cur.effective.Internal {
-		st.Internal = append(st.Internal, p.Prefix.String())
+	lists := cur.listed
+	if lists == nil { // a State not made by publish
+		lists = listStatus(cur.policy, cur.effective)
+	}
+	st.Internal, st.InternalTotal = lists.internal, len(cur.effective.Internal)
+	if all {
+		st.Internal = internalStrings(cur.effective, -1)
 	}
 	for _, a := range cur.policy.Apps {
 		as := api.AppStatus{Name: a.Name, ID: cur.appIDs[a.Name], Cgroup: filepath.Join(d.appDirs.Base, a.Name), Principal: a.Match.Describe(),
@@ -266,8 +272,9 @@ func (d *Daemon) status(cur *State) (*api.Status, error) {
 		case ruleset.MatchUnit, ruleset.MatchCgroup, ruleset.MatchContainer:
 			as.Cgroup, as.Cgroups = filepath.Join(d.cfg.CgroupRoot, a.Match.Path), cur.matched[a.Name]
 		}
-		for _, g := range a.Grants {
-			as.Grants = append(as.Grants, g.String())
+		as.Grants, as.GrantsTotal = lists.grants[a.Name], len(a.Grants)
+		if all {
+			as.Grants = grantStrings(a, -1)
 		}
 		st.Apps = append(st.Apps, as)
 	}

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -75,6 +76,56 @@ type State struct {
 	// in force, and whether it came from the last good policy on disk.
 	fleetRevision int64
 	fleetFromDisk bool
+	// listed is what status lists of policy and effective, made when
+	// either is published: nil before the first generation.
+	listed *statusLists
+}
+
+// statusLists are the first api.StatusListMax internal prefixes of a
+// generation and of each app's grants, as status says them: made once
+// per generation, so that a status answer copies a bounded list however
+// large the policy (a million prefixes took 1.6 s a call to list whole).
+type statusLists struct {
+	internal []string
+	grants   map[string][]string
+}
+
+// listStatus is the status lists of policy and effective, either of
+// which may be nil.
+func listStatus(policy, effective *ruleset.Ruleset) *statusLists {
+	l := &statusLists{grants: map[string][]string{}}
+	if effective != nil {
+		l.internal = internalStrings(effective, api.StatusListMax)
+	}
+	if policy != nil {
+		for _, a := range policy.Apps {
+			l.grants[a.Name] = grantStrings(a, api.StatusListMax)
+		}
+	}
+	return l
+}
+
+// internalStrings are the first n internal prefixes of rs (n < 0: all).
+func internalStrings(rs *ruleset.Ruleset, n int) []string {
+	return firstStrings(rs.Internal, n, func(p ruleset.InternalPrefix) string { return p.Prefix.String() })
+}
+
+// grantStrings are the first n grants of a (n < 0: all).
+func grantStrings(a ruleset.App, n int) []string {
+	return firstStrings(a.Grants, n, ruleset.Grant.String)
+}
+
+// firstStrings says the first n of xs (n < 0: all); nil for none, as
+// status said an empty list before it was bounded.
+func firstStrings[T any](xs []T, n int, say func(T) string) []string {
+	if n < 0 || n > len(xs) {
+		n = len(xs)
+	}
+	var out []string
+	for _, x := range xs[:n] {
+		out = append(out, say(x))
+	}
+	return out
 }
 
 // appName is the name of the app with id, "" when none.
@@ -107,8 +158,12 @@ func (d *Daemon) current() *State {
 // in force. Reconciler only: edit must replace, never write into, what
 // the copy shares with the old state.
 func (d *Daemon) publish(edit func(s *State)) *State {
-	s := *d.current()
+	old := d.current()
+	s := *old
 	edit(&s)
+	if s.policy != old.policy || s.effective != old.effective {
+		s.listed = listStatus(s.policy, s.effective)
+	}
 	d.state.Store(&s)
 	return &s
 }

@@ -94,7 +94,7 @@ func (m Model) appLines(w int) []string {
 		}
 		kind, _, _ := strings.Cut(a.Principal, " ")
 		line := fmt.Sprintf(appColumns,
-			cut(a.Name, 11), modeText(a.Mode), cut(kind, 8), len(a.Grants), cut(rev, 4),
+			cut(a.Name, 11), modeText(a.Mode), cut(kind, 8), a.GrantCount(), cut(rev, 4),
 			rate(r.Allow), rate(r.Deny), rate(r.External), a.Counters.Allow, denied(a.Counters), a.Counters.External)
 		out = append(out, cut(line, w))
 	}
