@@ -337,7 +337,7 @@ func validateFiles(path string, noDropins bool) (files []policy.File, alone bool
 }
 
 func statusCmd(client func() api.Client) *cobra.Command {
-	var asJSON bool
+	var asJSON, all bool
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show attached hooks, the policy generation, apps and their counters",
@@ -348,10 +348,14 @@ revocations; then the audit statistics and where records go.
 
 Apps in audit mode (mode: audit) are named on a line of their own, AUDIT MODE,
 NOT ENFORCED: what their policy refuses passes, counted as would-deny. A
-caller other than root sees only the apps it may run or whose user it is.`,
+caller other than root sees only the apps it may run or whose user it is.
+
+A large policy's lists are cut short: status names the first internal
+prefixes (and, with --json, each app's first grants) with how many there are.
+--all lists every one; explain answers for one destination.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			resp, err := client().Do(api.Request{Op: api.OpStatus})
+			resp, err := client().Do(api.Request{Op: api.OpStatus, All: all})
 			if err != nil {
 				return err
 			}
@@ -364,6 +368,7 @@ caller other than root sees only the apps it may run or whose user it is.`,
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	cmd.Flags().BoolVar(&all, "all", false, "list every internal prefix and grant, however many")
 	return cmd
 }
 
@@ -397,7 +402,11 @@ func printStatus(w io.Writer, st *api.Status) {
 			fmt.Fprintf(w, "NOT GUARDED: %s (%s)\n", g.What, g.Why)
 		}
 	}
-	fmt.Fprintf(w, "internal %s\n", strings.Join(st.Internal, " "))
+	fmt.Fprintf(w, "internal %s", strings.Join(st.Internal, " "))
+	if more := st.InternalCount() - len(st.Internal); more > 0 {
+		fmt.Fprintf(w, " ... and %d more (procgate status --all lists them)", more)
+	}
+	fmt.Fprintln(w)
 	var audited []string
 	for _, a := range st.Apps {
 		if a.Mode == ruleset.ModeAudit {
@@ -427,7 +436,7 @@ func printStatus(w io.Writer, st *api.Status) {
 			mode = "AUDIT"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\n", a.Name, mode, principal, cgs, a.Counters.Allow, a.Counters.Deny,
-			a.Counters.WouldDeny, a.Counters.External, len(a.Grants), rev)
+			a.Counters.WouldDeny, a.Counters.External, a.GrantCount(), rev)
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "audit: %d events, %d decode errors, %d dropped; log %s\n", st.Audit.Events, st.Audit.DecodeErrors, st.Audit.Dropped, st.Audit.Log)
