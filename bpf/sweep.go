@@ -61,7 +61,9 @@ type SweepResult struct {
 	Failed []EndedSocket
 	// Conntrack counts connection-tracking entries of ended flows removed.
 	Conntrack int
-	Took      time.Duration
+	// ConntrackTook is the part of Took spent removing them.
+	ConntrackTook time.Duration
+	Took          time.Duration
 }
 
 // sweeper holds the programs of sweep.c; they share the pinned maps of the
@@ -157,8 +159,9 @@ func (e *Enforcer) Sweep(opts SweepOptions) (SweepResult, error) {
 		}
 	}
 	if len(res.Ended) > 0 {
+		ctStart := time.Now()
 		n, ctErr := deleteConntrack(res.Ended)
-		res.Conntrack = n
+		res.Conntrack, res.ConntrackTook = n, time.Since(ctStart)
 		if ctErr != nil {
 			e.opts.Log.Debug("conntrack entries of ended sockets not removed", "err", ctErr)
 		}
