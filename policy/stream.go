@@ -5,6 +5,7 @@ import (
 	"iter"
 	"regexp"
 	"runtime"
+	"unicode/utf8"
 
 	"gopkg.in/yaml.v3"
 )
@@ -91,6 +92,13 @@ func lineAt(data []byte, pos int) (lineInfo, int) {
 // splitRuns finds the long lists of data and returns data without them
 // (their lines blank) and the lists; data itself when there are none.
 func splitRuns(data []byte) ([]byte, []run) {
+	// yaml.v3 refuses a document with a byte that is not UTF-8 anywhere in
+	// it (and reads UTF-16 after a BOM); cut apart, the skeleton could
+	// decode without the list that holds such a byte and report other
+	// errors. Such a file is parsed whole, and the error is the parser's.
+	if !utf8.Valid(data) {
+		return data, nil
+	}
 	var runs []run
 	// key is keyLineRE's match of the last line that was neither blank
 	// nor a comment, at line keyLine; nil when that was no key line.
