@@ -92,11 +92,12 @@ func lineAt(data []byte, pos int) (lineInfo, int) {
 // splitRuns finds the long lists of data and returns data without them
 // (their lines blank) and the lists; data itself when there are none.
 func splitRuns(data []byte) ([]byte, []run) {
-	// yaml.v3 refuses a document with a byte that is not UTF-8 anywhere in
-	// it (and reads UTF-16 after a BOM); cut apart, the skeleton could
-	// decode without the list that holds such a byte and report other
-	// errors. Such a file is parsed whole, and the error is the parser's.
-	if !utf8.Valid(data) {
+	// yaml.v3 refuses a file with a character it does not allow (not
+	// UTF-8, a control character) anywhere in it, and reads UTF-16 after a
+	// BOM; cut apart, the skeleton could decode without the list holding
+	// such a character and report other errors. Such a file is parsed
+	// whole, and the error is the parser's.
+	if !yamlText(data) {
 		return data, nil
 	}
 	var runs []run
@@ -299,4 +300,31 @@ func (p *parser) items(n *yaml.Node, field string) iter.Seq2[int, *yaml.Node] {
 			}
 		}
 	}
+}
+
+// yamlText reports whether data is UTF-8 of only the characters yaml.v3's
+// reader accepts (its check in yaml_parser_update_buffer).
+func yamlText(data []byte) bool {
+	for len(data) > 0 {
+		if b := data[0]; b < utf8.RuneSelf {
+			// ASCII, nearly all of a policy: no rune to decode.
+			if b < 0x20 && b != 0x09 && b != 0x0A && b != 0x0D || b == 0x7F {
+				return false
+			}
+			data = data[1:]
+			continue
+		}
+		r, size := utf8.DecodeRune(data)
+		if r == utf8.RuneError && size <= 1 {
+			return false
+		}
+		switch {
+		case r == 0x09, r == 0x0A, r == 0x0D, r >= 0x20 && r <= 0x7E, r == 0x85,
+			r >= 0xA0 && r <= 0xD7FF, r >= 0xE000 && r <= 0xFFFD, r >= 0x10000 && r <= 0x10FFFF:
+		default:
+			return false
+		}
+		data = data[size:]
+	}
+	return true
 }
