@@ -9,6 +9,7 @@ package etcdtest
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/url"
 	"testing"
@@ -115,12 +116,20 @@ func freePort(t testing.TB) string {
 	return addr
 }
 
-// freeAddr is a port on 127.0.0.1 free now.
+// freeAddr is a port on 127.0.0.1 free now. It is picked below the
+// kernel's ephemeral range (32768 and up by default): a port the kernel
+// handed out and took back could be given again as the source port of
+// the next connection, before the member binds it (CI saw "address
+// already in use" that way).
 func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("pick a free port: %w", err)
+	var err error
+	for range 100 {
+		var ln net.Listener
+		ln, err = net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 20000+rand.IntN(12000)))
+		if err == nil {
+			defer ln.Close()
+			return ln.Addr().String(), nil
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
+	return "", fmt.Errorf("pick a free port: %w", err)
 }
