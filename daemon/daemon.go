@@ -424,9 +424,6 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	d.expireNames(ctx, &wg)
 	defer d.startDNSProxy(ctx, &wg)()
-	// The first Apply came before the proxies could start: the matched
-	// cgroups' processes running already get theirs now.
-	d.proxyMatchedNetns(d.current().effective)
 
 	ln, err := listen(cfg.Socket)
 	if err != nil {
@@ -863,9 +860,6 @@ func (d *Daemon) refreshContainers() {
 	}
 	now := d.resolveContainers(eff, false)
 	if now == eff || reflect.DeepEqual(now.Apps, eff.Apps) {
-		// A container started where its scope was foretold (bound at
-		// its mkdir): its processes' namespaces get their proxies now.
-		d.proxyMatchedNetns(eff)
 		return
 	}
 	gen, err := d.applyEffective(now, nil)
@@ -921,9 +915,6 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint
 	if err != nil {
 		return 0, fmt.Errorf("apply generation: %w", err)
 	}
-	// Before the State: whoever waits for the generation finds the
-	// proxies of its processes' namespaces running.
-	d.proxyMatchedNetns(eff)
 	d.exeWatch.watch(exeDirs(eff))
 	d.containerWatch.want(hasContainerApps(eff))
 	if err := d.setPinholeApps(dynamic); err != nil {
