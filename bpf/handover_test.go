@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -262,6 +263,70 @@ func TestHandoverGuard(t *testing.T) {
 				t.Errorf("unbound writing on the connection of a db process %s: %+v, want refused (EACCES)", tc.name, res)
 			case !tc.refused && res.Sent != 1:
 				t.Errorf("unbound writing on the connection of a db process %s: %+v, want sent (left to the trace guard)", tc.name, res)
+			}
+		})
+	}
+}
+
+// TestUserAppHandover: a match.user app's processes share their cgroup
+// with other users' processes, so the handover guard's shortcut for a
+// writer in the socket's own cgroup must not pass them: a TCP connection
+// the user's process opened to an internal destination takes data from
+// another process of the same uid in that cgroup, and none from a process
+// of another uid there (EACCES).
+func TestUserAppHandover(t *testing.T) {
+	w := newWorld(t)
+	w.apply(unitPolicy())
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range w.e.Guards() {
+		if g.Name == "tcp-handover" && !g.Active {
+			t.Skipf("kernel feature missing: %s", g.Why)
+		}
+	}
+	startServers(t, w.netns, []string{"0.0.0.0:80"}, nil)
+	holderAs := func(uid int) *probe.Holder {
+		h, err := probe.StartHolderAs(w.cgroups["/unbound"], w.netns, uid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { h.Close() })
+		return h
+	}
+	user := holderAs(userUID)
+	for i, tc := range []struct {
+		name    string
+		uid     int
+		refused bool
+	}{
+		{"same uid", userUID, false},
+		{"another uid", otherUID, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := holderAs(tc.uid)
+			group := fmt.Sprintf("user%d", i)
+			// Abstract: no file another uid would need permission on;
+			// both holders are in the world's network namespace.
+			path := fmt.Sprintf("@procgate-test-handover-%d-%s", os.Getpid(), group)
+			mustOpen(t, user, group, unitDests["backup"].String(), probe.Connect, 1)
+			if err := r.Take(group, path); err != nil {
+				t.Fatal(err)
+			}
+			if err := user.Give(group, path); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Await(group, 1); err != nil {
+				t.Fatal(err)
+			}
+			res, err := r.Send(group)
+			switch {
+			case err != nil:
+				t.Fatal(err)
+			case tc.refused && (res.Sent != 0 || res.Errors["EACCES"] != 1):
+				t.Errorf("a process of uid %d in the user app's cgroup writing on its connection: %+v, want refused (EACCES)", tc.uid, res)
+			case !tc.refused && res.Sent != 1:
+				t.Errorf("a process of the user app's uid writing on its connection: %+v, want sent", res)
 			}
 		})
 	}

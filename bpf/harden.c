@@ -585,9 +585,10 @@ int guard_handover(struct sk_msg_md *msg)
 	if (!o)
 		return SK_PASS;
 	// The app writing from the cgroup it connected from: the common case,
-	// one helper call and one lookup.
+	// one helper call and one lookup. Not for a user app: a cgroup mate
+	// may be of another uid.
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
-	if (cgroup_id == o->cgroup_id && !(o->flags & APP_EXE_PINNED) && !migrated())
+	if (cgroup_id == o->cgroup_id && !(o->flags & (APP_EXE_PINNED | APP_BY_USER)) && !migrated())
 		return SK_PASS;
 
 	struct generation_info *info = current_generation();
