@@ -234,6 +234,17 @@ static __always_inline int task_in_app(__u32 slot, const struct generation_info 
 	return a && a->app_id == app_id && (!(a->flags & APP_EXE_PINNED) || exe_allowed(slot, app_id));
 }
 
+// socket_cgroup_mate: is the writer, in writer_cgroup, the maker of a
+// socket of an app with app_flags made in sk_cgroup, or one of its cgroup
+// mates, so that the handover checks pass it without asking task_in_app?
+// The usual case: one comparison. Not for an app pinned to its binaries
+// (which one runs is checked), nor for a user app (a cgroup mate may be
+// of another uid), nor for a task migrate.c marked.
+static __always_inline int socket_cgroup_mate(__u64 writer_cgroup, __u64 sk_cgroup, __u32 app_flags)
+{
+	return writer_cgroup == sk_cgroup && !(app_flags & (APP_EXE_PINNED | APP_BY_USER)) && !migrated();
+}
+
 // foreign_udp_sender: is a datagram of app_id's socket being sent, in its
 // sender's own context, by a task that is not one of app_id's processes?
 // sk_cgroup is the socket's cgroup; sender and sender_app say who sent,
@@ -245,10 +256,7 @@ static __always_inline int foreign_udp_sender(__u64 sk_cgroup, __u32 slot, const
 	*sender_app = 0;
 	if ((app_flags & APP_HANDOVER_ALLOWED) || (info->flags & GEN_NO_UDP_HANDOVER))
 		return 0;
-	// The usual case: the socket's maker, or its cgroup mates, sending
-	// (for an app pinned to its binaries, which one runs is checked below).
-	// Not for a user app: a cgroup mate may be of another uid.
-	if (*sender == sk_cgroup && !(app_flags & (APP_EXE_PINNED | APP_BY_USER)) && !migrated())
+	if (socket_cgroup_mate(*sender, sk_cgroup, app_flags))
 		return 0;
 	if (!in_sender_task())
 		return 0;
@@ -585,10 +593,9 @@ int guard_handover(struct sk_msg_md *msg)
 	if (!o)
 		return SK_PASS;
 	// The app writing from the cgroup it connected from: the common case,
-	// one helper call and one lookup. Not for a user app: a cgroup mate
-	// may be of another uid.
+	// one helper call and one lookup.
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
-	if (cgroup_id == o->cgroup_id && !(o->flags & (APP_EXE_PINNED | APP_BY_USER)) && !migrated())
+	if (socket_cgroup_mate(cgroup_id, o->cgroup_id, o->flags))
 		return SK_PASS;
 
 	struct generation_info *info = current_generation();
@@ -690,8 +697,7 @@ int guard_handover_lsm(unsigned long long *ctx)
 	if (!o)
 		return 0;
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
-	// Not for a user app: a cgroup mate may be of another uid.
-	if (cgroup_id == o->cgroup_id && !(o->flags & (APP_EXE_PINNED | APP_BY_USER)) && !migrated())
+	if (socket_cgroup_mate(cgroup_id, o->cgroup_id, o->flags))
 		return 0;
 	struct generation_info *info = current_generation();
 	__u32 app_id = 0, generation = 0, rate = 1000;
