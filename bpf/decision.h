@@ -575,6 +575,17 @@ static __always_inline int verdict_matches(struct verdict_entry *v, const struct
 // Forces bpf2go to emit Go types for structs only the loader uses.
 const struct audit_event *unused_audit_event __attribute__((unused));
 
+// bump adds one to a one-slot per-CPU counter (the handover guard's
+// owned_sockets_full and owned_sockets_unmatched, pinhole's pinhole_drops
+// and pinhole_held).
+static __always_inline void bump(void *counter)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(counter, &zero);
+	if (n)
+		*n += 1;
+}
+
 static __always_inline void count(__u32 app_id, __u32 slot)
 {
 	__u32 key = app_id * COUNTER_SLOTS + slot;

@@ -530,15 +530,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } owned_sockets_unmatched SEC(".maps");
 
-// bump adds one to a one-slot per-CPU counter.
-static __always_inline void bump(void *counter)
-{
-	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(counter, &zero);
-	if (n)
-		*n += 1;
-}
-
 SEC("sockops")
 int track_owned_sockets(struct bpf_sock_ops *skops)
 {

@@ -477,18 +477,9 @@ int observe_sock_release(struct bpf_sock *sk)
 	return 1;
 }
 
-// count_packet adds one to a per-CPU counter (pinhole_drops, pinhole_held).
-static __always_inline void count_packet(void *counter)
-{
-	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(counter, &zero);
-	if (n)
-		*n += 1;
-}
-
 static __always_inline int drop(void)
 {
-	count_packet(&pinhole_drops);
+	bump(&pinhole_drops);
 	return 0;
 }
 
@@ -692,7 +683,7 @@ int hold_egress(struct __sk_buff *skb)
 		return 1;
 	if (total <= l4off + (doff >> 4) * 4)
 		return 1;
-	count_packet(&pinhole_held);
+	bump(&pinhole_held);
 	return 0;
 }
 
