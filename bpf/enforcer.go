@@ -228,11 +228,10 @@ type Enforcer struct {
 	names  learnedNames
 	dns    dnsRedirect
 	dnsErr error
-	// attached: Attach ran. dnsLinks are the redirect's links while
-	// attached (dnsOn); nil: not synced yet by this process.
+	// attached: Attach ran. dnsHooks are the redirect's links, attached
+	// only while some app has name grants.
 	attached bool
-	dnsOn    bool
-	dnsLinks []link.Link
+	dnsHooks hookSwitch
 	// tracker is the handover guard's sockops program's state
 	// (tracker.go).
 	tracker tracker
@@ -447,41 +446,71 @@ func (e *Enforcer) pinProg(name string, prog *ebpf.Program) error {
 // of an earlier daemon is updated or detached alike. Before Attach it
 // does nothing.
 func (e *Enforcer) syncDNS(on bool) error {
-	if !e.attached || e.dnsOn == on && e.dnsLinks != nil {
+	if !e.attached {
 		return nil
 	}
+	_, err := e.switchHooks(&e.dnsHooks, func(h hook) bool { return h.names }, on, false)
+	return err
+}
+
+// hookSwitch is this process' state of a group of optional cgroup hooks
+// that are attached only while the generation in force needs them (the
+// DNS redirect, the handover guard's tracker): their links while on.
+type hookSwitch struct {
+	links  []link.Link
+	on     bool
+	synced bool // false: not synced yet by this process
+}
+
+// switchHooks attaches the hooks of the table that in selects (on) or
+// detaches them, with the pinned links of an earlier daemon, unless this
+// process already did; the first call syncs them whatever they were. A
+// detached hook's pinned program is removed, or with keepProgs pinned
+// still (for inspection and the bench). It says whether anything changed.
+func (e *Enforcer) switchHooks(s *hookSwitch, in func(hook) bool, on, keepProgs bool) (bool, error) {
+	if s.synced && s.on == on {
+		return false, nil
+	}
 	for _, h := range hooks {
-		if !h.names {
+		if !in(h) {
 			continue
 		}
 		if on {
 			l, err := e.attachHook(h)
 			if err != nil {
-				return err
+				return false, err
 			}
 			if l != nil {
-				e.dnsLinks = append(e.dnsLinks, l)
+				s.links = append(s.links, l)
 			}
 			continue
 		}
 		if err := unpinCgroupLink(filepath.Join(e.opts.BPFDir, "link_"+h.name)); err != nil {
-			return err
+			return false, err
+		}
+		if prog := h.prog(e); keepProgs && prog != nil {
+			if err := e.pinProg(h.name, prog); err != nil {
+				return false, err
+			}
+			continue
 		}
 		if err := os.Remove(filepath.Join(e.opts.BPFDir, "prog_"+h.name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("remove pinned program of %s: %w", h.name, err)
+			return false, fmt.Errorf("remove pinned program of %s: %w", h.name, err)
 		}
 	}
 	if !on {
-		for _, l := range e.dnsLinks {
-			l.Close()
-		}
-		e.dnsLinks = nil
+		s.close()
 	}
-	if e.dnsLinks == nil {
-		e.dnsLinks = []link.Link{} // synced
+	s.on, s.synced = on, true
+	return true, nil
+}
+
+// close closes this process' links; pinned, they stay attached.
+func (s *hookSwitch) close() {
+	for _, l := range s.links {
+		l.Close()
 	}
-	e.dnsOn = on
-	return nil
+	s.links = nil
 }
 
 // unpinCgroupLink detaches the cgroup link pinned at pin, if any, and
@@ -570,11 +599,12 @@ func (e *Enforcer) attachTracing(hooks []struct {
 // enforcement holds after the daemon exits (fail closed).
 func (e *Enforcer) Close() error {
 	_ = e.waitClear()
-	for _, l := range slices.Concat(e.links, e.dnsLinks, e.tracing) {
+	for _, l := range slices.Concat(e.links, e.tracing) {
 		l.Close()
 	}
+	e.dnsHooks.close()
 	e.tracker.close()
-	e.links, e.dnsLinks, e.tracing = nil, nil, nil
+	e.links, e.tracing = nil, nil
 	e.sweep.close()
 	e.sweep = nil
 	// One struct per load: each is closed whole, whatever it holds.

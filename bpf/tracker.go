@@ -11,11 +11,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
-
-	"github.com/procgate/procgate/internal/bpfpin"
 )
 
 // trackerHook names the handover guard's sockops program (track_owned_sockets)
@@ -42,10 +37,8 @@ type tracker struct {
 	// mu serializes attaching and detaching (Apply, Attach and KeepTracker
 	// of launches running beside a reload). Lock order: names.mu, then mu.
 	mu sync.Mutex
-	// link is this process' handle while attached; nil: detached (or not
-	// synced yet).
-	link   link.Link
-	synced bool
+	// hooks is this process' link while attached.
+	hooks hookSwitch
 	// keep says why the tracker stays attached whatever the generation in
 	// force ("": nothing keeps it): a process launched outside the trace
 	// guard (KeepTracker), which may live until the enforcer is closed, or
@@ -65,10 +58,7 @@ type trackerState struct {
 func (t *tracker) close() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.link != nil {
-		t.link.Close() // pinned: stays attached
-		t.link = nil
-	}
+	t.hooks.close()
 }
 
 // trackerNeed says whether a generation needs the tracker, and why.
@@ -149,8 +139,7 @@ func (e *Enforcer) attachTracker(g *Generation) error {
 // stays pinned (prog_handover), for inspection and the bench. Before
 // Attach it does nothing.
 func (e *Enforcer) syncTracker(on bool, why string) error {
-	prog := e.handover.TrackOwnedSockets
-	if prog == nil {
+	if e.handover.TrackOwnedSockets == nil {
 		return nil
 	}
 	t := &e.tracker
@@ -165,27 +154,11 @@ func (e *Enforcer) syncTracker(on bool, why string) error {
 	if !e.attached {
 		return nil
 	}
-	if !t.synced || (t.link != nil) != on {
-		if err := e.pinProg(trackerHook, prog); err != nil {
-			return err
-		}
-		pin := filepath.Join(e.opts.BPFDir, "link_"+trackerHook)
-		if on {
-			l, err := bpfpin.Cgroup(pin, trackerHook, e.opts.CgroupDir, ebpf.AttachCGroupSockOps, prog)
-			if err != nil {
-				return err
-			}
-			t.link = l
-		} else {
-			if err := unpinCgroupLink(pin); err != nil {
-				return err
-			}
-			if t.link != nil {
-				t.link.Close()
-				t.link = nil
-			}
-		}
-		t.synced = true
+	changed, err := e.switchHooks(&t.hooks, func(h hook) bool { return h.tracker }, on, true)
+	if err != nil {
+		return err
+	}
+	if changed {
 		e.opts.Log.Info("TCP handover guard's tracker", "attached", on, "why", why)
 	}
 	t.state.Store(&trackerState{on: on, why: why})
