@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -154,8 +155,7 @@ func (s *simHost) run(ctx context.Context) {
 			}
 			if h := policy.Hash(files); h != hash {
 				hash, gen = h, gen+1
-				doc := string(snap.Docs[fleet.FleetKey])
-				if n, err := strconv.Atoi(strings.TrimSpace(doc[strings.LastIndex(doc, "# push ")+len("# push "):])); err == nil && n < len(s.applied) {
+				if n, ok := pushNumber(snap.Docs[fleet.FleetKey]); ok && n < len(s.applied) {
 					s.applied[n].CompareAndSwap(0, time.Now().UnixNano())
 				}
 			}
@@ -164,13 +164,29 @@ func (s *simHost) run(ctx context.Context) {
 	}
 }
 
+// pushNumber reads the number of the "# push N" line that fleetHosts
+// appends to each pushed document; a document without one (or with a
+// negative or non-numeric N) reports false instead of indexing out of
+// range.
+func pushNumber(doc []byte) (int, bool) {
+	i := bytes.LastIndex(doc, []byte(pushMark))
+	if i < 0 {
+		return 0, false
+	}
+	n, err := strconv.Atoi(string(bytes.TrimSpace(doc[i+len(pushMark):])))
+	return n, err == nil && n >= 0
+}
+
+// pushMark starts the line that numbers each pushed document.
+const pushMark = "# push "
+
 func (b *bench) fleetHosts(ctx context.Context, cluster *etcdtest.Cluster, admin *clientv3.Client, res *fleetResult) error {
 	pushes := b.cfg.FleetPushes
 	push := func(n int) (int64, time.Time, error) {
 		t0 := time.Now()
 		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		rev, err := fleet.Push(pctx, admin, fleet.Target{}, []byte(fmt.Sprintf("%s# push %d\n", fleetBenchDoc, n)), 0)
+		rev, err := fleet.Push(pctx, admin, fleet.Target{}, []byte(fmt.Sprintf("%s%s%d\n", fleetBenchDoc, pushMark, n)), 0)
 		return rev, t0, err
 	}
 	if _, _, err := push(0); err != nil {
