@@ -104,11 +104,8 @@ func (b *bench) daemonPhase(ctx context.Context) error {
 	}
 	nsg := netnsGroup{h: b.host}
 	defer nsg.close()
-	ns, err := nsg.newNetNS("daemon")
+	ns, err := nsg.localNS("daemon")
 	if err != nil {
-		return err
-	}
-	if err := anyIPLocal(ns, benchDestinations...); err != nil {
 		return err
 	}
 	srv, err := startServers(ns, true)
@@ -121,8 +118,8 @@ func (b *bench) daemonPhase(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	dir := filepath.Join(b.host.dir, "daemon")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	dir, err := b.phaseDir("daemon")
+	if err != nil {
 		return err
 	}
 	policyPath := filepath.Join(dir, "policy.yaml")

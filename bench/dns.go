@@ -163,11 +163,8 @@ func (b *bench) dnsPhase(ctx context.Context) error {
 	}
 	nsg := netnsGroup{h: b.host}
 	defer nsg.close()
-	ns, err := nsg.newNetNS("dns")
+	ns, err := nsg.localNS("dns")
 	if err != nil {
-		return err
-	}
-	if err := anyIPLocal(ns, benchDestinations...); err != nil {
 		return err
 	}
 	srv, err := startServers(ns, true)
@@ -180,8 +177,8 @@ func (b *bench) dnsPhase(ctx context.Context) error {
 		return err
 	}
 	defer ds.srv.Shutdown()
-	dir := filepath.Join(b.host.dir, "dns")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	dir, err := b.phaseDir("dns")
+	if err != nil {
 		return err
 	}
 	policyPath := filepath.Join(dir, "policy.yaml")

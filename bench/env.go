@@ -269,6 +269,29 @@ func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
+// localNS makes a namespace in which every bench destination is local, the
+// one a phase runs its servers, clients and the real daemon in.
+func (g *netnsGroup) localNS(name string) (string, error) {
+	ns, err := g.newNetNS(name)
+	if err != nil {
+		return "", err
+	}
+	if err := anyIPLocal(ns, benchDestinations...); err != nil {
+		return "", err
+	}
+	return ns, nil
+}
+
+// phaseDir makes the directory below the host's that holds a phase's
+// policy, state and logs.
+func (b *bench) phaseDir(name string) (string, error) {
+	dir := filepath.Join(b.host.dir, name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("make %s directory: %w", name, err)
+	}
+	return dir, nil
+}
+
 // anyIPLocal makes every address of prefixes local in the namespace (local
 // routes on lo in table local): a connection to any of them is accepted by a
 // wildcard listener there and never leaves.

@@ -102,19 +102,16 @@ func (b *bench) principalsPhase(ctx context.Context) error {
 	}
 	w := &world{nsg: netnsGroup{h: b.host}}
 	defer w.close()
-	ns, err := w.nsg.newNetNS("principals")
+	ns, err := w.nsg.localNS("principals")
 	if err != nil {
-		return err
-	}
-	if err := anyIPLocal(ns, benchDestinations...); err != nil {
 		return err
 	}
 	srv, err := startServers(ns, true)
 	if err != nil {
 		return err
 	}
-	dir := filepath.Join(b.host.dir, "principals")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	dir, err := b.phaseDir("principals")
+	if err != nil {
 		return err
 	}
 	policyPath := filepath.Join(dir, "policy.yaml")

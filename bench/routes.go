@@ -124,8 +124,8 @@ func (b *bench) routesPhase(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	dir := filepath.Join(b.host.dir, "routes")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	dir, err := b.phaseDir("routes")
+	if err != nil {
 		return err
 	}
 	policyPath := filepath.Join(dir, "policy.yaml")

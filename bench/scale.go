@@ -102,19 +102,16 @@ func (b *bench) scalePhase(ctx context.Context) error {
 	}
 	nsg := netnsGroup{h: b.host}
 	defer nsg.close()
-	ns, err := nsg.newNetNS("scale")
+	ns, err := nsg.localNS("scale")
 	if err != nil {
-		return err
-	}
-	if err := anyIPLocal(ns, benchDestinations...); err != nil {
 		return err
 	}
 	small, err := newPolicy(b.cfg.MatrixSize)
 	if err != nil {
 		return err
 	}
-	dir := filepath.Join(b.host.dir, "scale")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	dir, err := b.phaseDir("scale")
+	if err != nil {
 		return err
 	}
 	policyPath := filepath.Join(dir, "policy.yaml")
