@@ -304,32 +304,16 @@ func quantileSorted(vs []float64, q float64) float64 {
 	return quantileF(s, q)
 }
 
-// procUsage is a process's resident memory (MiB) and CPU time (s).
+// procUsage is a process's resident memory (MiB) and CPU time (s), each
+// zero where it cannot be read (no such process).
 func procUsage(pid int) (rssMiB, cpuSecs float64) {
-	if pid == 0 {
-		return 0, 0
+	if m, err := readProcMem(pid); err == nil {
+		rssMiB = float64(m.RSS) / 1024
 	}
-	for _, line := range strings.Split(readFirstAll(fmt.Sprintf("/proc/%d/status", pid)), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-			rssMiB = kb / 1024
-		}
-	}
-	stat := readFirstAll(fmt.Sprintf("/proc/%d/stat", pid))
-	if i := strings.LastIndexByte(stat, ')'); i > 0 {
-		f := strings.Fields(stat[i+1:])
-		if len(f) > 13 {
-			u, _ := strconv.ParseFloat(f[11], 64)
-			s, _ := strconv.ParseFloat(f[12], 64)
-			cpuSecs = (u + s) / 100 // USER_HZ
-		}
+	if t, err := processTicks(pid); err == nil {
+		cpuSecs = float64(t) / clockTicks
 	}
 	return rssMiB, cpuSecs
-}
-
-func readFirstAll(path string) string {
-	data, _ := os.ReadFile(path)
-	return string(data)
 }
 
 // benchHoles are n distinct holes from peers of 198.51.100.0/24 to
