@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -57,16 +58,30 @@ func (s Snapshot) Revocations() (map[string]Revocation, []error) {
 		if !ok {
 			continue
 		}
-		var r Revocation
-		if err := json.Unmarshal(v, &r); err != nil || slices.ContainsFunc(r.Grants, func(g int) bool { return g < 0 }) {
+		r, err := decodeRevocation(v)
+		if err != nil {
 			problems = append(problems, fmt.Errorf("%s: not a revocation (%v): all of %s's grants withdrawn", k, err, app))
-			r = Revocation{All: true}
 		}
 		if r.All || len(r.Grants) > 0 {
 			out[app] = r
 		}
 	}
 	return out, problems
+}
+
+// decodeRevocation reads a stored revocation. A value that is none (not
+// JSON of one, or a grant numbered below 0) withdraws all of the app's
+// grants, and the error says why.
+func decodeRevocation(v []byte) (Revocation, error) {
+	var r Revocation
+	err := json.Unmarshal(v, &r)
+	if err == nil && slices.ContainsFunc(r.Grants, func(g int) bool { return g < 0 }) {
+		err = errors.New("a grant numbered below 0")
+	}
+	if err != nil {
+		return Revocation{All: true}, err
+	}
+	return r, nil
 }
 
 // Revoke changes app's fleet-wide revocation: withdraws all its grants
@@ -91,9 +106,7 @@ func Revoke(ctx context.Context, cli *clientv3.Client, app string, grant *int, r
 		base := int64(0)
 		if len(resp.Kvs) == 1 {
 			base = resp.Kvs[0].ModRevision
-			if json.Unmarshal(resp.Kvs[0].Value, &r) != nil {
-				r = Revocation{All: true} // as the daemons read it
-			}
+			r, _ = decodeRevocation(resp.Kvs[0].Value) // as the daemons read it
 		}
 		switch {
 		case restore && grant == nil:
