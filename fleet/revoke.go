@@ -126,7 +126,7 @@ func Revoke(ctx context.Context, cli *clientv3.Client, app string, grant *int, r
 		if r.All || len(r.Grants) > 0 {
 			data, err := json.Marshal(r)
 			if err != nil {
-				return Revocation{}, 0, err
+				return Revocation{}, 0, fmt.Errorf("encode %s: %w", key, err)
 			}
 			op = clientv3.OpPut(key, string(data))
 		}
@@ -137,8 +137,8 @@ func Revoke(ctx context.Context, cli *clientv3.Client, app string, grant *int, r
 		if txn.Succeeded {
 			return r, txn.Header.Revision, nil
 		}
-		if ctx.Err() != nil {
-			return Revocation{}, 0, ctx.Err()
+		if err := ctx.Err(); err != nil {
+			return Revocation{}, 0, fmt.Errorf("write %s: %w", key, err)
 		}
 	}
 }
