@@ -19,10 +19,7 @@ type Grant struct {
 }
 
 func (g Grant) String() string {
-	s := "read " + g.Key
-	if g.Write {
-		s = "readwrite " + g.Key
-	}
+	s := g.permName() + " " + g.Key
 	if g.Prefix {
 		s += "*"
 	}
@@ -66,6 +63,14 @@ func (g Grant) rangeEnd() string {
 	return ""
 }
 
+// permName is etcd's (and etcdctl's) name of g's permission.
+func (g Grant) permName() string {
+	if g.Write {
+		return "readwrite"
+	}
+	return "read"
+}
+
 func (g Grant) perm() clientv3.PermissionType {
 	if g.Write {
 		return clientv3.PermissionType(clientv3.PermReadWrite)
@@ -81,15 +86,11 @@ func (r Role) Commands() []string {
 		"etcdctl role add " + r.Name,
 	}
 	for _, g := range r.Grants {
-		perm := "read"
-		if g.Write {
-			perm = "readwrite"
-		}
 		prefix := ""
 		if g.Prefix {
 			prefix = " --prefix=true"
 		}
-		out = append(out, fmt.Sprintf("etcdctl role grant-permission %s%s %s %s", r.Name, prefix, perm, g.Key))
+		out = append(out, fmt.Sprintf("etcdctl role grant-permission %s%s %s %s", r.Name, prefix, g.permName(), g.Key))
 	}
 	return append(out, "etcdctl user grant-role "+r.User+" "+r.Name)
 }
