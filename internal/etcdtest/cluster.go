@@ -276,6 +276,11 @@ func (c *Cluster) Close() {
 
 // spawn starts the member's process; wait returns once it serves.
 func (m *Member) spawn() (wait func() error, err error) {
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("start etcd member %s: %w", m.cfg.Name, err)
+		}
+	}()
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -307,7 +312,7 @@ func (m *Member) spawn() (wait func() error, err error) {
 		return nil, err
 	}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start etcd member %s: %w", m.cfg.Name, err)
+		return nil, err
 	}
 	exited := make(chan struct{})
 	m.mu.Lock()
