@@ -385,12 +385,16 @@ type fleetGateway struct {
 	cli *clientv3.Client
 }
 
+// close stops the gateway and its etcd client; again, it does nothing.
 func (g *fleetGateway) close() {
 	if g.gw != nil {
 		g.gw.Close()
 		g.gw = nil
 	}
-	g.cli.Close()
+	if g.cli != nil {
+		g.cli.Close()
+		g.cli = nil
+	}
 }
 
 // fleetFailover runs two gateways, each with a table in a router
@@ -468,14 +472,14 @@ func (b *bench) fleetFailover(ctx context.Context, cluster *etcdtest.Cluster, re
 	}
 	const perRound = 50
 	port := 40000
-	for round := range b.cfg.FleetFailovers {
+	oneRound := func(round int) error {
 		gwA, err := start(nsA)
 		if err != nil {
 			return err
 		}
+		defer gwA.close()
 		fo, err := perimeter.NewFailover([]string{gwA.url, gwB.url}, pki.ClientTLS(agentCert, ca.Pool()), slog.New(slog.DiscardHandler))
 		if err != nil {
-			gwA.close()
 			return err
 		}
 		var opened []perimeter.Target
@@ -486,7 +490,6 @@ func (b *bench) fleetFailover(ctx context.Context, cluster *etcdtest.Cluster, re
 			h, err := fo.Open(octx, perimeter.Request{Target: t, User: "alice"})
 			cancel()
 			if err != nil {
-				gwA.close()
 				return fmt.Errorf("open through A: %w", err)
 			}
 			answered := time.Now()
@@ -494,7 +497,6 @@ func (b *bench) fleetFailover(ctx context.Context, cluster *etcdtest.Cluster, re
 			for deadline := answered.Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
 				in, err := inB()
 				if err != nil {
-					gwA.close()
 					return err
 				}
 				if in[h.Key] {
@@ -502,7 +504,6 @@ func (b *bench) fleetFailover(ctx context.Context, cluster *etcdtest.Cluster, re
 					break
 				}
 				if time.Now().After(deadline) {
-					gwA.close()
 					return fmt.Errorf("hole %v opened through A not in B's table within 10s", h.Key)
 				}
 			}
@@ -539,6 +540,12 @@ func (b *bench) fleetFailover(ctx context.Context, cluster *etcdtest.Cluster, re
 		_, err = fo.Close(cctx, append(opened, t))
 		cancel()
 		if err != nil {
+			return err
+		}
+		return nil
+	}
+	for round := range b.cfg.FleetFailovers {
+		if err := oneRound(round); err != nil {
 			return err
 		}
 	}
