@@ -110,12 +110,12 @@ func (b *bench) fleetPhase(ctx context.Context) error {
 	// fsync kept: these are the figures of a real cluster's disk path.
 	cluster, err := etcdtest.NewCluster(etcdtest.ClusterOptions{Members: 3, Dir: dir, Fsync: true})
 	if err != nil {
-		return err
+		return fmt.Errorf("etcd cluster: %w", err)
 	}
 	b.host.undo.push(func() error { cluster.Close(); return nil })
 	admin, err := fleet.Config{Endpoints: cluster.Endpoints(), DialTimeout: 10 * time.Second}.Client()
 	if err != nil {
-		return err
+		return fmt.Errorf("etcd admin client: %w", err)
 	}
 	defer admin.Close()
 	if err := b.fleetHosts(ctx, cluster, admin, res); err != nil {
@@ -187,6 +187,9 @@ func (b *bench) fleetHosts(ctx context.Context, cluster *etcdtest.Cluster, admin
 		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
 		rev, err := fleet.Push(pctx, admin, fleet.Target{}, []byte(fmt.Sprintf("%s%s%d\n", fleetBenchDoc, pushMark, n)), 0)
+		if err != nil {
+			err = fmt.Errorf("push %d: %w", n, err)
+		}
 		return rev, t0, err
 	}
 	if _, _, err := push(0); err != nil {
@@ -202,7 +205,7 @@ func (b *bench) fleetHosts(ctx context.Context, cluster *etcdtest.Cluster, admin
 		eps := cluster.Endpoints()
 		c, err := fleet.Config{Endpoints: []string{eps[i%len(eps)]}, DialTimeout: 10 * time.Second}.Client()
 		if err != nil {
-			return err
+			return fmt.Errorf("etcd client %d: %w", i, err)
 		}
 		clients = append(clients, c)
 	}
@@ -288,7 +291,7 @@ func (b *bench) fleetHosts(ctx context.Context, cluster *etcdtest.Cluster, admin
 	defer cancel()
 	st, err := admin.Status(sctx, cluster.Members[0].Endpoint)
 	if err != nil {
-		return err
+		return fmt.Errorf("etcd status of %s: %w", cluster.Members[0].Endpoint, err)
 	}
 	res.DBSizeMiB, res.DBInUseMiB = round3(float64(st.DbSize)/(1<<20)), round3(float64(st.DbSizeInUse)/(1<<20))
 	return nil
@@ -361,13 +364,13 @@ func (b *bench) fleetHoleWrites(ctx context.Context, cli *clientv3.Client, res *
 		wg.Wait()
 		took := time.Since(t0)
 		if err := errors.Join(errs...); err != nil {
-			return err
+			return fmt.Errorf("write holes, %d writers: %w", writers, err)
 		}
 		r := holeWriteRate{Writers: writers, Holes: per * writers, Seconds: round3(took.Seconds()), PerSec: round3(float64(per*writers) / took.Seconds())}
 		res.HoleWrites = append(res.HoleWrites, r)
 		b.log.Info("hole writes through etcd", "writers", writers, "holes", r.Holes, "per_sec", r.PerSec)
 		if err := store.Delete(keys); err != nil {
-			return err
+			return fmt.Errorf("delete holes: %w", err)
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -456,13 +459,13 @@ func (b *bench) fleetFailover(ctx context.Context, cluster *etcdtest.Cluster, re
 	}
 	gwB, err := start(nsB)
 	if err != nil {
-		return err
+		return fmt.Errorf("start gateway B: %w", err)
 	}
 	defer gwB.close()
 	inB := func() (map[perimeter.Key]bool, error) {
 		els, err := gwB.gw.Table().Elements()
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("B's table: %w", err)
 		}
 		out := map[perimeter.Key]bool{}
 		for _, e := range els {
@@ -475,12 +478,12 @@ func (b *bench) fleetFailover(ctx context.Context, cluster *etcdtest.Cluster, re
 	oneRound := func(round int) error {
 		gwA, err := start(nsA)
 		if err != nil {
-			return err
+			return fmt.Errorf("start gateway A: %w", err)
 		}
 		defer gwA.close()
 		fo, err := perimeter.NewFailover([]string{gwA.url, gwB.url}, pki.ClientTLS(agentCert, ca.Pool()), slog.New(slog.DiscardHandler))
 		if err != nil {
-			return err
+			return fmt.Errorf("agent failover: %w", err)
 		}
 		var opened []perimeter.Target
 		for range perRound {
@@ -540,7 +543,7 @@ func (b *bench) fleetFailover(ctx context.Context, cluster *etcdtest.Cluster, re
 		_, err = fo.Close(cctx, append(opened, t))
 		cancel()
 		if err != nil {
-			return err
+			return fmt.Errorf("round %d: close its holes: %w", round, err)
 		}
 		return nil
 	}
