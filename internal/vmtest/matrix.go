@@ -283,7 +283,7 @@ func (m Matrix) Markdown(w io.Writer) {
 				for _, s := range c.Summary.Suites {
 					for _, g := range s.Gaps {
 						switch {
-						case g.Technique+" as "+g.Role != name:
+						case g.name() != name:
 						case g.ClosedBy != "":
 							return "closed (" + g.ClosedBy + ")"
 						default:
@@ -335,7 +335,7 @@ func (m Matrix) gapNames() []string {
 	for _, c := range m.Columns {
 		for _, s := range c.Summary.Suites {
 			for _, g := range s.Gaps {
-				if name := g.Technique + " as " + g.Role; !seen[name] {
+				if name := g.name(); !seen[name] {
 					seen[name] = true
 					out = append(out, name)
 				}

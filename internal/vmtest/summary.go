@@ -62,6 +62,9 @@ type Gap struct {
 	ClosedBy string `json:"closed_by,omitempty"`
 }
 
+// name is how the matrix names a gap: "technique as role".
+func (g Gap) name() string { return g.Technique + " as " + g.Role }
+
 // Guard is one of procgate's guards as the kernel gives it (bpf.Guards,
 // launch.TraceGuard).
 type Guard struct {
