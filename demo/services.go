@@ -58,23 +58,38 @@ func (s *services) serveTCP(ns, role string, port uint16, banner func(peer netip
 // serveUDPEcho listens on port in ns (both address families) and sends every
 // datagram back to its sender.
 func (s *services) serveUDPEcho(ns, role string, port uint16) error {
-	return serve(s, ns, role, "udp", port, net.ListenPacket, func(pc net.PacketConn) error {
-		buf := make([]byte, 64<<10)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return err
-			}
-			if _, err := pc.WriteTo(buf[:n], from); err != nil {
-				s.log.Debug("demo echo write", "ns", role, "peer", from, "err", err)
-			}
-		}
-	})
+	return s.serveUDP(ns, role, port, func(req []byte) []byte { return req })
 }
 
 // serveDNS answers DNS queries over UDP on port in ns from names (FQDN,
 // lower case, to IPv4 addresses), with ttl; other names get NXDOMAIN.
 func (s *services) serveDNS(ns, role string, port uint16, names map[string]netip.Addr, ttl uint32) error {
+	return s.serveUDP(ns, role, port, func(req []byte) []byte {
+		var q dns.Msg
+		if q.Unpack(req) != nil || q.Response || len(q.Question) != 1 {
+			return nil
+		}
+		m := new(dns.Msg)
+		m.SetReply(&q)
+		qq := q.Question[0]
+		addr, ok := names[strings.ToLower(qq.Name)]
+		switch {
+		case !ok:
+			m.Rcode = dns.RcodeNameError
+		case qq.Qtype == dns.TypeA:
+			m.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: qq.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: ttl}, A: addr.AsSlice()}}
+		}
+		b, err := m.Pack()
+		if err != nil {
+			return nil
+		}
+		return b
+	})
+}
+
+// serveUDP listens on port in ns (both address families) and sends each
+// datagram's sender what answer makes of it; nil sends nothing.
+func (s *services) serveUDP(ns, role string, port uint16, answer func(req []byte) []byte) error {
 	return serve(s, ns, role, "udp", port, net.ListenPacket, func(pc net.PacketConn) error {
 		buf := make([]byte, 64<<10)
 		for {
@@ -82,26 +97,12 @@ func (s *services) serveDNS(ns, role string, port uint16, names map[string]netip
 			if err != nil {
 				return err
 			}
-			var q dns.Msg
-			if q.Unpack(buf[:n]) != nil || q.Response || len(q.Question) != 1 {
-				continue
-			}
-			m := new(dns.Msg)
-			m.SetReply(&q)
-			qq := q.Question[0]
-			addr, ok := names[strings.ToLower(qq.Name)]
-			switch {
-			case !ok:
-				m.Rcode = dns.RcodeNameError
-			case qq.Qtype == dns.TypeA:
-				m.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: qq.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: ttl}, A: addr.AsSlice()}}
-			}
-			b, err := m.Pack()
-			if err != nil {
+			b := answer(buf[:n])
+			if b == nil {
 				continue
 			}
 			if _, err := pc.WriteTo(b, from); err != nil {
-				s.log.Debug("demo dns write", "ns", role, "peer", from, "err", err)
+				s.log.Debug("demo udp write", "ns", role, "port", port, "peer", from, "err", err)
 			}
 		}
 	})
