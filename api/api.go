@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/procgate/procgate/internal/version"
+	"github.com/procgate/procgate/ruleset"
 )
 
 // DefaultSocket is where the daemon listens unless told otherwise.
@@ -175,6 +176,26 @@ func (s *Status) InternalCount() int { return max(s.InternalTotal, len(s.Interna
 
 // GrantCount is how many grants the app has, listed or not.
 func (a *AppStatus) GrantCount() int { return max(a.GrantsTotal, len(a.Grants)) }
+
+// ModeColumn is the app's mode as a table shows it: audit mode in
+// capitals, as it is not enforcement.
+func (a *AppStatus) ModeColumn() string {
+	if a.Mode == ruleset.ModeAudit {
+		return "AUDIT"
+	}
+	return a.Mode
+}
+
+// AuditModeApps are the names of the apps in audit mode, in status order.
+func (s *Status) AuditModeApps() []string {
+	var out []string
+	for _, a := range s.Apps {
+		if a.Mode == ruleset.ModeAudit {
+			out = append(out, a.Name)
+		}
+	}
+	return out
+}
 
 // FleetSource is the etcd policy source in Status.
 type FleetSource struct {

@@ -8,7 +8,6 @@ import (
 	"github.com/charmbracelet/lipgloss"
 
 	"github.com/procgate/procgate/audit"
-	"github.com/procgate/procgate/ruleset"
 )
 
 var (
@@ -94,30 +93,16 @@ func (m Model) appLines(w int) []string {
 		}
 		kind, _, _ := strings.Cut(a.Principal, " ")
 		line := fmt.Sprintf(appColumns,
-			cut(a.Name, 11), modeText(a.Mode), cut(kind, 8), a.GrantCount(), cut(rev, 4),
+			cut(a.Name, 11), a.ModeColumn(), cut(kind, 8), a.GrantCount(), cut(rev, 4),
 			rate(r.Allow), rate(r.Deny), rate(r.External), a.Counters.Allow, denied(a.Counters), a.Counters.External)
 		out = append(out, cut(line, w))
 	}
 	return out
 }
 
-// modeText is the MODE column: audit mode in capitals, as it is not
-// enforcement.
-func modeText(mode string) string {
-	if mode == ruleset.ModeAudit {
-		return "AUDIT"
-	}
-	return mode
-}
-
 // auditLine names the apps in audit mode, or is nil when there are none.
 func (m Model) auditLine(w int) []string {
-	var names []string
-	for _, a := range m.status.Apps {
-		if a.Mode == ruleset.ModeAudit {
-			names = append(names, a.Name)
-		}
-	}
+	names := m.status.AuditModeApps()
 	if len(names) == 0 {
 		return nil
 	}

@@ -407,13 +407,7 @@ func printStatus(w io.Writer, st *api.Status) {
 		fmt.Fprintf(w, " ... and %d more (procgate status --all lists them)", more)
 	}
 	fmt.Fprintln(w)
-	var audited []string
-	for _, a := range st.Apps {
-		if a.Mode == ruleset.ModeAudit {
-			audited = append(audited, a.Name)
-		}
-	}
-	if len(audited) > 0 {
+	if audited := st.AuditModeApps(); len(audited) > 0 {
 		fmt.Fprintf(w, "AUDIT MODE, NOT ENFORCED: %s (what their policy refuses passes, logged as would-deny)\n", strings.Join(audited, " "))
 	}
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
@@ -431,11 +425,7 @@ func printStatus(w io.Writer, st *api.Status) {
 		if strings.HasPrefix(principal, ruleset.MatchUser.String()+" ") {
 			cgs = "-"
 		}
-		mode := a.Mode
-		if mode == ruleset.ModeAudit {
-			mode = "AUDIT"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\n", a.Name, mode, principal, cgs, a.Counters.Allow, a.Counters.Deny,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\n", a.Name, a.ModeColumn(), principal, cgs, a.Counters.Allow, a.Counters.Deny,
 			a.Counters.WouldDeny, a.Counters.External, a.GrantCount(), rev)
 	}
 	tw.Flush()
