@@ -153,8 +153,6 @@ func parseFilesWith(files []File, dropin, stream bool) (*ruleset.Ruleset, []Warn
 		root := p.document(data)
 		if len(runs) > 0 && (root == nil || !p.graft(root, runs)) {
 			p.reparse = true
-		}
-		if p.reparse {
 			return nil, nil, p, nil
 		}
 		if root != nil {
