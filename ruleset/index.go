@@ -22,8 +22,9 @@ type Index struct {
 // prefixIndex finds, among a list of prefixes, those that contain an
 // address.
 type prefixIndex struct {
-	// order holds the list's positions, sorted by prefix (address, then
-	// length) and position: 4 bytes a prefix.
+	// order holds the list's positions, sorted by masked prefix
+	// (netip.Prefix.Compare: family, address, length) and position: 4
+	// bytes a prefix.
 	order  []int32
 	prefix func(int) netip.Prefix
 	// lengths are the prefix lengths present, per family (0: IPv4), longest
@@ -43,7 +44,7 @@ func newPrefixIndex(n int, prefix func(int) netip.Prefix) prefixIndex {
 		seen[family(p.Addr())][p.Bits()] = true
 	}
 	slices.SortFunc(ix.order, func(a, b int32) int {
-		if c := comparePrefixes(prefix(int(a)).Masked(), prefix(int(b)).Masked()); c != 0 {
+		if c := prefix(int(a)).Masked().Compare(prefix(int(b)).Masked()); c != 0 {
 			return c
 		}
 		return cmp.Compare(a, b)
@@ -56,14 +57,6 @@ func newPrefixIndex(n int, prefix func(int) netip.Prefix) prefixIndex {
 		}
 	}
 	return ix
-}
-
-// comparePrefixes orders prefixes by address, then length.
-func comparePrefixes(a, b netip.Prefix) int {
-	if c := a.Addr().Compare(b.Addr()); c != 0 {
-		return c
-	}
-	return cmp.Compare(a.Bits(), b.Bits())
 }
 
 func family(a netip.Addr) int {
@@ -83,7 +76,7 @@ func (ix *prefixIndex) containing(a netip.Addr, yield func(int) bool) {
 			continue
 		}
 		i, _ := slices.BinarySearchFunc(ix.order, p, func(at int32, p netip.Prefix) int {
-			return comparePrefixes(ix.prefix(int(at)).Masked(), p)
+			return ix.prefix(int(at)).Masked().Compare(p)
 		})
 		for ; i < len(ix.order) && ix.prefix(int(ix.order[i])).Masked() == p; i++ {
 			if !yield(int(ix.order[i])) {
