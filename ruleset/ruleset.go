@@ -408,23 +408,31 @@ func (d Dest) String() string {
 
 // ParseDest parses ADDR:PORT[/tcp|udp]; without a protocol it is tcp.
 func ParseDest(s string) (Dest, error) {
-	proto := TCP
-	if i := strings.LastIndexByte(s, '/'); i >= 0 {
-		switch strings.ToLower(s[i+1:]) {
-		case "tcp":
-			proto = TCP
-		case "udp":
-			proto = UDP
-		default:
-			return Dest{}, fmt.Errorf("destination %q: protocol must be tcp or udp", s)
-		}
-		s = s[:i]
+	s, proto, ok := CutProto(s)
+	if !ok {
+		return Dest{}, fmt.Errorf("destination %q: protocol must be tcp or udp", s)
 	}
 	ap, err := netip.ParseAddrPort(s)
 	if err != nil {
 		return Dest{}, fmt.Errorf("destination %q: want ADDR:PORT or [V6ADDR]:PORT: %w", s, err)
 	}
 	return Dest{Addr: ap.Addr(), Proto: proto, Port: ap.Port()}, nil
+}
+
+// CutProto cuts a destination's /tcp or /udp (any case) off s: tcp when
+// there is none, ok false for another word after the last '/'.
+func CutProto(s string) (rest string, proto Proto, ok bool) {
+	i := strings.LastIndexByte(s, '/')
+	if i < 0 {
+		return s, TCP, true
+	}
+	switch strings.ToLower(s[i+1:]) {
+	case "tcp":
+		return s[:i], TCP, true
+	case "udp":
+		return s[:i], UDP, true
+	}
+	return s, 0, false
 }
 
 // Reason says why a decision came out as it did.

@@ -294,16 +294,9 @@ sees the answer; the first address is dialed.`,
 
 // splitNameDest splits NAME:PORT[/tcp|udp], where NAME is a host name.
 func splitNameDest(s string) (name string, port uint16, proto ruleset.Proto, ok bool) {
-	proto = ruleset.TCP
-	if i := strings.LastIndexByte(s, '/'); i >= 0 {
-		switch strings.ToLower(s[i+1:]) {
-		case "tcp":
-		case "udp":
-			proto = ruleset.UDP
-		default:
-			return "", 0, 0, false
-		}
-		s = s[:i]
+	s, proto, ok = ruleset.CutProto(s)
+	if !ok {
+		return "", 0, 0, false
 	}
 	host, p, err := net.SplitHostPort(s)
 	if err != nil || host == "" {
