@@ -117,14 +117,8 @@ type migrationGuard struct {
 }
 
 // tracingHooks are migrate.c's programs, named as their pinned links.
-func (e *Enforcer) tracingHooks() []struct {
-	name string
-	prog *ebpf.Program
-} {
-	return []struct {
-		name string
-		prog *ebpf.Program
-	}{
+func (e *Enforcer) tracingHooks() []tracingHook {
+	return []tracingHook{
 		{"migrate_attach_task", e.migrate.MarkMigration},
 		{"migrate_fork", e.migrate.MarkFork},
 		{"migrate_exit", e.migrate.ForgetExit},
@@ -363,10 +357,7 @@ func (e *Enforcer) Attach() error {
 		return err
 	}
 	if e.lsmHandover.GuardHandoverLSM != nil {
-		if err := e.attachTracing([]struct {
-			name string
-			prog *ebpf.Program
-		}{{"lsm_handover", e.lsmHandover.GuardHandoverLSM}}); err != nil {
+		if err := e.attachTracing([]tracingHook{{"lsm_handover", e.lsmHandover.GuardHandoverLSM}}); err != nil {
 			// The sockhash guard was not loaded in its place: say so.
 			e.lsmHandoverErr = err
 			e.handoverErr = fmt.Errorf("BPF LSM handover program loaded but did not attach: %w", err)
@@ -535,14 +526,8 @@ func unpinCgroupLink(pin string) error {
 }
 
 // followHooks are the follower's programs, named as their pinned links.
-func (e *Enforcer) followHooks() []struct {
-	name string
-	prog *ebpf.Program
-} {
-	return []struct {
-		name string
-		prog *ebpf.Program
-	}{
+func (e *Enforcer) followHooks() []tracingHook {
+	return []tracingHook{
 		{"follow_mkdir", e.follow.FollowMkdir},
 		{"follow_rmdir", e.follow.ForgetRmdir},
 	}
@@ -570,12 +555,15 @@ func (e *Enforcer) locateRoot() error {
 	return nil
 }
 
-// attachTracing attaches tp_btf and LSM programs and pins their links in
-// place of an earlier run's (bpfpin.Replace: they cannot be updated).
-func (e *Enforcer) attachTracing(hooks []struct {
+// tracingHook is a tp_btf or LSM program and the name of its pinned link.
+type tracingHook struct {
 	name string
 	prog *ebpf.Program
-}) error {
+}
+
+// attachTracing attaches tp_btf and LSM programs and pins their links in
+// place of an earlier run's (bpfpin.Replace: they cannot be updated).
+func (e *Enforcer) attachTracing(hooks []tracingHook) error {
 	for _, h := range hooks {
 		var l link.Link
 		var err error

@@ -68,9 +68,3 @@ func (e *Enforcer) tunHooks() []tracingHook {
 func (e *Enforcer) listenHooks() []tracingHook {
 	return []tracingHook{{"lsm_listen", e.listen.GuardListen}}
 }
-
-// tracingHook is a tp_btf or LSM program and the name of its pinned link.
-type tracingHook = struct {
-	name string
-	prog *ebpf.Program
-}
