@@ -10,6 +10,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/procgate/procgate/internal/bpfpin"
 	"github.com/procgate/procgate/ruleset"
 )
 
@@ -30,7 +31,7 @@ type dnsRedirect struct {
 func (e *Enforcer) loadDNSRedirect() {
 	specs, err := loadDnsredirect()
 	if err == nil {
-		err = specs.LoadAndAssign(&e.dns, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: e.opts.BPFDir}})
+		err = specs.LoadAndAssign(&e.dns, bpfpin.Maps(e.opts.BPFDir))
 	}
 	if err != nil {
 		e.dns = dnsRedirect{}

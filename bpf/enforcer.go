@@ -280,7 +280,7 @@ func Open(opts Options) (*Enforcer, error) {
 	}
 	// After the main object: its maps are pinned now, and these programs
 	// find them there.
-	err = hspecs.LoadAndAssign(&e.harden, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+	err = hspecs.LoadAndAssign(&e.harden, bpfpin.Maps(opts.BPFDir))
 	if err != nil {
 		// Linux 6.1 and 6.12 refuse backstop_egress: their cgroup_skb
 		// programs lack current-task helpers that the UDP handover check
@@ -288,7 +288,7 @@ func Open(opts Options) (*Enforcer, error) {
 		// for its audit record on 6.12; 6.18 has them). The backstop without that check still
 		// guards everything else.
 		var plain plainBackstops
-		if perr := hspecs.LoadAndAssign(&plain, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}}); perr != nil {
+		if perr := hspecs.LoadAndAssign(&plain, bpfpin.Maps(opts.BPFDir)); perr != nil {
 			bpfpin.Close(&e.objs)
 			return nil, fmt.Errorf("load backstop programs (sock_create, egress): %w", errors.Join(err, perr))
 		}
@@ -297,10 +297,10 @@ func Open(opts Options) (*Enforcer, error) {
 	}
 	// The handover guard: the BPF LSM program where the kernel loads it
 	// (no per-connection kernel object), else sockops, sockhash and sk_msg.
-	e.lsmHandoverErr = hspecs.LoadAndAssign(&e.lsmHandover, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+	e.lsmHandoverErr = hspecs.LoadAndAssign(&e.lsmHandover, bpfpin.Maps(opts.BPFDir))
 	if e.lsmHandoverErr != nil {
 		e.lsmHandover = lsmHandoverGuard{}
-		e.handoverErr = hspecs.LoadAndAssign(&e.handover, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+		e.handoverErr = hspecs.LoadAndAssign(&e.handover, bpfpin.Maps(opts.BPFDir))
 		if e.handoverErr != nil {
 			e.handover = handoverGuard{} // what was assigned before the failure is closed
 		}
@@ -309,12 +309,12 @@ func Open(opts Options) (*Enforcer, error) {
 	e.loadTaskGuards()
 	mspecs, err := loadMigrate()
 	if err == nil {
-		err = mspecs.LoadAndAssign(&e.migrate, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+		err = mspecs.LoadAndAssign(&e.migrate, bpfpin.Maps(opts.BPFDir))
 	}
 	e.migrateErr = err
 	e.followErr = err
 	if err == nil {
-		e.followErr = mspecs.LoadAndAssign(&e.follow, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.BPFDir}})
+		e.followErr = mspecs.LoadAndAssign(&e.follow, bpfpin.Maps(opts.BPFDir))
 		if e.followErr != nil {
 			e.follow = cgroupFollower{}
 		}

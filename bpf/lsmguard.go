@@ -4,6 +4,8 @@ import (
 	"fmt"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/procgate/procgate/internal/bpfpin"
 )
 
 // tunGuard refuses apps' processes TUN and TAP devices (lsmguard.c): host-wide
@@ -31,7 +33,7 @@ func (e *Enforcer) loadTaskGuards() {
 		e.listenErr = e.tunErr
 		return
 	}
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: e.opts.BPFDir}}
+	opts := bpfpin.Maps(e.opts.BPFDir)
 	if e.tunErr = specs.LoadAndAssign(&e.tun, opts); e.tunErr != nil {
 		e.tun = tunGuard{}
 	}

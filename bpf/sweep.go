@@ -10,11 +10,11 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/procgate/procgate/cgroups"
+	"github.com/procgate/procgate/internal/bpfpin"
 	"github.com/procgate/procgate/ruleset"
 )
 
@@ -85,7 +85,7 @@ func openSweeper(bpfDir string, log *slog.Logger) *sweeper {
 	s := &sweeper{}
 	spec, err := loadSweep()
 	if err == nil {
-		err = spec.LoadAndAssign(&s.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: bpfDir}})
+		err = spec.LoadAndAssign(&s.objs, bpfpin.Maps(bpfDir))
 	}
 	if err == nil {
 		s.tcp, err = link.AttachIter(link.IterOptions{Program: s.objs.SweepTcp})

@@ -24,7 +24,7 @@ import (
 // that state survives a restart. what names the objects in errors ("BPF",
 // "pinhole").
 func Load(spec *ebpf.CollectionSpec, objs any, bpfDir, what string) error {
-	err := spec.LoadAndAssign(objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: bpfDir}})
+	err := spec.LoadAndAssign(objs, Maps(bpfDir))
 	if errors.Is(err, ebpf.ErrMapIncompatible) {
 		return fmt.Errorf("pinned %s maps in %s come from an incompatible procgate version (run `procgate uninstall --bpf-dir %s` first): %w", what, bpfDir, bpfDir, err)
 	}
@@ -32,6 +32,13 @@ func Load(spec *ebpf.CollectionSpec, objs any, bpfDir, what string) error {
 		return fmt.Errorf("load %s programs and maps (pinned in %s): %w", what, bpfDir, err)
 	}
 	return nil
+}
+
+// Maps are the load options of an object whose maps are pinned in bpfDir:
+// those of objects loaded before (an earlier run's, or the main object's
+// for the objects that share its maps) are reused.
+func Maps(bpfDir string) *ebpf.CollectionOptions {
+	return &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: bpfDir}}
 }
 
 // Cgroup returns the link that runs prog at hook attach of the cgroup
