@@ -129,15 +129,7 @@ func TestHandoverGuard(t *testing.T) {
 			}
 			r := receivers[tc.receiver]
 			path := filepath.Join(dir, group)
-			if err := r.Take(group, path); err != nil {
-				t.Fatal(err)
-			}
-			if err := db.Give(group, path); err != nil {
-				t.Fatal(err)
-			}
-			if err := r.Await(group, tc.n); err != nil {
-				t.Fatal(err)
-			}
+			handOver(t, db, r, group, path, tc.n)
 			drainEvents(t, rd)
 			res, err := r.Send(group)
 			if err != nil {
@@ -201,15 +193,7 @@ func TestHandoverGuard(t *testing.T) {
 		path := filepath.Join(dir, "off")
 		mustOpen(t, db, "off", "10.1.2.3:5353/udp", probe.Connect, 1)
 		r := receivers["unbound"]
-		if err := r.Take("off", path); err != nil {
-			t.Fatal(err)
-		}
-		if err := db.Give("off", path); err != nil {
-			t.Fatal(err)
-		}
-		if err := r.Await("off", 1); err != nil {
-			t.Fatal(err)
-		}
+		handOver(t, db, r, "off", path, 1)
 		if res, err := r.Send("off"); err != nil || res.Sent != 1 {
 			t.Errorf("unbound writing on the app's connected UDP socket with the check off: %+v %v, want sent", res, err)
 		}
@@ -246,15 +230,7 @@ func TestHandoverGuard(t *testing.T) {
 			group, path := fmt.Sprintf("trust%d", i), filepath.Join(dir, fmt.Sprintf("trust%d", i))
 			mustOpen(t, tc.from, group, "10.1.2.3:5432/tcp", probe.Connect, 1)
 			r := receivers["unbound"]
-			if err := r.Take(group, path); err != nil {
-				t.Fatal(err)
-			}
-			if err := tc.from.Give(group, path); err != nil {
-				t.Fatal(err)
-			}
-			if err := r.Await(group, 1); err != nil {
-				t.Fatal(err)
-			}
+			handOver(t, tc.from, r, group, path, 1)
 			res, err := r.Send(group)
 			switch {
 			case err != nil:
@@ -286,15 +262,7 @@ func TestUserAppHandover(t *testing.T) {
 		}
 	}
 	startServers(t, w.netns, []string{"0.0.0.0:80"}, nil)
-	holderAs := func(uid int) *probe.Holder {
-		h, err := probe.StartHolderAs(w.cgroups["/unbound"], w.netns, uid)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { h.Close() })
-		return h
-	}
-	user := holderAs(userUID)
+	user := w.holderAs(w.cgroups["/unbound"], userUID)
 	for i, tc := range []struct {
 		name    string
 		uid     int
@@ -304,21 +272,13 @@ func TestUserAppHandover(t *testing.T) {
 		{"another uid", otherUID, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := holderAs(tc.uid)
+			r := w.holderAs(w.cgroups["/unbound"], tc.uid)
 			group := fmt.Sprintf("user%d", i)
 			// Abstract: no file another uid would need permission on;
 			// both holders are in the world's network namespace.
 			path := fmt.Sprintf("@procgate-test-handover-%d-%s", os.Getpid(), group)
 			mustOpen(t, user, group, unitDests["backup"].String(), probe.Connect, 1)
-			if err := r.Take(group, path); err != nil {
-				t.Fatal(err)
-			}
-			if err := user.Give(group, path); err != nil {
-				t.Fatal(err)
-			}
-			if err := r.Await(group, 1); err != nil {
-				t.Fatal(err)
-			}
+			handOver(t, user, r, group, path, 1)
 			res, err := r.Send(group)
 			switch {
 			case err != nil:
@@ -329,5 +289,20 @@ func TestUserAppHandover(t *testing.T) {
 				t.Errorf("a process of the user app's uid writing on its connection: %+v, want sent", res)
 			}
 		})
+	}
+}
+
+// handOver passes from's sockets of group to to by SCM_RIGHTS through
+// the unix socket at path, and waits until to holds all n.
+func handOver(t *testing.T, from, to *probe.Holder, group, path string, n int) {
+	t.Helper()
+	if err := to.Take(group, path); err != nil {
+		t.Fatal(err)
+	}
+	if err := from.Give(group, path); err != nil {
+		t.Fatal(err)
+	}
+	if err := to.Await(group, n); err != nil {
+		t.Fatal(err)
 	}
 }

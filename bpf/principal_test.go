@@ -327,21 +327,13 @@ func TestUserAppSweep(t *testing.T) {
 	rs.Apps[2].Grants = append(rs.Apps[2].Grants, ruleset.Grant{Index: 1, Prefix: netip.MustParsePrefix("10.1.2.3/32"),
 		Proto: ruleset.TCP, Ports: []ruleset.PortRange{{Lo: 5432, Hi: 5432}}})
 	// A process of another uid with a connection made before enforcement.
-	other, err := probe.StartHolderAs(w.cgroups["/unbound"], w.netns, otherUID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { other.Close() })
+	other := w.holderAs(w.cgroups["/unbound"], otherUID)
 	mustOpen(t, other, "tcp4", "10.1.2.3:5432/tcp", probe.Connect, 1)
 	w.apply(rs)
 	if err := w.e.Attach(); err != nil {
 		t.Fatal(err)
 	}
-	user, err := probe.StartHolderAs(w.cgroups["/unbound"], w.netns, userUID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { user.Close() })
+	user := w.holderAs(w.cgroups["/unbound"], userUID)
 	mustOpen(t, user, "withdrawn", "10.1.2.3:5432/tcp", probe.Connect, 2)
 	mustOpen(t, user, "kept", "10.3.2.3:443/tcp", probe.Connect, 1)
 	// Withdraw backup's grant #1.

@@ -123,6 +123,17 @@ func (w *world) holder(cgroup string) *probe.Holder {
 	return h
 }
 
+// holderAs is holder for a holder that runs as uid.
+func (w *world) holderAs(cgroup string, uid int) *probe.Holder {
+	w.t.Helper()
+	h, err := probe.StartHolderAs(cgroup, w.netns, uid)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(func() { h.Close() })
+	return h
+}
+
 func mustOpen(t testing.TB, h *probe.Holder, group, dest string, m probe.Method, n int) {
 	t.Helper()
 	if err := h.Open(group, dest, m, n); err != nil {
