@@ -637,7 +637,7 @@ func (e *Enforcer) Apply(g Generation) (uint32, error) {
 	next := cur.Generation + 1
 	start := time.Now()
 	g.cgroupRoot, g.cgroupRootLevel = e.cgroupRoot, e.rootLevel
-	g.udpMarks = e.udpHandoverErr != nil && e.lsmHandover.GuardHandoverLSM != nil && e.lsmHandoverErr == nil
+	g.udpMarks = e.lsmJudgesUDP()
 	t, err := encode(g, slot)
 	if err != nil {
 		return 0, fmt.Errorf("encode policy: %w", err)
@@ -1161,13 +1161,18 @@ func UDPHandover(off bool) (bool, string) {
 	return true, ""
 }
 
+// lsmJudgesUDP says whether the UDP handover check falls to the BPF LSM
+// handover program: the egress backstop runs without it (its helpers
+// refused) and the program is attached.
+func (e *Enforcer) lsmJudgesUDP() bool {
+	return e.udpHandoverErr != nil && e.lsmHandover.GuardHandoverLSM != nil && e.lsmHandoverErr == nil
+}
+
 // udpMarks says whether the UDP handover check is the BPF LSM handover
-// program's: the egress backstop runs without it (its helpers refused),
-// the program is attached, and the check is not turned off.
+// program's (lsmJudgesUDP) and not turned off.
 func (e *Enforcer) udpMarks() bool {
 	applied := e.applied.Load()
-	return e.udpHandoverErr != nil && e.lsmHandover.GuardHandoverLSM != nil && e.lsmHandoverErr == nil &&
-		!(applied != nil && applied.NoUDPHandover)
+	return e.lsmJudgesUDP() && !(applied != nil && applied.NoUDPHandover)
 }
 
 // udpHandoverSupported says whether the UDP handover check can tell a
