@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -412,7 +413,7 @@ func (d *Daemon) revokeNow(req api.Request) (*api.Revoke, error) {
 		return nil, fmt.Errorf("no app %q in the policy %s", req.App, d.cfg.PolicyPath)
 	}
 	saved := *d.revoked
-	saved.Apps, saved.Grants = cloneMap(d.revoked.Apps), cloneMap(d.revoked.Grants)
+	saved.Apps, saved.Grants = maps.Clone(d.revoked.Apps), maps.Clone(d.revoked.Grants)
 	what := "all grants"
 	switch {
 	case req.Restore && req.Grant == nil:
@@ -444,14 +445,6 @@ func (d *Daemon) revokeNow(req api.Request) (*api.Revoke, error) {
 	ended := d.current().ended
 	d.log.Info("revoked", "app", req.App, "what", what, "generation", gen, "sockets_ended", ended)
 	return &api.Revoke{Generation: gen, Revoked: what, SocketsEnded: ended}, nil
-}
-
-func cloneMap[K comparable, V any](m map[K]V) map[K]V {
-	out := make(map[K]V, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
 }
 
 func (d *Daemon) appInfo(name string) (*api.AppInfo, error) {
