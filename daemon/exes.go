@@ -289,7 +289,7 @@ func (d *Daemon) exeTransition(app string, p pinnedPath, now exeState, sum strin
 	}
 	if known && was.kind == now.kind && was.ver == now.ver {
 		if was.unaudited && d.auditor != nil {
-			d.auditExe("deny", app, p.path, "sha256 "+sum+", the policy wants "+want)
+			d.auditExe(ruleset.VerdictDeny, app, p.path, "sha256 "+sum+", the policy wants "+want)
 			was.unaudited = false
 			d.exeStates[key] = was
 		}
@@ -305,7 +305,7 @@ func (d *Daemon) exeTransition(app string, p pinnedPath, now exeState, sum strin
 		if d.auditor == nil {
 			now.unaudited = true
 		} else {
-			d.auditExe("deny", app, p.path, "sha256 "+sum+", the policy wants "+want)
+			d.auditExe(ruleset.VerdictDeny, app, p.path, "sha256 "+sum+", the policy wants "+want)
 		}
 	case "ok":
 		if was.kind == "mismatch" || (was.kind == "pending" && sum != "") {

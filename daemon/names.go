@@ -39,7 +39,7 @@ func (d *Daemon) learnAnswers(facts []ruleset.Learned) error {
 			"app", f.App, "name", f.Name, "addr", f.Addr, "cap", cap)
 		if d.auditor != nil {
 			d.auditor.Append(audit.Record{
-				Verdict: "deny", Reason: ruleset.ReasonNameCap.String(), App: f.App, Hook: "dns", Kind: audit.KindName,
+				Verdict: ruleset.VerdictDeny, Reason: ruleset.ReasonNameCap.String(), App: f.App, Hook: "dns", Kind: audit.KindName,
 				Dest: f.Addr.String(), Rule: f.Name + ": cap of " + strconv.Itoa(cap) + " addresses (--dns-cap)",
 			})
 		}
