@@ -971,7 +971,7 @@ func (d *Daemon) annotate(e bpf.Event) (string, string) {
 	if ix == nil {
 		ix = st.index()
 	}
-	app := (&State{appIDs: ids}).appName(e.AppID)
+	app := appName(ids, e.AppID)
 	if ix == nil {
 		return app, ""
 	}

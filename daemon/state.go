@@ -128,9 +128,10 @@ func firstStrings[T any](xs []T, n int, say func(T) string) []string {
 	return out
 }
 
-// appName is the name of the app with id, "" when none.
-func (s *State) appName(id uint32) string {
-	for n, i := range s.appIDs {
+// appName is the name of the app with id in ids (an appIDs snapshot),
+// "" when none.
+func appName(ids map[string]uint32, id uint32) string {
+	for n, i := range ids {
 		if i == id {
 			return n
 		}
