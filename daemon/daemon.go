@@ -1153,17 +1153,6 @@ func (a *appIDs) get(name string) (uint32, error) {
 	return 0, fmt.Errorf("no free app id for %q (%d apps known)", name, len(a.ByName))
 }
 
-func (a *appIDs) name(id uint32) string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for n, i := range a.ByName {
-		if i == id {
-			return n
-		}
-	}
-	return ""
-}
-
 // snapshot is a copy of the ids, for a State.
 func (a *appIDs) snapshot() map[string]uint32 {
 	a.mu.Lock()

@@ -22,12 +22,21 @@ func (d *Daemon) sweep(gen uint32) int {
 		opts.Fence = d.appDirs.Base
 	}
 	res, err := d.enf.Sweep(opts)
+	// Named from the ids the generation published (applyEffective
+	// publishes before it sweeps), turned round once for all the sockets.
+	var names map[uint32]string
+	if len(res.Ended)+len(res.Failed) > 0 {
+		names = map[uint32]string{}
+		for n, id := range d.current().appIDs {
+			names[id] = n
+		}
+	}
 	for _, s := range res.Ended {
-		d.log.Debug("live socket ended", "generation", gen, "app", d.ids.name(s.AppID), "proto", s.Proto.String(),
+		d.log.Debug("live socket ended", "generation", gen, "app", names[s.AppID], "proto", s.Proto.String(),
 			"local", s.Local.String(), "peer", s.Peer.String(), "cgroup_id", s.CgroupID)
 	}
 	for _, s := range res.Failed {
-		d.log.Warn("live socket could not be ended", "generation", gen, "app", d.ids.name(s.AppID), "proto", s.Proto.String(),
+		d.log.Warn("live socket could not be ended", "generation", gen, "app", names[s.AppID], "proto", s.Proto.String(),
 			"local", s.Local.String(), "peer", s.Peer.String(), "err", s.Err)
 	}
 	if err != nil {
