@@ -38,6 +38,10 @@ type pinholes struct {
 	send sync.Mutex
 	seq  uint64
 	apps []pinhole.App
+	// ctx and wg are Run's: the goroutines that send the agent its apps
+	// end with the daemon, and Run waits for them.
+	ctx context.Context
+	wg  *sync.WaitGroup
 }
 
 // startPinholes attaches the observation and host guard and runs the agent
@@ -69,7 +73,7 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 	if err != nil {
 		return fmt.Errorf("pinhole agent: %w", err)
 	}
-	ph := &pinholes{gateway: gw, kernel: k, metrics: &pinholeMetrics{drops: k.Drops, held: k.Held}}
+	ph := &pinholes{gateway: gw, kernel: k, metrics: &pinholeMetrics{drops: k.Drops, held: k.Held}, ctx: ctx, wg: wg}
 	_, apps := pinholeApps(d.current().bindings)
 	namedPath := filepath.Join(d.cfg.StateDir, "pinhole-named.json")
 	named, err := loadNamedPeers(namedPath)
@@ -163,7 +167,9 @@ func (d *Daemon) setPinholeApps(bs []dynamicBinding) error {
 	seq := ph.seq
 	ph.apps = apps
 	ph.mu.Unlock()
+	ph.wg.Add(1)
 	go func() {
+		defer ph.wg.Done()
 		ph.send.Lock()
 		defer ph.send.Unlock()
 		ph.mu.Lock()
@@ -172,9 +178,9 @@ func (d *Daemon) setPinholeApps(bs []dynamicBinding) error {
 		if latest != seq {
 			return // a newer policy's apps follow
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		ctx, cancel := context.WithTimeout(ph.ctx, time.Minute)
 		defer cancel()
-		if err := ph.agent.SetApps(ctx, apps); err != nil {
+		if err := ph.agent.SetApps(ctx, apps); err != nil && ph.ctx.Err() == nil {
 			d.log.Warn("pinhole agent did not take the new apps", "err", err)
 		}
 	}()
