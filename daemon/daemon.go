@@ -196,8 +196,10 @@ type Daemon struct {
 	// applying is the generation being applied, nil between Applies.
 	applying atomic.Pointer[pendingGen]
 	// calls are the API's changes (reload, revoke), run on the
-	// reconciler in turn with the watch events (call).
-	calls chan func()
+	// reconciler in turn with the watch events (call); stopped is closed
+	// when the reconciler returns.
+	calls   chan func()
+	stopped chan struct{}
 
 	// The reconciler's own: the goroutine that runs Run's loop (and,
 	// before it, Run's start) is the only one to read or write the
@@ -478,7 +480,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 // newDaemon is the daemon of cfg (defaults set) before it opens anything.
 func newDaemon(cfg Config) *Daemon {
-	return &Daemon{cfg: cfg, log: cfg.Log, calls: make(chan func()),
+	return &Daemon{cfg: cfg, log: cfg.Log, calls: make(chan func()), stopped: make(chan struct{}),
 		exeStates: map[string]exeState{}, exeHashes: newExeHashes(cfg.Log)}
 }
 
@@ -512,6 +514,7 @@ type inputs struct {
 // lock, applies it through the Enforcer and publishes its State. Readers
 // go on with the State in force meanwhile. It returns when ctx ends.
 func (d *Daemon) reconcile(ctx context.Context, in inputs) {
+	defer close(d.stopped)
 	for {
 		select {
 		case <-ctx.Done():

@@ -227,6 +227,21 @@ func appNames(rs *ruleset.Ruleset) []string {
 	return out
 }
 
+// TestCallAfterStop: a change asked with a context of its own once the
+// reconciler has returned fails and leaves the generation as it was,
+// instead of waiting for a reconciler that will never take it.
+func TestCallAfterStop(t *testing.T) {
+	_, enf, d := startOnApps(t, "a")
+	d.stop()
+	gen, err := d.Reload(context.Background(), true)
+	if !errors.Is(err, errReconcilerStopped) || gen != 1 {
+		t.Fatalf("reload after stop: generation %d, %v; want 1, %v", gen, err, errReconcilerStopped)
+	}
+	if n := enf.appliedCount(); n != 1 {
+		t.Fatalf("reload after stop applied (%d generations)", n)
+	}
+}
+
 // TestReloadOrdering: reloads and revokes from many goroutines take turns
 // on the reconciler; each Apply builds on the State the one before
 // published, generations only grow, and what is published is what the

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"maps"
 	"slices"
 	"time"
@@ -218,15 +219,21 @@ const keptPrefixes = 200_000
 
 // call runs f on the reconciler and waits for it to finish: how API
 // requests that change the state (reload, revoke) take their turn with
-// watch events. It fails only when the reconciler is gone (ctx ended).
+// watch events. It fails only when the caller's ctx ends or the
+// reconciler is gone, whichever context the caller holds.
 func (d *Daemon) call(ctx context.Context, f func()) error {
 	done := make(chan struct{})
 	select {
 	case d.calls <- func() { defer close(done); f() }:
 	case <-ctx.Done():
 		return ctx.Err()
+	case <-d.stopped:
+		return errReconcilerStopped
 	}
 	// Once taken, the reconciler runs f to its end.
 	<-done
 	return nil
 }
+
+// errReconcilerStopped is call's answer once the reconciler has returned.
+var errReconcilerStopped = errors.New("the daemon is stopping")
