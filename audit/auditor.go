@@ -181,14 +181,29 @@ func (a *Auditor) Append(r Record) {
 
 func (a *Auditor) store(r Record) {
 	a.fileMu.Lock()
-	if a.file != nil {
-		a.written(a.writeLog(r))
-	}
-	if a.journal != nil {
-		a.written(a.journal.write(r))
+	if a.file != nil || a.journal != nil {
+		a.write(r)
 	}
 	a.fileMu.Unlock()
 	a.publish(r)
+}
+
+// write sends r to the log file and journald, encoded once for both.
+// a.fileMu held.
+func (a *Auditor) write(r Record) {
+	line, err := json.Marshal(r)
+	if err != nil {
+		a.written(fmt.Errorf("encode audit record: %w", err))
+		return
+	}
+	if a.file != nil {
+		// The newline goes past line's length: the journal's line is
+		// as encoded.
+		a.written(a.file.write(append(line, '\n')))
+	}
+	if a.journal != nil {
+		a.written(a.journal.write(r, line))
+	}
 }
 
 // written counts and (throttled) logs a failed write. a.fileMu held.
@@ -201,14 +216,6 @@ func (a *Auditor) written(err error) {
 		a.log.Error("audit log write failed", "err", err,
 			"log_write_errors", n, "suppressed", suppressed)
 	}
-}
-
-func (a *Auditor) writeLog(r Record) error {
-	line, err := json.Marshal(r)
-	if err != nil {
-		return fmt.Errorf("encode audit record: %w", err)
-	}
-	return a.file.write(append(line, '\n'))
 }
 
 func (a *Auditor) publish(r Record) {

@@ -42,8 +42,9 @@ func openJournal(path string) (*journal, error) {
 	return &journal{conn: conn, addr: &net.UnixAddr{Name: path, Net: "unixgram"}}, nil
 }
 
-func (j *journal) write(r Record) error {
-	entry, err := journalEntry(r)
+// write sends r, whose JSON form is raw, to journald.
+func (j *journal) write(r Record, raw []byte) error {
+	entry, err := journalEntry(r, raw)
 	if err != nil {
 		return err
 	}
@@ -64,8 +65,8 @@ func (j *journal) close() error { return j.conn.Close() }
 // PROCGATE_DEST, PROCGATE_REASON... The names are the JSON contract's,
 // so they are as stable; fields JSON leaves out (empty exe, rule, kind)
 // are left out here too.
-func journalEntry(r Record) ([]byte, error) {
-	fields, err := journalFields(r)
+func journalEntry(r Record, raw []byte) ([]byte, error) {
+	fields, err := journalFields(r, raw)
 	if err != nil {
 		return nil, err
 	}
@@ -91,12 +92,8 @@ func journalEntry(r Record) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// journalFields flattens r's JSON form into PROCGATE_* fields.
-func journalFields(r Record) (map[string]string, error) {
-	raw, err := json.Marshal(r)
-	if err != nil {
-		return nil, fmt.Errorf("encode audit record: %w", err)
-	}
+// journalFields flattens r's JSON form, raw, into PROCGATE_* fields.
+func journalFields(r Record, raw []byte) (map[string]string, error) {
 	var top map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &top); err != nil {
 		return nil, fmt.Errorf("decode audit record: %w", err)
