@@ -140,10 +140,7 @@ func (h *exeHashes) run(ctx context.Context) {
 			h.mu.Lock()
 			delete(h.queued, j.ver)
 			h.mu.Unlock()
-			select {
-			case h.done <- struct{}{}:
-			default:
-			}
+			wake(h.done)
 		}
 	}
 }

@@ -160,12 +160,7 @@ func (rw *routeWatch) events() <-chan struct{} {
 	return rw.changed
 }
 
-func (rw *routeWatch) signal() {
-	select {
-	case rw.changed <- struct{}{}:
-	default:
-	}
-}
+func (rw *routeWatch) signal() { wake(rw.changed) }
 
 func (rw *routeWatch) run(ctx context.Context) {
 	last := ""
