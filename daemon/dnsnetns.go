@@ -209,22 +209,18 @@ func (n *netnsProxies) ensure(pid, tid int, app string) {
 	_, known := n.byIno[id]
 	full := len(n.byIno) >= maxNetnsProxies
 	n.mu.Unlock()
-	if id == n.ownIno {
-		ns.Close()
-		return
-	}
-	if known || full {
-		if full && !known {
-			n.d.log.Warn("no DNS proxy in an app's network namespace: as many run as allowed; its name grants stay empty", "pid", pid, "app", app, "max", maxNetnsProxies)
-		}
-		ns.Close()
-		return
-	}
-	np, err := n.d.startNetnsProxy(n.ctx, ns, n.own, pid, id)
-	if err != nil || np == nil {
+	var np *nsProxy
+	switch {
+	case id == n.ownIno || known: // the daemon's own, or served already
+	case full:
+		n.d.log.Warn("no DNS proxy in an app's network namespace: as many run as allowed; its name grants stay empty", "pid", pid, "app", app, "max", maxNetnsProxies)
+	default:
+		np, err = n.d.startNetnsProxy(n.ctx, ns, n.own, pid, id)
 		if err != nil {
 			n.d.log.Warn("no DNS proxy in an app's network namespace: its name grants stay empty", "pid", pid, "app", app, "err", err)
 		}
+	}
+	if np == nil {
 		ns.Close()
 		return
 	}
