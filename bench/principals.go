@@ -110,6 +110,15 @@ func (b *bench) principalsPhase(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The first lane takes srv, and the world closes it; until then, a
+	// return closes it here (servers.close may not run twice: it closes
+	// descriptors).
+	handed := false
+	defer func() {
+		if !handed {
+			srv.close()
+		}
+	}()
 	dir, err := b.phaseDir("principals")
 	if err != nil {
 		return err
@@ -143,7 +152,7 @@ func (b *bench) principalsPhase(ctx context.Context) error {
 		}
 		l := &lane{v: v, topo: topoLoopback, clientNS: ns}
 		if i == 0 {
-			l.srv = srv // closed with the world
+			l.srv, handed = srv, true // closed with the world
 		}
 		w.lanes = append(w.lanes, l)
 		if l.cl, err = startClient(phasePrincipals+"/"+v.Name, cg, ns, 0, false); err != nil {
