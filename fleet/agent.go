@@ -248,13 +248,18 @@ type keyRange struct {
 	opts []clientv3.OpOption
 }
 
-// keys are what a host reads: its documents and the revocations.
+// keys are what a host reads: its documents and the revocations
+// (hostReads, what its etcd role grants).
 func (a *Agent) keys() []keyRange {
 	var out []keyRange
-	for _, k := range a.o.Host.Keys() {
-		out = append(out, keyRange{key: k})
+	for _, g := range hostReads(a.o.Host) {
+		w := keyRange{key: g.Key}
+		if g.Prefix {
+			w.opts = []clientv3.OpOption{clientv3.WithPrefix()}
+		}
+		out = append(out, w)
 	}
-	return append(out, keyRange{key: RevokePrefix, opts: []clientv3.OpOption{clientv3.WithPrefix()}})
+	return out
 }
 
 func list(ctx context.Context, cli *clientv3.Client, rev int64) (Snapshot, error) {

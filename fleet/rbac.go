@@ -37,12 +37,19 @@ type Role struct {
 // write its status. It cannot read another host's overlay, nor a group's
 // it is not labelled with.
 func HostRole(h Host) Role {
-	r := Role{User: h.Name, Name: "procgate-host-" + h.Name}
+	grants := append(hostReads(h), Grant{Key: StatusKey(h.Name), Write: true})
+	return Role{User: h.Name, Name: "procgate-host-" + h.Name, Grants: grants}
+}
+
+// hostReads are the keys and prefixes h's agent reads and watches (its
+// documents, then the fleet-wide revocations): what HostRole lets it read,
+// so that the role and the agent cannot drift apart.
+func hostReads(h Host) []Grant {
+	var out []Grant
 	for _, k := range h.Keys() {
-		r.Grants = append(r.Grants, Grant{Key: k})
+		out = append(out, Grant{Key: k})
 	}
-	r.Grants = append(r.Grants, Grant{Key: RevokePrefix, Prefix: true}, Grant{Key: StatusKey(h.Name), Write: true})
-	return r
+	return append(out, Grant{Key: RevokePrefix, Prefix: true})
 }
 
 // GatewayRole is a perimeter gateway's: the holes and the site rules.
