@@ -15,7 +15,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -32,6 +31,7 @@ import (
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/daemon"
 	"github.com/procgate/procgate/internal/nstest"
+	"github.com/procgate/procgate/internal/nsthread"
 	"github.com/procgate/procgate/launch"
 	"github.com/procgate/procgate/policy"
 	"github.com/procgate/procgate/ruleset"
@@ -218,7 +218,7 @@ type world struct {
 	apps      string // <cgroup>/procgate.apps
 	unbound   string
 	nsA, nsT  string // attacker's host, target's network
-	spawner   *nsThread
+	spawner   *nsthread.Thread
 	target    *target
 	oracle    string
 	holder    string
@@ -316,7 +316,7 @@ func newWorld(t *testing.T) *world {
 	w.holder = filepath.Join(w.sockDir, "holder.sock")
 
 	w.buildNetwork(t)
-	w.spawner = newNSThread(t, w.nsA)
+	w.spawner = nstest.Thread(t, w.nsA)
 	w.cgroup = nstest.Cgroup(t)
 	w.apps = filepath.Join(w.cgroup, daemon.AppsDir)
 	w.unbound = nstest.ChildCgroup(t, w.cgroup, "unbound")
@@ -608,7 +608,8 @@ func (w *world) start(t *testing.T, cmd *exec.Cmd, cgroupDir string, uid int) {
 	if uid != 0 {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid)}
 	}
-	if err := w.spawner.do(cmd.Start); err != nil {
+	w.spawner.Do(func() { err = cmd.Start() })
+	if err != nil {
 		t.Fatalf("start %v in %s: %v", cmd.Args[1:], cgroupDir, err)
 	}
 }
@@ -650,47 +651,6 @@ func (w *world) launch(t *testing.T, r role, args []string, stdout, stderr *byte
 	if err != nil || exit != (launch.Exit{}) {
 		t.Fatalf("attack as %s: %v %+v\nstderr:\n%s", r.name, err, exit, stderr.String())
 	}
-}
-
-// nsThread runs functions on one OS thread that stays in a network
-// namespace for the whole test. Processes are started from it rather than
-// from nstest.InNS, whose thread ends after each call: a child's
-// Pdeathsig fires when the thread that forked it exits.
-type nsThread struct{ reqs chan func() }
-
-func newNSThread(t *testing.T, path string) *nsThread {
-	t.Helper()
-	ns, err := netns.GetFromPath(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := &nsThread{reqs: make(chan func())}
-	entered := make(chan error)
-	go func() {
-		defer ns.Close()
-		// Never unlocked: the thread ends with the goroutine, in the
-		// namespace, and no other goroutine ever runs on it.
-		runtime.LockOSThread()
-		if err := netns.Set(ns); err != nil {
-			entered <- err
-			return
-		}
-		entered <- nil
-		for f := range n.reqs {
-			f()
-		}
-	}()
-	if err := <-entered; err != nil {
-		t.Fatalf("enter netns %s: %v", path, err)
-	}
-	t.Cleanup(func() { close(n.reqs) })
-	return n
-}
-
-func (n *nsThread) do(f func() error) error {
-	done := make(chan error)
-	n.reqs <- func() { done <- f() }
-	return <-done
 }
 
 func (w *world) cgroupOf(r role) string {

@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/dnsproxy"
+	"github.com/procgate/procgate/internal/nsthread"
 	"github.com/procgate/procgate/ruleset"
 )
 
@@ -43,45 +43,10 @@ import (
 // unobserved.
 const maxNetnsProxies = 256
 
-// nsThread runs functions on one OS thread that stays in one network
-// namespace until stop: sockets made there are the namespace's.
-type nsThread struct{ reqs chan func() }
-
-func startNSThread(ns *os.File) (*nsThread, error) {
-	t := &nsThread{reqs: make(chan func())}
-	entered := make(chan error, 1)
-	go func() {
-		// Never unlocked: the thread ends with the goroutine, in the
-		// namespace, and no other goroutine ever runs on it.
-		runtime.LockOSThread()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			entered <- err
-			return
-		}
-		entered <- nil
-		for f := range t.reqs {
-			f()
-		}
-	}()
-	if err := <-entered; err != nil {
-		return nil, fmt.Errorf("enter network namespace %s: %w", ns.Name(), err)
-	}
-	return t, nil
-}
-
-func (t *nsThread) do(f func()) {
-	done := make(chan struct{})
-	t.reqs <- func() { defer close(done); f() }
-	<-done
-}
-
-// stop ends the thread; no do may follow.
-func (t *nsThread) stop() { close(t.reqs) }
-
-// dial makes a socket in the thread's namespace and connects it to the
-// resolver (UDP and TCP), off the thread: a slow TCP handshake does not
-// hold the namespace's other queries.
-func (t *nsThread) dial(network string, resolver netip.AddrPort) (net.Conn, error) {
+// dialIn makes a socket in t's namespace and connects it to the resolver
+// (UDP and TCP), off the thread: a slow TCP handshake does not hold the
+// namespace's other queries.
+func dialIn(t *nsthread.Thread, network string, resolver netip.AddrPort) (net.Conn, error) {
 	typ := unix.SOCK_DGRAM
 	if network == "tcp" {
 		typ = unix.SOCK_STREAM
@@ -94,7 +59,7 @@ func (t *nsThread) dial(network string, resolver netip.AddrPort) (net.Conn, erro
 	}
 	var fd int
 	var err error
-	t.do(func() { fd, err = unix.Socket(family, typ|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0) })
+	t.Do(func() { fd, err = unix.Socket(family, typ|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0) })
 	if err != nil {
 		return nil, fmt.Errorf("socket for %s: %w", resolver, err)
 	}
@@ -115,7 +80,7 @@ func (t *nsThread) dial(network string, resolver netip.AddrPort) (net.Conn, erro
 // nsProxy is the proxy of one network namespace.
 type nsProxy struct {
 	ns     *os.File
-	thread *nsThread
+	thread *nsthread.Thread
 	proxy  *dnsproxy.Proxy
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -265,25 +230,25 @@ func netnsOf(path string) ([2]uint64, *os.File, error) {
 // and closes it when ctx ends or its stop is closed (reap). nil, nil: ns
 // is the daemon's own.
 func (d *Daemon) startNetnsProxy(ctx context.Context, ns *os.File, own uint64, pid int, id [2]uint64) (*nsProxy, error) {
-	th, err := startNSThread(ns)
+	th, err := nsthread.Start(ns)
 	if err != nil {
 		return nil, err
 	}
 	var cookie uint64
-	th.do(func() { cookie, err = bpf.NetnsCookie() })
+	th.Do(func() { cookie, err = bpf.NetnsCookie() })
 	if err != nil || cookie == own {
-		th.stop()
+		th.Stop()
 		return nil, err
 	}
 	var p *dnsproxy.Proxy
-	th.do(func() { p, err = dnsproxy.Listen(d.proxyConfig(th)) })
+	th.Do(func() { p, err = dnsproxy.Listen(d.proxyConfig(th)) })
 	if err != nil {
-		th.stop()
+		th.Stop()
 		return nil, err
 	}
 	if err := d.enf.ServeDNS(p.Port, cookie); err != nil {
 		p.Close()
-		th.stop()
+		th.Stop()
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(ctx)
@@ -297,7 +262,7 @@ func (d *Daemon) startNetnsProxy(ctx context.Context, ns *os.File, own uint64, p
 			d.log.Warn("turning the DNS redirect off in a network namespace", "netns_cookie", cookie, "err", err)
 		}
 		p.Close()
-		th.stop()
+		th.Stop()
 		ns.Close()
 		d.log.Info("DNS proxy of a network namespace stopped", "netns_cookie", cookie)
 	}()

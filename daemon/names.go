@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"net"
 	"net/netip"
 	"strconv"
 	"sync"
@@ -10,6 +11,7 @@ import (
 	"github.com/procgate/procgate/audit"
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/dnsproxy"
+	"github.com/procgate/procgate/internal/nsthread"
 	"github.com/procgate/procgate/ruleset"
 )
 
@@ -92,7 +94,7 @@ func (d *Daemon) startDNSProxy(ctx context.Context, wg *sync.WaitGroup) (stop fu
 // thread in the network namespace the proxy serves (not the daemon's):
 // the sockets that find a query's sender (sock_diag) and that ask its
 // resolver are made there.
-func (d *Daemon) proxyConfig(in *nsThread) dnsproxy.Config {
+func (d *Daemon) proxyConfig(in *nsthread.Thread) dnsproxy.Config {
 	cfg := dnsproxy.Config{
 		Lookup: func(network string, src, dst netip.AddrPort) (dnsproxy.Redirect, error) {
 			proto := ruleset.UDP
@@ -103,7 +105,7 @@ func (d *Daemon) proxyConfig(in *nsThread) dnsproxy.Config {
 			var err error
 			lookup := func() { r, err = d.enf.RedirectOf(proto, src, dst) }
 			if in != nil {
-				in.do(lookup)
+				in.Do(lookup)
 			} else {
 				lookup()
 			}
@@ -113,7 +115,7 @@ func (d *Daemon) proxyConfig(in *nsThread) dnsproxy.Config {
 		Log:   d.log,
 	}
 	if in != nil {
-		cfg.Dial = in.dial
+		cfg.Dial = func(network string, resolver netip.AddrPort) (net.Conn, error) { return dialIn(in, network, resolver) }
 	}
 	return cfg
 }

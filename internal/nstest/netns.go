@@ -12,6 +12,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/procgate/procgate/internal/nsthread"
 )
 
 // nsDir holds the bind mounts that keep test namespaces alive, beside (not
@@ -123,6 +125,25 @@ func InNS(t testing.TB, nsPath string, fn func() error) error {
 		t.Fatalf("enter netns %s: %v", nsPath, r.enter)
 	}
 	return r.fn
+}
+
+// Thread is a thread that stays in the network namespace at nsPath for the
+// whole test, for what InNS's thread, which ends after each call, cannot
+// do: a child started from it keeps its Pdeathsig parent. Stopped on
+// cleanup.
+func Thread(t testing.TB, nsPath string) *nsthread.Thread {
+	t.Helper()
+	ns, err := os.Open(nsPath)
+	if err != nil {
+		t.Fatalf("open netns %s: %v", nsPath, err)
+	}
+	defer ns.Close()
+	th, err := nsthread.Start(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(th.Stop)
+	return th
 }
 
 // Veth creates a veth pair, nameA in nsA and nameB in nsB, both up. It is
