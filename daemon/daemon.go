@@ -908,10 +908,10 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint
 	if err := d.ids.save(); err != nil {
 		return 0, err
 	}
-	ids := d.ids.snapshot()
+	ids, names := d.ids.snapshot()
 	// Events of the new generation may come before its State does.
 	index := ruleset.NewIndex(eff)
-	d.applying.Store(&pendingGen{rules: index, appIDs: ids})
+	d.applying.Store(&pendingGen{rules: index, appNames: names})
 	defer d.applying.Store(nil)
 	gen, err := d.enf.Apply(g)
 	d.flushExeRecords()
@@ -930,7 +930,7 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint
 	// decides by gen already.
 	d.publish(func(s *State) {
 		s.gen, s.effective, s.exes, s.exeKinds, s.bindings, s.matched = gen, eff, g.Exes, kinds, dynamic, matched
-		s.appIDs, s.revoked, s.byGen = ids, revoked, rememberGen(s.byGen, gen, index)
+		s.appIDs, s.appNames, s.revoked, s.byGen = ids, names, revoked, rememberGen(s.byGen, gen, index)
 		if edit != nil {
 			edit(s)
 		}
@@ -966,15 +966,15 @@ func (d *Daemon) bind(app string) (bpf.Binding, error) {
 // waits for the reconciler.
 func (d *Daemon) annotate(e bpf.Event) (string, string) {
 	st := d.current()
-	ix, ids := st.byGen[e.Generation], st.appIDs
+	ix, names := st.byGen[e.Generation], st.appNames
 	if p := d.applying.Load(); ix == nil && p != nil && e.Generation > st.gen {
 		// Decided by the generation being applied.
-		ix, ids = p.rules, p.appIDs
+		ix, names = p.rules, p.appNames
 	}
 	if ix == nil {
 		ix = st.index()
 	}
-	app := appName(ids, e.AppID)
+	app := names[e.AppID]
 	if ix == nil {
 		return app, ""
 	}
@@ -1156,11 +1156,15 @@ func (a *appIDs) get(name string) (uint32, error) {
 	return 0, fmt.Errorf("no free app id for %q (%d apps known)", name, len(a.ByName))
 }
 
-// snapshot is a copy of the ids, for a State.
-func (a *appIDs) snapshot() map[string]uint32 {
+// snapshot is a copy of the ids, by name and by id, for a State.
+func (a *appIDs) snapshot() (byName map[string]uint32, byID map[uint32]string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return maps.Clone(a.ByName)
+	byID = make(map[uint32]string, len(a.ByName))
+	for n, id := range a.ByName {
+		byID[id] = n
+	}
+	return maps.Clone(a.ByName), byID
 }
 
 func (a *appIDs) save() error {

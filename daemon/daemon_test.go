@@ -84,8 +84,8 @@ func TestAppIDsStableAcrossRestarts(t *testing.T) {
 	if c == a || c == b {
 		t.Fatalf("new app reused an id: %d", c)
 	}
-	if name := appName(again.snapshot(), b); name != "b" {
-		t.Fatalf("name(%d) = %q", b, name)
+	if _, names := again.snapshot(); names[b] != "b" {
+		t.Fatalf("name(%d) = %q", b, names[b])
 	}
 }
 

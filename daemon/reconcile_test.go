@@ -507,7 +507,12 @@ func TestReadersDuringApply(t *testing.T) {
 		reloaded <- err
 	}()
 	<-entered
-	late := d.applying.Load().appIDs["late"]
+	var late uint32
+	for id, name := range d.applying.Load().appNames {
+		if name == "late" {
+			late = id
+		}
+	}
 
 	// Readers on their own goroutine: when one waited for the reload,
 	// the test fails instead of hanging.

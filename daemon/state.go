@@ -52,8 +52,11 @@ type State struct {
 	// routes are the destinations routed via internal.interfaces when last
 	// looked at; they are part of the internal set.
 	routes []ruleset.InternalPrefix
-	// appIDs are the ids of every app known to the state dir, by name.
-	appIDs map[string]uint32
+	// appIDs are the ids of every app known to the state dir, by name;
+	// appNames the same by id, made once per generation: the audit
+	// reader names every event's app, of up to bpf.MaxApps ids.
+	appIDs   map[string]uint32
+	appNames map[uint32]string
 	// revoked describes each app's revocations (revocations.describe).
 	revoked map[string][]string
 	// exes are the files of pinned binaries in the generation in force;
@@ -129,17 +132,6 @@ func firstStrings[T any](xs []T, n int, say func(T) string) []string {
 	return out
 }
 
-// appName is the name of the app with id in ids (an appIDs snapshot),
-// "" when none.
-func appName(ids map[string]uint32, id uint32) string {
-	for n, i := range ids {
-		if i == id {
-			return n
-		}
-	}
-	return ""
-}
-
 // policyApp is the app name of the policy in force, nil when none.
 func (s *State) policyApp(name string) *ruleset.App {
 	if s.policy == nil {
@@ -184,8 +176,8 @@ func (s *State) index() *ruleset.Index {
 // pendingGen is the generation the reconciler is applying: the kernel may
 // decide by it (and report events of it) before its State is published.
 type pendingGen struct {
-	rules  *ruleset.Index
-	appIDs map[string]uint32
+	rules    *ruleset.Index
+	appNames map[uint32]string
 }
 
 // rememberGen returns byGen with gen's ruleset added, and without the

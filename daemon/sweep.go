@@ -22,15 +22,8 @@ func (d *Daemon) sweep(gen uint32) int {
 		opts.Fence = d.appDirs.Base
 	}
 	res, err := d.enf.Sweep(opts)
-	// Named from the ids the generation published (applyEffective
-	// publishes before it sweeps), turned round once for all the sockets.
-	var names map[uint32]string
-	if len(res.Ended)+len(res.Failed) > 0 {
-		names = map[uint32]string{}
-		for n, id := range d.current().appIDs {
-			names[id] = n
-		}
-	}
+	// The generation's names: applyEffective publishes before it sweeps.
+	names := d.current().appNames
 	for _, s := range res.Ended {
 		d.log.Debug("live socket ended", "generation", gen, "app", names[s.AppID], "proto", s.Proto.String(),
 			"local", s.Local.String(), "peer", s.Peer.String(), "cgroup_id", s.CgroupID)
