@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -39,7 +40,11 @@ type scaleResult struct {
 	Prefixes    int     `json:"prefixes"`
 	PolicyBytes int64   `json:"policy_bytes"`
 	LoadSeconds float64 `json:"load_s"` // rename to "policy loaded" (settle delay included)
-	Loaded      procMem `json:"loaded"`
+	// LoadCPU is the daemon's CPU time (user+system, all threads) over
+	// LoadSeconds: the machine's other load moves it less than the wall
+	// time.
+	LoadCPU float64 `json:"load_cpu_s"`
+	Loaded  procMem `json:"loaded"`
 	// Reloads are the `procgate reload`s, each with the calls made while it
 	// ran.
 	Reloads []scaleReload `json:"reloads"`
@@ -62,6 +67,9 @@ type scaleResult struct {
 
 type scaleReload struct {
 	Seconds float64 `json:"seconds"`
+	// CPUSeconds is the daemon's CPU time over Seconds (with calls, the
+	// calls' share included).
+	CPUSeconds float64 `json:"cpu_s"`
 	// After: VmHWM is the peak of this reload alone (reset before it).
 	After procMem `json:"after"`
 	// Calls: status, explain and run were called during it.
@@ -137,15 +145,24 @@ func (b *bench) scalePhase(ctx context.Context) error {
 		return err
 	}
 	big = nil // the daemon's memory is measured, not the bench's
+	cpu0, err := processTicks(d.pid)
+	if err != nil {
+		return err
+	}
 	t0 := time.Now()
 	if err := d.swapPolicy(ctx, next, policyPath, b.cfg.ScaleSize); err != nil {
 		return err
 	}
 	res.LoadSeconds = round3(time.Since(t0).Seconds())
+	cpu1, err := processTicks(d.pid)
+	if err != nil {
+		return err
+	}
+	res.LoadCPU = ticksSeconds(cpu1 - cpu0)
 	if res.Loaded, err = readProcMem(d.pid); err != nil {
 		return err
 	}
-	b.log.Info("daemon loaded the large policy", "prefixes", b.cfg.ScaleSize, "took", res.LoadSeconds, "rss_kib", res.Loaded.RSS)
+	b.log.Info("daemon loaded the large policy", "prefixes", b.cfg.ScaleSize, "took", res.LoadSeconds, "cpu_s", res.LoadCPU, "rss_kib", res.Loaded.RSS, "hwm_kib", res.Loaded.HWM)
 
 	busy := map[string][]time.Duration{}
 	busyErrs := map[string][]string{}
@@ -179,20 +196,23 @@ func (b *bench) scalePhase(ctx context.Context) error {
 			}
 		}()
 		time.Sleep(50 * time.Millisecond) // the caller is calling
+		cpu0, cerr0 := processTicks(d.pid)
 		start := time.Now()
 		_, rerr := d.command("reload")
 		secs := time.Since(start).Seconds()
+		cpu1, cerr1 := processTicks(d.pid)
 		close(stop)
 		wg.Wait()
-		if rerr != nil {
-			return rerr
+		if err := errors.Join(rerr, cerr0, cerr1); err != nil {
+			return err
 		}
 		m, err := readProcMem(d.pid)
 		if err != nil {
 			return err
 		}
-		res.Reloads = append(res.Reloads, scaleReload{Seconds: round3(secs), After: m, Calls: calling})
-		b.log.Info("daemon reload", "prefixes", b.cfg.ScaleSize, "took", round3(secs), "calls", calling, "rss_kib", m.RSS, "hwm_kib", m.HWM)
+		cpu := ticksSeconds(cpu1 - cpu0)
+		res.Reloads = append(res.Reloads, scaleReload{Seconds: round3(secs), CPUSeconds: cpu, After: m, Calls: calling})
+		b.log.Info("daemon reload", "prefixes", b.cfg.ScaleSize, "took", round3(secs), "cpu_s", cpu, "calls", calling, "rss_kib", m.RSS, "hwm_kib", m.HWM)
 		return nil
 	}
 	// The first reload has the daemon to itself, right after the load.

@@ -136,10 +136,10 @@ func (r *results) scaleTargets() []targetResult {
 		} else {
 			worst, peak = max(worst, rl.Seconds), max(peak, gib(rl.After.HWM))
 		}
-		secs = append(secs, fmt.Sprintf("%.3f s%s", rl.Seconds, with))
+		secs = append(secs, fmt.Sprintf("%.3f s%s%s", rl.Seconds, cpuOf(rl.CPUSeconds), with))
 		peaks = append(peaks, fmt.Sprintf("%.2f GiB%s", gib(rl.After.HWM), with))
 	}
-	tr[0].Value = fmt.Sprintf("load %.3f s, reloads %s", s.LoadSeconds, strings.Join(secs, ", "))
+	tr[0].Value = fmt.Sprintf("load %.3f s%s, reloads %s", s.LoadSeconds, cpuOf(s.LoadCPU), strings.Join(secs, ", "))
 	judge(&tr[0], worst < 5, fmt.Sprintf("%.3f s over", worst-5))
 	tr[1].Value = fmt.Sprintf("load %.2f GiB, reloads %s", gib(s.Loaded.HWM), strings.Join(peaks, ", "))
 	judge(&tr[1], peak < 1, fmt.Sprintf("%.2f GiB over", peak-1))
@@ -159,6 +159,15 @@ func (r *results) scaleTargets() []targetResult {
 	tr[3].Value = fmt.Sprintf("%d denied attempts, %d events (%d lost); the kernel could not send %d, the daemon dropped %d", s.AuditAttempts, s.AuditEvents, lost, s.AuditDrops, s.AuditDaemonDrops)
 	judge(&tr[3], lost <= 0 && s.AuditDrops == 0 && s.AuditDaemonDrops == 0, fmt.Sprintf("%d lost, %d not sent by the kernel, %d dropped by the daemon", lost, s.AuditDrops, s.AuditDaemonDrops))
 	return tr
+}
+
+// cpuOf is " (CPU X s)" for the daemon's CPU seconds, "" when not
+// measured (results from before they were).
+func cpuOf(secs float64) string {
+	if secs == 0 {
+		return ""
+	}
+	return fmt.Sprintf(" (CPU %.2f s)", secs)
 }
 
 // flatness: procgate's p50 (as a ratio to the baseline of the same size)
