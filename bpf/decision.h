@@ -858,16 +858,19 @@ struct task_struct___tg {
 // gids are not all equal (the launcher's trace guard: real gid the guard
 // gid, effective and saved the user's) admits none. A non-dumpable task
 // with equal ids is counted as open: erring this way only guards more.
-// Two reads: the cred pointer, then its six ids at once (uid to egid are
-// adjacent in struct cred on every kernel since 2.6.29).
+// Read through the task's BTF pointer (bpf_get_current_task_btf, a base
+// helper of every program type on the kernels of docs/kernels.md, 6.1 and
+// later): the verifier turns the loads into plain ones with an exception
+// entry. Two bpf_probe_read_kernel calls instead cost 65 ns on every app's
+// TCP connect (connect4 315 -> 250 ns per run in the bench's BPF run time).
 static __always_inline int open_to_tracing(void)
 {
-	struct task_struct___tg *t = (struct task_struct___tg *)bpf_get_current_task();
-	const struct cred___tg *c = BPF_CORE_READ(t, cred);
-	__u32 ids[6];
-	if (!c || bpf_core_read(ids, sizeof(ids), &c->uid))
+	struct task_struct___tg *t = (struct task_struct___tg *)bpf_get_current_task_btf();
+	const struct cred___tg *c = t->cred;
+	if (!c)
 		return 1;
-	return ids[0] == ids[2] && ids[0] == ids[4] && ids[1] == ids[3] && ids[1] == ids[5];
+	return c->uid.val == c->suid.val && c->uid.val == c->euid.val && c->gid.val == c->sgid.val &&
+	       c->gid.val == c->egid.val;
 }
 
 // Binary search of sorted disjoint ranges [first, first+count) of a slot.
