@@ -64,8 +64,14 @@ func (r *results) evaluate() []targetResult {
 				if !*tr.Met {
 					tr.Gap = fmt.Sprintf("%.1f points over", (worst-1.02)*100)
 				}
-				if v.name == vProcgate {
+				switch v.name {
+				case vProcgate:
 					tr.Why = r.guardParts(topoLoopback, p, classExternal)
+				case vProcgateNoApp:
+					tr.Why = r.parts(topoLoopback, p, classExternal, []variantPart{
+						{vEmpty, "the floor, an empty program at every hook"},
+						{vNoAppTracker, "with the handover guard's sockops tracker, attached host-wide while some app needs it"},
+					})
 				}
 				out = append(out, tr)
 			}
@@ -82,14 +88,23 @@ func (r *results) evaluate() []targetResult {
 // guardParts says what each guard adds, one at a time (p50 and p99, each
 // against the baseline of its own rounds), from the floor up.
 func (r *results) guardParts(t topo, p proto, c class) string {
-	var parts []string
-	for _, v := range []struct{ name, what string }{
+	return r.parts(t, p, c, []variantPart{
 		{vEmpty, "the floor, an empty program at every hook"},
 		{vProcgateHooks, "connect/sendmsg programs alone"},
 		{vProcgateSockCreate, "with the sock_create guard"},
 		{vProcgateEgress, "with the egress backstop"},
 		{vProcgateTraceable, "everything, for a process open to tracing (TCP handover guard on its connections)"},
-	} {
+	})
+}
+
+// variantPart is a variant a target's parts show, and what it adds.
+type variantPart struct{ name, what string }
+
+// parts shows each variant's p50 and p99 ratio, each against the baseline
+// of its own rounds.
+func (r *results) parts(t topo, p proto, c class, vs []variantPart) string {
+	var parts []string
+	for _, v := range vs {
 		if h, ok := r.lat(phaseLatency, t, p, c, r.Config.MatrixSize, v.name); ok {
 			parts = append(parts, fmt.Sprintf("%s (%s): p50 %s, p99 %s", v.what, v.name, pct(h.P50Ratio), pct(h.P99Ratio)))
 		}

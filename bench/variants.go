@@ -71,6 +71,7 @@ const (
 	vProcgateTraceable  = "procgate-traceable"
 	vEmpty              = "empty-programs"
 	vProcgateNoApp      = "procgate-noapp"
+	vNoAppTracker       = "procgate-noapp-tracker"
 	vNftCgroupSet       = "nft-cgroup-set"
 	vNftCgroupRules     = "nft-cgroup-rules"
 	vNftUIDSet          = "nft-uid-set"
@@ -97,9 +98,11 @@ func allVariants() []*variant {
 			latencyOnly: true, pinned: append([]string{"sock_create"}, hookPrograms...)},
 		{Name: vProcgateTraceable, Desc: "procgate with every program, for an app process open to tracing (equal uids and gids: traceable: true, a script, root), whose internal TCP connections the TCP handover guard watches by default (as it watches every app's with --tcp-handover=all): what that guard adds",
 			latencyOnly: true, openToTracing: true, pinned: append([]string{"sock_create", "egress", "bind4", "bind6", "handover"}, hookPrograms...)},
-		{Name: vProcgateNoApp, Desc: "procgate with every program, for a process of no app (a cgroup below the enforced one that no app claims, as most of a host's processes are): internal destinations are denied to it, external ones are what it pays",
+		{Name: vProcgateNoApp, Desc: "procgate with the programs of its defaults here, for a process of no app (a cgroup below the enforced one that no app claims, as most of a host's processes are): internal destinations are denied to it, external ones are what it pays",
+			latencyOnly: true, unbound: true, pinned: append([]string{"sock_create", "egress", "bind4", "bind6"}, hookPrograms...)},
+		{Name: vNoAppTracker, Desc: "procgate-noapp with the TCP handover guard's sockops tracker attached too, as the daemon attaches it host-wide while some app needs it (traceable: true, a match: app, --tcp-handover=all, an untraced launch): what a process of no app pays then",
 			latencyOnly: true, unbound: true, pinned: append([]string{"sock_create", "egress", "bind4", "bind6", "handover"}, hookPrograms...)},
-		{Name: vEmpty, Desc: "diagnostic: the floor; at each hook procgate's defaults use here (sock_create, connect4/6, sendmsg4/6, egress, sockops), a program that only returns \"go on\", on a cgroup of its own: what running a program there costs at all, below any design of procgate's",
+		{Name: vEmpty, Desc: "diagnostic: the floor; at each hook procgate's defaults use here (sock_create, connect4/6, sendmsg4/6, egress; not the sockops tracker, which the defaults leave off for these apps), a program that only returns \"go on\", on a cgroup of its own: what running a program there costs at all, below any design of procgate's",
 			latencyOnly: true, empty: true},
 		{Name: vNftCgroupSet, Desc: "nftables output chain: ct state established first, internal set, `socket cgroupv2` goto per-app chain with an interval set of the app's prefixes", install: installNft},
 		{Name: vNftCgroupRules, Desc: "as nft-cgroup-set, but one rule per granted prefix in the per-app chain", install: installNft,
