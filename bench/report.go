@@ -205,6 +205,8 @@ func (r *results) markdown(plots map[string]string) string {
 		w("%s", nf)
 		w("")
 	}
+	w("%s", closingTheRest)
+	w("")
 	w("## What is measured")
 	w("")
 	w("Policy at size N: N internal prefixes (every other /29 of 10.0.0.0/8) and N grants, grant i to app i mod 10 (tcp+udp, ports 5432 and 8000-8100). The client is app0, a process in its own cgroup (and, for uid-based variants, with app0's uid): *internal-allow* destinations are in app0's grants, *internal-deny* in app1's, *external* in 198.51.100.0/24; each batch cycles through up to %d destinations spread over the policy.", destsPerClass)

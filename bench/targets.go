@@ -46,7 +46,7 @@ func (r *results) evaluate() []targetResult {
 				worst := math.Max(l.P50Ratio, l.P99Ratio)
 				tr.Met = boolp(worst <= goal)
 				if !*tr.Met {
-					tr.Gap = fmt.Sprintf("%.1f points over", (worst-goal)*100)
+					tr.Gap = fmt.Sprintf("%.1f points over", (worst-goal)*100) + r.overFloor(t, p, classAllow, l, goal)
 				}
 				tr.Why = r.guardParts(t, p, classAllow)
 			}
@@ -62,7 +62,7 @@ func (r *results) evaluate() []targetResult {
 				worst := math.Max(l.P50Ratio, l.P99Ratio)
 				tr.Met = boolp(worst <= 1.02)
 				if !*tr.Met {
-					tr.Gap = fmt.Sprintf("%.1f points over", (worst-1.02)*100)
+					tr.Gap = fmt.Sprintf("%.1f points over", (worst-1.02)*100) + r.overFloor(topoLoopback, p, classExternal, l, 1.02)
 				}
 				switch v.name {
 				case vProcgate:
@@ -95,6 +95,23 @@ func (r *results) guardParts(t topo, p proto, c class) string {
 		{vProcgateEgress, "with the egress backstop"},
 		{vProcgateTraceable, "everything, for a process open to tracing (TCP handover guard on its connections)"},
 	})
+}
+
+// overFloor says, for a latency target missed, where the floor of the
+// same point stands against the goal: above it, no program at these
+// hooks can meet the goal and the rest is procgate's own; below it, how
+// many points procgate adds over the floor and how many the goal leaves.
+// Judged at p50, which the floor's rounds measure within the noise.
+func (r *results) overFloor(t topo, p proto, c class, l latResult, goal float64) string {
+	f, ok := r.lat(phaseLatency, t, p, c, r.Config.MatrixSize, vEmpty)
+	if !ok {
+		return ""
+	}
+	own := (l.P50Ratio - f.P50Ratio) * 100
+	if f.P50Ratio > goal {
+		return fmt.Sprintf(" (the floor alone is p50 %s, over the goal: no program at these hooks meets it; procgate adds %.1f points over the floor)", pct(f.P50Ratio), own)
+	}
+	return fmt.Sprintf(" (the floor is p50 %s; procgate adds %.1f points over it, the goal leaves %.1f)", pct(f.P50Ratio), own, (goal-f.P50Ratio)*100)
 }
 
 // variantPart is a variant a target's parts show, and what it adds.
@@ -365,3 +382,11 @@ func (r *results) verdictsCorrect() targetResult {
 	tr.Gap = first
 	return tr
 }
+
+// closingTheRest is what the kernel's hooks leave of the latency targets
+// and what would close it: the report's answer for a target its floor
+// does not let any design meet.
+const closingTheRest = `**What would close the rest.** The floor (empty-programs) is what the kernel charges for running any program at procgate's hooks: on this 6.18 guest about 0.3 µs of a TCP connect and 0.1 µs of a datagram. Where it is over a goal (external destinations at 2%, connected UDP at 3%), no program design meets the goal; where it is under (internal-allow UDP at 8%, a tenth of nftables at 5,000 prefixes), the rest is what procgate's programs do, shown per guard in the parts. The costs that remain, and what would remove each:
+- **The egress backstop** runs for every packet of every socket below the enforced cgroup; it returns at once for established TCP, but every datagram pays its run and the check that the connect or sendmsg hook already decided it. A cgroup_skb program cannot be skipped per socket. Closing it needs BPF LSM (socket_sendmsg and socket_connect see the same decisions in the sender's context, and LSM programs run only where attached hooks fire), which this host's kernel does not load (bpf is in its LSM list, but lsm/ programs fail to load with EPERM: no trampolines; docs/kernels.md); or a kernel way for a sock_addr program to mark a socket as decided so that cgroup_skb skips it.
+- **The UDP handover check** (egress, 6.18 only) reads the sending task's cgroup for every datagram (about 25 ns); on 6.1 and 6.12 the BPF LSM socket_sendmsg program does it instead.
+- **The connect and sendmsg programs** cost one principal lookup (cgroup id, then the app of that cgroup) and one destination lookup (an LRU hash keyed by generation, app and address) per call, flat to 1,000,000 prefixes; the TCP handover guard's sockops tracker costs five sockops runs per TCP connect host-wide, and is attached only while an app needs it.`
