@@ -762,6 +762,14 @@ func (rs *Ruleset) decide(app string, d Dest, learned []Learned, now time.Time,
 // coveringNames is every name grant of a that covers d through a fact of
 // learned, with the fact that expires last.
 func coveringNames(a *App, d Dest, learned []Learned, now time.Time) []NameMatch {
+	// Most decisions have no fact for the app and address: then no grant
+	// needs a look (an app of 100,000 grants took 0.2 ms a decision, the
+	// daemon's cost of naming each audit event).
+	if !slices.ContainsFunc(learned, func(l Learned) bool {
+		return l.App == a.Name && l.Addr.Unmap() == d.Addr && l.Expires.After(now)
+	}) {
+		return nil
+	}
 	var out []NameMatch
 	for _, g := range a.Grants {
 		if g.Name == "" || !g.CoversPort(d) {
