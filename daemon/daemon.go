@@ -809,13 +809,15 @@ func (d *Daemon) resolveContainers(eff *ruleset.Ruleset, logMisses bool) *rulese
 	if !hasContainerApps(eff) {
 		return eff
 	}
-	out := eff.Clone()
+	out := eff.Derive()
 	r := containers.Resolver{Sockets: d.containerSockets()}
 	for i := range out.Apps {
-		m := out.Apps[i].Match
-		if m == nil || m.Kind != ruleset.MatchContainer {
+		if m := out.Apps[i].Match; m == nil || m.Kind != ruleset.MatchContainer {
 			continue
 		}
+		// A match of its own: eff's is shared (ruleset.Derive).
+		m := *out.Apps[i].Match
+		out.Apps[i].Match = &m
 		m.Path = ""
 		c, err := r.Lookup(context.Background(), m.Value)
 		if err != nil {
@@ -1221,16 +1223,21 @@ func (d *Daemon) describeRevoked() map[string][]string {
 	return out
 }
 
-// apply returns rs without the revoked grants (rs itself when r is nil).
+// apply returns rs without the revoked grants (rs itself when none of
+// its apps has any).
 // An app revoked whole is enforced whatever its mode: `revoke --app` cuts
 // an app off, and in audit mode (mode: audit) its attempts would still
 // pass. One revoked grant of an app in audit mode only makes its attempts
 // would-deny, as the policy without the grant would.
+//
+// The result shares what it does not change with rs (ruleset.Derive): a
+// policy of 1,000,000 grants is not copied for the few apps revoked, nor
+// at all when none is.
 func (r *revocations) apply(rs *ruleset.Ruleset) *ruleset.Ruleset {
-	if r == nil {
+	if r == nil || !slices.ContainsFunc(rs.Apps, func(a ruleset.App) bool { return r.Apps[a.Name] || len(r.Grants[a.Name]) > 0 }) {
 		return rs
 	}
-	out := rs.Clone()
+	out := rs.Derive()
 	for i := range out.Apps {
 		a := &out.Apps[i]
 		if r.Apps[a.Name] {
@@ -1238,7 +1245,14 @@ func (r *revocations) apply(rs *ruleset.Ruleset) *ruleset.Ruleset {
 			continue
 		}
 		if gs := r.Grants[a.Name]; len(gs) > 0 {
-			a.Grants = slices.DeleteFunc(a.Grants, func(g ruleset.Grant) bool { return slices.Contains(gs, g.Index) })
+			// A new slice: the grants' array is the policy's.
+			var kept []ruleset.Grant
+			for _, g := range a.Grants {
+				if !slices.Contains(gs, g.Index) {
+					kept = append(kept, g)
+				}
+			}
+			a.Grants = kept
 		}
 	}
 	return out

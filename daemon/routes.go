@@ -92,7 +92,9 @@ func withRoutes(rs *ruleset.Ruleset, routes []ruleset.InternalPrefix) *ruleset.R
 	if len(routes) == 0 {
 		return rs
 	}
-	out := rs.Clone()
+	out := rs.Derive()
+	// A new array: rs's prefixes are shared (ruleset.Derive).
+	out.Internal = slices.Clip(out.Internal)
 	for _, r := range routes {
 		if !slices.ContainsFunc(out.Internal, func(p ruleset.InternalPrefix) bool { return p.Prefix == r.Prefix }) {
 			out.Internal = append(out.Internal, r)

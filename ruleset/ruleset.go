@@ -826,6 +826,18 @@ func (rs *Ruleset) Clone() *Ruleset {
 	return out
 }
 
+// Derive returns a copy of rs to derive another ruleset from: the
+// Ruleset and its Apps are new, every slice and pointer in them (prefixes,
+// grants, ports) is rs's own. Whoever changes the copy replaces such a
+// slice or pointer with a new one and never writes through it. It costs
+// a few apps, where a Clone of a policy of 1,000,000 prefixes and grants
+// costs 170 MB.
+func (rs *Ruleset) Derive() *Ruleset {
+	out := *rs
+	out.Apps = slices.Clone(rs.Apps)
+	return &out
+}
+
 func cloneGrants(gs []Grant) []Grant {
 	gs = slices.Clone(gs)
 	for i := range gs {
