@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"path/filepath"
 	"slices"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -45,12 +46,33 @@ func HookNames() []string {
 // their auxiliary ports on the host. Its maps and links are pinned in the
 // BPF directory like the enforcer's, so `procgate uninstall` removes them.
 type Kernel struct {
-	objs  pinholeObjects
-	links []link.Link
-	rd    *ringbuf.Reader
+	// mu is held shared by every call that uses the handles below and
+	// whole by Close: Close waits for the calls in flight, and a call
+	// after it fails with ErrClosed instead of using a closed handle.
+	// The daemon's API and metrics read the counters on goroutines of
+	// their own, and the agent's reader may call Read once more.
+	mu     sync.RWMutex
+	closed bool
+	objs   pinholeObjects
+	links  []link.Link
+	rd     *ringbuf.Reader
 	// ports are the pinhole_ports keys written last, to delete the stale.
 	ports map[pinholePortKey]uint8
 	apps  map[uint64]uint32
+}
+
+// ErrClosed is the answer of a Kernel's calls once it is closed.
+var ErrClosed = errors.New("pinhole kernel closed")
+
+// use holds k's handles open until the returned func is called; it fails
+// once k is closed.
+func (k *Kernel) use() (func(), error) {
+	k.mu.RLock()
+	if k.closed {
+		k.mu.RUnlock()
+		return nil, ErrClosed
+	}
+	return k.mu.RUnlock, nil
 }
 
 // Binding is a dynamic app as the kernel sees it.
@@ -105,6 +127,11 @@ func (k *Kernel) attach(bpfDir, cgroupDir string) error {
 
 // SetApps makes the kernel watch exactly these dynamic apps.
 func (k *Kernel) SetApps(bs []Binding) error {
+	done, err := k.use()
+	if err != nil {
+		return fmt.Errorf("write dynamic apps to the kernel: %w", err)
+	}
+	defer done()
 	apps := map[uint64]uint32{}
 	ports := map[pinholePortKey]uint8{}
 	principals := uint32(0)
@@ -185,6 +212,11 @@ func allowKey(h perimeter.Key) pinholeAllowKey {
 
 // Allow lets the hole's peer in to its port on this host.
 func (k *Kernel) Allow(h perimeter.Key) error {
+	done, err := k.use()
+	if err != nil {
+		return fmt.Errorf("host guard: allow %s: %w", h, err)
+	}
+	defer done()
 	if err := k.objs.PinholeAllow.Put(allowKey(h), uint8(1)); err != nil {
 		return fmt.Errorf("host guard: allow %s: %w", h, err)
 	}
@@ -193,6 +225,11 @@ func (k *Kernel) Allow(h perimeter.Key) error {
 
 // Revoke undoes Allow.
 func (k *Kernel) Revoke(h perimeter.Key) error {
+	done, err := k.use()
+	if err != nil {
+		return fmt.Errorf("host guard: revoke %s: %w", h, err)
+	}
+	defer done()
 	if err := k.objs.PinholeAllow.Delete(allowKey(h)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("host guard: revoke %s: %w", h, err)
 	}
@@ -201,6 +238,11 @@ func (k *Kernel) Revoke(h perimeter.Key) error {
 
 // Reset empties the host guard's allow list (a starting agent holds no hole).
 func (k *Kernel) Reset() error {
+	done, err := k.use()
+	if err != nil {
+		return err
+	}
+	defer done()
 	var key pinholeAllowKey
 	var keys []pinholeAllowKey
 	var v uint8
@@ -236,6 +278,11 @@ func (k *Kernel) releaseAll() error {
 // hold_egress held on the app's control connections. Only the agent's
 // goroutine calls it: pinhole_hold_released is written nowhere else.
 func (k *Kernel) Release(app uint32, n uint64) error {
+	done, err := k.use()
+	if err != nil {
+		return fmt.Errorf("release the hold of app %d: %w", app, err)
+	}
+	defer done()
 	var released uint64
 	if err := k.objs.PinholeHoldReleased.Lookup(app, &released); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("release the hold of app %d: %w", app, err)
@@ -251,18 +298,23 @@ func (k *Kernel) Release(app uint32, n uint64) error {
 
 // Held is how many data segments of control connections hold_egress held.
 func (k *Kernel) Held() (uint64, error) {
-	return sumCounter(k.objs.PinholeHeld, "held segments")
+	return k.sumCounter(func(o *pinholeObjects) *ebpf.Map { return o.PinholeHeld }, "held segments")
 }
 
 // Drops is how many packets the host guard dropped.
 func (k *Kernel) Drops() (uint64, error) {
-	return sumCounter(k.objs.PinholeDrops, "host guard drops")
+	return k.sumCounter(func(o *pinholeObjects) *ebpf.Map { return o.PinholeDrops }, "host guard drops")
 }
 
 // sumCounter reads a per-CPU counter of pinhole.c's count().
-func sumCounter(m *ebpf.Map, what string) (uint64, error) {
+func (k *Kernel) sumCounter(counter func(*pinholeObjects) *ebpf.Map, what string) (uint64, error) {
+	done, err := k.use()
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %w", what, err)
+	}
+	defer done()
 	var per []uint64
-	if err := m.Lookup(uint32(0), &per); err != nil {
+	if err := counter(&k.objs).Lookup(uint32(0), &per); err != nil {
 		return 0, fmt.Errorf("read %s: %w", what, err)
 	}
 	var n uint64
@@ -300,6 +352,11 @@ func (k *Kernel) Uses() ([]Use, error) {
 }
 
 func (k *Kernel) list() ([]Event, error) {
+	done, err := k.use()
+	if err != nil {
+		return nil, fmt.Errorf("list pinhole sockets: %w", err)
+	}
+	defer done()
 	var out []Event
 	for _, prog := range []*ebpf.Program{k.objs.ListTcpSocks, k.objs.ListUdpSocks} {
 		raw, err := runIter(prog)
@@ -334,8 +391,14 @@ func runIter(prog *ebpf.Program) ([]byte, error) {
 	return raw, nil
 }
 
-// Read blocks for the next event; ringbuf.ErrClosed after Close.
+// Read blocks for the next event; it fails once Close was called (Close
+// ends a Read that waits).
 func (k *Kernel) Read() (Event, error) {
+	done, err := k.use()
+	if err != nil {
+		return Event{}, err
+	}
+	defer done()
 	for {
 		rec, err := k.rd.Read()
 		if err != nil {
@@ -349,7 +412,22 @@ func (k *Kernel) Read() (Event, error) {
 	}
 }
 
-// Close releases this process' handles; the pinned links and maps stay.
+// Close releases this process' handles once the calls in flight have
+// returned; the pinned links and maps stay.
 func (k *Kernel) Close() error {
+	k.mu.RLock()
+	rd := k.rd
+	k.mu.RUnlock()
+	if rd != nil {
+		// A Read waiting for an event holds mu until its reader is closed
+		// (ringbuf's Close ends a Read in flight).
+		rd.Close()
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return nil
+	}
+	k.closed = true
 	return bpfpin.Close(k) // the objects, links and reader it holds
 }

@@ -1,6 +1,7 @@
 package pinhole
 
 import (
+	"errors"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -229,3 +230,60 @@ func TestKernelObservesAndGuards(t *testing.T) {
 }
 
 func itoa(v uint32) string { return strconv.FormatUint(uint64(v), 10) }
+
+// TestKernelClose: Close ends a Read that waits and waits for the calls
+// in flight; a call after it fails with ErrClosed instead of using a
+// closed handle (the daemon's API and metrics may still read counters
+// while it stops, the agent's reader may read once more).
+func TestKernelClose(t *testing.T) {
+	in := &ruleset.Inbound{Control: []ruleset.PortRange{{Lo: 2121, Hi: 2121}}, Ports: []ruleset.PortRange{{Lo: 40000, Hi: 40010}}, Proto: ruleset.Both}
+	r := newKernelRig(t, in, slog.Default())
+	k := r.k
+	read := make(chan error, 1)
+	go func() {
+		_, err := k.Read()
+		read <- err
+	}()
+	counting := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := k.Drops(); err != nil {
+				counting <- err
+				return
+			}
+		}
+	}()
+	if err := k.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-read; err == nil {
+		t.Error("a Read waiting when Close came returned an event")
+	}
+	if err := <-counting; !errors.Is(err, ErrClosed) {
+		t.Errorf("Drops in a loop through Close ended with %v, want ErrClosed", err)
+	}
+	lo := netip.MustParseAddr("127.0.0.1")
+	hole := perimeter.Key{Peer: lo, Proto: perimeter.TCP, Host: lo, Port: 40001}
+	for _, c := range []struct {
+		name string
+		call func() error
+	}{
+		{"Read", func() error { _, err := k.Read(); return err }},
+		{"SetApps", func() error { return k.SetApps([]Binding{r.binding}) }},
+		{"Allow", func() error { return k.Allow(hole) }},
+		{"Revoke", func() error { return k.Revoke(hole) }},
+		{"Reset", k.Reset},
+		{"Release", func() error { return k.Release(r.binding.AppID, 1) }},
+		{"Held", func() error { _, err := k.Held(); return err }},
+		{"Drops", func() error { _, err := k.Drops(); return err }},
+		{"Snapshot", func() error { _, err := k.Snapshot(); return err }},
+		{"Uses", func() error { _, err := k.Uses(); return err }},
+	} {
+		if err := c.call(); !errors.Is(err, ErrClosed) {
+			t.Errorf("%s after Close: %v, want ErrClosed", c.name, err)
+		}
+	}
+	if err := k.Close(); err != nil {
+		t.Errorf("a second Close: %v", err)
+	}
+}
