@@ -421,9 +421,11 @@ func Run(ctx context.Context, cfg Config) error {
 	d.containerWatch = cw
 	cw.want(hasContainerApps(d.current().effective))
 
-	if err := d.startPinholes(ctx, &wg); err != nil {
+	stopPinholes, err := d.startPinholes(ctx, &wg)
+	if err != nil {
 		return err
 	}
+	defer stopPinholes()
 	d.expireNames(ctx, &wg)
 	defer d.startDNSProxy(ctx, &wg)()
 

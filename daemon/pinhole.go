@@ -45,33 +45,36 @@ type pinholes struct {
 }
 
 // startPinholes attaches the observation and host guard and runs the agent
-// until ctx ends. Without --gateway it does nothing: no dynamic app gets a
-// hole, and their auxiliary ports are not guarded on the host.
-func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
+// until ctx ends or stop is called. Without --gateway it does nothing: no
+// dynamic app gets a hole, and their auxiliary ports are not guarded on
+// the host. stop ends the agent and then closes the kernel's handles: Run
+// calls it once the reconciler, which writes the kernel's apps
+// (setPinholeApps), has returned.
+func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) (stop func(), err error) {
 	if d.cfg.GatewayURL == "" {
-		return nil
+		return func() {}, nil
 	}
 	tlsConf, err := pki.ClientConfig(pki.Files{Cert: d.cfg.GatewayCert, Key: d.cfg.GatewayKey, CA: d.cfg.GatewayCA})
 	if err != nil {
-		return fmt.Errorf("pinhole agent: %w", err)
+		return nil, fmt.Errorf("pinhole agent: %w", err)
+	}
+	urls, err := gatewayURLs(d.cfg.GatewayURL)
+	if err != nil {
+		return nil, err
+	}
+	gw, err := perimeter.NewFailover(urls, tlsConf, d.log)
+	if err != nil {
+		return nil, fmt.Errorf("pinhole agent: %w", err)
 	}
 	k, err := pinhole.OpenKernel(d.cfg.BPFDir, d.cfg.CgroupRoot, d.log)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// A starting agent holds no hole, so the host guard lets nobody in
 	// until the gateway has opened one again.
 	if err := k.Reset(); err != nil {
 		k.Close()
-		return fmt.Errorf("reset host guard: %w", err)
-	}
-	urls, err := gatewayURLs(d.cfg.GatewayURL)
-	if err != nil {
-		return err
-	}
-	gw, err := perimeter.NewFailover(urls, tlsConf, d.log)
-	if err != nil {
-		return fmt.Errorf("pinhole agent: %w", err)
+		return nil, fmt.Errorf("reset host guard: %w", err)
 	}
 	ph := &pinholes{gateway: gw, kernel: k, metrics: &pinholeMetrics{drops: k.Drops, held: k.Held}, ctx: ctx, wg: wg}
 	_, apps := pinholeApps(d.current().bindings)
@@ -96,18 +99,24 @@ func (d *Daemon) startPinholes(ctx context.Context, wg *sync.WaitGroup) error {
 	err = d.setPinholeApps(d.current().bindings)
 	if err != nil {
 		k.Close()
-		return err
+		return nil, err
 	}
-	wg.Add(1)
+	ctx, cancel := context.WithCancel(ctx)
+	ran := make(chan struct{})
 	go func() {
-		defer wg.Done()
-		defer k.Close()
+		defer close(ran)
 		if err := ph.agent.Run(ctx); err != nil && ctx.Err() == nil {
 			d.log.Error("pinhole agent stopped", "err", err)
 		}
 	}()
 	d.log.Info("pinhole agent started", "gateway", d.cfg.GatewayURL)
-	return nil
+	return func() {
+		cancel()
+		<-ran
+		// Ends the agent's event reader; the API's and the metrics'
+		// calls still under way finish first, later ones fail.
+		k.Close()
+	}, nil
 }
 
 // gatewayURLs splits --gateway into the site's gateways, each
