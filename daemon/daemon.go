@@ -371,9 +371,11 @@ func Run(ctx context.Context, cfg Config) error {
 	d.log.Info("enforcing", "version", version.Get().String(), "policy", policyName, "generation", d.generation(), "cgroup_root", cfg.CgroupRoot, "bpf_dir", cfg.BPFDir)
 
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	// Before the wait: on a return before the reconciler's, the
+	// goroutines started so far end with ctx.
+	defer cancel()
 
 	events, err := enf.Events()
 	if err != nil {

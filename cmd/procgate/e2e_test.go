@@ -650,6 +650,22 @@ func TestDaemonEnforcesReloadsAndRevokes(t *testing.T) {
 // nobody is the unprivileged caller of the launcher tests (Debian's uid 65534).
 var nobody = &syscall.Credential{Uid: 65534, Gid: 65534}
 
+// TestSecondDaemonExits: a daemon that finds another serving its socket
+// says so and exits. It finds out after it started goroutines (the audit
+// reader, the hasher, the watches), which must end with it: a daemon
+// that waits for them forever fails the test at the test binary's
+// -timeout.
+func TestSecondDaemonExits(t *testing.T) {
+	e := newE2E(t, basePolicy)
+	cmd := exec.Command("nsenter", "--net="+e.netns, e.bin, "daemon", "--policy", e.policy, "--cgroup-root", nstest.Cgroup(t),
+		"--state-dir", t.TempDir(), "--bpf-dir", filepath.Join(nstest.BPFFS(t), "procgate"), "--socket", e.socket)
+	cmd.Env = append(os.Environ(), envAsMain+"=1")
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "another daemon is serving "+e.socket) {
+		t.Errorf("second daemon on %s: %v; want it to exit saying another daemon serves it:\n%s", e.socket, err, out)
+	}
+}
+
 func TestRunLauncher(t *testing.T) {
 	// Guard gid 65533: nobody's own group, the default 65534, would leave
 	// nobody unguarded.
