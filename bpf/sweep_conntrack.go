@@ -1,10 +1,13 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 
-	"github.com/ti-mo/conntrack"
+	"github.com/mdlayher/netlink"
+	vnetlink "github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 
 	"github.com/procgate/procgate/ruleset"
@@ -14,75 +17,93 @@ import (
 // calling thread's network namespace, so that no state of an ended flow
 // lingers (a "ct state established" rule would still pass its packets).
 // Each entry is deleted by its original tuple, which for a socket that made
-// the connection is its local and peer address: one request per flow, no
-// walk of the kernel's table (shared by all namespaces, so a dump costs
-// milliseconds even when empty). Entries in conntrack zones other than the
-// default one are not found. Without conntrack there is nothing to do.
+// the connection is its local and peer address: one request per flow, many
+// requests to a sendmsg, no walk of the kernel's table (shared by all
+// namespaces, so a dump costs milliseconds even when empty). Entries in
+// conntrack zones other than the default one are not found. Without
+// conntrack there is nothing to do. The error names every entry that could
+// not be deleted.
 func deleteConntrack(ended []EndedSocket) (int, error) {
 	// The socket is made here, in the calling thread's namespace.
-	c, err := conntrack.Dial(nil)
+	c, err := dialBatch(unix.NETLINK_NETFILTER)
 	if err != nil {
 		if errors.Is(err, unix.EPROTONOSUPPORT) {
 			return 0, nil // no nfnetlink: no conntrack
 		}
 		return 0, fmt.Errorf("open ctnetlink socket: %w", err)
 	}
-	defer c.Close()
-	// Every request through the library starts a goroutine and waits for
-	// it (mdlayher/socket watches the request's context). On a thread
-	// locked into a network namespace, as sweeps run, each such wait hands
-	// the thread off and back: some 50 µs a flow instead of 5. The socket
-	// stays in the namespace it was made in, so the requests are sent from
-	// a goroutine of no locked thread.
-	type result struct {
-		n   int
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		n, err := deleteFlows(c, ended)
-		done <- result{n, err}
-	}()
-	r := <-done
-	return r.n, r.err
-}
-
-// deleteFlows deletes the entries of ended through c, one request each.
-func deleteFlows(c *conntrack.Conn, ended []EndedSocket) (int, error) {
-	var n int
-	for _, s := range ended {
-		err := c.Delete(ctFlow(s))
-		switch {
-		case err == nil:
-			n++
-		case errors.Is(err, unix.ENOENT):
-			// Not tracked.
-		case errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.EPROTONOSUPPORT):
-			return n, nil // no conntrack for this family
-		default:
-			return n, fmt.Errorf("delete conntrack entry of %s %s -> %s: %w", s.Proto, s.Local, s.Peer, err)
+	defer c.close()
+	msgs := make([]netlink.Message, len(ended))
+	for i, s := range ended {
+		if msgs[i], err = ctDelete(s); err != nil {
+			return 0, fmt.Errorf("conntrack delete request for %s %s -> %s: %w", s.Proto, s.Local, s.Peer, err)
 		}
 	}
-	return n, nil
+	answers, err := c.exec(msgs)
+	var n, unanswered int
+	var failed []error
+	for i, aerr := range answers {
+		s := ended[i]
+		switch {
+		case aerr == nil:
+			n++
+		case aerr == errNoAnswer:
+			unanswered++
+		case errors.Is(aerr, unix.ENOENT):
+			// Not tracked, or gone already.
+		case errors.Is(aerr, unix.EOPNOTSUPP), errors.Is(aerr, unix.EPROTONOSUPPORT):
+			// No conntrack for this family.
+		default:
+			failed = append(failed, fmt.Errorf("delete conntrack entry of %s %s -> %s: %w", s.Proto, s.Local, s.Peer, aerr))
+		}
+	}
+	if err != nil {
+		failed = append(failed, fmt.Errorf("conntrack deletes, %d of %d unanswered: %w", unanswered, len(ended), err))
+	}
+	return n, errors.Join(failed...)
 }
 
-// ctFlow names the flow of s by its original tuple, which the kernel
-// looks it up by. The reply tuple (the same, reversed, without NAT) is
-// there for conntrack.Conn.Delete, which takes the request's address
-// family as IPv6 only when both tuples are.
-func ctFlow(s EndedSocket) conntrack.Flow {
+// ctDelete is the ctnetlink request that deletes the entry of s by its
+// original tuple, which the kernel looks it up by.
+func ctDelete(s EndedSocket) (netlink.Message, error) {
 	local, peer := s.Local.Addr().Unmap(), s.Peer.Addr().Unmap()
+	family, src, dst := uint8(unix.AF_INET6), uint16(nl.CTA_IP_V6_SRC), uint16(nl.CTA_IP_V6_DST)
+	if peer.Is4() {
+		family, src, dst = unix.AF_INET, nl.CTA_IP_V4_SRC, nl.CTA_IP_V4_DST
+	}
 	proto := uint8(unix.IPPROTO_TCP)
 	if s.Proto == ruleset.UDP {
 		proto = unix.IPPROTO_UDP
 	}
-	orig := conntrack.Tuple{
-		IP:    conntrack.IPTuple{SourceAddress: local, DestinationAddress: peer},
-		Proto: conntrack.ProtoTuple{Protocol: proto, SourcePort: s.Local.Port(), DestinationPort: s.Peer.Port()},
+	ip, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: src, Data: local.AsSlice()},
+		{Type: dst, Data: peer.AsSlice()},
+	})
+	if err != nil {
+		return netlink.Message{}, err
 	}
-	reply := conntrack.Tuple{
-		IP:    conntrack.IPTuple{SourceAddress: peer, DestinationAddress: local},
-		Proto: conntrack.ProtoTuple{Protocol: proto, SourcePort: s.Peer.Port(), DestinationPort: s.Local.Port()},
+	l4, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: nl.CTA_PROTO_NUM, Data: []byte{proto}},
+		{Type: nl.CTA_PROTO_SRC_PORT, Data: binary.BigEndian.AppendUint16(nil, s.Local.Port())},
+		{Type: nl.CTA_PROTO_DST_PORT, Data: binary.BigEndian.AppendUint16(nil, s.Peer.Port())},
+	})
+	if err != nil {
+		return netlink.Message{}, err
 	}
-	return conntrack.Flow{TupleOrig: orig, TupleReply: reply}
+	tuple, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: netlink.Nested | nl.CTA_TUPLE_IP, Data: ip},
+		{Type: netlink.Nested | nl.CTA_TUPLE_PROTO, Data: l4},
+	})
+	if err != nil {
+		return netlink.Message{}, err
+	}
+	attrs, err := netlink.MarshalAttributes([]netlink.Attribute{{Type: netlink.Nested | nl.CTA_TUPLE_ORIG, Data: tuple}})
+	if err != nil {
+		return netlink.Message{}, err
+	}
+	data := append((&nl.Nfgenmsg{NfgenFamily: family, Version: nl.NFNETLINK_V0}).Serialize(), attrs...)
+	return netlink.Message{
+		Header: netlink.Header{Type: netlink.HeaderType(int(vnetlink.ConntrackTable)<<8 | nl.IPCTNL_MSG_CT_DELETE)},
+		Data:   data,
+	}, nil
 }
