@@ -159,7 +159,7 @@ type internalCover []netip.Prefix
 // coverOf sorts and dedups prefixes (masked) and returns them with their
 // cover.
 func coverOf(prefixes []netip.Prefix) (sorted []netip.Prefix, cover internalCover) {
-	slices.SortFunc(prefixes, comparePrefixes)
+	slices.SortFunc(prefixes, netip.Prefix.Compare)
 	prefixes = slices.Compact(prefixes)
 	for _, p := range prefixes {
 		// Sorted by address, then by length: a prefix that contains p
@@ -176,16 +176,6 @@ func coverOf(prefixes []netip.Prefix) (sorted []netip.Prefix, cover internalCove
 // contains: does a contain b (a's length at most b's, b's address in a)?
 func contains(a, b netip.Prefix) bool {
 	return a.Bits() <= b.Bits() && a.Contains(b.Addr())
-}
-
-// comparePrefixes orders masked prefixes by address (IPv4 first), then by
-// length: the order of their trie keys, where a prefix comes before every
-// prefix it contains.
-func comparePrefixes(a, b netip.Prefix) int {
-	if c := a.Addr().Compare(b.Addr()); c != 0 {
-		return c
-	}
-	return cmp.Compare(a.Bits(), b.Bits())
 }
 
 // inside: is p inside an internal prefix?
@@ -434,7 +424,7 @@ func (t *tables) putGrants(cover internalCover, ports *portTable, slot, id uint3
 		}
 		own = append(own, prefixGrant{grants[i].Prefix.Masked(), &grants[i]})
 	}
-	slices.SortFunc(own, func(a, b prefixGrant) int { return comparePrefixes(a.prefix, b.prefix) })
+	slices.SortFunc(own, func(a, b prefixGrant) int { return a.prefix.Compare(b.prefix) })
 	// ancestors are the entries written so far whose prefixes contain the
 	// current one, outermost first: sorted, a prefix follows every prefix
 	// that contains it, so they are a stack.
