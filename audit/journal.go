@@ -134,7 +134,7 @@ func journalFields(r Record, raw []byte) (map[string]string, error) {
 // audit mode notices (5), the rest informational (6).
 func journalPriority(verdict string) string {
 	switch verdict {
-	case ruleset.VerdictDeny, "refuse":
+	case ruleset.VerdictDeny, ruleset.VerdictRefuse:
 		return "4"
 	case ruleset.VerdictWouldDeny:
 		return "5"

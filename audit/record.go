@@ -37,8 +37,9 @@ type Record struct {
 	Generation uint32    `json:"generation"`
 	CgroupID   uint64    `json:"cgroup_id"`
 	// Kind is "" for a decision of the kernel, KindPinhole for a pinhole
-	// the agent opened, closed or had refused (Verdict "open", "close",
-	// "refuse"; Dest "peer -> host:port/proto"; Hook "pinhole").
+	// the agent opened, closed or had refused (Verdict ruleset.VerdictOpen,
+	// VerdictClose, VerdictRefuse; Dest "peer -> host:port/proto"; Hook
+	// "pinhole").
 	Kind    string   `json:"kind,omitempty"`
 	Pinhole *Pinhole `json:"pinhole,omitempty"`
 }

@@ -309,7 +309,7 @@ func (d *Daemon) exeTransition(app string, p pinnedPath, now exeState, sum strin
 			d.log.Info("pinned binary matches its sha256; it holds the app's grants", "app", app, "exe", p.path, "sha256", sum)
 		}
 		if was.mismatched && d.auditor != nil {
-			d.auditExe("allow", app, p.path, "sha256 "+sum+" matches the policy again")
+			d.auditExe(ruleset.VerdictAllow, app, p.path, "sha256 "+sum+" matches the policy again")
 		}
 	}
 	d.exeStates[key] = now

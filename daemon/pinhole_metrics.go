@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/procgate/procgate/ruleset"
 )
 
 var (
@@ -23,7 +25,7 @@ var (
 
 // pinholeActions are the actions of pinhole.Notice, in the order of
 // pinholeMetrics.changes.
-var pinholeActions = [...]string{"open", "close", "refuse"}
+var pinholeActions = [...]string{ruleset.VerdictOpen, ruleset.VerdictClose, ruleset.VerdictRefuse}
 
 // pinholeMetrics exports the pinhole agent's state.
 type pinholeMetrics struct {

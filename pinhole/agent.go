@@ -66,7 +66,7 @@ type App struct {
 
 // Notice is something the audit log keeps: a hole opened, closed or refused.
 type Notice struct {
-	Action string // "open", "close", "refuse"
+	Action string // ruleset.VerdictOpen, VerdictClose or VerdictRefuse
 	App    string
 	User   string
 	UID    uint32
@@ -631,7 +631,7 @@ func compareKeys(x, y perimeter.Key) int {
 
 func (a *Agent) notify(action string, h *hole, reason, rule string) {
 	level := slog.LevelInfo
-	if action == "refuse" {
+	if action == ruleset.VerdictRefuse {
 		level = slog.LevelWarn
 	}
 	a.log.Log(context.Background(), level, "pinhole "+action, "app", h.app, "user", h.user, "pid", h.pid,
@@ -654,7 +654,7 @@ func (a *Agent) opened(h *hole, g perimeter.Hole) {
 		if err := a.cfg.Guard.Allow(h.key); err != nil {
 			a.log.Error("host guard", "err", err)
 		}
-		a.notify("open", h, "", g.Rule)
+		a.notify(ruleset.VerdictOpen, h, "", g.Rule)
 	}
 }
 
@@ -665,7 +665,7 @@ func (a *Agent) refused(h *hole, reason, rule string) {
 		}
 	}
 	if h.state != stateRefused || h.reason != reason {
-		a.notify("refuse", h, reason, rule)
+		a.notify(ruleset.VerdictRefuse, h, reason, rule)
 	}
 	h.state, h.reason = stateRefused, reason
 }
@@ -727,7 +727,7 @@ func (a *Agent) close(ctx context.Context, hs []*hole, reason string) {
 			a.log.Error("host guard", "err", err)
 		}
 		targets = append(targets, h.key.Target())
-		a.notify("close", h, reason, "")
+		a.notify(ruleset.VerdictClose, h, reason, "")
 	}
 	if len(targets) == 0 {
 		return

@@ -548,6 +548,15 @@ const (
 	VerdictWouldDeny = "would-deny" // denied by an app in audit mode: it passed
 )
 
+// The verdicts of the pinhole agent's audit records (pinhole.Notice's
+// Action): a hole the gateway opened, one the agent closed, and one the
+// gateway refused.
+const (
+	VerdictOpen   = "open"
+	VerdictClose  = "close"
+	VerdictRefuse = "refuse"
+)
+
 // AuditOnlyNote ends the explanation of a denial of an app in audit mode.
 const AuditOnlyNote = "; mode: audit, so not enforced: the attempt passes, logged as would-deny"
 

@@ -8,6 +8,7 @@ import (
 	"github.com/charmbracelet/lipgloss"
 
 	"github.com/procgate/procgate/audit"
+	"github.com/procgate/procgate/ruleset"
 )
 
 var (
@@ -153,7 +154,7 @@ func denialLine(r audit.Record) string {
 	if r.Rule != "" {
 		why += " " + r.Rule
 	}
-	if r.Verdict != "deny" {
+	if r.Verdict != ruleset.VerdictDeny {
 		why = r.Verdict + " " + why
 	}
 	return fmt.Sprintf("%s %-10s %-6d %-10s %-23s %s", r.Time.Local().Format("15:04:05"), cut(r.App, 10), r.PID,

@@ -597,7 +597,8 @@ func (f *eventFlags) add(cmd *cobra.Command, all bool) {
 
 // eventVerdicts are the verdicts records carry: the kernel's decisions
 // (would-deny: an audit-only app's attempt that passed) and pinholes'.
-var eventVerdicts = []string{"allow", "deny", "would-deny", "open", "close", "refuse"}
+var eventVerdicts = []string{ruleset.VerdictAllow, ruleset.VerdictDeny, ruleset.VerdictWouldDeny,
+	ruleset.VerdictOpen, ruleset.VerdictClose, ruleset.VerdictRefuse}
 
 func (f *eventFlags) request() (api.Request, error) {
 	if f.verdict != "" && !slices.Contains(eventVerdicts, f.verdict) {
