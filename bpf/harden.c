@@ -67,7 +67,7 @@ int guard_sock_create(struct bpf_sock *ctx)
 }
 
 // Leading bytes of the headers this program reads; only what it needs.
-struct ip4_head {
+struct __attribute__((aligned(4))) ip4_head {
 	__u8 ver_ihl;
 	__u8 tos;
 	__u16 tot_len;
@@ -108,12 +108,20 @@ struct l4 {
 // header): straight from the linear data where they are (every header a
 // local socket builds is), by bpf_skb_load_bytes otherwise. Saves two
 // helper calls per packet on the path every packet takes.
+//
+// Copied a word at a time: a local socket's network header starts
+// aligned (LL_RESERVED_SPACE) and the transport header 4 bytes after it
+// times the header length, and `to` is 4-aligned. Were a header not
+// aligned, the loads would still be right: the verifier checks packet
+// alignment only where unaligned access is slow (not x86-64 or arm64).
+// Byte by byte, a TCP packet's two headers took ~60 instructions on the
+// path every packet of every socket takes.
 static __always_inline int read_head(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	if (off <= 64 && data + off + len <= end) {
-		__builtin_memcpy(to, data + off, len);
+		__builtin_memcpy(__builtin_assume_aligned(to, 4), __builtin_assume_aligned(data + off, 4), len);
 		return 0;
 	}
 	return bpf_skb_load_bytes(skb, off, to, len);
@@ -123,8 +131,8 @@ static __always_inline int load_l4(struct __sk_buff *skb, __u32 off, __u8 proto,
 {
 	switch (proto) {
 	case IPPROTO_TCP: {
-		__u8 h[14];
-		if (read_head(skb, off, h, sizeof(h)))
+		__u8 h[16] __attribute__((aligned(4)));
+		if (read_head(skb, off, h, 14))
 			return -1;
 		l->dport = (h[2] << 8) | h[3];
 		l->tcp_flags = h[13];
@@ -132,7 +140,7 @@ static __always_inline int load_l4(struct __sk_buff *skb, __u32 off, __u8 proto,
 	}
 	case IPPROTO_UDP:
 	case IPPROTO_UDPLITE: {
-		__u8 h[4];
+		__u8 h[4] __attribute__((aligned(4)));
 		if (read_head(skb, off, h, sizeof(h)))
 			return -1;
 		l->dport = (h[2] << 8) | h[3];
@@ -140,7 +148,13 @@ static __always_inline int load_l4(struct __sk_buff *skb, __u32 off, __u8 proto,
 	}
 	case IPPROTO_ICMP:
 	case IPPROTO_ICMPV6:
-		return read_head(skb, off, &l->icmp_type, 1) ? -1 : 0;
+	{
+		__u8 h[4] __attribute__((aligned(4)));
+		if (read_head(skb, off, h, 1))
+			return -1;
+		l->icmp_type = h[0];
+		return 0;
+	}
 	}
 	return 0;
 }
