@@ -409,7 +409,7 @@ func Run(ctx context.Context, cfg Config) error {
 		d.log.Warn("cannot watch pinned binaries; polling them", "every", cfg.PollInterval, "err", err)
 	} else {
 		d.exeWatch = xw
-		xw.watch(exeDirs(d.current().effective))
+		xw.watch(exeDirs(d.current().effective()))
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -421,7 +421,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	cw := watchContainers(ctx, &wg, d.containerSockets(), cfg.PollInterval, d.log)
 	d.containerWatch = cw
-	cw.want(hasContainerApps(d.current().effective))
+	cw.want(hasContainerApps(d.current().effective()))
 
 	stopPinholes, err := d.startPinholes(ctx, &wg)
 	if err != nil {
@@ -756,15 +756,15 @@ func (d *Daemon) install(rs *ruleset.Ruleset, hash string, dropins []string) err
 func (d *Daemon) refreshExes() {
 	defer d.flushExeRecords()
 	cur := d.current()
-	if cur.effective == nil {
+	if cur.effective() == nil {
 		return
 	}
-	now := d.resolveExes(cur.effective)
+	now := d.resolveExes(cur.effective())
 	if reflect.DeepEqual(now, cur.exes) {
 		d.publishExeKinds()
 		return
 	}
-	gen, err := d.applyEffective(cur.effective, nil)
+	gen, err := d.applyEffective(cur.effective(), nil)
 	if err != nil {
 		d.log.Error("pinned binaries changed, but applying them failed", "err", err)
 		return
@@ -863,7 +863,7 @@ func (d *Daemon) containerSockets() []string {
 // containers run now (a container made again has a new id and cgroup).
 // Reconciler only.
 func (d *Daemon) refreshContainers() {
-	eff := d.current().effective
+	eff := d.current().effective()
 	if eff == nil {
 		return
 	}
@@ -935,7 +935,7 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint
 	// Published before the sweep, which may take a while: the kernel
 	// decides by gen already.
 	d.publish(func(s *State) {
-		s.gen, s.effective, s.exes, s.exeKinds, s.bindings, s.matched = gen, eff, g.Exes, kinds, dynamic, matched
+		s.gen, s.exes, s.exeKinds, s.bindings, s.matched = gen, g.Exes, kinds, dynamic, matched
 		s.appIDs, s.appNames, s.revoked, s.byGen = ids, names, revoked, rememberGen(s.byGen, gen, index)
 		if edit != nil {
 			edit(s)

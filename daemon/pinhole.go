@@ -237,7 +237,7 @@ func (d *Daemon) pinholeOpen(ctx context.Context, p peer, req api.Request) (*api
 	if err != nil {
 		return nil, err
 	}
-	app := cur.effective.App(name)
+	app := cur.effective().App(name)
 	var in *ruleset.Inbound
 	if app != nil {
 		in = app.Inbound

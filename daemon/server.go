@@ -250,21 +250,21 @@ func (d *Daemon) status(cur *State, all bool) (*api.Status, error) {
 	}
 	what, active, why := launch.TraceGuard(d.cfg.GuardGID)
 	st.Guards = append(st.Guards, api.Guard{Name: "app-tracing", What: what, Active: active, Why: why})
-	if cur.effective == nil {
+	if cur.effective() == nil {
 		return st, nil
 	}
 	lists := cur.listed
 	if lists == nil { // a State not made by publish
-		lists = listStatus(cur.policy, cur.effective)
+		lists = listStatus(cur.policy, cur.effective())
 	}
-	st.Internal, st.InternalTotal = lists.internal, len(cur.effective.Internal)
+	st.Internal, st.InternalTotal = lists.internal, len(cur.effective().Internal)
 	if all {
-		st.Internal = internalStrings(cur.effective, -1)
+		st.Internal = internalStrings(cur.effective(), -1)
 	}
 	for _, a := range cur.policy.Apps {
 		as := api.AppStatus{Name: a.Name, ID: cur.appIDs[a.Name], Cgroup: filepath.Join(d.appDirs.Base, a.Name), Principal: a.Match.Describe(),
 			Cgroups: 1, Revoked: cur.revoked[a.Name], Counters: toCounters(counters[a.Name]), Mode: a.Mode()}
-		if e := cur.effective.App(a.Name); e != nil {
+		if e := cur.effective().App(a.Name); e != nil {
 			as.Mode = e.Mode() // a revoked app is enforced
 		}
 		switch a.Kind() {
@@ -319,7 +319,7 @@ func (d *Daemon) appOfPID(st *State, pid int) (string, error) {
 	if err != nil || strings.HasPrefix(rel, "..") {
 		rel = "" // outside the enforced subtree: no app cgroup
 	}
-	return st.effective.Principal(filepath.ToSlash(rel), uid, AppsDir), nil
+	return st.effective().Principal(filepath.ToSlash(rel), uid, AppsDir), nil
 }
 
 // realUID reads pid's real uid (the first of the Uid: line of
@@ -348,7 +348,7 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 		return nil, err
 	}
 	st := d.current()
-	if st.effective == nil {
+	if st.effective() == nil {
 		return nil, errors.New("no policy in force yet")
 	}
 	app := req.App
@@ -356,12 +356,12 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 		if app, err = d.appOfPID(st, req.PID); err != nil {
 			return nil, err
 		}
-	} else if st.effective.App(app) == nil {
+	} else if st.effective().App(app) == nil {
 		return nil, fmt.Errorf("no app %q in the policy %s", app, d.cfg.PolicyPath)
 	}
 	dec := st.index().DecideLearned(app, dest, d.enf.Learned(), time.Now())
 	ex := &api.Explain{App: app, Dest: dest.String(), Allow: dec.Allow, Reason: dec.Reason.String(), Verdict: dec.Verdict(), Decision: dec.String()}
-	if a := st.effective.App(app); a != nil {
+	if a := st.effective().App(app); a != nil {
 		ex.Mode = a.Mode()
 		if req.PID != 0 {
 			ex.Principal = a.Match.Describe()
@@ -371,12 +371,12 @@ func (d *Daemon) explain(req api.Request) (*api.Explain, error) {
 	// binary holds none of the grants.
 	// Only the app's own grants depend on it: everyone's and a sandbox's
 	// loopback hold for any binary.
-	if a := st.effective.App(app); req.PID != 0 && a != nil && len(a.Exe) > 0 && (dec.Reason == ruleset.ReasonGranted || dec.Reason == ruleset.ReasonName) {
+	if a := st.effective().App(app); req.PID != 0 && a != nil && len(a.Exe) > 0 && (dec.Reason == ruleset.ReasonGranted || dec.Reason == ruleset.ReasonName) {
 		exe := fmt.Sprintf("/proc/%d/exe", req.PID)
 		id, err := bpf.FileIDOf(exe)
 		if err != nil || !slices.Contains(st.exes[app], id) {
 			target, _ := os.Readlink(exe)
-			ungranted := st.effective.Clone()
+			ungranted := st.effective().Clone()
 			ungranted.App(app).Grants = nil
 			if dec := ungranted.Decide(app, dest); dec.Allow {
 				ex.Reason = dec.Reason.String()

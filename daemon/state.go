@@ -39,11 +39,10 @@ import (
 // the maps, slices and rulesets it touches.
 type State struct {
 	gen uint32
-	// policy is as the files (or etcd) say; effective is what the kernel
-	// enforces: policy minus revocations, plus routes, containers
-	// resolved. Both nil before the first generation.
-	policy, effective *ruleset.Ruleset
-	policyHash        string
+	// policy is as the files (or etcd) say (nil before the first
+	// generation); what the kernel enforces of it is effective.
+	policy     *ruleset.Ruleset
+	policyHash string
 	// policyDropins are the drop-ins of the policy in force, in merge
 	// order.
 	policyDropins []string
@@ -72,9 +71,10 @@ type State struct {
 	bindings []dynamicBinding
 	// ended counts the live sockets the sweep after the last Apply ended.
 	ended int
-	// byGen are the effective rulesets of the last generations, indexed:
-	// events of a few generations back may still be in the ring buffer,
-	// and naming one must not walk every prefix (ruleset.Index).
+	// byGen are the effective rulesets of the last generations, indexed,
+	// the one in force (gen) always among them: events of a few
+	// generations back may still be in the ring buffer, and naming one
+	// must not walk every prefix (ruleset.Index).
 	byGen map[uint32]*ruleset.Index
 	// fleetRevision and fleetFromDisk are the etcd source's: the revision
 	// in force, and whether it came from the last good policy on disk.
@@ -155,22 +155,25 @@ func (d *Daemon) publish(edit func(s *State)) *State {
 	old := d.current()
 	s := *old
 	edit(&s)
-	if s.policy != old.policy || s.effective != old.effective {
-		s.listed = listStatus(s.policy, s.effective)
+	if s.policy != old.policy || s.effective() != old.effective() {
+		s.listed = listStatus(s.policy, s.effective())
 	}
 	d.state.Store(&s)
 	return &s
 }
 
 // index is the indexed effective ruleset in force (nil: none yet).
-func (s *State) index() *ruleset.Index {
-	if ix := s.byGen[s.gen]; ix != nil && ix.Ruleset() == s.effective {
-		return ix
+func (s *State) index() *ruleset.Index { return s.byGen[s.gen] }
+
+// effective is what the kernel enforces: the policy minus revocations,
+// plus routes, containers resolved; nil before the first generation.
+// It is the ruleset of the generation in force's index, so that the two
+// are never out of step.
+func (s *State) effective() *ruleset.Ruleset {
+	if ix := s.index(); ix != nil {
+		return ix.Ruleset()
 	}
-	if s.effective == nil {
-		return nil
-	}
-	return ruleset.NewIndex(s.effective)
+	return nil
 }
 
 // pendingGen is the generation the reconciler is applying: the kernel may
