@@ -302,9 +302,20 @@ const EnvNetNS = "PROCGATE_PROBE_NETNS"
 // EnvServe makes a binary that calls MaybeServe act as a prober.
 const EnvServe = "PROCGATE_PROBE_SERVE"
 
+// A prober enters EnvNetNS on its main thread, as a process made in a
+// namespace (a container's) is there: /proc/PID/ns/net, what the daemon
+// reads of a process in an app's cgroup, is the main thread's. An init
+// that locks the main goroutine has main (and TestMain, MaybeServe) run
+// on the main thread (runtime.LockOSThread).
+func init() {
+	if os.Getenv(EnvServe) != "" {
+		runtime.LockOSThread()
+	}
+}
+
 // MaybeServe turns the current process into a prober when EnvServe is set:
-// call it first in TestMain (or main). It enters EnvNetNS on a locked thread,
-// serves stdin, and exits.
+// call it first in TestMain (or main). It enters EnvNetNS on the main
+// thread, locked, serves stdin, and exits.
 func MaybeServe() {
 	if os.Getenv(EnvServe) == "" {
 		return
