@@ -430,6 +430,9 @@ func Run(ctx context.Context, cfg Config) error {
 	defer stopPinholes()
 	d.expireNames(ctx, &wg)
 	defer d.startDNSProxy(ctx, &wg)()
+	// The first Apply came before the proxies could start: the matched
+	// cgroups' processes running already get theirs now.
+	d.proxyMatchedNetns(d.current().effective())
 
 	ln, err := listen(cfg.Socket)
 	if err != nil {
@@ -869,6 +872,10 @@ func (d *Daemon) refreshContainers() {
 	}
 	now := d.resolveContainers(eff, false)
 	if now == eff || reflect.DeepEqual(now.Apps, eff.Apps) {
+		// Nothing moved (the poll, or a container started where its
+		// scope was foretold, bound at its mkdir): the processes now
+		// in the matched cgroups get their namespaces' proxies.
+		d.proxyMatchedNetns(eff)
 		return
 	}
 	gen, err := d.applyEffective(now, nil)
@@ -915,6 +922,10 @@ func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint
 		return 0, err
 	}
 	ids, names := d.ids.snapshot()
+	// Before the kernel binds eff's cgroups: their processes' queries are
+	// redirected from the first one that is the app's, and whoever waits
+	// for the State finds the proxies running.
+	d.proxyMatchedNetns(eff)
 	// Events of the new generation may come before its State does.
 	index := ruleset.NewIndex(eff)
 	d.applying.Store(&pendingGen{rules: index, appNames: names})

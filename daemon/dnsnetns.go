@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/procgate/procgate/bpf"
+	"github.com/procgate/procgate/cgroups"
 	"github.com/procgate/procgate/dnsproxy"
 	"github.com/procgate/procgate/internal/nsthread"
 	"github.com/procgate/procgate/ruleset"
@@ -32,7 +33,9 @@ import (
 // learned as the daemon's own. That first query's answer grants nothing;
 // the app's next query (a retry, or the next name) does. An app with name
 // grants that the daemon launches in its caller's namespace gets the proxy
-// before it starts.
+// before it starts; the processes in a unit's, cgroup's or container's
+// cgroups get theirs when the daemon binds or looks at those cgroups
+// (proxyMatchedNetns).
 //
 // The proxy's sockets hold the namespace: it is closed once no thread is
 // left in it (a walk of /proc every reapEvery).
@@ -205,10 +208,58 @@ func (n *netnsProxies) ensure(pid, tid int, app string) {
 // its first query is learned too. A no-op without the DNS proxy.
 func (d *Daemon) proxyNetnsOf(pid int, app *ruleset.App) {
 	n := d.netns.Load()
-	if n == nil || !slices.ContainsFunc(app.Grants, func(g ruleset.Grant) bool { return g.Name != "" }) {
+	if n == nil || !app.HasNames() {
 		return
 	}
 	n.ensure(pid, 0, app.Name)
+}
+
+// proxyMatchedNetns starts a DNS proxy in the network namespace of each
+// process now in the cgroups (and their descendants) of eff's unit, cgroup
+// and container apps with name grants, where none runs yet: a process the
+// daemon did not launch then has its queries learned from the first one
+// after the daemon saw it, not only from its second. Called before the
+// kernel binds eff (a container's start event, a reload), and at each
+// poll. A process's namespace is its main thread's (/proc/PID/ns/net), as
+// a runtime or systemd makes it before the exec; a thread that enters
+// another one itself is seen by its first query's dns-unobserved event.
+// Reconciler only.
+func (d *Daemon) proxyMatchedNetns(eff *ruleset.Ruleset) {
+	n := d.netns.Load()
+	if n == nil || eff == nil {
+		return
+	}
+	seen := map[[2]uint64]bool{}
+	for i := range eff.Apps {
+		app := &eff.Apps[i]
+		m := app.Match
+		if m == nil || m.Path == "" || !app.HasNames() ||
+			(m.Kind != ruleset.MatchUnit && m.Kind != ruleset.MatchCgroup && m.Kind != ruleset.MatchContainer) {
+			continue
+		}
+		// A glob matches as path.Match does (ruleset.MatchesCgroup).
+		dirs, err := filepath.Glob(filepath.Join(d.cfg.CgroupRoot, m.Path))
+		if err != nil {
+			continue
+		}
+		for _, dir := range dirs {
+			_ = filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+				if err != nil || !e.IsDir() {
+					return nil // a cgroup removed meanwhile
+				}
+				pids, _ := cgroups.Procs(p) // none if it is gone
+				for _, pid := range pids {
+					var st unix.Stat_t
+					if unix.Stat(filepath.Join("/proc", strconv.Itoa(pid), "ns/net"), &st) != nil || seen[[2]uint64{st.Dev, st.Ino}] {
+						continue
+					}
+					seen[[2]uint64{st.Dev, st.Ino}] = true
+					n.ensure(pid, 0, app.Name)
+				}
+				return nil
+			})
+		}
+	}
 }
 
 // netnsOf opens the network namespace at path (/proc/.../ns/net), and

@@ -178,6 +178,22 @@ func (e *e2e) waitGeneration(before uint32, why string) {
 	}
 }
 
+// waitApp waits until the daemon's status of app satisfies ok.
+func (e *e2e) waitApp(app, what string, ok func(api.AppStatus) bool) {
+	e.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st := e.status()
+		if i := slices.IndexFunc(st.Apps, func(a api.AppStatus) bool { return a.Name == app }); i >= 0 && ok(st.Apps[i]) {
+			return
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("no %s within 30s (generation %d):\n%s", what, st.Generation, e.daemonLog())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 func (e *e2e) policyText() string {
 	e.t.Helper()
 	b, err := os.ReadFile(e.policy)

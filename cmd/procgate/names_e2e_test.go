@@ -17,6 +17,7 @@ import (
 	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 
+	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/internal/nstest"
 	"github.com/procgate/procgate/internal/probe"
 )
@@ -388,5 +389,78 @@ func waitLog(t *testing.T, e *e2e, want string, n int) {
 			t.Fatalf("no %q in the daemon's log:\n%s", want, e.daemonLog())
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestNameGrantsContainerNetns: a match.container app whose process runs
+// in a network namespace of its own, found at its container's start
+// event. The daemon starts the namespace's proxy as it binds the
+// container's cgroup, so the container's very first query, once the
+// daemon answered the event, is learned and its answer connects at once.
+func TestNameGrantsContainerNetns(t *testing.T) {
+	nstest.RequireRoot(t)
+	rt := newFakeRuntime(t)
+	e := newE2EWith(t, `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+everyone:
+  allow:
+    - to: 10.0.0.53
+      ports: [53]
+apps:
+  - name: web
+    match: {container: web}
+    allow:
+      - to: db.corp.example
+        proto: tcp
+        ports: [5432]
+`, true, "--container-socket", rt.sock, "--poll", "1h", "--dns-grace", "0s")
+	rt.waitSubscribed(t, e)
+
+	own := nstest.NetNS(t)
+	nstest.AnyIPLoopback(t, own)
+	z := &zone{a: map[string][]string{}, ttl: map[string]uint32{}, cn: map[string]string{}}
+	z.set("db.corp.example", 60, "10.1.7.1")
+	startZone(t, own, "10.0.0.53:53", z)
+	web, err := probe.Start(nstest.ChildCgroup(t, e.cgroup, "ctr"), own, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer web.Close()
+	// A runtime tells of a container's start once its process is in the
+	// container's namespaces; the prober enters its own after its exec.
+	waitNetns(t, web.Pid(), own)
+
+	rt.set("web", fmt.Sprintf(`{"Id":"abc","State":{"Running":true,"Pid":%d}}`, web.Pid()))
+	rt.emit("start", "abc", "web")
+	// The State that binds the container's cgroup comes after the proxy
+	// of its process's namespace started.
+	e.waitApp("web", "the container's cgroup bound at its start event", func(a api.AppStatus) bool { return a.Cgroups == 1 })
+	if got, err := web.Resolve("db.corp.example", "10.0.0.53:53", "udp", 5432); err != nil || !slices.Equal(got, []string{"10.1.7.1=allowed"}) {
+		t.Fatalf("first query: %v, %v; want 10.1.7.1 allowed\n%s", got, err, e.daemonLog())
+	}
+}
+
+// waitNetns waits until process pid (its main thread, which the daemon
+// reads) is in the network namespace at ns.
+func waitNetns(t *testing.T, pid int, ns string) {
+	t.Helper()
+	var want unix.Stat_t
+	if err := unix.Stat(ns, &want); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var st unix.Stat_t
+		if err := unix.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st); err != nil {
+			t.Fatalf("process %d: %v", pid, err)
+		}
+		if st.Dev == want.Dev && st.Ino == want.Ino {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d not in network namespace %s within 30s", pid, ns)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
