@@ -811,12 +811,14 @@ func (d *Daemon) refreshRoutes() {
 // resolveContainers returns eff with each match.container app's Path set
 // to where its container runs now, below the cgroup root (the cgroup of
 // its init, or for a stopped one the scope its runtime will make); a
-// container no runtime knows matches no cgroup. eff itself is not changed.
-func (d *Daemon) resolveContainers(eff *ruleset.Ruleset, logMisses bool) *ruleset.Ruleset {
+// container no runtime knows matches no cgroup, and misses says why for
+// the log of the caller that applies the result. eff itself is not
+// changed.
+func (d *Daemon) resolveContainers(eff *ruleset.Ruleset) (out *ruleset.Ruleset, misses []containerMiss) {
 	if !hasContainerApps(eff) {
-		return eff
+		return eff, nil
 	}
-	out := eff.Derive()
+	out = eff.Derive()
 	r := containers.Resolver{Sockets: d.containerSockets()}
 	for i := range out.Apps {
 		if m := out.Apps[i].Match; m == nil || m.Kind != ruleset.MatchContainer {
@@ -828,9 +830,7 @@ func (d *Daemon) resolveContainers(eff *ruleset.Ruleset, logMisses bool) *rulese
 		m.Path = ""
 		c, err := r.Lookup(context.Background(), m.Value)
 		if err != nil {
-			if logMisses {
-				d.log.Warn("container not found; the app matches no cgroup until it is", "app", out.Apps[i].Name, "container", m.Value, "err", err)
-			}
+			misses = append(misses, containerMiss{app: out.Apps[i].Name, container: m.Value, err: err})
 			continue
 		}
 		m.Path = c.ScopeName()
@@ -838,16 +838,33 @@ func (d *Daemon) resolveContainers(eff *ruleset.Ruleset, logMisses bool) *rulese
 			dir, err := cgroups.OfPID(c.Pid)
 			rel, relErr := filepath.Rel(d.cfg.CgroupRoot, dir)
 			if err != nil || relErr != nil || rel == "." || strings.HasPrefix(rel, "..") {
-				if logMisses {
-					d.log.Warn("container runs outside the cgroup root; the app matches no cgroup", "app", out.Apps[i].Name, "container", m.Value, "pid", c.Pid, "err", err)
-				}
+				misses = append(misses, containerMiss{app: out.Apps[i].Name, container: m.Value, pid: c.Pid, err: err})
 				m.Path = ""
 				continue
 			}
 			m.Path = filepath.ToSlash(rel)
 		}
 	}
-	return out
+	return out, misses
+}
+
+// containerMiss is a match.container app that resolveContainers left
+// matching no cgroup: its container not found, or (pid set) running
+// outside the cgroup root.
+type containerMiss struct {
+	app, container string
+	pid            int
+	err            error
+}
+
+func (d *Daemon) warnMisses(misses []containerMiss) {
+	for _, m := range misses {
+		if m.pid == 0 {
+			d.log.Warn("container not found; the app matches no cgroup until it is", "app", m.app, "container", m.container, "err", m.err)
+		} else {
+			d.log.Warn("container runs outside the cgroup root; the app matches no cgroup", "app", m.app, "container", m.container, "pid", m.pid, "err", m.err)
+		}
+	}
 }
 
 func hasContainerApps(eff *ruleset.Ruleset) bool {
@@ -870,7 +887,10 @@ func (d *Daemon) refreshContainers() {
 	if eff == nil {
 		return
 	}
-	now := d.resolveContainers(eff, false)
+	// Asked once: what they answered is what goes in, and the misses are
+	// said only when it does (a missing container would be said at
+	// every poll).
+	now, misses := d.resolveContainers(eff)
 	if now == eff || reflect.DeepEqual(now.Apps, eff.Apps) {
 		// Nothing moved (the poll, or a container started where its
 		// scope was foretold, bound at its mkdir): the processes now
@@ -878,7 +898,8 @@ func (d *Daemon) refreshContainers() {
 		d.proxyMatchedNetns(eff)
 		return
 	}
-	gen, err := d.applyEffective(now, nil)
+	d.warnMisses(misses)
+	gen, err := d.applyResolved(now, nil)
 	if err != nil {
 		d.log.Error("containers moved, but applying them failed", "err", err)
 		return
@@ -886,10 +907,18 @@ func (d *Daemon) refreshContainers() {
 	d.log.Info("containers of match.container apps moved", "generation", gen)
 }
 
-// applyEffective builds the bindings for eff, applies it and publishes
-// it, with edit's changes (nil: none) in the same State. Reconciler only.
+// applyEffective resolves eff's containers and applies it (applyResolved).
+// Reconciler only.
 func (d *Daemon) applyEffective(eff *ruleset.Ruleset, edit func(s *State)) (uint32, error) {
-	eff = d.resolveContainers(eff, true)
+	eff, misses := d.resolveContainers(eff)
+	d.warnMisses(misses)
+	return d.applyResolved(eff, edit)
+}
+
+// applyResolved builds the bindings for eff, whose containers are
+// resolved, applies it and publishes it, with edit's changes (nil: none)
+// in the same State. Reconciler only.
+func (d *Daemon) applyResolved(eff *ruleset.Ruleset, edit func(s *State)) (uint32, error) {
 	g := bpf.Generation{Rules: eff, AppIDs: map[string]uint32{}, AuditRate: eff.AuditRate, Exes: d.resolveExes(eff),
 		NoUDPHandover: d.cfg.NoUDPHandover, TrustTraceGuard: d.cfg.TrustTraceGuard}
 	var dynamic []dynamicBinding

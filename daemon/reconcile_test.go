@@ -139,11 +139,15 @@ type testDaemon struct {
 }
 
 // startTestDaemon starts a daemon on dir's policy.yaml and state dir, as
-// a restart over enf's pinned generation when enf.gen > 0.
-func startTestDaemon(t *testing.T, dir string, enf *fakeEnforcer) *testDaemon {
+// a restart over enf's pinned generation when enf.gen > 0; configure
+// changes its Config.
+func startTestDaemon(t *testing.T, dir string, enf *fakeEnforcer, configure ...func(*Config)) *testDaemon {
 	t.Helper()
 	cfg := Config{PolicyPath: filepath.Join(dir, "policy.yaml"), StateDir: filepath.Join(dir, "state"),
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	for _, c := range configure {
+		c(&cfg)
+	}
 	if err := cfg.setDefaults(); err != nil {
 		t.Fatal(err)
 	}
