@@ -4,6 +4,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
+	"strconv"
+	"strings"
 
 	"github.com/mdlayher/netlink"
 	vnetlink "github.com/vishvananda/netlink"
@@ -21,9 +25,12 @@ import (
 // requests to a sendmsg, no walk of the kernel's table (shared by all
 // namespaces, so a dump costs milliseconds even when empty). Entries in
 // conntrack zones other than the default one are not found. Without
-// conntrack there is nothing to do. The error names every entry that could
-// not be deleted.
+// conntrack, or with no entry in the namespace, there is nothing to do.
+// The error names every entry that could not be deleted.
 func deleteConntrack(ended []EndedSocket) (int, error) {
+	if !tracksFlows() {
+		return 0, nil
+	}
 	// The socket is made here, in the calling thread's namespace.
 	c, err := dialBatch(unix.NETLINK_NETFILTER)
 	if err != nil {
@@ -106,4 +113,21 @@ func ctDelete(s EndedSocket) (netlink.Message, error) {
 		Header: netlink.Header{Type: netlink.HeaderType(int(vnetlink.ConntrackTable)<<8 | nl.IPCTNL_MSG_CT_DELETE)},
 		Data:   data,
 	}, nil
+}
+
+// ctCount is the number of conntrack entries of the reading thread's
+// network namespace.
+const ctCount = "/proc/sys/net/netfilter/nf_conntrack_count"
+
+// tracksFlows says whether the calling thread's network namespace has any
+// conntrack entry. One with none, often one whose rules match no conntrack
+// state, would answer every delete ENOENT, one answer and one read each.
+func tracksFlows() bool {
+	b, err := os.ReadFile(ctCount)
+	if err != nil {
+		// No file: no conntrack. Unreadable: delete to be sure.
+		return !errors.Is(err, fs.ErrNotExist)
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	return err != nil || n > 0
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 
@@ -105,5 +106,37 @@ func createConntrack(t *testing.T, ns string, s EndedSocket) {
 		return netlink.ConntrackCreate(netlink.ConntrackTable, fam, f)
 	}); err != nil {
 		t.Fatalf("create conntrack entry of %s -> %s: %v", s.Local, s.Peer, err)
+	}
+}
+
+// TestTracksFlows reads whether a namespace has conntrack entries from that
+// namespace's count, not the host's or another namespace's.
+func TestTracksFlows(t *testing.T) {
+	nstest.RequireRoot(t)
+	if _, err := os.Stat(ctCount); err != nil {
+		t.Skipf("kernel feature missing: conntrack (%v)", err)
+	}
+	withEntries := nstest.NetNS(t)
+	createConntrack(t, withEntries, EndedSocket{Proto: ruleset.TCP, Local: netip.MustParseAddrPort("10.1.0.1:40000"), Peer: netip.MustParseAddrPort("10.9.0.1:5432")})
+	for _, tt := range []struct {
+		name string
+		ns   string
+		want bool
+	}{
+		{"entries", withEntries, true},
+		{"none", nstest.NetNS(t), false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var got bool
+			if err := nstest.InNS(t, tt.ns, func() error {
+				got = tracksFlows()
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if got != tt.want {
+				t.Errorf("tracksFlows() = %v, want %v", got, tt.want)
+			}
+		})
 	}
 }
