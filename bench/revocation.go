@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/procgate/procgate/bpf"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
@@ -135,7 +137,10 @@ func (b *bench) revocationPhase(ctx context.Context) error {
 func (b *bench) sweepOnce(l *lane, pol *benchPolicy, rsB *ruleset.Ruleset, revoked netip.Addr, n int) (sweepTiming, error) {
 	st := sweepTiming{Sockets: n}
 	// The peer accepts and keeps the connections, and never reads: ended
-	// connections wake nothing of the bench while the sweep is timed.
+	// connections wake nothing of the bench while the sweep is timed. It
+	// keeps them out of Go's poller: the RST of each destroy is received
+	// inside the destroy (loopback), and a socket in the poller would wake
+	// the bench's epoll there, as a peer on another host does not.
 	var ln net.Listener
 	if err := inNS(l.clientNS, func() error {
 		var err error
@@ -145,13 +150,13 @@ func (b *bench) sweepOnce(l *lane, pol *benchPolicy, rsB *ruleset.Ruleset, revok
 		return st, err
 	}
 	var mu sync.Mutex
-	var conns []net.Conn
+	var conns []int
 	defer func() {
 		ln.Close()
 		mu.Lock()
 		defer mu.Unlock()
-		for _, c := range conns {
-			c.Close()
+		for _, fd := range conns {
+			unix.Close(fd)
 		}
 	}()
 	go func() {
@@ -160,11 +165,27 @@ func (b *bench) sweepOnce(l *lane, pol *benchPolicy, rsB *ruleset.Ruleset, revok
 			if err != nil {
 				return
 			}
+			// A bare duplicate: closing c takes the socket out of the
+			// poller (os.NewFile of a nonblocking duplicate would put
+			// it back).
+			fd := -1
+			if raw, err := c.(*net.TCPConn).SyscallConn(); err == nil {
+				raw.Control(func(s uintptr) { fd, _ = unix.Dup(int(s)) })
+			}
+			c.Close()
+			if fd < 0 {
+				continue
+			}
 			mu.Lock()
-			conns = append(conns, c)
+			conns = append(conns, fd)
 			mu.Unlock()
 		}
 	}()
+	accepted := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(conns)
+	}
 	h, err := probe.StartHolder(b.appCgroup(vProcgate, 0), l.clientNS)
 	if err != nil {
 		return st, err
@@ -172,6 +193,12 @@ func (b *bench) sweepOnce(l *lane, pol *benchPolicy, rsB *ruleset.Ruleset, revok
 	defer h.Close()
 	if err := h.Open("live", fmt.Sprintf("%s:%d/tcp", revoked, holdPort), probe.Connect, n); err != nil {
 		return st, err
+	}
+	// Every connection accepted: the accepts do not run during the sweep.
+	for deadline := time.Now().Add(10 * time.Second); accepted() < n; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			return st, fmt.Errorf("%d of %d connections accepted after 10 s", accepted(), n)
+		}
 	}
 	sweep := func() (bpf.SweepResult, error) {
 		var sr bpf.SweepResult

@@ -15,8 +15,10 @@ import (
 )
 
 // BenchmarkSweep measures one sweep after a revocation that ends n TCP
-// connections of an app, among 2n sockets in the namespace (the servers'
-// ends stay), with conntrack tracking every flow. Timed: the walk, the
+// connections of an app, among 2n sockets in the namespace (the peer's
+// ends stay), with conntrack tracking every flow. The peer is a holder of
+// no app that keeps its ends as bare descriptors: nothing of it wakes on
+// the resets, which the destroys deliver on loopback themselves. Timed: the walk, the
 // destroys and the conntrack deletes (also reported alone); not the Apply
 // before it. ms/walk is a sweep of the same sockets before the revocation,
 // which ends none: the walk alone; the rest of ms/sweep is the destroys.
@@ -78,7 +80,21 @@ func benchSweep(b *testing.B, method SweepMethod, n int) {
 	if out, err := nft.CombinedOutput(); err != nil {
 		b.Fatalf("nft in bench netns: %v\n%s", err, out)
 	}
-	srv := startServers(b, ns, []string{"0.0.0.0:5432"}, nil)
+	peerCgroup := nstest.ChildCgroup(b, root, "peer")
+	startPeer := func() *probe.Holder {
+		b.Helper()
+		p, err := probe.StartHolder(peerCgroup, ns)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := p.Listen("s", "0.0.0.0:5432"); err != nil {
+			p.Close()
+			b.Fatal(err)
+		}
+		return p
+	}
+	peer := startPeer()
+	b.Cleanup(func() { peer.Close() })
 
 	var took, ctTook, walkTook time.Duration
 	b.ResetTimer()
@@ -90,6 +106,9 @@ func benchSweep(b *testing.B, method SweepMethod, n int) {
 			b.Fatal(err)
 		}
 		if err := h.Open("c", "10.1.2.3:5432/tcp", probe.Connect, n); err != nil {
+			b.Fatal(err)
+		}
+		if err := peer.Await("s", n); err != nil {
 			b.Fatal(err)
 		}
 		var walk SweepResult
@@ -125,8 +144,8 @@ func benchSweep(b *testing.B, method SweepMethod, n int) {
 		took += res.Took
 		ctTook += res.ConntrackTook
 		h.Close()
-		srv.close()
-		srv = startServers(b, ns, []string{"0.0.0.0:5432"}, nil)
+		peer.Close()
+		peer = startPeer()
 	}
 	b.ReportMetric(float64(took.Microseconds())/float64(b.N)/1000, "ms/sweep")
 	b.ReportMetric(float64(took.Nanoseconds())/float64(b.N)/float64(n)/1000, "µs/socket")
