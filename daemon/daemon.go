@@ -980,6 +980,7 @@ func (d *Daemon) applyResolved(eff *ruleset.Ruleset, edit func(s *State)) (uint3
 		if edit != nil {
 			edit(s)
 		}
+		s.counted = countApps(s.policy, s.appIDs) // after edit, which may bring the policy
 	})
 	ended := d.sweep(gen)
 	d.publish(func(s *State) { s.ended = ended })
@@ -1082,23 +1083,17 @@ func (d *Daemon) counterSource() (map[string][bpf.NumCounts]uint64, error) {
 
 // counters reads the kernel's counters per app name of st's policy.
 func (d *Daemon) counters(st *State) (map[string][bpf.NumCounts]uint64, error) {
-	names := []string{""}
-	ids := []uint32{0}
-	if st.policy != nil {
-		for _, a := range st.policy.Apps {
-			if id, ok := st.appIDs[a.Name]; ok {
-				names = append(names, a.Name)
-				ids = append(ids, id)
-			}
-		}
+	c := st.counted
+	if c.ids == nil {
+		c = countApps(nil, nil) // no generation yet
 	}
-	raw, err := d.enf.Counters(ids)
+	raw, err := d.enf.Counters(c.ids)
 	if err != nil {
 		return nil, err
 	}
-	out := make(map[string][bpf.NumCounts]uint64, len(ids))
-	for i, id := range ids {
-		out[names[i]] = raw[id]
+	out := make(map[string][bpf.NumCounts]uint64, len(c.ids))
+	for i, id := range c.ids {
+		out[c.names[i]] = raw[id]
 	}
 	return out, nil
 }

@@ -38,6 +38,8 @@ type fakeEnforcer struct {
 	// the daemon (bpf.Enforcer.Apply is not safe for concurrent use).
 	inApply, overlapped atomic.Int32
 	sweeps              int
+	// counted are the ids Counters was last asked about.
+	counted []uint32
 }
 
 func (f *fakeEnforcer) Apply(g bpf.Generation) (uint32, error) {
@@ -77,7 +79,16 @@ func (f *fakeEnforcer) Sweep(bpf.SweepOptions) (bpf.SweepResult, error) {
 }
 
 func (f *fakeEnforcer) Counters(ids []uint32) (map[uint32][bpf.NumCounts]uint64, error) {
-	return map[uint32][bpf.NumCounts]uint64{}, nil
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.counted = slices.Clone(ids)
+	out := map[uint32][bpf.NumCounts]uint64{}
+	for _, id := range ids {
+		var c [bpf.NumCounts]uint64
+		c[bpf.CountAllow] = uint64(id) // to tell whose answer went where
+		out[id] = c
+	}
+	return out, nil
 }
 func (f *fakeEnforcer) Attached() map[string]bool { return map[string]bool{} }
 func (f *fakeEnforcer) Guards() []bpf.Guard       { return nil }
@@ -229,6 +240,37 @@ func appNames(rs *ruleset.Ruleset) []string {
 		out = append(out, a.Name)
 	}
 	return out
+}
+
+// TestCountersFollowGenerations: the counters status and metrics read
+// are those of the unbound principal and the apps of the policy in
+// force, by the ids of its generation (a table made per generation), so
+// an app added or removed by a reload comes or goes with it.
+func TestCountersFollowGenerations(t *testing.T) {
+	dir, enf, d := startOnApps(t, "a", "b")
+	for _, apps := range [][]string{{"a", "b"}, {"a", "c"}, {"c"}} {
+		writePolicy(t, dir, appsPolicy(apps...))
+		if _, err := d.Reload(context.Background(), true); err != nil {
+			t.Fatal(err)
+		}
+		st := d.current()
+		got, err := d.counters(st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := map[string]uint32{"": 0}
+		for _, a := range apps {
+			want[a] = st.appIDs[a]
+		}
+		if len(got) != len(want) || len(enf.counted) != len(want) {
+			t.Errorf("apps %v: counters %v, asked about ids %v; want %v", apps, got, enf.counted, want)
+		}
+		for name, id := range want {
+			if c, ok := got[name]; !ok || c[bpf.CountAllow] != uint64(id) {
+				t.Errorf("apps %v: counters of %q %v, want those of id %d", apps, name, c, id)
+			}
+		}
+	}
 }
 
 // TestCallAfterStop: a change asked with a context of its own once the

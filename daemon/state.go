@@ -56,6 +56,9 @@ type State struct {
 	// reader names every event's app, of up to bpf.MaxApps ids.
 	appIDs   map[string]uint32
 	appNames map[uint32]string
+	// counted are the apps whose kernel counters status and metrics
+	// read, made once per generation (countedApps).
+	counted countedApps
 	// revoked describes each app's revocations (revocations.describe).
 	revoked map[string][]string
 	// exes are the files of pinned binaries in the generation in force;
@@ -174,6 +177,30 @@ func (s *State) effective() *ruleset.Ruleset {
 		return ix.Ruleset()
 	}
 	return nil
+}
+
+// countedApps are the unbound principal ("", id 0) and the policy's apps
+// with their ids, in order: the ids Daemon.counters asks the kernel
+// about and the names it answers by.
+type countedApps struct {
+	names []string
+	ids   []uint32
+}
+
+// countApps is the countedApps of policy (nil: the unbound principal
+// alone) by ids.
+func countApps(policy *ruleset.Ruleset, ids map[string]uint32) countedApps {
+	c := countedApps{names: []string{""}, ids: []uint32{0}}
+	if policy == nil {
+		return c
+	}
+	for _, a := range policy.Apps {
+		if id, ok := ids[a.Name]; ok {
+			c.names = append(c.names, a.Name)
+			c.ids = append(c.ids, id)
+		}
+	}
+	return c
 }
 
 // pendingGen is the generation the reconciler is applying: the kernel may
