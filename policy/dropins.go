@@ -158,7 +158,8 @@ func parseFilesWith(files []File, dropin, stream bool) (*ruleset.Ruleset, []Warn
 		if root != nil {
 			part, c = p.policy(root)
 		}
-		if p.reparse {
+		if p.reparse || !decodesAll(runs) {
+			p.reparse = true
 			return nil, nil, p, nil
 		}
 		// Every mistake of a file in line order, files in merge order.

@@ -52,6 +52,8 @@ type run struct {
 	start int
 	data  []byte
 	items []int
+	// read is set once the parser has read every item.
+	read bool
 }
 
 // lineInfo classifies one line of a file.
@@ -299,7 +301,23 @@ func (p *parser) items(n *yaml.Node, field string) iter.Seq2[int, *yaml.Node] {
 				i++
 			}
 		}
+		r.read = true
 	}
+}
+
+// decodesAll reports whether every run the parser did not read decodes:
+// the value of a key the parser refuses (unknown, a drop-in's audit) is
+// not read, and whole, its YAML error would be the file's only one.
+func decodesAll(runs []run) bool {
+	for i := range runs {
+		r := &runs[i]
+		for from := 0; from < len(r.items) && !r.read; from += streamChunk {
+			if r.decodeChunk(from, min(from+streamChunk, len(r.items))).failed {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // yamlText reports whether data is UTF-8 of only the characters yaml.v3's

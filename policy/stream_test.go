@@ -57,6 +57,7 @@ func TestStreamMatchesWhole(t *testing.T) {
 		{"compact list", "version: 1\ninternal:\n  prefixes:\n  - 10.0.0.0/8\n  - 10.1.0.0/16\napps: []\n", true},
 		{"second document", "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\n---\nlist:\n  - a\n  - b\n", false},
 		{"not a list where one is wanted", "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\naudit:\n  - a\n  - b\napps: []\n", true},
+		{"broken list under an unknown key", "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\nbogus:\n  - \"\n  - a\napps: []\n", false},
 		{"CRLF", "version: 1\r\ninternal:\r\n  prefixes:\r\n    - 10.0.0.0/8\r\n    - 10.1.0.0/16\r\napps: []\r\n", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
