@@ -48,10 +48,12 @@ type run struct {
 	line    int    // line of the first item, from 1
 	col     int    // column of the first item's "-", from 1
 	// start is the offset of the list in the file, data its lines as in
-	// the file, and items the offsets in data at which each item starts.
+	// the file, items the offsets in data at which each item starts and
+	// lines their lines, counted from line.
 	start int
 	data  []byte
 	items []int
+	lines []int32
 	// read is set once the parser has read every item.
 	read bool
 }
@@ -149,7 +151,7 @@ func splitRuns(data []byte) ([]byte, []run) {
 // for a list too short, or one whose items run over several lines. lines
 // counts the list's lines.
 func scanRun(data []byte, first lineInfo) (r run, lines int, ok bool) {
-	r = run{start: first.start, col: first.indent + 1, items: []int{0}}
+	r = run{start: first.start, col: first.indent + 1, items: []int{0}, lines: []int32{0}}
 	end, lines := first.end, 1
 	for pos, n := first.end+1, 1; pos < len(data); {
 		l, next := lineAt(data, pos)
@@ -157,6 +159,7 @@ func scanRun(data []byte, first lineInfo) (r run, lines int, ok bool) {
 		switch {
 		case l.item && l.indent == first.indent:
 			r.items = append(r.items, l.start-first.start)
+			r.lines = append(r.lines, int32(n-1))
 			end, lines = l.end, n
 		case l.blank || l.comment:
 		case l.indent > first.indent:
@@ -216,6 +219,9 @@ type chunk struct {
 
 // decodeChunk decodes the items [from, to) of r, with the file's lines.
 func (r *run) decodeChunk(from, to int) chunk {
+	if items, ok := r.fastChunk(from, to); ok {
+		return chunk{items: items}
+	}
 	end := len(r.data)
 	if to < len(r.items) {
 		end = r.items[to]
@@ -229,7 +235,7 @@ func (r *run) decodeChunk(from, to int) chunk {
 		return chunk{failed: true}
 	}
 	// The chunk's first line is the file's line of its first item.
-	shift := r.line - 1 + bytes.Count(r.data[:r.items[from]], []byte{'\n'})
+	shift := r.line - 1 + int(r.lines[from])
 	ok := true
 	var fix func(n *yaml.Node)
 	fix = func(n *yaml.Node) {
