@@ -97,7 +97,6 @@ type owner struct {
 }
 
 func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
-	learned, now := e.Learned(), time.Now()
 	g := e.applied.Load()
 	if g == nil {
 		return nil, errors.New("sweep through sock_diag: no generation applied by this process yet")
@@ -106,18 +105,43 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The socket is made here, in the calling thread's namespace.
+	// The sockets are made here, in the calling thread's namespace.
 	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, nil)
 	if err != nil {
 		return nil, fmt.Errorf("open sock_diag socket: %w", err)
 	}
 	defer c.Close()
+	// The destroys go many to a sendmsg, each socket answered apart.
+	b, err := dialBatch(unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return nil, fmt.Errorf("open sock_diag socket: %w", err)
+	}
+	defer b.close()
 
+	out, destroys, err := diagDoomed(c, g, owners, e.Learned())
+	if len(destroys) == 0 {
+		return out, err
+	}
+	// Also after a failed dump: those found so far are ended.
+	errs, berr := b.exec(destroys)
+	for i := range out {
+		out[i].Err = errs[i] // the kernel's errno, as the iterator's records give it
+	}
+	if berr != nil {
+		err = errors.Join(err, fmt.Errorf("destroy %d sockets: %w", len(destroys), berr))
+	}
+	return out, err
+}
+
+// diagDoomed dumps the sockets of c's namespace and returns those that g
+// no longer allows, with the SOCK_DESTROY request of each.
+func diagDoomed(c *netlink.Conn, g *Generation, owners map[uint64]owner, learned []ruleset.Learned) ([]EndedSocket, []netlink.Message, error) {
+	now := time.Now()
 	listening := map[uint16]bool{}
 	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
 		socks, err := diagDump(c, fam, unix.IPPROTO_TCP, 1<<tcpListen)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		for _, s := range socks {
 			local, _ := s.addrs()
@@ -126,6 +150,7 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 	}
 	tcpStates := uint32(1<<(tcpNewSynRecv+1)-1) &^ (1<<tcpListen | 1<<tcpTimeWait | 1<<tcpClose | 1<<tcpNewSynRecv | 1)
 	var out []EndedSocket
+	var destroys []netlink.Message
 	for _, q := range []struct {
 		proto  uint8
 		states uint32
@@ -134,11 +159,11 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 		for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
 			socks, err := diagDump(c, fam, q.proto, q.states)
 			if err != nil {
-				return out, err
+				return out, destroys, err
 			}
 			for _, s := range socks {
 				if !s.hasCg {
-					return out, errors.New("sweep through sock_diag: the kernel names no cgroup of sockets (needs 5.7+)")
+					return out, destroys, errors.New("sweep through sock_diag: the kernel names no cgroup of sockets (needs 5.7+)")
 				}
 				local, peer := s.addrs()
 				if q.proto == unix.IPPROTO_TCP && listening[local.Port()] {
@@ -153,13 +178,16 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 				if g.Rules.DecideLearned(o.app, ruleset.Dest{Addr: peer.Addr(), Proto: q.rs, Port: peer.Port()}, learned, now).Passes() {
 					continue
 				}
-				ended := EndedSocket{Proto: q.rs, Local: local, Peer: peer, CgroupID: s.cgroupID, AppID: g.AppIDs[o.app]}
-				ended.Err = diagDestroy(c, fam, q.proto, s.msg.ID)
-				out = append(out, ended)
+				req, err := diagDestroy(fam, q.proto, s.msg.ID)
+				if err != nil {
+					return out, destroys, err
+				}
+				destroys = append(destroys, req)
+				out = append(out, EndedSocket{Proto: q.rs, Local: local, Peer: peer, CgroupID: s.cgroupID, AppID: g.AppIDs[o.app]})
 			}
 		}
 	}
-	return out, nil
+	return out, destroys, nil
 }
 
 func diagDump(c *netlink.Conn, family, proto uint8, states uint32) ([]diagSocket, error) {
@@ -199,22 +227,11 @@ func diagDump(c *netlink.Conn, family, proto uint8, states uint32) ([]diagSocket
 	return out, nil
 }
 
-// diagDestroy ends one socket (SOCK_DESTROY); the error is the kernel's
-// errno, as the iterator's records give it.
-func diagDestroy(c *netlink.Conn, family, proto uint8, id inetDiagSockID) error {
+// diagDestroy is the SOCK_DESTROY request for one socket of a dump, named
+// by its addresses and cookie.
+func diagDestroy(family, proto uint8, id inetDiagSockID) (netlink.Message, error) {
 	req, err := binary.Append(nil, binary.NativeEndian, inetDiagReq{Family: family, Protocol: proto, States: ^uint32(0), ID: id})
-	if err != nil {
-		return err
-	}
-	_, err = c.Execute(netlink.Message{
-		Header: netlink.Header{Type: unix.SOCK_DESTROY, Flags: netlink.Request | netlink.Acknowledge},
-		Data:   req,
-	})
-	var op *netlink.OpError
-	if errors.As(err, &op) {
-		return op.Err
-	}
-	return err
+	return netlink.Message{Header: netlink.Header{Type: unix.SOCK_DESTROY}, Data: req}, err
 }
 
 func nlAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
