@@ -22,6 +22,7 @@
 // Both share the maps of decision.h with procgate.c through pinning.
 
 #include "decision.h"
+#include "lsm.h"
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
@@ -641,12 +642,7 @@ int guard_packet_socket(unsigned long long *ctx)
 	struct app_info *app = principal_of(WHO_TASK, NULL, info->slot & 1, info, &cgroup_id);
 	if (!app)
 		return 1;
-	__u32 app_id = app->app_id;
-	struct dest d = { .family = 4 };
-	// Not a constant to the compiler: see guard_sock_create.
-	asm volatile("" : : "r"(&d) : "memory");
-	count(app_id, COUNT_DENY);
-	audit(&d, app_id, cgroup_id, info->generation, info->audit_rate, 0, REASON_RAW_SOCKET, HOOK_SOCK_CREATE);
+	refuse_as_raw_socket(app->app_id, cgroup_id, info, HOOK_SOCK_CREATE);
 	return 0;
 }
 
@@ -669,33 +665,12 @@ int guard_packet_socket(unsigned long long *ctx)
 // Kernel assumptions: BPF LSM with trampolines (the loader tries it and
 // falls back to the sockhash guard), socket storage from LSM programs
 // (5.11+), struct sock_common's skc_daddr, skc_dport, skc_v6_daddr and
-// skc_family.
-struct in6_addr___lh {
-	union {
-		__u32 u6_addr32[4];
-	} in6_u; // s6_addr32 is a macro for in6_u.u6_addr32
-} __attribute__((preserve_access_index));
-
-struct sock_common___lh {
-	__u32 skc_daddr;
-	__u16 skc_dport;
-	unsigned short skc_family;
-	struct in6_addr___lh skc_v6_daddr;
-} __attribute__((preserve_access_index));
-
-struct sock___lh {
-	struct sock_common___lh __sk_common;
-} __attribute__((preserve_access_index));
-
-struct socket___lh {
-	struct sock___lh *sk;
-} __attribute__((preserve_access_index));
-
+// skc_family (lsm.h).
 SEC("lsm/socket_sendmsg")
 int guard_handover_lsm(unsigned long long *ctx)
 {
-	struct socket___lh *sock = (struct socket___lh *)ctx[0];
-	struct sock___lh *sk = sock->sk;
+	struct socket___lsm *sock = (struct socket___lsm *)ctx[0];
+	struct sock___lsm *sk = sock->sk;
 	if (!sk)
 		return 0;
 	struct socket_owner *o = bpf_sk_storage_get(&socket_owners, sk, 0, 0);

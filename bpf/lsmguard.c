@@ -25,6 +25,7 @@
 
 #include "decision.h"
 #include "listen.h"
+#include "lsm.h"
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
@@ -42,12 +43,7 @@ static __always_inline int tun_refused(void)
 	struct app_info *app = task_app(info->slot & 1, info, &cgroup_id);
 	if (!app)
 		return 0;
-	__u32 app_id = app->app_id;
-	struct dest d = { .family = 4 };
-	// Not a constant to the compiler: see guard_sock_create (harden.c).
-	asm volatile("" : : "r"(&d) : "memory");
-	count(app_id, COUNT_DENY);
-	audit(&d, app_id, cgroup_id, info->generation, info->audit_rate, 0, REASON_RAW_SOCKET, HOOK_TUN);
+	refuse_as_raw_socket(app->app_id, cgroup_id, info, HOOK_TUN);
 	return 1;
 }
 
@@ -72,27 +68,14 @@ int guard_tun_attach_queue(unsigned long long *ctx)
 	return tun_refused() ? -EPERM : 0;
 }
 
-struct sock_common___lg {
-	unsigned short skc_family;
-	__u16 skc_num;
-} __attribute__((preserve_access_index));
-
-struct sock___lg {
-	struct sock_common___lg __sk_common;
-} __attribute__((preserve_access_index));
-
-struct socket___lg {
-	struct sock___lg *sk;
-} __attribute__((preserve_access_index));
-
 // listen(2) runs security_socket_listen before the protocol's listen, which
 // binds a socket still without a local port (skc_num 0) to an ephemeral
 // one. A bound socket's port was judged by the bind hooks.
 SEC("lsm/socket_listen")
 int guard_listen(unsigned long long *ctx)
 {
-	struct socket___lg *sock = (struct socket___lg *)ctx[0];
-	struct sock___lg *sk = sock->sk;
+	struct socket___lsm *sock = (struct socket___lsm *)ctx[0];
+	struct sock___lsm *sk = sock->sk;
 	if (!sk)
 		return 0;
 	unsigned short family = BPF_CORE_READ(sk, __sk_common.skc_family);
