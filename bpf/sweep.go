@@ -1,13 +1,14 @@
 package bpf
 
 import (
-	"encoding/binary"
+	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/netip"
+	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
@@ -74,7 +75,11 @@ type sweeper struct {
 	tcp, udp *link.Iter
 	// err says why the iterators are missing (nil: loaded).
 	err error
+	mu  sync.Mutex // one sweep at a time: run and out are a sweep's
 	run uint32
+	// out holds a walk's output, kept from sweep to sweep: fresh memory
+	// for 10,000 records cost as much in page faults as decoding them.
+	out bytes.Buffer
 }
 
 // openSweeper loads the iterators after the main object has pinned its maps.
@@ -200,6 +205,8 @@ func fenceOf(dir string) (fenceRef, error) {
 
 // sweep runs both iterators once.
 func (s *sweeper) sweep(fence fenceRef) ([]EndedSocket, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.run++
 	cfg := sweepSweepConfig{FenceId: fence.id, FenceLevel: uint32(fence.level), Run: s.run}
 	if err := s.objs.SweepRun.Put(uint32(0), &cfg); err != nil {
@@ -210,7 +217,7 @@ func (s *sweeper) sweep(fence fenceRef) ([]EndedSocket, error) {
 		name string
 		link *link.Iter
 	}{{"tcp", s.tcp}, {"udp", s.udp}} {
-		recs, err := readIter(it.link)
+		recs, err := readIter(it.link, &s.out)
 		if err != nil {
 			return out, fmt.Errorf("walk %s sockets: %w", it.name, err)
 		}
@@ -219,27 +226,34 @@ func (s *sweeper) sweep(fence fenceRef) ([]EndedSocket, error) {
 	return out, nil
 }
 
-// readIter drives an iterator to its end and decodes its records. A socket
-// whose destroy failed has an ended record and then a failed one.
-func readIter(l *link.Iter) ([]EndedSocket, error) {
+// readIter drives an iterator to its end, its output in buf, and decodes
+// its records. A socket whose destroy failed has an ended record and then
+// a failed one.
+func readIter(l *link.Iter, buf *bytes.Buffer) ([]EndedSocket, error) {
 	r, err := l.Open()
 	if err != nil {
 		return nil, fmt.Errorf("open iterator: %w", err)
 	}
 	defer r.Close()
-	data, err := io.ReadAll(r)
-	if err != nil {
+	buf.Reset()
+	if _, err := buf.ReadFrom(r); err != nil {
 		return nil, fmt.Errorf("read iterator: %w", err)
 	}
-	size := binary.Size(sweepSweepRecord{})
+	data := buf.Bytes()
+	const size = int(unsafe.Sizeof(sweepSweepRecord{}))
 	if len(data)%size != 0 {
 		return nil, fmt.Errorf("iterator output of %d bytes is no whole number of %d-byte records", len(data), size)
 	}
-	// Decoded at once: a binary.Read per record cost 0.4 µs of it.
-	recs := make([]sweepSweepRecord, len(data)/size)
-	if _, err := binary.Decode(data, binary.NativeEndian, recs); err != nil {
-		return nil, fmt.Errorf("decode iterator records: %w", err)
+	if len(data) == 0 {
+		return nil, nil
 	}
+	// The records are sweep.c's struct as bpf2go lays it out for Go (no
+	// implicit padding: TestSweepRecordLayout), in this machine's byte
+	// order: viewed in place, where binary.Decode took 0.3 µs a record.
+	if uintptr(unsafe.Pointer(&data[0]))%unsafe.Alignof(sweepSweepRecord{}) != 0 {
+		return nil, errors.New("iterator output misaligned for its records")
+	}
+	recs := unsafe.Slice((*sweepSweepRecord)(unsafe.Pointer(&data[0])), len(data)/size)
 	out := make([]EndedSocket, 0, len(recs))
 	for _, rec := range recs {
 		s := endedOf(rec)

@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"unsafe"
 
 	"github.com/vishvananda/netlink"
 
@@ -427,4 +429,13 @@ func (w *world) binding(app string) Binding {
 		w.t.Fatal(err)
 	}
 	return Binding{App: app, CgroupID: id, Level: level}
+}
+
+// TestSweepRecordLayout: readIter views the iterator's output as Go
+// records in place, which holds while the Go struct has no padding that
+// the C struct has not (binary.Size counts only fields).
+func TestSweepRecordLayout(t *testing.T) {
+	if got, want := int(unsafe.Sizeof(sweepSweepRecord{})), binary.Size(sweepSweepRecord{}); got != want {
+		t.Errorf("sweepSweepRecord is %d bytes in memory, %d in fields", got, want)
+	}
 }
