@@ -151,41 +151,12 @@ const (
 	ruleInsideInternal = 1
 )
 
-// internalCover is the internal set reduced to its outermost prefixes,
-// sorted: they are disjoint, so one binary search tells whether an
-// internal prefix contains a given one.
-type internalCover []netip.Prefix
-
 // coverOf sorts and dedups prefixes (masked) and returns them with their
-// cover.
-func coverOf(prefixes []netip.Prefix) (sorted []netip.Prefix, cover internalCover) {
-	slices.SortFunc(prefixes, netip.Prefix.Compare)
-	prefixes = slices.Compact(prefixes)
-	for _, p := range prefixes {
-		// Sorted by address, then by length: a prefix that contains p
-		// comes before it, and the last outer prefix is the only one that
-		// can.
-		if n := len(cover); n > 0 && contains(cover[n-1], p) {
-			continue
-		}
-		cover = append(cover, p)
-	}
-	return prefixes, cover
-}
-
-// contains: does a contain b (a's length at most b's, b's address in a)?
-func contains(a, b netip.Prefix) bool {
-	return a.Bits() <= b.Bits() && a.Contains(b.Addr())
-}
-
-// inside: is p inside an internal prefix?
-func (c internalCover) inside(p netip.Prefix) bool {
-	// The last outer prefix at or before p's address.
-	i, found := slices.BinarySearchFunc(c, p.Addr(), func(q netip.Prefix, a netip.Addr) int { return q.Addr().Compare(a) })
-	if !found {
-		i--
-	}
-	return i >= 0 && contains(c[i], p)
+// cover: one binary search then tells whether an internal prefix contains
+// a given one.
+func coverOf(prefixes []netip.Prefix) (sorted []netip.Prefix, cover ruleset.Cover) {
+	sorted = ruleset.SortPrefixes(prefixes)
+	return sorted, ruleset.CoverOf(sorted)
 }
 
 // tables are one generation's entries, for one slot.
@@ -416,7 +387,7 @@ func encode(g Generation, slot uint32) (*tables, error) {
 // grants are pushed down into more specific ones here: a grant entry holds
 // the union of the ports of every grant whose prefix contains its own
 // (overlapping grants then mean their union).
-func (t *tables) putGrants(cover internalCover, ports *portTable, slot, id uint32, grants []ruleset.Grant) {
+func (t *tables) putGrants(cover ruleset.Cover, ports *portTable, slot, id uint32, grants []ruleset.Grant) {
 	own := make([]prefixGrant, 0, len(grants))
 	for i := range grants {
 		if grants[i].Name != "" {
@@ -441,7 +412,7 @@ func (t *tables) putGrants(cover internalCover, ports *portTable, slot, id uint3
 				udp = append(udp, g.Ports...)
 			}
 		}
-		for len(ancestors) > 0 && !contains(keyPrefix(t.rules[ancestors[len(ancestors)-1]].key), p) {
+		for len(ancestors) > 0 && !ruleset.PrefixContains(keyPrefix(t.rules[ancestors[len(ancestors)-1]].key), p) {
 			ancestors = ancestors[:len(ancestors)-1]
 		}
 		if n := len(ancestors); n > 0 {
@@ -455,7 +426,7 @@ func (t *tables) putGrants(cover internalCover, ports *portTable, slot, id uint3
 		tcp, udp = mergeInPlace(tcp), mergeInPlace(udp)
 		v.TcpFirst, v.TcpCount = ports.add(tcp)
 		v.UdpFirst, v.UdpCount = ports.add(udp)
-		if cover.inside(p) {
+		if cover.Inside(p) {
 			v.Flags |= ruleInsideInternal
 		}
 		ancestors = append(ancestors, len(t.rules))

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"slices"
 	"testing"
+
+	"github.com/procgate/procgate/ruleset"
 )
 
 // TestCoverOf: the internal set sorted by address, then length
@@ -39,7 +41,7 @@ func TestCoverOf(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			sorted, cover := coverOf(slices.Clone(tc.in))
-			if !slices.Equal(sorted, tc.sorted) || !slices.Equal(cover, internalCover(tc.cover)) {
+			if !slices.Equal(sorted, tc.sorted) || !slices.Equal(cover, ruleset.Cover(tc.cover)) {
 				t.Errorf("coverOf(%v) = %v, cover %v; want %v, cover %v", tc.in, sorted, cover, tc.sorted, tc.cover)
 			}
 		})

@@ -1,0 +1,71 @@
+package ruleset
+
+import (
+	"net/netip"
+	"slices"
+)
+
+// Cover is a set of prefixes reduced to its outermost ones, sorted by
+// address: they are disjoint, so one binary search tells whether a prefix
+// lies inside the set or overlaps it, where a map of the set's prefixes
+// would cost 100 bytes and a hash for each of a policy's 1,000,000.
+type Cover []netip.Prefix
+
+// SortPrefixes sorts masked prefixes by address, then length, IPv4 first
+// (netip.Prefix.Compare), and drops repeats, in place: a prefix then
+// follows every prefix that contains it.
+func SortPrefixes(ps []netip.Prefix) []netip.Prefix {
+	slices.SortFunc(ps, netip.Prefix.Compare)
+	return slices.Compact(ps)
+}
+
+// CoverOf is the cover of sorted, prefixes as SortPrefixes leaves them.
+func CoverOf(sorted []netip.Prefix) Cover {
+	var c Cover
+	for _, p := range sorted {
+		// A prefix that contains p comes before it, and the last outer
+		// prefix is the only one that can.
+		if n := len(c); n > 0 && PrefixContains(c[n-1], p) {
+			continue
+		}
+		c = append(c, p)
+	}
+	return c
+}
+
+// PrefixContains: does a contain b (a's length at most b's, b's address
+// in a)?
+func PrefixContains(a, b netip.Prefix) bool {
+	return a.Bits() <= b.Bits() && a.Contains(b.Addr())
+}
+
+// at is the position of the first prefix of c whose address is at or
+// after a's.
+func (c Cover) at(a netip.Addr) (int, bool) {
+	return slices.BinarySearchFunc(c, a, func(q netip.Prefix, a netip.Addr) int { return q.Addr().Compare(a) })
+}
+
+// Inside: is the masked prefix p inside a prefix of c?
+func (c Cover) Inside(p netip.Prefix) bool {
+	// The last outer prefix at or before p's address.
+	i, found := c.at(p.Addr())
+	if !found {
+		i--
+	}
+	return i >= 0 && PrefixContains(c[i], p)
+}
+
+// Overlaps: does p overlap a prefix of c (one contains the other)? It
+// does where the prefix of c at or before p's first address contains
+// it, or the first prefix of c after it starts inside p.
+func (c Cover) Overlaps(p netip.Prefix) bool {
+	p = p.Masked()
+	if !p.IsValid() {
+		return false
+	}
+	i, found := c.at(p.Addr())
+	if found || i > 0 && c[i-1].Contains(p.Addr()) {
+		return true
+	}
+	return i < len(c) && p.Contains(c[i].Addr())
+}
