@@ -9,6 +9,7 @@ package policy
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -192,6 +193,10 @@ type parser struct {
 	stream  bool
 	lazy    map[*yaml.Node]*run
 	reparse bool
+	// known are the internal prefixes read so far, in every file, sorted
+	// (ruleset.SortPrefixes); cover is their cover once asked for.
+	known []netip.Prefix
+	cover ruleset.Cover
 }
 
 func (p *parser) errorf(n *yaml.Node, field, format string, args ...any) {
@@ -600,17 +605,57 @@ func (p *parser) everyone(n *yaml.Node, field string) ([]ruleset.Grant, []grantC
 	return p.grants(an, join(field, "allow"))
 }
 
-// grants reads a list of grants, numbered in list order.
+// grants reads a list of grants, numbered in list order. A grant whose
+// prefix overlaps an internal prefix read so far needs no check once
+// every file is read (warnOutside): drop-ins only add internal prefixes.
+// So most grants of a large policy keep none (each is 100 bytes).
 func (p *parser) grants(n *yaml.Node, field string) (out []ruleset.Grant, checks []grantCheck) {
+	if c := p.count(n); c > 0 {
+		out = make([]ruleset.Grant, 0, c)
+	}
 	for i, item := range p.items(n, field) {
 		g, c, ok := p.grant(item, index(field, i))
 		if ok {
 			g.Index = i
 			out = append(out, g)
-			checks = append(checks, c)
+			if c.name != "" || !p.knownCover().Overlaps(c.prefix) {
+				checks = append(checks, c)
+			}
 		}
 	}
 	return out, checks
+}
+
+// count is how many items the sequence n has, to size what is read from
+// it (0 for a node that is no list).
+func (p *parser) count(n *yaml.Node) int {
+	if r := p.lazy[n]; r != nil {
+		return len(r.items)
+	}
+	if n.Kind == yaml.SequenceNode {
+		return len(n.Content)
+	}
+	return 0
+}
+
+// knownCover is the cover of the internal prefixes read so far, in every
+// file.
+func (p *parser) knownCover() ruleset.Cover {
+	if p.cover == nil && len(p.known) > 0 {
+		p.cover = ruleset.CoverOf(p.known)
+	}
+	return p.cover
+}
+
+// addKnown adds the sorted prefixes of one internal section to those
+// known.
+func (p *parser) addKnown(sorted []netip.Prefix) {
+	if len(p.known) == 0 {
+		p.known = sorted
+	} else {
+		p.known = ruleset.SortPrefixes(append(p.known, sorted...))
+	}
+	p.cover = nil
 }
 
 // warnOutside flags grants that overlap no internal prefix: they are legal but
@@ -618,11 +663,11 @@ func (p *parser) grants(n *yaml.Node, field string) (out []ruleset.Grant, checks
 // It runs once every file is read: a drop-in's grant may be internal by the
 // main file's prefixes.
 func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
-	internal := make([]netip.Prefix, len(rs.Internal))
-	for i, in := range rs.Internal {
-		internal[i] = in.Prefix
+	if len(checks) == 0 {
+		return
 	}
-	overlaps := overlapIndex(internal)
+	// Every file's internal prefixes, as merged into rs.
+	overlaps := p.knownCover().Overlaps
 	sandboxes := slices.ContainsFunc(rs.Apps, func(a ruleset.App) bool { return a.OutsideDeny })
 	for _, c := range checks {
 		// A sandbox reaches only its grants, outside included; everyone's
@@ -645,61 +690,24 @@ func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
 	}
 }
 
-// overlapIndex returns whether a prefix overlaps any of prefixes, in
-// O(bits + log n) per question instead of a scan of all of them (a policy
-// of 1,000,000 internal prefixes and grants would otherwise take hours to
-// parse). Two prefixes overlap when one contains the other: q overlaps an
-// indexed prefix that contains q (one of q's at most 129 ancestors, itself
-// included) or one that q contains (whose first address lies in q).
-func overlapIndex(prefixes []netip.Prefix) func(netip.Prefix) bool {
-	set := make(map[netip.Prefix]bool, len(prefixes))
-	starts := make([]netip.Addr, 0, len(prefixes))
-	for _, pf := range prefixes {
-		pf = pf.Masked()
-		set[pf] = true
-		starts = append(starts, pf.Addr())
-	}
-	slices.SortFunc(starts, netip.Addr.Compare)
-	return func(q netip.Prefix) bool {
-		q = q.Masked()
-		if !q.IsValid() {
-			return false
-		}
-		for bits := q.Bits(); bits >= 0; bits-- {
-			if a, err := q.Addr().Prefix(bits); err == nil && set[a] {
-				return true
-			}
-		}
-		// Addresses of q's family sort together, q's first address before
-		// every other of q: the first start at or after it is in q, or no
-		// indexed prefix starts in q.
-		i, _ := slices.BinarySearchFunc(starts, q.Addr(), netip.Addr.Compare)
-		return i < len(starts) && q.Contains(starts[i])
-	}
-}
-
 func (p *parser) internal(n *yaml.Node, field string) (prefixes []ruleset.InternalPrefix, ifaces []string) {
 	vals, ok := p.fields(n, field, internalKeys)
 	if !ok {
 		return nil, nil
 	}
 	if n, ok := vals["prefixes"]; ok {
-		// The line of each prefix, for duplicates (a seen keyed by text
-		// would take 100 bytes a prefix).
-		dups := map[netip.Prefix]int{}
-		for i, item := range p.items(n, join(field, "prefixes")) {
-			f := index(join(field, "prefixes"), i)
-			pf, ok := p.prefix(item, f)
-			if !ok {
-				continue
-			}
-			if line, dup := dups[pf]; dup {
-				p.errorf(item, f, "duplicate prefix %s (first at %s)", pf, p.place(ruleset.Source{File: p.file, Line: line}))
-				continue
-			}
-			dups[pf] = item.Line
-			prefixes = append(prefixes, ruleset.InternalPrefix{Prefix: pf, Source: p.source(item)})
+		f := join(field, "prefixes")
+		var at []itemAt
+		if c := p.count(n); c > 0 {
+			prefixes, at = make([]ruleset.InternalPrefix, 0, c), make([]itemAt, 0, c)
 		}
+		for i, item := range p.items(n, f) {
+			if pf, ok := p.prefix(item, index(f, i)); ok {
+				prefixes = append(prefixes, ruleset.InternalPrefix{Prefix: pf, Source: p.source(item)})
+				at = append(at, itemAt{line: int32(item.Line), col: int32(item.Column), index: int32(i)})
+			}
+		}
+		prefixes = p.dropRepeats(prefixes, at, f)
 	}
 	if n, ok := vals["interfaces"]; ok {
 		items, _ := p.list(n, join(field, "interfaces"))
@@ -718,6 +726,54 @@ func (p *parser) internal(n *yaml.Node, field string) (prefixes []ruleset.Intern
 		}
 	}
 	return prefixes, ifaces
+}
+
+// itemAt is where a list's item was: its position and index.
+type itemAt struct{ line, col, index int32 }
+
+// dropRepeats reports each prefix of list (read from the items at, of
+// the list field) that repeats an earlier one, and returns list without
+// them; the prefixes left, sorted, are known from then on (addKnown). It
+// sorts where a map of the prefixes seen took 370 MB and a hash each for
+// 1,000,000.
+func (p *parser) dropRepeats(list []ruleset.InternalPrefix, at []itemAt, field string) []ruleset.InternalPrefix {
+	order := make([]int32, len(list))
+	for i := range order {
+		order[i] = int32(i)
+	}
+	slices.SortFunc(order, func(a, b int32) int {
+		if c := list[a].Prefix.Compare(list[b].Prefix); c != 0 {
+			return c
+		}
+		return cmp.Compare(a, b)
+	})
+	sorted := make([]netip.Prefix, 0, len(list))
+	var repeats []bool
+	first := int32(-1)
+	for _, i := range order {
+		if first < 0 || list[i].Prefix != list[first].Prefix {
+			first = i
+			sorted = append(sorted, list[i].Prefix)
+			continue
+		}
+		if repeats == nil {
+			repeats = make([]bool, len(list))
+		}
+		repeats[i] = true
+		p.errorf(&yaml.Node{Line: int(at[i].line), Column: int(at[i].col)}, index(field, int(at[i].index)),
+			"duplicate prefix %s (first at %s)", list[i].Prefix, p.place(list[first].Source))
+	}
+	p.addKnown(sorted)
+	if repeats == nil {
+		return list
+	}
+	kept := list[:0]
+	for i, in := range list {
+		if !repeats[i] {
+			kept = append(kept, in)
+		}
+	}
+	return kept
 }
 
 // checkInterface applies the kernel's rules for a link name (dev_valid_name):
