@@ -735,7 +735,15 @@ func TestDiffRules(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			del, put := diffRules(tc.old, tc.new)
+			var del []procgateRuleKey
+			var put []ruleEntry
+			diffRules(tc.old, tc.new, func(e ruleEntry, d bool) {
+				if d {
+					del = append(del, e.key)
+				} else {
+					put = append(put, e)
+				}
+			})
 			if !slices.Equal(del, tc.del) || !slices.Equal(put, tc.put) {
 				t.Errorf("got delete %v, write %v; want %v, %v", del, put, tc.del, tc.put)
 			}
