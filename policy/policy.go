@@ -193,9 +193,8 @@ type parser struct {
 	stream  bool
 	lazy    map[*yaml.Node]*run
 	reparse bool
-	// known are the internal prefixes read so far, in every file, sorted
-	// (ruleset.SortPrefixes); cover is their cover once asked for.
-	known []netip.Prefix
+	// cover is the cover of the internal prefixes read so far, in every
+	// file: whether a prefix overlaps them is all the parser asks.
 	cover ruleset.Cover
 }
 
@@ -618,7 +617,7 @@ func (p *parser) grants(n *yaml.Node, field string) (out []ruleset.Grant, checks
 		if ok {
 			g.Index = i
 			out = append(out, g)
-			if c.name != "" || !p.knownCover().Overlaps(c.prefix) {
+			if c.name != "" || !p.cover.Overlaps(c.prefix) {
 				checks = append(checks, c)
 			}
 		}
@@ -638,24 +637,13 @@ func (p *parser) count(n *yaml.Node) int {
 	return 0
 }
 
-// knownCover is the cover of the internal prefixes read so far, in every
-// file.
-func (p *parser) knownCover() ruleset.Cover {
-	if p.cover == nil && len(p.known) > 0 {
-		p.cover = ruleset.CoverOf(p.known)
-	}
-	return p.cover
-}
-
 // addKnown adds the sorted prefixes of one internal section to those
-// known.
+// known: a prefix inside the cover adds nothing to it.
 func (p *parser) addKnown(sorted []netip.Prefix) {
-	if len(p.known) == 0 {
-		p.known = sorted
-	} else {
-		p.known = ruleset.SortPrefixes(append(p.known, sorted...))
+	if len(p.cover) > 0 {
+		sorted = ruleset.SortPrefixes(append(slices.Clone(p.cover), sorted...))
 	}
-	p.cover = nil
+	p.cover = ruleset.CoverOf(sorted)
 }
 
 // warnOutside flags grants that overlap no internal prefix: they are legal but
@@ -667,7 +655,7 @@ func (p *parser) warnOutside(rs *ruleset.Ruleset, checks []grantCheck) {
 		return
 	}
 	// Every file's internal prefixes, as merged into rs.
-	overlaps := p.knownCover().Overlaps
+	overlaps := p.cover.Overlaps
 	sandboxes := slices.ContainsFunc(rs.Apps, func(a ruleset.App) bool { return a.OutsideDeny })
 	for _, c := range checks {
 		// A sandbox reaches only its grants, outside included; everyone's
