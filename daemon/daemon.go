@@ -18,6 +18,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"reflect"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -665,6 +666,7 @@ func (d *Daemon) reload(force bool) (uint32, error) {
 	if readErr == nil {
 		d.seenHash = hash
 	}
+	defer lowerGC()()
 	var rs *ruleset.Ruleset
 	err := readErr
 	// What the rest needs of the files is taken before the parse: their
@@ -693,9 +695,33 @@ func (d *Daemon) reload(force bool) (uint32, error) {
 		d.publish(func(s *State) { s.lastErr = err.Error() })
 		return cur.gen, err
 	}
+	// The reload's garbage and the previous generation are freed pages
+	// the runtime would keep for a while (VmRSS stayed at the reload's
+	// peak, 2 GiB at 1,000,000 prefixes) and the next reload would grow
+	// from: give them back now, apart, as the reload is done.
+	go debug.FreeOSMemory()
 	st := d.current()
 	d.log.Info("policy loaded", "policy", d.cfg.PolicyPath, "dropins", nfiles-1, "generation", st.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", st.ended)
 	return st.gen, nil
+}
+
+// reloadGCPercent is the garbage collector's GOGC while a policy is
+// parsed and applied. A reload holds two generations at once and the
+// parse makes garbage of several times the policy's size; with the
+// default of 100 the heap grows to twice what is live at the reload's
+// peak, 1.4 GiB at 1,000,000 prefixes where 670 MB were live. Collecting
+// sooner keeps the peak near what is live, for some more CPU.
+const reloadGCPercent = 30
+
+// lowerGC sets reloadGCPercent, unless GOGC is lower or off already, and
+// returns what restores it.
+func lowerGC() (restore func()) {
+	old := debug.SetGCPercent(reloadGCPercent)
+	if old < reloadGCPercent {
+		debug.SetGCPercent(old)
+		return func() {}
+	}
+	return func() { debug.SetGCPercent(old) }
 }
 
 // policyStamp is the stamps of the policy file, of its policy.d directory
