@@ -171,7 +171,9 @@ func (lp *lineParser) key() (*yaml.Node, bool) {
 		lp.pos++
 	}
 	s := lp.text[start:lp.pos]
-	if len(s) == 0 || s[0] == '_' || lp.pos+1 >= len(lp.text) || lp.text[lp.pos] != ':' || lp.text[lp.pos+1] != ' ' {
+	// yaml.v3 refuses a key of over 1024 characters (a simple key); a
+	// field's name is short.
+	if len(s) == 0 || len(s) > 64 || s[0] == '_' || lp.pos+1 >= len(lp.text) || lp.text[lp.pos] != ':' || lp.text[lp.pos+1] != ' ' {
 		return nil, false
 	}
 	tag, ok := plainTag(s)
