@@ -125,17 +125,10 @@ func (lp *lineParser) scalar(flow bool) (*yaml.Node, bool) {
 // scalars or flow sequences of them.
 func (lp *lineParser) mapping() (*yaml.Node, bool) {
 	n := lp.arena.node(yaml.MappingNode, yaml.FlowStyle, "!!map", "", lp.line, lp.pos+1)
-	lp.pos++ // '{'
-	base := len(lp.stack)
-	defer func() { lp.stack = lp.stack[:base] }()
-	lp.spaces()
-	for first := true; ; first = false {
-		if lp.pos < len(lp.text) && lp.text[lp.pos] == '}' && first {
-			break
-		}
+	return n, lp.collection(n, '}', func() bool {
 		k, ok := lp.key()
 		if !ok {
-			return nil, false
+			return false
 		}
 		var v *yaml.Node
 		if lp.pos < len(lp.text) && lp.text[lp.pos] == '[' {
@@ -143,23 +136,39 @@ func (lp *lineParser) mapping() (*yaml.Node, bool) {
 		} else {
 			v, ok = lp.scalar(true)
 		}
-		if !ok {
-			return nil, false
-		}
 		lp.stack = append(lp.stack, k, v)
+		return ok
+	})
+}
+
+// collection reads the items of a flow collection, from its opening
+// character to end, each by item (which puts its nodes on the stack),
+// with ", " between; the items' nodes become n's content.
+func (lp *lineParser) collection(n *yaml.Node, end byte, item func() bool) bool {
+	lp.pos++ // '{' or '['
+	base := len(lp.stack)
+	defer func() { lp.stack = lp.stack[:base] }()
+	lp.spaces()
+	for first := true; ; first = false {
+		if first && lp.pos < len(lp.text) && lp.text[lp.pos] == end {
+			break
+		}
+		if !item() {
+			return false
+		}
 		lp.spaces()
-		if lp.pos < len(lp.text) && lp.text[lp.pos] == '}' {
+		if lp.pos < len(lp.text) && lp.text[lp.pos] == end {
 			break
 		}
 		if lp.pos == len(lp.text) || lp.text[lp.pos] != ',' {
-			return nil, false
+			return false
 		}
 		lp.pos++
 		lp.spaces()
 	}
-	lp.pos++ // '}'
+	lp.pos++ // end
 	n.Content = lp.arena.content(lp.stack[base:])
-	return n, true
+	return true
 }
 
 // key reads a plain key of letters, digits and '_', its ':' and the
@@ -188,32 +197,11 @@ func (lp *lineParser) key() (*yaml.Node, bool) {
 // sequence reads a flow sequence of plain scalars.
 func (lp *lineParser) sequence() (*yaml.Node, bool) {
 	n := lp.arena.node(yaml.SequenceNode, yaml.FlowStyle, "!!seq", "", lp.line, lp.pos+1)
-	lp.pos++ // '['
-	base := len(lp.stack)
-	defer func() { lp.stack = lp.stack[:base] }()
-	lp.spaces()
-	for first := true; ; first = false {
-		if lp.pos < len(lp.text) && lp.text[lp.pos] == ']' && first {
-			break
-		}
+	return n, lp.collection(n, ']', func() bool {
 		v, ok := lp.scalar(true)
-		if !ok {
-			return nil, false
-		}
 		lp.stack = append(lp.stack, v)
-		lp.spaces()
-		if lp.pos < len(lp.text) && lp.text[lp.pos] == ']' {
-			break
-		}
-		if lp.pos == len(lp.text) || lp.text[lp.pos] != ',' {
-			return nil, false
-		}
-		lp.pos++
-		lp.spaces()
-	}
-	lp.pos++ // ']'
-	n.Content = lp.arena.content(lp.stack[base:])
-	return n, true
+		return ok
+	})
 }
 
 // scalarByte: may c be in a scalar read here? Letters, digits and
