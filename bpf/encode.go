@@ -399,7 +399,8 @@ func (t *tables) putGrants(cover ruleset.Cover, ports *portTable, slot, id uint3
 	// ancestors are the entries written so far whose prefixes contain the
 	// current one, outermost first: sorted, a prefix follows every prefix
 	// that contains it, so they are a stack.
-	var ancestors []int // indexes into t.rules
+	var ancestors []int       // indexes into t.rules
+	var inside ruleset.Finger // own is sorted: the cover is walked once
 	var tcp, udp []ruleset.PortRange
 	for i := 0; i < len(own); {
 		p := own[i].prefix
@@ -426,7 +427,7 @@ func (t *tables) putGrants(cover ruleset.Cover, ports *portTable, slot, id uint3
 		tcp, udp = mergeInPlace(tcp), mergeInPlace(udp)
 		v.TcpFirst, v.TcpCount = ports.add(tcp)
 		v.UdpFirst, v.UdpCount = ports.add(udp)
-		if cover.Inside(p) {
+		if cover.InsideFrom(&inside, p) {
 			v.Flags |= ruleInsideInternal
 		}
 		ancestors = append(ancestors, len(t.rules))

@@ -630,12 +630,13 @@ func (p *parser) grants(n *yaml.Node, field string) (out []ruleset.Grant, checks
 	if c := p.count(n); c > 0 {
 		out = make([]ruleset.Grant, 0, c)
 	}
+	var f ruleset.Finger
 	for i, item := range p.items(n, field) {
 		g, c, ok := p.grant(item, index(field, i))
 		if ok {
 			g.Index = i
 			out = append(out, g)
-			if c.name != "" || !p.cover.Overlaps(c.prefix) {
+			if c.name != "" || !p.cover.OverlapsFrom(&f, c.prefix) {
 				checks = append(checks, c)
 			}
 		}

@@ -40,8 +40,24 @@ func TestCover(t *testing.T) {
 			}
 			c := CoverOf(SortPrefixes(slices.Clone(set)))
 			hits, inside := 0, 0
-			for range tc.probes {
-				q := random()
+			probes := make([]netip.Prefix, tc.probes)
+			for i := range probes {
+				probes[i] = random()
+			}
+			// Fingers, on the probes as they come and in address order.
+			var f, fs Finger
+			sorted := SortPrefixes(slices.Clone(probes))
+			for _, q := range probes {
+				if c.OverlapsFrom(&f, q) != c.Overlaps(q) || c.InsideFrom(&f, q) != c.Inside(q) {
+					t.Fatalf("%s: with a finger (at %d) %v/%v, without %v/%v", q, f.at, c.OverlapsFrom(&f, q), c.InsideFrom(&f, q), c.Overlaps(q), c.Inside(q))
+				}
+			}
+			for _, q := range sorted {
+				if c.OverlapsFrom(&fs, q) != c.Overlaps(q) || c.InsideFrom(&fs, q) != c.Inside(q) {
+					t.Fatalf("%s in order: with a finger %v/%v, without %v/%v", q, c.OverlapsFrom(&fs, q), c.InsideFrom(&fs, q), c.Overlaps(q), c.Inside(q))
+				}
+			}
+			for _, q := range probes {
 				want := slices.ContainsFunc(set, q.Overlaps)
 				if got := c.Overlaps(q); got != want {
 					t.Fatalf("Overlaps(%s) = %v, want %v (set %v)", q, got, want, set)
