@@ -192,9 +192,14 @@ func (e *Enforcer) scanPatterns(t *tables, slot uint32) (map[procgateAppKey]proc
 	return bound, counts, nil
 }
 
+// followLoaded: the follower's maps are loaded. Not followErr, which
+// Attach writes when the programs do not attach while an Apply's
+// background clear reads the maps (the maps are there either way).
+func (e *Enforcer) followLoaded() bool { return e.follow.ExactPatterns != nil }
+
 // writePatterns writes slot's pattern entries, when the follower loaded.
 func (e *Enforcer) writePatterns(t *tables) error {
-	if e.followErr != nil {
+	if !e.followLoaded() {
 		return nil
 	}
 	ek, ev := splitKV(t.exactPatterns)
@@ -211,7 +216,7 @@ func (e *Enforcer) writePatterns(t *tables) error {
 // clearPatterns deletes slot's pattern entries, before its cgroup
 // bindings, so that the kernel binds no more cgroups in the slot.
 func (e *Enforcer) clearPatterns(slot uint32, keys *slotKeys) error {
-	if e.followErr != nil {
+	if !e.followLoaded() {
 		return nil
 	}
 	if err := deleteBatch(e.follow.ExactPatterns, keys.exactPatterns); err != nil {
@@ -225,7 +230,7 @@ func (e *Enforcer) clearPatterns(slot uint32, keys *slotKeys) error {
 
 // scanPatternKeys lists slot's pattern keys, for adopted state.
 func (e *Enforcer) scanPatternKeys(slot uint32, keys *slotKeys) error {
-	if e.followErr != nil {
+	if !e.followLoaded() {
 		return nil
 	}
 	var k migrateCgroupPathKey
