@@ -184,9 +184,6 @@ type tables struct {
 // compares it as the key's leading bits; the C side uses bpf_htonl.
 func ruleKey(slot uint32, appID uint32, p netip.Prefix) procgateRuleKey {
 	tag := appID
-	if slot == 1 {
-		tag |= tagSlot
-	}
 	k := procgateRuleKey{Prefixlen: 32 + uint32(p.Bits())}
 	if p.Addr().Is4() {
 		a := p.Addr().As4()
@@ -195,9 +192,7 @@ func ruleKey(slot uint32, appID uint32, p netip.Prefix) procgateRuleKey {
 		tag |= tagV6
 		k.Addr = p.Addr().As16()
 	}
-	var be [4]byte
-	binary.BigEndian.PutUint32(be[:], tag)
-	k.Tag = binary.NativeEndian.Uint32(be[:])
+	k.Tag = keyTag(tag, slot)
 	return k
 }
 
@@ -217,7 +212,20 @@ func tagOrder(k *procgateRuleKey) uint32 {
 // compareKeys orders trie keys as the trie does its bits: tag, address,
 // then length (a prefix before the longer prefixes it contains).
 func compareKeys(a, b *procgateRuleKey) int {
-	if c := cmp.Compare(tagOrder(a), tagOrder(b)); c != 0 {
+	// The slot bit is the tag's first.
+	if c := cmp.Compare(tagOrder(a)&tagSlot, tagOrder(b)&tagSlot); c != 0 {
+		return c
+	}
+	return compareSlotless(a, b)
+}
+
+func compareEntries(a, b ruleEntry) int { return compareKeys(&a.key, &b.key) }
+
+// compareSlotless is compareKeys but for the slot bit: within one slot the
+// order is the same, so a slot's sorted entries compare with the other
+// slot's.
+func compareSlotless(a, b *procgateRuleKey) int {
+	if c := cmp.Compare(tagOrder(a)&^tagSlot, tagOrder(b)&^tagSlot); c != 0 {
 		return c
 	}
 	if c := bytes.Compare(a.Addr[:], b.Addr[:]); c != 0 {
@@ -226,7 +234,22 @@ func compareKeys(a, b *procgateRuleKey) int {
 	return cmp.Compare(a.Prefixlen, b.Prefixlen)
 }
 
-func compareEntries(a, b ruleEntry) int { return compareKeys(&a.key, &b.key) }
+// withSlot is k with slot's bit in its tag.
+func withSlot(k procgateRuleKey, slot uint32) procgateRuleKey {
+	k.Tag = keyTag(tagOrder(&k)&^tagSlot, slot)
+	return k
+}
+
+// keyTag is a key's Tag field for tag in slot: big-endian, so that the trie
+// compares it as the key's leading bits; the C side uses bpf_htonl.
+func keyTag(tag, slot uint32) uint32 {
+	if slot == 1 {
+		tag |= tagSlot
+	}
+	var be [4]byte
+	binary.BigEndian.PutUint32(be[:], tag)
+	return binary.NativeEndian.Uint32(be[:])
+}
 
 // sortRules sorts entries by key; encode writes them in order already,
 // group by group, so this is usually one check.
@@ -256,13 +279,7 @@ func keyPrefix(k procgateRuleKey) netip.Prefix {
 
 // listenKey is the trie key of an app's listen: entry: the tag alone.
 func listenKey(slot, appID uint32) procgateRuleKey {
-	tag := appID | tagListen
-	if slot == 1 {
-		tag |= tagSlot
-	}
-	var be [4]byte
-	binary.BigEndian.PutUint32(be[:], tag)
-	return procgateRuleKey{Prefixlen: 32, Tag: binary.NativeEndian.Uint32(be[:])}
+	return procgateRuleKey{Prefixlen: 32, Tag: keyTag(appID|tagListen, slot)}
 }
 
 // encode turns a generation into map entries for slot. It is pure, so the

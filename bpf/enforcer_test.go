@@ -695,18 +695,43 @@ func TestSlotHoldsItsRules(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var got []ruleEntry
-		var k procgateRuleKey
-		var v procgateRuleValue
-		for it := w.e.objs.Rules.Iterate(); it.Next(&k, &v); {
-			if tagOrder(&k)>>31 == info.Slot {
-				got = append(got, ruleEntry{k, v})
+		slotRules := func(slot uint32) []ruleEntry {
+			var got []ruleEntry
+			var k procgateRuleKey
+			var v procgateRuleValue
+			it := w.e.objs.Rules.Iterate()
+			for it.Next(&k, &v) {
+				if tagOrder(&k)>>31 == slot {
+					got = append(got, ruleEntry{k, v})
+				}
 			}
+			if err := it.Err(); err != nil {
+				t.Fatal(err)
+			}
+			sortRules(got)
+			return got
 		}
-		sortRules(got)
-		if len(got) != len(want.rules) || (len(got) > 0 && !slices.Equal(got, want.rules)) {
+		if got := slotRules(info.Slot); !slices.Equal(got, want.rules) {
 			t.Fatalf("step %d (policy %d, slot %d): the slot holds %d entries, its generation %d:\n got %v\nwant %v",
 				step, i, info.Slot, len(got), len(want.rules), got, want.rules)
+		}
+		// Once the background refill is done, the idle slot holds the
+		// same rules (but the first generation's, which has no slot
+		// before it to refill).
+		if err := w.e.waitClear(); err != nil {
+			t.Fatal(err)
+		}
+		if step == 0 {
+			continue
+		}
+		idle := info.Slot ^ 1
+		wantIdle := make([]ruleEntry, len(want.rules))
+		for j, r := range want.rules {
+			wantIdle[j] = ruleEntry{withSlot(r.key, idle), r.value}
+		}
+		if got := slotRules(idle); !slices.Equal(got, wantIdle) {
+			t.Fatalf("step %d (policy %d): the idle slot %d holds %d entries after its refill, want %d:\n got %v\nwant %v",
+				step, i, idle, len(got), len(wantIdle), got, wantIdle)
 		}
 	}
 }
@@ -726,6 +751,12 @@ func TestDiffRules(t *testing.T) {
 		{name: "fresh", new: []ruleEntry{e(0, 1, 0), e(1, 1, 1)}, put: []ruleEntry{e(0, 1, 0), e(1, 1, 1)}},
 		{name: "same", old: []ruleEntry{e(0, 1, 0), e(1, 1, 1)}, new: []ruleEntry{e(0, 1, 0), e(1, 1, 1)}},
 		{name: "all gone", old: []ruleEntry{e(0, 1, 0), e(1, 1, 1)}, del: []procgateRuleKey{e(0, 1, 0).key, e(1, 1, 1).key}},
+		{
+			// A refilled slot shares the other slot's entries.
+			name: "same, other slot's keys",
+			old:  []ruleEntry{e(0, 1, 0), e(1, 1, 1)},
+			new:  []ruleEntry{{withSlot(e(0, 1, 0).key, 1), e(0, 1, 0).value}, {withSlot(e(1, 1, 1).key, 1), e(1, 1, 1).value}},
+		},
 		{
 			name: "changed value, one gone, one new",
 			old:  []ruleEntry{e(0, 1, 0), e(0, 2, 0), e(1, 1, 1), e(2, 9, 1)},
