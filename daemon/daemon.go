@@ -440,12 +440,9 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer os.Remove(cfg.Socket)
-	defer ln.Close()
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		d.serve(ctx, ln)
-	}()
+	// Deferred after the pinhole agent's, the DNS proxies' and the
+	// enforcer's ends: the handlers are done before those close.
+	defer d.serveAPI(ctx, ln)()
 
 	if cfg.MetricsAddr != "" {
 		srv, err := d.serveMetrics(cfg.MetricsAddr)

@@ -16,6 +16,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -32,18 +34,54 @@ import (
 	"github.com/procgate/procgate/ruleset"
 )
 
-func (d *Daemon) serve(ctx context.Context, ln *net.UnixListener) {
-	for {
-		conn, err := ln.AcceptUnix()
-		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
-				return
+// apiStopGrace is how long, once the daemon stops, a request in flight
+// may still read from and write to its client: a client that sends or
+// reads nothing must not hold the daemon's stop.
+const apiStopGrace = 5 * time.Second
+
+// serveAPI serves the API on ln, each connection on a goroutine of its
+// own, until stop. stop closes ln, so that no request starts; ends the
+// requests' context, so that event streams and calls to the reconciler
+// end and run relays let go of their apps (run); gives every request's
+// connection apiStopGrace more; and waits for every handler to return.
+// Run calls stop before it closes what handlers use (the enforcer, the
+// pinhole agent and kernel, the audit reader), as pinhole.Kernel.Close
+// waits for the calls in flight.
+func (d *Daemon) serveAPI(ctx context.Context, ln *net.UnixListener) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	var handlers sync.WaitGroup
+	var inFlight atomic.Int64
+	handlers.Add(1)
+	go func() {
+		defer handlers.Done()
+		for {
+			conn, err := ln.AcceptUnix()
+			if err != nil {
+				if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+					return
+				}
+				d.log.Warn("accept on API socket", "err", err)
+				time.Sleep(10 * time.Millisecond)
+				continue
 			}
-			d.log.Warn("accept on API socket", "err", err)
-			time.Sleep(10 * time.Millisecond)
-			continue
+			// Added here, before stop can wait: a Wait that has begun
+			// never meets an Add.
+			handlers.Add(1)
+			inFlight.Add(1)
+			go func() {
+				defer handlers.Done()
+				defer inFlight.Add(-1)
+				d.handle(ctx, conn)
+			}()
 		}
-		go d.handle(ctx, conn)
+	}()
+	return func() {
+		ln.Close()
+		cancel()
+		if n := inFlight.Load(); n > 0 {
+			d.log.Info("stopping: waiting for the API requests in flight", "requests", n, "grace", apiStopGrace)
+		}
+		handlers.Wait()
 	}
 }
 
@@ -82,6 +120,7 @@ func peerOf(conn *net.UnixConn) (peer, error) {
 
 func (d *Daemon) handle(ctx context.Context, conn *net.UnixConn) {
 	defer conn.Close()
+	defer context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now().Add(apiStopGrace)) })()
 	p, err := peerOf(conn)
 	if err != nil {
 		d.log.Warn("API peer credentials", "err", err)
@@ -205,7 +244,7 @@ func (d *Daemon) dispatch(ctx context.Context, conn *net.UnixConn, p peer, req a
 		}
 		return &api.Response{AppInfo: info}
 	case api.OpRun:
-		d.run(conn, p, req, files, more)
+		d.run(ctx, conn, p, req, files, more)
 		return nil
 	case api.OpPinholeOpen:
 		ph, err := d.pinholeOpen(ctx, p, req)
@@ -624,8 +663,8 @@ func (d *Daemon) keepTracker(app, why string) error {
 // run starts an app for the peer: as the peer's uid, gids and groups, with
 // its stdio, in the app's cgroup, and in the peer's namespaces, root,
 // working directory and umask (launch.Caller); it relays signals and the
-// exit status.
-func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.File, more *bufio.Reader) {
+// exit status until ctx ends.
+func (d *Daemon) run(ctx context.Context, conn *net.UnixConn, p peer, req api.Request, files []*os.File, more *bufio.Reader) {
 	defer closeAll(files)
 	failStatus := func(status int, format string, args ...any) {
 		msg := fmt.Sprintf(format, args...)
@@ -701,8 +740,11 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 		for {
 			line, err := more.ReadBytes('\n')
 			if err != nil {
-				// The caller went away: like a closed terminal.
-				_ = proc.Signal(syscall.SIGHUP)
+				// The caller went away: like a closed terminal. Not
+				// when the daemon let go of the app (below).
+				if ctx.Err() == nil {
+					_ = proc.Signal(syscall.SIGHUP)
+				}
 				return
 			}
 			var r api.Request
@@ -711,12 +753,29 @@ func (d *Daemon) run(conn *net.UnixConn, p peer, req api.Request, files []*os.Fi
 			}
 		}
 	}()
-	exit, err := proc.WaitJob(func(stop syscall.Signal) {
-		_ = api.WriteLine(conn, api.Response{Run: &api.RunState{Stopped: int(stop), Continued: stop == 0}})
-	})
-	if err != nil {
-		_ = api.WriteLine(conn, errResp("wait for pid %d: %v", proc.Pid(), err))
-		return
+	// The wait reaps the app whenever it ends, and touches only proc and
+	// conn, which it owns: it may outlive the handler.
+	exited := make(chan struct{})
+	go func() {
+		defer close(exited)
+		exit, err := proc.WaitJob(func(stop syscall.Signal) {
+			_ = api.WriteLine(conn, api.Response{Run: &api.RunState{Stopped: int(stop), Continued: stop == 0}})
+		})
+		if err != nil {
+			_ = api.WriteLine(conn, errResp("wait for pid %d: %v", proc.Pid(), err))
+			return
+		}
+		_ = api.WriteLine(conn, api.Response{Run: &api.RunState{Exited: true, Code: exit.Code, Signal: int(exit.Signal)}})
+	}()
+	select {
+	case <-exited:
+	case <-ctx.Done():
+		// The daemon stops. An app may run for days: it must not hold
+		// the stop (nor a restart for an upgrade), and stopping the
+		// daemon must not end it, as the pinned programs still enforce
+		// its policy. The app runs on, and the caller is told.
+		d.log.Info("run: daemon stopping; the app runs on, no longer relayed", "app", app.Name, "pid", proc.Pid())
+		_ = api.WriteLine(conn, api.Response{ExitCode: launch.StatusFailed, Error: fmt.Sprintf(
+			"the daemon is stopping: app %s (pid %d) runs on, still enforced, but its signals and exit status are no longer relayed", app.Name, proc.Pid())})
 	}
-	_ = api.WriteLine(conn, api.Response{Run: &api.RunState{Exited: true, Code: exit.Code, Signal: int(exit.Signal)}})
 }
