@@ -105,7 +105,10 @@ func OpenKernel(bpfDir, cgroupDir string, log *slog.Logger) (*Kernel, error) {
 		k.Close()
 		return nil, fmt.Errorf("open pinhole ring buffer: %w", err)
 	}
-	k.ports, k.apps = map[pinholePortKey]uint8{}, map[uint64]uint32{}
+	if err := k.readPinned(); err != nil {
+		k.Close()
+		return nil, err
+	}
 	if err := k.releaseAll(); err != nil {
 		k.Close()
 		return nil, err
@@ -121,6 +124,30 @@ func (k *Kernel) attach(bpfDir, cgroupDir string) error {
 			return err
 		}
 		k.links = append(k.links, l)
+	}
+	return nil
+}
+
+// readPinned takes the ports and apps an earlier run left in the pinned
+// maps as the ones written last: the first SetApps then deletes those the
+// policy no longer lists (a port left there stays guarded for ever, its
+// peers dropped) and leaves the others as they are, guarded throughout.
+func (k *Kernel) readPinned() error {
+	k.ports, k.apps = map[pinholePortKey]uint8{}, map[uint64]uint32{}
+	var port pinholePortKey
+	var what uint8
+	it := k.objs.PinholePorts.Iterate()
+	for it.Next(&port, &what) {
+		k.ports[port] = what
+	}
+	var id uint64
+	var app pinholePinholeApp
+	apps := k.objs.PinholeApps.Iterate()
+	for apps.Next(&id, &app) {
+		k.apps[id] = app.AppId
+	}
+	if err := errors.Join(it.Err(), apps.Err()); err != nil {
+		return fmt.Errorf("read the dynamic apps of an earlier run: %w", err)
 	}
 	return nil
 }

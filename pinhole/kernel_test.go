@@ -3,6 +3,7 @@ package pinhole
 import (
 	"errors"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"slices"
@@ -285,5 +286,67 @@ func TestKernelClose(t *testing.T) {
 	}
 	if err := k.Close(); err != nil {
 		t.Errorf("a second Close: %v", err)
+	}
+}
+
+// TestKernelRestartDeletesStale: a restarted daemon's kernel starts from
+// the ports and apps the last run left pinned, so its first SetApps
+// deletes those its policy no longer lists (a port left listed stays
+// guarded, its peers dropped, for ever).
+func TestKernelRestartDeletesStale(t *testing.T) {
+	nstest.RequireRoot(t)
+	first := &ruleset.Inbound{Control: []ruleset.PortRange{{Lo: 2121, Hi: 2121}}, Ports: []ruleset.PortRange{{Lo: 40000, Hi: 40001}}, Proto: ruleset.Both}
+	moved := &ruleset.Inbound{Control: []ruleset.PortRange{{Lo: 2121, Hi: 2121}}, Ports: []ruleset.PortRange{{Lo: 41000, Hi: 41000}}, Proto: ruleset.UDP}
+	for _, tc := range []struct {
+		name string
+		now  *ruleset.Inbound // nil: the app is no longer dynamic
+		// ports and apps are what the pinned maps must hold after the
+		// restart's first SetApps.
+		ports, apps int
+	}{
+		{name: "app gone", now: nil, ports: 0, apps: 0},
+		{name: "ports moved", now: moved, ports: 2, apps: 1},
+		{name: "unchanged", now: first, ports: 5, apps: 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cg := nstest.Cgroup(t)
+			id, err := cgroups.ID(nstest.ChildCgroup(t, cg, "app"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			bpfDir := nstest.BPFFS(t)
+			log := slog.New(slog.DiscardHandler)
+			k, err := OpenKernel(bpfDir, cg, log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := k.SetApps([]Binding{{AppID: 7, CgroupID: id, Inbound: first}}); err != nil {
+				t.Fatal(err)
+			}
+			k.Close()
+
+			k, err = OpenKernel(bpfDir, cg, log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer k.Close()
+			var now []Binding
+			if tc.now != nil {
+				now = []Binding{{AppID: 7, CgroupID: id, Inbound: tc.now}}
+			}
+			if err := k.SetApps(now); err != nil {
+				t.Fatal(err)
+			}
+			pinned := Kernel{objs: k.objs}
+			if err := pinned.readPinned(); err != nil {
+				t.Fatal(err)
+			}
+			if len(pinned.ports) != tc.ports || !maps.Equal(pinned.ports, k.ports) {
+				t.Errorf("pinhole_ports holds %v; want the %d the policy lists: %v", pinned.ports, tc.ports, k.ports)
+			}
+			if len(pinned.apps) != tc.apps || !maps.Equal(pinned.apps, k.apps) {
+				t.Errorf("pinhole_apps holds %v; want the %d the policy lists: %v", pinned.apps, tc.apps, k.apps)
+			}
+		})
 	}
 }
