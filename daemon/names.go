@@ -49,6 +49,16 @@ func (d *Daemon) learnAnswers(facts []ruleset.Learned) error {
 	return err
 }
 
+// dnsNamesWhat is what the dns-names guard covers, for the start log: a
+// namespace's proxy starts before the app's first query where the daemon
+// sees its process there first (proxyNetnsOf, proxyMatchedNetns), else
+// at that query's dns-unobserved event (docs/policy.md, "Other network
+// namespaces").
+const dnsNamesWhat = "apps with name grants resolve through the daemon's DNS proxy, which learns their answers before relaying them; " +
+	"in another network namespace, through a proxy started there before the app's first query where the daemon sees its process first " +
+	"(procgate run for a caller there; the processes of match.unit, match.cgroup and match.container apps, at start, before each generation binds their cgroups, and at each poll), " +
+	"else at its first query, whose answer grants nothing"
+
 // startDNSProxy starts the proxy that learns the answers to apps' DNS
 // queries in the daemon's network namespace, points the kernel's redirect
 // at it, and follows apps into other network namespaces (dnsnetns.go).
@@ -72,8 +82,7 @@ func (d *Daemon) startDNSProxy(ctx context.Context, wg *sync.WaitGroup) (stop fu
 		d.log.Warn("guard NOT active", "guard", "dns-names", "what", "DNS-name grants learn the answers apps get", "why", err.Error()+": name grants allow nothing")
 		return func() {}
 	}
-	d.log.Info("guard active", "guard", "dns-names", "what", "apps with name grants resolve through the daemon's DNS proxy, which learns their answers before relaying them; in other network namespaces from their first query on",
-		"port", p.Port)
+	d.log.Info("guard active", "guard", "dns-names", "what", dnsNamesWhat, "port", p.Port)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
