@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"runtime/debug"
+	"runtime/metrics"
 	"slices"
 	"strings"
 	"sync"
@@ -710,15 +711,55 @@ func (d *Daemon) reload(force bool) (uint32, error) {
 // sooner keeps the peak near what is live, for some more CPU.
 const reloadGCPercent = 30
 
-// lowerGC sets reloadGCPercent, unless GOGC is lower or off already, and
-// returns what restores it.
+// gcBound is the GOGC of reloads under way (lowerGC): the first one in
+// lowers it, the last one out restores the operator's.
+var gcBound struct {
+	mu      sync.Mutex
+	holders int
+	// operator is GOGC before the first holder; lowered: it was set to
+	// reloadGCPercent.
+	operator int
+	lowered  bool
+}
+
+// lowerGC sets GOGC to reloadGCPercent, unless the operator's is lower or
+// off already, and returns what restores it (idempotent: it may be both
+// deferred and called). Reloads may overlap (one per Daemon, and tests
+// run several in a process): GOGC is restored when the last one ends,
+// not to what another set meanwhile. The operator's GOGC is read, not
+// set and set back, so that a lower one, or off, never runs higher for a
+// moment.
 func lowerGC() (restore func()) {
-	old := debug.SetGCPercent(reloadGCPercent)
-	if old < reloadGCPercent {
-		debug.SetGCPercent(old)
-		return func() {}
+	gcBound.mu.Lock()
+	defer gcBound.mu.Unlock()
+	if gcBound.holders == 0 {
+		gcBound.operator = gcPercent()
+		gcBound.lowered = gcBound.operator > reloadGCPercent
+		if gcBound.lowered {
+			debug.SetGCPercent(reloadGCPercent)
+		}
 	}
-	return func() { debug.SetGCPercent(old) }
+	gcBound.holders++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			gcBound.mu.Lock()
+			defer gcBound.mu.Unlock()
+			gcBound.holders--
+			if gcBound.holders == 0 && gcBound.lowered {
+				debug.SetGCPercent(gcBound.operator)
+			}
+		})
+	}
+}
+
+// gcPercent is GOGC as set now (negative: off), read without setting it
+// (the metric is in every Go since 1.21).
+func gcPercent() int {
+	s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
+	metrics.Read(s)
+	// Off is -1, read as a uint64.
+	return int(int64(s[0].Value.Uint64()))
 }
 
 // policyStamp is the stamps of the policy file, of its policy.d directory
