@@ -100,7 +100,8 @@ func splitRuns(data []byte) ([]byte, []run) {
 	// UTF-8, a control character) anywhere in it, and reads UTF-16 after a
 	// BOM; cut apart, the skeleton could decode without the list holding
 	// such a character and report other errors. Such a file is parsed
-	// whole, and the error is the parser's.
+	// whole, and the error is the parser's. So is a file with a line
+	// break other than LF and CRLF: lines here are counted by LF.
 	if !yamlText(data) {
 		return data, nil
 	}
@@ -327,12 +328,17 @@ func decodesAll(runs []run) bool {
 }
 
 // yamlText reports whether data is UTF-8 of only the characters yaml.v3's
-// reader accepts (its check in yaml_parser_update_buffer).
+// reader accepts (its check in yaml_parser_update_buffer), and breaks its
+// lines only with LF or CRLF. yaml.v3 also breaks a line at a CR alone,
+// NEL, LS and PS (is_break): in a blank or comment line between a list's
+// items they would make every line after them one more than
+// splitRuns counts, and so the lines of errors.
 func yamlText(data []byte) bool {
 	for len(data) > 0 {
 		if b := data[0]; b < utf8.RuneSelf {
 			// ASCII, nearly all of a policy: no rune to decode.
-			if b < 0x20 && b != 0x09 && b != 0x0A && b != 0x0D || b == 0x7F {
+			if b < 0x20 && b != 0x09 && b != 0x0A && b != 0x0D || b == 0x7F ||
+				b == 0x0D && (len(data) == 1 || data[1] != 0x0A) {
 				return false
 			}
 			data = data[1:]
@@ -343,8 +349,9 @@ func yamlText(data []byte) bool {
 			return false
 		}
 		switch {
-		case r == 0x09, r == 0x0A, r == 0x0D, r >= 0x20 && r <= 0x7E, r == 0x85,
-			r >= 0xA0 && r <= 0xD7FF, r >= 0xE000 && r <= 0xFFFD, r >= 0x10000 && r <= 0x10FFFF:
+		case r == 0x2028, r == 0x2029: // LS, PS
+			return false
+		case r >= 0xA0 && r <= 0xD7FF, r >= 0xE000 && r <= 0xFFFD, r >= 0x10000 && r <= 0x10FFFF:
 		default:
 			return false
 		}

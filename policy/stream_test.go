@@ -59,6 +59,12 @@ func TestStreamMatchesWhole(t *testing.T) {
 		{"not a list where one is wanted", "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\naudit:\n  - a\n  - b\napps: []\n", true},
 		{"broken list under an unknown key", "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\nbogus:\n  - \"\n  - a\napps: []\n", false},
 		{"CRLF", "version: 1\r\ninternal:\r\n  prefixes:\r\n    - 10.0.0.0/8\r\n    - 10.1.0.0/16\r\napps: []\r\n", true},
+		// yaml.v3 breaks lines at these too: the errors after them are a
+		// line further down than LF alone counts.
+		{"CR alone in a blank line", lineBreakPolicy(" \r \n"), false},
+		{"NEL in a comment", lineBreakPolicy("    # a\u0085\n"), false},
+		{"LS in a comment", lineBreakPolicy("    # a\u2028\n"), false},
+		{"PS in a comment", lineBreakPolicy("    #\u2029\n"), false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := sameAsWhole(t, []byte(tc.policy)); got != tc.stream {
@@ -69,6 +75,13 @@ func TestStreamMatchesWhole(t *testing.T) {
 	if streamed == 0 {
 		t.Error("no file of testdata was read in chunks: the comparison checked nothing")
 	}
+}
+
+// lineBreakPolicy is a policy with mistakes in and after a list, and
+// between its first items the line sep.
+func lineBreakPolicy(sep string) string {
+	return "version: 1\ninternal:\n  prefixes:\n    - 10.0.0.0/8\n" + sep + "    - 10.1.0.0/16\n    - 10.2.0.0/16\n    - 300.1.1.1\n" +
+		"apps:\n  - name: x\n    allow:\n      - {to: 10.1.0.0/16, ports: [99999]}\n      - {to: 10.1.0.0/16, ports: [1]}\n"
 }
 
 // TestStreamLongList: a list of many chunks keeps its items' order, lines
