@@ -446,11 +446,11 @@ func Run(ctx context.Context, cfg Config) error {
 	defer d.serveAPI(ctx, ln)()
 
 	if cfg.MetricsAddr != "" {
-		srv, err := d.serveMetrics(cfg.MetricsAddr)
+		stopMetrics, err := d.serveMetrics(cfg.MetricsAddr)
 		if err != nil {
 			return err
 		}
-		defer srv.Close()
+		defer stopMetrics()
 	}
 
 	hup := make(chan os.Signal, 1)
@@ -1127,7 +1127,10 @@ func (d *Daemon) annotate(e bpf.Event) (string, string) {
 	return app, rule
 }
 
-func (d *Daemon) serveMetrics(addr string) (*http.Server, error) {
+// serveMetrics serves /metrics on addr until stop. stop, which Run calls
+// before it closes the enforcer, waits for the scrapes in flight (they
+// read its counters) for apiStopGrace at most, as the API's stop does.
+func (d *Daemon) serveMetrics(addr string) (stop func(), err error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(audit.NewCollector(d.counterSource, d.auditor))
 	reg.MustRegister(handoverMetrics{d.enf})
@@ -1138,10 +1141,26 @@ func (d *Daemon) serveMetrics(addr string) (*http.Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen for metrics on %s: %w", addr, err)
 	}
-	srv := &http.Server{Handler: audit.Handler(reg), ReadHeaderTimeout: 5 * time.Second}
+	var inFlight atomic.Int64
+	h := audit.Handler(reg)
+	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		inFlight.Add(1)
+		defer inFlight.Add(-1)
+		h.ServeHTTP(w, r)
+	})}
 	go srv.Serve(ln)
 	d.log.Info("serving metrics", "addr", ln.Addr().String())
-	return srv, nil
+	return func() {
+		if n := inFlight.Load(); n > 0 {
+			d.log.Info("stopping: waiting for the metrics scrapes in flight", "scrapes", n, "grace", apiStopGrace)
+		}
+		// Close would return at once, the handlers still running.
+		ctx, cancel := context.WithTimeout(context.Background(), apiStopGrace)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			srv.Close()
+		}
+	}, nil
 }
 
 // counterSource reads the kernel's counters per app name ("" unbound),

@@ -4,9 +4,12 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"path/filepath"
+	"regexp"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -123,4 +126,72 @@ func TestStopWaitsForRequests(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestMetricsStopWaitsForScrapes: the metrics server's stop, which Run
+// calls before it closes the enforcer, returns only once the scrapes in
+// flight are done with its counters.
+func TestMetricsStopWaitsForScrapes(t *testing.T) {
+	_, fake, d := startOnApps(t, "a")
+	enf := &slowEnforcer{fakeEnforcer: fake, entered: make(chan struct{}), release: make(chan struct{})}
+	d.Daemon.enf = enf
+	var logged lockedBuffer
+	waiting := &logSignal{want: "waiting for the metrics scrapes in flight", seen: make(chan struct{})}
+	d.log = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, waiting), nil))
+	stop, err := d.serveMetrics("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`addr=(\S+)`).FindStringSubmatch(logged.String())
+	if m == nil {
+		t.Fatalf("no metrics address in the log:\n%s", logged.String())
+	}
+	scraped := make(chan error, 1)
+	go func() {
+		resp, err := http.Get("http://" + m[1] + "/metrics")
+		if err == nil {
+			_, err = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		scraped <- err
+	}()
+	<-enf.entered
+	stopped := make(chan struct{})
+	var early atomic.Bool
+	go func() {
+		stop()
+		early.Store(!enf.returned.Load()) // where Run's enf.Close comes
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+		t.Fatal("stop returned while a scrape was in flight")
+	case <-waiting.seen:
+	}
+	close(enf.release)
+	<-stopped
+	if early.Load() {
+		t.Fatal("stop returned while a scrape was in the enforcer")
+	}
+	if err := <-scraped; err != nil {
+		t.Errorf("the scrape in flight at stop: %v, want its answer", err)
+	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for a logger and a reader at once.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
