@@ -161,7 +161,7 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "## Connect cost per principal kind", "## DNS answer to grant", "## Fleet on etcd", "measured again", "scaling-p50.svg", "throughput.svg"} {
+	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "## Connect cost per principal kind", "## An outsider's harness", "## DNS answer to grant", "## Fleet on etcd", "measured again", "scaling-p50.svg", "throughput.svg"} {
 		if !strings.Contains(string(report), want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}

@@ -46,6 +46,10 @@ const (
 	// opResolve resolves Names at Dests[0] and connects to each answer at
 	// once (the dns phase).
 	opResolve op = "resolve"
+	// opListen makes the client listen on Port itself, for the rest of
+	// its life, as an app that connects to its own listener does (the
+	// outsider phase).
+	opListen op = "listen"
 )
 
 type proto string
@@ -72,6 +76,8 @@ type request struct {
 	Pause time.Duration
 	// Names to resolve (resolve).
 	Names []string
+	// Port to listen on (listen).
+	Port uint16
 }
 
 // check is one destination of a verify loop and the verdicts it may get.
@@ -138,7 +144,14 @@ func maybeClient() {
 // guard. No variant but procgate's looks at gids.
 const benchGuardGID = 64999
 
+// clientAsLaunched is envClient's value for a client that `procgate run`
+// started: its credentials are the launcher's, kept as they are.
+const clientAsLaunched = "launched"
+
 func serveClient(uid string, in io.Reader, out io.Writer) error {
+	if uid == clientAsLaunched {
+		return serveRequests(in, out)
+	}
 	// After the process was placed in its namespace and cgroup, which
 	// needs root. Go applies set*id to every thread.
 	uid, open := strings.CutSuffix(uid, ",open")
@@ -161,6 +174,11 @@ func serveClient(uid string, in io.Reader, out io.Writer) error {
 			return err
 		}
 	}
+	return serveRequests(in, out)
+}
+
+// serveRequests answers the coordinator's requests until it is gone.
+func serveRequests(in io.Reader, out io.Writer) error {
 	dec, enc := gob.NewDecoder(in), gob.NewEncoder(out)
 	reqs := make(chan request)
 	var stop atomic.Bool
@@ -209,6 +227,11 @@ func handle(r request, stop *atomic.Bool, ready func() error) (resp response) {
 		err = untilVerdict(r, &resp, ready)
 	case opResolve:
 		err = resolveLoop(r, &resp)
+	case opListen:
+		var lfd int
+		if lfd, err = rawListener(int(r.Port)); err == nil {
+			go acceptLoop(lfd)
+		}
 	default:
 		err = fmt.Errorf("unknown op %q", r.Op)
 	}
@@ -606,6 +629,18 @@ type client struct {
 
 // startClient starts a client in cgroup dir and the namespace at ns, with
 // uid (0: root).
+// startLaunchedClient starts a client as an outsider would run an app:
+// `procgate run --app APP -- <bench binary>` against the daemon d, from ns.
+func startLaunchedClient(name string, d *daemonProc, app, ns string) (*client, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find own executable: %w", err)
+	}
+	cmd := exec.Command(d.bin, "--socket", d.socket, "run", "--app", app, "--", self)
+	cmd.Env = append(os.Environ(), envClient+"="+clientAsLaunched, "GODEBUG=asyncpreemptoff=1")
+	return startClientCmd(name, cmd, ns)
+}
+
 func startClient(name, cgroupDir, ns string, uid int, openToTracing bool) (*client, error) {
 	self, err := os.Executable()
 	if err != nil {
@@ -630,6 +665,11 @@ func startClient(name, cgroupDir, ns string, uid int, openToTracing bool) (*clie
 	// would kill clients at random. A client whose parent is gone exits at
 	// its next read or write of the pipes; cleanup kills the cgroup.
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	return startClientCmd(name, cmd, ns)
+}
+
+// startClientCmd starts cmd, a client, in ns, talking to it over pipes.
+func startClientCmd(name string, cmd *exec.Cmd, ns string) (*client, error) {
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {

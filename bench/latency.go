@@ -73,12 +73,16 @@ func (b *bench) measure(ctx context.Context, w *world, pol *benchPolicy, phase s
 			}
 			for _, pr := range protos {
 				for _, c := range classes {
-					dests := addrPorts(pol.dests(c), servicePort)
 					for i := range lanes {
 						l := lanes[(i+r)%len(lanes)]
 						if err := ctx.Err(); err != nil {
 							return nil, err
 						}
+						port := uint16(servicePort)
+						if l.port != 0 {
+							port = l.port
+						}
+						dests := addrPorts(pol.dests(c), port)
 						resp, err := l.cl.do(request{Op: opLatency, Proto: pr, Dests: dests, N: b.cfg.Batch,
 							Warmup: b.cfg.Warmup, Allow: l.v.expectAllow(c)})
 						if err != nil {

@@ -235,6 +235,7 @@ func (r *results) markdown(plots map[string]string) string {
 	r.revocationSection(w)
 	r.routesSection(w)
 	r.principalsSection(w)
+	r.outsiderSection(w)
 	r.dnsSection(w)
 	r.fleetSection(w)
 	r.costSection(w)

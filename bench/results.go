@@ -30,13 +30,16 @@ type results struct {
 	Routes     *routesResult     `json:"routes,omitempty"`
 	// Principals is the principals phase's latency, one row per principal
 	// kind (Variant) and the unenforced baseline and control.
-	Principals []latResult    `json:"principals,omitempty"`
-	DNS        *dnsResult     `json:"dns,omitempty"`
-	Fleet      *fleetResult   `json:"fleet,omitempty"`
-	Spawn      *spawnResult   `json:"spawn,omitempty"`
-	BPFCost    []bpfCost      `json:"bpf_cost"`
-	Targets    []targetResult `json:"targets"`
-	Notes      []string       `json:"notes"`
+	Principals []latResult `json:"principals,omitempty"`
+	// Outsider is the outsider phase's latency: a `procgate run` app
+	// against the baseline.
+	Outsider []latResult    `json:"outsider,omitempty"`
+	DNS      *dnsResult     `json:"dns,omitempty"`
+	Fleet    *fleetResult   `json:"fleet,omitempty"`
+	Spawn    *spawnResult   `json:"spawn,omitempty"`
+	BPFCost  []bpfCost      `json:"bpf_cost"`
+	Targets  []targetResult `json:"targets"`
+	Notes    []string       `json:"notes"`
 }
 
 type meta struct {
@@ -212,6 +215,8 @@ func (r *results) merge(dir string, phases []string) error {
 			old.Routes = r.Routes
 		case phasePrincipals:
 			old.Principals = r.Principals
+		case phaseOutsider:
+			old.Outsider = r.Outsider
 		case phaseDNS:
 			old.DNS = r.DNS
 		case phaseFleet:

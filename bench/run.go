@@ -28,7 +28,7 @@ const (
 	phaseRevocation = "revocation"
 )
 
-var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole, phaseDaemon, phaseScale, phaseRoutes, phasePrincipals, phaseDNS, phaseFleet}
+var allPhases = []string{phaseLatency, phaseScaling, phaseReload, phaseThroughput, phaseRevocation, phasePinhole, phaseDaemon, phaseScale, phaseRoutes, phasePrincipals, phaseOutsider, phaseDNS, phaseFleet}
 
 type options struct {
 	quick   bool
@@ -212,6 +212,7 @@ func run(o options) (err error) {
 		phaseScale:      b.scalePhase,
 		phaseRoutes:     b.routesPhase,
 		phasePrincipals: b.principalsPhase,
+		phaseOutsider:   b.outsiderPhase,
 		phaseDNS:        b.dnsPhase,
 		phaseFleet:      b.fleetPhase,
 	}

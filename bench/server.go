@@ -39,7 +39,7 @@ func startServers(ns string, withService bool) (*servers, error) {
 		if !withService {
 			return nil
 		}
-		lfd, err := rawListener()
+		lfd, err := rawListener(servicePort)
 		if err != nil {
 			return err
 		}
@@ -64,7 +64,7 @@ func startServers(ns string, withService bool) (*servers, error) {
 // rawListener is a blocking TCP listener on servicePort, accepted with raw
 // syscalls: the cheapest server there is, so that it disturbs the
 // measured connects as little as possible.
-func rawListener() (int, error) {
+func rawListener(port int) (int, error) {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("tcp socket: %w", err)
@@ -82,9 +82,9 @@ func rawListener() (int, error) {
 		unix.Close(fd)
 		return -1, err
 	}
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: servicePort}); err != nil {
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: port}); err != nil {
 		unix.Close(fd)
-		return -1, fmt.Errorf("bind tcp :%d: %w", servicePort, err)
+		return -1, fmt.Errorf("bind tcp :%d: %w", port, err)
 	}
 	if err := unix.Listen(fd, 4096); err != nil {
 		unix.Close(fd)

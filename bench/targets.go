@@ -77,6 +77,7 @@ func (r *results) evaluate() []targetResult {
 			}
 		}
 	}
+	out = append(out, r.outsiderTargets()...)
 	out = append(out, r.spawnTarget(), r.flatness(), r.versusNft(), r.tunnel(), r.noAppBulk(), r.reloadCorrect(), r.reloadTime(), r.revocationTarget(), r.verdictsCorrect())
 	out = append(out, r.pinholeTargets()...)
 	out = append(out, r.routesTarget())

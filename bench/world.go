@@ -38,7 +38,9 @@ type lane struct {
 	clientNS string
 	srv      *servers
 	cl       *client
-	load     loadStats
+	// port is the port its latency attempts go to (0: servicePort).
+	port uint16
+	load loadStats
 	// before and after run around each throughput batch (tunnel lanes that
 	// share a namespace install their rules only for their own batches).
 	before, after func() error
