@@ -65,17 +65,11 @@ func (b *bench) outsiderPhase(ctx context.Context) error {
 	}
 	defer d.stop()
 
-	for _, v := range pickVariants(allVariants(), vBaseline, vControl) {
-		cg, err := b.host.mkCgroup(phaseOutsider + "-" + v.Name)
-		if err != nil {
-			return err
-		}
-		l := &lane{v: v, topo: topoLoopback, clientNS: ns, port: outsiderPorts[v.Name]}
-		w.lanes = append(w.lanes, l)
-		// As `procgate run` starts apps: trace-guarded credentials.
-		if l.cl, err = startClient(phaseOutsider+"/"+v.Name, cg, ns, 0, false); err != nil {
-			return err
-		}
+	if err := b.unenforcedLanes(w, ns, phaseOutsider, nil); err != nil {
+		return err
+	}
+	for _, l := range w.lanes {
+		l.port = outsiderPorts[l.v.Name]
 	}
 	run := &variant{Name: vRun, Desc: "an app started by `procgate run --app app0` (the daemon's defaults), connecting to a listener of its own process"}
 	l := &lane{v: run, topo: topoLoopback, clientNS: ns, port: outsiderPorts[vRun]}

@@ -143,21 +143,9 @@ func (b *bench) principalsPhase(ctx context.Context) error {
 	}
 	defer d.stop()
 
-	// The baseline and its control run outside the daemon's cgroup root:
-	// nothing enforces there.
-	for i, v := range pickVariants(allVariants(), vBaseline, vControl) {
-		cg, err := b.host.mkCgroup(phasePrincipals + "-" + v.Name)
-		if err != nil {
-			return err
-		}
-		l := &lane{v: v, topo: topoLoopback, clientNS: ns}
-		if i == 0 {
-			l.srv, handed = srv, true // closed with the world
-		}
-		w.lanes = append(w.lanes, l)
-		if l.cl, err = startClient(phasePrincipals+"/"+v.Name, cg, ns, 0, false); err != nil {
-			return err
-		}
+	handed = true // to the baseline's lane, closed with the world
+	if err := b.unenforcedLanes(w, ns, phasePrincipals, srv); err != nil {
+		return err
 	}
 	for _, k := range principalKinds {
 		l := &lane{v: &variant{Name: k.name}, topo: topoLoopback, clientNS: ns}
@@ -175,6 +163,28 @@ func (b *bench) principalsPhase(ctx context.Context) error {
 	}
 	b.res.Principals = res
 	return errors.Join(d.stop(), w.close())
+}
+
+// unenforcedLanes adds the baseline's and its control's lanes to w, each
+// client in a cgroup of its own outside the daemon's cgroup root, where
+// nothing enforces; the first lane takes srv (nil: none), to close with
+// the world.
+func (b *bench) unenforcedLanes(w *world, ns, phase string, srv *servers) error {
+	for i, v := range pickVariants(allVariants(), vBaseline, vControl) {
+		l := &lane{v: v, topo: topoLoopback, clientNS: ns}
+		if i == 0 {
+			l.srv = srv // in the world before anything can fail
+		}
+		w.lanes = append(w.lanes, l)
+		cg, err := b.host.mkCgroup(phase + "-" + v.Name)
+		if err != nil {
+			return err
+		}
+		if l.cl, err = startClient(phase+"/"+v.Name, cg, ns, 0, false); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // checkPrincipal checks that the client is enforced as kind k: it reaches
