@@ -384,7 +384,7 @@ func (r *results) costSection(w func(string, ...any)) {
 	w("## Cost")
 	w("")
 	if hasMaps {
-		w("Kernel memory of procgate's maps with %d prefixes and %d grants in force (`memlock` of each map fd in /proc/self/fdinfo, which on this kernel is what the map uses; the idle generation slot is empty):", largest.Size, largest.Size)
+		w("Kernel memory of procgate's maps with %d prefixes and %d grants in force (`memlock` of each map fd in /proc/self/fdinfo, which on this kernel is what the map uses; the rules trie holds both generation slots' entries, as the idle slot keeps the rules in force for the next reload to change only what differs):", largest.Size, largest.Size)
 		w("")
 		mapTable(w, largest.MapMemory)
 		w("Loader CPU per reload at that size: %.3f s (user+system, median reload); the daemon does this work only on a reload, and nothing per connection: decisions run in the kernel.", largest.Reload.CPUSeconds)
