@@ -285,25 +285,24 @@ func runShim(args []string) int {
 			fmt.Fprintf(errPipe, "+%s\n", msg)
 		}
 	}
-	// syscall's set*id calls change every thread of the Go runtime, so
-	// none is left with root's ids when the exec happens.
+	ids := shimIDs(a.tty)
 	if a.groups != nil {
 		gs := make([]int, len(a.groups))
 		for i, g := range a.groups {
 			gs[i] = int(g)
 		}
-		if err := syscall.Setgroups(gs); err != nil {
+		if err := ids.setgroups(gs); err != nil {
 			return fail(StatusFailed, "set supplementary groups: %v", err)
 		}
 	}
-	if err := syscall.Setresgid(int(a.rgid), int(a.gid), int(a.gid)); err != nil {
+	if err := ids.setresgid(int(a.rgid), int(a.gid), int(a.gid)); err != nil {
 		return fail(StatusFailed, "set gids (real %d, effective and saved %d): %v", a.rgid, a.gid, err)
 	}
 	// Last while root (dropping from the bounding set needs CAP_SETPCAP).
 	if err := confineThread(a.conf); err != nil {
 		return fail(StatusFailed, "confine: %v", err)
 	}
-	if err := syscall.Setresuid(int(a.uid), int(a.uid), int(a.uid)); err != nil {
+	if err := ids.setresuid(int(a.uid), int(a.uid), int(a.uid)); err != nil {
 		return fail(StatusFailed, "set uid %d: %v", a.uid, err)
 	}
 	// Entered as the user: the search permission is the user's.
@@ -322,6 +321,40 @@ func runShim(args []string) int {
 	}
 	err = syscall.Exec(a.path, a.argv, env)
 	return fail(execStatus(err), "exec %s: %v", a.path, err)
+}
+
+// idCalls are the calls that give the shim the app's groups and ids.
+type idCalls struct {
+	setgroups            func(gids []int) error
+	setresgid, setresuid func(r, e, s int) error
+}
+
+// shimIDs: the shim's id calls. A shim that execs the app next changes
+// its own, locked thread only (raw system calls), as it does its bounding
+// set and no_new_privs: the exec runs on that thread and ends the others,
+// and the change of ids makes the process non-dumpable until then, so
+// the user cannot trace a thread left with root's ids. syscall's set*id
+// calls change every thread instead, by stopping the world and signalling
+// each thread of the runtime in turn while the caller spins: on a loaded
+// machine each call waits for every thread to be scheduled, which held
+// `procgate run` for 100-450 ms while a policy reload kept both CPUs of a
+// 2-CPU host busy. A shim that stays to run the app as a job (tty) goes
+// on running Go code, on any thread: every thread must change.
+func shimIDs(stays bool) idCalls {
+	if stays {
+		return idCalls{syscall.Setgroups, syscall.Setresgid, syscall.Setresuid}
+	}
+	return idCalls{unix.Setgroups, threadSetres(sysSetresgid), threadSetres(sysSetresuid)}
+}
+
+// threadSetres is setresuid(2) or setresgid(2), nr, on this thread only.
+func threadSetres(nr uintptr) func(r, e, s int) error {
+	return func(r, e, s int) error {
+		if _, _, errno := unix.RawSyscall(nr, uintptr(r), uintptr(e), uintptr(s)); errno != 0 {
+			return errno
+		}
+		return nil
+	}
 }
 
 // enterCaller moves the shim's thread into the caller's world (caller.go):

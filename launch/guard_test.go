@@ -45,6 +45,7 @@ func TestTraceGuardIDs(t *testing.T) {
 		app         ruleset.App
 		cred        *launch.Cred
 		guard       uint32
+		uid         string // empty: the app's, appUID
 		gid, groups string
 		wantGuarded bool
 		why         string // in the reason it is not guarded
@@ -52,7 +53,7 @@ func TestTraceGuardIDs(t *testing.T) {
 	}{
 		{name: "user", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: appGID, Groups: []uint32{100}}, guard: guardGID,
 			gid: "65533\t65534\t65534\t65534", groups: "100 65534", wantGuarded: true},
-		{name: "root", app: ruleset.App{Name: "t"}, guard: guardGID, gid: "65533\t0\t0\t0", wantGuarded: true},
+		{name: "root", app: ruleset.App{Name: "t"}, guard: guardGID, uid: "0\t0\t0\t0", gid: "65533\t0\t0\t0", wantGuarded: true},
 		{name: "traceable", app: ruleset.App{Name: "t", Traceable: true}, cred: &launch.Cred{UID: appUID, GID: appGID}, guard: guardGID,
 			gid: "65534\t65534\t65534\t65534", why: "traceable"},
 		{name: "guard off", app: ruleset.App{Name: "t"}, cred: &launch.Cred{UID: appUID, GID: appGID}, gid: "65534\t65534\t65534\t65534", why: "off"},
@@ -99,6 +100,15 @@ func TestTraceGuardIDs(t *testing.T) {
 			}
 			if guarded, why := p.Guarded(); guarded != tt.wantGuarded || !strings.Contains(why, tt.why) {
 				t.Errorf("Guarded() = %v, %q; want %v, %q", guarded, why, tt.wantGuarded, tt.why)
+			}
+			// The shim sets the ids of the thread that execs the app
+			// (shimIDs): the app has them all, real, effective, saved, fs.
+			uid := tt.uid
+			if uid == "" {
+				uid = "65534\t65534\t65534\t65534"
+			}
+			if got := statusField(t, out, "Uid"); got != uid {
+				t.Errorf("Uid %q, want %q", got, uid)
 			}
 			if got := statusField(t, out, "Gid"); got != tt.gid {
 				t.Errorf("Gid %q, want %q", got, tt.gid)
