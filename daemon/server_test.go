@@ -16,6 +16,7 @@ import (
 
 	"github.com/procgate/procgate/api"
 	"github.com/procgate/procgate/bpf"
+	"github.com/procgate/procgate/internal/pinholetest"
 )
 
 // slowEnforcer is a fakeEnforcer whose Counters waits until the test
@@ -135,7 +136,7 @@ func TestMetricsStopWaitsForScrapes(t *testing.T) {
 	_, fake, d := startOnApps(t, "a")
 	enf := &slowEnforcer{fakeEnforcer: fake, entered: make(chan struct{}), release: make(chan struct{})}
 	d.Daemon.enf = enf
-	var logged lockedBuffer
+	var logged pinholetest.SyncBuffer
 	waiting := &logSignal{want: "waiting for the metrics scrapes in flight", seen: make(chan struct{})}
 	d.log = slog.New(slog.NewTextHandler(io.MultiWriter(&logged, waiting), nil))
 	stop, err := d.serveMetrics("127.0.0.1:0")
@@ -176,22 +177,4 @@ func TestMetricsStopWaitsForScrapes(t *testing.T) {
 	if err := <-scraped; err != nil {
 		t.Errorf("the scrape in flight at stop: %v, want its answer", err)
 	}
-}
-
-// lockedBuffer is a bytes.Buffer safe for a logger and a reader at once.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
