@@ -130,6 +130,9 @@ func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 		}
 	}
 	if err == nil {
+		// As a reload of the file does: the parse and Apply hold two
+		// generations at once.
+		defer lowerGC()()
 		var warnings []policy.Warning
 		var check policy.HostCheck
 		rs, warnings, check, err = policy.ParseFilesForHost(files)
