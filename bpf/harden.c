@@ -398,9 +398,10 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 		struct verdict_entry *v = bpf_map_lookup_elem(&hook_handoff, &cpu);
 		if (v)
 			hit = verdict_matches(v, &d, generation, &c);
+		// Socket storage takes the socket as skb->sk gives it: the
+		// helper returns NULL for a request or time-wait socket itself.
 		if (!hit && d.proto == PROTO_UDP) {
-			struct bpf_sock *full = bpf_sk_fullsock(sk);
-			v = full ? bpf_sk_storage_get(&socket_verdicts, full, 0, 0) : NULL;
+			v = bpf_sk_storage_get(&socket_verdicts, sk, 0, 0);
 			if (v)
 				hit = verdict_matches(v, &d, generation, &c);
 		}
