@@ -122,6 +122,12 @@ enum hook {
 // any principal.
 #define VERDICT_EVERYONE (1U << 31)
 
+// In a socket_verdicts entry's app_flags: cgroup_id is the cgroup of the
+// socket the entry is on, which a socket keeps for its life, so the egress
+// backstop takes it from the entry instead of reading it again
+// (bpf_skb_cgroup_id) for each datagram.
+#define VERDICT_SOCKET_CGROUP (1U << 30)
+
 // One trie holds every generation's internal prefixes and grants. The tag
 // (big-endian, so it is the key's leading 32 bits and always matched whole)
 // is slot << 31 | is_v6 << 30 | app_id, with app_id 0 for the internal set;

@@ -164,13 +164,28 @@ static __always_inline int load_l4(struct __sk_buff *skb, __u32 off, __u8 proto,
 // connected socket's) for the socket's next datagrams. Only for internal
 // destinations: there a full decision costs two trie lookups and a port
 // search, more than the allocation of the socket's storage once; an
-// external one costs a lookup that ends near the trie's root.
+// external one costs a lookup that ends near the trie's root. cgroup_id
+// is the socket's cgroup (skb_principal's).
 static __always_inline void remember(struct bpf_sock *sk, __u64 cgroup_id, const struct dest *d, __u32 generation,
 				     __u32 app_id, __u32 app_flags)
 {
 	struct verdict_entry *v = bpf_sk_storage_get(&socket_verdicts, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (v)
-		put_verdict(v, cgroup_id, d, generation, app_id, app_flags);
+		put_verdict(v, cgroup_id, d, generation, app_id, app_flags | VERDICT_SOCKET_CGROUP);
+}
+
+// mark_socket_cgroup notes in a socket's verdict that its cgroup_id, which
+// the connect hook set to the connecting task's cgroup, is the socket's
+// own (VERDICT_SOCKET_CGROUP), so that its next datagrams need not read
+// the socket's cgroup; only if the entry still holds that verdict.
+static __always_inline void mark_socket_cgroup(struct verdict_entry *v, __u32 generation, __u64 sk_cgroup)
+{
+	__u64 want = (__u64)generation << 32;
+	if (!entry_lock(v, want))
+		return;
+	if (v->cgroup_id == sk_cgroup)
+		v->app_flags |= VERDICT_SOCKET_CGROUP;
+	entry_unlock(v, want);
 }
 
 // pass_everyone lets a packet an everyone grant allows pass, and keeps the
@@ -393,7 +408,7 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 	struct bpf_sock *sk = skb->sk;
 	if (sk && d.proto) {
 		struct verdict_copy c = {};
-		int hit = 0;
+		int hit = 0, own = 0; // own: the socket's verdict (socket_verdicts)
 		__u32 cpu = bpf_get_smp_processor_id();
 		struct verdict_entry *v = bpf_map_lookup_elem(&hook_handoff, &cpu);
 		if (v)
@@ -403,7 +418,7 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 		if (!hit && d.proto == PROTO_UDP) {
 			v = bpf_sk_storage_get(&socket_verdicts, sk, 0, 0);
 			if (v)
-				hit = verdict_matches(v, &d, generation, &c);
+				own = hit = verdict_matches(v, &d, generation, &c);
 		}
 		// An everyone grant's verdict holds for every principal.
 		if (hit && (c.app_flags & VERDICT_EVERYONE))
@@ -411,8 +426,11 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 		if (hit) {
 			// The same cgroup has the same principal in a generation
 			// (the usual case: the socket's maker connected it).
-			__u64 sk_cgroup = bpf_skb_cgroup_id(skb);
+			int known = own && (c.app_flags & VERDICT_SOCKET_CGROUP);
+			__u64 sk_cgroup = known ? c.cgroup_id : bpf_skb_cgroup_id(skb);
 			int same = sk_cgroup == c.cgroup_id;
+			if (same && own && !known && v)
+				mark_socket_cgroup(v, generation, sk_cgroup);
 			if (!same) {
 				__u64 cgroup_id;
 				struct app_info *a = skb_principal(skb, slot, info, &cgroup_id);
