@@ -278,14 +278,15 @@ static __always_inline int socket_cgroup_mate(__u64 writer_cgroup, __u64 sk_cgro
 // foreign_udp_sender: is a datagram of app_id's socket being sent, in its
 // sender's own context, by a task that is not one of app_id's processes?
 // sk_cgroup is the socket's cgroup; sender and sender_app say who sent,
-// for the audit record.
+// for the audit record (set when it returns 1). Where no check applies,
+// it answers before reading the sender's cgroup.
 static __always_inline int foreign_udp_sender(__u64 sk_cgroup, __u32 slot, const struct generation_info *info,
 					      __u32 app_id, __u32 app_flags, __u64 *sender, __u32 *sender_app)
 {
-	*sender = bpf_get_current_cgroup_id();
-	*sender_app = 0;
 	if ((app_flags & APP_HANDOVER_ALLOWED) || (info->flags & GEN_NO_UDP_HANDOVER))
 		return 0;
+	*sender = bpf_get_current_cgroup_id();
+	*sender_app = 0;
 	if (socket_cgroup_mate(*sender, sk_cgroup, app_flags))
 		return 0;
 	if (!in_sender_task())
