@@ -10,6 +10,7 @@ package policy
 import (
 	"bytes"
 	"cmp"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -196,6 +197,12 @@ type parser struct {
 	// cover is the cover of the internal prefixes read so far, in every
 	// file: whether a prefix overlaps them is all the parser asks.
 	cover ruleset.Cover
+	// portLists are the port lists read so far, by their ranges
+	// (portsKey): the grants of a list share one array, read-only like
+	// all of a Ruleset, where each grant held its own (1,000,000 grants
+	// name a few lists). scratch is where portList reads a list.
+	portLists map[string][]ruleset.PortRange
+	scratch   []ruleset.PortRange
 }
 
 func (p *parser) errorf(n *yaml.Node, field, format string, args ...any) {
@@ -1128,7 +1135,7 @@ func (p *parser) distinct(n *yaml.Node, field, what string, invalid func(string)
 }
 
 func (p *parser) grant(n *yaml.Node, field string) (ruleset.Grant, grantCheck, bool) {
-	g := ruleset.Grant{Proto: ruleset.Both, Ports: []ruleset.PortRange{ruleset.AllPorts}, Source: p.source(n)}
+	g := ruleset.Grant{Proto: ruleset.Both, Ports: p.shared([]ruleset.PortRange{ruleset.AllPorts}), Source: p.source(n)}
 	var c grantCheck
 	vals, ok := p.fields(n, field, grantKeys)
 	if !ok {
@@ -1164,14 +1171,50 @@ func (p *parser) portList(n *yaml.Node, field, empty string, keep func(item *yam
 	if ok && len(items) == 0 && empty != "" {
 		p.errorf(n, field, "%s", empty)
 	}
-	var out []ruleset.PortRange
+	out := p.scratch[:0]
 	for i, item := range items {
 		f := index(field, i)
 		if r, ok := p.portRange(item, f); ok && (keep == nil || keep(item, f, r)) {
 			out = append(out, r)
 		}
 	}
-	return sortedPorts(out)
+	p.scratch = out
+	return p.shared(sortedPorts(out))
+}
+
+// shared is the port list equal to ports that the parser holds
+// (portLists), made from ports when it holds none; nil for none.
+func (p *parser) shared(ports []ruleset.PortRange) []ruleset.PortRange {
+	if len(ports) == 0 {
+		return nil
+	}
+	if len(ports) > maxSharedPorts {
+		return slices.Clone(ports)
+	}
+	var buf [4 * maxSharedPorts]byte
+	key := portsKey(buf[:0], ports)
+	if s, ok := p.portLists[string(key)]; ok {
+		return s
+	}
+	if p.portLists == nil {
+		p.portLists = map[string][]ruleset.PortRange{}
+	}
+	s := slices.Clone(ports)
+	p.portLists[string(key)] = s
+	return s
+}
+
+// maxSharedPorts is the longest port list shared: longer ones are rare,
+// and each is kept as read.
+const maxSharedPorts = 16
+
+// portsKey appends the ranges of ports to b, 4 bytes each.
+func portsKey(b []byte, ports []ruleset.PortRange) []byte {
+	for _, r := range ports {
+		b = binary.BigEndian.AppendUint16(b, r.Lo)
+		b = binary.BigEndian.AppendUint16(b, r.Hi)
+	}
+	return b
 }
 
 // sortedPorts is ports exact as written: sorted and deduplicated, never

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -622,5 +623,43 @@ func TestProblemLineOfALargeFile(t *testing.T) {
 	// Bisection from the start takes 19 parses here; the walk back 3.
 	if parses > 10 {
 		t.Errorf("finding the line took %d parses of the file; want a few", parses)
+	}
+}
+
+// TestGrantsSharePortLists checks that grants whose port lists are equal
+// hold one array (a policy of 1,000,000 grants held one each), and that
+// each still reads as written.
+func TestGrantsSharePortLists(t *testing.T) {
+	const data = "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: a\n    users: [root]\n    allow:\n" +
+		"      - {to: 10.0.0.1, ports: [443, 80]}\n" +
+		"      - {to: 10.0.0.2, ports: [80, 443]}\n" +
+		"      - {to: 10.0.0.3, ports: [80]}\n" +
+		"      - {to: 10.0.0.4}\n" +
+		"      - {to: 10.0.0.5}\n"
+	rs, _, err := Parse("p.yaml", []byte(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := rs.Apps[0].Grants
+	tests := []struct {
+		name  string
+		a, b  int
+		want  []ruleset.PortRange
+		share bool
+	}{
+		{"same list in another order", 0, 1, []ruleset.PortRange{{Lo: 80, Hi: 80}, {Lo: 443, Hi: 443}}, true},
+		{"all ports", 3, 4, []ruleset.PortRange{ruleset.AllPorts}, true},
+		{"another list", 0, 2, nil, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a, b := gs[tt.a].Ports, gs[tt.b].Ports
+			if tt.want != nil && (!slices.Equal(a, tt.want) || !slices.Equal(b, tt.want)) {
+				t.Errorf("ports %v and %v, want %v", a, b, tt.want)
+			}
+			if got := &a[0] == &b[0]; got != tt.share {
+				t.Errorf("grants %d and %d share their ports: %v, want %v", tt.a, tt.b, got, tt.share)
+			}
+		})
 	}
 }
