@@ -73,7 +73,7 @@ func (p *benchPolicy) ruleset() *ruleset.Ruleset {
 	for a, gs := range p.grants {
 		app := ruleset.App{Name: appName(a), Grants: make([]ruleset.Grant, len(gs))}
 		for i, pfx := range gs {
-			app.Grants[i] = ruleset.Grant{Index: i, Prefix: pfx, Proto: ruleset.Both, Ports: grantPorts}
+			app.Grants[i] = ruleset.Grant{Index: int32(i), Prefix: pfx, Proto: ruleset.Both, Ports: grantPorts}
 		}
 		rs.Apps = append(rs.Apps, app)
 	}

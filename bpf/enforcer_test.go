@@ -264,7 +264,7 @@ func TestReloadIsAtomic(t *testing.T) {
 		for i := range extra {
 			pfx := netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 16, byte(i / 256), byte(i)}), 32)
 			rs.Internal = append(rs.Internal, ruleset.InternalPrefix{Prefix: pfx})
-			rs.Apps[1].Grants = append(rs.Apps[1].Grants, ruleset.Grant{Index: i, Prefix: pfx, Proto: ruleset.Both, Ports: []ruleset.PortRange{{Lo: 1, Hi: 1000}}})
+			rs.Apps[1].Grants = append(rs.Apps[1].Grants, ruleset.Grant{Index: int32(i), Prefix: pfx, Proto: ruleset.Both, Ports: []ruleset.PortRange{{Lo: 1, Hi: 1000}}})
 		}
 		return rs
 	}
@@ -330,7 +330,7 @@ func TestMillionPrefixes(t *testing.T) {
 		a := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
 		rs.Internal = append(rs.Internal, ruleset.InternalPrefix{Prefix: netip.PrefixFrom(a, 32)})
 		if i%10 == 0 {
-			rs.Apps[0].Grants = append(rs.Apps[0].Grants, ruleset.Grant{Index: i / 10, Prefix: netip.PrefixFrom(a, 32), Proto: ruleset.TCP, Ports: []ruleset.PortRange{{Lo: 443, Hi: 443}}})
+			rs.Apps[0].Grants = append(rs.Apps[0].Grants, ruleset.Grant{Index: int32(i / 10), Prefix: netip.PrefixFrom(a, 32), Proto: ruleset.TCP, Ports: []ruleset.PortRange{{Lo: 443, Hi: 443}}})
 		}
 	}
 	start := time.Now()

@@ -296,8 +296,8 @@ func TestIndexMatchesDecide(t *testing.T) {
 		rs.Internal = append(rs.Internal, rs.Internal[rng.IntN(len(rs.Internal))])
 		if a := &rs.Apps[0]; len(a.Grants) > 0 {
 			g := a.Grants[rng.IntN(len(a.Grants))]
-			g.Index, g.Ports = len(a.Grants), []ruleset.PortRange{ruleset.AllPorts}
-			a.Grants = append(a.Grants, g, ruleset.Grant{Index: len(a.Grants) + 1, Name: "db.example", Proto: ruleset.Both, Ports: []ruleset.PortRange{ruleset.AllPorts}})
+			g.Index, g.Ports = int32(len(a.Grants)), []ruleset.PortRange{ruleset.AllPorts}
+			a.Grants = append(a.Grants, g, ruleset.Grant{Index: int32(len(a.Grants) + 1), Name: "db.example", Proto: ruleset.Both, Ports: []ruleset.PortRange{ruleset.AllPorts}})
 		}
 		ix := ruleset.NewIndex(rs)
 		for range 500 {

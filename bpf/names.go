@@ -41,7 +41,7 @@ const DefaultNameCap = 64
 // nameRef is one name grant of an app: its ports are the slot's.
 type nameRef struct {
 	app   string
-	index int
+	index int32
 }
 
 type factKey struct {

@@ -51,7 +51,7 @@ func randomRuleset(rng *rand.Rand, apps int) *ruleset.Ruleset {
 func randomGrants(rng *rand.Rand, n int) []ruleset.Grant {
 	var gs []ruleset.Grant
 	for i := range n {
-		g := ruleset.Grant{Index: i, Prefix: randomPrefix(rng), Proto: ruleset.Proto(1 + rng.IntN(3))}
+		g := ruleset.Grant{Index: int32(i), Prefix: randomPrefix(rng), Proto: ruleset.Proto(1 + rng.IntN(3))}
 		for range 1 + rng.IntN(4) {
 			lo := uint16(rng.IntN(40))
 			hi := lo

@@ -1375,7 +1375,7 @@ func (r *revocations) apply(rs *ruleset.Ruleset) *ruleset.Ruleset {
 			// A new slice: the grants' array is the policy's.
 			var kept []ruleset.Grant
 			for _, g := range a.Grants {
-				if !slices.Contains(gs, g.Index) {
+				if !slices.Contains(gs, int(g.Index)) {
 					kept = append(kept, g)
 				}
 			}

@@ -49,7 +49,7 @@ func TestRevocationsApply(t *testing.T) {
 					t.Fatalf("app %s: %d grants, want %v", app, len(got), want)
 				}
 				for i, g := range got {
-					if g.Index != want[i] {
+					if int(g.Index) != want[i] {
 						t.Fatalf("app %s: grant indexes %v, want %v", app, got, want)
 					}
 				}

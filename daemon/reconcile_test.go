@@ -229,7 +229,7 @@ func grants(st *State, app string) []int {
 	}
 	out := []int{}
 	for _, g := range a.Grants {
-		out = append(out, g.Index)
+		out = append(out, int(g.Index))
 	}
 	return out
 }

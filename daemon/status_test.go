@@ -22,7 +22,7 @@ func scaledPolicy(n int, apps ...string) *ruleset.Ruleset {
 		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 32)
 		rs.Internal[i] = ruleset.InternalPrefix{Prefix: p}
 		a := &rs.Apps[i%len(apps)]
-		a.Grants = append(a.Grants, ruleset.Grant{Index: len(a.Grants), Prefix: p, Proto: ruleset.Both,
+		a.Grants = append(a.Grants, ruleset.Grant{Index: int32(len(a.Grants)), Prefix: p, Proto: ruleset.Both,
 			Ports: []ruleset.PortRange{{Lo: 443, Hi: 443}}})
 	}
 	return rs

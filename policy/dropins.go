@@ -222,7 +222,7 @@ func merge(into, part *ruleset.Ruleset) {
 func renumber(grants []ruleset.Grant, first int) []ruleset.Grant {
 	out := slices.Clone(grants)
 	for i := range out {
-		out[i].Index = first + i
+		out[i].Index = int32(first + i)
 	}
 	return out
 }

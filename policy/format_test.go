@@ -197,7 +197,7 @@ func randomRuleset(r *rand.Rand) *ruleset.Ruleset {
 		}
 		for j := range r.IntN(4) {
 			a.Grants = append(a.Grants, ruleset.Grant{
-				Index:  j,
+				Index:  int32(j),
 				Prefix: randomPrefix(r),
 				Proto:  []ruleset.Proto{ruleset.TCP, ruleset.UDP, ruleset.Both}[r.IntN(3)],
 				Ports:  randomPorts(r),

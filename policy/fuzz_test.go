@@ -59,7 +59,7 @@ func FuzzParse(f *testing.F) {
 					n, msg := parseName(g.Name)
 					canonicalTo = !g.Prefix.IsValid() && msg == "" && n == g.Name
 				}
-				if !canonicalTo || g.Index != i || g.Proto&^ruleset.Both != 0 || g.Proto == 0 {
+				if !canonicalTo || int(g.Index) != i || g.Proto&^ruleset.Both != 0 || g.Proto == 0 {
 					t.Errorf("app %s grant %v is not canonical", a.Name, g)
 				}
 				if len(g.Ports) == 0 {

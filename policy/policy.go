@@ -641,7 +641,7 @@ func (p *parser) grants(n *yaml.Node, field string) (out []ruleset.Grant, checks
 	for i, item := range p.items(n, field) {
 		g, c, ok := p.grant(item, index(field, i))
 		if ok {
-			g.Index = i
+			g.Index = int32(i)
 			out = append(out, g)
 			if c.name != "" || !p.cover.OverlapsFrom(&f, c.prefix) {
 				checks = append(checks, c)

@@ -80,17 +80,21 @@ func (s Source) String() string {
 }
 
 // Grant lets an app reach a prefix with some protocols and ports.
+//
+// A policy holds a million of them: Index and Proto come first, together
+// in one word (with Index an int, and Proto after Name, a Grant took 112
+// bytes, now 104).
 type Grant struct {
 	// Index is the grant's position in the app's allow list, from 0; it is
 	// what `revoke --grant N` names.
-	Index  int
+	Index  int32
+	Proto  Proto
 	Prefix netip.Prefix // masked; IPv4 prefixes are 4-byte (never 4in6); invalid for a name grant
 	// Name, when set, makes this a DNS-name grant (policy `to:
 	// db.corp.example` or `*.corp.example`): it covers the addresses DNS
 	// answers gave the app for the name (Learned), until they expire.
 	// Lower case, without a trailing dot; Prefix is then the zero value.
 	Name   string
-	Proto  Proto
 	Ports  []PortRange // sorted by Lo, each as written (never widened); never empty
 	Source Source
 }
