@@ -273,9 +273,9 @@ func (r *run) fastChunk(from, to int) (items []*yaml.Node, ok bool) {
 	lp := lineParser{arena: &nodeArena{}, strs: map[string]string{}}
 	items = make([]*yaml.Node, 0, to-from)
 	for i := from; i < to; i++ {
-		start, end := r.items[i], len(r.data)
+		start, end := int(r.items[i]), len(r.data)
 		if i+1 < len(r.items) {
-			end = r.items[i+1]
+			end = int(r.items[i+1])
 		}
 		text := r.data[start:end]
 		nl := bytes.IndexByte(text, '\n')

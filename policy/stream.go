@@ -3,6 +3,7 @@ package policy
 import (
 	"bytes"
 	"iter"
+	"math"
 	"regexp"
 	"runtime"
 	"unicode/utf8"
@@ -49,10 +50,13 @@ type run struct {
 	col     int    // column of the first item's "-", from 1
 	// start is the offset of the list in the file, data its lines as in
 	// the file, items the offsets in data at which each item starts and
-	// lines their lines, counted from line.
+	// lines their lines, counted from line. Offsets and lines are 32-bit
+	// (scanRun takes no file of 2 GiB or more): the runs of 1,000,000
+	// prefixes and 1,000,000 grants held 25 MB while the parse ran, two
+	// thirds of it offsets as ints.
 	start int
 	data  []byte
-	items []int
+	items []int32
 	lines []int32
 	// read is set once the parser has read every item.
 	read bool
@@ -152,14 +156,17 @@ func splitRuns(data []byte) ([]byte, []run) {
 // for a list too short, or one whose items run over several lines. lines
 // counts the list's lines.
 func scanRun(data []byte, first lineInfo) (r run, lines int, ok bool) {
-	r = run{start: first.start, col: first.indent + 1, items: []int{0}, lines: []int32{0}}
+	if len(data) > math.MaxInt32 {
+		return run{}, 0, false
+	}
+	r = run{start: first.start, col: first.indent + 1, items: []int32{0}, lines: []int32{0}}
 	end, lines := first.end, 1
 	for pos, n := first.end+1, 1; pos < len(data); {
 		l, next := lineAt(data, pos)
 		n++
 		switch {
 		case l.item && l.indent == first.indent:
-			r.items = append(r.items, l.start-first.start)
+			r.items = append(r.items, int32(l.start-first.start))
 			r.lines = append(r.lines, int32(n-1))
 			end, lines = l.end, n
 		case l.blank || l.comment:
@@ -225,7 +232,7 @@ func (r *run) decodeChunk(from, to int) chunk {
 	}
 	end := len(r.data)
 	if to < len(r.items) {
-		end = r.items[to]
+		end = int(r.items[to])
 	}
 	docs, err := decode(r.data[r.items[from]:end])
 	if err != nil || len(docs) != 1 || len(docs[0].Content) != 1 {
