@@ -85,10 +85,19 @@ extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 
 // What one run of the iterators needs: written by the loader before each
 // run. Private to the sweeper (not pinned).
+#define MAX_SWEEP_SHARDS 4
+
 struct sweep_config {
 	__u64 fence_id; // cgroup id of the directory of all app cgroups; 0: none
 	__u32 fence_level;
 	__u32 run; // tells this run's listener marks from an earlier run's
+	// The TCP walk of a run may be split in shards, each walk read by a
+	// thread of its own (shard_tid, by thread id) and ending only its
+	// share of the doomed sockets, so that the kernel's teardown of the
+	// sockets, most of a sweep's time, runs on several CPUs. 0 or 1
+	// shard: one walk ends them all.
+	__u32 shards;
+	__u32 shard_tid[MAX_SWEEP_SHARDS];
 };
 
 struct {
@@ -250,6 +259,32 @@ static __always_inline void failed(struct seq_file *seq, struct sweep_record *re
 	bpf_seq_write(seq, rec, sizeof(*rec));
 }
 
+// own_share says whether the socket falls to the shard of this walk.
+// Kernel assumption: read() of an iterator runs the program in the
+// reader's task (bpf_seq_read), so the current thread names the shard. A
+// reader the run does not name walks as the only shard. The share is a
+// hash of the socket's ports and skc_daddr (the IPv4 peer; on an IPv6
+// socket a fixed placeholder or the mapped IPv4 peer), the same in every
+// walk; the multiply spreads the ephemeral ports, which the kernel hands
+// out mostly of one parity.
+static __always_inline int own_share(struct sock_common *skc, const struct sweep_config *cfg)
+{
+	__u32 shards = cfg->shards;
+	if (shards <= 1 || shards > MAX_SWEEP_SHARDS)
+		return 1;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 shard = shards;
+	for (__u32 i = 0; i < MAX_SWEEP_SHARDS; i++)
+		if (i < shards && cfg->shard_tid[i] == tid)
+			shard = i;
+	if (shard == shards)
+		return 1;
+	__u32 h = BPF_CORE_READ(skc, skc_num) | (__u32)BPF_CORE_READ(skc, skc_dport) << 16;
+	h ^= BPF_CORE_READ(skc, skc_daddr);
+	h *= 0x9e3779b1u;
+	return (h >> 16) % shards == shard;
+}
+
 SEC("iter/tcp")
 int sweep_tcp(struct bpf_iter__tcp *ctx)
 {
@@ -263,6 +298,12 @@ int sweep_tcp(struct bpf_iter__tcp *ctx)
 	if (!cfg)
 		return 0;
 	__u32 port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	// Kernel assumption (iter/tcp since 5.9, bpf_iter_tcp_seq_next): a
+	// walk passes every listener of the namespace (the listening hash)
+	// before the first established socket. Every shard's walk of a run
+	// marks them all with the same run number, so each walk has marked
+	// every listener itself before it decides on a connection, whatever
+	// the other walks are doing.
 	if (state == TCP_LISTEN) {
 		__u32 *mark = bpf_map_lookup_elem(&sweep_listen_ports, &port);
 		if (mark)
@@ -276,6 +317,8 @@ int sweep_tcp(struct bpf_iter__tcp *ctx)
 	__u32 *mark = bpf_map_lookup_elem(&sweep_listen_ports, &port);
 	if (mark && *mark == cfg->run)
 		return 0; // accepted, not made by the app
+	if (!own_share(skc, cfg))
+		return 0;
 	struct sweep_record rec = {};
 	if (!doomed(sk, PROTO_TCP, cfg, &rec))
 		return 0;

@@ -4,12 +4,15 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
+	"runtime"
 	"sync"
 	"time"
 	"unsafe"
 
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
@@ -66,6 +69,19 @@ type SweepResult struct {
 	Took          time.Duration
 }
 
+// maxSweepShards bounds the TCP walks of one sweep: sweep.c's
+// MAX_SWEEP_SHARDS, the threads its config can name.
+const maxSweepShards = len(sweepSweepConfig{}.ShardTid)
+
+// sweepShards is how many TCP walks a sweep runs at once, each on a thread
+// of its own: one per CPU this process may run on. Each walk passes every
+// socket (only the teardowns are shared out), so more walks than CPUs to
+// run them only cost more. A variable for tests, which run more walks
+// than CPUs.
+var sweepShards = func() int {
+	return max(1, min(runtime.GOMAXPROCS(0), runtime.NumCPU(), maxSweepShards))
+}
+
 // sweeper holds the programs of sweep.c; they share the pinned maps of the
 // main object.
 type sweeper struct {
@@ -73,13 +89,17 @@ type sweeper struct {
 	// tcp and udp are the iterator links; each read of a new file from
 	// them is one walk.
 	tcp, udp *link.Iter
+	// shardable: the kernel's TCP walk sees every socket once while
+	// other walks end sockets (tcpWalkResumesByCookie).
+	shardable bool
 	// err says why the iterators are missing (nil: loaded).
 	err error
 	mu  sync.Mutex // one sweep at a time: run and out are a sweep's
 	run uint32
-	// out holds a walk's output, kept from sweep to sweep: fresh memory
-	// for 10,000 records cost as much in page faults as decoding them.
-	out bytes.Buffer
+	// out holds each walk's output (the TCP shards', then UDP's), kept
+	// from sweep to sweep: fresh memory for 10,000 records cost as much
+	// in page faults as decoding them.
+	out []bytes.Buffer
 }
 
 // openSweeper loads the iterators after the main object has pinned its maps.
@@ -102,7 +122,34 @@ func openSweeper(bpfDir string, log *slog.Logger) *sweeper {
 		s.err = err
 		log.Warn("socket iterators not available; live sockets are ended through sock_diag", "err", err)
 	}
+	s.shardable = tcpWalkResumesByCookie()
 	return s
+}
+
+// tcpWalkResumesByCookie says whether the kernel's TCP iterator resumes a
+// walk at the next read() by the cookies of the sockets of the bucket it
+// had not shown yet (6.16+, "bpf: tcp: Avoid socket skips and repeats
+// during iteration": union bpf_tcp_iter_batch_item has a cookie), so that
+// it shows every socket that lives through the walk exactly once. Before,
+// it resumed by an offset into the bucket, and a socket that another
+// shard's walk ended meanwhile ahead of that offset made it skip one (a
+// sweep of 2,000 doomed sockets in 3 shards missed one on 6.12): there,
+// a sweep runs one TCP walk.
+func tcpWalkResumesByCookie() bool {
+	kernel, err := btf.LoadKernelSpec()
+	if err != nil {
+		return false
+	}
+	var item *btf.Union
+	if err := kernel.TypeByName("bpf_tcp_iter_batch_item", &item); err != nil {
+		return false
+	}
+	for _, m := range item.Members {
+		if m.Name == "cookie" {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *sweeper) close() {
@@ -203,38 +250,119 @@ func fenceOf(dir string) (fenceRef, error) {
 	return fenceRef{id: id, level: level}, nil
 }
 
-// sweep runs both iterators once.
+// sweep walks the sockets once: the TCP walk as shards at once, each read
+// by a thread of its own and ending its share of the doomed sockets, then
+// UDP on this thread after the first shard (its destroys send nothing and
+// cost little). The records come shard by shard, then UDP's; each socket
+// is ended by one walk, its records together. One TCP walk where the
+// kernel's walks could skip sockets others end (tcpWalkResumesByCookie).
 func (s *sweeper) sweep(fence fenceRef) ([]EndedSocket, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// The thread whose id the run names for shard 0.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	shards := sweepShards()
+	if !s.shardable {
+		shards = 1
+	}
+	for len(s.out) < shards+1 {
+		s.out = append(s.out, bytes.Buffer{})
+	}
 	s.run++
-	cfg := sweepSweepConfig{FenceId: fence.id, FenceLevel: uint32(fence.level), Run: s.run}
-	if err := s.objs.SweepRun.Put(uint32(0), &cfg); err != nil {
-		return nil, fmt.Errorf("write sweep settings: %w", err)
-	}
-	var out []EndedSocket
-	for _, it := range []struct {
-		name string
-		link *link.Iter
-	}{{"tcp", s.tcp}, {"udp", s.udp}} {
-		recs, err := readIter(it.link, &s.out)
-		if err != nil {
-			return out, fmt.Errorf("walk %s sockets: %w", it.name, err)
+	cfg := sweepSweepConfig{FenceId: fence.id, FenceLevel: uint32(fence.level), Run: s.run, Shards: uint32(shards)}
+	cfg.ShardTid[0] = uint32(unix.Gettid())
+
+	files := make([]io.ReadCloser, shards+1) // the TCP shards', then UDP's
+	recs := make([][]EndedSocket, len(files))
+	errs := make([]error, len(files))
+	read := func(i int) {
+		recs[i], errs[i] = readIter(files[i], &s.out[i])
+		files[i].Close()
+		if errs[i] != nil {
+			errs[i] = fmt.Errorf("walk %s sockets: %w", walkName(i, shards), errs[i])
 		}
-		out = append(out, recs...)
 	}
-	return out, nil
+	// The other shards' threads: each says its id, then reads its walk
+	// once the run's settings name it and the walks are open (or
+	// returns, if they could not be).
+	type shardTid struct{ shard, tid int }
+	tids := make(chan shardTid)
+	start := make(chan bool)
+	var wg sync.WaitGroup
+	for i := 1; i < shards; i++ {
+		wg.Go(func() {
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			tids <- shardTid{i, unix.Gettid()}
+			if <-start {
+				read(i)
+			}
+		})
+	}
+	for range shards - 1 {
+		t := <-tids
+		cfg.ShardTid[t.shard] = uint32(t.tid)
+	}
+	err := s.open(&cfg, files)
+	if err != nil {
+		close(start)
+		wg.Wait()
+		return nil, err
+	}
+	for range shards - 1 {
+		start <- true
+	}
+	read(0)
+	read(shards)
+	wg.Wait()
+	var out []EndedSocket
+	for _, r := range recs {
+		out = append(out, r...)
+	}
+	return out, errors.Join(errs...)
 }
 
-// readIter drives an iterator to its end, its output in buf, and decodes
-// its records. A socket whose destroy failed has an ended record and then
-// a failed one.
-func readIter(l *link.Iter, buf *bytes.Buffer) ([]EndedSocket, error) {
-	r, err := l.Open()
-	if err != nil {
-		return nil, fmt.Errorf("open iterator: %w", err)
+// open writes the run's settings and opens its walks into files: the TCP
+// walk once per shard, then UDP. They are opened here: a walk covers the
+// network namespace of the thread that opens its file, whichever thread
+// reads it. On error none stays open.
+func (s *sweeper) open(cfg *sweepSweepConfig, files []io.ReadCloser) error {
+	if err := s.objs.SweepRun.Put(uint32(0), cfg); err != nil {
+		return fmt.Errorf("write sweep settings: %w", err)
 	}
-	defer r.Close()
+	for i := range files {
+		l := s.tcp
+		if i == len(files)-1 {
+			l = s.udp
+		}
+		r, err := l.Open()
+		if err != nil {
+			for _, f := range files[:i] {
+				f.Close()
+			}
+			return fmt.Errorf("open %s iterator: %w", walkName(i, len(files)-1), err)
+		}
+		files[i] = r
+	}
+	return nil
+}
+
+// walkName names walk i of a sweep with shards TCP walks, in errors.
+func walkName(i, shards int) string {
+	switch {
+	case i == shards:
+		return "udp"
+	case shards == 1:
+		return "tcp"
+	}
+	return fmt.Sprintf("tcp (shard %d of %d)", i, shards)
+}
+
+// readIter reads a walk to its end, its output in buf, and decodes its
+// records. A socket whose destroy failed has an ended record and then a
+// failed one.
+func readIter(r io.Reader, buf *bytes.Buffer) ([]EndedSocket, error) {
 	buf.Reset()
 	if _, err := buf.ReadFrom(r); err != nil {
 		return nil, fmt.Errorf("read iterator: %w", err)

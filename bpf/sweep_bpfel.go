@@ -145,6 +145,9 @@ type sweepSweepConfig struct {
 	FenceId    uint64
 	FenceLevel uint32
 	Run        uint32
+	Shards     uint32
+	ShardTid   [4]uint32
+	_          [4]byte
 }
 
 type sweepSweepRecord struct {

@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"net"
@@ -438,4 +439,101 @@ func TestSweepRecordLayout(t *testing.T) {
 	if got, want := int(unsafe.Sizeof(sweepSweepRecord{})), binary.Size(sweepSweepRecord{}); got != want {
 		t.Errorf("sweepSweepRecord is %d bytes in memory, %d in fields", got, want)
 	}
+}
+
+// TestSweepShards: a sweep whose TCP walks run as several shards ends
+// every doomed socket once, whichever shard it falls to, and keeps the
+// others, among them connections the app accepted on a destination it
+// lost (each shard must see the listener before them).
+func TestSweepShards(t *testing.T) {
+	const shards, doomed, kept, accepted = 3, 2000, 500, 200
+	defer func(f func() int) { sweepShards = f }(sweepShards)
+	sweepShards = func() int { return shards }
+	w := newWorld(t, "db")
+	if w.e.sweep.err != nil {
+		t.Skipf("kernel feature missing: socket iterators with bpf_sock_destroy (6.5+): %v", w.e.sweep.err)
+	}
+	if !w.e.sweep.shardable {
+		t.Skip("kernel feature missing: TCP iterator that resumes by socket cookies (6.16+): sweeps run one walk")
+	}
+	srv := startServers(t, w.netns, []string{"0.0.0.0:5432", "0.0.0.0:6543"}, nil)
+	const granted = `version: 1
+internal:
+  prefixes: [10.0.0.0/8]
+apps:
+  - name: db
+    allow:
+      - to: 10.1.2.0/24
+        ports: [5432]
+`
+	w.apply(mustPolicy(t, granted+"      - to: 10.1.3.0/24\n        ports: [6543]\n"))
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	db := w.holder(w.cgroups["db/run"])
+	mustOpen(t, db, "doomed", "10.1.3.3:6543/tcp", probe.Connect, doomed)
+	mustOpen(t, db, "kept", "10.1.2.3:5432/tcp", probe.Connect, kept)
+	bound, err := db.Listen("accepted", "10.1.3.3:7000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.dialFrom(w.netns, "10.7.7.7", bound, accepted)
+	if err := db.Await("accepted", accepted); err != nil {
+		t.Fatal(err)
+	}
+	if res := w.sweepIn(SweepOptions{}); len(res.Ended) != 0 {
+		t.Fatalf("a sweep with nothing withdrawn ended %d sockets", len(res.Ended))
+	}
+
+	w.apply(mustPolicy(t, granted))
+	res := w.sweepIn(SweepOptions{})
+	checkGroups(t, "after the sweep", []group{
+		{h: db, name: "doomed", n: doomed, ended: true},
+		{h: db, name: "kept", n: kept},
+		{h: db, name: "accepted", n: accepted},
+	})
+	seen := map[string]bool{}
+	for _, s := range res.Ended {
+		if seen[flowOf(s)] {
+			t.Errorf("socket %s ended twice", flowOf(s))
+		}
+		seen[flowOf(s)] = true
+		if s.Peer != netip.MustParseAddrPort("10.1.3.3:6543") {
+			t.Errorf("ended a socket to %s", s.Peer)
+		}
+	}
+	if len(res.Ended) != doomed {
+		t.Errorf("%d sockets ended, want %d", len(res.Ended), doomed)
+	}
+	// The walks' outputs are kept until the next sweep: each shard ended
+	// its own share (its thread was the one the run named), and some.
+	for i := range shards {
+		var buf bytes.Buffer
+		ended, err := readIter(bytes.NewReader(w.e.sweep.out[i].Bytes()), &buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ended) == 0 {
+			t.Errorf("shard %d of %d ended no socket", i, shards)
+		}
+		for _, s := range ended {
+			if got := shareOf(s, shards); got != i {
+				t.Errorf("shard %d ended %s, of shard %d", i, flowOf(s), got)
+			}
+		}
+	}
+	if res := w.sweepIn(SweepOptions{}); len(res.Ended) != 0 {
+		t.Errorf("a second sweep ended %d more sockets", len(res.Ended))
+	}
+}
+
+// shareOf is the shard of sweep.c's own_share for an IPv4 TCP socket: the
+// kernel's fields as it reads them, in this machine's byte order.
+func shareOf(s EndedSocket, shards int) int {
+	daddr := s.Peer.Addr().As4()
+	dport := binary.NativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, s.Peer.Port()))
+	h := uint32(s.Local.Port()) | uint32(dport)<<16
+	h ^= binary.NativeEndian.Uint32(daddr[:])
+	h *= 0x9e3779b1
+	return int(h>>16) % shards
 }
