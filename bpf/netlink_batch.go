@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 	"syscall"
 
 	"github.com/mdlayher/netlink"
@@ -50,6 +51,49 @@ func dialBatch(proto int) (*nlBatch, error) {
 }
 
 func (b *nlBatch) close() { unix.Close(b.fd) }
+
+// dialBatches opens n sockets as dialBatch does (at least one), to send
+// requests over them at once (execSplit).
+func dialBatches(proto, n int) ([]*nlBatch, error) {
+	var bs []*nlBatch
+	for range max(n, 1) {
+		b, err := dialBatch(proto)
+		if err != nil {
+			closeBatches(bs)
+			return nil, err
+		}
+		bs = append(bs, b)
+	}
+	return bs, nil
+}
+
+func closeBatches(bs []*nlBatch) {
+	for _, b := range bs {
+		b.close()
+	}
+}
+
+// execSplit is exec of msgs cut in contiguous shares, one per socket of
+// bs, each share sent on a thread of its own at once. The kernel does the
+// work of a request in the sender's thread (a socket's teardown for
+// SOCK_DESTROY, an entry's removal for a conntrack delete): so it runs on
+// several CPUs. Answers as exec's, each in the place of its request.
+func execSplit(bs []*nlBatch, msgs []netlink.Message) ([]error, error) {
+	errs := make([]error, len(msgs))
+	failed := make([]error, len(bs))
+	share := (len(msgs) + len(bs) - 1) / len(bs)
+	var wg sync.WaitGroup
+	for i, b := range bs {
+		lo, hi := min(i*share, len(msgs)), min((i+1)*share, len(msgs))
+		wg.Go(func() {
+			answers, err := b.exec(msgs[lo:hi])
+			copy(errs[lo:hi], answers)
+			failed[i] = err
+		})
+	}
+	wg.Wait()
+	return errs, errors.Join(failed...)
+}
 
 // errNoAnswer is the answer to a request of a failed exchange.
 var errNoAnswer = errors.New("no answer from the kernel")

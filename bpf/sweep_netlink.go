@@ -111,19 +111,21 @@ func (e *Enforcer) sweepNetlink(fence fenceRef) ([]EndedSocket, error) {
 		return nil, fmt.Errorf("open sock_diag socket: %w", err)
 	}
 	defer c.Close()
-	// The destroys go many to a sendmsg, each socket answered apart.
-	b, err := dialBatch(unix.NETLINK_SOCK_DIAG)
+	// The destroys go many to a sendmsg, each socket answered apart, as
+	// many senders at once as a sweep has TCP walks: each teardown runs
+	// in its sender's thread.
+	bs, err := dialBatches(unix.NETLINK_SOCK_DIAG, sweepShards())
 	if err != nil {
 		return nil, fmt.Errorf("open sock_diag socket: %w", err)
 	}
-	defer b.close()
+	defer closeBatches(bs)
 
 	out, destroys, err := diagDoomed(c, g, owners, e.Learned())
 	if len(destroys) == 0 {
 		return out, err
 	}
 	// Also after a failed dump: those found so far are ended.
-	errs, berr := b.exec(destroys)
+	errs, berr := execSplit(bs, destroys)
 	for i := range out {
 		out[i].Err = errs[i] // the kernel's errno, as the iterator's records give it
 	}

@@ -441,19 +441,25 @@ func TestSweepRecordLayout(t *testing.T) {
 	}
 }
 
-// TestSweepShards: a sweep whose TCP walks run as several shards ends
-// every doomed socket once, whichever shard it falls to, and keeps the
-// others, among them connections the app accepted on a destination it
-// lost (each shard must see the listener before them).
+// TestSweepShards: a sweep whose TCP walks (or sock_diag destroys) run as
+// several shards ends every doomed socket once, whichever shard it falls
+// to, and keeps the others, among them connections the app accepted on a
+// destination it lost (each walk must see the listener before them).
 func TestSweepShards(t *testing.T) {
+	for _, method := range []SweepMethod{SweepIterator, SweepNetlink} {
+		t.Run(string(method), func(t *testing.T) { testSweepShards(t, method) })
+	}
+}
+
+func testSweepShards(t *testing.T, method SweepMethod) {
 	const shards, doomed, kept, accepted = 3, 2000, 500, 200
 	defer func(f func() int) { sweepShards = f }(sweepShards)
 	sweepShards = func() int { return shards }
 	w := newWorld(t, "db")
-	if w.e.sweep.err != nil {
+	if method == SweepIterator && w.e.sweep.err != nil {
 		t.Skipf("kernel feature missing: socket iterators with bpf_sock_destroy (6.5+): %v", w.e.sweep.err)
 	}
-	if !w.e.sweep.shardable {
+	if method == SweepIterator && !w.e.sweep.shardable {
 		t.Skip("kernel feature missing: TCP iterator that resumes by socket cookies (6.16+): sweeps run one walk")
 	}
 	srv := startServers(t, w.netns, []string{"0.0.0.0:5432", "0.0.0.0:6543"}, nil)
@@ -481,12 +487,12 @@ apps:
 	if err := db.Await("accepted", accepted); err != nil {
 		t.Fatal(err)
 	}
-	if res := w.sweepIn(SweepOptions{}); len(res.Ended) != 0 {
+	if res := w.sweepIn(SweepOptions{Method: method}); len(res.Ended) != 0 {
 		t.Fatalf("a sweep with nothing withdrawn ended %d sockets", len(res.Ended))
 	}
 
 	w.apply(mustPolicy(t, granted))
-	res := w.sweepIn(SweepOptions{})
+	res := w.sweepIn(SweepOptions{Method: method})
 	checkGroups(t, "after the sweep", []group{
 		{h: db, name: "doomed", n: doomed, ended: true},
 		{h: db, name: "kept", n: kept},
@@ -505,25 +511,33 @@ apps:
 	if len(res.Ended) != doomed {
 		t.Errorf("%d sockets ended, want %d", len(res.Ended), doomed)
 	}
-	// The walks' outputs are kept until the next sweep: each shard ended
-	// its own share (its thread was the one the run named), and some.
+	if method == SweepIterator {
+		checkShares(t, w.e.sweep, shards)
+	}
+	if res := w.sweepIn(SweepOptions{Method: method}); len(res.Ended) != 0 {
+		t.Errorf("a second sweep ended %d more sockets", len(res.Ended))
+	}
+}
+
+// checkShares: the walks' outputs are kept until the next sweep: each
+// shard of the last one ended its own share (its thread was the one the
+// run named), and some.
+func checkShares(t *testing.T, s *sweeper, shards int) {
+	t.Helper()
 	for i := range shards {
 		var buf bytes.Buffer
-		ended, err := readIter(bytes.NewReader(w.e.sweep.out[i].Bytes()), &buf)
+		ended, err := readIter(bytes.NewReader(s.out[i].Bytes()), &buf)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if len(ended) == 0 {
 			t.Errorf("shard %d of %d ended no socket", i, shards)
 		}
-		for _, s := range ended {
-			if got := shareOf(s, shards); got != i {
-				t.Errorf("shard %d ended %s, of shard %d", i, flowOf(s), got)
+		for _, e := range ended {
+			if got := shareOf(e, shards); got != i {
+				t.Errorf("shard %d ended %s, of shard %d", i, flowOf(e), got)
 			}
 		}
-	}
-	if res := w.sweepIn(SweepOptions{}); len(res.Ended) != 0 {
-		t.Errorf("a second sweep ended %d more sockets", len(res.Ended))
 	}
 }
 
