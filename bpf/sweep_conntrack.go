@@ -31,22 +31,24 @@ func deleteConntrack(ended []EndedSocket) (int, error) {
 	if !tracksFlows() {
 		return 0, nil
 	}
-	// The socket is made here, in the calling thread's namespace.
-	c, err := dialBatch(unix.NETLINK_NETFILTER)
+	// The sockets are made here, in the calling thread's namespace: as
+	// many senders at once as a sweep has TCP walks, each entry removed
+	// in its sender's thread.
+	cs, err := dialBatches(unix.NETLINK_NETFILTER, sweepShards())
 	if err != nil {
 		if errors.Is(err, unix.EPROTONOSUPPORT) {
 			return 0, nil // no nfnetlink: no conntrack
 		}
 		return 0, fmt.Errorf("open ctnetlink socket: %w", err)
 	}
-	defer c.close()
+	defer closeBatches(cs)
 	msgs := make([]netlink.Message, len(ended))
 	for i, s := range ended {
 		if msgs[i], err = ctDelete(s); err != nil {
 			return 0, fmt.Errorf("conntrack delete request for %s %s -> %s: %w", s.Proto, s.Local, s.Peer, err)
 		}
 	}
-	answers, err := c.exec(msgs)
+	answers, err := execSplit(cs, msgs)
 	var n, unanswered int
 	var failed []error
 	for i, aerr := range answers {
