@@ -75,9 +75,9 @@ func closeBatches(bs []*nlBatch) {
 
 // execSplit is exec of msgs cut in contiguous shares, one per socket of
 // bs, each share sent on a thread of its own at once. The kernel does the
-// work of a request in the sender's thread (a socket's teardown for
-// SOCK_DESTROY, an entry's removal for a conntrack delete): so it runs on
-// several CPUs. Answers as exec's, each in the place of its request.
+// work of a request in the sender's thread (for SOCK_DESTROY, a socket's
+// teardown): so it runs on several CPUs. Answers as exec's, each in the
+// place of its request.
 func execSplit(bs []*nlBatch, msgs []netlink.Message) ([]error, error) {
 	errs := make([]error, len(msgs))
 	failed := make([]error, len(bs))

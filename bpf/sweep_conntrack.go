@@ -31,24 +31,22 @@ func deleteConntrack(ended []EndedSocket) (int, error) {
 	if !tracksFlows() {
 		return 0, nil
 	}
-	// The sockets are made here, in the calling thread's namespace: as
-	// many senders at once as a sweep has TCP walks, each entry removed
-	// in its sender's thread.
-	cs, err := dialBatches(unix.NETLINK_NETFILTER, sweepShards())
+	// The socket is made here, in the calling thread's namespace.
+	c, err := dialBatch(unix.NETLINK_NETFILTER)
 	if err != nil {
 		if errors.Is(err, unix.EPROTONOSUPPORT) {
 			return 0, nil // no nfnetlink: no conntrack
 		}
 		return 0, fmt.Errorf("open ctnetlink socket: %w", err)
 	}
-	defer closeBatches(cs)
+	defer c.close()
 	msgs := make([]netlink.Message, len(ended))
 	for i, s := range ended {
 		if msgs[i], err = ctDelete(s); err != nil {
 			return 0, fmt.Errorf("conntrack delete request for %s %s -> %s: %w", s.Proto, s.Local, s.Peer, err)
 		}
 	}
-	answers, err := execSplit(cs, msgs)
+	answers, err := c.exec(msgs)
 	var n, unanswered int
 	var failed []error
 	for i, aerr := range answers {
