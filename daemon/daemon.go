@@ -309,6 +309,12 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := d.openStateDir(); err != nil {
 		return err
 	}
+	// The first policy is parsed and applied as a reload's is: under the
+	// reload's GC bound, its garbage given back once it is in force. A
+	// daemon started on 1,000,000 prefixes otherwise stayed at 745 MB
+	// resident until its first reload (373 MB after it).
+	restoreGC := lowerGC()
+	defer restoreGC()
 	// An invalid policy at start is fatal; whatever is pinned keeps
 	// enforcing the last good generation meanwhile.
 	var rs *ruleset.Ruleset
@@ -352,6 +358,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := d.install(rs, hash, dropins); err != nil {
 		return err
 	}
+	restoreGC()
+	go debug.FreeOSMemory()
 	if d.fleet != nil {
 		d.publish(func(s *State) { s.fleetRevision, s.fleetFromDisk = d.fleet.firstRevision, d.fleet.firstFromDisk })
 	}
