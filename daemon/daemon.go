@@ -310,9 +310,9 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	// The first policy is parsed and applied as a reload's is: under the
-	// reload's GC bound, its garbage given back once it is in force. A
-	// daemon started on 1,000,000 prefixes otherwise stayed at 745 MB
-	// resident until its first reload (373 MB after it).
+	// reload's GC bound, its garbage given back once it is in force
+	// (install). A daemon started on 1,000,000 prefixes otherwise stayed
+	// at 745 MB resident until its first reload (373 MB after it).
 	restoreGC := lowerGC()
 	defer restoreGC()
 	// An invalid policy at start is fatal; whatever is pinned keeps
@@ -359,7 +359,6 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	restoreGC()
-	go debug.FreeOSMemory()
 	if d.fleet != nil {
 		d.publish(func(s *State) { s.fleetRevision, s.fleetFromDisk = d.fleet.firstRevision, d.fleet.firstFromDisk })
 	}
@@ -701,11 +700,6 @@ func (d *Daemon) reload(force bool) (uint32, error) {
 		d.publish(func(s *State) { s.lastErr = err.Error() })
 		return cur.gen, err
 	}
-	// The reload's garbage and the previous generation are freed pages
-	// the runtime would keep for a while (VmRSS stayed at the reload's
-	// peak, 2 GiB at 1,000,000 prefixes) and the next reload would grow
-	// from: give them back now, apart, as the reload is done.
-	go debug.FreeOSMemory()
 	st := d.current()
 	d.log.Info("policy loaded", "policy", d.cfg.PolicyPath, "dropins", nfiles-1, "generation", st.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", st.ended)
 	return st.gen, nil
@@ -825,6 +819,14 @@ func (d *Daemon) install(rs *ruleset.Ruleset, hash string, dropins []string) err
 		s.policy, s.policyHash, s.policyDropins, s.loadedAt, s.routes = rs, hash, dropins, time.Now(), routes
 		s.lastErr = ""
 	})
+	if err == nil {
+		// The parse's garbage and the previous generation are freed
+		// pages the runtime would keep for a while (VmRSS stayed at a
+		// reload's peak, 2 GiB at 1,000,000 prefixes) and the next
+		// reload would grow from: give them back now, apart. For every
+		// new policy: at start, from the file, from etcd.
+		go debug.FreeOSMemory()
+	}
 	return err
 }
 

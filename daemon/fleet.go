@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"runtime/debug"
 	"sync"
 	"time"
 
@@ -157,9 +156,6 @@ func (d *Daemon) applyFleet(snap fleet.Snapshot) {
 		f.agent.Applied(snap, fleet.Outcome{Generation: st.gen, PolicySHA256: st.policyHash, Err: err})
 		return
 	}
-	// As after a reload of the file: the parse's garbage and the previous
-	// generation go back to the system now, not as the runtime gets to it.
-	go debug.FreeOSMemory()
 	st := d.publish(inForce)
 	d.log.Info("policy loaded", "revision", snap.Revision, "overlays", len(files)-1, "generation", st.gen, "apps", len(rs.Apps), "internal", len(rs.Internal), "sockets_ended", st.ended)
 	f.agent.Applied(snap, fleet.Outcome{Generation: st.gen, PolicySHA256: st.policyHash})
