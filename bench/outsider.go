@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"path/filepath"
 
 	"github.com/procgate/procgate/daemon"
@@ -128,12 +127,7 @@ func (r *results) outsiderTargets() []targetResult {
 			if l.Class != g.c || l.Variant != vRun {
 				continue
 			}
-			tr.Value = fmt.Sprintf("p50 %s (%.2f µs vs %.2f), p99 %s", pct(l.P50Ratio), l.P50, l.P50-l.AddedP50, pct(l.P99Ratio))
-			worst := math.Max(l.P50Ratio, l.P99Ratio)
-			tr.Met = boolp(worst <= g.goal)
-			if !*tr.Met {
-				tr.Gap = fmt.Sprintf("%.1f points over", (worst-g.goal)*100)
-			}
+			judgeRatio(&tr, l, g.goal)
 		}
 		if tr.Met != nil {
 			out = append(out, tr)

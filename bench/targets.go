@@ -42,11 +42,8 @@ func (r *results) evaluate() []targetResult {
 			goal := goals[p]
 			tr := targetResult{Name: fmt.Sprintf("internal-allow overhead, %s %s", t, p), Target: fmt.Sprintf("p50 and p99 within %s of baseline", pct(goal))}
 			if l, ok := r.lat(phaseLatency, t, p, classAllow, r.Config.MatrixSize, vProcgate); ok {
-				tr.Value = fmt.Sprintf("p50 %s (%.2f µs vs %.2f), p99 %s", pct(l.P50Ratio), l.P50, l.P50-l.AddedP50, pct(l.P99Ratio))
-				worst := math.Max(l.P50Ratio, l.P99Ratio)
-				tr.Met = boolp(worst <= goal)
-				if !*tr.Met {
-					tr.Gap = fmt.Sprintf("%.1f points over", (worst-goal)*100) + r.overFloor(t, p, classAllow, l, goal)
+				if !judgeRatio(&tr, l, goal) {
+					tr.Gap += r.overFloor(t, p, classAllow, l, goal)
 				}
 				tr.Why = r.guardParts(t, p, classAllow)
 			}
@@ -58,11 +55,8 @@ func (r *results) evaluate() []targetResult {
 		for _, p := range latencyProtos {
 			tr := targetResult{Name: fmt.Sprintf("external overhead %s, loopback %s", v.who, p), Target: "p50 and p99 within +2.0% of baseline"}
 			if l, ok := r.lat(phaseLatency, topoLoopback, p, classExternal, r.Config.MatrixSize, v.name); ok {
-				tr.Value = fmt.Sprintf("p50 %s (%.2f µs vs %.2f), p99 %s", pct(l.P50Ratio), l.P50, l.P50-l.AddedP50, pct(l.P99Ratio))
-				worst := math.Max(l.P50Ratio, l.P99Ratio)
-				tr.Met = boolp(worst <= 1.02)
-				if !*tr.Met {
-					tr.Gap = fmt.Sprintf("%.1f points over", (worst-1.02)*100) + r.overFloor(topoLoopback, p, classExternal, l, 1.02)
+				if !judgeRatio(&tr, l, 1.02) {
+					tr.Gap += r.overFloor(topoLoopback, p, classExternal, l, 1.02)
 				}
 				switch v.name {
 				case vProcgate:
@@ -84,6 +78,19 @@ func (r *results) evaluate() []targetResult {
 	out = append(out, r.fleetTargets()...)
 	out = append(out, r.scaleTargets()...)
 	return out
+}
+
+// judgeRatio judges tr on l: p50 and p99 within goal of the baseline
+// (a ratio). It reports whether they are; the gap says by how many points
+// not.
+func judgeRatio(tr *targetResult, l latResult, goal float64) bool {
+	tr.Value = fmt.Sprintf("p50 %s (%.2f µs vs %.2f), p99 %s", pct(l.P50Ratio), l.P50, l.P50-l.AddedP50, pct(l.P99Ratio))
+	worst := math.Max(l.P50Ratio, l.P99Ratio)
+	tr.Met = boolp(worst <= goal)
+	if !*tr.Met {
+		tr.Gap = fmt.Sprintf("%.1f points over", (worst-goal)*100)
+	}
+	return *tr.Met
 }
 
 // guardParts says what each guard adds, one at a time (p50 and p99, each
