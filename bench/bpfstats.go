@@ -43,10 +43,10 @@ type bpfCost struct {
 	Progs []progCost `json:"programs"`
 }
 
-// procgatePrograms opens the enforcer's programs, pinned for inspection
-// under the bpffs as prog_<hook>.
-func (b *bench) procgatePrograms() (map[string]*ebpf.Program, error) {
-	dir := filepath.Join(b.host.bpffs, "procgate")
+// pinnedPrograms opens the programs an enforcer pinned for inspection in
+// its bpffs directory dir as prog_<hook>: the bench's own enforcer's, or a
+// daemon's.
+func pinnedPrograms(dir string) (map[string]*ebpf.Program, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, err
@@ -91,7 +91,7 @@ func snapshot(progs map[string]*ebpf.Program) (progSnapshot, error) {
 // what procgate's programs cost during it, per unit of what batch reports
 // having done (attempts, or seconds).
 func (b *bench) withBPFStats(phase, what string, size int, unit string, batch func() (float64, error)) (*bpfCost, error) {
-	progs, err := b.procgatePrograms()
+	progs, err := pinnedPrograms(filepath.Join(b.host.bpffs, "procgate"))
 	if err != nil {
 		return nil, err
 	}
@@ -148,15 +148,22 @@ func hookOrder(progs map[string]*ebpf.Program) []string {
 	return out
 }
 
-// latencyCost measures one extra batch of lane l (a procgate lane) with the
-// BPF statistics on.
-func (b *bench) latencyCost(phase string, l *lane, pol *benchPolicy, p proto, c class) error {
-	what := fmt.Sprintf("%s %s %s", l.topo, callName(p), c)
-	if l.v.Name != vProcgate {
-		what = l.v.Name + ": " + what
+// costWhat names the extra batch of variant v at one latency point.
+func costWhat(v string, t topo, p proto, c class) string {
+	what := fmt.Sprintf("%s %s %s", t, callName(p), c)
+	if v != vProcgate {
+		what = v + ": " + what
 	}
+	return what
+}
+
+// latencyCost measures one extra batch of lane l (a procgate lane) with the
+// BPF statistics on: those of the variant's own programs if it keeps them,
+// else those of the bench's enforcer.
+func (b *bench) latencyCost(phase string, l *lane, pol *benchPolicy, p proto, c class) error {
+	what := costWhat(l.v.Name, l.topo, p, c)
 	batch := func() (float64, error) {
-		resp, err := l.cl.do(request{Op: opLatency, Proto: p, Dests: addrPorts(pol.dests(c), servicePort), N: b.cfg.Batch,
+		resp, err := l.cl.do(request{Op: opLatency, Proto: p, Dests: addrPorts(pol.dests(c), l.destPort()), N: b.cfg.Batch,
 			Allow: l.v.expectAllow(c)})
 		return float64(resp.Attempts), err
 	}

@@ -78,11 +78,7 @@ func (b *bench) measure(ctx context.Context, w *world, pol *benchPolicy, phase s
 						if err := ctx.Err(); err != nil {
 							return nil, err
 						}
-						port := uint16(servicePort)
-						if l.port != 0 {
-							port = l.port
-						}
-						dests := addrPorts(pol.dests(c), port)
+						dests := addrPorts(pol.dests(c), l.destPort())
 						resp, err := l.cl.do(request{Op: opLatency, Proto: pr, Dests: dests, N: b.cfg.Batch,
 							Warmup: b.cfg.Warmup, Allow: l.v.expectAllow(c)})
 						if err != nil {

@@ -48,6 +48,14 @@ type lane struct {
 
 func (l *lane) String() string { return l.v.Name + "/" + string(l.topo) }
 
+// destPort is the port of l's latency attempts.
+func (l *lane) destPort() uint16 {
+	if l.port != 0 {
+		return l.port
+	}
+	return servicePort
+}
+
 // world is the lanes of one phase at one policy size.
 type world struct {
 	nsg   netnsGroup
