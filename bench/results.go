@@ -191,10 +191,12 @@ func (r *results) merge(dir string, phases []string) error {
 		return slices.DeleteFunc(in, func(c bpfCost) bool { return c.Phase == phase })
 	}
 	for _, p := range phases {
+		// A phase's extra batches under the BPF statistics (the spawn
+		// blocks' run in setup: they stay).
+		old.BPFCost = append(keepCost(p, old.BPFCost), slices.DeleteFunc(slices.Clone(r.BPFCost), func(c bpfCost) bool { return c.Phase != p })...)
 		switch p {
 		case phaseLatency, phaseScaling, phaseThroughput:
 			old.Latency = append(keep(p, old.Latency), slices.DeleteFunc(slices.Clone(r.Latency), func(l latResult) bool { return l.Phase != p })...)
-			old.BPFCost = append(keepCost(p, old.BPFCost), slices.DeleteFunc(slices.Clone(r.BPFCost), func(c bpfCost) bool { return c.Phase != p })...)
 			switch p {
 			case phaseScaling:
 				old.Loads = r.Loads
