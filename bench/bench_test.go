@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -129,6 +130,14 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("no principals result for %s", k.name)
 		}
 	}
+	for _, v := range []string{vRun, vPlaced} {
+		for _, c := range outsiderClasses {
+			what := costWhat(v, topoLoopback, tcp, c)
+			if cost, ok := r.cost(phaseOutsider, what); !ok || !slices.ContainsFunc(cost.Progs, func(p progCost) bool { return p.Program == "egress" && p.RunsPer > 0 }) {
+				t.Errorf("outsider phase: no BPF statistics of the egress backstop for %s: %+v", what, cost)
+			}
+		}
+	}
 	if dr := r.DNS; dr == nil || dr.Answers == 0 || len(dr.AnswerMs) != dr.Answers || dr.Answer.P50 <= 0 {
 		t.Errorf("dns phase: %+v", dr)
 	}
@@ -161,7 +170,7 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "## Connect cost per principal kind", "## An outsider's harness", "## DNS answer to grant", "## Fleet on etcd", "measured again", "scaling-p50.svg", "throughput.svg"} {
+	for _, want := range []string{"## Targets", "## Revocation", "## Pinholes", "### The daemon at", "`revoke` returned ms", "## Routes of internal.interfaces", "## Connect cost per principal kind", "## An outsider's harness", "### Where the daemon's time goes under an outsider's harness", "## DNS answer to grant", "## Fleet on etcd", "measured again", "scaling-p50.svg", "throughput.svg"} {
 		if !strings.Contains(string(report), want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}
