@@ -72,6 +72,7 @@ func (r *results) evaluate() []targetResult {
 		}
 	}
 	out = append(out, r.outsiderTargets()...)
+	out = append(out, r.scalingOverhead())
 	out = append(out, r.spawnTarget(), r.flatness(), r.versusNft(), r.tunnel(), r.noAppBulk(), r.reloadCorrect(), r.reloadTime(), r.revocationTarget(), r.verdictsCorrect())
 	out = append(out, r.pinholeTargets()...)
 	out = append(out, r.routesTarget())
@@ -247,6 +248,39 @@ func (r *results) flatness() targetResult {
 	if !*tr.Met {
 		tr.Gap = fmt.Sprintf("%.1f points beyond ±5%%", (math.Abs(worst)-0.05)*100)
 	}
+	return tr
+}
+
+// issueSizes are the policy sizes at which the issue sets the TCP
+// internal-allow goal.
+var issueSizes = []int{10, 5000, 1000000}
+
+// scalingOverhead judges the TCP internal-allow goal at each of the
+// issue's sizes that the scaling phase measured: p50 and p99, as the
+// latency phase's target does at its one size.
+func (r *results) scalingOverhead() targetResult {
+	const goal = 1.05
+	tr := targetResult{Name: "internal-allow overhead by policy size, loopback tcp", Target: fmt.Sprintf("p50 and p99 within %s of baseline at 10, 5,000 and 1,000,000 prefixes", pct(goal))}
+	var vals, gaps []string
+	met := true
+	for _, size := range issueSizes {
+		l, ok := r.lat(phaseScaling, topoLoopback, tcp, classAllow, size, vProcgate)
+		if !ok {
+			continue
+		}
+		one := targetResult{}
+		if !judgeRatio(&one, l, goal) {
+			met = false
+			gaps = append(gaps, fmt.Sprintf("%s at %d", one.Gap, size))
+		}
+		vals = append(vals, fmt.Sprintf("%d: %s", size, one.Value))
+	}
+	if len(vals) == 0 {
+		return tr
+	}
+	tr.Value = strings.Join(vals, "; ")
+	tr.Met = boolp(met)
+	tr.Gap = strings.Join(gaps, ", ")
 	return tr
 }
 

@@ -1,0 +1,35 @@
+package main
+
+import (
+	"testing"
+)
+
+func TestScalingOverhead(t *testing.T) {
+	at := func(size int, p50, p99 float64) latResult {
+		return latResult{latKey: latKey{Phase: phaseScaling, Topo: topoLoopback, Proto: tcp, Class: classAllow, Size: size, Variant: vProcgate},
+			summary: summary{P50: 11 * p50}, P50Ratio: p50, P99Ratio: p99, AddedP50: 11*p50 - 11}
+	}
+	for _, c := range []struct {
+		name  string
+		lat   []latResult
+		met   *bool
+		value string
+		gap   string
+	}{
+		{name: "not measured", lat: []latResult{at(100, 1.01, 1.01)}},
+		{name: "all within", lat: []latResult{at(10, 1.03, 1.04), at(100, 1.2, 1.2), at(5000, 1.04, 1.05), at(1000000, 1.02, 1.01)}, met: boolp(true),
+			value: "10: p50 +3.0% (11.33 µs vs 11.00), p99 +4.0%; 5000: p50 +4.0% (11.44 µs vs 11.00), p99 +5.0%; 1000000: p50 +2.0% (11.22 µs vs 11.00), p99 +1.0%"},
+		{name: "one p99 over", lat: []latResult{at(10, 1.03, 1.04), at(1000000, 1.03, 1.08)}, met: boolp(false),
+			value: "10: p50 +3.0% (11.33 µs vs 11.00), p99 +4.0%; 1000000: p50 +3.0% (11.33 µs vs 11.00), p99 +8.0%", gap: "3.0 points over at 1000000"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got := (&results{Latency: c.lat}).scalingOverhead()
+			if (got.Met == nil) != (c.met == nil) || got.Met != nil && *got.Met != *c.met {
+				t.Errorf("met %v, want %v", got.Met, c.met)
+			}
+			if got.Value != c.value || got.Gap != c.gap {
+				t.Errorf("value %q gap %q\nwant  %q gap %q", got.Value, got.Gap, c.value, c.gap)
+			}
+		})
+	}
+}
