@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"maps"
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
@@ -38,30 +39,38 @@ var floorHooks = []floorHook{
 	{"egress", ebpf.CGroupSKB, ebpf.AttachCGroupInetEgress, 1},
 }
 
-// attachEmpty loads an empty program per floor hook, attaches each to v's
-// cgroup and keeps them in v.progs for the BPF statistics.
-func (b *bench) attachEmpty(v *variant) error {
+// attachFloor attaches to v's cgroup, at every floor hook, the program
+// own has for it (own's are then v's to close) or else an empty one, and
+// keeps them all in v.progs for the BPF statistics.
+func (b *bench) attachFloor(v *variant, own map[string]*ebpf.Program) error {
 	cg := filepath.Join(b.host.cgroup, v.Name)
-	v.progs = map[string]*ebpf.Program{}
+	v.progs = maps.Clone(own)
+	if v.progs == nil {
+		v.progs = map[string]*ebpf.Program{}
+	}
 	b.host.undo.push(func() error {
 		closeProgs(v.progs)
 		return nil
 	})
 	for _, h := range floorHooks {
-		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-			Name:         "empty_" + h.name,
-			Type:         h.typ,
-			AttachType:   h.attach,
-			License:      "MIT",
-			Instructions: asm.Instructions{asm.Mov.Imm32(asm.R0, h.ret), asm.Return()},
-		})
-		if err != nil {
-			return fmt.Errorf("load empty %s program: %w", h.name, err)
+		prog, ok := v.progs[h.name]
+		if !ok {
+			var err error
+			prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
+				Name:         "empty_" + h.name,
+				Type:         h.typ,
+				AttachType:   h.attach,
+				License:      "MIT",
+				Instructions: asm.Instructions{asm.Mov.Imm32(asm.R0, h.ret), asm.Return()},
+			})
+			if err != nil {
+				return fmt.Errorf("load empty %s program: %w", h.name, err)
+			}
+			v.progs[h.name] = prog
 		}
-		v.progs[h.name] = prog
 		l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: h.attach, Program: prog})
 		if err != nil {
-			return fmt.Errorf("attach empty %s program to %s: %w", h.name, cg, err)
+			return fmt.Errorf("attach %s program to %s: %w", h.name, cg, err)
 		}
 		b.host.undo.push(l.Close)
 	}

@@ -289,7 +289,7 @@ func (b *bench) setup() error {
 			}
 		}
 		if v.empty {
-			if err := b.attachEmpty(v); err != nil {
+			if err := b.attachFloor(v, nil); err != nil {
 				return err
 			}
 		}
