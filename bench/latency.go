@@ -158,7 +158,7 @@ func (b *bench) latencyPhase(ctx context.Context) error {
 	}
 	b.res.Latency = append(b.res.Latency, res...)
 	for _, l := range w.lanes {
-		if l.v.Name != vProcgate && l.v.Name != vProcgateTraceable && l.v.Name != vProcgateNoApp && l.v.Name != vNoAppTracker && !l.v.empty {
+		if l.v.Name != vProcgate && l.v.Name != vProcgateTraceable && l.v.Name != vProcgateNoApp && l.v.Name != vNoAppTracker && l.v.progs == nil {
 			continue
 		}
 		for _, p := range latencyProtos {

@@ -293,6 +293,11 @@ func (b *bench) setup() error {
 				return err
 			}
 		}
+		if v.minimal {
+			if err := b.attachMinimal(v, pol); err != nil {
+				return err
+			}
+		}
 	}
 	for _, g := range enf.Guards() {
 		b.res.Meta.ProcgateGuards = append(b.res.Meta.ProcgateGuards, fmt.Sprintf("%s: active=%v", g.Name, g.Active))

@@ -43,6 +43,10 @@ type variant struct {
 	// hook procgate uses.
 	empty bool
 	progs map[string]*ebpf.Program
+	// minimal: the variant attaches the bare decision (minimal.c) at
+	// connect4 and sendmsg4 and the floor's empty programs at the other
+	// floor hooks, kept in progs too: what deciding alone costs.
+	minimal bool
 	// unbound: the variant's cgroup is enforced, but no app claims it: its
 	// client is a process of no app.
 	unbound bool
@@ -70,6 +74,7 @@ const (
 	vProcgateSockCreate = "procgate-hooks+sock_create"
 	vProcgateTraceable  = "procgate-traceable"
 	vEmpty              = "empty-programs"
+	vMinimal            = "minimal-decision"
 	vProcgateNoApp      = "procgate-noapp"
 	vNoAppTracker       = "procgate-noapp-tracker"
 	vNftCgroupSet       = "nft-cgroup-set"
@@ -104,6 +109,8 @@ func allVariants() []*variant {
 			latencyOnly: true, unbound: true, pinned: append([]string{"sock_create", "egress", "bind4", "bind6", "handover"}, hookPrograms...)},
 		{Name: vEmpty, Desc: "diagnostic: the floor; at each hook procgate's defaults use here (sock_create, connect4/6, sendmsg4/6, egress; not the sockops tracker, which the defaults leave off for these apps), a program that only returns \"go on\", on a cgroup of its own: what running a program there costs at all, below any design of procgate's",
 			latencyOnly: true, empty: true},
+		{Name: vMinimal, Desc: "diagnostic: the bare decision, issue 13's \"minimal eBPF decision\" (bench/minimal.c): at connect4 and sendmsg4 the cgroup id's app (hash), the destination in an LPM trie of internal prefixes (not internal: allowed), then an LPM trie keyed by app and address to the grant's TCP and UDP port ranges; no counters, audit, handoff, caches or generations; IPv4 only; empty-programs' programs at the other hooks, on a cgroup of its own: what deciding alone costs, below any design that decides at these hooks",
+			latencyOnly: true, minimal: true},
 		{Name: vNftCgroupSet, Desc: "nftables output chain: ct state established first, internal set, `socket cgroupv2` goto per-app chain with an interval set of the app's prefixes", install: installNft},
 		{Name: vNftCgroupRules, Desc: "as nft-cgroup-set, but one rule per granted prefix in the per-app chain", install: installNft,
 			MaxSize: ruleVariantMax, StopWhy: "every new packet walks app0's chain rule by rule, so 100,000 prefixes mean ~5,000 rule evaluations per packet: milliseconds per connect"},
