@@ -205,7 +205,7 @@ func (r *results) markdown(plots map[string]string) string {
 		w("%s", nf)
 		w("")
 	}
-	w("%s", closingTheRest)
+	w("%s", strings.Join(append(append([]string{closingFloor}, r.bareDecisions()...), closingCosts), " "))
 	w("")
 	w("## What is measured")
 	w("")
@@ -445,10 +445,13 @@ func (r *results) daemonCostSection(w func(string, ...any)) {
 	}
 }
 
-// closingTheRest is what the kernel's hooks leave of the latency targets
-// and what would close it: the report's answer for a target its floor
-// does not let any design meet.
-const closingTheRest = `**What would close the rest.** The floor (empty-programs) is what the kernel charges for running any program at procgate's hooks: on this 6.18 guest about 0.3 µs of a TCP connect and 0.1 µs of a datagram. Where it is over a goal (external destinations at 2%, connected UDP at 3%), no program design meets the goal; where it is under (internal-allow UDP at 8%, a tenth of nftables at 5,000 prefixes), the rest is what procgate's programs do, shown per guard in the parts. The costs that remain, and what would remove each:
+// closingFloor and closingCosts are what the kernel's hooks leave of the
+// latency targets and what would close it: the report's answer for a
+// target its floor does not let any design meet. Between them, the run's
+// bare decision against each goal missed (bareDecisions).
+const closingFloor = `**What would close the rest.** The floor (empty-programs) is what the kernel charges for running any program at procgate's hooks: on this 6.18 guest about 0.3 µs of a TCP connect and 0.1 µs of a datagram. Where it is over a goal (external destinations at 2%, connected UDP at 3%), no program design meets the goal; where it is under (internal-allow UDP at 8%, a tenth of nftables at 5,000 prefixes), the rest is what procgate's programs do, shown per guard in the parts.`
+
+const closingCosts = `The costs that remain, and what would remove each:
 - **The egress backstop** runs for every packet of every socket below the enforced cgroup; it returns at once for established TCP, but every datagram pays its run and the check that the connect or sendmsg hook already decided it. A cgroup_skb program cannot be skipped per socket. Closing it needs BPF LSM (socket_sendmsg and socket_connect see the same decisions in the sender's context, and LSM programs run only where attached hooks fire), which this host's kernel does not load (bpf is in its LSM list, but lsm/ programs fail to load with EPERM: no trampolines; docs/kernels.md); or a kernel way for a sock_addr program to mark a socket as decided so that cgroup_skb skips it.
 - **The UDP handover check** (egress, 6.18 only) reads the sending task's cgroup for every datagram (about 25 ns); on 6.1 and 6.12 the BPF LSM socket_sendmsg program does it instead.
 - **The connect and sendmsg programs** cost one principal lookup (cgroup id, then the app of that cgroup) and one destination lookup (an LRU hash keyed by generation, app and address) per call, flat to 1,000,000 prefixes; the TCP handover guard's sockops tracker costs five sockops runs per TCP connect host-wide, and is attached only while an app needs it.`

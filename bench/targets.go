@@ -17,6 +17,18 @@ type targetResult struct {
 	Gap string `json:"gap,omitempty"` // by how much it was missed
 	// Why splits the result into its parts, where the run measured them.
 	Why string `json:"why,omitempty"`
+	// point is the latency point a latency target judges, nil for others.
+	point *latPoint
+}
+
+// latPoint is a latency target's point: the variant's ratio at t, p, c
+// judged against goal.
+type latPoint struct {
+	t       topo
+	p       proto
+	c       class
+	variant string
+	goal    float64
 }
 
 func boolp(b bool) *bool { return &b }
@@ -42,6 +54,7 @@ func (r *results) evaluate() []targetResult {
 			goal := goals[p]
 			tr := targetResult{Name: fmt.Sprintf("internal-allow overhead, %s %s", t, p), Target: fmt.Sprintf("p50 and p99 within %s of baseline", pct(goal))}
 			if l, ok := r.lat(phaseLatency, t, p, classAllow, r.Config.MatrixSize, vProcgate); ok {
+				tr.point = &latPoint{t, p, classAllow, vProcgate, goal}
 				if !judgeRatio(&tr, l, goal) {
 					tr.Gap += r.overFloor(t, p, classAllow, l, goal)
 				}
@@ -55,6 +68,7 @@ func (r *results) evaluate() []targetResult {
 		for _, p := range latencyProtos {
 			tr := targetResult{Name: fmt.Sprintf("external overhead %s, loopback %s", v.who, p), Target: "p50 and p99 within +2.0% of baseline"}
 			if l, ok := r.lat(phaseLatency, topoLoopback, p, classExternal, r.Config.MatrixSize, v.name); ok {
+				tr.point = &latPoint{topoLoopback, p, classExternal, v.name, 1.02}
 				if !judgeRatio(&tr, l, 1.02) {
 					tr.Gap += r.overFloor(topoLoopback, p, classExternal, l, 1.02)
 				}
@@ -62,10 +76,8 @@ func (r *results) evaluate() []targetResult {
 				case vProcgate:
 					tr.Why = r.guardParts(topoLoopback, p, classExternal)
 				case vProcgateNoApp:
-					tr.Why = r.parts(topoLoopback, p, classExternal, []variantPart{
-						{vEmpty, "the floor, an empty program at every hook"},
-						{vNoAppTracker, "with the handover guard's sockops tracker, attached host-wide while some app needs it"},
-					})
+					tr.Why = r.parts(topoLoopback, p, classExternal, append(floorParts(),
+						variantPart{vNoAppTracker, "with the handover guard's sockops tracker, attached host-wide while some app needs it"}))
 				}
 				out = append(out, tr)
 			}
@@ -97,13 +109,58 @@ func judgeRatio(tr *targetResult, l latResult, goal float64) bool {
 // guardParts says what each guard adds, one at a time (p50 and p99, each
 // against the baseline of its own rounds), from the floor up.
 func (r *results) guardParts(t topo, p proto, c class) string {
-	return r.parts(t, p, c, []variantPart{
+	return r.parts(t, p, c, append(floorParts(),
+		variantPart{vProcgateHooks, "connect/sendmsg programs alone"},
+		variantPart{vProcgateSockCreate, "with the sock_create guard"},
+		variantPart{vProcgateEgress, "with the egress backstop"},
+		variantPart{vProcgateTraceable, "everything, for a process open to tracing (TCP handover guard on its connections)"}))
+}
+
+// floorParts are the parts below every design: the floor, and the bare
+// decision on top of it.
+func floorParts() []variantPart {
+	return []variantPart{
 		{vEmpty, "the floor, an empty program at every hook"},
-		{vProcgateHooks, "connect/sendmsg programs alone"},
-		{vProcgateSockCreate, "with the sock_create guard"},
-		{vProcgateEgress, "with the egress backstop"},
-		{vProcgateTraceable, "everything, for a process open to tracing (TCP handover guard on its connections)"},
-	})
+		{vMinimal, "a bare decision, the issue's minimal program"},
+	}
+}
+
+// bareDecisions says, for each latency target missed, where the bare
+// decision (minimal-decision) of the same point stands against the goal:
+// over it, no design that decides by those lookups meets the goal (one
+// that skips them, as procgate's per-destination cache does, may still
+// go lower, down to the floor, unless the floor is over the goal too);
+// under it, the rest of procgate's cost is its guards. Judged at p50, as
+// overFloor.
+func (r *results) bareDecisions() []string {
+	var out []string
+	for _, tr := range r.Targets {
+		pt := tr.point
+		if pt == nil || tr.Met == nil || *tr.Met {
+			continue
+		}
+		m, okM := r.lat(phaseLatency, pt.t, pt.p, pt.c, r.Config.MatrixSize, vMinimal)
+		l, okL := r.lat(phaseLatency, pt.t, pt.p, pt.c, r.Config.MatrixSize, pt.variant)
+		if !okM || !okL {
+			continue
+		}
+		s := fmt.Sprintf("For %s (goal %s), the bare decision alone (%s: a hash and two LPM lookups) is p50 %s: ", tr.Name, pct(pt.goal), vMinimal, pct(m.P50Ratio))
+		f, okF := r.lat(phaseLatency, pt.t, pt.p, pt.c, r.Config.MatrixSize, vEmpty)
+		switch {
+		case m.P50Ratio > pt.goal && okF && f.P50Ratio > pt.goal:
+			s += fmt.Sprintf("over the goal, as the floor's p50 %s is: no design at these hooks meets it.", pct(f.P50Ratio))
+		case m.P50Ratio > pt.goal && okF:
+			s += fmt.Sprintf("over the goal, so no design that decides by such lookups at these hooks meets it; the floor's p50 %s leaves room only for a cheaper decision (procgate's programs hit a per-destination cache instead).", pct(f.P50Ratio))
+		case m.P50Ratio > pt.goal:
+			s += "over the goal, so no design that decides by such lookups at these hooks meets it."
+		case l.P50Ratio <= pt.goal:
+			s += fmt.Sprintf("under the goal, as %s's p50 %s is: the miss is at p99.", pt.variant, pct(l.P50Ratio))
+		default:
+			s += fmt.Sprintf("under the goal, so deciding fits in it, and the other %.1f points of %s's p50 %s are its guards.", (l.P50Ratio-m.P50Ratio)*100, pt.variant, pct(l.P50Ratio))
+		}
+		out = append(out, s)
+	}
+	return out
 }
 
 // overFloor says, for a latency target missed, where the floor of the
