@@ -14,6 +14,23 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// lsmCgroupLoadable: can loadLSMCgroup load the program? Not if it has
+// CO-RE relocations or calls to other BPF functions, which that loader
+// does not resolve. A program of decision.h's helpers can gain either by
+// a change far from it (TestLSMCgroupLoadable checks the committed ones).
+func lsmCgroupLoadable(spec *ebpf.ProgramSpec) error {
+	for i := range spec.Instructions {
+		ins := &spec.Instructions[i]
+		switch {
+		case btf.CORERelocationMetadata(ins) != nil:
+			return fmt.Errorf("%s: CO-RE relocations are not supported here", spec.Name)
+		case ins.IsFunctionReference() || ins.IsFunctionCall() && ins.Reference() != "":
+			return fmt.Errorf("%s: calls to other BPF functions are not supported here", spec.Name)
+		}
+	}
+	return nil
+}
+
 // loadLSMCgroup loads an lsm_cgroup program, its maps taken from their pins
 // in bpfDir. cilium/ebpf (v0.22) finds the kernel's attach target for
 // lsm/ programs but not for lsm_cgroup/ ones, so its load reaches the
@@ -27,6 +44,9 @@ import (
 func loadLSMCgroup(spec *ebpf.ProgramSpec, bpfDir string) (*ebpf.Program, error) {
 	if spec == nil {
 		return nil, errors.New("no lsm_cgroup program in the object")
+	}
+	if err := lsmCgroupLoadable(spec); err != nil {
+		return nil, err
 	}
 	kernel, err := btf.LoadKernelSpec()
 	if err != nil {
@@ -49,12 +69,7 @@ func loadLSMCgroup(spec *ebpf.ProgramSpec, bpfDir string) (*ebpf.Program, error)
 	}()
 	for i := range insns {
 		ins := &insns[i]
-		switch {
-		case btf.CORERelocationMetadata(ins) != nil:
-			return nil, fmt.Errorf("%s: CO-RE relocations are not supported here", spec.Name)
-		case ins.IsFunctionReference() || ins.IsFunctionCall() && ins.Reference() != "":
-			return nil, fmt.Errorf("%s: calls to other BPF functions are not supported here", spec.Name)
-		case ins.IsLoadFromMap() && ins.Reference() != "":
+		if ins.IsLoadFromMap() && ins.Reference() != "" {
 			m, err := ebpf.LoadPinnedMap(filepath.Join(bpfDir, ins.Reference()), nil)
 			if err != nil {
 				return nil, fmt.Errorf("%s: map %s: %w", spec.Name, ins.Reference(), err)
@@ -65,6 +80,7 @@ func loadLSMCgroup(spec *ebpf.ProgramSpec, bpfDir string) (*ebpf.Program, error)
 			}
 		}
 	}
+
 	var code bytes.Buffer
 	if err := insns.Marshal(&code, binary.LittleEndian); err != nil {
 		return nil, fmt.Errorf("%s: %w", spec.Name, err)
