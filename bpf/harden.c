@@ -285,7 +285,7 @@ static __always_inline int foreign_udp_sender(__u64 sk_cgroup, __u32 slot, const
 {
 	if ((app_flags & APP_HANDOVER_ALLOWED) || (info->flags & GEN_NO_UDP_HANDOVER))
 		return 0;
-	*sender = bpf_get_current_cgroup_id();
+	*sender = current_cgroup_id();
 	*sender_app = 0;
 	if (socket_cgroup_mate(*sender, sk_cgroup, app_flags))
 		return 0;
@@ -620,7 +620,7 @@ int guard_handover(struct sk_msg_md *msg)
 		return SK_PASS;
 	// The app writing from the cgroup it connected from: the common case,
 	// one helper call and one lookup.
-	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	__u64 cgroup_id = current_cgroup_id();
 	if (socket_cgroup_mate(cgroup_id, o->cgroup_id, o->flags))
 		return SK_PASS;
 
@@ -659,7 +659,7 @@ int guard_packet_socket(unsigned long long *ctx)
 	// By cgroup alone, marks of migrate.c aside: a marked process' sockets
 	// still belong to the app's cgroup, where the egress backstop would
 	// take a raw socket's packets for the app's.
-	struct app_info *app = principal_of(WHO_TASK, NULL, info->slot & 1, info, &cgroup_id);
+	struct app_info *app = principal_of(WHO_TASK_HELPER, NULL, info->slot & 1, info, &cgroup_id);
 	if (!app)
 		return 1;
 	refuse_as_raw_socket(app->app_id, cgroup_id, info, HOOK_SOCK_CREATE);
@@ -696,7 +696,7 @@ int guard_handover_lsm(unsigned long long *ctx)
 	struct socket_owner *o = bpf_sk_storage_get(&socket_owners, sk, 0, 0);
 	if (!o)
 		return 0;
-	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	__u64 cgroup_id = current_cgroup_id();
 	if (socket_cgroup_mate(cgroup_id, o->cgroup_id, o->flags))
 		return 0;
 	struct generation_info *info = current_generation();
