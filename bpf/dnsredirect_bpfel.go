@@ -128,6 +128,15 @@ type dnsredirectPrincipalEntry struct {
 	AppCgroup  uint64
 }
 
+type dnsredirectPrincipalMemo struct {
+	_          structs.HostLayout
+	Seq        uint64
+	CgroupId   uint64
+	Generation uint32
+	App        dnsredirectAppInfo
+	Pad        uint32
+}
+
 type dnsredirectRuleKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -202,6 +211,7 @@ const (
 	dnsredirectMapPolicyCurrent       = "policy_current"
 	dnsredirectMapPortRanges          = "port_ranges"
 	dnsredirectMapPrincipalCache      = "principal_cache"
+	dnsredirectMapPrincipalMemo       = "principal_memo"
 	dnsredirectMapRules               = "rules"
 	dnsredirectMapSocketOwners        = "socket_owners"
 	dnsredirectMapSocketVerdicts      = "socket_verdicts"
@@ -287,6 +297,7 @@ type dnsredirectMapSpecs struct {
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.MapSpec `ebpf:"principal_memo"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
@@ -338,6 +349,7 @@ type dnsredirectMaps struct {
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.Map `ebpf:"principal_memo"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
@@ -364,6 +376,7 @@ func (m *dnsredirectMaps) Close() error {
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.PrincipalCache,
+		m.PrincipalMemo,
 		m.Rules,
 		m.SocketOwners,
 		m.SocketVerdicts,

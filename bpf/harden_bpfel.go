@@ -102,6 +102,15 @@ type hardenPrincipalEntry struct {
 	AppCgroup  uint64
 }
 
+type hardenPrincipalMemo struct {
+	_          structs.HostLayout
+	Seq        uint64
+	CgroupId   uint64
+	Generation uint32
+	App        hardenAppInfo
+	Pad        uint32
+}
+
 type hardenRuleKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -176,6 +185,7 @@ const (
 	hardenMapPolicyCurrent         = "policy_current"
 	hardenMapPortRanges            = "port_ranges"
 	hardenMapPrincipalCache        = "principal_cache"
+	hardenMapPrincipalMemo         = "principal_memo"
 	hardenMapRules                 = "rules"
 	hardenMapSocketOwners          = "socket_owners"
 	hardenMapSocketVerdicts        = "socket_verdicts"
@@ -264,6 +274,7 @@ type hardenMapSpecs struct {
 	PolicyCurrent         *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges            *ebpf.MapSpec `ebpf:"port_ranges"`
 	PrincipalCache        *ebpf.MapSpec `ebpf:"principal_cache"`
+	PrincipalMemo         *ebpf.MapSpec `ebpf:"principal_memo"`
 	Rules                 *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners          *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts        *ebpf.MapSpec `ebpf:"socket_verdicts"`
@@ -316,6 +327,7 @@ type hardenMaps struct {
 	PolicyCurrent         *ebpf.Map `ebpf:"policy_current"`
 	PortRanges            *ebpf.Map `ebpf:"port_ranges"`
 	PrincipalCache        *ebpf.Map `ebpf:"principal_cache"`
+	PrincipalMemo         *ebpf.Map `ebpf:"principal_memo"`
 	Rules                 *ebpf.Map `ebpf:"rules"`
 	SocketOwners          *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts        *ebpf.Map `ebpf:"socket_verdicts"`
@@ -343,6 +355,7 @@ func (m *hardenMaps) Close() error {
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.PrincipalCache,
+		m.PrincipalMemo,
 		m.Rules,
 		m.SocketOwners,
 		m.SocketVerdicts,

@@ -102,6 +102,15 @@ type lsmguardPrincipalEntry struct {
 	AppCgroup  uint64
 }
 
+type lsmguardPrincipalMemo struct {
+	_          structs.HostLayout
+	Seq        uint64
+	CgroupId   uint64
+	Generation uint32
+	App        lsmguardAppInfo
+	Pad        uint32
+}
+
 type lsmguardRuleKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -173,6 +182,7 @@ const (
 	lsmguardMapPolicyCurrent        = "policy_current"
 	lsmguardMapPortRanges           = "port_ranges"
 	lsmguardMapPrincipalCache       = "principal_cache"
+	lsmguardMapPrincipalMemo        = "principal_memo"
 	lsmguardMapRules                = "rules"
 	lsmguardMapSocketOwners         = "socket_owners"
 	lsmguardMapSocketVerdicts       = "socket_verdicts"
@@ -251,6 +261,7 @@ type lsmguardMapSpecs struct {
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.MapSpec `ebpf:"principal_memo"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
@@ -299,6 +310,7 @@ type lsmguardMaps struct {
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.Map `ebpf:"principal_memo"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
@@ -322,6 +334,7 @@ func (m *lsmguardMaps) Close() error {
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.PrincipalCache,
+		m.PrincipalMemo,
 		m.Rules,
 		m.SocketOwners,
 		m.SocketVerdicts,

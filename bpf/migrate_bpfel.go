@@ -128,6 +128,15 @@ type migratePrincipalEntry struct {
 	AppCgroup  uint64
 }
 
+type migratePrincipalMemo struct {
+	_          structs.HostLayout
+	Seq        uint64
+	CgroupId   uint64
+	Generation uint32
+	App        migrateAppInfo
+	Pad        uint32
+}
+
 type migrateRuleKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -202,6 +211,7 @@ const (
 	migrateMapPolicyCurrent       = "policy_current"
 	migrateMapPortRanges          = "port_ranges"
 	migrateMapPrincipalCache      = "principal_cache"
+	migrateMapPrincipalMemo       = "principal_memo"
 	migrateMapRules               = "rules"
 	migrateMapSocketOwners        = "socket_owners"
 	migrateMapSocketVerdicts      = "socket_verdicts"
@@ -287,6 +297,7 @@ type migrateMapSpecs struct {
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.MapSpec `ebpf:"principal_memo"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
@@ -340,6 +351,7 @@ type migrateMaps struct {
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.Map `ebpf:"principal_memo"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
@@ -366,6 +378,7 @@ func (m *migrateMaps) Close() error {
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.PrincipalCache,
+		m.PrincipalMemo,
 		m.Rules,
 		m.SocketOwners,
 		m.SocketVerdicts,

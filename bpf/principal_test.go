@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -472,5 +474,81 @@ func TestFollowIgnoresV1(t *testing.T) {
 	}
 	if !bound(w.cgroups["system.slice/docker-twin.scope"]) {
 		t.Fatal("the cgroup2 twin was not bound: the test shows nothing")
+	}
+}
+
+// pinToCPU0 moves every thread of process pid to CPU 0, so that the
+// processes a test pins run their hooks on one CPU, one after the other.
+// Threads the process makes later inherit the mask of the thread that
+// makes them.
+func pinToCPU0(t *testing.T, pid int) {
+	t.Helper()
+	tasks, err := os.ReadDir(filepath.Join("/proc", strconv.Itoa(pid), "task"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var set unix.CPUSet
+	set.Set(0)
+	for _, task := range tasks {
+		tid, err := strconv.Atoi(task.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.SchedSetaffinity(tid, &set); err != nil && !errors.Is(err, unix.ESRCH) {
+			t.Fatalf("pin thread %d of %d to CPU 0: %v", tid, pid, err)
+		}
+	}
+}
+
+// TestPrincipalMemoPerCgroup: the connect and sendmsg hooks remember, per
+// CPU, the app of the last cgroup they saw (principal_memo). Processes of
+// two apps and of none, on one CPU, take turns: each must get its own
+// app's verdict, not the one before it, and a reload that takes the
+// grant away must deny at once, whatever the CPU remembers.
+func TestPrincipalMemoPerCgroup(t *testing.T) {
+	w := newWorld(t, "granted", "deep", "refused") // "deep" (index 1) runs below its app cgroup
+	const policy = "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: granted\n    allow:\n      - {to: 10.1.0.0/16, proto: both, ports: [5432]}\n  - name: deep\n  - name: refused\n"
+	rs := mustPolicy(t, policy)
+	startServers(t, w.netns, []string{"[::]:5432"}, []string{"[::]:5432"})
+	w.apply(rs)
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	probers := map[string]*probe.Prober{"granted": w.prober("granted"), "refused": w.prober("refused"), "": w.prober("")}
+	for _, p := range probers {
+		pinToCPU0(t, p.Pid())
+	}
+	tcp := ruleset.Dest{Addr: netip.MustParseAddr("10.1.2.3"), Proto: ruleset.TCP, Port: 5432}
+	udp := ruleset.Dest{Addr: netip.MustParseAddr("10.1.2.3"), Proto: ruleset.UDP, Port: 5432}
+	try := func(step, app string, d ruleset.Dest, m probe.Method, want probe.Verdict) {
+		t.Helper()
+		got, err := probers[app].Try(d, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Fatalf("%s: %s %s from app %q: %s, want %s", step, m, d, app, got, want)
+		}
+	}
+	for round := range 3 {
+		for _, turn := range []struct {
+			app  string
+			want probe.Verdict
+		}{{"granted", probe.Allowed}, {"refused", probe.Denied}, {"granted", probe.Allowed}, {"", probe.Denied}, {"granted", probe.Allowed}} {
+			step := "round " + strconv.Itoa(round)
+			try(step, turn.app, tcp, probe.Connect, turn.want)
+			try(step, turn.app, udp, probe.SendTo, turn.want)
+		}
+	}
+	// The next generation gives the grant to refused, and granted's app
+	// id to refused (ids follow the policy's order): a CPU that kept
+	// granted's id of the last generation would allow granted.
+	w.apply(mustPolicy(t, "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: refused\n    allow:\n      - {to: 10.1.0.0/16, proto: both, ports: [5432]}\n  - name: deep\n  - name: granted\n"))
+	for _, turn := range []struct {
+		app  string
+		want probe.Verdict
+	}{{"granted", probe.Denied}, {"refused", probe.Allowed}, {"granted", probe.Denied}} {
+		try("after the reload", turn.app, tcp, probe.Connect, turn.want)
+		try("after the reload", turn.app, udp, probe.SendTo, turn.want)
 	}
 }

@@ -153,6 +153,15 @@ type procgatePrincipalEntry struct {
 	AppCgroup  uint64
 }
 
+type procgatePrincipalMemo struct {
+	_          structs.HostLayout
+	Seq        uint64
+	CgroupId   uint64
+	Generation uint32
+	App        procgateAppInfo
+	Pad        uint32
+}
+
 type procgateReason uint32
 
 const (
@@ -244,6 +253,7 @@ const (
 	procgateMapPolicyCurrent       = "policy_current"
 	procgateMapPortRanges          = "port_ranges"
 	procgateMapPrincipalCache      = "principal_cache"
+	procgateMapPrincipalMemo       = "principal_memo"
 	procgateMapRules               = "rules"
 	procgateMapSocketOwners        = "socket_owners"
 	procgateMapSocketVerdicts      = "socket_verdicts"
@@ -329,6 +339,7 @@ type procgateMapSpecs struct {
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.MapSpec `ebpf:"principal_memo"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
@@ -380,6 +391,7 @@ type procgateMaps struct {
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.Map `ebpf:"principal_memo"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
@@ -403,6 +415,7 @@ func (m *procgateMaps) Close() error {
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.PrincipalCache,
+		m.PrincipalMemo,
 		m.Rules,
 		m.SocketOwners,
 		m.SocketVerdicts,

@@ -102,6 +102,15 @@ type sweepPrincipalEntry struct {
 	AppCgroup  uint64
 }
 
+type sweepPrincipalMemo struct {
+	_          structs.HostLayout
+	Seq        uint64
+	CgroupId   uint64
+	Generation uint32
+	App        sweepAppInfo
+	Pad        uint32
+}
+
 type sweepRecordKind uint32
 
 const (
@@ -205,6 +214,7 @@ const (
 	sweepMapPolicyCurrent       = "policy_current"
 	sweepMapPortRanges          = "port_ranges"
 	sweepMapPrincipalCache      = "principal_cache"
+	sweepMapPrincipalMemo       = "principal_memo"
 	sweepMapRules               = "rules"
 	sweepMapSocketOwners        = "socket_owners"
 	sweepMapSocketVerdicts      = "socket_verdicts"
@@ -283,6 +293,7 @@ type sweepMapSpecs struct {
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.MapSpec `ebpf:"principal_memo"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
@@ -335,6 +346,7 @@ type sweepMaps struct {
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.Map `ebpf:"principal_memo"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
@@ -360,6 +372,7 @@ func (m *sweepMaps) Close() error {
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.PrincipalCache,
+		m.PrincipalMemo,
 		m.Rules,
 		m.SocketOwners,
 		m.SocketVerdicts,

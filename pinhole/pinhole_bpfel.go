@@ -172,6 +172,15 @@ type pinholePrincipalEntry struct {
 	AppCgroup  uint64
 }
 
+type pinholePrincipalMemo struct {
+	_          structs.HostLayout
+	Seq        uint64
+	CgroupId   uint64
+	Generation uint32
+	App        pinholeAppInfo
+	Pad        uint32
+}
+
 type pinholeRuleKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -274,6 +283,7 @@ const (
 	pinholeMapPolicyCurrent       = "policy_current"
 	pinholeMapPortRanges          = "port_ranges"
 	pinholeMapPrincipalCache      = "principal_cache"
+	pinholeMapPrincipalMemo       = "principal_memo"
 	pinholeMapRules               = "rules"
 	pinholeMapSocketOwners        = "socket_owners"
 	pinholeMapSocketVerdicts      = "socket_verdicts"
@@ -380,6 +390,7 @@ type pinholeMapSpecs struct {
 	PolicyCurrent       *ebpf.MapSpec `ebpf:"policy_current"`
 	PortRanges          *ebpf.MapSpec `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.MapSpec `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.MapSpec `ebpf:"principal_memo"`
 	Rules               *ebpf.MapSpec `ebpf:"rules"`
 	SocketOwners        *ebpf.MapSpec `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.MapSpec `ebpf:"socket_verdicts"`
@@ -446,6 +457,7 @@ type pinholeMaps struct {
 	PolicyCurrent       *ebpf.Map `ebpf:"policy_current"`
 	PortRanges          *ebpf.Map `ebpf:"port_ranges"`
 	PrincipalCache      *ebpf.Map `ebpf:"principal_cache"`
+	PrincipalMemo       *ebpf.Map `ebpf:"principal_memo"`
 	Rules               *ebpf.Map `ebpf:"rules"`
 	SocketOwners        *ebpf.Map `ebpf:"socket_owners"`
 	SocketVerdicts      *ebpf.Map `ebpf:"socket_verdicts"`
@@ -479,6 +491,7 @@ func (m *pinholeMaps) Close() error {
 		m.PolicyCurrent,
 		m.PortRanges,
 		m.PrincipalCache,
+		m.PrincipalMemo,
 		m.Rules,
 		m.SocketOwners,
 		m.SocketVerdicts,
