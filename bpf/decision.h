@@ -708,10 +708,15 @@ struct task_struct___cur {
 // is NULL the load gives 0: no cgroup, no app. Needs
 // bpf_get_current_task_btf, a base helper of every program type on the
 // kernels of docs/kernels.md (6.1 and later, CAP_PERFMON loaders).
+static __always_inline __u64 task_cgroup_id(void *task)
+{
+	struct task_struct___cur *t = task;
+	return t->cgroups->dfl_cgrp->kn->id;
+}
+
 static __always_inline __u64 current_cgroup_id(void)
 {
-	struct task_struct___cur *t = (struct task_struct___cur *)bpf_get_current_task_btf();
-	return t->cgroups->dfl_cgrp->kn->id;
+	return task_cgroup_id(bpf_get_current_task_btf());
 }
 
 static __always_inline __u64 cgroup_of(int who, void *ctx)
@@ -955,10 +960,10 @@ static __always_inline void memo_put(struct principal_memo *m, __u32 generation,
 // value: the app's id (0: none), with its flags in *app_flags. A direct
 // binding is taken from principal_memo when the CPU's last call was from
 // the same cgroup in the same generation.
-static __always_inline __u32 hook_principal(__u32 slot, const struct generation_info *info, __u64 *cgroup_id,
-					     __u32 *app_flags)
+static __always_inline __u32 hook_principal(__u32 slot, const struct generation_info *info, void *task,
+					     __u64 *cgroup_id, __u32 *app_flags)
 {
-	struct app_key key = { .cgroup_id = cgroup_of(WHO_TASK, NULL), .slot = slot };
+	struct app_key key = { .cgroup_id = task_cgroup_id(task), .slot = slot };
 	*cgroup_id = key.cgroup_id;
 	*app_flags = 0;
 	__u32 zero = 0;
@@ -1008,14 +1013,15 @@ struct task_struct___tg {
 // gids are not all equal (the launcher's trace guard: real gid the guard
 // gid, effective and saved the user's) admits none. A non-dumpable task
 // with equal ids is counted as open: erring this way only guards more.
-// Read through the task's BTF pointer (bpf_get_current_task_btf, a base
-// helper of every program type on the kernels of docs/kernels.md, 6.1 and
-// later): the verifier turns the loads into plain ones with an exception
-// entry. Two bpf_probe_read_kernel calls instead cost 65 ns on every app's
-// TCP connect (connect4 315 -> 250 ns per run in the bench's BPF run time).
-static __always_inline int open_to_tracing(void)
+// task is the calling task's BTF pointer (bpf_get_current_task_btf, a
+// base helper of every program type on the kernels of docs/kernels.md,
+// 6.1 and later), which the hook reads its cgroup through too: the
+// verifier turns the loads into plain ones with an exception entry. Two
+// bpf_probe_read_kernel calls instead cost 65 ns on every app's TCP
+// connect (connect4 315 -> 250 ns per run in the bench's BPF run time).
+static __always_inline int open_to_tracing(void *task)
 {
-	struct task_struct___tg *t = (struct task_struct___tg *)bpf_get_current_task_btf();
+	struct task_struct___tg *t = task;
 	const struct cred___tg *c = t->cred;
 	if (!c)
 		return 1;
@@ -1268,9 +1274,10 @@ struct verdict {
 	__u64 cgroup_id; // the calling task's
 };
 
-// decide is the decision function for the calling task; it counts and
-// audits. v->allow is 1 to let the syscall go on, 0 for EPERM.
-static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
+// decide is the decision function for the calling task (task, its BTF
+// pointer); it counts and audits. v->allow is 1 to let the syscall go
+// on, 0 for EPERM.
+static __always_inline void decide(struct dest *d, __u8 hook, void *task, struct verdict *v)
 {
 	__u64 cgroup_id = 0;
 	__builtin_memset(v, 0, sizeof(*v));
@@ -1283,7 +1290,7 @@ static __always_inline void decide(struct dest *d, __u8 hook, struct verdict *v)
 	v->gen_flags = info->flags;
 
 	__u32 app_flags;
-	__u32 app_id = hook_principal(slot, info, &cgroup_id, &app_flags);
+	__u32 app_id = hook_principal(slot, info, task, &cgroup_id, &app_flags);
 	struct lookup_result r;
 	lookup_dest(slot, generation, app_id, d, &r);
 	if (!r.internal && !(app_flags & APP_OUTSIDE_DENY)) {

@@ -35,7 +35,10 @@ static __always_inline __u8 proto_of(struct bpf_sock_addr *ctx)
 static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d, __u8 hook)
 {
 	struct verdict v;
-	decide(d, hook, &v);
+	// The calling task (bpf_get_current_task_btf): read once for the
+	// principal's cgroup and the handover guard's open_to_tracing.
+	void *task = bpf_get_current_task_btf();
+	decide(d, hook, task, &v);
 	if (!v.allow)
 		return 0;
 	// Only verdicts the backstop would decide otherwise: an external
@@ -58,7 +61,7 @@ static __always_inline int verdict_of(struct bpf_sock_addr *ctx, struct dest *d,
 	// program judges its writers (GEN_UDP_MARKS): there the egress
 	// backstop's UDP handover check is refused (6.1, 6.12).
 	if (v.owned && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6) && ctx->sk && !(v.app_flags & APP_HANDOVER_ALLOWED) &&
-	    (ctx->protocol == IPPROTO_TCP ? !(v.gen_flags & GEN_TRUST_TRACE_GUARD) || open_to_tracing()
+	    (ctx->protocol == IPPROTO_TCP ? !(v.gen_flags & GEN_TRUST_TRACE_GUARD) || open_to_tracing(task)
 					  : (v.gen_flags & GEN_UDP_MARKS) &&
 						    (ctx->protocol == IPPROTO_UDP || ctx->protocol == IPPROTO_UDPLITE))) {
 		struct socket_owner *o = bpf_sk_storage_get(&socket_owners, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
