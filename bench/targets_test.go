@@ -33,3 +33,34 @@ func TestScalingOverhead(t *testing.T) {
 		})
 	}
 }
+
+func TestNoAppBulk(t *testing.T) {
+	run := func(ratio, control, bpfNsPerSecond float64) targetResult {
+		r := &results{Throughput: []tputResult{
+			{Topo: topoVethExternal, Workload: workloadBulk, Variant: vProcgateNoApp, Ratio: ratio},
+			{Topo: topoVethExternal, Workload: workloadBulk, Variant: vControl, Ratio: control},
+		}}
+		if bpfNsPerSecond > 0 {
+			r.BPFCost = []bpfCost{{Phase: phaseThroughput, What: "procgate-noapp: veth-external tcp-bulk", Total: bpfNsPerSecond}}
+		}
+		return r.noAppBulk()
+	}
+	for _, c := range []struct {
+		name string
+		got  targetResult
+		met  bool
+		gap  string
+	}{
+		{"over the goal", run(1.01, 1.02, 0), true, ""},
+		{"within noise, BPF bounds it", run(0.98, 0.97, 2e6), true, ""},
+		{"within noise, BPF too dear", run(0.98, 0.97, 7e6), false, "tcp-bulk within the control's ±3.0%, but the BPF account bounds it only to ≥ 99.3%"},
+		{"within noise, no BPF account", run(0.98, 0.97, 0), false, "tcp-bulk 1.5 points under, beyond the control's ±3.0%"},
+		{"beyond noise", run(0.90, 0.99, 2e6), false, "tcp-bulk 9.5 points under, beyond the control's ±1.0%"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if c.got.Met == nil || *c.got.Met != c.met || c.got.Gap != c.gap {
+				t.Errorf("met %v gap %q, want %v %q", c.got.Met, c.got.Gap, c.met, c.gap)
+			}
+		})
+	}
+}
