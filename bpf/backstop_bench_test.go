@@ -24,17 +24,7 @@ import (
 //	go test -run '^$' -bench BackstopEgress ./bpf/
 func BenchmarkBackstopEgress(b *testing.B) {
 	nstest.RequireRoot(b)
-	bpfDir := filepath.Join(nstest.BPFFS(b), "procgate")
-	e, err := Open(Options{BPFDir: bpfDir, CgroupDir: nstest.Cgroup(b), Log: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		e.Close()
-		if _, err := Uninstall(bpfDir); err != nil {
-			b.Errorf("uninstall: %v", err)
-		}
-	})
+	e := benchEnforcer(b, nstest.Cgroup(b))
 	const policy = "version: 1\ninternal:\n  prefixes: [10.0.0.0/8, 'fd00::/8']\napps:\n  - name: db\n    allow:\n      - to: 10.1.2.0/24\n"
 	gen, err := e.Apply(Generation{Rules: mustPolicy(b, policy), AppIDs: map[string]uint32{"db": 1}})
 	if err != nil {
@@ -56,7 +46,7 @@ func BenchmarkBackstopEgress(b *testing.B) {
 	handoff := procgateVerdictEntry{State: uint64(gen) << 32, CgroupId: selfID, AppId: 1}
 	copy(handoff.D.Addr[:], internal4[:])
 	handoff.D.Port, handoff.D.Family, handoff.D.Proto = 53, 4, protoUDP
-	hookHandoff, err := ebpf.LoadPinnedMap(filepath.Join(bpfDir, "hook_handoff"), nil)
+	hookHandoff, err := ebpf.LoadPinnedMap(filepath.Join(e.opts.BPFDir, "hook_handoff"), nil)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -137,4 +127,21 @@ func tcp6(dst [16]byte, flags byte) []byte {
 	ip[52] = 5 << 4
 	ip[53] = flags
 	return ether(0x86dd, ip)
+}
+
+// benchEnforcer opens an enforcer on the cgroup root of a benchmark, with
+// its pins in a bpffs of its own, and uninstalls it when the benchmark ends.
+func benchEnforcer(b *testing.B, root string) *Enforcer {
+	bpfDir := filepath.Join(nstest.BPFFS(b), "procgate")
+	e, err := Open(Options{BPFDir: bpfDir, CgroupDir: root, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		e.Close()
+		if _, err := Uninstall(bpfDir); err != nil {
+			b.Errorf("uninstall: %v", err)
+		}
+	})
+	return e
 }

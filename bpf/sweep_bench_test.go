@@ -2,9 +2,7 @@ package bpf
 
 import (
 	"fmt"
-	"log/slog"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -37,17 +35,7 @@ func benchSweep(b *testing.B, method SweepMethod, n int) {
 	root, ns := nstest.Cgroup(b), nstest.NetNS(b)
 	nstest.AnyIPLoopback(b, ns)
 	app := nstest.ChildCgroup(b, root, "db")
-	bpfDir := filepath.Join(nstest.BPFFS(b), "procgate")
-	e, err := Open(Options{BPFDir: bpfDir, CgroupDir: root, Log: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		e.Close()
-		if _, err := Uninstall(bpfDir); err != nil {
-			b.Errorf("uninstall: %v", err)
-		}
-	})
+	e := benchEnforcer(b, root)
 	if method == SweepIterator && e.sweep.err != nil {
 		b.Skipf("kernel feature missing: socket iterators with bpf_sock_destroy (6.5+): %v", e.sweep.err)
 	}
