@@ -263,10 +263,7 @@ func (r *results) outsiderTargets() []targetResult {
 	}{{classAllow, 1.05}, {classExternal, 1.02}} {
 		tr := targetResult{Name: fmt.Sprintf("%s overhead under an outsider's harness, tcp", g.c),
 			Target: fmt.Sprintf("p50 and p99 within %s of baseline, for an app started by `procgate run` connecting to its own listener, %d prefixes", pct(g.goal), outsiderSize)}
-		for _, l := range r.Outsider {
-			if l.Class != g.c || l.Variant != vRun {
-				continue
-			}
+		if l, ok := r.outsiderLat(g.c, vRun); ok {
 			judgeRatio(&tr, l, g.goal)
 		}
 		if tr.Met != nil {

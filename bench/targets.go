@@ -406,10 +406,8 @@ func (r *results) tputTarget(name, target string, t topo, variant string, worklo
 			what = variant + ": " + what
 		}
 		share := -1.0
-		for _, c := range r.BPFCost {
-			if c.Phase == phaseThroughput && c.What == what {
-				share = c.Total / 1e9
-			}
+		if c, ok := r.cost(phaseThroughput, what); ok {
+			share = c.Total / 1e9
 		}
 		part := fmt.Sprintf("%s %.1f%% (control %.1f%%)", wl, pg.Ratio*100, control*100)
 		switch {
