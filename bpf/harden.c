@@ -619,7 +619,7 @@ int guard_handover(struct sk_msg_md *msg)
 	if (!o)
 		return SK_PASS;
 	// The app writing from the cgroup it connected from: the common case,
-	// one helper call and one lookup.
+	// the socket-storage lookup above and a cgroup read in place.
 	__u64 cgroup_id = current_cgroup_id();
 	if (socket_cgroup_mate(cgroup_id, o->cgroup_id, o->flags))
 		return SK_PASS;
