@@ -33,6 +33,13 @@ type dnsredirectAuditBudget struct {
 	Pad    uint32
 }
 
+type dnsredirectDestMemo struct {
+	_      structs.HostLayout
+	Seq    uint64
+	Key    dnsredirectLookupKey
+	Result dnsredirectLookupResult
+}
+
 type dnsredirectDnsProxyInfo struct {
 	_    structs.HostLayout
 	Port uint16
@@ -200,6 +207,7 @@ const (
 	dnsredirectMapAuditBudgets        = "audit_budgets"
 	dnsredirectMapAuditEvents         = "audit_events"
 	dnsredirectMapDestLookups         = "dest_lookups"
+	dnsredirectMapDestMemo            = "dest_memo"
 	dnsredirectMapDnsProxies          = "dns_proxies"
 	dnsredirectMapDnsRedirects        = "dns_redirects"
 	dnsredirectMapDnsRedirects6       = "dns_redirects6"
@@ -286,6 +294,7 @@ type dnsredirectMapSpecs struct {
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.MapSpec `ebpf:"dest_memo"`
 	DnsProxies          *ebpf.MapSpec `ebpf:"dns_proxies"`
 	DnsRedirects        *ebpf.MapSpec `ebpf:"dns_redirects"`
 	DnsRedirects6       *ebpf.MapSpec `ebpf:"dns_redirects6"`
@@ -338,6 +347,7 @@ type dnsredirectMaps struct {
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.Map `ebpf:"dest_memo"`
 	DnsProxies          *ebpf.Map `ebpf:"dns_proxies"`
 	DnsRedirects        *ebpf.Map `ebpf:"dns_redirects"`
 	DnsRedirects6       *ebpf.Map `ebpf:"dns_redirects6"`
@@ -365,6 +375,7 @@ func (m *dnsredirectMaps) Close() error {
 		m.AuditBudgets,
 		m.AuditEvents,
 		m.DestLookups,
+		m.DestMemo,
 		m.DnsProxies,
 		m.DnsRedirects,
 		m.DnsRedirects6,

@@ -33,6 +33,13 @@ type hardenAuditBudget struct {
 	Pad    uint32
 }
 
+type hardenDestMemo struct {
+	_      structs.HostLayout
+	Seq    uint64
+	Key    hardenLookupKey
+	Result hardenLookupResult
+}
+
 type hardenExeKey struct {
 	_     structs.HostLayout
 	Slot  uint32
@@ -174,6 +181,7 @@ const (
 	hardenMapAuditBudgets          = "audit_budgets"
 	hardenMapAuditEvents           = "audit_events"
 	hardenMapDestLookups           = "dest_lookups"
+	hardenMapDestMemo              = "dest_memo"
 	hardenMapGenerationInfoInner   = "generation_info_inner"
 	hardenMapHookHandoff           = "hook_handoff"
 	hardenMapMigratedTasks         = "migrated_tasks"
@@ -263,6 +271,7 @@ type hardenMapSpecs struct {
 	AuditBudgets          *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents           *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups           *ebpf.MapSpec `ebpf:"dest_lookups"`
+	DestMemo              *ebpf.MapSpec `ebpf:"dest_memo"`
 	GenerationInfoInner   *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	HookHandoff           *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks         *ebpf.MapSpec `ebpf:"migrated_tasks"`
@@ -316,6 +325,7 @@ type hardenMaps struct {
 	AuditBudgets          *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents           *ebpf.Map `ebpf:"audit_events"`
 	DestLookups           *ebpf.Map `ebpf:"dest_lookups"`
+	DestMemo              *ebpf.Map `ebpf:"dest_memo"`
 	GenerationInfoInner   *ebpf.Map `ebpf:"generation_info_inner"`
 	HookHandoff           *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks         *ebpf.Map `ebpf:"migrated_tasks"`
@@ -344,6 +354,7 @@ func (m *hardenMaps) Close() error {
 		m.AuditBudgets,
 		m.AuditEvents,
 		m.DestLookups,
+		m.DestMemo,
 		m.GenerationInfoInner,
 		m.HookHandoff,
 		m.MigratedTasks,

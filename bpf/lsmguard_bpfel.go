@@ -33,6 +33,13 @@ type lsmguardAuditBudget struct {
 	Pad    uint32
 }
 
+type lsmguardDestMemo struct {
+	_      structs.HostLayout
+	Seq    uint64
+	Key    lsmguardLookupKey
+	Result lsmguardLookupResult
+}
+
 type lsmguardExeKey struct {
 	_     structs.HostLayout
 	Slot  uint32
@@ -174,6 +181,7 @@ const (
 	lsmguardMapAuditBudgets         = "audit_budgets"
 	lsmguardMapAuditEvents          = "audit_events"
 	lsmguardMapDestLookups          = "dest_lookups"
+	lsmguardMapDestMemo             = "dest_memo"
 	lsmguardMapGenerationInfoInner  = "generation_info_inner"
 	lsmguardMapHookHandoff          = "hook_handoff"
 	lsmguardMapMigratedTasks        = "migrated_tasks"
@@ -253,6 +261,7 @@ type lsmguardMapSpecs struct {
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.MapSpec `ebpf:"dest_memo"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	HookHandoff         *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
@@ -302,6 +311,7 @@ type lsmguardMaps struct {
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.Map `ebpf:"dest_memo"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	HookHandoff         *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
@@ -326,6 +336,7 @@ func (m *lsmguardMaps) Close() error {
 		m.AuditBudgets,
 		m.AuditEvents,
 		m.DestLookups,
+		m.DestMemo,
 		m.GenerationInfoInner,
 		m.HookHandoff,
 		m.MigratedTasks,

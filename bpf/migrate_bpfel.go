@@ -53,6 +53,13 @@ type migrateCgroupPathKey struct {
 	Path [256]int8
 }
 
+type migrateDestMemo struct {
+	_      structs.HostLayout
+	Seq    uint64
+	Key    migrateLookupKey
+	Result migrateLookupResult
+}
+
 type migrateExeKey struct {
 	_     structs.HostLayout
 	Slot  uint32
@@ -202,6 +209,7 @@ const (
 	migrateMapCgroupExactPatterns = "cgroup_exact_patterns"
 	migrateMapCgroupGlobPatterns  = "cgroup_glob_patterns"
 	migrateMapDestLookups         = "dest_lookups"
+	migrateMapDestMemo            = "dest_memo"
 	migrateMapGenerationInfoInner = "generation_info_inner"
 	migrateMapHookHandoff         = "hook_handoff"
 	migrateMapMigratedTasks       = "migrated_tasks"
@@ -288,6 +296,7 @@ type migrateMapSpecs struct {
 	CgroupExactPatterns *ebpf.MapSpec `ebpf:"cgroup_exact_patterns"`
 	CgroupGlobPatterns  *ebpf.MapSpec `ebpf:"cgroup_glob_patterns"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.MapSpec `ebpf:"dest_memo"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	HookHandoff         *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
@@ -342,6 +351,7 @@ type migrateMaps struct {
 	CgroupExactPatterns *ebpf.Map `ebpf:"cgroup_exact_patterns"`
 	CgroupGlobPatterns  *ebpf.Map `ebpf:"cgroup_glob_patterns"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.Map `ebpf:"dest_memo"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	HookHandoff         *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
@@ -369,6 +379,7 @@ func (m *migrateMaps) Close() error {
 		m.CgroupExactPatterns,
 		m.CgroupGlobPatterns,
 		m.DestLookups,
+		m.DestMemo,
 		m.GenerationInfoInner,
 		m.HookHandoff,
 		m.MigratedTasks,

@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"net/netip"
 	"os"
@@ -551,4 +552,70 @@ func TestPrincipalMemoPerCgroup(t *testing.T) {
 		try("after the reload", turn.app, tcp, probe.Connect, turn.want)
 		try("after the reload", turn.app, udp, probe.SendTo, turn.want)
 	}
+}
+
+// destMemoEntry is the index of dest_memo's entry for an IPv4 address and
+// an app, as dest_memo_entry computes it.
+func destMemoEntry(addr netip.Addr, appID uint32) uint32 {
+	a := addr.As4()
+	return ((binary.LittleEndian.Uint32(a[:]) ^ appID) * 0x9e3779b1) >> (32 - 8)
+}
+
+// TestDestMemoExact: the connect and sendmsg hooks keep their CPU's latest
+// trie results per destination (dest_memo), a direct-mapped table. Two
+// destinations that share an entry, one granted and one not, take turns
+// on one CPU: each keeps its own verdict. A reload that moves the grant
+// with the apps' ids unchanged must be followed at once, whatever the CPU
+// remembers of the last generation.
+func TestDestMemoExact(t *testing.T) {
+	w := newWorld(t, "granted")
+	const policy = "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: granted\n    allow:\n      - {to: 10.1.0.0/16, proto: both, ports: [5432]}\n"
+	rs := mustPolicy(t, policy)
+	granted := netip.MustParseAddr("10.1.2.3")
+	id := appIDs(rs)["granted"]
+	var refused netip.Addr
+	for i := range 1 << 16 {
+		a := netip.AddrFrom4([4]byte{10, 2, byte(i >> 8), byte(i)})
+		if destMemoEntry(a, id) == destMemoEntry(granted, id) {
+			refused = a
+			break
+		}
+	}
+	if !refused.IsValid() {
+		t.Fatal("no address of 10.2.0.0/16 shares an entry with 10.1.2.3")
+	}
+	startServers(t, w.netns, []string{"[::]:5432"}, []string{"[::]:5432"})
+	w.apply(rs)
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	p := w.prober("granted")
+	pinToCPU0(t, p.Pid())
+	try := func(step string, addr netip.Addr, want probe.Verdict) {
+		t.Helper()
+		for _, c := range []struct {
+			proto ruleset.Proto
+			m     probe.Method
+		}{{ruleset.TCP, probe.Connect}, {ruleset.UDP, probe.SendTo}} {
+			d := ruleset.Dest{Addr: addr, Proto: c.proto, Port: 5432}
+			for range 2 { // the first may fill the entry, the second reads it
+				got, err := p.Try(d, c.m)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got != want {
+					t.Fatalf("%s: %s %s: %s, want %s", step, c.m, d, got, want)
+				}
+			}
+		}
+	}
+	for round := range 3 {
+		step := "sharing an entry, round " + strconv.Itoa(round)
+		try(step, granted, probe.Allowed)
+		try(step, refused, probe.Denied)
+	}
+	try("before the reload", granted, probe.Allowed)
+	w.apply(mustPolicy(t, strings.Replace(policy, "10.1.0.0/16", "10.2.0.0/16", 1)))
+	try("after the grant moved", granted, probe.Denied)
+	try("after the grant moved", refused, probe.Allowed)
 }

@@ -64,6 +64,13 @@ const (
 	procgateCounterSlotCOUNTER_SLOTS    procgateCounterSlot = 4
 )
 
+type procgateDestMemo struct {
+	_      structs.HostLayout
+	Seq    uint64
+	Key    procgateLookupKey
+	Result procgateLookupResult
+}
+
 type procgateExeKey struct {
 	_     structs.HostLayout
 	Slot  uint32
@@ -245,6 +252,7 @@ const (
 	procgateMapAuditBudgets        = "audit_budgets"
 	procgateMapAuditEvents         = "audit_events"
 	procgateMapDestLookups         = "dest_lookups"
+	procgateMapDestMemo            = "dest_memo"
 	procgateMapGenerationInfoInner = "generation_info_inner"
 	procgateMapHookHandoff         = "hook_handoff"
 	procgateMapMigratedTasks       = "migrated_tasks"
@@ -331,6 +339,7 @@ type procgateMapSpecs struct {
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.MapSpec `ebpf:"dest_memo"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	HookHandoff         *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
@@ -383,6 +392,7 @@ type procgateMaps struct {
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.Map `ebpf:"dest_memo"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	HookHandoff         *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
@@ -407,6 +417,7 @@ func (m *procgateMaps) Close() error {
 		m.AuditBudgets,
 		m.AuditEvents,
 		m.DestLookups,
+		m.DestMemo,
 		m.GenerationInfoInner,
 		m.HookHandoff,
 		m.MigratedTasks,

@@ -33,6 +33,13 @@ type sweepAuditBudget struct {
 	Pad    uint32
 }
 
+type sweepDestMemo struct {
+	_      structs.HostLayout
+	Seq    uint64
+	Key    sweepLookupKey
+	Result sweepLookupResult
+}
+
 type sweepExeKey struct {
 	_     structs.HostLayout
 	Slot  uint32
@@ -206,6 +213,7 @@ const (
 	sweepMapAuditBudgets        = "audit_budgets"
 	sweepMapAuditEvents         = "audit_events"
 	sweepMapDestLookups         = "dest_lookups"
+	sweepMapDestMemo            = "dest_memo"
 	sweepMapGenerationInfoInner = "generation_info_inner"
 	sweepMapHookHandoff         = "hook_handoff"
 	sweepMapMigratedTasks       = "migrated_tasks"
@@ -285,6 +293,7 @@ type sweepMapSpecs struct {
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.MapSpec `ebpf:"dest_memo"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	HookHandoff         *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
@@ -338,6 +347,7 @@ type sweepMaps struct {
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.Map `ebpf:"dest_memo"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	HookHandoff         *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
@@ -364,6 +374,7 @@ func (m *sweepMaps) Close() error {
 		m.AuditBudgets,
 		m.AuditEvents,
 		m.DestLookups,
+		m.DestMemo,
 		m.GenerationInfoInner,
 		m.HookHandoff,
 		m.MigratedTasks,

@@ -41,6 +41,13 @@ type pinholeAuditBudget struct {
 	Pad    uint32
 }
 
+type pinholeDestMemo struct {
+	_      structs.HostLayout
+	Seq    uint64
+	Key    pinholeLookupKey
+	Result pinholeLookupResult
+}
+
 type pinholeEventKind uint32
 
 const (
@@ -265,6 +272,7 @@ const (
 	pinholeMapAuditBudgets        = "audit_budgets"
 	pinholeMapAuditEvents         = "audit_events"
 	pinholeMapDestLookups         = "dest_lookups"
+	pinholeMapDestMemo            = "dest_memo"
 	pinholeMapGenerationInfoInner = "generation_info_inner"
 	pinholeMapHookHandoff         = "hook_handoff"
 	pinholeMapMigratedTasks       = "migrated_tasks"
@@ -372,6 +380,7 @@ type pinholeMapSpecs struct {
 	AuditBudgets        *ebpf.MapSpec `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.MapSpec `ebpf:"audit_events"`
 	DestLookups         *ebpf.MapSpec `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.MapSpec `ebpf:"dest_memo"`
 	GenerationInfoInner *ebpf.MapSpec `ebpf:"generation_info_inner"`
 	HookHandoff         *ebpf.MapSpec `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.MapSpec `ebpf:"migrated_tasks"`
@@ -439,6 +448,7 @@ type pinholeMaps struct {
 	AuditBudgets        *ebpf.Map `ebpf:"audit_budgets"`
 	AuditEvents         *ebpf.Map `ebpf:"audit_events"`
 	DestLookups         *ebpf.Map `ebpf:"dest_lookups"`
+	DestMemo            *ebpf.Map `ebpf:"dest_memo"`
 	GenerationInfoInner *ebpf.Map `ebpf:"generation_info_inner"`
 	HookHandoff         *ebpf.Map `ebpf:"hook_handoff"`
 	MigratedTasks       *ebpf.Map `ebpf:"migrated_tasks"`
@@ -473,6 +483,7 @@ func (m *pinholeMaps) Close() error {
 		m.AuditBudgets,
 		m.AuditEvents,
 		m.DestLookups,
+		m.DestMemo,
 		m.GenerationInfoInner,
 		m.HookHandoff,
 		m.MigratedTasks,
