@@ -894,17 +894,47 @@ static __always_inline struct app_info *principal(__u32 slot, const struct gener
 	return a;
 }
 
-// principal_memo: per CPU, the app cgroup binding (app_by_cgroup) the
-// connect and sendmsg hooks last found for their task's cgroup, and in
-// which generation, so that the next call from that cgroup on the CPU
-// skips the hash lookup: connect4 224 -> 190 ns per run, sendmsg4 197 ->
-// 167 (the bench's BPF run time, medians of 6 interleaved runs; a
-// second lookup of the binding added 60 ns to connect4). Exact: within a
-// generation a cgroup's own binding, once there, changes only when the
-// cgroup goes (rmdir), and a cgroup id is never reused. Only bindings of
-// the task's cgroup itself are kept, not what the ancestor walk found: the
-// kernel binds a new cgroup at its mkdir (follow_mkdir), which may come
-// just after a task entered it, and a walk before that would be stale.
+// The calling task's ids (kuid_t and kgid_t are one-member structs).
+struct kid___tg {
+	__u32 val;
+};
+struct cred___tg {
+	struct kid___tg uid;
+	struct kid___tg gid;
+	struct kid___tg suid;
+	struct kid___tg sgid;
+	struct kid___tg euid;
+	struct kid___tg egid;
+} __attribute__((preserve_access_index));
+struct task_struct___tg {
+	const struct cred___tg *cred;
+} __attribute__((preserve_access_index));
+
+// task_uid is the calling task's real uid (task: its BTF pointer), as
+// bpf_get_current_uid_gid gives it, read in place.
+static __always_inline __u32 task_uid(void *task)
+{
+	struct task_struct___tg *t = task;
+	const struct cred___tg *c = t->cred;
+	return c ? c->uid.val : 0;
+}
+
+// principal_memo: per CPU, the principal the connect and sendmsg hooks
+// last found for their task: its cgroup (and, in a generation with user
+// apps, its real uid), the generation, and the app or none, so that the
+// next call from that cgroup on the CPU skips the lookups. For an app
+// cgroup's own process that is one hash lookup (app_by_cgroup: connect4
+// 224 -> 190 ns per run, sendmsg4 197 -> 167, the bench's BPF run time);
+// for a process below its app's cgroup (a service's sub-cgroups), of no
+// app, or of a user app, two or three (app_by_cgroup, principal_cache,
+// app_by_uid). Exact: it is principal_of and user_principal's answer,
+// which within a generation changes for no (cgroup, uid). The active
+// slot's bindings change within a generation only by follow_mkdir, at a
+// cgroup's mkdir, before the kernel makes it visible (kernfs_activate)
+// and so before any process can enter it, and by forget_rmdir, for a
+// cgroup gone with all its descendants; a cgroup id is never reused
+// (principal_cache rests on the same facts). A process that moves to
+// another cgroup, or changes its uid, asks again.
 //
 // Programs on one CPU may preempt each other (a hook may be scheduled out,
 // migration disabled): a reader copies the entry and checks that seq did
@@ -916,8 +946,8 @@ struct principal_memo {
 	__u64 seq; // odd while a program writes the entry
 	__u64 cgroup_id;
 	__u32 generation;
-	struct app_info app;
-	__u32 pad;
+	__u32 uid; // the task's real uid in a generation with user apps, else 0
+	struct app_info app; // app_id 0: none
 };
 
 struct {
@@ -961,17 +991,17 @@ static __always_inline void memo_write_end(__u64 *seq, __u64 s)
 	*(volatile __u64 *)seq = s + 2;
 }
 
-static __always_inline int memo_get(struct principal_memo *m, __u32 generation, __u64 cgroup_id,
+static __always_inline int memo_get(struct principal_memo *m, __u32 generation, __u64 cgroup_id, __u32 uid,
 				    struct app_info *out)
 {
 	__u64 seq = memo_read_begin(&m->seq);
-	if (!seq || m->generation != generation || m->cgroup_id != cgroup_id)
+	if (!seq || m->generation != generation || m->cgroup_id != cgroup_id || m->uid != uid)
 		return 0;
 	*out = m->app;
 	return memo_read_end(&m->seq, seq);
 }
 
-static __always_inline void memo_put(struct principal_memo *m, __u32 generation, __u64 cgroup_id,
+static __always_inline void memo_put(struct principal_memo *m, __u32 generation, __u64 cgroup_id, __u32 uid,
 				     const struct app_info *app)
 {
 	__u64 seq;
@@ -979,59 +1009,43 @@ static __always_inline void memo_put(struct principal_memo *m, __u32 generation,
 		return;
 	m->generation = generation;
 	m->cgroup_id = cgroup_id;
+	m->uid = uid;
 	m->app = *app;
 	memo_write_end(&m->seq, seq);
 }
 
 // hook_principal is principal() for the connect and sendmsg hooks, by
-// value: the app's id (0: none), with its flags in *app_flags. A direct
-// binding is taken from principal_memo when the CPU's last call was from
-// the same cgroup in the same generation.
+// value: the app's id (0: none), with its flags in *app_flags. Taken from
+// principal_memo when the CPU's last call was from the same cgroup (and
+// uid) in the same generation.
 static __always_inline __u32 hook_principal(__u32 slot, const struct generation_info *info, void *task,
 					     __u64 *cgroup_id, __u32 *app_flags)
 {
 	struct app_key key = { .cgroup_id = task_cgroup_id(task), .slot = slot };
 	*cgroup_id = key.cgroup_id;
 	*app_flags = 0;
+	__u32 uid = (info->flags & GEN_USER_APPS) ? task_uid(task) : 0;
 	__u32 zero = 0;
 	struct principal_memo *m = bpf_map_lookup_elem(&principal_memo, &zero);
 	struct app_info got;
-	if (!m || !memo_get(m, info->generation, key.cgroup_id, &got)) {
+	if (!m || !memo_get(m, info->generation, key.cgroup_id, uid, &got)) {
 		struct app_info *a = bpf_map_lookup_elem(&app_by_cgroup, &key);
-		if (a) {
-			got = *a;
-			if (m)
-				memo_put(m, info->generation, key.cgroup_id, &got);
-		} else {
+		if (!a)
 			a = ancestor_principal(WHO_TASK, NULL, info, key);
-			if (!a)
-				a = user_principal(slot, info, (__u32)bpf_get_current_uid_gid());
-			if (!a)
-				return 0;
+		if (!a)
+			a = user_principal(slot, info, uid);
+		if (a)
 			got = *a;
-		}
+		else
+			__builtin_memset(&got, 0, sizeof(got));
+		if (m)
+			memo_put(m, info->generation, key.cgroup_id, uid, &got);
 	}
-	if (migrated())
+	if (!got.app_id || migrated())
 		return 0;
 	*app_flags = got.flags;
 	return got.app_id;
 }
-
-// The calling task's ids (kuid_t and kgid_t are one-member structs).
-struct kid___tg {
-	__u32 val;
-};
-struct cred___tg {
-	struct kid___tg uid;
-	struct kid___tg gid;
-	struct kid___tg suid;
-	struct kid___tg sgid;
-	struct kid___tg euid;
-	struct kid___tg egid;
-} __attribute__((preserve_access_index));
-struct task_struct___tg {
-	const struct cred___tg *cred;
-} __attribute__((preserve_access_index));
 
 // open_to_tracing: may a process without CAP_SYS_PTRACE trace the calling
 // task (ptrace, pidfd_getfd, process_vm_writev)? ptrace_may_access()

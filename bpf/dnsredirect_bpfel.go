@@ -140,8 +140,8 @@ type dnsredirectPrincipalMemo struct {
 	Seq        uint64
 	CgroupId   uint64
 	Generation uint32
+	Uid        uint32
 	App        dnsredirectAppInfo
-	Pad        uint32
 }
 
 type dnsredirectRuleKey struct {

@@ -601,7 +601,8 @@ func TestVerdictCachesFollowGenerations(t *testing.T) {
 
 // TestPrincipalCacheFollowsGenerations: a process below its app's cgroup
 // has its principal found by the ancestor walk, which is cached per cgroup
-// for one generation (principal_cache). A reload that binds a cgroup
+// for one generation (principal_cache), and by the hooks per CPU
+// (principal_memo: the prober is pinned to one CPU). A reload that binds a cgroup
 // between the app's and the process' to another app makes the process that
 // app's at once, one that unbinds the app's cgroup makes it unbound, and one
 // that restores the policy makes it the app's again: a cache that outlived
@@ -616,6 +617,7 @@ func TestPrincipalCacheFollowsGenerations(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := w.prober("deep")
+	pinToCPU0(t, p.Pid())
 	d := ruleset.Dest{Addr: netip.MustParseAddr("10.1.2.3"), Proto: ruleset.TCP, Port: 5432}
 	unbindDeep := func(g *Generation) {
 		var keep []Binding

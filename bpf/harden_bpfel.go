@@ -114,8 +114,8 @@ type hardenPrincipalMemo struct {
 	Seq        uint64
 	CgroupId   uint64
 	Generation uint32
+	Uid        uint32
 	App        hardenAppInfo
-	Pad        uint32
 }
 
 type hardenRuleKey struct {

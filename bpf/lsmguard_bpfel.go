@@ -114,8 +114,8 @@ type lsmguardPrincipalMemo struct {
 	Seq        uint64
 	CgroupId   uint64
 	Generation uint32
+	Uid        uint32
 	App        lsmguardAppInfo
-	Pad        uint32
 }
 
 type lsmguardRuleKey struct {

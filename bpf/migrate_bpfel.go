@@ -140,8 +140,8 @@ type migratePrincipalMemo struct {
 	Seq        uint64
 	CgroupId   uint64
 	Generation uint32
+	Uid        uint32
 	App        migrateAppInfo
-	Pad        uint32
 }
 
 type migrateRuleKey struct {

@@ -554,6 +554,63 @@ func TestPrincipalMemoPerCgroup(t *testing.T) {
 	}
 }
 
+// TestPrincipalMemoPerUID: in a generation with user apps, the hooks'
+// per-CPU principal (principal_memo) is the cgroup's and the uid's.
+// Processes of the user app's uid and of another uid, in one cgroup of no
+// app, take turns on one CPU: each must get its own verdict. A reload
+// that gives the user app to another uid must deny the user's process at
+// once.
+func TestPrincipalMemoPerUID(t *testing.T) {
+	w := newWorld(t)
+	pfx := netip.MustParsePrefix
+	rs := &ruleset.Ruleset{
+		Internal: []ruleset.InternalPrefix{{Prefix: pfx("10.0.0.0/8")}},
+		Apps: []ruleset.App{
+			{Name: "backup", Match: &ruleset.Match{Kind: ruleset.MatchUser, Value: strconv.Itoa(userUID), UID: userUID},
+				Grants: []ruleset.Grant{{Prefix: pfx("10.1.0.0/16"), Proto: ruleset.Both, Ports: []ruleset.PortRange{ruleset.AllPorts}}}},
+		},
+	}
+	w.apply(rs)
+	if err := w.e.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	user, other := w.proberAs("/unbound", userUID), w.proberAs("/unbound", otherUID)
+	pinToCPU0(t, user.Pid())
+	pinToCPU0(t, other.Pid())
+	try := func(step string, p *probe.Prober, uid int, want probe.Verdict) {
+		t.Helper()
+		for _, c := range []struct {
+			d ruleset.Dest
+			m probe.Method
+		}{
+			{ruleset.Dest{Addr: netip.MustParseAddr("10.1.2.3"), Proto: ruleset.TCP, Port: 80}, probe.Connect},
+			{ruleset.Dest{Addr: netip.MustParseAddr("10.1.2.3"), Proto: ruleset.UDP, Port: 53}, probe.SendTo},
+		} {
+			got, err := p.Try(c.d, c.m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != want {
+				t.Fatalf("%s: %s %s as uid %d: %s, want %s", step, c.m, c.d, uid, got, want)
+			}
+		}
+	}
+	for round := range 3 {
+		step := "round " + strconv.Itoa(round)
+		try(step, user, userUID, probe.Allowed)
+		try(step, user, userUID, probe.Allowed)
+		try(step, other, otherUID, probe.Denied)
+	}
+	try("before the reload", user, userUID, probe.Allowed)
+	// The app, its id and its grant go to the other uid: only the
+	// generation tells the memo's entry from the answer in force.
+	rs2 := rs.Clone()
+	rs2.Apps[0].Match = &ruleset.Match{Kind: ruleset.MatchUser, Value: strconv.Itoa(otherUID), UID: otherUID}
+	w.apply(rs2)
+	try("after the user app moved to another uid", user, userUID, probe.Denied)
+	try("after the user app moved to another uid", other, otherUID, probe.Allowed)
+}
+
 // destMemoEntry is the index of dest_memo's entry for an IPv4 address and
 // an app, as dest_memo_entry computes it.
 func destMemoEntry(addr netip.Addr, appID uint32) uint32 {

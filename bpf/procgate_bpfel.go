@@ -165,8 +165,8 @@ type procgatePrincipalMemo struct {
 	Seq        uint64
 	CgroupId   uint64
 	Generation uint32
+	Uid        uint32
 	App        procgateAppInfo
-	Pad        uint32
 }
 
 type procgateReason uint32

@@ -114,8 +114,8 @@ type sweepPrincipalMemo struct {
 	Seq        uint64
 	CgroupId   uint64
 	Generation uint32
+	Uid        uint32
 	App        sweepAppInfo
-	Pad        uint32
 }
 
 type sweepRecordKind uint32

@@ -184,8 +184,8 @@ type pinholePrincipalMemo struct {
 	Seq        uint64
 	CgroupId   uint64
 	Generation uint32
+	Uid        uint32
 	App        pinholeAppInfo
-	Pad        uint32
 }
 
 type pinholeRuleKey struct {
