@@ -804,16 +804,24 @@ static __always_inline struct app_info *ancestor_principal(int who, void *ctx, c
 	return a;
 }
 
-// principal_of is the deepest app cgroup among the cgroup and its ancestors.
-static __always_inline struct app_info *principal_of(int who, void *ctx, __u32 slot, const struct generation_info *info,
-						     __u64 *cgroup_id)
+// principal_in is the deepest app cgroup among cgroup_id, the cgroup of
+// who (ctx), and its ancestors.
+static __always_inline struct app_info *principal_in(int who, void *ctx, __u32 slot, const struct generation_info *info,
+						     __u64 cgroup_id)
 {
-	struct app_key key = { .cgroup_id = cgroup_of(who, ctx), .slot = slot };
-	*cgroup_id = key.cgroup_id;
+	struct app_key key = { .cgroup_id = cgroup_id, .slot = slot };
 	struct app_info *a = bpf_map_lookup_elem(&app_by_cgroup, &key);
 	if (a)
 		return a;
 	return ancestor_principal(who, ctx, info, key);
+}
+
+// principal_of is the deepest app cgroup among the cgroup and its ancestors.
+static __always_inline struct app_info *principal_of(int who, void *ctx, __u32 slot, const struct generation_info *info,
+						     __u64 *cgroup_id)
+{
+	*cgroup_id = cgroup_of(who, ctx);
+	return principal_in(who, ctx, slot, info, *cgroup_id);
 }
 
 // Processes that entered an app cgroup through a migration or a

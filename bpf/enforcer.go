@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
@@ -248,6 +249,24 @@ type slotKeys struct {
 	followed                    bool
 }
 
+// kernelHasFunc reports whether the running kernel's BTF has the function
+// name (a kfunc, say). No BTF: no.
+func kernelHasFunc(name string) bool {
+	kernel, err := btf.LoadKernelSpec()
+	if err != nil {
+		return false
+	}
+	var fn *btf.Func
+	return kernel.TypeByName(name, &fn) == nil
+}
+
+func boolByte(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
 // Open loads the programs and pinned maps, and makes sure each hook's link is
 // attached to opts.CgroupDir and runs this build's program. A pinned link from
 // an earlier run is updated in place (BPF_LINK_UPDATE), so there is no moment
@@ -281,6 +300,13 @@ func Open(opts Options) (*Enforcer, error) {
 	if err != nil {
 		bpfpin.Close(&e.objs)
 		return nil, fmt.Errorf("load embedded backstop objects: %w", err)
+	}
+	// The backstop reads a packet's socket's cgroup in place where the
+	// kernel has the kfunc that gives it the kernel's sk_buff (6.2+);
+	// elsewhere by a helper (harden.c, skb_cgroup_id).
+	if err := hspecs.Variables["skb_cgroup_in_place"].Set(boolByte(kernelHasFunc("bpf_cast_to_kern_ctx"))); err != nil {
+		bpfpin.Close(&e.objs)
+		return nil, fmt.Errorf("set skb_cgroup_in_place: %w", err)
 	}
 	// After the main object: its maps are pinned now, and these programs
 	// find them there.

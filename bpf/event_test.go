@@ -9,6 +9,7 @@ import (
 
 	"github.com/cilium/ebpf/ringbuf"
 
+	"github.com/procgate/procgate/cgroups"
 	"github.com/procgate/procgate/internal/probe"
 	"github.com/procgate/procgate/ruleset"
 )
@@ -66,6 +67,16 @@ func TestAuditEventsDecode(t *testing.T) {
 	rd := w.attachWithEvents()
 	granted := appIDs(rs)["granted"]
 	unbound, app := w.prober(""), w.prober("granted")
+	// Each event names the cgroup of the task, or for the egress backstop
+	// of the packet's socket: the prober's.
+	cgroupOf := map[*probe.Prober]uint64{}
+	for p, dir := range map[*probe.Prober]string{unbound: w.cgroups["/unbound"], app: w.cgroups["granted/run"]} {
+		id, err := cgroups.ID(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cgroupOf[p] = id
+	}
 	d := func(s string, proto ruleset.Proto, port uint16) ruleset.Dest {
 		return ruleset.Dest{Addr: netip.MustParseAddr(s), Proto: proto, Port: port}
 	}
@@ -95,11 +106,11 @@ func TestAuditEventsDecode(t *testing.T) {
 			evs := drainEvents(t, rd)
 			for _, ev := range evs {
 				if ev.Hook == tc.hook && ev.Reason == tc.reason && ev.AppID == tc.app && !ev.Allowed &&
-					ev.Generation == gen && ev.Dest.Addr.String() == tc.wantDest {
+					ev.Generation == gen && ev.Dest.Addr.String() == tc.wantDest && ev.CgroupID == cgroupOf[tc.p] {
 					return
 				}
 			}
-			t.Fatalf("no event hook %s, reason %s, app %d, dest %s among %+v", tc.hook, tc.reason, tc.app, tc.wantDest, evs)
+			t.Fatalf("no event hook %s, reason %s, app %d, dest %s, cgroup %d among %+v", tc.hook, tc.reason, tc.app, tc.wantDest, cgroupOf[tc.p], evs)
 		})
 	}
 }

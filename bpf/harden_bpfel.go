@@ -207,6 +207,7 @@ const (
 	hardenProgGuardPacketSocket    = "guard_packet_socket"
 	hardenProgGuardSockCreate      = "guard_sock_create"
 	hardenProgTrackOwnedSockets    = "track_owned_sockets"
+	hardenVarSkbCgroupInPlace      = "skb_cgroup_in_place"
 	hardenVarUnusedAuditEvent      = "unused_audit_event"
 )
 
@@ -296,6 +297,7 @@ type hardenMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type hardenVariableSpecs struct {
+	SkbCgroupInPlace *ebpf.VariableSpec `ebpf:"skb_cgroup_in_place"`
 	UnusedAuditEvent *ebpf.VariableSpec `ebpf:"unused_audit_event"`
 }
 
@@ -380,6 +382,7 @@ func (m *hardenMaps) Close() error {
 //
 // It can be passed to loadHardenObjects or ebpf.CollectionSpec.LoadAndAssign.
 type hardenVariables struct {
+	SkbCgroupInPlace *ebpf.Variable `ebpf:"skb_cgroup_in_place"`
 	UnusedAuditEvent *ebpf.Variable `ebpf:"unused_audit_event"`
 }
 
