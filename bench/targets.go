@@ -125,15 +125,15 @@ func floorParts() []variantPart {
 	}
 }
 
-// bareDecisions says, for each latency target missed, where the bare
-// decision (minimal-decision) of the same point stands against the goal:
-// over it, no design that decides by those lookups meets the goal (one
-// that skips them, as procgate's per-destination cache does, may still
-// go lower, down to the floor, unless the floor is over the goal too);
-// under it, the rest of procgate's cost is its guards. Judged at p50, as
-// overFloor.
+// bareDecisions says, for the latency targets missed, where the floor
+// (empty-programs) and the bare decision (minimal-decision) of the same
+// point stand against the goal, one sentence per case: the floor over
+// it, no program at these hooks meets the goal; the bare decision over
+// it, only a decision cheaper than its lookups fits (procgate's per-CPU
+// memos are one); both under it, the rest of procgate's cost is its
+// guards. Judged at p50, as overFloor.
 func (r *results) bareDecisions() []string {
-	var out []string
+	var floorOver, bareOver, guards, atP99 []string
 	for _, tr := range r.Targets {
 		pt := tr.point
 		if pt == nil || tr.Met == nil || *tr.Met {
@@ -144,21 +144,36 @@ func (r *results) bareDecisions() []string {
 		if !okM || !okL {
 			continue
 		}
-		s := fmt.Sprintf("For %s (goal %s), the bare decision alone (%s: a hash and two LPM lookups) is p50 %s: ", tr.Name, pct(pt.goal), vMinimal, pct(m.P50Ratio))
 		f, okF := r.lat(phaseLatency, pt.t, pt.p, pt.c, r.Config.MatrixSize, vEmpty)
-		switch {
-		case m.P50Ratio > pt.goal && okF && f.P50Ratio > pt.goal:
-			s += fmt.Sprintf("over the goal, as the floor's p50 %s is: no design at these hooks meets it.", pct(f.P50Ratio))
-		case m.P50Ratio > pt.goal && okF:
-			s += fmt.Sprintf("over the goal, so no design that decides by such lookups at these hooks meets it; the floor's p50 %s leaves room only for a cheaper decision (procgate's programs hit a per-destination cache instead).", pct(f.P50Ratio))
-		case m.P50Ratio > pt.goal:
-			s += "over the goal, so no design that decides by such lookups at these hooks meets it."
-		case l.P50Ratio <= pt.goal:
-			s += fmt.Sprintf("under the goal, as %s's p50 %s is: the miss is at p99.", pt.variant, pct(l.P50Ratio))
-		default:
-			s += fmt.Sprintf("under the goal, so deciding fits in it, and the other %.1f points of %s's p50 %s are its guards.", (l.P50Ratio-m.P50Ratio)*100, pt.variant, pct(l.P50Ratio))
+		item := fmt.Sprintf("%s (goal %s: ", tr.Name, pct(pt.goal))
+		if okF {
+			item += fmt.Sprintf("floor %s, ", pct(f.P50Ratio))
 		}
-		out = append(out, s)
+		item += fmt.Sprintf("bare decision %s, procgate %s)", pct(m.P50Ratio), pct(l.P50Ratio))
+		switch {
+		case okF && f.P50Ratio > pt.goal:
+			floorOver = append(floorOver, item)
+		case m.P50Ratio > pt.goal:
+			bareOver = append(bareOver, item)
+		case l.P50Ratio <= pt.goal:
+			atP99 = append(atP99, item)
+		default:
+			guards = append(guards, item)
+		}
+	}
+	var out []string
+	for _, g := range []struct {
+		items []string
+		say   string
+	}{
+		{floorOver, "Where the floor alone is over the goal, no program at these hooks meets it"},
+		{bareOver, "Where the bare decision (" + vMinimal + ": a hash and two LPM lookups) is over the goal and the floor under it, only a decision cheaper than those lookups fits, as procgate's per-CPU memos of the principal and the destination are"},
+		{guards, "Where the bare decision is under the goal, deciding fits in it and the rest is procgate's guards, shown one at a time in the parts"},
+		{atP99, "Missed at p99 only, p50 within the goal"},
+	} {
+		if len(g.items) > 0 {
+			out = append(out, g.say+" (p50): "+strings.Join(g.items, "; ")+".")
+		}
 	}
 	return out
 }
