@@ -433,6 +433,10 @@ func (r *results) tputTarget(name, target string, t topo, variant string, worklo
 			met = false
 			part += fmt.Sprintf(", within noise; BPF took %.2f%% of a CPU", share*100)
 			tr.Gap = fmt.Sprintf("%s within the control's ±%.1f%%, but the BPF account bounds it only to ≥ %.1f%%", wl, noise*100, (1-share)*100)
+		case pg.Ratio >= 1-noise:
+			met = false
+			part += ", within noise"
+			tr.Gap = fmt.Sprintf("%s within the control's ±%.1f%%, but no BPF account bounds it", wl, noise*100)
 		default:
 			met = false
 			tr.Gap = fmt.Sprintf("%s %.1f points under, beyond the control's ±%.1f%%", wl, (goal-pg.Ratio)*100, noise*100)
