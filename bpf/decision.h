@@ -1276,9 +1276,10 @@ static __always_inline void lookup_dest_shared(__u32 slot, const struct lookup_k
 // lookup is one (on the bench's 6.18 guest, with its return thunks, ~45
 // ns of every connect and datagram). Exact as dest_lookups is, with the
 // same key: its entries are results of a pure function of the key. 256
-// entries of 64 bytes, 16 KiB a CPU: a CPU's working set of destinations;
-// two destinations that share an entry take turns in it, and the rest
-// fall through to dest_lookups. Written and read under the seq word as
+// entries of 64 bytes, 16 KiB a CPU, in the hooks' object only (memo in
+// lookup_dest): a CPU's working set of destinations; two destinations
+// that share an entry take turns in it, and the rest fall through to
+// dest_lookups. Written and read under the seq word as
 // principal_memo is (programs on one CPU may preempt each other). Not
 // pinned: a new program starts with empty entries (seq 0).
 struct dest_memo {
@@ -1314,14 +1315,21 @@ static __always_inline struct dest_memo *dest_memo_entry(const struct lookup_key
 }
 
 // lookup_dest fills r with the trie lookups' result for d and app_id (0:
-// unbound): from the CPU's dest_memo, else from dest_lookups, else from
-// the tries. An app's grant is looked up first, because a grant entry
-// inside an internal prefix also answers "is it internal".
+// unbound): with memo (the connect and sendmsg hooks, a constant) from
+// the CPU's dest_memo first, else from dest_lookups, else from the tries.
+// The egress backstop and the sweep ask only for denials and everyone
+// grants, seldom and rarely again: without the memo, their objects carry
+// no dest_memo of their own. An app's grant is looked up first, because
+// a grant entry inside an internal prefix also answers "is it internal".
 static __always_inline void lookup_dest(__u32 slot, __u32 generation, __u32 app_id, const struct dest *d,
-					struct lookup_result *r)
+					struct lookup_result *r, const int memo)
 {
 	struct lookup_key k = { .generation = generation, .app_id = app_id, .family = d->family };
 	__builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
+	if (!memo) {
+		lookup_dest_shared(slot, &k, d, r);
+		return;
+	}
 	struct dest_memo *m = dest_memo_entry(&k);
 	if (m) {
 		__u64 seq = memo_read_begin(&m->seq);
@@ -1344,13 +1352,14 @@ static __always_inline void lookup_dest(__u32 slot, __u32 generation, __u32 app_
 // the principal's own grants do not allow, so a granted connect never pays
 // for it; a generation without everyone grants answers from its flags.
 // The trie walk is cached in dest_lookups under EVERYONE_APP_ID, keyed by
-// generation like every entry there.
-static __always_inline int everyone_allows(__u32 slot, const struct generation_info *info, const struct dest *d)
+// generation like every entry there; memo as lookup_dest's.
+static __always_inline int everyone_allows(__u32 slot, const struct generation_info *info, const struct dest *d,
+					   const int memo)
 {
 	if (!(info->flags & GEN_EVERYONE) || !d->proto)
 		return 0;
 	struct lookup_result r;
-	lookup_dest(slot, info->generation, EVERYONE_APP_ID, d, &r);
+	lookup_dest(slot, info->generation, EVERYONE_APP_ID, d, &r, memo);
 	__u8 reason;
 	return ports_allow(slot, r.has_grant ? &r.grant : NULL, d, &reason);
 }
@@ -1359,9 +1368,9 @@ static __always_inline int everyone_allows(__u32 slot, const struct generation_i
 // is it allowed all the same: a sandbox's loopback (unless loopback:
 // deny), or an everyone grant (*everyone)? Sets *reason for a denial of a
 // destination outside the internal prefixes. Used by the connect hooks,
-// the egress backstop and the sweep alike.
+// the egress backstop and the sweep alike; memo as lookup_dest's.
 static __always_inline int others_allow(__u32 slot, const struct generation_info *info, const struct dest *d,
-					int internal, __u32 app_flags, __u8 *reason, int *everyone)
+					int internal, __u32 app_flags, __u8 *reason, int *everyone, const int memo)
 {
 	*everyone = 0;
 	if (!internal) {
@@ -1373,7 +1382,7 @@ static __always_inline int others_allow(__u32 slot, const struct generation_info
 		}
 	}
 	// Only now, when the principal's own grants do not allow.
-	*everyone = everyone_allows(slot, info, d);
+	*everyone = everyone_allows(slot, info, d, memo);
 	return *everyone;
 }
 
@@ -1409,7 +1418,7 @@ static __always_inline void decide(struct dest *d, __u8 hook, void *task, struct
 	__u32 app_flags;
 	__u32 app_id = hook_principal(slot, info, task, &cgroup_id, &app_flags);
 	struct lookup_result r;
-	lookup_dest(slot, generation, app_id, d, &r);
+	lookup_dest(slot, generation, app_id, d, &r, 1);
 	if (!r.internal && !(app_flags & APP_OUTSIDE_DENY)) {
 		// Counted per app even for external traffic: cheap (per-CPU
 		// array) and it tells an operator the hook sees the app at all.
@@ -1447,7 +1456,7 @@ static __always_inline void decide(struct dest *d, __u8 hook, void *task, struct
 		}
 	}
 	int everyone;
-	if (others_allow(slot, info, d, r.internal, app_flags, &reason, &everyone)) {
+	if (others_allow(slot, info, d, r.internal, app_flags, &reason, &everyone, 1)) {
 		v->allow = v->handoff = 1;
 		if (!everyone) {
 			count(app_id, COUNT_EXTERNAL); // a sandbox's loopback

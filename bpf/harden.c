@@ -529,7 +529,7 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 		}
 	}
 	int everyone;
-	if (others_allow(slot, info, &d, internal, app_flags, &reason, &everyone))
+	if (others_allow(slot, info, &d, internal, app_flags, &reason, &everyone, 0))
 		return everyone ? pass_everyone(sk, cgroup_id, &d, generation, app_id, app_flags) : 1;
 	if (app_flags & APP_AUDIT_ONLY) {
 		// Passes, audited once: a UDP socket's next datagrams to the

@@ -231,12 +231,12 @@ static __always_inline int doomed(struct sock___sw *sk, __u8 proto, const struct
 		int everyone;
 		// mode: audit: nothing of the app's policy is enforced, its
 		// live sockets neither (its next attempts are would-deny).
-		return !others_allow(slot, info, &d, internal, app->flags, &reason, &everyone) && !(app->flags & APP_AUDIT_ONLY);
+		return !others_allow(slot, info, &d, internal, app->flags, &reason, &everyone, 0) && !(app->flags & APP_AUDIT_ONLY);
 	}
 	if (!internal)
 		return 0;
 	// An app removed from the policy: no grants left but everyone's.
-	return fenced && !everyone_allows(slot, info, &d);
+	return fenced && !everyone_allows(slot, info, &d, 0);
 }
 
 // Output. When a record does not fit in the iterator's buffer, the kernel
