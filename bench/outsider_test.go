@@ -100,3 +100,34 @@ func TestOutsiderCostReport(t *testing.T) {
 		})
 	}
 }
+
+// TestOutsiderTargetFloor: an outsider's target missed at p50 names the
+// latency phase's floor of the same class, which this harness cannot go
+// below; without that floor in the run it names none.
+func TestOutsiderTargetFloor(t *testing.T) {
+	outsider := latResult{latKey: latKey{Class: classExternal, Variant: vRun}, P50Ratio: 1.037, P99Ratio: 1.069}
+	floor := latResult{latKey: latKey{Phase: phaseLatency, Topo: topoLoopback, Proto: tcp, Class: classExternal, Size: 100, Variant: vEmpty}, P50Ratio: 1.021}
+	for _, c := range []struct {
+		name    string
+		latency []latResult
+		gap     string
+	}{
+		{"floor over the goal", []latResult{floor}, "4.9 points over (the floor alone is p50 +2.1%, over the goal: no program at these hooks meets it; procgate adds 1.6 points over the floor)"},
+		{"no floor measured", nil, "4.9 points over"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := &results{Outsider: []latResult{outsider}, Latency: c.latency}
+			r.Config.MatrixSize = 100
+			for _, tr := range r.outsiderTargets() {
+				if !strings.HasPrefix(tr.Name, string(classExternal)) {
+					continue
+				}
+				if tr.Gap != c.gap {
+					t.Errorf("gap %q, want %q", tr.Gap, c.gap)
+				}
+				return
+			}
+			t.Fatal("no external target")
+		})
+	}
+}
