@@ -456,11 +456,9 @@ const closingCosts = `The costs that remain, and what would remove each:
 - **The UDP handover check** (egress, 6.18 only) reads the sending task's cgroup for every datagram, in place through the task's BTF pointer (a few ns; the bpf_get_current_cgroup_id helper took ~24 ns on this guest, whose return thunks make every kernel call dear: BenchmarkBackstopEgress in bpf/); on 6.1 and 6.12 the BPF LSM socket_sendmsg program does it instead.
 - **The connect and sendmsg programs** cost one principal lookup and one destination lookup per call, each from a per-CPU memo without a kernel call when it holds the answer: the principal when the CPU's last call came from the same cgroup (and uid) in the same generation (principal_memo), the trie lookups' result when the destination is among the CPU's latest (dest_memo, 256 entries). Otherwise hash lookups: the cgroup's app, the ancestor walk's cache and the user's app; dest_lookups, an LRU hash keyed by generation, app and address, before any trie walk. Flat to 1,000,000 prefixes. The TCP handover guard's sockops tracker costs five sockops runs per TCP connect host-wide, and is attached only while an app needs it.`
 
-// noiseFloor says how far the control lane, identical to the baseline,
-// came out from it: differences of that size are noise, not enforcement.
-func (r *results) noiseFloor() string {
-	var p50, p99 float64
-	var n int
+// controlNoise is how far the control lane came out from the baseline at
+// p50 and at p99 over its n latency points (ratios minus one, absolute).
+func (r *results) controlNoise() (p50, p99 float64, n int) {
 	for _, l := range r.Latency {
 		if l.Variant == vControl && l.P50Ratio > 0 {
 			p50 = max(p50, abs(l.P50Ratio-1))
@@ -468,6 +466,13 @@ func (r *results) noiseFloor() string {
 			n++
 		}
 	}
+	return p50, p99, n
+}
+
+// noiseFloor says how far the control lane, identical to the baseline,
+// came out from it: differences of that size are noise, not enforcement.
+func (r *results) noiseFloor() string {
+	p50, p99, n := r.controlNoise()
 	if n == 0 {
 		return ""
 	}

@@ -84,3 +84,25 @@ func TestNoAppBulk(t *testing.T) {
 		})
 	}
 }
+
+// TestAtP99Only: a latency target missed at p99 alone says so, and whether
+// the control lane's p99 moved as far in the same run.
+func TestAtP99Only(t *testing.T) {
+	r := &results{Latency: []latResult{{latKey: latKey{Variant: vControl}, P50Ratio: 1.002, P99Ratio: 0.976}}}
+	for _, c := range []struct {
+		name     string
+		p50, p99 float64
+		want     string
+	}{
+		{"missed at p50", 1.09, 1.09, ""},
+		{"met", 1.05, 1.07, ""},
+		{"p99 within the control's noise", 1.065, 1.081, ", at p99 only: within the control lane's p99 noise of ±2.4% in this run"},
+		{"p99 beyond it", 1.065, 1.12, ", at p99 only"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if got := r.atP99Only(latResult{P50Ratio: c.p50, P99Ratio: c.p99}, 1.08); got != c.want {
+				t.Errorf("%q, want %q", got, c.want)
+			}
+		})
+	}
+}
