@@ -50,6 +50,7 @@ func TestSmoke(t *testing.T) {
 	seen := map[string]bool{}
 	for _, l := range r.Latency {
 		seen[l.Phase+"/"+l.Variant] = true
+		seen[l.Phase+"/"+string(l.Topo)+"/"+l.Variant] = true
 		if l.Wrong != 0 {
 			t.Errorf("%+v: %d wrong verdicts, first: %s", l.latKey, l.Wrong, l.WrongAt)
 		}
@@ -63,6 +64,10 @@ func TestSmoke(t *testing.T) {
 				t.Errorf("no %s results for %s", p, v.Name)
 			}
 		}
+	}
+	// The veth targets are judged against the floor measured over veth.
+	if !seen[phaseLatency+"/"+string(topoVeth)+"/"+vEmpty] {
+		t.Errorf("no veth latency results for %s: the veth targets would have no floor", vEmpty)
 	}
 	if r.Reload == nil || r.Reload.Wrong != 0 || r.Reload.Reloads < 20 || r.Reload.FlipAllowed == 0 || r.Reload.FlipDenied == 0 {
 		t.Errorf("reload phase: %+v", r.Reload)
