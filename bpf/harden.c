@@ -69,8 +69,9 @@ int guard_sock_create(struct bpf_sock *ctx)
 
 // The packet's socket's cgroup (v2), as bpf_skb_cgroup_id gives it, read
 // in place: on the bench's 6.18 guest, whose return thunks make every
-// call and return dear, the helper took ~20 ns of each UDP datagram and
-// TCP SYN that the backstop recognises as decided. bpf_cast_to_kern_ctx
+// call and return dear, the helper cost ~10 ns more a run than the loads
+// (BenchmarkBackstopEgress, udp4-internal-handoff), on each UDP datagram
+// and TCP SYN that the backstop recognises as decided. bpf_cast_to_kern_ctx
 // (a kfunc of 6.2 and later, which the verifier turns into a register
 // move) gives the kernel's sk_buff; its socket's sk_cgrp_data.cgroup is
 // what the helper reads (sock_cgroup_ptr, 5.15 and later). A request or
@@ -517,7 +518,7 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 			if (udp_handover && d.proto == PROTO_UDP) {
 				__u64 sender;
 				__u32 sender_app;
-				if (foreign_udp_sender(skb_cgroup_id(skb), slot, info, app_id, app_flags, &sender, &sender_app))
+				if (foreign_udp_sender(cgroup_id, slot, info, app_id, app_flags, &sender, &sender_app))
 					return deny_handover(&d, sender, sender_app, generation, info->audit_rate, hook);
 			}
 			// Counted when the connect or sendmsg hook allowed it. A
