@@ -304,7 +304,12 @@ func Open(opts Options) (*Enforcer, error) {
 	// The backstop reads a packet's socket's cgroup in place where the
 	// kernel has the kfunc that gives it the kernel's sk_buff (6.2+);
 	// elsewhere by a helper (harden.c, skb_cgroup_id).
-	if err := hspecs.Variables["skb_cgroup_in_place"].Set(boolByte(kernelHasFunc("bpf_cast_to_kern_ctx"))); err != nil {
+	inPlace, ok := hspecs.Variables["skb_cgroup_in_place"]
+	if !ok {
+		bpfpin.Close(&e.objs)
+		return nil, errors.New("embedded backstop object: no skb_cgroup_in_place")
+	}
+	if err := inPlace.Set(boolByte(kernelHasFunc("bpf_cast_to_kern_ctx"))); err != nil {
 		bpfpin.Close(&e.objs)
 		return nil, fmt.Errorf("set skb_cgroup_in_place: %w", err)
 	}
