@@ -87,6 +87,14 @@ enum hook {
 // helpers it may call.
 #define WHO_TASK 0
 #define WHO_SKB 1
+
+// TCP states (include/net/tcp_states.h), as sock_common's skc_state holds
+// them; a connected UDP socket is TCP_ESTABLISHED too.
+#define TCP_ESTABLISHED 1
+#define TCP_TIME_WAIT 6
+#define TCP_CLOSE 7
+#define TCP_LISTEN 10
+#define TCP_NEW_SYN_RECV 12
 // The calling task's, by bpf_get_current_cgroup_id: for a program loaded
 // without CO-RE relocations (lsm_cgroup.go's loader takes none), which
 // current_cgroup_id needs.

@@ -97,9 +97,6 @@ struct sk_buff___skb {
 	struct sock___skb *sk;
 } __attribute__((preserve_access_index));
 
-#define TCP_TIME_WAIT 6
-#define TCP_NEW_SYN_RECV 12
-
 static __always_inline __u64 skb_cgroup_id(struct __sk_buff *skb)
 {
 	if (skb_cgroup_in_place) {

@@ -38,14 +38,6 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define AF_INET 2
 #define AF_INET6 10
 
-// TCP states (include/net/tcp_states.h); a connected UDP socket is
-// TCP_ESTABLISHED too.
-#define TCP_ESTABLISHED 1
-#define TCP_TIME_WAIT 6
-#define TCP_CLOSE 7
-#define TCP_LISTEN 10
-#define TCP_NEW_SYN_RECV 12
-
 // Just the kernel fields the sweep reads (CO-RE: offsets come from the
 // running kernel's BTF when the programs load). Kernel assumptions: struct
 // sock_cgroup_data holds a struct cgroup pointer (5.15+) and struct cgroup
