@@ -1045,9 +1045,7 @@ static __always_inline __u32 hook_principal(__u32 slot, const struct generation_
 	struct principal_memo *m = bpf_map_lookup_elem(&principal_memo, &zero);
 	struct app_info got;
 	if (!m || !memo_get(m, info->generation, key.cgroup_id, uid, &got)) {
-		struct app_info *a = bpf_map_lookup_elem(&app_by_cgroup, &key);
-		if (!a)
-			a = ancestor_principal(WHO_TASK, NULL, info, key);
+		struct app_info *a = principal_in(WHO_TASK, NULL, slot, info, key.cgroup_id);
 		if (!a)
 			a = user_principal(slot, info, uid);
 		if (a)
