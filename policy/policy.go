@@ -419,7 +419,7 @@ func (p *parser) fields(n *yaml.Node, field string, keys []string) (vals map[str
 		name := k.Value
 		switch first := firstKey(n.Content[:i], name, keys); {
 		case first != nil:
-			p.errorf(k, join(field, name), "duplicate field (first at line %d)", first.Line)
+			p.errorf(k, join(field, name), "duplicate field (first at %s)", position(first, k))
 		case !slices.Contains(keys, name):
 			p.errorf(k, join(field, name), "unknown field; want one of %s", strings.Join(keys, ", "))
 		default:
@@ -427,6 +427,15 @@ func (p *parser) fields(n *yaml.Node, field string, keys []string) (vals map[str
 		}
 	}
 	return vals, true
+}
+
+// position says where the earlier node first is, seen from the later node
+// at: its line, or on the same line (a one-line `{...}` item) its column.
+func position(first, at *yaml.Node) string {
+	if first.Line == at.Line {
+		return fmt.Sprintf("column %d of this line", first.Column)
+	}
+	return fmt.Sprintf("line %d", first.Line)
 }
 
 // firstKey is the first key node of the mapping content before that is

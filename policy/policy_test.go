@@ -439,6 +439,10 @@ func TestParseErrors(t *testing.T) {
 				"p.yaml:8:40: apps[0].allow[0].ports[4]: port 2_2 is not decimal; write 22",
 				"p.yaml:10:25: apps[0].inbound.dynamic.ports[0]: port 040000 is not decimal: YAML reads a leading 0 as octal (16384); write 40000",
 			}},
+		{"duplicate field on its own line", head + "apps:\n  - name: a\n    allow:\n      - to: 10.0.0.0/8\n        to: 10.1.0.0/16\n",
+			[]string{"p.yaml:8:9: apps[0].allow[0].to: duplicate field (first at line 7)"}},
+		{"duplicate field within a one-line item", head + "apps:\n  - name: a\n    allow:\n      - {to: 10.0.0.0/8, ports: [1], to: 10.1.0.0/16}\n",
+			[]string{"p.yaml:7:38: apps[0].allow[0].to: duplicate field (first at column 10 of this line)"}},
 		{"grant errors and a missing version together", "internal:\n  prefixes: [10.0.0.0/8]\napps:\n  - name: a\n    allow:\n      - to: 10.0.0.1/8\n        proto: sctp\n",
 			[]string{
 				"p.yaml:1:1: version: missing (required)",
