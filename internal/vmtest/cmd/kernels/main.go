@@ -10,6 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"runtime"
 	"strings"
 	"time"
 
@@ -27,6 +28,7 @@ func main() {
 	flag.IntVar(&o.MemoryMiB, "m", 2048, "guest memory in MiB")
 	flag.IntVar(&o.CPUs, "smp", 2, "guest CPUs")
 	flag.DurationVar(&o.Timeout, "timeout", 25*time.Minute, "time one guest may take, boot to power-off")
+	flag.IntVar(&o.Parallel, "parallel", runtime.NumCPU(), "guests booted at once (each keeps about one host CPU busy; -v boots one at a time)")
 	run := flag.String("run", "", "run only the tests matching this -test.run pattern, of suite `NAME=PATTERN` (for a focused run)")
 	flag.Parse()
 	if *run != "" {
