@@ -106,3 +106,32 @@ func TestAtP99Only(t *testing.T) {
 		})
 	}
 }
+
+func TestTransferTarget(t *testing.T) {
+	transfer := func(ratio, aaLo, aaHi float64) *results {
+		return &results{Pinhole: &pinholeResult{Transfer: &transferRes{
+			Open: []float64{1}, Ratio: ratio, RatioCI: [2]float64{ratio - 0.01, ratio + 0.01}, AACI: [2]float64{aaLo, aaHi},
+		}}}
+	}
+	for _, c := range []struct {
+		name string
+		r    *results
+		met  bool
+		gap  string
+	}{
+		{"within the goal", transfer(1.006, 0.99, 1.01), true, ""},
+		{"over, within the control's noise", transfer(1.011, 0.975, 1.009), false,
+			"0.1 points over, within the A/A control's noise (its median ratio's 95% interval reaches 2.5% from even)"},
+		{"over by more than the control's noise", transfer(1.04, 0.99, 1.01), false, "3.0 points over"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			xfer := c.r.pinholeTargets()[1]
+			if xfer.Met == nil || *xfer.Met != c.met {
+				t.Fatalf("met %v, want %v", xfer.Met, c.met)
+			}
+			if xfer.Gap != c.gap {
+				t.Errorf("gap %q\nwant %q", xfer.Gap, c.gap)
+			}
+		})
+	}
+}
