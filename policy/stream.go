@@ -120,7 +120,7 @@ func splitRuns(data []byte) ([]byte, []run) {
 		// A list right below its key (a blank line between is rare, and
 		// the list is then read as before).
 		if l.item && key != nil && keyLine == line-1 && key[3]-key[2] <= l.indent {
-			if r, lines, ok := scanRun(data, l); ok {
+			if r, lines, ok := scanRun(data, l, key[3]-key[2]); ok {
 				r.key, r.keyLine, r.keyCol = string(data[key[4]:key[5]]), keyLine, key[3]-key[2]+1
 				r.line = line
 				runs = append(runs, r)
@@ -151,11 +151,15 @@ func splitRuns(data []byte) ([]byte, []run) {
 	return skel.Bytes(), runs
 }
 
-// scanRun reads the list whose first item is on line first: one-line items
-// at first's column, with blank lines and comments between. ok is false
-// for a list too short, or one whose items run over several lines. lines
-// counts the list's lines.
-func scanRun(data []byte, first lineInfo) (r run, lines int, ok bool) {
+// scanRun reads the list whose first item is on line first, the value of
+// a key indented by keyIndent: one-line items at first's column, with
+// blank lines and comments between. ok is false for a list too short, one
+// whose items run over several lines, or one that a line indented more
+// than its key ends: no YAML takes such a line (the whole file's parse
+// says why), yet left in the skeleton it could hang on the key as its
+// value (a lone `!` tag or `&anchor`) and the file would decode.
+// lines counts the list's lines.
+func scanRun(data []byte, first lineInfo, keyIndent int) (r run, lines int, ok bool) {
 	if len(data) > math.MaxInt32 {
 		return run{}, 0, false
 	}
@@ -172,6 +176,8 @@ func scanRun(data []byte, first lineInfo) (r run, lines int, ok bool) {
 		case l.blank || l.comment:
 		case l.indent > first.indent:
 			return run{}, 0, false // a multi-line item
+		case l.indent > keyIndent:
+			return run{}, 0, false // not the next key: a mistake
 		default:
 			pos = len(data) // the list ended
 			continue

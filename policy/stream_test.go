@@ -58,6 +58,12 @@ func TestStreamMatchesWhole(t *testing.T) {
 		{"second document", "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\n---\nlist:\n  - a\n  - b\n", false},
 		{"not a list where one is wanted", "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\naudit:\n  - a\n  - b\napps: []\n", true},
 		{"broken list under an unknown key", "version: 1\ninternal:\n  prefixes: [10.0.0.0/8]\nbogus:\n  - \"\n  - a\napps: []\n", false},
+		// A line at the list's column that is no item is no YAML; left in
+		// the skeleton, a lone tag or anchor would hang on the key as its
+		// null value (found by FuzzStreamMatchesWhole).
+		{"tag alone after the list", "version: 1\ninternal:\n  prefixes:\n    - 10.0.0.0/8\n    - 10.1.0.0/16\n    !\napps: []\n", false},
+		{"anchor alone after the list", "version: 1\ninternal:\n  prefixes:\n    - 10.0.0.0/8\n    - 10.1.0.0/16\n    &a\napps: []\n", false},
+		{"null tag between the list's column and its key's", "version: 1\ninternal:\n  prefixes:\n      - 10.0.0.0/8\n      - 10.1.0.0/16\n    !!null\napps: []\n", false},
 		{"CRLF", "version: 1\r\ninternal:\r\n  prefixes:\r\n    - 10.0.0.0/8\r\n    - 10.1.0.0/16\r\napps: []\r\n", true},
 		// yaml.v3 breaks lines at these too: the errors after them are a
 		// line further down than LF alone counts.
