@@ -338,18 +338,19 @@ static __always_inline int foreign_udp_sender(__u64 sk_cgroup, __u32 slot, const
 	return !task_in_app(slot, info, app_id, sender, sender_app);
 }
 
-// skb_principal is the principal of the packet's socket: the deepest app
-// cgroup among the socket's cgroup and its ancestors, else the match.user
+// skb_principal is the principal of the packet's socket, whose cgroup is
+// cgroup_id (skb_cgroup_id: the caller reads it once, and keeps it for the
+// audit record and the handover check): the deepest app cgroup among
+// cgroup_id and its ancestors, else the match.user
 // app of the socket's uid (sk_uid: the fsuid of the task that made the
 // socket, as bpf_get_socket_uid gives; in softirq there is no sending task
 // whose real uid could be read). It differs from the hooks' real uid only
 // for a socket made with another fsuid (a setuid program, setfsuid):
 // docs/policy.md, Principals.
 static __always_inline struct app_info *skb_principal(struct __sk_buff *skb, __u32 slot,
-						      const struct generation_info *info, __u64 *cgroup_id)
+						      const struct generation_info *info, __u64 cgroup_id)
 {
-	*cgroup_id = skb_cgroup_id(skb);
-	struct app_info *a = principal_in(WHO_SKB, skb, slot, info, *cgroup_id);
+	struct app_info *a = principal_in(WHO_SKB, skb, slot, info, cgroup_id);
 	if (!a)
 		a = user_principal(slot, info, bpf_get_socket_uid(skb));
 	return a;
@@ -478,8 +479,7 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 			if (same && own && !known && v)
 				mark_socket_cgroup(v, generation, sk_cgroup);
 			if (!same) {
-				__u64 cgroup_id;
-				struct app_info *a = skb_principal(skb, slot, info, &cgroup_id);
+				struct app_info *a = skb_principal(skb, slot, info, sk_cgroup);
 				same = a && a->app_id == c.app_id;
 			}
 			if (same) {
@@ -501,8 +501,8 @@ static __always_inline int egress(struct __sk_buff *skb, const int udp_handover)
 	if (!internal && !(info->flags & GEN_SANDBOX))
 		return 1;
 
-	__u64 cgroup_id;
-	struct app_info *app = skb_principal(skb, slot, info, &cgroup_id);
+	__u64 cgroup_id = skb_cgroup_id(skb);
+	struct app_info *app = skb_principal(skb, slot, info, cgroup_id);
 	__u32 app_id = app ? app->app_id : 0;
 	__u32 app_flags = app ? app->flags : 0;
 	if (!internal && !(app_flags & APP_OUTSIDE_DENY))
